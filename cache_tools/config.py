@@ -1,0 +1,139 @@
+"""Typed YAML configs with dotted-key overrides, shared by precompute and train.
+
+Every component config is a pydantic model with ``extra="forbid"``; loading turns pydantic's
+errors into one :class:`ConfigError` whose lines each name the dotted key, what was expected and
+what was found, and lists the valid names for an unknown key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from cache_tools.errors import ConfigError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class StrictModel(BaseModel):
+    """Base of every config section: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], value parsed as YAML)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r}: expected dotted.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from None
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set each ``dotted.key=value`` in a nested dict (lists are indexed by number)."""
+    for item in overrides:
+        path, value = parse_override(item)
+        node: Any = data
+        for depth, part in enumerate(path[:-1]):
+            node = _child(node, part, path[: depth + 1])
+        _assign(node, path[-1], value, path)
+    return data
+
+
+def _child(node: Any, part: str, where: list[str]) -> Any:
+    if isinstance(node, list):
+        return node[_list_index(node, part, where)]
+    if not isinstance(node, dict):
+        raise ConfigError(f"{'.'.join(where[:-1])}: is not a mapping, cannot set {part!r}")
+    if node.get(part) is None:
+        node[part] = {}
+    return node[part]
+
+
+def _assign(node: Any, part: str, value: Any, path: list[str]) -> None:
+    if isinstance(node, list):
+        node[_list_index(node, part, path)] = value
+    elif isinstance(node, dict):
+        node[part] = value
+    else:
+        raise ConfigError(f"{'.'.join(path[:-1])}: is not a mapping, cannot set {part!r}")
+
+
+def _list_index(node: list, part: str, where: list[str]) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"{'.'.join(where)}: expected a list index below {len(node)}, found {part!r}")
+    return int(part)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r}: expected a mapping at the top, found {type(data).__name__}")
+    return data
+
+
+def validate(model: type[M], data: dict[str, Any], source: str = "config") -> M:
+    """Validate ``data`` as ``model``, raising one ConfigError that lists every bad dotted key."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        lines = [_describe(model, err) for err in exc.errors()]
+        raise ConfigError(f"{source} is invalid:\n  " + "\n  ".join(lines)) from None
+
+
+def load_config(model: type[M], path: str | Path, overrides: list[str] | None = None) -> M:
+    """Read YAML, apply ``dotted.key=value`` overrides, validate."""
+    data = apply_overrides(read_yaml(path), list(overrides or []))
+    return validate(model, data, source=f"config {str(path)!r}")
+
+
+def _describe(model: type[BaseModel], err: dict[str, Any]) -> str:
+    key = ".".join(str(p) for p in err["loc"]) or "<top>"
+    found = err.get("input")
+    if err["type"] == "extra_forbidden":
+        valid = _valid_names(model, err["loc"][:-1])
+        return f"{key}: unknown key; valid keys here: {', '.join(valid)}"
+    if err["type"] == "missing":
+        return f"{key}: required key is missing"
+    return f"{key}: {err['msg']} (found {found!r})"
+
+
+def _valid_names(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names of the sub-model at ``loc`` (best effort through nested models and lists)."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        current = _model_in(field.annotation)
+    return sorted(getattr(current, "model_fields", {}))
+
+
+def _model_in(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def dump_config(config: BaseModel) -> dict[str, Any]:
+    """The resolved config as plain JSON-able data (saved beside outputs and in the cache)."""
+    return config.model_dump(mode="json")

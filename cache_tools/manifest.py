@@ -1,0 +1,66 @@
+"""The JSON manifest written beside a split's shards by ``kdcache shards``.
+
+A manifest lists the shards of one split in order, their sample counts, the class names and where
+the data came from. Precompute and the trainer use it for class names and fast planning; the
+shards themselves stay the source of truth (planning re-reads their headers).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MANIFEST_SUFFIX = "-manifest.json"
+MANIFEST_VERSION = 1
+
+
+class Manifest(BaseModel):
+    """Shards of one split, written as ``<dir>/<prefix>-manifest.json``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: int = MANIFEST_VERSION
+    split: str
+    """Split name, e.g. ``train`` or ``test``; also the default shard prefix."""
+    shards: list[str]
+    """Shard file names (no directory), in order."""
+    counts: list[int]
+    """Samples per shard, same order as ``shards``."""
+    num_samples: int
+    num_classes: int
+    class_names: list[str] = Field(default_factory=list)
+    image_format: str
+    """``png`` or ``jpg``: the extension of the image entry of every sample."""
+    image_size: list[int] | None = None
+    """``[H, W]`` when every image has the same size, else ``None``."""
+    channels: int | None = None
+    """1 (grey) or 3 (RGB) when known."""
+    source: dict[str, Any] = Field(default_factory=dict)
+    """What the shards were made from (kind, paths, seed ...)."""
+
+
+def manifest_path(shard_dir: str | Path, prefix: str) -> Path:
+    return Path(shard_dir) / f"{prefix}{MANIFEST_SUFFIX}"
+
+
+def save_manifest(manifest: Manifest, shard_dir: str | Path, prefix: str) -> Path:
+    path = manifest_path(shard_dir, prefix)
+    path.write_text(json.dumps(manifest.model_dump(), indent=2) + "\n")
+    return path
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    return Manifest.model_validate_json(Path(path).read_text())
+
+
+def find_manifest(first_shard: str) -> Manifest | None:
+    """The manifest beside a local shard named ``<prefix>-NNNNNN.tar``, if there is one."""
+    path = Path(first_shard)
+    if "://" in first_shard or "-" not in path.stem:
+        return None
+    prefix = path.stem.rsplit("-", 1)[0]
+    candidate = path.parent / f"{prefix}{MANIFEST_SUFFIX}"
+    return load_manifest(candidate) if candidate.exists() else None

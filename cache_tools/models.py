@@ -1,0 +1,166 @@
+"""Building teachers and students: timm names, torchvision names, TorchScript files.
+
+Shared by precompute (teachers), the trainer (students, online teachers) and ``kdcache verify``.
+Importing this module registers kdcache's tiny CPU-friendly models with timm (``kd_*``), which
+the demo and the tests use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Literal
+
+import timm
+import torch
+from pydantic import Field, model_validator
+from timm.models import register_model
+from torch import nn
+
+from cache_tools.config import StrictModel
+from cache_tools.errors import TeacherError
+
+
+class ModelSpec(StrictModel):
+    """Which network to build and which weights to load."""
+
+    source: Literal["timm", "torchvision", "torchscript"] = "timm"
+    """Where the architecture comes from."""
+    name: str = ""
+    """timm or torchvision model name (e.g. ``resnet50``); unused for torchscript."""
+    checkpoint: str | None = None
+    """A state-dict file (timm/torchvision) or a TorchScript file (torchscript)."""
+    pretrained: bool = False
+    """timm/torchvision: download the hub's weights (needs network access)."""
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Extra keyword arguments for the model constructor (e.g. ``drop_rate``)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelSpec":
+        if self.source == "torchscript" and not self.checkpoint:
+            raise ValueError("source 'torchscript' needs checkpoint: the path of the TorchScript file")
+        if self.source != "torchscript" and not self.name:
+            raise ValueError(f"source {self.source!r} needs name: a model name")
+        return self
+
+
+def build_model(spec: ModelSpec, num_classes: int, in_chans: int = 3) -> nn.Module:
+    """Build the model and load its checkpoint; errors name the model and the file."""
+    if spec.source == "torchscript":
+        return _load_torchscript(spec.checkpoint)
+    if spec.source == "timm":
+        model = _build_timm(spec, num_classes, in_chans)
+    else:
+        model = _build_torchvision(spec, num_classes, in_chans)
+    if spec.checkpoint:
+        load_checkpoint(model, spec.checkpoint)
+    return model
+
+
+def _build_timm(spec: ModelSpec, num_classes: int, in_chans: int) -> nn.Module:
+    if not timm.is_model(spec.name):
+        close = timm.list_models(f"*{spec.name[:4]}*")[:8]
+        raise TeacherError(f"unknown timm model {spec.name!r}; similar names: {close}")
+    try:
+        return timm.create_model(spec.name, pretrained=spec.pretrained, num_classes=num_classes, in_chans=in_chans, **spec.kwargs)
+    except Exception as exc:  # hub download failures, bad kwargs
+        raise TeacherError(f"could not build timm model {spec.name!r}: {exc}") from exc
+
+
+def _build_torchvision(spec: ModelSpec, num_classes: int, in_chans: int) -> nn.Module:
+    import torchvision
+
+    if spec.name not in torchvision.models.list_models():
+        raise TeacherError(f"unknown torchvision model {spec.name!r}")
+    if in_chans != 3:
+        raise TeacherError(f"torchvision model {spec.name!r} takes 3 channels; the recipe has {in_chans}")
+    weights = "DEFAULT" if spec.pretrained else None
+    try:
+        return torchvision.models.get_model(spec.name, weights=weights, num_classes=num_classes, **spec.kwargs)
+    except Exception as exc:
+        raise TeacherError(f"could not build torchvision model {spec.name!r}: {exc}") from exc
+
+
+def _load_torchscript(path: str) -> nn.Module:
+    try:
+        return torch.jit.load(path, map_location="cpu")
+    except Exception as exc:
+        raise TeacherError(f"could not load TorchScript file {path!r}: {exc}") from exc
+
+
+def load_checkpoint(model: nn.Module, path: str) -> None:
+    """Load a state dict (or a kdcache training checkpoint holding ``model``) strictly."""
+    if not Path(path).is_file():
+        raise TeacherError(f"checkpoint {path!r} does not exist")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise TeacherError(f"checkpoint {path!r} does not fit the model: {str(exc)[:500]}") from None
+
+
+def weights_digest(model: nn.Module) -> str:
+    """sha256 over the parameters and buffers, in name order: identifies the teacher's weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+# ---- tiny models for CPUs, tests and the demo -------------------------------------------------
+
+
+class TinyCNN(nn.Module):
+    """A narrow conv net: ``depth`` conv-BN-ReLU stages of ``width`` channels, strided, then a linear head."""
+
+    def __init__(self, num_classes: int = 10, in_chans: int = 3, width: int = 16, depth: int = 2, **_: Any):
+        super().__init__()
+        layers, chans = [], in_chans
+        for i in range(depth):
+            out = width * (2 ** i)
+            layers += [nn.Conv2d(chans, out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
+            chans = out
+        self.features = nn.Sequential(*layers)
+        self.num_features = chans
+        self.head = nn.Linear(chans, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+class TinyMLP(nn.Module):
+    """Flatten, one hidden layer, a linear head: the fastest student there is."""
+
+    def __init__(self, num_classes: int = 10, in_chans: int = 3, img_size: int = 28, hidden: int = 128, **_: Any):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(in_chans * img_size * img_size, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def _strip(kwargs: dict[str, Any]) -> dict[str, Any]:
+    for unused in ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+        kwargs.pop(unused, None)
+    return kwargs
+
+
+@register_model
+def kd_cnn_tiny(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """2 stages, 8 then 16 channels."""
+    return TinyCNN(**{"width": 8, "depth": 2, **_strip(kwargs)})
+
+
+@register_model
+def kd_cnn_small(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """3 stages, 16/32/64 channels."""
+    return TinyCNN(**{"width": 16, "depth": 3, **_strip(kwargs)})
+
+
+@register_model
+def kd_mlp(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """One 128-unit hidden layer; pass ``img_size`` for inputs other than 28x28."""
+    return TinyMLP(**_strip(kwargs))

@@ -1,0 +1,88 @@
+"""The read half of the cache contract: one shard's block, keyed by sample.
+
+The trainer, inspect, validate and verify all read through :func:`read_block`, which fetches each
+array's one chunk for the shard and trims the padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cache_tools.errors import CacheIncompleteError, CacheMismatchError
+from cache_tools.store import STATUS_VALID, CacheStore
+
+
+@dataclass
+class TeacherBlock:
+    """One teacher's targets for the rows of a shard: arrays ``[n, A, k]`` and ``[n, A]``."""
+
+    topk_idx: np.ndarray
+    topk_logit: np.ndarray
+    lse: np.ndarray
+    label_logit: np.ndarray
+
+
+@dataclass
+class ShardBlock:
+    """Everything the cache holds for one shard, padding trimmed."""
+
+    shard: str
+    index: int
+    keys: np.ndarray
+    labels: np.ndarray
+    status: np.ndarray
+    errors: np.ndarray
+    view_params: np.ndarray
+    teachers: dict[str, TeacherBlock] = field(default_factory=dict)
+    _rows: dict[str, int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def row(self, key: str) -> int:
+        """Row of ``key`` within the block; an unknown key is an error (never a misalignment)."""
+        if self._rows is None:
+            self._rows = {str(k): i for i, k in enumerate(self.keys)}
+        try:
+            return self._rows[key]
+        except KeyError:
+            raise CacheMismatchError(f"key {key!r} is not in the cache's block for shard {self.shard!r}") from None
+
+    def valid(self, row: int) -> bool:
+        return int(self.status[row]) == STATUS_VALID
+
+
+def read_block(
+    store: CacheStore, shard: int | str, teachers: list[str] | None = None, *, require_complete: bool = True
+) -> ShardBlock:
+    """Read one shard's rows: keys, labels, status, view params and the named teachers' targets."""
+    index = store.shard_index(shard) if isinstance(shard, str) else shard
+    name = store.meta.fingerprint.shards[index]
+    teachers = list(teachers or [])
+    if require_complete:
+        _require_done(store, index, name, teachers)
+    rows = store.rows(index)
+    group = store.group
+    block = ShardBlock(
+        shard=name, index=index, keys=group["keys"][rows], labels=group["labels"][rows],
+        status=group["status"][rows], errors=group["errors"][rows], view_params=group["view_params"][rows],
+    )
+    for teacher in teachers:
+        tg = store.teacher_group(teacher)
+        block.teachers[teacher] = TeacherBlock(
+            topk_idx=tg["topk_idx"][rows], topk_logit=tg["topk_logit"][rows],
+            lse=tg["lse"][rows], label_logit=tg["label_logit"][rows],
+        )
+    return block
+
+
+def _require_done(store: CacheStore, index: int, name: str, teachers: list[str]) -> None:
+    if not bool(store.group["views_done"][index]):
+        raise CacheIncompleteError(f"shard {name!r} has no views yet in cache {store.path!r}: run precompute to finish it")
+    for teacher in teachers:
+        if not bool(store.teacher_group(teacher)["done"][index]):
+            raise CacheIncompleteError(
+                f"shard {name!r} is not complete for teacher {teacher!r} in cache {store.path!r}: run precompute to finish it"
+            )

@@ -1,0 +1,206 @@
+"""Reading WebDataset shards: listing, planning (keys and counts), decoding samples.
+
+Both halves use these helpers: precompute plans and reads shards with them, the trainer decodes
+samples with the same :func:`decode_image` so teacher and student see identical pixels.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import tarfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import braceexpand
+import fsspec
+import torch
+from torchvision.io import ImageReadMode, decode_image as tv_decode_image
+
+from cache_tools.errors import ConfigError, DataError, DuplicateKeyError
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+LABEL_EXT = "cls"
+
+
+def expand_shards(spec: str | list[str], key: str = "data.shards") -> list[str]:
+    """Shard URLs from a brace pattern, a glob, or a list of either (order kept, no duplicates)."""
+    patterns = [spec] if isinstance(spec, str) else list(spec)
+    urls: list[str] = []
+    for pattern in patterns:
+        for item in braceexpand.braceexpand(pattern):
+            urls.extend(_glob_one(item))
+    if not urls:
+        raise ConfigError(f"{key}: no shard matches {spec!r}")
+    seen: set[str] = set()
+    return [u for u in urls if not (u in seen or seen.add(u))]
+
+
+def _glob_one(item: str) -> list[str]:
+    if "://" in item:
+        if any(ch in item for ch in "*?["):
+            fs, _, paths = fsspec.get_fs_token_paths(item)
+            return sorted(fs.unstrip_protocol(p) for p in paths)
+        return [item]
+    if any(ch in item for ch in "*?["):
+        return sorted(glob.glob(item))
+    return [item]
+
+
+def shard_name(url: str) -> str:
+    """The shard's file name, which identifies it in the cache wherever the files move."""
+    return url.rstrip("/").rsplit("/", 1)[-1]
+
+
+def split_member(name: str) -> tuple[str, str]:
+    """``dir/key.ext`` -> (``dir/key``, ``ext``), splitting at the first dot of the base name."""
+    slash = name.rfind("/")
+    dot = name.find(".", slash + 1)
+    if dot < 0:
+        return name, ""
+    return name[:dot], name[dot + 1 :]
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    """Keys of one shard, in file order."""
+
+    url: str
+    keys: list[str]
+
+    @property
+    def name(self) -> str:
+        return shard_name(self.url)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def scan_shard(url: str) -> ShardIndex:
+    """Read a shard's tar headers (not its data) and return its keys, checking each sample."""
+    name = shard_name(url)
+    entries: dict[str, set[str]] = {}
+    order: list[str] = []
+    try:
+        with fsspec.open(url, "rb") as handle, tarfile.open(fileobj=handle, mode="r:") as tar:
+            for member in tar:
+                if not member.isfile() or member.name.startswith("__"):
+                    continue
+                key, ext = split_member(member.name)
+                _add_entry(entries, order, key, ext, name)
+    except FileNotFoundError:
+        raise DataError(f"shard {url!r} does not exist") from None
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise DataError(f"shard {name!r} is not a readable tar ({exc})") from None
+    for key in order:
+        _check_sample(entries[key], key, name)
+    return ShardIndex(url=url, keys=order)
+
+
+def _add_entry(entries: dict[str, set[str]], order: list[str], key: str, ext: str, shard: str) -> None:
+    if key not in entries:
+        entries[key] = set()
+        order.append(key)
+    elif order[-1] != key or ext in entries[key]:
+        raise DuplicateKeyError(f"shard {shard!r}: key {key!r} occurs twice")
+    entries[key].add(ext)
+
+
+def _check_sample(exts: set[str], key: str, shard: str) -> None:
+    images = [e for e in exts if e.lower() in IMAGE_EXTS]
+    if len(images) != 1:
+        odd = sorted(e for e in exts if e.lower() not in IMAGE_EXTS and e != LABEL_EXT)
+        hint = f"; entries {odd} suggest a dot in the key (keys must be dot-free)" if odd else ""
+        raise DataError(f"shard {shard!r}, key {key!r}: expected one image entry ({'/'.join(IMAGE_EXTS)}), found {sorted(exts)}{hint}")
+
+
+def scan_shards(urls: list[str], threads: int = 8) -> list[ShardIndex]:
+    """Scan every shard (in parallel threads) and refuse duplicate keys across shards."""
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(urls)))) as pool:
+        indexes = list(pool.map(scan_shard, urls))
+    owner: dict[str, str] = {}
+    for index in indexes:
+        for key in index.keys:
+            if key in owner:
+                raise DuplicateKeyError(f"key {key!r} occurs in shard {owner[key]!r} and in shard {index.name!r}")
+            owner[key] = index.name
+    names = [index.name for index in indexes]
+    if len(set(names)) != len(names):
+        raise DataError(f"two shards share a file name: {sorted({n for n in names if names.count(n) > 1})}")
+    return indexes
+
+
+def key_digest(indexes: list[ShardIndex]) -> str:
+    digest = hashlib.sha256()
+    for index in indexes:
+        digest.update(index.name.encode() + b"\x00")
+        for key in index.keys:
+            digest.update(key.encode() + b"\n")
+    return digest.hexdigest()
+
+
+@dataclass
+class Sample:
+    """One raw sample of a shard: its key, encoded image bytes and label (None if missing)."""
+
+    key: str
+    image: bytes
+    label: int | None
+    extras: dict[str, bytes] = field(default_factory=dict)
+
+
+def iter_shard(url: str) -> Iterator[Sample]:
+    """The samples of one shard in file order (tar streamed once)."""
+    name = shard_name(url)
+    current: dict[str, bytes] = {}
+    current_key: str | None = None
+    try:
+        with fsspec.open(url, "rb") as handle, tarfile.open(fileobj=handle, mode="r|") as tar:
+            for member in tar:
+                if not member.isfile() or member.name.startswith("__"):
+                    continue
+                key, ext = split_member(member.name)
+                if key != current_key and current_key is not None:
+                    yield to_sample(current_key, current, name)
+                    current = {}
+                current_key = key
+                current[ext] = tar.extractfile(member).read()
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise DataError(f"shard {name!r} could not be read to the end ({exc})") from None
+    if current_key is not None:
+        yield to_sample(current_key, current, name)
+
+
+def to_sample(key: str, entries: dict[str, bytes], shard: str) -> Sample:
+    """Build a :class:`Sample` from a sample's tar entries (ext -> bytes)."""
+    image_ext = next((e for e in entries if e.lower() in IMAGE_EXTS), None)
+    if image_ext is None:
+        raise DataError(f"shard {shard!r}, key {key!r}: no image entry (found {sorted(entries)})")
+    label = parse_label(entries.get(LABEL_EXT), key, shard)
+    extras = {e: v for e, v in entries.items() if e not in (image_ext, LABEL_EXT)}
+    return Sample(key=key, image=entries[image_ext], label=label, extras=extras)
+
+
+def parse_label(raw: bytes | None, key: str, shard: str) -> int | None:
+    if raw is None:
+        return None
+    try:
+        return int(raw.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        raise DataError(f"shard {shard!r}, key {key!r}: label {raw[:20]!r} is not an integer") from None
+
+
+def decode_image(data: bytes, channels: int) -> torch.Tensor:
+    """Encoded image bytes -> ``uint8[channels, H, W]`` (torchvision's decoder, both sides)."""
+    mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
+    return tv_decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode)
+
+
+def read_image_size(data: bytes) -> tuple[int, int]:
+    """(H, W) of encoded image bytes without decoding all pixels."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        return img.height, img.width

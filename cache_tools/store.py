@@ -1,0 +1,247 @@
+"""The cache store: a Zarr v3 group of per-row arrays, one chunk per input shard.
+
+Layout (``R = num_shards * rows_per_shard``; shard ``s`` owns rows ``[s*cap, (s+1)*cap)``, padded)::
+
+    <cache>/                      attrs: format, fingerprint, recipe, num_views, classes, seed, created, config
+      keys         str   [R]            written once by the driver at creation
+      labels       int32 [R]            -1 where the label is missing
+      status       int8  [R]            0 padding / not written, 1 valid, 2 invalid (skipped)
+      errors       str   [R]            why a row is invalid
+      view_params  int32 [R, A, 7]      see cache_tools.views
+      views_done   int64 [S]            completion mark per shard (ms since epoch), chunk 1
+      teachers/<name>/              attrs: model spec, weights digest, k, encoding, created, config
+        topk_idx   uint16|int32 [R, A, k]  class indices sorted by logit, descending
+        topk_logit float16 [R, A, k]       raw logits (encoding "fp16")
+        lse        float32 [R, A]          logsumexp of all logits at T=1
+        label_logit float32 [R, A]         logit of the labelled class
+        done       int64 [S]               completion mark per shard, chunk 1
+
+Group attributes are written by the driver only; a worker writes its shard's chunks, then its
+shard's completion mark, last. See :mod:`cache_tools.reader` for the read side.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import zarr
+from pydantic import BaseModel, ConfigDict
+
+from cache_tools.errors import CacheMismatchError, CacheNotFoundError, CacheError
+from cache_tools.views import NUM_PARAMS, ViewRecipe
+
+FORMAT_NAME = "kdcache"
+FORMAT_VERSION = 1
+STATUS_EMPTY, STATUS_VALID, STATUS_INVALID = 0, 1, 2
+TEACHERS = "teachers"
+ENCODINGS = ("fp16",)
+
+
+def compressor() -> zarr.codecs.BloscCodec:
+    return zarr.codecs.BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
+
+
+class Fingerprint(BaseModel):
+    """What identifies the dataset a cache was made from."""
+
+    model_config = ConfigDict(extra="forbid")
+    shards: list[str]
+    counts: list[int]
+    key_digest: str
+
+    @property
+    def num_samples(self) -> int:
+        return sum(self.counts)
+
+    def differences(self, other: "Fingerprint") -> list[str]:
+        """Human-readable differences, ``self`` being the cache and ``other`` the data."""
+        if self.shards != other.shards:
+            return [_list_diff("shards", self.shards, other.shards)]
+        out = [
+            f"shard {name!r} has {mine} samples in the cache but {theirs} in the data"
+            for name, mine, theirs in zip(self.shards, self.counts, other.counts) if mine != theirs
+        ]
+        if not out and self.key_digest != other.key_digest:
+            out.append("the sample keys differ (same shards and counts, other keys or order)")
+        return out
+
+
+def _list_diff(what: str, cached: list[str], given: list[str]) -> str:
+    missing = [s for s in cached if s not in set(given)]
+    extra = [s for s in given if s not in set(cached)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} in the cache but not given (e.g. {missing[:3]})")
+    if extra:
+        parts.append(f"{len(extra)} given but not in the cache (e.g. {extra[:3]})")
+    if not parts:
+        parts.append("same names in another order")
+    return f"{what} differ: " + "; ".join(parts)
+
+
+class RootMeta(BaseModel):
+    """The cache's root attributes."""
+
+    model_config = ConfigDict(extra="forbid")
+    format: str = FORMAT_NAME
+    format_version: int = FORMAT_VERSION
+    fingerprint: Fingerprint
+    rows_per_shard: int
+    recipe: ViewRecipe
+    num_views: int
+    num_classes: int
+    class_names: list[str] = []
+    seed: int
+    created: dict[str, Any] = {}
+    config: dict[str, Any] = {}
+
+
+class TeacherMeta(BaseModel):
+    """A teacher subgroup's attributes."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    name: str
+    model: dict[str, Any]
+    weights_digest: str
+    k: int
+    encoding: str = "fp16"
+    index_dtype: str = "uint16"
+    created: dict[str, Any] = {}
+    config: dict[str, Any] = {}
+
+
+def creation_info() -> dict[str, Any]:
+    import platform
+
+    import torch
+
+    from cache_tools import __version__
+
+    return {
+        "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "kdcache": __version__,
+        "torch": torch.__version__,
+        "zarr": zarr.__version__,
+        "host": platform.node(),
+    }
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass
+class CacheStore:
+    """An open cache: metadata plus the arrays' handles (read and write halves share it)."""
+
+    path: str
+    group: zarr.Group
+    meta: RootMeta
+
+    # ---- geometry -------------------------------------------------------------------
+    @property
+    def num_shards(self) -> int:
+        return len(self.meta.fingerprint.shards)
+
+    @property
+    def cap(self) -> int:
+        return self.meta.rows_per_shard
+
+    def rows(self, shard: int) -> slice:
+        """The row range of shard ``shard`` holding real samples (padding excluded)."""
+        start = shard * self.cap
+        return slice(start, start + self.meta.fingerprint.counts[shard])
+
+    def shard_index(self, name: str) -> int:
+        try:
+            return self.meta.fingerprint.shards.index(name)
+        except ValueError:
+            raise CacheMismatchError(f"shard {name!r} is not in cache {self.path!r}") from None
+
+    # ---- teachers ---------------------------------------------------------------------
+    @property
+    def teachers(self) -> list[str]:
+        if TEACHERS not in self.group:
+            return []
+        return sorted(self.group[TEACHERS].group_keys())
+
+    def teacher_group(self, name: str) -> zarr.Group:
+        if name not in self.teachers:
+            raise CacheMismatchError(f"teacher {name!r} is not in cache {self.path!r}; it has {self.teachers or 'no teachers'}")
+        return self.group[f"{TEACHERS}/{name}"]
+
+    def teacher_meta(self, name: str) -> TeacherMeta:
+        return TeacherMeta.model_validate(dict(self.teacher_group(name).attrs))
+
+    # ---- completion marks ---------------------------------------------------------------
+    def views_done(self) -> np.ndarray:
+        return np.asarray(self.group["views_done"][:]) > 0
+
+    def teacher_done(self, name: str) -> np.ndarray:
+        return np.asarray(self.teacher_group(name)["done"][:]) > 0
+
+    def incomplete_shards(self, teachers: list[str] | None = None) -> dict[str, list[str]]:
+        """Shard names lacking a completion mark: ``{"views" | teacher: [shard, ...]}``."""
+        names = self.meta.fingerprint.shards
+        out = {"views": [names[i] for i in np.flatnonzero(~self.views_done())]}
+        for teacher in self.teachers if teachers is None else teachers:
+            out[teacher] = [names[i] for i in np.flatnonzero(~self.teacher_done(teacher))]
+        return {k: v for k, v in out.items() if v}
+
+    # ---- compatibility --------------------------------------------------------------
+    def check_compatible(
+        self,
+        *,
+        fingerprint: Fingerprint | None = None,
+        recipe: ViewRecipe | None = None,
+        num_views: int | None = None,
+        num_classes: int | None = None,
+        seed: int | None = None,
+    ) -> None:
+        """Refuse a cache that does not match what the caller is about to do, saying what differs."""
+        problems: list[str] = []
+        if fingerprint is not None:
+            problems += self.meta.fingerprint.differences(fingerprint)
+        if recipe is not None and recipe != self.meta.recipe:
+            problems.append(_recipe_diff(self.meta.recipe, recipe))
+        for what, cached, given in (("num_views", self.meta.num_views, num_views),
+                                    ("num_classes", self.meta.num_classes, num_classes),
+                                    ("seed", self.meta.seed, seed)):
+            if given is not None and given != cached:
+                problems.append(f"{what}: the cache has {cached}, the run asks for {given}")
+        if problems:
+            raise CacheMismatchError(f"cache {self.path!r} does not match:\n  " + "\n  ".join(problems))
+
+
+def _recipe_diff(cached: ViewRecipe, given: ViewRecipe) -> str:
+    a, b = cached.model_dump(), given.model_dump()
+    parts = [f"{k}: cache {a[k]!r} vs run {b[k]!r}" for k in a if a[k] != b[k]]
+    return "view recipe differs (" + "; ".join(parts) + ")"
+
+
+def open_store(path: str, mode: str = "r", storage_options: dict | None = None) -> CacheStore:
+    """Open an existing cache (``mode`` ``"r"`` or ``"r+"``), checking its format."""
+    try:
+        group = zarr.open_group(path, mode=mode, storage_options=storage_options)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
+        raise CacheNotFoundError(f"no cache at {path!r}") from None
+    attrs = dict(group.attrs)
+    if attrs.get("format") != FORMAT_NAME:
+        raise CacheError(f"{path!r} is a Zarr group but not a kdcache cache (no format attribute)")
+    if attrs.get("format_version") != FORMAT_VERSION:
+        raise CacheMismatchError(
+            f"cache {path!r} has format version {attrs.get('format_version')}, this kdcache reads {FORMAT_VERSION}"
+        )
+    return CacheStore(path=path, group=group, meta=RootMeta.model_validate(attrs))
+
+
+def cache_exists(path: str, storage_options: dict | None = None) -> bool:
+    try:
+        open_store(path, "r", storage_options)
+        return True
+    except CacheNotFoundError:
+        return False

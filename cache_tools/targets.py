@@ -1,0 +1,109 @@
+"""Soft targets from sparse cached values, at any temperature, with an explicit tail treatment.
+
+A cached view holds the top-k logits ``l_1..l_k`` (sorted), ``lse = logsumexp(all logits)`` at
+T=1 and the label's logit. At T=1 the top-k probabilities ``exp(l_i - lse)`` and the tail mass
+``1 - sum_i exp(l_i - lse)`` are exact. Two treatments of the classes outside the top-k:
+
+- ``renorm``: drop the tail; the target is ``softmax(l_topk / T)`` over the k classes.
+- ``spread``: give every one of the ``C - k`` other classes the same logit ``l_tail`` chosen so
+  their total mass at T=1 is the exact tail mass, then take ``softmax(logits / T)`` over all C.
+  At T=1 this reproduces the exact top-k probabilities and the exact tail mass.
+
+With ``k == C`` both treatments give the exact teacher distribution at every temperature.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+TailMode = Literal["renorm", "spread"]
+TAIL_MODES = ("renorm", "spread")
+
+
+@dataclass
+class SparseTargets:
+    """A batch of cached targets as tensors: ``idx``/``logit`` ``[B, k]``, ``lse``/``label_logit`` ``[B]``."""
+
+    idx: torch.Tensor
+    logit: torch.Tensor
+    lse: torch.Tensor
+    label_logit: torch.Tensor
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "SparseTargets":
+        return SparseTargets(*(t.to(device, non_blocking=non_blocking) for t in
+                               (self.idx, self.logit, self.lse, self.label_logit)))
+
+    @property
+    def k(self) -> int:
+        return int(self.idx.shape[-1])
+
+
+def topk_probs_t1(t: SparseTargets) -> torch.Tensor:
+    """Exact top-k probabilities at T=1, ``[B, k]``."""
+    return torch.exp(t.logit.float() - t.lse.float().unsqueeze(-1))
+
+
+def tail_mass_t1(t: SparseTargets) -> torch.Tensor:
+    """Exact probability mass outside the top-k at T=1, ``[B]`` (clamped at 0 for fp16 rounding)."""
+    return (1.0 - topk_probs_t1(t).sum(-1)).clamp_min(0.0)
+
+
+def label_prob_t1(t: SparseTargets) -> torch.Tensor:
+    """Exact teacher probability of the labelled class at T=1, ``[B]``."""
+    return torch.exp(t.label_logit.float() - t.lse.float())
+
+
+def tail_logit(t: SparseTargets, num_classes: int) -> torch.Tensor:
+    """``l_tail`` of the spread treatment, ``[B]``; ``-inf`` when there is no tail."""
+    others = num_classes - t.k
+    if others <= 0:
+        return torch.full_like(t.lse.float(), float("-inf"))
+    tail = tail_mass_t1(t)
+    return torch.log(tail.clamp_min(1e-30)) + t.lse.float() - torch.log(torch.tensor(float(others)))
+
+
+def dense_logits(t: SparseTargets, num_classes: int, tail: TailMode) -> torch.Tensor:
+    """``[B, C]`` logits whose softmax at T is the target at T (``-inf`` outside the top-k for renorm)."""
+    _check_tail(tail)
+    fill = tail_logit(t, num_classes) if tail == "spread" else torch.full_like(t.lse.float(), float("-inf"))
+    out = fill.unsqueeze(-1).expand(-1, num_classes).clone()
+    return out.scatter(1, t.idx.long(), t.logit.float())
+
+
+def dense_probs(t: SparseTargets, num_classes: int, temperature: float = 1.0, tail: TailMode = "spread") -> torch.Tensor:
+    """``[B, C]`` teacher probabilities at ``temperature`` under the chosen tail treatment."""
+    return torch.softmax(dense_logits(t, num_classes, tail) / temperature, dim=-1)
+
+
+def sparse_probs(t: SparseTargets, num_classes: int, temperature: float = 1.0, tail: TailMode = "spread") -> tuple[torch.Tensor, torch.Tensor]:
+    """(``[B, k]`` top-k probabilities, ``[B]`` probability of each of the C-k other classes) at T.
+
+    The sparse form of :func:`dense_probs`, for losses that need not build ``[B, C]``.
+    """
+    _check_tail(tail)
+    scaled = t.logit.float() / temperature
+    if tail == "renorm" or num_classes == t.k:
+        probs = torch.softmax(scaled, dim=-1)
+        return probs, torch.zeros_like(probs[:, 0])
+    lt = tail_logit(t, num_classes) / temperature
+    others = torch.log(torch.tensor(float(num_classes - t.k), device=lt.device))
+    log_z = torch.logsumexp(torch.cat([scaled, (lt + others).unsqueeze(-1)], dim=-1), dim=-1, keepdim=True)
+    return torch.exp(scaled - log_z), torch.exp(lt - log_z.squeeze(-1))
+
+
+def _check_tail(tail: str) -> None:
+    if tail not in TAIL_MODES:
+        raise ValueError(f"tail must be one of {TAIL_MODES}, found {tail!r}")
+
+
+def from_logits(logits: torch.Tensor, labels: torch.Tensor, k: int) -> SparseTargets:
+    """Sparse targets from full logits ``[B, C]`` (what precompute stores, before fp16 rounding)."""
+    logits = logits.float()
+    values, idx = torch.topk(logits, k, dim=-1, sorted=True)
+    lse = torch.logsumexp(logits, dim=-1)
+    safe = labels.clamp(0, logits.shape[-1] - 1).long()
+    label_logit = torch.where(labels >= 0, logits.gather(1, safe.unsqueeze(1)).squeeze(1), torch.full_like(lse, float("nan")))
+    return SparseTargets(idx=idx, logit=values, lse=lse, label_logit=label_logit)

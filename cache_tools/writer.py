@@ -1,0 +1,166 @@
+"""The write half of the cache contract, used by precompute.
+
+The driver creates the store and the teacher subgroups (the only attribute writes); a shard task
+writes its shard's chunks with :func:`write_views` / :func:`write_teacher`, each of which sets the
+shard's completion mark last, after the data is stored.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import zarr
+
+from cache_tools.errors import CacheError, CacheMismatchError
+from cache_tools.store import (
+    ENCODINGS, STATUS_EMPTY, TEACHERS, CacheStore, Fingerprint, RootMeta, TeacherMeta,
+    compressor, creation_info, now_ms, open_store,
+)
+from cache_tools.views import NUM_PARAMS, ViewRecipe
+
+
+def create_store(
+    path: str,
+    *,
+    fingerprint: Fingerprint,
+    keys: list[list[str]],
+    recipe: ViewRecipe,
+    num_views: int,
+    num_classes: int,
+    class_names: list[str],
+    seed: int,
+    config: dict[str, Any],
+    overwrite: bool = False,
+    storage_options: dict | None = None,
+) -> CacheStore:
+    """Create an empty cache: root metadata, the shared per-row arrays and every shard's keys."""
+    cap = max(fingerprint.counts)
+    rows = cap * len(fingerprint.shards)
+    meta = RootMeta(
+        fingerprint=fingerprint, rows_per_shard=cap, recipe=recipe, num_views=num_views,
+        num_classes=num_classes, class_names=class_names, seed=seed,
+        created=creation_info(), config=config,
+    )
+    group = zarr.open_group(path, mode="w" if overwrite else "w-", storage_options=storage_options)
+    _array(group, "keys", (rows,), (cap,), str, "")
+    _array(group, "labels", (rows,), (cap,), "int32", -1)
+    _array(group, "status", (rows,), (cap,), "int8", STATUS_EMPTY)
+    _array(group, "errors", (rows,), (cap,), str, "")
+    _array(group, "view_params", (rows, num_views, NUM_PARAMS), (cap, num_views, NUM_PARAMS), "int32", 0)
+    _array(group, "views_done", (len(keys),), (1,), "int64", 0)
+    for shard, shard_keys in enumerate(keys):
+        group["keys"][shard * cap : (shard + 1) * cap] = _pad(np.array(shard_keys, dtype=object), cap, "")
+    group.attrs.update(meta.model_dump(mode="json"))  # root attrs last: the store is valid from here
+    return CacheStore(path=path, group=group, meta=meta)
+
+
+def _array(group: zarr.Group, name: str, shape, chunks, dtype, fill) -> zarr.Array:
+    codecs = {} if dtype is str else {"compressors": compressor()}
+    return group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill, **codecs)
+
+
+def _pad(values: np.ndarray, cap: int, fill: Any) -> np.ndarray:
+    """Pad the first axis to ``cap`` rows so a whole chunk is written (no read-modify-write)."""
+    if len(values) == cap:
+        return values
+    pad = np.full((cap - len(values),) + values.shape[1:], fill, dtype=values.dtype)
+    return np.concatenate([values, pad])
+
+
+def index_dtype(num_classes: int) -> str:
+    return "uint16" if num_classes <= np.iinfo(np.uint16).max + 1 else "int32"
+
+
+def add_teacher(
+    store: CacheStore,
+    name: str,
+    *,
+    model: dict[str, Any],
+    weights_digest: str,
+    k: int,
+    encoding: str = "fp16",
+    config: dict[str, Any] | None = None,
+) -> TeacherMeta:
+    """Create a teacher subgroup, or check an existing one against the same spec and weights."""
+    if encoding not in ENCODINGS:
+        raise CacheError(f"teacher {name!r}: unknown encoding {encoding!r}; valid: {', '.join(ENCODINGS)}")
+    if not 1 <= k <= store.meta.num_classes:
+        raise CacheError(f"teacher {name!r}: k={k} must be between 1 and num_classes={store.meta.num_classes}")
+    meta = TeacherMeta(
+        name=name, model=model, weights_digest=weights_digest, k=k, encoding=encoding,
+        index_dtype=index_dtype(store.meta.num_classes), created=creation_info(), config=config or {},
+    )
+    if name in store.teachers:
+        _check_same_teacher(store.teacher_meta(name), meta)
+        return store.teacher_meta(name)
+    _create_teacher_arrays(store, meta)
+    return meta
+
+
+def _check_same_teacher(cached: TeacherMeta, given: TeacherMeta) -> None:
+    diffs = [
+        f"{field}: cache {getattr(cached, field)!r} vs run {getattr(given, field)!r}"
+        for field in ("model", "weights_digest", "k", "encoding")
+        if getattr(cached, field) != getattr(given, field)
+    ]
+    if diffs:
+        raise CacheMismatchError(
+            f"teacher {given.name!r} already exists in the cache with other settings: " + "; ".join(diffs)
+            + " (use another teacher name, or --overwrite to start the cache over)"
+        )
+
+
+def _create_teacher_arrays(store: CacheStore, meta: TeacherMeta) -> None:
+    a, cap, rows = store.meta.num_views, store.cap, store.cap * store.num_shards
+    group = store.group.require_group(f"{TEACHERS}/{meta.name}")
+    _array(group, "topk_idx", (rows, a, meta.k), (cap, a, meta.k), meta.index_dtype, 0)
+    _array(group, "topk_logit", (rows, a, meta.k), (cap, a, meta.k), "float16", 0)
+    _array(group, "lse", (rows, a), (cap, a), "float32", 0)
+    _array(group, "label_logit", (rows, a), (cap, a), "float32", 0)
+    _array(group, "done", (store.num_shards,), (1,), "int64", 0)
+    group.attrs.update(meta.model_dump(mode="json"))  # attrs last: a teacher without them is unfinished
+
+
+def shard_chunk(store: CacheStore, shard: int) -> slice:
+    return slice(shard * store.cap, (shard + 1) * store.cap)
+
+
+def write_views(
+    store: CacheStore, shard: int, *, labels: np.ndarray, status: np.ndarray,
+    errors: list[str], params: np.ndarray,
+) -> None:
+    """Write a shard's labels, row status, errors and view parameters, then its views mark."""
+    _check_rows(store, shard, labels, "labels")
+    chunk, cap = shard_chunk(store, shard), store.cap
+    store.group["labels"][chunk] = _pad(labels.astype(np.int32), cap, -1)
+    store.group["status"][chunk] = _pad(status.astype(np.int8), cap, STATUS_EMPTY)
+    store.group["errors"][chunk] = _pad(np.array(errors, dtype=object), cap, "")
+    store.group["view_params"][chunk] = _pad(params.astype(np.int32), cap, 0)
+    store.group["views_done"][shard] = now_ms()
+
+
+def write_teacher(
+    store: CacheStore, shard: int, teacher: str, *, topk_idx: np.ndarray, topk_logit: np.ndarray,
+    lse: np.ndarray, label_logit: np.ndarray,
+) -> None:
+    """Write one teacher's targets for a shard, then that teacher's mark for the shard."""
+    _check_rows(store, shard, lse, f"teacher {teacher!r} lse")
+    group = store.teacher_group(teacher)
+    chunk, cap = shard_chunk(store, shard), store.cap
+    group["topk_idx"][chunk] = _pad(topk_idx.astype(group["topk_idx"].dtype), cap, 0)
+    group["topk_logit"][chunk] = _pad(topk_logit.astype(np.float16), cap, 0)
+    group["lse"][chunk] = _pad(lse.astype(np.float32), cap, 0)
+    group["label_logit"][chunk] = _pad(label_logit.astype(np.float32), cap, 0)
+    group["done"][shard] = now_ms()
+
+
+def _check_rows(store: CacheStore, shard: int, values: np.ndarray, what: str) -> None:
+    expected = store.meta.fingerprint.counts[shard]
+    if len(values) != expected:
+        name = store.meta.fingerprint.shards[shard]
+        raise CacheError(f"shard {name!r}: {what} has {len(values)} rows, the shard has {expected}")
+
+
+def reopen_for_writing(path: str, storage_options: dict | None = None) -> CacheStore:
+    return open_store(path, "r+", storage_options)

@@ -1,0 +1,1 @@
+"""Precompute: plan shards, run teachers in Ray actors over A views per sample, write the cache."""

@@ -1,0 +1,1 @@
+"""Train students (and teachers) by streaming shards joined with cached teacher targets."""
