@@ -156,3 +156,8 @@ def epoch_view(seed: int, epoch: int, key: str, num_views: int) -> int:
     digest = hashlib.blake2b(f"{seed}\x1f{key}\x1f{cycle}".encode(), digest_size=8).digest()
     rng = np.random.Generator(np.random.Philox(key=int.from_bytes(digest, "little")))
     return int(rng.permutation(num_views)[step])
+
+
+def replay_views(image: torch.Tensor, params: np.ndarray, recipe: ViewRecipe) -> torch.Tensor:
+    """All stored views of one decoded image: ``uint8[A, C, size, size]``."""
+    return torch.stack([replay(image, p, recipe) for p in params])
