@@ -33,7 +33,17 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from None
-    return key.split("."), value
+    return key.split("."), _number_or(value)
+
+
+def _number_or(value: Any) -> Any:
+    """YAML 1.1 reads ``1e-3`` as a string; read it as the number users mean."""
+    if isinstance(value, str) and any(ch.isdigit() for ch in value):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

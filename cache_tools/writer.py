@@ -42,7 +42,10 @@ def create_store(
         num_classes=num_classes, class_names=class_names, seed=seed,
         created=creation_info(), config=config,
     )
-    group = zarr.open_group(path, mode="w" if overwrite else "w-", storage_options=storage_options)
+    try:
+        group = zarr.open_group(path, mode="w" if overwrite else "w-", storage_options=storage_options)
+    except (zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError, FileExistsError):
+        raise CacheError(f"{path!r} already holds data; pass --overwrite (cache.overwrite=true) to start over") from None
     _array(group, "keys", (rows,), (cap,), str, "")
     _array(group, "labels", (rows,), (cap,), "int32", -1)
     _array(group, "status", (rows,), (cap,), "int8", STATUS_EMPTY)

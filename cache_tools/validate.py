@@ -1,0 +1,113 @@
+"""``kdcache validate``: integrity checks of a cache, every problem listed.
+
+Checks: every shard has its views mark and every teacher's mark; stored keys are unique and match
+the fingerprint's digest; valid rows have labels in range and sane view boxes; teacher indices are
+in range and sorted by logit; logsumexp >= top logit; no NaN or inf in valid rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cache_tools.reader import ShardBlock, TeacherBlock, read_block
+from cache_tools.shards import ShardIndex, key_digest
+from cache_tools.store import STATUS_EMPTY, STATUS_VALID, CacheStore
+from cache_tools.views import P_FLIP, P_H, P_IMG_H, P_IMG_W, P_LEFT, P_TOP, P_W
+
+FP16_REL = 2.0 ** -10  # fp16 keeps 11 significant bits: rounding moves a value by <= 2^-11 relative
+
+
+@dataclass
+class Report:
+    """What validate found: counts and a list of problems (empty = valid)."""
+
+    shards: int = 0
+    views: int = 0
+    invalid_rows: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def validate_cache(store: CacheStore, teachers: list[str] | None = None, max_problems: int = 200) -> Report:
+    teachers = store.teachers if teachers is None else teachers
+    report = Report(shards=store.num_shards)
+    for what, names in store.incomplete_shards(teachers).items():
+        report.problems.append(f"{what}: {len(names)} shard(s) without a completion mark: {names[:5]}{' ...' if len(names) > 5 else ''}")
+    views_done = store.views_done()
+    all_keys: list[ShardIndex] = []
+    for shard in range(store.num_shards):
+        block = read_block(store, shard, [], require_complete=False)
+        all_keys.append(ShardIndex(url=block.shard, keys=[str(k) for k in block.keys]))
+        if not views_done[shard]:
+            continue
+        done = [t for t in teachers if store.teacher_done(t)[shard]]
+        block = read_block(store, shard, done, require_complete=False)
+        report.views += int((block.status == STATUS_VALID).sum()) * store.meta.num_views
+        report.invalid_rows += int((block.status != STATUS_VALID).sum())
+        report.problems += check_block(block, store.meta.num_classes)
+        if len(report.problems) > max_problems:
+            report.problems.append("... (stopped listing)")
+            return report
+    report.problems += check_keys(store, all_keys)
+    return report
+
+
+def check_keys(store: CacheStore, indexes: list[ShardIndex]) -> list[str]:
+    keys = [k for index in indexes for k in index.keys]
+    problems = []
+    if len(set(keys)) != len(keys):
+        problems.append(f"stored keys are not unique ({len(keys) - len(set(keys))} repeats)")
+    if key_digest(indexes) != store.meta.fingerprint.key_digest:
+        problems.append("stored keys do not match the fingerprint's key digest")
+    return problems
+
+
+def check_block(block: ShardBlock, num_classes: int) -> list[str]:
+    where = f"shard {block.shard!r}"
+    valid = block.status == STATUS_VALID
+    problems = []
+    if (block.status == STATUS_EMPTY).any():
+        problems.append(f"{where}: {int((block.status == STATUS_EMPTY).sum())} row(s) never written despite the views mark")
+    labels = block.labels[valid]
+    if ((labels < 0) | (labels >= num_classes)).any():
+        problems.append(f"{where}: labels outside [0, {num_classes}) in valid rows")
+    problems += _check_params(block.view_params[valid], where)
+    for name, tb in block.teachers.items():
+        problems += [f"{where}, teacher {name!r}: {p}" for p in check_teacher(tb, valid, num_classes)]
+    return problems
+
+
+def _check_params(params: np.ndarray, where: str) -> list[str]:
+    if not len(params):
+        return []
+    top, left, h, w = (params[..., i] for i in (P_TOP, P_LEFT, P_H, P_W))
+    bad = (h <= 0) | (w <= 0) | (top < 0) | (left < 0)
+    bad |= (top + h > params[..., P_IMG_H]) | (left + w > params[..., P_IMG_W])
+    bad |= (params[..., P_FLIP] < 0) | (params[..., P_FLIP] > 1)
+    return [f"{where}: {int(bad.sum())} view box(es) outside their image"] if bad.any() else []
+
+
+def check_teacher(tb: TeacherBlock, valid: np.ndarray, num_classes: int) -> list[str]:
+    idx, logit = tb.topk_idx[valid].astype(np.int64), tb.topk_logit[valid].astype(np.float32)
+    lse, label_logit = tb.lse[valid], tb.label_logit[valid]
+    problems = []
+    for name, arr in (("top-k logits", logit), ("logsumexp", lse), ("label logit", label_logit)):
+        if not np.isfinite(arr).all():
+            problems.append(f"{int((~np.isfinite(arr)).sum())} NaN/inf value(s) in {name}")
+    if ((idx < 0) | (idx >= num_classes)).any():
+        problems.append(f"class indices outside [0, {num_classes})")
+    if idx.shape[-1] > 1 and (np.diff(logit, axis=-1) > 0).any():
+        problems.append("top-k logits not sorted in descending order")
+    sorted_idx = np.sort(idx, axis=-1)
+    if idx.shape[-1] > 1 and (np.diff(sorted_idx, axis=-1) == 0).any():
+        problems.append("a class index repeats within a view's top-k")
+    if len(logit):
+        slack = FP16_REL * np.maximum(np.abs(logit[..., 0]), 1.0)
+        if (lse < logit[..., 0] - slack).any():
+            problems.append(f"{int((lse < logit[..., 0] - slack).sum())} view(s) with logsumexp below the top logit")
+    return problems

@@ -1,0 +1,166 @@
+"""``kdcache verify``: recompute a random sample of stored views with the teacher and compare.
+
+Views are replayed from the shards with their *stored* parameters and the cache's recipe, the
+teacher is rebuilt from its stored spec (its weights digest must match), and the fresh logits are
+compared with the cached ones at the cached class indices. A difference beyond fp16 rounding
+(plus ``atol``) fails; top-k sets may differ only where logits tie within that tolerance.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from cache_tools.errors import CacheMismatchError, ConfigError
+from cache_tools.models import ModelSpec, build_model, weights_digest
+from cache_tools.reader import read_block
+from cache_tools.shards import decode_image, expand_shards, iter_shard, shard_name
+from cache_tools.store import STATUS_VALID, CacheStore
+from cache_tools.teacher import ModelRunner
+from cache_tools.validate import FP16_REL
+from cache_tools.views import replay
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Picked:
+    """The views chosen for verification: shard index -> list of (row, view)."""
+
+    by_shard: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self.by_shard.values())
+
+
+@dataclass
+class TeacherResult:
+    teacher: str
+    views: int
+    max_abs_delta: float
+    max_excess: float
+    max_lse_delta: float
+    topk_agreement: float
+    top1_agreement: float
+    failures: int
+
+    @property
+    def ok(self) -> bool:
+        return self.failures == 0
+
+
+def pick_views(store: CacheStore, teachers: list[str], num: int, seed: int) -> Picked:
+    """``num`` random (row, view) pairs among valid rows of shards complete for every teacher."""
+    complete = store.views_done() & np.logical_and.reduce([store.teacher_done(t) for t in teachers])
+    candidates = []
+    for shard in np.flatnonzero(complete):
+        status = store.group["status"][store.rows(int(shard))]
+        candidates += [(int(shard), int(r)) for r in np.flatnonzero(status == STATUS_VALID)]
+    if not candidates:
+        raise CacheMismatchError(f"cache {store.path!r} has no complete shard with valid views to verify")
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(len(candidates), size=min(num, len(candidates)), replace=False)
+    picked = Picked()
+    for i in sorted(chosen):
+        shard, row = candidates[i]
+        picked.by_shard.setdefault(shard, []).append((row, int(rng.integers(store.meta.num_views))))
+    return picked
+
+
+def shard_urls(store: CacheStore, pattern: str | list[str] | None) -> dict[str, str]:
+    """Shard name -> URL, from ``pattern`` or the shards recorded in the cache's config."""
+    pattern = pattern or store.meta.config.get("data", {}).get("shards")
+    if not pattern:
+        raise ConfigError("--shards: the cache records no shard location; pass the shards' pattern")
+    return {shard_name(u): u for u in expand_shards(pattern, key="--shards")}
+
+
+def replay_picked(store: CacheStore, picked: Picked, urls: dict[str, str]) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
+    """Replay every picked view from its shard: ``uint8[N, C, S, S]`` and (shard, row, view) order."""
+    recipe, views, order = store.meta.recipe, [], []
+    for shard, wanted in sorted(picked.by_shard.items()):
+        block = read_block(store, shard, [])
+        name = block.shard
+        if name not in urls:
+            raise CacheMismatchError(f"shard {name!r} of the cache is not among the given shards")
+        rows = {str(block.keys[row]): (row, view) for row, view in wanted}
+        for sample in iter_shard(urls[name]):
+            if sample.key in rows:
+                row, view = rows.pop(sample.key)
+                image = decode_image(sample.image, recipe.channels)
+                views.append(replay(image, block.view_params[row, view], recipe))
+                order.append((shard, row, view))
+        if rows:
+            raise CacheMismatchError(f"shard {name!r} no longer holds keys {sorted(rows)[:3]}: it changed after the cache was built")
+    return torch.stack(views), order
+
+
+def load_teacher(store: CacheStore, teacher: str, checkpoint: str | None) -> torch.nn.Module:
+    meta = store.teacher_meta(teacher)
+    spec = ModelSpec.model_validate(meta.model)
+    if checkpoint:
+        spec = spec.model_copy(update={"checkpoint": checkpoint})
+    model = build_model(spec, store.meta.num_classes, store.meta.recipe.channels)
+    digest = weights_digest(model)
+    if digest != meta.weights_digest:
+        raise CacheMismatchError(
+            f"teacher {teacher!r}: the weights built from {spec.checkpoint or spec.name!r} have digest {digest}, "
+            f"the cache was made with {meta.weights_digest}"
+        )
+    return model
+
+
+def compare(store: CacheStore, teacher: str, logits: torch.Tensor, order: list[tuple[int, int, int]], atol: float) -> TeacherResult:
+    """Compare fresh logits ``[N, C]`` with the cached values of the same views."""
+    k = store.teacher_meta(teacher).k
+    cached_idx, cached_logit, cached_lse = _cached(store, teacher, order)
+    fresh = logits.cpu().numpy().astype(np.float32)
+    fresh_at = np.take_along_axis(fresh, cached_idx, axis=1)
+    delta = np.abs(fresh_at - cached_logit)
+    tol = FP16_REL * np.maximum(np.abs(cached_logit), 1.0) + atol
+    fresh_lse = torch.logsumexp(logits.float().cpu(), dim=1).numpy()
+    fresh_top = np.argsort(-fresh, axis=1, kind="stable")[:, :k]
+    same_set = np.array([set(a) == set(b) for a, b in zip(fresh_top, cached_idx)])
+    sorted_fresh = -np.sort(-fresh, axis=1)
+    tie = (sorted_fresh[:, k - 1] - sorted_fresh[:, k]) <= 2 * tol.max(axis=1) if k < fresh.shape[1] else np.zeros(len(fresh), bool)
+    failures = int(((delta > tol).any(axis=1) | (~same_set & ~tie)).sum())
+    return TeacherResult(
+        teacher=teacher, views=len(order), max_abs_delta=float(delta.max()),
+        max_excess=float((delta - tol).max()), max_lse_delta=float(np.abs(fresh_lse - cached_lse).max()),
+        topk_agreement=float(same_set.mean()), top1_agreement=float((fresh_top[:, 0] == cached_idx[:, 0]).mean()),
+        failures=failures,
+    )
+
+
+def _cached(store: CacheStore, teacher: str, order: list[tuple[int, int, int]]):
+    idx, logit, lse = [], [], []
+    for shard in sorted({s for s, _, _ in order}):
+        tb = read_block(store, shard, [teacher]).teachers[teacher]
+        for s, row, view in order:
+            if s == shard:
+                idx.append(tb.topk_idx[row, view].astype(np.int64))
+                logit.append(tb.topk_logit[row, view].astype(np.float32))
+                lse.append(tb.lse[row, view])
+    return np.stack(idx), np.stack(logit), np.array(lse, dtype=np.float32)
+
+
+def verify_cache(
+    store: CacheStore, *, teachers: list[str] | None = None, num: int = 64, seed: int = 0,
+    shards: str | list[str] | None = None, checkpoint: str | None = None, device: str = "auto",
+    amp: str = "auto", atol: float = 1e-3, batch_size: int = 256,
+) -> list[TeacherResult]:
+    teachers = teachers or store.teachers
+    if not teachers:
+        raise CacheMismatchError(f"cache {store.path!r} has no teachers to verify")
+    picked = pick_views(store, teachers, num, seed)
+    views, order = replay_picked(store, picked, shard_urls(store, shards))
+    results = []
+    for teacher in teachers:
+        runner = ModelRunner(load_teacher(store, teacher, checkpoint), store.meta.recipe, device=device, amp=amp, name=teacher)
+        logits = torch.cat([runner(views[i : i + batch_size]) for i in range(0, len(views), batch_size)])
+        results.append(compare(store, teacher, logits, order, atol))
+        log.info("verified teacher %s on %d views", teacher, len(order))
+    return results
