@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from cache_tools.encoding import array_specs, decode
 from cache_tools.errors import CacheIncompleteError, CacheMismatchError
 from cache_tools.store import STATUS_VALID, CacheStore
 
@@ -70,12 +71,15 @@ def read_block(
         status=group["status"][rows], errors=group["errors"][rows], view_params=group["view_params"][rows],
     )
     for teacher in teachers:
-        tg = store.teacher_group(teacher)
-        block.teachers[teacher] = TeacherBlock(
-            topk_idx=tg["topk_idx"][rows], topk_logit=tg["topk_logit"][rows],
-            lse=tg["lse"][rows], label_logit=tg["label_logit"][rows],
-        )
+        block.teachers[teacher] = read_teacher_rows(store, teacher, rows)
     return block
+
+
+def read_teacher_rows(store: CacheStore, teacher: str, rows: slice) -> TeacherBlock:
+    """One teacher's targets for a row range, decoded from its encoding."""
+    group, meta = store.teacher_group(teacher), store.teacher_meta(teacher)
+    arrays = {name: group[name][rows] for name in array_specs(meta.encoding, meta.index_dtype)}
+    return TeacherBlock(*decode(meta.encoding, arrays))
 
 
 def _require_done(store: CacheStore, index: int, name: str, teachers: list[str]) -> None:

@@ -10,10 +10,12 @@ Layout (``R = num_shards * rows_per_shard``; shard ``s`` owns rows ``[s*cap, (s+
       view_params  int32 [R, A, 7]      see cache_tools.views
       views_done   int64 [S]            completion mark per shard (ms since epoch), chunk 1
       teachers/<name>/              attrs: model spec, weights digest, k, encoding, created, config
+        (encoding "fp16")
         topk_idx   uint16|int32 [R, A, k]  class indices sorted by logit, descending
-        topk_logit float16 [R, A, k]       raw logits (encoding "fp16")
+        topk_logit float16 [R, A, k]       raw logits
         lse        float32 [R, A]          logsumexp of all logits at T=1
         label_logit float32 [R, A]         logit of the labelled class
+        (encoding "q8": see cache_tools.encoding; decodes to the same four arrays)
         done       int64 [S]               completion mark per shard, chunk 1
 
 Group attributes are written by the driver only; a worker writes its shard's chunks, then its
@@ -24,21 +26,21 @@ from __future__ import annotations
 
 import datetime as _dt
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import zarr
 from pydantic import BaseModel, ConfigDict
 
-from cache_tools.errors import CacheMismatchError, CacheNotFoundError, CacheError
+from cache_tools.encoding import ENCODINGS  # noqa: F401  (re-exported)
+from cache_tools.errors import CacheError, CacheMismatchError, CacheNotFoundError
 from cache_tools.views import NUM_PARAMS, ViewRecipe
 
 FORMAT_NAME = "kdcache"
 FORMAT_VERSION = 1
 STATUS_EMPTY, STATUS_VALID, STATUS_INVALID = 0, 1, 2
 TEACHERS = "teachers"
-ENCODINGS = ("fp16",)
 
 
 def compressor() -> zarr.codecs.BloscCodec:
@@ -141,6 +143,8 @@ class CacheStore:
     path: str
     group: zarr.Group
     meta: RootMeta
+    _teacher_groups: dict[str, zarr.Group] = field(default_factory=dict, repr=False)
+    _teacher_metas: dict[str, TeacherMeta] = field(default_factory=dict, repr=False)
 
     # ---- geometry -------------------------------------------------------------------
     @property
@@ -170,12 +174,17 @@ class CacheStore:
         return sorted(self.group[TEACHERS].group_keys())
 
     def teacher_group(self, name: str) -> zarr.Group:
-        if name not in self.teachers:
-            raise CacheMismatchError(f"teacher {name!r} is not in cache {self.path!r}; it has {self.teachers or 'no teachers'}")
-        return self.group[f"{TEACHERS}/{name}"]
+        """The teacher's subgroup (opened once per store object)."""
+        if name not in self._teacher_groups:
+            if name not in self.teachers:
+                raise CacheMismatchError(f"teacher {name!r} is not in cache {self.path!r}; it has {self.teachers or 'no teachers'}")
+            self._teacher_groups[name] = self.group[f"{TEACHERS}/{name}"]
+        return self._teacher_groups[name]
 
     def teacher_meta(self, name: str) -> TeacherMeta:
-        return TeacherMeta.model_validate(dict(self.teacher_group(name).attrs))
+        if name not in self._teacher_metas:
+            self._teacher_metas[name] = TeacherMeta.model_validate(dict(self.teacher_group(name).attrs))
+        return self._teacher_metas[name]
 
     # ---- completion marks ---------------------------------------------------------------
     def views_done(self) -> np.ndarray:

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from cache_tools.encoding import array_specs, encode
 from cache_tools.errors import CacheError, CacheMismatchError
 from cache_tools.store import (
     ENCODINGS, STATUS_EMPTY, TEACHERS, CacheStore, Fingerprint, RootMeta, TeacherMeta,
@@ -117,10 +118,9 @@ def _check_same_teacher(cached: TeacherMeta, given: TeacherMeta) -> None:
 def _create_teacher_arrays(store: CacheStore, meta: TeacherMeta) -> None:
     a, cap, rows = store.meta.num_views, store.cap, store.cap * store.num_shards
     group = store.group.require_group(f"{TEACHERS}/{meta.name}")
-    _array(group, "topk_idx", (rows, a, meta.k), (cap, a, meta.k), meta.index_dtype, 0)
-    _array(group, "topk_logit", (rows, a, meta.k), (cap, a, meta.k), "float16", 0)
-    _array(group, "lse", (rows, a), (cap, a), "float32", 0)
-    _array(group, "label_logit", (rows, a), (cap, a), "float32", 0)
+    for name, (dtype, has_k, fill) in array_specs(meta.encoding, meta.index_dtype).items():
+        tail = (meta.k,) if has_k else ()
+        _array(group, name, (rows, a) + tail, (cap, a) + tail, dtype, fill)
     _array(group, "done", (store.num_shards,), (1,), "int64", 0)
     group.attrs.update(meta.model_dump(mode="json"))  # attrs last: a teacher without them is unfinished
 
@@ -150,11 +150,12 @@ def write_teacher(
     """Write one teacher's targets for a shard, then that teacher's mark for the shard."""
     _check_rows(store, shard, lse, f"teacher {teacher!r} lse")
     group = store.teacher_group(teacher)
+    meta = store.teacher_meta(teacher)
     chunk, cap = shard_chunk(store, shard), store.cap
-    group["topk_idx"][chunk] = _pad(topk_idx.astype(group["topk_idx"].dtype), cap, 0)
-    group["topk_logit"][chunk] = _pad(topk_logit.astype(np.float16), cap, 0)
-    group["lse"][chunk] = _pad(lse.astype(np.float32), cap, 0)
-    group["label_logit"][chunk] = _pad(label_logit.astype(np.float32), cap, 0)
+    specs = array_specs(meta.encoding, meta.index_dtype)
+    for name, values in encode(meta.encoding, topk_idx, topk_logit, lse, label_logit).items():
+        dtype, _, fill = specs[name]
+        group[name][chunk] = _pad(values.astype(dtype), cap, fill)
     group["done"][shard] = now_ms()
 
 
