@@ -1,0 +1,400 @@
+"""The typed config of ``kdcache train``: run, data, cache, views, student, teacher, stages.
+
+Loaded with :func:`cache_tools.config.load_config` (YAML + ``dotted.key=value`` overrides); every
+rejection is one :class:`~cache_tools.errors.ConfigError` naming the dotted key. Cross-field rules
+(a distillation loss needs a teacher, ``teacher.mode: cache`` needs ``cache.path`` ...) are checked
+by :func:`check_config` after validation, also naming their keys.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import Field, field_validator
+
+from cache_tools.config import StrictModel, dump_config, load_config
+from cache_tools.errors import ConfigError
+from cache_tools.models import ModelSpec
+from cache_tools.targets import TailMode
+from cache_tools.views import ViewRecipe
+
+CONFIG_VERSION = 1
+RESUME_MUTABLE = ("run.max_steps", "run.resume", "run.progress", "run.log_every", "run.ckpt_every_steps", "run.overwrite")
+"""Keys that may differ between a checkpoint's config and the resuming run's config."""
+
+
+# ---- losses ---------------------------------------------------------------------------------
+
+
+class CELossConfig(StrictModel):
+    """Plain cross-entropy (supervised training of students or teachers)."""
+
+    name: Literal["ce"] = "ce"
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    """Label smoothing of the hard-label CE (timm/torch convention: eps spread over all classes)."""
+
+
+class _DistillBase(StrictModel):
+    """Fields every distillation loss shares."""
+
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    """Label smoothing of the CE part."""
+    tail: TailMode = "spread"
+    """Classes outside the cached top-k: ``spread`` (exact tail mass at T=1, spread evenly) or
+    ``renorm`` (drop the tail, renormalise the top-k). Irrelevant when k equals the class count."""
+    stop_epoch: int | None = Field(None, ge=0)
+    """Early-stopped KD (paper 002): from this (0-based, run-global) epoch on, the loss is plain CE."""
+
+
+class KDLossConfig(_DistillBase):
+    """Hinton KD: ``(1-alpha)*CE + alpha*T^2*KL(p_t^T || p_s^T)``."""
+
+    name: Literal["kd"] = "kd"
+    alpha: float = Field(0.9, ge=0.0, le=1.0)
+    """Weight of the KD term; the CE term gets ``1 - alpha``."""
+    temperature: float = Field(4.0, gt=0.0)
+    """Softmax temperature of teacher and student in the KD term."""
+
+
+class DISTLossConfig(_DistillBase):
+    """DIST (paper 001): ``ce_weight*CE + kd_weight*(beta*T^2*inter + gamma*T^2*intra)``."""
+
+    name: Literal["dist"] = "dist"
+    beta: float = Field(1.0, ge=0.0)
+    """Weight of the inter-class relation (1 - mean Pearson over rows)."""
+    gamma: float = Field(1.0, ge=0.0)
+    """Weight of the intra-class relation (1 - mean Pearson over columns, i.e. over the batch)."""
+    temperature: float = Field(1.0, gt=0.0)
+    """Softmax temperature of both outputs."""
+    ce_weight: float = Field(1.0, ge=0.0)
+    """Weight of the CE term (reference 1)."""
+    kd_weight: float = Field(2.0, ge=0.0)
+    """Weight of the DIST term (reference 2 beside CE 1, i.e. beta = gamma = 2 overall)."""
+
+
+class WSLLossConfig(_DistillBase):
+    """WSL (Zhou et al. 2021, cited by paper 000): ``ce_weight*CE + kd_weight*T^2*mean(w*KL)``."""
+
+    name: Literal["wsl"] = "wsl"
+    temperature: float = Field(2.0, gt=0.0)
+    """Temperature of the KD term (2 in WSL and EffDstl stage 1)."""
+    ce_weight: float = Field(1.0, ge=0.0)
+    """Weight of the (label-smoothed) CE term."""
+    kd_weight: float = Field(2.5, ge=0.0)
+    """Weight of the weighted KD term (WSL's ImageNet alpha = 2.5)."""
+
+
+class EffDstlLossConfig(_DistillBase):
+    """EffDstl stage 2 (paper 000): KD against mined targets (consistent knowledge mining)."""
+
+    name: Literal["effdstl"] = "effdstl"
+    teacher_temperature: float = Field(0.7, gt=0.0)
+    """Temperature of the teacher's distribution (0.7 sharpens it)."""
+    student_temperature: float = Field(1.0, gt=0.0)
+    """Temperature of the student in the KD term."""
+    smooth_to: float = Field(0.99, gt=0.0, le=1.0)
+    """Mined rows get the label smoothed to this probability (rest spread over the other classes)."""
+    ce_weight: float = Field(1.0, ge=0.0)
+    """Weight of the CE term (the paper does not state it; 1 keeps stage 1's CE)."""
+    kd_weight: float = Field(1.0, ge=0.0)
+    """Weight of the KD term against the mined targets."""
+
+
+LossConfig = Annotated[
+    Union[CELossConfig, KDLossConfig, DISTLossConfig, WSLLossConfig, EffDstlLossConfig],
+    Field(discriminator="name"),
+]
+DISTILL_LOSSES = ("kd", "dist", "wsl", "effdstl")
+
+
+# ---- optimisation -----------------------------------------------------------------------------
+
+
+class OptimizerConfig(StrictModel):
+    """An optimizer; a stage that sets one starts a new optimizer (fresh state, new LR schedule)."""
+
+    name: Literal["sgd", "adamw"] = "sgd"
+    """``sgd`` (momentum) or ``adamw``."""
+    lr: float = Field(0.1, gt=0.0)
+    """Peak learning rate (after warm-up), for the global batch as configured (no automatic scaling)."""
+    weight_decay: float = Field(1e-4, ge=0.0)
+    """Weight decay (coupled L2 for SGD, decoupled for AdamW)."""
+    decay_norm_and_bias: bool = False
+    """Also decay 1-d parameters (norm weights, biases); timm's default excludes them."""
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    """SGD momentum."""
+    nesterov: bool = False
+    """SGD Nesterov momentum."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    eps: float = Field(1e-8, gt=0.0)
+    """AdamW epsilon."""
+    grad_clip: float | None = Field(None, gt=0.0)
+    """Clip the global gradient norm to this value (None: no clipping)."""
+
+
+class SchedulerConfig(StrictModel):
+    """The LR schedule of one optimizer, spanning the epochs of the stages that share it (per step)."""
+
+    name: Literal["cosine", "step", "constant"] = "cosine"
+    """``cosine`` decay to ``min_lr``; ``step``: times ``gamma`` at each milestone; ``constant``."""
+    warmup_epochs: float = Field(0.0, ge=0.0)
+    """Linear warm-up length in epochs (fractions allowed)."""
+    warmup_start: float = Field(0.0, ge=0.0, le=1.0)
+    """Warm-up starts at ``warmup_start * lr``."""
+    min_lr: float = Field(0.0, ge=0.0)
+    """cosine: the learning rate at the end of the schedule."""
+    milestones: list[int] = Field(default_factory=list)
+    """step: epochs (counted from the schedule's start) at which the LR is multiplied by ``gamma``."""
+    gamma: float = Field(0.1, gt=0.0)
+    """step: the factor at each milestone."""
+
+
+class StageConfig(StrictModel):
+    """A run is a list of stages, trained one after the other."""
+
+    name: str = ""
+    """A label for logs (default ``stage<i>``)."""
+    epochs: int = Field(ge=1)
+    """Epochs of this stage."""
+    loss: LossConfig = Field(default_factory=CELossConfig)
+    """The loss and its parameters (``name``: ce, kd, dist, wsl, effdstl)."""
+    teacher: str | None = None
+    """The teacher (its name in the cache, or in ``teacher.models`` online); default ``teacher.name``."""
+    optimizer: OptimizerConfig | None = None
+    """Start a new optimizer with these settings at this stage (default: keep the previous one;
+    the first stage uses the top-level ``optimizer``)."""
+    scheduler: SchedulerConfig | None = None
+    """The LR schedule of the new optimizer (only with ``optimizer``; default top-level ``scheduler``)."""
+
+
+# ---- sections ---------------------------------------------------------------------------------
+
+
+class RunConfig(StrictModel):
+    """Where outputs go and how the loop runs."""
+
+    dir: str = "runs/train"
+    """Run directory: ``config.yaml``, ``metrics.jsonl``, ``summary.json``, ``checkpoints/``."""
+    seed: int = 0
+    """Seed of the student's init, the shard order, the shuffle buffer and the view schedule."""
+    device: str = "auto"
+    """``auto`` (CUDA if available), ``cpu`` or ``cuda``; under torchrun each rank takes its local GPU."""
+    amp: Literal["auto", "bf16", "off"] = "auto"
+    """Autocast: ``auto`` is bf16 on CUDA and full precision on CPU."""
+    channels_last: bool = True
+    """channels_last memory format (CUDA only)."""
+    resume: Literal["never", "auto", "must"] = "never"
+    """``auto``: resume from ``dir/checkpoints/last.pt`` if it exists; ``must`` (``--resume``): it
+    has to; ``never``: a new run (refused if ``dir`` already holds one, unless ``overwrite``)."""
+    overwrite: bool = False
+    """With ``resume: never``: start over in a ``dir`` that already holds a run."""
+    max_steps: int | None = Field(None, ge=1)
+    """Stop (after saving a checkpoint) once this many optimizer steps are done in total (tests)."""
+    log_every: int = Field(50, ge=1)
+    """Steps between ``metrics.jsonl`` train lines."""
+    ckpt_every_steps: int | None = Field(None, ge=1)
+    """Also checkpoint every N steps (mid-epoch); checkpoints are always written at epoch ends."""
+    eval_every: int = Field(1, ge=1)
+    """Evaluate every N epochs (and always after the last)."""
+    save_model_epochs: list[int] = Field(default_factory=list)
+    """After these epoch counts, save the model's state dict as ``checkpoints/model_e<N>.pt``
+    (loadable by ``build_model`` via ``checkpoint:``): early-stopped teachers (paper 002)."""
+    progress: bool = True
+    """A tqdm progress bar with images/s (rank 0, when stderr is a terminal)."""
+    threads: int | None = Field(None, ge=1)
+    """torch intra-op threads of the training process (default: torch's choice)."""
+
+
+class DataConfig(StrictModel):
+    """The shards and how they are streamed."""
+
+    shards: str | list[str]
+    """Training shards: brace pattern, glob, fsspec URL or a list; the cache's shards, all of them."""
+    val_shards: str | list[str] | None = None
+    """Validation shards (evaluated with a center view; no cache needed); None: no evaluation."""
+    num_classes: int | None = Field(None, ge=1)
+    """Class count; default the cache's. Needed without a cache."""
+    batch_size: int = Field(128, ge=1)
+    """Samples per step per rank (the global batch is ``batch_size * world_size``)."""
+    eval_batch_size: int | None = Field(None, ge=1)
+    """Evaluation batch size per rank (default ``batch_size``)."""
+    num_workers: int = Field(2, ge=0)
+    """DataLoader worker processes per rank (0: load in the training process)."""
+    shuffle_buffer: int = Field(1000, ge=0)
+    """Seeded sample shuffle buffer per worker (0: shard order only)."""
+    shard_shuffle: bool = True
+    """Shuffle the shard order each epoch, from (seed, epoch)."""
+    verify_keys: bool = False
+    """Scan every training shard's keys and compare the key digest with the cache's fingerprint
+    (reads all tar headers); by default shard names and counts are compared, keys as they stream."""
+    pin_memory: bool = True
+    """Pin host memory of batches (CUDA only)."""
+    prefetch_factor: int = Field(2, ge=1)
+    """Batches prefetched per worker."""
+
+
+class CacheConfig(StrictModel):
+    """The teacher-logit cache."""
+
+    path: str | None = None
+    """The cache (local path or fsspec URL); needed for ``teacher.mode: cache``; gives the views
+    (stored parameters) in every mode when set."""
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    """fsspec storage options for ``path``."""
+
+
+class ViewsConfig(StrictModel):
+    """Views when no cache is given (online or supervised runs); ignored when ``cache.path`` is set."""
+
+    recipe: ViewRecipe = Field(default_factory=ViewRecipe)
+    """How views are made (the validation center view uses its ``size`` and ``crop_pct``)."""
+    num_views: int | None = Field(None, ge=1)
+    """A views per sample cycled by the view schedule; None: a fresh view every epoch (view index = epoch)."""
+    seed: int = 0
+    """Seed of the view parameters (as a cache's ``seed``)."""
+
+
+class StudentConfig(ModelSpec):
+    """The network trained (a ModelSpec: ``source``, ``name``, ``checkpoint``, ``kwargs`` ...)."""
+
+    input_size: int | None = Field(None, ge=1)
+    """The input side the network expects; checked against the views' size when set."""
+
+
+class TeacherConfig(StrictModel):
+    """Where soft targets come from."""
+
+    mode: Literal["cache", "online", "none"] = "cache"
+    """``cache``: cached targets, no teacher forward passes; ``online``: run the teacher on the same
+    replayed views (A/B, parity); ``none``: plain supervised (train teachers)."""
+    name: str | None = None
+    """Default teacher of stages that do not name one."""
+    models: dict[str, ModelSpec] = Field(default_factory=dict)
+    """online: teacher name -> ModelSpec; default the spec stored in the cache for that teacher."""
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    """online: autocast of the teacher's forward pass."""
+
+
+class EmaConfig(StrictModel):
+    """Exponential moving average of the student's weights."""
+
+    enabled: bool = False
+    """Keep an EMA copy (evaluated beside the model, saved in checkpoints)."""
+    decay: float = Field(0.9998, gt=0.0, lt=1.0)
+    """Per-step decay."""
+
+
+class TrainConfig(StrictModel):
+    """``kdcache train``: one student run (or a teacher run with ``teacher.mode: none``)."""
+
+    version: int = CONFIG_VERSION
+    """Config schema version."""
+    run: RunConfig = Field(default_factory=RunConfig)
+    """Output directory, seed, device, resumption, logging."""
+    data: DataConfig
+    """Shards and streaming."""
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    """The teacher-logit cache."""
+    views: ViewsConfig = Field(default_factory=ViewsConfig)
+    """Views when there is no cache."""
+    student: StudentConfig
+    """The network to train."""
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    """Soft-target source."""
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    """The first stage's optimizer."""
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    """The default LR schedule of each optimizer."""
+    stages: list[StageConfig] = Field(min_length=1)
+    """The stages, in order."""
+    ema: EmaConfig = Field(default_factory=EmaConfig)
+    """EMA of weights."""
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, value: int) -> int:
+        if value != CONFIG_VERSION:
+            raise ValueError(f"this kdcache reads train config version {CONFIG_VERSION}, found {value}")
+        return value
+
+    @property
+    def total_epochs(self) -> int:
+        return sum(stage.epochs for stage in self.stages)
+
+
+def stage_teacher(config: TrainConfig, index: int) -> str | None:
+    """The teacher name stage ``index`` uses (None for a CE stage)."""
+    stage = config.stages[index]
+    if stage.loss.name not in DISTILL_LOSSES:
+        return None
+    return stage.teacher or config.teacher.name
+
+
+def check_config(config: TrainConfig) -> None:
+    """Cross-field rules, each problem naming its dotted key; raises one ConfigError."""
+    problems = _mode_problems(config) + _stage_problems(config)
+    if problems:
+        raise ConfigError("train config is invalid:\n  " + "\n  ".join(problems))
+
+
+def _mode_problems(config: TrainConfig) -> list[str]:
+    mode, out = config.teacher.mode, []
+    if mode == "cache" and not config.cache.path:
+        out.append("cache.path: teacher.mode 'cache' needs the cache's path")
+    if not config.cache.path and config.data.num_classes is None:
+        out.append("data.num_classes: required when no cache.path is given")
+    return out
+
+
+def _stage_problems(config: TrainConfig) -> list[str]:
+    out = []
+    for i, stage in enumerate(config.stages):
+        key = f"stages.{i}"
+        distill = stage.loss.name in DISTILL_LOSSES
+        if distill and config.teacher.mode == "none":
+            out.append(f"{key}.loss.name: {stage.loss.name!r} needs a teacher but teacher.mode is 'none' (use 'ce')")
+        if distill and not stage_teacher(config, i):
+            out.append(f"{key}.teacher: {stage.loss.name!r} needs a teacher name (or set teacher.name)")
+        if stage.scheduler is not None and stage.optimizer is None and i > 0:
+            out.append(f"{key}.scheduler: a schedule belongs to a new optimizer; set {key}.optimizer too")
+        if stage.scheduler is not None and stage.scheduler.name == "step" and not stage.scheduler.milestones:
+            out.append(f"{key}.scheduler.milestones: a 'step' schedule needs milestones")
+    if config.scheduler.name == "step" and not config.scheduler.milestones:
+        out.append("scheduler.milestones: a 'step' schedule needs milestones")
+    return out
+
+
+def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    """Read, override, validate and cross-check a train config."""
+    config = load_config(TrainConfig, path, overrides)
+    check_config(config)
+    return config
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any], ignore: tuple[str, ...] = RESUME_MUTABLE) -> list[str]:
+    """Dotted keys whose values differ between two dumped configs (``ignore`` left out)."""
+    flat_a, flat_b = _flatten(saved), _flatten(current)
+    keys = sorted(set(flat_a) | set(flat_b))
+    return [f"{k}: checkpoint {flat_a.get(k, '<absent>')!r} vs now {flat_b.get(k, '<absent>')!r}"
+            for k in keys if k not in ignore and flat_a.get(k, "<absent>") != flat_b.get(k, "<absent>")]
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out if out or not prefix else {prefix[:-1]: {}}
+    if isinstance(data, list) and any(isinstance(v, dict) for v in data):
+        out = {}
+        for i, value in enumerate(data):
+            out.update(_flatten(value, f"{prefix}{i}."))
+        return out
+    return {prefix[:-1]: data}
+
+
+def resolved(config: TrainConfig) -> dict[str, Any]:
+    """The resolved config as plain data (saved as ``run_dir/config.yaml`` and in checkpoints)."""
+    return dump_config(config)

@@ -1,0 +1,460 @@
+"""Streaming shards joined with the cache: the trainer's data path.
+
+**Order.** Each epoch the shard order is a permutation drawn from ``(seed, epoch)``; shards are
+dealt to ranks round-robin (``order[rank::world]``), then to a rank's DataLoader workers
+(``[worker::workers]``). Each worker streams its shards in that order through a shuffle buffer
+seeded by ``(seed, epoch, rank, worker)`` and batches them itself; the DataLoader interleaves
+its workers' batches round-robin (a worker that runs out is skipped). So the sequence of batches
+is a pure function of ``(seed, epoch, rank, world size, workers)``.
+
+**Per sample.** The view of ``key`` in ``epoch`` is ``epoch_view(seed, epoch, key, A)`` (a per-key
+permutation cycle: every view once per A epochs, for any worker count); it is replayed from the
+cache's *stored* parameters with the cache's recipe; its targets come from the shard's block,
+read once per shard per worker (``read_block``). Rows marked invalid in the cache are skipped and
+counted (the plan counts them up front from the cache's ``status``). Without a cache (online or
+supervised runs) views come from ``views.recipe`` and ``(views.seed, key, view)`` like a cache's.
+
+**Equal steps per rank (DDP).** A rank's batch count is ``sum over its workers of
+ceil(samples / batch_size)``; every rank trains ``min`` over ranks of that many steps per epoch
+and the remaining batches of the larger ranks are dropped for that epoch (logged; none when the
+shards split evenly, e.g. equal shards and a shard count divisible by ranks x workers). Each sample
+is seen at most once per epoch; on one rank exactly once.
+
+**Resumption.** A checkpoint stores ``(epoch, batches done)``. Resuming re-creates the epoch's
+stream and each worker skips the samples of the batches it had delivered (computed from the
+round-robin interleave) *before* decoding, so the next batches are bit-identical.
+
+Epoch, teachers and the skip are set with :meth:`ShardStream.set_epoch` before each epoch's
+iterator is created; workers are not persistent, so each epoch's workers start with them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from cache_tools.errors import CacheIncompleteError, CacheMismatchError, ConfigError, DataError
+from cache_tools.manifest import find_manifest
+from cache_tools.reader import ShardBlock, read_block
+from cache_tools.shards import decode_image, expand_shards, iter_shard, key_digest, scan_shards, shard_name
+from cache_tools.store import STATUS_VALID, CacheStore, Fingerprint, open_store
+from cache_tools.targets import SparseTargets
+from cache_tools.views import ViewRecipe, _one_view, epoch_view, replay, view_generator, view_params
+from train.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+# ---- batches ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Batch:
+    """A training or evaluation batch: uint8 views, labels, and per-teacher sparse targets."""
+
+    images: torch.Tensor
+    """``uint8[B, C, S, S]`` (normalised on the device with the recipe's mean/std)."""
+    labels: torch.Tensor
+    """``int64[B]``."""
+    targets: dict[str, SparseTargets] = field(default_factory=dict)
+    """Teacher name -> targets of the replayed view (teachers of the current stage only)."""
+    keys: list[str] = field(default_factory=list)
+    views: torch.Tensor | None = None
+    """``int64[B]``: the view index replayed for each sample."""
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def pin_memory(self) -> "Batch":
+        targets = {name: SparseTargets(*(x.pin_memory() for x in (t.idx, t.logit, t.lse, t.label_logit)))
+                   for name, t in self.targets.items()}
+        return replace(self, images=self.images.pin_memory(), labels=self.labels.pin_memory(), targets=targets)
+
+    def to(self, device: torch.device) -> "Batch":
+        nb = device.type == "cuda"
+        targets = {n: t.to(device, non_blocking=nb) for n, t in self.targets.items()}
+        return replace(self, images=self.images.to(device, non_blocking=nb), labels=self.labels.to(device, non_blocking=nb),
+                       targets=targets)
+
+
+@dataclass
+class _Item:
+    """A raw sample waiting in the shuffle buffer (not decoded yet)."""
+
+    shard: str
+    key: str
+    image: bytes
+    label: int | None
+    row: int = -1
+    block: ShardBlock | None = None
+
+
+# ---- the epoch plan (pure functions) ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """Everything a worker needs to produce its part of an epoch (picklable)."""
+
+    urls: tuple[str, ...]
+    counts: tuple[int, ...]
+    """Samples streamed per shard (valid rows only)."""
+    recipe: ViewRecipe
+    num_classes: int
+    batch_size: int
+    seed: int = 0
+    """Run seed: shard order, shuffle buffer, view schedule."""
+    num_views: int | None = None
+    """A; None: view index = epoch (fresh views, no cache)."""
+    view_seed: int = 0
+    """Seed of view parameters when there is no cache."""
+    rank: int = 0
+    world_size: int = 1
+    num_workers: int = 0
+    shuffle_buffer: int = 0
+    shard_shuffle: bool = False
+    train: bool = True
+    """False: evaluation (center views, file order, no targets)."""
+    cache_path: str | None = None
+    storage_options: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def workers(self) -> int:
+        return max(1, self.num_workers)
+
+
+def seeded_rng(*parts: Any) -> np.random.Generator:
+    """A Philox generator keyed by the parts (order-, worker- and process-independent)."""
+    digest = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=16).digest()
+    return np.random.Generator(np.random.Philox(key=int.from_bytes(digest, "little")))
+
+
+def shard_order(num: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
+    """The epoch's shard order: a permutation from ``(seed, epoch)``, or file order."""
+    if not shuffle:
+        return list(range(num))
+    return [int(i) for i in seeded_rng(seed, "shards", epoch).permutation(num)]
+
+
+def assignment(spec: StreamSpec, epoch: int) -> list[list[list[int]]]:
+    """``[rank][worker]`` -> shard indices, in streaming order."""
+    order = shard_order(len(spec.urls), spec.seed, epoch, spec.shard_shuffle and spec.train)
+    return [[order[r :: spec.world_size][w :: spec.workers] for w in range(spec.workers)] for r in range(spec.world_size)]
+
+
+def worker_batches(spec: StreamSpec, epoch: int) -> list[list[int]]:
+    """``[rank][worker]`` -> number of batches that worker delivers (its last one may be partial)."""
+    return [[math.ceil(sum(spec.counts[s] for s in shards) / spec.batch_size) for shards in rank]
+            for rank in assignment(spec, epoch)]
+
+
+def steps_per_epoch(spec: StreamSpec, epoch: int) -> int:
+    """Steps every rank trains in ``epoch``: the fewest batches any rank has."""
+    return min(sum(rank) for rank in worker_batches(spec, epoch))
+
+
+def dropped_samples(spec: StreamSpec, epoch: int) -> int:
+    """Samples past the equal step count, over all ranks (0 when ranks are even)."""
+    steps, dropped = steps_per_epoch(spec, epoch), 0
+    for r, rank in enumerate(assignment(spec, epoch)):
+        sizes = [sum(spec.counts[s] for s in shards) for shards in rank]
+        taken, _ = round_robin(worker_batches(spec, epoch)[r], steps)
+        dropped += sum(max(0, n - t * spec.batch_size) for n, t in zip(sizes, taken))
+    return dropped
+
+
+def round_robin(batches: list[int], steps: int) -> tuple[list[int], int]:
+    """The DataLoader's interleave after ``steps`` batches: batches taken from each worker, and the
+    worker it asks next (workers that ran out are passed over)."""
+    taken, position, remaining = [0] * len(batches), 0, steps
+    while remaining > 0 and any(t < b for t, b in zip(taken, batches)):
+        if taken[position] < batches[position]:
+            taken[position] += 1
+            remaining -= 1
+        position = (position + 1) % len(batches)
+    return taken, position
+
+
+def shuffle_buffer(items: Iterable[Any], size: int, rng: np.random.Generator) -> Iterator[Any]:
+    """Seeded reservoir-style shuffle: fill ``size`` items, then swap each new item for a random one."""
+    buffer: list[Any] = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        j = int(rng.integers(size))
+        yield buffer[j]
+        buffer[j] = item
+    for j in rng.permutation(len(buffer)):
+        yield buffer[int(j)]
+
+
+def view_index(spec: StreamSpec, epoch: int, key: str) -> int:
+    """The view of ``key`` in ``epoch``: the cycle of A views, or a fresh view per epoch."""
+    if spec.num_views is None:
+        return epoch
+    return epoch_view(spec.seed, epoch, key, spec.num_views)
+
+
+def fresh_view_params(recipe: ViewRecipe, seed: int, key: str, view: int, image_hw: tuple[int, int]) -> np.ndarray:
+    """Parameters of view ``view`` alone (what a cache with that seed would store for it)."""
+    if recipe.name == "center":
+        return view_params(recipe, seed, key, 1, image_hw)[0]
+    return np.asarray(_one_view(recipe, view_generator(seed, key, view), image_hw), dtype=np.int32)
+
+
+# ---- the stream -------------------------------------------------------------------------------
+
+
+class ShardStream(IterableDataset):
+    """An epoch of batches for one rank; each DataLoader worker produces its own shards' batches."""
+
+    def __init__(self, spec: StreamSpec):
+        super().__init__()
+        self.spec = spec
+        self.epoch = 0
+        self.teachers: tuple[str, ...] = ()
+        self.skip_batches = 0
+        self._store: CacheStore | None = None
+
+    def set_epoch(self, epoch: int, teachers: Iterable[str] = (), skip_batches: int = 0) -> None:
+        """Set before creating the epoch's iterator (the workers copy these at start)."""
+        self.epoch, self.teachers, self.skip_batches = epoch, tuple(teachers), skip_batches
+
+    def __iter__(self) -> Iterator[Batch]:
+        loader_worker, workers = _worker()
+        if workers != self.spec.workers:
+            raise DataError(f"the stream was planned for {self.spec.workers} worker(s) but runs in {workers}")
+        skip_batches, first = self._resume_point()
+        worker = (loader_worker + first) % workers  # the DataLoader asks its worker 0 first
+        items = self._raw_items(assignment(self.spec, self.epoch)[self.spec.rank][worker])
+        if self.spec.train and self.spec.shuffle_buffer > 0:
+            rng = seeded_rng(self.spec.seed, "buffer", self.epoch, self.spec.rank, worker)
+            items = shuffle_buffer(items, self.spec.shuffle_buffer, rng)
+        items = itertools.islice(items, skip_batches[worker] * self.spec.batch_size, None)
+        while chunk := list(itertools.islice(items, self.spec.batch_size)):
+            yield self._batch(chunk)
+
+    def _resume_point(self) -> tuple[list[int], int]:
+        """Batches each planned worker already delivered, and the planned worker to ask first."""
+        if not self.skip_batches:
+            return [0] * self.spec.workers, 0
+        return round_robin(worker_batches(self.spec, self.epoch)[self.spec.rank], self.skip_batches)
+
+    def store(self) -> CacheStore | None:
+        if self._store is None and self.spec.cache_path is not None:
+            self._store = open_store(self.spec.cache_path, "r", dict(self.spec.storage_options) or None)
+        return self._store
+
+    def _raw_items(self, shards: list[int]) -> Iterator[_Item]:
+        for index in shards:
+            url = self.spec.urls[index]
+            store = self.store() if self.spec.train else None
+            block = read_block(store, shard_name(url), list(self.teachers)) if store is not None else None
+            yield from self._shard_items(url, block, self.spec.counts[index])
+
+    def _shard_items(self, url: str, block: ShardBlock | None, expected: int) -> Iterator[_Item]:
+        name, seen, valid = shard_name(url), 0, 0
+        for sample in iter_shard(url):
+            seen += 1
+            row = block.row(sample.key) if block is not None else -1
+            if block is not None and not block.valid(row):
+                continue
+            valid += 1
+            yield _Item(name, sample.key, sample.image, sample.label, row, block)
+        if block is not None and seen != len(block):
+            raise CacheMismatchError(f"shard {name!r} has {seen} samples in the data but {len(block)} in the cache")
+        if valid != expected:
+            raise DataError(f"shard {name!r}: streamed {valid} samples, the plan expected {expected} (the shard changed?)")
+
+    def _batch(self, items: list[_Item]) -> Batch:
+        views = [self._view(item) for item in items]
+        images = torch.stack([v[0] for v in views])
+        view_ids = torch.tensor([v[1] for v in views], dtype=torch.int64)
+        labels = torch.tensor([self._label(item) for item in items], dtype=torch.int64)
+        targets = {t: _targets(items, [v[1] for v in views], t) for t in self.teachers if self.spec.train}
+        return Batch(images=images, labels=labels, targets=targets, keys=[i.key for i in items], views=view_ids)
+
+    def _view(self, item: _Item) -> tuple[torch.Tensor, int]:
+        spec = self.spec
+        image = decode_image(item.image, spec.recipe.channels)
+        if not spec.train:
+            params = view_params(spec.recipe, 0, item.key, 1, (int(image.shape[-2]), int(image.shape[-1])))[0]
+            return replay(image, params, spec.recipe), 0
+        a = view_index(spec, self.epoch, item.key)
+        if item.block is not None:
+            params = item.block.view_params[item.row, a]
+        else:
+            params = fresh_view_params(spec.recipe, spec.view_seed, item.key, a, (int(image.shape[-2]), int(image.shape[-1])))
+        return replay(image, params, spec.recipe), a
+
+    def _label(self, item: _Item) -> int:
+        if item.label is None:
+            raise DataError(f"shard {item.shard!r}, key {item.key!r}: no label (.cls entry)")
+        if not 0 <= item.label < self.spec.num_classes:
+            raise DataError(f"shard {item.shard!r}, key {item.key!r}: label {item.label} is not in 0..{self.spec.num_classes - 1}")
+        cached = int(item.block.labels[item.row]) if item.block is not None else item.label
+        if cached != item.label:
+            raise CacheMismatchError(f"shard {item.shard!r}, key {item.key!r}: label {item.label} in the data but {cached} in the cache")
+        return item.label
+
+
+def _targets(items: list[_Item], views: list[int], teacher: str) -> SparseTargets:
+    """Stack one teacher's targets of the chosen views: idx int64, logit fp16, lse/label_logit fp32."""
+    blocks = [item.block.teachers[teacher] for item in items]
+    rows = [(b, item.row, a) for b, item, a in zip(blocks, items, views)]
+    idx = np.stack([b.topk_idx[r, a] for b, r, a in rows]).astype(np.int64)
+    logit = np.stack([b.topk_logit[r, a] for b, r, a in rows])
+    lse = np.array([b.lse[r, a] for b, r, a in rows], dtype=np.float32)
+    label_logit = np.array([b.label_logit[r, a] for b, r, a in rows], dtype=np.float32)
+    return SparseTargets(torch.from_numpy(idx), torch.from_numpy(logit), torch.from_numpy(lse), torch.from_numpy(label_logit))
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+def _identity(batch: Batch) -> Batch:
+    return batch
+
+
+def make_loader(dataset: ShardStream, pin_memory: bool, prefetch_factor: int) -> DataLoader:
+    """A DataLoader over the stream: batching happens in the workers (``batch_size=None``)."""
+    workers = dataset.spec.num_workers
+    return DataLoader(
+        dataset, batch_size=None, num_workers=workers, collate_fn=_identity, pin_memory=pin_memory,
+        prefetch_factor=prefetch_factor if workers > 0 else None, persistent_workers=False,
+    )
+
+
+# ---- the cache: opening and checking ------------------------------------------------------------
+
+
+def open_cache(config: TrainConfig, urls: list[str], teachers: list[str]) -> CacheStore:
+    """Open the cache and refuse it, saying what differs, unless it fits the run."""
+    store = open_store(config.cache.path, "r", config.cache.storage_options or None)
+    store.check_compatible(fingerprint=_fingerprint(store, urls, config.data.verify_keys), num_classes=config.data.num_classes)
+    missing = [t for t in teachers if t not in store.teachers]
+    if missing:
+        raise CacheMismatchError(
+            f"teacher(s) {missing} not in cache {store.path!r}; it has {store.teachers or 'no teachers'} "
+            "(set teacher.name or stages.N.teacher)")
+    incomplete = store.incomplete_shards(teachers)
+    if incomplete:
+        parts = "; ".join(f"{what}: {len(names)} shard(s) e.g. {names[:3]}" for what, names in incomplete.items())
+        raise CacheIncompleteError(f"cache {store.path!r} is incomplete ({parts}): run precompute to finish it")
+    return store
+
+
+def _fingerprint(store: CacheStore, urls: list[str], verify_keys: bool) -> Fingerprint:
+    """The data's fingerprint: full (scanned keys) or names only (counts checked while streaming)."""
+    names = [shard_name(u) for u in urls]
+    if verify_keys:
+        indexes = scan_shards(urls)
+        return Fingerprint(shards=names, counts=[len(i) for i in indexes], key_digest=key_digest(indexes))
+    cached = store.meta.fingerprint
+    if names != cached.shards:
+        return Fingerprint(shards=names, counts=[0] * len(names), key_digest="")
+    return cached
+
+
+def valid_counts(store: CacheStore) -> tuple[list[int], int]:
+    """Valid rows per shard (cache order) and the number of invalid rows, from ``status``."""
+    status = np.asarray(store.group["status"][:])
+    valid = [int((status[store.rows(i)] == STATUS_VALID).sum()) for i in range(store.num_shards)]
+    return valid, sum(store.meta.fingerprint.counts) - sum(valid)
+
+
+def shard_counts(urls: list[str]) -> list[int]:
+    """Samples per shard without a cache: from the manifest beside the shards, else by scanning."""
+    manifest = find_manifest(urls[0]) if urls else None
+    names = [shard_name(u) for u in urls]
+    if manifest is not None and set(names) <= set(manifest.shards):
+        by_name = dict(zip(manifest.shards, manifest.counts))
+        return [by_name[n] for n in names]
+    return [len(index) for index in scan_shards(urls)]
+
+
+# ---- building the run's data ---------------------------------------------------------------------
+
+
+@dataclass
+class RunData:
+    """The run's training stream, its cache (if any) and what they imply."""
+
+    spec: StreamSpec
+    dataset: ShardStream
+    loader: DataLoader
+    store: CacheStore | None
+    num_classes: int
+    recipe: ViewRecipe
+    invalid: int
+    """Rows of the training shards marked invalid in the cache (skipped every epoch)."""
+
+    def epoch(self, epoch: int, teachers: Iterable[str], skip_batches: int = 0) -> Iterator[Batch]:
+        """The epoch's batches on this rank, from batch ``skip_batches`` on (at most the step count)."""
+        self.dataset.set_epoch(epoch, teachers, skip_batches)
+        steps = steps_per_epoch(self.spec, epoch) - skip_batches
+        return itertools.islice(iter(self.loader), max(steps, 0))
+
+
+def build_train_data(config: TrainConfig, rank: int, world_size: int, teachers: list[str], pin_memory: bool) -> RunData:
+    """Plan the training stream: shards, cache checks, counts, views."""
+    urls = expand_shards(config.data.shards, key="data.shards")
+    store = open_cache(config, urls, teachers) if config.cache.path else None
+    if store is not None:
+        counts, invalid = valid_counts(store)
+        recipe, num_views, view_seed = store.meta.recipe, store.meta.num_views, store.meta.seed
+        num_classes = store.meta.num_classes
+    else:
+        counts, invalid = shard_counts(urls), 0
+        recipe, num_views, view_seed = config.views.recipe, config.views.num_views, config.views.seed
+        num_classes = int(config.data.num_classes)
+    spec = StreamSpec(
+        urls=tuple(urls), counts=tuple(counts), recipe=recipe, num_classes=num_classes,
+        batch_size=config.data.batch_size, seed=config.run.seed, num_views=num_views, view_seed=view_seed,
+        rank=rank, world_size=world_size, num_workers=config.data.num_workers,
+        shuffle_buffer=config.data.shuffle_buffer, shard_shuffle=config.data.shard_shuffle,
+        cache_path=config.cache.path, storage_options=tuple(sorted(config.cache.storage_options.items())),
+    )
+    _check_ranks(spec)
+    dataset = ShardStream(spec)
+    loader = make_loader(dataset, pin_memory, config.data.prefetch_factor)
+    return RunData(spec, dataset, loader, store, num_classes, recipe, invalid)
+
+
+def _check_ranks(spec: StreamSpec) -> None:
+    if len(spec.urls) < spec.world_size:
+        raise ConfigError(f"data.shards: {len(spec.urls)} shard(s) cannot feed {spec.world_size} ranks (need at least one each)")
+    if spec.world_size * spec.workers > len(spec.urls) and spec.rank == 0:
+        log.warning("%d shards for %d ranks x %d workers: some workers get no shard", len(spec.urls), spec.world_size, spec.workers)
+
+
+def eval_recipe(recipe: ViewRecipe) -> ViewRecipe:
+    """The center view for evaluation, with the training recipe's size, crop_pct, channels and stats."""
+    return ViewRecipe(name="center", size=recipe.size, crop_pct=recipe.crop_pct, channels=recipe.channels,
+                      mean=recipe.mean, std=recipe.std)
+
+
+def build_eval_data(config: TrainConfig, rank: int, world_size: int, recipe: ViewRecipe, num_classes: int,
+                    pin_memory: bool) -> tuple[ShardStream, DataLoader] | None:
+    """The validation stream (center views, file order, split by rank and worker), or None."""
+    if config.data.val_shards is None:
+        return None
+    urls = expand_shards(config.data.val_shards, key="data.val_shards")
+    spec = StreamSpec(
+        urls=tuple(urls), counts=tuple(shard_counts(urls)), recipe=eval_recipe(recipe), num_classes=num_classes,
+        batch_size=config.data.eval_batch_size or config.data.batch_size, rank=rank, world_size=world_size,
+        num_workers=min(config.data.num_workers, len(urls[rank::world_size])), train=False,
+    )
+    dataset = ShardStream(spec)
+    return dataset, make_loader(dataset, pin_memory, config.data.prefetch_factor)
