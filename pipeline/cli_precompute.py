@@ -1,0 +1,36 @@
+"""``kdcache precompute CONFIG [dotted.key=value ...] [--overwrite]``: teachers over shards x views.
+
+Plan (scan shards, open or create the cache, list the shards still to do), run the shard tasks
+on Ray actors, print a summary. Rerunning the same command resumes: finished shards are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from cache_tools.config import load_config
+from pipeline.config import PrecomputeConfig
+from pipeline.plan import make_plan
+from pipeline.runner import run_precompute
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML config, e.g. configs/smoke/precompute.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="dotted-key overrides, e.g. cache.path=runs/cache ray.num_actors=2")  # fmt: skip
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete an existing cache at cache.path and start over")  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides) + (["cache.overwrite=true"] if args.overwrite else [])
+    cfg = load_config(PrecomputeConfig, args.config, overrides)
+    plan = make_plan(cfg)
+    if not plan.tasks:
+        teachers = ", ".join(t.name for t in plan.teachers)
+        print(f"precompute: nothing to do: 0 shards to do, all {len(plan.data.indexes)} shards are "
+              f"complete for {teachers} in {plan.cache_path}")  # fmt: skip
+        return 0
+    summary = run_precompute(cfg, plan)
+    print("\n".join(summary.lines()))
+    return 0

@@ -1,0 +1,170 @@
+"""The typed config of ``kdcache precompute``: data, cache, teachers, Ray and runtime sections.
+
+Loaded with :func:`cache_tools.config.load_config`, which turns every validation error into one
+:class:`~cache_tools.errors.ConfigError` naming the dotted key. Cross-field rules (unique teacher
+names, ``k <= num_classes`` ...) are checked here when the values are in the config, and again
+by the planner once ``num_classes`` is known from the shards' manifest.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from cache_tools.config import StrictModel
+from cache_tools.errors import ConfigError
+from cache_tools.models import ModelSpec
+from cache_tools.store import ENCODINGS
+from cache_tools.views import ViewRecipe
+
+TEACHER_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+class DataSection(StrictModel):
+    """The input shards."""
+
+    shards: str | list[str]
+    """WebDataset shards: a glob, a brace pattern (``dir/train-{000000..000009}.tar``), an fsspec
+    URL, or a list of any of these. Order matters: it is part of the cache's fingerprint. Ray
+    actors open them, so on a cluster use a shared filesystem or a URL every node can read."""
+    num_classes: int | None = Field(None, ge=1)
+    """Number of classes; default: from the ``<prefix>-manifest.json`` beside the shards."""
+    class_names: list[str] = Field(default_factory=list)
+    """Class names in label order; default: from the manifest, if any."""
+    on_error: Literal["raise", "skip"] = "raise"
+    """A corrupt image or a missing / out-of-range label: ``raise`` fails the shard naming shard
+    and key; ``skip`` stores the row as invalid (status 2) with its reason in ``errors``."""
+
+    @field_validator("shards")
+    @classmethod
+    def _non_empty(cls, value: str | list[str]) -> str | list[str]:
+        if not value:
+            raise ValueError("expected a shard pattern or a non-empty list of them")
+        return value
+
+
+class CacheSection(StrictModel):
+    """Where the cache lives and how its views are made."""
+
+    path: str
+    """The cache: a local directory or an fsspec URL (``s3://bucket/cache.zarr``)."""
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    """fsspec storage options for ``path`` (credentials, endpoint ...)."""
+    seed: int = 0
+    """Seed of the view parameters: view ``a`` of ``key`` depends on ``(seed, key, a)`` only."""
+    num_views: int = Field(4, ge=1, le=1024)
+    """A: views per sample."""
+    recipe: ViewRecipe = Field(default_factory=ViewRecipe)
+    """How views are made (stored in the cache; the trainer replays with the cache's copy)."""
+    overwrite: bool = False
+    """Delete an existing cache at ``path`` and start over (``--overwrite``)."""
+
+
+class TeacherSection(StrictModel):
+    """One teacher run over every view."""
+
+    name: str
+    """Subgroup name in the cache (letters, digits, ``_`` and ``-``; no dot)."""
+    model: ModelSpec
+    """The network and its weights. Real teachers need ``checkpoint:`` (or ``pretrained: true``
+    with network access); without either, timm's random init is used, seeded so runs agree."""
+    k: int = Field(10, ge=1)
+    """How many top classes to store per view."""
+    encoding: str = "fp16"
+    """How top-k logits are stored: ``fp16``."""
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not TEACHER_NAME.match(value):
+            raise ValueError(f"expected letters, digits, '_' or '-' (no dot), found {value!r}")
+        return value
+
+    @field_validator("encoding")
+    @classmethod
+    def _encoding(cls, value: str) -> str:
+        if value not in ENCODINGS:
+            raise ValueError(f"expected one of {', '.join(ENCODINGS)}, found {value!r}")
+        return value
+
+
+class RaySection(StrictModel):
+    """The Ray cluster and the shard actors."""
+
+    address: str | None = None
+    """``None``: start an embedded local Ray (or reuse one this process started); else join it
+    (``auto``, ``ray://head:10001``, ``head:6379``)."""
+    num_actors: int | None = Field(None, ge=1)
+    """Shard actors; default: one per GPU when actors use GPUs, else min(CPUs, shards)."""
+    cpus_per_actor: float = Field(1.0, gt=0)
+    """CPUs reserved per actor (also the torch threads on CPU unless ``runtime.torch_threads``)."""
+    gpus_per_actor: float | None = Field(None, ge=0)
+    """GPUs per actor; default 1 when the cluster has GPUs, else 0."""
+    max_restarts: int = Field(3, ge=0)
+    """How often a dead actor is restarted."""
+    max_task_retries: int = Field(3, ge=0)
+    """How often a shard whose actor died is retried (on the restarted actor)."""
+    temp_dir: str | None = None
+    """Embedded Ray only: its session directory root (keep it short: socket paths)."""
+
+
+class RuntimeSection(StrictModel):
+    """How teachers run inside an actor."""
+
+    batch_size: int = Field(256, ge=1)
+    """Views per teacher forward pass."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """``auto``: the actor's GPU if it has one, else CPU."""
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    """Autocast: ``auto`` is bf16 on CUDA and full precision on CPU."""
+    channels_last: bool = True
+    """channels_last memory format on CUDA."""
+    torch_threads: int | None = Field(None, ge=1)
+    """torch intra-op threads per actor; default ``ray.cpus_per_actor`` (at least 1)."""
+
+
+class PrecomputeConfig(StrictModel):
+    """``kdcache precompute``: teachers over shards x views into a cache."""
+
+    data: DataSection
+    """The input shards."""
+    cache: CacheSection
+    """The output cache."""
+    teachers: list[TeacherSection] = Field(min_length=1)
+    """The teachers to run (one cache subgroup each)."""
+    ray: RaySection = Field(default_factory=RaySection)
+    """Ray cluster and actors."""
+    runtime: RuntimeSection = Field(default_factory=RuntimeSection)
+    """Batch size, device and precision."""
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "PrecomputeConfig":
+        problems = cross_field_problems(self, self.data.num_classes)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+def cross_field_problems(cfg: PrecomputeConfig, num_classes: int | None) -> list[str]:
+    """Problems between fields, each naming its dotted key; ``num_classes`` may come from a manifest."""
+    problems: list[str] = []
+    seen: dict[str, int] = {}
+    for i, teacher in enumerate(cfg.teachers):
+        if teacher.name in seen:
+            problems.append(f"teachers.{i}.name: {teacher.name!r} is already used by teachers.{seen[teacher.name]}")
+        seen.setdefault(teacher.name, i)
+        if num_classes is not None and teacher.k > num_classes:
+            problems.append(f"teachers.{i}.k: {teacher.k} is more than num_classes={num_classes}")
+    names = cfg.data.class_names
+    if names and num_classes is not None and len(names) != num_classes:
+        problems.append(f"data.class_names: {len(names)} names for num_classes={num_classes}")
+    return problems
+
+
+def check_with_classes(cfg: PrecomputeConfig, num_classes: int) -> None:
+    """Raise ConfigError for cross-field problems once ``num_classes`` is known."""
+    problems = cross_field_problems(cfg, num_classes)
+    if problems:
+        raise ConfigError("config is invalid:\n  " + "\n  ".join(problems))

@@ -1,0 +1,223 @@
+"""Planning a precompute: scan the shards, open or create the cache, list the shard tasks.
+
+The driver alone runs this module, and it is the only place that writes group attributes
+(through :func:`cache_tools.writer.create_store` and :func:`cache_tools.writer.add_teacher`).
+A shard task is a shard lacking its views mark or the mark of any teacher of this run; shards
+whose marks are all set are skipped, which is what makes a rerun resume.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import torch
+from torch import nn
+
+from cache_tools.config import dump_config
+from cache_tools.errors import CacheError, CacheMismatchError, CacheNotFoundError, ConfigError, DataError
+from cache_tools.manifest import find_manifest
+from cache_tools.models import ModelSpec, build_model, weights_digest
+from cache_tools.shards import ShardIndex, expand_shards, key_digest, scan_shards
+from cache_tools.store import CacheStore, Fingerprint, open_store
+from cache_tools.writer import add_teacher, create_store
+from pipeline.config import PrecomputeConfig, check_with_classes
+
+logger = logging.getLogger(__name__)
+
+INIT_SEED = 0
+"""torch seed under which teachers are built, so an uncheckpointed (random) teacher is the same
+network in the driver, in every actor and in every run."""
+
+
+@dataclass(frozen=True)
+class TeacherPlan:
+    """A teacher as the workers need it: spec, k and the weights digest the driver computed."""
+
+    name: str
+    spec: ModelSpec
+    k: int
+    weights_digest: str
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """One shard to process: which teachers to run and whether its views must be made."""
+
+    index: int
+    url: str
+    name: str
+    keys: tuple[str, ...]
+    make_views: bool
+    teachers: tuple[str, ...]
+
+
+@dataclass
+class DataPlan:
+    """The scanned input: shard URLs (absolute for local files), their keys and the fingerprint."""
+
+    urls: list[str]
+    indexes: list[ShardIndex]
+    fingerprint: Fingerprint
+
+
+@dataclass
+class Plan:
+    """Everything the runner needs: the open cache, the teachers and the shard tasks."""
+
+    store: CacheStore
+    data: DataPlan
+    num_classes: int
+    class_names: list[str]
+    teachers: list[TeacherPlan]
+    tasks: list[ShardTask]
+    created: bool
+
+    @property
+    def cache_path(self) -> str:
+        return self.store.path
+
+
+def local_path(path: str) -> str:
+    """Absolute path for a local file (Ray workers may run elsewhere); URLs unchanged."""
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+
+
+def build_teacher(spec: ModelSpec, num_classes: int, in_chans: int) -> nn.Module:
+    """:func:`build_model` under a fixed torch seed, so random init is reproducible."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(INIT_SEED)
+        return build_model(spec, num_classes, in_chans)
+
+
+def make_plan(cfg: PrecomputeConfig) -> Plan:
+    """Scan shards, resolve classes, build teachers once, open or create the cache, list tasks."""
+    data = scan_data(cfg.data.shards)
+    num_classes, class_names = resolve_classes(cfg, data.urls)
+    check_with_classes(cfg, num_classes)
+    teachers = [teacher_plan(t.name, t.model, t.k, num_classes, cfg.cache.recipe.channels) for t in cfg.teachers]
+    store, created = open_or_create(cfg, data, num_classes, class_names)
+    for teacher, section in zip(teachers, cfg.teachers):
+        add_teacher(store, teacher.name, model=section.model.model_dump(mode="json"),
+                    weights_digest=teacher.weights_digest, k=teacher.k, encoding=section.encoding,
+                    config=dump_config(cfg))  # fmt: skip
+    tasks = shard_tasks(store, data, [t.name for t in teachers])
+    plan = Plan(store, data, num_classes, class_names, teachers, tasks, created)
+    logger.info("%s", describe(plan))
+    return plan
+
+
+def scan_data(shards: str | list[str]) -> DataPlan:
+    """Expand and scan the shards (tar headers only): keys per shard, duplicates refused."""
+    urls = [local_path(u) for u in expand_shards(shards, "data.shards")]
+    indexes = scan_shards(urls)
+    empty = [index.name for index in indexes if not index.keys]
+    if empty:
+        raise DataError(f"data.shards: shard(s) without samples: {empty[:5]}")
+    fingerprint = Fingerprint(shards=[i.name for i in indexes], counts=[len(i) for i in indexes],
+                              key_digest=key_digest(indexes))  # fmt: skip
+    return DataPlan(urls=urls, indexes=indexes, fingerprint=fingerprint)
+
+
+def resolve_classes(cfg: PrecomputeConfig, urls: list[str]) -> tuple[int, list[str]]:
+    """``num_classes`` and class names from the config and the manifest beside the shards."""
+    num, names = cfg.data.num_classes, list(cfg.data.class_names)
+    manifest = find_manifest(urls[0])
+    if manifest is not None:
+        if num is not None and num != manifest.num_classes:
+            raise ConfigError(f"data.num_classes: {num} in the config but {manifest.num_classes} in the "
+                              f"manifest beside {urls[0]!r}")  # fmt: skip
+        if names and manifest.class_names and names != manifest.class_names:
+            raise ConfigError(f"data.class_names: differ from the manifest beside {urls[0]!r} "
+                              f"({names[:3]}... vs {manifest.class_names[:3]}...)")  # fmt: skip
+        num, names = num or manifest.num_classes, names or list(manifest.class_names)
+    if num is None:
+        raise ConfigError(f"data.num_classes: required key is missing (no manifest beside {urls[0]!r})")
+    return num, names
+
+
+def teacher_plan(name: str, spec: ModelSpec, k: int, num_classes: int, in_chans: int) -> TeacherPlan:
+    """Build the teacher once on CPU to fingerprint its weights."""
+    digest = weights_digest(build_teacher(spec, num_classes, in_chans))
+    return TeacherPlan(name=name, spec=spec, k=k, weights_digest=digest)
+
+
+def open_or_create(cfg: PrecomputeConfig, data: DataPlan, num_classes: int,
+                   class_names: list[str]) -> tuple[CacheStore, bool]:  # fmt: skip
+    """The existing cache checked against this run, or a new one (``cache.overwrite`` starts over)."""
+    path, options = local_path(cfg.cache.path), cfg.cache.storage_options or None
+    if not cfg.cache.overwrite:
+        store = _open_existing(path, options)
+        if store is not None:
+            _check_compatible(store, cfg, data, num_classes)
+            return store, False
+    _refuse_foreign(path, options)
+    store = create_store(
+        path, fingerprint=data.fingerprint, keys=[list(i.keys) for i in data.indexes],
+        recipe=cfg.cache.recipe, num_views=cfg.cache.num_views, num_classes=num_classes,
+        class_names=class_names, seed=cfg.cache.seed, config=dump_config(cfg),
+        overwrite=cfg.cache.overwrite, storage_options=options,
+    )  # fmt: skip
+    logger.info("created cache %s", path)
+    return store, True
+
+
+def _check_compatible(store: CacheStore, cfg: PrecomputeConfig, data: DataPlan, num_classes: int) -> None:
+    try:
+        store.check_compatible(fingerprint=data.fingerprint, recipe=cfg.cache.recipe, num_views=cfg.cache.num_views,
+                               num_classes=num_classes, seed=cfg.cache.seed)  # fmt: skip
+    except CacheMismatchError as exc:
+        raise CacheMismatchError(f"{exc}\n(use another cache.path, or --overwrite to start this cache over)") from None
+
+
+def _open_existing(path: str, options: dict[str, Any] | None) -> CacheStore | None:
+    try:
+        return open_store(path, "r+", options)
+    except CacheNotFoundError:
+        return None
+    except CacheError as exc:
+        if type(exc) is CacheError:  # a Zarr group without kdcache attributes: creation was cut short
+            raise CacheError(f"{exc}; if an earlier precompute was interrupted while creating it, "
+                             "rerun with --overwrite") from None  # fmt: skip
+        raise
+
+
+def _refuse_foreign(path: str, options: dict[str, Any] | None) -> None:
+    """Never create (or wipe, with overwrite) a cache over a file or a non-Zarr directory."""
+    fs, root = fsspec.core.url_to_fs(path, **(options or {}))
+    if not fs.exists(root):
+        return
+    if not fs.isdir(root):
+        raise CacheError(f"cache.path: {path!r} is a file, not a cache directory")
+    names = {str(p).rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)}
+    if names and "zarr.json" not in names:
+        raise CacheError(f"cache.path: {path!r} exists, is not empty and is not a Zarr group; "
+                         "refusing to write a cache there")  # fmt: skip
+
+
+def shard_tasks(store: CacheStore, data: DataPlan, teachers: list[str]) -> list[ShardTask]:
+    """Shards lacking the views mark or any run teacher's mark, in shard order."""
+    views = store.views_done()
+    done = {name: store.teacher_done(name) for name in teachers}
+    tasks = []
+    for i, (url, index) in enumerate(zip(data.urls, data.indexes)):
+        missing = tuple(name for name in teachers if not done[name][i])
+        if missing or not views[i]:
+            make = not bool(views[i])
+            tasks.append(ShardTask(index=i, url=url, name=index.name, keys=tuple(index.keys),
+                                   make_views=make, teachers=tuple(teachers) if make else missing))  # fmt: skip
+    return tasks
+
+
+def describe(plan: Plan) -> str:
+    """One line: what this run will do."""
+    fp = plan.data.fingerprint
+    views = sum(t.make_views for t in plan.tasks)
+    teachers = ", ".join(f"{t.name} (k={t.k})" for t in plan.teachers)
+    state = "new cache" if plan.created else "existing cache"
+    return (f"{state} {plan.cache_path}: {len(fp.shards)} shards, {fp.num_samples} samples, "
+            f"{plan.num_classes} classes; teachers {teachers}; {len(plan.tasks)} shard(s) to do "
+            f"({views} need views)")  # fmt: skip

@@ -1,0 +1,289 @@
+"""The shard worker: teachers over every view of one shard, written as that shard's chunks.
+
+:class:`ShardWorker` is a plain callable class. The runner wraps it as a Ray actor (one per GPU,
+or N on CPUs); tests and debugging call it in-process: ``ShardWorker(settings)(task)``. It builds
+each teacher once, then per shard task streams the tar, checks the keys against the plan, decodes
+each image once, replays A views (from ``(seed, key, a)``, or from the parameters already stored
+when an earlier run made the shard's views), runs every teacher per batch under
+``inference_mode``, reduces the logits to top-k / logsumexp / label logit on the device, and
+writes views (if needed) and each teacher's targets, each completion mark last. It never writes
+group attributes.
+
+Test-only fault hook: with ``KDCACHE_FAULT_CRASH_SHARD=<shard name>:<marker file>`` set, the
+worker processing that shard, if the marker file does not exist, creates it and calls
+``os._exit(1)`` right after its first batch's teacher forward (mid-shard, before writing). The
+runner passes this variable on to Ray actors when the driver sees it set.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cache_tools.errors import DataError, TeacherError
+from cache_tools.models import weights_digest
+from cache_tools.reader import read_block
+from cache_tools.shards import Sample, decode_image, iter_shard
+from cache_tools.store import STATUS_INVALID, STATUS_VALID, open_store
+from cache_tools.targets import SparseTargets, from_logits
+from cache_tools.teacher import ModelRunner, check_finite
+from cache_tools.views import NUM_PARAMS, ViewRecipe, replay_views, view_params
+from cache_tools.writer import write_teacher, write_views
+from pipeline.config import RuntimeSection
+from pipeline.plan import ShardTask, TeacherPlan, build_teacher
+
+logger = logging.getLogger(__name__)
+
+FAULT_ENV = "KDCACHE_FAULT_CRASH_SHARD"
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """What a worker needs (picklable; the same for every actor of a run)."""
+
+    cache_path: str
+    storage_options: dict
+    recipe: ViewRecipe
+    num_views: int
+    seed: int
+    num_classes: int
+    on_error: str
+    teachers: tuple[TeacherPlan, ...]
+    runtime: RuntimeSection
+    torch_threads: int
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    """What one shard task did."""
+
+    shard: str
+    views: int
+    invalid_views: int
+    seconds: float
+    forward_seconds: float
+    made_views: bool
+    teachers: tuple[str, ...]
+
+
+@dataclass
+class ShardRows:
+    """Per-row state of a shard: labels, status, reasons, view params (fresh or stored)."""
+
+    labels: np.ndarray
+    status: np.ndarray
+    errors: list[str]
+    params: np.ndarray
+    stored: bool
+
+    @classmethod
+    def fresh(cls, n: int, num_views: int) -> "ShardRows":
+        return cls(np.full(n, -1, np.int32), np.zeros(n, np.int8), [""] * n,
+                   np.zeros((n, num_views, NUM_PARAMS), np.int32), stored=False)  # fmt: skip
+
+
+@dataclass
+class TeacherArrays:
+    """One teacher's targets for a shard, filled batch by batch: ``[n, A, k]`` and ``[n, A]``."""
+
+    topk_idx: np.ndarray
+    topk_logit: np.ndarray
+    lse: np.ndarray
+    label_logit: np.ndarray
+
+    @classmethod
+    def zeros(cls, n: int, num_views: int, k: int) -> "TeacherArrays":
+        return cls(np.zeros((n, num_views, k), np.int32), np.zeros((n, num_views, k), np.float32),
+                   np.zeros((n, num_views), np.float32), np.zeros((n, num_views), np.float32))  # fmt: skip
+
+    def put(self, flat: np.ndarray, targets: SparseTargets) -> None:
+        """Store a batch at flat view indices ``row * A + a`` (copies the small arrays to CPU)."""
+        k = self.topk_idx.shape[-1]
+        self.topk_idx.reshape(-1, k)[flat] = targets.idx.cpu().numpy()
+        self.topk_logit.reshape(-1, k)[flat] = targets.logit.cpu().numpy()
+        self.lse.reshape(-1)[flat] = targets.lse.cpu().numpy()
+        self.label_logit.reshape(-1)[flat] = targets.label_logit.cpu().numpy()
+
+
+class ViewBatcher:
+    """Collects samples' views into batches of exactly ``size`` views (the last one smaller)."""
+
+    def __init__(self, size: int, num_views: int):
+        self.size, self.num_views = size, num_views
+        self.flat: list[np.ndarray] = []
+        self.views: list[torch.Tensor] = []
+        self.count = 0
+
+    def add(self, row: int, views: torch.Tensor) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        self.flat.append(row * self.num_views + np.arange(self.num_views))
+        self.views.append(views)
+        self.count += len(views)
+        while self.count >= self.size:
+            yield self._take(self.size)
+
+    def flush(self) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        if self.count:
+            yield self._take(self.count)
+
+    def _take(self, n: int) -> tuple[np.ndarray, torch.Tensor]:
+        flat, views = np.concatenate(self.flat), torch.cat(self.views)
+        self.flat, self.views, self.count = [flat[n:]], [views[n:]], self.count - n
+        return flat[:n], views[:n]
+
+
+class ShardWorker:
+    """Runs a run's teachers over shard tasks; one instance per Ray actor (or in-process)."""
+
+    def __init__(self, settings: WorkerSettings):
+        torch.set_num_threads(settings.torch_threads)
+        self.settings = settings
+        self.runners = {t.name: self._runner(t) for t in settings.teachers}
+        self.k = {t.name: t.k for t in settings.teachers}
+        self.store = open_store(settings.cache_path, "r+", settings.storage_options or None)
+
+    def _runner(self, teacher: TeacherPlan) -> ModelRunner:
+        s = self.settings
+        model = build_teacher(teacher.spec, s.num_classes, s.recipe.channels)
+        digest = weights_digest(model)
+        if digest != teacher.weights_digest:
+            raise TeacherError(
+                f"teacher {teacher.name!r}: the weights built here (digest {digest}) differ from the driver's "
+                f"({teacher.weights_digest}); is the checkpoint file the same on every node?"
+            )
+        return ModelRunner(model, s.recipe, device=s.runtime.device, amp=s.runtime.amp,
+                           channels_last=s.runtime.channels_last, name=teacher.name)  # fmt: skip
+
+    def ready(self) -> int:
+        """The actor's process id, once the teachers are built (the runner waits on this)."""
+        return os.getpid()
+
+    def __call__(self, task: ShardTask) -> ShardResult:
+        """Process one shard task and write its chunks and marks."""
+        start = time.perf_counter()
+        rows = self._initial_rows(task)
+        n, a = len(task.keys), self.settings.num_views
+        out = {name: TeacherArrays.zeros(n, a, self.k[name]) for name in task.teachers}
+        forward = 0.0
+        for batch, (flat, views) in enumerate(self._batches(task, rows)):
+            labels = torch.from_numpy(rows.labels[flat // a].astype(np.int64))
+            forward += self._forward(task, flat, views, labels, out)
+            if batch == 0:
+                maybe_crash(task.name)
+        self._write(task, rows, out)
+        invalid = int((rows.status != STATUS_VALID).sum()) * a
+        result = ShardResult(task.name, n * a, invalid, time.perf_counter() - start, forward,
+                             task.make_views, task.teachers)  # fmt: skip
+        logger.debug("%s", result)
+        return result
+
+    def _initial_rows(self, task: ShardTask) -> ShardRows:
+        """Fresh rows, or the labels, status and view params stored by an earlier run."""
+        if task.make_views:
+            return ShardRows.fresh(len(task.keys), self.settings.num_views)
+        block = read_block(self.store, task.index)
+        return ShardRows(np.asarray(block.labels), np.asarray(block.status), [str(e) for e in block.errors],
+                         np.asarray(block.view_params), stored=True)  # fmt: skip
+
+    def _batches(self, task: ShardTask, rows: ShardRows) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        batcher = ViewBatcher(self.settings.runtime.batch_size, self.settings.num_views)
+        for row, sample in enumerate(checked_samples(task)):
+            views = self._views(task, row, sample, rows)
+            if views is not None:
+                yield from batcher.add(row, views)
+        yield from batcher.flush()
+
+    def _views(self, task: ShardTask, row: int, sample: Sample, rows: ShardRows) -> torch.Tensor | None:
+        """The sample's A views (uint8), or None for an invalid row (recorded under ``skip``)."""
+        if rows.stored:
+            return self._stored_views(task, row, sample, rows)
+        s = self.settings
+        rows.labels[row] = sample.label if sample.label is not None else -1
+        try:
+            check_label(sample, task.name, s.num_classes)
+            image = decode(sample, task.name, s.recipe.channels)
+        except DataError as exc:
+            if s.on_error == "raise":
+                raise
+            rows.status[row], rows.errors[row] = STATUS_INVALID, str(exc)
+            return None
+        rows.params[row] = view_params(s.recipe, s.seed, sample.key, s.num_views, tuple(image.shape[-2:]))
+        rows.status[row] = STATUS_VALID
+        return replay_views(image, rows.params[row], s.recipe)
+
+    def _stored_views(self, task: ShardTask, row: int, sample: Sample, rows: ShardRows) -> torch.Tensor | None:
+        if int(rows.status[row]) != STATUS_VALID:
+            return None
+        if sample.label != int(rows.labels[row]):
+            raise DataError(f"shard {task.name!r}, key {sample.key!r}: label {sample.label} but the cache "
+                            f"stored {int(rows.labels[row])}: the shard changed after its views were made")  # fmt: skip
+        image = decode(sample, task.name, self.settings.recipe.channels)
+        try:
+            return replay_views(image, rows.params[row], self.settings.recipe)
+        except DataError as exc:
+            raise DataError(f"shard {task.name!r}, key {sample.key!r}: {exc}") from None
+
+    def _forward(self, task: ShardTask, flat: np.ndarray, views: torch.Tensor, labels: torch.Tensor,
+                 out: dict[str, TeacherArrays]) -> float:  # fmt: skip
+        """Every teacher on one batch; top-k, logsumexp and label logit on the device."""
+        start = time.perf_counter()
+        for name in task.teachers:
+            logits = self.runners[name](views)
+            check_finite(logits, f"shard {task.name!r}, teacher {name!r}")
+            out[name].put(flat, from_logits(logits, labels.to(logits.device), self.k[name]))
+        return time.perf_counter() - start
+
+    def _write(self, task: ShardTask, rows: ShardRows, out: dict[str, TeacherArrays]) -> None:
+        """Views first (if made here), then each teacher; every writer sets its mark last."""
+        if task.make_views:
+            write_views(self.store, task.index, labels=rows.labels, status=rows.status,
+                        errors=rows.errors, params=rows.params)  # fmt: skip
+        for name in task.teachers:
+            arrays = out[name]
+            write_teacher(self.store, task.index, name, topk_idx=arrays.topk_idx, topk_logit=arrays.topk_logit,
+                          lse=arrays.lse, label_logit=arrays.label_logit)  # fmt: skip
+
+
+def checked_samples(task: ShardTask) -> Iterator[Sample]:
+    """The shard's samples, checking that their keys are the planned ones, in order."""
+    count = 0
+    for count, sample in enumerate(iter_shard(task.url), start=1):
+        expected = task.keys[count - 1] if count <= len(task.keys) else None
+        if sample.key != expected:
+            raise DataError(f"shard {task.name!r}: sample {count - 1} has key {sample.key!r}, planning found "
+                            f"{expected!r}: the shard changed since planning")  # fmt: skip
+        yield sample
+    if count != len(task.keys):
+        raise DataError(f"shard {task.name!r}: {count} samples, planning found {len(task.keys)}: the shard changed")
+
+
+def check_label(sample: Sample, shard: str, num_classes: int) -> None:
+    if sample.label is None:
+        raise DataError(f"shard {shard!r}, key {sample.key!r}: no label (no .cls entry)")
+    if not 0 <= sample.label < num_classes:
+        raise DataError(f"shard {shard!r}, key {sample.key!r}: label {sample.label} is not in 0..{num_classes - 1}")
+
+
+def decode(sample: Sample, shard: str, channels: int) -> torch.Tensor:
+    """Decode once; a corrupt image is a DataError naming shard and key."""
+    try:
+        return decode_image(sample.image, channels)
+    except (RuntimeError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"shard {shard!r}, key {sample.key!r}: cannot decode the image ({reason})") from None
+
+
+def maybe_crash(shard: str) -> None:
+    """The test-only fault hook (see the module docstring)."""
+    spec = os.environ.get(FAULT_ENV, "")
+    name, _, marker = spec.partition(":")
+    if spec and name == shard and marker and not os.path.exists(marker):
+        Path(marker).touch()
+        logger.warning("fault hook: crashing the worker in shard %s", shard)
+        os._exit(1)
