@@ -31,8 +31,9 @@ demo: setup fmnist
 smoke: setup
 	$(BIN)/kdcache shards synthetic --out runs/smoke/shards --num 2000 --test-num 400 --classes 10 --size 32 --channels 3 --shard-size 500 --seed 0 --overwrite
 	$(BIN)/kdcache precompute configs/smoke/precompute.yaml --overwrite
-	$(BIN)/kdcache validate runs/smoke/cache.zarr
-	$(BIN)/kdcache verify runs/smoke/cache.zarr
+	$(BIN)/kdcache validate runs/smoke/cache
+	$(BIN)/kdcache verify runs/smoke/cache
+	$(BIN)/kdcache train configs/smoke/train.yaml
 
 test: setup fmnist
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -8,7 +8,7 @@ what was found, and lists the valid names for an unknown key.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -111,37 +111,48 @@ def load_config(model: type[M], path: str | Path, overrides: list[str] | None = 
 
 
 def _describe(model: type[BaseModel], err: dict[str, Any]) -> str:
-    key = ".".join(str(p) for p in err["loc"]) or "<top>"
-    found = err.get("input")
+    parts, models = _walk(model, tuple(err["loc"][:-1]))
+    last = err["loc"][-1:] if err["loc"] else ()
+    key = ".".join(str(p) for p in (*parts, *last)) or "<top>"
     if err["type"] == "extra_forbidden":
-        valid = _valid_names(model, err["loc"][:-1])
+        valid = sorted({name for m in models for name in m.model_fields})
         return f"{key}: unknown key; valid keys here: {', '.join(valid)}"
     if err["type"] == "missing":
         return f"{key}: required key is missing"
-    return f"{key}: {err['msg']} (found {found!r})"
+    return f"{key}: {err['msg']} (found {err.get('input')!r})"
 
 
-def _valid_names(model: type[BaseModel], loc: tuple) -> list[str]:
-    """Field names of the sub-model at ``loc`` (best effort through nested models and lists)."""
-    current: Any = model
+def _walk(model: type[BaseModel], loc: tuple) -> tuple[list[Any], list[type[BaseModel]]]:
+    """The user-facing key parts of ``loc`` (union tags dropped) and the models found there."""
+    parts: list[Any] = []
+    models: list[type[BaseModel]] = [model]
     for part in loc:
         if isinstance(part, int):
+            parts.append(part)
             continue
-        field = getattr(current, "model_fields", {}).get(part)
-        if field is None:
-            return []
-        current = _model_in(field.annotation)
-    return sorted(getattr(current, "model_fields", {}))
+        field = next((m.model_fields[part] for m in models if part in m.model_fields), None)
+        if field is not None:
+            parts.append(part)
+            models = _models_in(field.annotation)
+            continue
+        tagged = [m for m in models if _is_tagged(m, part)]
+        if tagged:  # pydantic puts a discriminated union's tag in the location
+            models = tagged
+        else:
+            parts.append(part)
+            models = []
+    return parts, models
 
 
-def _model_in(annotation: Any) -> Any:
+def _is_tagged(model: type[BaseModel], tag: str) -> bool:
+    return any(tag in getattr(f.annotation, "__args__", ()) for f in model.model_fields.values()
+               if getattr(f.annotation, "__origin__", None) is Literal)
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in getattr(annotation, "__args__", ()) or ():
-        found = _model_in(arg)
-        if found is not None:
-            return found
-    return None
+        return [annotation]
+    return [m for arg in (getattr(annotation, "__args__", ()) or ()) for m in _models_in(arg)]
 
 
 def dump_config(config: BaseModel) -> dict[str, Any]:

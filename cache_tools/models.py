@@ -57,6 +57,18 @@ def build_model(spec: ModelSpec, num_classes: int, in_chans: int = 3) -> nn.Modu
     return model
 
 
+TEACHER_INIT_SEED = 0
+"""torch seed teachers are built under, so a teacher without a checkpoint (random init) is the
+same network in the precompute driver, every actor, every run, ``verify`` and online training."""
+
+
+def build_teacher(spec: ModelSpec, num_classes: int, in_chans: int = 3) -> nn.Module:
+    """:func:`build_model` under :data:`TEACHER_INIT_SEED`, leaving the global RNG untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TEACHER_INIT_SEED)
+        return build_model(spec, num_classes, in_chans)
+
+
 def _build_timm(spec: ModelSpec, num_classes: int, in_chans: int) -> nn.Module:
     if not timm.is_model(spec.name):
         close = timm.list_models(f"*{spec.name[:4]}*")[:8]

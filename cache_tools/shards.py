@@ -143,12 +143,22 @@ def key_digest(indexes: list[ShardIndex]) -> str:
 
 @dataclass
 class Sample:
-    """One raw sample of a shard: its key, encoded image bytes and label (None if missing)."""
+    """One raw sample of a shard: its key, encoded image bytes and label (None if unusable)."""
 
     key: str
     image: bytes
     label: int | None
     extras: dict[str, bytes] = field(default_factory=dict)
+    label_problem: str | None = None
+    """Why ``label`` is None: no ``.cls`` entry, or one that is not an integer."""
+
+    def require_label(self, shard: str, num_classes: int) -> int:
+        """The label, or a DataError naming shard and key (missing, not an integer, out of range)."""
+        if self.label is None:
+            raise DataError(f"shard {shard!r}, key {self.key!r}: {self.label_problem or 'no label'}")
+        if not 0 <= self.label < num_classes:
+            raise DataError(f"shard {shard!r}, key {self.key!r}: label {self.label} is not in 0..{num_classes - 1}")
+        return self.label
 
 
 def iter_shard(url: str) -> Iterator[Sample]:
@@ -178,18 +188,19 @@ def to_sample(key: str, entries: dict[str, bytes], shard: str) -> Sample:
     image_ext = next((e for e in entries if e.lower() in IMAGE_EXTS), None)
     if image_ext is None:
         raise DataError(f"shard {shard!r}, key {key!r}: no image entry (found {sorted(entries)})")
-    label = parse_label(entries.get(LABEL_EXT), key, shard)
+    label, problem = parse_label(entries.get(LABEL_EXT))
     extras = {e: v for e, v in entries.items() if e not in (image_ext, LABEL_EXT)}
-    return Sample(key=key, image=entries[image_ext], label=label, extras=extras)
+    return Sample(key=key, image=entries[image_ext], label=label, extras=extras, label_problem=problem)
 
 
-def parse_label(raw: bytes | None, key: str, shard: str) -> int | None:
+def parse_label(raw: bytes | None) -> tuple[int | None, str | None]:
+    """(label, None), or (None, why) so the caller's error policy decides what to do."""
     if raw is None:
-        return None
+        return None, "no label (no .cls entry)"
     try:
-        return int(raw.decode("ascii").strip())
+        return int(raw.decode("ascii").strip()), None
     except (UnicodeDecodeError, ValueError):
-        raise DataError(f"shard {shard!r}, key {key!r}: label {raw[:20]!r} is not an integer") from None
+        return None, f"label {raw[:20]!r} is not an integer"
 
 
 def decode_image(data: bytes, channels: int) -> torch.Tensor:

@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict
 
 from cache_tools.encoding import ENCODINGS  # noqa: F401  (re-exported)
 from cache_tools.errors import CacheError, CacheMismatchError, CacheNotFoundError
-from cache_tools.views import NUM_PARAMS, ViewRecipe
+from cache_tools.views import ViewRecipe
 
 FORMAT_NAME = "kdcache"
 FORMAT_VERSION = 1

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from cache_tools.errors import CacheMismatchError, ConfigError
-from cache_tools.models import ModelSpec, build_model, weights_digest
+from cache_tools.models import ModelSpec, build_teacher, weights_digest
 from cache_tools.reader import read_block
 from cache_tools.shards import decode_image, expand_shards, iter_shard, shard_name
 from cache_tools.store import STATUS_VALID, CacheStore
@@ -103,7 +103,7 @@ def load_teacher(store: CacheStore, teacher: str, checkpoint: str | None) -> tor
     spec = ModelSpec.model_validate(meta.model)
     if checkpoint:
         spec = spec.model_copy(update={"checkpoint": checkpoint})
-    model = build_model(spec, store.meta.num_classes, store.meta.recipe.channels)
+    model = build_teacher(spec, store.meta.num_classes, store.meta.recipe.channels)
     digest = weights_digest(model)
     if digest != meta.weights_digest:
         raise CacheMismatchError(

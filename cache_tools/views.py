@@ -82,6 +82,11 @@ def view_params(recipe: ViewRecipe, seed: int, key: str, num_views: int, image_h
     return out
 
 
+def single_view_params(recipe: ViewRecipe, seed: int, key: str, view: int, image_hw: tuple[int, int]) -> np.ndarray:
+    """``int32[7]`` parameters of view ``view`` of one sample (what :func:`view_params` stores)."""
+    return np.asarray(_one_view(recipe, view_generator(seed, key, view), image_hw), dtype=np.int32)
+
+
 def _one_view(recipe: ViewRecipe, rng: np.random.Generator, image_hw: tuple[int, int]) -> list[int]:
     height, width = image_hw
     if recipe.name == "center":

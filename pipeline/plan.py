@@ -14,24 +14,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import fsspec
-import torch
-from torch import nn
 
 from cache_tools.config import dump_config
 from cache_tools.errors import CacheError, CacheMismatchError, CacheNotFoundError, ConfigError, DataError
 from cache_tools.manifest import find_manifest
-from cache_tools.models import ModelSpec, build_model, weights_digest
+from cache_tools.models import ModelSpec, build_teacher, weights_digest
 from cache_tools.shards import ShardIndex, expand_shards, key_digest, scan_shards
 from cache_tools.store import CacheStore, Fingerprint, open_store
 from cache_tools.writer import add_teacher, create_store
 from pipeline.config import PrecomputeConfig, check_with_classes
 
 logger = logging.getLogger(__name__)
-
-INIT_SEED = 0
-"""torch seed under which teachers are built, so an uncheckpointed (random) teacher is the same
-network in the driver, in every actor and in every run."""
-
 
 @dataclass(frozen=True)
 class TeacherPlan:
@@ -84,13 +77,6 @@ class Plan:
 def local_path(path: str) -> str:
     """Absolute path for a local file (Ray workers may run elsewhere); URLs unchanged."""
     return path if "://" in path else os.path.abspath(os.path.expanduser(path))
-
-
-def build_teacher(spec: ModelSpec, num_classes: int, in_chans: int) -> nn.Module:
-    """:func:`build_model` under a fixed torch seed, so random init is reproducible."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(INIT_SEED)
-        return build_model(spec, num_classes, in_chans)
 
 
 def make_plan(cfg: PrecomputeConfig) -> Plan:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from cache_tools.errors import DataError, TeacherError
-from cache_tools.models import weights_digest
+from cache_tools.models import build_teacher, weights_digest
 from cache_tools.reader import read_block
 from cache_tools.shards import Sample, decode_image, iter_shard
 from cache_tools.store import STATUS_INVALID, STATUS_VALID, open_store
@@ -37,7 +37,7 @@ from cache_tools.teacher import ModelRunner, check_finite
 from cache_tools.views import NUM_PARAMS, ViewRecipe, replay_views, view_params
 from cache_tools.writer import write_teacher, write_views
 from pipeline.config import RuntimeSection
-from pipeline.plan import ShardTask, TeacherPlan, build_teacher
+from pipeline.plan import ShardTask, TeacherPlan
 
 logger = logging.getLogger(__name__)
 
@@ -206,7 +206,7 @@ class ShardWorker:
         s = self.settings
         rows.labels[row] = sample.label if sample.label is not None else -1
         try:
-            check_label(sample, task.name, s.num_classes)
+            sample.require_label(task.name, s.num_classes)
             image = decode(sample, task.name, s.recipe.channels)
         except DataError as exc:
             if s.on_error == "raise":
@@ -261,13 +261,6 @@ def checked_samples(task: ShardTask) -> Iterator[Sample]:
         yield sample
     if count != len(task.keys):
         raise DataError(f"shard {task.name!r}: {count} samples, planning found {len(task.keys)}: the shard changed")
-
-
-def check_label(sample: Sample, shard: str, num_classes: int) -> None:
-    if sample.label is None:
-        raise DataError(f"shard {shard!r}, key {sample.key!r}: no label (no .cls entry)")
-    if not 0 <= sample.label < num_classes:
-        raise DataError(f"shard {shard!r}, key {sample.key!r}: label {sample.label} is not in 0..{num_classes - 1}")
 
 
 def decode(sample: Sample, shard: str, channels: int) -> torch.Tensor:

@@ -37,7 +37,8 @@ from cache_tools.teacher import ModelRunner
 from cache_tools.views import replay_views
 from pipeline.config import PrecomputeConfig
 from pipeline.make_shards import make_synthetic_shards
-from pipeline.plan import build_teacher, make_plan
+from cache_tools.models import build_teacher
+from pipeline.plan import make_plan
 from pipeline.runner import ShardsFailedError, run_precompute, worker_settings
 from pipeline.worker import FAULT_ENV, ShardWorker
 

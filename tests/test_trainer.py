@@ -212,7 +212,7 @@ def test_two_process_ddp_sees_every_sample_once_per_epoch(world, tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("stages.0.loss.alpha=2", r"stages.0.loss.kd.alpha: Input should be less than or equal to 1"),
+    ("stages.0.loss.alpha=2", r"stages.0.loss.alpha: Input should be less than or equal to 1"),
     ("data.batch_size=0", r"data.batch_size: Input should be greater than or equal to 1"),
     ("teacher.mode=offline", r"teacher.mode: Input should be 'cache', 'online' or 'none'"),
     ("run.bogus=1", r"run.bogus: unknown key; valid keys here: amp, channels_last"),

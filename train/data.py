@@ -44,10 +44,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from cache_tools.errors import CacheIncompleteError, CacheMismatchError, ConfigError, DataError
 from cache_tools.manifest import find_manifest
 from cache_tools.reader import ShardBlock, read_block
-from cache_tools.shards import decode_image, expand_shards, iter_shard, key_digest, scan_shards, shard_name
+from cache_tools.shards import Sample, decode_image, expand_shards, iter_shard, key_digest, scan_shards, shard_name
 from cache_tools.store import STATUS_VALID, CacheStore, Fingerprint, open_store
 from cache_tools.targets import SparseTargets
-from cache_tools.views import ViewRecipe, _one_view, epoch_view, replay, view_generator, view_params
+from cache_tools.views import ViewRecipe, epoch_view, replay, single_view_params, view_params
 from train.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -91,10 +91,13 @@ class _Item:
 
     shard: str
     key: str
-    image: bytes
-    label: int | None
+    sample: Sample
     row: int = -1
     block: ShardBlock | None = None
+
+    @property
+    def image(self) -> bytes:
+        return self.sample.image
 
 
 # ---- the epoch plan (pure functions) ----------------------------------------------------------
@@ -204,13 +207,6 @@ def view_index(spec: StreamSpec, epoch: int, key: str) -> int:
     return epoch_view(spec.seed, epoch, key, spec.num_views)
 
 
-def fresh_view_params(recipe: ViewRecipe, seed: int, key: str, view: int, image_hw: tuple[int, int]) -> np.ndarray:
-    """Parameters of view ``view`` alone (what a cache with that seed would store for it)."""
-    if recipe.name == "center":
-        return view_params(recipe, seed, key, 1, image_hw)[0]
-    return np.asarray(_one_view(recipe, view_generator(seed, key, view), image_hw), dtype=np.int32)
-
-
 # ---- the stream -------------------------------------------------------------------------------
 
 
@@ -269,7 +265,7 @@ class ShardStream(IterableDataset):
             if block is not None and not block.valid(row):
                 continue
             valid += 1
-            yield _Item(name, sample.key, sample.image, sample.label, row, block)
+            yield _Item(name, sample.key, sample, row, block)
         if block is not None and seen != len(block):
             raise CacheMismatchError(f"shard {name!r} has {seen} samples in the data but {len(block)} in the cache")
         if valid != expected:
@@ -293,18 +289,15 @@ class ShardStream(IterableDataset):
         if item.block is not None:
             params = item.block.view_params[item.row, a]
         else:
-            params = fresh_view_params(spec.recipe, spec.view_seed, item.key, a, (int(image.shape[-2]), int(image.shape[-1])))
+            params = single_view_params(spec.recipe, spec.view_seed, item.key, a, (int(image.shape[-2]), int(image.shape[-1])))
         return replay(image, params, spec.recipe), a
 
     def _label(self, item: _Item) -> int:
-        if item.label is None:
-            raise DataError(f"shard {item.shard!r}, key {item.key!r}: no label (.cls entry)")
-        if not 0 <= item.label < self.spec.num_classes:
-            raise DataError(f"shard {item.shard!r}, key {item.key!r}: label {item.label} is not in 0..{self.spec.num_classes - 1}")
-        cached = int(item.block.labels[item.row]) if item.block is not None else item.label
-        if cached != item.label:
-            raise CacheMismatchError(f"shard {item.shard!r}, key {item.key!r}: label {item.label} in the data but {cached} in the cache")
-        return item.label
+        label = item.sample.require_label(item.shard, self.spec.num_classes)
+        cached = int(item.block.labels[item.row]) if item.block is not None else label
+        if cached != label:
+            raise CacheMismatchError(f"shard {item.shard!r}, key {item.key!r}: label {label} in the data but {cached} in the cache")
+        return label
 
 
 def _targets(items: list[_Item], views: list[int], teacher: str) -> SparseTargets:

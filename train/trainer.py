@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from cache_tools.errors import CacheMismatchError, ConfigError, KdcacheError
-from cache_tools.models import ModelSpec, build_model, weights_digest
+from cache_tools.models import ModelSpec, build_model, build_teacher, weights_digest
 from cache_tools.store import CacheStore
 from cache_tools.targets import SparseTargets, from_logits
 from cache_tools.teacher import ModelRunner, autocast_context
@@ -51,9 +51,6 @@ log = logging.getLogger(__name__)
 CKPT_FORMAT = "kdcache-train"
 CKPT_VERSION = 1
 TIMING_KEYS = ("time", "images_per_s")
-TEACHER_INIT_SEED = 0
-"""torch seed online teachers are built under: precompute's (``pipeline.plan.INIT_SEED``), so a
-random-init teacher (no checkpoint) gets the weights the cache was made with."""
 """Metric fields that depend on wall time (the rest is deterministic on CPU)."""
 
 
@@ -190,9 +187,7 @@ class Trainer:
 
     def _online_teacher(self, name: str) -> ModelRunner:
         spec = online_teacher_spec(self.config, name, self.data.store)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(TEACHER_INIT_SEED)
-            model = build_model(spec, self.num_classes, self.recipe.channels)
+        model = build_teacher(spec, self.num_classes, self.recipe.channels)
         store = self.data.store
         if store is not None and name in store.teachers and store.teacher_meta(name).weights_digest != weights_digest(model):
             log.warning("online teacher %r has other weights than the cache's teacher of that name", name)
