@@ -1,0 +1,90 @@
+"""`kdcache validate` and `kdcache verify` on real caches built from real shards."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from cache_tools.cli import main
+from cache_tools.errors import CacheMismatchError
+from cache_tools.store import open_store
+from cache_tools.verify import verify_cache
+from cachebuild import add_teacher_run, build_cache, create_cache, tiny_recipe, tiny_teacher, write_shards
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vv")
+    urls = write_shards(root / "shards", num_shards=3, per_shard=[10, 7, 9])
+    path = root / "cache"
+    build_cache(path, urls, teachers={"weak": 3, "strong": 4})
+    return root, urls, str(path)
+
+
+def copy_cache(built, tmp_path) -> str:
+    _, _, path = built
+    target = tmp_path / "cache"
+    shutil.copytree(path, target)
+    for name in ("weak", "strong"):
+        shutil.copy(f"{path}.{name}.pt", f"{target}.{name}.pt")
+    return str(target)
+
+
+def test_validate_and_verify_pass_on_a_sound_cache(built, capsys):
+    _, _, path = built
+    assert main(["validate", path]) == 0
+    assert "valid: every shard complete" in capsys.readouterr().out
+    assert main(["verify", path, "--num", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "weak" in out and "strong" in out and "FAIL" not in out
+
+
+def test_verify_recomputes_within_fp16_rounding(built):
+    _, _, path = built
+    for result in verify_cache(open_store(path), num=40, seed=3):
+        assert result.views == 26 and result.ok  # 26 valid samples in all, fewer than --num
+        assert result.topk_agreement == 1.0 and result.max_lse_delta < 1e-4
+
+
+def test_verify_fails_on_tampered_targets(built, tmp_path, capsys):
+    path = copy_cache(built, tmp_path)
+    group = open_store(path, "r+").teacher_group("weak")
+    logits = group["topk_logit"][:]
+    group["topk_logit"][:] = logits + np.float16(0.5)
+    assert main(["verify", path, "--num", "20"]) == 1
+    assert "FAIL (20 views beyond tolerance)" in capsys.readouterr().out
+
+
+def test_verify_refuses_other_teacher_weights(built, tmp_path):
+    path = copy_cache(built, tmp_path)
+    _, other = tiny_teacher(4, seed=9)
+    torch.save(other.state_dict(), tmp_path / "other.pt")
+    with pytest.raises(CacheMismatchError, match="teacher 'weak': the weights built from .*other.pt' have digest"):
+        verify_cache(open_store(path), teachers=["weak"], num=4, checkpoint=str(tmp_path / "other.pt"))
+
+
+def test_verify_finds_moved_shards_with_a_pattern(built, tmp_path):
+    root, urls, path = built
+    moved = tmp_path / "moved"
+    shutil.copytree(root / "shards", moved)
+    results = verify_cache(open_store(path), num=5, shards=str(moved / "train-*.tar"))
+    assert all(r.ok for r in results)
+    with pytest.raises(CacheMismatchError, match="shard 'train-000000.tar' of the cache is not among the given shards"):
+        verify_cache(open_store(path), num=26, shards=str(moved / "train-00000[12].tar"))
+
+
+def test_validate_lists_incomplete_shards_and_bad_values(tmp_path, capsys):
+    urls = write_shards(tmp_path / "shards", num_shards=2, per_shard=6)
+    store = create_cache(tmp_path / "cache", urls, recipe=tiny_recipe())
+    spec, model = tiny_teacher(4)
+    add_teacher_run(store, urls, "t", spec, model, k=3, shards=[0])
+    lse = store.teacher_group("t")["lse"][0:6]
+    lse[2, 1] = -100.0
+    store.teacher_group("t")["lse"][0:6] = lse
+    assert main(["validate", str(tmp_path / "cache")]) == 1
+    out = capsys.readouterr().out
+    assert "t: 1 shard(s) without a completion mark: ['train-000001.tar']" in out
+    assert "shard 'train-000000.tar', teacher 't': 1 view(s) with logsumexp below the top logit" in out
