@@ -7,6 +7,7 @@ what was found, and lists the valid names for an unknown key.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -19,9 +20,10 @@ M = TypeVar("M", bound=BaseModel)
 
 
 class StrictModel(BaseModel):
-    """Base of every config section: unknown keys are errors, values are validated on assignment."""
+    """Base of every config section: unknown keys are errors, values are validated on assignment,
+    and NaN or infinite numbers are refused wherever a float is expected."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -30,10 +32,32 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {item!r}: expected dotted.key=value")
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from None
+        value = _acyclic(yaml.safe_load(raw)) if raw != "" else ""
+    except (yaml.YAMLError, ValueError, TypeError) as exc:
+        raise ConfigError(f"{key}: the override value {raw!r} is not valid YAML ({_yaml_reason(exc)})") from None
     return key.split("."), _number_or(value)
+
+
+def _yaml_reason(exc: Exception) -> str:
+    """One line: PyYAML's problem (its messages span several lines), or the constructor's error
+    (``2020-13-01`` reads as a date and fails with a ValueError, not a YAMLError)."""
+    problem = getattr(exc, "problem", None)
+    context = getattr(exc, "context", None)
+    if problem:
+        return f"{context}: {problem}" if context else str(problem)
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _acyclic(value: Any) -> Any:
+    """Refuse values that contain themselves (YAML anchors: ``&a [*a]``)."""
+    try:
+        json.dumps(value, default=str)
+    except ValueError as exc:
+        if "ircular" in str(exc):
+            raise ValueError("the value refers to itself (a YAML alias inside its own anchor)") from None
+    except RecursionError:
+        raise ValueError("the value is nested too deeply") from None
+    return value
 
 
 def _number_or(value: Any) -> Any:
@@ -87,8 +111,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
+        data = _acyclic(yaml.safe_load(path.read_text())) or {}
+    except (yaml.YAMLError, ValueError, TypeError) as exc:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r}: expected a mapping at the top, found {type(data).__name__}")

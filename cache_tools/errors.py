@@ -40,7 +40,11 @@ class CacheIncompleteError(CacheError, RuntimeError):
 
 
 class CacheLockedError(CacheError, RuntimeError):
-    """Another precompute holds the cache's writer lock."""
+    """Another precompute holds the cache's writer lock; the message names the holder."""
+
+
+class CacheWriteError(CacheError, OSError):
+    """Writing a shard's chunks failed (full disk, permissions, object store); its mark stays unset."""
 
 
 class TeacherError(KdcacheError, RuntimeError):

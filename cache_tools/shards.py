@@ -25,23 +25,27 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 LABEL_EXT = "cls"
 
 
-def expand_shards(spec: str | list[str], key: str = "data.shards") -> list[str]:
-    """Shard URLs from a brace pattern, a glob, or a list of either (order kept, no duplicates)."""
+def expand_shards(spec: str | list[str], key: str = "data.shards", storage_options: dict | None = None) -> list[str]:
+    """Shard URLs from a brace pattern, a glob, or a list of either (order kept, no duplicates).
+
+    Remote URLs (``s3://...``) use ``storage_options`` if given, else fsspec's defaults: for S3 the
+    standard AWS environment (``AWS_ACCESS_KEY_ID``, ``AWS_ENDPOINT_URL`` ...), which Ray actors and
+    DataLoader workers inherit."""
     patterns = [spec] if isinstance(spec, str) else list(spec)
     urls: list[str] = []
     for pattern in patterns:
         for item in braceexpand.braceexpand(pattern):
-            urls.extend(_glob_one(item))
+            urls.extend(_glob_one(item, storage_options))
     if not urls:
         raise ConfigError(f"{key}: no shard matches {spec!r}")
     seen: set[str] = set()
     return [u for u in urls if not (u in seen or seen.add(u))]
 
 
-def _glob_one(item: str) -> list[str]:
+def _glob_one(item: str, storage_options: dict | None = None) -> list[str]:
     if "://" in item:
         if any(ch in item for ch in "*?["):
-            fs, _, paths = fsspec.get_fs_token_paths(item)
+            fs, _, paths = fsspec.get_fs_token_paths(item, storage_options=storage_options)
             return sorted(fs.unstrip_protocol(p) for p in paths)
         return [item]
     if any(ch in item for ch in "*?["):
@@ -78,18 +82,21 @@ class ShardIndex:
         return len(self.keys)
 
 
-def scan_shard(url: str) -> ShardIndex:
-    """Read a shard's tar headers (not its data) and return its keys, checking each sample."""
+def scan_shard(url: str, storage_options: dict | None = None) -> ShardIndex:
+    """Read a shard's tar headers (not its data) and return its keys, checking each sample.
+
+    A tar cut short (even inside its last member's data) is a DataError naming the shard."""
     name = shard_name(url)
     entries: dict[str, set[str]] = {}
     order: list[str] = []
     try:
-        with fsspec.open(url, "rb") as handle, tarfile.open(fileobj=handle, mode="r:") as tar:
+        with fsspec.open(url, "rb", **(storage_options or {})) as handle, tarfile.open(fileobj=handle, mode="r:") as tar:
             for member in tar:
                 if not member.isfile() or member.name.startswith("__"):
                     continue
                 key, ext = split_member(member.name)
                 _add_entry(entries, order, key, ext, name)
+            _check_end(handle, tar.offset, name, order[-1] if order else None)
     except FileNotFoundError:
         raise DataError(f"shard {url!r} does not exist") from None
     except (tarfile.TarError, EOFError, OSError) as exc:
@@ -97,6 +104,16 @@ def scan_shard(url: str) -> ShardIndex:
     for key in order:
         _check_sample(entries[key], key, name)
     return ShardIndex(url=url, keys=order)
+
+
+def _check_end(handle, offset: int, shard: str, last_key: str | None) -> None:
+    """tarfile stops quietly at a cut or damaged header; a whole tar has a zero block there."""
+    handle.seek(offset)
+    block = handle.read(tarfile.BLOCKSIZE)
+    if len(block) < tarfile.BLOCKSIZE or block.count(0) != tarfile.BLOCKSIZE:
+        after = f" after key {last_key!r}" if last_key else ""
+        raise DataError(f"shard {shard!r} is truncated or damaged at byte {offset}{after}: no end-of-archive "
+                        "marker where the next header should be")  # fmt: skip
 
 
 def _add_entry(entries: dict[str, set[str]], order: list[str], key: str, ext: str, shard: str) -> None:
@@ -116,10 +133,10 @@ def _check_sample(exts: set[str], key: str, shard: str) -> None:
         raise DataError(f"shard {shard!r}, key {key!r}: expected one image entry ({'/'.join(IMAGE_EXTS)}), found {sorted(exts)}{hint}")
 
 
-def scan_shards(urls: list[str], threads: int = 8) -> list[ShardIndex]:
+def scan_shards(urls: list[str], threads: int = 8, storage_options: dict | None = None) -> list[ShardIndex]:
     """Scan every shard (in parallel threads) and refuse duplicate keys across shards."""
     with ThreadPoolExecutor(max_workers=max(1, min(threads, len(urls)))) as pool:
-        indexes = list(pool.map(scan_shard, urls))
+        indexes = list(pool.map(lambda url: scan_shard(url, storage_options), urls))
     owner: dict[str, str] = {}
     for index in indexes:
         for key in index.keys:
@@ -161,13 +178,13 @@ class Sample:
         return self.label
 
 
-def iter_shard(url: str) -> Iterator[Sample]:
+def iter_shard(url: str, storage_options: dict | None = None) -> Iterator[Sample]:
     """The samples of one shard in file order (tar streamed once)."""
     name = shard_name(url)
     current: dict[str, bytes] = {}
     current_key: str | None = None
     try:
-        with fsspec.open(url, "rb") as handle, tarfile.open(fileobj=handle, mode="r|") as tar:
+        with fsspec.open(url, "rb", **(storage_options or {})) as handle, tarfile.open(fileobj=handle, mode="r|") as tar:
             for member in tar:
                 if not member.isfile() or member.name.startswith("__"):
                     continue

@@ -226,6 +226,30 @@ class CacheStore:
             raise CacheMismatchError(f"cache {self.path!r} does not match:\n  " + "\n  ".join(problems))
 
 
+def cache_identity(store: CacheStore, teachers: list[str] | None = None) -> dict[str, Any]:
+    """What identifies a cache's contents for a reader that must not silently switch caches (a
+    resumed training run): creation time, key digest, views (recipe, A, seed) and each teacher's
+    weights digest and k. A cache rebuilt at the same path differs in at least its creation time."""
+    names = store.teachers if teachers is None else teachers
+    return {
+        "path": store.path,
+        "created": store.meta.created.get("time"),
+        "key_digest": store.meta.fingerprint.key_digest,
+        "recipe": store.meta.recipe.model_dump(mode="json"),
+        "num_views": store.meta.num_views,
+        "seed": store.meta.seed,
+        "teachers": {name: {"weights_digest": store.teacher_meta(name).weights_digest, "k": store.teacher_meta(name).k}
+                     for name in names},
+    }
+
+
+def identity_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``field: saved vs current`` for every field of two :func:`cache_identity` dicts that differs
+    (the path is not compared: a cache may move)."""
+    return [f"{key}: {saved.get(key)!r} vs {current.get(key)!r}" for key in sorted(set(saved) | set(current))
+            if key != "path" and saved.get(key) != current.get(key)]
+
+
 def _recipe_diff(cached: ViewRecipe, given: ViewRecipe) -> str:
     a, b = cached.model_dump(), given.model_dump()
     parts = [f"{k}: cache {a[k]!r} vs run {b[k]!r}" for k in a if a[k] != b[k]]

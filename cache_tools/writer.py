@@ -2,7 +2,8 @@
 
 The driver creates the store and the teacher subgroups (the only attribute writes); a shard task
 writes its shard's chunks with :func:`write_views` / :func:`write_teacher`, each of which sets the
-shard's completion mark last, after the data is stored.
+shard's completion mark last, after the data is stored. A failed write raises
+:class:`~cache_tools.errors.CacheWriteError` naming shard and array, and the mark stays unset.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import numpy as np
 import zarr
 
 from cache_tools.encoding import array_specs, encode
-from cache_tools.errors import CacheError, CacheMismatchError
+from cache_tools.errors import CacheError, CacheMismatchError, CacheWriteError
 from cache_tools.store import (
     ENCODINGS, STATUS_EMPTY, TEACHERS, CacheStore, Fingerprint, RootMeta, TeacherMeta,
     compressor, creation_info, now_ms, open_store,
@@ -136,11 +137,13 @@ def write_views(
     """Write a shard's labels, row status, errors and view parameters, then its views mark."""
     _check_rows(store, shard, labels, "labels")
     chunk, cap = shard_chunk(store, shard), store.cap
-    store.group["labels"][chunk] = _pad(labels.astype(np.int32), cap, -1)
-    store.group["status"][chunk] = _pad(status.astype(np.int8), cap, STATUS_EMPTY)
-    store.group["errors"][chunk] = _pad(np.array(errors, dtype=object), cap, "")
-    store.group["view_params"][chunk] = _pad(params.astype(np.int32), cap, 0)
-    store.group["views_done"][shard] = now_ms()
+    values = {"labels": _pad(labels.astype(np.int32), cap, -1),
+              "status": _pad(status.astype(np.int8), cap, STATUS_EMPTY),
+              "errors": _pad(np.array(errors, dtype=object), cap, ""),
+              "view_params": _pad(params.astype(np.int32), cap, 0)}  # fmt: skip
+    for name, data in values.items():
+        _store_chunk(store, shard, store.group, name, chunk, data)
+    _store_chunk(store, shard, store.group, "views_done", shard, now_ms())
 
 
 def write_teacher(
@@ -155,8 +158,22 @@ def write_teacher(
     specs = array_specs(meta.encoding, meta.index_dtype)
     for name, values in encode(meta.encoding, topk_idx, topk_logit, lse, label_logit).items():
         dtype, _, fill = specs[name]
-        group[name][chunk] = _pad(values.astype(dtype), cap, fill)
-    group["done"][shard] = now_ms()
+        _store_chunk(store, shard, group, name, chunk, _pad(values.astype(dtype), cap, fill))
+    _store_chunk(store, shard, group, "done", shard, now_ms())
+
+
+def _store_chunk(store: CacheStore, shard: int, group: zarr.Group, name: str, where: slice | int, values: Any) -> None:
+    """One chunk write; a failure (full disk, permissions, object store) is a CacheWriteError that
+    names the shard and the array, and leaves the shard's mark unset (the mark is written last)."""
+    try:
+        group[name][where] = values
+    except OSError as exc:
+        array = f"{group.path}/{name}".lstrip("/")
+        shard_name = store.meta.fingerprint.shards[shard]
+        raise CacheWriteError(
+            f"cache {store.path!r}: writing {array!r} of shard {shard_name!r} failed ({type(exc).__name__}: {exc}); "
+            "the shard's completion mark is not set, so a rerun redoes it"
+        ) from exc
 
 
 def _check_rows(store: CacheStore, shard: int, values: np.ndarray, what: str) -> None:

@@ -1,7 +1,8 @@
 """``kdcache precompute CONFIG [dotted.key=value ...] [--overwrite]``: teachers over shards x views.
 
-Plan (scan shards, open or create the cache, list the shards still to do), run the shard tasks
-on Ray actors, print a summary. Rerunning the same command resumes: finished shards are skipped.
+Under the cache's writer lock (``<cache>.lock``; a second run on the same cache is refused naming
+the holder): plan (scan shards, open or create the cache, list the shards still to do), run the
+shard tasks on Ray actors, print a summary. Rerunning the same command resumes: finished shards are skipped.
 """
 
 from __future__ import annotations
@@ -10,8 +11,7 @@ import argparse
 
 from cache_tools.config import load_config
 from pipeline.config import PrecomputeConfig
-from pipeline.plan import make_plan
-from pipeline.runner import run_precompute
+from pipeline.runner import precompute
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,17 +20,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dotted-key overrides, e.g. cache.path=runs/cache ray.num_actors=2")  # fmt: skip
     parser.add_argument("--overwrite", action="store_true",
                         help="delete an existing cache at cache.path and start over")  # fmt: skip
+    parser.add_argument("--force-unlock", action="store_true",
+                        help="remove the cache's writer lock left by a run that is gone (e.g. killed on another host)")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + (["cache.overwrite=true"] if args.overwrite else [])
+    overrides += ["cache.force_unlock=true"] if args.force_unlock else []
     cfg = load_config(PrecomputeConfig, args.config, overrides)
-    plan = make_plan(cfg)
-    if not plan.tasks:
+    plan, summary = precompute(cfg)
+    if summary is None:
         teachers = ", ".join(t.name for t in plan.teachers)
         print(f"precompute: nothing to do: 0 shards to do, all {len(plan.data.indexes)} shards are "
               f"complete for {teachers} in {plan.cache_path}")  # fmt: skip
         return 0
-    summary = run_precompute(cfg, plan)
     print("\n".join(summary.lines()))
     return 0

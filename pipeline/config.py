@@ -60,6 +60,10 @@ class CacheSection(StrictModel):
     """How views are made (stored in the cache; the trainer replays with the cache's copy)."""
     overwrite: bool = False
     """Delete an existing cache at ``path`` and start over (``--overwrite``)."""
+    force_unlock: bool = False
+    """Remove the cache's writer lock (``<path>.lock``) even if its holder may still run
+    (``--force-unlock``): for a precompute killed on another host. A lock whose holder died on
+    this host is taken over without it."""
 
 
 class TeacherSection(StrictModel):
@@ -148,7 +152,8 @@ class PrecomputeConfig(StrictModel):
 
 
 def cross_field_problems(cfg: PrecomputeConfig, num_classes: int | None) -> list[str]:
-    """Problems between fields, each naming its dotted key; ``num_classes`` may come from a manifest."""
+    """Problems between fields, each naming its dotted keys; ``num_classes`` may come from a manifest."""
+    source = "data.num_classes" if cfg.data.num_classes == num_classes else "from the shards' manifest"
     problems: list[str] = []
     seen: dict[str, int] = {}
     for i, teacher in enumerate(cfg.teachers):
@@ -156,10 +161,10 @@ def cross_field_problems(cfg: PrecomputeConfig, num_classes: int | None) -> list
             problems.append(f"teachers.{i}.name: {teacher.name!r} is already used by teachers.{seen[teacher.name]}")
         seen.setdefault(teacher.name, i)
         if num_classes is not None and teacher.k > num_classes:
-            problems.append(f"teachers.{i}.k: {teacher.k} is more than num_classes={num_classes}")
+            problems.append(f"teachers.{i}.k: {teacher.k} is more than num_classes={num_classes} ({source})")
     names = cfg.data.class_names
     if names and num_classes is not None and len(names) != num_classes:
-        problems.append(f"data.class_names: {len(names)} names for num_classes={num_classes}")
+        problems.append(f"data.class_names: {len(names)} names for num_classes={num_classes} ({source})")
     return problems
 
 

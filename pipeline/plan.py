@@ -17,6 +17,7 @@ import fsspec
 
 from cache_tools.config import dump_config
 from cache_tools.errors import CacheError, CacheMismatchError, CacheNotFoundError, ConfigError, DataError
+from cache_tools.lock import WriterLock, check_unlocked
 from cache_tools.manifest import find_manifest
 from cache_tools.models import ModelSpec, build_teacher, weights_digest
 from cache_tools.shards import ShardIndex, expand_shards, key_digest, scan_shards
@@ -79,8 +80,17 @@ def local_path(path: str) -> str:
     return path if "://" in path else os.path.abspath(os.path.expanduser(path))
 
 
+def writer_lock(cfg: PrecomputeConfig) -> WriterLock:
+    """The cache's writer lock (``<cache.path>.lock``): hold it around :func:`make_plan` and the run."""
+    return WriterLock(local_path(cfg.cache.path), cfg.cache.storage_options or None, force=cfg.cache.force_unlock)
+
+
 def make_plan(cfg: PrecomputeConfig) -> Plan:
-    """Scan shards, resolve classes, build teachers once, open or create the cache, list tasks."""
+    """Scan shards, resolve classes, build teachers once, open or create the cache, list tasks.
+
+    Refused (CacheLockedError) while another live precompute holds the cache's writer lock; the
+    ``kdcache precompute`` command holds it itself (:func:`writer_lock`)."""
+    check_unlocked(local_path(cfg.cache.path), cfg.cache.storage_options or None)
     data = scan_data(cfg.data.shards)
     num_classes, class_names = resolve_classes(cfg, data.urls)
     check_with_classes(cfg, num_classes)
@@ -102,7 +112,8 @@ def scan_data(shards: str | list[str]) -> DataPlan:
     indexes = scan_shards(urls)
     empty = [index.name for index in indexes if not index.keys]
     if empty:
-        raise DataError(f"data.shards: shard(s) without samples: {empty[:5]}")
+        raise DataError(f"data.shards: shard(s) without samples: {empty[:5]} (every shard needs at least one "
+                        "sample: leave the empty ones out of data.shards)")  # fmt: skip
     fingerprint = Fingerprint(shards=[i.name for i in indexes], counts=[len(i) for i in indexes],
                               key_digest=key_digest(indexes))  # fmt: skip
     return DataPlan(urls=urls, indexes=indexes, fingerprint=fingerprint)
@@ -156,7 +167,23 @@ def _check_compatible(store: CacheStore, cfg: PrecomputeConfig, data: DataPlan, 
         store.check_compatible(fingerprint=data.fingerprint, recipe=cfg.cache.recipe, num_views=cfg.cache.num_views,
                                num_classes=num_classes, seed=cfg.cache.seed)  # fmt: skip
     except CacheMismatchError as exc:
-        raise CacheMismatchError(f"{exc}\n(use another cache.path, or --overwrite to start this cache over)") from None
+        changed = changed_key_shards(store, data)
+        where = f"\n  keys changed in shard(s) {changed[:5]}{' ...' if len(changed) > 5 else ''}" if changed else ""
+        raise CacheMismatchError(f"{exc}{where}\n(use another cache.path, or --overwrite to start this cache over)") from None
+
+
+def changed_key_shards(store: CacheStore, data: DataPlan) -> list[str]:
+    """Shards (same name and count in cache and data) whose stored keys differ from the scanned ones."""
+    cached = store.meta.fingerprint
+    if cached.shards != data.fingerprint.shards or cached.key_digest == data.fingerprint.key_digest:
+        return []
+    changed = []
+    for shard, index in enumerate(data.indexes):
+        if cached.counts[shard] == len(index.keys):
+            stored = [str(k) for k in store.group["keys"][store.rows(shard)]]
+            if stored != list(index.keys):
+                changed.append(index.name)
+    return changed
 
 
 def _open_existing(path: str, options: dict[str, Any] | None) -> CacheStore | None:

@@ -7,8 +7,11 @@ already initialised Ray (tests start it once per module; the runner reuses it) o
 restarted and its shard redone. One task per shard, at most two in flight per actor, fed with
 ``ray.wait`` to actors that have finished building their teachers. A shard that still fails
 after the retries does not stop the others; at the end :class:`ShardsFailedError` lists the
-failed shards and why (their marks are absent, so a rerun redoes exactly them). Actors are
-killed at the end, so several precomputes can run in one Ray session.
+failed shards and why (their marks are absent, so a rerun redoes exactly them); a shard whose
+actor keeps dying is failed once its retries are spent, and the shards queued behind it on that
+actor go to the other actors. Actors are killed at the end, so several precomputes can run in one
+Ray session. :func:`precompute` plans and runs under the cache's writer lock (``<cache>.lock``):
+a second precompute on the same cache is refused, naming the holder.
 
 Test-only: the fault hook variable of :mod:`pipeline.worker` (``KDCACHE_FAULT_CRASH_SHARD``)
 is passed on to the actors through ``runtime_env`` when the driver sees it set.
@@ -31,8 +34,9 @@ import ray
 from tqdm import tqdm
 
 from cache_tools.errors import ConfigError, KdcacheError
+from cache_tools.lock import check_unlocked
 from pipeline.config import PrecomputeConfig, RaySection
-from pipeline.plan import Plan, ShardTask
+from pipeline.plan import Plan, ShardTask, make_plan, writer_lock
 from pipeline.worker import FAULT_ENV, ShardResult, ShardWorker, WorkerSettings
 
 logger = logging.getLogger(__name__)
@@ -94,7 +98,8 @@ class Summary:
             f"  views processed: {self.views} ({self.invalid_views} invalid), {rate:.0f} views/s overall, "
             f"{busy:.0f} views/s once actors were up; views made for {self.made_view_shards} shard(s); "
             f"teacher forward {self.forward_seconds:.1f} s in actors",
-            f"  cache: {self.complete}; {self.store_bytes / 1e6:.2f} MB on disk = {per_view:.1f} B per view "
+            f"  cache: {self.complete}; {self.store_bytes / 1e6:.2f} MB {'stored' if '://' in self.cache_path else 'on disk'} "
+            f"= {per_view:.1f} B per view "
             f"per teacher ({self.cache_views} views x {self.cache_teachers} teacher(s))",
         ]  # fmt: skip
 
@@ -109,8 +114,16 @@ def worker_settings(cfg: PrecomputeConfig, plan: Plan) -> WorkerSettings:
     )  # fmt: skip
 
 
+def precompute(cfg: PrecomputeConfig, progress: bool | None = None) -> tuple[Plan, Summary | None]:
+    """Plan and run under the cache's writer lock: the plan, and the summary (None: nothing to do)."""
+    with writer_lock(cfg):
+        plan = make_plan(cfg)
+        return plan, (run_precompute(cfg, plan, progress) if plan.tasks else None)
+
+
 def run_precompute(cfg: PrecomputeConfig, plan: Plan, progress: bool | None = None) -> Summary:
     """Run every planned shard task on Ray actors; raise ShardsFailedError if any failed."""
+    check_unlocked(plan.cache_path, cfg.cache.storage_options or None)
     start = time.perf_counter()
     summary = Summary(cache_path=plan.cache_path, tasks=len(plan.tasks), failed=0)
     failures: dict[str, BaseException | str] = {}
@@ -133,7 +146,8 @@ def _run_actors(cfg: PrecomputeConfig, plan: Plan, summary: Summary, progress: b
     bar = tqdm(total=len(plan.tasks), unit="shard", desc="precompute", dynamic_ncols=True,
                disable=(not sys.stderr.isatty()) if progress is None else not progress)  # fmt: skip
     try:
-        dispatcher = Dispatcher(actors, plan.tasks, lambda r: _on_result(r, summary, bar, plan))
+        dispatcher = Dispatcher(actors, plan.tasks, lambda r: _on_result(r, summary, bar, plan),
+                                retries=cfg.ray.max_task_retries)  # fmt: skip
         failures = dispatcher.run()
         if dispatcher.first_ready is not None:
             summary.busy_seconds = time.perf_counter() - dispatcher.first_ready
@@ -203,15 +217,23 @@ def start_actors(section: RaySection, settings: WorkerSettings, num_tasks: int) 
 
 
 class Dispatcher:
-    """Feeds shard tasks to ready actors (at most two in flight each) and collects results."""
+    """Feeds shard tasks to ready actors (at most two in flight each) and collects results.
 
-    def __init__(self, actors: list[Any], tasks: list[ShardTask], on_result):
+    When an actor dies for good (its restarts or a task's retries spent), Ray fails every task it
+    had in flight. The oldest of them was the one running (an actor runs its tasks in order): that
+    shard is failed; the ones queued behind it go back to the queue for the other actors.
+    """
+
+    def __init__(self, actors: list[Any], tasks: list[ShardTask], on_result, retries: int = 0):
         self.actors, self.queue, self.on_result = actors, deque(tasks), on_result
+        self.retries = retries
         self.load = [0] * len(actors)
         self.live: set[int] = set()
         self.dead: dict[int, str] = {}
         self.failures: dict[str, BaseException | str] = {}
         self.first_ready: float | None = None
+        self.submitted = 0
+        self.order: dict[Any, int] = {}
         self.pending: dict[Any, tuple[int, ShardTask | None]] = {
             actor.ready.remote(): (i, None) for i, actor in enumerate(actors)
         }
@@ -252,13 +274,35 @@ class Dispatcher:
         except ray.exceptions.RayTaskError as exc:
             self._fail(task, exc.cause if isinstance(exc.cause, BaseException) else _cause(exc))
         except ray.exceptions.ActorDiedError as exc:
-            self.live.discard(index)
-            self.dead[index] = "actor died after its restarts"
-            self._fail(task, f"its actor died and the retries are spent: {_cause(exc)}")
+            self._actor_died(index, [(self.order.pop(ref), task, exc)])
         except ray.exceptions.RayError as exc:
             self._fail(task, _cause(exc))
         else:
             self.on_result(result)
+        self.order.pop(ref, None)
+
+    def _actor_died(self, index: int, died: list[tuple[int, ShardTask, BaseException]]) -> None:
+        """Settle the dead actor's other tasks, fail the one it was running, requeue the rest."""
+        self.live.discard(index)
+        self.dead[index] = "actor died after its restarts"
+        for ref in [r for r, (i, t) in self.pending.items() if i == index and t is not None]:
+            _, task = self.pending.pop(ref)
+            self.load[index] -= 1
+            try:
+                self.on_result(ray.get(ref))  # it finished before the actor died
+            except ray.exceptions.RayTaskError as exc:
+                self._fail(task, exc.cause if isinstance(exc.cause, BaseException) else _cause(exc))
+            except ray.exceptions.RayError as exc:
+                died.append((self.order[ref], task, exc))
+            self.order.pop(ref, None)
+        died.sort(key=lambda item: item[0])
+        _, running, exc = died[0]
+        self._fail(running, f"its shard actor died while processing it on every attempt "
+                            f"({self.retries + 1}, ray.max_task_retries={self.retries}): {_cause(exc)}")  # fmt: skip
+        for _, task, _ in reversed(died[1:]):
+            logger.warning("shard %s goes back to the queue: it waited behind %s on the actor that died",
+                           task.name, running.name)  # fmt: skip
+            self.queue.appendleft(task)
 
     def _fail(self, task: ShardTask, why: BaseException | str) -> None:
         self.failures[task.name] = why
@@ -268,7 +312,10 @@ class Dispatcher:
         for index in sorted(self.live, key=lambda i: self.load[i]):
             while self.queue and self.load[index] < IN_FLIGHT_PER_ACTOR:
                 task = self.queue.popleft()
-                self.pending[self.actors[index].__call__.remote(task)] = (index, task)
+                ref = self.actors[index].__call__.remote(task)
+                self.pending[ref] = (index, task)
+                self.order[ref] = self.submitted
+                self.submitted += 1
                 self.load[index] += 1
 
 

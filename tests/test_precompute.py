@@ -277,15 +277,27 @@ def check_interrupted_run(tmp_path: Path, url: str, overrides: list[str], config
     finally:
         kill_session(interrupted.pid)  # the driver and every Ray process it started, as in a crash
         interrupted.wait()
-    done = int(open_store(str(tmp_path / "cache")).teacher_done("t1").sum())
+    before = mark_times(tmp_path / "cache")
+    done = int((before["t1"] > 0).sum())
     assert 0 < done < 8, f"the run was not interrupted mid-way ({done} of 8 shards done)"
+    assert Path(f"{tmp_path / 'cache'}.lock").exists()  # the killed driver's writer lock, now stale
     finished = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr
     assert f"{8 - done}/{8 - done} shard task(s) done" in finished.stdout
+    assert "removing the writer lock" in finished.stderr and "its holder is gone" in finished.stderr
+    after = mark_times(tmp_path / "cache")
+    for name, times in before.items():  # a shard finished before the kill is never written again
+        np.testing.assert_array_equal(after[name][times > 0], times[times > 0], err_msg=f"{name}: a finished shard was redone")
     precompute(make_config(url, tmp_path / "clean", *overrides))
     assert_same_arrays(cache_arrays(tmp_path / "cache"), cache_arrays(tmp_path / "clean"))
     again = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "nothing to do: 0 shards to do" in again.stdout
+
+
+def mark_times(path: Path) -> dict[str, np.ndarray]:
+    """The completion marks as written (ms timestamps, 0 where unset): views and teacher t1."""
+    store = open_store(str(path))
+    return {"views": np.asarray(store.group["views_done"][:]), "t1": np.asarray(store.teacher_group("t1")["done"][:])}
 
 
 def session_members(sid: int) -> list[int]:
@@ -504,6 +516,7 @@ def test_config_schema_is_pinned():
     assert _keys(PrecomputeConfig) == [
         "data.shards", "data.num_classes", "data.class_names", "data.on_error",
         "cache.path", "cache.storage_options", "cache.seed", "cache.num_views", "cache.recipe", "cache.overwrite",
+        "cache.force_unlock",
         "teachers",
         "ray.address", "ray.num_actors", "ray.cpus_per_actor", "ray.gpus_per_actor", "ray.max_restarts",
         "ray.max_task_retries", "ray.temp_dir",

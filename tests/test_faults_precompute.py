@@ -1,0 +1,288 @@
+"""Fault injection in precompute: the writer lock, failed writes, bad teachers, actors that keep dying.
+
+Complements tests/test_precompute.py (a worker killed once mid-shard, a failed shard reported while
+the others finish, a driver killed mid-run and resumed: not repeated here). Lock and write-failure
+tests run without Ray; the ones that need Ray actors are marked slow.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import errno
+import json
+import logging
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+import zarr
+from test_precompute import (  # noqa: F401  (ray_session and data_dir are fixtures)
+    assert_same_arrays,
+    cache_arrays,
+    data_dir,
+    good,
+    kill_session,
+    make_config,
+    ray_session,
+    run_in_process,
+    shards_url,
+    write_tar,
+)
+
+from cache_tools.cli import main as cli_main
+from cache_tools.errors import (
+    CacheIncompleteError,
+    CacheLockedError,
+    CacheWriteError,
+    TeacherError,
+)
+from cache_tools.lock import (
+    LockHolder,
+    WriterLock,
+    _boot_id,
+    _start_time,
+    lock_path,
+    read_holder,
+)
+from cache_tools.models import build_model
+from cache_tools.reader import read_block
+from cache_tools.store import open_store
+from cache_tools.validate import validate_cache
+from pipeline.plan import make_plan, writer_lock
+from pipeline.runner import ShardsFailedError, precompute, worker_settings
+from pipeline.worker import FAULT_ENV, ShardWorker
+
+
+@pytest.fixture
+def shards(tmp_path: Path) -> list[str]:
+    """Three tiny shards without a manifest (10 classes, 6 samples each)."""
+    return [write_tar(tmp_path / f"s-{i:06d}.tar", good(f"s{i}")) for i in range(3)]
+
+
+def config(shards: list[str], cache: Path, *overrides: str):
+    return make_config(shards, cache, "data.num_classes=10", *overrides)
+
+
+def write_lock(cache: Path, **fields) -> None:
+    """A lock file as another precompute would have written it."""
+    holder = {"host": platform.node(), "pid": 1, "token": "someone-else", "boot_id": _boot_id(),
+              "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+              "command": "kdcache precompute other.yaml", **fields}
+    Path(lock_path(str(cache))).write_text(json.dumps(holder))
+
+
+@pytest.fixture
+def live_pid():
+    """A live process that is not this one (the other precompute's driver)."""
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    yield process.pid
+    process.kill()
+    process.wait()
+
+
+# ---- two precomputes on one cache: the writer lock --------------------------------------------------
+
+
+def test_second_precompute_is_refused_naming_the_lock_holder(shards, tmp_path, live_pid, capsys):
+    cache = tmp_path / "cache"
+    write_lock(cache, pid=live_pid, start=_start_time(live_pid))
+    cfg = config(shards, cache)
+    holder = rf"pid {live_pid} on host '{platform.node()}' since .*, command 'kdcache precompute other.yaml'"
+    with pytest.raises(CacheLockedError, match=rf"is being written by another precompute: {holder} holds its lock"):
+        precompute(cfg, progress=False)
+    with pytest.raises(CacheLockedError, match=r"--force-unlock"):
+        make_plan(cfg)  # the library path checks the lock too
+    config_file = tmp_path / "precompute.yaml"
+    config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    assert cli_main(["precompute", str(config_file)]) == 2
+    assert f"error: cache '{cache}' is being written by another precompute: pid {live_pid}" in capsys.readouterr().err
+    assert not cache.exists() and read_holder(str(cache)).pid == live_pid  # nothing written, the lock kept
+
+
+def test_lock_of_a_dead_or_replaced_process_is_taken_over(shards, tmp_path, caplog):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    cache = tmp_path / "cache"
+    cfg = config(shards, cache)
+    for stale in ({"pid": dead.pid}, {"pid": 1, "start": -1}):  # gone; or the pid now belongs to another process
+        write_lock(cache, **stale)
+        with caplog.at_level(logging.WARNING, logger="cache_tools.lock"), writer_lock(cfg) as lock:
+            assert read_holder(str(cache)).token == lock.holder.token
+            make_plan(cfg)  # our own lock does not stop us
+        assert "its holder is gone" in caplog.text
+        assert not Path(lock_path(str(cache))).exists()  # released at the end
+
+
+def test_lock_from_another_host_is_refused_until_forced(shards, tmp_path, caplog):
+    cache = tmp_path / "cache"
+    write_lock(cache, host="gpu-node-7", pid=4242)
+    with pytest.raises(CacheLockedError, match=r"pid 4242 on host 'gpu-node-7' since .* --force-unlock"):
+        precompute(config(shards, cache), progress=False)
+    with caplog.at_level(logging.WARNING, logger="cache_tools.lock"), writer_lock(config(shards, cache, "cache.force_unlock=true")):
+        assert read_holder(str(cache)).pid != 4242
+    assert "--force-unlock" in caplog.text and not Path(lock_path(str(cache))).exists()
+
+
+def test_unreadable_lock_is_refused_and_lock_released_after_a_failed_plan(shards, tmp_path):
+    cache = tmp_path / "cache"
+    Path(lock_path(str(cache))).write_text("{not json")
+    with pytest.raises(CacheLockedError, match=r"command 'unreadable lock file'"):
+        precompute(config(shards, cache), progress=False)
+    Path(lock_path(str(cache))).unlink()
+    with pytest.raises(Exception, match=r"teachers.0.k: 20 is more than num_classes=10 \(data.num_classes\)"):
+        precompute(config(shards, cache, "teachers.0.k=20"), progress=False)  # fails inside the lock
+    assert not Path(lock_path(str(cache))).exists()
+
+
+def test_lock_on_an_fsspec_filesystem_is_exclusive():
+    first = WriterLock("memory://locks/cache.zarr")
+    with first:
+        with pytest.raises(CacheLockedError, match=r"memory://locks/cache.zarr' is being written by another precompute: "
+                                                   rf"pid \d+ on host '{platform.node()}'"):
+            WriterLock("memory://locks/cache.zarr").acquire()  # same host and pid, another holder: refused
+    assert read_holder("memory://locks/cache.zarr") is None
+
+
+# ---- a write that fails: never a shard marked complete ------------------------------------------------
+
+
+def planned_worker(shards: list[str], cache: Path):
+    cfg = config(shards, cache)
+    plan = make_plan(cfg)
+    return plan, ShardWorker(worker_settings(cfg, plan))
+
+
+def test_failed_chunk_write_names_shard_and_array_and_sets_no_mark(shards, tmp_path):
+    plan, worker = planned_worker(shards, tmp_path / "cache")
+    (tmp_path / "cache" / "teachers" / "t1" / "topk_logit" / "c").mkdir(parents=True)
+    (tmp_path / "cache" / "teachers" / "t1" / "topk_logit" / "c" / "1").write_text("in the way")  # shard 1's chunk
+    worker(plan.tasks[0])
+    with pytest.raises(CacheWriteError, match=r"writing 'teachers/t1/topk_logit' of shard 's-000001.tar' failed "
+                                              r"\(.*Error: .*\); the shard's completion mark is not set"):
+        worker(plan.tasks[1])
+    worker(plan.tasks[2])
+    store = open_store(str(tmp_path / "cache"))
+    assert store.incomplete_shards() == {"t1": ["s-000001.tar"]}  # its views were written before: marked
+    with pytest.raises(CacheIncompleteError, match=r"shard 's-000001.tar' is not complete for teacher 't1'"):
+        read_block(store, 1, ["t1"])
+    assert not validate_cache(store).ok
+    (tmp_path / "cache" / "teachers" / "t1" / "topk_logit" / "c" / "1").unlink()
+    rerun = make_plan(config(shards, tmp_path / "cache"))
+    assert [(t.name, t.make_views) for t in rerun.tasks] == [("s-000001.tar", False)]
+    worker(rerun.tasks[0])
+    run_in_process(config(shards, tmp_path / "clean"))
+    assert_same_arrays(cache_arrays(tmp_path / "cache"), cache_arrays(tmp_path / "clean"))
+
+
+def test_full_disk_mid_shard_sets_no_mark(shards, tmp_path, monkeypatch):
+    plan, worker = planned_worker(shards, tmp_path / "cache")
+    original = zarr.storage.LocalStore.set
+
+    async def full(self, key, value):
+        if key.startswith("teachers/t1/lse/"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return await original(self, key, value)
+
+    monkeypatch.setattr(zarr.storage.LocalStore, "set", full)
+    with pytest.raises(CacheWriteError, match=r"'teachers/t1/lse' of shard 's-000000.tar' failed \(OSError: .*No space left"):
+        worker(plan.tasks[0])
+    store = open_store(str(tmp_path / "cache"))
+    assert store.incomplete_shards()["t1"] == ["s-000000.tar", "s-000001.tar", "s-000002.tar"]
+    assert int(np.asarray(store.teacher_group("t1")["topk_idx"][store.rows(0)]).sum()) > 0  # data before the failure
+
+
+def test_inf_teacher_fails_the_shard_and_writes_nothing(shards, tmp_path):
+    model = build_model(make_config("x", tmp_path).teachers[0].model, 10, 3)
+    state = model.state_dict()
+    state["head.bias"][3] = float("inf")
+    torch.save(state, tmp_path / "inf.pth")
+    cfg = config(shards[:1], tmp_path / "cache", f"teachers.0.model.checkpoint={tmp_path / 'inf.pth'}")
+    with pytest.raises(TeacherError, match=r"shard 's-000000.tar', teacher 't1': the teacher produced NaN or inf"):
+        run_in_process(cfg)
+    assert open_store(str(tmp_path / "cache")).incomplete_shards() == {"views": ["s-000000.tar"], "t1": ["s-000000.tar"]}
+
+
+# ---- with Ray actors (slow) ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_actor_that_keeps_dying_on_one_shard_fails_it_and_the_rest_finish(ray_session, data_dir, tmp_path, monkeypatch):
+    marker = tmp_path / "crashed"
+    monkeypatch.setenv(FAULT_ENV, f"train-000000.tar:{marker}")
+    deaths, stop = [], threading.Event()
+
+    def rearm() -> None:  # the hook fires once per marker: remove it each time, so every attempt dies
+        while not stop.is_set():
+            if marker.exists():
+                marker.unlink()
+                deaths.append(time.monotonic())
+            time.sleep(0.005)
+
+    thread = threading.Thread(target=rearm, daemon=True)
+    thread.start()
+    cfg = make_config(shards_url(data_dir), tmp_path / "cache", "ray.max_restarts=1", "ray.max_task_retries=1")
+    try:
+        with pytest.raises(ShardsFailedError, match=r"1 of 4 shard task\(s\) failed .*\n  train-000000.tar: its shard "
+                           r"actor died while processing it on every attempt \(2, ray.max_task_retries=1\)") as info:
+            precompute(cfg, progress=False)
+    finally:
+        stop.set()
+        thread.join()
+    assert list(info.value.failures) == ["train-000000.tar"] and len(deaths) == 2
+    store = open_store(str(tmp_path / "cache"))
+    assert store.incomplete_shards() == {"views": ["train-000000.tar"], "t1": ["train-000000.tar"]}
+    assert not Path(lock_path(str(tmp_path / "cache"))).exists()
+
+
+@pytest.mark.slow
+def test_failed_write_in_an_actor_fails_only_that_shard(ray_session, shards, tmp_path):
+    cfg = config(shards, tmp_path / "cache")
+    plan = make_plan(cfg)
+    (tmp_path / "cache" / "status" / "c" / "2" / "x").mkdir(parents=True)  # a directory where shard 2's chunk goes
+    from pipeline.runner import run_precompute
+
+    with pytest.raises(ShardsFailedError, match=r"1 of 3 .*\n  s-000002.tar: CacheWriteError: .*writing 'status' of "
+                                                r"shard 's-000002.tar' failed"):
+        run_precompute(cfg, plan, progress=False)
+    store = open_store(str(tmp_path / "cache"))
+    assert store.incomplete_shards() == {"views": ["s-000002.tar"], "t1": ["s-000002.tar"]}
+
+
+@pytest.mark.slow
+def test_two_precomputes_at_once_one_is_refused(tmp_path, data_dir):
+    cfg = make_config(shards_url(data_dir), tmp_path / "cache", "ray.num_actors=1")
+    config_file = tmp_path / "precompute.yaml"
+    config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    ray_temp = tempfile.mkdtemp(prefix="kdr", dir="/tmp")  # short: Ray's socket paths have a length limit
+    command = [sys.executable, "-m", "cache_tools.cli", "precompute", str(config_file), f"ray.temp_dir={ray_temp}"]
+    first = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while read_holder(str(tmp_path / "cache")) is None and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        holder = read_holder(str(tmp_path / "cache"))
+        assert holder is not None and holder.pid == first.pid, first.stdout.read() if first.poll() is not None else ""
+        second = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        out, _ = first.communicate(timeout=300)
+    finally:
+        kill_session(first.pid)
+        shutil.rmtree(ray_temp, ignore_errors=True)
+    assert second.returncode == 2 and f"is being written by another precompute: pid {first.pid}" in second.stderr
+    assert first.returncode == 0, out
+    assert "4/4 shard task(s) done" in out and not Path(lock_path(str(tmp_path / "cache"))).exists()
+    assert validate_cache(open_store(str(tmp_path / "cache"))).ok
+
+
+def test_lock_holder_round_trip():
+    me = LockHolder.this_process()
+    assert LockHolder.parse(json.dumps(asdict(me)).encode()) == me and not me.is_stale()

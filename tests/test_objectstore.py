@@ -1,0 +1,169 @@
+"""Shards and cache on an S3-compatible object store (a local moto server), through fsspec / s3fs.
+
+The server listens on 127.0.0.1 at a free port; nothing leaves the machine. Credentials are dummy
+values; the endpoint reaches the cache through ``cache.storage_options`` and the shards through
+the standard AWS environment (``AWS_ENDPOINT_URL``), which Ray actors and DataLoader workers
+inherit. The default run covers precompute in-process, the writer lock and a training epoch; the
+slow test runs ``kdcache precompute`` through Ray actors (compared with a local run), ``kdcache
+validate``, and ``kdcache train`` with DataLoader workers, all against the server.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+pytest.importorskip("s3fs")
+moto_server = pytest.importorskip("moto.server")
+
+from cachebuild import write_shards
+from test_precompute import ray_session, run_in_process  # noqa: F401  (ray_session is a fixture)
+
+from cache_tools.cli import main as cli_main
+from cache_tools.config import validate
+from cache_tools.errors import CacheLockedError
+from cache_tools.lock import WriterLock, read_holder
+from cache_tools.shards import expand_shards, iter_shard, scan_shards
+from cache_tools.store import open_store
+from cache_tools.validate import validate_cache
+from pipeline.config import PrecomputeConfig
+from pipeline.runner import precompute, store_size
+from train.config import TrainConfig
+from train.data import build_train_data
+
+BUCKET = "kdcache"
+SHARDS = f"s3://{BUCKET}/shards/train-{{000000..000003}}.tar"
+GREY = {"channels": 1, "mean": [0.5], "std": [0.25]}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A moto S3 server on loopback with a bucket holding 4 tiny shards (+1 validation shard)."""
+    patch = pytest.MonkeyPatch()
+    for name in ("AWS_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_SESSION_TOKEN"):
+        patch.delenv(name, raising=False)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{server._server.server_port}"
+    patch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    patch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    patch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    patch.setenv("AWS_ENDPOINT_URL", endpoint)
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint})
+    fs.mkdir(BUCKET)
+    local = tmp_path_factory.mktemp("s3shards")
+    for url in write_shards(local) + write_shards(local, prefix="val", num_shards=1, per_shard=10):
+        fs.put(url, f"{BUCKET}/shards/{Path(url).name}")
+    yield {"endpoint": endpoint, "fs": fs, "options": {"client_kwargs": {"endpoint_url": endpoint}}, "local": local}
+    server.stop()
+    patch.undo()
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def precompute_config(s3, cache: str, *, local: bool = False) -> PrecomputeConfig:
+    shards = str(s3["local"] / "train-{000000..000003}.tar") if local else SHARDS
+    return validate(PrecomputeConfig, {
+        "data": {"shards": shards, "num_classes": 4},
+        "cache": {"path": cache, "storage_options": {} if local else s3["options"], "num_views": 2,
+                  "recipe": {"size": 12, "scale": [0.5, 1.0], **GREY}},
+        "teachers": [{"name": "tiny", "model": {"name": "kd_cnn_tiny"}, "k": 3}],
+        "ray": {"num_actors": 2}, "runtime": {"batch_size": 16},
+    })
+
+
+def train_config(s3, cache: str, run_dir: Path, workers: int = 0) -> dict:
+    return {
+        "run": {"dir": str(run_dir), "log_every": 2, "progress": False},
+        "data": {"shards": f"s3://{BUCKET}/shards/train-*.tar", "val_shards": f"s3://{BUCKET}/shards/val-000000.tar",
+                 "batch_size": 8, "num_workers": workers, "shuffle_buffer": 10},
+        "cache": {"path": cache, "storage_options": s3["options"]},
+        "student": {"name": "kd_mlp", "kwargs": {"img_size": 12, "hidden": 16}},
+        "teacher": {"mode": "cache", "name": "tiny"},
+        "stages": [{"epochs": 1, "loss": {"name": "kd", "alpha": 0.5, "temperature": 2.0}}],
+    }
+
+
+def arrays(path: str, options: dict | None = None) -> dict[str, np.ndarray]:
+    store = open_store(path, "r", options)
+    out = {name: np.asarray(store.group[name][:]) for name in ("keys", "labels", "status", "view_params")}
+    group = store.teacher_group("tiny")
+    out.update({f"tiny/{name}": np.asarray(group[name][:]) for name in ("topk_idx", "topk_logit", "lse", "label_logit")})
+    out["marks"] = np.concatenate([store.views_done(), store.teacher_done("tiny")])
+    return out
+
+
+@pytest.fixture(scope="module")
+def local_cache(s3, tmp_path_factory) -> str:
+    """The same precompute on local copies of the shards (in-process), to compare with."""
+    path = str(tmp_path_factory.mktemp("localcache") / "cache.zarr")
+    run_in_process(precompute_config(s3, path, local=True))
+    return path
+
+
+def assert_same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+    assert sorted(a) == sorted(b)
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_precompute_and_train_on_s3_in_process(s3, tmp_path):
+    cache = f"s3://{BUCKET}/inproc/cache.zarr"
+    run_in_process(precompute_config(s3, cache))
+    assert open_store(cache, "r", s3["options"]).incomplete_shards() == {}
+    assert store_size(cache, s3["options"]) > 1000
+    config = TrainConfig.model_validate(train_config(s3, cache, tmp_path))
+    data = build_train_data(config, 0, 1, ["tiny"], pin_memory=False)
+    keys = [key for batch in data.epoch(0, ["tiny"]) for key in batch.keys]
+    assert sorted(keys) == [f"train_{i:06d}" for i in range(48)]
+
+
+def test_writer_lock_on_s3_is_exclusive(s3):
+    cache = f"s3://{BUCKET}/locked/cache.zarr"
+    with WriterLock(cache, s3["options"]):
+        assert s3["fs"].exists(f"{BUCKET}/locked/cache.zarr.lock")
+        with pytest.raises(CacheLockedError, match=rf"cache '{cache}' is being written by another precompute: pid {os.getpid()}"):
+            WriterLock(cache, s3["options"]).acquire()
+        with pytest.raises(CacheLockedError, match=r"holds its lock 's3://kdcache/locked/cache.zarr.lock'"):
+            precompute(precompute_config(s3, cache))  # before any Ray work
+    assert read_holder(cache, s3["options"]) is None
+
+
+def test_shards_read_with_explicit_storage_options(s3, monkeypatch):
+    monkeypatch.delenv("AWS_ENDPOINT_URL")  # not from the environment this time
+    urls = expand_shards(f"s3://{BUCKET}/shards/train-*.tar", storage_options=s3["options"])
+    assert [u.rsplit("/", 1)[1] for u in urls] == [f"train-{i:06d}.tar" for i in range(4)]
+    assert [len(i) for i in scan_shards(urls, storage_options=s3["options"])] == [12] * 4
+    assert [s.key for s in iter_shard(urls[1], s3["options"])][:2] == ["train_000012", "train_000013"]
+
+
+@pytest.mark.slow
+def test_precompute_with_ray_and_train_with_workers_on_s3(s3, ray_session, local_cache, tmp_path, capsys):
+    cache = f"s3://{BUCKET}/ray/cache.zarr"
+    _, summary = precompute(precompute_config(s3, cache), progress=False)
+    assert summary is not None and summary.failed == 0 and summary.views == 48 * 2
+    assert summary.store_bytes > 1000 and "all 4 shards complete" in summary.complete
+    assert not s3["fs"].exists(f"{BUCKET}/ray/cache.zarr.lock")
+    assert_same(arrays(cache, s3["options"]), arrays(local_cache))
+    assert validate_cache(open_store(cache, "r", s3["options"])).ok
+    assert cli_main(["validate", cache]) == 0 and "valid: every shard complete" in capsys.readouterr().out
+    assert precompute(precompute_config(s3, cache))[1] is None  # rerun: nothing to do
+    config_file = tmp_path / "train.yaml"
+    config_file.write_text(yaml.safe_dump(train_config(s3, cache, tmp_path / "run", workers=2)))
+    assert cli_main(["train", str(config_file)]) == 0
+    out = capsys.readouterr().out
+    assert "kdcache train (cache): 1 epochs, 6 steps" in out and "0 teacher forwards" in out
+    assert (tmp_path / "run" / "summary.json").exists()
