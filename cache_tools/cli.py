@@ -23,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("cache_tools.cli_inspect", "teacher statistics of a cache: tables, JSON, plots"),
     "train": ("train.cli", "train a student from the cache (or online, or plain CE)"),
     "demo": ("train.demo", "the whole flow on Fashion-MNIST, end to end"),
-    "bench": ("train.bench", "benchmarks: train, precompute, cache, parity"),
+    "bench": ("cache_tools.cli_bench", "benchmarks: train, precompute, cache, parity"),
 }
 
 

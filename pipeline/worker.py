@@ -4,8 +4,8 @@
 or N on CPUs); tests and debugging call it in-process: ``ShardWorker(settings)(task)``. It builds
 each teacher once, then per shard task streams the tar, checks the keys against the plan, decodes
 each image once, replays A views (from ``(seed, key, a)``, or from the parameters already stored
-when an earlier run made the shard's views), runs every teacher per batch under
-``inference_mode``, reduces the logits to top-k / logsumexp / label logit on the device, and
+when an earlier run made the shard's views) in a background thread a few batches ahead, runs every
+teacher per batch under ``inference_mode`` meanwhile, reduces the logits to top-k / logsumexp / label logit on the device, and
 writes views (if needed) and each teacher's targets, each completion mark last. It never writes
 group attributes.
 
@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -42,6 +45,8 @@ from pipeline.plan import ShardTask, TeacherPlan
 logger = logging.getLogger(__name__)
 
 FAULT_ENV = "KDCACHE_FAULT_CRASH_SHARD"
+PREFETCH_BATCHES = 2
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,9 @@ class WorkerSettings:
     teachers: tuple[TeacherPlan, ...]
     runtime: RuntimeSection
     torch_threads: int
+    prefetch_batches: int = PREFETCH_BATCHES
+    """Batches of views a background thread decodes and replays ahead while the teachers run
+    (0: in line, one after the other)."""
 
 
 @dataclass(frozen=True)
@@ -171,7 +179,8 @@ class ShardWorker:
         n, a = len(task.keys), self.settings.num_views
         out = {name: TeacherArrays.zeros(n, a, self.k[name]) for name in task.teachers}
         forward = 0.0
-        for batch, (flat, views) in enumerate(self._batches(task, rows)):
+        batches = background(self._batches(task, rows), self.settings.prefetch_batches)
+        for batch, (flat, views) in enumerate(batches):
             labels = torch.from_numpy(rows.labels[flat // a].astype(np.int64))
             forward += self._forward(task, flat, views, labels, out)
             if batch == 0:
@@ -248,6 +257,53 @@ class ShardWorker:
             arrays = out[name]
             write_teacher(self.store, task.index, name, topk_idx=arrays.topk_idx, topk_logit=arrays.topk_logit,
                           lse=arrays.lse, label_logit=arrays.label_logit)  # fmt: skip
+
+
+def background(items: Iterator[T], depth: int) -> Iterator[T]:
+    """``items``, produced by a background thread up to ``depth`` ahead of the consumer.
+
+    The producer's exception is raised here, in the consumer; a consumer that stops early (its own
+    exception, ``close``) stops the producer before returning. ``depth`` 0: no thread.
+    """
+    if depth <= 0:
+        yield from items
+        return
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    thread = threading.Thread(target=_produce, args=(items, slots, stop), name="kdcache-views", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = slots.get()
+            if kind == "error":
+                raise value
+            if kind == "end":
+                return
+            yield value
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _produce(items: Iterator[T], slots: queue.Queue, stop: threading.Event) -> None:
+    """The producer thread of :func:`background`: items, then an end mark or the exception."""
+
+    def put(kind: str, value: object) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put((kind, value), timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    try:
+        for item in items:
+            if not put("item", item):
+                return
+        put("end", None)
+    except BaseException as exc:  # handed to the consumer, which raises it
+        put("error", exc)
 
 
 def checked_samples(task: ShardTask) -> Iterator[Sample]:

@@ -45,6 +45,12 @@ class _DistillBase(StrictModel):
     ``renorm`` (drop the tail, renormalise the top-k). Irrelevant when k equals the class count."""
     stop_epoch: int | None = Field(None, ge=0)
     """Early-stopped KD (paper 002): from this (0-based, run-global) epoch on, the loss is plain CE."""
+    topk: int | None = Field(None, ge=1)
+    """Use only the first ``topk`` of the teacher's top-k classes (None: all of them). The first j of
+    the stored top-k (sorted by logit) with the exact logsumexp and label logit are exactly what a
+    cache made with k = j holds (up to ties), so one k = 10 cache serves students at k = 1..10; the
+    tail mass grows accordingly and ``tail`` says how it is treated. Online targets are truncated
+    the same way. At most the cache's k (online: the class count)."""
 
 
 class KDLossConfig(_DistillBase):

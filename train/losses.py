@@ -84,6 +84,13 @@ def pearson(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
     return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
 
 
+def truncate_topk(targets: SparseTargets, k: int | None) -> SparseTargets:
+    """The first ``k`` of the logit-sorted top-k with the exact lse and label logit: what a k-cache holds."""
+    if k is None or k >= targets.k:
+        return targets
+    return SparseTargets(targets.idx[:, :k], targets.logit[:, :k], targets.lse, targets.label_logit)
+
+
 def stopped(config: LossConfig, epoch: int) -> bool:
     """Early-stopped KD: the distillation term is off from ``stop_epoch`` on."""
     stop = getattr(config, "stop_epoch", None)
@@ -195,4 +202,6 @@ class Criterion:
             return LossParts(total=ce, ce=ce)
         if self.needs_teacher and targets is None:
             raise ValueError(f"loss {self.config.name!r} needs teacher targets, the batch has none")
+        if targets is not None:
+            targets = truncate_topk(targets, getattr(self.config, "topk", None))
         return self.fn(self.config, logits, labels, targets, self.num_classes)

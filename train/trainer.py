@@ -26,7 +26,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import torch
 import yaml
@@ -41,7 +41,7 @@ from cache_tools.targets import SparseTargets, from_logits
 from cache_tools.teacher import ModelRunner, autocast_context
 from cache_tools.views import ViewRecipe, normalize
 from train import distributed as D
-from train.config import RESUME_MUTABLE, TrainConfig, config_differences, resolved
+from train.config import RESUME_MUTABLE, TrainConfig, config_differences, resolved, stage_teacher
 from train.data import Batch, RunData, build_eval_data, build_train_data, dropped_samples, steps_per_epoch
 from train.losses import Criterion, LossParts, stopped
 from train.schedule import Segment, StagePlan, build_optimizer, lr_at, plan_stages, set_lr, stage_at
@@ -142,6 +142,7 @@ class Trainer:
         self.data = self._build_data()
         self.num_classes, self.recipe = self.data.num_classes, self.data.recipe
         self.eval_data = build_eval_data(config, self.dist.rank, self.dist.world_size, self.recipe, self.num_classes, self._pin)
+        check_topk(config, self.data.store, self.num_classes)
         self.model = self._build_student()
         self.ddp = self._wrap(self.model)
         self.teachers = self._build_online_teachers()
@@ -211,14 +212,10 @@ class Trainer:
         return summary
 
     def _train_epoch(self) -> None:
-        epoch, stage = self.state.epoch, stage_at(self.stages, self.state.epoch)
-        self._enter_segment(self.segments[stage.segment])
-        criterion = Criterion(stage.config.loss, self.num_classes)
-        uses_teacher = criterion.needs_teacher and not stopped(stage.config.loss, epoch)
-        cache_teachers = [stage.teacher] if uses_teacher and self.config.teacher.mode == "cache" else []
+        epoch = self.state.epoch
+        stage, criterion, uses_teacher, cache_teachers = self._epoch_setup(epoch)
         steps = steps_per_epoch(self.data.spec, epoch)
         self._log_epoch_start(stage, steps)
-        self.ddp.train()
         bar = self._bar(steps, f"epoch {epoch + 1}/{self.config.total_epochs} {stage.name}")
         tick = time.perf_counter()
         for batch in self.data.epoch(epoch, cache_teachers, self.state.epoch_step):
@@ -228,6 +225,32 @@ class Trainer:
             if self.stopped_early:
                 break
         bar.close()
+
+    def _epoch_setup(self, epoch: int) -> tuple[StagePlan, Criterion, bool, list[str]]:
+        """The epoch's stage (entering its optimizer segment), loss, whether it uses the teacher, cache teachers."""
+        stage = stage_at(self.stages, epoch)
+        self._enter_segment(self.segments[stage.segment])
+        criterion = Criterion(stage.config.loss, self.num_classes)
+        uses_teacher = criterion.needs_teacher and not stopped(stage.config.loss, epoch)
+        cache_teachers = [stage.teacher] if uses_teacher and self.config.teacher.mode == "cache" else []
+        self.ddp.train()
+        return stage, criterion, uses_teacher, cache_teachers
+
+    def step_batches(self, epoch: int, batches: Iterable[Batch] | None = None) -> Iterator[int]:
+        """Train epoch ``epoch``'s batches one optimizer step at a time, yielding each batch's size.
+
+        The same data path, loss and step as :meth:`run`, without logging, checkpoints, evaluation
+        or counters (only ``state.epoch`` is set): ``kdcache bench train`` times these steps.
+        ``batches``: step on these instead of the epoch's stream (to time the step alone).
+        """
+        self.state.epoch = epoch
+        stage, criterion, uses_teacher, cache_teachers = self._epoch_setup(epoch)
+        segment, steps = self.segments[stage.segment], steps_per_epoch(self.data.spec, epoch)
+        stream = self.data.epoch(epoch, cache_teachers) if batches is None else batches
+        for step, batch in enumerate(stream):
+            lr = lr_at(segment, (epoch - segment.start) + min(step / steps, 1.0))
+            self._step(batch, stage, criterion, uses_teacher, lr)
+            yield len(batch)
 
     def _step(self, batch: Batch, stage: StagePlan, criterion: Criterion, uses_teacher: bool, lr: float) -> LossParts:
         batch = batch.to(self.device)
@@ -461,6 +484,19 @@ def check_student(model: nn.Module, recipe: ViewRecipe, num_classes: int, config
         model.train()
     if tuple(out.shape) != (2, num_classes):
         raise error(f"student {config.student.name!r} outputs {tuple(out.shape)[1:]} logits, {where} have {num_classes} classes")
+
+
+def check_topk(config: TrainConfig, store: CacheStore | None, num_classes: int) -> None:
+    """Refuse a ``stages.N.loss.topk`` above what the targets hold: the cache's k, or C online."""
+    for i, stage in enumerate(config.stages):
+        topk, teacher = getattr(stage.loss, "topk", None), stage_teacher(config, i)
+        if topk is None or teacher is None:
+            continue
+        cached = config.teacher.mode == "cache" and store is not None
+        held = store.teacher_meta(teacher).k if cached else num_classes
+        if topk > held:
+            what = f"the cache's k={held} for teacher {teacher!r}" if cached else f"the {held} classes"
+            raise ConfigError(f"stages.{i}.loss.topk: {topk} is more than {what}")
 
 
 def online_teacher_spec(config: TrainConfig, name: str, store: CacheStore | None) -> ModelSpec:

@@ -1,0 +1,261 @@
+"""``kdcache bench cache``: bytes per view, block read speed and reconstruction error per encoding and k.
+
+Caches of ``--shards`` x ``--samples`` samples x A views, C = 1000 classes, are written with the
+real writer (``create_store`` / ``write_views`` / ``add_teacher`` / ``write_teacher``) for each
+encoding (``fp16``, ``q8``) and k, and read back with :func:`~cache_tools.reader.read_block`.
+
+**Teacher logits** (no ImageNet teacher can be run here): a documented generator of peaked,
+long-tailed logits with the structure that matters for compression (:func:`teacher_logits`).
+Its statistics (mean top-1 probability, entropy, top-k mass, accuracy) are reported with the
+results so they can be compared with a real teacher's (``kdcache inspect`` prints the same).
+
+**Sizes** are the bytes of each array's chunk files on disk (blosc-zstd level 5 + shuffle), per
+view; view parameters and per-sample arrays are shared by all teachers and reported apart.
+**Read speed** is views per wall second and per CPU second (all threads) of ``read_block`` over
+every shard, the encodings interleaved round by round. **Error**: the decoded targets against
+the fp32 top-k they were made from, as dense distributions at T: with the top-k renormalised
+(tail ``renorm``; the headline ``kl_k10``, as ``tests/test_encoding.py`` measures it) and with the
+tail mass spread over the other classes (tail ``spread``): max |Δp| over all classes and views,
+the mean KL(fp32 ‖ decoded), and the largest error of the T=1 tail mass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmarks.common import machine, table
+from cache_tools.reader import read_block
+from cache_tools.store import STATUS_VALID, CacheStore, Fingerprint
+from cache_tools.targets import SparseTargets, dense_probs, from_logits, tail_mass_t1
+from cache_tools.views import ViewRecipe, view_params
+from cache_tools.writer import add_teacher, create_store, write_teacher, write_views
+
+ENCODINGS = ("fp16", "q8")
+GENERATOR = {
+    "tail_std": 1.5, "view_std": 0.5, "confusable": 10, "confusable_boost_mean": 3.0, "near_window": 40,
+    "near_fraction": 0.7, "top_boost": (12.0, 20.0), "accuracy": 0.8, "view_scale": (0.5, 1.0),
+}
+"""Parameters of :func:`teacher_logits` (recorded in the results)."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, default=Path("runs/bench/cache"), help="where the caches are written")
+    parser.add_argument("--shards", type=int, default=4, help="shards (default 4)")
+    parser.add_argument("--samples", type=int, default=2000, help="samples per shard (default 2000)")
+    parser.add_argument("--views", type=int, default=4, help="A, views per sample (default 4: 8000 views a block)")
+    parser.add_argument("--classes", type=int, default=1000, help="C (default 1000)")
+    parser.add_argument("--ks", default="5,10,20", help="comma-separated k values (default 5,10,20)")
+    parser.add_argument("--reads", type=int, default=5, help="read rounds over every shard (default 5)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="T of the headline error (default 1)")
+    parser.add_argument("--kd-temperature", type=float, default=4.0, help="a second T for the error (default 4, KD's)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (tests)")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Write one cache per (encoding, k), measure sizes, reads and errors; return the results."""
+    if args.quick:
+        args.shards, args.samples, args.views, args.reads = 2, 100, 2, 1
+    ks = [int(k) for k in str(args.ks).split(",")]
+    data = [teacher_logits(args.samples, args.views, args.classes, seed=s) for s in range(args.shards)]
+    exact = [from_logits(torch.from_numpy(z.reshape(-1, args.classes)), torch.from_numpy(y).repeat_interleave(args.views),
+                         max(ks)) for z, y in data]
+    stores = {(enc, k): write_cache(args, enc, k, exact, [y for _, y in data]) for enc in ENCODINGS for k in ks}
+    reads = read_rounds(stores, args.reads)
+    views = args.shards * args.samples * args.views
+    rows = [measure(store, enc, k, exact, views, reads[(enc, k)], (args.temperature, args.kd_temperature)) for (enc, k), store in stores.items()]
+    shared = shared_bytes(next(iter(stores.values())), views)
+    return summarise(args, rows, shared, logit_stats(data, args.classes))
+
+
+# ---- teacher-like logits ------------------------------------------------------------------------------
+
+
+def teacher_logits(n: int, views: int, classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``float32[n, views, classes]`` logits and ``int64[n]`` labels of a peaked, long-tailed teacher.
+
+    Every logit is ``N(0, 1.5)`` per sample plus ``N(0, 0.5)`` per view (the long tail). Each sample
+    has 10 confusable classes, 70% of them within ±40 ids of its label (ImageNet's class order puts
+    similar classes together), boosted by ``Exp(mean 3)``; its top class (the label with
+    probability 0.8, else its first confusable class) is boosted by ``U(12, 20)``. Each view scales
+    the boosts by ``U(0.5, 1)`` (a small crop makes the teacher less sure). See :data:`GENERATOR`.
+    """
+    g, rng = GENERATOR, np.random.default_rng(seed)
+    labels = rng.integers(classes, size=n)
+    z = rng.normal(0, g["tail_std"], (n, 1, classes)) + rng.normal(0, g["view_std"], (n, views, classes))
+    m = g["confusable"]
+    near = (labels[:, None] + rng.integers(-g["near_window"], g["near_window"] + 1, (n, m))) % classes
+    confusable = np.where(rng.random((n, m)) < g["near_fraction"], near, rng.integers(classes, size=(n, m)))
+    boost = np.zeros((n, classes))
+    np.put_along_axis(boost, confusable, rng.exponential(g["confusable_boost_mean"], (n, m)), 1)
+    top = np.where(rng.random(n) < g["accuracy"], labels, confusable[:, 0])
+    boost[np.arange(n), top] = rng.uniform(*g["top_boost"], n)
+    scale = rng.uniform(*g["view_scale"], (n, views, 1))
+    return (z + scale * boost[:, None, :]).astype(np.float32), labels
+
+
+def logit_stats(data: list[tuple[np.ndarray, np.ndarray]], classes: int) -> dict[str, float]:
+    """Mean top-1 probability, entropy (nats), top-5/10/20 mass and top-1 accuracy of the generated logits."""
+    z, y = data[0]
+    p = torch.softmax(torch.from_numpy(z.reshape(-1, classes)), dim=-1)
+    top = p.topk(20, dim=-1).values
+    labels = torch.from_numpy(y).repeat_interleave(z.shape[1])
+    return {"top1_prob": float(top[:, 0].mean()), "entropy_nats": float(-(torch.xlogy(p, p)).sum(-1).mean()),
+            "top5_mass": float(top[:, :5].sum(-1).mean()), "top10_mass": float(top[:, :10].sum(-1).mean()),
+            "top20_mass": float(top.sum(-1).mean()), "accuracy": float((p.argmax(-1) == labels).float().mean())}
+
+
+# ---- writing ------------------------------------------------------------------------------------------
+
+
+def write_cache(args: argparse.Namespace, encoding: str, k: int, exact: list[SparseTargets],
+                labels: list[np.ndarray]) -> CacheStore:
+    """A complete cache of one teacher (views + targets) through the real writer."""
+    path = args.out / f"{encoding}-k{k}"
+    shutil.rmtree(path, ignore_errors=True)
+    keys = [[f"s{s:03d}_{i:06d}" for i in range(args.samples)] for s in range(args.shards)]
+    fingerprint = Fingerprint(shards=[f"train-{s:06d}.tar" for s in range(args.shards)], counts=[args.samples] * args.shards,
+                              key_digest="bench")
+    store = create_store(str(path), fingerprint=fingerprint, keys=keys, recipe=ViewRecipe(), num_views=args.views,
+                         num_classes=args.classes, class_names=[], seed=0, config={"bench": "cache"})
+    add_teacher(store, "teacher", model={"name": "generator"}, weights_digest="bench", k=k, encoding=encoding)
+    shape = (args.samples, args.views)
+    for s, (t, y) in enumerate(zip(exact, labels)):
+        write_views(store, s, labels=y, status=np.full(args.samples, STATUS_VALID), errors=[""] * args.samples,
+                    params=imagenet_like_params(keys[s], args.views, seed=s))
+        write_teacher(store, s, "teacher", topk_idx=t.idx[:, :k].numpy().astype(np.uint16).reshape(*shape, k),
+                      topk_logit=t.logit[:, :k].numpy().reshape(*shape, k), lse=t.lse.numpy().reshape(shape),
+                      label_logit=t.label_logit.numpy().reshape(shape))
+    return store
+
+
+def imagenet_like_params(keys: list[str], views: int, seed: int) -> np.ndarray:
+    """Stored RandomResizedCrop parameters of images of ImageNet-like sizes (sides 300..500)."""
+    rng, recipe = np.random.default_rng(1000 + seed), ViewRecipe()
+    sizes = rng.integers(300, 501, (len(keys), 2))
+    return np.stack([view_params(recipe, 0, key, views, (int(h), int(w))) for key, (h, w) in zip(keys, sizes)])
+
+
+# ---- measuring ----------------------------------------------------------------------------------------
+
+
+def array_bytes(store: CacheStore, name: str) -> int:
+    """Bytes of an array's chunk files (its metadata left out)."""
+    root = Path(store.path) / name
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and p.name != "zarr.json")
+
+
+def shared_bytes(store: CacheStore, views: int) -> dict[str, float]:
+    """Per-view bytes of what all teachers share: view params, and per-sample keys/labels/status/errors."""
+    names = ("view_params", "keys", "labels", "status", "errors")
+    out = {name: array_bytes(store, name) / views for name in names}
+    out["total"] = sum(out.values())
+    return out
+
+
+def read_rounds(stores: dict[tuple[str, int], CacheStore], rounds: int) -> dict[tuple[str, int], dict[str, float]]:
+    """Wall and CPU seconds of reading every shard's block, the caches interleaved round by round."""
+    wall = {key: 0.0 for key in stores}
+    cpu = dict(wall)
+    for key, store in stores.items():  # warm-up: metadata, page cache
+        read_block(store, 0, ["teacher"])
+    for _ in range(rounds):
+        for key, store in stores.items():
+            w, c = time.perf_counter(), time.process_time()
+            for shard in range(store.num_shards):
+                read_block(store, shard, ["teacher"])
+            wall[key] += time.perf_counter() - w
+            cpu[key] += time.process_time() - c
+    return {key: {"wall_s": wall[key], "cpu_s": cpu[key], "rounds": rounds} for key in stores}
+
+
+def measure(store: CacheStore, encoding: str, k: int, exact: list[SparseTargets], views: int,
+            read: dict[str, float], temperatures: tuple[float, float]) -> dict[str, Any]:
+    """Sizes, read speed and reconstruction error of one cache."""
+    group = "teachers/teacher"
+    arrays = {name: array_bytes(store, f"{group}/{name}") / views for name in store.teacher_group("teacher").array_keys()
+              if name != "done"}
+    errors = [block_error(store, s, t, k, temperatures) for s, t in enumerate(exact)]
+    read_views = views * read["rounds"]
+    error = {name: (max if name.startswith("max") else np.mean)([e[name] for e in errors]) for name in errors[0]}
+    return {"encoding": encoding, "k": k, "arrays": arrays, "bytes_per_view": sum(arrays.values()),
+            "read_vps_wall": read_views / read["wall_s"], "read_vps_cpu": read_views / read["cpu_s"],
+            "block_ms": 1e3 * read["wall_s"] / (read["rounds"] * store.num_shards),
+            "mean_kl": float(error["kl_renorm"]), "max_dprob": float(error["max_dprob_renorm"]),
+            "mean_kl_spread": float(error["kl_spread"]), "max_dprob_spread": float(error["max_dprob_spread"]),
+            "mean_kl_kd": float(error["kl_renorm_kd"]), "mean_kl_spread_kd": float(error["kl_spread_kd"]),
+            "max_dprob_spread_kd": float(error["max_dprob_spread_kd"]), "max_dtail": float(error["max_dtail"])}
+
+
+def block_error(store: CacheStore, shard: int, exact: SparseTargets, k: int,
+                temperatures: tuple[float, float]) -> dict[str, float]:
+    """One shard's decoded targets against the fp32 top-k they were made from, as dense distributions:
+    per tail treatment and temperature (headline, KD) the max |Δp| and mean KL(fp32 ‖ decoded), and
+    the T=1 tail mass error."""
+    t = read_block(store, shard, ["teacher"]).teachers["teacher"]
+    n = t.lse.size
+    decoded = SparseTargets(torch.from_numpy(t.topk_idx.reshape(n, k).astype(np.int64)),
+                            torch.from_numpy(t.topk_logit.reshape(n, k).astype(np.float32)),
+                            torch.from_numpy(t.lse.reshape(n)), torch.from_numpy(t.label_logit.reshape(n)))
+    reference = SparseTargets(exact.idx[:, :k], exact.logit[:, :k], exact.lse, exact.label_logit)
+    out = {"max_dtail": float((tail_mass_t1(reference) - tail_mass_t1(decoded)).abs().max())}
+    for tail in ("renorm", "spread"):
+        for which, temperature in zip(("", "_kd"), temperatures):
+            p = dense_probs(reference, store.meta.num_classes, temperature, tail).double()
+            q = dense_probs(decoded, store.meta.num_classes, temperature, tail).double()
+            out[f"max_dprob_{tail}{which}"] = float((p - q).abs().max())
+            out[f"kl_{tail}{which}"] = float((torch.xlogy(p, p) - torch.xlogy(p, q)).sum(-1).mean())
+    return out
+
+
+# ---- results ------------------------------------------------------------------------------------------
+
+
+def summarise(args: argparse.Namespace, rows: list[dict[str, Any]], shared: dict[str, float],
+              stats: dict[str, float]) -> dict[str, Any]:
+    """Headline numbers at k=10 (or the middle k) plus every row."""
+    k10 = 10 if any(r["k"] == 10 for r in rows) else rows[len(rows) // 2]["k"]
+    at = {r["encoding"]: r for r in rows if r["k"] == k10}
+    return {
+        "bench": "cache", "machine": machine(), "settings": {
+            "shards": args.shards, "samples_per_shard": args.samples, "views": args.views, "classes": args.classes,
+            "reads": args.reads, "temperature": args.temperature, "kd_temperature": args.kd_temperature, "quick": args.quick, "headline_k": k10},
+        "bytes_per_view_k10": {e: r["bytes_per_view"] for e, r in at.items()},
+        "read_vps": {e: r["read_vps_cpu"] for e, r in at.items()},
+        "kl_k10": {e: r["mean_kl"] for e, r in at.items()},
+        "max_dprob_k10": {e: r["max_dprob"] for e, r in at.items()},
+        "kl_k10_spread": {e: r["mean_kl_spread"] for e, r in at.items()},
+        "kl_k10_spread_kd": {e: r["mean_kl_spread_kd"] for e, r in at.items()},
+        "max_dtail_k10": {e: r["max_dtail"] for e, r in at.items()},
+        "shared_bytes_per_view": shared, "generator": {"params": GENERATOR, "stats": stats}, "rows": rows,
+    }
+
+
+def format_result(result: dict[str, Any]) -> str:
+    """The tables printed by ``kdcache bench cache``."""
+    s, stats = result["settings"], result["generator"]["stats"]
+    head = (f"cache bench: {s['shards']} shards x {s['samples_per_shard']} samples x {s['views']} views, "
+            f"C={s['classes']}; generated logits: top-1 p {stats['top1_prob']:.2f}, entropy {stats['entropy_nats']:.2f} "
+            f"nats, top-10 mass {stats['top10_mass']:.3f}, accuracy {stats['accuracy']:.2f}")
+    names = sorted({n for r in result["rows"] for n in r["arrays"]})
+    sizes = table(["encoding", "k"] + names + ["total B/view"], [
+        [r["encoding"], r["k"]] + [r["arrays"].get(n, float("nan")) for n in names] + [r["bytes_per_view"]]
+        for r in result["rows"]])
+    shared = table(["shared by all teachers", "B/view"], [[n, v] for n, v in result["shared_bytes_per_view"].items()])
+    speed = table(["encoding", "k", "block read ms", "views/s (wall)", "views/s per CPU s"], [
+        [r["encoding"], r["k"], r["block_ms"], r["read_vps_wall"], r["read_vps_cpu"]] for r in result["rows"]])
+    t, kd = f"T={s['temperature']:g}", f"T={s['kd_temperature']:g}"
+    error = table(["encoding", "k", f"top-k max |Δp| {t}", f"top-k mean KL {t}", f"top-k mean KL {kd}",
+                   f"spread max |Δp| {t}", f"spread mean KL {t}", f"spread mean KL {kd}", "max |Δ tail mass|"], [
+        [r["encoding"], r["k"], r["max_dprob"], r["mean_kl"], r["mean_kl_kd"], r["max_dprob_spread"],
+         r["mean_kl_spread"], r["mean_kl_spread_kd"], r["max_dtail"]] for r in result["rows"]])
+    note = ("error against the fp32 top-k: 'top-k' renormalises the k classes (tail renorm), 'spread' adds the "
+            "tail mass over the other C-k classes (tail spread); the tail mass is 1 - sum of the top-k probabilities at T=1")
+    return "\n\n".join([head, sizes, shared, speed, note, error])
+

@@ -1,0 +1,174 @@
+"""What the benchmarks share: data and cache set-up, timing, statistics and tables.
+
+The set-up goes through the same code a user runs: ``kdcache shards`` (through the CLI
+dispatcher) for shards, and precompute's plan + :class:`~pipeline.worker.ShardWorker` for caches
+(in-process: the Ray layer is measured by ``kdcache bench precompute`` alone).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from cache_tools.errors import KdcacheError
+
+FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FMNIST_RECIPE: dict[str, Any] = {
+    "name": "rrc_flip", "size": 28, "scale": [0.5, 1.0], "channels": 1, "mean": [0.286], "std": [0.353],
+}
+"""The view recipe of the Fashion-MNIST configs (configs/fmnist/teacher.yaml)."""
+
+
+class BenchError(KdcacheError, RuntimeError):
+    """A benchmark could not set up or run (names the step that failed)."""
+
+
+# ---- data and caches ------------------------------------------------------------------------------
+
+
+def fmnist_available(directory: str = FMNIST_DIR) -> bool:
+    """True when the Debian package's Fashion-MNIST IDX files are there."""
+    return Path(directory, "train-images-idx3-ubyte.gz").is_file()
+
+
+def default_source() -> str:
+    """``fashion-mnist`` when installed, else ``synthetic`` (28x28 grey, 10 classes)."""
+    return "fashion-mnist" if fmnist_available() else "synthetic"
+
+
+def make_shards(out: Path, source: str, num: int, shard_size: int, test_num: int = 0) -> tuple[str, str | None]:
+    """``kdcache shards`` into ``out`` (reused when its train manifest has ``num`` samples); (train, test)
+    shard globs, test None when there is no test split. Fashion-MNIST takes ``--limit num`` for both splits."""
+    if not (out / "train-manifest.json").is_file() or _manifest_count(out / "train-manifest.json") != num:
+        argv = ["shards", source, "--out", str(out), "--shard-size", str(shard_size), "--overwrite"]
+        if source == "synthetic":
+            argv += ["--num", str(num), "--test-num", str(test_num), "--classes", "10", "--size", "28", "--channels", "1"]
+        else:
+            argv += ["--limit", str(num)]
+        _cli(argv, "kdcache shards")
+    test = str(out / "test-*.tar") if (out / "test-manifest.json").is_file() else None
+    return str(out / "train-*.tar"), test
+
+
+def _manifest_count(path: Path) -> int:
+    return int(sum(json.loads(path.read_text()).get("counts", [])))
+
+
+def _cli(argv: list[str], what: str) -> None:
+    from cache_tools.cli import main
+
+    code = main(argv)
+    if code != 0:
+        raise BenchError(f"{what} failed with exit status {code}: {' '.join(argv)}")
+
+
+def write_yaml(path: Path, data: dict[str, Any]) -> Path:
+    """Write a config beside the benchmark's outputs (so every run can be repeated by hand)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def precompute_config(shards: str, cache: Path, teacher: dict[str, Any], *, views: int, k: int,
+                      encoding: str = "fp16", recipe: dict[str, Any] | None = None, threads: int = 1,
+                      batch_size: int = 256) -> dict[str, Any]:
+    """A precompute config: one teacher named ``teacher`` over ``shards`` x ``views``."""
+    return {
+        "data": {"shards": shards},
+        "cache": {"path": str(cache), "num_views": views, "recipe": recipe or FMNIST_RECIPE, "overwrite": True},
+        "teachers": [{"name": "teacher", "model": teacher, "k": k, "encoding": encoding}],
+        "ray": {"num_actors": 1, "cpus_per_actor": 1},
+        "runtime": {"batch_size": batch_size, "device": "cpu", "torch_threads": threads},
+    }
+
+
+def precompute_inprocess(config_path: Path, overrides: list[str] | None = None) -> int:
+    """Plan and run every shard task with one in-process ShardWorker (no Ray); returns the views made."""
+    from cache_tools.config import load_config
+    from pipeline.config import PrecomputeConfig
+    from pipeline.plan import make_plan
+    from pipeline.runner import worker_settings
+    from pipeline.worker import ShardWorker
+
+    cfg = load_config(PrecomputeConfig, config_path, overrides)
+    plan = make_plan(cfg)
+    worker = ShardWorker(worker_settings(cfg, plan))
+    return sum(worker(task).views for task in plan.tasks)
+
+
+# ---- timing and statistics --------------------------------------------------------------------------
+
+
+def timed(fn, *args: Any) -> tuple[Any, float]:
+    """(result, wall seconds) of ``fn(*args)``."""
+    start = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - start
+
+
+def per_second(count: float, seconds: float) -> float:
+    return count / seconds if seconds > 0 else math.nan
+
+
+def mean_std(values: Iterable[float]) -> dict[str, Any]:
+    """``{"mean", "std" (sample std, 0 for one value), "n", "values"}``."""
+    values = [float(v) for v in values]
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": statistics.fmean(values) if values else math.nan, "std": std, "n": len(values), "values": values}
+
+
+def median(values: Iterable[float]) -> float:
+    values = list(values)
+    return statistics.median(values) if values else math.nan
+
+
+def rotated(items: tuple[str, ...], shift: int) -> list[str]:
+    """``items`` rotated by ``shift``: each item leads in turn, so no mode always runs first."""
+    shift %= len(items)
+    return list(items[shift:] + items[:shift])
+
+
+# ---- output -------------------------------------------------------------------------------------------
+
+
+def table(headers: list[str], rows: list[list[Any]]) -> str:
+    """A Markdown table (what docs/benchmarks.md shows), numbers formatted compactly."""
+    cells = [[_fmt(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    line = lambda parts: "| " + " | ".join(p.ljust(w) for p, w in zip(parts, widths)) + " |"  # noqa: E731
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "n/a"
+        if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e6):
+            return f"{value:.2e}"
+        return f"{value:.3f}" if abs(value) < 10 else f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.1f}"
+    return str(value)
+
+
+def machine() -> dict[str, Any]:
+    """Where the numbers were measured: CPU model and count, load, library versions."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "torch": torch.__version__, "python": platform.python_version()}

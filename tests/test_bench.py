@@ -1,0 +1,162 @@
+"""``kdcache bench``: each benchmark runs at tiny sizes and writes its JSON keys (no timing assertions),
+plus the pieces the benchmarks brought: ``loss.topk`` truncation, batches pickled for the loader
+queue, precompute's background view thread."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import threading
+
+import pytest
+import torch
+
+from cache_tools.cli import main as kdcache
+from cache_tools.errors import ConfigError, DataError
+from cache_tools.targets import SparseTargets, from_logits
+from cachebuild import build_cache, write_shards
+from pipeline.worker import background
+from train.config import KDLossConfig, TrainConfig
+from train.data import Batch
+from train.losses import Criterion, truncate_topk
+from train.trainer import Trainer
+
+FMNIST = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
+
+
+def bench(name: str, tmp_path, *extra: str) -> dict:
+    out = tmp_path / "result.json"
+    assert kdcache(["bench", name, "--quick", "--out", str(tmp_path / "work"), "--json", str(out), *extra]) == 0
+    return json.loads(out.read_text())
+
+
+# ---- the benchmarks ------------------------------------------------------------------------------------
+
+
+def test_train_bench_writes_its_keys(tmp_path, capsys):
+    result = bench("train", tmp_path, "--source", "synthetic")
+    assert {"plain_ips", "cached_ips", "online_ips", "cached_over_plain", "cached_over_online",
+            "ideal_speedup_over_online", "cpu_ips", "step"} <= result.keys()
+    assert all(result[k] > 0 for k in ("plain_ips", "cached_ips", "online_ips"))
+    assert "cached/plain" in capsys.readouterr().out
+
+
+def test_precompute_bench_writes_its_keys(tmp_path):
+    result = bench("precompute", tmp_path, "--source", "synthetic", "--actors", "")
+    assert {"pipeline_vps", "forward_vps", "pipeline_over_forward", "sweep", "actors"} <= result.keys()
+    assert [r["views"] for r in result["sweep"]] == [1, 2] and result["actors"] == []
+
+
+@pytest.mark.slow
+def test_precompute_bench_with_a_ray_actor(tmp_path):
+    result = bench("precompute", tmp_path, "--source", "synthetic", "--actors", "1")
+    assert result["actors"][0]["actors"] == 1 and result["actors"][0]["vps_busy"] > 0
+
+
+def test_cache_bench_writes_its_keys(tmp_path):
+    result = bench("cache", tmp_path)
+    assert {"bytes_per_view_k10", "read_vps", "kl_k10", "shared_bytes_per_view", "rows"} <= result.keys()
+    assert set(result["bytes_per_view_k10"]) == {"fp16", "q8"}
+    assert {(r["encoding"], r["k"]) for r in result["rows"]} == {(e, k) for e in ("fp16", "q8") for k in (5, 10, 20)}
+
+
+@pytest.mark.skipif(not __import__("os").path.exists(FMNIST), reason="needs the dataset-fashion-mnist package")
+def test_parity_bench_writes_its_keys(tmp_path):
+    result = bench("parity", tmp_path)
+    assert {"online_acc", "cached_acc", "ce_acc", "per_k", "teacher_acc", "parity_ok"} <= result.keys()
+    assert {"mean", "std"} <= result["cached_acc"].keys()
+    assert {(r["k"], r["tail"]) for r in result["per_k"]} == {(k, t) for k in (1, 5) for t in ("spread", "renorm")}
+
+
+# ---- loss.topk: truncating cached targets at read time -----------------------------------------------
+
+
+def logits_and_labels(n: int = 16, classes: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, classes, generator=g) * 3, torch.randint(classes, (n,), generator=g)
+
+
+def test_truncated_targets_are_what_a_smaller_k_cache_holds():
+    logits, labels = logits_and_labels()
+    cut, small = truncate_topk(from_logits(logits, labels, 10), 3), from_logits(logits, labels, 3)
+    for a, b in zip((cut.idx, cut.logit, cut.lse, cut.label_logit), (small.idx, small.logit, small.lse, small.label_logit)):
+        torch.testing.assert_close(a, b)
+    assert truncate_topk(small, None) is small and truncate_topk(small, 5) is small
+
+
+@pytest.mark.parametrize("tail", ["spread", "renorm"])
+def test_kd_with_topk_equals_kd_on_the_smaller_cache(tail):
+    logits, labels = logits_and_labels()
+    student = torch.randn(16, 10)
+    cut = Criterion(KDLossConfig(topk=2, tail=tail, temperature=4.0), 10)(student, labels, from_logits(logits, labels, 10), 0)
+    small = Criterion(KDLossConfig(tail=tail, temperature=4.0), 10)(student, labels, from_logits(logits, labels, 2), 0)
+    torch.testing.assert_close(cut.total, small.total)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench_topk")
+    urls = write_shards(root / "shards", num_shards=2)
+    build_cache(root / "cache.zarr", urls, teachers={"top3": 3})
+    return {"root": root, "urls": urls}
+
+
+def config(world, run_dir, mode: str, topk: int) -> TrainConfig:
+    return TrainConfig.model_validate({
+        "run": {"dir": str(run_dir), "progress": False},
+        "data": {"shards": world["urls"], "batch_size": 8, "num_workers": 0, "shuffle_buffer": 0},
+        "cache": {"path": str(world["root"] / "cache.zarr")},
+        "student": {"name": "kd_mlp", "kwargs": {"img_size": 12, "hidden": 8}},
+        "teacher": {"mode": mode, "name": "top3"},
+        "stages": [{"epochs": 1, "loss": {"name": "kd", "topk": topk}}],
+    })
+
+
+@pytest.mark.parametrize("mode, topk, match", [("cache", 4, r"stages.0.loss.topk: 4 is more than the cache's k=3 for teacher 'top3'"),
+                                               ("online", 5, r"stages.0.loss.topk: 5 is more than the 4 classes")])
+def test_topk_above_what_the_targets_hold_is_refused(world, tmp_path, mode, topk, match):
+    with pytest.raises(ConfigError, match=match):
+        Trainer(config(world, tmp_path, mode, topk))
+
+
+def test_topk_rejects_zero(world, tmp_path):
+    with pytest.raises(ValueError, match="greater than or equal to 1"):
+        config(world, tmp_path, "cache", 0)
+
+
+def test_trainer_steps_with_topk_from_the_cache(world, tmp_path):
+    trainer = Trainer(config(world, tmp_path, "cache", 2))
+    assert sum(trainer.step_batches(0)) == 24
+
+
+# ---- batches through the loader queue, precompute's view thread --------------------------------------
+
+
+def test_batch_pickles_its_small_tensors_by_value_and_round_trips():
+    targets = SparseTargets(torch.arange(6).view(3, 2), torch.ones(3, 2, dtype=torch.float16), torch.zeros(3), torch.ones(3))
+    batch = Batch(images=torch.zeros(3, 1, 4, 4, dtype=torch.uint8), labels=torch.tensor([0, 1, 2]),
+                  targets={"t": targets}, keys=["a", "b", "c"], views=torch.tensor([0, 1, 0]))
+    back = pickle.loads(pickle.dumps(batch))
+    assert back.keys == batch.keys and torch.equal(back.images, batch.images) and torch.equal(back.views, batch.views)
+    assert torch.equal(back.labels, batch.labels)
+    for a, b in zip((back.targets["t"].idx, back.targets["t"].logit), (targets.idx, targets.logit)):
+        assert torch.equal(a, b) and a.dtype == b.dtype
+
+
+def test_background_yields_in_order_and_raises_the_producers_error_in_the_consumer():
+    assert list(background(iter(range(7)), 2)) == list(range(7))
+
+    def failing():
+        yield 1
+        raise DataError("shard 'x.tar', key 'k': cannot decode the image")
+
+    with pytest.raises(DataError, match="cannot decode the image"):
+        list(background(failing(), 2))
+
+
+def test_background_stops_its_thread_when_the_consumer_stops_early():
+    before = threading.active_count()
+    items = background(iter(range(1000)), 2)
+    assert next(items) == 0
+    items.close()
+    assert threading.active_count() == before
