@@ -124,9 +124,6 @@ def test_resume_against_a_cache_of_other_shards_is_refused(world, stopped_run, t
         resume(verified)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "the trainer does not record which cache a checkpoint was trained against: a cache rebuilt over the "
-    "same shards (other seed, views or teacher weights) is resumed silently; fix described in docs/reliability.md"))
 def test_resume_against_a_rebuilt_cache_is_refused(world, stopped_run):
     config, cache = stopped_run
     shutil.rmtree(cache)
@@ -162,9 +159,6 @@ def test_checkpoint_of_another_version_or_world_size_is_refused(stopped_run):
         resume(config)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "torch.load's own error escapes for an unreadable checkpoint instead of a CheckpointError naming the "
-    "file; fix described in docs/reliability.md"))
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
 def test_unreadable_checkpoint_is_refused_naming_the_file(stopped_run, damage):
     config, _ = stopped_run

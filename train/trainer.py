@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from cache_tools.errors import CacheMismatchError, ConfigError, KdcacheError
 from cache_tools.models import ModelSpec, build_model, build_teacher, weights_digest
-from cache_tools.store import CacheStore
+from cache_tools.store import CacheStore, cache_identity, identity_differences
 from cache_tools.targets import SparseTargets, from_logits
 from cache_tools.teacher import ModelRunner, autocast_context
 from cache_tools.views import ViewRecipe, normalize
@@ -436,14 +436,28 @@ class Trainer:
             "format": CKPT_FORMAT, "version": CKPT_VERSION, "config": resolved(self.config), "world_size": self.dist.world_size,
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "state": asdict(self.state),
             "ema": self.ema.module.state_dict() if self.ema is not None else None, "ranks": ranks,
+            "cache": self._cache_identity(),
         }
         self.ckpt_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.ckpt_path.with_suffix(".tmp")
         torch.save(payload, tmp)
         os.replace(tmp, self.ckpt_path)
 
+    def _cache_identity(self) -> dict[str, Any] | None:
+        """What the run trains against, so a resume refuses a cache rebuilt in between."""
+        store = self.data.store
+        if store is None:
+            return None
+        used = sorted({s.teacher for s in self.stages if s.teacher and s.teacher in store.teachers})
+        return cache_identity(store, used)
+
     def _resume(self) -> None:
         ckpt = load_resume_checkpoint(self.ckpt_path, self.config, self.dist.world_size)
+        saved, current = ckpt.get("cache"), self._cache_identity()
+        if saved is not None and current is not None and identity_differences(saved, current):
+            raise CheckpointError(
+                f"{self.ckpt_path} was trained against another cache than {current.get('path')!r} holds now:\n  "
+                + "\n  ".join(identity_differences(saved, current)))
         self.model.load_state_dict(ckpt["model"])
         self.state = RunState(**ckpt["state"])
         if self.state.segment >= 0:
@@ -521,7 +535,10 @@ def eval_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def load_resume_checkpoint(path: Path, config: TrainConfig, world_size: int) -> dict[str, Any]:
     """Load ``last.pt`` and refuse it unless format, config and world size fit this run."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises pickle, zip and runtime errors for damaged files
+        raise CheckpointError(f"{path} cannot be read as a checkpoint ({type(exc).__name__}: {str(exc)[:200]})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
         raise CheckpointError(f"{path} is not a kdcache training checkpoint")
     if ckpt.get("version") != CKPT_VERSION:
