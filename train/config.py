@@ -183,7 +183,7 @@ class RunConfig(StrictModel):
 
     dir: str = "runs/train"
     """Run directory: ``config.yaml``, ``metrics.jsonl``, ``summary.json``, ``checkpoints/``."""
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)
     """Seed of the student's init, the shard order, the shuffle buffer and the view schedule."""
     device: str = "auto"
     """``auto`` (CUDA if available), ``cpu`` or ``cuda``; under torchrun each rank takes its local GPU."""
