@@ -69,7 +69,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     stores = {(enc, k): write_cache(args, enc, k, exact, [y for _, y in data]) for enc in ENCODINGS for k in ks}
     reads = read_rounds(stores, args.reads)
     views = args.shards * args.samples * args.views
-    rows = [measure(store, enc, k, exact, views, reads[(enc, k)], (args.temperature, args.kd_temperature)) for (enc, k), store in stores.items()]
+    temperatures = (args.temperature, args.kd_temperature)
+    rows = [measure(store, enc, k, exact, views, reads[(enc, k)], temperatures) for (enc, k), store in stores.items()]
     shared = shared_bytes(next(iter(stores.values())), views)
     return summarise(args, rows, shared, logit_stats(data, args.classes))
 
@@ -225,7 +226,8 @@ def summarise(args: argparse.Namespace, rows: list[dict[str, Any]], shared: dict
     return {
         "bench": "cache", "machine": machine(), "settings": {
             "shards": args.shards, "samples_per_shard": args.samples, "views": args.views, "classes": args.classes,
-            "reads": args.reads, "temperature": args.temperature, "kd_temperature": args.kd_temperature, "quick": args.quick, "headline_k": k10},
+            "reads": args.reads, "temperature": args.temperature, "kd_temperature": args.kd_temperature,
+            "quick": args.quick, "headline_k": k10},
         "bytes_per_view_k10": {e: r["bytes_per_view"] for e, r in at.items()},
         "read_vps": {e: r["read_vps_cpu"] for e, r in at.items()},
         "kl_k10": {e: r["mean_kl"] for e, r in at.items()},

@@ -220,7 +220,7 @@ def format_result(result: dict[str, Any]) -> str:
             ["cached KD", 10, "exact", result["cached_acc"]]]
     rows += [["cached KD", r["k"], r["tail"], r] for r in sorted(result["per_k"], key=lambda r: (r["k"], r["tail"]))]
     body = table(["student", "k", "tail", "top-1 % mean", "std", "seeds"],
-                 [[a, b, c, d["mean"], d["std"], d["n"]] for a, b, c, d in rows])
+                 [[a, b, c, f"{d['mean']:.2f}", f"{d['std']:.2f}", d["n"]] for a, b, c, d in rows])
     verdict = (f"cached - online = {result['cached_minus_online']:+.3f} points (paired per seed: "
                f"{', '.join(f'{d:+.3f}' for d in result['paired_differences'])}); within one std: {result['parity_ok']}")
     tails = [t for t in s["tails"].split(",") if t]

@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def prepare(args: argparse.Namespace) -> dict[str, Any]:
     """Shards and a cache of the teacher (in-process precompute), reused when already there."""
-    source = args.source or default_source()
+    source = args.source
     shards, _ = make_shards(args.out / f"shards-{source}-{args.samples}", source, args.samples, args.shard_size)
     cache = args.out / f"cache-{args.teacher}-a{args.views}-k{args.k}"
     config = write_yaml(args.out / "configs" / "precompute.yaml", precompute_config(

@@ -112,8 +112,10 @@ def config(world, run_dir, mode: str, topk: int) -> TrainConfig:
     })
 
 
-@pytest.mark.parametrize("mode, topk, match", [("cache", 4, r"stages.0.loss.topk: 4 is more than the cache's k=3 for teacher 'top3'"),
-                                               ("online", 5, r"stages.0.loss.topk: 5 is more than the 4 classes")])
+@pytest.mark.parametrize("mode, topk, match", [
+    ("cache", 4, r"stages.0.loss.topk: 4 is more than the cache's k=3 for teacher 'top3'"),
+    ("online", 5, r"stages.0.loss.topk: 5 is more than the 4 classes"),
+])
 def test_topk_above_what_the_targets_hold_is_refused(world, tmp_path, mode, topk, match):
     with pytest.raises(ConfigError, match=match):
         Trainer(config(world, tmp_path, mode, topk))
