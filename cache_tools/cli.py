@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "verify": ("cache_tools.cli_verify", "recompute stored views with the teacher and compare"),
     "inspect": ("cache_tools.cli_inspect", "teacher statistics of a cache: tables, JSON, plots"),
     "train": ("train.cli", "train a student from the cache (or online, or plain CE)"),
-    "demo": ("train.demo", "the whole flow on Fashion-MNIST, end to end"),
+    "demo": ("cache_tools.demo", "the whole flow on Fashion-MNIST, end to end"),
     "bench": ("cache_tools.cli_bench", "benchmarks: train, precompute, cache, parity"),
 }
 
