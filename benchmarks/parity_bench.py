@@ -34,11 +34,10 @@ from cache_tools.models import ModelSpec, build_teacher
 from cache_tools.reader import read_block
 from cache_tools.shards import decode_image, iter_shard
 from cache_tools.store import open_store
-from cache_tools.targets import SparseTargets, dense_probs, from_logits, tail_mass_t1
+from cache_tools.targets import SparseTargets, dense_probs, from_logits, tail_mass_t1, truncate
 from cache_tools.teacher import ModelRunner
 from cache_tools.views import replay_views
 from train.config import load_train_config
-from train.losses import truncate_topk
 from train.trainer import train
 
 TEACHER = "teacher"
@@ -125,7 +124,7 @@ def target_error(args: argparse.Namespace, cache: str, checkpoint: str) -> list[
     online, cached = first_shard_targets(args, cache, checkpoint)
     rows = []
     for k in sorted({10, *_ints(args.ks)}):
-        a, b = truncate_topk(online, k), truncate_topk(cached, k)
+        a, b = truncate(online, k), truncate(cached, k)
         row: dict[str, Any] = {"k": k, "max_dtail": float((tail_mass_t1(a) - tail_mass_t1(b)).abs().max())}
         for tail in [t for t in args.tails.split(",") if t]:
             p, q = (dense_probs(x, 10, args.temperature, tail).double() for x in (a, b))
@@ -144,8 +143,8 @@ def first_shard_targets(args: argparse.Namespace, cache: str, checkpoint: str) -
     labels = torch.from_numpy(block.labels.astype(np.int64)).repeat_interleave(store.meta.num_views)
     t = block.teachers[TEACHER]
     flat = lambda x, dtype: torch.from_numpy(x.astype(dtype).reshape(len(labels), *x.shape[2:]))  # noqa: E731
-    cached = SparseTargets(flat(t.topk_idx, np.int64), flat(t.topk_logit, np.float32), flat(t.lse, np.float32),
-                           flat(t.label_logit, np.float32))
+    cached = SparseTargets(flat(t.topk_idx, np.int64), flat(t.topk_logit, np.float32),
+                           *(flat(x, np.float32) for x in (t.lse, t.label_logit, t.tail_lse)))
     return from_logits(ModelRunner(model, recipe, device="cpu")(views), labels, 10), cached
 
 

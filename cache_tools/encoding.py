@@ -1,18 +1,26 @@
 """How a teacher's top-k targets are laid out on disk: ``fp16`` (plain) and ``q8`` (compact).
 
 Both decode to the same in-memory form: indices sorted by logit (descending), float32 logits,
-logsumexp and label logit (see :class:`cache_tools.reader.TeacherBlock`).
+logsumexp, label logit and the tail's logsumexp (see :class:`cache_tools.reader.TeacherBlock`).
 
-``fp16``: ``topk_idx`` uint16/int32, ``topk_logit`` fp16, ``lse`` fp32, ``label_logit`` fp32.
+``fp16``: ``topk_idx`` uint16/int32, ``topk_logit`` fp16, ``lse`` fp32, ``label_logit`` fp32,
+``log_tail`` fp16 = ``tail_lse - lse``, the log of the mass outside the top-k (``-inf``: none).
+Error bound: each stored value is its fp16 rounding (relative 2^-11: a logit near 20 within 0.008
+nat, a log tail mass of -10 within 0.004 nat, i.e. the tail mass within 0.4 %).
 
-``q8`` (~21 B/view at k=10, C=1000): probabilities depend only on logit *differences*, so
+``q8`` (~24 B/view at k=10, C=1000): probabilities depend only on logit *differences*, so
 ``q8`` stores the top logit (fp16), every top-k logit as ``uint8`` steps of ``Q8_STEP`` below the
-top, the logsumexp relative to the top (fp16) and the label's logit in steps below the top. The
-indices are stored in ascending order as gaps (small numbers that compress well) and re-sorted by
-logit on decoding. Error bound: every logit difference is within ``Q8_STEP / 2`` (1/32 nat) of
-the exact one, so each log-probability moves by at most 1/32 + the fp16 error of ``lse - top``;
-logits more than ``255 * Q8_STEP`` (≈16 nats, a probability ratio of 1e-7) below the top are
-clipped there.
+top, the logsumexp relative to the top (fp16), the label's logit in steps below the top and the
+log tail mass ``-x`` as ``uint8`` ``u = round(254 sqrt(x / Q8_TAIL_MAX))`` (fine steps for large
+tails, where the absolute mass matters, coarse ones for tiny tails, which matter only at T > 1;
+255: no tail). The indices are stored in
+ascending order as gaps (small numbers that compress well) and re-sorted by logit on decoding.
+Error bound: every logit difference is within ``Q8_STEP / 2`` (1/32 nat) of the exact one, so
+each log-probability moves by at most 1/32 + the fp16 error of ``lse - top``; logits more than
+``255 * Q8_STEP`` (≈16 nats, a probability ratio of 1e-7) below the top are clipped there. The
+log tail mass ``-x`` comes back within ``sqrt(Q8_TAIL_MAX x) / 254 + Q8_TAIL_MAX / (4 * 254^2)``
+nats (x = 0.7: 0.02 nat, x = 10: 0.075; the tail mass within 0.011 absolute), plus the fp16
+error of ``lse - top``; tails below ``exp(-Q8_TAIL_MAX)`` (≈ 2e-16) are clipped there.
 """
 
 from __future__ import annotations
@@ -20,18 +28,21 @@ from __future__ import annotations
 import numpy as np
 
 ENCODINGS = ("fp16", "q8")
+FP16_REL = 2.0**-10
+"""fp16 keeps 11 significant bits: rounding moves a value by <= 2^-11 relative (twice that: slack)."""
 Q8_STEP = 1.0 / 16
+Q8_TAIL_MAX = 36.0
 Q8_MAX = 255
 
 # name -> (dtype or "index", has the k axis, fill value)
 _SPECS: dict[str, dict[str, tuple[str, bool, float]]] = {
     "fp16": {
         "topk_idx": ("index", True, 0), "topk_logit": ("float16", True, 0),
-        "lse": ("float32", False, 0), "label_logit": ("float32", False, 0),
+        "lse": ("float32", False, 0), "label_logit": ("float32", False, 0), "log_tail": ("float16", False, 0),
     },
     "q8": {
         "topk_idx": ("index", True, 0), "topk_q": ("uint8", True, 0), "top_logit": ("float16", False, 0),
-        "lse_rel": ("float16", False, 0), "label_q": ("uint8", False, Q8_MAX),
+        "lse_rel": ("float16", False, 0), "label_q": ("uint8", False, Q8_MAX), "tail_q": ("uint8", False, Q8_MAX),
     },
 }
 
@@ -42,11 +53,14 @@ def array_specs(encoding: str, index_dtype: str) -> dict[str, tuple[str, bool, f
             for name, (dtype, has_k, fill) in _SPECS[encoding].items()}
 
 
-def encode(encoding: str, idx: np.ndarray, logit: np.ndarray, lse: np.ndarray, label_logit: np.ndarray) -> dict[str, np.ndarray]:
+def encode(encoding: str, idx: np.ndarray, logit: np.ndarray, lse: np.ndarray, label_logit: np.ndarray,
+           tail_lse: np.ndarray) -> dict[str, np.ndarray]:
     """Arrays to store, from top-k indices/logits ``[..., k]`` (sorted by logit) and ``[...]`` scalars."""
+    with np.errstate(invalid="ignore"):  # -inf - finite is -inf; padding rows may hold anything
+        log_tail = np.minimum(tail_lse.astype(np.float32) - lse.astype(np.float32), 0.0)
     if encoding == "fp16":
         return {"topk_idx": idx, "topk_logit": logit.astype(np.float16), "lse": lse.astype(np.float32),
-                "label_logit": label_logit.astype(np.float32)}
+                "label_logit": label_logit.astype(np.float32), "log_tail": log_tail.astype(np.float16)}
     top = logit[..., :1].astype(np.float32)
     order = np.argsort(idx, axis=-1, kind="stable")
     idx_sorted = np.take_along_axis(idx.astype(np.int64), order, axis=-1)
@@ -55,18 +69,34 @@ def encode(encoding: str, idx: np.ndarray, logit: np.ndarray, lse: np.ndarray, l
     return {
         "topk_idx": gaps, "topk_q": q, "top_logit": top[..., 0].astype(np.float16),
         "lse_rel": (lse - top[..., 0]).astype(np.float16), "label_q": _steps_below(top[..., 0], label_logit),
+        "tail_q": _tail_code(log_tail),
     }
 
 
-def _steps_below(top: np.ndarray, values: np.ndarray) -> np.ndarray:
-    steps = np.rint((top - values.astype(np.float32)) / Q8_STEP)
-    return np.clip(np.nan_to_num(steps, nan=Q8_MAX), 0, Q8_MAX).astype(np.uint8)
+def _steps_below(top: np.ndarray | float, values: np.ndarray, step: float = Q8_STEP) -> np.ndarray:
+    """``uint8`` steps of ``step`` below ``top``; NaN and anything 255 steps below or more (``-inf``) -> 255."""
+    steps = np.rint((top - values.astype(np.float32)) / step)
+    return np.clip(np.nan_to_num(steps, nan=Q8_MAX, posinf=Q8_MAX), 0, Q8_MAX).astype(np.uint8)
 
 
-def decode(encoding: str, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(indices sorted by logit, float32 logits, lse, label logit) from the stored arrays."""
+def _tail_code(log_tail: np.ndarray) -> np.ndarray:
+    """``uint8`` code of the log tail mass (<= 0): square-root companding, 255 = no tail."""
+    x = np.clip(np.nan_to_num(-log_tail, nan=0.0, posinf=Q8_TAIL_MAX), 0.0, Q8_TAIL_MAX)
+    code = np.rint(254 * np.sqrt(x / Q8_TAIL_MAX)).astype(np.uint8)
+    return np.where(np.isneginf(log_tail), np.uint8(Q8_MAX), code)
+
+
+def _tail_value(code: np.ndarray) -> np.ndarray:
+    """The log tail mass of a code (``-inf`` for 255)."""
+    x = Q8_TAIL_MAX * (code.astype(np.float32) / 254) ** 2
+    return np.where(code == Q8_MAX, np.float32(-np.inf), -x)
+
+
+def decode(encoding: str, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, ...]:
+    """(indices sorted by logit, logits, lse, label logit, tail lse) from the stored arrays."""
     if encoding == "fp16":
-        return arrays["topk_idx"], arrays["topk_logit"], arrays["lse"], arrays["label_logit"]
+        lse = arrays["lse"]
+        return arrays["topk_idx"], arrays["topk_logit"], lse, arrays["label_logit"], lse + arrays["log_tail"].astype(np.float32)
     idx = np.cumsum(arrays["topk_idx"].astype(np.int64), axis=-1)
     q = arrays["topk_q"]
     order = np.argsort(q, axis=-1, kind="stable")
@@ -74,4 +104,19 @@ def decode(encoding: str, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np
     logit = top[..., None] - np.take_along_axis(q, order, axis=-1).astype(np.float32) * Q8_STEP
     lse = top + arrays["lse_rel"].astype(np.float32)
     label_logit = top - arrays["label_q"].astype(np.float32) * Q8_STEP
-    return np.take_along_axis(idx, order, axis=-1), logit, lse, label_logit
+    tail_lse = lse + _tail_value(arrays["tail_q"])
+    return np.take_along_axis(idx, order, axis=-1), logit, lse, label_logit, tail_lse
+
+
+def consistency_tolerance(encoding: str, logit: np.ndarray, lse: np.ndarray) -> np.ndarray:
+    """How far ``logsumexp(top-k logits, tail_lse)`` of decoded values may be from the decoded
+    ``lse`` through rounding alone, per view (``logit`` ``[..., k]``, ``lse`` ``[...]``).
+
+    The logsumexp is a probability-weighted mean of its terms' errors, so it errs by at most the
+    largest: fp16 logits ``2^-11 |l|`` (the stored log tail's error is scaled down by the tail
+    mass: < 2^-11 / e); q8: 1/32 per logit difference, the log tail's error times the tail mass
+    (< 0.012), plus the fp16 rounding of ``lse - top``.
+    """
+    if encoding == "fp16":
+        return FP16_REL * np.maximum(np.abs(logit).max(-1), 1.0) + 1e-4
+    return Q8_STEP / 2 + 0.012 + FP16_REL * np.maximum(np.abs(lse - logit[..., 0]), 1.0) + 1e-4

@@ -23,7 +23,7 @@ DPI = 110
 DISTRIBUTIONS = {  # report key -> (title, x label)
     "max_prob": ("Max probability (teacher confidence)", "max_c p(c)  at T=1"),
     "label_prob": ("Probability of the labelled class", "p(label)  at T=1"),
-    "tail_mass": ("Mass outside the stored top-k", "1 - sum of top-k probabilities  at T=1"),
+    "tail_mass": ("Mass outside the stored top-k", "probability outside the top-k at T=1"),
     "margin": ("Top-1 / top-2 margin", "p(top-1) - p(top-2)  at T=1"),
 }
 CORRECTNESS = (("both_right", "both right"), ("a_only", "only A right"), ("b_only", "only B right"), ("both_wrong", "both wrong"))

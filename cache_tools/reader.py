@@ -23,6 +23,8 @@ class TeacherBlock:
     topk_logit: np.ndarray
     lse: np.ndarray
     label_logit: np.ndarray
+    tail_lse: np.ndarray
+    """logsumexp of the logits outside the top-k (``-inf``: no tail)."""
 
 
 @dataclass

@@ -44,8 +44,8 @@ range ([0, 1] for probabilities, [0, log C] for entropy, [0, log 2] for JS diver
 inverted-CDF quantiles within one fine bin (``resolution``) of the exact value. ``hist`` is the
 same histogram merged to 50 bins. Entropy and JS divergence are in nats; JS uses the T=1
 distributions under ``settings.tail``. Exact at T=1 means up to the fp16 rounding of the stored
-top-k logits (about 0.4% of a probability for logits near 10); the tail mass is exactly 0 when
-k == C. Undefined figures (no views, ``k < 2`` for the margin, ``A < 2`` for view consistency) are
+top-k logits (about 0.4% of a probability for logits near 10); the tail mass is read from the
+stored tail logsumexp (relative error ~0.4% in fp16) and is exactly 0 when k == C. Undefined figures (no views, ``k < 2`` for the margin, ``A < 2`` for view consistency) are
 null. EffDstl's consistent knowledge mining acts on "under_confident" views (its threshold is the
 student's confidence, which a cache does not know).
 """
@@ -190,6 +190,7 @@ class Views:
     idx: np.ndarray
     probs: np.ndarray
     label_prob: np.ndarray
+    tail_mass: np.ndarray
     targets: SparseTargets
     dist_top: np.ndarray
     dist_other: np.ndarray
@@ -217,13 +218,14 @@ def teacher_views(block: ShardBlock, teacher: str, num_classes: int, tail: TailM
     labels = np.where((labels >= 0) & (labels < num_classes), labels, -1)
     label = np.repeat(labels[:, None], a, axis=1)
     logit, lse = tb.topk_logit[valid].astype(np.float32), tb.lse[valid].astype(np.float32)
-    label_logit = tb.label_logit[valid].astype(np.float32)
+    label_logit, tail_lse = tb.label_logit[valid].astype(np.float32), tb.tail_lse[valid].astype(np.float32)
     probs = np.minimum(np.exp(logit - lse[..., None]), 1.0)
     label_prob = np.where(label >= 0, np.minimum(np.exp(np.where(label >= 0, label_logit - lse, 0.0)), 1.0), np.nan)
+    tail_mass = np.minimum(np.exp(tail_lse - lse), 1.0)
     targets = SparseTargets(*(torch.from_numpy(np.ascontiguousarray(v)) for v in (
-        idx.reshape(-1, k), logit.reshape(-1, k), lse.reshape(-1), label_logit.reshape(-1))))  # fmt: skip
+        idx.reshape(-1, k), logit.reshape(-1, k), lse.reshape(-1), label_logit.reshape(-1), tail_lse.reshape(-1))))  # fmt: skip
     top, other = sparse_probs(targets, num_classes, 1.0, tail)
-    return Views(label, idx, probs, label_prob, targets,
+    return Views(label, idx, probs, label_prob, tail_mass, targets,
                  top.double().numpy().reshape(n, a, k), other.double().numpy().reshape(n, a))  # fmt: skip
 
 
@@ -323,8 +325,7 @@ class TeacherStats:
 
     def _update_distributions(self, v: Views) -> None:
         self.hists["max_prob"].add(v.probs[..., 0])
-        tail = np.zeros(v.label.shape) if self.k == self.num_classes else np.clip(1.0 - v.probs.sum(-1), 0.0, 1.0)
-        self.hists["tail_mass"].add(tail)  # k == C: exactly 0, not the fp16 rounding of the stored logits
+        self.hists["tail_mass"].add(v.tail_mass)  # stored, exact: not 1 - sum(top-k), which is mostly rounding
         if self.k >= 2:
             self.hists["margin"].add(v.probs[..., 0] - v.probs[..., 1])
         for t in self.temperatures:

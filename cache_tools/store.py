@@ -15,7 +15,8 @@ Layout (``R = num_shards * rows_per_shard``; shard ``s`` owns rows ``[s*cap, (s+
         topk_logit float16 [R, A, k]       raw logits
         lse        float32 [R, A]          logsumexp of all logits at T=1
         label_logit float32 [R, A]         logit of the labelled class
-        (encoding "q8": see cache_tools.encoding; decodes to the same four arrays)
+        log_tail   float16 [R, A]          log of the mass outside the top-k at T=1 (-inf: none)
+        (encoding "q8": see cache_tools.encoding; decodes to the same five arrays)
         done       int64 [S]               completion mark per shard, chunk 1
 
 Group attributes are written by the driver only; a worker writes its shard's chunks, then its
@@ -38,7 +39,8 @@ from cache_tools.errors import CacheError, CacheMismatchError, CacheNotFoundErro
 from cache_tools.views import ViewRecipe
 
 FORMAT_NAME = "kdcache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: the tail logsumexp is stored (``log_tail`` / ``tail_q``); 1 derived it as 1 - sum(top-k)."""
 STATUS_EMPTY, STATUS_VALID, STATUS_INVALID = 0, 1, 2
 TEACHERS = "teachers"
 
@@ -267,7 +269,8 @@ def open_store(path: str, mode: str = "r", storage_options: dict | None = None) 
         raise CacheError(f"{path!r} is a Zarr group but not a kdcache cache (no format attribute)")
     if attrs.get("format_version") != FORMAT_VERSION:
         raise CacheMismatchError(
-            f"cache {path!r} has format version {attrs.get('format_version')}, this kdcache reads {FORMAT_VERSION}"
+            f"cache {path!r} has format version {attrs.get('format_version')}, this kdcache reads {FORMAT_VERSION}: "
+            "rebuild it with `kdcache precompute CONFIG --overwrite` (or use the kdcache that wrote it)"
         )
     return CacheStore(path=path, group=group, meta=RootMeta.model_validate(attrs))
 

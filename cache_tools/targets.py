@@ -1,19 +1,26 @@
 """Soft targets from sparse cached values, at any temperature, with an explicit tail treatment.
 
 A cached view holds the top-k logits ``l_1..l_k`` (sorted), ``lse = logsumexp(all logits)`` at
-T=1 and the label's logit. At T=1 the top-k probabilities ``exp(l_i - lse)`` and the tail mass
-``1 - sum_i exp(l_i - lse)`` are exact. Two treatments of the classes outside the top-k:
+T=1, ``tail_lse = logsumexp(the other C - k logits)`` (``-inf`` when k == C) and the label's
+logit. At T=1 the top-k probabilities ``exp(l_i - lse)`` and the tail mass ``exp(tail_lse - lse)``
+are exact. The tail is stored, not derived as ``1 - sum_i p_i``: that difference is dominated by
+the rounding of the stored logits whenever the true tail is small (an fp16 top logit near 20 is
+off by up to 0.008, i.e. ~0.8 % of a confident top-1 probability), and at T > 1 the spread tail
+below is very sensitive to it. Two treatments of the classes outside the top-k:
 
 - ``renorm``: drop the tail; the target is ``softmax(l_topk / T)`` over the k classes.
-- ``spread``: give every one of the ``C - k`` other classes the same logit ``l_tail`` chosen so
-  their total mass at T=1 is the exact tail mass, then take ``softmax(logits / T)`` over all C.
-  At T=1 this reproduces the exact top-k probabilities and the exact tail mass.
+- ``spread``: give every one of the ``C - k`` other classes the same logit
+  ``l_tail = tail_lse - log(C - k)``, so their total mass at T=1 is the exact tail mass, then take
+  ``softmax(logits / T)`` over all C. At T=1 this reproduces the exact top-k probabilities and the
+  exact tail mass; at T > 1 it is an upper bound on the true tail's mass (equal logits maximise
+  ``sum_j exp(l_j / T)`` for a given ``sum_j exp(l_j)``).
 
 With ``k == C`` both treatments give the exact teacher distribution at every temperature.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -25,16 +32,21 @@ TAIL_MODES = ("renorm", "spread")
 
 @dataclass
 class SparseTargets:
-    """A batch of cached targets as tensors: ``idx``/``logit`` ``[B, k]``, ``lse``/``label_logit`` ``[B]``."""
+    """A batch of cached targets as tensors: ``idx``/``logit`` ``[B, k]``; ``lse``, ``label_logit``
+    and ``tail_lse`` (logsumexp of the logits outside the top-k, ``-inf`` when k == C) ``[B]``."""
 
     idx: torch.Tensor
     logit: torch.Tensor
     lse: torch.Tensor
     label_logit: torch.Tensor
+    tail_lse: torch.Tensor
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The fields in order: ``SparseTargets(*t.tensors())`` rebuilds ``t``."""
+        return self.idx, self.logit, self.lse, self.label_logit, self.tail_lse
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "SparseTargets":
-        return SparseTargets(*(t.to(device, non_blocking=non_blocking) for t in
-                               (self.idx, self.logit, self.lse, self.label_logit)))
+        return SparseTargets(*(t.to(device, non_blocking=non_blocking) for t in self.tensors()))
 
     @property
     def k(self) -> int:
@@ -47,8 +59,8 @@ def topk_probs_t1(t: SparseTargets) -> torch.Tensor:
 
 
 def tail_mass_t1(t: SparseTargets) -> torch.Tensor:
-    """Exact probability mass outside the top-k at T=1, ``[B]`` (clamped at 0 for fp16 rounding)."""
-    return (1.0 - topk_probs_t1(t).sum(-1)).clamp_min(0.0)
+    """Exact probability mass outside the top-k at T=1, ``[B]`` (0 when k == C)."""
+    return torch.exp(t.tail_lse.float() - t.lse.float()).clamp_max(1.0)
 
 
 def label_prob_t1(t: SparseTargets) -> torch.Tensor:
@@ -61,8 +73,7 @@ def tail_logit(t: SparseTargets, num_classes: int) -> torch.Tensor:
     others = num_classes - t.k
     if others <= 0:
         return torch.full_like(t.lse.float(), float("-inf"))
-    tail = tail_mass_t1(t)
-    return torch.log(tail.clamp_min(1e-30)) + t.lse.float() - torch.log(torch.tensor(float(others)))
+    return t.tail_lse.float() - math.log(others)
 
 
 def dense_logits(t: SparseTargets, num_classes: int, tail: TailMode) -> torch.Tensor:
@@ -89,7 +100,7 @@ def sparse_probs(t: SparseTargets, num_classes: int, temperature: float = 1.0, t
         probs = torch.softmax(scaled, dim=-1)
         return probs, torch.zeros_like(probs[:, 0])
     lt = tail_logit(t, num_classes) / temperature
-    others = torch.log(torch.tensor(float(num_classes - t.k), device=lt.device))
+    others = math.log(num_classes - t.k)
     log_z = torch.logsumexp(torch.cat([scaled, (lt + others).unsqueeze(-1)], dim=-1), dim=-1, keepdim=True)
     return torch.exp(scaled - log_z), torch.exp(lt - log_z.squeeze(-1))
 
@@ -104,6 +115,17 @@ def from_logits(logits: torch.Tensor, labels: torch.Tensor, k: int) -> SparseTar
     logits = logits.float()
     values, idx = torch.topk(logits, k, dim=-1, sorted=True)
     lse = torch.logsumexp(logits, dim=-1)
+    tail_lse = torch.logsumexp(logits.scatter(1, idx, float("-inf")), dim=-1)  # -inf when k == C
     safe = labels.clamp(0, logits.shape[-1] - 1).long()
     label_logit = torch.where(labels >= 0, logits.gather(1, safe.unsqueeze(1)).squeeze(1), torch.full_like(lse, float("nan")))
-    return SparseTargets(idx=idx, logit=values, lse=lse, label_logit=label_logit)
+    return SparseTargets(idx=idx, logit=values, lse=lse, label_logit=label_logit, tail_lse=tail_lse)
+
+
+def truncate(t: SparseTargets, k: int | None) -> SparseTargets:
+    """The first ``k`` of the logit-sorted top-k, the dropped ones folded into the tail: exactly what
+    a cache with top-k ``k`` holds (up to the rounding of the stored values)."""
+    if k is None or k >= t.k:
+        return t
+    dropped = torch.logsumexp(t.logit[:, k:].float(), dim=-1)
+    tail_lse = torch.logaddexp(t.tail_lse.float(), dropped)
+    return SparseTargets(t.idx[:, :k], t.logit[:, :k], t.lse, t.label_logit, tail_lse)

@@ -2,7 +2,8 @@
 
 Checks: every shard has its views mark and every teacher's mark; stored keys are unique and match
 the fingerprint's digest; valid rows have labels in range and sane view boxes; teacher indices are
-in range and sorted by logit; logsumexp >= top logit; no NaN or inf in valid rows.
+in range and sorted by logit; logsumexp >= top logit; the top-k and the stored tail add up to the
+logsumexp (within the encoding's rounding); no NaN or inf in valid rows (a tail of -inf: none).
 """
 
 from __future__ import annotations
@@ -11,12 +12,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from cache_tools.encoding import FP16_REL, consistency_tolerance
 from cache_tools.reader import ShardBlock, TeacherBlock, read_block
 from cache_tools.shards import ShardIndex, key_digest
 from cache_tools.store import STATUS_EMPTY, STATUS_VALID, CacheStore
 from cache_tools.views import P_FLIP, P_H, P_IMG_H, P_IMG_W, P_LEFT, P_TOP, P_W
-
-FP16_REL = 2.0 ** -10  # fp16 keeps 11 significant bits: rounding moves a value by <= 2^-11 relative
 
 
 @dataclass
@@ -49,7 +49,8 @@ def validate_cache(store: CacheStore, teachers: list[str] | None = None, max_pro
         block = read_block(store, shard, done, require_complete=False)
         report.views += int((block.status == STATUS_VALID).sum()) * store.meta.num_views
         report.invalid_rows += int((block.status != STATUS_VALID).sum())
-        report.problems += check_block(block, store.meta.num_classes)
+        encodings = {name: store.teacher_meta(name).encoding for name in done}
+        report.problems += check_block(block, store.meta.num_classes, encodings)
         if len(report.problems) > max_problems:
             report.problems.append("... (stopped listing)")
             return report
@@ -67,7 +68,7 @@ def check_keys(store: CacheStore, indexes: list[ShardIndex]) -> list[str]:
     return problems
 
 
-def check_block(block: ShardBlock, num_classes: int) -> list[str]:
+def check_block(block: ShardBlock, num_classes: int, encodings: dict[str, str]) -> list[str]:
     where = f"shard {block.shard!r}"
     valid = block.status == STATUS_VALID
     problems = []
@@ -78,7 +79,7 @@ def check_block(block: ShardBlock, num_classes: int) -> list[str]:
         problems.append(f"{where}: labels outside [0, {num_classes}) in valid rows")
     problems += _check_params(block.view_params[valid], where)
     for name, tb in block.teachers.items():
-        problems += [f"{where}, teacher {name!r}: {p}" for p in check_teacher(tb, valid, num_classes)]
+        problems += [f"{where}, teacher {name!r}: {p}" for p in check_teacher(tb, valid, num_classes, encodings[name])]
     return problems
 
 
@@ -92,7 +93,7 @@ def _check_params(params: np.ndarray, where: str) -> list[str]:
     return [f"{where}: {int(bad.sum())} view box(es) outside their image"] if bad.any() else []
 
 
-def check_teacher(tb: TeacherBlock, valid: np.ndarray, num_classes: int) -> list[str]:
+def check_teacher(tb: TeacherBlock, valid: np.ndarray, num_classes: int, encoding: str) -> list[str]:
     idx, logit = tb.topk_idx[valid].astype(np.int64), tb.topk_logit[valid].astype(np.float32)
     lse, label_logit = tb.lse[valid], tb.label_logit[valid]
     problems = []
@@ -110,4 +111,21 @@ def check_teacher(tb: TeacherBlock, valid: np.ndarray, num_classes: int) -> list
         slack = FP16_REL * np.maximum(np.abs(logit[..., 0]), 1.0)
         if (lse < logit[..., 0] - slack).any():
             problems.append(f"{int((lse < logit[..., 0] - slack).sum())} view(s) with logsumexp below the top logit")
-    return problems
+    return problems + _check_tail(logit, lse, tb.tail_lse[valid], encoding)
+
+
+def _check_tail(logit: np.ndarray, lse: np.ndarray, tail_lse: np.ndarray, encoding: str) -> list[str]:
+    """The stored tail: no NaN or +inf, and top-k + tail = everything (the logsumexp) within rounding."""
+    bad = np.isnan(tail_lse) | (tail_lse == np.inf)
+    if bad.any():
+        return [f"{int(bad.sum())} NaN/inf value(s) in the tail logsumexp"]
+    if not len(logit) or not np.isfinite(lse).all() or not np.isfinite(logit).all():
+        return []  # reported above
+    top = logit[..., :1]
+    with np.errstate(divide="ignore"):
+        total = np.logaddexp(top[..., 0] + np.log(np.exp(logit - top).sum(-1)), tail_lse)
+    off = np.abs(total - lse) > consistency_tolerance(encoding, logit, lse)
+    if off.any():
+        worst = float(np.abs(total - lse).max())
+        return [f"{int(off.sum())} view(s) whose top-k and tail do not add up to the logsumexp (worst by {worst:.3g} nats)"]
+    return []

@@ -20,7 +20,7 @@ from cache_tools.reader import read_block
 from cache_tools.shards import decode_image, expand_shards, iter_shard, shard_name
 from cache_tools.store import STATUS_VALID, CacheStore
 from cache_tools.teacher import ModelRunner
-from cache_tools.validate import FP16_REL
+from cache_tools.encoding import FP16_REL
 from cache_tools.views import replay
 
 log = logging.getLogger(__name__)

@@ -15,6 +15,7 @@ import zarr
 
 from cache_tools.encoding import array_specs, encode
 from cache_tools.errors import CacheError, CacheMismatchError, CacheWriteError
+from cache_tools.targets import SparseTargets
 from cache_tools.store import (
     ENCODINGS, STATUS_EMPTY, TEACHERS, CacheStore, Fingerprint, RootMeta, TeacherMeta,
     compressor, creation_info, now_ms, open_store,
@@ -148,7 +149,7 @@ def write_views(
 
 def write_teacher(
     store: CacheStore, shard: int, teacher: str, *, topk_idx: np.ndarray, topk_logit: np.ndarray,
-    lse: np.ndarray, label_logit: np.ndarray,
+    lse: np.ndarray, label_logit: np.ndarray, tail_lse: np.ndarray,
 ) -> None:
     """Write one teacher's targets for a shard, then that teacher's mark for the shard."""
     _check_rows(store, shard, lse, f"teacher {teacher!r} lse")
@@ -156,10 +157,18 @@ def write_teacher(
     meta = store.teacher_meta(teacher)
     chunk, cap = shard_chunk(store, shard), store.cap
     specs = array_specs(meta.encoding, meta.index_dtype)
-    for name, values in encode(meta.encoding, topk_idx, topk_logit, lse, label_logit).items():
+    for name, values in encode(meta.encoding, topk_idx, topk_logit, lse, label_logit, tail_lse).items():
         dtype, _, fill = specs[name]
         _store_chunk(store, shard, group, name, chunk, _pad(values.astype(dtype), cap, fill))
     _store_chunk(store, shard, group, "done", shard, now_ms())
+
+
+def write_targets(store: CacheStore, shard: int, teacher: str, targets: SparseTargets) -> None:
+    """:func:`write_teacher` from torch targets of the shard's views, flat ``[n * A]`` (row-major)."""
+    n, a, k = store.meta.fingerprint.counts[shard], store.meta.num_views, targets.k
+    scalars = {name: getattr(targets, name).detach().cpu().numpy().reshape(n, a) for name in ("lse", "label_logit", "tail_lse")}
+    write_teacher(store, shard, teacher, topk_idx=targets.idx.cpu().numpy().reshape(n, a, k),
+                  topk_logit=targets.logit.detach().cpu().numpy().reshape(n, a, k), **scalars)
 
 
 def _store_chunk(store: CacheStore, shard: int, group: zarr.Group, name: str, where: slice | int, values: Any) -> None:

@@ -105,11 +105,12 @@ class TeacherArrays:
     topk_logit: np.ndarray
     lse: np.ndarray
     label_logit: np.ndarray
+    tail_lse: np.ndarray
 
     @classmethod
     def zeros(cls, n: int, num_views: int, k: int) -> "TeacherArrays":
-        return cls(np.zeros((n, num_views, k), np.int32), np.zeros((n, num_views, k), np.float32),
-                   np.zeros((n, num_views), np.float32), np.zeros((n, num_views), np.float32))  # fmt: skip
+        scalars = [np.zeros((n, num_views), np.float32) for _ in range(3)]
+        return cls(np.zeros((n, num_views, k), np.int32), np.zeros((n, num_views, k), np.float32), *scalars)
 
     def put(self, flat: np.ndarray, targets: SparseTargets) -> None:
         """Store a batch at flat view indices ``row * A + a`` (copies the small arrays to CPU)."""
@@ -118,6 +119,7 @@ class TeacherArrays:
         self.topk_logit.reshape(-1, k)[flat] = targets.logit.cpu().numpy()
         self.lse.reshape(-1)[flat] = targets.lse.cpu().numpy()
         self.label_logit.reshape(-1)[flat] = targets.label_logit.cpu().numpy()
+        self.tail_lse.reshape(-1)[flat] = targets.tail_lse.cpu().numpy()
 
 
 class ViewBatcher:
@@ -256,7 +258,7 @@ class ShardWorker:
         for name in task.teachers:
             arrays = out[name]
             write_teacher(self.store, task.index, name, topk_idx=arrays.topk_idx, topk_logit=arrays.topk_logit,
-                          lse=arrays.lse, label_logit=arrays.label_logit)  # fmt: skip
+                          lse=arrays.lse, label_logit=arrays.label_logit, tail_lse=arrays.tail_lse)  # fmt: skip
 
 
 def background(items: Iterator[T], depth: int) -> Iterator[T]:

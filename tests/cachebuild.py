@@ -21,7 +21,7 @@ from cache_tools.store import STATUS_INVALID, STATUS_VALID, CacheStore, Fingerpr
 from cache_tools.targets import from_logits
 from cache_tools.teacher import ModelRunner
 from cache_tools.views import ViewRecipe, replay_views, view_params
-from cache_tools.writer import add_teacher, create_store, write_teacher, write_views
+from cache_tools.writer import add_teacher, create_store, write_targets, write_views
 
 GREY = dict(channels=1, mean=(0.5,), std=(0.25,))
 
@@ -111,10 +111,7 @@ def add_teacher_run(store: CacheStore, urls: list[str], name: str, spec: ModelSp
             views.append(replay_views(decode_image(sample.image, recipe.channels), params[row], recipe))
             labels += [sample.label] * num_views
         targets = from_logits(runner(torch.cat(views)), torch.tensor(labels), k)
-        n = len(views)
-        write_teacher(store, shard, name, topk_idx=targets.idx.reshape(n, num_views, k).numpy(),
-                      topk_logit=targets.logit.reshape(n, num_views, k).numpy(),
-                      lse=targets.lse.reshape(n, num_views).numpy(), label_logit=targets.label_logit.reshape(n, num_views).numpy())
+        write_targets(store, shard, name, targets)
 
 
 def build_cache(path: str | Path, urls: list[str], *, teachers: dict[str, int] | None = None, recipe: ViewRecipe | None = None,

@@ -13,12 +13,12 @@ import torch
 
 from cache_tools.cli import main as kdcache
 from cache_tools.errors import ConfigError, DataError
-from cache_tools.targets import SparseTargets, from_logits
+from cache_tools.targets import SparseTargets, from_logits, truncate
 from cachebuild import build_cache, write_shards
 from pipeline.worker import background
 from train.config import KDLossConfig, TrainConfig
 from train.data import Batch
-from train.losses import Criterion, truncate_topk
+from train.losses import Criterion
 from train.trainer import Trainer
 
 FMNIST = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
@@ -78,10 +78,10 @@ def logits_and_labels(n: int = 16, classes: int = 10) -> tuple[torch.Tensor, tor
 
 def test_truncated_targets_are_what_a_smaller_k_cache_holds():
     logits, labels = logits_and_labels()
-    cut, small = truncate_topk(from_logits(logits, labels, 10), 3), from_logits(logits, labels, 3)
-    for a, b in zip((cut.idx, cut.logit, cut.lse, cut.label_logit), (small.idx, small.logit, small.lse, small.label_logit)):
+    cut, small = truncate(from_logits(logits, labels, 10), 3), from_logits(logits, labels, 3)
+    for a, b in zip(cut.tensors(), small.tensors()):  # the dropped classes join the tail exactly
         torch.testing.assert_close(a, b)
-    assert truncate_topk(small, None) is small and truncate_topk(small, 5) is small
+    assert truncate(small, None) is small and truncate(small, 5) is small
 
 
 @pytest.mark.parametrize("tail", ["spread", "renorm"])
@@ -135,13 +135,14 @@ def test_trainer_steps_with_topk_from_the_cache(world, tmp_path):
 
 
 def test_batch_pickles_its_small_tensors_by_value_and_round_trips():
-    targets = SparseTargets(torch.arange(6).view(3, 2), torch.ones(3, 2, dtype=torch.float16), torch.zeros(3), torch.ones(3))
+    targets = SparseTargets(torch.arange(6).view(3, 2), torch.ones(3, 2, dtype=torch.float16), torch.zeros(3), torch.ones(3),
+                            torch.full((3,), -2.0))
     batch = Batch(images=torch.zeros(3, 1, 4, 4, dtype=torch.uint8), labels=torch.tensor([0, 1, 2]),
                   targets={"t": targets}, keys=["a", "b", "c"], views=torch.tensor([0, 1, 0]))
     back = pickle.loads(pickle.dumps(batch))
     assert back.keys == batch.keys and torch.equal(back.images, batch.images) and torch.equal(back.views, batch.views)
     assert torch.equal(back.labels, batch.labels)
-    for a, b in zip((back.targets["t"].idx, back.targets["t"].logit), (targets.idx, targets.logit)):
+    for a, b in zip(back.targets["t"].tensors(), targets.tensors()):
         assert torch.equal(a, b) and a.dtype == b.dtype
 
 

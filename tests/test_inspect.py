@@ -17,7 +17,7 @@ from cache_tools.stats import FINE_BINS, inspect_cache, js_divergence
 from cache_tools.store import STATUS_INVALID, STATUS_VALID, Fingerprint, open_store
 from cache_tools.targets import from_logits
 from cache_tools.views import NUM_PARAMS, ViewRecipe
-from cache_tools.writer import add_teacher, create_store, write_teacher, write_views
+from cache_tools.writer import add_teacher, create_store, write_targets, write_views
 
 C, A = 5, 2
 COUNTS = (7, 5, 4)  # shard 2 has views but no "strong" targets: incomplete, skipped
@@ -84,8 +84,7 @@ def build_cache(path: str) -> Truth:
 def _write(store, shard: int, name: str, full: np.ndarray, labels: np.ndarray) -> None:
     n = len(labels)
     t = from_logits(torch.from_numpy(full.reshape(n * A, C)), torch.from_numpy(np.repeat(labels, A)), TEACHERS[name])
-    write_teacher(store, shard, name, topk_idx=t.idx.numpy().reshape(n, A, -1), topk_logit=t.logit.numpy().reshape(n, A, -1),
-                  lse=t.lse.numpy().reshape(n, A), label_logit=t.label_logit.numpy().reshape(n, A))  # fmt: skip
+    write_targets(store, shard, name, t)
 
 
 # ---- the hand computation: plain numpy on the full logits -----------------------------------
@@ -101,10 +100,15 @@ def _target(logits: np.ndarray, k: int, temperature: float = 1.0, tail: str = "s
     in_top = np.argsort(np.argsort(-logits, -1), -1) < k
     if tail == "renorm":
         return _softmax(np.where(in_top, logits / temperature, -np.inf))
-    tail_mass = 1 - (_softmax(logits) * in_top).sum(-1)
+    tail_mass = _stored_tail(1 - (_softmax(logits) * in_top).sum(-1))
     lse = np.log(np.exp(logits).sum(-1))
     tail_logit = np.log(tail_mass / (C - k)) + lse
     return _softmax(np.where(in_top, logits, tail_logit[..., None]) / temperature)
+
+
+def _stored_tail(tail: np.ndarray) -> np.ndarray:
+    """The tail mass as the cache keeps it: its log in fp16 (cache_tools.encoding)."""
+    return np.where(tail > 0, np.exp(np.log(np.maximum(tail, 1e-300)).astype(np.float16).astype(np.float64)), 0.0)
 
 
 def _entropy(p: np.ndarray) -> np.ndarray:
@@ -213,7 +217,7 @@ def test_distributions(report, cache, name) -> None:
     top = -np.sort(-h.p, -1)
     _check_dist(t["max_prob"], h.max_prob)
     _check_dist(t["label_prob"], h.label_prob)
-    _check_dist(t["tail_mass"], (1 - top[..., :k].sum(-1)).ravel())
+    _check_dist(t["tail_mass"], _stored_tail(1 - top[..., :k].sum(-1)).ravel())
     _check_dist(t["margin"], (top[..., 0] - top[..., 1]).ravel())
 
 

@@ -13,7 +13,7 @@ from cache_tools.store import STATUS_INVALID, STATUS_VALID, Fingerprint, open_st
 from cache_tools.targets import from_logits
 from cache_tools.validate import validate_cache
 from cache_tools.views import ViewRecipe, view_params
-from cache_tools.writer import add_teacher, create_store, write_teacher, write_views
+from cache_tools.writer import add_teacher, create_store, write_targets, write_views
 
 A, C, K = 2, 6, 3
 KEYS = [["s0_a", "s0_b", "s0_c"], ["s1_a", "s1_b"]]
@@ -43,8 +43,7 @@ def fill_shard(store, shard, teacher="t", logits=None, invalid_row=None):
     write_views(store, shard, labels=labels, status=status, errors=errors, params=params)
     logits = torch.randn(n * A, C) if logits is None else logits
     t = from_logits(logits, torch.as_tensor(labels).repeat_interleave(A), K)
-    write_teacher(store, shard, teacher, topk_idx=t.idx.numpy().reshape(n, A, K), topk_logit=t.logit.numpy().reshape(n, A, K),
-                  lse=t.lse.numpy().reshape(n, A), label_logit=t.label_logit.numpy().reshape(n, A))
+    write_targets(store, shard, teacher, t)
     return logits
 
 

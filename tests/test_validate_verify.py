@@ -88,3 +88,19 @@ def test_validate_lists_incomplete_shards_and_bad_values(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "t: 1 shard(s) without a completion mark: ['train-000001.tar']" in out
     assert "shard 'train-000000.tar', teacher 't': 1 view(s) with logsumexp below the top logit" in out
+
+
+def test_validate_finds_a_tail_that_does_not_add_up(built, tmp_path, capsys):
+    """The stored tail must make up, with the top-k, the whole logsumexp; a corrupted one is listed."""
+    path = copy_cache(built, tmp_path)
+    group = open_store(path, "r+").teacher_group("weak")
+    log_tail = group["log_tail"][:]
+    log_tail[0, 0] = np.float16(-1.0) if log_tail[0, 0] < -2 else np.float16(-8.0)
+    log_tail[1, 2] = np.float16(np.nan)
+    group["log_tail"][:] = log_tail
+    assert main(["validate", path]) == 1
+    out = capsys.readouterr().out
+    assert "teacher 'weak': 1 NaN/inf value(s) in the tail logsumexp" in out
+    group["log_tail"][1, 2] = log_tail[0, 1]  # a real value, but not this view's
+    assert main(["validate", path]) == 1
+    assert "whose top-k and tail do not add up to the logsumexp" in capsys.readouterr().out

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from cache_tools.targets import SparseTargets, dense_probs, sparse_probs
+from cache_tools.targets import SparseTargets, dense_probs, sparse_probs, truncate
 from train.config import (
     CELossConfig, DISTLossConfig, DISTILL_LOSSES, EffDstlLossConfig, KDLossConfig, LossConfig, WSLLossConfig,
 )
@@ -82,13 +82,6 @@ def pearson(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
     a = a - a.mean(1, keepdim=True)
     b = b - b.mean(1, keepdim=True)
     return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
-
-
-def truncate_topk(targets: SparseTargets, k: int | None) -> SparseTargets:
-    """The first ``k`` of the logit-sorted top-k with the exact lse and label logit: what a k-cache holds."""
-    if k is None or k >= targets.k:
-        return targets
-    return SparseTargets(targets.idx[:, :k], targets.logit[:, :k], targets.lse, targets.label_logit)
 
 
 def stopped(config: LossConfig, epoch: int) -> bool:
@@ -203,5 +196,5 @@ class Criterion:
         if self.needs_teacher and targets is None:
             raise ValueError(f"loss {self.config.name!r} needs teacher targets, the batch has none")
         if targets is not None:
-            targets = truncate_topk(targets, getattr(self.config, "topk", None))
+            targets = truncate(targets, getattr(self.config, "topk", None))
         return self.fn(self.config, logits, labels, targets, self.num_classes)
