@@ -120,3 +120,23 @@ def consistency_tolerance(encoding: str, logit: np.ndarray, lse: np.ndarray) -> 
     if encoding == "fp16":
         return FP16_REL * np.maximum(np.abs(logit).max(-1), 1.0) + 1e-4
     return Q8_STEP / 2 + 0.012 + FP16_REL * np.maximum(np.abs(lse - logit[..., 0]), 1.0) + 1e-4
+
+
+def logit_tolerance(encoding: str, logit: np.ndarray) -> np.ndarray:
+    """How far each decoded top-k logit ``[..., k]`` may be from the exact one through rounding
+    alone (``inf`` for q8 logits clipped 16 nats below the top)."""
+    if encoding == "fp16":
+        return FP16_REL * np.maximum(np.abs(logit), 1.0)
+    top = logit[..., :1]
+    tol = np.broadcast_to(Q8_STEP / 2 + FP16_REL * np.maximum(np.abs(top), 1.0), logit.shape)
+    return np.where(logit <= top - (Q8_MAX - 0.5) * Q8_STEP, np.inf, tol)
+
+
+def log_tail_tolerance(encoding: str, log_tail: np.ndarray) -> np.ndarray:
+    """How far a decoded log tail mass (``tail_lse - lse``, ``[...]``) may be from the exact one
+    through rounding alone (the bounds in this module's docstring)."""
+    x = np.abs(np.nan_to_num(log_tail, neginf=0.0))
+    if encoding == "fp16":
+        return FP16_REL / 2 * x + 1e-5
+    bound = np.sqrt(Q8_TAIL_MAX * x) / 254 + Q8_TAIL_MAX / (4 * 254**2) + 0.01  # + fp16 rounding of lse - top
+    return np.where(x >= Q8_TAIL_MAX, np.inf, bound)

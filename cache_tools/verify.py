@@ -2,8 +2,9 @@
 
 Views are replayed from the shards with their *stored* parameters and the cache's recipe, the
 teacher is rebuilt from its stored spec (its weights digest must match), and the fresh logits are
-compared with the cached ones at the cached class indices. A difference beyond fp16 rounding
-(plus ``atol``) fails; top-k sets may differ only where logits tie within that tolerance.
+compared with the cached ones at the cached class indices, and the fresh tail (the logits outside
+the cached top-k) with the stored tail. A difference beyond the encoding's rounding (plus
+``atol`` per logit) fails; top-k sets may differ only where logits tie within that tolerance.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from cache_tools.reader import read_block
 from cache_tools.shards import decode_image, expand_shards, iter_shard, shard_name
 from cache_tools.store import STATUS_VALID, CacheStore
 from cache_tools.teacher import ModelRunner
-from cache_tools.encoding import FP16_REL
+from cache_tools.encoding import log_tail_tolerance, logit_tolerance
 from cache_tools.views import replay
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,8 @@ class TeacherResult:
     max_abs_delta: float
     max_excess: float
     max_lse_delta: float
+    max_tail_delta: float
+    """Largest |fresh - cached| tail mass (probability outside the top-k at T=1)."""
     topk_agreement: float
     top1_agreement: float
     failures: int
@@ -115,28 +118,45 @@ def load_teacher(store: CacheStore, teacher: str, checkpoint: str | None) -> tor
 
 def compare(store: CacheStore, teacher: str, logits: torch.Tensor, order: list[tuple[int, int, int]], atol: float) -> TeacherResult:
     """Compare fresh logits ``[N, C]`` with the cached values of the same views."""
-    k = store.teacher_meta(teacher).k
-    cached_idx, cached_logit, cached_lse = _cached(store, teacher, order)
+    meta = store.teacher_meta(teacher)
+    k = meta.k
+    cached_idx, cached_logit, cached_lse, cached_tail = _cached(store, teacher, order)
     fresh = logits.cpu().numpy().astype(np.float32)
     fresh_at = np.take_along_axis(fresh, cached_idx, axis=1)
     delta = np.abs(fresh_at - cached_logit)
-    tol = FP16_REL * np.maximum(np.abs(cached_logit), 1.0) + atol
+    tol = logit_tolerance(meta.encoding, cached_logit) + atol
     fresh_lse = torch.logsumexp(logits.float().cpu(), dim=1).numpy()
+    tail_delta, tail_bad = _compare_tail(meta.encoding, fresh, fresh_lse, cached_idx, cached_tail - cached_lse, atol)
     fresh_top = np.argsort(-fresh, axis=1, kind="stable")[:, :k]
     same_set = np.array([set(a) == set(b) for a, b in zip(fresh_top, cached_idx)])
     sorted_fresh = -np.sort(-fresh, axis=1)
     tie = (sorted_fresh[:, k - 1] - sorted_fresh[:, k]) <= 2 * tol.max(axis=1) if k < fresh.shape[1] else np.zeros(len(fresh), bool)
-    failures = int(((delta > tol).any(axis=1) | (~same_set & ~tie)).sum())
+    failures = int(((delta > tol).any(axis=1) | (~same_set & ~tie) | tail_bad).sum())
     return TeacherResult(
         teacher=teacher, views=len(order), max_abs_delta=float(delta.max()),
         max_excess=float((delta - tol).max()), max_lse_delta=float(np.abs(fresh_lse - cached_lse).max()),
+        max_tail_delta=float(tail_delta.max()),
         topk_agreement=float(same_set.mean()), top1_agreement=float((fresh_top[:, 0] == cached_idx[:, 0]).mean()),
         failures=failures,
     )
 
 
+def _compare_tail(encoding: str, fresh: np.ndarray, fresh_lse: np.ndarray, cached_idx: np.ndarray,
+                  cached_log_tail: np.ndarray, atol: float) -> tuple[np.ndarray, np.ndarray]:
+    """(|Δ tail mass|, beyond tolerance) per view: the fresh logits outside the cached top-k against
+    the stored tail, in log space (each logit may move by ``atol``, so the log tail mass by 2 atol)."""
+    outside = fresh.copy()
+    np.put_along_axis(outside, cached_idx, -np.inf, axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        fresh_log_tail = torch.logsumexp(torch.from_numpy(outside), dim=1).numpy() - fresh_lse
+        gap = np.where(np.isneginf(fresh_log_tail) & np.isneginf(cached_log_tail), 0.0,
+                       np.abs(fresh_log_tail - cached_log_tail))
+    bad = gap > log_tail_tolerance(encoding, cached_log_tail) + 2 * atol
+    return np.abs(np.exp(fresh_log_tail) - np.exp(cached_log_tail)), bad
+
+
 def _cached(store: CacheStore, teacher: str, order: list[tuple[int, int, int]]):
-    idx, logit, lse = [], [], []
+    idx, logit, lse, tail = [], [], [], []
     for shard in sorted({s for s, _, _ in order}):
         tb = read_block(store, shard, [teacher]).teachers[teacher]
         for s, row, view in order:
@@ -144,7 +164,8 @@ def _cached(store: CacheStore, teacher: str, order: list[tuple[int, int, int]]):
                 idx.append(tb.topk_idx[row, view].astype(np.int64))
                 logit.append(tb.topk_logit[row, view].astype(np.float32))
                 lse.append(tb.lse[row, view])
-    return np.stack(idx), np.stack(logit), np.array(lse, dtype=np.float32)
+                tail.append(tb.tail_lse[row, view])
+    return np.stack(idx), np.stack(logit), np.array(lse, dtype=np.float32), np.array(tail, dtype=np.float32)
 
 
 def verify_cache(

@@ -97,9 +97,10 @@ def create_cache(path: str | Path, urls: list[str], *, recipe: ViewRecipe, num_v
 
 
 def add_teacher_run(store: CacheStore, urls: list[str], name: str, spec: ModelSpec, model: torch.nn.Module, k: int,
-                    shards: list[int] | None = None) -> None:
+                    shards: list[int] | None = None, encoding: str = "fp16") -> None:
     """Run ``model`` over every stored view of the given shards (default all) and write its targets."""
-    add_teacher(store, name, model=spec.model_dump(mode="json"), weights_digest=weights_digest(model), k=k)
+    add_teacher(store, name, model=spec.model_dump(mode="json"), weights_digest=weights_digest(model), k=k,
+                encoding=encoding)
     runner = ModelRunner(model, store.meta.recipe, device="cpu", name=name)
     recipe, num_views = store.meta.recipe, store.meta.num_views
     for shard, url in enumerate(urls):
@@ -115,12 +116,13 @@ def add_teacher_run(store: CacheStore, urls: list[str], name: str, spec: ModelSp
 
 
 def build_cache(path: str | Path, urls: list[str], *, teachers: dict[str, int] | None = None, recipe: ViewRecipe | None = None,
-                num_views: int = 3, classes: int = 4, seed: int = 0, invalid_keys: tuple[str, ...] = ()) -> CacheStore:
+                num_views: int = 3, classes: int = 4, seed: int = 0, invalid_keys: tuple[str, ...] = (),
+                encoding: str = "fp16") -> CacheStore:
     """A complete cache: views plus one random-init ``kd_cnn_tiny`` teacher per ``{name: k}`` (seeded by
     order; weights saved beside the cache as ``<cache>.<name>.pt`` and named in the stored spec)."""
     store = create_cache(path, urls, recipe=recipe or tiny_recipe(), num_views=num_views, classes=classes,
                          seed=seed, invalid_keys=invalid_keys)
     for i, (name, k) in enumerate((teachers or {"tiny": classes}).items()):
         spec, model = tiny_teacher(classes, seed=i, save_to=f"{path}.{name}.pt")
-        add_teacher_run(store, urls, name, spec, model, k)
+        add_teacher_run(store, urls, name, spec, model, k, encoding=encoding)
     return store

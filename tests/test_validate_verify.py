@@ -104,3 +104,22 @@ def test_validate_finds_a_tail_that_does_not_add_up(built, tmp_path, capsys):
     group["log_tail"][1, 2] = log_tail[0, 1]  # a real value, but not this view's
     assert main(["validate", path]) == 1
     assert "whose top-k and tail do not add up to the logsumexp" in capsys.readouterr().out
+
+
+def test_q8_cache_validates_and_verifies_within_its_own_bound(tmp_path, capsys):
+    """q8 rounds logit differences to 1/16 nat: verify must judge it by q8's bound, not fp16's."""
+    urls = write_shards(tmp_path / "shards", num_shards=2, per_shard=8)
+    path = str(tmp_path / "cache")
+    build_cache(path, urls, teachers={"q": 3}, classes=10, encoding="q8")
+    assert main(["validate", path]) == 0
+    [result] = verify_cache(open_store(path), num=40, atol=0.0)
+    assert result.ok and result.max_abs_delta > 1e-3  # q8's rounding shows, and is within its bound
+    assert result.max_tail_delta <= 0.012
+
+
+def test_verify_fails_on_a_tampered_tail(built, tmp_path):
+    path = copy_cache(built, tmp_path)
+    group = open_store(path, "r+").teacher_group("weak")
+    group["log_tail"][:] = (group["log_tail"][:].astype(np.float32) - 1.0).astype(np.float16)  # every tail / e
+    [result] = verify_cache(open_store(path), teachers=["weak"], num=30)
+    assert not result.ok and result.failures == result.views > 0 and result.max_abs_delta < 1e-2
