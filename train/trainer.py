@@ -154,6 +154,10 @@ class Trainer:
         """Teacher forward passes (images) on this rank since the last train line."""
         self.stopped_early = False
         self.start_time = time.perf_counter()
+        self.last_train: dict[str, Any] | None = None
+        """The latest train metrics line (for the epoch summary in the log)."""
+        self.first_epoch = 0
+        """The epoch this process starts at (after a resume, the checkpoint's)."""
 
     # ---- building -----------------------------------------------------------------------------
 
@@ -200,6 +204,7 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         """Train to the end (or to ``run.max_steps``) and return the summary."""
         self._prepare_run_dir()
+        self.first_epoch = self.state.epoch
         total = self.config.total_epochs
         while self.state.epoch < total and not self.stopped_early:
             self._train_epoch()
@@ -306,8 +311,10 @@ class Trainer:
 
     def _end_epoch(self) -> None:
         done = self.state.epoch + 1
-        if done % self.config.run.eval_every == 0 or done == self.config.total_epochs:
+        evaluate = done % self.config.run.eval_every == 0 or done == self.config.total_epochs
+        if evaluate:
             self._evaluate_and_log(done)
+        self._log_epoch_end(done, evaluate)
         if done in self.config.run.save_model_epochs and self.dist.is_main:
             self._save_model(f"model_e{done}.pt")
         if done == self.config.total_epochs and self.dist.is_main:
@@ -365,15 +372,28 @@ class Trainer:
                 "teacher_forwards": self.state.teacher_forwards,
                 "images_per_s": images / max(self.window.time, 1e-9), "time": time.perf_counter() - self.start_time}
         self._write_metrics(line)
+        self.last_train = line
         self.window = Window(self.device)
 
     def _log_epoch_start(self, stage: StagePlan, steps: int) -> None:
+        """A line when a stage starts (or the run resumes), or when ranks drop samples this epoch."""
         if not self.dist.is_main or self.state.epoch_step:
             return
         dropped = dropped_samples(self.data.spec, self.state.epoch)
-        log.info("epoch %d/%d (%s, loss %s, teacher %s): %d steps%s", self.state.epoch + 1, self.config.total_epochs,
-                 stage.name, stage.config.loss.name, stage.teacher or "-", steps,
-                 f", {dropped} samples dropped to keep ranks equal" if dropped else "")
+        if self.state.epoch != stage.start and not dropped and self.state.epoch != self.first_epoch:
+            return
+        log.info("epoch %d/%d: stage %s (epochs %d-%d, loss %s, teacher %s), %d steps per epoch%s", self.state.epoch + 1,
+                 self.config.total_epochs, stage.name, stage.start + 1, stage.end, stage.config.loss.name,
+                 stage.teacher or "-", steps, f", {dropped} samples dropped to keep ranks equal" if dropped else "")
+
+    def _log_epoch_end(self, epoch: int, evaluated: bool) -> None:
+        """One line per epoch: the last train window's loss and speed, and the evaluation if there was one."""
+        line = self.last_train
+        if not self.dist.is_main or line is None:
+            return
+        test = self.state.last_eval if evaluated else {}
+        log.info("epoch %d/%d done: loss %.4f, %.0f img/s%s", epoch, self.config.total_epochs, line["loss"],
+                 line["images_per_s"], f", test top-1 {test['top1']:.2f}%" if test.get("top1") is not None else "")
 
     def _write_metrics(self, line: dict[str, Any]) -> None:
         if self.dist.is_main:
