@@ -143,6 +143,8 @@ def _describe(model: type[BaseModel], err: dict[str, Any]) -> str:
         return f"{key}: unknown key; valid keys here: {', '.join(valid)}"
     if err["type"] == "missing":
         return f"{key}: required key is missing"
+    if "storage_options" in (*parts, *last):  # may hold credentials: never echo the value
+        return f"{key}: {err['msg']} (found a value of type {type(err.get('input')).__name__})"
     return f"{key}: {err['msg']} (found {err.get('input')!r})"
 
 
@@ -179,6 +181,20 @@ def _models_in(annotation: Any) -> list[type[BaseModel]]:
     return [m for arg in (getattr(annotation, "__args__", ()) or ()) for m in _models_in(arg)]
 
 
+REDACTED = "<redacted>"
+
+
 def dump_config(config: BaseModel) -> dict[str, Any]:
-    """The resolved config as plain JSON-able data (saved beside outputs and in the cache)."""
-    return config.model_dump(mode="json")
+    """The resolved config as plain JSON-able data (saved beside outputs and in the cache), with the
+    values of every ``storage_options`` mapping (credentials) replaced by ``<redacted>``."""
+    return redact_storage_options(config.model_dump(mode="json"))
+
+
+def redact_storage_options(data: Any) -> Any:
+    """``data`` with each ``storage_options`` mapping's values replaced by ``<redacted>`` (keys kept)."""
+    if isinstance(data, dict):
+        return {key: {name: REDACTED for name in value} if key == "storage_options" and isinstance(value, dict)
+                else redact_storage_options(value) for key, value in data.items()}  # fmt: skip
+    if isinstance(data, list):
+        return [redact_storage_options(value) for value in data]
+    return data

@@ -8,10 +8,14 @@ shards themselves stay the source of truth (planning re-reads their headers).
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import logging
+from pathlib import Path, PurePosixPath
 from typing import Any
 
+import fsspec
 from pydantic import BaseModel, ConfigDict, Field
+
+log = logging.getLogger(__name__)
 
 MANIFEST_SUFFIX = "-manifest.json"
 MANIFEST_VERSION = 1
@@ -56,11 +60,31 @@ def load_manifest(path: str | Path) -> Manifest:
     return Manifest.model_validate_json(Path(path).read_text())
 
 
-def find_manifest(first_shard: str) -> Manifest | None:
-    """The manifest beside a local shard named ``<prefix>-NNNNNN.tar``, if there is one."""
+def find_manifest(first_shard: str, storage_options: dict[str, Any] | None = None) -> Manifest | None:
+    """The manifest beside a shard named ``<prefix>-NNNNNN.tar``, if there is one: a local file, or
+    for a URL (``s3://...``) the object beside it, read with ``storage_options`` (the shards')."""
+    if "://" in first_shard:
+        return _find_remote_manifest(first_shard, storage_options)
     path = Path(first_shard)
-    if "://" in first_shard or "-" not in path.stem:
+    if "-" not in path.stem:
         return None
     prefix = path.stem.rsplit("-", 1)[0]
     candidate = path.parent / f"{prefix}{MANIFEST_SUFFIX}"
     return load_manifest(candidate) if candidate.exists() else None
+
+
+def _find_remote_manifest(first_shard: str, storage_options: dict[str, Any] | None) -> Manifest | None:
+    parent, _, name = first_shard.rpartition("/")
+    stem = PurePosixPath(name).stem
+    if "?" in first_shard or "-" not in stem or "://" not in parent:
+        return None
+    candidate = f"{parent}/{stem.rsplit('-', 1)[0]}{MANIFEST_SUFFIX}"
+    try:
+        with fsspec.open(candidate, "rt", **(storage_options or {})) as handle:
+            text = handle.read()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:  # e.g. no permission on the manifest alone: the shards stay the source of truth
+        log.warning("cannot read the manifest %s (%s); going on without it", candidate, type(exc).__name__)
+        return None
+    return Manifest.model_validate_json(text)

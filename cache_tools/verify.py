@@ -73,15 +73,16 @@ def pick_views(store: CacheStore, teachers: list[str], num: int, seed: int) -> P
     return picked
 
 
-def shard_urls(store: CacheStore, pattern: str | list[str] | None) -> dict[str, str]:
+def shard_urls(store: CacheStore, pattern: str | list[str] | None, storage_options: dict | None = None) -> dict[str, str]:
     """Shard name -> URL, from ``pattern`` or the shards recorded in the cache's config."""
     pattern = pattern or store.meta.config.get("data", {}).get("shards")
     if not pattern:
         raise ConfigError("--shards: the cache records no shard location; pass the shards' pattern")
-    return {shard_name(u): u for u in expand_shards(pattern, key="--shards")}
+    return {shard_name(u): u for u in expand_shards(pattern, key="--shards", storage_options=storage_options)}
 
 
-def replay_picked(store: CacheStore, picked: Picked, urls: dict[str, str]) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
+def replay_picked(store: CacheStore, picked: Picked, urls: dict[str, str],
+                  storage_options: dict | None = None) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
     """Replay every picked view from its shard: ``uint8[N, C, S, S]`` and (shard, row, view) order."""
     recipe, views, order = store.meta.recipe, [], []
     for shard, wanted in sorted(picked.by_shard.items()):
@@ -90,7 +91,7 @@ def replay_picked(store: CacheStore, picked: Picked, urls: dict[str, str]) -> tu
         if name not in urls:
             raise CacheMismatchError(f"shard {name!r} of the cache is not among the given shards")
         rows = {str(block.keys[row]): (row, view) for row, view in wanted}
-        for sample in iter_shard(urls[name]):
+        for sample in iter_shard(urls[name], storage_options):
             if sample.key in rows:
                 row, view = rows.pop(sample.key)
                 image = decode_image(sample.image, recipe.channels)
@@ -171,13 +172,15 @@ def _cached(store: CacheStore, teacher: str, order: list[tuple[int, int, int]]):
 def verify_cache(
     store: CacheStore, *, teachers: list[str] | None = None, num: int = 64, seed: int = 0,
     shards: str | list[str] | None = None, checkpoint: str | None = None, device: str = "auto",
-    amp: str = "auto", atol: float = 1e-3, batch_size: int = 256,
+    amp: str = "auto", atol: float = 1e-3, batch_size: int = 256, storage_options: dict | None = None,
 ) -> list[TeacherResult]:
+    """Recompute ``num`` random stored views and compare, per teacher. ``storage_options``: fsspec's,
+    for the shards (the cache's config saves its ``data.storage_options`` redacted, so pass them)."""
     teachers = teachers or store.teachers
     if not teachers:
         raise CacheMismatchError(f"cache {store.path!r} has no teachers to verify")
     picked = pick_views(store, teachers, num, seed)
-    views, order = replay_picked(store, picked, shard_urls(store, shards))
+    views, order = replay_picked(store, picked, shard_urls(store, shards, storage_options), storage_options)
     results = []
     for teacher in teachers:
         runner = ModelRunner(load_teacher(store, teacher, checkpoint), store.meta.recipe, device=device, amp=amp, name=teacher)

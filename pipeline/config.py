@@ -29,6 +29,10 @@ class DataSection(StrictModel):
     """WebDataset shards: a glob, a brace pattern (``dir/train-{000000..000009}.tar``), an fsspec
     URL, or a list of any of these. Order matters: it is part of the cache's fingerprint. Ray
     actors open them, so on a cluster use a shared filesystem or a URL every node can read."""
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    """fsspec storage options for ``shards`` and the manifest beside them (credentials, endpoint
+    ...), used by the driver and every Ray actor; empty: fsspec's defaults (for S3 the standard
+    AWS environment). Saved with the config with their values redacted."""
     num_classes: int | None = Field(None, ge=1)
     """Number of classes; default: from the ``<prefix>-manifest.json`` beside the shards."""
     class_names: list[str] = Field(default_factory=list)
@@ -51,7 +55,8 @@ class CacheSection(StrictModel):
     path: str
     """The cache: a local directory or an fsspec URL (``s3://bucket/cache.zarr``)."""
     storage_options: dict[str, Any] = Field(default_factory=dict)
-    """fsspec storage options for ``path`` (credentials, endpoint ...)."""
+    """fsspec storage options for ``path`` (credentials, endpoint ...); saved with the config with
+    their values redacted."""
     seed: int = 0
     """Seed of the view parameters: view ``a`` of ``key`` depends on ``(seed, key, a)`` only."""
     num_views: int = Field(4, ge=1, le=1024)

@@ -91,7 +91,7 @@ def make_plan(cfg: PrecomputeConfig) -> Plan:
     Refused (CacheLockedError) while another live precompute holds the cache's writer lock; the
     ``kdcache precompute`` command holds it itself (:func:`writer_lock`)."""
     check_unlocked(local_path(cfg.cache.path), cfg.cache.storage_options or None)
-    data = scan_data(cfg.data.shards)
+    data = scan_data(cfg.data.shards, cfg.data.storage_options or None)
     num_classes, class_names = resolve_classes(cfg, data.urls)
     check_with_classes(cfg, num_classes)
     teachers = [teacher_plan(t.name, t.model, t.k, num_classes, cfg.cache.recipe.channels) for t in cfg.teachers]
@@ -106,10 +106,11 @@ def make_plan(cfg: PrecomputeConfig) -> Plan:
     return plan
 
 
-def scan_data(shards: str | list[str]) -> DataPlan:
-    """Expand and scan the shards (tar headers only): keys per shard, duplicates refused."""
-    urls = [local_path(u) for u in expand_shards(shards, "data.shards")]
-    indexes = scan_shards(urls)
+def scan_data(shards: str | list[str], storage_options: dict[str, Any] | None = None) -> DataPlan:
+    """Expand and scan the shards (tar headers only): keys per shard, duplicates refused.
+    ``storage_options``: fsspec's, for shard URLs (``data.storage_options``)."""
+    urls = [local_path(u) for u in expand_shards(shards, "data.shards", storage_options)]
+    indexes = scan_shards(urls, storage_options=storage_options)
     empty = [index.name for index in indexes if not index.keys]
     if empty:
         raise DataError(f"data.shards: shard(s) without samples: {empty[:5]} (every shard needs at least one "
@@ -122,7 +123,7 @@ def scan_data(shards: str | list[str]) -> DataPlan:
 def resolve_classes(cfg: PrecomputeConfig, urls: list[str]) -> tuple[int, list[str]]:
     """``num_classes`` and class names from the config and the manifest beside the shards."""
     num, names = cfg.data.num_classes, list(cfg.data.class_names)
-    manifest = find_manifest(urls[0])
+    manifest = find_manifest(urls[0], cfg.data.storage_options or None)
     if manifest is not None:
         if num is not None and num != manifest.num_classes:
             raise ConfigError(f"data.num_classes: {num} in the config but {manifest.num_classes} in the "

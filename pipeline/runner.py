@@ -108,6 +108,7 @@ def worker_settings(cfg: PrecomputeConfig, plan: Plan) -> WorkerSettings:
     threads = cfg.runtime.torch_threads or max(1, int(cfg.ray.cpus_per_actor))
     return WorkerSettings(
         cache_path=plan.cache_path, storage_options=dict(cfg.cache.storage_options),
+        data_storage_options=dict(cfg.data.storage_options),
         recipe=cfg.cache.recipe, num_views=cfg.cache.num_views, seed=cfg.cache.seed,
         num_classes=plan.num_classes, on_error=cfg.data.on_error, teachers=tuple(plan.teachers),
         runtime=cfg.runtime, torch_threads=threads,

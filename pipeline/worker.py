@@ -23,7 +23,7 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -54,7 +54,10 @@ class WorkerSettings:
     """What a worker needs (picklable; the same for every actor of a run)."""
 
     cache_path: str
-    storage_options: dict
+    storage_options: dict = field(repr=False)
+    """fsspec storage options of the cache (``cache.storage_options``)."""
+    data_storage_options: dict = field(repr=False)
+    """fsspec storage options of the shards (``data.storage_options``)."""
     recipe: ViewRecipe
     num_views: int
     seed: int
@@ -204,7 +207,7 @@ class ShardWorker:
 
     def _batches(self, task: ShardTask, rows: ShardRows) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         batcher = ViewBatcher(self.settings.runtime.batch_size, self.settings.num_views)
-        for row, sample in enumerate(checked_samples(task)):
+        for row, sample in enumerate(checked_samples(task, self.settings.data_storage_options or None)):
             views = self._views(task, row, sample, rows)
             if views is not None:
                 yield from batcher.add(row, views)
@@ -308,10 +311,10 @@ def _produce(items: Iterator[T], slots: queue.Queue, stop: threading.Event) -> N
         put("error", exc)
 
 
-def checked_samples(task: ShardTask) -> Iterator[Sample]:
+def checked_samples(task: ShardTask, storage_options: dict | None = None) -> Iterator[Sample]:
     """The shard's samples, checking that their keys are the planned ones, in order."""
     count = 0
-    for count, sample in enumerate(iter_shard(task.url), start=1):
+    for count, sample in enumerate(iter_shard(task.url, storage_options), start=1):
         expected = task.keys[count - 1] if count <= len(task.keys) else None
         if sample.key != expected:
             raise DataError(f"shard {task.name!r}: sample {count - 1} has key {sample.key!r}, planning found "

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 from pydantic import Field
 
-from cache_tools.config import StrictModel, apply_overrides, load_config
+from cache_tools.cli_verify import parse_storage_options
+from cache_tools.config import REDACTED, StrictModel, apply_overrides, dump_config, load_config
 from cache_tools.errors import ConfigError
+from pipeline.config import PrecomputeConfig
+from train.config import TrainConfig, config_differences
 
 
 class Inner(StrictModel):
@@ -58,3 +62,48 @@ def test_rejections_name_the_dotted_key(tmp_path, text, overrides, match):
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(Outer, tmp_path / "nope.yaml")
+
+
+# ---- storage options ------------------------------------------------------------------------------
+
+
+PRECOMPUTE = {"data": {"shards": "x-{000000..000001}.tar", "num_classes": 4}, "cache": {"path": "/tmp/c"},
+              "teachers": [{"name": "t1", "model": {"name": "kd_cnn_tiny"}, "k": 2}]}
+TRAIN = {"data": {"shards": "x-000000.tar"}, "cache": {"path": "/tmp/c"}, "student": {"name": "kd_mlp"},
+         "stages": [{"epochs": 1, "loss": {"name": "ce"}}]}
+
+
+@pytest.mark.parametrize("model, base", [(PrecomputeConfig, PRECOMPUTE), (TrainConfig, TRAIN)], ids=["precompute", "train"])
+@pytest.mark.parametrize("value", ["key=AKIA-secret", ["secret"], 3])
+def test_data_storage_options_must_be_a_mapping(tmp_path, model, base, value):
+    path = write(tmp_path, yaml.safe_dump({**base, "data": {**base["data"], "storage_options": value}}))
+    with pytest.raises(ConfigError, match=r"data\.storage_options: Input should be a valid dictionary \(found a value of type \w+\)") as err:
+        load_config(model, path)
+    assert "secret" not in str(err.value)  # the value is never echoed: it may hold credentials
+    options = load_config(model, path, ["data.storage_options={endpoint_url: 'http://127.0.0.1:9000', secret: s3cr3t}"])
+    assert options.data.storage_options == {"endpoint_url": "http://127.0.0.1:9000", "secret": "s3cr3t"}
+
+
+def test_storage_options_are_saved_redacted_and_may_change_on_resume():
+    config = TrainConfig.model_validate({**TRAIN, "data": {**TRAIN["data"], "storage_options": {"key": "k1", "secret": "s1"}},
+                                         "cache": {"path": "/tmp/c", "storage_options": {"client_kwargs": {"x": 1}}}})
+    saved = dump_config(config)
+    assert saved["data"]["storage_options"] == {"key": REDACTED, "secret": REDACTED}
+    assert saved["cache"]["storage_options"] == {"client_kwargs": REDACTED}
+    assert config.data.storage_options["secret"] == "s1"  # the config itself keeps them
+    rotated = config.model_copy(update={"data": config.data.model_copy(update={"storage_options": {"token": "t2"}})})
+    assert config_differences(saved, dump_config(rotated)) == []
+    assert config_differences(saved, dump_config(rotated), ignore=()) == [
+        "data.storage_options.key: checkpoint '<redacted>' vs now '<absent>'",
+        "data.storage_options.secret: checkpoint '<redacted>' vs now '<absent>'",
+        "data.storage_options.token: checkpoint '<absent>' vs now '<redacted>'"]
+
+
+def test_verify_storage_option_flags_nest_and_never_echo_values():
+    assert parse_storage_options(["endpoint_url=http://h:9000", "anon=false", "client_kwargs.region_name=eu-1", "key=a=b"]) == {
+        "endpoint_url": "http://h:9000", "anon": False, "client_kwargs": {"region_name": "eu-1"}, "key": "a=b"}
+    with pytest.raises(ConfigError, match="without '='") as err:
+        parse_storage_options(["s3cr3t"])
+    assert "s3cr3t" not in str(err.value)
+    with pytest.raises(ConfigError, match=r"key 'a\.\.b' with an empty part"):
+        parse_storage_options(["a..b=1"])

@@ -3,14 +3,18 @@
 The server listens on 127.0.0.1 at a free port; nothing leaves the machine. Credentials are dummy
 values; the endpoint reaches the cache through ``cache.storage_options`` and the shards through
 the standard AWS environment (``AWS_ENDPOINT_URL``), which Ray actors and DataLoader workers
-inherit. The default run covers precompute in-process, the writer lock and a training epoch; the
-slow test runs ``kdcache precompute`` through Ray actors (compared with a local run), ``kdcache
-validate``, and ``kdcache train`` with DataLoader workers, all against the server.
+inherit, or, with that environment removed, through ``data.storage_options`` alone. The default
+run covers precompute in-process, the writer lock and a training epoch; the slow test runs
+``kdcache precompute`` through Ray actors (compared with a local run), ``kdcache validate``, and
+``kdcache train`` with DataLoader workers, all against the server.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import pickle
 import socket
 from pathlib import Path
 
@@ -28,13 +32,17 @@ from cache_tools.cli import main as cli_main
 from cache_tools.config import validate
 from cache_tools.errors import CacheLockedError
 from cache_tools.lock import WriterLock, read_holder
+from cache_tools.manifest import Manifest
 from cache_tools.shards import expand_shards, iter_shard, scan_shards
 from cache_tools.store import open_store
 from cache_tools.validate import validate_cache
 from pipeline.config import PrecomputeConfig
-from pipeline.runner import precompute, store_size
+from pipeline.plan import make_plan
+from pipeline.runner import precompute, store_size, worker_settings
+from pipeline.worker import ShardWorker
 from train.config import TrainConfig
 from train.data import build_train_data
+from train.trainer import train
 
 BUCKET = "kdcache"
 SHARDS = f"s3://{BUCKET}/shards/train-{{000000..000003}}.tar"
@@ -148,6 +156,66 @@ def test_shards_read_with_explicit_storage_options(s3, monkeypatch):
     assert [u.rsplit("/", 1)[1] for u in urls] == [f"train-{i:06d}.tar" for i in range(4)]
     assert [len(i) for i in scan_shards(urls, storage_options=s3["options"])] == [12] * 4
     assert [s.key for s in iter_shard(urls[1], s3["options"])][:2] == ["train_000012", "train_000013"]
+
+
+def test_precompute_and_train_with_shards_through_data_storage_options(s3, tmp_path, monkeypatch, caplog, capsys):
+    """No AWS endpoint or credentials in the environment: the shards and their manifest are reached
+    through ``data.storage_options`` only (the cache is local); the options are never saved or logged."""
+    for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    caplog.set_level(logging.DEBUG)
+    key, secret = "kd-opt-key-7f3a", "kd-opt-secret-91c4"
+    options = {"endpoint_url": s3["endpoint"], "key": key, "secret": secret, "client_kwargs": {"region_name": "us-east-1"}}
+    names = ["zero", "one", "two", "three"]
+    prefix = f"{BUCKET}/optshards"
+    for shard in sorted(s3["local"].glob("*.tar")):
+        s3["fs"].put(str(shard), f"{prefix}/{shard.name}")
+    manifest = Manifest(split="train", shards=[f"train-{i:06d}.tar" for i in range(4)], counts=[12] * 4, num_samples=48,
+                        num_classes=4, class_names=names, image_format="png")
+    s3["fs"].pipe(f"{prefix}/train-manifest.json", manifest.model_dump_json().encode())
+
+    cache = str(tmp_path / "cache.zarr")
+    cfg = validate(PrecomputeConfig, {  # no data.num_classes: from the manifest on the server
+        "data": {"shards": f"s3://{prefix}/train-{{000000..000003}}.tar", "storage_options": options},
+        "cache": {"path": cache, "num_views": 2, "recipe": {"size": 12, "scale": [0.5, 1.0], **GREY}},
+        "teachers": [{"name": "tiny", "model": {"name": "kd_cnn_tiny"}, "k": 3}],
+        "runtime": {"batch_size": 16},
+    })
+    plan = make_plan(cfg)
+    assert plan.num_classes == 4 and plan.class_names == names
+    worker = ShardWorker(pickle.loads(pickle.dumps(worker_settings(cfg, plan))))  # as sent to a Ray actor
+    for task in plan.tasks:
+        worker(task)
+    store = open_store(cache)
+    assert store.incomplete_shards() == {} and store.meta.class_names == names
+    assert store.meta.config["data"]["storage_options"] == {"endpoint_url": "<redacted>", "key": "<redacted>",
+                                                            "secret": "<redacted>", "client_kwargs": "<redacted>"}
+    flags = [f"--storage-option={k}={v}" for k, v in [("endpoint_url", s3["endpoint"]), ("key", key), ("secret", secret),
+                                                      ("client_kwargs.region_name", "us-east-1")]]
+    assert cli_main(["verify", cache, "--num", "6", "--shards", f"s3://{prefix}/train-*.tar", *flags]) == 0
+
+    run_dir = tmp_path / "run"
+    config = TrainConfig.model_validate({
+        "run": {"dir": str(run_dir), "log_every": 2, "progress": False},
+        "data": {"shards": f"s3://{prefix}/train-*.tar", "val_shards": f"s3://{prefix}/val-000000.tar",
+                 "storage_options": options, "verify_keys": True, "batch_size": 8, "num_workers": 2, "shuffle_buffer": 10},
+        "cache": {"path": cache},
+        "student": {"name": "kd_mlp", "kwargs": {"img_size": 12, "hidden": 16}},
+        "teacher": {"mode": "cache", "name": "tiny"},
+        "stages": [{"epochs": 1, "loss": {"name": "kd", "alpha": 0.5, "temperature": 2.0}}],
+    })
+    summary = train(config)
+    assert summary["completed"] and summary["steps"] == 6
+    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
+    assert evals and evals[-1]["n"] == 10  # the validation shard, streamed by the DataLoader workers
+    saved = (run_dir / "config.yaml").read_text()
+    assert "storage_options" in saved and key not in saved and secret not in saved
+    ours = [r.getMessage() for r in caplog.records if r.name.split(".")[0] in ("cache_tools", "pipeline", "train")]
+    printed = "\n".join(ours) + "".join(capsys.readouterr())
+    assert ours and secret not in printed and key not in printed  # (botocore's own debug lines show the key id)
 
 
 @pytest.mark.slow

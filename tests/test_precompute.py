@@ -514,7 +514,7 @@ def _keys(model, prefix: str = "") -> list[str]:
 def test_config_schema_is_pinned():
     """A change to the precompute config's keys must be deliberate: update this list with it."""
     assert _keys(PrecomputeConfig) == [
-        "data.shards", "data.num_classes", "data.class_names", "data.on_error",
+        "data.shards", "data.storage_options", "data.num_classes", "data.class_names", "data.on_error",
         "cache.path", "cache.storage_options", "cache.seed", "cache.num_views", "cache.recipe", "cache.overwrite",
         "cache.force_unlock",
         "teachers",

@@ -250,7 +250,7 @@ def test_config_schema_is_pinned():
         "run": ["amp", "channels_last", "ckpt_every_steps", "device", "dir", "eval_every", "log_every", "max_steps",
                 "overwrite", "progress", "resume", "save_model_epochs", "seed", "threads"],
         "data": ["batch_size", "eval_batch_size", "num_classes", "num_workers", "pin_memory", "prefetch_factor",
-                 "shard_shuffle", "shards", "shuffle_buffer", "val_shards", "verify_keys"],
+                 "shard_shuffle", "shards", "shuffle_buffer", "storage_options", "val_shards", "verify_keys"],
         "stage": ["epochs", "loss", "name", "optimizer", "scheduler", "teacher"],
     }
 

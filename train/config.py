@@ -20,8 +20,10 @@ from cache_tools.targets import TailMode
 from cache_tools.views import ViewRecipe
 
 CONFIG_VERSION = 1
-RESUME_MUTABLE = ("run.max_steps", "run.resume", "run.progress", "run.log_every", "run.ckpt_every_steps", "run.overwrite")
-"""Keys that may differ between a checkpoint's config and the resuming run's config."""
+RESUME_MUTABLE = ("run.max_steps", "run.resume", "run.progress", "run.log_every", "run.ckpt_every_steps", "run.overwrite",
+                  "data.storage_options", "cache.storage_options")
+"""Keys (and the keys under them) that may differ between a checkpoint's config and the resuming
+run's config: storage options (credentials rotate; they are saved redacted) change no result."""
 
 
 # ---- losses ---------------------------------------------------------------------------------
@@ -220,6 +222,10 @@ class DataConfig(StrictModel):
     """Training shards: brace pattern, glob, fsspec URL or a list; the cache's shards, all of them."""
     val_shards: str | list[str] | None = None
     """Validation shards (evaluated with a center view; no cache needed); None: no evaluation."""
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    """fsspec storage options for ``shards``, ``val_shards`` and the manifest beside them
+    (credentials, endpoint ...), used by every rank and DataLoader worker; empty: fsspec's defaults
+    (for S3 the standard AWS environment). Saved with the config with their values redacted."""
     num_classes: int | None = Field(None, ge=1)
     """Class count; default the cache's. Needed without a cache."""
     batch_size: int = Field(128, ge=1)
@@ -248,7 +254,7 @@ class CacheConfig(StrictModel):
     """The cache (local path or fsspec URL); needed for ``teacher.mode: cache``; gives the views
     (stored parameters) in every mode when set."""
     storage_options: dict[str, Any] = Field(default_factory=dict)
-    """fsspec storage options for ``path``."""
+    """fsspec storage options for ``path`` (saved with the config with their values redacted)."""
 
 
 class ViewsConfig(StrictModel):
@@ -380,11 +386,15 @@ def load_train_config(path: str | Path, overrides: list[str] | None = None) -> T
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any], ignore: tuple[str, ...] = RESUME_MUTABLE) -> list[str]:
-    """Dotted keys whose values differ between two dumped configs (``ignore`` left out)."""
+    """Dotted keys whose values differ between two dumped configs (``ignore`` and the keys under them left out)."""
     flat_a, flat_b = _flatten(saved), _flatten(current)
     keys = sorted(set(flat_a) | set(flat_b))
     return [f"{k}: checkpoint {flat_a.get(k, '<absent>')!r} vs now {flat_b.get(k, '<absent>')!r}"
-            for k in keys if k not in ignore and flat_a.get(k, "<absent>") != flat_b.get(k, "<absent>")]
+            for k in keys if not _ignored(k, ignore) and flat_a.get(k, "<absent>") != flat_b.get(k, "<absent>")]
+
+
+def _ignored(key: str, ignore: tuple[str, ...]) -> bool:
+    return any(key == i or key.startswith(i + ".") for i in ignore)
 
 
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:

@@ -153,7 +153,10 @@ class StreamSpec:
     train: bool = True
     """False: evaluation (center views, file order, no targets)."""
     cache_path: str | None = None
-    storage_options: tuple[tuple[str, Any], ...] = ()
+    storage_options: tuple[tuple[str, Any], ...] = field(default=(), repr=False)
+    """fsspec storage options of the cache (``cache.storage_options``), as sorted items."""
+    data_storage_options: tuple[tuple[str, Any], ...] = field(default=(), repr=False)
+    """fsspec storage options of the shards (``data.storage_options``), as sorted items."""
 
     @property
     def workers(self) -> int:
@@ -285,7 +288,7 @@ class ShardStream(IterableDataset):
 
     def _shard_items(self, url: str, block: ShardBlock | None, expected: int) -> Iterator[_Item]:
         name, seen, valid = shard_name(url), 0, 0
-        for sample in iter_shard(url):
+        for sample in iter_shard(url, dict(self.spec.data_storage_options) or None):
             seen += 1
             row = block.row(sample.key) if block is not None else -1
             if block is not None and not block.valid(row):
@@ -373,7 +376,8 @@ def make_loader(dataset: ShardStream, pin_memory: bool, prefetch_factor: int) ->
 def open_cache(config: TrainConfig, urls: list[str], teachers: list[str]) -> CacheStore:
     """Open the cache and refuse it, saying what differs, unless it fits the run."""
     store = open_store(config.cache.path, "r", config.cache.storage_options or None)
-    store.check_compatible(fingerprint=_fingerprint(store, urls, config.data.verify_keys), num_classes=config.data.num_classes)
+    fingerprint = _fingerprint(store, urls, config.data.verify_keys, config.data.storage_options or None)
+    store.check_compatible(fingerprint=fingerprint, num_classes=config.data.num_classes)
     missing = [t for t in teachers if t not in store.teachers]
     if missing:
         raise CacheMismatchError(
@@ -386,11 +390,12 @@ def open_cache(config: TrainConfig, urls: list[str], teachers: list[str]) -> Cac
     return store
 
 
-def _fingerprint(store: CacheStore, urls: list[str], verify_keys: bool) -> Fingerprint:
+def _fingerprint(store: CacheStore, urls: list[str], verify_keys: bool,
+                 storage_options: dict[str, Any] | None = None) -> Fingerprint:
     """The data's fingerprint: full (scanned keys) or names only (counts checked while streaming)."""
     names = [shard_name(u) for u in urls]
     if verify_keys:
-        indexes = scan_shards(urls)
+        indexes = scan_shards(urls, storage_options=storage_options)
         return Fingerprint(shards=names, counts=[len(i) for i in indexes], key_digest=key_digest(indexes))
     cached = store.meta.fingerprint
     if names != cached.shards:
@@ -405,14 +410,14 @@ def valid_counts(store: CacheStore) -> tuple[list[int], int]:
     return valid, sum(store.meta.fingerprint.counts) - sum(valid)
 
 
-def shard_counts(urls: list[str]) -> list[int]:
+def shard_counts(urls: list[str], storage_options: dict[str, Any] | None = None) -> list[int]:
     """Samples per shard without a cache: from the manifest beside the shards, else by scanning."""
-    manifest = find_manifest(urls[0]) if urls else None
+    manifest = find_manifest(urls[0], storage_options) if urls else None
     names = [shard_name(u) for u in urls]
     if manifest is not None and set(names) <= set(manifest.shards):
         by_name = dict(zip(manifest.shards, manifest.counts))
         return [by_name[n] for n in names]
-    return [len(index) for index in scan_shards(urls)]
+    return [len(index) for index in scan_shards(urls, storage_options=storage_options)]
 
 
 # ---- building the run's data ---------------------------------------------------------------------
@@ -440,14 +445,15 @@ class RunData:
 
 def build_train_data(config: TrainConfig, rank: int, world_size: int, teachers: list[str], pin_memory: bool) -> RunData:
     """Plan the training stream: shards, cache checks, counts, views."""
-    urls = expand_shards(config.data.shards, key="data.shards")
+    data_options = config.data.storage_options or None
+    urls = expand_shards(config.data.shards, key="data.shards", storage_options=data_options)
     store = open_cache(config, urls, teachers) if config.cache.path else None
     if store is not None:
         counts, invalid = valid_counts(store)
         recipe, num_views, view_seed = store.meta.recipe, store.meta.num_views, store.meta.seed
         num_classes = store.meta.num_classes
     else:
-        counts, invalid = shard_counts(urls), 0
+        counts, invalid = shard_counts(urls, data_options), 0
         recipe, num_views, view_seed = config.views.recipe, config.views.num_views, config.views.seed
         num_classes = int(config.data.num_classes)
     spec = StreamSpec(
@@ -456,6 +462,7 @@ def build_train_data(config: TrainConfig, rank: int, world_size: int, teachers: 
         rank=rank, world_size=world_size, num_workers=config.data.num_workers,
         shuffle_buffer=config.data.shuffle_buffer, shard_shuffle=config.data.shard_shuffle,
         cache_path=config.cache.path, storage_options=tuple(sorted(config.cache.storage_options.items())),
+        data_storage_options=tuple(sorted(config.data.storage_options.items())),
     )
     _check_ranks(spec)
     dataset = ShardStream(spec)
@@ -481,11 +488,13 @@ def build_eval_data(config: TrainConfig, rank: int, world_size: int, recipe: Vie
     """The validation stream (center views, file order, split by rank and worker), or None."""
     if config.data.val_shards is None:
         return None
-    urls = expand_shards(config.data.val_shards, key="data.val_shards")
+    data_options = config.data.storage_options or None
+    urls = expand_shards(config.data.val_shards, key="data.val_shards", storage_options=data_options)
     spec = StreamSpec(
-        urls=tuple(urls), counts=tuple(shard_counts(urls)), recipe=eval_recipe(recipe), num_classes=num_classes,
-        batch_size=config.data.eval_batch_size or config.data.batch_size, rank=rank, world_size=world_size,
-        num_workers=min(config.data.num_workers, len(urls[rank::world_size])), train=False,
+        urls=tuple(urls), counts=tuple(shard_counts(urls, data_options)), recipe=eval_recipe(recipe),
+        num_classes=num_classes, batch_size=config.data.eval_batch_size or config.data.batch_size, rank=rank,
+        world_size=world_size, num_workers=min(config.data.num_workers, len(urls[rank::world_size])), train=False,
+        data_storage_options=tuple(sorted(config.data.storage_options.items())),
     )
     dataset = ShardStream(spec)
     return dataset, make_loader(dataset, pin_memory, config.data.prefetch_factor)
