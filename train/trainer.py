@@ -47,6 +47,8 @@ from train.losses import Criterion, LossParts, stopped
 from train.schedule import Segment, StagePlan, build_optimizer, lr_at, plan_stages, set_lr, stage_at
 
 log = logging.getLogger(__name__)
+EPOCH_LOG_SECONDS = 10.0
+"""Epoch lines in the log: at most one per this many seconds, besides evaluated and last epochs."""
 
 CKPT_FORMAT = "kdcache-train"
 CKPT_VERSION = 1
@@ -158,6 +160,7 @@ class Trainer:
         """The latest train metrics line (for the epoch summary in the log)."""
         self.first_epoch = 0
         """The epoch this process starts at (after a resume, the checkpoint's)."""
+        self.last_epoch_log = -float("inf")
 
     # ---- building -----------------------------------------------------------------------------
 
@@ -387,10 +390,17 @@ class Trainer:
                  stage.teacher or "-", steps, f", {dropped} samples dropped to keep ranks equal" if dropped else "")
 
     def _log_epoch_end(self, epoch: int, evaluated: bool) -> None:
-        """One line per epoch: the last train window's loss and speed, and the evaluation if there was one."""
+        """A line per epoch (the last train window's loss and speed, the evaluation if there was one),
+        at most one per ``EPOCH_LOG_SECONDS`` unless the epoch was evaluated, ends a stage or the run:
+        60 sub-second epochs should not bury the log (metrics.jsonl keeps every line)."""
         line = self.last_train
         if not self.dist.is_main or line is None:
             return
+        now = time.perf_counter()
+        ends_stage = any(stage.end == epoch for stage in self.stages)
+        if not (evaluated or ends_stage or now - self.last_epoch_log >= EPOCH_LOG_SECONDS):
+            return
+        self.last_epoch_log = now
         test = self.state.last_eval if evaluated else {}
         log.info("epoch %d/%d done: loss %.4f, %.0f img/s%s", epoch, self.config.total_epochs, line["loss"],
                  line["images_per_s"], f", test top-1 {test['top1']:.2f}%" if test.get("top1") is not None else "")
