@@ -149,6 +149,38 @@ def test_resumed_run_reproduces_the_uninterrupted_run_bit_for_bit(world, tmp_pat
     assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
 
 
+def tensorboard_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_tensorboard_scalars_mirror_the_metrics_and_survive_a_resume(world, tmp_path):
+    tb = {"tensorboard": True, "ckpt_every_steps": 2}
+    stages = [{"epochs": 2, "loss": {"name": "kd", "alpha": 0.5, "temperature": 2.0}}]
+    train(make(world, tmp_path / "full", run=tb, stages=stages))
+    full = tensorboard_scalars(tmp_path / "full")
+    lines = metrics(tmp_path / "full")
+    train_lines = [line for line in lines if line["kind"] == "train"]
+    assert full["train/loss"] == [(line["step"], pytest.approx(line["loss"], rel=1e-6)) for line in train_lines]
+    assert [step for step, _ in full["eval/top1"]] == [line["step"] for line in lines if line["kind"] == "eval"]
+    assert "train/epoch" not in full and "train/time" in full
+
+    train(make(world, tmp_path / "cut", run={**tb, "max_steps": 5}, stages=stages))
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(tmp_path / "cut" / "tensorboard")) as killed:  # logged after the checkpoint, then killed
+        killed.add_scalar("train/loss", 123.0, 6)
+    train(make(world, tmp_path / "cut", run={**tb, "max_steps": 7, "resume": "must"}, stages=stages))
+    train(make(world, tmp_path / "cut", run={**tb, "resume": "must"}, stages=stages))
+    resumed = tensorboard_scalars(tmp_path / "cut")
+    untimed = [tag for tag in full if tag not in ("train/time", "train/images_per_s")]
+    assert sorted(resumed) == sorted(full)
+    assert {tag: resumed[tag] for tag in untimed} == {tag: full[tag] for tag in untimed}
+
+
 def test_resume_refuses_another_config_naming_the_keys(world, tmp_path):
     train(make(world, tmp_path, run={"max_steps": 2}))
     changed = make(world, tmp_path, run={"resume": "must"}, optimizer={"lr": 0.2}, data={"batch_size": 4})
@@ -248,7 +280,7 @@ def test_config_schema_is_pinned():
                                                 "student", "teacher", "version", "views"]
     assert sections == {
         "run": ["amp", "channels_last", "ckpt_every_steps", "device", "dir", "eval_every", "log_every", "max_steps",
-                "overwrite", "progress", "resume", "save_model_epochs", "seed", "threads"],
+                "overwrite", "progress", "resume", "save_model_epochs", "seed", "tensorboard", "threads"],
         "data": ["batch_size", "eval_batch_size", "num_classes", "num_workers", "pin_memory", "prefetch_factor",
                  "shard_shuffle", "shards", "shuffle_buffer", "storage_options", "val_shards", "verify_keys"],
         "stage": ["epochs", "loss", "name", "optimizer", "scheduler", "teacher"],

@@ -20,8 +20,8 @@ from cache_tools.targets import TailMode
 from cache_tools.views import ViewRecipe
 
 CONFIG_VERSION = 1
-RESUME_MUTABLE = ("run.max_steps", "run.resume", "run.progress", "run.log_every", "run.ckpt_every_steps", "run.overwrite",
-                  "data.storage_options", "cache.storage_options")
+RESUME_MUTABLE = ("run.max_steps", "run.resume", "run.progress", "run.tensorboard", "run.log_every", "run.ckpt_every_steps",
+                  "run.overwrite", "data.storage_options", "cache.storage_options")
 """Keys (and the keys under them) that may differ between a checkpoint's config and the resuming
 run's config: storage options (credentials rotate; they are saved redacted) change no result."""
 
@@ -211,6 +211,9 @@ class RunConfig(StrictModel):
     (loadable by ``build_model`` via ``checkpoint:``): early-stopped teachers (paper 002)."""
     progress: bool = True
     """A tqdm progress bar with images/s (rank 0, when stderr is a terminal)."""
+    tensorboard: bool = False
+    """Also write the metrics as TensorBoard scalars (``train/loss``, ``eval/top1`` ...) in
+    ``dir/tensorboard``; needs the ``tensorboard`` package (``pip install kdcache[tensorboard]``)."""
     threads: int | None = Field(None, ge=1)
     """torch intra-op threads of the training process (default: torch's choice)."""
 

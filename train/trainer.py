@@ -3,7 +3,8 @@
 Outputs in ``run.dir``: ``config.yaml`` (the resolved config), ``metrics.jsonl`` (one line per log
 step and per evaluation), ``summary.json`` (at the end), ``checkpoints/last.pt`` (resume state),
 ``checkpoints/model_e<N>.pt`` / ``model_final.pt`` (state dicts loadable by
-``cache_tools.models.build_model`` via ``checkpoint:``).
+``cache_tools.models.build_model`` via ``checkpoint:``), and with ``run.tensorboard`` the same
+metrics as TensorBoard scalars in ``tensorboard/`` (:mod:`train.metrics`).
 
 **Resume contract.** ``checkpoints/last.pt`` is written at every epoch end, every
 ``run.ckpt_every_steps`` steps and when ``run.max_steps`` stops the run. It holds the model,
@@ -22,6 +23,7 @@ import copy
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -44,6 +46,7 @@ from train import distributed as D
 from train.config import RESUME_MUTABLE, TrainConfig, config_differences, resolved, stage_teacher
 from train.data import Batch, RunData, build_eval_data, build_train_data, dropped_samples, steps_per_epoch
 from train.losses import Criterion, LossParts, stopped
+from train.metrics import MetricsLog
 from train.schedule import Segment, StagePlan, build_optimizer, lr_at, plan_stages, set_lr, stage_at
 
 log = logging.getLogger(__name__)
@@ -140,6 +143,7 @@ class Trainer:
         if config.run.threads:
             torch.set_num_threads(config.run.threads)
         self.run_dir = Path(config.run.dir)
+        self.metrics = MetricsLog(self.run_dir, main=self.dist.is_main, tensorboard=config.run.tensorboard)
         self.stages, self.segments = plan_stages(config)
         self.data = self._build_data()
         self.num_classes, self.recipe = self.data.num_classes, self.data.recipe
@@ -343,7 +347,7 @@ class Trainer:
             metrics.update({f"ema_{k}": v for k, v in self.evaluate(self.ema.module).items() if k != "n"})
         if metrics:
             self.state.last_eval = metrics
-            self._write_metrics({"kind": "eval", "epoch": epoch, "step": self.state.global_step, **metrics})
+            self.metrics.write({"kind": "eval", "epoch": epoch, "step": self.state.global_step, **metrics})
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
@@ -374,7 +378,7 @@ class Trainer:
                 "stage": stage_at(self.stages, self.state.epoch).name, **means, "images": images,
                 "teacher_forwards": self.state.teacher_forwards,
                 "images_per_s": images / max(self.window.time, 1e-9), "time": time.perf_counter() - self.start_time}
-        self._write_metrics(line)
+        self.metrics.write(line)
         self.last_train = line
         self.window = Window(self.device)
 
@@ -404,11 +408,6 @@ class Trainer:
         test = self.state.last_eval if evaluated else {}
         log.info("epoch %d/%d done: loss %.4f, %.0f img/s%s", epoch, self.config.total_epochs, line["loss"],
                  line["images_per_s"], f", test top-1 {test['top1']:.2f}%" if test.get("top1") is not None else "")
-
-    def _write_metrics(self, line: dict[str, Any]) -> None:
-        if self.dist.is_main:
-            with open(self.run_dir / "metrics.jsonl", "a") as handle:
-                handle.write(json.dumps(line) + "\n")
 
     def _bar(self, steps: int, desc: str) -> tqdm:
         show = self.config.run.progress and self.dist.is_main and sys.stderr.isatty()
@@ -446,8 +445,10 @@ class Trainer:
         D.barrier()
         if resume != "never" and exists:
             self._resume()
+            self.metrics.start(resume_step=self.state.global_step)
         elif self.dist.is_main:
             self._fresh_run_dir()
+            self.metrics.start(resume_step=None)
         if self.dist.is_main:
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(resolved(self.config), sort_keys=False))
         D.barrier()
@@ -456,6 +457,7 @@ class Trainer:
         (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         for name in ("metrics.jsonl", "summary.json"):
             (self.run_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(self.metrics.tb_dir, ignore_errors=True)
         self.ckpt_path.unlink(missing_ok=True)
 
     def _save_checkpoint(self) -> None:
@@ -498,8 +500,6 @@ class Trainer:
         own = ckpt["ranks"][self.dist.rank]
         self.window.load_state_dict(own["window"])
         _set_rng_state(own["rng"], self.device)
-        if self.dist.is_main:
-            trim_metrics(self.run_dir / "metrics.jsonl", self.state.global_step)
         log.info("resumed %s at epoch %d, step %d of the epoch (global step %d)", self.ckpt_path,
                  self.state.epoch + 1, self.state.epoch_step, self.state.global_step)
 
@@ -582,14 +582,6 @@ def load_resume_checkpoint(path: Path, config: TrainConfig, world_size: int) -> 
     return ckpt
 
 
-def trim_metrics(path: Path, step: int) -> None:
-    """Drop metric lines written after the checkpoint's step (a killed run may have logged more)."""
-    if not path.is_file():
-        return
-    lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in lines))
-
-
 def _rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -609,9 +601,13 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 def train(config: TrainConfig) -> dict[str, Any]:
     """Build a :class:`Trainer`, run it, leave the process group; return the summary."""
+    trainer = None
     try:
-        return Trainer(config).run()
+        trainer = Trainer(config)
+        return trainer.run()
     finally:
+        if trainer is not None:
+            trainer.metrics.close()
         D.destroy()
 
 
