@@ -11,6 +11,7 @@ import datetime as dt
 import errno
 import json
 import logging
+import os
 import platform
 import shutil
 import subprocess
@@ -18,14 +19,15 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
 import torch
 import yaml
-import zarr
 from test_precompute import (  # noqa: F401  (ray_session and data_dir are fixtures)
     assert_same_arrays,
     cache_arrays,
@@ -184,21 +186,53 @@ def test_failed_chunk_write_names_shard_and_array_and_sets_no_mark(shards, tmp_p
     assert_same_arrays(cache_arrays(tmp_path / "cache"), cache_arrays(tmp_path / "clean"))
 
 
-def test_full_disk_mid_shard_sets_no_mark(shards, tmp_path, monkeypatch):
-    plan, worker = planned_worker(shards, tmp_path / "cache")
-    original = zarr.storage.LocalStore.set
+@contextmanager
+def small_filesystem(path: Path, size_kb: int) -> Iterator[Path]:
+    """A real tmpfs of ``size_kb`` mounted at ``path``: a disk that can really fill up (needs root)."""
+    path.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(path)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to fill up: {mounted.stderr.strip() or mounted.returncode}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
 
-    async def full(self, key, value):
-        if key.startswith("teachers/t1/lse/"):
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return await original(self, key, value)
 
-    monkeypatch.setattr(zarr.storage.LocalStore, "set", full)
-    with pytest.raises(CacheWriteError, match=r"'teachers/t1/lse' of shard 's-000000.tar' failed \(OSError: .*No space left"):
-        worker(plan.tasks[0])
-    store = open_store(str(tmp_path / "cache"))
-    assert store.incomplete_shards()["t1"] == ["s-000000.tar", "s-000001.tar", "s-000002.tar"]
-    assert int(np.asarray(store.teacher_group("t1")["topk_idx"][store.rows(0)]).sum()) > 0  # data before the failure
+def fill_up(disk: Path, leave_pages: int) -> Path:
+    """Fill ``disk`` with one file until ENOSPC, then give back ``leave_pages`` pages of 4 KiB."""
+    filler = disk / "filler"
+    with open(filler, "wb", buffering=0) as handle:
+        with pytest.raises(OSError) as full:
+            while True:
+                handle.write(b"\0" * 4096)
+    assert full.value.errno == errno.ENOSPC
+    os.truncate(filler, max(0, filler.stat().st_size - leave_pages * 4096))
+    return filler
+
+
+# Each chunk file takes one tmpfs page: with zarr 3.1 these fail at the first write ('labels'), at the
+# views' completion mark, mid-teacher ('teachers/t1/lse') and at the teacher's completion mark.
+@pytest.mark.parametrize("leave_pages", [0, 3, 6, 9])
+def test_full_disk_mid_shard_sets_no_mark_and_a_rerun_after_freeing_space_completes(shards, tmp_path, leave_pages):
+    with small_filesystem(tmp_path / "disk", 4096) as disk:
+        plan, worker = planned_worker(shards, disk / "cache")
+        filler = fill_up(disk, leave_pages)
+        with pytest.raises(CacheWriteError, match=r"writing '[a-z_/0-9]+' of shard 's-000000.tar' failed \(OSError: "
+                                                  r".*No space left on device.*\); the shard's completion mark is not set"):
+            worker(plan.tasks[0])
+        store = open_store(str(disk / "cache"))
+        assert "s-000000.tar" in store.incomplete_shards()["t1"]
+        assert int(np.asarray(store.teacher_group("t1")["done"][0])) == 0
+        filler.unlink()
+        rerun = make_plan(config(shards, disk / "cache"))
+        assert [t.name for t in rerun.tasks] == ["s-000000.tar", "s-000001.tar", "s-000002.tar"]
+        for task in rerun.tasks:
+            worker(task)
+        assert validate_cache(open_store(str(disk / "cache"))).ok
+        run_in_process(config(shards, tmp_path / "clean"))
+        assert_same_arrays(cache_arrays(disk / "cache"), cache_arrays(tmp_path / "clean"))
 
 
 def test_inf_teacher_fails_the_shard_and_writes_nothing(shards, tmp_path):
