@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import ray
 import torch
+import torchvision
 import webdataset as wds
 import yaml
 from PIL import Image
@@ -28,12 +29,13 @@ from PIL import Image
 from cache_tools.cli import main as cli_main
 from cache_tools.config import apply_overrides, load_config, validate
 from cache_tools.errors import CacheMismatchError, ConfigError, DataError, DuplicateKeyError, TeacherError
-from cache_tools.models import build_model
+from cache_tools.models import build_model, weights_digest
 from cache_tools.reader import read_block
 from cache_tools.shards import decode_image, iter_shard
 from cache_tools.store import STATUS_INVALID, STATUS_VALID, open_store
 from cache_tools.targets import from_logits
 from cache_tools.teacher import ModelRunner
+from cache_tools.verify import verify_cache
 from cache_tools.views import replay_views
 from pipeline.config import PrecomputeConfig
 from pipeline.make_shards import make_synthetic_shards
@@ -359,6 +361,41 @@ def test_second_teacher_reuses_the_stored_views(clean_cache, data_dir, tmp_path)
                         torch.tensor([sample.label] * 2), 3)
     np.testing.assert_array_equal(block.teachers["t2"].topk_idx[0], fresh.idx.numpy())
     np.testing.assert_allclose(block.teachers["t2"].lse[0], fresh.lse.numpy(), rtol=1e-4)
+
+
+def test_torchvision_and_torchscript_teachers_are_cached_and_verify(clean_cache, data_dir, tmp_path):
+    """The two other teacher sources: a torchvision model with a state-dict checkpoint and a TorchScript file,
+    added in-process to a copy of the clean cache, then recomputed by `kdcache verify` from their stored specs."""
+    cache = tmp_path / "cache"
+    shutil.copytree(clean_cache, cache)
+    torch.manual_seed(1)
+    resnet = torchvision.models.resnet18(num_classes=10)
+    torch.save(resnet.state_dict(), tmp_path / "resnet18.pth")
+    scripted = torch.jit.script(build_model(make_config("x", cache).teachers[0].model, 10, 3).eval())
+    scripted.save(str(tmp_path / "tiny.pt"))
+    teachers = [{"name": "tv", "model": {"source": "torchvision", "name": "resnet18", "checkpoint": str(tmp_path / "resnet18.pth")}, "k": 4},
+                {"name": "ts", "model": {"source": "torchscript", "checkpoint": str(tmp_path / "tiny.pt")}, "k": 10}]
+    run_in_process(make_config(shards_url(data_dir), cache, teachers=teachers))
+    assert_complete(cache, ["t1", "tv", "ts"])
+    store = open_store(str(cache))
+    assert store.teacher_meta("tv").weights_digest == weights_digest(resnet)
+    block = read_block(store, 2, ["tv", "ts"])
+    sample = next(iter_shard(str(data_dir / "train-000002.tar")))
+    views = replay_views(decode_image(sample.image, 3), block.view_params[0], store.meta.recipe)
+    for name, model, k in (("tv", resnet, 4), ("ts", scripted, 10)):
+        fresh = from_logits(ModelRunner(model, store.meta.recipe)(views), torch.tensor([sample.label] * 2), k)
+        np.testing.assert_array_equal(block.teachers[name].topk_idx[0], fresh.idx.numpy())
+        np.testing.assert_allclose(block.teachers[name].lse[0], fresh.lse.numpy(), rtol=1e-4)
+    results = verify_cache(store, teachers=["tv", "ts"], num=16, seed=0)
+    assert [(r.teacher, r.ok, r.topk_agreement) for r in results] == [("tv", True, 1.0), ("ts", True, 1.0)]
+
+
+def test_torchvision_teacher_needs_three_channels(data_dir, tmp_path):
+    teachers = [{"name": "tv", "model": {"source": "torchvision", "name": "resnet18"}, "k": 4}]
+    cfg = make_config(shards_url(data_dir), tmp_path / "cache", "cache.recipe.channels=1", "cache.recipe.mean=[0.5]",
+                      "cache.recipe.std=[0.25]", teachers=teachers)
+    with pytest.raises(TeacherError, match=r"torchvision model 'resnet18' takes 3 channels; the recipe has 1"):
+        run_in_process(cfg)
 
 
 @pytest.mark.parametrize(("override", "message"), [
