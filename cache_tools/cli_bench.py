@@ -1,4 +1,4 @@
-"""``kdcache bench {train,precompute,cache,parity} [--json FILE] ...``: measure, print tables, write JSON.
+"""``kdcache bench {train,precompute,cache,inspect,parity} [--json FILE] ...``: measure, print tables, write JSON.
 
 The benchmarks live in ``benchmarks/`` of a source checkout (not in the installed packages: they
 import both ``pipeline`` and ``train``, which never import each other). This module names them as
@@ -21,6 +21,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "train": ("benchmarks.train_bench", "images/s of plain CE, KD from the cache and online KD, interleaved"),
     "precompute": ("benchmarks.precompute_bench", "precompute views/s vs the bare teacher forward; A and actors"),
     "cache": ("benchmarks.cache_bench", "bytes per view, read throughput and error of the fp16 and q8 encodings"),
+    "inspect": ("benchmarks.inspect_bench", "seconds per teacher and peak memory of kdcache inspect on a 1M-view cache"),
     "parity": ("benchmarks.parity_bench", "Fashion-MNIST accuracy: online KD vs cached KD at k = C and smaller k"),
 }
 CHECKOUT = Path(__file__).resolve().parents[1]

@@ -61,6 +61,16 @@ def test_cache_bench_writes_its_keys(tmp_path):
 
 
 @pytest.mark.skipif(not __import__("os").path.exists(FMNIST), reason="needs the dataset-fashion-mnist package")
+def test_inspect_bench_writes_its_keys_and_the_reports(tmp_path):
+    result = bench("inspect", tmp_path)
+    assert {"cache_views", "seconds_per_teacher", "views_per_s_per_teacher", "two_teachers_s", "cli",
+            "peak_rss_full_over_quarter"} <= result.keys()
+    assert result["cache_views"] == 4 * 50 * 2 and set(result["cli"]) == {"quarter", "full"}
+    report = json.loads((tmp_path / "work" / "full.json").read_text())
+    assert sorted(report["teachers"]) == ["t0", "t1"] and report["teachers"]["t0"]["views"] == 400
+    assert len(report["pairs"]) == 1 and set(report["teachers"]["t0"]["entropy"]) == {"T=1.0", "T=4.0"}
+
+
 def test_parity_bench_writes_its_keys(tmp_path):
     result = bench("parity", tmp_path)
     assert {"online_acc", "cached_acc", "ce_acc", "per_k", "teacher_acc", "parity_ok"} <= result.keys()
