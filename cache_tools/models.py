@@ -144,11 +144,13 @@ class TinyCNN(nn.Module):
 
 
 class TinyMLP(nn.Module):
-    """Flatten, one hidden layer, a linear head: the fastest student there is."""
+    """Flatten, one hidden layer (dropout ``drop_rate`` after it, as timm's ``drop_rate``), a linear head."""
 
-    def __init__(self, num_classes: int = 10, in_chans: int = 3, img_size: int = 28, hidden: int = 128, **_: Any):
+    def __init__(self, num_classes: int = 10, in_chans: int = 3, img_size: int = 28, hidden: int = 128,
+                 drop_rate: float = 0.0, **_: Any):
         super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(in_chans * img_size * img_size, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_classes))
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(in_chans * img_size * img_size, hidden), nn.ReLU(inplace=True),
+                                 nn.Dropout(drop_rate), nn.Linear(hidden, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

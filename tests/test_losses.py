@@ -169,6 +169,7 @@ def test_wsl_loss_matches_formula_and_detaches_weights():
     assert parts.kd.item() == pytest.approx(kd, rel=1e-5)
     assert parts.total.item() == pytest.approx(ce + 2.5 * kd, rel=1e-5)
     assert parts.weight.item() == pytest.approx(sum(w) / 3, rel=1e-6)
+    assert parts.sample_weights.tolist() == pytest.approx(w, rel=1e-6) and not parts.sample_weights.requires_grad
     parts.total.backward()  # the weights carry no gradient: only CE and KL terms do
     assert torch.isfinite(logits.grad).all()
 
@@ -197,6 +198,7 @@ def test_effdstl_loss_matches_formula():
     expected = sum(kl(t, softmax(s)) for t, s in zip(target.tolist(), STUDENT.tolist())) / 3
     assert parts.kd.item() == pytest.approx(expected, rel=1e-5)
     assert parts.mining_rate.item() == pytest.approx(mined.float().mean().item())
+    assert torch.equal(parts.mined, mined)
     assert parts.total.item() == pytest.approx(0.5 * parts.ce.item() + expected, rel=1e-5)
 
 

@@ -149,6 +149,17 @@ def test_resumed_run_reproduces_the_uninterrupted_run_bit_for_bit(world, tmp_pat
     assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
 
 
+def test_resume_is_bit_exact_with_a_dropout_student(world, tmp_path):
+    """Dropout draws from the global RNG that a checkpoint restores; the loader must not draw from it."""
+    student = {"kwargs": {"img_size": 12, "hidden": 16, "drop_rate": 0.5}}
+    stages = [{"epochs": 2, "loss": {"name": "kd", "alpha": 0.5, "temperature": 2.0}}]
+    data = {"num_workers": 2}
+    train(make(world, tmp_path / "full", student=student, stages=stages, data=data))
+    train(make(world, tmp_path / "cut", student=student, stages=stages, data=data, run={"max_steps": 3}))
+    train(make(world, tmp_path / "cut", student=student, stages=stages, data=data, run={"resume": "must"}))
+    assert metrics(tmp_path / "cut") == metrics(tmp_path / "full")
+
+
 def tensorboard_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

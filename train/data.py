@@ -362,11 +362,16 @@ def _identity(batch: Batch) -> Batch:
 
 
 def make_loader(dataset: ShardStream, pin_memory: bool, prefetch_factor: int) -> DataLoader:
-    """A DataLoader over the stream: batching happens in the workers (``batch_size=None``)."""
+    """A DataLoader over the stream: batching happens in the workers (``batch_size=None``).
+
+    It draws its workers' base seed from its own generator, never from the global torch RNG: a
+    resumed run restores that RNG mid-epoch and then creates the epoch's iterator again, so a draw
+    from it would shift every later dropout mask against the uninterrupted run."""
     workers = dataset.spec.num_workers
     return DataLoader(
         dataset, batch_size=None, num_workers=workers, collate_fn=_identity, pin_memory=pin_memory,
         prefetch_factor=prefetch_factor if workers > 0 else None, persistent_workers=False,
+        generator=torch.Generator().manual_seed(dataset.spec.seed),
     )
 
 
@@ -439,6 +444,7 @@ class RunData:
     def epoch(self, epoch: int, teachers: Iterable[str], skip_batches: int = 0) -> Iterator[Batch]:
         """The epoch's batches on this rank, from batch ``skip_batches`` on (at most the step count)."""
         self.dataset.set_epoch(epoch, teachers, skip_batches)
+        self.loader.generator.manual_seed(self.spec.seed * 100_003 + epoch)  # see make_loader
         steps = steps_per_epoch(self.spec, epoch) - skip_batches
         return itertools.islice(iter(self.loader), max(steps, 0))
 

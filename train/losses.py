@@ -35,9 +35,13 @@ class LossParts:
     kd_weight: float = 0.0
     """The weight the distillation term had in ``total`` (0 after ``stop_epoch``)."""
     weight: Tensor | None = None
-    """WSL: the mean per-sample weight ``w``."""
+    """WSL: the mean per-sample weight ``w`` (logged)."""
+    sample_weights: Tensor | None = None
+    """WSL: the per-sample weights ``w`` ``[B]`` (detached)."""
     mining_rate: Tensor | None = None
-    """EffDstl: the fraction of rows whose target was replaced by the smoothed label."""
+    """EffDstl: the fraction of rows whose target was replaced by the smoothed label (logged)."""
+    mined: Tensor | None = None
+    """EffDstl: which rows were mined, ``bool[B]``."""
 
     def log(self) -> dict[str, float]:
         out = {"loss": float(self.total.detach()), "ce": float(self.ce.detach())}
@@ -140,7 +144,8 @@ def wsl_loss(cfg: WSLLossConfig, logits: Tensor, labels: Tensor, targets: Sparse
     weights = wsl_weights(logits, labels, targets)
     log_q = F.log_softmax(logits.float() / temp, dim=1)
     kd = temp**2 * (weights * sparse_kl(log_q, targets, num_classes, temp, cfg.tail)).mean()
-    return LossParts(total=cfg.ce_weight * ce + cfg.kd_weight * kd, ce=ce, kd=kd, kd_weight=cfg.kd_weight, weight=weights.mean())
+    return LossParts(total=cfg.ce_weight * ce + cfg.kd_weight * kd, ce=ce, kd=kd, kd_weight=cfg.kd_weight,
+                     weight=weights.mean(), sample_weights=weights)
 
 
 def mined_targets(cfg: EffDstlLossConfig, logits: Tensor, labels: Tensor, targets: SparseTargets,
@@ -169,7 +174,7 @@ def effdstl_loss(cfg: EffDstlLossConfig, logits: Tensor, labels: Tensor, targets
     temp = cfg.student_temperature
     kd = temp**2 * dense_kl(target, F.log_softmax(logits.float() / temp, dim=1)).mean()
     return LossParts(total=cfg.ce_weight * ce + cfg.kd_weight * kd, ce=ce, kd=kd, kd_weight=cfg.kd_weight,
-                     mining_rate=mined.float().mean())
+                     mining_rate=mined.float().mean(), mined=mined)
 
 
 LOSSES: dict[str, Callable[..., LossParts]] = {
