@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from cache_tools.cli import main as kdcache
-from cache_tools.errors import ConfigError
+from cache_tools.errors import CacheMismatchError, ConfigError
 from cache_tools.models import ModelSpec, build_model
 from cache_tools.targets import from_logits
 from cache_tools.teacher import ModelRunner
@@ -263,6 +263,11 @@ def test_two_process_ddp_sees_every_sample_once_per_epoch(world, tmp_path):
     ("teacher.mode=none", r"stages.0.loss.name: 'kd' needs a teacher but teacher.mode is 'none'"),
     ("cache.path=null", r"cache.path: teacher.mode 'cache' needs the cache's path"),
     ("stages.0.scheduler.name=step", r"scheduler.milestones: a 'step' schedule needs milestones"),
+    ("run.save_model_epochs=[0,3]", r"run.save_model_epochs: \[0, 3\] are not epoch counts of this run \(1..1\)"),
+    ("stages.0.loss.stop_epoch=1", r"stages.0.loss.stop_epoch: 1 is not before the stage's end \(epoch 1\)"),
+    ("stages.0.loss.stop_epoch=0", r"stages.0.loss.stop_epoch: 0 is not after the stage's first epoch"),
+    ("scheduler.min_lr=0.5", r"scheduler.min_lr: 0.5 is above optimizer.lr 0.1"),
+    ("scheduler.warmup_epochs=2", r"scheduler.warmup_epochs: 2 is longer than the 1 epoch\(s\) of its optimizer"),
 ])
 def test_config_rejections_name_the_dotted_key(world, tmp_path, override, message):
     path = tmp_path / "train.yaml"
@@ -276,6 +281,28 @@ def test_a_schedule_without_its_optimizer_is_refused(world):
     with pytest.raises(ConfigError, match=r"stages.1.scheduler: a schedule belongs to a new optimizer; set stages.1.optimizer too"):
         from train.config import check_config
         check_config(TrainConfig.model_validate(data))
+
+
+def test_stage_rules_name_their_keys(world):
+    from train.config import check_config
+
+    ce_with_teacher = raw(world, "x", stages=[{"epochs": 1, "loss": {"name": "ce"}, "teacher": "tiny"}])
+    with pytest.raises(ConfigError, match=r"stages.0.teacher: a 'ce' stage uses no teacher \(found 'tiny'\)"):
+        check_config(TrainConfig.model_validate(ce_with_teacher))
+    late = raw(world, "x", stages=[{"epochs": 2, "loss": {"name": "kd"}},
+                                   {"epochs": 2, "optimizer": {"lr": 0.01}, "scheduler": {"name": "step", "milestones": [1, 2]}}])
+    with pytest.raises(ConfigError, match=r"stages.1.scheduler.milestones: \[2\] are not before the end of its 2 epoch"):
+        check_config(TrainConfig.model_validate(late))
+
+
+def test_views_beside_a_cache_must_match_it(world, tmp_path):
+    recipe = world["store"].meta.recipe.model_dump(mode="json")
+    same = make(world, tmp_path, views={"recipe": recipe, "num_views": 3})
+    assert build_train_data(same, 0, 1, ["tiny"], pin_memory=False).recipe == world["store"].meta.recipe
+    with pytest.raises(CacheMismatchError, match=r"views.recipe: .*'size': 10.* differs from the cache's .*'size': 12"):
+        build_train_data(make(world, tmp_path, views={"recipe": {**recipe, "size": 10}}), 0, 1, ["tiny"], pin_memory=False)
+    with pytest.raises(CacheMismatchError, match=r"views.num_views: 2 differs from the cache's 3"):
+        build_train_data(make(world, tmp_path, views={"num_views": 2}), 0, 1, ["tiny"], pin_memory=False)
 
 
 def test_online_teacher_without_a_spec_is_refused(world):

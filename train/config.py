@@ -347,9 +347,23 @@ def stage_teacher(config: TrainConfig, index: int) -> str | None:
     return stage.teacher or config.teacher.name
 
 
+def segment_starts(config: TrainConfig) -> list[int]:
+    """Indices of the stages that start an optimizer segment: the first, and each that sets ``optimizer``."""
+    return [i for i, stage in enumerate(config.stages) if i == 0 or stage.optimizer is not None]
+
+
+def stage_starts(config: TrainConfig) -> list[int]:
+    """The run-global epoch each stage starts at (0-based)."""
+    starts, epoch = [], 0
+    for stage in config.stages:
+        starts.append(epoch)
+        epoch += stage.epochs
+    return starts
+
+
 def check_config(config: TrainConfig) -> None:
     """Cross-field rules, each problem naming its dotted key; raises one ConfigError."""
-    problems = _mode_problems(config) + _stage_problems(config)
+    problems = _mode_problems(config) + _stage_problems(config) + _segment_problems(config) + _run_problems(config)
     if problems:
         raise ConfigError("train config is invalid:\n  " + "\n  ".join(problems))
 
@@ -376,9 +390,57 @@ def _stage_problems(config: TrainConfig) -> list[str]:
             out.append(f"{key}.scheduler: a schedule belongs to a new optimizer; set {key}.optimizer too")
         if stage.scheduler is not None and stage.scheduler.name == "step" and not stage.scheduler.milestones:
             out.append(f"{key}.scheduler.milestones: a 'step' schedule needs milestones")
+        if not distill and stage.teacher is not None:
+            out.append(f"{key}.teacher: a {stage.loss.name!r} stage uses no teacher (found {stage.teacher!r})")
+        out += _stop_epoch_problems(config, i)
     if config.scheduler.name == "step" and not config.scheduler.milestones:
         out.append("scheduler.milestones: a 'step' schedule needs milestones")
     return out
+
+
+def _stop_epoch_problems(config: TrainConfig, i: int) -> list[str]:
+    """``stop_epoch`` must fall inside its stage: before it the term is never on, after it never off."""
+    stop = getattr(config.stages[i].loss, "stop_epoch", None)
+    if stop is None:
+        return []
+    start, end = stage_starts(config)[i], stage_starts(config)[i] + config.stages[i].epochs
+    if stop <= start:
+        return [f"stages.{i}.loss.stop_epoch: {stop} is not after the stage's first epoch ({start}, 0-based): "
+                "the distillation term would never be on (use loss 'ce')"]
+    if stop >= end:
+        return [f"stages.{i}.loss.stop_epoch: {stop} is not before the stage's end (epoch {end}): the distillation "
+                "term would never stop (leave stop_epoch out)"]
+    return []
+
+
+def _segment_problems(config: TrainConfig) -> list[str]:
+    """Each optimizer segment's schedule must fit its optimizer and its length in epochs."""
+    out, starts = [], segment_starts(config)
+    epochs = stage_starts(config) + [config.total_epochs]
+    for j, i in enumerate(starts):
+        stage = config.stages[i]
+        length = epochs[starts[j + 1] if j + 1 < len(starts) else len(config.stages)] - epochs[i]
+        opt_key = f"stages.{i}.optimizer" if stage.optimizer is not None else "optimizer"
+        key = f"stages.{i}.scheduler" if stage.scheduler is not None else "scheduler"
+        optimizer, scheduler = stage.optimizer or config.optimizer, stage.scheduler or config.scheduler
+        if scheduler.name == "cosine" and scheduler.min_lr > optimizer.lr:
+            out.append(f"{key}.min_lr: {scheduler.min_lr:g} is above {opt_key}.lr {optimizer.lr:g}")
+        if scheduler.warmup_epochs > length:
+            out.append(f"{key}.warmup_epochs: {scheduler.warmup_epochs:g} is longer than the {length} epoch(s) "
+                       f"of its optimizer (stages {i}..)")
+        late = [m for m in scheduler.milestones if m >= length] if scheduler.name == "step" else []
+        if late:
+            out.append(f"{key}.milestones: {late} are not before the end of its {length} epoch(s) (never applied)")
+    return out
+
+
+def _run_problems(config: TrainConfig) -> list[str]:
+    total = config.total_epochs
+    outside = [e for e in config.run.save_model_epochs if not 1 <= e <= total]
+    if outside:
+        return [f"run.save_model_epochs: {outside} are not epoch counts of this run (1..{total}); no checkpoint "
+                "would be written for them"]
+    return []
 
 
 def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:

@@ -408,6 +408,18 @@ def _fingerprint(store: CacheStore, urls: list[str], verify_keys: bool,
     return cached
 
 
+def check_views_match(config: TrainConfig, store: CacheStore) -> None:
+    """``views.*`` set beside ``cache.path`` must agree with the cache, whose stored views are what is used."""
+    cached = {"recipe": store.meta.recipe, "num_views": store.meta.num_views, "seed": store.meta.seed}
+    for name in sorted(config.views.model_fields_set):
+        given = getattr(config.views, name)
+        if given != cached[name]:
+            shown = lambda v: v.model_dump(mode="json") if hasattr(v, "model_dump") else v  # noqa: E731
+            raise CacheMismatchError(
+                f"views.{name}: {shown(given)!r} differs from the cache's {shown(cached[name])!r} ({store.path}); with "
+                "cache.path the cache's stored views are used: leave views.* out or make it match")
+
+
 def valid_counts(store: CacheStore) -> tuple[list[int], int]:
     """Valid rows per shard (cache order) and the number of invalid rows, from ``status``."""
     status = np.asarray(store.group["status"][:])
@@ -455,6 +467,7 @@ def build_train_data(config: TrainConfig, rank: int, world_size: int, teachers: 
     urls = expand_shards(config.data.shards, key="data.shards", storage_options=data_options)
     store = open_cache(config, urls, teachers) if config.cache.path else None
     if store is not None:
+        check_views_match(config, store)
         counts, invalid = valid_counts(store)
         recipe, num_views, view_seed = store.meta.recipe, store.meta.num_views, store.meta.seed
         num_classes = store.meta.num_classes

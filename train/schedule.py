@@ -15,7 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from train.config import OptimizerConfig, SchedulerConfig, StageConfig, TrainConfig, stage_teacher
+from train.config import (
+    OptimizerConfig, SchedulerConfig, StageConfig, TrainConfig, segment_starts, stage_starts, stage_teacher,
+)
 
 
 @dataclass(frozen=True)
@@ -50,14 +52,13 @@ def plan_stages(config: TrainConfig) -> tuple[list[StagePlan], list[Segment]]:
     """Stages with their epoch ranges, and the optimizer segments they belong to."""
     stages: list[StagePlan] = []
     bounds: list[tuple[int, OptimizerConfig, SchedulerConfig]] = []
-    epoch = 0
-    for i, stage in enumerate(config.stages):
-        if i == 0 or stage.optimizer is not None:
+    firsts = set(segment_starts(config))
+    for i, (stage, epoch) in enumerate(zip(config.stages, stage_starts(config))):
+        if i in firsts:
             bounds.append((epoch, stage.optimizer or config.optimizer, stage.scheduler or config.scheduler))
         name = stage.name or f"stage{i}"
         stages.append(StagePlan(i, name, epoch, epoch + stage.epochs, len(bounds) - 1, stage, stage_teacher(config, i)))
-        epoch += stage.epochs
-    ends = [start for start, _, _ in bounds[1:]] + [epoch]
+    ends = [start for start, _, _ in bounds[1:]] + [config.total_epochs]
     segments = [Segment(j, start, end, opt, sched) for j, ((start, opt, sched), end) in enumerate(zip(bounds, ends))]
     return stages, segments
 
