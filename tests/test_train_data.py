@@ -16,8 +16,8 @@ from cache_tools.views import epoch_view, replay, view_params
 from cachebuild import add_teacher_run, build_cache, create_cache, tiny_recipe, tiny_teacher, write_shards
 from train.config import TrainConfig
 from train.data import (
-    ShardStream, StreamSpec, build_eval_data, build_train_data, dropped_samples, eval_recipe, make_loader,
-    open_cache, steps_per_epoch, valid_counts,
+    ShardStream, StreamSpec, batch_sizes, build_eval_data, build_train_data, eval_recipe, make_loader, open_cache,
+    slots, steps_per_epoch, valid_counts,
 )
 from train.trainer import check_student
 from cache_tools.models import ModelSpec, build_model
@@ -108,17 +108,36 @@ def test_two_ranks_partition_every_epoch(world):
         per_rank = [keys_of(batches(spec(world, rank=r, world_size=2, num_workers=2), epoch)) for r in (0, 1)]
         assert not set(per_rank[0]) & set(per_rank[1])
         assert sorted(per_rank[0] + per_rank[1]) == world["keys"]
-        assert dropped_samples(spec(world, world_size=2, num_workers=2), epoch) == 0
 
 
-def test_uneven_ranks_train_equal_steps_and_never_duplicate(world):
-    s = spec(world, urls=tuple(world["urls"][:3]), counts=(12, 12, 12), world_size=2, cache_path=None, num_views=None)
+@pytest.mark.parametrize(("ranks", "workers", "batch"), [(2, 1, 8), (2, 2, 4), (3, 2, 5), (5, 2, 3), (4, 2, 8)])
+def test_uneven_splits_lose_nothing_and_give_every_rank_the_same_steps(world, ranks, workers, batch):
+    """3 shards of 12 (36 samples) over ranks x workers that do not divide them evenly: every sample
+    once per epoch on one rank, the same step count on every rank (5 x 2 slots of 3 or 4 samples at
+    batch 3: one batch each, of 3 or 4)."""
+    s = spec(world, urls=tuple(world["urls"][:3]), counts=(12, 12, 12), world_size=ranks, num_workers=workers,
+             batch_size=batch, cache_path=None, num_views=None)
     for epoch in (0, 1):
-        steps = steps_per_epoch(s, epoch)
-        kept = [keys_of(batches(replace(s, rank=r), epoch)[:steps]) for r in (0, 1)]
-        assert len(kept[0] + kept[1]) == len(set(kept[0] + kept[1]))
-        assert len(kept[0] + kept[1]) == sum(s.counts) - dropped_samples(s, epoch)
-        assert dropped_samples(s, epoch) > 0
+        per_rank = [batches(replace(s, rank=r), epoch) for r in range(ranks)]
+        assert len({len(b) for b in per_rank}) == 1 and len(per_rank[0]) == steps_per_epoch(s)
+        keys = [k for b in per_rank for k in keys_of(b)]
+        assert sorted(keys) == sorted(f"train_{i:06d}" for i in range(36))
+        assert max(len(b) for bs in per_rank for b in bs) <= batch + 1
+
+
+def test_slots_cut_the_stream_into_near_equal_consecutive_pieces(world):
+    s = spec(world, urls=tuple(world["urls"][:3]), counts=(12, 12, 11), world_size=2, num_workers=2, shard_shuffle=False)
+    cut = slots(s, 0)
+    sizes = [sum(p.stop - p.start for p in pieces) for rank in cut for pieces in rank]
+    assert sizes == [9, 9, 9, 8]
+    assert [(p.shard, p.start, p.stop) for p in cut[0][1]] == [(0, 9, 12), (1, 0, 6)]
+    # slots of 8 and 9 at batch 4: 2 batches each, the 9-sample slots end with a batch of 5
+    assert [batch_sizes(replace(s, batch_size=4), j) for j in range(4)] == [[4, 5], [4, 5], [4, 5], [4, 4]]
+
+
+def test_too_few_samples_for_the_workers_is_refused(world):
+    with pytest.raises(ConfigError, match=r"data.num_workers: 47 training sample\(s\) cannot feed 5 rank\(s\) x 10"):
+        build_train_data(config(world, num_workers=10), 0, 5, ["tiny"], pin_memory=False)
 
 
 def test_file_order_without_shuffles(world):
@@ -257,9 +276,9 @@ def test_labels_out_of_range_without_cache_are_refused(world):
         batches(s, 0)
 
 
-def test_fewer_shards_than_ranks_is_refused(world):
-    with pytest.raises(ConfigError, match="data.shards: 4 shard\\(s\\) cannot feed 5 ranks"):
-        build_train_data(config(world), 0, 5, ["tiny"], pin_memory=False)
+def test_more_ranks_than_shards_share_the_shards(world):
+    per_rank = [keys_of(batches(spec(world, rank=r, world_size=6), 0)) for r in range(6)]
+    assert sorted(k for keys in per_rank for k in keys) == world["keys"] and min(map(len, per_rank)) == 7
 
 
 def test_fresh_views_without_cache_match_a_cache_made_with_that_seed(world):

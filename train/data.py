@@ -1,11 +1,14 @@
 """Streaming shards joined with the cache: the trainer's data path.
 
-**Order.** Each epoch the shard order is a permutation drawn from ``(seed, epoch)``; shards are
-dealt to ranks round-robin (``order[rank::world]``), then to a rank's DataLoader workers
-(``[worker::workers]``). Each worker streams its shards in that order through a shuffle buffer
-seeded by ``(seed, epoch, rank, worker)`` and batches them itself; the DataLoader interleaves
-its workers' batches round-robin (a worker that runs out is skipped). So the sequence of batches
-is a pure function of ``(seed, epoch, rank, world size, workers)``.
+**Order.** Each epoch the shard order is a permutation drawn from ``(seed, epoch)``; the epoch's
+stream of valid samples, in that order, is cut into ``ranks x workers`` consecutive *slots* whose
+sizes differ by at most one (rank ``r`` takes slots ``r*workers .. r*workers + workers - 1``). A
+slot is a list of pieces ``(shard, start, stop)``: whole shards, and at its two ends possibly part
+of a shard that the neighbouring slot reads the rest of. Each DataLoader worker streams its slot
+through a shuffle buffer seeded by ``(seed, epoch, rank, worker)`` and batches it itself; the
+DataLoader interleaves its workers' batches round-robin. So the sequence of batches is a pure
+function of ``(seed, epoch, rank, world size, workers)``, and every valid sample is in exactly one
+batch of one rank per epoch, however the shards, ranks and workers divide.
 
 **Per sample.** The view of ``key`` in ``epoch`` is ``epoch_view(seed, epoch, key, A)`` (a per-key
 permutation cycle: every view once per A epochs, for any worker count); it is replayed from the
@@ -14,11 +17,10 @@ read once per shard per worker (``read_block``). Rows marked invalid in the cach
 counted (the plan counts them up front from the cache's ``status``). Without a cache (online or
 supervised runs) views come from ``views.recipe`` and ``(views.seed, key, view)`` like a cache's.
 
-**Equal steps per rank (DDP).** A rank's batch count is ``sum over its workers of
-ceil(samples / batch_size)``; every rank trains ``min`` over ranks of that many steps per epoch
-and the remaining batches of the larger ranks are dropped for that epoch (logged; none when the
-shards split evenly, e.g. equal shards and a shard count divisible by ranks x workers). Each sample
-is seen at most once per epoch; on one rank exactly once.
+**Equal steps per rank (DDP).** Every slot is cut into the same number of batches,
+``ceil(base / batch_size)`` where ``base`` is the smaller slot size; only when ``base`` is a
+multiple of the batch size does a slot one sample larger end with a batch of ``batch_size + 1``.
+Every rank thus trains ``workers x`` that many steps per epoch, and no sample is dropped.
 
 **Resumption.** A checkpoint stores ``(epoch, batches done)``. Resuming re-creates the epoch's
 stream and each worker skips the samples of the batches it had delivered (computed from the
@@ -176,31 +178,59 @@ def shard_order(num: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
     return [int(i) for i in seeded_rng(seed, "shards", epoch).permutation(num)]
 
 
-def assignment(spec: StreamSpec, epoch: int) -> list[list[list[int]]]:
-    """``[rank][worker]`` -> shard indices, in streaming order."""
+@dataclass(frozen=True)
+class Piece:
+    """Valid samples ``start .. stop - 1`` (counted in file order, invalid rows left out) of shard ``shard``."""
+
+    shard: int
+    start: int
+    stop: int
+
+
+def slot_sizes(spec: StreamSpec) -> list[int]:
+    """Samples of each of the ``ranks x workers`` slots: the epoch's samples split as evenly as possible."""
+    base, extra = divmod(sum(spec.counts), spec.world_size * spec.workers)
+    return [base + (1 if j < extra else 0) for j in range(spec.world_size * spec.workers)]
+
+
+def slots(spec: StreamSpec, epoch: int) -> list[list[list[Piece]]]:
+    """``[rank][worker]`` -> the pieces that worker streams, in order: consecutive cuts of the epoch's stream."""
     order = shard_order(len(spec.urls), spec.seed, epoch, spec.shard_shuffle and spec.train)
-    return [[order[r :: spec.world_size][w :: spec.workers] for w in range(spec.workers)] for r in range(spec.world_size)]
+    stream = ((shard, spec.counts[shard]) for shard in order if spec.counts[shard] > 0)
+    cut: list[list[Piece]] = []
+    shard, start, count = -1, 0, 0
+    for size in slot_sizes(spec):
+        pieces: list[Piece] = []
+        while size > 0:
+            if start == count:
+                (shard, count), start = next(stream), 0
+            take = min(size, count - start)
+            pieces.append(Piece(shard, start, start + take))
+            start, size = start + take, size - take
+        cut.append(pieces)
+    w = spec.workers
+    return [cut[r * w : (r + 1) * w] for r in range(spec.world_size)]
 
 
-def worker_batches(spec: StreamSpec, epoch: int) -> list[list[int]]:
-    """``[rank][worker]`` -> number of batches that worker delivers (its last one may be partial)."""
-    return [[math.ceil(sum(spec.counts[s] for s in shards) / spec.batch_size) for shards in rank]
-            for rank in assignment(spec, epoch)]
+def batch_sizes(spec: StreamSpec, slot: int) -> list[int]:
+    """Sizes of the batches slot ``slot`` delivers. Training: the same count for every slot (the last
+    batch of a slot one sample larger may hold ``batch_size + 1``); evaluation: plain ``ceil``."""
+    sizes, size = slot_sizes(spec), spec.batch_size
+    n = sizes[slot]
+    batches = math.ceil((min(sizes) if spec.train else n) / size)
+    if n == 0 or batches == 0:
+        return []
+    return [size] * (batches - 1) + [n - size * (batches - 1)]
 
 
-def steps_per_epoch(spec: StreamSpec, epoch: int) -> int:
-    """Steps every rank trains in ``epoch``: the fewest batches any rank has."""
-    return min(sum(rank) for rank in worker_batches(spec, epoch))
+def worker_batches(spec: StreamSpec) -> list[int]:
+    """Batches each of this rank's workers delivers."""
+    return [len(batch_sizes(spec, spec.rank * spec.workers + w)) for w in range(spec.workers)]
 
 
-def dropped_samples(spec: StreamSpec, epoch: int) -> int:
-    """Samples past the equal step count, over all ranks (0 when ranks are even)."""
-    steps, dropped = steps_per_epoch(spec, epoch), 0
-    for r, rank in enumerate(assignment(spec, epoch)):
-        sizes = [sum(spec.counts[s] for s in shards) for shards in rank]
-        taken, _ = round_robin(worker_batches(spec, epoch)[r], steps)
-        dropped += sum(max(0, n - t * spec.batch_size) for n, t in zip(sizes, taken))
-    return dropped
+def steps_per_epoch(spec: StreamSpec, epoch: int = 0) -> int:
+    """Steps every rank trains per epoch (the same on every rank, and in every epoch)."""
+    return sum(worker_batches(spec))
 
 
 def round_robin(batches: list[int], steps: int) -> tuple[list[int], int]:
@@ -255,46 +285,52 @@ class ShardStream(IterableDataset):
         self.epoch, self.teachers, self.skip_batches = epoch, tuple(teachers), skip_batches
 
     def __iter__(self) -> Iterator[Batch]:
+        spec = self.spec
         loader_worker, workers = _worker()
-        if workers != self.spec.workers:
-            raise DataError(f"the stream was planned for {self.spec.workers} worker(s) but runs in {workers}")
+        if workers != spec.workers:
+            raise DataError(f"the stream was planned for {spec.workers} worker(s) but runs in {workers}")
         skip_batches, first = self._resume_point()
         worker = (loader_worker + first) % workers  # the DataLoader asks its worker 0 first
-        items = self._raw_items(assignment(self.spec, self.epoch)[self.spec.rank][worker])
-        if self.spec.train and self.spec.shuffle_buffer > 0:
-            rng = seeded_rng(self.spec.seed, "buffer", self.epoch, self.spec.rank, worker)
-            items = shuffle_buffer(items, self.spec.shuffle_buffer, rng)
-        items = itertools.islice(items, skip_batches[worker] * self.spec.batch_size, None)
-        while chunk := list(itertools.islice(items, self.spec.batch_size)):
-            yield self._batch(chunk)
+        items = self._raw_items(slots(spec, self.epoch)[spec.rank][worker])
+        if spec.train and spec.shuffle_buffer > 0:
+            rng = seeded_rng(spec.seed, "buffer", self.epoch, spec.rank, worker)
+            items = shuffle_buffer(items, spec.shuffle_buffer, rng)
+        sizes = batch_sizes(spec, spec.rank * workers + worker)
+        items = itertools.islice(items, sum(sizes[: skip_batches[worker]]), None)
+        for size in sizes[skip_batches[worker] :]:
+            yield self._batch(list(itertools.islice(items, size)))
 
     def _resume_point(self) -> tuple[list[int], int]:
         """Batches each planned worker already delivered, and the planned worker to ask first."""
         if not self.skip_batches:
             return [0] * self.spec.workers, 0
-        return round_robin(worker_batches(self.spec, self.epoch)[self.spec.rank], self.skip_batches)
+        return round_robin(worker_batches(self.spec), self.skip_batches)
 
     def store(self) -> CacheStore | None:
         if self._store is None and self.spec.cache_path is not None:
             self._store = open_store(self.spec.cache_path, "r", dict(self.spec.storage_options) or None)
         return self._store
 
-    def _raw_items(self, shards: list[int]) -> Iterator[_Item]:
-        for index in shards:
-            url = self.spec.urls[index]
+    def _raw_items(self, pieces: list[Piece]) -> Iterator[_Item]:
+        for piece in pieces:
+            url = self.spec.urls[piece.shard]
             store = self.store() if self.spec.train else None
             block = read_block(store, shard_name(url), list(self.teachers)) if store is not None else None
-            yield from self._shard_items(url, block, self.spec.counts[index])
+            yield from self._shard_items(url, block, piece, self.spec.counts[piece.shard])
 
-    def _shard_items(self, url: str, block: ShardBlock | None, expected: int) -> Iterator[_Item]:
+    def _shard_items(self, url: str, block: ShardBlock | None, piece: Piece, expected: int) -> Iterator[_Item]:
+        """The piece's samples; the piece that ends the shard reads it to the end and checks its counts."""
         name, seen, valid = shard_name(url), 0, 0
         for sample in iter_shard(url, dict(self.spec.data_storage_options) or None):
             seen += 1
             row = block.row(sample.key) if block is not None else -1
             if block is not None and not block.valid(row):
                 continue
+            if piece.start <= valid < piece.stop:
+                yield _Item(name, sample.key, sample, row, block)
             valid += 1
-            yield _Item(name, sample.key, sample, row, block)
+            if valid == piece.stop and piece.stop < expected:
+                return  # the rest of the shard is another slot's
         if block is not None and seen != len(block):
             raise CacheMismatchError(f"shard {name!r} has {seen} samples in the data but {len(block)} in the cache")
         if valid != expected:
@@ -483,17 +519,18 @@ def build_train_data(config: TrainConfig, rank: int, world_size: int, teachers: 
         cache_path=config.cache.path, storage_options=tuple(sorted(config.cache.storage_options.items())),
         data_storage_options=tuple(sorted(config.data.storage_options.items())),
     )
-    _check_ranks(spec)
+    _check_slots(spec)
     dataset = ShardStream(spec)
     loader = make_loader(dataset, pin_memory, config.data.prefetch_factor)
     return RunData(spec, dataset, loader, store, num_classes, recipe, invalid)
 
 
-def _check_ranks(spec: StreamSpec) -> None:
-    if len(spec.urls) < spec.world_size:
-        raise ConfigError(f"data.shards: {len(spec.urls)} shard(s) cannot feed {spec.world_size} ranks (need at least one each)")
-    if spec.world_size * spec.workers > len(spec.urls) and spec.rank == 0:
-        log.warning("%d shards for %d ranks x %d workers: some workers get no shard", len(spec.urls), spec.world_size, spec.workers)
+def _check_slots(spec: StreamSpec) -> None:
+    """Every rank's DataLoader worker needs at least one sample per epoch (its batches are counted on)."""
+    total, slots_ = sum(spec.counts), spec.world_size * spec.workers
+    if total < slots_:
+        raise ConfigError(f"data.num_workers: {total} training sample(s) cannot feed {spec.world_size} rank(s) x "
+                          f"{spec.workers} DataLoader worker(s); use fewer workers (or ranks)")
 
 
 def eval_recipe(recipe: ViewRecipe) -> ViewRecipe:
@@ -512,7 +549,7 @@ def build_eval_data(config: TrainConfig, rank: int, world_size: int, recipe: Vie
     spec = StreamSpec(
         urls=tuple(urls), counts=tuple(shard_counts(urls, data_options)), recipe=eval_recipe(recipe),
         num_classes=num_classes, batch_size=config.data.eval_batch_size or config.data.batch_size, rank=rank,
-        world_size=world_size, num_workers=min(config.data.num_workers, len(urls[rank::world_size])), train=False,
+        world_size=world_size, num_workers=config.data.num_workers, train=False,
         data_storage_options=tuple(sorted(config.data.storage_options.items())),
     )
     dataset = ShardStream(spec)

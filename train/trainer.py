@@ -44,7 +44,7 @@ from cache_tools.teacher import ModelRunner, autocast_context
 from cache_tools.views import ViewRecipe, normalize
 from train import distributed as D
 from train.config import RESUME_MUTABLE, TrainConfig, config_differences, resolved, stage_teacher
-from train.data import Batch, RunData, build_eval_data, build_train_data, dropped_samples, steps_per_epoch
+from train.data import Batch, RunData, build_eval_data, build_train_data, steps_per_epoch
 from train.losses import Criterion, LossParts, stopped
 from train.metrics import MetricsLog
 from train.schedule import Segment, StagePlan, build_optimizer, lr_at, plan_stages, set_lr, stage_at
@@ -383,15 +383,14 @@ class Trainer:
         self.window = Window(self.device)
 
     def _log_epoch_start(self, stage: StagePlan, steps: int) -> None:
-        """A line when a stage starts (or the run resumes), or when ranks drop samples this epoch."""
+        """A line when a stage starts (or the run resumes)."""
         if not self.dist.is_main or self.state.epoch_step:
             return
-        dropped = dropped_samples(self.data.spec, self.state.epoch)
-        if self.state.epoch != stage.start and not dropped and self.state.epoch != self.first_epoch:
+        if self.state.epoch != stage.start and self.state.epoch != self.first_epoch:
             return
-        log.info("epoch %d/%d: stage %s (epochs %d-%d, loss %s, teacher %s), %d steps per epoch%s", self.state.epoch + 1,
+        log.info("epoch %d/%d: stage %s (epochs %d-%d, loss %s, teacher %s), %d steps per epoch", self.state.epoch + 1,
                  self.config.total_epochs, stage.name, stage.start + 1, stage.end, stage.config.loss.name,
-                 stage.teacher or "-", steps, f", {dropped} samples dropped to keep ranks equal" if dropped else "")
+                 stage.teacher or "-", steps)
 
     def _log_epoch_end(self, epoch: int, evaluated: bool) -> None:
         """A line per epoch (the last train window's loss and speed, the evaluation if there was one),
