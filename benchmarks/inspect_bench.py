@@ -130,7 +130,7 @@ def time_inspect(store: CacheStore, temperatures: list[float], rounds: int) -> d
 
 def cli_inspect(store: CacheStore, json_path: Path, temperatures: list[float]) -> dict[str, float]:
     """``kdcache inspect`` over both teachers in a fresh process: wall seconds (imports included) and peak RSS."""
-    argv = ["inspect", store.path, "--json", str(json_path), "--temperature", *map(str, temperatures)]
+    argv = ["inspect", store.path, "--json", str(json_path), "--temperature", ",".join(map(str, temperatures))]
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", PEAK_RSS, *argv], capture_output=True, text=True)
     wall = time.perf_counter() - started

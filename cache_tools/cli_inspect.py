@@ -27,8 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="teacher to inspect; repeat for several (default: all teachers of the cache)")  # fmt: skip
     parser.add_argument("--json", type=Path, metavar="FILE", help="write every figure to this JSON file")
     parser.add_argument("--plots", type=Path, metavar="DIR", help="write PNG plots into this directory")
-    parser.add_argument("--temperature", type=float, nargs="+", action="extend", metavar="T",
-                        help="temperatures of the entropy figures (default: 1)")  # fmt: skip
+    parser.add_argument("--temperature", type=_temperatures, action="extend", metavar="T[,T...]",
+                        help="temperatures of the entropy figures, comma-separated or repeated (default: 1)")  # fmt: skip
     parser.add_argument("--tail", choices=TAIL_MODES, default="spread",
                         help="treatment of the classes outside the stored top-k for entropy and JS (default spread)")  # fmt: skip
     parser.add_argument("--require-complete", action="store_true",
@@ -51,6 +51,17 @@ def run(args: argparse.Namespace) -> int:
         paths = write_plots(report, args.plots)
         print(f"wrote {len(paths)} plots to {args.plots}")
     return 0
+
+
+def _temperatures(text: str) -> list[float]:
+    """``--temperature 1,2`` (or the flag repeated): positive numbers."""
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, found {text!r}") from None
+    if not values or any(not (v > 0 and v < float("inf")) for v in values):
+        raise argparse.ArgumentTypeError(f"temperatures must be positive and finite, found {text!r}")
+    return values
 
 
 @contextmanager
@@ -92,6 +103,11 @@ def _cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4f}"
     return str(value)
+
+
+def _log_cell(value: float | None) -> str:
+    """A quantity spread over decades (the tail mass): two significant digits."""
+    return "-" if value is None else "0" if value == 0 else f"{value:.1e}"
 
 
 def _header(report: dict[str, Any]) -> str:
@@ -155,8 +171,10 @@ def distribution_table(report: dict[str, Any]) -> str:
     for name, t in report["teachers"].items():
         dists = [(label, t[key]) for key, label in QUANTITIES]
         dists += [(f"entropy {k}", d) for k, d in t["entropy"].items()]
-        rows += [[name, label, d["mean"], *d["quantiles"].values()] for label, d in dists if d is not None]
-    title = "== distributions per view (quantiles from 1000-bin histograms: within 0.001, entropy within log(C)/1000) =="
+        rows += [[name, label, *map(_log_cell if d.get("scale") == "log10" else _cell, (d["mean"], *d["quantiles"].values()))]
+                 for label, d in dists if d is not None]
+    title = ("== distributions per view (quantiles from 1000-bin histograms: within 0.001, entropy within log(C)/1000, "
+             "tail mass within 1.9 %) ==")
     return table(["teacher", "quantity", "mean", "p5", "p25", "p50", "p75", "p95"], rows, title, left=2)
 
 
@@ -171,9 +189,9 @@ def class_table(name: str, t: dict[str, Any]) -> str:
             title = f"== {name}: per class ({CLASS_ROWS} worst and {CLASS_ROWS} best by top-1 of {len(seen)} with views) =="
         else:
             classes, title = seen, f"== {name}: per class (the {len(seen)} with labelled views) =="
-    rows = [["..."] * 5 if c is None else [c["class"], c["name"], c["views"], _pct(c["top1"]), c["label_prob_mean"]]
-            for c in classes]  # fmt: skip
-    return table(["class", "name", "views", "top-1", "mean p(label)"], rows, title, left=2)
+    rows = [["..."] * 6 if c is None else [c["class"], c["name"], c["views"], _pct(c["top1"]), c["label_prob_mean"],
+                                           c["max_prob_mean"]] for c in classes]  # fmt: skip
+    return table(["class", "name", "views", "top-1", "mean p(label)", "mean max p"], rows, title, left=2)
 
 
 def confused_table(name: str, t: dict[str, Any]) -> str:

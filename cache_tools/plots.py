@@ -63,9 +63,9 @@ def _overlay(ax, dists: dict[str, dict[str, Any] | None]) -> None:
         if d is None or not d["n"]:
             continue
         edges, counts = np.array(d["hist"]["edges"]), np.array(d["hist"]["counts"])
-        color = f"C{i}"
+        color, f = f"C{i}", (".1e" if d.get("scale") == "log10" else ".3f")
         ax.stairs(counts / counts.sum(), edges, color=color, linewidth=1.8,
-                  label=f"{name}: mean {d['mean']:.3f}, median {d['quantiles']['p50']:.3f}")  # fmt: skip
+                  label=f"{name}: mean {d['mean']:{f}}, median {d['quantiles']['p50']:{f}}")  # fmt: skip
         ax.axvline(d["mean"], color=color, linestyle="--", linewidth=1)
     ax.set_ylabel("fraction of views per bin")
     ax.grid(alpha=0.3)
@@ -77,17 +77,17 @@ def distribution_plot(report: dict[str, Any], key: str) -> Figure:
     title, xlabel = DISTRIBUTIONS[key]
     fig = Figure(figsize=(8, 4.5), layout="constrained")
     ax = fig.add_subplot()
-    _overlay(ax, {(f"{n} (k={t['k']})" if key == "tail_mass" else n): t[key] for n, t in report["teachers"].items()})
-    ax.set(title=f"{title} over {_views(report)}", xlabel=xlabel, xlim=(0, _xmax(report, key)))
+    dists = {(f"{n} (k={t['k']})" if key == "tail_mass" else n): t[key] for n, t in report["teachers"].items()}
+    _overlay(ax, dists)
+    log = any(d is not None and d.get("scale") == "log10" for d in dists.values())
+    if log:  # the tail mass spans decades: its histogram is binned in log10
+        edges = next(d["hist"]["edges"] for d in dists.values() if d is not None)
+        ax.set_xscale("log")
+        ax.set(xlim=(edges[0], edges[-1]), xlabel=f"{xlabel} (log scale; the first bin holds every tail below {edges[1]:.1e})")
+    else:
+        ax.set(xlabel=xlabel, xlim=(0, 1))
+    ax.set(title=f"{title} over {_views(report)}")
     return fig
-
-
-def _xmax(report: dict[str, Any], key: str) -> float:
-    """1, or less for the tail mass when it is small everywhere (zoom on where the views are)."""
-    if key != "tail_mass":
-        return 1.0
-    top = max((t[key]["max"] or 0.0) for t in report["teachers"].values())
-    return float(min(1.0, max(0.1, np.ceil(top * 10) / 10)))
 
 
 def entropy_plot(report: dict[str, Any], key: str) -> Figure:
@@ -141,13 +141,15 @@ def class_plot(name: str, t: dict[str, Any]) -> Figure:
     classes = [c for c in t["per_class"] if c["views"]]
     acc = np.array([c["top1"] for c in classes])
     conf = np.array([c["label_prob_mean"] for c in classes])
+    top = np.array([c["max_prob_mean"] for c in classes])
     fig = Figure(figsize=(max(6.0, min(0.45 * len(classes), 16.0)) if len(classes) <= 40 else 9, 4.8),
                  layout="constrained")  # fmt: skip
     ax = fig.add_subplot()
     if len(classes) <= 40:
         x = np.arange(len(classes))
-        ax.bar(x - 0.2, acc, 0.4, label="top-1 accuracy", color="C0")
-        ax.bar(x + 0.2, conf, 0.4, label="mean p(label)", color="C1")
+        ax.bar(x - 0.27, acc, 0.27, label="top-1 accuracy", color="C0")
+        ax.bar(x, conf, 0.27, label="mean p(label)", color="C1")
+        ax.bar(x + 0.27, top, 0.27, label="mean max prob (confidence)", color="C2")
         ax.set_xticks(x, [c["name"] for c in classes], rotation=45 if len(classes) > 8 else 0, ha="right" if len(classes) > 8 else "center")
         ax.set(xlabel="class")
     else:
@@ -155,9 +157,10 @@ def class_plot(name: str, t: dict[str, Any]) -> Figure:
         x = np.arange(len(classes))
         ax.plot(x, acc[order], color="C0", linewidth=1.8, label="top-1 accuracy")
         ax.scatter(x, conf[order], s=4, color="C1", alpha=0.6, label="mean p(label)")
+        ax.scatter(x, top[order], s=4, color="C2", alpha=0.6, label="mean max prob (confidence)")
         ax.set(xlabel=f"classes sorted by accuracy ({len(classes)} classes with views)")
-    ax.set(title=f"Per-class accuracy and confidence of {name}", ylabel="fraction / probability", ylim=(0, 1.15))
-    ax.legend(loc="upper left", ncols=2, fontsize=9)
+    ax.set(title=f"Per-class accuracy and confidence of {name}", ylabel="fraction / probability", ylim=(0, 1.05))
+    fig.legend(loc="outside lower center", ncols=3, fontsize=9)
     ax.grid(alpha=0.3, axis="y")
     return fig
 
@@ -176,11 +179,12 @@ def pair_plot(pair: dict[str, Any]) -> Figure:
     left.set(title=f"p(label): {a} vs {b}", xlabel=f"p(label) of {a} (A)", ylabel=f"p(label) of {b} (B)")
     left.legend(loc="upper left", fontsize=9)
     fractions = [pair["correctness"][key] or 0.0 for key, _ in CORRECTNESS] + [pair["top1_agreement"] or 0.0]
-    labels = [label for _, label in CORRECTNESS] + ["same top-1"]
+    labels = [label for _, label in CORRECTNESS] + ["same top-1\n(all views)"]
     bars = right.bar(labels, fractions, color=["C2", "C0", "C1", "C3", "grey"])
     right.bar_label(bars, labels=[f"{100 * f:.1f}%" for f in fractions], padding=2)
     right.axvline(3.5, color="black", linewidth=0.8)
-    right.set(title=f"Who is right: A = {a}, B = {b}", ylabel="fraction of labelled views", ylim=(0, 1.3))
+    right.set(title=f"Who is right: A = {a}, B = {b}", ylabel="fraction of views (labelled ones, left of the line)",
+              ylim=(0, 1.3))
     right.text(0.02, 0.97, _both_right_note(pair["both_right"]), transform=right.transAxes, va="top", fontsize=9,
                bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.9})  # fmt: skip
     right.grid(alpha=0.3, axis="y")

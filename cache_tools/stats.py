@@ -23,7 +23,7 @@ completion mark (views or any selected teacher) are skipped with a warning, or r
       "reliability": {edges, counts, confidence, accuracy},   # per bin; null where a bin is empty
       "under_confident": {"0.5": {views, fraction, fraction_of_correct}, ...},  # top-1 right, p(label) < thr
       "wrong": {views, fraction},                   # top-1 wrong
-      "per_class": [{class, name, views, top1, label_prob_mean}, ...],           # all C classes, by label
+      "per_class": [{class, name, views, top1, label_prob_mean, max_prob_mean}, ...],  # all C classes, by label
       "confused_pairs": [{true, true_name, pred, pred_name, count, fraction_of_true}, ...],  # top 10
       "view_consistency": {samples, views_per_sample,
                            top1_disagree,           # fraction of samples whose views differ on top-1
@@ -34,14 +34,16 @@ completion mark (views or any selected teacher) are skipped with a warning, or r
              both_right: {views, label_prob_mean_a, label_prob_mean_b, a_more_confident, b_more_confident},
              label_prob_2d: {bins, counts[a_bin][b_bin]}}, ...]   # p(label) of A vs B, bins on [0, 1]
 }
-DIST = {n, mean, min, max, quantiles: {p5, p25, p50, p75, p95}, resolution,
+DIST = {n, mean, min, max, quantiles: {p5, p25, p50, p75, p95}, scale: "linear"|"log10", resolution,
         hist: {edges (hist_bins + 1), counts (hist_bins)}}
 ```
 
 Fractions about labels (accuracy, wrong, under-confident, correctness) are of labelled views.
 Means, min and max are exact. Quantiles are read from a 1000-bin histogram over the quantity's
-range ([0, 1] for probabilities, [0, log C] for entropy, [0, log 2] for JS divergence): they are
-inverted-CDF quantiles within one fine bin (``resolution``) of the exact value. ``hist`` is the
+range ([0, 1] for probabilities, [0, log C] for entropy, [0, log 2] for JS divergence; for the tail
+mass, which spans decades, bins equal in log10 over [1e-8, 1], ``scale: "log10"``, smaller tails and 0
+counting in the first): they are inverted-CDF quantiles within one fine bin (``resolution``, in log10
+units for the tail mass: 1.9 %) of the exact value. ``hist`` is the
 same histogram merged to 50 bins. Entropy and JS divergence are in nats; JS uses the T=1
 distributions under ``settings.tail``. Exact at T=1 means up to the fp16 rounding of the stored
 top-k logits (about 0.4% of a probability for logits near 10); the tail mass is read from the
@@ -75,6 +77,8 @@ ECE_BINS = 15
 PAIR_2D_BINS = 40
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 UNDER_CONFIDENT = (0.5, 0.7, 0.9)
+TAIL_MASS_FLOOR = 1e-8
+"""The tail mass is binned in log10 over [1e-8, 1] (1000 bins: 1.9 % apart); smaller tails, 0 among them, count in the first bin."""
 TOP_CONFUSED = 10
 COMPACT_EVERY = 1 << 20
 TAIL_NOTES = {
@@ -87,11 +91,16 @@ TAIL_NOTES = {
 # ---- accumulators ------------------------------------------------------------------------
 @dataclass
 class Histogram:
-    """Fixed-bin histogram on ``[lo, hi]`` with exact count, mean, min and max."""
+    """Fixed-bin histogram on ``[lo, hi]`` with exact count, mean, min and max.
+
+    ``log``: bins of equal width in ``log10`` of the value (``lo > 0``), for quantities spread over
+    decades such as the tail mass; values below ``lo`` (zero included) count in the first bin.
+    """
 
     lo: float
     hi: float
     bins: int = FINE_BINS
+    log: bool = False
     counts: np.ndarray = field(init=False)
     n: int = 0
     total: float = 0.0
@@ -101,9 +110,17 @@ class Histogram:
     def __post_init__(self) -> None:
         self.counts = np.zeros(self.bins, dtype=np.int64)
 
+    def _axis(self, x: np.ndarray | float) -> np.ndarray:
+        """Where values sit on the binned axis (the value, or its log10)."""
+        return np.log10(np.maximum(x, self.lo)) if self.log else np.asarray(x, dtype=np.float64)
+
+    def _value(self, position: np.ndarray | float) -> np.ndarray:
+        return np.power(10.0, position) if self.log else np.asarray(position, dtype=np.float64)
+
     @property
     def width(self) -> float:
-        return (self.hi - self.lo) / self.bins
+        """Bin width on the binned axis (in log10 units when ``log``)."""
+        return float(self._axis(self.hi) - self._axis(self.lo)) / self.bins
 
     def add(self, values: np.ndarray) -> None:
         """Count finite values; values outside the range go to the first or last bin."""
@@ -111,7 +128,7 @@ class Histogram:
         x = x[np.isfinite(x)]
         if x.size == 0:
             return
-        i = np.clip(np.floor((x - self.lo) / self.width), 0, self.bins - 1).astype(np.int64)
+        i = np.clip(np.floor((self._axis(x) - self._axis(self.lo)) / self.width), 0, self.bins - 1).astype(np.int64)
         self.counts += np.bincount(i, minlength=self.bins)
         self.n += int(x.size)
         self.total += float(x.sum())
@@ -125,20 +142,23 @@ class Histogram:
         target = q * self.n
         i = min(int(np.searchsorted(cum, target, side="left")), self.bins - 1)
         frac = (target - (cum[i] - self.counts[i])) / max(int(self.counts[i]), 1)
-        return float(np.clip(self.lo + (i + frac) * self.width, self.vmin, self.vmax))
+        position = self._axis(self.lo) + (i + frac) * self.width
+        return float(np.clip(self._value(position), self.vmin, self.vmax))
 
     def summary(self) -> dict[str, Any]:
         """The DIST object of the JSON schema."""
         merged = self.counts.reshape(HIST_BINS, -1).sum(1) if self.bins % HIST_BINS == 0 else self.counts
-        edges = np.linspace(self.lo, self.hi, len(merged) + 1)
+        edges = self._value(np.linspace(self._axis(self.lo), self._axis(self.hi), len(merged) + 1))
         return {
             "n": self.n,
             "mean": self.total / self.n if self.n else None,
             "min": self.vmin if self.n else None,
             "max": self.vmax if self.n else None,
             "quantiles": {f"p{round(q * 100)}": self.quantile(q) for q in QUANTILES},
+            "scale": "log10" if self.log else "linear",
             "resolution": self.width,
-            "hist": {"edges": [round(float(e), 6) for e in edges], "counts": merged.tolist()},
+            "hist": {"edges": [float(f"{e:.6g}") if self.log else round(float(e), 6) for e in edges],
+                     "counts": merged.tolist()},
         }
 
 
@@ -301,19 +321,20 @@ class TeacherStats:
     hists: dict[str, Histogram] = field(init=False)
     ece: np.ndarray = field(init=False)
     under: np.ndarray = field(init=False)
-    classes: np.ndarray = field(init=False)  # per class: views, top-1 right, sum of p(label)
+    classes: np.ndarray = field(init=False)  # per class: views, top-1 right, sum of p(label), sum of max prob
     errors: SparseCounts = field(default_factory=SparseCounts)  # true * C + predicted, wrong views only
     consistency: dict[str, int] = field(init=False)
     topk_hits: int = 0
 
     def __post_init__(self) -> None:
         log_c = max(math.log(self.num_classes), 1e-6)
-        self.hists = {q: Histogram(0.0, 1.0) for q in ("max_prob", "label_prob", "tail_mass", "margin")}
+        self.hists = {q: Histogram(0.0, 1.0) for q in ("max_prob", "label_prob", "margin")}
+        self.hists["tail_mass"] = Histogram(TAIL_MASS_FLOOR, 1.0, log=True)
         self.hists |= {_tkey(t): Histogram(0.0, log_c) for t in self.temperatures}
         self.hists["view_js"] = Histogram(0.0, math.log(2))
         self.ece = np.zeros((3, ECE_BINS))  # count, sum of confidence, sum of correct
         self.under = np.zeros(len(UNDER_CONFIDENT), dtype=np.int64)
-        self.classes = np.zeros((3, self.num_classes))
+        self.classes = np.zeros((4, self.num_classes))
         self.consistency = {"samples": 0, "disagree": 0, "views_per_sample": 0}
 
     def update(self, v: Views) -> None:
@@ -341,7 +362,7 @@ class TeacherStats:
         self.topk_hits += int((v.idx[mask][:, : min(self.k, 5)] == label[:, None]).any(-1).sum())
         self.hists["label_prob"].add(lp)
         self.under += ((lp[:, None] < np.array(UNDER_CONFIDENT)) & correct[:, None]).sum(0)
-        for row, weights in enumerate((None, correct.astype(np.float64), lp)):
+        for row, weights in enumerate((None, correct.astype(np.float64), lp, conf)):
             self.classes[row] += np.bincount(label, weights=weights, minlength=self.num_classes)
         self.errors.add((label * self.num_classes + pred)[~correct])
         b = np.clip(np.ceil(conf * ECE_BINS).astype(np.int64) - 1, 0, ECE_BINS - 1)  # bins (lo, hi]
@@ -415,10 +436,10 @@ def _name(class_names: Sequence[str], c: int) -> str:
 
 
 def _per_class(classes: np.ndarray, names: Sequence[str]) -> list[dict[str, Any]]:
-    views, right, label_prob = classes
+    views, right, label_prob, max_prob = classes
     return [
-        {"class": c, "name": _name(names, c), "views": int(n),
-         "top1": _ratio(float(right[c]), n), "label_prob_mean": _ratio(float(label_prob[c]), n)}
+        {"class": c, "name": _name(names, c), "views": int(n), "top1": _ratio(float(right[c]), n),
+         "label_prob_mean": _ratio(float(label_prob[c]), n), "max_prob_mean": _ratio(float(max_prob[c]), n)}
         for c, n in enumerate(views.astype(np.int64).tolist())
     ]  # fmt: skip
 

@@ -95,14 +95,15 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 
 def _target(logits: np.ndarray, k: int, temperature: float = 1.0, tail: str = "spread") -> np.ndarray:
     """Dense ``[n, A, C]`` targets: exact when k == C, else top-k exact plus the tail treatment."""
-    if k == C:
+    classes = logits.shape[-1]
+    if k == classes:
         return _softmax(logits / temperature)
     in_top = np.argsort(np.argsort(-logits, -1), -1) < k
     if tail == "renorm":
         return _softmax(np.where(in_top, logits / temperature, -np.inf))
     tail_mass = _stored_tail(1 - (_softmax(logits) * in_top).sum(-1))
     lse = np.log(np.exp(logits).sum(-1))
-    tail_logit = np.log(tail_mass / (C - k)) + lse
+    tail_logit = np.log(tail_mass / (classes - k)) + lse
     return _softmax(np.where(in_top, logits, tail_logit[..., None]) / temperature)
 
 
@@ -167,7 +168,7 @@ def _close(value, expected, tol: float = 1e-5) -> None:
 
 def _check_dist(d: dict, x: np.ndarray, hi: float = 1.0) -> None:
     """Exact mean/min/max and count; quantiles within one fine bin; the merged histogram."""
-    assert d["n"] == len(x)
+    assert d["n"] == len(x) and d["scale"] == "linear"
     _close(d["mean"], x.mean())
     _close(d["min"], x.min())
     _close(d["max"], x.max())
@@ -177,6 +178,24 @@ def _check_dist(d: dict, x: np.ndarray, hi: float = 1.0) -> None:
     counts, edges = np.histogram(np.clip(x, 0, hi), bins=len(d["hist"]["counts"]), range=(0, hi))
     assert d["hist"]["counts"] == counts.tolist()
     np.testing.assert_allclose(d["hist"]["edges"], edges, atol=1e-6)
+
+
+def _check_log_dist(d: dict, x: np.ndarray, floor: float = 1e-8) -> None:
+    """The tail mass: exact mean/min/max; log10 bins on [floor, 1], quantiles within one bin's factor
+    (values below the floor, 0 among them, in the first bin)."""
+    assert d["n"] == len(x) and d["scale"] == "log10"
+    for name, value in (("mean", x.mean()), ("min", x.min()), ("max", x.max())):
+        assert d[name] == pytest.approx(value, rel=1e-6, abs=1e-12)
+    decades = -math.log10(floor)
+    assert d["resolution"] == pytest.approx(decades / FINE_BINS)
+    factor = 10 ** (decades / FINE_BINS)
+    for q in (5, 25, 50, 75, 95):
+        exact = np.quantile(x, q / 100, method="inverted_cdf")
+        got = d["quantiles"][f"p{q}"]
+        assert (got <= floor * factor) if exact < floor else (exact / factor <= got * (1 + 1e-6) and got <= exact * factor * (1 + 1e-6))
+    counts, edges = np.histogram(np.log10(np.clip(x, floor, 1.0)), bins=len(d["hist"]["counts"]), range=(-decades, 0.0))
+    assert d["hist"]["counts"] == counts.tolist()
+    np.testing.assert_allclose(d["hist"]["edges"], 10.0 ** edges, rtol=1e-5)
 
 
 # ---- per-teacher figures ---------------------------------------------------------------------
@@ -217,7 +236,7 @@ def test_distributions(report, cache, name) -> None:
     top = -np.sort(-h.p, -1)
     _check_dist(t["max_prob"], h.max_prob)
     _check_dist(t["label_prob"], h.label_prob)
-    _check_dist(t["tail_mass"], _stored_tail(1 - top[..., :k].sum(-1)).ravel())
+    _check_log_dist(t["tail_mass"], _stored_tail(1 - top[..., :k].sum(-1)).ravel())
     _check_dist(t["margin"], (top[..., 0] - top[..., 1]).ravel())
 
 
@@ -250,6 +269,7 @@ def test_per_class_and_confused_pairs(report, cache, name) -> None:
         assert (row["class"], row["name"], row["views"]) == (c, NAMES[c], int(mine.sum()))
         assert row["top1"] == (pytest.approx(h.correct[mine].mean()) if mine.any() else None)
         assert row["label_prob_mean"] == (pytest.approx(h.label_prob[mine].mean(), abs=1e-5) if mine.any() else None)
+        assert row["max_prob_mean"] == (pytest.approx(h.max_prob[mine].mean(), abs=1e-5) if mine.any() else None)
     errors = Counter((int(a), int(b)) for a, b in zip(label, pred) if a != b)
     expected = sorted(errors.items(), key=lambda e: (-e[1], e[0]))[:10]
     assert [(p["true"], p["pred"], p["count"]) for p in t["confused_pairs"]] == [(a, b, n) for (a, b), n in expected]
@@ -284,6 +304,44 @@ def test_teacher_pairs(report, cache) -> None:
         "a_more_confident": (pa[both] > pb[both]).mean(), "b_more_confident": (pb[both] > pa[both]).mean()})  # fmt: skip
     counts, _, _ = np.histogram2d(pa, pb, bins=40, range=[[0, 1], [0, 1]])
     assert pair["label_prob_2d"]["counts"] == counts.astype(int).tolist()
+
+
+def test_unlabelled_rows_three_views_and_top5_below_the_class_count(tmp_path) -> None:
+    """C=8, A=3, k=6, two rows without a label: label figures count labelled views only, the others every
+    view; view consistency compares all 3 pairs of views; top-5 is read from a top-6."""
+    c, a, k, n = 8, 3, 6, 9
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, c, n)
+    labels[[2, 7]] = -1
+    grid = np.arange(-16, 33) * 0.25  # fp16-exact, no ties within a row
+    logits = np.stack([rng.choice(grid, size=c, replace=False) for _ in range(n * a)]).reshape(n, a, c)
+    store = create_store(str(tmp_path / "cache"), fingerprint=Fingerprint(shards=["s0"], counts=[n], key_digest="t"),
+                         keys=[[f"k{i}" for i in range(n)]], recipe=ViewRecipe(), num_views=a, num_classes=c,
+                         class_names=[], seed=0, config={})  # fmt: skip
+    add_teacher(store, "t", model={"name": "t"}, weights_digest="t", k=k)
+    write_views(store, 0, labels=labels, status=np.full(n, STATUS_VALID), errors=[""] * n, params=np.zeros((n, a, NUM_PARAMS)))
+    write_targets(store, 0, "t", from_logits(torch.from_numpy(logits.reshape(n * a, c)),
+                                             torch.from_numpy(np.repeat(labels, a)), k))  # fmt: skip
+    t = inspect_cache(open_store(str(tmp_path / "cache")))["teachers"]["t"]
+
+    p, label = _softmax(logits), np.repeat(labels[:, None], a, 1)
+    pred, has = p.argmax(-1), label >= 0
+    correct = (pred == label)[has]
+    label_prob = np.take_along_axis(p, label.clip(0)[..., None], -1)[..., 0][has]
+    rank = np.take_along_axis(np.argsort(np.argsort(-p, -1), -1), label.clip(0)[..., None], -1)[..., 0][has]
+    assert (t["views"], t["labelled_views"]) == (n * a, int(has.sum())) == (27, 21)
+    _close(t["top1"], correct.mean())
+    assert t["top5"] == pytest.approx((rank < 5).mean()) and t["topk"]["k"] == 5
+    _check_dist(t["max_prob"], p.max(-1).ravel())  # every view
+    _check_dist(t["label_prob"], label_prob)  # labelled views only
+    _close(t["ece"], _ece(p.max(-1)[has], correct))
+    assert t["wrong"]["views"] == int((~correct).sum())
+    assert sum(row["views"] for row in t["per_class"]) == 21
+    vc, target = t["view_consistency"], _target(logits, k)
+    assert (vc["samples"], vc["views_per_sample"]) == (n, a)
+    _close(vc["top1_disagree"], (pred != pred[:, :1]).any(1).mean())
+    pairs = np.concatenate([_js(target[:, i], target[:, j]) for i, j in ((0, 1), (0, 2), (1, 2))])
+    _check_dist(vc["js"], pairs, hi=math.log(2))
 
 
 # ---- pieces ------------------------------------------------------------------------------------
@@ -357,7 +415,7 @@ def test_bad_settings_are_rejected(cache, kwargs, match) -> None:
 # ---- the command line --------------------------------------------------------------------------
 def test_cli_tables_json_and_plots(cache, report, tmp_path, capsys) -> None:
     out_json, plots = tmp_path / "r" / "inspect.json", tmp_path / "plots"
-    argv = ["inspect", cache[0], "--json", str(out_json), "--plots", str(plots), "--temperature", "1", "2"]
+    argv = ["inspect", cache[0], "--json", str(out_json), "--plots", str(plots), "--temperature", "1,2"]
     assert main(argv) == 0
     text = capsys.readouterr().out
     for needle in ("== summary", "top-1 accuracy", "- (top-3:", "== weak: per class", "ant -> ", "strong vs weak"):
