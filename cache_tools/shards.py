@@ -221,9 +221,17 @@ def parse_label(raw: bytes | None) -> tuple[int | None, str | None]:
 
 
 def decode_image(data: bytes, channels: int) -> torch.Tensor:
-    """Encoded image bytes -> ``uint8[channels, H, W]`` (torchvision's decoder, both sides)."""
+    """Encoded image bytes -> ``uint8[channels, H, W]`` (torchvision's decoder, both sides).
+
+    Images of more than 8 bits per channel (16-bit PNGs decode to uint16) are scaled to uint8, so
+    the teacher never sees values 256 times too large."""
     mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
-    return tv_decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode)
+    image = tv_decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode)
+    if image.dtype != torch.uint8:
+        from torchvision.transforms.v2.functional import to_dtype
+
+        image = to_dtype(image, torch.uint8, scale=True)
+    return image
 
 
 def read_image_size(data: bytes) -> tuple[int, int]:

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 import zarr
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from cache_tools.encoding import ENCODINGS  # noqa: F401  (re-exported)
 from cache_tools.errors import CacheError, CacheMismatchError, CacheNotFoundError
@@ -146,6 +146,7 @@ class CacheStore:
     group: zarr.Group
     meta: RootMeta
     _teacher_groups: dict[str, zarr.Group] = field(default_factory=dict, repr=False)
+    _teacher_attr_cache: dict[str, dict[str, Any]] | None = field(default=None, repr=False)
     _teacher_metas: dict[str, TeacherMeta] = field(default_factory=dict, repr=False)
 
     # ---- geometry -------------------------------------------------------------------
@@ -171,9 +172,26 @@ class CacheStore:
     # ---- teachers ---------------------------------------------------------------------
     @property
     def teachers(self) -> list[str]:
-        if TEACHERS not in self.group:
-            return []
-        return sorted(self.group[TEACHERS].group_keys())
+        """The finished teachers (their attributes are written last, when their arrays exist)."""
+        return [name for name, attrs in self._teacher_attrs().items() if attrs]
+
+    @property
+    def unfinished_teachers(self) -> list[str]:
+        """Teacher subgroups without attributes: a precompute stopped while creating them."""
+        return [name for name, attrs in self._teacher_attrs().items() if not attrs]
+
+    def _teacher_attrs(self) -> dict[str, dict[str, Any]]:
+        """Each teacher subgroup's attributes, read once per store object (``forget_teachers`` rereads)."""
+        if self._teacher_attr_cache is None:
+            groups = self.group[TEACHERS].groups() if TEACHERS in self.group else []
+            self._teacher_attr_cache = {name: dict(group.attrs) for name, group in sorted(groups)}
+        return self._teacher_attr_cache
+
+    def forget_teachers(self) -> None:
+        """Drop what is known of the teacher subgroups (after one was created or removed)."""
+        self._teacher_attr_cache = None
+        self._teacher_groups.clear()
+        self._teacher_metas.clear()
 
     def teacher_group(self, name: str) -> zarr.Group:
         """The teacher's subgroup (opened once per store object)."""
@@ -185,7 +203,11 @@ class CacheStore:
 
     def teacher_meta(self, name: str) -> TeacherMeta:
         if name not in self._teacher_metas:
-            self._teacher_metas[name] = TeacherMeta.model_validate(dict(self.teacher_group(name).attrs))
+            try:
+                self._teacher_metas[name] = TeacherMeta.model_validate(dict(self.teacher_group(name).attrs))
+            except ValidationError as exc:
+                raise CacheError(f"cache {self.path!r}: teacher {name!r} has unreadable attributes "
+                                 f"({exc.error_count()} problem(s), e.g. {exc.errors()[0]['msg']})") from None
         return self._teacher_metas[name]
 
     # ---- completion marks ---------------------------------------------------------------

@@ -8,6 +8,7 @@ shard's completion mark last, after the data is stored. A failed write raises
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,8 @@ from cache_tools.store import (
     compressor, creation_info, now_ms, open_store,
 )
 from cache_tools.views import NUM_PARAMS, ViewRecipe
+
+log = logging.getLogger(__name__)
 
 
 def create_store(
@@ -100,7 +103,11 @@ def add_teacher(
     if name in store.teachers:
         _check_same_teacher(store.teacher_meta(name), meta)
         return store.teacher_meta(name)
+    if name in store.unfinished_teachers:  # an earlier run stopped while creating it: nothing in it is marked
+        log.warning("cache %s: teacher %r was left half-created by an earlier run; creating it again", store.path, name)
+        del store.group[f"{TEACHERS}/{name}"]
     _create_teacher_arrays(store, meta)
+    store.forget_teachers()
     return meta
 
 

@@ -132,3 +132,23 @@ def test_validate_passes_a_sound_cache_and_lists_every_problem(store):
     problems = "\n".join(validate_cache(store).problems)
     assert "shard 'd-000000.tar', teacher 't': 1 NaN/inf value(s) in top-k logits" in problems
     assert "shard 'd-000001.tar', teacher 't': class indices outside [0, 6)" in problems
+
+
+def test_a_half_created_teacher_is_ignored_then_created_again(store):
+    """A precompute killed while creating a teacher leaves a subgroup without attributes (they come last)."""
+    half = store.group.require_group("teachers/half")
+    half.create_array("topk_idx", shape=(6, A, K), dtype="uint16")
+    reopened = open_store(store.path, "r+")
+    assert reopened.teachers == ["t"] and reopened.unfinished_teachers == ["half"]
+    fill_shard(reopened, 0)
+    fill_shard(reopened, 1)
+    assert reopened.incomplete_shards() == {}  # the half teacher is not waited for
+    add_teacher(reopened, "half", model={"source": "timm", "name": "kd_mlp"}, weights_digest="w2", k=2)
+    assert reopened.teachers == ["half", "t"] and reopened.unfinished_teachers == []
+    assert open_store(store.path).teacher_meta("half").k == 2
+
+
+def test_unreadable_teacher_attributes_are_an_error_naming_the_teacher(store):
+    store.group["teachers/t"].attrs.update({"k": "many"})
+    with pytest.raises(CacheError, match=r"teacher 't' has unreadable attributes \(1 problem\(s\), e.g. Input should be a valid integer"):
+        open_store(store.path).teacher_meta("t")

@@ -89,3 +89,18 @@ def test_epoch_view_varies_across_keys():
 def test_recipe_rejections_name_the_key(data, match):
     with pytest.raises(ConfigError, match=match):
         validate(ViewRecipe, data)
+
+
+def test_sixteen_bit_pngs_decode_to_scaled_uint8():
+    import io
+
+    from PIL import Image
+
+    from cache_tools.shards import decode_image
+
+    wide = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)
+    buffer = io.BytesIO()
+    Image.fromarray(wide).save(buffer, format="PNG")
+    image = decode_image(buffer.getvalue(), 1)
+    assert image.dtype == torch.uint8 and image.shape == (1, 8, 8)
+    assert torch.equal(image[0], torch.from_numpy((wide >> 8).astype(np.uint8)))
