@@ -43,6 +43,10 @@ class CacheLockedError(CacheError, RuntimeError):
     """Another precompute holds the cache's writer lock; the message names the holder."""
 
 
+class CacheReadError(CacheError, OSError):
+    """A stored chunk cannot be read or decoded (damaged file, unreachable object); names array and shard."""
+
+
 class CacheWriteError(CacheError, OSError):
     """Writing a shard's chunks failed (full disk, permissions, object store); its mark stays unset."""
 

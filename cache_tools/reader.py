@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cache_tools.encoding import array_specs, decode
-from cache_tools.errors import CacheIncompleteError, CacheMismatchError
+from cache_tools.errors import CacheIncompleteError, CacheMismatchError, CacheReadError
 from cache_tools.store import STATUS_VALID, CacheStore
 
 
@@ -67,21 +67,28 @@ def read_block(
     if require_complete:
         _require_done(store, index, name, teachers)
     rows = store.rows(index)
-    group = store.group
-    block = ShardBlock(
-        shard=name, index=index, keys=group["keys"][rows], labels=group["labels"][rows],
-        status=group["status"][rows], errors=group["errors"][rows], view_params=group["view_params"][rows],
-    )
+    arrays = {key: read_rows(store, store.group, key, rows, name) for key in ("keys", "labels", "status", "errors", "view_params")}
+    block = ShardBlock(shard=name, index=index, **arrays)
     for teacher in teachers:
-        block.teachers[teacher] = read_teacher_rows(store, teacher, rows)
+        block.teachers[teacher] = read_teacher_rows(store, teacher, rows, name)
     return block
 
 
-def read_teacher_rows(store: CacheStore, teacher: str, rows: slice) -> TeacherBlock:
+def read_teacher_rows(store: CacheStore, teacher: str, rows: slice, shard: str = "?") -> TeacherBlock:
     """One teacher's targets for a row range, decoded from its encoding."""
     group, meta = store.teacher_group(teacher), store.teacher_meta(teacher)
-    arrays = {name: group[name][rows] for name in array_specs(meta.encoding, meta.index_dtype)}
+    arrays = {name: read_rows(store, group, name, rows, shard) for name in array_specs(meta.encoding, meta.index_dtype)}
     return TeacherBlock(*decode(meta.encoding, arrays))
+
+
+def read_rows(store: CacheStore, group, name: str, rows: slice, shard: str) -> np.ndarray:
+    """``group[name][rows]``; a damaged or unreadable chunk is a :class:`CacheReadError` naming array and shard."""
+    try:
+        return group[name][rows]
+    except Exception as exc:  # codecs raise RuntimeError/ValueError, stores OSError: all mean the same here
+        path = f"{group.path}/{name}".lstrip("/")
+        raise CacheReadError(f"cache {store.path!r}: cannot read {path!r} of shard {shard!r} "
+                             f"({type(exc).__name__}: {str(exc)[:200]}); the chunk is damaged or unreachable") from exc
 
 
 def _require_done(store: CacheStore, index: int, name: str, teachers: list[str]) -> None:

@@ -1,9 +1,11 @@
 """``kdcache validate``: integrity checks of a cache, every problem listed.
 
-Checks: every shard has its views mark and every teacher's mark; stored keys are unique and match
+Checks: every shard has its views mark and every teacher's mark, and its chunks (of the arrays
+that always store one: ``SENTINELS``); every chunk decodes; stored keys are unique and match
 the fingerprint's digest; valid rows have labels in range and sane view boxes; teacher indices are
 in range and sorted by logit; logsumexp >= top logit; the top-k and the stored tail add up to the
-logsumexp (within the encoding's rounding); no NaN or inf in valid rows (a tail of -inf: none).
+logsumexp (within the encoding's rounding); the label's logit is at most the logsumexp and equals
+its top-k logit where the label is in the top-k; no NaN or inf in valid rows (a tail of -inf: none).
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cache_tools.encoding import FP16_REL, consistency_tolerance
+from cache_tools.encoding import FP16_REL, consistency_tolerance, logit_tolerance
+from cache_tools.errors import CacheReadError
 from cache_tools.reader import ShardBlock, TeacherBlock, read_block
 from cache_tools.shards import ShardIndex, key_digest
 from cache_tools.store import STATUS_EMPTY, STATUS_VALID, CacheStore
@@ -38,24 +41,58 @@ def validate_cache(store: CacheStore, teachers: list[str] | None = None, max_pro
     report = Report(shards=store.num_shards)
     for what, names in store.incomplete_shards(teachers).items():
         report.problems.append(f"{what}: {len(names)} shard(s) without a completion mark: {names[:5]}{' ...' if len(names) > 5 else ''}")
+    report.problems += check_chunks(store, teachers)
     views_done = store.views_done()
     all_keys: list[ShardIndex] = []
     for shard in range(store.num_shards):
-        block = read_block(store, shard, [], require_complete=False)
-        all_keys.append(ShardIndex(url=block.shard, keys=[str(k) for k in block.keys]))
-        if not views_done[shard]:
-            continue
-        done = [t for t in teachers if store.teacher_done(t)[shard]]
-        block = read_block(store, shard, done, require_complete=False)
-        report.views += int((block.status == STATUS_VALID).sum()) * store.meta.num_views
-        report.invalid_rows += int((block.status != STATUS_VALID).sum())
-        encodings = {name: store.teacher_meta(name).encoding for name in done}
-        report.problems += check_block(block, store.meta.num_classes, encodings)
+        try:
+            _validate_shard(store, shard, teachers, bool(views_done[shard]), all_keys, report)
+        except CacheReadError as exc:
+            report.problems.append(str(exc))
         if len(report.problems) > max_problems:
             report.problems.append("... (stopped listing)")
             return report
-    report.problems += check_keys(store, all_keys)
+    if len(all_keys) == store.num_shards:
+        report.problems += check_keys(store, all_keys)
     return report
+
+
+def _validate_shard(store: CacheStore, shard: int, teachers: list[str], views_done: bool,
+                    all_keys: list[ShardIndex], report: Report) -> None:
+    block = read_block(store, shard, [], require_complete=False)
+    all_keys.append(ShardIndex(url=block.shard, keys=[str(k) for k in block.keys]))
+    if not views_done:
+        return
+    done = [t for t in teachers if store.teacher_done(t)[shard]]
+    block = read_block(store, shard, done, require_complete=False)
+    report.views += int((block.status == STATUS_VALID).sum()) * store.meta.num_views
+    report.invalid_rows += int((block.status != STATUS_VALID).sum())
+    encodings = {name: store.teacher_meta(name).encoding for name in done}
+    report.problems += check_block(block, store.meta.num_classes, encodings)
+
+
+SENTINELS = {"views": ("keys", "status"), "fp16": ("lse",), "q8": ("lse_rel",)}
+"""Arrays whose chunk of a written shard never equals their fill value (zarr does not store such
+chunks), so each marked shard must have one stored: keys (never empty), status (1 or 2 on written
+rows), the logsumexp (fp16: > 0 up to padding; q8: ``lse - top`` > 0 for C > 1)."""
+
+
+def check_chunks(store: CacheStore, teachers: list[str]) -> list[str]:
+    """Every shard marked complete must have its chunk stored in the sentinel arrays: a chunk file
+    lost after its mark was set would otherwise read back as fill values, silently."""
+    marked = int(store.views_done().sum())
+    arrays = [(store.group, name, store.num_shards if name == "keys" else marked) for name in SENTINELS["views"]]
+    for teacher in teachers:
+        done = int(store.teacher_done(teacher).sum())
+        arrays += [(store.teacher_group(teacher), name, done) for name in SENTINELS[store.teacher_meta(teacher).encoding]]
+    problems = []
+    for group, name, expected in arrays:
+        stored = group[name].nchunks_initialized
+        if stored < expected:
+            path = f"{group.path}/{name}".lstrip("/")
+            problems.append(f"{path!r}: {stored} chunk(s) stored but {expected} shard(s) marked complete need one each: "
+                            "chunk files were lost after the shards were finished")
+    return problems
 
 
 def check_keys(store: CacheStore, indexes: list[ShardIndex]) -> list[str]:
@@ -79,7 +116,27 @@ def check_block(block: ShardBlock, num_classes: int, encodings: dict[str, str]) 
         problems.append(f"{where}: labels outside [0, {num_classes}) in valid rows")
     problems += _check_params(block.view_params[valid], where)
     for name, tb in block.teachers.items():
-        problems += [f"{where}, teacher {name!r}: {p}" for p in check_teacher(tb, valid, num_classes, encodings[name])]
+        found = check_teacher(tb, valid, num_classes, encodings[name]) + _check_label_logit(tb, valid, labels, encodings[name])
+        problems += [f"{where}, teacher {name!r}: {p}" for p in found]
+    return problems
+
+
+def _check_label_logit(tb: TeacherBlock, valid: np.ndarray, labels: np.ndarray, encoding: str) -> list[str]:
+    """The label's logit is at most the logsumexp, and equals its top-k logit where the label is in the top-k."""
+    has = labels >= 0
+    idx, logit = tb.topk_idx[valid][has].astype(np.int64), tb.topk_logit[valid][has].astype(np.float32)
+    label_logit, lse = tb.label_logit[valid][has], tb.lse[valid][has]
+    if not len(idx) or not (np.isfinite(label_logit).all() and np.isfinite(logit).all()):
+        return []  # nothing labelled, or NaN/inf reported above
+    problems = []
+    slack = FP16_REL * np.maximum(np.abs(lse), 1.0) + 1e-4
+    if (label_logit > lse + slack).any():
+        problems.append(f"{int((label_logit > lse + slack).sum())} view(s) whose label logit exceeds the logsumexp")
+    hit = idx == labels[has][:, None, None]
+    tol = logit_tolerance(encoding, logit) + FP16_REL * np.maximum(np.abs(label_logit[..., None]), 1.0) + 1e-4
+    off = hit & (np.abs(logit - label_logit[..., None]) > tol)
+    if off.any():
+        problems.append(f"{int(off.any(-1).sum())} view(s) whose label logit differs from the label's top-k logit")
     return problems
 
 

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from cache_tools.cli import main
-from cache_tools.errors import CacheMismatchError
+from cache_tools.errors import CacheMismatchError, CacheReadError
+from cache_tools.reader import read_block
 from cache_tools.store import open_store
 from cache_tools.verify import verify_cache
 from cachebuild import add_teacher_run, build_cache, create_cache, tiny_recipe, tiny_teacher, write_shards
@@ -123,3 +125,19 @@ def test_verify_fails_on_a_tampered_tail(built, tmp_path):
     group["log_tail"][:] = (group["log_tail"][:].astype(np.float32) - 1.0).astype(np.float16)  # every tail / e
     [result] = verify_cache(open_store(path), teachers=["weak"], num=30)
     assert not result.ok and result.failures == result.views > 0 and result.max_abs_delta < 1e-2
+
+
+def test_validate_names_a_damaged_chunk_and_lost_ones(built, tmp_path, capsys):
+    path = copy_cache(built, tmp_path)
+    teachers = Path(path) / "teachers"
+    damaged = teachers / "weak" / "topk_logit" / "c" / "1" / "0" / "0"
+    damaged.write_bytes(damaged.read_bytes()[:10])
+    (teachers / "strong" / "lse" / "c" / "2" / "0").unlink()
+    (teachers / "strong" / "label_logit" / "c" / "0" / "0").unlink()  # reads back as zeros: caught by its meaning
+    assert main(["validate", path]) == 1
+    out = capsys.readouterr().out
+    assert "cannot read 'teachers/weak/topk_logit' of shard 'train-000001.tar' (" in out
+    assert "'teachers/strong/lse': 2 chunk(s) stored but 3 shard(s) marked complete need one each" in out
+    assert "shard 'train-000000.tar', teacher 'strong':" in out and "label logit differs from the label's top-k logit" in out
+    with pytest.raises(CacheReadError, match=r"'teachers/weak/topk_logit' of shard 'train-000001.tar'.*damaged"):
+        read_block(open_store(path), 1, ["weak"])
