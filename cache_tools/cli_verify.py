@@ -12,7 +12,7 @@ from cache_tools.verify import verify_cache
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("cache", help="cache path or fsspec URL")
     parser.add_argument("--teacher", action="append", help="verify only this teacher (repeatable)")
-    parser.add_argument("--num", type=int, default=64, help="views to recompute (default 64)")
+    parser.add_argument("--num", type=_positive_int, default=64, help="views to recompute (default 64)")
     parser.add_argument("--seed", type=int, default=0, help="seed choosing the views")
     parser.add_argument("--shards", help="shard pattern, when the shards moved since precompute")
     parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
@@ -23,6 +23,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
     parser.add_argument("--atol", type=float, default=1e-3, help="absolute slack per logit on top of the encoding's rounding (raise it for caches made under bf16 autocast)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, found {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1, found {value}")
+    return value
 
 
 def parse_storage_options(items: list[str]) -> dict:

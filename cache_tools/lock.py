@@ -31,6 +31,7 @@ from typing import Any
 
 import fsspec
 
+from cache_tools.config import REDACTED
 from cache_tools.errors import CacheLockedError
 
 logger = logging.getLogger(__name__)
@@ -38,6 +39,13 @@ logger = logging.getLogger(__name__)
 LOCK_SUFFIX = ".lock"
 _HELD: set[str] = set()
 """Tokens of the locks this process holds (planning and running check against them)."""
+
+
+def redacted_command(argv: list[str]) -> str:
+    """The command line with the values of ``...storage_options...=VALUE`` overrides (credentials) hidden:
+    the lock file lies beside the cache, and its holder is printed in errors."""
+    return " ".join(f"{a.split('=', 1)[0]}={REDACTED}" if "storage_options" in a.split("=", 1)[0] and "=" in a else a
+                    for a in argv)
 
 
 @dataclass(frozen=True)
@@ -56,7 +64,7 @@ class LockHolder:
     def this_process(cls) -> "LockHolder":
         return cls(host=platform.node(), pid=os.getpid(), token=uuid.uuid4().hex,
                    time=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), boot_id=_boot_id(),
-                   start=_start_time(os.getpid()), command=" ".join(sys.argv)[:300])  # fmt: skip
+                   start=_start_time(os.getpid()), command=redacted_command(sys.argv)[:300])  # fmt: skip
 
     @classmethod
     def parse(cls, raw: bytes) -> "LockHolder | None":

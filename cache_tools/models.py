@@ -63,10 +63,33 @@ same network in the precompute driver, every actor, every run, ``verify`` and on
 
 
 def build_teacher(spec: ModelSpec, num_classes: int, in_chans: int = 3) -> nn.Module:
-    """:func:`build_model` under :data:`TEACHER_INIT_SEED`, leaving the global RNG untouched."""
+    """:func:`build_model` under :data:`TEACHER_INIT_SEED`, leaving the global RNG untouched.
+
+    A teacher's hub weights must have the data's classes: for another class count timm and
+    torchvision replace the classifier with a random one, and the cache would hold its noise."""
+    pretrained_classes = _pretrained_classes(spec) if spec.pretrained and not spec.checkpoint else None
+    if pretrained_classes is not None and pretrained_classes != num_classes:
+        raise TeacherError(f"{spec.source} model {spec.name!r}: its pretrained weights classify {pretrained_classes} "
+                           f"classes but the data has {num_classes}, so its classifier would be random; give the "
+                           "checkpoint of a teacher trained on these classes (checkpoint:)")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TEACHER_INIT_SEED)
         return build_model(spec, num_classes, in_chans)
+
+
+def _pretrained_classes(spec: ModelSpec) -> int | None:
+    """The class count of the hub weights ``pretrained: true`` loads (None where unknown)."""
+    try:
+        if spec.source == "timm":
+            cfg = timm.get_pretrained_cfg(spec.name)
+            return None if cfg is None else int(cfg.num_classes)
+        if spec.source == "torchvision":
+            import torchvision
+
+            return len(torchvision.models.get_model_weights(spec.name).DEFAULT.meta["categories"])
+    except Exception:  # unknown names are reported by build_model itself
+        return None
+    return None
 
 
 def _build_timm(spec: ModelSpec, num_classes: int, in_chans: int) -> nn.Module:

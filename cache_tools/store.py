@@ -286,6 +286,8 @@ def open_store(path: str, mode: str = "r", storage_options: dict | None = None) 
         group = zarr.open_group(path, mode=mode, storage_options=storage_options)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
         raise CacheNotFoundError(f"no cache at {path!r}") from None
+    except (FileExistsError, NotADirectoryError):  # mode r+ on a plain file (or a path through one)
+        raise CacheNotFoundError(f"no cache at {path!r}: it is a file, not a cache directory") from None
     attrs = dict(group.attrs)
     if attrs.get("format") != FORMAT_NAME:
         raise CacheError(f"{path!r} is a Zarr group but not a kdcache cache (no format attribute)")

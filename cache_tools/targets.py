@@ -84,12 +84,12 @@ def dense_logits(t: SparseTargets, num_classes: int, tail: TailMode) -> torch.Te
     return out.scatter(1, t.idx.long(), t.logit.float())
 
 
-def dense_probs(t: SparseTargets, num_classes: int, temperature: float = 1.0, tail: TailMode = "spread") -> torch.Tensor:
+def dense_probs(t: SparseTargets, num_classes: int, temperature: float, tail: TailMode) -> torch.Tensor:
     """``[B, C]`` teacher probabilities at ``temperature`` under the chosen tail treatment."""
     return torch.softmax(dense_logits(t, num_classes, tail) / temperature, dim=-1)
 
 
-def sparse_probs(t: SparseTargets, num_classes: int, temperature: float = 1.0, tail: TailMode = "spread") -> tuple[torch.Tensor, torch.Tensor]:
+def sparse_probs(t: SparseTargets, num_classes: int, temperature: float, tail: TailMode) -> tuple[torch.Tensor, torch.Tensor]:
     """(``[B, k]`` top-k probabilities, ``[B]`` probability of each of the C-k other classes) at T.
 
     The sparse form of :func:`dense_probs`, for losses that need not build ``[B, C]``.

@@ -61,9 +61,17 @@ class ModelRunner:
         return logits.float()
 
 
+FP16_MAX = 65504.0
+"""The largest fp16 value: stored logits (fp16, or q8's top logit) must stay below it."""
+
+
 def check_finite(logits: torch.Tensor, where: str) -> None:
-    """Refuse NaN or inf logits, naming where they came from."""
+    """Refuse NaN or inf logits, and logits the cache's fp16 cannot hold, naming where they came from."""
     bad = ~torch.isfinite(logits)
     if bool(bad.any()):
         rows = int(bad.any(dim=1).sum())
         raise TeacherError(f"{where}: the teacher produced NaN or inf logits in {rows} of {len(logits)} views")
+    largest = float(logits.abs().max()) if logits.numel() else 0.0
+    if largest >= FP16_MAX:
+        raise TeacherError(f"{where}: the teacher produced a logit of magnitude {largest:.4g}, beyond what the cache "
+                           f"stores in fp16 ({FP16_MAX:g}): it would be written as inf")

@@ -16,7 +16,7 @@ from typing import Any
 import fsspec
 
 from cache_tools.config import dump_config
-from cache_tools.errors import CacheError, CacheMismatchError, CacheNotFoundError, ConfigError, DataError
+from cache_tools.errors import CacheError, CacheMismatchError, CacheNotFoundError, ConfigError, DataError, TeacherError
 from cache_tools.lock import WriterLock, check_unlocked
 from cache_tools.manifest import find_manifest
 from cache_tools.models import ModelSpec, build_teacher, weights_digest
@@ -94,16 +94,26 @@ def make_plan(cfg: PrecomputeConfig) -> Plan:
     data = scan_data(cfg.data.shards, cfg.data.storage_options or None)
     num_classes, class_names = resolve_classes(cfg, data.urls)
     check_with_classes(cfg, num_classes)
-    teachers = [teacher_plan(t.name, t.model, t.k, num_classes, cfg.cache.recipe.channels) for t in cfg.teachers]
+    teachers = [_teacher_plan_at(i, t, num_classes, cfg.cache.recipe.channels) for i, t in enumerate(cfg.teachers)]
     store, created = open_or_create(cfg, data, num_classes, class_names)
     for teacher, section in zip(teachers, cfg.teachers):
         add_teacher(store, teacher.name, model=section.model.model_dump(mode="json"),
                     weights_digest=teacher.weights_digest, k=teacher.k, encoding=section.encoding,
-                    config=dump_config(cfg))  # fmt: skip
+                    config=saved_config(cfg))  # fmt: skip
     tasks = shard_tasks(store, data, [t.name for t in teachers])
     plan = Plan(store, data, num_classes, class_names, teachers, tasks, created)
     logger.info("%s", describe(plan))
     return plan
+
+
+def saved_config(cfg: PrecomputeConfig) -> dict[str, Any]:
+    """The resolved config the cache keeps, with local shard patterns made absolute: ``kdcache verify``
+    replays views from them, from whatever directory it runs in."""
+    data = dump_config(cfg)
+    shards = data["data"]["shards"]
+    absolute = lambda p: p if "://" in p else os.path.abspath(p)  # noqa: E731
+    data["data"]["shards"] = absolute(shards) if isinstance(shards, str) else [absolute(p) for p in shards]
+    return data
 
 
 def scan_data(shards: str | list[str], storage_options: dict[str, Any] | None = None) -> DataPlan:
@@ -137,6 +147,14 @@ def resolve_classes(cfg: PrecomputeConfig, urls: list[str]) -> tuple[int, list[s
     return num, names
 
 
+def _teacher_plan_at(index: int, section, num_classes: int, in_chans: int) -> TeacherPlan:
+    """:func:`teacher_plan` of ``teachers.<index>``, its errors naming that key and the teacher."""
+    try:
+        return teacher_plan(section.name, section.model, section.k, num_classes, in_chans)
+    except TeacherError as exc:
+        raise TeacherError(f"teachers.{index}.model (teacher {section.name!r}): {exc}") from exc
+
+
 def teacher_plan(name: str, spec: ModelSpec, k: int, num_classes: int, in_chans: int) -> TeacherPlan:
     """Build the teacher once on CPU to fingerprint its weights."""
     digest = weights_digest(build_teacher(spec, num_classes, in_chans))
@@ -156,7 +174,7 @@ def open_or_create(cfg: PrecomputeConfig, data: DataPlan, num_classes: int,
     store = create_store(
         path, fingerprint=data.fingerprint, keys=[list(i.keys) for i in data.indexes],
         recipe=cfg.cache.recipe, num_views=cfg.cache.num_views, num_classes=num_classes,
-        class_names=class_names, seed=cfg.cache.seed, config=dump_config(cfg),
+        class_names=class_names, seed=cfg.cache.seed, config=saved_config(cfg),
         overwrite=cfg.cache.overwrite, storage_options=options,
     )  # fmt: skip
     logger.info("created cache %s", path)

@@ -107,3 +107,14 @@ def test_verify_storage_option_flags_nest_and_never_echo_values():
     assert "s3cr3t" not in str(err.value)
     with pytest.raises(ConfigError, match=r"key 'a\.\.b' with an empty part"):
         parse_storage_options(["a..b=1"])
+
+
+def test_the_lock_records_the_command_without_storage_option_values():
+    from cache_tools.lock import redacted_command
+
+    argv = ["kdcache", "precompute", "p.yaml", "cache.storage_options.secret=TOPSECRET", "ray.num_actors=2",
+            "data.storage_options={key: K, secret: S}"]
+    command = redacted_command(argv)
+    assert "TOPSECRET" not in command and "secret: S" not in command
+    assert command == ("kdcache precompute p.yaml cache.storage_options.secret=<redacted> ray.num_actors=2 "
+                       "data.storage_options=<redacted>")

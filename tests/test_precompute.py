@@ -28,7 +28,7 @@ from PIL import Image
 
 from cache_tools.cli import main as cli_main
 from cache_tools.config import apply_overrides, load_config, validate
-from cache_tools.errors import CacheMismatchError, ConfigError, DataError, DuplicateKeyError, TeacherError
+from cache_tools.errors import CacheError, CacheMismatchError, ConfigError, DataError, DuplicateKeyError, TeacherError
 from cache_tools.models import build_model, weights_digest
 from cache_tools.reader import read_block
 from cache_tools.shards import decode_image, iter_shard
@@ -482,6 +482,31 @@ def test_nan_teacher_fails_the_shard_naming_shard_and_teacher(bad_dir, tmp_path)
         run_in_process(cfg)
 
 
+def test_logits_beyond_fp16_fail_the_shard_before_anything_is_written(bad_dir, tmp_path):
+    model = build_model(make_config("x", tmp_path).teachers[0].model, 10, 3)
+    state = model.state_dict()
+    state["head.bias"][2] = 1e5  # finite in fp32, inf in fp16
+    torch.save(state, tmp_path / "big.pth")
+    cfg = make_config(str(bad_dir / "good-000000.tar"), tmp_path / "cache", "data.num_classes=10",
+                      f"teachers.0.model.checkpoint={tmp_path / 'big.pth'}")
+    with pytest.raises(TeacherError, match=r"shard 'good-000000.tar', teacher 't1': the teacher produced a logit of "
+                                           r"magnitude 1e\+05, beyond what the cache stores in fp16"):
+        run_in_process(cfg)
+    assert open_store(str(tmp_path / "cache")).incomplete_shards()["t1"] == ["good-000000.tar"]
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["teachers.0.model.name=nonexist"], r"teachers.0.model \(teacher 't1'\): unknown timm model 'nonexist'"),
+    (["teachers.0.model.checkpoint=/nonexist.pt"], r"teachers.0.model \(teacher 't1'\): checkpoint '/nonexist.pt' does not exist"),
+    (["teachers.0.model.name=resnet18", "teachers.0.model.pretrained=true"],  # refused before any download
+     r"teachers.0.model \(teacher 't1'\): timm model 'resnet18': its pretrained weights classify 1000 classes but the data has 10"),
+])
+def test_teacher_errors_name_the_teacher_key(bad_dir, tmp_path, overrides, message):
+    cfg = make_config(str(bad_dir / "good-000000.tar"), tmp_path / "cache", "data.num_classes=10", *overrides)
+    with pytest.raises(TeacherError, match=message):
+        make_plan(cfg)
+
+
 def test_shard_changed_since_planning_is_refused(bad_dir):
     cfg = make_config(str(bad_dir / "good-000000.tar"), bad_dir / "cache", "data.num_classes=10")
     plan = make_plan(cfg)
@@ -565,3 +590,10 @@ def test_config_schema_is_pinned():
 def test_smoke_config_is_valid():
     cfg = load_config(PrecomputeConfig, Path(__file__).parents[1] / "configs/smoke/precompute.yaml")
     assert cfg.teachers[0].model.name == "kd_cnn_tiny" and cfg.cache.num_views == 2
+
+
+def test_cache_path_that_is_a_file_is_refused(bad_dir, tmp_path):
+    (tmp_path / "notes.txt").write_text("not a cache")
+    cfg = make_config(str(bad_dir / "good-000000.tar"), tmp_path / "notes.txt", "data.num_classes=10")
+    with pytest.raises(CacheError, match=r"cache.path: '.*notes.txt' is a file, not a cache directory"):
+        make_plan(cfg)
