@@ -9,7 +9,9 @@ from __future__ import annotations
 import glob
 import hashlib
 import io
+import logging
 import tarfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -20,6 +22,8 @@ import torch
 from torchvision.io import ImageReadMode, decode_image as tv_decode_image
 
 from cache_tools.errors import ConfigError, DataError, DuplicateKeyError
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 LABEL_EXT = "cls"
@@ -133,10 +137,24 @@ def _check_sample(exts: set[str], key: str, shard: str) -> None:
         raise DataError(f"shard {shard!r}, key {key!r}: expected one image entry ({'/'.join(IMAGE_EXTS)}), found {sorted(exts)}{hint}")
 
 
+SCAN_LOG_SECONDS = 10.0
+"""While scanning many shards, a progress line at most this often (remote tars can take minutes)."""
+
+
 def scan_shards(urls: list[str], threads: int = 8, storage_options: dict | None = None) -> list[ShardIndex]:
     """Scan every shard (in parallel threads) and refuse duplicate keys across shards."""
+    started = last = time.monotonic()
+    indexes: list[ShardIndex] = []
     with ThreadPoolExecutor(max_workers=max(1, min(threads, len(urls)))) as pool:
-        indexes = list(pool.map(lambda url: scan_shard(url, storage_options), urls))
+        for index in pool.map(lambda url: scan_shard(url, storage_options), urls):
+            indexes.append(index)
+            if time.monotonic() - last >= SCAN_LOG_SECONDS:
+                last = time.monotonic()
+                rate = len(indexes) / (last - started)
+                log.info("scanning shard headers: %d/%d shards, %.1f shards/s, ETA %.0f s", len(indexes), len(urls),
+                         rate, (len(urls) - len(indexes)) / rate)
+    if time.monotonic() - started >= SCAN_LOG_SECONDS:
+        log.info("scanned %d shards in %.0f s", len(urls), time.monotonic() - started)
     owner: dict[str, str] = {}
     for index in indexes:
         for key in index.keys:
