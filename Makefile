@@ -13,6 +13,8 @@ PYTEST_ARGS ?=
 setup: $(BIN)/.installed
 
 $(BIN)/.installed: pyproject.toml
+	@$(PYTHON) -c "import ensurepip, venv" 2>/dev/null || { echo "$(PYTHON) has no venv/ensurepip: installing Debian's python3-venv"; \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq python3-venv; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
@@ -33,6 +35,7 @@ smoke: setup
 	$(BIN)/kdcache precompute configs/smoke/precompute.yaml --overwrite
 	$(BIN)/kdcache validate runs/smoke/cache
 	$(BIN)/kdcache verify runs/smoke/cache
+	$(BIN)/kdcache inspect runs/smoke/cache --plots runs/smoke/plots --json runs/smoke/inspect.json
 	$(BIN)/kdcache train configs/smoke/train.yaml
 
 test: setup fmnist

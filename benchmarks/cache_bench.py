@@ -30,10 +30,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.common import machine, table
+from benchmarks.common import machine, rotated, table, target_divergence
 from cache_tools.reader import read_block
 from cache_tools.store import STATUS_VALID, CacheStore, Fingerprint
-from cache_tools.targets import SparseTargets, dense_probs, from_logits, tail_mass_t1, truncate
+from cache_tools.targets import SparseTargets, from_logits, tail_mass_t1, truncate
 from cache_tools.views import ViewRecipe, view_params
 from cache_tools.writer import add_teacher, create_store, write_targets, write_views
 
@@ -163,8 +163,10 @@ def read_rounds(stores: dict[tuple[str, int], CacheStore], rounds: int) -> dict[
     cpu = dict(wall)
     for key, store in stores.items():  # warm-up: metadata, page cache
         read_block(store, 0, ["teacher"])
-    for _ in range(rounds):
-        for key, store in stores.items():
+    keys = tuple(stores)
+    for r in range(rounds):
+        for key in rotated(keys, r):  # each cache leads in turn
+            store = stores[key]
             w, c = time.perf_counter(), time.process_time()
             for shard in range(store.num_shards):
                 read_block(store, shard, ["teacher"])
@@ -205,10 +207,8 @@ def block_error(store: CacheStore, shard: int, exact: SparseTargets, k: int,
     out = {"max_dtail": float((tail_mass_t1(reference) - tail_mass_t1(decoded)).abs().max())}
     for tail in ("renorm", "spread"):
         for which, temperature in zip(("", "_kd"), temperatures):
-            p = dense_probs(reference, store.meta.num_classes, temperature, tail).double()
-            q = dense_probs(decoded, store.meta.num_classes, temperature, tail).double()
-            out[f"max_dprob_{tail}{which}"] = float((p - q).abs().max())
-            out[f"kl_{tail}{which}"] = float((torch.xlogy(p, p) - torch.xlogy(p, q)).sum(-1).mean())
+            kl, max_dprob = target_divergence(reference, decoded, store.meta.num_classes, temperature, tail)
+            out[f"max_dprob_{tail}{which}"], out[f"kl_{tail}{which}"] = max_dprob, kl
     return out
 
 

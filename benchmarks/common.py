@@ -136,6 +136,25 @@ def rotated(items: tuple[str, ...], shift: int) -> list[str]:
     return list(items[shift:] + items[:shift])
 
 
+# ---- target error -----------------------------------------------------------------------------------
+
+
+def target_divergence(p: "SparseTargets", q: "SparseTargets", num_classes: int, temperature: float,
+                      tail: str) -> tuple[float, float]:
+    """(mean KL(p ‖ q), max |p - q|) of two sparse targets as dense distributions at ``temperature``.
+
+    The softmax runs in float64 on the logits (``log_softmax``): in float32 its rounding alone is
+    ~1e-7 nats of KL and can come out negative, which would hide fp16's own error."""
+    import torch
+
+    from cache_tools.targets import dense_logits
+
+    log_p, log_q = (torch.log_softmax(dense_logits(x, num_classes, tail).double() / temperature, -1) for x in (p, q))
+    prob_p = log_p.exp()
+    kl = torch.where(prob_p > 0, prob_p * (log_p - log_q), torch.zeros_like(prob_p)).sum(-1)
+    return float(kl.mean()), float((prob_p - log_q.exp()).abs().max())
+
+
 # ---- output -------------------------------------------------------------------------------------------
 
 

@@ -148,7 +148,7 @@ def summarise(args: argparse.Namespace, store: CacheStore, timings: dict[str, di
     views = store.meta.fingerprint.num_samples * store.meta.num_views
     one, two = timings["one_teacher"], timings["two_teachers"]
     return {
-        "bench": "inspect", "machine": machine(), "cpu_threads": torch.get_num_threads(),
+        "bench": "inspect", "machine": machine(),
         "settings": {"shards": args.shards, "samples_per_shard": args.samples, "views": args.views,
                      "classes": args.classes, "k": args.k, "encoding": args.encoding, "temperatures": temperatures,
                      "rounds": args.rounds, "quick": args.quick},
@@ -167,8 +167,8 @@ def format_result(result: dict[str, Any]) -> str:
     """The tables printed by ``kdcache bench inspect``."""
     s = result["settings"]
     head = (f"inspect bench: {result['cache_views']:,} views (A={s['views']}), C={s['classes']}, k={s['k']}, "
-            f"{s['encoding']}, entropy at T={s['temperatures']}; {result['machine'].get('cpus', '?')} CPUs, "
-            f"{result['cpu_threads']} torch threads")
+            f"{s['encoding']}, entropy at T={s['temperatures']}; {result['machine'].get('cpus', '?')} CPUs "
+            "(inspect runs on 1 torch thread)")
     inproc = table(["inspect_cache", "teachers", "wall s", "CPU s", "views/s per teacher"], [
         [name, t["teachers"], t["wall_s"], t["cpu_s"], result["cache_views"] * t["teachers"] / t["wall_s"]]
         for name, t in result["timings"].items()])

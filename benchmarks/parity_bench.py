@@ -28,13 +28,13 @@ import torch
 
 from benchmarks.common import (
     FMNIST_RECIPE, BenchError, fmnist_available, machine, make_shards, mean_std, precompute_config,
-    precompute_inprocess, table, write_yaml,
+    precompute_inprocess, table, target_divergence, write_yaml,
 )
 from cache_tools.models import ModelSpec, build_teacher
 from cache_tools.reader import read_block
 from cache_tools.shards import decode_image, iter_shard
 from cache_tools.store import open_store
-from cache_tools.targets import SparseTargets, dense_probs, from_logits, tail_mass_t1, truncate
+from cache_tools.targets import SparseTargets, from_logits, tail_mass_t1, truncate
 from cache_tools.teacher import ModelRunner
 from cache_tools.views import replay_views
 from train.config import load_train_config
@@ -127,8 +127,7 @@ def target_error(args: argparse.Namespace, cache: str, checkpoint: str) -> list[
         a, b = truncate(online, k), truncate(cached, k)
         row: dict[str, Any] = {"k": k, "max_dtail": float((tail_mass_t1(a) - tail_mass_t1(b)).abs().max())}
         for tail in [t for t in args.tails.split(",") if t]:
-            p, q = (dense_probs(x, 10, args.temperature, tail).double() for x in (a, b))
-            row[f"kl_{tail}"] = float((torch.xlogy(p, p) - torch.xlogy(p, q)).sum(-1).mean())
+            row[f"kl_{tail}"] = target_divergence(a, b, 10, args.temperature, tail)[0]
         rows.append(row)
     return rows
 

@@ -502,7 +502,7 @@ def _cost_rows(summary: dict[str, Any]) -> list[str]:
     k = "/".join(str(v) for v in sorted(set(up["k"].values())))
     steps = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in summary["step_seconds"].items())
     cache = (f"cache: {pre['cache_views']} views (A={up['num_views']}) x {pre['teachers']} teachers, top-{k}: "
-             f"{summary['bytes_per_view']:.1f} B per view per teacher")
+             f"{summary['bytes_per_view']:.1f} B per view per teacher (the whole store on disk, view parameters included)")
     precompute = (f"precompute: {summary['precompute_vps']:.0f} views/s through both teachers once the actors were up "
                   f"({pre['views_per_s']:.0f} views/s overall, Ray start-up included)")
     speed = (f"student images/s: plain CE {ips['plain']:.0f}, KD from the cache {ips['cached']:.0f} "
