@@ -112,9 +112,12 @@ class RaySection(StrictModel):
     gpus_per_actor: float | None = Field(None, ge=0)
     """GPUs per actor; default 1 when the cluster has GPUs, else 0."""
     max_restarts: int = Field(3, ge=0)
-    """How often a dead actor is restarted."""
+    """How many times kdcache replaces a dead actor with a fresh one, per actor slot over the run (only
+    while shards wait). A slot whose budget is spent, or whose actor's constructor raised, is given up."""
     max_task_retries: int = Field(3, ge=0)
-    """How often a shard whose actor died is retried (on the restarted actor)."""
+    """How many times a shard whose actor died is retried, on a fresh actor, after the shards not yet
+    tried; then it fails by name and the other shards still complete. (kdcache does this itself:
+    Ray neither restarts the actors nor retries their tasks.)"""
     temp_dir: str | None = None
     """Embedded Ray only: its session directory root (keep it short: socket paths)."""
 

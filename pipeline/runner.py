@@ -3,15 +3,16 @@
 Locally it starts an embedded Ray (``ray.init(address="local", ...)``) unless this process
 already initialised Ray (tests start it once per module; the runner reuses it) or
 ``ray.address`` names a cluster to join. One :class:`~pipeline.worker.ShardWorker` actor per GPU
-(or N CPU actors) with ``max_restarts`` / ``max_task_retries``, so an actor killed mid-shard is
-restarted and its shard redone. One task per shard, at most two in flight per actor, fed with
-``ray.wait`` to actors that have finished building their teachers. A shard that still fails
-after the retries does not stop the others; at the end :class:`ShardsFailedError` lists the
-failed shards and why (their marks are absent, so a rerun redoes exactly them); a shard whose
-actor keeps dying is failed once its retries are spent, and the shards queued behind it on that
-actor go to the other actors. Actors are killed at the end, so several precomputes can run in one
-Ray session. :func:`precompute` plans and runs under the cache's writer lock (``<cache>.lock``):
-a second precompute on the same cache is refused, naming the holder.
+(or N CPU actors), one shard task in flight on each, fed with ``ray.wait`` to actors that have
+finished building their teachers. The :class:`Dispatcher`, not Ray, handles dead actors: a shard
+whose actor died is retried later on a fresh actor (``ray.max_task_retries`` times, then it fails
+by name), and a dead actor is replaced (``ray.max_restarts`` times per actor slot). A shard that
+still fails does not stop the others; at the end :class:`ShardsFailedError` lists the failed
+shards and why (their marks are absent, so a rerun redoes exactly them). Without a terminal
+(no tqdm bar) :class:`Progress` logs shards done, views/s and the ETA every 30 s. Actors are
+killed at the end, so several precomputes can run in one Ray session. :func:`precompute` plans
+and runs under the cache's writer lock (``<cache>.lock``): a second precompute on the same cache
+is refused, naming the holder.
 
 Test-only: the fault hook variable of :mod:`pipeline.worker` (``KDCACHE_FAULT_CRASH_SHARD``)
 is passed on to the actors through ``runtime_env`` when the driver sees it set.
@@ -26,6 +27,7 @@ import re
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +43,7 @@ from pipeline.worker import FAULT_ENV, ShardResult, ShardWorker, WorkerSettings
 
 logger = logging.getLogger(__name__)
 
-IN_FLIGHT_PER_ACTOR = 2
+PROGRESS_LOG_SECONDS = 30.0
 FORWARDED_ENV = (FAULT_ENV,)
 
 
@@ -143,35 +145,91 @@ def run_precompute(cfg: PrecomputeConfig, plan: Plan, progress: bool | None = No
 
 
 def _run_actors(cfg: PrecomputeConfig, plan: Plan, summary: Summary, progress: bool | None) -> dict:
-    actors = start_actors(cfg.ray, worker_settings(cfg, plan), len(plan.tasks))
-    bar = tqdm(total=len(plan.tasks), unit="shard", desc="precompute", dynamic_ncols=True,
-               disable=(not sys.stderr.isatty()) if progress is None else not progress)  # fmt: skip
+    count, new_actor = actor_factory(cfg.ray, worker_settings(cfg, plan), len(plan.tasks))
+    shown = Progress(summary, len(plan.tasks), enabled=sys.stderr.isatty() if progress is None else progress)
+    dispatcher = Dispatcher(new_actor, count, plan.tasks, shown.shard_done, retries=cfg.ray.max_task_retries,
+                            replacements=cfg.ray.max_restarts, on_failure=shown.shard_failed,
+                            on_first_ready=shown.actors_up)  # fmt: skip
     try:
-        dispatcher = Dispatcher(actors, plan.tasks, lambda r: _on_result(r, summary, bar, plan),
-                                retries=cfg.ray.max_task_retries)  # fmt: skip
         failures = dispatcher.run()
         if dispatcher.first_ready is not None:
             summary.busy_seconds = time.perf_counter() - dispatcher.first_ready
         return failures
     finally:
-        bar.close()
-        for actor in actors:
-            ray.kill(actor, no_restart=True)
+        shown.close()
+        dispatcher.close()
 
 
-def _on_result(result: ShardResult, summary: Summary, bar: tqdm, plan: Plan) -> None:
-    summary.results.append(result)
-    summary.views += result.views
-    summary.invalid_views += result.invalid_views
-    summary.made_view_shards += int(result.made_views)
-    summary.forward_seconds += result.forward_seconds
-    bar.update(1)
-    elapsed = bar.format_dict.get("elapsed") or 0.0
-    bar.set_postfix_str(f"{summary.views / elapsed:.0f} views/s" if elapsed else "")
-    logger.log(logging.DEBUG if not bar.disable else logging.INFO,
-               "shard %s done (%d/%d): %d views, %d invalid, %.1f s (teacher forward %.1f s)", result.shard,
-               len(summary.results), len(plan.tasks), result.views, result.invalid_views, result.seconds,
-               result.forward_seconds)  # fmt: skip
+class Progress:
+    """Progress of the shard tasks: a tqdm bar on a terminal, else log lines.
+
+    Without the bar (stderr not a terminal: cluster logs, nohup, CI; or ``progress=False``), each
+    shard is logged at INFO, and at most every ``interval`` seconds, and for the last shard, a line
+    with the shards done out of all, views/s and the ETA, both over the time since the first actor
+    was up (actor start-up left out, as in the summary's "views/s once actors were up").
+    """
+
+    def __init__(self, summary: Summary, total: int, enabled: bool, interval: float = PROGRESS_LOG_SECONDS,
+                 clock: Callable[[], float] = time.monotonic):  # fmt: skip
+        self.summary, self.total, self.interval, self.clock = summary, total, interval, clock
+        self.bar = tqdm(total=total, unit="shard", desc="precompute", dynamic_ncols=True, disable=not enabled)
+        self.start = self.last_line = clock()
+        self.failed = 0
+
+    def actors_up(self) -> None:
+        """The first actor is ready: the time counts from here."""
+        self.start = self.last_line = self.clock()
+
+    def shard_done(self, result: ShardResult) -> None:
+        summary = self.summary
+        summary.results.append(result)
+        summary.views += result.views
+        summary.invalid_views += result.invalid_views
+        summary.made_view_shards += int(result.made_views)
+        summary.forward_seconds += result.forward_seconds
+        logger.log(logging.DEBUG if not self.bar.disable else logging.INFO,
+                   "shard %s done (%d/%d): %d views, %d invalid, %.1f s (teacher forward %.1f s)", result.shard,
+                   len(summary.results), self.total, result.views, result.invalid_views, result.seconds,
+                   result.forward_seconds)  # fmt: skip
+        self._advance()
+
+    def shard_failed(self, name: str) -> None:
+        self.failed += 1
+        self._advance()
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def line(self) -> str:
+        """``precompute: 12/40 shards done (1 failed), 2100 views/s, 1m02s elapsed, ETA 3m10s``."""
+        elapsed = max(self.clock() - self.start, 1e-9)
+        settled = len(self.summary.results) + self.failed
+        eta = _duration(elapsed / settled * (self.total - settled)) if settled else "unknown"
+        failed = f" ({self.failed} failed)" if self.failed else ""
+        return (f"precompute: {len(self.summary.results)}/{self.total} shards done{failed}, "
+                f"{self.summary.views / elapsed:.0f} views/s, {_duration(elapsed)} elapsed, ETA {eta}")  # fmt: skip
+
+    def _advance(self) -> None:
+        self.bar.update(1)
+        if not self.bar.disable:
+            elapsed = self.bar.format_dict.get("elapsed") or 0.0
+            failed = f", {self.failed} failed" if self.failed else ""
+            self.bar.set_postfix_str(f"{self.summary.views / elapsed:.0f} views/s{failed}" if elapsed else failed)
+            return
+        now, last = self.clock(), len(self.summary.results) + self.failed == self.total
+        if last or now - self.last_line >= self.interval:
+            self.last_line = now
+            logger.info("%s", self.line())
+
+
+def _duration(seconds: float) -> str:
+    """``45s``, ``3m05s``, ``2h07m``."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 def ensure_ray(section: RaySection) -> bool:
@@ -204,121 +262,191 @@ def actor_layout(section: RaySection, num_tasks: int) -> tuple[int, float, float
     return max(1, min(wanted, num_tasks)), section.cpus_per_actor, gpus
 
 
-def start_actors(section: RaySection, settings: WorkerSettings, num_tasks: int) -> list[Any]:
-    """Create the shard actors (not waiting for them: the dispatcher does)."""
+def actor_factory(section: RaySection, settings: WorkerSettings, num_tasks: int) -> tuple[int, Callable[[], Any]]:
+    """How many shard actors to run, and a function that creates one (not waiting for it: the dispatcher does).
+
+    Ray neither restarts these actors nor retries their tasks (``max_restarts=0``,
+    ``max_task_retries=0``): the :class:`Dispatcher` counts each shard's attempts and replaces a
+    dead actor itself, within ``ray.max_task_retries`` and ``ray.max_restarts``.
+    """
     count, cpus, gpus = actor_layout(section, num_tasks)
     env = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
-    options: dict[str, Any] = dict(num_cpus=cpus, num_gpus=gpus, max_restarts=section.max_restarts,
-                                   max_task_retries=section.max_task_retries)  # fmt: skip
+    options: dict[str, Any] = dict(num_cpus=cpus, num_gpus=gpus, max_restarts=0, max_task_retries=0)
     if env:
         options["runtime_env"] = {"env_vars": env}
     remote = ray.remote(ShardWorker).options(**options)
     logger.info("starting %d shard actor(s), %g CPU and %g GPU each", count, cpus, gpus)
-    return [remote.remote(settings) for _ in range(count)]
+    return count, lambda: remote.remote(settings)
+
+
+@dataclass
+class Slot:
+    """One actor slot of the dispatcher: its current actor, and how often that was replaced."""
+
+    index: int
+    actor: Any = None
+    """The current actor; None after it died or could not start (until it is replaced)."""
+    ready: bool = False
+    busy: bool = False
+    """A shard task is in flight on the actor (at most one)."""
+    replacements: int = 0
+    gone: str = ""
+    """Why the slot gets no further actor: its constructor raised, or its replacements are spent."""
 
 
 class Dispatcher:
-    """Feeds shard tasks to ready actors (at most two in flight each) and collects results.
+    """Runs shard tasks on actor slots, one task in flight per actor, and collects the results.
 
-    When an actor dies for good (its restarts or a task's retries spent), Ray fails every task it
-    had in flight. The oldest of them was the one running (an actor runs its tasks in order): that
-    shard is failed; the ones queued behind it go back to the queue for the other actors.
+    One task in flight makes a death exact: the actor died running that shard, never one queued
+    behind it (the worker prefetches views within a shard, so a second queued task would only
+    save a round trip per shard). Budgets:
+
+    * a shard whose actor died goes back to the end of the queue, for a fresh actor or another
+      one; after ``retries + 1`` attempts (``ray.max_task_retries``) it fails, naming the shard;
+    * a slot whose actor died gets a fresh actor while shards wait, ``replacements`` times over
+      the run (``ray.max_restarts``); then the slot is given up. An actor whose constructor raised
+      is not replaced (a fresh one would fail the same way);
+    * a shard task that raises fails at once (the same data would fail the same way again).
+
+    Shards still queued when no slot is left fail with "no shard actor left to run it".
     """
 
-    def __init__(self, actors: list[Any], tasks: list[ShardTask], on_result, retries: int = 0):
-        self.actors, self.queue, self.on_result = actors, deque(tasks), on_result
-        self.retries = retries
-        self.load = [0] * len(actors)
-        self.live: set[int] = set()
-        self.dead: dict[int, str] = {}
+    def __init__(self, new_actor: Callable[[], Any], count: int, tasks: list[ShardTask],
+                 on_result: Callable[[ShardResult], None], retries: int = 0, replacements: int = 0,
+                 on_failure: Callable[[str], None] | None = None,
+                 on_first_ready: Callable[[], None] | None = None):  # fmt: skip
+        self.new_actor, self.on_result, self.on_failure = new_actor, on_result, on_failure
+        self.on_first_ready = on_first_ready
+        self.queue = deque(tasks)
+        self.retries, self.replacements = retries, replacements
+        self.slots = [Slot(index) for index in range(count)]
+        self.pending: dict[Any, tuple[Slot, ShardTask | None]] = {}
+        self.attempts: dict[str, int] = {}
         self.failures: dict[str, BaseException | str] = {}
+        self.created: list[Any] = []
         self.first_ready: float | None = None
-        self.submitted = 0
-        self.order: dict[Any, int] = {}
-        self.pending: dict[Any, tuple[int, ShardTask | None]] = {
-            actor.ready.remote(): (i, None) for i, actor in enumerate(actors)
-        }
 
     def run(self) -> dict[str, BaseException | str]:
         """Until every task finished or failed; returns the failures."""
+        for slot in self.slots:
+            self._start(slot)
         while self._busy():
             [ref], _ = ray.wait(list(self.pending), num_returns=1)
-            index, task = self.pending.pop(ref)
+            slot, task = self.pending.pop(ref)
             if task is None:
-                self._started(ref, index)
+                self._started(slot, ref)
             else:
-                self._finished(ref, index, task)
+                self._finished(slot, task, ref)
+            self._replace()
             self._submit()
-        reasons = "; ".join(sorted(set(self.dead.values()))) or "no actor"
-        for task in self.queue:
-            self.failures[task.name] = f"no shard actor left to run it: {reasons}"
+        self._fail_queued()
         return self.failures
 
+    def close(self) -> None:
+        """Kill every actor this dispatcher created (killing a dead one does nothing)."""
+        for actor in self.created:
+            ray.kill(actor, no_restart=True)
+
     def _busy(self) -> bool:
-        if any(task is not None for _, task in self.pending.values()):
+        if any(slot.busy for slot in self.slots):
             return True
         return bool(self.queue) and bool(self.pending)  # actors still starting
 
-    def _started(self, ref: Any, index: int) -> None:
+    def _start(self, slot: Slot) -> None:
+        slot.actor, slot.ready = self.new_actor(), False
+        self.created.append(slot.actor)
+        self.pending[slot.actor.ready.remote()] = (slot, None)
+
+    def _started(self, slot: Slot, ref: Any) -> None:
         try:
             ray.get(ref)
-            self.live.add(index)
-            self.first_ready = self.first_ready or time.perf_counter()
+        except ray.exceptions.RayActorError as exc:
+            if exc.actor_init_failed:
+                self._give_up(slot, f"actor could not start: {_cause(exc)}")
+            else:
+                logger.warning("shard actor %d died while starting: %s", slot.index, _cause(exc))
+                self._down(slot)
         except ray.exceptions.RayError as exc:
-            self.dead[index] = f"actor could not start: {_cause(exc)}"
-            logger.error("shard actor %d could not start: %s", index, _cause(exc))
+            self._give_up(slot, f"actor could not start: {_cause(exc)}")
+        else:
+            slot.ready = True
+            if self.first_ready is None:
+                self.first_ready = time.perf_counter()
+                if self.on_first_ready is not None:
+                    self.on_first_ready()
 
-    def _finished(self, ref: Any, index: int, task: ShardTask) -> None:
-        self.load[index] -= 1
+    def _finished(self, slot: Slot, task: ShardTask, ref: Any) -> None:
+        slot.busy = False
         try:
             result = ray.get(ref)
         except ray.exceptions.RayTaskError as exc:
             self._fail(task, exc.cause if isinstance(exc.cause, BaseException) else _cause(exc))
-        except ray.exceptions.ActorDiedError as exc:
-            self._actor_died(index, [(self.order.pop(ref), task, exc)])
+        except ray.exceptions.RayActorError as exc:
+            self._actor_died(slot, task, exc)
         except ray.exceptions.RayError as exc:
             self._fail(task, _cause(exc))
         else:
             self.on_result(result)
-        self.order.pop(ref, None)
 
-    def _actor_died(self, index: int, died: list[tuple[int, ShardTask, BaseException]]) -> None:
-        """Settle the dead actor's other tasks, fail the one it was running, requeue the rest."""
-        self.live.discard(index)
-        self.dead[index] = "actor died after its restarts"
-        for ref in [r for r, (i, t) in self.pending.items() if i == index and t is not None]:
-            _, task = self.pending.pop(ref)
-            self.load[index] -= 1
-            try:
-                self.on_result(ray.get(ref))  # it finished before the actor died
-            except ray.exceptions.RayTaskError as exc:
-                self._fail(task, exc.cause if isinstance(exc.cause, BaseException) else _cause(exc))
-            except ray.exceptions.RayError as exc:
-                died.append((self.order[ref], task, exc))
-            self.order.pop(ref, None)
-        died.sort(key=lambda item: item[0])
-        _, running, exc = died[0]
-        self._fail(running, f"its shard actor died while processing it on every attempt "
-                            f"({self.retries + 1}, ray.max_task_retries={self.retries}): {_cause(exc)}")  # fmt: skip
-        for _, task, _ in reversed(died[1:]):
-            logger.warning("shard %s goes back to the queue: it waited behind %s on the actor that died",
-                           task.name, running.name)  # fmt: skip
-            self.queue.appendleft(task)
+    def _actor_died(self, slot: Slot, task: ShardTask, exc: BaseException) -> None:
+        """The slot's actor died running ``task`` (its only task): retry the shard later, or fail it."""
+        self._down(slot)
+        attempts = self.attempts[task.name] = self.attempts.get(task.name, 0) + 1
+        if attempts > self.retries:
+            self._fail(task, f"its shard actor died while processing it on every attempt "
+                             f"({attempts}, ray.max_task_retries={self.retries}): {_cause(exc)}")  # fmt: skip
+            return
+        logger.warning("shard actor %d died while processing shard %s (attempt %d of %d), the shard goes back "
+                       "to the queue: %s", slot.index, task.name, attempts, self.retries + 1, _cause(exc))  # fmt: skip
+        self.queue.append(task)
+
+    def _down(self, slot: Slot) -> None:
+        """The slot's actor is dead (or unreachable: killed, so it is never used again)."""
+        ray.kill(slot.actor, no_restart=True)
+        slot.actor, slot.ready = None, False
+
+    def _give_up(self, slot: Slot, why: str) -> None:
+        logger.error("shard actor %d: %s", slot.index, why)
+        if slot.actor is not None:
+            self._down(slot)
+        slot.gone = why
+
+    def _replace(self) -> None:
+        """A fresh actor in each slot whose actor died, while shards wait and the slot's budget lasts."""
+        for slot in self.slots:
+            if slot.actor is not None or slot.gone or not self.queue:
+                continue
+            if slot.replacements >= self.replacements:
+                self._give_up(slot, f"its actor died {slot.replacements + 1} time(s), "
+                                    f"ray.max_restarts={self.replacements} replacement(s) spent")  # fmt: skip
+                continue
+            slot.replacements += 1
+            logger.warning("starting a fresh shard actor %d (replacement %d of ray.max_restarts=%d)",
+                           slot.index, slot.replacements, self.replacements)  # fmt: skip
+            self._start(slot)
+
+    def _submit(self) -> None:
+        for slot in self.slots:
+            if self.queue and slot.ready and not slot.busy:
+                task = self.queue.popleft()
+                slot.busy = True
+                self.pending[slot.actor.__call__.remote(task)] = (slot, task)
+
+    def _fail_queued(self) -> None:
+        """Fail the shards that no slot is left to run."""
+        reasons = "; ".join(sorted({slot.gone for slot in self.slots if slot.gone})) or "no actor"
+        while self.queue:
+            task = self.queue.popleft()
+            tried = self.attempts.get(task.name, 0)
+            died = (f"its shard actor died while processing it ({tried} of {self.retries + 1} attempts), then "
+                    if tried else "")  # fmt: skip
+            self._fail(task, f"{died}no shard actor left to run it: {reasons}")
 
     def _fail(self, task: ShardTask, why: BaseException | str) -> None:
         self.failures[task.name] = why
         logger.error("shard %s failed: %s", task.name, describe_failure(why))
-
-    def _submit(self) -> None:
-        for index in sorted(self.live, key=lambda i: self.load[i]):
-            while self.queue and self.load[index] < IN_FLIGHT_PER_ACTOR:
-                task = self.queue.popleft()
-                ref = self.actors[index].__call__.remote(task)
-                self.pending[ref] = (index, task)
-                self.order[ref] = self.submitted
-                self.submitted += 1
-                self.load[index] += 1
-
+        if self.on_failure is not None:
+            self.on_failure(task.name)
 
 def _cause(exc: BaseException) -> str:
     """A short reason from a Ray error: the exception line of its traceback, else its first line."""

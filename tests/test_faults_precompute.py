@@ -61,8 +61,8 @@ from cache_tools.reader import read_block
 from cache_tools.store import open_store
 from cache_tools.validate import validate_cache
 from pipeline.plan import make_plan, writer_lock
-from pipeline.runner import ShardsFailedError, precompute, worker_settings
-from pipeline.worker import FAULT_ENV, ShardWorker
+from pipeline.runner import Progress, ShardsFailedError, Summary, precompute, worker_settings
+from pipeline.worker import FAULT_ENV, ShardResult, ShardWorker
 
 
 @pytest.fixture
@@ -249,13 +249,15 @@ def test_inf_teacher_fails_the_shard_and_writes_nothing(shards, tmp_path):
 # ---- with Ray actors (slow) ------------------------------------------------------------------------------
 
 
-@pytest.mark.slow
-def test_actor_that_keeps_dying_on_one_shard_fails_it_and_the_rest_finish(ray_session, data_dir, tmp_path, monkeypatch):
-    marker = tmp_path / "crashed"
-    monkeypatch.setenv(FAULT_ENV, f"train-000000.tar:{marker}")
+@contextmanager
+def every_attempt_dies(monkeypatch, marker: Path, shard: str) -> Iterator[list[float]]:
+    """The fault hook on ``shard``, re-armed each time it fires: every attempt at the shard kills its actor.
+
+    Yields the times of the deaths; the hook is off again afterwards (an in-process worker would exit)."""
+    monkeypatch.setenv(FAULT_ENV, f"{shard}:{marker}")
     deaths, stop = [], threading.Event()
 
-    def rearm() -> None:  # the hook fires once per marker: remove it each time, so every attempt dies
+    def rearm() -> None:  # the hook fires once per marker: remove it each time
         while not stop.is_set():
             if marker.exists():
                 marker.unlink()
@@ -264,18 +266,90 @@ def test_actor_that_keeps_dying_on_one_shard_fails_it_and_the_rest_finish(ray_se
 
     thread = threading.Thread(target=rearm, daemon=True)
     thread.start()
-    cfg = make_config(shards_url(data_dir), tmp_path / "cache", "ray.max_restarts=1", "ray.max_task_retries=1")
     try:
-        with pytest.raises(ShardsFailedError, match=r"1 of 4 shard task\(s\) failed .*\n  train-000000.tar: its shard "
-                           r"actor died while processing it on every attempt \(2, ray.max_task_retries=1\)") as info:
-            precompute(cfg, progress=False)
+        yield deaths
     finally:
         stop.set()
         thread.join()
+        monkeypatch.delenv(FAULT_ENV)
+
+
+def dying_config(data_dir: Path, cache: Path, actors: int, restarts: int, retries: int):
+    return make_config(shards_url(data_dir), cache, f"ray.num_actors={actors}", f"ray.max_restarts={restarts}",
+                       f"ray.max_task_retries={retries}")
+
+
+def died_on_every_attempt(retries: int) -> str:
+    return (rf"1 of 4 shard task\(s\) failed .*\n  train-000000.tar: its shard actor died while processing it on "
+            rf"every attempt \({retries + 1}, ray.max_task_retries={retries}\): [^\n]*$")
+
+
+@pytest.mark.slow
+def test_actor_that_keeps_dying_on_one_shard_fails_it_and_the_rest_finish(ray_session, data_dir, tmp_path, monkeypatch):
+    cfg = dying_config(data_dir, tmp_path / "cache", actors=2, restarts=1, retries=1)
+    with every_attempt_dies(monkeypatch, tmp_path / "crashed", "train-000000.tar") as deaths:
+        with pytest.raises(ShardsFailedError, match=died_on_every_attempt(1)) as info:
+            precompute(cfg, progress=False)
     assert list(info.value.failures) == ["train-000000.tar"] and len(deaths) == 2
     store = open_store(str(tmp_path / "cache"))
     assert store.incomplete_shards() == {"views": ["train-000000.tar"], "t1": ["train-000000.tar"]}
     assert not Path(lock_path(str(tmp_path / "cache"))).exists()
+
+
+# (1, 0): fewer retries than restarts; the actor used to be given up after the shard's one attempt
+@pytest.mark.slow
+@pytest.mark.parametrize("restarts, retries", [(1, 1), (1, 0)])
+def test_single_actor_dying_on_one_shard_is_replaced_and_every_other_shard_completes(
+    ray_session, data_dir, tmp_path, monkeypatch, restarts, retries
+):
+    cache = tmp_path / "cache"
+    cfg = dying_config(data_dir, cache, actors=1, restarts=restarts, retries=retries)
+    with every_attempt_dies(monkeypatch, tmp_path / "crashed", "train-000000.tar") as deaths:
+        with pytest.raises(ShardsFailedError, match=died_on_every_attempt(retries)) as info:
+            precompute(cfg, progress=False)
+    assert list(info.value.failures) == ["train-000000.tar"] and len(deaths) == retries + 1
+    assert open_store(str(cache)).incomplete_shards() == {"views": ["train-000000.tar"], "t1": ["train-000000.tar"]}
+    rerun = make_plan(cfg)  # the failed shard, done in-process: the whole cache then equals a clean run's
+    assert [task.name for task in rerun.tasks] == ["train-000000.tar"]
+    ShardWorker(worker_settings(cfg, rerun))(rerun.tasks[0])
+    assert validate_cache(open_store(str(cache))).ok
+    run_in_process(make_config(shards_url(data_dir), tmp_path / "clean"))
+    assert_same_arrays(cache_arrays(cache), cache_arrays(tmp_path / "clean"))
+
+
+@pytest.mark.slow
+def test_dead_actor_is_not_replaced_beyond_max_restarts(ray_session, data_dir, tmp_path, monkeypatch):
+    cfg = dying_config(data_dir, tmp_path / "cache", actors=1, restarts=0, retries=1)
+    with every_attempt_dies(monkeypatch, tmp_path / "crashed", "train-000000.tar") as deaths:
+        with pytest.raises(ShardsFailedError, match=r"4 of 4 shard task\(s\) failed") as info:
+            precompute(cfg, progress=False)
+    spent = "no shard actor left to run it: its actor died 1 time(s), ray.max_restarts=0 replacement(s) spent"
+    assert str(info.value).splitlines()[1:] == [
+        f"  train-000000.tar: its shard actor died while processing it (1 of 2 attempts), then {spent}",
+        f"  train-000001.tar, train-000002.tar, train-000003.tar: {spent}",
+    ]
+    assert len(deaths) == 1
+
+
+def test_progress_without_a_terminal_logs_shards_views_per_second_and_eta(caplog):
+    now = [0.0]
+    progress = Progress(Summary(cache_path="c", tasks=4, failed=0), 4, enabled=False, interval=30.0,
+                        clock=lambda: now[0])  # fmt: skip
+    now[0] = 5.0
+    progress.actors_up()  # rates and the ETA count from here
+    with caplog.at_level(logging.INFO, logger="pipeline.runner"):
+        for seconds, shard in [(10.0, "a"), (35.0, "b"), (50.0, None), (80.0, "d")]:
+            now[0] = seconds
+            if shard is None:
+                progress.shard_failed("c")
+            else:
+                progress.shard_done(ShardResult(shard, 100, 0, 1.0, 0.5, True, ("t1",)))
+    messages = [record.getMessage() for record in caplog.records]
+    assert [m for m in messages if m.startswith("precompute: ")] == [  # at most every 30 s, and at the end
+        "precompute: 2/4 shards done, 7 views/s, 30s elapsed, ETA 30s",
+        "precompute: 3/4 shards done (1 failed), 4 views/s, 1m15s elapsed, ETA 0s",
+    ]
+    assert "shard a done (1/4): 100 views, 0 invalid, 1.0 s (teacher forward 0.5 s)" in messages
 
 
 @pytest.mark.slow
