@@ -74,7 +74,7 @@ def read_block(
     return block
 
 
-def read_teacher_rows(store: CacheStore, teacher: str, rows: slice, shard: str = "?") -> TeacherBlock:
+def read_teacher_rows(store: CacheStore, teacher: str, rows: slice, shard: str) -> TeacherBlock:
     """One teacher's targets for a row range, decoded from its encoding."""
     group, meta = store.teacher_group(teacher), store.teacher_meta(teacher)
     arrays = {name: read_rows(store, group, name, rows, shard) for name in array_specs(meta.encoding, meta.index_dtype)}

@@ -403,7 +403,8 @@ def _stop_epoch_problems(config: TrainConfig, i: int) -> list[str]:
     stop = getattr(config.stages[i].loss, "stop_epoch", None)
     if stop is None:
         return []
-    start, end = stage_starts(config)[i], stage_starts(config)[i] + config.stages[i].epochs
+    start = stage_starts(config)[i]
+    end = start + config.stages[i].epochs
     if stop <= start:
         return [f"stages.{i}.loss.stop_epoch: {stop} is not after the stage's first epoch ({start}, 0-based): "
                 "the distillation term would never be on (use loss 'ce')"]
@@ -415,11 +416,11 @@ def _stop_epoch_problems(config: TrainConfig, i: int) -> list[str]:
 
 def _segment_problems(config: TrainConfig) -> list[str]:
     """Each optimizer segment's schedule must fit its optimizer and its length in epochs."""
-    out, starts = [], segment_starts(config)
-    epochs = stage_starts(config) + [config.total_epochs]
-    for j, i in enumerate(starts):
+    out, firsts = [], segment_starts(config)
+    epochs = stage_starts(config) + [config.total_epochs]  # epochs[len(stages)]: the run's end
+    for i, after in zip(firsts, firsts[1:] + [len(config.stages)]):
         stage = config.stages[i]
-        length = epochs[starts[j + 1] if j + 1 < len(starts) else len(config.stages)] - epochs[i]
+        length = epochs[after] - epochs[i]
         opt_key = f"stages.{i}.optimizer" if stage.optimizer is not None else "optimizer"
         key = f"stages.{i}.scheduler" if stage.scheduler is not None else "scheduler"
         optimizer, scheduler = stage.optimizer or config.optimizer, stage.scheduler or config.scheduler

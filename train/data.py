@@ -228,7 +228,7 @@ def worker_batches(spec: StreamSpec) -> list[int]:
     return [len(batch_sizes(spec, spec.rank * spec.workers + w)) for w in range(spec.workers)]
 
 
-def steps_per_epoch(spec: StreamSpec, epoch: int = 0) -> int:
+def steps_per_epoch(spec: StreamSpec) -> int:
     """Steps every rank trains per epoch (the same on every rank, and in every epoch)."""
     return sum(worker_batches(spec))
 
@@ -493,7 +493,7 @@ class RunData:
         """The epoch's batches on this rank, from batch ``skip_batches`` on (at most the step count)."""
         self.dataset.set_epoch(epoch, teachers, skip_batches)
         self.loader.generator.manual_seed(self.spec.seed * 100_003 + epoch)  # see make_loader
-        steps = steps_per_epoch(self.spec, epoch) - skip_batches
+        steps = steps_per_epoch(self.spec) - skip_batches
         return itertools.islice(iter(self.loader), max(steps, 0))
 
 

@@ -226,7 +226,7 @@ class Trainer:
     def _train_epoch(self) -> None:
         epoch = self.state.epoch
         stage, criterion, uses_teacher, cache_teachers = self._epoch_setup(epoch)
-        steps = steps_per_epoch(self.data.spec, epoch)
+        steps = steps_per_epoch(self.data.spec)
         self._log_epoch_start(stage, steps)
         bar = self._bar(steps, f"epoch {epoch + 1}/{self.config.total_epochs} {stage.name}")
         tick = time.perf_counter()
@@ -257,7 +257,7 @@ class Trainer:
         """
         self.state.epoch = epoch
         stage, criterion, uses_teacher, cache_teachers = self._epoch_setup(epoch)
-        segment, steps = self.segments[stage.segment], steps_per_epoch(self.data.spec, epoch)
+        segment, steps = self.segments[stage.segment], steps_per_epoch(self.data.spec)
         stream = self.data.epoch(epoch, cache_teachers) if batches is None else batches
         for step, batch in enumerate(stream):
             lr = lr_at(segment, (epoch - segment.start) + min(step / steps, 1.0))
