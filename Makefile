@@ -8,7 +8,7 @@ FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: setup fmnist demo smoke test test-slow test-all clean
+.PHONY: setup fmnist demo smoke lint format test test-slow test-all clean
 
 setup: $(BIN)/.installed
 
@@ -37,6 +37,15 @@ smoke: setup
 	$(BIN)/kdcache verify runs/smoke/cache
 	$(BIN)/kdcache inspect runs/smoke/cache --plots runs/smoke/plots --json runs/smoke/inspect.json
 	$(BIN)/kdcache train configs/smoke/train.yaml
+
+# The readability gate: ruff's formatter and linter (configured in pyproject.toml), run by CI first.
+lint: setup
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+
+format: setup
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
 
 test: setup fmnist
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

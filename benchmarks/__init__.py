@@ -1,6 +1,6 @@
-"""kdcache's benchmarks (``kdcache bench``): train, precompute, cache, parity.
+"""kdcache's benchmarks: train, precompute, cache, inspect, parity.
 
-Not a library package: it lives beside ``pipeline/`` and ``train/`` in a source checkout and
-may import both (which they never do to each other). ``cache_tools.cli_bench`` finds it there.
+Not installed: run them from a source checkout with ``python -m benchmarks NAME`` (or the
+``kdcache bench NAME`` front). They may import both ``kdcache.pipeline`` and ``kdcache.train``.
 Results and commands: ``docs/benchmarks.md``.
 """

@@ -1,8 +1,8 @@
 """What the benchmarks share: data and cache set-up, timing, statistics and tables.
 
 The set-up goes through the same code a user runs: ``kdcache shards`` (through the CLI
-dispatcher) for shards, and precompute's plan + :class:`~pipeline.worker.ShardWorker` for caches
-(in-process: the Ray layer is measured by ``kdcache bench precompute`` alone).
+dispatcher) for shards, and precompute's plan + :class:`~kdcache.pipeline.worker.ShardWorker` for
+caches (in-process: the Ray layer is measured by ``kdcache bench precompute`` alone).
 """
 
 from __future__ import annotations
@@ -13,16 +13,25 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from cache_tools.errors import KdcacheError
+from kdcache.errors import KdcacheError
+
+if TYPE_CHECKING:
+    from kdcache.targets import SparseTargets
 
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FMNIST_RECIPE: dict[str, Any] = {
-    "name": "rrc_flip", "size": 28, "scale": [0.5, 1.0], "channels": 1, "mean": [0.286], "std": [0.353],
+    "name": "rrc_flip",
+    "size": 28,
+    "scale": [0.5, 1.0],
+    "channels": 1,
+    "mean": [0.286],
+    "std": [0.353],
 }
 """The view recipe of the Fashion-MNIST configs (configs/fmnist/teacher.yaml)."""
 
@@ -31,7 +40,7 @@ class BenchError(KdcacheError, RuntimeError):
     """A benchmark could not set up or run (names the step that failed)."""
 
 
-# ---- data and caches ------------------------------------------------------------------------------
+# ---- data and caches -----------------------------------------------------------------------------
 
 
 def fmnist_available(directory: str = FMNIST_DIR) -> bool:
@@ -44,13 +53,30 @@ def default_source() -> str:
     return "fashion-mnist" if fmnist_available() else "synthetic"
 
 
-def make_shards(out: Path, source: str, num: int, shard_size: int, test_num: int = 0) -> tuple[str, str | None]:
-    """``kdcache shards`` into ``out`` (reused when its train manifest has ``num`` samples); (train, test)
-    shard globs, test None when there is no test split. Fashion-MNIST takes ``--limit num`` for both splits."""
-    if not (out / "train-manifest.json").is_file() or _manifest_count(out / "train-manifest.json") != num:
+def make_shards(
+    out: Path, source: str, num: int, shard_size: int, test_num: int = 0
+) -> tuple[str, str | None]:
+    """``kdcache shards`` into ``out`` (reused when its train manifest has ``num`` samples);
+    (train, test) shard globs, test None when there is no test split. Fashion-MNIST takes
+    ``--limit num`` for both splits."""
+    if (
+        not (out / "train-manifest.json").is_file()
+        or _manifest_count(out / "train-manifest.json") != num
+    ):
         argv = ["shards", source, "--out", str(out), "--shard-size", str(shard_size), "--overwrite"]
         if source == "synthetic":
-            argv += ["--num", str(num), "--test-num", str(test_num), "--classes", "10", "--size", "28", "--channels", "1"]
+            argv += [
+                "--num",
+                str(num),
+                "--test-num",
+                str(test_num),
+                "--classes",
+                "10",
+                "--size",
+                "28",
+                "--channels",
+                "1",
+            ]
         else:
             argv += ["--limit", str(num)]
         _cli(argv, "kdcache shards")
@@ -63,7 +89,7 @@ def _manifest_count(path: Path) -> int:
 
 
 def _cli(argv: list[str], what: str) -> None:
-    from cache_tools.cli import main
+    from kdcache.cli import main
 
     code = main(argv)
     if code != 0:
@@ -77,13 +103,27 @@ def write_yaml(path: Path, data: dict[str, Any]) -> Path:
     return path
 
 
-def precompute_config(shards: str, cache: Path, teacher: dict[str, Any], *, views: int, k: int,
-                      encoding: str = "fp16", recipe: dict[str, Any] | None = None, threads: int = 1,
-                      batch_size: int = 256) -> dict[str, Any]:
+def precompute_config(
+    shards: str,
+    cache: Path,
+    teacher: dict[str, Any],
+    *,
+    views: int,
+    k: int,
+    encoding: str = "fp16",
+    recipe: dict[str, Any] | None = None,
+    threads: int = 1,
+    batch_size: int = 256,
+) -> dict[str, Any]:
     """A precompute config: one teacher named ``teacher`` over ``shards`` x ``views``."""
     return {
         "data": {"shards": shards},
-        "cache": {"path": str(cache), "num_views": views, "recipe": recipe or FMNIST_RECIPE, "overwrite": True},
+        "cache": {
+            "path": str(cache),
+            "num_views": views,
+            "recipe": recipe or FMNIST_RECIPE,
+            "overwrite": True,
+        },
         "teachers": [{"name": "teacher", "model": teacher, "k": k, "encoding": encoding}],
         "ray": {"num_actors": 1, "cpus_per_actor": 1},
         "runtime": {"batch_size": batch_size, "device": "cpu", "torch_threads": threads},
@@ -91,12 +131,13 @@ def precompute_config(shards: str, cache: Path, teacher: dict[str, Any], *, view
 
 
 def precompute_inprocess(config_path: Path, overrides: list[str] | None = None) -> int:
-    """Plan and run every shard task with one in-process ShardWorker (no Ray); returns the views made."""
-    from cache_tools.config import load_config
-    from pipeline.config import PrecomputeConfig
-    from pipeline.plan import make_plan
-    from pipeline.runner import worker_settings
-    from pipeline.worker import ShardWorker
+    """Plan and run every shard task with one in-process ShardWorker (no Ray); returns the views
+    made."""
+    from kdcache.config import load_config
+    from kdcache.pipeline.config import PrecomputeConfig
+    from kdcache.pipeline.plan import make_plan
+    from kdcache.pipeline.runner import worker_settings
+    from kdcache.pipeline.worker import ShardWorker
 
     cfg = load_config(PrecomputeConfig, config_path, overrides)
     plan = make_plan(cfg)
@@ -104,7 +145,7 @@ def precompute_inprocess(config_path: Path, overrides: list[str] | None = None) 
     return sum(worker(task).views for task in plan.tasks)
 
 
-# ---- timing and statistics --------------------------------------------------------------------------
+# ---- timing and statistics -----------------------------------------------------------------------
 
 
 def timed(fn, *args: Any) -> tuple[Any, float]:
@@ -122,7 +163,12 @@ def mean_std(values: Iterable[float]) -> dict[str, Any]:
     """``{"mean", "std" (sample std, 0 for one value), "n", "values"}``."""
     values = [float(v) for v in values]
     std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return {"mean": statistics.fmean(values) if values else math.nan, "std": std, "n": len(values), "values": values}
+    return {
+        "mean": statistics.fmean(values) if values else math.nan,
+        "std": std,
+        "n": len(values),
+        "values": values,
+    }
 
 
 def median(values: Iterable[float]) -> float:
@@ -136,33 +182,43 @@ def rotated(items: tuple[str, ...], shift: int) -> list[str]:
     return list(items[shift:] + items[:shift])
 
 
-# ---- target error -----------------------------------------------------------------------------------
+# ---- target error --------------------------------------------------------------------------------
 
 
-def target_divergence(p: "SparseTargets", q: "SparseTargets", num_classes: int, temperature: float,
-                      tail: str) -> tuple[float, float]:
-    """(mean KL(p ‖ q), max |p - q|) of two sparse targets as dense distributions at ``temperature``.
+def target_divergence(
+    p: SparseTargets, q: SparseTargets, num_classes: int, temperature: float, tail: str
+) -> tuple[float, float]:
+    """(mean KL(p ‖ q), max |p - q|) of two sparse targets as dense distributions at
+    ``temperature``.
 
     The softmax runs in float64 on the logits (``log_softmax``): in float32 its rounding alone is
     ~1e-7 nats of KL and can come out negative, which would hide fp16's own error."""
     import torch
 
-    from cache_tools.targets import dense_logits
+    from kdcache.targets import dense_logits
 
-    log_p, log_q = (torch.log_softmax(dense_logits(x, num_classes, tail).double() / temperature, -1) for x in (p, q))
+    log_p, log_q = (
+        torch.log_softmax(dense_logits(x, num_classes, tail).double() / temperature, -1)
+        for x in (p, q)
+    )
     prob_p = log_p.exp()
     kl = torch.where(prob_p > 0, prob_p * (log_p - log_q), torch.zeros_like(prob_p)).sum(-1)
     return float(kl.mean()), float((prob_p - log_q.exp()).abs().max())
 
 
-# ---- output -------------------------------------------------------------------------------------------
+# ---- output --------------------------------------------------------------------------------------
 
 
 def table(headers: list[str], rows: list[list[Any]]) -> str:
     """A Markdown table (what docs/benchmarks.md shows), numbers formatted compactly."""
     cells = [[_fmt(c) for c in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
-    line = lambda parts: "| " + " | ".join(p.ljust(w) for p, w in zip(parts, widths)) + " |"  # noqa: E731
+    widths = [
+        max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)
+    ]
+
+    def line(parts):
+        return "| " + " | ".join(p.ljust(w) for p, w in zip(parts, widths, strict=True)) + " |"
+
     return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in cells])
 
 
@@ -172,7 +228,13 @@ def _fmt(value: Any) -> str:
             return "n/a"
         if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e6):
             return f"{value:.2e}"
-        return f"{value:.3f}" if abs(value) < 10 else f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.1f}"
+        return (
+            f"{value:.3f}"
+            if abs(value) < 10
+            else f"{value:,.0f}"
+            if abs(value) >= 1000
+            else f"{value:.1f}"
+        )
     return str(value)
 
 
@@ -188,6 +250,11 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "torch": torch.__version__, "python": platform.python_version()}
+    return {
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }

@@ -27,55 +27,98 @@ import numpy as np
 import torch
 
 from benchmarks.common import (
-    FMNIST_RECIPE, BenchError, fmnist_available, machine, make_shards, mean_std, precompute_config,
-    precompute_inprocess, table, target_divergence, write_yaml,
+    FMNIST_RECIPE,
+    BenchError,
+    fmnist_available,
+    machine,
+    make_shards,
+    mean_std,
+    precompute_config,
+    precompute_inprocess,
+    table,
+    target_divergence,
+    write_yaml,
 )
-from cache_tools.models import ModelSpec, build_teacher
-from cache_tools.reader import read_block
-from cache_tools.shards import decode_image, iter_shard
-from cache_tools.store import open_store
-from cache_tools.targets import SparseTargets, from_logits, tail_mass_t1, truncate
-from cache_tools.teacher import ModelRunner
-from cache_tools.views import replay_views
-from train.config import load_train_config
-from train.trainer import train
+from kdcache.models import ModelSpec, build_teacher
+from kdcache.reader import read_block
+from kdcache.shards import decode_image, iter_shard
+from kdcache.store import open_store
+from kdcache.targets import SparseTargets, from_logits, tail_mass_t1, truncate
+from kdcache.teacher import ModelRunner
+from kdcache.train.config import load_train_config
+from kdcache.train.trainer import train
+from kdcache.views import replay_views
 
 TEACHER = "teacher"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=Path("runs/bench/parity"), help="shards, teacher, cache, runs")
-    parser.add_argument("--limit", type=int, default=10000, help="train and test samples each (default 10000)")
-    parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
-    parser.add_argument("--views", type=int, default=4, help="A, cached views per sample (default 4)")
-    parser.add_argument("--teacher", default="kd_cnn_small", help="timm teacher (default kd_cnn_small)")
-    parser.add_argument("--teacher-epochs", type=int, default=15, help="teacher CE epochs (default 15)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("runs/bench/parity"), help="shards, teacher, cache, runs"
+    )
+    parser.add_argument(
+        "--limit", type=int, default=10000, help="train and test samples each (default 10000)"
+    )
+    parser.add_argument(
+        "--shard-size", type=int, default=1000, help="samples per shard (default 1000)"
+    )
+    parser.add_argument(
+        "--views", type=int, default=4, help="A, cached views per sample (default 4)"
+    )
+    parser.add_argument(
+        "--teacher", default="kd_cnn_small", help="timm teacher (default kd_cnn_small)"
+    )
+    parser.add_argument(
+        "--teacher-epochs", type=int, default=15, help="teacher CE epochs (default 15)"
+    )
     parser.add_argument("--student", default="kd_mlp", help="timm student (default kd_mlp)")
     parser.add_argument("--epochs", type=int, default=4, help="student epochs (default 4)")
-    parser.add_argument("--seeds", default="0,1,2", help="student seeds, comma-separated (default 0,1,2)")
+    parser.add_argument(
+        "--seeds", default="0,1,2", help="student seeds, comma-separated (default 0,1,2)"
+    )
     parser.add_argument("--ks", default="1,2,3,5", help="truncated k values (default 1,2,3,5)")
-    parser.add_argument("--tails", default="spread,renorm", help="tail treatments (default spread,renorm)")
+    parser.add_argument(
+        "--tails", default="spread,renorm", help="tail treatments (default spread,renorm)"
+    )
     parser.add_argument("--alpha", type=float, default=0.5, help="KD alpha (default 0.5)")
     parser.add_argument("--temperature", type=float, default=4.0, help="KD temperature (default 4)")
     parser.add_argument("--batch-size", type=int, default=128, help="batch size (default 128)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers (default 2)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (tests): 400 samples, 1 epoch, 1 seed")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny sizes (tests): 400 samples, 1 epoch, 1 seed"
+    )
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Shards, teacher, cache, then every student variant x seed; return accuracies."""
     if args.quick:
-        args.limit, args.shard_size, args.views, args.teacher_epochs, args.epochs = 400, 200, 2, 1, 1
-        args.seeds, args.ks = "0", "1,5"
+        args.limit = 400
+        args.shard_size = 200
+        args.views = 2
+        args.teacher_epochs = 1
+        args.epochs = 1
+        args.seeds = "0"
+        args.ks = "1,5"
     if not fmnist_available():
-        raise BenchError("kdcache bench parity needs Fashion-MNIST: apt-get install dataset-fashion-mnist")
-    train_shards, test_shards = make_shards(args.out / "shards", "fashion-mnist", args.limit, args.shard_size)
+        raise BenchError(
+            "kdcache bench parity needs Fashion-MNIST: apt-get install dataset-fashion-mnist"
+        )
+    train_shards, test_shards = make_shards(
+        args.out / "shards", "fashion-mnist", args.limit, args.shard_size
+    )
     teacher = train_teacher(args, train_shards, test_shards)
     cache = build_cache(args, train_shards, teacher["checkpoint"])
-    runs = {variant: [student(args, variant, seed, train_shards, test_shards, cache) for seed in _ints(args.seeds)]
-            for variant in variants(args)}
-    return summarise(args, teacher, runs) | {"target_error": target_error(args, cache, teacher["checkpoint"])}
+    runs = {
+        variant: [
+            student(args, variant, seed, train_shards, test_shards, cache)
+            for seed in _ints(args.seeds)
+        ]
+        for variant in variants(args)
+    }
+    return summarise(args, teacher, runs) | {
+        "target_error": target_error(args, cache, teacher["checkpoint"])
+    }
 
 
 def _ints(text: str) -> list[int]:
@@ -84,19 +127,33 @@ def _ints(text: str) -> list[int]:
 
 def variants(args: argparse.Namespace) -> list[str]:
     """``ce``, ``online``, ``cached`` and ``k<j>-<tail>`` for every truncated k and tail."""
-    return ["ce", "online", "cached"] + [f"k{k}-{tail}" for k in _ints(args.ks) for tail in args.tails.split(",") if tail]
+    return ["ce", "online", "cached"] + [
+        f"k{k}-{tail}" for k in _ints(args.ks) for tail in args.tails.split(",") if tail
+    ]
 
 
-# ---- the teacher and its cache ----------------------------------------------------------------------
+# ---- the teacher and its cache -------------------------------------------------------------------
 
 
 def train_teacher(args: argparse.Namespace, shards: str, test: str) -> dict[str, Any]:
     """Plain CE (``teacher.mode: none``) of the teacher on fresh views each epoch."""
     config = {
-        "run": {"dir": str(args.out / "teacher"), "seed": 0, "threads": args.threads, "progress": False,
-                "resume": "auto", "eval_every": args.teacher_epochs},
-        "data": {"shards": shards, "val_shards": test, "num_classes": 10, "batch_size": args.batch_size,
-                 "num_workers": args.workers, "shuffle_buffer": 2000},
+        "run": {
+            "dir": str(args.out / "teacher"),
+            "seed": 0,
+            "threads": args.threads,
+            "progress": False,
+            "resume": "auto",
+            "eval_every": args.teacher_epochs,
+        },
+        "data": {
+            "shards": shards,
+            "val_shards": test,
+            "num_classes": 10,
+            "batch_size": args.batch_size,
+            "num_workers": args.workers,
+            "shuffle_buffer": 2000,
+        },
         "views": {"recipe": FMNIST_RECIPE, "num_views": None},
         "student": {"name": args.teacher},
         "teacher": {"mode": "none"},
@@ -105,60 +162,94 @@ def train_teacher(args: argparse.Namespace, shards: str, test: str) -> dict[str,
         "stages": [{"epochs": args.teacher_epochs, "loss": {"name": "ce"}}],
     }
     summary = train(load_train_config(write_yaml(args.out / "configs" / "teacher.yaml", config)))
-    return {"top1": summary["top1"], "checkpoint": str(args.out / "teacher" / "checkpoints" / "model_final.pt")}
+    return {
+        "top1": summary["top1"],
+        "checkpoint": str(args.out / "teacher" / "checkpoints" / "model_final.pt"),
+    }
 
 
 def build_cache(args: argparse.Namespace, shards: str, checkpoint: str) -> str:
-    """One cache of the trained teacher at k = C = 10 (fp16), A views (precompute's worker, in-process)."""
+    """One cache of the trained teacher at k = C = 10 (fp16), A views (precompute's worker,
+    in-process)."""
     cache = args.out / "cache"
-    config = precompute_config(shards, cache, {"name": args.teacher, "checkpoint": checkpoint}, views=args.views, k=10,
-                               threads=args.threads)
+    config = precompute_config(
+        shards,
+        cache,
+        {"name": args.teacher, "checkpoint": checkpoint},
+        views=args.views,
+        k=10,
+        threads=args.threads,
+    )
     path = write_yaml(args.out / "configs" / "precompute.yaml", config)
     precompute_inprocess(path, ["cache.overwrite=false"])  # resumes: finished shards are skipped
     return str(cache)
 
 
 def target_error(args: argparse.Namespace, cache: str, checkpoint: str) -> list[dict[str, Any]]:
-    """Cached vs online targets of the first shard, both truncated to each k: mean KL(online ‖ cached) per
-    tail at the KD temperature, and the largest T=1 tail-mass error (what fp16 rounding does to the tail)."""
+    """Cached vs online targets of the first shard, both truncated to each k: mean
+    KL(online ‖ cached) per tail at the KD temperature, and the largest T=1 tail-mass error (what
+    fp16 rounding does to the tail)."""
     online, cached = first_shard_targets(args, cache, checkpoint)
     rows = []
     for k in sorted({10, *_ints(args.ks)}):
-        a, b = truncate(online, k), truncate(cached, k)
-        row: dict[str, Any] = {"k": k, "max_dtail": float((tail_mass_t1(a) - tail_mass_t1(b)).abs().max())}
+        a = truncate(online, k)
+        b = truncate(cached, k)
+        row: dict[str, Any] = {
+            "k": k,
+            "max_dtail": float((tail_mass_t1(a) - tail_mass_t1(b)).abs().max()),
+        }
         for tail in [t for t in args.tails.split(",") if t]:
             row[f"kl_{tail}"] = target_divergence(a, b, 10, args.temperature, tail)[0]
         rows.append(row)
     return rows
 
 
-def first_shard_targets(args: argparse.Namespace, cache: str, checkpoint: str) -> tuple[SparseTargets, SparseTargets]:
-    """(teacher rerun in fp32, cached) targets of every stored view of the first shard, ``[n * A, 10]``."""
+def first_shard_targets(
+    args: argparse.Namespace, cache: str, checkpoint: str
+) -> tuple[SparseTargets, SparseTargets]:
+    """(teacher rerun in fp32, cached) targets of every stored view of the first shard,
+    ``[n * A, 10]``."""
     store = open_store(cache)
-    block, recipe = read_block(store, 0, [TEACHER]), store.meta.recipe
-    views = torch.cat([replay_views(decode_image(s.image, recipe.channels), block.view_params[row], recipe)
-                       for row, s in enumerate(iter_shard(str(args.out / "shards" / block.shard)))])
+    block = read_block(store, 0, [TEACHER])
+    recipe = store.meta.recipe
+    views = torch.cat(
+        [
+            replay_views(decode_image(s.image, recipe.channels), block.view_params[row], recipe)
+            for row, s in enumerate(iter_shard(str(args.out / "shards" / block.shard)))
+        ]
+    )
     model = build_teacher(ModelSpec(name=args.teacher, checkpoint=checkpoint), 10, recipe.channels)
     labels = torch.from_numpy(block.labels.astype(np.int64)).repeat_interleave(store.meta.num_views)
     t = block.teachers[TEACHER]
     flat = lambda x, dtype: torch.from_numpy(x.astype(dtype).reshape(len(labels), *x.shape[2:]))  # noqa: E731
-    cached = SparseTargets(flat(t.topk_idx, np.int64), flat(t.topk_logit, np.float32),
-                           *(flat(x, np.float32) for x in (t.lse, t.label_logit, t.tail_lse)))
+    cached = SparseTargets(
+        flat(t.topk_idx, np.int64),
+        flat(t.topk_logit, np.float32),
+        *(flat(x, np.float32) for x in (t.lse, t.label_logit, t.tail_lse)),
+    )
     return from_logits(ModelRunner(model, recipe, device="cpu")(views), labels, 10), cached
 
 
-# ---- students -----------------------------------------------------------------------------------------
+# ---- students ------------------------------------------------------------------------------------
 
 
 def run_name(args: argparse.Namespace, variant: str, seed: int) -> str:
-    """``<variant>[-a<alpha>-t<T>]-e<epochs>-s<seed>``: other settings never collide with finished runs."""
+    """``<variant>[-a<alpha>-t<T>]-e<epochs>-s<seed>``: other settings never collide with finished
+    runs."""
     kd = "" if variant == "ce" else f"-a{args.alpha:g}-t{args.temperature:g}"
     return f"{variant}{kd}-e{args.epochs}-s{seed}"
 
 
-def student_config(args: argparse.Namespace, variant: str, seed: int, shards: str, test: str, cache: str) -> dict[str, Any]:
+def student_config(
+    args: argparse.Namespace, variant: str, seed: int, shards: str, test: str, cache: str
+) -> dict[str, Any]:
     """One student run: the same student, seed, views and optimizer for every variant."""
-    loss: dict[str, Any] = {"name": "kd", "alpha": args.alpha, "temperature": args.temperature, "tail": "spread"}
+    loss: dict[str, Any] = {
+        "name": "kd",
+        "alpha": args.alpha,
+        "temperature": args.temperature,
+        "tail": "spread",
+    }
     mode = {"ce": "none", "online": "online"}.get(variant, "cache")
     if variant == "ce":
         loss = {"name": "ce"}
@@ -166,10 +257,22 @@ def student_config(args: argparse.Namespace, variant: str, seed: int, shards: st
         k, tail = variant[1:].split("-")
         loss |= {"topk": int(k), "tail": tail}
     return {
-        "run": {"dir": str(args.out / "students" / run_name(args, variant, seed)), "seed": seed, "threads": args.threads,
-                "progress": False, "resume": "auto", "eval_every": args.epochs, "log_every": 1000},
-        "data": {"shards": shards, "val_shards": test, "batch_size": args.batch_size, "num_workers": args.workers,
-                 "shuffle_buffer": 2000},
+        "run": {
+            "dir": str(args.out / "students" / run_name(args, variant, seed)),
+            "seed": seed,
+            "threads": args.threads,
+            "progress": False,
+            "resume": "auto",
+            "eval_every": args.epochs,
+            "log_every": 1000,
+        },
+        "data": {
+            "shards": shards,
+            "val_shards": test,
+            "batch_size": args.batch_size,
+            "num_workers": args.workers,
+            "shuffle_buffer": 2000,
+        },
         "cache": {"path": cache},
         "student": {"name": args.student},
         "teacher": {"mode": mode, "name": TEACHER},
@@ -179,31 +282,73 @@ def student_config(args: argparse.Namespace, variant: str, seed: int, shards: st
     }
 
 
-def student(args: argparse.Namespace, variant: str, seed: int, shards: str, test: str, cache: str) -> dict[str, Any]:
+def student(
+    args: argparse.Namespace, variant: str, seed: int, shards: str, test: str, cache: str
+) -> dict[str, Any]:
     """Train one student (or reuse its finished run) and return its summary."""
     config = student_config(args, variant, seed, shards, test, cache)
-    path = write_yaml(args.out / "configs" / "students" / f"{run_name(args, variant, seed)}.yaml", config)
+    path = write_yaml(
+        args.out / "configs" / "students" / f"{run_name(args, variant, seed)}.yaml", config
+    )
     summary = train(load_train_config(path))
-    return {"seed": seed, "top1": summary["top1"], "images_per_s": summary["images_per_s"],
-            "teacher_forwards": summary["teacher_forwards"]}
-
-
-# ---- results ------------------------------------------------------------------------------------------
-
-
-def summarise(args: argparse.Namespace, teacher: dict[str, Any], runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    acc = {variant: mean_std(r["top1"] for r in rs) for variant, rs in runs.items()}
-    online, cached = acc["online"], acc["cached"]
-    noise = max(online["std"], cached["std"])
-    per_k = [{"k": int(v[1:].split("-")[0]), "tail": v.split("-")[1], **acc[v]} for v in acc if v.startswith("k")]
     return {
-        "bench": "parity", "machine": machine(), "settings": {
-            k: getattr(args, k) for k in ("limit", "shard_size", "views", "teacher", "teacher_epochs", "student", "epochs",
-                                          "seeds", "ks", "tails", "alpha", "temperature", "batch_size", "quick")},
-        "teacher_acc": teacher["top1"], "online_acc": online, "cached_acc": cached, "ce_acc": acc["ce"], "per_k": per_k,
-        "cached_minus_online": cached["mean"] - online["mean"], "parity_ok": abs(cached["mean"] - online["mean"]) <= noise,
-        "paired_differences": [c["top1"] - o["top1"] for c, o in zip(runs["cached"], runs["online"])],
-        "images_per_s": {variant: mean_std(r["images_per_s"] for r in rs)["mean"] for variant, rs in runs.items()},
+        "seed": seed,
+        "top1": summary["top1"],
+        "images_per_s": summary["images_per_s"],
+        "teacher_forwards": summary["teacher_forwards"],
+    }
+
+
+# ---- results -------------------------------------------------------------------------------------
+
+
+def summarise(
+    args: argparse.Namespace, teacher: dict[str, Any], runs: dict[str, list[dict[str, Any]]]
+) -> dict[str, Any]:
+    acc = {variant: mean_std(r["top1"] for r in rs) for variant, rs in runs.items()}
+    online = acc["online"]
+    cached = acc["cached"]
+    noise = max(online["std"], cached["std"])
+    per_k = [
+        {"k": int(v[1:].split("-")[0]), "tail": v.split("-")[1], **acc[v]}
+        for v in acc
+        if v.startswith("k")
+    ]
+    return {
+        "bench": "parity",
+        "machine": machine(),
+        "settings": {
+            k: getattr(args, k)
+            for k in (
+                "limit",
+                "shard_size",
+                "views",
+                "teacher",
+                "teacher_epochs",
+                "student",
+                "epochs",
+                "seeds",
+                "ks",
+                "tails",
+                "alpha",
+                "temperature",
+                "batch_size",
+                "quick",
+            )
+        },
+        "teacher_acc": teacher["top1"],
+        "online_acc": online,
+        "cached_acc": cached,
+        "ce_acc": acc["ce"],
+        "per_k": per_k,
+        "cached_minus_online": cached["mean"] - online["mean"],
+        "parity_ok": abs(cached["mean"] - online["mean"]) <= noise,
+        "paired_differences": [
+            c["top1"] - o["top1"] for c, o in zip(runs["cached"], runs["online"], strict=True)
+        ],
+        "images_per_s": {
+            variant: mean_std(r["images_per_s"] for r in rs)["mean"] for variant, rs in runs.items()
+        },
         "runs": runs,
     }
 
@@ -211,17 +356,46 @@ def summarise(args: argparse.Namespace, teacher: dict[str, Any], runs: dict[str,
 def format_result(result: dict[str, Any]) -> str:
     """The table printed by ``kdcache bench parity``."""
     s = result["settings"]
-    head = (f"parity bench: Fashion-MNIST {s['limit']} train / test samples, teacher {s['teacher']} "
-            f"({result['teacher_acc']:.2f}% after {s['teacher_epochs']} epochs), student {s['student']} x {s['epochs']} "
-            f"epochs, KD alpha {s['alpha']} T {s['temperature']}, seeds {s['seeds']}, A={s['views']}")
-    rows = [["CE only", "-", "-", result["ce_acc"]], ["online KD", 10, "exact", result["online_acc"]],
-            ["cached KD", 10, "exact", result["cached_acc"]]]
-    rows += [["cached KD", r["k"], r["tail"], r] for r in sorted(result["per_k"], key=lambda r: (r["k"], r["tail"]))]
-    body = table(["student", "k", "tail", "top-1 % mean", "std", "seeds"],
-                 [[a, b, c, f"{d['mean']:.2f}", f"{d['std']:.2f}", d["n"]] for a, b, c, d in rows])
-    verdict = (f"cached - online = {result['cached_minus_online']:+.3f} points (paired per seed: "
-               f"{', '.join(f'{d:+.3f}' for d in result['paired_differences'])}); within one std: {result['parity_ok']}")
+    head = (
+        f"parity bench: Fashion-MNIST {s['limit']} train / test samples, teacher {s['teacher']} "
+        f"({result['teacher_acc']:.2f}% after {s['teacher_epochs']} epochs), "
+        f"student {s['student']} x {s['epochs']} "
+        f"epochs, KD alpha {s['alpha']} T {s['temperature']}, seeds {s['seeds']}, A={s['views']}"
+    )
+    rows = [
+        ["CE only", "-", "-", result["ce_acc"]],
+        ["online KD", 10, "exact", result["online_acc"]],
+        ["cached KD", 10, "exact", result["cached_acc"]],
+    ]
+    rows += [
+        ["cached KD", r["k"], r["tail"], r]
+        for r in sorted(result["per_k"], key=lambda r: (r["k"], r["tail"]))
+    ]
+    body = table(
+        ["student", "k", "tail", "top-1 % mean", "std", "seeds"],
+        [[a, b, c, f"{d['mean']:.2f}", f"{d['std']:.2f}", d["n"]] for a, b, c, d in rows],
+    )
+    verdict = (
+        f"cached - online = {result['cached_minus_online']:+.3f} points (paired per seed: "
+        f"{', '.join(f'{d:+.3f}' for d in result['paired_differences'])}); "
+        f"within one std: {result['parity_ok']}"
+    )
     tails = [t for t in s["tails"].split(",") if t]
-    error = table(["k"] + [f"mean KL(online ‖ cached) T={s['temperature']:g} {t}" for t in tails] + ["max |Δ tail mass| T=1"],
-                  [[r["k"]] + [r[f"kl_{t}"] for t in tails] + [r["max_dtail"]] for r in result.get("target_error", [])])
-    return "\n\n".join([head, body, verdict, "cached (fp16) vs online (fp32) targets, first shard, same views:", error])
+    error = table(
+        ["k"]
+        + [f"mean KL(online ‖ cached) T={s['temperature']:g} {t}" for t in tails]
+        + ["max |Δ tail mass| T=1"],
+        [
+            [r["k"]] + [r[f"kl_{t}"] for t in tails] + [r["max_dtail"]]
+            for r in result.get("target_error", [])
+        ],
+    )
+    return "\n\n".join(
+        [
+            head,
+            body,
+            verdict,
+            "cached (fp16) vs online (fp32) targets, first shard, same views:",
+            error,
+        ]
+    )

@@ -1,9 +1,9 @@
 """``kdcache bench precompute``: precompute's views/s against the teacher's bare forward pass.
 
-**In-process** (one :class:`~pipeline.worker.ShardWorker`, the code every Ray actor runs): for
-each teacher and each A, one shard task end to end — read the tar, decode each image once,
+**In-process** (one :class:`~kdcache.pipeline.worker.ShardWorker`, the code every Ray actor runs):
+for each teacher and each A, one shard task end to end — read the tar, decode each image once,
 replay A views, forward, top-k / logsumexp, write the chunks and marks — against the bare
-forward of the same teacher (the same :class:`~cache_tools.teacher.ModelRunner`) over the same
+forward of the same teacher (the same :class:`~kdcache.teacher.ModelRunner`) over the same
 views, already decoded and batched the same way. The pipeline runs with its background view
 thread (``prefetch_batches`` 2, the default) and without it (0, serial). Rounds rotate the order
 of A values and kinds, so load drifts over all alike.
@@ -22,45 +22,91 @@ from typing import Any
 import torch
 
 from benchmarks.common import (
-    default_source, machine, make_shards, median, per_second, precompute_config, rotated, table, timed, write_yaml,
+    default_source,
+    machine,
+    make_shards,
+    median,
+    per_second,
+    precompute_config,
+    rotated,
+    table,
+    timed,
+    write_yaml,
 )
-from cache_tools.config import load_config
-from cache_tools.reader import read_block
-from cache_tools.shards import decode_image, iter_shard
-from cache_tools.views import replay_views
-from pipeline.config import PrecomputeConfig
-from pipeline.plan import ShardTask, make_plan
-from pipeline.worker import PREFETCH_BATCHES, ShardWorker
+from kdcache.config import load_config
+from kdcache.pipeline.config import PrecomputeConfig
+from kdcache.pipeline.plan import ShardTask, make_plan
+from kdcache.pipeline.worker import PREFETCH_BATCHES, ShardWorker
+from kdcache.reader import read_block
+from kdcache.shards import decode_image, iter_shard
+from kdcache.views import replay_views
 
 KINDS = ("pipeline", "serial", "forward")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=Path("runs/bench/precompute"), help="shards, caches, configs")
-    parser.add_argument("--source", choices=("fashion-mnist", "synthetic"), default=None,
-                        help="data (default fashion-mnist when installed, else synthetic 28x28 grey)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("runs/bench/precompute"), help="shards, caches, configs"
+    )
+    parser.add_argument(
+        "--source",
+        choices=("fashion-mnist", "synthetic"),
+        default=None,
+        help="data (default fashion-mnist when installed, else synthetic 28x28 grey)",
+    )
     parser.add_argument("--samples", type=int, default=2000, help="samples (default 2000)")
-    parser.add_argument("--shard-size", type=int, default=500, help="samples per shard (default 500)")
-    parser.add_argument("--teachers", default="resnet18,kd_cnn_small",
-                        help="timm teachers, comma-separated; the first gives the headline (default resnet18,kd_cnn_small)")
-    parser.add_argument("--views", default="1,2,4,8", help="A values, comma-separated (default 1,2,4,8)")
-    parser.add_argument("--headline-views", type=int, default=4, help="A of the headline numbers (default 4)")
+    parser.add_argument(
+        "--shard-size", type=int, default=500, help="samples per shard (default 500)"
+    )
+    parser.add_argument(
+        "--teachers",
+        default="resnet18,kd_cnn_small",
+        help=(
+            "timm teachers, comma-separated; the first gives the headline "
+            "(default resnet18,kd_cnn_small)"
+        ),
+    )
+    parser.add_argument(
+        "--views", default="1,2,4,8", help="A values, comma-separated (default 1,2,4,8)"
+    )
+    parser.add_argument(
+        "--headline-views", type=int, default=4, help="A of the headline numbers (default 4)"
+    )
     parser.add_argument("--k", type=int, default=10, help="top-k stored (default 10)")
-    parser.add_argument("--batch-size", type=int, default=256, help="views per forward (default 256)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1, as one CPU actor)")
-    parser.add_argument("--rounds", type=int, default=3, help="timed rounds per A (default 3, after one warm-up)")
-    parser.add_argument("--actors", default="1,2", help="Ray actor counts, comma-separated; '' skips Ray (default 1,2)")
-    parser.add_argument("--actor-rounds", type=int, default=2, help="Ray rounds, the counts rotated (default 2)")
+    parser.add_argument(
+        "--batch-size", type=int, default=256, help="views per forward (default 256)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (default 1, as one CPU actor)"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="timed rounds per A (default 3, after one warm-up)"
+    )
+    parser.add_argument(
+        "--actors",
+        default="1,2",
+        help="Ray actor counts, comma-separated; '' skips Ray (default 1,2)",
+    )
+    parser.add_argument(
+        "--actor-rounds", type=int, default=2, help="Ray rounds, the counts rotated (default 2)"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes (tests)")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """In-process sweep over teachers x A, then the Ray actor sweep; return the results."""
     if args.quick:
-        args.samples, args.shard_size, args.rounds, args.actor_rounds = 200, 100, 1, 1
-        args.teachers, args.views, args.headline_views = "kd_cnn_small", "1,2", 2
+        args.samples = 200
+        args.shard_size = 100
+        args.rounds = 1
+        args.actor_rounds = 1
+        args.teachers = "kd_cnn_small"
+        args.views = "1,2"
+        args.headline_views = 2
     source = args.source or default_source()
-    shards, _ = make_shards(args.out / f"shards-{source}-{args.samples}", source, args.samples, args.shard_size)
+    shards, _ = make_shards(
+        args.out / f"shards-{source}-{args.samples}", source, args.samples, args.shard_size
+    )
     teachers = [t for t in args.teachers.split(",") if t]
     views = [int(a) for a in args.views.split(",") if a]
     sweep = [row for t in teachers for row in inprocess_sweep(args, shards, t, views)]
@@ -68,19 +114,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return summarise(args, source, sweep, actors, teachers[0])
 
 
-# ---- in-process -------------------------------------------------------------------------------------------
+# ---- in-process ----------------------------------------------------------------------------------
 
 
 def config_path(args: argparse.Namespace, shards: str, teacher: str, views: int, name: str) -> Path:
     cache = args.out / "caches" / f"{name}-{teacher}-a{views}"
-    data = precompute_config(shards, cache, {"name": teacher}, views=views, k=args.k, threads=args.threads,
-                             batch_size=args.batch_size)
+    data = precompute_config(
+        shards,
+        cache,
+        {"name": teacher},
+        views=views,
+        k=args.k,
+        threads=args.threads,
+        batch_size=args.batch_size,
+    )
     return write_yaml(args.out / "configs" / f"{name}-{teacher}-a{views}.yaml", data)
 
 
-def shard_worker(args: argparse.Namespace, shards: str, teacher: str, views: int) -> tuple[ShardWorker, ShardTask]:
-    """A worker and the first shard's task, its views made once (warm-up) so forward batches can replay them."""
-    from pipeline.runner import worker_settings
+def shard_worker(
+    args: argparse.Namespace, shards: str, teacher: str, views: int
+) -> tuple[ShardWorker, ShardTask]:
+    """A worker and the first shard's task, its views made once (warm-up) so forward batches can
+    replay them."""
+    from kdcache.pipeline.runner import worker_settings
 
     cfg = load_config(PrecomputeConfig, config_path(args, shards, teacher, views, "inprocess"))
     plan = make_plan(cfg)
@@ -91,15 +147,22 @@ def shard_worker(args: argparse.Namespace, shards: str, teacher: str, views: int
 
 
 def forward_batches(worker: ShardWorker, task: ShardTask, batch_size: int) -> list[torch.Tensor]:
-    """The task's views, decoded and replayed from the stored parameters, batched as the worker batches them."""
+    """The task's views, decoded and replayed from the stored parameters, batched as the worker
+    batches them."""
     recipe = worker.settings.recipe
     params = read_block(worker.store, task.index).view_params
-    views = torch.cat([replay_views(decode_image(s.image, recipe.channels), params[row], recipe)
-                       for row, s in enumerate(iter_shard(task.url))])
+    views = torch.cat(
+        [
+            replay_views(decode_image(s.image, recipe.channels), params[row], recipe)
+            for row, s in enumerate(iter_shard(task.url))
+        ]
+    )
     return list(torch.split(views, batch_size))
 
 
-def time_kind(worker: ShardWorker, task: ShardTask, batches: list[torch.Tensor], kind: str) -> float:
+def time_kind(
+    worker: ShardWorker, task: ShardTask, batches: list[torch.Tensor], kind: str
+) -> float:
     """Seconds of one shard task (pipeline / serial) or of the bare forward over its views."""
     if kind == "forward":
         runner = next(iter(worker.runners.values()))
@@ -109,7 +172,9 @@ def time_kind(worker: ShardWorker, task: ShardTask, batches: list[torch.Tensor],
     return timed(worker, task)[1]
 
 
-def inprocess_sweep(args: argparse.Namespace, shards: str, teacher: str, views: list[int]) -> list[dict[str, Any]]:
+def inprocess_sweep(
+    args: argparse.Namespace, shards: str, teacher: str, views: list[int]
+) -> list[dict[str, Any]]:
     """views/s of each kind per A for one teacher, rounds interleaved."""
     setups = {a: shard_worker(args, shards, teacher, a) for a in views}
     batches = {a: forward_batches(w, t, args.batch_size) for a, (w, t) in setups.items()}
@@ -122,29 +187,45 @@ def inprocess_sweep(args: argparse.Namespace, shards: str, teacher: str, views: 
     for a in views:
         n = len(setups[a][1].keys) * a
         vps = {kind: per_second(n * args.rounds, sum(seconds[(a, kind)])) for kind in KINDS}
-        rows.append({"teacher": teacher, "views": a, "views_per_task": n, **{f"{k}_vps": v for k, v in vps.items()},
-                     "pipeline_over_forward": vps["pipeline"] / vps["forward"],
-                     "serial_over_forward": vps["serial"] / vps["forward"],
-                     "pipeline_over_forward_median": median(f / p for p, f in zip(seconds[(a, "pipeline")],
-                                                                                   seconds[(a, "forward")]))})
+        rows.append(
+            {
+                "teacher": teacher,
+                "views": a,
+                "views_per_task": n,
+                **{f"{k}_vps": v for k, v in vps.items()},
+                "pipeline_over_forward": vps["pipeline"] / vps["forward"],
+                "serial_over_forward": vps["serial"] / vps["forward"],
+                "pipeline_over_forward_median": median(
+                    f / p
+                    for p, f in zip(seconds[(a, "pipeline")], seconds[(a, "forward")], strict=True)
+                ),
+            }
+        )
     return rows
 
 
-# ---- Ray ------------------------------------------------------------------------------------------------
+# ---- Ray -----------------------------------------------------------------------------------------
 
 
-def actor_sweep(args: argparse.Namespace, shards: str, teacher: str, counts: list[int]) -> list[dict[str, Any]]:
-    """Whole precomputes with each actor count on one local Ray (started here, stopped at the end)."""
+def actor_sweep(
+    args: argparse.Namespace, shards: str, teacher: str, counts: list[int]
+) -> list[dict[str, Any]]:
+    """Whole precomputes with each actor count on one local Ray (started here, stopped at the
+    end)."""
     if not counts:
         return []
     import ray
 
-    from pipeline.runner import ensure_ray
+    from kdcache.pipeline.runner import ensure_ray
 
     path = config_path(args, shards, teacher, args.headline_views, "ray")
     started = ensure_ray(load_config(PrecomputeConfig, path).ray)
     try:
-        runs = [actor_run(path, n) for round_ in range(args.actor_rounds) for n in rotated(tuple(map(str, counts)), round_)]
+        runs = [
+            actor_run(path, n)
+            for round_ in range(args.actor_rounds)
+            for n in rotated(tuple(map(str, counts)), round_)
+        ]
     finally:
         if started:
             ray.shutdown()
@@ -152,36 +233,68 @@ def actor_sweep(args: argparse.Namespace, shards: str, teacher: str, counts: lis
 
 
 def actor_run(path: Path, actors: str) -> dict[str, Any]:
-    from pipeline.runner import run_precompute
+    from kdcache.pipeline.runner import run_precompute
 
     cfg = load_config(PrecomputeConfig, path, [f"ray.num_actors={actors}", "cache.overwrite=true"])
     summary = run_precompute(cfg, make_plan(cfg), progress=False)
-    return {"actors": int(actors), "views": summary.views, "wall_s": summary.wall_seconds, "busy_s": summary.busy_seconds}
+    return {
+        "actors": int(actors),
+        "views": summary.views,
+        "wall_s": summary.wall_seconds,
+        "busy_s": summary.busy_seconds,
+    }
 
 
 def _actor_row(actors: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
     views = sum(r["views"] for r in runs)
-    return {"actors": actors, "runs": len(runs), "views": views,
-            "vps_busy": per_second(views, sum(r["busy_s"] for r in runs)),
-            "vps_wall": per_second(views, sum(r["wall_s"] for r in runs))}
+    return {
+        "actors": actors,
+        "runs": len(runs),
+        "views": views,
+        "vps_busy": per_second(views, sum(r["busy_s"] for r in runs)),
+        "vps_wall": per_second(views, sum(r["wall_s"] for r in runs)),
+    }
 
 
-# ---- results ------------------------------------------------------------------------------------------
+# ---- results -------------------------------------------------------------------------------------
 
 
-def summarise(args: argparse.Namespace, source: str, sweep: list[dict[str, Any]], actors: list[dict[str, Any]],
-              teacher: str) -> dict[str, Any]:
-    head = next((r for r in sweep if r["teacher"] == teacher and r["views"] == args.headline_views), sweep[0])
+def summarise(
+    args: argparse.Namespace,
+    source: str,
+    sweep: list[dict[str, Any]],
+    actors: list[dict[str, Any]],
+    teacher: str,
+) -> dict[str, Any]:
+    head = next(
+        (r for r in sweep if r["teacher"] == teacher and r["views"] == args.headline_views),
+        sweep[0],
+    )
     one = next((r["vps_busy"] for r in actors if r["actors"] == 1), None)
     return {
-        "bench": "precompute", "machine": machine(),
-        "settings": {"source": source, "samples": args.samples, "shard_size": args.shard_size, "teachers": args.teachers,
-                     "views": args.views, "headline_views": head["views"], "k": args.k, "batch_size": args.batch_size,
-                     "threads": args.threads, "rounds": args.rounds, "actor_rounds": args.actor_rounds,
-                     "quick": args.quick},
-        "pipeline_vps": head["pipeline_vps"], "forward_vps": head["forward_vps"],
-        "pipeline_over_forward": head["pipeline_over_forward"], "serial_vps": head["serial_vps"],
-        "overlap_gain": head["pipeline_vps"] / head["serial_vps"], "headline_teacher": teacher, "sweep": sweep,
+        "bench": "precompute",
+        "machine": machine(),
+        "settings": {
+            "source": source,
+            "samples": args.samples,
+            "shard_size": args.shard_size,
+            "teachers": args.teachers,
+            "views": args.views,
+            "headline_views": head["views"],
+            "k": args.k,
+            "batch_size": args.batch_size,
+            "threads": args.threads,
+            "rounds": args.rounds,
+            "actor_rounds": args.actor_rounds,
+            "quick": args.quick,
+        },
+        "pipeline_vps": head["pipeline_vps"],
+        "forward_vps": head["forward_vps"],
+        "pipeline_over_forward": head["pipeline_over_forward"],
+        "serial_vps": head["serial_vps"],
+        "overlap_gain": head["pipeline_vps"] / head["serial_vps"],
+        "headline_teacher": teacher,
+        "sweep": sweep,
         "actors": [r | {"scaling": r["vps_busy"] / one if one else None} for r in actors],
     }
 
@@ -189,17 +302,51 @@ def summarise(args: argparse.Namespace, source: str, sweep: list[dict[str, Any]]
 def format_result(result: dict[str, Any]) -> str:
     """The tables printed by ``kdcache bench precompute``."""
     s = result["settings"]
-    head = (f"precompute bench: {s['samples']} samples in shards of {s['shard_size']}, k={s['k']}, batch "
-            f"{s['batch_size']}, {s['threads']} torch thread(s); headline: {result['headline_teacher']} at "
-            f"A={s['headline_views']}: pipeline {result['pipeline_vps']:.0f} views/s = "
-            f"{result['pipeline_over_forward']:.2f} x the bare forward ({result['forward_vps']:.0f} views/s)")
-    sweep = table(["teacher", "A", "pipeline views/s", "serial views/s", "bare forward views/s", "pipeline/forward",
-                   "serial/forward"], [
-        [r["teacher"], r["views"], r["pipeline_vps"], r["serial_vps"], r["forward_vps"], r["pipeline_over_forward"],
-         r["serial_over_forward"]] for r in result["sweep"]])
+    head = (
+        f"precompute bench: {s['samples']} samples in shards of {s['shard_size']}, "
+        f"k={s['k']}, batch {s['batch_size']}, {s['threads']} torch thread(s); "
+        f"headline: {result['headline_teacher']} at "
+        f"A={s['headline_views']}: pipeline {result['pipeline_vps']:.0f} views/s = "
+        f"{result['pipeline_over_forward']:.2f} x the bare forward "
+        f"({result['forward_vps']:.0f} views/s)"
+    )
+    sweep = table(
+        [
+            "teacher",
+            "A",
+            "pipeline views/s",
+            "serial views/s",
+            "bare forward views/s",
+            "pipeline/forward",
+            "serial/forward",
+        ],
+        [
+            [
+                r["teacher"],
+                r["views"],
+                r["pipeline_vps"],
+                r["serial_vps"],
+                r["forward_vps"],
+                r["pipeline_over_forward"],
+                r["serial_over_forward"],
+            ]
+            for r in result["sweep"]
+        ],
+    )
     parts = [head, sweep]
     if result["actors"]:
-        parts.append(table(["Ray CPU actors", "views/s (actors up)", "views/s (wall)", "vs 1 actor"], [
-            [r["actors"], r["vps_busy"], r["vps_wall"], r["scaling"] if r["scaling"] is not None else float("nan")]
-            for r in result["actors"]]))
+        parts.append(
+            table(
+                ["Ray CPU actors", "views/s (actors up)", "views/s (wall)", "vs 1 actor"],
+                [
+                    [
+                        r["actors"],
+                        r["vps_busy"],
+                        r["vps_wall"],
+                        r["scaling"] if r["scaling"] is not None else float("nan"),
+                    ]
+                    for r in result["actors"]
+                ],
+            )
+        )
     return "\n\n".join(parts)

@@ -1,6 +1,9 @@
-"""kdcache's cache contract: store format, view recipes and replay, shared data helpers, tools.
+"""kdcache: an offline teacher-logit cache and streaming knowledge distillation.
 
-``pipeline`` (writing) and ``train`` (reading) both build on this package and never on each other.
+One import namespace: the cache contract (``kdcache.store``, ``kdcache.views``,
+``kdcache.targets`` ...), precompute (``kdcache.pipeline``), training (``kdcache.train``),
+the tools (``kdcache.tools``: validate, verify, inspect statistics) and the command line
+(``kdcache.cli``). ``pipeline`` and ``train`` build on the contract and never on each other.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

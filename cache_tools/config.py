@@ -14,7 +14,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from cache_tools.errors import ConfigError
+from kdcache.errors import ConfigError
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -34,7 +34,9 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     try:
         value = _acyclic(yaml.safe_load(raw)) if raw != "" else ""
     except (yaml.YAMLError, ValueError, TypeError) as exc:
-        raise ConfigError(f"{key}: the override value {raw!r} is not valid YAML ({_yaml_reason(exc)})") from None
+        raise ConfigError(
+            f"{key}: the override value {raw!r} is not valid YAML ({_yaml_reason(exc)})"
+        ) from None
     return key.split("."), _number_or(value)
 
 
@@ -54,7 +56,9 @@ def _acyclic(value: Any) -> Any:
         json.dumps(value, default=str)
     except ValueError as exc:
         if "ircular" in str(exc):
-            raise ValueError("the value refers to itself (a YAML alias inside its own anchor)") from None
+            raise ValueError(
+                "the value refers to itself (a YAML alias inside its own anchor)"
+            ) from None
     except RecursionError:
         raise ValueError("the value is nested too deeply") from None
     return value
@@ -102,7 +106,9 @@ def _assign(node: Any, part: str, value: Any, path: list[str]) -> None:
 
 def _list_index(node: list, part: str, where: list[str]) -> int:
     if not part.isdigit() or int(part) >= len(node):
-        raise ConfigError(f"{'.'.join(where)}: expected a list index below {len(node)}, found {part!r}")
+        raise ConfigError(
+            f"{'.'.join(where)}: expected a list index below {len(node)}, found {part!r}"
+        )
     return int(part)
 
 
@@ -115,7 +121,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except (yaml.YAMLError, ValueError, TypeError) as exc:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(path)!r}: expected a mapping at the top, found {type(data).__name__}")
+        raise ConfigError(
+            f"config file {str(path)!r}: expected a mapping at the top, found {type(data).__name__}"
+        )
     return data
 
 
@@ -171,8 +179,11 @@ def _walk(model: type[BaseModel], loc: tuple) -> tuple[list[Any], list[type[Base
 
 
 def _is_tagged(model: type[BaseModel], tag: str) -> bool:
-    return any(tag in getattr(f.annotation, "__args__", ()) for f in model.model_fields.values()
-               if getattr(f.annotation, "__origin__", None) is Literal)
+    return any(
+        tag in getattr(f.annotation, "__args__", ())
+        for f in model.model_fields.values()
+        if getattr(f.annotation, "__origin__", None) is Literal
+    )
 
 
 def _models_in(annotation: Any) -> list[type[BaseModel]]:
@@ -191,10 +202,15 @@ def dump_config(config: BaseModel) -> dict[str, Any]:
 
 
 def redact_storage_options(data: Any) -> Any:
-    """``data`` with each ``storage_options`` mapping's values replaced by ``<redacted>`` (keys kept)."""
+    """``data`` with each ``storage_options`` mapping's values replaced by ``<redacted>``
+    (keys kept)."""
     if isinstance(data, dict):
-        return {key: {name: REDACTED for name in value} if key == "storage_options" and isinstance(value, dict)
-                else redact_storage_options(value) for key, value in data.items()}  # fmt: skip
+        return {
+            key: {name: REDACTED for name in value}
+            if key == "storage_options" and isinstance(value, dict)
+            else redact_storage_options(value)
+            for key, value in data.items()
+        }
     if isinstance(data, list):
         return [redact_storage_options(value) for value in data]
     return data

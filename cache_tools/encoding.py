@@ -1,7 +1,7 @@
 """How a teacher's top-k targets are laid out on disk: ``fp16`` (plain) and ``q8`` (compact).
 
 Both decode to the same in-memory form: indices sorted by logit (descending), float32 logits,
-logsumexp, label logit and the tail's logsumexp (see :class:`cache_tools.reader.TeacherBlock`).
+logsumexp, label logit and the tail's logsumexp (see :class:`kdcache.reader.TeacherBlock`).
 
 ``fp16``: ``topk_idx`` uint16/int32, ``topk_logit`` fp16, ``lse`` fp32, ``label_logit`` fp32,
 ``log_tail`` fp16 = ``tail_lse - lse``, the log of the mass outside the top-k (``-inf``: none).
@@ -29,7 +29,8 @@ import numpy as np
 
 ENCODINGS = ("fp16", "q8")
 FP16_REL = 2.0**-10
-"""fp16 keeps 11 significant bits: rounding moves a value by <= 2^-11 relative (twice that: slack)."""
+"""fp16 keeps 11 significant bits: rounding moves a value by <= 2^-11 relative
+(twice that: slack)."""
 Q8_STEP = 1.0 / 16
 Q8_TAIL_MAX = 36.0
 Q8_MAX = 255
@@ -37,44 +38,69 @@ Q8_MAX = 255
 # name -> (dtype or "index", has the k axis, fill value)
 _SPECS: dict[str, dict[str, tuple[str, bool, float]]] = {
     "fp16": {
-        "topk_idx": ("index", True, 0), "topk_logit": ("float16", True, 0),
-        "lse": ("float32", False, 0), "label_logit": ("float32", False, 0), "log_tail": ("float16", False, 0),
+        "topk_idx": ("index", True, 0),
+        "topk_logit": ("float16", True, 0),
+        "lse": ("float32", False, 0),
+        "label_logit": ("float32", False, 0),
+        "log_tail": ("float16", False, 0),
     },
     "q8": {
-        "topk_idx": ("index", True, 0), "topk_q": ("uint8", True, 0), "top_logit": ("float16", False, 0),
-        "lse_rel": ("float16", False, 0), "label_q": ("uint8", False, Q8_MAX), "tail_q": ("uint8", False, Q8_MAX),
+        "topk_idx": ("index", True, 0),
+        "topk_q": ("uint8", True, 0),
+        "top_logit": ("float16", False, 0),
+        "lse_rel": ("float16", False, 0),
+        "label_q": ("uint8", False, Q8_MAX),
+        "tail_q": ("uint8", False, Q8_MAX),
     },
 }
 
 
 def array_specs(encoding: str, index_dtype: str) -> dict[str, tuple[str, bool, float]]:
     """The arrays of ``encoding``: name -> (dtype, has the k axis, fill value)."""
-    return {name: (index_dtype if dtype == "index" else dtype, has_k, fill)
-            for name, (dtype, has_k, fill) in _SPECS[encoding].items()}
+    return {
+        name: (index_dtype if dtype == "index" else dtype, has_k, fill)
+        for name, (dtype, has_k, fill) in _SPECS[encoding].items()
+    }
 
 
-def encode(encoding: str, idx: np.ndarray, logit: np.ndarray, lse: np.ndarray, label_logit: np.ndarray,
-           tail_lse: np.ndarray) -> dict[str, np.ndarray]:
-    """Arrays to store, from top-k indices/logits ``[..., k]`` (sorted by logit) and ``[...]`` scalars."""
+def encode(
+    encoding: str,
+    idx: np.ndarray,
+    logit: np.ndarray,
+    lse: np.ndarray,
+    label_logit: np.ndarray,
+    tail_lse: np.ndarray,
+) -> dict[str, np.ndarray]:
+    """Arrays to store, from top-k indices/logits ``[..., k]`` (sorted by logit) and ``[...]``
+    scalars."""
     with np.errstate(invalid="ignore"):  # -inf - finite is -inf; padding rows may hold anything
         log_tail = np.minimum(tail_lse.astype(np.float32) - lse.astype(np.float32), 0.0)
     if encoding == "fp16":
-        return {"topk_idx": idx, "topk_logit": logit.astype(np.float16), "lse": lse.astype(np.float32),
-                "label_logit": label_logit.astype(np.float32), "log_tail": log_tail.astype(np.float16)}
+        return {
+            "topk_idx": idx,
+            "topk_logit": logit.astype(np.float16),
+            "lse": lse.astype(np.float32),
+            "label_logit": label_logit.astype(np.float32),
+            "log_tail": log_tail.astype(np.float16),
+        }
     top = logit[..., :1].astype(np.float32)
     order = np.argsort(idx, axis=-1, kind="stable")
     idx_sorted = np.take_along_axis(idx.astype(np.int64), order, axis=-1)
     gaps = np.diff(idx_sorted, axis=-1, prepend=0)
     q = _steps_below(top, np.take_along_axis(logit.astype(np.float32), order, axis=-1))
     return {
-        "topk_idx": gaps, "topk_q": q, "top_logit": top[..., 0].astype(np.float16),
-        "lse_rel": (lse - top[..., 0]).astype(np.float16), "label_q": _steps_below(top[..., 0], label_logit),
+        "topk_idx": gaps,
+        "topk_q": q,
+        "top_logit": top[..., 0].astype(np.float16),
+        "lse_rel": (lse - top[..., 0]).astype(np.float16),
+        "label_q": _steps_below(top[..., 0], label_logit),
         "tail_q": _tail_code(log_tail),
     }
 
 
 def _steps_below(top: np.ndarray | float, values: np.ndarray, step: float = Q8_STEP) -> np.ndarray:
-    """``uint8`` steps of ``step`` below ``top``; NaN and anything 255 steps below or more (``-inf``) -> 255."""
+    """``uint8`` steps of ``step`` below ``top``; NaN and anything 255 steps below or more
+    (``-inf``) -> 255."""
     steps = np.rint((top - values.astype(np.float32)) / step)
     return np.clip(np.nan_to_num(steps, nan=Q8_MAX, posinf=Q8_MAX), 0, Q8_MAX).astype(np.uint8)
 
@@ -96,7 +122,13 @@ def decode(encoding: str, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, ..
     """(indices sorted by logit, logits, lse, label logit, tail lse) from the stored arrays."""
     if encoding == "fp16":
         lse = arrays["lse"]
-        return arrays["topk_idx"], arrays["topk_logit"], lse, arrays["label_logit"], lse + arrays["log_tail"].astype(np.float32)
+        return (
+            arrays["topk_idx"],
+            arrays["topk_logit"],
+            lse,
+            arrays["label_logit"],
+            lse + arrays["log_tail"].astype(np.float32),
+        )
     idx = np.cumsum(arrays["topk_idx"].astype(np.int64), axis=-1)
     q = arrays["topk_q"]
     order = np.argsort(q, axis=-1, kind="stable")
@@ -138,5 +170,7 @@ def log_tail_tolerance(encoding: str, log_tail: np.ndarray) -> np.ndarray:
     x = np.abs(np.nan_to_num(log_tail, neginf=0.0))
     if encoding == "fp16":
         return FP16_REL / 2 * x + 1e-5
-    bound = np.sqrt(Q8_TAIL_MAX * x) / 254 + Q8_TAIL_MAX / (4 * 254**2) + 0.01  # + fp16 rounding of lse - top
+    bound = (
+        np.sqrt(Q8_TAIL_MAX * x) / 254 + Q8_TAIL_MAX / (4 * 254**2) + 0.01
+    )  # + fp16 rounding of lse - top
     return np.where(x >= Q8_TAIL_MAX, np.inf, bound)

@@ -44,11 +44,13 @@ class CacheLockedError(CacheError, RuntimeError):
 
 
 class CacheReadError(CacheError, OSError):
-    """A stored chunk cannot be read or decoded (damaged file, unreachable object); names array and shard."""
+    """A stored chunk cannot be read or decoded (damaged file, unreachable object); names array
+    and shard."""
 
 
 class CacheWriteError(CacheError, OSError):
-    """Writing a shard's chunks failed (full disk, permissions, object store); its mark stays unset."""
+    """Writing a shard's chunks failed (full disk, permissions, object store); its mark stays
+    unset."""
 
 
 class TeacherError(KdcacheError, RuntimeError):

@@ -19,6 +19,7 @@ cache path (one would take the other's live lock for stale).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import logging
@@ -31,8 +32,8 @@ from typing import Any
 
 import fsspec
 
-from cache_tools.config import REDACTED
-from cache_tools.errors import CacheLockedError
+from kdcache.config import REDACTED
+from kdcache.errors import CacheLockedError
 
 logger = logging.getLogger(__name__)
 
@@ -42,10 +43,15 @@ _HELD: set[str] = set()
 
 
 def redacted_command(argv: list[str]) -> str:
-    """The command line with the values of ``...storage_options...=VALUE`` overrides (credentials) hidden:
-    the lock file lies beside the cache, and its holder is printed in errors."""
-    return " ".join(f"{a.split('=', 1)[0]}={REDACTED}" if "storage_options" in a.split("=", 1)[0] and "=" in a else a
-                    for a in argv)
+    """The command line with the values of ``...storage_options...=VALUE`` overrides
+    (credentials) hidden: the lock file lies beside the cache, and its holder is printed in
+    errors."""
+    return " ".join(
+        f"{a.split('=', 1)[0]}={REDACTED}"
+        if "storage_options" in a.split("=", 1)[0] and "=" in a
+        else a
+        for a in argv
+    )
 
 
 @dataclass(frozen=True)
@@ -61,13 +67,19 @@ class LockHolder:
     command: str = ""
 
     @classmethod
-    def this_process(cls) -> "LockHolder":
-        return cls(host=platform.node(), pid=os.getpid(), token=uuid.uuid4().hex,
-                   time=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), boot_id=_boot_id(),
-                   start=_start_time(os.getpid()), command=redacted_command(sys.argv)[:300])  # fmt: skip
+    def this_process(cls) -> LockHolder:
+        return cls(
+            host=platform.node(),
+            pid=os.getpid(),
+            token=uuid.uuid4().hex,
+            time=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            boot_id=_boot_id(),
+            start=_start_time(os.getpid()),
+            command=redacted_command(sys.argv)[:300],
+        )
 
     @classmethod
-    def parse(cls, raw: bytes) -> "LockHolder | None":
+    def parse(cls, raw: bytes) -> LockHolder | None:
         try:
             data = json.loads(raw.decode())
             return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
@@ -76,13 +88,16 @@ class LockHolder:
 
     def describe(self) -> str:
         command = f", command {self.command!r}" if self.command else ""
-        return f"pid {self.pid} on host {self.host!r} since {self.time or 'an unknown time'}{command}"
+        return (
+            f"pid {self.pid} on host {self.host!r} since {self.time or 'an unknown time'}{command}"
+        )
 
     def is_ours(self) -> bool:
         return self.token in _HELD
 
     def is_stale(self) -> bool:
-        """True when the holder is certainly gone: same host and boot, and its process is not alive."""
+        """True when the holder is certainly gone: same host and boot, and its process is not
+        alive."""
         if self.host != platform.node():
             return False
         if self.boot_id and _boot_id() and self.boot_id != _boot_id():
@@ -96,16 +111,19 @@ def lock_path(cache_path: str) -> str:
 
 
 class WriterLock:
-    """The writer lock of one cache; use as a context manager (acquire on entry, release on exit)."""
+    """The writer lock of one cache; use as a context manager (acquire on entry, release on
+    exit)."""
 
-    def __init__(self, cache_path: str, storage_options: dict[str, Any] | None = None, *, force: bool = False):
+    def __init__(
+        self, cache_path: str, storage_options: dict[str, Any] | None = None, *, force: bool = False
+    ):
         self.cache_path = cache_path
         self.path = lock_path(cache_path)
         self.storage_options = storage_options or {}
         self.force = force
         self.holder: LockHolder | None = None
 
-    def __enter__(self) -> "WriterLock":
+    def __enter__(self) -> WriterLock:
         self.acquire()
         return self
 
@@ -116,7 +134,8 @@ class WriterLock:
         return fsspec.core.url_to_fs(self.path, **self.storage_options)
 
     def acquire(self) -> None:
-        """Take the lock, taking over a stale one (or any one with ``force``); else CacheLockedError."""
+        """Take the lock, taking over a stale one (or any one with ``force``); else
+        CacheLockedError."""
         me = LockHolder.this_process()
         payload = json.dumps(asdict(me)).encode()
         for _ in range(2):  # a second try after removing a stale (or forced) lock
@@ -129,9 +148,13 @@ class WriterLock:
             if current is None or not (self.force or current.is_stale()):
                 break
             why = "--force-unlock (cache.force_unlock)" if self.force else "its holder is gone"
-            logger.warning("removing the writer lock %s of %s: %s", self.path, current.describe(), why)
+            logger.warning(
+                "removing the writer lock %s of %s: %s", self.path, current.describe(), why
+            )
             self._remove()
-        raise CacheLockedError(locked_message(self.cache_path, self.path, read_holder(self.path, self.storage_options)))
+        raise CacheLockedError(
+            locked_message(self.cache_path, self.path, read_holder(self.path, self.storage_options))
+        )
 
     def release(self) -> None:
         """Remove the lock file if it is still ours."""
@@ -141,7 +164,9 @@ class WriterLock:
         if current is not None and current.token == self.holder.token:
             self._remove()
         else:
-            logger.warning("the writer lock %s was removed or taken over while this run held it", self.path)
+            logger.warning(
+                "the writer lock %s was removed or taken over while this run held it", self.path
+            )
         _HELD.discard(self.holder.token)
         self.holder = None
 
@@ -158,10 +183,8 @@ class WriterLock:
 
     def _remove(self) -> None:
         fs, path = self._fs()
-        try:
+        with contextlib.suppress(FileNotFoundError):
             fs.rm(path)
-        except FileNotFoundError:
-            pass
 
 
 def _create_local(path: str, payload: bytes) -> bool:
@@ -193,7 +216,9 @@ def _create_best_effort(fs: fsspec.AbstractFileSystem, path: str, payload: bytes
     return fs.cat_file(path) == payload
 
 
-def read_holder(cache_or_lock: str, storage_options: dict[str, Any] | None = None) -> LockHolder | None:
+def read_holder(
+    cache_or_lock: str, storage_options: dict[str, Any] | None = None
+) -> LockHolder | None:
     """The holder recorded in a lock file (``None`` if there is none or it cannot be read)."""
     path = cache_or_lock if cache_or_lock.endswith(LOCK_SUFFIX) else lock_path(cache_or_lock)
     fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
@@ -202,11 +227,16 @@ def read_holder(cache_or_lock: str, storage_options: dict[str, Any] | None = Non
     except (FileNotFoundError, IsADirectoryError):
         return None
     holder = LockHolder.parse(raw)
-    return holder if holder is not None else LockHolder(host="?", pid=-1, token="?", command="unreadable lock file")
+    return (
+        holder
+        if holder is not None
+        else LockHolder(host="?", pid=-1, token="?", command="unreadable lock file")
+    )
 
 
 def check_unlocked(cache_path: str, storage_options: dict[str, Any] | None = None) -> None:
-    """Refuse to write a cache whose lock another live process holds (ours or a stale one is fine)."""
+    """Refuse to write a cache whose lock another live process holds (ours or a stale one is
+    fine)."""
     holder = read_holder(cache_path, storage_options)
     if holder is None or holder.is_ours():
         return
@@ -217,10 +247,17 @@ def check_unlocked(cache_path: str, storage_options: dict[str, Any] | None = Non
 
 
 def locked_message(cache_path: str, path: str, holder: LockHolder | None) -> str:
-    who = holder.describe() if holder is not None else "another process (the lock vanished while checking it)"
-    return (f"cache {cache_path!r} is being written by another precompute: {who} holds its lock {path!r}. "
-            "Wait for that run to finish, or, if it is gone (e.g. killed on another host), rerun with "
-            "--force-unlock (cache.force_unlock=true)")  # fmt: skip
+    who = (
+        holder.describe()
+        if holder is not None
+        else "another process (the lock vanished while checking it)"
+    )
+    return (
+        f"cache {cache_path!r} is being written by another precompute: "
+        f"{who} holds its lock {path!r}. "
+        "Wait for that run to finish, or, if it is gone (e.g. killed on another host), rerun with "
+        "--force-unlock (cache.force_unlock=true)"
+    )
 
 
 def _boot_id() -> str:

@@ -60,7 +60,9 @@ def load_manifest(path: str | Path) -> Manifest:
     return Manifest.model_validate_json(Path(path).read_text())
 
 
-def find_manifest(first_shard: str, storage_options: dict[str, Any] | None = None) -> Manifest | None:
+def find_manifest(
+    first_shard: str, storage_options: dict[str, Any] | None = None
+) -> Manifest | None:
     """The manifest beside a shard named ``<prefix>-NNNNNN.tar``, if there is one: a local file, or
     for a URL (``s3://...``) the object beside it, read with ``storage_options`` (the shards')."""
     if "://" in first_shard:
@@ -73,7 +75,9 @@ def find_manifest(first_shard: str, storage_options: dict[str, Any] | None = Non
     return load_manifest(candidate) if candidate.exists() else None
 
 
-def _find_remote_manifest(first_shard: str, storage_options: dict[str, Any] | None) -> Manifest | None:
+def _find_remote_manifest(
+    first_shard: str, storage_options: dict[str, Any] | None
+) -> Manifest | None:
     parent, _, name = first_shard.rpartition("/")
     stem = PurePosixPath(name).stem
     if "?" in first_shard or "-" not in stem or "://" not in parent:
@@ -84,7 +88,11 @@ def _find_remote_manifest(first_shard: str, storage_options: dict[str, Any] | No
             text = handle.read()
     except FileNotFoundError:
         return None
-    except OSError as exc:  # e.g. no permission on the manifest alone: the shards stay the source of truth
-        log.warning("cannot read the manifest %s (%s); going on without it", candidate, type(exc).__name__)
+    except (
+        OSError
+    ) as exc:  # e.g. no permission on the manifest alone: the shards stay the source of truth
+        log.warning(
+            "cannot read the manifest %s (%s); going on without it", candidate, type(exc).__name__
+        )
         return None
     return Manifest.model_validate_json(text)

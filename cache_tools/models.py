@@ -17,8 +17,8 @@ from pydantic import Field, model_validator
 from timm.models import register_model
 from torch import nn
 
-from cache_tools.config import StrictModel
-from cache_tools.errors import TeacherError
+from kdcache.config import StrictModel
+from kdcache.errors import TeacherError
 
 
 class ModelSpec(StrictModel):
@@ -36,9 +36,11 @@ class ModelSpec(StrictModel):
     """Extra keyword arguments for the model constructor (e.g. ``drop_rate``)."""
 
     @model_validator(mode="after")
-    def _check(self) -> "ModelSpec":
+    def _check(self) -> ModelSpec:
         if self.source == "torchscript" and not self.checkpoint:
-            raise ValueError("source 'torchscript' needs checkpoint: the path of the TorchScript file")
+            raise ValueError(
+                "source 'torchscript' needs checkpoint: the path of the TorchScript file"
+            )
         if self.source != "torchscript" and not self.name:
             raise ValueError(f"source {self.source!r} needs name: a model name")
         return self
@@ -67,11 +69,16 @@ def build_teacher(spec: ModelSpec, num_classes: int, in_chans: int = 3) -> nn.Mo
 
     A teacher's hub weights must have the data's classes: for another class count timm and
     torchvision replace the classifier with a random one, and the cache would hold its noise."""
-    pretrained_classes = _pretrained_classes(spec) if spec.pretrained and not spec.checkpoint else None
+    pretrained_classes = (
+        _pretrained_classes(spec) if spec.pretrained and not spec.checkpoint else None
+    )
     if pretrained_classes is not None and pretrained_classes != num_classes:
-        raise TeacherError(f"{spec.source} model {spec.name!r}: its pretrained weights classify {pretrained_classes} "
-                           f"classes but the data has {num_classes}, so its classifier would be random; give the "
-                           "checkpoint of a teacher trained on these classes (checkpoint:)")
+        raise TeacherError(
+            f"{spec.source} model {spec.name!r}: its pretrained weights classify "
+            f"{pretrained_classes} "
+            f"classes but the data has {num_classes}, so its classifier would be random; give the "
+            "checkpoint of a teacher trained on these classes (checkpoint:)"
+        )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TEACHER_INIT_SEED)
         return build_model(spec, num_classes, in_chans)
@@ -97,7 +104,13 @@ def _build_timm(spec: ModelSpec, num_classes: int, in_chans: int) -> nn.Module:
         close = timm.list_models(f"*{spec.name[:4]}*")[:8]
         raise TeacherError(f"unknown timm model {spec.name!r}; similar names: {close}")
     try:
-        return timm.create_model(spec.name, pretrained=spec.pretrained, num_classes=num_classes, in_chans=in_chans, **spec.kwargs)
+        return timm.create_model(
+            spec.name,
+            pretrained=spec.pretrained,
+            num_classes=num_classes,
+            in_chans=in_chans,
+            **spec.kwargs,
+        )
     except Exception as exc:  # hub download failures, bad kwargs
         raise TeacherError(f"could not build timm model {spec.name!r}: {exc}") from exc
 
@@ -108,10 +121,14 @@ def _build_torchvision(spec: ModelSpec, num_classes: int, in_chans: int) -> nn.M
     if spec.name not in torchvision.models.list_models():
         raise TeacherError(f"unknown torchvision model {spec.name!r}")
     if in_chans != 3:
-        raise TeacherError(f"torchvision model {spec.name!r} takes 3 channels; the recipe has {in_chans}")
+        raise TeacherError(
+            f"torchvision model {spec.name!r} takes 3 channels; the recipe has {in_chans}"
+        )
     weights = "DEFAULT" if spec.pretrained else None
     try:
-        return torchvision.models.get_model(spec.name, weights=weights, num_classes=num_classes, **spec.kwargs)
+        return torchvision.models.get_model(
+            spec.name, weights=weights, num_classes=num_classes, **spec.kwargs
+        )
     except Exception as exc:
         raise TeacherError(f"could not build torchvision model {spec.name!r}: {exc}") from exc
 
@@ -133,7 +150,9 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise TeacherError(f"checkpoint {path!r} does not fit the model: {str(exc)[:500]}") from None
+        raise TeacherError(
+            f"checkpoint {path!r} does not fit the model: {str(exc)[:500]}"
+        ) from None
 
 
 def weights_digest(model: nn.Module) -> str:
@@ -141,7 +160,9 @@ def weights_digest(model: nn.Module) -> str:
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(
+            tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        )
     return digest.hexdigest()[:32]
 
 
@@ -149,14 +170,22 @@ def weights_digest(model: nn.Module) -> str:
 
 
 class TinyCNN(nn.Module):
-    """A narrow conv net: ``depth`` conv-BN-ReLU stages of ``width`` channels, strided, then a linear head."""
+    """A narrow conv net: ``depth`` conv-BN-ReLU stages of ``width`` channels, strided, then a
+    linear head."""
 
-    def __init__(self, num_classes: int = 10, in_chans: int = 3, width: int = 16, depth: int = 2, **_: Any):
+    def __init__(
+        self, num_classes: int = 10, in_chans: int = 3, width: int = 16, depth: int = 2, **_: Any
+    ):
         super().__init__()
-        layers, chans = [], in_chans
+        layers = []
+        chans = in_chans
         for i in range(depth):
-            out = width * (2 ** i)
-            layers += [nn.Conv2d(chans, out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
+            out = width * (2**i)
+            layers += [
+                nn.Conv2d(chans, out, 3, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(out),
+                nn.ReLU(inplace=True),
+            ]
             chans = out
         self.features = nn.Sequential(*layers)
         self.num_features = chans
@@ -167,13 +196,26 @@ class TinyCNN(nn.Module):
 
 
 class TinyMLP(nn.Module):
-    """Flatten, one hidden layer (dropout ``drop_rate`` after it, as timm's ``drop_rate``), a linear head."""
+    """Flatten, one hidden layer (dropout ``drop_rate`` after it, as timm's ``drop_rate``), a
+    linear head."""
 
-    def __init__(self, num_classes: int = 10, in_chans: int = 3, img_size: int = 28, hidden: int = 128,
-                 drop_rate: float = 0.0, **_: Any):
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_chans: int = 3,
+        img_size: int = 28,
+        hidden: int = 128,
+        drop_rate: float = 0.0,
+        **_: Any,
+    ):
         super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(in_chans * img_size * img_size, hidden), nn.ReLU(inplace=True),
-                                 nn.Dropout(drop_rate), nn.Linear(hidden, num_classes))
+        self.net = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(in_chans * img_size * img_size, hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(drop_rate),
+            nn.Linear(hidden, num_classes),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

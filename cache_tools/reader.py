@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cache_tools.encoding import array_specs, decode
-from cache_tools.errors import CacheIncompleteError, CacheMismatchError, CacheReadError
-from cache_tools.store import STATUS_VALID, CacheStore
+from kdcache.encoding import array_specs, decode
+from kdcache.errors import CacheIncompleteError, CacheMismatchError, CacheReadError
+from kdcache.store import STATUS_VALID, CacheStore
 
 
 @dataclass
@@ -51,14 +51,20 @@ class ShardBlock:
         try:
             return self._rows[key]
         except KeyError:
-            raise CacheMismatchError(f"key {key!r} is not in the cache's block for shard {self.shard!r}") from None
+            raise CacheMismatchError(
+                f"key {key!r} is not in the cache's block for shard {self.shard!r}"
+            ) from None
 
     def valid(self, row: int) -> bool:
         return int(self.status[row]) == STATUS_VALID
 
 
 def read_block(
-    store: CacheStore, shard: int | str, teachers: list[str] | None = None, *, require_complete: bool = True
+    store: CacheStore,
+    shard: int | str,
+    teachers: list[str] | None = None,
+    *,
+    require_complete: bool = True,
 ) -> ShardBlock:
     """Read one shard's rows: keys, labels, status, view params and the named teachers' targets."""
     index = store.shard_index(shard) if isinstance(shard, str) else shard
@@ -67,7 +73,10 @@ def read_block(
     if require_complete:
         _require_done(store, index, name, teachers)
     rows = store.rows(index)
-    arrays = {key: read_rows(store, store.group, key, rows, name) for key in ("keys", "labels", "status", "errors", "view_params")}
+    arrays = {
+        key: read_rows(store, store.group, key, rows, name)
+        for key in ("keys", "labels", "status", "errors", "view_params")
+    }
     block = ShardBlock(shard=name, index=index, **arrays)
     for teacher in teachers:
         block.teachers[teacher] = read_teacher_rows(store, teacher, rows, name)
@@ -76,26 +85,38 @@ def read_block(
 
 def read_teacher_rows(store: CacheStore, teacher: str, rows: slice, shard: str) -> TeacherBlock:
     """One teacher's targets for a row range, decoded from its encoding."""
-    group, meta = store.teacher_group(teacher), store.teacher_meta(teacher)
-    arrays = {name: read_rows(store, group, name, rows, shard) for name in array_specs(meta.encoding, meta.index_dtype)}
+    group = store.teacher_group(teacher)
+    meta = store.teacher_meta(teacher)
+    arrays = {
+        name: read_rows(store, group, name, rows, shard)
+        for name in array_specs(meta.encoding, meta.index_dtype)
+    }
     return TeacherBlock(*decode(meta.encoding, arrays))
 
 
 def read_rows(store: CacheStore, group, name: str, rows: slice, shard: str) -> np.ndarray:
-    """``group[name][rows]``; a damaged or unreadable chunk is a :class:`CacheReadError` naming array and shard."""
+    """``group[name][rows]``; a damaged or unreadable chunk is a :class:`CacheReadError` naming
+    array and shard."""
     try:
         return group[name][rows]
-    except Exception as exc:  # codecs raise RuntimeError/ValueError, stores OSError: all mean the same here
+    except (
+        Exception
+    ) as exc:  # codecs raise RuntimeError/ValueError, stores OSError: all mean the same here
         path = f"{group.path}/{name}".lstrip("/")
-        raise CacheReadError(f"cache {store.path!r}: cannot read {path!r} of shard {shard!r} "
-                             f"({type(exc).__name__}: {str(exc)[:200]}); the chunk is damaged or unreachable") from exc
+        raise CacheReadError(
+            f"cache {store.path!r}: cannot read {path!r} of shard {shard!r} "
+            f"({type(exc).__name__}: {str(exc)[:200]}); the chunk is damaged or unreachable"
+        ) from exc
 
 
 def _require_done(store: CacheStore, index: int, name: str, teachers: list[str]) -> None:
     if not bool(store.group["views_done"][index]):
-        raise CacheIncompleteError(f"shard {name!r} has no views yet in cache {store.path!r}: run precompute to finish it")
+        raise CacheIncompleteError(
+            f"shard {name!r} has no views yet in cache {store.path!r}: run precompute to finish it"
+        )
     for teacher in teachers:
         if not bool(store.teacher_group(teacher)["done"][index]):
             raise CacheIncompleteError(
-                f"shard {name!r} is not complete for teacher {teacher!r} in cache {store.path!r}: run precompute to finish it"
+                f"shard {name!r} is not complete for teacher {teacher!r} in cache "
+                f"{store.path!r}: run precompute to finish it"
             )

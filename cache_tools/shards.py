@@ -12,16 +12,17 @@ import io
 import logging
 import tarfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import braceexpand
 import fsspec
 import torch
-from torchvision.io import ImageReadMode, decode_image as tv_decode_image
+from torchvision.io import ImageReadMode
+from torchvision.io import decode_image as tv_decode_image
 
-from cache_tools.errors import ConfigError, DataError, DuplicateKeyError
+from kdcache.errors import ConfigError, DataError, DuplicateKeyError
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,9 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 LABEL_EXT = "cls"
 
 
-def expand_shards(spec: str | list[str], key: str = "data.shards", storage_options: dict | None = None) -> list[str]:
+def expand_shards(
+    spec: str | list[str], key: str = "data.shards", storage_options: dict | None = None
+) -> list[str]:
     """Shard URLs from a brace pattern, a glob, or a list of either (order kept, no duplicates).
 
     Remote URLs (``s3://...``) use ``storage_options`` if given, else fsspec's defaults: for S3 the
@@ -94,7 +97,10 @@ def scan_shard(url: str, storage_options: dict | None = None) -> ShardIndex:
     entries: dict[str, set[str]] = {}
     order: list[str] = []
     try:
-        with fsspec.open(url, "rb", **(storage_options or {})) as handle, tarfile.open(fileobj=handle, mode="r:") as tar:
+        with (
+            fsspec.open(url, "rb", **(storage_options or {})) as handle,
+            tarfile.open(fileobj=handle, mode="r:") as tar,
+        ):
             for member in tar:
                 if not member.isfile() or member.name.startswith("__"):
                     continue
@@ -116,11 +122,15 @@ def _check_end(handle, offset: int, shard: str, last_key: str | None) -> None:
     block = handle.read(tarfile.BLOCKSIZE)
     if len(block) < tarfile.BLOCKSIZE or block.count(0) != tarfile.BLOCKSIZE:
         after = f" after key {last_key!r}" if last_key else ""
-        raise DataError(f"shard {shard!r} is truncated or damaged at byte {offset}{after}: no end-of-archive "
-                        "marker where the next header should be")  # fmt: skip
+        raise DataError(
+            f"shard {shard!r} is truncated or damaged at byte {offset}{after}: no end-of-archive "
+            "marker where the next header should be"
+        )
 
 
-def _add_entry(entries: dict[str, set[str]], order: list[str], key: str, ext: str, shard: str) -> None:
+def _add_entry(
+    entries: dict[str, set[str]], order: list[str], key: str, ext: str, shard: str
+) -> None:
     if key not in entries:
         entries[key] = set()
         order.append(key)
@@ -134,14 +144,19 @@ def _check_sample(exts: set[str], key: str, shard: str) -> None:
     if len(images) != 1:
         odd = sorted(e for e in exts if e.lower() not in IMAGE_EXTS and e != LABEL_EXT)
         hint = f"; entries {odd} suggest a dot in the key (keys must be dot-free)" if odd else ""
-        raise DataError(f"shard {shard!r}, key {key!r}: expected one image entry ({'/'.join(IMAGE_EXTS)}), found {sorted(exts)}{hint}")
+        raise DataError(
+            f"shard {shard!r}, key {key!r}: expected one image entry ({'/'.join(IMAGE_EXTS)}), "
+            f"found {sorted(exts)}{hint}"
+        )
 
 
 SCAN_LOG_SECONDS = 10.0
 """While scanning many shards, a progress line at most this often (remote tars can take minutes)."""
 
 
-def scan_shards(urls: list[str], threads: int = 8, storage_options: dict | None = None) -> list[ShardIndex]:
+def scan_shards(
+    urls: list[str], threads: int = 8, storage_options: dict | None = None
+) -> list[ShardIndex]:
     """Scan every shard (in parallel threads) and refuse duplicate keys across shards."""
     started = last = time.monotonic()
     indexes: list[ShardIndex] = []
@@ -151,19 +166,28 @@ def scan_shards(urls: list[str], threads: int = 8, storage_options: dict | None 
             if time.monotonic() - last >= SCAN_LOG_SECONDS:
                 last = time.monotonic()
                 rate = len(indexes) / (last - started)
-                log.info("scanning shard headers: %d/%d shards, %.1f shards/s, ETA %.0f s", len(indexes), len(urls),
-                         rate, (len(urls) - len(indexes)) / rate)
+                log.info(
+                    "scanning shard headers: %d/%d shards, %.1f shards/s, ETA %.0f s",
+                    len(indexes),
+                    len(urls),
+                    rate,
+                    (len(urls) - len(indexes)) / rate,
+                )
     if time.monotonic() - started >= SCAN_LOG_SECONDS:
         log.info("scanned %d shards in %.0f s", len(urls), time.monotonic() - started)
     owner: dict[str, str] = {}
     for index in indexes:
         for key in index.keys:
             if key in owner:
-                raise DuplicateKeyError(f"key {key!r} occurs in shard {owner[key]!r} and in shard {index.name!r}")
+                raise DuplicateKeyError(
+                    f"key {key!r} occurs in shard {owner[key]!r} and in shard {index.name!r}"
+                )
             owner[key] = index.name
     names = [index.name for index in indexes]
     if len(set(names)) != len(names):
-        raise DataError(f"two shards share a file name: {sorted({n for n in names if names.count(n) > 1})}")
+        raise DataError(
+            f"two shards share a file name: {sorted({n for n in names if names.count(n) > 1})}"
+        )
     return indexes
 
 
@@ -188,11 +212,17 @@ class Sample:
     """Why ``label`` is None: no ``.cls`` entry, or one that is not an integer."""
 
     def require_label(self, shard: str, num_classes: int) -> int:
-        """The label, or a DataError naming shard and key (missing, not an integer, out of range)."""
+        """The label, or a DataError naming shard and key (missing, not an integer, out of
+        range)."""
         if self.label is None:
-            raise DataError(f"shard {shard!r}, key {self.key!r}: {self.label_problem or 'no label'}")
+            raise DataError(
+                f"shard {shard!r}, key {self.key!r}: {self.label_problem or 'no label'}"
+            )
         if not 0 <= self.label < num_classes:
-            raise DataError(f"shard {shard!r}, key {self.key!r}: label {self.label} is not in 0..{num_classes - 1}")
+            raise DataError(
+                f"shard {shard!r}, key {self.key!r}: label {self.label} is not in "
+                f"0..{num_classes - 1}"
+            )
         return self.label
 
 
@@ -202,7 +232,10 @@ def iter_shard(url: str, storage_options: dict | None = None) -> Iterator[Sample
     current: dict[str, bytes] = {}
     current_key: str | None = None
     try:
-        with fsspec.open(url, "rb", **(storage_options or {})) as handle, tarfile.open(fileobj=handle, mode="r|") as tar:
+        with (
+            fsspec.open(url, "rb", **(storage_options or {})) as handle,
+            tarfile.open(fileobj=handle, mode="r|") as tar,
+        ):
             for member in tar:
                 if not member.isfile() or member.name.startswith("__"):
                     continue
@@ -225,7 +258,9 @@ def to_sample(key: str, entries: dict[str, bytes], shard: str) -> Sample:
         raise DataError(f"shard {shard!r}, key {key!r}: no image entry (found {sorted(entries)})")
     label, problem = parse_label(entries.get(LABEL_EXT))
     extras = {e: v for e, v in entries.items() if e not in (image_ext, LABEL_EXT)}
-    return Sample(key=key, image=entries[image_ext], label=label, extras=extras, label_problem=problem)
+    return Sample(
+        key=key, image=entries[image_ext], label=label, extras=extras, label_problem=problem
+    )
 
 
 def parse_label(raw: bytes | None) -> tuple[int | None, str | None]:

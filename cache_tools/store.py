@@ -2,12 +2,13 @@
 
 Layout (``R = num_shards * rows_per_shard``; shard ``s`` owns rows ``[s*cap, (s+1)*cap)``, padded)::
 
-    <cache>/                      attrs: format, fingerprint, recipe, num_views, classes, seed, created, config
+    <cache>/                      attrs: format, fingerprint, recipe, num_views, classes, seed,
+                                  created, config
       keys         str   [R]            written once by the driver at creation
       labels       int32 [R]            -1 where the label is missing
       status       int8  [R]            0 padding / not written, 1 valid, 2 invalid (skipped)
       errors       str   [R]            why a row is invalid
-      view_params  int32 [R, A, 7]      see cache_tools.views
+      view_params  int32 [R, A, 7]      see kdcache.views
       views_done   int64 [S]            completion mark per shard (ms since epoch), chunk 1
       teachers/<name>/              attrs: model spec, weights digest, k, encoding, created, config
         (encoding "fp16")
@@ -16,11 +17,11 @@ Layout (``R = num_shards * rows_per_shard``; shard ``s`` owns rows ``[s*cap, (s+
         lse        float32 [R, A]          logsumexp of all logits at T=1
         label_logit float32 [R, A]         logit of the labelled class
         log_tail   float16 [R, A]          log of the mass outside the top-k at T=1 (-inf: none)
-        (encoding "q8": see cache_tools.encoding; decodes to the same five arrays)
+        (encoding "q8": see kdcache.encoding; decodes to the same five arrays)
         done       int64 [S]               completion mark per shard, chunk 1
 
 Group attributes are written by the driver only; a worker writes its shard's chunks, then its
-shard's completion mark, last. See :mod:`cache_tools.reader` for the read side.
+shard's completion mark, last. See :mod:`kdcache.reader` for the read side.
 """
 
 from __future__ import annotations
@@ -34,14 +35,16 @@ import numpy as np
 import zarr
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from cache_tools.encoding import ENCODINGS  # noqa: F401  (re-exported)
-from cache_tools.errors import CacheError, CacheMismatchError, CacheNotFoundError
-from cache_tools.views import ViewRecipe
+from kdcache.encoding import ENCODINGS  # noqa: F401  (re-exported)
+from kdcache.errors import CacheError, CacheMismatchError, CacheNotFoundError
+from kdcache.views import ViewRecipe
 
 FORMAT_NAME = "kdcache"
 FORMAT_VERSION = 2
 """2: the tail logsumexp is stored (``log_tail`` / ``tail_q``); 1 derived it as 1 - sum(top-k)."""
-STATUS_EMPTY, STATUS_VALID, STATUS_INVALID = 0, 1, 2
+STATUS_EMPTY = 0
+STATUS_VALID = 1
+STATUS_INVALID = 2
 TEACHERS = "teachers"
 
 
@@ -61,13 +64,14 @@ class Fingerprint(BaseModel):
     def num_samples(self) -> int:
         return sum(self.counts)
 
-    def differences(self, other: "Fingerprint") -> list[str]:
+    def differences(self, other: Fingerprint) -> list[str]:
         """Human-readable differences, ``self`` being the cache and ``other`` the data."""
         if self.shards != other.shards:
             return [_list_diff("shards", self.shards, other.shards)]
         out = [
             f"shard {name!r} has {mine} samples in the cache but {theirs} in the data"
-            for name, mine, theirs in zip(self.shards, self.counts, other.counts) if mine != theirs
+            for name, mine, theirs in zip(self.shards, self.counts, other.counts, strict=True)
+            if mine != theirs
         ]
         if not out and self.key_digest != other.key_digest:
             out.append("the sample keys differ (same shards and counts, other keys or order)")
@@ -123,7 +127,7 @@ def creation_info() -> dict[str, Any]:
 
     import torch
 
-    from cache_tools import __version__
+    from kdcache import __version__
 
     return {
         "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -181,7 +185,8 @@ class CacheStore:
         return [name for name, attrs in self._teacher_attrs().items() if not attrs]
 
     def _teacher_attrs(self) -> dict[str, dict[str, Any]]:
-        """Each teacher subgroup's attributes, read once per store object (``forget_teachers`` rereads)."""
+        """Each teacher subgroup's attributes, read once per store object (``forget_teachers``
+        rereads)."""
         if self._teacher_attr_cache is None:
             groups = self.group[TEACHERS].groups() if TEACHERS in self.group else []
             self._teacher_attr_cache = {name: dict(group.attrs) for name, group in sorted(groups)}
@@ -197,17 +202,24 @@ class CacheStore:
         """The teacher's subgroup (opened once per store object)."""
         if name not in self._teacher_groups:
             if name not in self.teachers:
-                raise CacheMismatchError(f"teacher {name!r} is not in cache {self.path!r}; it has {self.teachers or 'no teachers'}")
+                raise CacheMismatchError(
+                    f"teacher {name!r} is not in cache {self.path!r}; "
+                    f"it has {self.teachers or 'no teachers'}"
+                )
             self._teacher_groups[name] = self.group[f"{TEACHERS}/{name}"]
         return self._teacher_groups[name]
 
     def teacher_meta(self, name: str) -> TeacherMeta:
         if name not in self._teacher_metas:
             try:
-                self._teacher_metas[name] = TeacherMeta.model_validate(dict(self.teacher_group(name).attrs))
+                self._teacher_metas[name] = TeacherMeta.model_validate(
+                    dict(self.teacher_group(name).attrs)
+                )
             except ValidationError as exc:
-                raise CacheError(f"cache {self.path!r}: teacher {name!r} has unreadable attributes "
-                                 f"({exc.error_count()} problem(s), e.g. {exc.errors()[0]['msg']})") from None
+                raise CacheError(
+                    f"cache {self.path!r}: teacher {name!r} has unreadable attributes "
+                    f"({exc.error_count()} problem(s), e.g. {exc.errors()[0]['msg']})"
+                ) from None
         return self._teacher_metas[name]
 
     # ---- completion marks ---------------------------------------------------------------
@@ -235,19 +247,24 @@ class CacheStore:
         num_classes: int | None = None,
         seed: int | None = None,
     ) -> None:
-        """Refuse a cache that does not match what the caller is about to do, saying what differs."""
+        """Refuse a cache that does not match what the caller is about to do, saying what
+        differs."""
         problems: list[str] = []
         if fingerprint is not None:
             problems += self.meta.fingerprint.differences(fingerprint)
         if recipe is not None and recipe != self.meta.recipe:
             problems.append(_recipe_diff(self.meta.recipe, recipe))
-        for what, cached, given in (("num_views", self.meta.num_views, num_views),
-                                    ("num_classes", self.meta.num_classes, num_classes),
-                                    ("seed", self.meta.seed, seed)):
+        for what, cached, given in (
+            ("num_views", self.meta.num_views, num_views),
+            ("num_classes", self.meta.num_classes, num_classes),
+            ("seed", self.meta.seed, seed),
+        ):
             if given is not None and given != cached:
                 problems.append(f"{what}: the cache has {cached}, the run asks for {given}")
         if problems:
-            raise CacheMismatchError(f"cache {self.path!r} does not match:\n  " + "\n  ".join(problems))
+            raise CacheMismatchError(
+                f"cache {self.path!r} does not match:\n  " + "\n  ".join(problems)
+            )
 
 
 def cache_identity(store: CacheStore, teachers: list[str] | None = None) -> dict[str, Any]:
@@ -262,20 +279,29 @@ def cache_identity(store: CacheStore, teachers: list[str] | None = None) -> dict
         "recipe": store.meta.recipe.model_dump(mode="json"),
         "num_views": store.meta.num_views,
         "seed": store.meta.seed,
-        "teachers": {name: {"weights_digest": store.teacher_meta(name).weights_digest, "k": store.teacher_meta(name).k}
-                     for name in names},
+        "teachers": {
+            name: {
+                "weights_digest": store.teacher_meta(name).weights_digest,
+                "k": store.teacher_meta(name).k,
+            }
+            for name in names
+        },
     }
 
 
 def identity_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """``field: saved vs current`` for every field of two :func:`cache_identity` dicts that differs
     (the path is not compared: a cache may move)."""
-    return [f"{key}: {saved.get(key)!r} vs {current.get(key)!r}" for key in sorted(set(saved) | set(current))
-            if key != "path" and saved.get(key) != current.get(key)]
+    return [
+        f"{key}: {saved.get(key)!r} vs {current.get(key)!r}"
+        for key in sorted(set(saved) | set(current))
+        if key != "path" and saved.get(key) != current.get(key)
+    ]
 
 
 def _recipe_diff(cached: ViewRecipe, given: ViewRecipe) -> str:
-    a, b = cached.model_dump(), given.model_dump()
+    a = cached.model_dump()
+    b = given.model_dump()
     parts = [f"{k}: cache {a[k]!r} vs run {b[k]!r}" for k in a if a[k] != b[k]]
     return "view recipe differs (" + "; ".join(parts) + ")"
 
@@ -287,14 +313,18 @@ def open_store(path: str, mode: str = "r", storage_options: dict | None = None) 
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
         raise CacheNotFoundError(f"no cache at {path!r}") from None
     except (FileExistsError, NotADirectoryError):  # mode r+ on a plain file (or a path through one)
-        raise CacheNotFoundError(f"no cache at {path!r}: it is a file, not a cache directory") from None
+        raise CacheNotFoundError(
+            f"no cache at {path!r}: it is a file, not a cache directory"
+        ) from None
     attrs = dict(group.attrs)
     if attrs.get("format") != FORMAT_NAME:
         raise CacheError(f"{path!r} is a Zarr group but not a kdcache cache (no format attribute)")
     if attrs.get("format_version") != FORMAT_VERSION:
         raise CacheMismatchError(
-            f"cache {path!r} has format version {attrs.get('format_version')}, this kdcache reads {FORMAT_VERSION}: "
-            "rebuild it with `kdcache precompute CONFIG --overwrite` (or use the kdcache that wrote it)"
+            f"cache {path!r} has format version {attrs.get('format_version')}, "
+            f"this kdcache reads {FORMAT_VERSION}: "
+            "rebuild it with `kdcache precompute CONFIG --overwrite` "
+            "(or use the kdcache that wrote it)"
         )
     return CacheStore(path=path, group=group, meta=RootMeta.model_validate(attrs))
 

@@ -45,7 +45,7 @@ class SparseTargets:
         """The fields in order: ``SparseTargets(*t.tensors())`` rebuilds ``t``."""
         return self.idx, self.logit, self.lse, self.label_logit, self.tail_lse
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "SparseTargets":
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> SparseTargets:
         return SparseTargets(*(t.to(device, non_blocking=non_blocking) for t in self.tensors()))
 
     @property
@@ -77,19 +77,28 @@ def tail_logit(t: SparseTargets, num_classes: int) -> torch.Tensor:
 
 
 def dense_logits(t: SparseTargets, num_classes: int, tail: TailMode) -> torch.Tensor:
-    """``[B, C]`` logits whose softmax at T is the target at T (``-inf`` outside the top-k for renorm)."""
+    """``[B, C]`` logits whose softmax at T is the target at T (``-inf`` outside the top-k for
+    renorm)."""
     _check_tail(tail)
-    fill = tail_logit(t, num_classes) if tail == "spread" else torch.full_like(t.lse.float(), float("-inf"))
+    fill = (
+        tail_logit(t, num_classes)
+        if tail == "spread"
+        else torch.full_like(t.lse.float(), float("-inf"))
+    )
     out = fill.unsqueeze(-1).expand(-1, num_classes).clone()
     return out.scatter(1, t.idx.long(), t.logit.float())
 
 
-def dense_probs(t: SparseTargets, num_classes: int, temperature: float, tail: TailMode) -> torch.Tensor:
+def dense_probs(
+    t: SparseTargets, num_classes: int, temperature: float, tail: TailMode
+) -> torch.Tensor:
     """``[B, C]`` teacher probabilities at ``temperature`` under the chosen tail treatment."""
     return torch.softmax(dense_logits(t, num_classes, tail) / temperature, dim=-1)
 
 
-def sparse_probs(t: SparseTargets, num_classes: int, temperature: float, tail: TailMode) -> tuple[torch.Tensor, torch.Tensor]:
+def sparse_probs(
+    t: SparseTargets, num_classes: int, temperature: float, tail: TailMode
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(``[B, k]`` top-k probabilities, ``[B]`` probability of each of the C-k other classes) at T.
 
     The sparse form of :func:`dense_probs`, for losses that need not build ``[B, C]``.
@@ -101,7 +110,9 @@ def sparse_probs(t: SparseTargets, num_classes: int, temperature: float, tail: T
         return probs, torch.zeros_like(probs[:, 0])
     lt = tail_logit(t, num_classes) / temperature
     others = math.log(num_classes - t.k)
-    log_z = torch.logsumexp(torch.cat([scaled, (lt + others).unsqueeze(-1)], dim=-1), dim=-1, keepdim=True)
+    log_z = torch.logsumexp(
+        torch.cat([scaled, (lt + others).unsqueeze(-1)], dim=-1), dim=-1, keepdim=True
+    )
     return torch.exp(scaled - log_z), torch.exp(lt - log_z.squeeze(-1))
 
 
@@ -117,13 +128,17 @@ def from_logits(logits: torch.Tensor, labels: torch.Tensor, k: int) -> SparseTar
     lse = torch.logsumexp(logits, dim=-1)
     tail_lse = torch.logsumexp(logits.scatter(1, idx, float("-inf")), dim=-1)  # -inf when k == C
     safe = labels.clamp(0, logits.shape[-1] - 1).long()
-    label_logit = torch.where(labels >= 0, logits.gather(1, safe.unsqueeze(1)).squeeze(1), torch.full_like(lse, float("nan")))
+    label_logit = torch.where(
+        labels >= 0,
+        logits.gather(1, safe.unsqueeze(1)).squeeze(1),
+        torch.full_like(lse, float("nan")),
+    )
     return SparseTargets(idx=idx, logit=values, lse=lse, label_logit=label_logit, tail_lse=tail_lse)
 
 
 def truncate(t: SparseTargets, k: int | None) -> SparseTargets:
-    """The first ``k`` of the logit-sorted top-k, the dropped ones folded into the tail: exactly what
-    a cache with top-k ``k`` holds (up to the rounding of the stored values)."""
+    """The first ``k`` of the logit-sorted top-k, the dropped ones folded into the tail: exactly
+    what a cache with top-k ``k`` holds (up to the rounding of the stored values)."""
     if k is None or k >= t.k:
         return t
     dropped = torch.logsumexp(t.logit[:, k:].float(), dim=-1)

@@ -12,8 +12,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from cache_tools.errors import TeacherError
-from cache_tools.views import ViewRecipe, normalize
+from kdcache.errors import TeacherError
+from kdcache.views import ViewRecipe, normalize
 
 AmpMode = Literal["auto", "bf16", "fp16", "off"]
 
@@ -37,8 +37,16 @@ def autocast_context(device: torch.device, amp: AmpMode):
 class ModelRunner:
     """A model in eval mode on its device; ``runner(uint8 views) -> float32 logits``."""
 
-    def __init__(self, model: nn.Module, recipe: ViewRecipe, *, device: str = "auto", amp: AmpMode = "auto",
-                 channels_last: bool = True, name: str = "teacher"):
+    def __init__(
+        self,
+        model: nn.Module,
+        recipe: ViewRecipe,
+        *,
+        device: str = "auto",
+        amp: AmpMode = "auto",
+        channels_last: bool = True,
+        name: str = "teacher",
+    ):
         self.device = resolve_device(device)
         self.recipe = recipe
         self.amp: AmpMode = amp
@@ -50,14 +58,17 @@ class ModelRunner:
 
     @torch.inference_mode()
     def __call__(self, views: torch.Tensor) -> torch.Tensor:
-        """``uint8[B, C, S, S]`` (any device) -> ``float32[B, num_classes]`` on the runner's device."""
+        """``uint8[B, C, S, S]`` (any device) -> ``float32[B, num_classes]`` on the runner's
+        device."""
         x = normalize(views.to(self.device, non_blocking=True), self.recipe)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast_context(self.device, self.amp):
             logits = self.model(x)
         if logits.ndim != 2:
-            raise TeacherError(f"{self.name}: expected logits [batch, classes], got shape {tuple(logits.shape)}")
+            raise TeacherError(
+                f"{self.name}: expected logits [batch, classes], got shape {tuple(logits.shape)}"
+            )
         return logits.float()
 
 
@@ -66,12 +77,18 @@ FP16_MAX = 65504.0
 
 
 def check_finite(logits: torch.Tensor, where: str) -> None:
-    """Refuse NaN or inf logits, and logits the cache's fp16 cannot hold, naming where they came from."""
+    """Refuse NaN or inf logits, and logits the cache's fp16 cannot hold, naming where they came
+    from."""
     bad = ~torch.isfinite(logits)
     if bool(bad.any()):
         rows = int(bad.any(dim=1).sum())
-        raise TeacherError(f"{where}: the teacher produced NaN or inf logits in {rows} of {len(logits)} views")
+        raise TeacherError(
+            f"{where}: the teacher produced NaN or inf logits in {rows} of {len(logits)} views"
+        )
     largest = float(logits.abs().max()) if logits.numel() else 0.0
     if largest >= FP16_MAX:
-        raise TeacherError(f"{where}: the teacher produced a logit of magnitude {largest:.4g}, beyond what the cache "
-                           f"stores in fp16 ({FP16_MAX:g}): it would be written as inf")
+        raise TeacherError(
+            f"{where}: the teacher produced a logit of magnitude {largest:.4g}, "
+            "beyond what the cache "
+            f"stores in fp16 ({FP16_MAX:g}): it would be written as inf"
+        )

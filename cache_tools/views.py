@@ -21,8 +21,8 @@ from pydantic import Field, model_validator
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from cache_tools.config import StrictModel
-from cache_tools.errors import DataError
+from kdcache.config import StrictModel
+from kdcache.errors import DataError
 
 NUM_PARAMS = 7
 P_TOP, P_LEFT, P_H, P_W, P_FLIP, P_IMG_H, P_IMG_W = range(NUM_PARAMS)
@@ -33,7 +33,8 @@ class ViewRecipe(StrictModel):
     """How views are made. Stored in the cache; the trainer replays with the cache's copy."""
 
     name: Literal["rrc_flip", "center"] = "rrc_flip"
-    """``rrc_flip``: RandomResizedCrop + horizontal flip (torchvision v2); ``center``: resize + center crop."""
+    """``rrc_flip``: RandomResizedCrop + horizontal flip (torchvision v2); ``center``: resize +
+    center crop."""
     size: int = Field(224, ge=1)
     """Output side in pixels."""
     scale: tuple[float, float] = (0.08, 1.0)
@@ -51,13 +52,16 @@ class ViewRecipe(StrictModel):
     version: int = RECIPE_VERSION
 
     @model_validator(mode="after")
-    def _check(self) -> "ViewRecipe":
+    def _check(self) -> ViewRecipe:
         if not 0 < self.scale[0] <= self.scale[1] <= 1:
             raise ValueError(f"scale must satisfy 0 < min <= max <= 1, found {self.scale}")
         if not 0 < self.ratio[0] <= self.ratio[1]:
             raise ValueError(f"ratio must satisfy 0 < min <= max, found {self.ratio}")
         if len(self.mean) != self.channels or len(self.std) != self.channels:
-            raise ValueError(f"mean and std need {self.channels} values (channels), found {len(self.mean)} and {len(self.std)}")
+            raise ValueError(
+                f"mean and std need {self.channels} values (channels), "
+                f"found {len(self.mean)} and {len(self.std)}"
+            )
         if any(s <= 0 for s in self.std):
             raise ValueError("std values must be positive")
         return self
@@ -65,7 +69,10 @@ class ViewRecipe(StrictModel):
     def describe(self) -> str:
         if self.name == "center":
             return f"center crop {self.size}px (crop_pct {self.crop_pct})"
-        return f"random-resized-crop {self.size}px scale {self.scale} ratio {tuple(round(r, 3) for r in self.ratio)} + flip {self.flip_prob}"
+        return (
+            f"random-resized-crop {self.size}px scale {self.scale} "
+            f"ratio {tuple(round(r, 3) for r in self.ratio)} + flip {self.flip_prob}"
+        )
 
 
 def view_generator(seed: int, key: str, view: int) -> np.random.Generator:
@@ -74,7 +81,9 @@ def view_generator(seed: int, key: str, view: int) -> np.random.Generator:
     return np.random.Generator(np.random.Philox(key=int.from_bytes(digest, "little")))
 
 
-def view_params(recipe: ViewRecipe, seed: int, key: str, num_views: int, image_hw: tuple[int, int]) -> np.ndarray:
+def view_params(
+    recipe: ViewRecipe, seed: int, key: str, num_views: int, image_hw: tuple[int, int]
+) -> np.ndarray:
     """``int32[num_views, 7]`` parameters of every view of one sample."""
     out = np.zeros((num_views, NUM_PARAMS), dtype=np.int32)
     for a in range(num_views):
@@ -82,7 +91,9 @@ def view_params(recipe: ViewRecipe, seed: int, key: str, num_views: int, image_h
     return out
 
 
-def single_view_params(recipe: ViewRecipe, seed: int, key: str, view: int, image_hw: tuple[int, int]) -> np.ndarray:
+def single_view_params(
+    recipe: ViewRecipe, seed: int, key: str, view: int, image_hw: tuple[int, int]
+) -> np.ndarray:
     """``int32[7]`` parameters of view ``view`` of one sample (what :func:`view_params` stores)."""
     return np.asarray(_one_view(recipe, view_generator(seed, key, view), image_hw), dtype=np.int32)
 
@@ -96,7 +107,9 @@ def _one_view(recipe: ViewRecipe, rng: np.random.Generator, image_hw: tuple[int,
     return [top, left, h, w, flip, height, width]
 
 
-def _rrc_box(rng: np.random.Generator, height: int, width: int, scale, ratio) -> tuple[int, int, int, int]:
+def _rrc_box(
+    rng: np.random.Generator, height: int, width: int, scale, ratio
+) -> tuple[int, int, int, int]:
     """RandomResizedCrop's box, drawn as torchvision does (10 tries, then a central fallback)."""
     area = height * width
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
@@ -111,27 +124,38 @@ def _rrc_box(rng: np.random.Generator, height: int, width: int, scale, ratio) ->
             return top, left, h, w
     in_ratio = width / height
     if in_ratio < ratio[0]:
-        w, h = width, int(round(width / ratio[0]))
+        w = width
+        h = int(round(width / ratio[0]))
     elif in_ratio > ratio[1]:
-        h, w = height, int(round(height * ratio[1]))
+        h = height
+        w = int(round(height * ratio[1]))
     else:
-        w, h = width, height
+        w = width
+        h = height
     return (height - h) // 2, (width - w) // 2, h, w
 
 
 def replay(image: torch.Tensor, params: np.ndarray, recipe: ViewRecipe) -> torch.Tensor:
     """The view's pixels: ``uint8[C, size, size]`` from a decoded ``uint8[C, H, W]`` image."""
-    height, width = int(image.shape[-2]), int(image.shape[-1])
+    height = int(image.shape[-2])
+    width = int(image.shape[-1])
     if (height, width) != (int(params[P_IMG_H]), int(params[P_IMG_W])):
         raise DataError(
             f"image is {height}x{width} but the view was made from a "
-            f"{int(params[P_IMG_H])}x{int(params[P_IMG_W])} image: the shard changed after the cache was built"
+            f"{int(params[P_IMG_H])}x{int(params[P_IMG_W])} image: "
+            "the shard changed after the cache was built"
         )
     if recipe.name == "center":
         return _center(image, recipe)
     out = F.resized_crop(
-        image, int(params[P_TOP]), int(params[P_LEFT]), int(params[P_H]), int(params[P_W]),
-        [recipe.size, recipe.size], interpolation=InterpolationMode.BILINEAR, antialias=True,
+        image,
+        int(params[P_TOP]),
+        int(params[P_LEFT]),
+        int(params[P_H]),
+        int(params[P_W]),
+        [recipe.size, recipe.size],
+        interpolation=InterpolationMode.BILINEAR,
+        antialias=True,
     )
     return F.horizontal_flip(out) if params[P_FLIP] else out
 
@@ -143,7 +167,8 @@ def _center(image: torch.Tensor, recipe: ViewRecipe) -> torch.Tensor:
 
 
 def normalize(batch: torch.Tensor, recipe: ViewRecipe) -> torch.Tensor:
-    """uint8 ``[B, C, H, W]`` -> float32 normalised by the recipe's mean and std (on batch's device)."""
+    """uint8 ``[B, C, H, W]`` -> float32 normalised by the recipe's mean and std (on batch's
+    device)."""
     mean = torch.tensor(recipe.mean, device=batch.device).view(1, -1, 1, 1) * 255.0
     std = torch.tensor(recipe.std, device=batch.device).view(1, -1, 1, 1) * 255.0
     return (batch.float() - mean) / std

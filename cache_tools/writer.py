@@ -3,7 +3,7 @@
 The driver creates the store and the teacher subgroups (the only attribute writes); a shard task
 writes its shard's chunks with :func:`write_views` / :func:`write_teacher`, each of which sets the
 shard's completion mark last, after the data is stored. A failed write raises
-:class:`~cache_tools.errors.CacheWriteError` naming shard and array, and the mark stays unset.
+:class:`~kdcache.errors.CacheWriteError` naming shard and array, and the mark stays unset.
 """
 
 from __future__ import annotations
@@ -14,14 +14,23 @@ from typing import Any
 import numpy as np
 import zarr
 
-from cache_tools.encoding import array_specs, encode
-from cache_tools.errors import CacheError, CacheMismatchError, CacheWriteError
-from cache_tools.targets import SparseTargets
-from cache_tools.store import (
-    ENCODINGS, STATUS_EMPTY, TEACHERS, CacheStore, Fingerprint, RootMeta, TeacherMeta,
-    compressor, creation_info, now_ms, open_store,
+from kdcache.encoding import array_specs, encode
+from kdcache.errors import CacheError, CacheMismatchError, CacheWriteError
+from kdcache.store import (
+    ENCODINGS,
+    STATUS_EMPTY,
+    TEACHERS,
+    CacheStore,
+    Fingerprint,
+    RootMeta,
+    TeacherMeta,
+    compressor,
+    creation_info,
+    now_ms,
+    open_store,
 )
-from cache_tools.views import NUM_PARAMS, ViewRecipe
+from kdcache.targets import SparseTargets
+from kdcache.views import NUM_PARAMS, ViewRecipe
 
 log = logging.getLogger(__name__)
 
@@ -44,29 +53,52 @@ def create_store(
     cap = max(fingerprint.counts)
     rows = cap * len(fingerprint.shards)
     meta = RootMeta(
-        fingerprint=fingerprint, rows_per_shard=cap, recipe=recipe, num_views=num_views,
-        num_classes=num_classes, class_names=class_names, seed=seed,
-        created=creation_info(), config=config,
+        fingerprint=fingerprint,
+        rows_per_shard=cap,
+        recipe=recipe,
+        num_views=num_views,
+        num_classes=num_classes,
+        class_names=class_names,
+        seed=seed,
+        created=creation_info(),
+        config=config,
     )
     try:
-        group = zarr.open_group(path, mode="w" if overwrite else "w-", storage_options=storage_options)
+        group = zarr.open_group(
+            path, mode="w" if overwrite else "w-", storage_options=storage_options
+        )
     except (zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError, FileExistsError):
-        raise CacheError(f"{path!r} already holds data; pass --overwrite (cache.overwrite=true) to start over") from None
+        raise CacheError(
+            f"{path!r} already holds data; pass --overwrite (cache.overwrite=true) to start over"
+        ) from None
     _array(group, "keys", (rows,), (cap,), str, "")
     _array(group, "labels", (rows,), (cap,), "int32", -1)
     _array(group, "status", (rows,), (cap,), "int8", STATUS_EMPTY)
     _array(group, "errors", (rows,), (cap,), str, "")
-    _array(group, "view_params", (rows, num_views, NUM_PARAMS), (cap, num_views, NUM_PARAMS), "int32", 0)
+    _array(
+        group,
+        "view_params",
+        (rows, num_views, NUM_PARAMS),
+        (cap, num_views, NUM_PARAMS),
+        "int32",
+        0,
+    )
     _array(group, "views_done", (len(keys),), (1,), "int64", 0)
     for shard, shard_keys in enumerate(keys):
-        group["keys"][shard * cap : (shard + 1) * cap] = _pad(np.array(shard_keys, dtype=object), cap, "")
-    group.attrs.update(meta.model_dump(mode="json"))  # root attrs last: the store is valid from here
+        group["keys"][shard * cap : (shard + 1) * cap] = _pad(
+            np.array(shard_keys, dtype=object), cap, ""
+        )
+    group.attrs.update(
+        meta.model_dump(mode="json")
+    )  # root attrs last: the store is valid from here
     return CacheStore(path=path, group=group, meta=meta)
 
 
 def _array(group: zarr.Group, name: str, shape, chunks, dtype, fill) -> zarr.Array:
     codecs = {} if dtype is str else {"compressors": compressor()}
-    return group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill, **codecs)
+    return group.create_array(
+        name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill, **codecs
+    )
 
 
 def _pad(values: np.ndarray, cap: int, fill: Any) -> np.ndarray:
@@ -93,18 +125,34 @@ def add_teacher(
 ) -> TeacherMeta:
     """Create a teacher subgroup, or check an existing one against the same spec and weights."""
     if encoding not in ENCODINGS:
-        raise CacheError(f"teacher {name!r}: unknown encoding {encoding!r}; valid: {', '.join(ENCODINGS)}")
+        raise CacheError(
+            f"teacher {name!r}: unknown encoding {encoding!r}; valid: {', '.join(ENCODINGS)}"
+        )
     if not 1 <= k <= store.meta.num_classes:
-        raise CacheError(f"teacher {name!r}: k={k} must be between 1 and num_classes={store.meta.num_classes}")
+        raise CacheError(
+            f"teacher {name!r}: k={k} must be between 1 and num_classes={store.meta.num_classes}"
+        )
     meta = TeacherMeta(
-        name=name, model=model, weights_digest=weights_digest, k=k, encoding=encoding,
-        index_dtype=index_dtype(store.meta.num_classes), created=creation_info(), config=config or {},
+        name=name,
+        model=model,
+        weights_digest=weights_digest,
+        k=k,
+        encoding=encoding,
+        index_dtype=index_dtype(store.meta.num_classes),
+        created=creation_info(),
+        config=config or {},
     )
     if name in store.teachers:
         _check_same_teacher(store.teacher_meta(name), meta)
         return store.teacher_meta(name)
-    if name in store.unfinished_teachers:  # an earlier run stopped while creating it: nothing in it is marked
-        log.warning("cache %s: teacher %r was left half-created by an earlier run; creating it again", store.path, name)
+    if (
+        name in store.unfinished_teachers
+    ):  # an earlier run stopped while creating it: nothing in it is marked
+        log.warning(
+            "cache %s: teacher %r was left half-created by an earlier run; creating it again",
+            store.path,
+            name,
+        )
         del store.group[f"{TEACHERS}/{name}"]
     _create_teacher_arrays(store, meta)
     store.forget_teachers()
@@ -119,19 +167,24 @@ def _check_same_teacher(cached: TeacherMeta, given: TeacherMeta) -> None:
     ]
     if diffs:
         raise CacheMismatchError(
-            f"teacher {given.name!r} already exists in the cache with other settings: " + "; ".join(diffs)
+            f"teacher {given.name!r} already exists in the cache with other settings: "
+            + "; ".join(diffs)
             + " (use another teacher name, or --overwrite to start the cache over)"
         )
 
 
 def _create_teacher_arrays(store: CacheStore, meta: TeacherMeta) -> None:
-    a, cap, rows = store.meta.num_views, store.cap, store.cap * store.num_shards
+    a = store.meta.num_views
+    cap = store.cap
+    rows = store.cap * store.num_shards
     group = store.group.require_group(f"{TEACHERS}/{meta.name}")
     for name, (dtype, has_k, fill) in array_specs(meta.encoding, meta.index_dtype).items():
         tail = (meta.k,) if has_k else ()
         _array(group, name, (rows, a) + tail, (cap, a) + tail, dtype, fill)
     _array(group, "done", (store.num_shards,), (1,), "int64", 0)
-    group.attrs.update(meta.model_dump(mode="json"))  # attrs last: a teacher without them is unfinished
+    group.attrs.update(
+        meta.model_dump(mode="json")
+    )  # attrs last: a teacher without them is unfinished
 
 
 def shard_chunk(store: CacheStore, shard: int) -> slice:
@@ -139,46 +192,78 @@ def shard_chunk(store: CacheStore, shard: int) -> slice:
 
 
 def write_views(
-    store: CacheStore, shard: int, *, labels: np.ndarray, status: np.ndarray,
-    errors: list[str], params: np.ndarray,
+    store: CacheStore,
+    shard: int,
+    *,
+    labels: np.ndarray,
+    status: np.ndarray,
+    errors: list[str],
+    params: np.ndarray,
 ) -> None:
     """Write a shard's labels, row status, errors and view parameters, then its views mark."""
     _check_rows(store, shard, labels, "labels")
-    chunk, cap = shard_chunk(store, shard), store.cap
-    values = {"labels": _pad(labels.astype(np.int32), cap, -1),
-              "status": _pad(status.astype(np.int8), cap, STATUS_EMPTY),
-              "errors": _pad(np.array(errors, dtype=object), cap, ""),
-              "view_params": _pad(params.astype(np.int32), cap, 0)}  # fmt: skip
+    chunk = shard_chunk(store, shard)
+    cap = store.cap
+    values = {
+        "labels": _pad(labels.astype(np.int32), cap, -1),
+        "status": _pad(status.astype(np.int8), cap, STATUS_EMPTY),
+        "errors": _pad(np.array(errors, dtype=object), cap, ""),
+        "view_params": _pad(params.astype(np.int32), cap, 0),
+    }
     for name, data in values.items():
         _store_chunk(store, shard, store.group, name, chunk, data)
     _store_chunk(store, shard, store.group, "views_done", shard, now_ms())
 
 
 def write_teacher(
-    store: CacheStore, shard: int, teacher: str, *, topk_idx: np.ndarray, topk_logit: np.ndarray,
-    lse: np.ndarray, label_logit: np.ndarray, tail_lse: np.ndarray,
+    store: CacheStore,
+    shard: int,
+    teacher: str,
+    *,
+    topk_idx: np.ndarray,
+    topk_logit: np.ndarray,
+    lse: np.ndarray,
+    label_logit: np.ndarray,
+    tail_lse: np.ndarray,
 ) -> None:
     """Write one teacher's targets for a shard, then that teacher's mark for the shard."""
     _check_rows(store, shard, lse, f"teacher {teacher!r} lse")
     group = store.teacher_group(teacher)
     meta = store.teacher_meta(teacher)
-    chunk, cap = shard_chunk(store, shard), store.cap
+    chunk = shard_chunk(store, shard)
+    cap = store.cap
     specs = array_specs(meta.encoding, meta.index_dtype)
-    for name, values in encode(meta.encoding, topk_idx, topk_logit, lse, label_logit, tail_lse).items():
+    for name, values in encode(
+        meta.encoding, topk_idx, topk_logit, lse, label_logit, tail_lse
+    ).items():
         dtype, _, fill = specs[name]
         _store_chunk(store, shard, group, name, chunk, _pad(values.astype(dtype), cap, fill))
     _store_chunk(store, shard, group, "done", shard, now_ms())
 
 
 def write_targets(store: CacheStore, shard: int, teacher: str, targets: SparseTargets) -> None:
-    """:func:`write_teacher` from torch targets of the shard's views, flat ``[n * A]`` (row-major)."""
-    n, a, k = store.meta.fingerprint.counts[shard], store.meta.num_views, targets.k
-    scalars = {name: getattr(targets, name).detach().cpu().numpy().reshape(n, a) for name in ("lse", "label_logit", "tail_lse")}
-    write_teacher(store, shard, teacher, topk_idx=targets.idx.cpu().numpy().reshape(n, a, k),
-                  topk_logit=targets.logit.detach().cpu().numpy().reshape(n, a, k), **scalars)
+    """:func:`write_teacher` from torch targets of the shard's views, flat ``[n * A]``
+    (row-major)."""
+    n = store.meta.fingerprint.counts[shard]
+    a = store.meta.num_views
+    k = targets.k
+    scalars = {
+        name: getattr(targets, name).detach().cpu().numpy().reshape(n, a)
+        for name in ("lse", "label_logit", "tail_lse")
+    }
+    write_teacher(
+        store,
+        shard,
+        teacher,
+        topk_idx=targets.idx.cpu().numpy().reshape(n, a, k),
+        topk_logit=targets.logit.detach().cpu().numpy().reshape(n, a, k),
+        **scalars,
+    )
 
 
-def _store_chunk(store: CacheStore, shard: int, group: zarr.Group, name: str, where: slice | int, values: Any) -> None:
+def _store_chunk(
+    store: CacheStore, shard: int, group: zarr.Group, name: str, where: slice | int, values: Any
+) -> None:
     """One chunk write; a failure (full disk, permissions, object store) is a CacheWriteError that
     names the shard and the array, and leaves the shard's mark unset (the mark is written last)."""
     try:
@@ -187,7 +272,8 @@ def _store_chunk(store: CacheStore, shard: int, group: zarr.Group, name: str, wh
         array = f"{group.path}/{name}".lstrip("/")
         shard_name = store.meta.fingerprint.shards[shard]
         raise CacheWriteError(
-            f"cache {store.path!r}: writing {array!r} of shard {shard_name!r} failed ({type(exc).__name__}: {exc}); "
+            f"cache {store.path!r}: writing {array!r} of shard {shard_name!r} failed "
+            f"({type(exc).__name__}: {exc}); "
             "the shard's completion mark is not set, so a rerun redoes it"
         ) from exc
 

@@ -1,7 +1,7 @@
 """The typed config of ``kdcache precompute``: data, cache, teachers, Ray and runtime sections.
 
-Loaded with :func:`cache_tools.config.load_config`, which turns every validation error into one
-:class:`~cache_tools.errors.ConfigError` naming the dotted key. Cross-field rules (unique teacher
+Loaded with :func:`kdcache.config.load_config`, which turns every validation error into one
+:class:`~kdcache.errors.ConfigError` naming the dotted key. Cross-field rules (unique teacher
 names, ``k <= num_classes`` ...) are checked here when the values are in the config, and again
 by the planner once ``num_classes`` is known from the shards' manifest.
 """
@@ -13,11 +13,11 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from cache_tools.config import StrictModel
-from cache_tools.errors import ConfigError
-from cache_tools.models import ModelSpec
-from cache_tools.store import ENCODINGS
-from cache_tools.views import ViewRecipe
+from kdcache.config import StrictModel
+from kdcache.errors import ConfigError
+from kdcache.models import ModelSpec
+from kdcache.store import ENCODINGS
+from kdcache.views import ViewRecipe
 
 TEACHER_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -112,11 +112,12 @@ class RaySection(StrictModel):
     gpus_per_actor: float | None = Field(None, ge=0)
     """GPUs per actor; default 1 when the cluster has GPUs, else 0."""
     max_restarts: int = Field(3, ge=0)
-    """How many times kdcache replaces a dead actor with a fresh one, per actor slot over the run (only
-    while shards wait). A slot whose budget is spent, or whose actor's constructor raised, is given up."""
+    """How many times kdcache replaces a dead actor with a fresh one, per actor slot over the run
+    (only while shards wait). A slot whose budget is spent, or whose actor's constructor raised, is
+    given up."""
     max_task_retries: int = Field(3, ge=0)
-    """How many times a shard whose actor died is retried, on a fresh actor, after the shards not yet
-    tried; then it fails by name and the other shards still complete. (kdcache does this itself:
+    """How many times a shard whose actor died is retried, on a fresh actor, after the shards not
+    yet tried; then it fails by name and the other shards still complete. (kdcache does this itself:
     Ray neither restarts the actors nor retries their tasks.)"""
     temp_dir: str | None = None
     """Embedded Ray only: its session directory root (keep it short: socket paths)."""
@@ -152,7 +153,7 @@ class PrecomputeConfig(StrictModel):
     """Batch size, device and precision."""
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> "PrecomputeConfig":
+    def _cross_checks(self) -> PrecomputeConfig:
         problems = cross_field_problems(self, self.data.num_classes)
         if problems:
             raise ValueError("; ".join(problems))
@@ -160,19 +161,29 @@ class PrecomputeConfig(StrictModel):
 
 
 def cross_field_problems(cfg: PrecomputeConfig, num_classes: int | None) -> list[str]:
-    """Problems between fields, each naming its dotted keys; ``num_classes`` may come from a manifest."""
-    source = "data.num_classes" if cfg.data.num_classes == num_classes else "from the shards' manifest"
+    """Problems between fields, each naming its dotted keys; ``num_classes`` may come from a
+    manifest."""
+    source = (
+        "data.num_classes" if cfg.data.num_classes == num_classes else "from the shards' manifest"
+    )
     problems: list[str] = []
     seen: dict[str, int] = {}
     for i, teacher in enumerate(cfg.teachers):
         if teacher.name in seen:
-            problems.append(f"teachers.{i}.name: {teacher.name!r} is already used by teachers.{seen[teacher.name]}")
+            problems.append(
+                f"teachers.{i}.name: {teacher.name!r} is already used by "
+                f"teachers.{seen[teacher.name]}"
+            )
         seen.setdefault(teacher.name, i)
         if num_classes is not None and teacher.k > num_classes:
-            problems.append(f"teachers.{i}.k: {teacher.k} is more than num_classes={num_classes} ({source})")
+            problems.append(
+                f"teachers.{i}.k: {teacher.k} is more than num_classes={num_classes} ({source})"
+            )
     names = cfg.data.class_names
     if names and num_classes is not None and len(names) != num_classes:
-        problems.append(f"data.class_names: {len(names)} names for num_classes={num_classes} ({source})")
+        problems.append(
+            f"data.class_names: {len(names)} names for num_classes={num_classes} ({source})"
+        )
     return problems
 
 

@@ -31,8 +31,8 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from cache_tools.errors import ConfigError, DataError, DuplicateKeyError
-from cache_tools.manifest import MANIFEST_SUFFIX, Manifest, manifest_path, save_manifest
+from kdcache.errors import ConfigError, DataError, DuplicateKeyError
+from kdcache.manifest import MANIFEST_SUFFIX, Manifest, manifest_path, save_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +42,16 @@ SYNTHETIC_VERSION = 1
 """Bump when the synthetic generator changes, so old and new data are told apart."""
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 )
 IDX_NAME = re.compile(r"^(train|t10k)-(images|labels)[-.]idx([13])-ubyte(\.gz)?$")
 IDX_SPLITS = {"train": "train", "t10k": "test"}
@@ -94,11 +102,15 @@ class ShardOptions:
         if self.limit is not None:
             _check_positive("limit", self.limit)
         if self.image_format not in IMAGE_FORMATS:
-            raise ConfigError(f"image_format: expected one of {IMAGE_FORMATS}, found {self.image_format!r}")
+            raise ConfigError(
+                f"image_format: expected one of {IMAGE_FORMATS}, found {self.image_format!r}"
+            )
         if not 1 <= self.quality <= 100:
             raise ConfigError(f"quality: expected 1..100, found {self.quality}")
         if self.prefix is not None and not re.fullmatch(r"[\w{}-]+", self.prefix):
-            raise ConfigError(f"prefix: expected letters, digits, '_' or '-', found {self.prefix!r}")
+            raise ConfigError(
+                f"prefix: expected letters, digits, '_' or '-', found {self.prefix!r}"
+            )
 
     def prefix_for(self, split: str, num_splits: int) -> str:
         """The shard prefix of ``split`` when ``num_splits`` splits are written together."""
@@ -132,7 +144,11 @@ def encode_image(image: np.ndarray, image_format: str = "png", quality: int = 95
     """PNG or JPEG bytes of a uint8 H×W (grey, mode L) or H×W×3 (RGB) array."""
     if image.ndim == 3 and image.shape[2] == 1:
         image = image[:, :, 0]
-    if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] != 3):
+    if (
+        image.dtype != np.uint8
+        or image.ndim not in (2, 3)
+        or (image.ndim == 3 and image.shape[2] != 3)
+    ):
         raise DataError(f"expected a uint8 H×W or H×W×3 image, found {image.dtype} {image.shape}")
     return _save(Image.fromarray(image), image_format, quality)
 
@@ -178,7 +194,9 @@ def _encode_sample(sample: Sample, image_format: str, quality: int, stats: _Spli
         stats.reencoded += 1
         return _save(pil, image_format, quality)
     except (OSError, ValueError) as exc:
-        raise DataError(f"sample {sample.key!r} ({sample.origin}): cannot read image: {exc}") from exc
+        raise DataError(
+            f"sample {sample.key!r} ({sample.origin}): cannot read image: {exc}"
+        ) from exc
 
 
 # --------------------------------------------------------------------------------------------
@@ -191,11 +209,14 @@ def shard_name(prefix: str, index: int) -> str:
 
 def shard_url(out_dir: str | Path, manifest: Manifest) -> str:
     """A WebDataset brace URL of a split's shards, e.g. ``DIR/train-{000000..000009}.tar``."""
-    first, last = manifest.shards[0], manifest.shards[-1]
+    first = manifest.shards[0]
+    last = manifest.shards[-1]
     if first == last:
         return str(Path(out_dir) / first)
     prefix = first[: -len("000000.tar")]
-    return str(Path(out_dir) / f"{prefix}{{{first[len(prefix):-4]}..{last[len(prefix):-4]}}}.tar")
+    return str(
+        Path(out_dir) / f"{prefix}{{{first[len(prefix) : -4]}..{last[len(prefix) : -4]}}}.tar"
+    )
 
 
 def existing_outputs(out_dir: str | Path, prefix: str) -> list[Path]:
@@ -215,7 +236,8 @@ def check_writable(out_dir: str | Path, prefix: str, overwrite: bool) -> None:
     if existing and not overwrite:
         raise ShardsExistError(
             f"{existing[0]} already exists ({len(existing)} file(s) of prefix {prefix!r} in "
-            f"{out_dir}); pass --overwrite (overwrite=True) to replace them, or choose --prefix/--out"
+            f"{out_dir}); pass --overwrite (overwrite=True) to replace them, "
+            "or choose --prefix/--out"
         )
 
 
@@ -242,25 +264,38 @@ def write_split(
     manifest_path(out_dir, prefix).unlink(missing_ok=True)  # the manifest comes back last
     start = time.perf_counter()
     stats = _SplitStats()
-    names, counts = _write_shards(samples, out_dir, prefix, shard_size, image_format, quality,
-                                  num_classes, stats, total)
+    names, counts = _write_shards(
+        samples, out_dir, prefix, shard_size, image_format, quality, num_classes, stats, total
+    )
     if not names:
         raise DataError(f"split {split or prefix!r}: no samples to write to {out_dir}")
     _remove_stale_shards(out_dir, prefix, keep=set(names))
-    manifest = _manifest(split or prefix, names, counts, num_classes, class_names, image_format,
-                         stats, source)
+    manifest = _manifest(
+        split or prefix, names, counts, num_classes, class_names, image_format, stats, source
+    )
     save_manifest(manifest, out_dir, prefix)
     logger.info(
-        "%s: %d samples in %d shard(s) %s in %.1f s%s", manifest.split, manifest.num_samples,
-        len(names), shard_url(out_dir, manifest), time.perf_counter() - start,
+        "%s: %d samples in %d shard(s) %s in %.1f s%s",
+        manifest.split,
+        manifest.num_samples,
+        len(names),
+        shard_url(out_dir, manifest),
+        time.perf_counter() - start,
         f" ({stats.reencoded} re-encoded to {image_format})" if stats.reencoded else "",
     )
     return manifest
 
 
 def _write_shards(
-    samples: Iterable[Sample], out_dir: Path, prefix: str, shard_size: int, image_format: str,
-    quality: int, num_classes: int, stats: _SplitStats, total: int | None,
+    samples: Iterable[Sample],
+    out_dir: Path,
+    prefix: str,
+    shard_size: int,
+    image_format: str,
+    quality: int,
+    num_classes: int,
+    stats: _SplitStats,
+    total: int | None,
 ) -> tuple[list[str], list[int]]:
     """Write shards of ``shard_size`` samples each; return their names and counts."""
     names: list[str] = []
@@ -277,16 +312,26 @@ def _write_shards(
     return names, counts
 
 
-def _checked(sample: Sample, shard: str, num_classes: int, image_format: str, quality: int,
-             stats: _SplitStats) -> dict[str, Any]:
+def _checked(
+    sample: Sample,
+    shard: str,
+    num_classes: int,
+    image_format: str,
+    quality: int,
+    stats: _SplitStats,
+) -> dict[str, Any]:
     """The tar entries of ``sample`` after checking its key and label."""
     key = sample.key
     if not key or "." in key or "/" in key:
         raise DataError(f"shard {shard}: key {key!r} must be non-empty and contain no '.' or '/'")
     if key in stats.keys:
-        raise DuplicateKeyError(f"shard {shard}: key {key!r} occurs twice ({sample.origin or 'no origin'})")
+        raise DuplicateKeyError(
+            f"shard {shard}: key {key!r} occurs twice ({sample.origin or 'no origin'})"
+        )
     if not 0 <= sample.label < num_classes:
-        raise DataError(f"shard {shard}: key {key!r}: label {sample.label} is not in 0..{num_classes - 1}")
+        raise DataError(
+            f"shard {shard}: key {key!r}: label {sample.label} is not in 0..{num_classes - 1}"
+        )
     stats.keys.add(key)
     data = _encode_sample(sample, image_format, quality, stats)
     return {"__key__": key, image_format: data, "cls": str(int(sample.label)).encode("ascii")}
@@ -297,7 +342,10 @@ def _write_tar(path: Path, entries: Iterable[dict[str, Any]], bar: tqdm) -> int:
     tmp = path.with_name(path.name + ".tmp")
     count = 0
     try:
-        with open(tmp, "wb") as stream, wds.TarWriter(stream, encoder=False, mtime=_TAR_MTIME) as tar:
+        with (
+            open(tmp, "wb") as stream,
+            wds.TarWriter(stream, encoder=False, mtime=_TAR_MTIME) as tar,
+        ):
             for entry in entries:
                 tar.write(entry)
                 count += 1
@@ -315,15 +363,29 @@ def _remove_stale_shards(out_dir: Path, prefix: str, keep: set[str]) -> None:
             path.unlink()
 
 
-def _manifest(split: str, names: list[str], counts: list[int], num_classes: int,
-              class_names: Sequence[str], image_format: str, stats: _SplitStats,
-              source: Mapping[str, Any] | None) -> Manifest:
+def _manifest(
+    split: str,
+    names: list[str],
+    counts: list[int],
+    num_classes: int,
+    class_names: Sequence[str],
+    image_format: str,
+    stats: _SplitStats,
+    source: Mapping[str, Any] | None,
+) -> Manifest:
     size = next(iter(stats.sizes)) if len(stats.sizes) == 1 else None
     channels = next(iter(stats.channels)) if len(stats.channels) == 1 else None
     return Manifest(
-        split=split, shards=names, counts=counts, num_samples=sum(counts), num_classes=num_classes,
-        class_names=list(class_names), image_format=image_format,
-        image_size=list(size) if size else None, channels=channels, source=dict(source or {}),
+        split=split,
+        shards=names,
+        counts=counts,
+        num_samples=sum(counts),
+        num_classes=num_classes,
+        class_names=list(class_names),
+        image_format=image_format,
+        image_size=list(size) if size else None,
+        channels=channels,
+        source=dict(source or {}),
     )
 
 
@@ -339,7 +401,9 @@ def write_splits(
     """Write several splits (name -> (samples, count)) with the same options; checks all first."""
     prefixes = {name: options.prefix_for(name, len(splits)) for name in splits}
     if len(set(prefixes.values())) < len(prefixes):
-        raise ConfigError(f"prefix: {options.prefix!r} gives several splits the same prefix: {prefixes}")
+        raise ConfigError(
+            f"prefix: {options.prefix!r} gives several splits the same prefix: {prefixes}"
+        )
     for prefix in prefixes.values():
         check_writable(out_dir, prefix, options.overwrite)
     manifests = {}
@@ -348,10 +412,17 @@ def write_splits(
             samples = itertools.islice(samples, options.limit)
             total = min(total, options.limit) if total is not None else options.limit
         manifests[name] = write_split(
-            samples, out_dir, prefixes[name], split=name, num_classes=num_classes,
-            class_names=class_names, shard_size=options.shard_size,
-            image_format=options.image_format, quality=options.quality,
-            source={**(source or {}), "limit": options.limit}, overwrite=options.overwrite,
+            samples,
+            out_dir,
+            prefixes[name],
+            split=name,
+            num_classes=num_classes,
+            class_names=class_names,
+            shard_size=options.shard_size,
+            image_format=options.image_format,
+            quality=options.quality,
+            source={**(source or {}), "limit": options.limit},
+            overwrite=options.overwrite,
             total=total,
         )
     return manifests
@@ -373,30 +444,39 @@ def parse_size(text: str | int | Sequence[int]) -> tuple[int, int]:
     try:
         height, width = (int(p) for p in parts)
     except (TypeError, ValueError):
-        raise ConfigError(f"size: expected HxW or one integer (e.g. 28x28 or 32), found {text!r}") from None
+        raise ConfigError(
+            f"size: expected HxW or one integer (e.g. 28x28 or 32), found {text!r}"
+        ) from None
     if height < 4 or width < 4:
         raise ConfigError(f"size: expected at least 4x4, found {text!r}")
     return height, width
 
 
-def synthetic_prototypes(classes: int, size: tuple[int, int], channels: int, seed: int) -> np.ndarray:
+def synthetic_prototypes(
+    classes: int, size: tuple[int, int], channels: int, seed: int
+) -> np.ndarray:
     """Per class a smooth random pattern, float32 ``(classes, channels, H + 2m, W + 2m)``.
 
     Each pattern is an upsampled coarse random grid (low frequency), zero mean and unit std, plus
-    a share of a group pattern common to every ``classes // 3``-th class, so some classes look alike.
+    a share of a group pattern common to every ``classes // 3``-th class, so some classes look
+    alike.
     """
     height, width = size
     margin = _margin(size)
     grid = int(np.clip(round(min(height, width) / 6), 3, 8))
     rng = np.random.default_rng([seed, 0x5EED])
     groups = rng.normal(size=(max(1, classes // 3), 1, grid, grid))
-    coarse = rng.normal(size=(classes, 1, grid, grid)) + 0.8 * groups[np.arange(classes) % len(groups)]
+    coarse = (
+        rng.normal(size=(classes, 1, grid, grid)) + 0.8 * groups[np.arange(classes) % len(groups)]
+    )
     if channels > 1:  # colour: mostly the same pattern in every channel, plus some hue
         coarse = coarse + 0.3 * rng.normal(size=(classes, channels, grid, grid))
     out = np.empty((classes, channels, height + 2 * margin, width + 2 * margin), np.float32)
     for c, ch in itertools.product(range(classes), range(channels)):
         pil = Image.fromarray(coarse[c, ch].astype(np.float32))
-        out[c, ch] = np.asarray(pil.resize((width + 2 * margin, height + 2 * margin), Image.BICUBIC))
+        out[c, ch] = np.asarray(
+            pil.resize((width + 2 * margin, height + 2 * margin), Image.BICUBIC)
+        )
     out -= out.mean(axis=(1, 2, 3), keepdims=True)
     out /= out.std(axis=(1, 2, 3), keepdims=True) + 1e-6
     return out
@@ -416,7 +496,9 @@ def synthetic_samples(
     A pure function of the arguments; splits draw from independent streams of the same classes.
     """
     if channels not in (1, 3) or classes < 1:
-        raise ConfigError(f"synthetic: expected channels 1 or 3 and classes >= 1, found {channels}, {classes}")
+        raise ConfigError(
+            f"synthetic: expected channels 1 or 3 and classes >= 1, found {channels}, {classes}"
+        )
     prototypes = synthetic_prototypes(classes, size, channels, seed)
     rng = np.random.default_rng([seed, zlib.crc32(split.encode())])
     labels = rng.permutation(np.arange(num) % classes)
@@ -428,15 +510,20 @@ def synthetic_samples(
             yield Sample(key=f"{split}_{index:08d}", label=int(labels[index]), image=image)
 
 
-def _synthetic_images(prototypes: np.ndarray, labels: np.ndarray, size: tuple[int, int],
-                      rng: np.random.Generator) -> np.ndarray:
+def _synthetic_images(
+    prototypes: np.ndarray, labels: np.ndarray, size: tuple[int, int], rng: np.random.Generator
+) -> np.ndarray:
     """uint8 images ``(n, H, W)`` or ``(n, H, W, 3)`` of the given labels."""
-    n, classes, (height, width) = len(labels), len(prototypes), size
+    n = len(labels)
+    classes = len(prototypes)
+    height, width = size
     other = (labels + rng.integers(1, max(classes, 2), n)) % classes
     mix = rng.uniform(0.0, 0.45, n)[:, None, None, None]
     base = (1 - mix) * prototypes[labels] + mix * prototypes[other]
     shifts = rng.integers(0, 2 * _margin(size) + 1, (n, 2))
-    crops = np.stack([b[:, y : y + height, x : x + width] for b, (y, x) in zip(base, shifts)])
+    crops = np.stack(
+        [b[:, y : y + height, x : x + width] for b, (y, x) in zip(base, shifts, strict=True)]
+    )
     contrast = rng.uniform(15.0, 45.0, n)[:, None, None, None]
     brightness = rng.uniform(-30.0, 30.0, n)[:, None, None, None]
     noise = rng.normal(0.0, 45.0, crops.shape)
@@ -463,19 +550,41 @@ def make_synthetic_shards(
     overwrite: bool = False,
     limit: int | None = None,
 ) -> dict[str, Manifest]:
-    """Synthetic ``train`` (``num`` samples) and, if ``test_num``, ``test`` shards in ``out_dir``."""
-    options = ShardOptions(shard_size=shard_size, image_format=image_format, quality=quality,
-                           prefix=prefix, overwrite=overwrite, limit=limit)
+    """Synthetic ``train`` (``num`` samples) and, if ``test_num``, ``test`` shards in
+    ``out_dir``."""
+    options = ShardOptions(
+        shard_size=shard_size,
+        image_format=image_format,
+        quality=quality,
+        prefix=prefix,
+        overwrite=overwrite,
+        limit=limit,
+    )
     _check_positive("num", num)
     _check_positive("classes", classes)
     hw = parse_size(size)
     counts = {"train": num, **({"test": test_num} if test_num else {})}
-    splits = {name: (synthetic_samples(name, count, classes=classes, size=hw, channels=channels, seed=seed), count)
-              for name, count in counts.items()}
-    source = {"kind": "synthetic", "version": SYNTHETIC_VERSION, "counts": counts, "classes": classes,
-              "size": list(hw), "channels": channels, "seed": seed, "format": image_format}
+    splits = {
+        name: (
+            synthetic_samples(name, count, classes=classes, size=hw, channels=channels, seed=seed),
+            count,
+        )
+        for name, count in counts.items()
+    }
+    source = {
+        "kind": "synthetic",
+        "version": SYNTHETIC_VERSION,
+        "counts": counts,
+        "classes": classes,
+        "size": list(hw),
+        "channels": channels,
+        "seed": seed,
+        "format": image_format,
+    }
     names = [f"class_{i}" for i in range(classes)]
-    return write_splits(splits, out_dir, options, num_classes=classes, class_names=names, source=source)
+    return write_splits(
+        splits, out_dir, options, num_classes=classes, class_names=names, source=source
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -494,15 +603,21 @@ def read_idx(path: str | Path) -> np.ndarray:
         raise DataError(f"{path}: cannot read IDX file: {exc}") from exc
     if len(raw) < 4 or raw[:2] != b"\0\0":
         raise DataError(f"{path}: not an IDX file (bad magic number {raw[:4].hex() or 'empty'})")
-    dtype, ndim = raw[2], raw[3]
+    dtype = raw[2]
+    ndim = raw[3]
     if dtype != 0x08:
-        raise DataError(f"{path}: IDX element type 0x{dtype:02x} is not supported (only 0x08, unsigned byte)")
+        raise DataError(
+            f"{path}: IDX element type 0x{dtype:02x} is not supported (only 0x08, unsigned byte)"
+        )
     header = 4 + 4 * ndim
     if ndim == 0 or len(raw) < header:
         raise DataError(f"{path}: truncated IDX header ({ndim} dimensions, {len(raw)} bytes)")
     shape = struct.unpack(f">{ndim}I", raw[4:header])
     if len(raw) - header != int(np.prod(shape)):
-        raise DataError(f"{path}: IDX shape {shape} needs {int(np.prod(shape))} data bytes, found {len(raw) - header}")
+        raise DataError(
+            f"{path}: IDX shape {shape} needs {int(np.prod(shape))} data bytes, "
+            f"found {len(raw) - header}"
+        )
     return np.frombuffer(raw, np.uint8, offset=header).reshape(shape)
 
 
@@ -515,17 +630,26 @@ def find_idx_files(inputs: Sequence[str | Path]) -> dict[str, tuple[Path, Path]]
         for path in sorted(item.iterdir()) if item.is_dir() else [item]:
             match = IDX_NAME.match(path.name)
             if match is None and not item.is_dir():
-                raise DataError(f"{path}: not an IDX file name (expected e.g. train-images-idx3-ubyte[.gz])")
+                raise DataError(
+                    f"{path}: not an IDX file name (expected e.g. train-images-idx3-ubyte[.gz])"
+                )
             if match is not None and ((match[1], match[2]) not in found or match[4] is None):
                 found[(match[1], match[2])] = path  # the uncompressed file wins over .gz
     if not found:
-        raise DataError(f"{', '.join(map(str, inputs))}: no IDX files (train|t10k)-(images|labels)-idx?-ubyte[.gz]")
+        raise DataError(
+            f"{', '.join(map(str, inputs))}: no IDX files "
+            "(train|t10k)-(images|labels)-idx?-ubyte[.gz]"
+        )
     splits = {}
     for stem, split in IDX_SPLITS.items():
-        images, labels = found.get((stem, "images")), found.get((stem, "labels"))
+        images = found.get((stem, "images"))
+        labels = found.get((stem, "labels"))
         if (images is None) != (labels is None):
             have = images or labels
-            raise DataError(f"{have}: found no matching {stem}-{'labels' if images else 'images'} file beside it")
+            raise DataError(
+                f"{have}: found no matching {stem}-{'labels' if images else 'images'} "
+                "file beside it"
+            )
         if images is not None and labels is not None:
             splits[split] = (images, labels)
     return splits
@@ -539,22 +663,27 @@ def idx_splits(inputs: Sequence[str | Path]) -> dict[str, tuple[np.ndarray, np.n
 def _load_idx(files: Mapping[str, tuple[Path, Path]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     splits = {}
     for split, (images_path, labels_path) in files.items():
-        images, labels = read_idx(images_path), read_idx(labels_path)
+        images = read_idx(images_path)
+        labels = read_idx(labels_path)
         if images.ndim == 4 and images.shape[3] == 1:
             images = images[..., 0]
         if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[3] != 3):
-            raise DataError(f"{images_path}: expected images of shape (N, H, W[, 3]), found {images.shape}")
+            raise DataError(
+                f"{images_path}: expected images of shape (N, H, W[, 3]), found {images.shape}"
+            )
         if labels.ndim != 1:
             raise DataError(f"{labels_path}: expected labels of shape (N,), found {labels.shape}")
         if len(images) != len(labels):
-            raise DataError(f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels")
+            raise DataError(
+                f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels"
+            )
         splits[split] = (images, labels.astype(np.int64))
     return splits
 
 
 def array_samples(split: str, images: np.ndarray, labels: np.ndarray) -> Iterator[Sample]:
     """Samples ``<split>_NNNNNNNN`` of in-memory uint8 images and their labels."""
-    for index, (image, label) in enumerate(zip(images, labels)):
+    for index, (image, label) in enumerate(zip(images, labels, strict=True)):
         yield Sample(key=f"{split}_{index:08d}", label=int(label), image=image)
 
 
@@ -573,26 +702,42 @@ def make_idx_shards(
     tops = {split: int(labels.max(initial=-1)) for split, (_, labels) in arrays.items()}
     top_split = max(tops, key=tops.__getitem__)
     if class_names and tops[top_split] >= len(class_names):
-        raise DataError(f"{files[top_split][1]}: label {tops[top_split]} but only {len(class_names)} class names given")
+        raise DataError(
+            f"{files[top_split][1]}: label {tops[top_split]} but only {len(class_names)} "
+            "class names given"
+        )
     names = list(class_names) if class_names else [str(i) for i in range(tops[top_split] + 1)]
-    splits = {split: (array_samples(split, images, labels), len(labels)) for split, (images, labels) in arrays.items()}
-    source = {"kind": kind, "files": {s: [str(p.resolve()) for p in pair] for s, pair in files.items()},
-              "format": options.image_format}
-    return write_splits(splits, out_dir, options, num_classes=len(names), class_names=names, source=source)
+    splits = {
+        split: (array_samples(split, images, labels), len(labels))
+        for split, (images, labels) in arrays.items()
+    }
+    source = {
+        "kind": kind,
+        "files": {s: [str(p.resolve()) for p in pair] for s, pair in files.items()},
+        "format": options.image_format,
+    }
+    return write_splits(
+        splits, out_dir, options, num_classes=len(names), class_names=names, source=source
+    )
 
 
 def make_fashion_mnist_shards(
-    out_dir: str | Path, directory: str | Path = FASHION_MNIST_DIR, options: ShardOptions | None = None
+    out_dir: str | Path,
+    directory: str | Path = FASHION_MNIST_DIR,
+    options: ShardOptions | None = None,
 ) -> dict[str, Manifest]:
     """Fashion-MNIST ``train``/``test`` shards from the Debian package's IDX files."""
     directory = Path(directory)
     if not directory.is_dir() or not any(IDX_NAME.match(p.name) for p in directory.iterdir()):
         raise DataError(
-            f"{directory}: no Fashion-MNIST IDX files; install the Debian package dataset-fashion-mnist "
+            f"{directory}: no Fashion-MNIST IDX files; install the Debian package "
+            "dataset-fashion-mnist "
             "with `apt-get install dataset-fashion-mnist` (as root, after apt-get update), "
             "or pass --dir with train-images-idx3-ubyte.gz etc."
         )
-    return make_idx_shards(out_dir, [directory], options, class_names=FASHION_MNIST_CLASSES, kind="fashion-mnist")
+    return make_idx_shards(
+        out_dir, [directory], options, class_names=FASHION_MNIST_CLASSES, kind="fashion-mnist"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -611,7 +756,10 @@ def folder_splits(root: str | Path) -> tuple[list[str], dict[str, list[tuple[Pat
     class_dirs = {split: _subdirs(path) for split, path in layout.items()}
     class_names = sorted({d.name for dirs in class_dirs.values() for d in dirs})
     if not class_names:
-        raise DataError(f"{root}: no class folders (expected ROOT/<class>/*.png|jpg or ROOT/<split>/<class>/...)")
+        raise DataError(
+            f"{root}: no class folders "
+            "(expected ROOT/<class>/*.png|jpg or ROOT/<split>/<class>/...)"
+        )
     index = {name: i for i, name in enumerate(class_names)}
     splits = {}
     for split, dirs in class_dirs.items():
@@ -640,11 +788,16 @@ def _folder_layout(root: Path) -> dict[str, Path]:
         return {"train": root}
     if len(split_dirs) != len(subdirs):
         others = [d.name for d in subdirs if d not in split_dirs]
-        raise DataError(f"{root}: mixes split folders {[d.name for d in split_dirs]} with other folders {others}")
+        raise DataError(
+            f"{root}: mixes split folders {[d.name for d in split_dirs]} "
+            f"with other folders {others}"
+        )
     return {d.name: d for d in split_dirs}
 
 
-def file_samples(split: str, files: Sequence[tuple[Path, int]], seed: int | None = 0) -> Iterator[Sample]:
+def file_samples(
+    split: str, files: Sequence[tuple[Path, int]], seed: int | None = 0
+) -> Iterator[Sample]:
     """Samples of image files, keyed ``<split>_NNNNNNNN`` by sorted position and yielded in a
     seeded random order (sorted order when ``seed`` is None), so shards mix classes."""
     order = range(len(files))
@@ -667,7 +820,11 @@ def _read_bytes(path: Path) -> bytes:
 
 
 def make_folder_shards(
-    out_dir: str | Path, root: str | Path, options: ShardOptions | None = None, *, seed: int | None = 0
+    out_dir: str | Path,
+    root: str | Path,
+    options: ShardOptions | None = None,
+    *,
+    seed: int | None = 0,
 ) -> dict[str, Manifest]:
     """Shards of an ImageFolder tree; PNG/JPEG bytes are stored as they are.
 
@@ -676,12 +833,30 @@ def make_folder_shards(
     """
     options = options or ShardOptions()
     class_names, files = folder_splits(root)
-    formats = sorted({FOLDER_EXTENSIONS[p.suffix.lower()] for pairs in files.values() for p, _ in pairs})
+    formats = sorted(
+        {FOLDER_EXTENSIONS[p.suffix.lower()] for pairs in files.values() for p, _ in pairs}
+    )
     image_format = formats[0] if len(formats) == 1 else options.image_format
     if len(formats) > 1:
-        logger.warning("%s mixes PNG and JPEG files: those not %s are re-encoded", root, image_format)
+        logger.warning(
+            "%s mixes PNG and JPEG files: those not %s are re-encoded", root, image_format
+        )
     options = replace(options, image_format=image_format)
-    splits = {split: (file_samples(split, pairs, seed), len(pairs)) for split, pairs in files.items()}
-    source = {"kind": "folder", "root": str(Path(root).resolve()), "seed": seed, "format": image_format,
-              "counts": {split: len(pairs) for split, pairs in files.items()}}
-    return write_splits(splits, out_dir, options, num_classes=len(class_names), class_names=class_names, source=source)
+    splits = {
+        split: (file_samples(split, pairs, seed), len(pairs)) for split, pairs in files.items()
+    }
+    source = {
+        "kind": "folder",
+        "root": str(Path(root).resolve()),
+        "seed": seed,
+        "format": image_format,
+        "counts": {split: len(pairs) for split, pairs in files.items()},
+    }
+    return write_splits(
+        splits,
+        out_dir,
+        options,
+        num_classes=len(class_names),
+        class_names=class_names,
+        source=source,
+    )

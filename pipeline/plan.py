@@ -1,7 +1,7 @@
 """Planning a precompute: scan the shards, open or create the cache, list the shard tasks.
 
 The driver alone runs this module, and it is the only place that writes group attributes
-(through :func:`cache_tools.writer.create_store` and :func:`cache_tools.writer.add_teacher`).
+(through :func:`kdcache.writer.create_store` and :func:`kdcache.writer.add_teacher`).
 A shard task is a shard lacking its views mark or the mark of any teacher of this run; shards
 whose marks are all set are skipped, which is what makes a rerun resume.
 """
@@ -15,17 +15,25 @@ from typing import Any
 
 import fsspec
 
-from cache_tools.config import dump_config
-from cache_tools.errors import CacheError, CacheMismatchError, CacheNotFoundError, ConfigError, DataError, TeacherError
-from cache_tools.lock import WriterLock, check_unlocked
-from cache_tools.manifest import find_manifest
-from cache_tools.models import ModelSpec, build_teacher, weights_digest
-from cache_tools.shards import ShardIndex, expand_shards, key_digest, scan_shards
-from cache_tools.store import CacheStore, Fingerprint, open_store
-from cache_tools.writer import add_teacher, create_store
-from pipeline.config import PrecomputeConfig, check_with_classes
+from kdcache.config import dump_config
+from kdcache.errors import (
+    CacheError,
+    CacheMismatchError,
+    CacheNotFoundError,
+    ConfigError,
+    DataError,
+    TeacherError,
+)
+from kdcache.lock import WriterLock, check_unlocked
+from kdcache.manifest import find_manifest
+from kdcache.models import ModelSpec, build_teacher, weights_digest
+from kdcache.pipeline.config import PrecomputeConfig, check_with_classes
+from kdcache.shards import ShardIndex, expand_shards, key_digest, scan_shards
+from kdcache.store import CacheStore, Fingerprint, open_store
+from kdcache.writer import add_teacher, create_store
 
 logger = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class TeacherPlan:
@@ -81,8 +89,11 @@ def local_path(path: str) -> str:
 
 
 def writer_lock(cfg: PrecomputeConfig) -> WriterLock:
-    """The cache's writer lock (``<cache.path>.lock``): hold it around :func:`make_plan` and the run."""
-    return WriterLock(local_path(cfg.cache.path), cfg.cache.storage_options or None, force=cfg.cache.force_unlock)
+    """The cache's writer lock (``<cache.path>.lock``): hold it around :func:`make_plan` and the
+    run."""
+    return WriterLock(
+        local_path(cfg.cache.path), cfg.cache.storage_options or None, force=cfg.cache.force_unlock
+    )
 
 
 def make_plan(cfg: PrecomputeConfig) -> Plan:
@@ -94,12 +105,21 @@ def make_plan(cfg: PrecomputeConfig) -> Plan:
     data = scan_data(cfg.data.shards, cfg.data.storage_options or None)
     num_classes, class_names = resolve_classes(cfg, data.urls)
     check_with_classes(cfg, num_classes)
-    teachers = [_teacher_plan_at(i, t, num_classes, cfg.cache.recipe.channels) for i, t in enumerate(cfg.teachers)]
+    teachers = [
+        _teacher_plan_at(i, t, num_classes, cfg.cache.recipe.channels)
+        for i, t in enumerate(cfg.teachers)
+    ]
     store, created = open_or_create(cfg, data, num_classes, class_names)
-    for teacher, section in zip(teachers, cfg.teachers):
-        add_teacher(store, teacher.name, model=section.model.model_dump(mode="json"),
-                    weights_digest=teacher.weights_digest, k=teacher.k, encoding=section.encoding,
-                    config=saved_config(cfg))  # fmt: skip
+    for teacher, section in zip(teachers, cfg.teachers, strict=True):
+        add_teacher(
+            store,
+            teacher.name,
+            model=section.model.model_dump(mode="json"),
+            weights_digest=teacher.weights_digest,
+            k=teacher.k,
+            encoding=section.encoding,
+            config=saved_config(cfg),
+        )
     tasks = shard_tasks(store, data, [t.name for t in teachers])
     plan = Plan(store, data, num_classes, class_names, teachers, tasks, created)
     logger.info("%s", describe(plan))
@@ -107,12 +127,14 @@ def make_plan(cfg: PrecomputeConfig) -> Plan:
 
 
 def saved_config(cfg: PrecomputeConfig) -> dict[str, Any]:
-    """The resolved config the cache keeps, with local shard patterns made absolute: ``kdcache verify``
-    replays views from them, from whatever directory it runs in."""
+    """The resolved config the cache keeps, with local shard patterns made absolute:
+    ``kdcache verify`` replays views from them, from whatever directory it runs in."""
     data = dump_config(cfg)
     shards = data["data"]["shards"]
     absolute = lambda p: p if "://" in p else os.path.abspath(p)  # noqa: E731
-    data["data"]["shards"] = absolute(shards) if isinstance(shards, str) else [absolute(p) for p in shards]
+    data["data"]["shards"] = (
+        absolute(shards) if isinstance(shards, str) else [absolute(p) for p in shards]
+    )
     return data
 
 
@@ -123,27 +145,40 @@ def scan_data(shards: str | list[str], storage_options: dict[str, Any] | None = 
     indexes = scan_shards(urls, storage_options=storage_options)
     empty = [index.name for index in indexes if not index.keys]
     if empty:
-        raise DataError(f"data.shards: shard(s) without samples: {empty[:5]} (every shard needs at least one "
-                        "sample: leave the empty ones out of data.shards)")  # fmt: skip
-    fingerprint = Fingerprint(shards=[i.name for i in indexes], counts=[len(i) for i in indexes],
-                              key_digest=key_digest(indexes))  # fmt: skip
+        raise DataError(
+            f"data.shards: shard(s) without samples: {empty[:5]} (every shard needs at least one "
+            "sample: leave the empty ones out of data.shards)"
+        )
+    fingerprint = Fingerprint(
+        shards=[i.name for i in indexes],
+        counts=[len(i) for i in indexes],
+        key_digest=key_digest(indexes),
+    )
     return DataPlan(urls=urls, indexes=indexes, fingerprint=fingerprint)
 
 
 def resolve_classes(cfg: PrecomputeConfig, urls: list[str]) -> tuple[int, list[str]]:
     """``num_classes`` and class names from the config and the manifest beside the shards."""
-    num, names = cfg.data.num_classes, list(cfg.data.class_names)
+    num = cfg.data.num_classes
+    names = list(cfg.data.class_names)
     manifest = find_manifest(urls[0], cfg.data.storage_options or None)
     if manifest is not None:
         if num is not None and num != manifest.num_classes:
-            raise ConfigError(f"data.num_classes: {num} in the config but {manifest.num_classes} in the "
-                              f"manifest beside {urls[0]!r}")  # fmt: skip
+            raise ConfigError(
+                f"data.num_classes: {num} in the config but {manifest.num_classes} in the "
+                f"manifest beside {urls[0]!r}"
+            )
         if names and manifest.class_names and names != manifest.class_names:
-            raise ConfigError(f"data.class_names: differ from the manifest beside {urls[0]!r} "
-                              f"({names[:3]}... vs {manifest.class_names[:3]}...)")  # fmt: skip
-        num, names = num or manifest.num_classes, names or list(manifest.class_names)
+            raise ConfigError(
+                f"data.class_names: differ from the manifest beside {urls[0]!r} "
+                f"({names[:3]}... vs {manifest.class_names[:3]}...)"
+            )
+        num = num or manifest.num_classes
+        names = names or list(manifest.class_names)
     if num is None:
-        raise ConfigError(f"data.num_classes: required key is missing (no manifest beside {urls[0]!r})")
+        raise ConfigError(
+            f"data.num_classes: required key is missing (no manifest beside {urls[0]!r})"
+        )
     return num, names
 
 
@@ -155,16 +190,21 @@ def _teacher_plan_at(index: int, section, num_classes: int, in_chans: int) -> Te
         raise TeacherError(f"teachers.{index}.model (teacher {section.name!r}): {exc}") from exc
 
 
-def teacher_plan(name: str, spec: ModelSpec, k: int, num_classes: int, in_chans: int) -> TeacherPlan:
+def teacher_plan(
+    name: str, spec: ModelSpec, k: int, num_classes: int, in_chans: int
+) -> TeacherPlan:
     """Build the teacher once on CPU to fingerprint its weights."""
     digest = weights_digest(build_teacher(spec, num_classes, in_chans))
     return TeacherPlan(name=name, spec=spec, k=k, weights_digest=digest)
 
 
-def open_or_create(cfg: PrecomputeConfig, data: DataPlan, num_classes: int,
-                   class_names: list[str]) -> tuple[CacheStore, bool]:  # fmt: skip
-    """The existing cache checked against this run, or a new one (``cache.overwrite`` starts over)."""
-    path, options = local_path(cfg.cache.path), cfg.cache.storage_options or None
+def open_or_create(
+    cfg: PrecomputeConfig, data: DataPlan, num_classes: int, class_names: list[str]
+) -> tuple[CacheStore, bool]:
+    """The existing cache checked against this run, or a new one (``cache.overwrite`` starts
+    over)."""
+    path = local_path(cfg.cache.path)
+    options = cfg.cache.storage_options or None
     if not cfg.cache.overwrite:
         store = _open_existing(path, options)
         if store is not None:
@@ -172,27 +212,48 @@ def open_or_create(cfg: PrecomputeConfig, data: DataPlan, num_classes: int,
             return store, False
     _refuse_foreign(path, options)
     store = create_store(
-        path, fingerprint=data.fingerprint, keys=[list(i.keys) for i in data.indexes],
-        recipe=cfg.cache.recipe, num_views=cfg.cache.num_views, num_classes=num_classes,
-        class_names=class_names, seed=cfg.cache.seed, config=saved_config(cfg),
-        overwrite=cfg.cache.overwrite, storage_options=options,
-    )  # fmt: skip
+        path,
+        fingerprint=data.fingerprint,
+        keys=[list(i.keys) for i in data.indexes],
+        recipe=cfg.cache.recipe,
+        num_views=cfg.cache.num_views,
+        num_classes=num_classes,
+        class_names=class_names,
+        seed=cfg.cache.seed,
+        config=saved_config(cfg),
+        overwrite=cfg.cache.overwrite,
+        storage_options=options,
+    )
     logger.info("created cache %s", path)
     return store, True
 
 
-def _check_compatible(store: CacheStore, cfg: PrecomputeConfig, data: DataPlan, num_classes: int) -> None:
+def _check_compatible(
+    store: CacheStore, cfg: PrecomputeConfig, data: DataPlan, num_classes: int
+) -> None:
     try:
-        store.check_compatible(fingerprint=data.fingerprint, recipe=cfg.cache.recipe, num_views=cfg.cache.num_views,
-                               num_classes=num_classes, seed=cfg.cache.seed)  # fmt: skip
+        store.check_compatible(
+            fingerprint=data.fingerprint,
+            recipe=cfg.cache.recipe,
+            num_views=cfg.cache.num_views,
+            num_classes=num_classes,
+            seed=cfg.cache.seed,
+        )
     except CacheMismatchError as exc:
         changed = changed_key_shards(store, data)
-        where = f"\n  keys changed in shard(s) {changed[:5]}{' ...' if len(changed) > 5 else ''}" if changed else ""
-        raise CacheMismatchError(f"{exc}{where}\n(use another cache.path, or --overwrite to start this cache over)") from None
+        where = (
+            f"\n  keys changed in shard(s) {changed[:5]}{' ...' if len(changed) > 5 else ''}"
+            if changed
+            else ""
+        )
+        raise CacheMismatchError(
+            f"{exc}{where}\n(use another cache.path, or --overwrite to start this cache over)"
+        ) from None
 
 
 def changed_key_shards(store: CacheStore, data: DataPlan) -> list[str]:
-    """Shards (same name and count in cache and data) whose stored keys differ from the scanned ones."""
+    """Shards (same name and count in cache and data) whose stored keys differ from the scanned
+    ones."""
     cached = store.meta.fingerprint
     if cached.shards != data.fingerprint.shards or cached.key_digest == data.fingerprint.key_digest:
         return []
@@ -211,9 +272,13 @@ def _open_existing(path: str, options: dict[str, Any] | None) -> CacheStore | No
     except CacheNotFoundError:
         return None
     except CacheError as exc:
-        if type(exc) is CacheError:  # a Zarr group without kdcache attributes: creation was cut short
-            raise CacheError(f"{exc}; if an earlier precompute was interrupted while creating it, "
-                             "rerun with --overwrite") from None  # fmt: skip
+        if (
+            type(exc) is CacheError
+        ):  # a Zarr group without kdcache attributes: creation was cut short
+            raise CacheError(
+                f"{exc}; if an earlier precompute was interrupted while creating it, "
+                "rerun with --overwrite"
+            ) from None
         raise
 
 
@@ -226,8 +291,10 @@ def _refuse_foreign(path: str, options: dict[str, Any] | None) -> None:
         raise CacheError(f"cache.path: {path!r} is a file, not a cache directory")
     names = {str(p).rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)}
     if names and "zarr.json" not in names:
-        raise CacheError(f"cache.path: {path!r} exists, is not empty and is not a Zarr group; "
-                         "refusing to write a cache there")  # fmt: skip
+        raise CacheError(
+            f"cache.path: {path!r} exists, is not empty and is not a Zarr group; "
+            "refusing to write a cache there"
+        )
 
 
 def shard_tasks(store: CacheStore, data: DataPlan, teachers: list[str]) -> list[ShardTask]:
@@ -235,12 +302,20 @@ def shard_tasks(store: CacheStore, data: DataPlan, teachers: list[str]) -> list[
     views = store.views_done()
     done = {name: store.teacher_done(name) for name in teachers}
     tasks = []
-    for i, (url, index) in enumerate(zip(data.urls, data.indexes)):
+    for i, (url, index) in enumerate(zip(data.urls, data.indexes, strict=True)):
         missing = tuple(name for name in teachers if not done[name][i])
         if missing or not views[i]:
             make = not bool(views[i])
-            tasks.append(ShardTask(index=i, url=url, name=index.name, keys=tuple(index.keys),
-                                   make_views=make, teachers=tuple(teachers) if make else missing))  # fmt: skip
+            tasks.append(
+                ShardTask(
+                    index=i,
+                    url=url,
+                    name=index.name,
+                    keys=tuple(index.keys),
+                    make_views=make,
+                    teachers=tuple(teachers) if make else missing,
+                )
+            )
     return tasks
 
 
@@ -250,6 +325,8 @@ def describe(plan: Plan) -> str:
     views = sum(t.make_views for t in plan.tasks)
     teachers = ", ".join(f"{t.name} (k={t.k})" for t in plan.teachers)
     state = "new cache" if plan.created else "existing cache"
-    return (f"{state} {plan.cache_path}: {len(fp.shards)} shards, {fp.num_samples} samples, "
-            f"{plan.num_classes} classes; teachers {teachers}; {len(plan.tasks)} shard(s) to do "
-            f"({views} need views)")  # fmt: skip
+    return (
+        f"{state} {plan.cache_path}: {len(fp.shards)} shards, {fp.num_samples} samples, "
+        f"{plan.num_classes} classes; teachers {teachers}; {len(plan.tasks)} shard(s) to do "
+        f"({views} need views)"
+    )

@@ -1,20 +1,19 @@
 """The precompute driver: Ray actors over the planned shard tasks, progress and a summary.
 
-Locally it starts an embedded Ray (``ray.init(address="local", ...)``) unless this process
-already initialised Ray (tests start it once per module; the runner reuses it) or
-``ray.address`` names a cluster to join. One :class:`~pipeline.worker.ShardWorker` actor per GPU
-(or N CPU actors), one shard task in flight on each, fed with ``ray.wait`` to actors that have
-finished building their teachers. The :class:`Dispatcher`, not Ray, handles dead actors: a shard
-whose actor died is retried later on a fresh actor (``ray.max_task_retries`` times, then it fails
-by name), and a dead actor is replaced (``ray.max_restarts`` times per actor slot). A shard that
-still fails does not stop the others; at the end :class:`ShardsFailedError` lists the failed
-shards and why (their marks are absent, so a rerun redoes exactly them). Without a terminal
-(no tqdm bar) :class:`Progress` logs shards done, views/s and the ETA every 30 s. Actors are
-killed at the end, so several precomputes can run in one Ray session. :func:`precompute` plans
-and runs under the cache's writer lock (``<cache>.lock``): a second precompute on the same cache
-is refused, naming the holder.
+Locally it starts an embedded Ray (``ray.init(address="local", ...)``) unless this process already
+initialised Ray (tests start it once per module; the runner reuses it) or ``ray.address`` names a
+cluster to join. One :class:`~kdcache.pipeline.worker.ShardWorker` actor per GPU (or N CPU actors),
+one shard task in flight on each, fed with ``ray.wait`` to actors that have finished building their
+teachers. The :class:`Dispatcher`, not Ray, handles dead actors: a shard whose actor died is retried
+later on a fresh actor (``ray.max_task_retries`` times, then it fails by name), and a dead actor is
+replaced (``ray.max_restarts`` times per actor slot). A shard that still fails does not stop the
+others; at the end :class:`ShardsFailedError` lists the failed shards and why (their marks are
+absent, so a rerun redoes exactly them). Without a terminal (no tqdm bar) :class:`Progress` logs
+shards done, views/s and the ETA every 30 s. Actors are killed at the end, so several precomputes
+can run in one Ray session. :func:`precompute` plans and runs under the cache's writer lock
+(``<cache>.lock``): a second precompute on the same cache is refused, naming the holder.
 
-Test-only: the fault hook variable of :mod:`pipeline.worker` (``KDCACHE_FAULT_CRASH_SHARD``)
+Test-only: the fault hook variable of :mod:`kdcache.pipeline.worker` (``KDCACHE_FAULT_CRASH_SHARD``)
 is passed on to the actors through ``runtime_env`` when the driver sees it set.
 """
 
@@ -35,11 +34,11 @@ import fsspec
 import ray
 from tqdm import tqdm
 
-from cache_tools.errors import ConfigError, KdcacheError
-from cache_tools.lock import check_unlocked
-from pipeline.config import PrecomputeConfig, RaySection
-from pipeline.plan import Plan, ShardTask, make_plan, writer_lock
-from pipeline.worker import FAULT_ENV, ShardResult, ShardWorker, WorkerSettings
+from kdcache.errors import ConfigError, KdcacheError
+from kdcache.lock import check_unlocked
+from kdcache.pipeline.config import PrecomputeConfig, RaySection
+from kdcache.pipeline.plan import Plan, ShardTask, make_plan, writer_lock
+from kdcache.pipeline.worker import FAULT_ENV, ShardResult, ShardWorker, WorkerSettings
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +55,10 @@ class ShardsFailedError(KdcacheError, RuntimeError):
         for name, why in sorted(failures.items()):
             groups.setdefault(describe_failure(why), []).append(name)
         lines = [f"{_names(names)}: {why}" for why, names in groups.items()]
-        super().__init__(f"{len(failures)} of {total} shard task(s) failed (their marks are not set; "
-                         "a rerun redoes them):\n  " + "\n  ".join(lines))  # fmt: skip
+        super().__init__(
+            f"{len(failures)} of {total} shard task(s) failed (their marks are not set; "
+            "a rerun redoes them):\n  " + "\n  ".join(lines)
+        )
 
 
 def _names(names: list[str], most: int = 4) -> str:
@@ -95,30 +96,41 @@ class Summary:
         busy = self.views / self.busy_seconds if self.busy_seconds else 0.0
         per_view = self.store_bytes / max(1, self.cache_views * max(1, self.cache_teachers))
         return [
-            f"precompute: {self.tasks - self.failed}/{self.tasks} shard task(s) done in {self.wall_seconds:.1f} s "
+            f"precompute: {self.tasks - self.failed}/{self.tasks} shard task(s) done "
+            f"in {self.wall_seconds:.1f} s "
             f"-> {self.cache_path}",
-            f"  views processed: {self.views} ({self.invalid_views} invalid), {rate:.0f} views/s overall, "
-            f"{busy:.0f} views/s once actors were up; views made for {self.made_view_shards} shard(s); "
+            f"  views processed: {self.views} ({self.invalid_views} invalid), "
+            f"{rate:.0f} views/s overall, "
+            f"{busy:.0f} views/s once actors were up; "
+            f"views made for {self.made_view_shards} shard(s); "
             f"teacher forward {self.forward_seconds:.1f} s in actors",
-            f"  cache: {self.complete}; {self.store_bytes / 1e6:.2f} MB {'stored' if '://' in self.cache_path else 'on disk'} "
+            f"  cache: {self.complete}; {self.store_bytes / 1e6:.2f} MB "
+            f"{'stored' if '://' in self.cache_path else 'on disk'} "
             f"= {per_view:.1f} B per view "
             f"per teacher ({self.cache_views} views x {self.cache_teachers} teacher(s))",
-        ]  # fmt: skip
+        ]
 
 
 def worker_settings(cfg: PrecomputeConfig, plan: Plan) -> WorkerSettings:
     threads = cfg.runtime.torch_threads or max(1, int(cfg.ray.cpus_per_actor))
     return WorkerSettings(
-        cache_path=plan.cache_path, storage_options=dict(cfg.cache.storage_options),
+        cache_path=plan.cache_path,
+        storage_options=dict(cfg.cache.storage_options),
         data_storage_options=dict(cfg.data.storage_options),
-        recipe=cfg.cache.recipe, num_views=cfg.cache.num_views, seed=cfg.cache.seed,
-        num_classes=plan.num_classes, on_error=cfg.data.on_error, teachers=tuple(plan.teachers),
-        runtime=cfg.runtime, torch_threads=threads,
-    )  # fmt: skip
+        recipe=cfg.cache.recipe,
+        num_views=cfg.cache.num_views,
+        seed=cfg.cache.seed,
+        num_classes=plan.num_classes,
+        on_error=cfg.data.on_error,
+        teachers=tuple(plan.teachers),
+        runtime=cfg.runtime,
+        torch_threads=threads,
+    )
 
 
 def precompute(cfg: PrecomputeConfig, progress: bool | None = None) -> tuple[Plan, Summary | None]:
-    """Plan and run under the cache's writer lock: the plan, and the summary (None: nothing to do)."""
+    """Plan and run under the cache's writer lock: the plan, and the summary (None: nothing to
+    do)."""
     with writer_lock(cfg):
         plan = make_plan(cfg)
         return plan, (run_precompute(cfg, plan, progress) if plan.tasks else None)
@@ -137,7 +149,8 @@ def run_precompute(cfg: PrecomputeConfig, plan: Plan, progress: bool | None = No
         finally:
             if started:
                 ray.shutdown()
-    summary.failed, summary.wall_seconds = len(failures), time.perf_counter() - start
+    summary.failed = len(failures)
+    summary.wall_seconds = time.perf_counter() - start
     _describe_cache(plan, cfg, summary)
     if failures:
         raise ShardsFailedError(failures, len(plan.tasks))
@@ -146,10 +159,19 @@ def run_precompute(cfg: PrecomputeConfig, plan: Plan, progress: bool | None = No
 
 def _run_actors(cfg: PrecomputeConfig, plan: Plan, summary: Summary, progress: bool | None) -> dict:
     count, new_actor = actor_factory(cfg.ray, worker_settings(cfg, plan), len(plan.tasks))
-    shown = Progress(summary, len(plan.tasks), enabled=sys.stderr.isatty() if progress is None else progress)
-    dispatcher = Dispatcher(new_actor, count, plan.tasks, shown.shard_done, retries=cfg.ray.max_task_retries,
-                            replacements=cfg.ray.max_restarts, on_failure=shown.shard_failed,
-                            on_first_ready=shown.actors_up)  # fmt: skip
+    shown = Progress(
+        summary, len(plan.tasks), enabled=sys.stderr.isatty() if progress is None else progress
+    )
+    dispatcher = Dispatcher(
+        new_actor,
+        count,
+        plan.tasks,
+        shown.shard_done,
+        retries=cfg.ray.max_task_retries,
+        replacements=cfg.ray.max_restarts,
+        on_failure=shown.shard_failed,
+        on_first_ready=shown.actors_up,
+    )
     try:
         failures = dispatcher.run()
         if dispatcher.first_ready is not None:
@@ -169,10 +191,21 @@ class Progress:
     was up (actor start-up left out, as in the summary's "views/s once actors were up").
     """
 
-    def __init__(self, summary: Summary, total: int, enabled: bool, interval: float = PROGRESS_LOG_SECONDS,
-                 clock: Callable[[], float] = time.monotonic):  # fmt: skip
-        self.summary, self.total, self.interval, self.clock = summary, total, interval, clock
-        self.bar = tqdm(total=total, unit="shard", desc="precompute", dynamic_ncols=True, disable=not enabled)
+    def __init__(
+        self,
+        summary: Summary,
+        total: int,
+        enabled: bool,
+        interval: float = PROGRESS_LOG_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.summary = summary
+        self.total = total
+        self.interval = interval
+        self.clock = clock
+        self.bar = tqdm(
+            total=total, unit="shard", desc="precompute", dynamic_ncols=True, disable=not enabled
+        )
         self.start = self.last_line = clock()
         self.failed = 0
 
@@ -187,10 +220,17 @@ class Progress:
         summary.invalid_views += result.invalid_views
         summary.made_view_shards += int(result.made_views)
         summary.forward_seconds += result.forward_seconds
-        logger.log(logging.DEBUG if not self.bar.disable else logging.INFO,
-                   "shard %s done (%d/%d): %d views, %d invalid, %.1f s (teacher forward %.1f s)", result.shard,
-                   len(summary.results), self.total, result.views, result.invalid_views, result.seconds,
-                   result.forward_seconds)  # fmt: skip
+        logger.log(
+            logging.DEBUG if not self.bar.disable else logging.INFO,
+            "shard %s done (%d/%d): %d views, %d invalid, %.1f s (teacher forward %.1f s)",
+            result.shard,
+            len(summary.results),
+            self.total,
+            result.views,
+            result.invalid_views,
+            result.seconds,
+            result.forward_seconds,
+        )
         self._advance()
 
     def shard_failed(self, name: str) -> None:
@@ -206,17 +246,22 @@ class Progress:
         settled = len(self.summary.results) + self.failed
         eta = _duration(elapsed / settled * (self.total - settled)) if settled else "unknown"
         failed = f" ({self.failed} failed)" if self.failed else ""
-        return (f"precompute: {len(self.summary.results)}/{self.total} shards done{failed}, "
-                f"{self.summary.views / elapsed:.0f} views/s, {_duration(elapsed)} elapsed, ETA {eta}")  # fmt: skip
+        return (
+            f"precompute: {len(self.summary.results)}/{self.total} shards done{failed}, "
+            f"{self.summary.views / elapsed:.0f} views/s, {_duration(elapsed)} elapsed, ETA {eta}"
+        )
 
     def _advance(self) -> None:
         self.bar.update(1)
         if not self.bar.disable:
             elapsed = self.bar.format_dict.get("elapsed") or 0.0
             failed = f", {self.failed} failed" if self.failed else ""
-            self.bar.set_postfix_str(f"{self.summary.views / elapsed:.0f} views/s{failed}" if elapsed else failed)
+            self.bar.set_postfix_str(
+                f"{self.summary.views / elapsed:.0f} views/s{failed}" if elapsed else failed
+            )
             return
-        now, last = self.clock(), len(self.summary.results) + self.failed == self.total
+        now = self.clock()
+        last = len(self.summary.results) + self.failed == self.total
         if last or now - self.last_line >= self.interval:
             self.last_line = now
             logger.info("%s", self.line())
@@ -241,29 +286,49 @@ def ensure_ray(section: RaySection) -> bool:
         return True
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local only: no ~/.ray/auth_token
     # num_cpus / num_gpus left to Ray, which reads the cgroup CPU quota and CUDA_VISIBLE_DEVICES
-    ray.init(address="local", include_dashboard=False, _temp_dir=section.temp_dir, logging_level=logging.WARNING)
+    ray.init(
+        address="local",
+        include_dashboard=False,
+        _temp_dir=section.temp_dir,
+        logging_level=logging.WARNING,
+    )
     return True
 
 
 def actor_layout(section: RaySection, num_tasks: int) -> tuple[int, float, float]:
     """(number of actors, CPUs per actor, GPUs per actor) for this cluster."""
     resources = ray.cluster_resources()
-    cpus_total, gpus_total = float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
-    gpus = section.gpus_per_actor if section.gpus_per_actor is not None else (1.0 if gpus_total else 0.0)
+    cpus_total = float(resources.get("CPU", 0))
+    gpus_total = float(resources.get("GPU", 0))
+    gpus = (
+        section.gpus_per_actor
+        if section.gpus_per_actor is not None
+        else (1.0 if gpus_total else 0.0)
+    )
     fit = math.floor(cpus_total / section.cpus_per_actor)
     if gpus:
         fit = min(fit, math.floor(gpus_total / gpus))
     if fit < 1:
-        raise ConfigError(f"ray.cpus_per_actor / ray.gpus_per_actor: an actor needs {section.cpus_per_actor} CPU(s) "
-                          f"and {gpus} GPU(s), the cluster has {cpus_total:g} and {gpus_total:g}")  # fmt: skip
+        raise ConfigError(
+            "ray.cpus_per_actor / ray.gpus_per_actor: "
+            f"an actor needs {section.cpus_per_actor} CPU(s) "
+            f"and {gpus} GPU(s), the cluster has {cpus_total:g} and {gpus_total:g}"
+        )
     wanted = section.num_actors or fit
     if wanted > fit:
-        logger.warning("ray.num_actors=%d but only %d fit the cluster now; the others wait for resources", wanted, fit)
+        logger.warning(
+            "ray.num_actors=%d but only %d fit the cluster now; the others wait for resources",
+            wanted,
+            fit,
+        )
     return max(1, min(wanted, num_tasks)), section.cpus_per_actor, gpus
 
 
-def actor_factory(section: RaySection, settings: WorkerSettings, num_tasks: int) -> tuple[int, Callable[[], Any]]:
-    """How many shard actors to run, and a function that creates one (not waiting for it: the dispatcher does).
+def actor_factory(
+    section: RaySection, settings: WorkerSettings, num_tasks: int
+) -> tuple[int, Callable[[], Any]]:
+    """How many shard actors to run, and a function that creates one (not waiting for it: the
+    dispatcher does).
 
     Ray neither restarts these actors nor retries their tasks (``max_restarts=0``,
     ``max_task_retries=0``): the :class:`Dispatcher` counts each shard's attempts and replaces a
@@ -311,14 +376,24 @@ class Dispatcher:
     Shards still queued when no slot is left fail with "no shard actor left to run it".
     """
 
-    def __init__(self, new_actor: Callable[[], Any], count: int, tasks: list[ShardTask],
-                 on_result: Callable[[ShardResult], None], retries: int = 0, replacements: int = 0,
-                 on_failure: Callable[[str], None] | None = None,
-                 on_first_ready: Callable[[], None] | None = None):  # fmt: skip
-        self.new_actor, self.on_result, self.on_failure = new_actor, on_result, on_failure
+    def __init__(
+        self,
+        new_actor: Callable[[], Any],
+        count: int,
+        tasks: list[ShardTask],
+        on_result: Callable[[ShardResult], None],
+        retries: int = 0,
+        replacements: int = 0,
+        on_failure: Callable[[str], None] | None = None,
+        on_first_ready: Callable[[], None] | None = None,
+    ):
+        self.new_actor = new_actor
+        self.on_result = on_result
+        self.on_failure = on_failure
         self.on_first_ready = on_first_ready
         self.queue = deque(tasks)
-        self.retries, self.replacements = retries, replacements
+        self.retries = retries
+        self.replacements = replacements
         self.slots = [Slot(index) for index in range(count)]
         self.pending: dict[Any, tuple[Slot, ShardTask | None]] = {}
         self.attempts: dict[str, int] = {}
@@ -353,7 +428,8 @@ class Dispatcher:
         return bool(self.queue) and bool(self.pending)  # actors still starting
 
     def _start(self, slot: Slot) -> None:
-        slot.actor, slot.ready = self.new_actor(), False
+        slot.actor = self.new_actor()
+        slot.ready = False
         self.created.append(slot.actor)
         self.pending[slot.actor.ready.remote()] = (slot, None)
 
@@ -389,21 +465,33 @@ class Dispatcher:
             self.on_result(result)
 
     def _actor_died(self, slot: Slot, task: ShardTask, exc: BaseException) -> None:
-        """The slot's actor died running ``task`` (its only task): retry the shard later, or fail it."""
+        """The slot's actor died running ``task`` (its only task): retry the shard later, or fail
+        it."""
         self._down(slot)
         attempts = self.attempts[task.name] = self.attempts.get(task.name, 0) + 1
         if attempts > self.retries:
-            self._fail(task, f"its shard actor died while processing it on every attempt "
-                             f"({attempts}, ray.max_task_retries={self.retries}): {_cause(exc)}")  # fmt: skip
+            self._fail(
+                task,
+                f"its shard actor died while processing it on every attempt "
+                f"({attempts}, ray.max_task_retries={self.retries}): {_cause(exc)}",
+            )
             return
-        logger.warning("shard actor %d died while processing shard %s (attempt %d of %d), the shard goes back "
-                       "to the queue: %s", slot.index, task.name, attempts, self.retries + 1, _cause(exc))  # fmt: skip
+        logger.warning(
+            "shard actor %d died while processing shard %s (attempt %d of %d), the shard goes back "
+            "to the queue: %s",
+            slot.index,
+            task.name,
+            attempts,
+            self.retries + 1,
+            _cause(exc),
+        )
         self.queue.append(task)
 
     def _down(self, slot: Slot) -> None:
         """The slot's actor is dead (or unreachable: killed, so it is never used again)."""
         ray.kill(slot.actor, no_restart=True)
-        slot.actor, slot.ready = None, False
+        slot.actor = None
+        slot.ready = False
 
     def _give_up(self, slot: Slot, why: str) -> None:
         logger.error("shard actor %d: %s", slot.index, why)
@@ -412,17 +500,25 @@ class Dispatcher:
         slot.gone = why
 
     def _replace(self) -> None:
-        """A fresh actor in each slot whose actor died, while shards wait and the slot's budget lasts."""
+        """A fresh actor in each slot whose actor died, while shards wait and the slot's budget
+        lasts."""
         for slot in self.slots:
             if slot.actor is not None or slot.gone or not self.queue:
                 continue
             if slot.replacements >= self.replacements:
-                self._give_up(slot, f"its actor died {slot.replacements + 1} time(s), "
-                                    f"ray.max_restarts={self.replacements} replacement(s) spent")  # fmt: skip
+                self._give_up(
+                    slot,
+                    f"its actor died {slot.replacements + 1} time(s), "
+                    f"ray.max_restarts={self.replacements} replacement(s) spent",
+                )
                 continue
             slot.replacements += 1
-            logger.warning("starting a fresh shard actor %d (replacement %d of ray.max_restarts=%d)",
-                           slot.index, slot.replacements, self.replacements)  # fmt: skip
+            logger.warning(
+                "starting a fresh shard actor %d (replacement %d of ray.max_restarts=%d)",
+                slot.index,
+                slot.replacements,
+                self.replacements,
+            )
             self._start(slot)
 
     def _submit(self) -> None:
@@ -438,8 +534,12 @@ class Dispatcher:
         while self.queue:
             task = self.queue.popleft()
             tried = self.attempts.get(task.name, 0)
-            died = (f"its shard actor died while processing it ({tried} of {self.retries + 1} attempts), then "
-                    if tried else "")  # fmt: skip
+            died = (
+                "its shard actor died while processing it "
+                f"({tried} of {self.retries + 1} attempts), then "
+                if tried
+                else ""
+            )
             self._fail(task, f"{died}no shard actor left to run it: {reasons}")
 
     def _fail(self, task: ShardTask, why: BaseException | str) -> None:
@@ -447,6 +547,7 @@ class Dispatcher:
         logger.error("shard %s failed: %s", task.name, describe_failure(why))
         if self.on_failure is not None:
             self.on_failure(task.name)
+
 
 def _cause(exc: BaseException) -> str:
     """A short reason from a Ray error: the exception line of its traceback, else its first line."""
@@ -463,8 +564,13 @@ def _describe_cache(plan: Plan, cfg: PrecomputeConfig, summary: Summary) -> None
     summary.cache_teachers = len(store.teachers)
     summary.store_bytes = store_size(plan.cache_path, cfg.cache.storage_options)
     missing = store.incomplete_shards([t.name for t in plan.teachers])
-    summary.complete = ("all {} shards complete for {}".format(store.num_shards, ", ".join(t.name for t in plan.teachers))
-                        if not missing else f"incomplete: {', '.join(f'{k}: {len(v)}' for k, v in missing.items())}")  # fmt: skip
+    summary.complete = (
+        "all {} shards complete for {}".format(
+            store.num_shards, ", ".join(t.name for t in plan.teachers)
+        )
+        if not missing
+        else f"incomplete: {', '.join(f'{k}: {len(v)}' for k, v in missing.items())}"
+    )
 
 
 def store_size(path: str, storage_options: dict[str, Any] | None = None) -> int:

@@ -1,13 +1,13 @@
 """The shard worker: teachers over every view of one shard, written as that shard's chunks.
 
-:class:`ShardWorker` is a plain callable class. The runner wraps it as a Ray actor (one per GPU,
-or N on CPUs); tests and debugging call it in-process: ``ShardWorker(settings)(task)``. It builds
-each teacher once, then per shard task streams the tar, checks the keys against the plan, decodes
-each image once, replays A views (from ``(seed, key, a)``, or from the parameters already stored
-when an earlier run made the shard's views) in a background thread a few batches ahead, runs every
-teacher per batch under ``inference_mode`` meanwhile, reduces the logits to top-k / logsumexp / label logit on the device, and
-writes views (if needed) and each teacher's targets, each completion mark last. It never writes
-group attributes.
+:class:`ShardWorker` is a plain callable class. The runner wraps it as a Ray actor (one per GPU, or
+N on CPUs); tests and debugging call it in-process: ``ShardWorker(settings)(task)``. It builds each
+teacher once, then per shard task streams the tar, checks the keys against the plan, decodes each
+image once, replays A views (from ``(seed, key, a)``, or from the parameters already stored when an
+earlier run made the shard's views) in a background thread a few batches ahead, runs every teacher
+per batch under ``inference_mode`` meanwhile, reduces the logits to top-k / logsumexp / label logit
+on the device, and writes views (if needed) and each teacher's targets, each completion mark last.
+It never writes group attributes.
 
 Test-only fault hook: with ``KDCACHE_FAULT_CRASH_SHARD=<shard name>:<marker file>`` set, the
 worker processing that shard, if the marker file does not exist, creates it and calls
@@ -30,17 +30,17 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from cache_tools.errors import DataError, TeacherError
-from cache_tools.models import build_teacher, weights_digest
-from cache_tools.reader import read_block
-from cache_tools.shards import Sample, decode_image, iter_shard
-from cache_tools.store import STATUS_INVALID, STATUS_VALID, open_store
-from cache_tools.targets import SparseTargets, from_logits
-from cache_tools.teacher import ModelRunner, check_finite
-from cache_tools.views import NUM_PARAMS, ViewRecipe, replay_views, view_params
-from cache_tools.writer import write_teacher, write_views
-from pipeline.config import RuntimeSection
-from pipeline.plan import ShardTask, TeacherPlan
+from kdcache.errors import DataError, TeacherError
+from kdcache.models import build_teacher, weights_digest
+from kdcache.pipeline.config import RuntimeSection
+from kdcache.pipeline.plan import ShardTask, TeacherPlan
+from kdcache.reader import read_block
+from kdcache.shards import Sample, decode_image, iter_shard
+from kdcache.store import STATUS_INVALID, STATUS_VALID, open_store
+from kdcache.targets import SparseTargets, from_logits
+from kdcache.teacher import ModelRunner, check_finite
+from kdcache.views import NUM_PARAMS, ViewRecipe, replay_views, view_params
+from kdcache.writer import write_teacher, write_views
 
 logger = logging.getLogger(__name__)
 
@@ -95,9 +95,14 @@ class ShardRows:
     stored: bool
 
     @classmethod
-    def fresh(cls, n: int, num_views: int) -> "ShardRows":
-        return cls(np.full(n, -1, np.int32), np.zeros(n, np.int8), [""] * n,
-                   np.zeros((n, num_views, NUM_PARAMS), np.int32), stored=False)  # fmt: skip
+    def fresh(cls, n: int, num_views: int) -> ShardRows:
+        return cls(
+            np.full(n, -1, np.int32),
+            np.zeros(n, np.int8),
+            [""] * n,
+            np.zeros((n, num_views, NUM_PARAMS), np.int32),
+            stored=False,
+        )
 
 
 @dataclass
@@ -111,9 +116,11 @@ class TeacherArrays:
     tail_lse: np.ndarray
 
     @classmethod
-    def zeros(cls, n: int, num_views: int, k: int) -> "TeacherArrays":
+    def zeros(cls, n: int, num_views: int, k: int) -> TeacherArrays:
         scalars = [np.zeros((n, num_views), np.float32) for _ in range(3)]
-        return cls(np.zeros((n, num_views, k), np.int32), np.zeros((n, num_views, k), np.float32), *scalars)
+        return cls(
+            np.zeros((n, num_views, k), np.int32), np.zeros((n, num_views, k), np.float32), *scalars
+        )
 
     def put(self, flat: np.ndarray, targets: SparseTargets) -> None:
         """Store a batch at flat view indices ``row * A + a`` (copies the small arrays to CPU)."""
@@ -129,7 +136,8 @@ class ViewBatcher:
     """Collects samples' views into batches of exactly ``size`` views (the last one smaller)."""
 
     def __init__(self, size: int, num_views: int):
-        self.size, self.num_views = size, num_views
+        self.size = size
+        self.num_views = num_views
         self.flat: list[np.ndarray] = []
         self.views: list[torch.Tensor] = []
         self.count = 0
@@ -146,8 +154,11 @@ class ViewBatcher:
             yield self._take(self.count)
 
     def _take(self, n: int) -> tuple[np.ndarray, torch.Tensor]:
-        flat, views = np.concatenate(self.flat), torch.cat(self.views)
-        self.flat, self.views, self.count = [flat[n:]], [views[n:]], self.count - n
+        flat = np.concatenate(self.flat)
+        views = torch.cat(self.views)
+        self.flat = [flat[n:]]
+        self.views = [views[n:]]
+        self.count = self.count - n
         return flat[:n], views[:n]
 
 
@@ -167,11 +178,18 @@ class ShardWorker:
         digest = weights_digest(model)
         if digest != teacher.weights_digest:
             raise TeacherError(
-                f"teacher {teacher.name!r}: the weights built here (digest {digest}) differ from the driver's "
+                f"teacher {teacher.name!r}: the weights built here (digest {digest}) "
+                "differ from the driver's "
                 f"({teacher.weights_digest}); is the checkpoint file the same on every node?"
             )
-        return ModelRunner(model, s.recipe, device=s.runtime.device, amp=s.runtime.amp,
-                           channels_last=s.runtime.channels_last, name=teacher.name)  # fmt: skip
+        return ModelRunner(
+            model,
+            s.recipe,
+            device=s.runtime.device,
+            amp=s.runtime.amp,
+            channels_last=s.runtime.channels_last,
+            name=teacher.name,
+        )
 
     def ready(self) -> int:
         """The actor's process id, once the teachers are built (the runner waits on this)."""
@@ -181,7 +199,8 @@ class ShardWorker:
         """Process one shard task and write its chunks and marks."""
         start = time.perf_counter()
         rows = self._initial_rows(task)
-        n, a = len(task.keys), self.settings.num_views
+        n = len(task.keys)
+        a = self.settings.num_views
         out = {name: TeacherArrays.zeros(n, a, self.k[name]) for name in task.teachers}
         forward = 0.0
         batches = background(self._batches(task, rows), self.settings.prefetch_batches)
@@ -192,8 +211,15 @@ class ShardWorker:
                 maybe_crash(task.name)
         self._write(task, rows, out)
         invalid = int((rows.status != STATUS_VALID).sum()) * a
-        result = ShardResult(task.name, n * a, invalid, time.perf_counter() - start, forward,
-                             task.make_views, task.teachers)  # fmt: skip
+        result = ShardResult(
+            task.name,
+            n * a,
+            invalid,
+            time.perf_counter() - start,
+            forward,
+            task.make_views,
+            task.teachers,
+        )
         logger.debug("%s", result)
         return result
 
@@ -202,18 +228,29 @@ class ShardWorker:
         if task.make_views:
             return ShardRows.fresh(len(task.keys), self.settings.num_views)
         block = read_block(self.store, task.index)
-        return ShardRows(np.asarray(block.labels), np.asarray(block.status), [str(e) for e in block.errors],
-                         np.asarray(block.view_params), stored=True)  # fmt: skip
+        return ShardRows(
+            np.asarray(block.labels),
+            np.asarray(block.status),
+            [str(e) for e in block.errors],
+            np.asarray(block.view_params),
+            stored=True,
+        )
 
-    def _batches(self, task: ShardTask, rows: ShardRows) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    def _batches(
+        self, task: ShardTask, rows: ShardRows
+    ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         batcher = ViewBatcher(self.settings.runtime.batch_size, self.settings.num_views)
-        for row, sample in enumerate(checked_samples(task, self.settings.data_storage_options or None)):
+        for row, sample in enumerate(
+            checked_samples(task, self.settings.data_storage_options or None)
+        ):
             views = self._views(task, row, sample, rows)
             if views is not None:
                 yield from batcher.add(row, views)
         yield from batcher.flush()
 
-    def _views(self, task: ShardTask, row: int, sample: Sample, rows: ShardRows) -> torch.Tensor | None:
+    def _views(
+        self, task: ShardTask, row: int, sample: Sample, rows: ShardRows
+    ) -> torch.Tensor | None:
         """The sample's A views (uint8), or None for an invalid row (recorded under ``skip``)."""
         if rows.stored:
             return self._stored_views(task, row, sample, rows)
@@ -225,26 +262,39 @@ class ShardWorker:
         except DataError as exc:
             if s.on_error == "raise":
                 raise
-            rows.status[row], rows.errors[row] = STATUS_INVALID, str(exc)
+            rows.status[row] = STATUS_INVALID
+            rows.errors[row] = str(exc)
             return None
-        rows.params[row] = view_params(s.recipe, s.seed, sample.key, s.num_views, tuple(image.shape[-2:]))
+        rows.params[row] = view_params(
+            s.recipe, s.seed, sample.key, s.num_views, tuple(image.shape[-2:])
+        )
         rows.status[row] = STATUS_VALID
         return replay_views(image, rows.params[row], s.recipe)
 
-    def _stored_views(self, task: ShardTask, row: int, sample: Sample, rows: ShardRows) -> torch.Tensor | None:
+    def _stored_views(
+        self, task: ShardTask, row: int, sample: Sample, rows: ShardRows
+    ) -> torch.Tensor | None:
         if int(rows.status[row]) != STATUS_VALID:
             return None
         if sample.label != int(rows.labels[row]):
-            raise DataError(f"shard {task.name!r}, key {sample.key!r}: label {sample.label} but the cache "
-                            f"stored {int(rows.labels[row])}: the shard changed after its views were made")  # fmt: skip
+            raise DataError(
+                f"shard {task.name!r}, key {sample.key!r}: label {sample.label} but the cache "
+                f"stored {int(rows.labels[row])}: the shard changed after its views were made"
+            )
         image = decode(sample, task.name, self.settings.recipe.channels)
         try:
             return replay_views(image, rows.params[row], self.settings.recipe)
         except DataError as exc:
             raise DataError(f"shard {task.name!r}, key {sample.key!r}: {exc}") from None
 
-    def _forward(self, task: ShardTask, flat: np.ndarray, views: torch.Tensor, labels: torch.Tensor,
-                 out: dict[str, TeacherArrays]) -> float:  # fmt: skip
+    def _forward(
+        self,
+        task: ShardTask,
+        flat: np.ndarray,
+        views: torch.Tensor,
+        labels: torch.Tensor,
+        out: dict[str, TeacherArrays],
+    ) -> float:
         """Every teacher on one batch; top-k, logsumexp and label logit on the device."""
         start = time.perf_counter()
         for name in task.teachers:
@@ -256,12 +306,26 @@ class ShardWorker:
     def _write(self, task: ShardTask, rows: ShardRows, out: dict[str, TeacherArrays]) -> None:
         """Views first (if made here), then each teacher; every writer sets its mark last."""
         if task.make_views:
-            write_views(self.store, task.index, labels=rows.labels, status=rows.status,
-                        errors=rows.errors, params=rows.params)  # fmt: skip
+            write_views(
+                self.store,
+                task.index,
+                labels=rows.labels,
+                status=rows.status,
+                errors=rows.errors,
+                params=rows.params,
+            )
         for name in task.teachers:
             arrays = out[name]
-            write_teacher(self.store, task.index, name, topk_idx=arrays.topk_idx, topk_logit=arrays.topk_logit,
-                          lse=arrays.lse, label_logit=arrays.label_logit, tail_lse=arrays.tail_lse)  # fmt: skip
+            write_teacher(
+                self.store,
+                task.index,
+                name,
+                topk_idx=arrays.topk_idx,
+                topk_logit=arrays.topk_logit,
+                lse=arrays.lse,
+                label_logit=arrays.label_logit,
+                tail_lse=arrays.tail_lse,
+            )
 
 
 def background(items: Iterator[T], depth: int) -> Iterator[T]:
@@ -275,7 +339,9 @@ def background(items: Iterator[T], depth: int) -> Iterator[T]:
         return
     slots: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
-    thread = threading.Thread(target=_produce, args=(items, slots, stop), name="kdcache-views", daemon=True)
+    thread = threading.Thread(
+        target=_produce, args=(items, slots, stop), name="kdcache-views", daemon=True
+    )
     thread.start()
     try:
         while True:
@@ -317,11 +383,16 @@ def checked_samples(task: ShardTask, storage_options: dict | None = None) -> Ite
     for count, sample in enumerate(iter_shard(task.url, storage_options), start=1):
         expected = task.keys[count - 1] if count <= len(task.keys) else None
         if sample.key != expected:
-            raise DataError(f"shard {task.name!r}: sample {count - 1} has key {sample.key!r}, planning found "
-                            f"{expected!r}: the shard changed since planning")  # fmt: skip
+            raise DataError(
+                f"shard {task.name!r}: sample {count - 1} has key {sample.key!r}, planning found "
+                f"{expected!r}: the shard changed since planning"
+            )
         yield sample
     if count != len(task.keys):
-        raise DataError(f"shard {task.name!r}: {count} samples, planning found {len(task.keys)}: the shard changed")
+        raise DataError(
+            f"shard {task.name!r}: {count} samples, planning found {len(task.keys)}: "
+            "the shard changed"
+        )
 
 
 def decode(sample: Sample, shard: str, channels: int) -> torch.Tensor:
@@ -330,7 +401,9 @@ def decode(sample: Sample, shard: str, channels: int) -> torch.Tensor:
         return decode_image(sample.image, channels)
     except (RuntimeError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"shard {shard!r}, key {sample.key!r}: cannot decode the image ({reason})") from None
+        raise DataError(
+            f"shard {shard!r}, key {sample.key!r}: cannot decode the image ({reason})"
+        ) from None
 
 
 def maybe_crash(shard: str) -> None:

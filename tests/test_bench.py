@@ -1,6 +1,6 @@
-"""``kdcache bench``: each benchmark runs at tiny sizes and writes its JSON keys (no timing assertions),
-plus the pieces the benchmarks brought: ``loss.topk`` truncation, batches pickled for the loader
-queue, precompute's background view thread."""
+"""``kdcache bench``: each benchmark runs at tiny sizes and writes its JSON keys (no timing
+assertions), plus the pieces the benchmarks brought: ``loss.topk`` truncation, batches pickled for
+the loader queue, precompute's background view thread."""
 
 from __future__ import annotations
 
@@ -10,40 +10,57 @@ import threading
 
 import pytest
 import torch
-
-from cache_tools.cli import main as kdcache
-from cache_tools.errors import ConfigError, DataError
-from cache_tools.targets import SparseTargets, from_logits, truncate
 from cachebuild import build_cache, write_shards
-from pipeline.worker import background
-from train.config import KDLossConfig, TrainConfig
-from train.data import Batch
-from train.losses import Criterion
-from train.trainer import Trainer
+
+from benchmarks.__main__ import main as bench_main
+from kdcache.errors import ConfigError, DataError
+from kdcache.pipeline.worker import background
+from kdcache.targets import SparseTargets, from_logits, truncate
+from kdcache.train.config import KDLossConfig, TrainConfig
+from kdcache.train.data import Batch
+from kdcache.train.losses import Criterion
+from kdcache.train.trainer import Trainer
 
 FMNIST = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
 
 
 def bench(name: str, tmp_path, *extra: str) -> dict:
     out = tmp_path / "result.json"
-    assert kdcache(["bench", name, "--quick", "--out", str(tmp_path / "work"), "--json", str(out), *extra]) == 0
+    assert (
+        bench_main([name, "--quick", "--out", str(tmp_path / "work"), "--json", str(out), *extra])
+        == 0
+    )
     return json.loads(out.read_text())
 
 
-# ---- the benchmarks ------------------------------------------------------------------------------------
+# ---- the benchmarks ------------------------------------------------------------------------------
 
 
 def test_train_bench_writes_its_keys(tmp_path, capsys):
     result = bench("train", tmp_path, "--source", "synthetic")
-    assert {"plain_ips", "cached_ips", "online_ips", "cached_over_plain", "cached_over_online",
-            "ideal_speedup_over_online", "cpu_ips", "step"} <= result.keys()
+    assert {
+        "plain_ips",
+        "cached_ips",
+        "online_ips",
+        "cached_over_plain",
+        "cached_over_online",
+        "ideal_speedup_over_online",
+        "cpu_ips",
+        "step",
+    } <= result.keys()
     assert all(result[k] > 0 for k in ("plain_ips", "cached_ips", "online_ips"))
     assert "cached/plain" in capsys.readouterr().out
 
 
 def test_precompute_bench_writes_its_keys(tmp_path):
     result = bench("precompute", tmp_path, "--source", "synthetic", "--actors", "")
-    assert {"pipeline_vps", "forward_vps", "pipeline_over_forward", "sweep", "actors"} <= result.keys()
+    assert {
+        "pipeline_vps",
+        "forward_vps",
+        "pipeline_over_forward",
+        "sweep",
+        "actors",
+    } <= result.keys()
     assert [r["views"] for r in result["sweep"]] == [1, 2] and result["actors"] == []
 
 
@@ -55,30 +72,58 @@ def test_precompute_bench_with_a_ray_actor(tmp_path):
 
 def test_cache_bench_writes_its_keys(tmp_path):
     result = bench("cache", tmp_path)
-    assert {"bytes_per_view_k10", "read_vps", "kl_k10", "shared_bytes_per_view", "rows"} <= result.keys()
+    assert {
+        "bytes_per_view_k10",
+        "read_vps",
+        "kl_k10",
+        "shared_bytes_per_view",
+        "rows",
+    } <= result.keys()
     assert set(result["bytes_per_view_k10"]) == {"fp16", "q8"}
-    assert {(r["encoding"], r["k"]) for r in result["rows"]} == {(e, k) for e in ("fp16", "q8") for k in (5, 10, 20)}
+    assert {(r["encoding"], r["k"]) for r in result["rows"]} == {
+        (e, k) for e in ("fp16", "q8") for k in (5, 10, 20)
+    }
 
 
-@pytest.mark.skipif(not __import__("os").path.exists(FMNIST), reason="needs the dataset-fashion-mnist package")
+@pytest.mark.skipif(
+    not __import__("os").path.exists(FMNIST), reason="needs the dataset-fashion-mnist package"
+)
 def test_inspect_bench_writes_its_keys_and_the_reports(tmp_path):
     result = bench("inspect", tmp_path)
-    assert {"cache_views", "seconds_per_teacher", "views_per_s_per_teacher", "two_teachers_s", "cli",
-            "peak_rss_full_over_quarter"} <= result.keys()
+    assert {
+        "cache_views",
+        "seconds_per_teacher",
+        "views_per_s_per_teacher",
+        "two_teachers_s",
+        "cli",
+        "peak_rss_full_over_quarter",
+    } <= result.keys()
     assert result["cache_views"] == 4 * 50 * 2 and set(result["cli"]) == {"quarter", "full"}
     report = json.loads((tmp_path / "work" / "full.json").read_text())
     assert sorted(report["teachers"]) == ["t0", "t1"] and report["teachers"]["t0"]["views"] == 400
-    assert len(report["pairs"]) == 1 and set(report["teachers"]["t0"]["entropy"]) == {"T=1.0", "T=4.0"}
+    assert len(report["pairs"]) == 1 and set(report["teachers"]["t0"]["entropy"]) == {
+        "T=1.0",
+        "T=4.0",
+    }
 
 
 def test_parity_bench_writes_its_keys(tmp_path):
     result = bench("parity", tmp_path)
-    assert {"online_acc", "cached_acc", "ce_acc", "per_k", "teacher_acc", "parity_ok"} <= result.keys()
+    assert {
+        "online_acc",
+        "cached_acc",
+        "ce_acc",
+        "per_k",
+        "teacher_acc",
+        "parity_ok",
+    } <= result.keys()
     assert {"mean", "std"} <= result["cached_acc"].keys()
-    assert {(r["k"], r["tail"]) for r in result["per_k"]} == {(k, t) for k in (1, 5) for t in ("spread", "renorm")}
+    assert {(r["k"], r["tail"]) for r in result["per_k"]} == {
+        (k, t) for k in (1, 5) for t in ("spread", "renorm")
+    }
 
 
-# ---- loss.topk: truncating cached targets at read time -----------------------------------------------
+# ---- loss.topk: truncating cached targets at read time -------------------------------------------
 
 
 def logits_and_labels(n: int = 16, classes: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,8 +133,11 @@ def logits_and_labels(n: int = 16, classes: int = 10) -> tuple[torch.Tensor, tor
 
 def test_truncated_targets_are_what_a_smaller_k_cache_holds():
     logits, labels = logits_and_labels()
-    cut, small = truncate(from_logits(logits, labels, 10), 3), from_logits(logits, labels, 3)
-    for a, b in zip(cut.tensors(), small.tensors()):  # the dropped classes join the tail exactly
+    cut = truncate(from_logits(logits, labels, 10), 3)
+    small = from_logits(logits, labels, 3)
+    for a, b in zip(
+        cut.tensors(), small.tensors(), strict=True
+    ):  # the dropped classes join the tail exactly
         torch.testing.assert_close(a, b)
     assert truncate(small, None) is small and truncate(small, 5) is small
 
@@ -98,8 +146,12 @@ def test_truncated_targets_are_what_a_smaller_k_cache_holds():
 def test_kd_with_topk_equals_kd_on_the_smaller_cache(tail):
     logits, labels = logits_and_labels()
     student = torch.randn(16, 10)
-    cut = Criterion(KDLossConfig(topk=2, tail=tail, temperature=4.0), 10)(student, labels, from_logits(logits, labels, 10), 0)
-    small = Criterion(KDLossConfig(tail=tail, temperature=4.0), 10)(student, labels, from_logits(logits, labels, 2), 0)
+    cut = Criterion(KDLossConfig(topk=2, tail=tail, temperature=4.0), 10)(
+        student, labels, from_logits(logits, labels, 10), 0
+    )
+    small = Criterion(KDLossConfig(tail=tail, temperature=4.0), 10)(
+        student, labels, from_logits(logits, labels, 2), 0
+    )
     torch.testing.assert_close(cut.total, small.total)
 
 
@@ -112,20 +164,30 @@ def world(tmp_path_factory):
 
 
 def config(world, run_dir, mode: str, topk: int) -> TrainConfig:
-    return TrainConfig.model_validate({
-        "run": {"dir": str(run_dir), "progress": False},
-        "data": {"shards": world["urls"], "batch_size": 8, "num_workers": 0, "shuffle_buffer": 0},
-        "cache": {"path": str(world["root"] / "cache.zarr")},
-        "student": {"name": "kd_mlp", "kwargs": {"img_size": 12, "hidden": 8}},
-        "teacher": {"mode": mode, "name": "top3"},
-        "stages": [{"epochs": 1, "loss": {"name": "kd", "topk": topk}}],
-    })
+    return TrainConfig.model_validate(
+        {
+            "run": {"dir": str(run_dir), "progress": False},
+            "data": {
+                "shards": world["urls"],
+                "batch_size": 8,
+                "num_workers": 0,
+                "shuffle_buffer": 0,
+            },
+            "cache": {"path": str(world["root"] / "cache.zarr")},
+            "student": {"name": "kd_mlp", "kwargs": {"img_size": 12, "hidden": 8}},
+            "teacher": {"mode": mode, "name": "top3"},
+            "stages": [{"epochs": 1, "loss": {"name": "kd", "topk": topk}}],
+        }
+    )
 
 
-@pytest.mark.parametrize("mode, topk, match", [
-    ("cache", 4, r"stages.0.loss.topk: 4 is more than the cache's k=3 for teacher 'top3'"),
-    ("online", 5, r"stages.0.loss.topk: 5 is more than the 4 classes"),
-])
+@pytest.mark.parametrize(
+    "mode, topk, match",
+    [
+        ("cache", 4, r"stages.0.loss.topk: 4 is more than the cache's k=3 for teacher 'top3'"),
+        ("online", 5, r"stages.0.loss.topk: 5 is more than the 4 classes"),
+    ],
+)
 def test_topk_above_what_the_targets_hold_is_refused(world, tmp_path, mode, topk, match):
     with pytest.raises(ConfigError, match=match):
         Trainer(config(world, tmp_path, mode, topk))
@@ -141,18 +203,32 @@ def test_trainer_steps_with_topk_from_the_cache(world, tmp_path):
     assert sum(trainer.step_batches(0)) == 24
 
 
-# ---- batches through the loader queue, precompute's view thread --------------------------------------
+# ---- batches through the loader queue, precompute's view thread ----------------------------------
 
 
 def test_batch_pickles_its_small_tensors_by_value_and_round_trips():
-    targets = SparseTargets(torch.arange(6).view(3, 2), torch.ones(3, 2, dtype=torch.float16), torch.zeros(3), torch.ones(3),
-                            torch.full((3,), -2.0))
-    batch = Batch(images=torch.zeros(3, 1, 4, 4, dtype=torch.uint8), labels=torch.tensor([0, 1, 2]),
-                  targets={"t": targets}, keys=["a", "b", "c"], views=torch.tensor([0, 1, 0]))
+    targets = SparseTargets(
+        torch.arange(6).view(3, 2),
+        torch.ones(3, 2, dtype=torch.float16),
+        torch.zeros(3),
+        torch.ones(3),
+        torch.full((3,), -2.0),
+    )
+    batch = Batch(
+        images=torch.zeros(3, 1, 4, 4, dtype=torch.uint8),
+        labels=torch.tensor([0, 1, 2]),
+        targets={"t": targets},
+        keys=["a", "b", "c"],
+        views=torch.tensor([0, 1, 0]),
+    )
     back = pickle.loads(pickle.dumps(batch))
-    assert back.keys == batch.keys and torch.equal(back.images, batch.images) and torch.equal(back.views, batch.views)
+    assert (
+        back.keys == batch.keys
+        and torch.equal(back.images, batch.images)
+        and torch.equal(back.views, batch.views)
+    )
     assert torch.equal(back.labels, batch.labels)
-    for a, b in zip(back.targets["t"].tensors(), targets.tensors()):
+    for a, b in zip(back.targets["t"].tensors(), targets.tensors(), strict=True):
         assert torch.equal(a, b) and a.dtype == b.dtype
 
 

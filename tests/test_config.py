@@ -6,11 +6,11 @@ import pytest
 import yaml
 from pydantic import Field
 
-from cache_tools.cli_verify import parse_storage_options
-from cache_tools.config import REDACTED, StrictModel, apply_overrides, dump_config, load_config
-from cache_tools.errors import ConfigError
-from pipeline.config import PrecomputeConfig
-from train.config import TrainConfig, config_differences
+from kdcache.cli.verify import parse_storage_options
+from kdcache.config import REDACTED, StrictModel, apply_overrides, dump_config, load_config
+from kdcache.errors import ConfigError
+from kdcache.pipeline.config import PrecomputeConfig
+from kdcache.train.config import TrainConfig, config_differences
 
 
 class Inner(StrictModel):
@@ -44,11 +44,23 @@ def test_override_values_are_parsed_as_yaml():
 @pytest.mark.parametrize(
     "text, overrides, match",
     [
-        ("path: a\ninner: {sise: 3}\n", [], r"inner.sise: unknown key; valid keys here: name, size"),
+        (
+            "path: a\ninner: {sise: 3}\n",
+            [],
+            r"inner.sise: unknown key; valid keys here: name, size",
+        ),
         ("inner: {size: 3}\n", [], r"path: required key is missing"),
-        ("path: a\n", ["inner.size=0"], r"inner.size: Input should be greater than or equal to 1 \(found 0\)"),
+        (
+            "path: a\n",
+            ["inner.size=0"],
+            r"inner.size: Input should be greater than or equal to 1 \(found 0\)",
+        ),
         ("path: a\n", ["inner.size=big"], r"inner.size: Input should be a valid integer"),
-        ("path: a\nitems: [{size: 1}]\n", ["items.3.size=2"], r"items.3: expected a list index below 1"),
+        (
+            "path: a\nitems: [{size: 1}]\n",
+            ["items.3.size=2"],
+            r"items.3: expected a list index below 1",
+        ),
         ("path: a\n", ["novalue"], r"override 'novalue': expected dotted.key=value"),
         ("- 1\n- 2\n", [], r"expected a mapping at the top"),
         ("path: [a\n", [], r"is not valid YAML"),
@@ -64,44 +76,82 @@ def test_missing_file_is_named(tmp_path):
         load_config(Outer, tmp_path / "nope.yaml")
 
 
-# ---- storage options ------------------------------------------------------------------------------
+# ---- storage options -----------------------------------------------------------------------------
 
 
-PRECOMPUTE = {"data": {"shards": "x-{000000..000001}.tar", "num_classes": 4}, "cache": {"path": "/tmp/c"},
-              "teachers": [{"name": "t1", "model": {"name": "kd_cnn_tiny"}, "k": 2}]}
-TRAIN = {"data": {"shards": "x-000000.tar"}, "cache": {"path": "/tmp/c"}, "student": {"name": "kd_mlp"},
-         "stages": [{"epochs": 1, "loss": {"name": "ce"}}]}
+PRECOMPUTE = {
+    "data": {"shards": "x-{000000..000001}.tar", "num_classes": 4},
+    "cache": {"path": "/tmp/c"},
+    "teachers": [{"name": "t1", "model": {"name": "kd_cnn_tiny"}, "k": 2}],
+}
+TRAIN = {
+    "data": {"shards": "x-000000.tar"},
+    "cache": {"path": "/tmp/c"},
+    "student": {"name": "kd_mlp"},
+    "stages": [{"epochs": 1, "loss": {"name": "ce"}}],
+}
 
 
-@pytest.mark.parametrize("model, base", [(PrecomputeConfig, PRECOMPUTE), (TrainConfig, TRAIN)], ids=["precompute", "train"])
+@pytest.mark.parametrize(
+    "model, base",
+    [(PrecomputeConfig, PRECOMPUTE), (TrainConfig, TRAIN)],
+    ids=["precompute", "train"],
+)
 @pytest.mark.parametrize("value", ["key=AKIA-secret", ["secret"], 3])
 def test_data_storage_options_must_be_a_mapping(tmp_path, model, base, value):
-    path = write(tmp_path, yaml.safe_dump({**base, "data": {**base["data"], "storage_options": value}}))
-    with pytest.raises(ConfigError, match=r"data\.storage_options: Input should be a valid dictionary \(found a value of type \w+\)") as err:
+    path = write(
+        tmp_path, yaml.safe_dump({**base, "data": {**base["data"], "storage_options": value}})
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"data\.storage_options: Input should be a valid dictionary "
+        r"\(found a value of type \w+\)",
+    ) as err:
         load_config(model, path)
     assert "secret" not in str(err.value)  # the value is never echoed: it may hold credentials
-    options = load_config(model, path, ["data.storage_options={endpoint_url: 'http://127.0.0.1:9000', secret: s3cr3t}"])
-    assert options.data.storage_options == {"endpoint_url": "http://127.0.0.1:9000", "secret": "s3cr3t"}
+    options = load_config(
+        model,
+        path,
+        ["data.storage_options={endpoint_url: 'http://127.0.0.1:9000', secret: s3cr3t}"],
+    )
+    assert options.data.storage_options == {
+        "endpoint_url": "http://127.0.0.1:9000",
+        "secret": "s3cr3t",
+    }
 
 
 def test_storage_options_are_saved_redacted_and_may_change_on_resume():
-    config = TrainConfig.model_validate({**TRAIN, "data": {**TRAIN["data"], "storage_options": {"key": "k1", "secret": "s1"}},
-                                         "cache": {"path": "/tmp/c", "storage_options": {"client_kwargs": {"x": 1}}}})
+    config = TrainConfig.model_validate(
+        {
+            **TRAIN,
+            "data": {**TRAIN["data"], "storage_options": {"key": "k1", "secret": "s1"}},
+            "cache": {"path": "/tmp/c", "storage_options": {"client_kwargs": {"x": 1}}},
+        }
+    )
     saved = dump_config(config)
     assert saved["data"]["storage_options"] == {"key": REDACTED, "secret": REDACTED}
     assert saved["cache"]["storage_options"] == {"client_kwargs": REDACTED}
     assert config.data.storage_options["secret"] == "s1"  # the config itself keeps them
-    rotated = config.model_copy(update={"data": config.data.model_copy(update={"storage_options": {"token": "t2"}})})
+    rotated = config.model_copy(
+        update={"data": config.data.model_copy(update={"storage_options": {"token": "t2"}})}
+    )
     assert config_differences(saved, dump_config(rotated)) == []
     assert config_differences(saved, dump_config(rotated), ignore=()) == [
         "data.storage_options.key: checkpoint '<redacted>' vs now '<absent>'",
         "data.storage_options.secret: checkpoint '<redacted>' vs now '<absent>'",
-        "data.storage_options.token: checkpoint '<absent>' vs now '<redacted>'"]
+        "data.storage_options.token: checkpoint '<absent>' vs now '<redacted>'",
+    ]
 
 
 def test_verify_storage_option_flags_nest_and_never_echo_values():
-    assert parse_storage_options(["endpoint_url=http://h:9000", "anon=false", "client_kwargs.region_name=eu-1", "key=a=b"]) == {
-        "endpoint_url": "http://h:9000", "anon": False, "client_kwargs": {"region_name": "eu-1"}, "key": "a=b"}
+    assert parse_storage_options(
+        ["endpoint_url=http://h:9000", "anon=false", "client_kwargs.region_name=eu-1", "key=a=b"]
+    ) == {
+        "endpoint_url": "http://h:9000",
+        "anon": False,
+        "client_kwargs": {"region_name": "eu-1"},
+        "key": "a=b",
+    }
     with pytest.raises(ConfigError, match="without '='") as err:
         parse_storage_options(["s3cr3t"])
     assert "s3cr3t" not in str(err.value)
@@ -110,11 +160,19 @@ def test_verify_storage_option_flags_nest_and_never_echo_values():
 
 
 def test_the_lock_records_the_command_without_storage_option_values():
-    from cache_tools.lock import redacted_command
+    from kdcache.lock import redacted_command
 
-    argv = ["kdcache", "precompute", "p.yaml", "cache.storage_options.secret=TOPSECRET", "ray.num_actors=2",
-            "data.storage_options={key: K, secret: S}"]
+    argv = [
+        "kdcache",
+        "precompute",
+        "p.yaml",
+        "cache.storage_options.secret=TOPSECRET",
+        "ray.num_actors=2",
+        "data.storage_options={key: K, secret: S}",
+    ]
     command = redacted_command(argv)
     assert "TOPSECRET" not in command and "secret: S" not in command
-    assert command == ("kdcache precompute p.yaml cache.storage_options.secret=<redacted> ray.num_actors=2 "
-                       "data.storage_options=<redacted>")
+    assert command == (
+        "kdcache precompute p.yaml cache.storage_options.secret=<redacted> ray.num_actors=2 "
+        "data.storage_options=<redacted>"
+    )

@@ -21,15 +21,21 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-from cache_tools.config import load_config, validate
-from cache_tools.errors import ConfigError
-from pipeline.config import PrecomputeConfig
-from train.config import TrainConfig, check_config
+from kdcache.config import load_config, validate
+from kdcache.errors import ConfigError
+from kdcache.pipeline.config import PrecomputeConfig
+from kdcache.train.config import TrainConfig, check_config
 
 EXPLORE = os.environ.get("KDCACHE_FUZZ_EXAMPLES")
-"""Set (e.g. ``KDCACHE_FUZZ_EXAMPLES=5000``) to explore with random seeds instead of the fixed CI sample."""
-FUZZ = settings(max_examples=int(EXPLORE or 120), deadline=None, derandomize=not EXPLORE, database=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+"""Set (e.g. ``KDCACHE_FUZZ_EXAMPLES=5000``) to explore with random seeds instead of the fixed CI
+sample."""
+FUZZ = settings(
+    max_examples=int(EXPLORE or 120),
+    deadline=None,
+    derandomize=not EXPLORE,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 PRECOMPUTE = {
     "data": {"shards": "x-{000000..000001}.tar", "num_classes": 10, "on_error": "raise"},
@@ -46,13 +52,20 @@ TRAIN = {
     "teacher": {"mode": "cache", "name": "tiny"},
     "optimizer": {"lr": 0.1},
     "scheduler": {"name": "cosine"},
-    "stages": [{"epochs": 1, "loss": {"name": "kd", "alpha": 0.5}},
-               {"epochs": 1, "loss": {"name": "ce"}, "optimizer": {"lr": 0.01}, "scheduler": {"name": "constant"}}],
+    "stages": [
+        {"epochs": 1, "loss": {"name": "kd", "alpha": 0.5}},
+        {
+            "epochs": 1,
+            "loss": {"name": "ce"},
+            "optimizer": {"lr": 0.01},
+            "scheduler": {"name": "constant"},
+        },
+    ],
     "ema": {"enabled": False},
 }
 
 
-# ---- the schemas' dotted keys -------------------------------------------------------------------------
+# ---- the schemas' dotted keys --------------------------------------------------------------------
 
 
 def _models(annotation: Any) -> list[type[BaseModel]]:
@@ -64,8 +77,11 @@ def _models(annotation: Any) -> list[type[BaseModel]]:
 
 
 def _is_list(annotation: Any) -> bool:
-    return typing.get_origin(annotation) is list or any(_is_list(a) for a in typing.get_args(annotation)
-                                                         if typing.get_origin(annotation) is not dict)
+    return typing.get_origin(annotation) is list or any(
+        _is_list(a)
+        for a in typing.get_args(annotation)
+        if typing.get_origin(annotation) is not dict
+    )
 
 
 def schema_keys(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
@@ -91,7 +107,11 @@ def _has_float(annotation: Any) -> bool:
 
 
 def float_keys(which: str) -> list[tuple[str, ...]]:
-    return sorted(k for k, a in KEYS[which].items() if _has_float(a) and not _models(a) and typing.get_origin(a) is not dict)
+    return sorted(
+        k
+        for k, a in KEYS[which].items()
+        if _has_float(a) and not _models(a) and typing.get_origin(a) is not dict
+    )
 
 
 def check(which: str, data: dict[str, Any]) -> None:
@@ -121,11 +141,15 @@ def names_key(message: str, path: tuple[str, ...], which: str) -> bool:
     """The message names the key, its deepest schema ancestor, or (rules between keys, sub-model
     checks) that ancestor's section."""
     keys = KEYS[which]
-    anchor = max((path[:i] for i in range(1, len(path) + 1) if path[:i] in keys), key=len, default=path[:1])
+    anchor = max(
+        (path[:i] for i in range(1, len(path) + 1) if path[:i] in keys), key=len, default=path[:1]
+    )
     candidates = {".".join(path), ".".join(anchor)}
     if len(anchor) > 1:
         candidates.add(".".join(anchor[:-1]))
-    return any(re.search(rf"(^|[\s('\[]){re.escape(c)}(?=[.:\s)='\],]|$)", message) for c in candidates)
+    return any(
+        re.search(rf"(^|[\s('\[]){re.escape(c)}(?=[.:\s)='\],]|$)", message) for c in candidates
+    )
 
 
 def rejected_properly(which: str, data: dict[str, Any], path: tuple[str, ...]) -> str | None:
@@ -138,30 +162,76 @@ def rejected_properly(which: str, data: dict[str, Any], path: tuple[str, ...]) -
     return None
 
 
-# ---- strategies ---------------------------------------------------------------------------------------
+# ---- strategies ----------------------------------------------------------------------------------
 
 
 SCALARS = st.one_of(
-    st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
-    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12),
-    st.sampled_from(["", "0", "-1", "1e-3", "nan", "raise", "skip", "cache", "kd", "auto", "cpu", "x-{000000..000001}.tar"]),
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12),
+    st.sampled_from(
+        [
+            "",
+            "0",
+            "-1",
+            "1e-3",
+            "nan",
+            "raise",
+            "skip",
+            "cache",
+            "kd",
+            "auto",
+            "cpu",
+            "x-{000000..000001}.tar",
+        ]
+    ),
 )
-TRICKY_YAML = st.sampled_from([  # values PyYAML turns into exceptions other than YAMLError, or into odd types
-    "2020-13-45", "2001-02-30 25:00:00", "!!float abc", "!!int 1.5", "!!timestamp 2020-99-99", "&a [*a]", "&a {x: *a}",
-    "!!set {a}", "!!binary aGk=", "1:20", ".inf", "-.inf", ".nan", "0x1F", "1e999", "~", "[", "{a: 1", "'", "!x y",
-])
-VALUES = st.recursive(SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=3),
-                                                        st.dictionaries(st.text(max_size=6), inner, max_size=3)),
-                      max_leaves=6)
-YAMLISH = st.text(alphabet=st.sampled_from(list("ab019 .-_:,[]{}'\"!&*#|>?%@=\\\t\nxyz")), max_size=16)
-NAME = st.text(alphabet=st.sampled_from(list("abcdefghijklmnopqrstuvwxyz_0123456789")), min_size=1, max_size=10)
+TRICKY_YAML = st.sampled_from(
+    [  # values PyYAML turns into exceptions other than YAMLError, or into odd types
+        "2020-13-45",
+        "2001-02-30 25:00:00",
+        "!!float abc",
+        "!!int 1.5",
+        "!!timestamp 2020-99-99",
+        "&a [*a]",
+        "&a {x: *a}",
+        "!!set {a}",
+        "!!binary aGk=",
+        "1:20",
+        ".inf",
+        "-.inf",
+        ".nan",
+        "0x1F",
+        "1e999",
+        "~",
+        "[",
+        "{a: 1",
+        "'",
+        "!x y",
+    ]
+)
+VALUES = st.recursive(
+    SCALARS,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+YAMLISH = st.text(
+    alphabet=st.sampled_from(list("ab019 .-_:,[]{}'\"!&*#|>?%@=\\\t\nxyz")), max_size=16
+)
+NAME = st.text(
+    alphabet=st.sampled_from(list("abcdefghijklmnopqrstuvwxyz_0123456789")), min_size=1, max_size=10
+)
 
 
 def known_key(which: str) -> st.SearchStrategy[tuple[str, ...]]:
     return st.sampled_from(sorted(KEYS[which]))
 
 
-# ---- properties ---------------------------------------------------------------------------------------
+# ---- properties ----------------------------------------------------------------------------------
 
 
 @FUZZ
@@ -180,11 +250,16 @@ def test_unknown_keys_are_rejected_naming_the_dotted_key(which, data):
     keys = KEYS[which]
     sections = sorted({key[:-1] for key in keys})
     parent = data.draw(st.sampled_from(sections), label="section")
-    name = data.draw(NAME.filter(lambda n: parent + (n,) not in keys and not n.isdigit()), label="name")
+    name = data.draw(
+        NAME.filter(lambda n: parent + (n,) not in keys and not n.isdigit()), label="name"
+    )
     config = copy.deepcopy(BASES[which])
     set_key(config, parent + (name,), data.draw(SCALARS, label="value"))
     message = rejected_properly(which, config, parent + (name,))
-    assert message is not None and f"{'.'.join(parent + (name,))}: unknown key; valid keys here: " in message
+    assert (
+        message is not None
+        and f"{'.'.join(parent + (name,))}: unknown key; valid keys here: " in message
+    )
 
 
 @FUZZ
@@ -193,16 +268,30 @@ def test_non_finite_numbers_are_rejected_naming_the_key(which, data):
     path = data.draw(st.sampled_from(float_keys(which)), label="key")
     value = data.draw(st.sampled_from([float("nan"), float("inf"), float("-inf")]), label="value")
     config = copy.deepcopy(BASES[which])
-    set_key(config, path, [value, value] if path[-1] in ("scale", "ratio", "betas", "mean", "std") else value)
-    assert rejected_properly(which, config, path) is not None, f"{'.'.join(path)}={value} was accepted"
+    set_key(
+        config,
+        path,
+        [value, value] if path[-1] in ("scale", "ratio", "betas", "mean", "std") else value,
+    )
+    assert rejected_properly(which, config, path) is not None, (
+        f"{'.'.join(path)}={value} was accepted"
+    )
 
 
 @FUZZ
 @given(which=st.sampled_from(["precompute", "train"]), data=st.data())
 def test_yamlish_overrides_are_accepted_or_rejected_naming_the_key(tmp_path_factory, which, data):
-    path = data.draw(st.one_of(known_key(which), st.lists(NAME, min_size=1, max_size=3).map(tuple)), label="key")
-    raw = data.draw(st.one_of(YAMLISH, TRICKY_YAML, VALUES.map(lambda v: yaml.safe_dump(v, default_flow_style=True).strip())),
-                    label="raw")
+    path = data.draw(
+        st.one_of(known_key(which), st.lists(NAME, min_size=1, max_size=3).map(tuple)), label="key"
+    )
+    raw = data.draw(
+        st.one_of(
+            YAMLISH,
+            TRICKY_YAML,
+            VALUES.map(lambda v: yaml.safe_dump(v, default_flow_style=True).strip()),
+        ),
+        label="raw",
+    )
     file = Path(tmp_path_factory.getbasetemp()) / f"{which}.yaml"
     file.write_text(yaml.safe_dump(BASES[which]))
     model = PrecomputeConfig if which == "precompute" else TrainConfig
@@ -226,8 +315,18 @@ def test_arbitrary_override_strings_fail_only_with_config_errors(tmp_path_factor
 
 
 def test_the_fuzzed_schemas_cover_the_configs():
-    assert ("cache", "recipe", "scale") in KEYS["precompute"] and ("teachers", "0", "model", "name") in KEYS["precompute"]
-    assert ("stages", "0", "loss", "temperature") in KEYS["train"] and ("stages", "0", "optimizer", "lr") in KEYS["train"]
+    assert ("cache", "recipe", "scale") in KEYS["precompute"] and (
+        "teachers",
+        "0",
+        "model",
+        "name",
+    ) in KEYS["precompute"]
+    assert ("stages", "0", "loss", "temperature") in KEYS["train"] and (
+        "stages",
+        "0",
+        "optimizer",
+        "lr",
+    ) in KEYS["train"]
     assert len(float_keys("train")) > 15 and ("runtime",) not in float_keys("precompute")
     for which in BASES:
         check(which, copy.deepcopy(BASES[which]))  # the bases themselves are valid

@@ -1,4 +1,5 @@
-"""``kdcache demo``: its commands against the configs and schemas, its readers, and the quick demo end to end."""
+"""``kdcache demo``: its commands against the configs and schemas, its readers, and the quick demo
+end to end."""
 
 from __future__ import annotations
 
@@ -8,16 +9,19 @@ from pathlib import Path
 
 import pytest
 
-from cache_tools import demo as D
-from cache_tools.cli import COMMANDS, main
-from cache_tools.config import load_config
-from cache_tools.errors import DataError
-from pipeline.config import PrecomputeConfig
-from train.config import load_train_config
+from kdcache.cli import COMMANDS, main
+from kdcache.cli import demo as D
+from kdcache.config import load_config
+from kdcache.errors import DataError
+from kdcache.pipeline.config import PrecomputeConfig
+from kdcache.train.config import load_train_config
 
 HAVE_FMNIST = all((D.FASHION_MNIST_DIR / name).is_file() for name in D.FASHION_MNIST_FILES)
-needs_fmnist = pytest.mark.skipif(not HAVE_FMNIST, reason=f"Fashion-MNIST is not in {D.FASHION_MNIST_DIR} "
-                                  "(sudo apt-get install dataset-fashion-mnist, or `make fmnist`)")  # fmt: skip
+needs_fmnist = pytest.mark.skipif(
+    not HAVE_FMNIST,
+    reason=f"Fashion-MNIST is not in {D.FASHION_MNIST_DIR} "
+    "(sudo apt-get install dataset-fashion-mnist, or `make fmnist`)",
+)
 
 
 def _load(step: D.Step):
@@ -30,7 +34,7 @@ def _load(step: D.Step):
 
 
 def test_dispatcher_runs_this_module(capsys) -> None:
-    assert COMMANDS["demo"][0] == "cache_tools.demo"
+    assert COMMANDS["demo"][0] is D
     assert main(["demo", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "kdcache precompute configs/demo/precompute.yaml --overwrite" in out
@@ -38,9 +42,14 @@ def test_dispatcher_runs_this_module(capsys) -> None:
 
 
 def test_default_out_needs_no_path_overrides() -> None:
-    """The demo configs' own paths are the default --out's layout, so the printed commands are the short ones."""
+    """The demo configs' own paths are the default --out's layout, so the printed commands are the
+    short ones."""
     demo = D.Demo(Path("runs/demo"), D.FULL, D.FASHION_MNIST_DIR, seed=0)
-    overrides = {step.name: [a for a in step.argv[2:]] for step in demo.plan() if step.argv[0] in ("train", "precompute")}
+    overrides = {
+        step.name: [a for a in step.argv[2:]]
+        for step in demo.plan()
+        if step.argv[0] in ("train", "precompute")
+    }
     assert overrides == {
         "teacher": [],
         "precompute": ["--overwrite"],
@@ -57,40 +66,78 @@ def test_default_out_needs_no_path_overrides() -> None:
 def test_every_command_is_a_valid_config(tmp_path: Path, sizes: D.Sizes) -> None:
     demo = D.Demo(tmp_path / "out", sizes, D.FASHION_MNIST_DIR, seed=3)
     steps = {step.name: step for step in demo.plan()}
-    teacher, pre = _load(steps["teacher"]), _load(steps["precompute"])
+    teacher = _load(steps["teacher"])
+    pre = _load(steps["precompute"])
     assert teacher.teacher.mode == "none" and sizes.early_epoch in teacher.run.save_model_epochs
-    assert sizes.early_epoch % teacher.run.eval_every == 0  # the early teacher's test accuracy is logged
-    assert teacher.views.recipe == pre.cache.recipe  # the cache holds the kind of view the teacher learnt from
+    assert (
+        sizes.early_epoch % teacher.run.eval_every == 0
+    )  # the early teacher's test accuracy is logged
+    assert (
+        teacher.views.recipe == pre.cache.recipe
+    )  # the cache holds the kind of view the teacher learnt from
     assert teacher.run.dir == str(demo.teacher_dir) and teacher.run.seed == 3
     assert [t.name for t in pre.teachers] == [D.EARLY, D.FINAL]
-    assert pre.teachers[0].model.checkpoint == str(demo.teacher_dir / "checkpoints" / f"model_e{sizes.early_epoch}.pt")
+    assert pre.teachers[0].model.checkpoint == str(
+        demo.teacher_dir / "checkpoints" / f"model_e{sizes.early_epoch}.pt"
+    )
     assert pre.cache.path == str(demo.cache) and pre.data.shards == demo.student_shards
     students = {m: _load(steps[f"student {m}"]) for m in D.METHODS}
     for method, cfg in students.items():
         assert (cfg.run.dir, cfg.run.seed) == (str(demo.student_dir(method)), 3)
         assert (cfg.data.shards, cfg.cache.path) == (pre.data.shards, pre.cache.path)
-        assert cfg.student == students["ce"].student and cfg.total_epochs == students["ce"].total_epochs
+        assert (
+            cfg.student == students["ce"].student
+            and cfg.total_epochs == students["ce"].total_epochs
+        )
     assert students["ce"].teacher.mode == "none"
-    assert [(s.loss.name, s.teacher) for s in students["effdstl"].stages] == [("wsl", D.EARLY), ("effdstl", D.FINAL)]
-    assert (students["kd_early"].teacher.name, students["kd_final"].teacher.name) == (D.EARLY, D.FINAL)
-    assert (students["kd_online"].teacher.mode, students["kd_final"].teacher.mode) == ("online", "cache")
+    assert [(s.loss.name, s.teacher) for s in students["effdstl"].stages] == [
+        ("wsl", D.EARLY),
+        ("effdstl", D.FINAL),
+    ]
+    assert (students["kd_early"].teacher.name, students["kd_final"].teacher.name) == (
+        D.EARLY,
+        D.FINAL,
+    )
+    assert (students["kd_online"].teacher.mode, students["kd_final"].teacher.mode) == (
+        "online",
+        "cache",
+    )
     assert students["kd_online"].stages == students["kd_final"].stages
 
 
 def test_precompute_summary_is_read_from_what_precompute_prints() -> None:
-    from pipeline.runner import Summary
+    from kdcache.pipeline.runner import Summary
 
-    summary = Summary(cache_path="c", tasks=2, failed=0, views=4000, wall_seconds=10.0, busy_seconds=2.0,
-                      store_bytes=165_600, cache_views=4000, cache_teachers=2, complete="all 2 shards complete")  # fmt: skip
+    summary = Summary(
+        cache_path="c",
+        tasks=2,
+        failed=0,
+        views=4000,
+        wall_seconds=10.0,
+        busy_seconds=2.0,
+        store_bytes=165_600,
+        cache_views=4000,
+        cache_teachers=2,
+        complete="all 2 shards complete",
+    )
     parsed = D.parse_precompute("noise\n" + "\n".join(summary.lines()) + "\nmore noise\n")
-    assert parsed == {"views": 4000, "views_per_s": 400.0, "views_per_s_actors_up": 2000.0, "store_mb": 0.17,
-                      "bytes_per_view": 20.7, "cache_views": 4000, "teachers": 2}  # fmt: skip
+    assert parsed == {
+        "views": 4000,
+        "views_per_s": 400.0,
+        "views_per_s_actors_up": 2000.0,
+        "store_mb": 0.17,
+        "bytes_per_view": 20.7,
+        "cache_views": 4000,
+        "teachers": 2,
+    }
     with pytest.raises(D.DemoStepError, match="could not read the precompute summary"):
         D.parse_precompute("precompute: nothing to do")
 
 
 def test_absent_data_says_how_to_get_it(tmp_path: Path, capsys) -> None:
-    code = main(["demo", "--out", str(tmp_path / "out"), "--data", str(tmp_path / "none"), "--no-download"])
+    code = main(
+        ["demo", "--out", str(tmp_path / "out"), "--data", str(tmp_path / "none"), "--no-download"]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "sudo apt-get install dataset-fashion-mnist" in err and "--data DIR" in err
@@ -109,11 +156,15 @@ def test_a_previous_download_is_found(tmp_path: Path) -> None:
 
 @needs_fmnist
 def test_download_fetches_and_checks_the_files(tmp_path: Path, monkeypatch, capsys) -> None:
-    """The download path, with the installed files standing in for the official server (file:// URLs)."""
+    """The download path, with the installed files standing in for the official server (file://
+    URLs)."""
     monkeypatch.setattr(D, "FASHION_MNIST_URL", D.FASHION_MNIST_DIR.as_uri() + "/")
     got = D.find_data(tmp_path / "none", tmp_path / "out", download=True)
     assert got == tmp_path / "out" / "fashion-mnist"
-    assert all((got / n).read_bytes() == (D.FASHION_MNIST_DIR / n).read_bytes() for n in D.FASHION_MNIST_FILES)
+    assert all(
+        (got / n).read_bytes() == (D.FASHION_MNIST_DIR / n).read_bytes()
+        for n in D.FASHION_MNIST_FILES
+    )
     assert "Trying to download" in capsys.readouterr().out
 
     bad = tmp_path / "bad"
@@ -142,9 +193,17 @@ def test_quick_demo_end_to_end(tmp_path: Path, capsys) -> None:
     assert set(summary["train_ips"]) == {"plain", "cached", "online"}
     assert all(v > 0 and math.isfinite(v) for v in summary["train_ips"].values())
     forwards = summary["teacher_forwards"]
-    assert forwards["kd_online"] > 0 and all(forwards[m] == 0 for m in D.METHODS if m != "kd_online")
+    assert forwards["kd_online"] > 0 and all(
+        forwards[m] == 0 for m in D.METHODS if m != "kd_online"
+    )
     assert summary["setup"]["num_views"] == D.QUICK.num_views and summary["setup"]["quick"] is True
-    assert set(summary["step_seconds"]) == {"shards", "teacher", "precompute", "inspect", "students"}
+    assert set(summary["step_seconds"]) == {
+        "shards",
+        "teacher",
+        "precompute",
+        "inspect",
+        "students",
+    }
 
     report = (out / "report.md").read_text()
     assert summary["plots"] and all(f"(inspect/{name})" in report for name in summary["plots"])

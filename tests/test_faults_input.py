@@ -1,4 +1,5 @@
-"""Bad input: broken tars, bad payloads and labels, odd keys, empty shards, shards changed after the cache.
+"""Bad input: broken tars, bad payloads and labels, odd keys, empty shards, shards changed after
+the cache.
 
 Each defect gets a clear error naming shard (and key) or, under ``data.on_error: skip``, a recorded
 invalid row that the trainer skips. Precompute runs in-process (``ShardWorker(settings)(task)``),
@@ -17,18 +18,23 @@ import numpy as np
 import pytest
 from test_precompute import good, make_config, png, run_in_process, write_tar
 
-from cache_tools.errors import CacheMismatchError, DataError, DuplicateKeyError
-from cache_tools.reader import read_block
-from cache_tools.store import STATUS_INVALID, open_store
-from pipeline.plan import make_plan
-from pipeline.runner import worker_settings
-from pipeline.worker import ShardWorker
-from train.config import TrainConfig
-from train.data import build_train_data
+from kdcache.errors import CacheMismatchError, DataError, DuplicateKeyError
+from kdcache.pipeline.plan import make_plan
+from kdcache.pipeline.runner import worker_settings
+from kdcache.pipeline.worker import ShardWorker
+from kdcache.reader import read_block
+from kdcache.store import STATUS_INVALID, open_store
+from kdcache.train.config import TrainConfig
+from kdcache.train.data import build_train_data
 
 
 def config(shards, cache: Path, *overrides: str):
-    return make_config(shards if isinstance(shards, list) else [str(shards)], cache, "data.num_classes=10", *overrides)
+    return make_config(
+        shards if isinstance(shards, list) else [str(shards)],
+        cache,
+        "data.num_classes=10",
+        *overrides,
+    )
 
 
 def write_members(path: Path, members: list[tuple[str, bytes]]) -> str:
@@ -42,11 +48,15 @@ def write_members(path: Path, members: list[tuple[str, bytes]]) -> str:
 
 
 def train_config(shards: list[str], cache: Path) -> TrainConfig:
-    return TrainConfig.model_validate({
-        "data": {"shards": shards, "batch_size": 4, "num_workers": 0, "shuffle_buffer": 0},
-        "cache": {"path": str(cache)}, "student": {"name": "kd_mlp"}, "teacher": {"name": "t1"},
-        "stages": [{"epochs": 1, "loss": {"name": "kd"}}],
-    })
+    return TrainConfig.model_validate(
+        {
+            "data": {"shards": shards, "batch_size": 4, "num_workers": 0, "shuffle_buffer": 0},
+            "cache": {"path": str(cache)},
+            "student": {"name": "kd_mlp"},
+            "teacher": {"name": "t1"},
+            "stages": [{"epochs": 1, "loss": {"name": "kd"}}],
+        }
+    )
 
 
 def train_keys(shards: list[str], cache: Path) -> list[str]:
@@ -55,7 +65,7 @@ def train_keys(shards: list[str], cache: Path) -> list[str]:
     return [key for batch in data.epoch(0, ["t1"]) for key in batch.keys]
 
 
-# ---- broken shards: refused at planning, naming the shard ----------------------------------------------
+# ---- broken shards: refused at planning, naming the shard ----------------------------------------
 
 
 def truncated(tmp_path: Path, cut) -> str:
@@ -67,23 +77,47 @@ def truncated(tmp_path: Path, cut) -> str:
     return str(tmp_path / "cut-000000.tar")
 
 
-@pytest.mark.parametrize(("make", "message"), [
-    (lambda p: truncated(p, lambda last, data: last.offset_data + last.size // 2),
-     r"shard 'cut-000000.tar' is not a readable tar \(unexpected end of data\)"),
-    (lambda p: truncated(p, lambda last, data: last.offset + 100),
-     r"shard 'cut-000000.tar' is truncated or damaged at byte \d+ after key 't_005': no end-of-archive marker"),
-    (lambda p: truncated(p, lambda last, data: last.offset),
-     r"shard 'cut-000000.tar' is truncated or damaged at byte \d+ after key 't_005'"),
-    (lambda p: truncated(p, lambda last, data: last.offset_data + -(-last.size // 512) * 512),  # no end marker
-     r"shard 'cut-000000.tar' is truncated or damaged at byte \d+ after key 't_005'"),
-    (lambda p: (p / "junk-000000.tar").write_bytes(b"\x89PNG not a tar at all" * 40) and str(p / "junk-000000.tar"),
-     r"shard 'junk-000000.tar' is not a readable tar"),
-    (lambda p: (p / "zero-000000.tar").write_bytes(b"") == 0 and str(p / "zero-000000.tar"),
-     r"shard 'zero-000000.tar' is not a readable tar \(empty file\)"),
-    (lambda p: str(p / "missing-000000.tar"), r"shard '.*missing-000000.tar' does not exist"),
-    (lambda p: write_tar(p / "empty-000000.tar", []),
-     r"data.shards: shard\(s\) without samples: \['empty-000000.tar'\] \(every shard needs at least one sample"),
-])
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (
+            lambda p: truncated(p, lambda last, data: last.offset_data + last.size // 2),
+            r"shard 'cut-000000.tar' is not a readable tar \(unexpected end of data\)",
+        ),
+        (
+            lambda p: truncated(p, lambda last, data: last.offset + 100),
+            r"shard 'cut-000000.tar' is truncated or damaged at byte \d+ after key 't_005': "
+            r"no end-of-archive marker",
+        ),
+        (
+            lambda p: truncated(p, lambda last, data: last.offset),
+            r"shard 'cut-000000.tar' is truncated or damaged at byte \d+ after key 't_005'",
+        ),
+        (
+            lambda p: truncated(
+                p, lambda last, data: last.offset_data + -(-last.size // 512) * 512
+            ),  # no end marker
+            r"shard 'cut-000000.tar' is truncated or damaged at byte \d+ after key 't_005'",
+        ),
+        (
+            lambda p: (
+                (p / "junk-000000.tar").write_bytes(b"\x89PNG not a tar at all" * 40)
+                and str(p / "junk-000000.tar")
+            ),
+            r"shard 'junk-000000.tar' is not a readable tar",
+        ),
+        (
+            lambda p: (p / "zero-000000.tar").write_bytes(b"") == 0 and str(p / "zero-000000.tar"),
+            r"shard 'zero-000000.tar' is not a readable tar \(empty file\)",
+        ),
+        (lambda p: str(p / "missing-000000.tar"), r"shard '.*missing-000000.tar' does not exist"),
+        (
+            lambda p: write_tar(p / "empty-000000.tar", []),
+            r"data.shards: shard\(s\) without samples: \['empty-000000.tar'\] "
+            r"\(every shard needs at least one sample",
+        ),
+    ],
+)
 def test_broken_shard_is_refused_at_planning(tmp_path, make, message):
     shard = make(tmp_path)
     with pytest.raises(DataError, match=message):
@@ -91,22 +125,36 @@ def test_broken_shard_is_refused_at_planning(tmp_path, make, message):
     assert not (tmp_path / "cache").exists()
 
 
-@pytest.mark.parametrize(("members", "error", "message"), [
-    ([("a.b.png", png(1)), ("a.b.cls", b"1")], DataError,
-     r"key 'a': expected one image entry .*found \['b.cls', 'b.png'\]; entries .* suggest a dot in the key"),
-    ([("k1.png", png(1)), ("k1.cls", b"1"), ("k2.png", png(2)), ("k1.jpg", png(3))], DuplicateKeyError,
-     r"shard 'odd-000000.tar': key 'k1' occurs twice"),
-    ([("k1.png", png(1)), ("k1.jpg", png(2)), ("k1.cls", b"1")], DataError,
-     r"key 'k1': expected one image entry \(jpg/jpeg/png/webp\), found \['cls', 'jpg', 'png'\]"),
-    ([("k1.cls", b"1")], DataError, r"key 'k1': expected one image entry .*found \['cls'\]"),
-])
+@pytest.mark.parametrize(
+    ("members", "error", "message"),
+    [
+        (
+            [("a.b.png", png(1)), ("a.b.cls", b"1")],
+            DataError,
+            r"key 'a': expected one image entry .*found \['b.cls', 'b.png'\]; "
+            r"entries .* suggest a dot in the key",
+        ),
+        (
+            [("k1.png", png(1)), ("k1.cls", b"1"), ("k2.png", png(2)), ("k1.jpg", png(3))],
+            DuplicateKeyError,
+            r"shard 'odd-000000.tar': key 'k1' occurs twice",
+        ),
+        (
+            [("k1.png", png(1)), ("k1.jpg", png(2)), ("k1.cls", b"1")],
+            DataError,
+            r"key 'k1': expected one image entry \(jpg/jpeg/png/webp\), "
+            r"found \['cls', 'jpg', 'png'\]",
+        ),
+        ([("k1.cls", b"1")], DataError, r"key 'k1': expected one image entry .*found \['cls'\]"),
+    ],
+)
 def test_malformed_samples_are_refused_at_planning(tmp_path, members, error, message):
     shard = write_members(tmp_path / "odd-000000.tar", members)
     with pytest.raises(error, match=message):
         make_plan(config(shard, tmp_path / "cache"))
 
 
-# ---- bad payloads and labels: an error naming shard and key, or a recorded skip ------------------------------
+# ---- bad payloads and labels: an error naming shard and key, or a recorded skip ------------------
 
 
 BAD = {  # key -> (image bytes, label bytes, the reason recorded)
@@ -124,16 +172,26 @@ def test_bad_payload_or_label_raises_naming_shard_and_key(tmp_path, key):
     shard = write_tar(tmp_path / "bad-000000.tar", good("ok", 2) + [(key, image, label)])
     with pytest.raises(DataError, match=rf"shard 'bad-000000.tar', key '{key}': {reason}"):
         run_in_process(config(shard, tmp_path / "cache"))
-    assert open_store(str(tmp_path / "cache")).incomplete_shards() == {"views": ["bad-000000.tar"], "t1": ["bad-000000.tar"]}
+    assert open_store(str(tmp_path / "cache")).incomplete_shards() == {
+        "views": ["bad-000000.tar"],
+        "t1": ["bad-000000.tar"],
+    }
 
 
 def test_bad_samples_are_recorded_and_the_trainer_skips_them(tmp_path):
-    shards = [write_tar(tmp_path / "ok-000000.tar", good("ok", 4)),
-              write_tar(tmp_path / "bad-000000.tar", good("b", 3) + [(k, *BAD[k][:2]) for k in sorted(BAD)])]
+    shards = [
+        write_tar(tmp_path / "ok-000000.tar", good("ok", 4)),
+        write_tar(
+            tmp_path / "bad-000000.tar", good("b", 3) + [(k, *BAD[k][:2]) for k in sorted(BAD)]
+        ),
+    ]
     run_in_process(config(shards, tmp_path / "cache", "data.on_error=skip"))
     store = open_store(str(tmp_path / "cache"))
     block = read_block(store, 1, ["t1"])
-    recorded = {str(block.keys[r]): str(block.errors[r]) for r in np.flatnonzero(block.status == STATUS_INVALID)}
+    recorded = {
+        str(block.keys[r]): str(block.errors[r])
+        for r in np.flatnonzero(block.status == STATUS_INVALID)
+    }
     assert sorted(recorded) == sorted(BAD)
     for key, (_, _, reason) in BAD.items():
         assert f"shard 'bad-000000.tar', key '{key}': {reason}" in recorded[key]
@@ -141,7 +199,7 @@ def test_bad_samples_are_recorded_and_the_trainer_skips_them(tmp_path):
     assert sorted(train_keys(shards, tmp_path / "cache")) == sorted(expected)
 
 
-# ---- shards changed after the cache was built ----------------------------------------------------------------
+# ---- shards changed after the cache was built ----------------------------------------------------
 
 
 @pytest.fixture
@@ -156,10 +214,16 @@ def test_rerun_refuses_a_shard_whose_keys_changed_naming_it(built):
     renamed = good("s1")
     renamed[2] = ("s1_renamed", *renamed[2][1:])
     write_tar(Path(shards[1]), renamed)
-    with pytest.raises(CacheMismatchError, match=r"the sample keys differ .*\n  keys changed in shard\(s\) \['s-000001.tar'\]"):
+    with pytest.raises(
+        CacheMismatchError,
+        match=r"the sample keys differ .*\n  keys changed in shard\(s\) \['s-000001.tar'\]",
+    ):
         make_plan(config(shards, cache))
     write_tar(Path(shards[2]), good("s2", 5))
-    with pytest.raises(CacheMismatchError, match=r"shard 's-000002.tar' has 6 samples in the cache but 5 in the data"):
+    with pytest.raises(
+        CacheMismatchError,
+        match=r"shard 's-000002.tar' has 6 samples in the cache but 5 in the data",
+    ):
         make_plan(config(shards, cache))
 
 
@@ -168,12 +232,20 @@ def test_rerun_refuses_a_shard_whose_label_changed_after_its_views(built):
     samples = good("s1")
     samples[4] = (samples[4][0], samples[4][1], b"9")
     write_tar(Path(shards[1]), samples)
-    cfg = make_config(shards, cache, "data.num_classes=10", teachers=[{"name": "t2", "model": {"name": "kd_mlp"}, "k": 3}])
+    cfg = make_config(
+        shards,
+        cache,
+        "data.num_classes=10",
+        teachers=[{"name": "t2", "model": {"name": "kd_mlp"}, "k": 3}],
+    )
     plan = make_plan(cfg)
     assert [t.make_views for t in plan.tasks] == [False] * 3
     worker = ShardWorker(worker_settings(cfg, plan))
-    with pytest.raises(DataError, match=r"shard 's-000001.tar', key 's1_004': label 9 but the cache stored 4: the shard "
-                                        r"changed after its views were made"):
+    with pytest.raises(
+        DataError,
+        match=r"shard 's-000001.tar', key 's1_004': label 9 but the cache stored 4: the shard "
+        r"changed after its views were made",
+    ):
         worker(plan.tasks[1])
 
 
@@ -184,11 +256,17 @@ def test_training_refuses_changed_keys_and_labels_naming_shard_and_key(built):
     renamed = good("s2")
     renamed[1] = ("s2_renamed", *renamed[1][1:])
     write_tar(Path(shards[2]), renamed)
-    with pytest.raises(CacheMismatchError, match=r"key 's2_renamed' is not in the cache's block for shard 's-000002.tar'"):
+    with pytest.raises(
+        CacheMismatchError,
+        match=r"key 's2_renamed' is not in the cache's block for shard 's-000002.tar'",
+    ):
         train_keys(shards, cache)
     Path(shards[2]).write_bytes(original)
     relabelled = good("s0")
     relabelled[0] = (relabelled[0][0], relabelled[0][1], b"7")
     write_tar(Path(shards[0]), relabelled)
-    with pytest.raises(CacheMismatchError, match=r"shard 's-000000.tar', key 's0_000': label 7 in the data but 0 in the cache"):
+    with pytest.raises(
+        CacheMismatchError,
+        match=r"shard 's-000000.tar', key 's0_000': label 7 in the data but 0 in the cache",
+    ):
         train_keys(shards, cache)

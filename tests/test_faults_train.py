@@ -1,4 +1,5 @@
-"""Fault injection in training: a SIGKILLed ``kdcache train`` resumed, swapped caches, bad checkpoints.
+"""Fault injection in training: a SIGKILLed ``kdcache train`` resumed, swapped caches, bad
+checkpoints.
 
 Complements tests/test_trainer.py (a run stopped by ``run.max_steps`` and resumed bit for bit; a
 checkpoint from another config refused naming the keys), which is not repeated here.
@@ -18,25 +19,26 @@ import torch
 import yaml
 from cachebuild import build_cache, write_shards
 from test_precompute import kill_session
-from test_trainer import make, metrics, raw, world  # noqa: F401  (world is a fixture)
+from test_trainer import make, metrics, raw
 
-from cache_tools.errors import CacheMismatchError, KdcacheError
-from train.trainer import CheckpointError, train
+from kdcache.errors import CacheMismatchError, KdcacheError
+from kdcache.train.trainer import CheckpointError, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
 PAUSING_CLI = """
 import os, sys, time
 from pathlib import Path
-import train.trainer as trainer
-from cache_tools.cli import main
+import kdcache.train.trainer as trainer
+from kdcache.cli import main
 
 pause_at, ready = int(os.environ["KDCACHE_TEST_PAUSE_AT"]), Path(os.environ["KDCACHE_TEST_READY"])
 after_step = trainer.Trainer._after_step
 
 def pausing(self, *args, **kwargs):
     out = after_step(self, *args, **kwargs)
-    if self.state.global_step == pause_at:  # metrics written, last checkpoint behind us: wait to be killed
+    # metrics written, last checkpoint behind us: wait to be killed
+    if self.state.global_step == pause_at:
         ready.write_text(str(os.getpid()))
         time.sleep(600)
     return out
@@ -47,14 +49,25 @@ sys.exit(main(sys.argv[1:]))
 
 
 def kdcache(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cache_tools.cli", *args], capture_output=True, text=True,
-                          timeout=300, cwd=ROOT, **kwargs)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "kdcache", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        **kwargs,
+    )
 
 
 def killable_config(world, run_dir: Path) -> dict:
     """2 epochs x 12 steps, a checkpoint every 5 steps, DataLoader workers, one torch thread."""
-    return raw(world, run_dir, run={"ckpt_every_steps": 5, "log_every": 1, "threads": 1},
-               data={"batch_size": 4, "num_workers": 2}, stages=[{"epochs": 2, "loss": {"name": "kd"}}])
+    return raw(
+        world,
+        run_dir,
+        run={"ckpt_every_steps": 5, "log_every": 1, "threads": 1},
+        data={"batch_size": 4, "num_workers": 2},
+        stages=[{"epochs": 2, "loss": {"name": "kd"}}],
+    )
 
 
 @pytest.mark.slow
@@ -62,20 +75,39 @@ def test_sigkilled_train_resumes_to_the_uninterrupted_result(world, tmp_path):
     data = killable_config(world, tmp_path / "cut")
     config = tmp_path / "train.yaml"
     config.write_text(yaml.safe_dump(data))
-    env = {**os.environ, "KDCACHE_TEST_PAUSE_AT": "17", "KDCACHE_TEST_READY": str(tmp_path / "ready")}
-    process = subprocess.Popen([sys.executable, "-c", PAUSING_CLI, "train", str(config)], cwd=ROOT, env=env,
-                               start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = {
+        **os.environ,
+        "KDCACHE_TEST_PAUSE_AT": "17",
+        "KDCACHE_TEST_READY": str(tmp_path / "ready"),
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-c", PAUSING_CLI, "train", str(config)],
+        cwd=ROOT,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 120
-        while not (tmp_path / "ready").exists() and process.poll() is None and time.monotonic() < deadline:
+        while (
+            not (tmp_path / "ready").exists()
+            and process.poll() is None
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.02)
-        assert (tmp_path / "ready").exists(), process.communicate()[0][-3000:] if process.poll() is not None else "timeout"
+        assert (tmp_path / "ready").exists(), (
+            process.communicate()[0][-3000:] if process.poll() is not None else "timeout"
+        )
     finally:
         kill_session(process.pid)  # SIGKILL: the trainer and its DataLoader workers, mid-epoch 2
         process.wait()
     state = torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=True)["state"]
     assert (state["epoch"], state["epoch_step"], state["global_step"]) == (1, 3, 15)
-    assert max(line["step"] for line in metrics(tmp_path / "cut")) == 17  # logged after the checkpoint
+    assert (
+        max(line["step"] for line in metrics(tmp_path / "cut")) == 17
+    )  # logged after the checkpoint
     assert not (tmp_path / "cut" / "summary.json").exists()
 
     resumed = kdcache("train", str(config), "--resume")
@@ -83,8 +115,17 @@ def test_sigkilled_train_resumes_to_the_uninterrupted_result(world, tmp_path):
     assert "2 epochs, 24 steps" in resumed.stdout
     threads = torch.get_num_threads()
     try:
-        full = train(make(world, tmp_path / "full", **{k: v for k, v in killable_config(world, tmp_path / "full").items()
-                                                     if k in ("run", "data", "stages")}))
+        full = train(
+            make(
+                world,
+                tmp_path / "full",
+                **{
+                    k: v
+                    for k, v in killable_config(world, tmp_path / "full").items()
+                    if k in ("run", "data", "stages")
+                },
+            )
+        )
     finally:
         torch.set_num_threads(threads)
     assert full["completed"] and full["steps"] == 24
@@ -94,7 +135,7 @@ def test_sigkilled_train_resumes_to_the_uninterrupted_result(world, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-# ---- the cache changed under a run ------------------------------------------------------------------------
+# ---- the cache changed under a run ---------------------------------------------------------------
 
 
 @pytest.fixture
@@ -108,7 +149,11 @@ def stopped_run(world, tmp_path):
 
 
 def resume(config):
-    return train(config.model_copy(update={"run": config.run.model_copy(update={"resume": "must", "max_steps": None})}))
+    return train(
+        config.model_copy(
+            update={"run": config.run.model_copy(update={"resume": "must", "max_steps": None})}
+        )
+    )
 
 
 def test_resume_against_a_cache_of_other_shards_is_refused(world, stopped_run, tmp_path):
@@ -117,17 +162,32 @@ def test_resume_against_a_cache_of_other_shards_is_refused(world, stopped_run, t
     other = write_shards(tmp_path / "other", per_shard=[12, 12, 12, 11])
     build_cache(cache, other, teachers={"tiny": 4, "top2": 2})
     streamed = r"key 'train_000047' is not in the cache's block for shard 'train-000003.tar'"
-    with pytest.raises((CacheMismatchError, CheckpointError), match=rf"{streamed}|trained against another cache"):
-        resume(config)  # names and counts are checked up front only with data.verify_keys; keys as they stream
-    verified = config.model_copy(update={"data": config.data.model_copy(update={"verify_keys": True})})
-    with pytest.raises(CacheMismatchError, match=r"shard 'train-000003.tar' has 11 samples in the cache but 12 in the data"):
+    with pytest.raises(
+        (CacheMismatchError, CheckpointError), match=rf"{streamed}|trained against another cache"
+    ):
+        resume(
+            config
+        )  # names and counts are checked up front only with data.verify_keys; keys as they stream
+    verified = config.model_copy(
+        update={"data": config.data.model_copy(update={"verify_keys": True})}
+    )
+    with pytest.raises(
+        CacheMismatchError,
+        match=r"shard 'train-000003.tar' has 11 samples in the cache but 12 in the data",
+    ):
         resume(verified)
 
 
 def test_resume_against_a_rebuilt_cache_is_refused(world, stopped_run):
     config, cache = stopped_run
     shutil.rmtree(cache)
-    build_cache(cache, world["urls"], teachers={"tiny": 4, "top2": 2}, seed=1, invalid_keys=("train_000005",))
+    build_cache(
+        cache,
+        world["urls"],
+        teachers={"tiny": 4, "top2": 2},
+        seed=1,
+        invalid_keys=("train_000005",),
+    )
     try:
         resume(config)
     except KdcacheError as exc:
@@ -136,7 +196,7 @@ def test_resume_against_a_rebuilt_cache_is_refused(world, stopped_run):
         raise AssertionError("resumed against a different cache")
 
 
-# ---- checkpoints that cannot be resumed ---------------------------------------------------------------
+# ---- checkpoints that cannot be resumed ----------------------------------------------------------
 
 
 def edit_checkpoint(path: Path, **changes) -> None:
@@ -152,7 +212,9 @@ def test_checkpoint_of_another_version_or_world_size_is_refused(stopped_run):
     with pytest.raises(CheckpointError, match=r"last.pt was written with world size 2, found 1"):
         resume(config)
     edit_checkpoint(last, version=99)
-    with pytest.raises(CheckpointError, match=r"last.pt has checkpoint version 99, this kdcache reads 1"):
+    with pytest.raises(
+        CheckpointError, match=r"last.pt has checkpoint version 99, this kdcache reads 1"
+    ):
         resume(config)
     edit_checkpoint(last, format="something-else")
     with pytest.raises(CheckpointError, match=r"last.pt is not a kdcache training checkpoint"):

@@ -13,10 +13,10 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from cache_tools.cli import main
-from cache_tools.errors import ConfigError, DataError, DuplicateKeyError
-from cache_tools.manifest import load_manifest
-from pipeline.make_shards import (
+from kdcache.cli import main
+from kdcache.errors import ConfigError, DataError, DuplicateKeyError
+from kdcache.manifest import load_manifest
+from kdcache.pipeline.make_shards import (
     FASHION_MNIST_DIR,
     Sample,
     ShardOptions,
@@ -83,13 +83,17 @@ def save_image(path: Path, seed: int, mode: str = "RGB", size: tuple[int, int] =
     path.parent.mkdir(parents=True, exist_ok=True)
     shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
     array = np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
-    Image.fromarray(array).save(path, format="JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG")
+    Image.fromarray(array).save(
+        path, format="JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG"
+    )
 
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synthetic")
-    make_synthetic_shards(out, 250, 60, classes=5, size=(12, 16), channels=1, seed=3, shard_size=100)
+    make_synthetic_shards(
+        out, 250, 60, classes=5, size=(12, 16), channels=1, seed=3, shard_size=100
+    )
     return out
 
 
@@ -101,7 +105,12 @@ def test_synthetic_round_trip(synthetic: Path) -> None:
     train = load_manifest(synthetic / "train-manifest.json")
     assert train.counts == [100, 100, 50] and train.num_samples == 250
     assert train.shards == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
-    assert (train.num_classes, train.image_size, train.channels, train.image_format) == (5, [12, 16], 1, "png")
+    assert (train.num_classes, train.image_size, train.channels, train.image_format) == (
+        5,
+        [12, 16],
+        1,
+        "png",
+    )
     assert train.source["kind"] == "synthetic" and train.source["seed"] == 3
     assert load_manifest(synthetic / "test-manifest.json").counts == [60]
     samples = read_back(synthetic, "train") + read_back(synthetic, "test")
@@ -123,11 +132,17 @@ def test_shard_entries_are_png_and_ascii_cls(synthetic: Path) -> None:
 
 
 def test_synthetic_is_deterministic(tmp_path: Path, synthetic: Path) -> None:
-    make_synthetic_shards(tmp_path / "a", 250, 60, classes=5, size=(12, 16), channels=1, seed=3, shard_size=100)
-    make_synthetic_shards(tmp_path / "b", 250, 0, classes=5, size=(12, 16), channels=1, seed=4, shard_size=100)
+    make_synthetic_shards(
+        tmp_path / "a", 250, 60, classes=5, size=(12, 16), channels=1, seed=3, shard_size=100
+    )
+    make_synthetic_shards(
+        tmp_path / "b", 250, 0, classes=5, size=(12, 16), channels=1, seed=4, shard_size=100
+    )
     for name in ("train-000000.tar", "train-000002.tar", "test-000000.tar", "train-manifest.json"):
         assert (tmp_path / "a" / name).read_bytes() == (synthetic / name).read_bytes()
-    assert (tmp_path / "b" / "train-000000.tar").read_bytes() != (synthetic / "train-000000.tar").read_bytes()
+    assert (tmp_path / "b" / "train-000000.tar").read_bytes() != (
+        synthetic / "train-000000.tar"
+    ).read_bytes()
 
 
 def test_synthetic_is_learnable_but_not_trivial() -> None:
@@ -144,11 +159,15 @@ def test_synthetic_is_learnable_but_not_trivial() -> None:
 
 
 def test_synthetic_rgb_jpeg(tmp_path: Path) -> None:
-    manifests = make_synthetic_shards(tmp_path, 40, 0, classes=3, size=8, channels=3, seed=0,
-                                      shard_size=16, image_format="jpg")
+    manifests = make_synthetic_shards(
+        tmp_path, 40, 0, classes=3, size=8, channels=3, seed=0, shard_size=16, image_format="jpg"
+    )
     assert list(manifests) == ["train"]
-    assert (manifests["train"].counts, manifests["train"].channels, manifests["train"].image_format) == (
-        [16, 16, 8], 3, "jpg")
+    assert (
+        manifests["train"].counts,
+        manifests["train"].channels,
+        manifests["train"].image_format,
+    ) == ([16, 16, 8], 3, "jpg")
     samples = read_back(tmp_path, "train")
     assert all(s["jpg"].mode == "RGB" and s["jpg"].size == (8, 8) for s in samples)
     assert shard_url(tmp_path, manifests["train"]) == f"{tmp_path}/train-{{000000..000002}}.tar"
@@ -161,14 +180,21 @@ def test_refuses_to_overwrite_then_overwrites_and_removes_stale_shards(tmp_path:
     (tmp_path / "train-manifest.json").unlink()
     with pytest.raises(ShardsExistError, match=r"train-000000\.tar already exists"):
         make_synthetic_shards(tmp_path, 30, 0, classes=2, size=8, shard_size=10)
-    manifests = make_synthetic_shards(tmp_path, 15, 0, classes=2, size=8, shard_size=10, overwrite=True)
+    manifests = make_synthetic_shards(
+        tmp_path, 15, 0, classes=2, size=8, shard_size=10, overwrite=True
+    )
     assert manifests["train"].counts == [10, 5]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["train-000000.tar", "train-000001.tar",
-                                                          "train-manifest.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "train-000000.tar",
+        "train-000001.tar",
+        "train-manifest.json",
+    ]
 
 
 def test_prefix_and_limit(tmp_path: Path) -> None:
-    manifests = make_synthetic_shards(tmp_path, 50, 20, classes=2, size=8, shard_size=8, prefix="toy", limit=10)
+    manifests = make_synthetic_shards(
+        tmp_path, 50, 20, classes=2, size=8, shard_size=8, prefix="toy", limit=10
+    )
     assert {m.num_samples for m in manifests.values()} == {10}
     assert manifests["train"].shards == ["toy-train-000000.tar", "toy-train-000001.tar"]
     assert (tmp_path / "toy-test-manifest.json").exists()
@@ -178,11 +204,17 @@ def test_prefix_and_limit(tmp_path: Path) -> None:
     ("sample", "error", "match"),
     [
         (Sample("a.b", 0, np.zeros((4, 4), np.uint8)), DataError, r"key 'a\.b' must .* no '\.'"),
-        (Sample("a", 7, np.zeros((4, 4), np.uint8)), DataError, r"x-000000\.tar: key 'a': label 7 is not in 0\.\.2"),
+        (
+            Sample("a", 7, np.zeros((4, 4), np.uint8)),
+            DataError,
+            r"x-000000\.tar: key 'a': label 7 is not in 0\.\.2",
+        ),
         (Sample("a", 0, np.zeros((4, 4), np.float32)), DataError, r"expected a uint8"),
     ],
 )
-def test_write_split_rejects_bad_samples(tmp_path: Path, sample: Sample, error: type, match: str) -> None:
+def test_write_split_rejects_bad_samples(
+    tmp_path: Path, sample: Sample, error: type, match: str
+) -> None:
     with pytest.raises(error, match=match):
         write_split([sample], tmp_path, "x", num_classes=3)
     assert not (tmp_path / "x-manifest.json").exists()
@@ -199,8 +231,12 @@ def test_write_split_rejects_duplicate_keys_and_empty_splits(tmp_path: Path) -> 
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"shard_size": 0}, "shard_size: expected a positive"), ({"image_format": "gif"}, "image_format"),
-     ({"quality": 101}, "quality"), ({"prefix": "a/b"}, "prefix")],
+    [
+        ({"shard_size": 0}, "shard_size: expected a positive"),
+        ({"image_format": "gif"}, "image_format"),
+        ({"quality": 101}, "quality"),
+        ({"prefix": "a/b"}, "prefix"),
+    ],
 )
 def test_shard_options_are_validated(kwargs: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
@@ -226,11 +262,18 @@ def test_parse_size_rejects(text: str) -> None:
 
 def test_idx_round_trip(tmp_path: Path) -> None:
     arrays = make_idx_dir(tmp_path / "idx")
-    manifests = make_idx_shards(tmp_path / "out", [tmp_path / "idx"], ShardOptions(shard_size=8),
-                                class_names=["a", "b", "c", "d"])
+    manifests = make_idx_shards(
+        tmp_path / "out",
+        [tmp_path / "idx"],
+        ShardOptions(shard_size=8),
+        class_names=["a", "b", "c", "d"],
+    )
     assert manifests["train"].counts == [8, 8, 8, 6] and manifests["test"].counts == [8, 4]
-    assert (manifests["test"].image_size, manifests["test"].channels, manifests["test"].class_names) == (
-        [7, 5], 1, ["a", "b", "c", "d"])
+    assert (
+        manifests["test"].image_size,
+        manifests["test"].channels,
+        manifests["test"].class_names,
+    ) == ([7, 5], 1, ["a", "b", "c", "d"])
     samples = read_back(tmp_path / "out", "train")
     assert [s["__key__"] for s in samples] == [f"train_{i:08d}" for i in range(30)]
     images = np.stack([np.asarray(s["png"]) for s in samples])
@@ -243,18 +286,24 @@ def test_idx_from_files_and_prefers_uncompressed(tmp_path: Path) -> None:
     write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", np.zeros((1, 2, 2), np.uint8))  # stale .gz
     splits = idx_splits([tmp_path])
     np.testing.assert_array_equal(splits["test"][0], arrays["t10k-images-idx3-ubyte"])
-    only_train = idx_splits([tmp_path / "train-images-idx3-ubyte.gz", tmp_path / "train-labels-idx1-ubyte.gz"])
+    only_train = idx_splits(
+        [tmp_path / "train-images-idx3-ubyte.gz", tmp_path / "train-labels-idx1-ubyte.gz"]
+    )
     assert list(only_train) == ["train"] and only_train["train"][0].shape == (30, 7, 5)
 
 
 def test_idx_malformed(tmp_path: Path) -> None:
     bad = tmp_path / "bad-images"
     bad.write_bytes(b"\x08\x03\x00\x00" + bytes(40))
-    with pytest.raises(DataError, match=r"bad-images: not an IDX file \(bad magic number 08030000\)"):
+    with pytest.raises(
+        DataError, match=r"bad-images: not an IDX file \(bad magic number 08030000\)"
+    ):
         read_idx(bad)
     short = write_idx(tmp_path / "short", np.zeros((3, 4, 4), np.uint8))
     short.write_bytes(short.read_bytes()[:-5])
-    with pytest.raises(DataError, match=r"short: IDX shape \(3, 4, 4\) needs 48 data bytes, found 43"):
+    with pytest.raises(
+        DataError, match=r"short: IDX shape \(3, 4, 4\) needs 48 data bytes, found 43"
+    ):
         read_idx(short)
     broken_gzip = tmp_path / "broken.gz"
     broken_gzip.write_bytes(gzip.compress(bytes(100))[:20])
@@ -265,7 +314,9 @@ def test_idx_malformed(tmp_path: Path) -> None:
 def test_idx_count_mismatch_and_missing_partner(tmp_path: Path) -> None:
     write_idx(tmp_path / "train-images-idx3-ubyte", np.zeros((5, 4, 4), np.uint8))
     write_idx(tmp_path / "train-labels-idx1-ubyte", np.zeros(4, np.uint8))
-    with pytest.raises(DataError, match=r"train-images-idx3-ubyte has 5 images but .*train-labels-idx1-ubyte has 4"):
+    with pytest.raises(
+        DataError, match=r"train-images-idx3-ubyte has 5 images but .*train-labels-idx1-ubyte has 4"
+    ):
         idx_splits([tmp_path])
     write_idx(tmp_path / "t10k-images-idx3-ubyte", np.zeros((5, 4, 4), np.uint8))
     with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte: found no matching t10k-labels"):
@@ -286,12 +337,19 @@ def test_idx_labels_beyond_class_names(tmp_path: Path) -> None:
 
 def test_folder_flat_layout_keeps_bytes(tmp_path: Path) -> None:
     root = tmp_path / "flat"
-    for i, name in enumerate(["dog/b.jpg", "dog/a.JPEG", "cat/x.jpg", "cat/sub/y.jpg", "emu/z.jpg"]):
+    for i, name in enumerate(
+        ["dog/b.jpg", "dog/a.JPEG", "cat/x.jpg", "cat/sub/y.jpg", "emu/z.jpg"]
+    ):
         save_image(root / name, i)
     class_names, splits = folder_splits(root)
     assert class_names == ["cat", "dog", "emu"]
     assert [(p.relative_to(root).as_posix(), c) for p, c in splits["train"]] == [
-        ("cat/sub/y.jpg", 0), ("cat/x.jpg", 0), ("dog/a.JPEG", 1), ("dog/b.jpg", 1), ("emu/z.jpg", 2)]
+        ("cat/sub/y.jpg", 0),
+        ("cat/x.jpg", 0),
+        ("dog/a.JPEG", 1),
+        ("dog/b.jpg", 1),
+        ("emu/z.jpg", 2),
+    ]
     manifests = make_folder_shards(tmp_path / "out", root, ShardOptions(shard_size=2))
     manifest = manifests["train"]
     assert (manifest.image_format, manifest.counts) == ("jpg", [2, 2, 1])
@@ -311,13 +369,20 @@ def test_folder_split_layout_and_mixed_formats(tmp_path: Path) -> None:
     save_image(root / "train/bee/3.png", 3, mode="L")
     save_image(root / "val/bee/4.png", 4, mode="L")
     save_image(root / "val/cow/5.png", 5, mode="L", size=(4, 4))
-    manifests = make_folder_shards(tmp_path / "out", root, ShardOptions(image_format="png"), seed=None)
+    manifests = make_folder_shards(
+        tmp_path / "out", root, ShardOptions(image_format="png"), seed=None
+    )
     assert list(manifests) == ["train", "val"]
-    assert manifests["train"].class_names == ["ant", "bee", "cow"] and manifests["train"].num_classes == 3
+    assert (
+        manifests["train"].class_names == ["ant", "bee", "cow"]
+        and manifests["train"].num_classes == 3
+    )
     assert (manifests["train"].image_format, manifests["train"].channels) == ("png", 1)
     assert manifests["val"].image_size is None  # sizes differ
     train = read_back(tmp_path / "out", "train")
-    assert [(s["__key__"], s["cls"]) for s in train] == [(f"train_{i:08d}", c) for i, c in enumerate([0, 1, 1])]
+    assert [(s["__key__"], s["cls"]) for s in train] == [
+        (f"train_{i:08d}", c) for i, c in enumerate([0, 1, 1])
+    ]
     assert all(s["png"].mode == "L" for s in train)  # the JPEG was re-encoded to PNG
     assert [s["cls"] for s in read_back(tmp_path / "out", "val")] == [1, 2]
 
@@ -332,7 +397,9 @@ def test_folder_errors(tmp_path: Path) -> None:
         folder_splits(tmp_path / "noimages")
     save_image(tmp_path / "mixed" / "train" / "cat" / "a.png", 0)
     save_image(tmp_path / "mixed" / "dog" / "b.png", 0)
-    with pytest.raises(DataError, match=r"mixed: mixes split folders \['train'\] with other folders \['dog'\]"):
+    with pytest.raises(
+        DataError, match=r"mixed: mixes split folders \['train'\] with other folders \['dog'\]"
+    ):
         folder_splits(tmp_path / "mixed")
     fake = tmp_path / "fake" / "cat" / "a.jpg"
     fake.parent.mkdir(parents=True)
@@ -346,8 +413,28 @@ def test_folder_errors(tmp_path: Path) -> None:
 
 
 def test_cli_synthetic(tmp_path: Path, capsys) -> None:
-    argv = ["shards", "synthetic", "--out", str(tmp_path), "--num", "30", "--test-num", "10", "--classes", "3",
-            "--size", "10x12", "--channels", "3", "--seed", "5", "--shard-size", "16", "--format", "jpg"]
+    argv = [
+        "shards",
+        "synthetic",
+        "--out",
+        str(tmp_path),
+        "--num",
+        "30",
+        "--test-num",
+        "10",
+        "--classes",
+        "3",
+        "--size",
+        "10x12",
+        "--channels",
+        "3",
+        "--seed",
+        "5",
+        "--shard-size",
+        "16",
+        "--format",
+        "jpg",
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "wrote train 30 samples in 2 shard(s)" in out and "10x12 RGB jpg" in out
@@ -360,12 +447,39 @@ def test_cli_synthetic(tmp_path: Path, capsys) -> None:
 
 def test_cli_idx_and_folder(tmp_path: Path, capsys) -> None:
     make_idx_dir(tmp_path / "idx")
-    assert main(["shards", "idx", "--out", str(tmp_path / "o1"), str(tmp_path / "idx"),
-                 "--class-names", "w,x,y,z", "--limit", "5"]) == 0
+    assert (
+        main(
+            [
+                "shards",
+                "idx",
+                "--out",
+                str(tmp_path / "o1"),
+                str(tmp_path / "idx"),
+                "--class-names",
+                "w,x,y,z",
+                "--limit",
+                "5",
+            ]
+        )
+        == 0
+    )
     assert load_manifest(tmp_path / "o1" / "test-manifest.json").num_samples == 5
     save_image(tmp_path / "imgs" / "a" / "1.png", 0)
     save_image(tmp_path / "imgs" / "b" / "2.png", 1)
-    assert main(["shards", "folder", "--out", str(tmp_path / "o2"), str(tmp_path / "imgs"), "--prefix", "pics"]) == 0
+    assert (
+        main(
+            [
+                "shards",
+                "folder",
+                "--out",
+                str(tmp_path / "o2"),
+                str(tmp_path / "imgs"),
+                "--prefix",
+                "pics",
+            ]
+        )
+        == 0
+    )
     assert load_manifest(tmp_path / "o2" / "pics-manifest.json").class_names == ["a", "b"]
     assert main(["shards", "folder", "--out", str(tmp_path / "o3"), str(tmp_path / "nowhere")]) == 2
     assert "nowhere: not a directory" in capsys.readouterr().err
@@ -373,8 +487,11 @@ def test_cli_idx_and_folder(tmp_path: Path, capsys) -> None:
 
 @pytest.mark.parametrize(
     ("args", "match"),
-    [(["--size", "big"], "argument --size: expected HxW"), (["--channels", "2"], "argument --channels"),
-     (["--shard-size", "0"], "argument --shard-size: expected an integer >= 1")],
+    [
+        (["--size", "big"], "argument --size: expected HxW"),
+        (["--channels", "2"], "argument --channels"),
+        (["--shard-size", "0"], "argument --shard-size: expected an integer >= 1"),
+    ],
 )
 def test_cli_rejects_bad_arguments(tmp_path: Path, capsys, args: list[str], match: str) -> None:
     with pytest.raises(SystemExit) as exc:
@@ -384,15 +501,25 @@ def test_cli_rejects_bad_arguments(tmp_path: Path, capsys, args: list[str], matc
 
 
 def test_cli_fashion_mnist_missing(tmp_path: Path, capsys) -> None:
-    assert main(["shards", "fashion-mnist", "--out", str(tmp_path), "--dir", str(tmp_path / "none")]) == 2
+    assert (
+        main(["shards", "fashion-mnist", "--out", str(tmp_path), "--dir", str(tmp_path / "none")])
+        == 2
+    )
     assert "apt-get install dataset-fashion-mnist" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not Path(FASHION_MNIST_DIR).is_dir(), reason=f"{FASHION_MNIST_DIR} absent "
-                    "(apt-get install dataset-fashion-mnist)")
+@pytest.mark.skipif(
+    not Path(FASHION_MNIST_DIR).is_dir(),
+    reason=f"{FASHION_MNIST_DIR} absent (apt-get install dataset-fashion-mnist)",
+)
 def test_cli_fashion_mnist(tmp_path: Path) -> None:
     assert main(["shards", "fashion-mnist", "--out", str(tmp_path), "--limit", "500"]) == 0
     train = load_manifest(tmp_path / "train-manifest.json")
-    assert (train.num_samples, train.num_classes, train.image_size, train.channels) == (500, 10, [28, 28], 1)
+    assert (train.num_samples, train.num_classes, train.image_size, train.channels) == (
+        500,
+        10,
+        [28, 28],
+        1,
+    )
     assert train.class_names[0] == "T-shirt/top"
     assert len(read_back(tmp_path, "test")) == 500

@@ -21,28 +21,27 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from cachebuild import write_shards
+from test_precompute import run_in_process
+
+from kdcache.cli import main as cli_main
+from kdcache.config import validate
+from kdcache.errors import CacheLockedError
+from kdcache.lock import WriterLock, read_holder
+from kdcache.manifest import Manifest
+from kdcache.pipeline.config import PrecomputeConfig
+from kdcache.pipeline.plan import make_plan
+from kdcache.pipeline.runner import precompute, store_size, worker_settings
+from kdcache.pipeline.worker import ShardWorker
+from kdcache.shards import expand_shards, iter_shard, scan_shards
+from kdcache.store import open_store
+from kdcache.tools.validate import validate_cache
+from kdcache.train.config import TrainConfig
+from kdcache.train.data import build_train_data
+from kdcache.train.trainer import train
 
 pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
-
-from cachebuild import write_shards
-from test_precompute import ray_session, run_in_process  # noqa: F401  (ray_session is a fixture)
-
-from cache_tools.cli import main as cli_main
-from cache_tools.config import validate
-from cache_tools.errors import CacheLockedError
-from cache_tools.lock import WriterLock, read_holder
-from cache_tools.manifest import Manifest
-from cache_tools.shards import expand_shards, iter_shard, scan_shards
-from cache_tools.store import open_store
-from cache_tools.validate import validate_cache
-from pipeline.config import PrecomputeConfig
-from pipeline.plan import make_plan
-from pipeline.runner import precompute, store_size, worker_settings
-from pipeline.worker import ShardWorker
-from train.config import TrainConfig
-from train.data import build_train_data
-from train.trainer import train
 
 BUCKET = "kdcache"
 SHARDS = f"s3://{BUCKET}/shards/train-{{000000..000003}}.tar"
@@ -59,9 +58,16 @@ def _free_port() -> int:
 def s3(tmp_path_factory):
     """A moto S3 server on loopback with a bucket holding 4 tiny shards (+1 validation shard)."""
     patch = pytest.MonkeyPatch()
-    for name in ("AWS_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_SESSION_TOKEN"):
+    for name in (
+        "AWS_PROFILE",
+        "AWS_CONFIG_FILE",
+        "AWS_SHARED_CREDENTIALS_FILE",
+        "AWS_SESSION_TOKEN",
+    ):
         patch.delenv(name, raising=False)
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
+    server = moto_server.ThreadedMotoServer(
+        ip_address="127.0.0.1", port=_free_port(), verbose=False
+    )
     server.start()
     endpoint = f"http://127.0.0.1:{server._server.server_port}"
     patch.setenv("AWS_ACCESS_KEY_ID", "testing")
@@ -76,7 +82,12 @@ def s3(tmp_path_factory):
     local = tmp_path_factory.mktemp("s3shards")
     for url in write_shards(local) + write_shards(local, prefix="val", num_shards=1, per_shard=10):
         fs.put(url, f"{BUCKET}/shards/{Path(url).name}")
-    yield {"endpoint": endpoint, "fs": fs, "options": {"client_kwargs": {"endpoint_url": endpoint}}, "local": local}
+    yield {
+        "endpoint": endpoint,
+        "fs": fs,
+        "options": {"client_kwargs": {"endpoint_url": endpoint}},
+        "local": local,
+    }
     server.stop()
     patch.undo()
     s3fs.S3FileSystem.clear_instance_cache()
@@ -84,20 +95,33 @@ def s3(tmp_path_factory):
 
 def precompute_config(s3, cache: str, *, local: bool = False) -> PrecomputeConfig:
     shards = str(s3["local"] / "train-{000000..000003}.tar") if local else SHARDS
-    return validate(PrecomputeConfig, {
-        "data": {"shards": shards, "num_classes": 4},
-        "cache": {"path": cache, "storage_options": {} if local else s3["options"], "num_views": 2,
-                  "recipe": {"size": 12, "scale": [0.5, 1.0], **GREY}},
-        "teachers": [{"name": "tiny", "model": {"name": "kd_cnn_tiny"}, "k": 3}],
-        "ray": {"num_actors": 2}, "runtime": {"batch_size": 16},
-    })
+    return validate(
+        PrecomputeConfig,
+        {
+            "data": {"shards": shards, "num_classes": 4},
+            "cache": {
+                "path": cache,
+                "storage_options": {} if local else s3["options"],
+                "num_views": 2,
+                "recipe": {"size": 12, "scale": [0.5, 1.0], **GREY},
+            },
+            "teachers": [{"name": "tiny", "model": {"name": "kd_cnn_tiny"}, "k": 3}],
+            "ray": {"num_actors": 2},
+            "runtime": {"batch_size": 16},
+        },
+    )
 
 
 def train_config(s3, cache: str, run_dir: Path, workers: int = 0) -> dict:
     return {
         "run": {"dir": str(run_dir), "log_every": 2, "progress": False},
-        "data": {"shards": f"s3://{BUCKET}/shards/train-*.tar", "val_shards": f"s3://{BUCKET}/shards/val-000000.tar",
-                 "batch_size": 8, "num_workers": workers, "shuffle_buffer": 10},
+        "data": {
+            "shards": f"s3://{BUCKET}/shards/train-*.tar",
+            "val_shards": f"s3://{BUCKET}/shards/val-000000.tar",
+            "batch_size": 8,
+            "num_workers": workers,
+            "shuffle_buffer": 10,
+        },
         "cache": {"path": cache, "storage_options": s3["options"]},
         "student": {"name": "kd_mlp", "kwargs": {"img_size": 12, "hidden": 16}},
         "teacher": {"mode": "cache", "name": "tiny"},
@@ -107,9 +131,17 @@ def train_config(s3, cache: str, run_dir: Path, workers: int = 0) -> dict:
 
 def arrays(path: str, options: dict | None = None) -> dict[str, np.ndarray]:
     store = open_store(path, "r", options)
-    out = {name: np.asarray(store.group[name][:]) for name in ("keys", "labels", "status", "view_params")}
+    out = {
+        name: np.asarray(store.group[name][:])
+        for name in ("keys", "labels", "status", "view_params")
+    }
     group = store.teacher_group("tiny")
-    out.update({f"tiny/{name}": np.asarray(group[name][:]) for name in ("topk_idx", "topk_logit", "lse", "label_logit")})
+    out.update(
+        {
+            f"tiny/{name}": np.asarray(group[name][:])
+            for name in ("topk_idx", "topk_logit", "lse", "label_logit")
+        }
+    )
     out["marks"] = np.concatenate([store.views_done(), store.teacher_done("tiny")])
     return out
 
@@ -143,9 +175,14 @@ def test_writer_lock_on_s3_is_exclusive(s3):
     cache = f"s3://{BUCKET}/locked/cache.zarr"
     with WriterLock(cache, s3["options"]):
         assert s3["fs"].exists(f"{BUCKET}/locked/cache.zarr.lock")
-        with pytest.raises(CacheLockedError, match=rf"cache '{cache}' is being written by another precompute: pid {os.getpid()}"):
+        with pytest.raises(
+            CacheLockedError,
+            match=rf"cache '{cache}' is being written by another precompute: pid {os.getpid()}",
+        ):
             WriterLock(cache, s3["options"]).acquire()
-        with pytest.raises(CacheLockedError, match=r"holds its lock 's3://kdcache/locked/cache.zarr.lock'"):
+        with pytest.raises(
+            CacheLockedError, match=r"holds its lock 's3://kdcache/locked/cache.zarr.lock'"
+        ):
             precompute(precompute_config(s3, cache))  # before any Ray work
     assert read_holder(cache, s3["options"]) is None
 
@@ -155,71 +192,140 @@ def test_shards_read_with_explicit_storage_options(s3, monkeypatch):
     urls = expand_shards(f"s3://{BUCKET}/shards/train-*.tar", storage_options=s3["options"])
     assert [u.rsplit("/", 1)[1] for u in urls] == [f"train-{i:06d}.tar" for i in range(4)]
     assert [len(i) for i in scan_shards(urls, storage_options=s3["options"])] == [12] * 4
-    assert [s.key for s in iter_shard(urls[1], s3["options"])][:2] == ["train_000012", "train_000013"]
+    assert [s.key for s in iter_shard(urls[1], s3["options"])][:2] == [
+        "train_000012",
+        "train_000013",
+    ]
 
 
-def test_precompute_and_train_with_shards_through_data_storage_options(s3, tmp_path, monkeypatch, caplog, capsys):
+def test_precompute_and_train_with_shards_through_data_storage_options(
+    s3, tmp_path, monkeypatch, caplog, capsys
+):
     """No AWS endpoint or credentials in the environment: the shards and their manifest are reached
-    through ``data.storage_options`` only (the cache is local); the options are never saved or logged."""
-    for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+    through ``data.storage_options`` only (the cache is local); the options are never saved or
+    logged."""
+    for name in (
+        "AWS_ENDPOINT_URL",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_DEFAULT_REGION",
+    ):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     caplog.set_level(logging.DEBUG)
-    key, secret = "kd-opt-key-7f3a", "kd-opt-secret-91c4"
-    options = {"endpoint_url": s3["endpoint"], "key": key, "secret": secret, "client_kwargs": {"region_name": "us-east-1"}}
+    key = "kd-opt-key-7f3a"
+    secret = "kd-opt-secret-91c4"
+    options = {
+        "endpoint_url": s3["endpoint"],
+        "key": key,
+        "secret": secret,
+        "client_kwargs": {"region_name": "us-east-1"},
+    }
     names = ["zero", "one", "two", "three"]
     prefix = f"{BUCKET}/optshards"
     for shard in sorted(s3["local"].glob("*.tar")):
         s3["fs"].put(str(shard), f"{prefix}/{shard.name}")
-    manifest = Manifest(split="train", shards=[f"train-{i:06d}.tar" for i in range(4)], counts=[12] * 4, num_samples=48,
-                        num_classes=4, class_names=names, image_format="png")
+    manifest = Manifest(
+        split="train",
+        shards=[f"train-{i:06d}.tar" for i in range(4)],
+        counts=[12] * 4,
+        num_samples=48,
+        num_classes=4,
+        class_names=names,
+        image_format="png",
+    )
     s3["fs"].pipe(f"{prefix}/train-manifest.json", manifest.model_dump_json().encode())
 
     cache = str(tmp_path / "cache.zarr")
-    cfg = validate(PrecomputeConfig, {  # no data.num_classes: from the manifest on the server
-        "data": {"shards": f"s3://{prefix}/train-{{000000..000003}}.tar", "storage_options": options},
-        "cache": {"path": cache, "num_views": 2, "recipe": {"size": 12, "scale": [0.5, 1.0], **GREY}},
-        "teachers": [{"name": "tiny", "model": {"name": "kd_cnn_tiny"}, "k": 3}],
-        "runtime": {"batch_size": 16},
-    })
+    cfg = validate(
+        PrecomputeConfig,
+        {  # no data.num_classes: from the manifest on the server
+            "data": {
+                "shards": f"s3://{prefix}/train-{{000000..000003}}.tar",
+                "storage_options": options,
+            },
+            "cache": {
+                "path": cache,
+                "num_views": 2,
+                "recipe": {"size": 12, "scale": [0.5, 1.0], **GREY},
+            },
+            "teachers": [{"name": "tiny", "model": {"name": "kd_cnn_tiny"}, "k": 3}],
+            "runtime": {"batch_size": 16},
+        },
+    )
     plan = make_plan(cfg)
     assert plan.num_classes == 4 and plan.class_names == names
-    worker = ShardWorker(pickle.loads(pickle.dumps(worker_settings(cfg, plan))))  # as sent to a Ray actor
+    worker = ShardWorker(
+        pickle.loads(pickle.dumps(worker_settings(cfg, plan)))
+    )  # as sent to a Ray actor
     for task in plan.tasks:
         worker(task)
     store = open_store(cache)
     assert store.incomplete_shards() == {} and store.meta.class_names == names
-    assert store.meta.config["data"]["storage_options"] == {"endpoint_url": "<redacted>", "key": "<redacted>",
-                                                            "secret": "<redacted>", "client_kwargs": "<redacted>"}
-    flags = [f"--storage-option={k}={v}" for k, v in [("endpoint_url", s3["endpoint"]), ("key", key), ("secret", secret),
-                                                      ("client_kwargs.region_name", "us-east-1")]]
-    assert cli_main(["verify", cache, "--num", "6", "--shards", f"s3://{prefix}/train-*.tar", *flags]) == 0
+    assert store.meta.config["data"]["storage_options"] == {
+        "endpoint_url": "<redacted>",
+        "key": "<redacted>",
+        "secret": "<redacted>",
+        "client_kwargs": "<redacted>",
+    }
+    flags = [
+        f"--storage-option={k}={v}"
+        for k, v in [
+            ("endpoint_url", s3["endpoint"]),
+            ("key", key),
+            ("secret", secret),
+            ("client_kwargs.region_name", "us-east-1"),
+        ]
+    ]
+    assert (
+        cli_main(["verify", cache, "--num", "6", "--shards", f"s3://{prefix}/train-*.tar", *flags])
+        == 0
+    )
 
     run_dir = tmp_path / "run"
-    config = TrainConfig.model_validate({
-        "run": {"dir": str(run_dir), "log_every": 2, "progress": False},
-        "data": {"shards": f"s3://{prefix}/train-*.tar", "val_shards": f"s3://{prefix}/val-000000.tar",
-                 "storage_options": options, "verify_keys": True, "batch_size": 8, "num_workers": 2, "shuffle_buffer": 10},
-        "cache": {"path": cache},
-        "student": {"name": "kd_mlp", "kwargs": {"img_size": 12, "hidden": 16}},
-        "teacher": {"mode": "cache", "name": "tiny"},
-        "stages": [{"epochs": 1, "loss": {"name": "kd", "alpha": 0.5, "temperature": 2.0}}],
-    })
+    config = TrainConfig.model_validate(
+        {
+            "run": {"dir": str(run_dir), "log_every": 2, "progress": False},
+            "data": {
+                "shards": f"s3://{prefix}/train-*.tar",
+                "val_shards": f"s3://{prefix}/val-000000.tar",
+                "storage_options": options,
+                "verify_keys": True,
+                "batch_size": 8,
+                "num_workers": 2,
+                "shuffle_buffer": 10,
+            },
+            "cache": {"path": cache},
+            "student": {"name": "kd_mlp", "kwargs": {"img_size": 12, "hidden": 16}},
+            "teacher": {"mode": "cache", "name": "tiny"},
+            "stages": [{"epochs": 1, "loss": {"name": "kd", "alpha": 0.5, "temperature": 2.0}}],
+        }
+    )
     summary = train(config)
     assert summary["completed"] and summary["steps"] == 6
-    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
-    assert evals and evals[-1]["n"] == 10  # the validation shard, streamed by the DataLoader workers
+    evals = [
+        json.loads(line)
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+        if '"eval"' in line
+    ]
+    assert (
+        evals and evals[-1]["n"] == 10
+    )  # the validation shard, streamed by the DataLoader workers
     saved = (run_dir / "config.yaml").read_text()
     assert "storage_options" in saved and key not in saved and secret not in saved
-    ours = [r.getMessage() for r in caplog.records if r.name.split(".")[0] in ("cache_tools", "pipeline", "train")]
+    ours = [r.getMessage() for r in caplog.records if r.name.split(".")[0] == "kdcache"]
     printed = "\n".join(ours) + "".join(capsys.readouterr())
-    assert ours and secret not in printed and key not in printed  # (botocore's own debug lines show the key id)
+    assert (
+        ours and secret not in printed and key not in printed
+    )  # (botocore's own debug lines show the key id)
 
 
 @pytest.mark.slow
-def test_precompute_with_ray_and_train_with_workers_on_s3(s3, ray_session, local_cache, tmp_path, capsys):
+def test_precompute_with_ray_and_train_with_workers_on_s3(
+    s3, ray_session, local_cache, tmp_path, capsys
+):
     cache = f"s3://{BUCKET}/ray/cache.zarr"
     _, summary = precompute(precompute_config(s3, cache), progress=False)
     assert summary is not None and summary.failed == 0 and summary.views == 48 * 2
@@ -227,7 +333,10 @@ def test_precompute_with_ray_and_train_with_workers_on_s3(s3, ray_session, local
     assert not s3["fs"].exists(f"{BUCKET}/ray/cache.zarr.lock")
     assert_same(arrays(cache, s3["options"]), arrays(local_cache))
     assert validate_cache(open_store(cache, "r", s3["options"])).ok
-    assert cli_main(["validate", cache]) == 0 and "valid: every shard complete" in capsys.readouterr().out
+    assert (
+        cli_main(["validate", cache]) == 0
+        and "valid: every shard complete" in capsys.readouterr().out
+    )
     assert precompute(precompute_config(s3, cache))[1] is None  # rerun: nothing to do
     config_file = tmp_path / "train.yaml"
     config_file.write_text(yaml.safe_dump(train_config(s3, cache, tmp_path / "run", workers=2)))

@@ -6,6 +6,7 @@ worker in-process, without Ray.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
@@ -19,57 +20,40 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 import torch
 import torchvision
 import webdataset as wds
 import yaml
 from PIL import Image
 
-from cache_tools.cli import main as cli_main
-from cache_tools.config import apply_overrides, load_config, validate
-from cache_tools.errors import CacheError, CacheMismatchError, ConfigError, DataError, DuplicateKeyError, TeacherError
-from cache_tools.models import build_model, weights_digest
-from cache_tools.reader import read_block
-from cache_tools.shards import decode_image, iter_shard
-from cache_tools.store import STATUS_INVALID, STATUS_VALID, open_store
-from cache_tools.targets import from_logits
-from cache_tools.teacher import ModelRunner
-from cache_tools.verify import verify_cache
-from cache_tools.views import replay_views
-from pipeline.config import PrecomputeConfig
-from pipeline.make_shards import make_synthetic_shards
-from cache_tools.models import build_teacher
-from pipeline.plan import make_plan
-from pipeline.runner import ShardsFailedError, run_precompute, worker_settings
-from pipeline.worker import FAULT_ENV, ShardWorker
+from kdcache.cli import main as cli_main
+from kdcache.config import apply_overrides, load_config, validate
+from kdcache.errors import (
+    CacheError,
+    CacheMismatchError,
+    ConfigError,
+    DataError,
+    DuplicateKeyError,
+    TeacherError,
+)
+from kdcache.models import build_model, build_teacher, weights_digest
+from kdcache.pipeline.config import PrecomputeConfig
+from kdcache.pipeline.make_shards import make_synthetic_shards
+from kdcache.pipeline.plan import make_plan
+from kdcache.pipeline.runner import ShardsFailedError, run_precompute, worker_settings
+from kdcache.pipeline.worker import FAULT_ENV, ShardWorker
+from kdcache.reader import read_block
+from kdcache.shards import decode_image, iter_shard
+from kdcache.store import STATUS_INVALID, STATUS_VALID, open_store
+from kdcache.targets import from_logits
+from kdcache.teacher import ModelRunner
+from kdcache.tools.verify import verify_cache
+from kdcache.views import replay_views
 
 SIZE = 16
 
 
 # ---- fixtures and helpers ---------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    """One local Ray for the whole module; precomputes reuse it (and kill their actors)."""
-    temp = tempfile.mkdtemp(prefix="kdr", dir="/tmp")
-    previous = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, logging_level="WARNING")
-    yield
-    ray.shutdown()
-    if previous is None:
-        os.environ.pop("RAY_AUTH_MODE", None)
-    shutil.rmtree(temp, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    """4 synthetic shards of 40 RGB 16x16 samples, 10 classes, with a manifest."""
-    out = tmp_path_factory.mktemp("shards")
-    make_synthetic_shards(out, 160, 0, classes=10, size=SIZE, channels=3, seed=0, shard_size=40)
-    return out
 
 
 def shards_url(directory: Path, count: int = 4) -> str:
@@ -79,7 +63,11 @@ def shards_url(directory: Path, count: int = 4) -> str:
 def make_config(shards: str, cache: Path, *overrides: str, **sections) -> PrecomputeConfig:
     data = {
         "data": {"shards": shards},
-        "cache": {"path": str(cache), "num_views": 2, "recipe": {"size": SIZE, "scale": [0.3, 1.0]}},
+        "cache": {
+            "path": str(cache),
+            "num_views": 2,
+            "recipe": {"size": SIZE, "scale": [0.3, 1.0]},
+        },
         "teachers": [{"name": "t1", "model": {"name": "kd_cnn_tiny"}, "k": 5}],
         "ray": {"num_actors": 2},
         "runtime": {"batch_size": 32},
@@ -147,14 +135,20 @@ def write_tar(path: Path, samples: list[tuple[str, bytes, bytes | None]]) -> str
 
 
 def good(prefix: str, n: int = 6) -> list[tuple[str, bytes, bytes]]:
-    return [(f"{prefix}_{i:03d}", png(zlib.crc32(prefix.encode()) % 1000 + i), str(i % 10).encode()) for i in range(n)]
+    return [
+        (f"{prefix}_{i:03d}", png(zlib.crc32(prefix.encode()) % 1000 + i), str(i % 10).encode())
+        for i in range(n)
+    ]
 
 
 @pytest.fixture
 def bad_dir(tmp_path: Path) -> Path:
     """Shards without a manifest: one good, one per defect (corrupt image, no label, label 99)."""
     write_tar(tmp_path / "good-000000.tar", good("g"))
-    write_tar(tmp_path / "corrupt-000000.tar", good("c")[:3] + [("c_bad", b"not an image", b"1")] + good("c2", 2))
+    write_tar(
+        tmp_path / "corrupt-000000.tar",
+        good("c")[:3] + [("c_bad", b"not an image", b"1")] + good("c2", 2),
+    )
     write_tar(tmp_path / "nolabel-000000.tar", good("n")[:2] + [("n_bad", png(7), None)])
     write_tar(tmp_path / "range-000000.tar", good("r")[:2] + [("r_bad", png(8), b"99")])
     return tmp_path
@@ -178,16 +172,27 @@ def test_stored_views_replay_to_the_stored_targets(clean_cache, data_dir):
     runner = ModelRunner(model, recipe, device="cpu")
     block = read_block(store, 1, ["t1"])
     samples = list(iter_shard(str(data_dir / "train-000001.tar")))[:12]
-    views = torch.cat([replay_views(decode_image(s.image, 3), block.view_params[block.row(s.key)], recipe) for s in samples])
+    views = torch.cat(
+        [
+            replay_views(decode_image(s.image, 3), block.view_params[block.row(s.key)], recipe)
+            for s in samples
+        ]
+    )
     labels = torch.tensor([s.label for s in samples]).repeat_interleave(2)
     fresh = from_logits(runner(views), labels, 5)
     cached = block.teachers["t1"]
     rows = [block.row(s.key) for s in samples]
     np.testing.assert_array_equal(cached.topk_idx[rows].reshape(-1, 5), fresh.idx.numpy())
-    np.testing.assert_allclose(cached.topk_logit[rows].reshape(-1, 5).astype(np.float32),
-                               fresh.logit.numpy().astype(np.float16).astype(np.float32), rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(
+        cached.topk_logit[rows].reshape(-1, 5).astype(np.float32),
+        fresh.logit.numpy().astype(np.float16).astype(np.float32),
+        rtol=1e-3,
+        atol=1e-3,
+    )
     np.testing.assert_allclose(cached.lse[rows].reshape(-1), fresh.lse.numpy(), rtol=1e-4)
-    np.testing.assert_allclose(cached.label_logit[rows].reshape(-1), fresh.label_logit.numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        cached.label_logit[rows].reshape(-1), fresh.label_logit.numpy(), rtol=1e-4, atol=1e-6
+    )
     assert (block.status == STATUS_VALID).all()
     np.testing.assert_array_equal(block.labels[rows], [s.label for s in samples])
 
@@ -217,22 +222,37 @@ def test_worker_killed_mid_shard_is_retried(clean_cache, data_dir, tmp_path, mon
 def test_failed_shard_is_reported_and_the_others_finish(ray_session, bad_dir):
     shards = [str(bad_dir / "good-000000.tar"), str(bad_dir / "corrupt-000000.tar")]
     cfg = make_config(shards, bad_dir / "cache", "data.num_classes=10")
-    with pytest.raises(ShardsFailedError, match=r"1 of 2 shard task\(s\) failed.*\n  corrupt-000000.tar: DataError: .*'c_bad'") as info:
+    with pytest.raises(
+        ShardsFailedError,
+        match=r"1 of 2 shard task\(s\) failed.*\n  corrupt-000000.tar: DataError: .*'c_bad'",
+    ) as info:
         precompute(cfg)
     assert isinstance(info.value.failures["corrupt-000000.tar"], DataError)
     store = open_store(str(bad_dir / "cache"))
-    assert store.incomplete_shards() == {"views": ["corrupt-000000.tar"], "t1": ["corrupt-000000.tar"]}
+    assert store.incomplete_shards() == {
+        "views": ["corrupt-000000.tar"],
+        "t1": ["corrupt-000000.tar"],
+    }
 
 
 def test_actors_that_cannot_start_fail_every_shard_with_the_reason(ray_session, bad_dir, tmp_path):
     checkpoint = tmp_path / "teacher.pth"
-    torch.save(build_model(make_config("x", tmp_path).teachers[0].model, 10, 3).state_dict(), checkpoint)
-    cfg = make_config(str(bad_dir / "good-000000.tar"), tmp_path / "cache", "data.num_classes=10",
-                      f"teachers.0.model.checkpoint={checkpoint}")
+    torch.save(
+        build_model(make_config("x", tmp_path).teachers[0].model, 10, 3).state_dict(), checkpoint
+    )
+    cfg = make_config(
+        str(bad_dir / "good-000000.tar"),
+        tmp_path / "cache",
+        "data.num_classes=10",
+        f"teachers.0.model.checkpoint={checkpoint}",
+    )
     plan = make_plan(cfg)
     checkpoint.unlink()
-    with pytest.raises(ShardsFailedError, match=r"good-000000.tar: no shard actor left to run it: actor could not "
-                       r"start: cache_tools.errors.TeacherError: checkpoint '.*teacher.pth' does not exist"):
+    with pytest.raises(
+        ShardsFailedError,
+        match=r"good-000000.tar: no shard actor left to run it: actor could not "
+        r"start: kdcache.errors.TeacherError: checkpoint '.*teacher.pth' does not exist",
+    ):
         run_precompute(cfg, plan, progress=False)
 
 
@@ -241,7 +261,11 @@ def test_actors_that_cannot_start_fail_every_shard_with_the_reason(ray_session, 
 
 def test_cli_runs_then_rerun_does_nothing(ray_session, clean_cache, data_dir, tmp_path, capsys):
     config = tmp_path / "precompute.yaml"
-    config.write_text(yaml.safe_dump(make_config(shards_url(data_dir), tmp_path / "cache").model_dump(mode="json")))
+    config.write_text(
+        yaml.safe_dump(
+            make_config(shards_url(data_dir), tmp_path / "cache").model_dump(mode="json")
+        )
+    )
     assert cli_main(["precompute", str(config), "ray.num_actors=2", "--overwrite"]) == 0
     out = capsys.readouterr().out
     assert "4/4 shard task(s) done" in out and "B per view per teacher" in out
@@ -256,24 +280,47 @@ def test_cli_runs_then_rerun_does_nothing(ray_session, clean_cache, data_dir, tm
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_clean_result(ray_session, tmp_path):
     shards_dir = tmp_path / "shards"
-    make_synthetic_shards(shards_dir, 8 * 200, 0, classes=10, size=32, channels=3, seed=1, shard_size=200)
+    make_synthetic_shards(
+        shards_dir, 8 * 200, 0, classes=10, size=32, channels=3, seed=1, shard_size=200
+    )
     url = shards_url(shards_dir, 8)
-    overrides = ["ray.num_actors=1", "cache.num_views=4", "cache.recipe.size=32", "runtime.batch_size=16",
-                 "runtime.torch_threads=1", "teachers.0.model.name=kd_cnn_small"]
+    overrides = [
+        "ray.num_actors=1",
+        "cache.num_views=4",
+        "cache.recipe.size=32",
+        "runtime.batch_size=16",
+        "runtime.torch_threads=1",
+        "teachers.0.model.name=kd_cnn_small",
+    ]
     config = tmp_path / "precompute.yaml"
-    config.write_text(yaml.safe_dump(make_config(url, tmp_path / "cache", *overrides).model_dump(mode="json")))
-    ray_temp = tempfile.mkdtemp(prefix="kdr", dir="/tmp")  # short: Ray's socket paths have a length limit
+    config.write_text(
+        yaml.safe_dump(make_config(url, tmp_path / "cache", *overrides).model_dump(mode="json"))
+    )
+    ray_temp = tempfile.mkdtemp(
+        prefix="kdr", dir="/tmp"
+    )  # short: Ray's socket paths have a length limit
     try:
         check_interrupted_run(tmp_path, url, overrides, config, ray_temp)
     finally:
         shutil.rmtree(ray_temp, ignore_errors=True)
 
 
-def check_interrupted_run(tmp_path: Path, url: str, overrides: list[str], config: Path, ray_temp: str) -> None:
-    command = [sys.executable, "-m", "cache_tools.cli", "precompute", str(config), f"ray.temp_dir={ray_temp}"]
+def check_interrupted_run(
+    tmp_path: Path, url: str, overrides: list[str], config: Path, ray_temp: str
+) -> None:
+    command = [
+        sys.executable,
+        "-m",
+        "kdcache",
+        "precompute",
+        str(config),
+        f"ray.temp_dir={ray_temp}",
+    ]
     log = tmp_path / "interrupted.log"
     with open(log, "wb") as sink:
-        interrupted = subprocess.Popen(command, start_new_session=True, stdout=sink, stderr=subprocess.STDOUT)
+        interrupted = subprocess.Popen(
+            command, start_new_session=True, stdout=sink, stderr=subprocess.STDOUT
+        )
     try:
         wait_for_partial(tmp_path / "cache", interrupted, log)
     finally:
@@ -289,7 +336,9 @@ def check_interrupted_run(tmp_path: Path, url: str, overrides: list[str], config
     assert "removing the writer lock" in finished.stderr and "its holder is gone" in finished.stderr
     after = mark_times(tmp_path / "cache")
     for name, times in before.items():  # a shard finished before the kill is never written again
-        np.testing.assert_array_equal(after[name][times > 0], times[times > 0], err_msg=f"{name}: a finished shard was redone")
+        np.testing.assert_array_equal(
+            after[name][times > 0], times[times > 0], err_msg=f"{name}: a finished shard was redone"
+        )
     precompute(make_config(url, tmp_path / "clean", *overrides))
     assert_same_arrays(cache_arrays(tmp_path / "cache"), cache_arrays(tmp_path / "clean"))
     again = subprocess.run(command, capture_output=True, text=True, timeout=300)
@@ -299,7 +348,10 @@ def check_interrupted_run(tmp_path: Path, url: str, overrides: list[str], config
 def mark_times(path: Path) -> dict[str, np.ndarray]:
     """The completion marks as written (ms timestamps, 0 where unset): views and teacher t1."""
     store = open_store(str(path))
-    return {"views": np.asarray(store.group["views_done"][:]), "t1": np.asarray(store.teacher_group("t1")["done"][:])}
+    return {
+        "views": np.asarray(store.group["views_done"][:]),
+        "t1": np.asarray(store.teacher_group("t1")["done"][:]),
+    }
 
 
 def session_members(sid: int) -> list[int]:
@@ -320,15 +372,15 @@ def kill_session(sid: int, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while (members := session_members(sid)) and time.monotonic() < deadline:
         for pid in members:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         time.sleep(0.1)
     assert not session_members(sid), "processes of the interrupted run survived SIGKILL"
 
 
-def wait_for_partial(cache: Path, process: subprocess.Popen, log: Path, timeout: float = 180.0) -> None:
+def wait_for_partial(
+    cache: Path, process: subprocess.Popen, log: Path, timeout: float = 180.0
+) -> None:
     """Poll (cheaply: the marks' chunk files) until at least one shard of teacher t1 is done."""
     marks = cache / "teachers" / "t1" / "done" / "c"
     deadline = time.monotonic() + timeout
@@ -357,24 +409,46 @@ def test_second_teacher_reuses_the_stored_views(clean_cache, data_dir, tmp_path)
     block = read_block(store, 0, ["t2"])
     sample = next(iter_shard(str(data_dir / "train-000000.tar")))
     views = replay_views(decode_image(sample.image, 3), block.view_params[0], store.meta.recipe)
-    fresh = from_logits(ModelRunner(build_teacher(cfg.teachers[0].model, 10, 3), store.meta.recipe)(views),
-                        torch.tensor([sample.label] * 2), 3)
+    fresh = from_logits(
+        ModelRunner(build_teacher(cfg.teachers[0].model, 10, 3), store.meta.recipe)(views),
+        torch.tensor([sample.label] * 2),
+        3,
+    )
     np.testing.assert_array_equal(block.teachers["t2"].topk_idx[0], fresh.idx.numpy())
     np.testing.assert_allclose(block.teachers["t2"].lse[0], fresh.lse.numpy(), rtol=1e-4)
 
 
-def test_torchvision_and_torchscript_teachers_are_cached_and_verify(clean_cache, data_dir, tmp_path):
-    """The two other teacher sources: a torchvision model with a state-dict checkpoint and a TorchScript file,
-    added in-process to a copy of the clean cache, then recomputed by `kdcache verify` from their stored specs."""
+def test_torchvision_and_torchscript_teachers_are_cached_and_verify(
+    clean_cache, data_dir, tmp_path
+):
+    """The two other teacher sources: a torchvision model with a state-dict checkpoint and a
+    TorchScript file, added in-process to a copy of the clean cache, then recomputed by `kdcache
+    verify` from their stored specs."""
     cache = tmp_path / "cache"
     shutil.copytree(clean_cache, cache)
     torch.manual_seed(1)
     resnet = torchvision.models.resnet18(num_classes=10)
     torch.save(resnet.state_dict(), tmp_path / "resnet18.pth")
-    scripted = torch.jit.script(build_model(make_config("x", cache).teachers[0].model, 10, 3).eval())
+    scripted = torch.jit.script(
+        build_model(make_config("x", cache).teachers[0].model, 10, 3).eval()
+    )
     scripted.save(str(tmp_path / "tiny.pt"))
-    teachers = [{"name": "tv", "model": {"source": "torchvision", "name": "resnet18", "checkpoint": str(tmp_path / "resnet18.pth")}, "k": 4},
-                {"name": "ts", "model": {"source": "torchscript", "checkpoint": str(tmp_path / "tiny.pt")}, "k": 10}]
+    teachers = [
+        {
+            "name": "tv",
+            "model": {
+                "source": "torchvision",
+                "name": "resnet18",
+                "checkpoint": str(tmp_path / "resnet18.pth"),
+            },
+            "k": 4,
+        },
+        {
+            "name": "ts",
+            "model": {"source": "torchscript", "checkpoint": str(tmp_path / "tiny.pt")},
+            "k": 10,
+        },
+    ]
     run_in_process(make_config(shards_url(data_dir), cache, teachers=teachers))
     assert_complete(cache, ["t1", "tv", "ts"])
     store = open_store(str(cache))
@@ -383,27 +457,43 @@ def test_torchvision_and_torchscript_teachers_are_cached_and_verify(clean_cache,
     sample = next(iter_shard(str(data_dir / "train-000002.tar")))
     views = replay_views(decode_image(sample.image, 3), block.view_params[0], store.meta.recipe)
     for name, model, k in (("tv", resnet, 4), ("ts", scripted, 10)):
-        fresh = from_logits(ModelRunner(model, store.meta.recipe)(views), torch.tensor([sample.label] * 2), k)
+        fresh = from_logits(
+            ModelRunner(model, store.meta.recipe)(views), torch.tensor([sample.label] * 2), k
+        )
         np.testing.assert_array_equal(block.teachers[name].topk_idx[0], fresh.idx.numpy())
         np.testing.assert_allclose(block.teachers[name].lse[0], fresh.lse.numpy(), rtol=1e-4)
     results = verify_cache(store, teachers=["tv", "ts"], num=16, seed=0)
-    assert [(r.teacher, r.ok, r.topk_agreement) for r in results] == [("tv", True, 1.0), ("ts", True, 1.0)]
+    assert [(r.teacher, r.ok, r.topk_agreement) for r in results] == [
+        ("tv", True, 1.0),
+        ("ts", True, 1.0),
+    ]
 
 
 def test_torchvision_teacher_needs_three_channels(data_dir, tmp_path):
     teachers = [{"name": "tv", "model": {"source": "torchvision", "name": "resnet18"}, "k": 4}]
-    cfg = make_config(shards_url(data_dir), tmp_path / "cache", "cache.recipe.channels=1", "cache.recipe.mean=[0.5]",
-                      "cache.recipe.std=[0.25]", teachers=teachers)
-    with pytest.raises(TeacherError, match=r"torchvision model 'resnet18' takes 3 channels; the recipe has 1"):
+    cfg = make_config(
+        shards_url(data_dir),
+        tmp_path / "cache",
+        "cache.recipe.channels=1",
+        "cache.recipe.mean=[0.5]",
+        "cache.recipe.std=[0.25]",
+        teachers=teachers,
+    )
+    with pytest.raises(
+        TeacherError, match=r"torchvision model 'resnet18' takes 3 channels; the recipe has 1"
+    ):
         run_in_process(cfg)
 
 
-@pytest.mark.parametrize(("override", "message"), [
-    ("data.shards=SUBSET", r"shards differ: 1 in the cache but not given"),
-    ("cache.recipe.size=12", r"view recipe differs \(size: cache 16 vs run 12\)"),
-    ("cache.num_views=3", r"num_views: the cache has 2, the run asks for 3"),
-    ("cache.seed=5", r"seed: the cache has 0, the run asks for 5"),
-])
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.shards=SUBSET", r"shards differ: 1 in the cache but not given"),
+        ("cache.recipe.size=12", r"view recipe differs \(size: cache 16 vs run 12\)"),
+        ("cache.num_views=3", r"num_views: the cache has 2, the run asks for 3"),
+        ("cache.seed=5", r"seed: the cache has 0, the run asks for 5"),
+    ],
+)
 def test_changed_run_is_refused(clean_cache, data_dir, override, message):
     override = override.replace("SUBSET", str(data_dir / "train-{000000..000002}.tar"))
     with pytest.raises(CacheMismatchError, match=message):
@@ -413,47 +503,73 @@ def test_changed_run_is_refused(clean_cache, data_dir, override, message):
 def test_changed_num_classes_is_refused(bad_dir):
     shards = str(bad_dir / "good-000000.tar")
     make_plan(make_config(shards, bad_dir / "cache", "data.num_classes=10"))
-    with pytest.raises(CacheMismatchError, match=r"num_classes: the cache has 10, the run asks for 12"):
+    with pytest.raises(
+        CacheMismatchError, match=r"num_classes: the cache has 10, the run asks for 12"
+    ):
         make_plan(make_config(shards, bad_dir / "cache", "data.num_classes=12"))
 
 
 def test_same_teacher_name_with_other_weights_is_refused(bad_dir, tmp_path):
     checkpoint = tmp_path / "teacher.pth"
-    torch.save(build_model(make_config("x", tmp_path).teachers[0].model, 10, 3).state_dict(), checkpoint)
+    torch.save(
+        build_model(make_config("x", tmp_path).teachers[0].model, 10, 3).state_dict(), checkpoint
+    )
     overrides = ("data.num_classes=10", f"teachers.0.model.checkpoint={checkpoint}")
     make_plan(make_config(str(bad_dir / "good-000000.tar"), tmp_path / "cache", *overrides))
-    torch.save(build_model(make_config("x", tmp_path).teachers[0].model, 10, 3).state_dict(), checkpoint)
-    with pytest.raises(CacheMismatchError, match=r"teacher 't1' already exists .*weights_digest: cache '[0-9a-f]+' vs run"):
+    torch.save(
+        build_model(make_config("x", tmp_path).teachers[0].model, 10, 3).state_dict(), checkpoint
+    )
+    with pytest.raises(
+        CacheMismatchError,
+        match=r"teacher 't1' already exists .*weights_digest: cache '[0-9a-f]+' vs run",
+    ):
         make_plan(make_config(str(bad_dir / "good-000000.tar"), tmp_path / "cache", *overrides))
 
 
 def test_overwrite_refuses_a_foreign_directory(bad_dir, tmp_path):
     (tmp_path / "precious").mkdir()
     (tmp_path / "precious" / "notes.txt").write_text("keep me")
-    with pytest.raises(Exception, match=r"cache.path: .*precious' exists, is not empty and is not a Zarr group"):
-        make_plan(make_config(str(bad_dir / "good-000000.tar"), tmp_path / "precious", "data.num_classes=10",
-                              "cache.overwrite=true"))
+    with pytest.raises(
+        Exception, match=r"cache.path: .*precious' exists, is not empty and is not a Zarr group"
+    ):
+        make_plan(
+            make_config(
+                str(bad_dir / "good-000000.tar"),
+                tmp_path / "precious",
+                "data.num_classes=10",
+                "cache.overwrite=true",
+            )
+        )
     assert (tmp_path / "precious" / "notes.txt").exists()
 
 
 # ---- 6. bad input ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("shard", "message"), [
-    ("corrupt", r"shard 'corrupt-000000.tar', key 'c_bad': cannot decode the image"),
-    ("nolabel", r"shard 'nolabel-000000.tar', key 'n_bad': no label"),
-    ("range", r"shard 'range-000000.tar', key 'r_bad': label 99 is not in 0..9"),
-])
+@pytest.mark.parametrize(
+    ("shard", "message"),
+    [
+        ("corrupt", r"shard 'corrupt-000000.tar', key 'c_bad': cannot decode the image"),
+        ("nolabel", r"shard 'nolabel-000000.tar', key 'n_bad': no label"),
+        ("range", r"shard 'range-000000.tar', key 'r_bad': label 99 is not in 0..9"),
+    ],
+)
 def test_bad_sample_raises_naming_shard_and_key(bad_dir, shard, message):
-    cfg = make_config(str(bad_dir / f"{shard}-000000.tar"), bad_dir / "cache", "data.num_classes=10")
+    cfg = make_config(
+        str(bad_dir / f"{shard}-000000.tar"), bad_dir / "cache", "data.num_classes=10"
+    )
     with pytest.raises(DataError, match=message):
         run_in_process(cfg)
-    assert open_store(str(bad_dir / "cache")).incomplete_shards() == {"views": [f"{shard}-000000.tar"],
-                                                                      "t1": [f"{shard}-000000.tar"]}
+    assert open_store(str(bad_dir / "cache")).incomplete_shards() == {
+        "views": [f"{shard}-000000.tar"],
+        "t1": [f"{shard}-000000.tar"],
+    }
 
 
 def test_bad_samples_are_skipped_as_invalid_rows(bad_dir):
-    shards = [str(bad_dir / f"{name}-000000.tar") for name in ("good", "corrupt", "nolabel", "range")]
+    shards = [
+        str(bad_dir / f"{name}-000000.tar") for name in ("good", "corrupt", "nolabel", "range")
+    ]
     cfg = make_config(shards, bad_dir / "cache", "data.num_classes=10", "data.on_error=skip")
     run_in_process(cfg)
     store = open_store(str(bad_dir / "cache"))
@@ -463,7 +579,9 @@ def test_bad_samples_are_skipped_as_invalid_rows(bad_dir):
         block = read_block(store, shard, ["t1"])
         for row in np.flatnonzero(block.status == STATUS_INVALID):
             reasons[str(block.keys[row])] = str(block.errors[row])
-            assert (block.teachers["t1"].lse[row] == 0).all() and (block.view_params[row] == 0).all()
+            assert (block.teachers["t1"].lse[row] == 0).all() and (
+                block.view_params[row] == 0
+            ).all()
         assert (block.status[block.status != STATUS_INVALID] == STATUS_VALID).all()
     assert sorted(reasons) == ["c_bad", "n_bad", "r_bad"]
     assert "cannot decode the image" in reasons["c_bad"] and "no label" in reasons["n_bad"]
@@ -476,9 +594,16 @@ def test_nan_teacher_fails_the_shard_naming_shard_and_teacher(bad_dir, tmp_path)
     state = model.state_dict()
     state["head.bias"] = torch.full_like(state["head.bias"], float("nan"))
     torch.save(state, tmp_path / "nan.pth")
-    cfg = make_config(str(bad_dir / "good-000000.tar"), tmp_path / "cache", "data.num_classes=10",
-                      f"teachers.0.model.checkpoint={tmp_path / 'nan.pth'}")
-    with pytest.raises(TeacherError, match=r"shard 'good-000000.tar', teacher 't1': the teacher produced NaN or inf"):
+    cfg = make_config(
+        str(bad_dir / "good-000000.tar"),
+        tmp_path / "cache",
+        "data.num_classes=10",
+        f"teachers.0.model.checkpoint={tmp_path / 'nan.pth'}",
+    )
+    with pytest.raises(
+        TeacherError,
+        match=r"shard 'good-000000.tar', teacher 't1': the teacher produced NaN or inf",
+    ):
         run_in_process(cfg)
 
 
@@ -487,22 +612,46 @@ def test_logits_beyond_fp16_fail_the_shard_before_anything_is_written(bad_dir, t
     state = model.state_dict()
     state["head.bias"][2] = 1e5  # finite in fp32, inf in fp16
     torch.save(state, tmp_path / "big.pth")
-    cfg = make_config(str(bad_dir / "good-000000.tar"), tmp_path / "cache", "data.num_classes=10",
-                      f"teachers.0.model.checkpoint={tmp_path / 'big.pth'}")
-    with pytest.raises(TeacherError, match=r"shard 'good-000000.tar', teacher 't1': the teacher produced a logit of "
-                                           r"magnitude 1e\+05, beyond what the cache stores in fp16"):
+    cfg = make_config(
+        str(bad_dir / "good-000000.tar"),
+        tmp_path / "cache",
+        "data.num_classes=10",
+        f"teachers.0.model.checkpoint={tmp_path / 'big.pth'}",
+    )
+    with pytest.raises(
+        TeacherError,
+        match=r"shard 'good-000000.tar', teacher 't1': the teacher produced a logit of "
+        r"magnitude 1e\+05, beyond what the cache stores in fp16",
+    ):
         run_in_process(cfg)
     assert open_store(str(tmp_path / "cache")).incomplete_shards()["t1"] == ["good-000000.tar"]
 
 
-@pytest.mark.parametrize(("overrides", "message"), [
-    (["teachers.0.model.name=nonexist"], r"teachers.0.model \(teacher 't1'\): unknown timm model 'nonexist'"),
-    (["teachers.0.model.checkpoint=/nonexist.pt"], r"teachers.0.model \(teacher 't1'\): checkpoint '/nonexist.pt' does not exist"),
-    (["teachers.0.model.name=resnet18", "teachers.0.model.pretrained=true"],  # refused before any download
-     r"teachers.0.model \(teacher 't1'\): timm model 'resnet18': its pretrained weights classify 1000 classes but the data has 10"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["teachers.0.model.name=nonexist"],
+            r"teachers.0.model \(teacher 't1'\): unknown timm model 'nonexist'",
+        ),
+        (
+            ["teachers.0.model.checkpoint=/nonexist.pt"],
+            r"teachers.0.model \(teacher 't1'\): checkpoint '/nonexist.pt' does not exist",
+        ),
+        (
+            [
+                "teachers.0.model.name=resnet18",
+                "teachers.0.model.pretrained=true",
+            ],  # refused before any download
+            r"teachers.0.model \(teacher 't1'\): timm model 'resnet18': "
+            r"its pretrained weights classify 1000 classes but the data has 10",
+        ),
+    ],
+)
 def test_teacher_errors_name_the_teacher_key(bad_dir, tmp_path, overrides, message):
-    cfg = make_config(str(bad_dir / "good-000000.tar"), tmp_path / "cache", "data.num_classes=10", *overrides)
+    cfg = make_config(
+        str(bad_dir / "good-000000.tar"), tmp_path / "cache", "data.num_classes=10", *overrides
+    )
     with pytest.raises(TeacherError, match=message):
         make_plan(cfg)
 
@@ -511,23 +660,36 @@ def test_shard_changed_since_planning_is_refused(bad_dir):
     cfg = make_config(str(bad_dir / "good-000000.tar"), bad_dir / "cache", "data.num_classes=10")
     plan = make_plan(cfg)
     write_tar(bad_dir / "good-000000.tar", good("g")[::-1])
-    with pytest.raises(DataError, match=r"shard 'good-000000.tar': sample 0 has key 'g_005', planning found 'g_000'"):
+    with pytest.raises(
+        DataError,
+        match=r"shard 'good-000000.tar': sample 0 has key 'g_005', planning found 'g_000'",
+    ):
         ShardWorker(worker_settings(cfg, plan))(plan.tasks[0])
 
 
 def test_duplicate_keys_across_shards_are_refused_at_planning(bad_dir):
     write_tar(bad_dir / "dup-000000.tar", good("g")[:1])
-    cfg = make_config([str(bad_dir / "good-000000.tar"), str(bad_dir / "dup-000000.tar")], bad_dir / "cache",
-                      "data.num_classes=10")
-    with pytest.raises(DuplicateKeyError, match=r"key 'g_000' occurs in shard 'good-000000.tar' and in shard 'dup-000000.tar'"):
+    cfg = make_config(
+        [str(bad_dir / "good-000000.tar"), str(bad_dir / "dup-000000.tar")],
+        bad_dir / "cache",
+        "data.num_classes=10",
+    )
+    with pytest.raises(
+        DuplicateKeyError,
+        match=r"key 'g_000' occurs in shard 'good-000000.tar' and in shard 'dup-000000.tar'",
+    ):
         make_plan(cfg)
     assert not (bad_dir / "cache").exists()
 
 
 def test_num_classes_comes_from_the_manifest_or_is_required(data_dir, bad_dir, tmp_path):
-    with pytest.raises(ConfigError, match=r"data.num_classes: 12 in the config but 10 in the manifest"):
+    with pytest.raises(
+        ConfigError, match=r"data.num_classes: 12 in the config but 10 in the manifest"
+    ):
         make_plan(make_config(shards_url(data_dir), tmp_path / "a", "data.num_classes=12"))
-    with pytest.raises(ConfigError, match=r"data.num_classes: required key is missing \(no manifest beside"):
+    with pytest.raises(
+        ConfigError, match=r"data.num_classes: required key is missing \(no manifest beside"
+    ):
         make_plan(make_config(str(bad_dir / "good-000000.tar"), tmp_path / "b"))
     with pytest.raises(ConfigError, match=r"teachers.0.k: 20 is more than num_classes=10"):
         make_plan(make_config(shards_url(data_dir), tmp_path / "c", "teachers.0.k=20"))
@@ -540,21 +702,58 @@ teachers: [{name: t1, model: {name: kd_cnn_tiny}}]
 """
 
 
-@pytest.mark.parametrize(("text", "overrides", "message"), [
-    (MINIMAL, ["cache.pathh=/tmp/c"], r"cache.pathh: unknown key; valid keys here: .*num_views, overwrite, path"),
-    (MINIMAL, ["ray.num_actors=0"], r"ray.num_actors: Input should be greater than or equal to 1 \(found 0\)"),
-    (MINIMAL, ["runtime.amp=fp8"], r"runtime.amp: Input should be 'auto', 'bf16', 'fp16' or 'off'"),
-    (MINIMAL, ["data.on_error=ignore"], r"data.on_error: Input should be 'raise' or 'skip'"),
-    (MINIMAL.replace("cache: {path: /tmp/c}", "cache: {seed: 1}"), [], r"cache.path: required key is missing"),
-    (MINIMAL, ["teachers.0.name=a.b"], r"teachers.0.name: Value error, expected letters, digits"),
-    (MINIMAL, ["teachers.0.encoding=int8"], r"teachers.0.encoding: Value error, expected one of fp16"),
-    (MINIMAL, ["data.num_classes=3", "teachers.0.k=5"], r"teachers.0.k: 5 is more than num_classes=3"),
-    (MINIMAL.replace("teachers: [", "teachers: [{name: t1, model: {name: kd_mlp}}, "), [],
-     r"teachers.1.name: 't1' is already used by teachers.0"),
-    (MINIMAL.replace("teachers: [{name: t1, model: {name: kd_cnn_tiny}}]", "teachers: []"), [],
-     r"teachers: List should have at least 1 item"),
-    (MINIMAL, ["cache.recipe.channels=2"], r"cache.recipe.channels: Input should be 1 or 3"),
-])
+@pytest.mark.parametrize(
+    ("text", "overrides", "message"),
+    [
+        (
+            MINIMAL,
+            ["cache.pathh=/tmp/c"],
+            r"cache.pathh: unknown key; valid keys here: .*num_views, overwrite, path",
+        ),
+        (
+            MINIMAL,
+            ["ray.num_actors=0"],
+            r"ray.num_actors: Input should be greater than or equal to 1 \(found 0\)",
+        ),
+        (
+            MINIMAL,
+            ["runtime.amp=fp8"],
+            r"runtime.amp: Input should be 'auto', 'bf16', 'fp16' or 'off'",
+        ),
+        (MINIMAL, ["data.on_error=ignore"], r"data.on_error: Input should be 'raise' or 'skip'"),
+        (
+            MINIMAL.replace("cache: {path: /tmp/c}", "cache: {seed: 1}"),
+            [],
+            r"cache.path: required key is missing",
+        ),
+        (
+            MINIMAL,
+            ["teachers.0.name=a.b"],
+            r"teachers.0.name: Value error, expected letters, digits",
+        ),
+        (
+            MINIMAL,
+            ["teachers.0.encoding=int8"],
+            r"teachers.0.encoding: Value error, expected one of fp16",
+        ),
+        (
+            MINIMAL,
+            ["data.num_classes=3", "teachers.0.k=5"],
+            r"teachers.0.k: 5 is more than num_classes=3",
+        ),
+        (
+            MINIMAL.replace("teachers: [", "teachers: [{name: t1, model: {name: kd_mlp}}, "),
+            [],
+            r"teachers.1.name: 't1' is already used by teachers.0",
+        ),
+        (
+            MINIMAL.replace("teachers: [{name: t1, model: {name: kd_cnn_tiny}}]", "teachers: []"),
+            [],
+            r"teachers: List should have at least 1 item",
+        ),
+        (MINIMAL, ["cache.recipe.channels=2"], r"cache.recipe.channels: Input should be 1 or 3"),
+    ],
+)
 def test_config_errors_name_the_dotted_key(tmp_path, text, overrides, message):
     path = tmp_path / "precompute.yaml"
     path.write_text(text)
@@ -566,7 +765,11 @@ def _keys(model, prefix: str = "") -> list[str]:
     out = []
     for name, info in model.model_fields.items():
         annotation = info.annotation
-        if isinstance(annotation, type) and hasattr(annotation, "model_fields") and name not in ("recipe", "model"):
+        if (
+            isinstance(annotation, type)
+            and hasattr(annotation, "model_fields")
+            and name not in ("recipe", "model")
+        ):
             out += _keys(annotation, f"{prefix}{name}.")
         else:
             out.append(f"{prefix}{name}")
@@ -576,15 +779,38 @@ def _keys(model, prefix: str = "") -> list[str]:
 def test_config_schema_is_pinned():
     """A change to the precompute config's keys must be deliberate: update this list with it."""
     assert _keys(PrecomputeConfig) == [
-        "data.shards", "data.storage_options", "data.num_classes", "data.class_names", "data.on_error",
-        "cache.path", "cache.storage_options", "cache.seed", "cache.num_views", "cache.recipe", "cache.overwrite",
+        "data.shards",
+        "data.storage_options",
+        "data.num_classes",
+        "data.class_names",
+        "data.on_error",
+        "cache.path",
+        "cache.storage_options",
+        "cache.seed",
+        "cache.num_views",
+        "cache.recipe",
+        "cache.overwrite",
         "cache.force_unlock",
         "teachers",
-        "ray.address", "ray.num_actors", "ray.cpus_per_actor", "ray.gpus_per_actor", "ray.max_restarts",
-        "ray.max_task_retries", "ray.temp_dir",
-        "runtime.batch_size", "runtime.device", "runtime.amp", "runtime.channels_last", "runtime.torch_threads",
+        "ray.address",
+        "ray.num_actors",
+        "ray.cpus_per_actor",
+        "ray.gpus_per_actor",
+        "ray.max_restarts",
+        "ray.max_task_retries",
+        "ray.temp_dir",
+        "runtime.batch_size",
+        "runtime.device",
+        "runtime.amp",
+        "runtime.channels_last",
+        "runtime.torch_threads",
     ]
-    assert list(PrecomputeConfig.model_fields["teachers"].annotation.__args__[0].model_fields) == ["name", "model", "k", "encoding"]
+    assert list(PrecomputeConfig.model_fields["teachers"].annotation.__args__[0].model_fields) == [
+        "name",
+        "model",
+        "k",
+        "encoding",
+    ]
 
 
 def test_smoke_config_is_valid():
@@ -594,6 +820,10 @@ def test_smoke_config_is_valid():
 
 def test_cache_path_that_is_a_file_is_refused(bad_dir, tmp_path):
     (tmp_path / "notes.txt").write_text("not a cache")
-    cfg = make_config(str(bad_dir / "good-000000.tar"), tmp_path / "notes.txt", "data.num_classes=10")
-    with pytest.raises(CacheError, match=r"cache.path: '.*notes.txt' is a file, not a cache directory"):
+    cfg = make_config(
+        str(bad_dir / "good-000000.tar"), tmp_path / "notes.txt", "data.num_classes=10"
+    )
+    with pytest.raises(
+        CacheError, match=r"cache.path: '.*notes.txt' is a file, not a cache directory"
+    ):
         make_plan(cfg)

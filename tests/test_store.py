@@ -1,4 +1,5 @@
-"""The cache store: layout round trip, completion marks, refusals that say what differs, validate."""
+"""The cache store: layout round trip, completion marks, refusals that say what differs,
+validate."""
 
 from __future__ import annotations
 
@@ -7,26 +8,40 @@ import pytest
 import torch
 import zarr
 
-from cache_tools.errors import CacheError, CacheIncompleteError, CacheMismatchError, CacheNotFoundError
-from cache_tools.reader import read_block
-from cache_tools.store import STATUS_INVALID, STATUS_VALID, Fingerprint, open_store
-from cache_tools.targets import from_logits
-from cache_tools.validate import validate_cache
-from cache_tools.views import ViewRecipe, view_params
-from cache_tools.writer import add_teacher, create_store, write_targets, write_views
+from kdcache.errors import CacheError, CacheIncompleteError, CacheMismatchError, CacheNotFoundError
+from kdcache.reader import read_block
+from kdcache.store import STATUS_INVALID, STATUS_VALID, Fingerprint, open_store
+from kdcache.targets import from_logits
+from kdcache.tools.validate import validate_cache
+from kdcache.views import ViewRecipe, view_params
+from kdcache.writer import add_teacher, create_store, write_targets, write_views
 
-A, C, K = 2, 6, 3
+A = 2
+C = 6
+K = 3
 KEYS = [["s0_a", "s0_b", "s0_c"], ["s1_a", "s1_b"]]
 RECIPE = ViewRecipe(size=8, channels=1, mean=(0.5,), std=(0.5,))
 
 
 def fingerprint(keys=KEYS) -> Fingerprint:
-    return Fingerprint(shards=[f"d-{i:06d}.tar" for i in range(len(keys))], counts=[len(k) for k in keys], key_digest="digest")
+    return Fingerprint(
+        shards=[f"d-{i:06d}.tar" for i in range(len(keys))],
+        counts=[len(k) for k in keys],
+        key_digest="digest",
+    )
 
 
 def new_store(path, **overrides):
-    kwargs = dict(fingerprint=fingerprint(), keys=KEYS, recipe=RECIPE, num_views=A, num_classes=C,
-                  class_names=[], seed=0, config={"note": "test"})
+    kwargs = dict(
+        fingerprint=fingerprint(),
+        keys=KEYS,
+        recipe=RECIPE,
+        num_views=A,
+        num_classes=C,
+        class_names=[],
+        seed=0,
+        config={"note": "test"},
+    )
     kwargs.update(overrides)
     return create_store(str(path), **kwargs)
 
@@ -38,7 +53,8 @@ def fill_shard(store, shard, teacher="t", logits=None, invalid_row=None):
     status = np.full(n, STATUS_VALID)
     errors = [""] * n
     if invalid_row is not None:
-        status[invalid_row], errors[invalid_row] = STATUS_INVALID, "corrupt image"
+        status[invalid_row] = STATUS_INVALID
+        errors[invalid_row] = "corrupt image"
     params = np.stack([view_params(RECIPE, 0, k, A, (10, 10)) for k in keys])
     write_views(store, shard, labels=labels, status=status, errors=errors, params=params)
     logits = torch.randn(n * A, C) if logits is None else logits
@@ -76,29 +92,48 @@ def test_incomplete_shards_are_reported_and_refused(store):
 
 def test_unknown_key_is_an_error_not_a_misalignment(store):
     fill_shard(store, 1)
-    with pytest.raises(CacheMismatchError, match="key 's0_a' is not in the cache's block for shard 'd-000001.tar'"):
+    with pytest.raises(
+        CacheMismatchError, match="key 's0_a' is not in the cache's block for shard 'd-000001.tar'"
+    ):
         read_block(store, 1, ["t"]).row("s0_a")
 
 
 def test_mismatches_say_what_differs(store):
     other = fingerprint([["s0_a", "s0_b"], ["s1_a", "s1_b"]])
-    with pytest.raises(CacheMismatchError, match="shard 'd-000000.tar' has 3 samples in the cache but 2 in the data"):
+    with pytest.raises(
+        CacheMismatchError,
+        match="shard 'd-000000.tar' has 3 samples in the cache but 2 in the data",
+    ):
         store.check_compatible(fingerprint=other)
-    with pytest.raises(CacheMismatchError, match=r"view recipe differs \(size: cache 8 vs run 16\)"):
+    with pytest.raises(
+        CacheMismatchError, match=r"view recipe differs \(size: cache 8 vs run 16\)"
+    ):
         store.check_compatible(recipe=RECIPE.model_copy(update={"size": 16}))
-    with pytest.raises(CacheMismatchError, match="num_classes: the cache has 6, the run asks for 10"):
+    with pytest.raises(
+        CacheMismatchError, match="num_classes: the cache has 6, the run asks for 10"
+    ):
         store.check_compatible(num_classes=10)
     renamed = Fingerprint(shards=["x.tar", "d-000001.tar"], counts=[3, 2], key_digest="digest")
-    with pytest.raises(CacheMismatchError, match=r"shards differ: 1 in the cache but not given \(e.g. \['d-000000.tar'\]\)"):
+    with pytest.raises(
+        CacheMismatchError,
+        match=r"shards differ: 1 in the cache but not given \(e.g. \['d-000000.tar'\]\)",
+    ):
         store.check_compatible(fingerprint=renamed)
     with pytest.raises(CacheMismatchError, match="teacher 'u' is not in cache .* it has \\['t'\\]"):
         store.teacher_group("u")
 
 
 def test_teacher_with_other_weights_is_refused(store):
-    add_teacher(store, "t", model={"source": "timm", "name": "kd_mlp"}, weights_digest="w1", k=K)  # same: fine
-    with pytest.raises(CacheMismatchError, match="teacher 't' already exists .*weights_digest: cache 'w1' vs run 'w2'"):
-        add_teacher(store, "t", model={"source": "timm", "name": "kd_mlp"}, weights_digest="w2", k=K)
+    add_teacher(
+        store, "t", model={"source": "timm", "name": "kd_mlp"}, weights_digest="w1", k=K
+    )  # same: fine
+    with pytest.raises(
+        CacheMismatchError,
+        match="teacher 't' already exists .*weights_digest: cache 'w1' vs run 'w2'",
+    ):
+        add_teacher(
+            store, "t", model={"source": "timm", "name": "kd_mlp"}, weights_digest="w2", k=K
+        )
     with pytest.raises(CacheError, match="k=7 must be between 1 and num_classes=6"):
         add_teacher(store, "u", model={}, weights_digest="w", k=7)
 
@@ -121,7 +156,9 @@ def test_validate_passes_a_sound_cache_and_lists_every_problem(store):
     fill_shard(store, 0, invalid_row=1)
     fill_shard(store, 1)
     report = validate_cache(store)
-    assert report.problems == ["stored keys do not match the fingerprint's key digest"]  # test digest is fake
+    assert report.problems == [
+        "stored keys do not match the fingerprint's key digest"
+    ]  # test digest is fake
     tg = store.teacher_group("t")
     logit = tg["topk_logit"][0:3]
     logit[0, 0, 0] = np.nan
@@ -135,7 +172,8 @@ def test_validate_passes_a_sound_cache_and_lists_every_problem(store):
 
 
 def test_a_half_created_teacher_is_ignored_then_created_again(store):
-    """A precompute killed while creating a teacher leaves a subgroup without attributes (they come last)."""
+    """A precompute killed while creating a teacher leaves a subgroup without attributes (they come
+    last)."""
     half = store.group.require_group("teachers/half")
     half.create_array("topk_idx", shape=(6, A, K), dtype="uint16")
     reopened = open_store(store.path, "r+")
@@ -143,12 +181,18 @@ def test_a_half_created_teacher_is_ignored_then_created_again(store):
     fill_shard(reopened, 0)
     fill_shard(reopened, 1)
     assert reopened.incomplete_shards() == {}  # the half teacher is not waited for
-    add_teacher(reopened, "half", model={"source": "timm", "name": "kd_mlp"}, weights_digest="w2", k=2)
+    add_teacher(
+        reopened, "half", model={"source": "timm", "name": "kd_mlp"}, weights_digest="w2", k=2
+    )
     assert reopened.teachers == ["half", "t"] and reopened.unfinished_teachers == []
     assert open_store(store.path).teacher_meta("half").k == 2
 
 
 def test_unreadable_teacher_attributes_are_an_error_naming_the_teacher(store):
     store.group["teachers/t"].attrs.update({"k": "many"})
-    with pytest.raises(CacheError, match=r"teacher 't' has unreadable attributes \(1 problem\(s\), e.g. Input should be a valid integer"):
+    with pytest.raises(
+        CacheError,
+        match=r"teacher 't' has unreadable attributes "
+        r"\(1 problem\(s\), e.g. Input should be a valid integer",
+    ):
         open_store(store.path).teacher_meta("t")

@@ -5,8 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cache_tools.targets import (
-    dense_probs, from_logits, label_prob_t1, sparse_probs, tail_mass_t1, topk_probs_t1,
+from kdcache.targets import (
+    dense_probs,
+    from_logits,
+    label_prob_t1,
+    sparse_probs,
+    tail_mass_t1,
+    topk_probs_t1,
 )
 
 C = 12

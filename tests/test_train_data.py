@@ -1,4 +1,5 @@
-"""The training data path on real tars and a real Zarr cache: order, splits, views, join, mismatches."""
+"""The training data path on real tars and a real Zarr cache: order, splits, views, join,
+mismatches."""
 
 from __future__ import annotations
 
@@ -8,48 +9,85 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-
-from cache_tools.errors import CacheIncompleteError, CacheMismatchError, CacheNotFoundError, ConfigError
-from cache_tools.reader import read_block
-from cache_tools.shards import decode_image, iter_shard
-from cache_tools.views import epoch_view, replay, view_params
-from cachebuild import add_teacher_run, build_cache, create_cache, tiny_recipe, tiny_teacher, write_shards
-from train.config import TrainConfig
-from train.data import (
-    ShardStream, StreamSpec, batch_sizes, build_eval_data, build_train_data, eval_recipe, make_loader, open_cache,
-    slots, steps_per_epoch, valid_counts,
+from cachebuild import (
+    add_teacher_run,
+    build_cache,
+    create_cache,
+    tiny_recipe,
+    tiny_teacher,
+    write_shards,
 )
-from train.trainer import check_student
-from cache_tools.models import ModelSpec, build_model
+
+from kdcache.errors import CacheIncompleteError, CacheMismatchError, CacheNotFoundError, ConfigError
+from kdcache.models import ModelSpec, build_model
+from kdcache.reader import read_block
+from kdcache.shards import decode_image, iter_shard
+from kdcache.train.config import TrainConfig
+from kdcache.train.data import (
+    ShardStream,
+    StreamSpec,
+    batch_sizes,
+    build_eval_data,
+    build_train_data,
+    eval_recipe,
+    make_loader,
+    open_cache,
+    slots,
+    steps_per_epoch,
+    valid_counts,
+)
+from kdcache.train.trainer import check_student
+from kdcache.views import epoch_view, replay, view_params
 
 INVALID = "train_000005"
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """4 train shards x 12 samples (one invalid row), a 20-sample val shard, a cache with 2 teachers."""
+    """4 train shards x 12 samples (one invalid row), a 20-sample val shard, a cache with 2
+    teachers."""
     root = tmp_path_factory.mktemp("data")
     urls = write_shards(root / "shards")
     val = write_shards(root / "shards", prefix="val", num_shards=1, per_shard=20)
-    store = build_cache(root / "cache.zarr", urls, teachers={"tiny": 4, "top2": 2}, invalid_keys=(INVALID,))
+    store = build_cache(
+        root / "cache.zarr", urls, teachers={"tiny": 4, "top2": 2}, invalid_keys=(INVALID,)
+    )
     keys = sorted(f"train_{i:06d}" for i in range(48) if f"train_{i:06d}" != INVALID)
     return {"root": root, "urls": urls, "val": val, "store": store, "keys": keys}
 
 
 def config(world, **data) -> TrainConfig:
-    return TrainConfig.model_validate({
-        "data": {"shards": world["urls"], "val_shards": world["val"], "batch_size": 8, "num_workers": 0, **data},
-        "cache": {"path": str(world["root"] / "cache.zarr")},
-        "student": {"name": "kd_mlp", "kwargs": {"img_size": 12, "hidden": 16}},
-        "teacher": {"name": "tiny"}, "stages": [{"epochs": 1, "loss": {"name": "kd"}}],
-    })
+    return TrainConfig.model_validate(
+        {
+            "data": {
+                "shards": world["urls"],
+                "val_shards": world["val"],
+                "batch_size": 8,
+                "num_workers": 0,
+                **data,
+            },
+            "cache": {"path": str(world["root"] / "cache.zarr")},
+            "student": {"name": "kd_mlp", "kwargs": {"img_size": 12, "hidden": 16}},
+            "teacher": {"name": "tiny"},
+            "stages": [{"epochs": 1, "loss": {"name": "kd"}}],
+        }
+    )
 
 
 def spec(world, **kw) -> StreamSpec:
     counts, _ = valid_counts(world["store"])
-    base = StreamSpec(urls=tuple(world["urls"]), counts=tuple(counts), recipe=world["store"].meta.recipe, num_classes=4,
-                      batch_size=8, seed=3, num_views=3, shuffle_buffer=10, shard_shuffle=True,
-                      cache_path=str(world["root"] / "cache.zarr"))
+    base = StreamSpec(
+        urls=tuple(world["urls"]),
+        counts=tuple(counts),
+        recipe=world["store"].meta.recipe,
+        num_classes=4,
+        batch_size=8,
+        seed=3,
+        num_views=3,
+        shuffle_buffer=10,
+        shard_shuffle=True,
+        cache_path=str(world["root"] / "cache.zarr"),
+    )
     return replace(base, **kw)
 
 
@@ -63,18 +101,26 @@ def keys_of(bs) -> list[str]:
     return [k for b in bs for k in b.keys]
 
 
-# ---- the view schedule ----------------------------------------------------------------------------
+# ---- the view schedule ---------------------------------------------------------------------------
 
 
 def test_view_schedule_is_a_permutation_per_cycle(world):
     for key in world["keys"][:10]:
         for cycle in range(3):
-            assert sorted(epoch_view(3, e, key, 3) for e in range(3 * cycle, 3 * cycle + 3)) == [0, 1, 2]
+            assert sorted(epoch_view(3, e, key, 3) for e in range(3 * cycle, 3 * cycle + 3)) == [
+                0,
+                1,
+                2,
+            ]
 
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_stream_replays_the_scheduled_view_for_any_worker_count(world, workers):
-    seen = {k: int(v) for b in batches(spec(world, num_workers=workers), 1) for k, v in zip(b.keys, b.views)}
+    seen = {
+        k: int(v)
+        for b in batches(spec(world, num_workers=workers), 1)
+        for k, v in zip(b.keys, b.views, strict=True)
+    }
     assert seen == {k: epoch_view(3, 1, k, 3) for k in world["keys"]}
 
 
@@ -83,12 +129,16 @@ def test_same_pixels_and_targets_for_any_worker_count(world):
         out = {}
         for b in batches(spec(world, num_workers=workers), 2, ["top2"]):
             for i, key in enumerate(b.keys):
-                out[key] = (b.images[i].numpy().tobytes(), b.targets["top2"].logit[i].numpy().tobytes())
+                out[key] = (
+                    b.images[i].numpy().tobytes(),
+                    b.targets["top2"].logit[i].numpy().tobytes(),
+                )
         return out
+
     assert content(0) == content(2)
 
 
-# ---- every sample once ------------------------------------------------------------------------------
+# ---- every sample once ---------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("workers", [0, 1, 2])
@@ -105,18 +155,33 @@ def test_every_sample_exactly_once_per_epoch(world, workers):
 
 def test_two_ranks_partition_every_epoch(world):
     for epoch in (0, 1, 2):
-        per_rank = [keys_of(batches(spec(world, rank=r, world_size=2, num_workers=2), epoch)) for r in (0, 1)]
+        per_rank = [
+            keys_of(batches(spec(world, rank=r, world_size=2, num_workers=2), epoch))
+            for r in (0, 1)
+        ]
         assert not set(per_rank[0]) & set(per_rank[1])
         assert sorted(per_rank[0] + per_rank[1]) == world["keys"]
 
 
-@pytest.mark.parametrize(("ranks", "workers", "batch"), [(2, 1, 8), (2, 2, 4), (3, 2, 5), (5, 2, 3), (4, 2, 8)])
-def test_uneven_splits_lose_nothing_and_give_every_rank_the_same_steps(world, ranks, workers, batch):
+@pytest.mark.parametrize(
+    ("ranks", "workers", "batch"), [(2, 1, 8), (2, 2, 4), (3, 2, 5), (5, 2, 3), (4, 2, 8)]
+)
+def test_uneven_splits_lose_nothing_and_give_every_rank_the_same_steps(
+    world, ranks, workers, batch
+):
     """3 shards of 12 (36 samples) over ranks x workers that do not divide them evenly: every sample
     once per epoch on one rank, the same step count on every rank (5 x 2 slots of 3 or 4 samples at
     batch 3: one batch each, of 3 or 4)."""
-    s = spec(world, urls=tuple(world["urls"][:3]), counts=(12, 12, 12), world_size=ranks, num_workers=workers,
-             batch_size=batch, cache_path=None, num_views=None)
+    s = spec(
+        world,
+        urls=tuple(world["urls"][:3]),
+        counts=(12, 12, 12),
+        world_size=ranks,
+        num_workers=workers,
+        batch_size=batch,
+        cache_path=None,
+        num_views=None,
+    )
     for epoch in (0, 1):
         per_rank = [batches(replace(s, rank=r), epoch) for r in range(ranks)]
         assert len({len(b) for b in per_rank}) == 1 and len(per_rank[0]) == steps_per_epoch(s)
@@ -126,17 +191,31 @@ def test_uneven_splits_lose_nothing_and_give_every_rank_the_same_steps(world, ra
 
 
 def test_slots_cut_the_stream_into_near_equal_consecutive_pieces(world):
-    s = spec(world, urls=tuple(world["urls"][:3]), counts=(12, 12, 11), world_size=2, num_workers=2, shard_shuffle=False)
+    s = spec(
+        world,
+        urls=tuple(world["urls"][:3]),
+        counts=(12, 12, 11),
+        world_size=2,
+        num_workers=2,
+        shard_shuffle=False,
+    )
     cut = slots(s, 0)
     sizes = [sum(p.stop - p.start for p in pieces) for rank in cut for pieces in rank]
     assert sizes == [9, 9, 9, 8]
     assert [(p.shard, p.start, p.stop) for p in cut[0][1]] == [(0, 9, 12), (1, 0, 6)]
     # slots of 8 and 9 at batch 4: 2 batches each, the 9-sample slots end with a batch of 5
-    assert [batch_sizes(replace(s, batch_size=4), j) for j in range(4)] == [[4, 5], [4, 5], [4, 5], [4, 4]]
+    assert [batch_sizes(replace(s, batch_size=4), j) for j in range(4)] == [
+        [4, 5],
+        [4, 5],
+        [4, 5],
+        [4, 4],
+    ]
 
 
 def test_too_few_samples_for_the_workers_is_refused(world):
-    with pytest.raises(ConfigError, match=r"data.num_workers: 47 training sample\(s\) cannot feed 5 rank\(s\) x 10"):
+    with pytest.raises(
+        ConfigError, match=r"data.num_workers: 47 training sample\(s\) cannot feed 5 rank\(s\) x 10"
+    ):
         build_train_data(config(world, num_workers=10), 0, 5, ["tiny"], pin_memory=False)
 
 
@@ -145,7 +224,7 @@ def test_file_order_without_shuffles(world):
     assert keys_of(batches(s, 0)) == world["keys"] == keys_of(batches(s, 5))
 
 
-# ---- resumption ------------------------------------------------------------------------------------
+# ---- resumption ----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -155,23 +234,29 @@ def test_skipping_batches_reproduces_the_rest_of_the_epoch(world, workers):
     for skip in (1, 3, 5):
         rest = batches(s, 1, ["tiny"], skip)
         assert [b.keys for b in rest] == [b.keys for b in full[skip:]]
-        for a, b in zip(rest, full[skip:]):
-            assert torch.equal(a.images, b.images) and torch.equal(a.targets["tiny"].logit, b.targets["tiny"].logit)
+        for a, b in zip(rest, full[skip:], strict=True):
+            assert torch.equal(a.images, b.images) and torch.equal(
+                a.targets["tiny"].logit, b.targets["tiny"].logit
+            )
 
 
-# ---- the join with the cache --------------------------------------------------------------------------
+# ---- the join with the cache ---------------------------------------------------------------------
 
 
 def test_batches_join_the_cached_row_of_the_replayed_view(world):
-    store, recipe = world["store"], world["store"].meta.recipe
+    store = world["store"]
+    recipe = world["store"].meta.recipe
     images = {s.key: decode_image(s.image, 1) for url in world["urls"] for s in iter_shard(url)}
     blocks = {i: read_block(store, i, ["top2"]) for i in range(4)}
     batch = batches(spec(world), 0, ["top2"])[0]
     assert batch.images.dtype == torch.uint8 and batch.images.shape == (8, 1, 12, 12)
     for i, key in enumerate(batch.keys):
         block = blocks[int(key.split("_")[1]) // 12]
-        row, view = block.row(key), int(batch.views[i])
-        assert torch.equal(batch.images[i], replay(images[key], block.view_params[row, view], recipe))
+        row = block.row(key)
+        view = int(batch.views[i])
+        assert torch.equal(
+            batch.images[i], replay(images[key], block.view_params[row, view], recipe)
+        )
         cached = block.teachers["top2"]
         assert batch.targets["top2"].idx[i].tolist() == cached.topk_idx[row, view].tolist()
         assert batch.targets["top2"].lse[i].item() == cached.lse[row, view]
@@ -190,7 +275,7 @@ def test_build_train_data_uses_the_cache_recipe_and_counts(world):
     assert sorted(k for b in data.epoch(0, ["tiny"]) for k in b.keys) == world["keys"]
 
 
-# ---- validation stream ----------------------------------------------------------------------------------
+# ---- validation stream ---------------------------------------------------------------------------
 
 
 def test_eval_stream_center_views_once_over_ranks(world):
@@ -203,11 +288,13 @@ def test_eval_stream_center_views_once_over_ranks(world):
     center = eval_recipe(recipe)
     first = next(iter_shard(world["val"][0]))
     image = decode_image(first.image, 1)
-    expected = replay(image, view_params(center, 0, first.key, 1, tuple(image.shape[1:]))[0], center)
+    expected = replay(
+        image, view_params(center, 0, first.key, 1, tuple(image.shape[1:]))[0], center
+    )
     assert torch.equal(dict(seen)[first.key], expected) and expected.shape == (1, 12, 12)
 
 
-# ---- refusing caches that do not match ---------------------------------------------------------------------
+# ---- refusing caches that do not match -----------------------------------------------------------
 
 
 def test_other_shards_are_refused(world):
@@ -223,7 +310,10 @@ def test_changed_keys_are_refused_with_verify_keys(world, tmp_path):
 
 def test_changed_shard_counts_are_refused(world, tmp_path):
     shorter = write_shards(tmp_path, per_shard=[12, 12, 12, 10])
-    with pytest.raises(CacheMismatchError, match="'train-000003.tar' has 12 samples in the cache but 10 in the data"):
+    with pytest.raises(
+        CacheMismatchError,
+        match="'train-000003.tar' has 12 samples in the cache but 10 in the data",
+    ):
         open_cache(config(world, verify_keys=True), shorter, ["tiny"])
     data = build_train_data(config(world, shards=shorter), 0, 1, ["tiny"], pin_memory=False)
     with pytest.raises(CacheMismatchError, match="has 10 samples in the data but 12 in the cache"):
@@ -231,12 +321,17 @@ def test_changed_shard_counts_are_refused(world, tmp_path):
 
 
 def test_class_count_mismatch_is_refused(world):
-    with pytest.raises(CacheMismatchError, match="num_classes: the cache has 4, the run asks for 7"):
+    with pytest.raises(
+        CacheMismatchError, match="num_classes: the cache has 4, the run asks for 7"
+    ):
         open_cache(config(world, num_classes=7), world["urls"], ["tiny"])
 
 
 def test_missing_teacher_is_refused(world):
-    with pytest.raises(CacheMismatchError, match=r"teacher\(s\) \['big'\] not in cache .* it has \['tiny', 'top2'\]"):
+    with pytest.raises(
+        CacheMismatchError,
+        match=r"teacher\(s\) \['big'\] not in cache .* it has \['tiny', 'top2'\]",
+    ):
         open_cache(config(world), world["urls"], ["big"])
 
 
@@ -244,14 +339,20 @@ def test_incomplete_cache_is_refused(world, tmp_path):
     store = create_cache(tmp_path / "c.zarr", world["urls"], recipe=tiny_recipe())
     spec_, model = tiny_teacher()
     add_teacher_run(store, world["urls"], "half", spec_, model, 2, shards=[0, 1])
-    cfg = config(world).model_copy(update={"cache": config(world).cache.model_copy(update={"path": str(tmp_path / "c.zarr")})})
+    cfg = config(world).model_copy(
+        update={"cache": config(world).cache.model_copy(update={"path": str(tmp_path / "c.zarr")})}
+    )
     expected = r"incomplete \(half: 2 shard\(s\) e.g. \['train-000002.tar', 'train-000003.tar'\]\)"
     with pytest.raises(CacheIncompleteError, match=expected):
         open_cache(cfg, world["urls"], ["half"])
 
 
 def test_missing_cache_is_refused(world, tmp_path):
-    cfg = config(world).model_copy(update={"cache": config(world).cache.model_copy(update={"path": str(tmp_path / "none.zarr")})})
+    cfg = config(world).model_copy(
+        update={
+            "cache": config(world).cache.model_copy(update={"path": str(tmp_path / "none.zarr")})
+        }
+    )
     with pytest.raises(CacheNotFoundError, match="no cache at"):
         open_cache(cfg, world["urls"], ["tiny"])
 
@@ -261,12 +362,18 @@ def test_student_that_does_not_fit_the_views_is_refused(world):
     cfg = config(world)
     sized = cfg.model_copy(update={"student": cfg.student.model_copy(update={"input_size": 32})})
     model = build_model(cfg.student, 4, 1)
-    with pytest.raises(CacheMismatchError, match=r"student.input_size is 32 but the cache's views are 12x12"):
+    with pytest.raises(
+        CacheMismatchError, match=r"student.input_size is 32 but the cache's views are 12x12"
+    ):
         check_student(model, recipe, 4, sized, from_cache=True)
     wrong = build_model(ModelSpec(name="kd_mlp", kwargs={"img_size": 28}), 4, 1)
-    with pytest.raises(CacheMismatchError, match=r"student 'kd_mlp' cannot take the cache's views \(1x12x12\)"):
+    with pytest.raises(
+        CacheMismatchError, match=r"student 'kd_mlp' cannot take the cache's views \(1x12x12\)"
+    ):
         check_student(wrong, recipe, 4, cfg, from_cache=True)
-    with pytest.raises(CacheMismatchError, match=r"outputs \(10,\) logits, the cache's views have 4 classes"):
+    with pytest.raises(
+        CacheMismatchError, match=r"outputs \(10,\) logits, the cache's views have 4 classes"
+    ):
         check_student(build_model(cfg.student, 10, 1), recipe, 4, cfg, from_cache=True)
 
 
@@ -278,12 +385,22 @@ def test_labels_out_of_range_without_cache_are_refused(world):
 
 def test_more_ranks_than_shards_share_the_shards(world):
     per_rank = [keys_of(batches(spec(world, rank=r, world_size=6), 0)) for r in range(6)]
-    assert sorted(k for keys in per_rank for k in keys) == world["keys"] and min(map(len, per_rank)) == 7
+    assert (
+        sorted(k for keys in per_rank for k in keys) == world["keys"]
+        and min(map(len, per_rank)) == 7
+    )
 
 
 def test_fresh_views_without_cache_match_a_cache_made_with_that_seed(world):
     store = world["store"]
-    s = spec(world, cache_path=None, num_views=None, view_seed=store.meta.seed, shuffle_buffer=0, counts=(12,) * 4)
+    s = spec(
+        world,
+        cache_path=None,
+        num_views=None,
+        view_seed=store.meta.seed,
+        shuffle_buffer=0,
+        counts=(12,) * 4,
+    )
     counts = Counter()
     for b in batches(s, 2):  # view index = epoch = 2: the parameters a cache stores as view 2
         for i, key in enumerate(b.keys):
@@ -295,4 +412,7 @@ def test_fresh_views_without_cache_match_a_cache_made_with_that_seed(world):
     fresh = next(b.images[b.keys.index(key)] for b in batches(s, 2) if key in b.keys)
     assert torch.equal(fresh, replay(image, block.view_params[0, 2], store.meta.recipe))
     assert set(counts.values()) == {1} and len(counts) == 48
-    assert np.all(block.view_params[0, 2] == view_params(store.meta.recipe, store.meta.seed, key, 3, (16, 16))[2])
+    assert np.all(
+        block.view_params[0, 2]
+        == view_params(store.meta.recipe, store.meta.seed, key, 3, (16, 16))[2]
+    )

@@ -1,4 +1,5 @@
-"""The trainer end to end on real tars and a real Zarr cache: modes, parity, resumption, DDP, configs."""
+"""The trainer end to end on real tars and a real Zarr cache: modes, parity, resumption, DDP,
+configs."""
 
 from __future__ import annotations
 
@@ -10,38 +11,39 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
-from cache_tools.cli import main as kdcache
-from cache_tools.errors import CacheMismatchError, ConfigError
-from cache_tools.models import ModelSpec, build_model
-from cache_tools.targets import from_logits
-from cache_tools.teacher import ModelRunner
 from cachebuild import build_cache, write_shards
-from train.config import (
-    DataConfig, RunConfig, StageConfig, TrainConfig, load_train_config,
+
+from kdcache.cli import main as kdcache
+from kdcache.errors import CacheMismatchError, ConfigError
+from kdcache.models import ModelSpec, build_model
+from kdcache.targets import from_logits
+from kdcache.teacher import ModelRunner
+from kdcache.train.config import (
+    DataConfig,
+    KDLossConfig,
+    RunConfig,
+    StageConfig,
+    TrainConfig,
+    load_train_config,
 )
-from train.data import build_train_data
-from train.losses import Criterion
-from train.config import KDLossConfig
-from train.schedule import plan_stages
-from train.trainer import TIMING_KEYS, CheckpointError, online_teacher_spec, train
+from kdcache.train.data import build_train_data
+from kdcache.train.losses import Criterion
+from kdcache.train.schedule import plan_stages
+from kdcache.train.trainer import TIMING_KEYS, CheckpointError, online_teacher_spec, train
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("trainer")
-    urls = write_shards(root / "shards")
-    val = write_shards(root / "shards", prefix="val", num_shards=1, per_shard=20)
-    store = build_cache(root / "cache.zarr", urls, teachers={"tiny": 4, "top2": 2}, invalid_keys=("train_000005",))
-    return {"root": root, "urls": urls, "val": val, "store": store}
 
 
 def raw(world, run_dir, **sections) -> dict:
     data = {
         "run": {"dir": str(run_dir), "log_every": 2, "progress": False},
-        "data": {"shards": world["urls"], "val_shards": world["val"], "batch_size": 8, "num_workers": 0, "shuffle_buffer": 10},
+        "data": {
+            "shards": world["urls"],
+            "val_shards": world["val"],
+            "batch_size": 8,
+            "num_workers": 0,
+            "shuffle_buffer": 10,
+        },
         "cache": {"path": str(world["root"] / "cache.zarr")},
         "student": {"name": "kd_mlp", "kwargs": {"img_size": 12, "hidden": 16}},
         "teacher": {"mode": "cache", "name": "tiny"},
@@ -62,7 +64,7 @@ def metrics(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in line.items() if k not in TIMING_KEYS} for line in lines]
 
 
-# ---- modes -------------------------------------------------------------------------------------------
+# ---- modes ---------------------------------------------------------------------------------------
 
 
 def test_cache_mode_run_writes_its_outputs_and_runs_no_teacher(world, tmp_path):
@@ -75,8 +77,15 @@ def test_cache_mode_run_writes_its_outputs_and_runs_no_teacher(world, tmp_path):
     assert {"loss", "ce", "kd", "lr"} <= lines[0].keys()
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["teacher"]["name"] == "tiny"
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 6
-    model = build_model(ModelSpec(name="kd_mlp", kwargs={"img_size": 12, "hidden": 16},
-                                  checkpoint=str(tmp_path / "checkpoints" / "model_final.pt")), 4, 1)
+    model = build_model(
+        ModelSpec(
+            name="kd_mlp",
+            kwargs={"img_size": 12, "hidden": 16},
+            checkpoint=str(tmp_path / "checkpoints" / "model_final.pt"),
+        ),
+        4,
+        1,
+    )
     assert model(torch.zeros(1, 1, 12, 12)).shape == (1, 4)
 
 
@@ -84,10 +93,13 @@ def test_online_mode_runs_the_teacher_on_every_view(world, tmp_path):
     cached = train(make(world, tmp_path / "cache"))
     online = train(make(world, tmp_path / "online", teacher={"mode": "online"}))
     assert online["teacher_forwards"] == 47
-    a, b = metrics(tmp_path / "cache"), metrics(tmp_path / "online")
+    a = metrics(tmp_path / "cache")
+    b = metrics(tmp_path / "online")
     assert [x["step"] for x in a] == [x["step"] for x in b]
-    for x, y in zip(a, b):  # same views, same targets up to the cache's fp16 rounding
-        assert x.get("loss", x.get("top1")) == pytest.approx(y.get("loss", y.get("top1")), rel=2e-3, abs=1e-3)
+    for x, y in zip(a, b, strict=True):  # same views, same targets up to the cache's fp16 rounding
+        assert x.get("loss", x.get("top1")) == pytest.approx(
+            y.get("loss", y.get("top1")), rel=2e-3, abs=1e-3
+        )
     assert cached["teacher_forwards"] == 0
 
 
@@ -102,43 +114,69 @@ def test_cached_kd_equals_online_kd_when_k_is_the_class_count(world):
         cached = batch.targets["tiny"]
         online = from_logits(runner(batch.images).clone(), batch.labels, 4)
         # the cache holds exactly the online teacher's logits of the same views, rounded to fp16
-        assert torch.equal(cached.idx, online.idx) and torch.equal(cached.logit, online.logit.half())
+        assert torch.equal(cached.idx, online.idx) and torch.equal(
+            cached.logit, online.logit.half()
+        )
         logits = student[: len(batch)]
-        a, b = criterion(logits, batch.labels, cached, 0), criterion(logits, batch.labels, online, 0)
+        a = criterion(logits, batch.labels, cached, 0)
+        b = criterion(logits, batch.labels, online, 0)
         assert a.total.item() == pytest.approx(b.total.item(), rel=1e-3)
 
 
 def test_teacher_training_saves_early_checkpoints(world, tmp_path):
-    config = make(world, tmp_path, teacher={"mode": "none", "name": None}, cache={"path": None},
-                  data={"num_classes": 4},
-                  views={"recipe": {"size": 12, "scale": [0.5, 1.0], "channels": 1, "mean": [0.5], "std": [0.25]}},
-                  student={"name": "kd_cnn_tiny", "kwargs": {}}, run={"save_model_epochs": [1]},
-                  stages=[{"epochs": 2, "loss": {"name": "ce", "label_smoothing": 0.1}}])
+    config = make(
+        world,
+        tmp_path,
+        teacher={"mode": "none", "name": None},
+        cache={"path": None},
+        data={"num_classes": 4},
+        views={
+            "recipe": {"size": 12, "scale": [0.5, 1.0], "channels": 1, "mean": [0.5], "std": [0.25]}
+        },
+        student={"name": "kd_cnn_tiny", "kwargs": {}},
+        run={"save_model_epochs": [1]},
+        stages=[{"epochs": 2, "loss": {"name": "ce", "label_smoothing": 0.1}}],
+    )
     summary = train(config)
     assert summary["completed"] and summary["images"] == 2 * 48 and summary["teacher_forwards"] == 0
     for name in ("model_e1.pt", "model_final.pt"):
-        build_model(ModelSpec(name="kd_cnn_tiny", checkpoint=str(tmp_path / "checkpoints" / name)), 4, 1)
+        build_model(
+            ModelSpec(name="kd_cnn_tiny", checkpoint=str(tmp_path / "checkpoints" / name)), 4, 1
+        )
     early = torch.load(tmp_path / "checkpoints" / "model_e1.pt")
     final = torch.load(tmp_path / "checkpoints" / "model_final.pt")
     assert not torch.equal(early["head.weight"], final["head.weight"])
 
 
-# ---- resumption ------------------------------------------------------------------------------------------
+# ---- resumption ----------------------------------------------------------------------------------
 
 
 def two_stage(world, run_dir, **run):
-    return make(world, run_dir, run={"ckpt_every_steps": 4, **run}, ema={"enabled": True, "decay": 0.9},
-                data={"num_workers": 2}, stages=[
-                    {"epochs": 1, "loss": {"name": "kd"}},
-                    {"epochs": 1, "teacher": "top2", "loss": {"name": "effdstl"}, "optimizer": {"lr": 0.05, "weight_decay": 0.0}},
-                ])
+    return make(
+        world,
+        run_dir,
+        run={"ckpt_every_steps": 4, **run},
+        ema={"enabled": True, "decay": 0.9},
+        data={"num_workers": 2},
+        stages=[
+            {"epochs": 1, "loss": {"name": "kd"}},
+            {
+                "epochs": 1,
+                "teacher": "top2",
+                "loss": {"name": "effdstl"},
+                "optimizer": {"lr": 0.05, "weight_decay": 0.0},
+            },
+        ],
+    )
 
 
 def test_resumed_run_reproduces_the_uninterrupted_run_bit_for_bit(world, tmp_path):
     full = train(two_stage(world, tmp_path / "full"))
     stopped = train(two_stage(world, tmp_path / "cut", max_steps=3))
     assert not stopped["completed"] and stopped["steps"] == 3
-    with open(tmp_path / "cut" / "metrics.jsonl", "a") as handle:  # a line a killed run wrote after its checkpoint
+    with open(
+        tmp_path / "cut" / "metrics.jsonl", "a"
+    ) as handle:  # a line a killed run wrote after its checkpoint
         handle.write(json.dumps({"kind": "train", "step": 4, "loss": 0.0}) + "\n")
     resumed = train(two_stage(world, tmp_path / "cut", resume="must"))
     assert resumed["completed"] and resumed["steps"] == full["steps"] == 12
@@ -150,13 +188,27 @@ def test_resumed_run_reproduces_the_uninterrupted_run_bit_for_bit(world, tmp_pat
 
 
 def test_resume_is_bit_exact_with_a_dropout_student(world, tmp_path):
-    """Dropout draws from the global RNG that a checkpoint restores; the loader must not draw from it."""
+    """Dropout draws from the global RNG that a checkpoint restores; the loader must not draw from
+    it."""
     student = {"kwargs": {"img_size": 12, "hidden": 16, "drop_rate": 0.5}}
     stages = [{"epochs": 2, "loss": {"name": "kd", "alpha": 0.5, "temperature": 2.0}}]
     data = {"num_workers": 2}
     train(make(world, tmp_path / "full", student=student, stages=stages, data=data))
-    train(make(world, tmp_path / "cut", student=student, stages=stages, data=data, run={"max_steps": 3}))
-    train(make(world, tmp_path / "cut", student=student, stages=stages, data=data, run={"resume": "must"}))
+    train(
+        make(
+            world, tmp_path / "cut", student=student, stages=stages, data=data, run={"max_steps": 3}
+        )
+    )
+    train(
+        make(
+            world,
+            tmp_path / "cut",
+            student=student,
+            stages=stages,
+            data=data,
+            run={"resume": "must"},
+        )
+    )
     assert metrics(tmp_path / "cut") == metrics(tmp_path / "full")
 
 
@@ -165,7 +217,9 @@ def tensorboard_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
-    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    return {
+        tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]
+    }
 
 
 def test_tensorboard_scalars_mirror_the_metrics_and_survive_a_resume(world, tmp_path):
@@ -175,16 +229,24 @@ def test_tensorboard_scalars_mirror_the_metrics_and_survive_a_resume(world, tmp_
     full = tensorboard_scalars(tmp_path / "full")
     lines = metrics(tmp_path / "full")
     train_lines = [line for line in lines if line["kind"] == "train"]
-    assert full["train/loss"] == [(line["step"], pytest.approx(line["loss"], rel=1e-6)) for line in train_lines]
-    assert [step for step, _ in full["eval/top1"]] == [line["step"] for line in lines if line["kind"] == "eval"]
+    assert full["train/loss"] == [
+        (line["step"], pytest.approx(line["loss"], rel=1e-6)) for line in train_lines
+    ]
+    assert [step for step, _ in full["eval/top1"]] == [
+        line["step"] for line in lines if line["kind"] == "eval"
+    ]
     assert "train/epoch" not in full and "train/time" in full
 
     train(make(world, tmp_path / "cut", run={**tb, "max_steps": 5}, stages=stages))
     from torch.utils.tensorboard import SummaryWriter
 
-    with SummaryWriter(str(tmp_path / "cut" / "tensorboard")) as killed:  # logged after the checkpoint, then killed
+    with SummaryWriter(
+        str(tmp_path / "cut" / "tensorboard")
+    ) as killed:  # logged after the checkpoint, then killed
         killed.add_scalar("train/loss", 123.0, 6)
-    train(make(world, tmp_path / "cut", run={**tb, "max_steps": 7, "resume": "must"}, stages=stages))
+    train(
+        make(world, tmp_path / "cut", run={**tb, "max_steps": 7, "resume": "must"}, stages=stages)
+    )
     train(make(world, tmp_path / "cut", run={**tb, "resume": "must"}, stages=stages))
     resumed = tensorboard_scalars(tmp_path / "cut")
     untimed = [tag for tag in full if tag not in ("train/time", "train/images_per_s")]
@@ -194,11 +256,19 @@ def test_tensorboard_scalars_mirror_the_metrics_and_survive_a_resume(world, tmp_
 
 def test_resume_refuses_another_config_naming_the_keys(world, tmp_path):
     train(make(world, tmp_path, run={"max_steps": 2}))
-    changed = make(world, tmp_path, run={"resume": "must"}, optimizer={"lr": 0.2}, data={"batch_size": 4})
-    expected = r"another config; differing keys:\n  data.batch_size: checkpoint 8 vs now 4\n  optimizer.lr: checkpoint 0.1 vs now 0.2"
+    changed = make(
+        world, tmp_path, run={"resume": "must"}, optimizer={"lr": 0.2}, data={"batch_size": 4}
+    )
+    expected = (
+        r"another config; differing keys:\n"
+        r"  data.batch_size: checkpoint 8 vs now 4\n"
+        r"  optimizer.lr: checkpoint 0.1 vs now 0.2"
+    )
     with pytest.raises(CheckpointError, match=expected):
         train(changed)
-    assert train(make(world, tmp_path, run={"resume": "auto", "log_every": 3}))["completed"]  # mutable keys may change
+    assert train(make(world, tmp_path, run={"resume": "auto", "log_every": 3}))[
+        "completed"
+    ]  # mutable keys may change
 
 
 def test_existing_run_dir_is_not_overwritten_silently(world, tmp_path):
@@ -210,7 +280,7 @@ def test_existing_run_dir_is_not_overwritten_silently(world, tmp_path):
     assert train(make(world, tmp_path, run={"overwrite": True}))["completed"]
 
 
-# ---- DDP ----------------------------------------------------------------------------------------------------
+# ---- DDP -----------------------------------------------------------------------------------------
 
 
 def _free_port() -> int:
@@ -220,8 +290,14 @@ def _free_port() -> int:
 
 
 def _ddp_worker(rank: int, config_data: dict, out_dir: str, port: int) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    import train.data as data_module
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE="2",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    import kdcache.train.data as data_module
 
     seen: list[tuple[int, str]] = []
     original = data_module.RunData.epoch
@@ -233,17 +309,31 @@ def _ddp_worker(rank: int, config_data: dict, out_dir: str, port: int) -> None:
 
     data_module.RunData.epoch = recording
     torch.set_num_threads(1)
-    torch.multiprocessing.set_start_method("fork", force=True)  # spawn's children would spawn their loader workers too
+    torch.multiprocessing.set_start_method(
+        "fork", force=True
+    )  # spawn's children would spawn their loader workers too
     summary = train(TrainConfig.model_validate(config_data))
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"seen": seen, "summary": summary}))
 
 
 def test_two_process_ddp_sees_every_sample_once_per_epoch(world, tmp_path):
-    """3 shards on 2 ranks: one rank's shards hold twice the other's samples, yet nothing is dropped."""
-    uneven = {"urls": write_shards(tmp_path / "shards", num_shards=3), "val": world["val"], "root": tmp_path}
+    """3 shards on 2 ranks: one rank's shards hold twice the other's samples, yet nothing is
+    dropped."""
+    uneven = {
+        "urls": write_shards(tmp_path / "shards", num_shards=3),
+        "val": world["val"],
+        "root": tmp_path,
+    }
     build_cache(tmp_path / "cache.zarr", uneven["urls"], teachers={"tiny": 4})
-    config = raw(uneven, tmp_path / "run", data={"num_workers": 1}, stages=[{"epochs": 2, "loss": {"name": "dist"}}])
-    torch.multiprocessing.spawn(_ddp_worker, args=(config, str(tmp_path), _free_port()), nprocs=2, join=True)
+    config = raw(
+        uneven,
+        tmp_path / "run",
+        data={"num_workers": 1},
+        stages=[{"epochs": 2, "loss": {"name": "dist"}}],
+    )
+    torch.multiprocessing.spawn(
+        _ddp_worker, args=(config, str(tmp_path), _free_port()), nprocs=2, join=True
+    )
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     keys = sorted(f"train_{i:06d}" for i in range(36))
     for epoch in (0, 1):
@@ -253,24 +343,48 @@ def test_two_process_ddp_sees_every_sample_once_per_epoch(world, tmp_path):
     assert ranks[0]["summary"]["steps"] == ranks[1]["summary"]["steps"] == 6
 
 
-# ---- configs and the command line ---------------------------------------------------------------------------
+# ---- configs and the command line ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("override, message", [
-    ("stages.0.loss.alpha=2", r"stages.0.loss.alpha: Input should be less than or equal to 1"),
-    ("data.batch_size=0", r"data.batch_size: Input should be greater than or equal to 1"),
-    ("teacher.mode=offline", r"teacher.mode: Input should be 'cache', 'online' or 'none'"),
-    ("run.bogus=1", r"run.bogus: unknown key; valid keys here: amp, channels_last"),
-    ("stages.0.loss.name=fancy", r"stages.0.loss: Input tag 'fancy' found using 'name' does not match"),
-    ("teacher.mode=none", r"stages.0.loss.name: 'kd' needs a teacher but teacher.mode is 'none'"),
-    ("cache.path=null", r"cache.path: teacher.mode 'cache' needs the cache's path"),
-    ("stages.0.scheduler.name=step", r"scheduler.milestones: a 'step' schedule needs milestones"),
-    ("run.save_model_epochs=[0,3]", r"run.save_model_epochs: \[0, 3\] are not epoch counts of this run \(1..1\)"),
-    ("stages.0.loss.stop_epoch=1", r"stages.0.loss.stop_epoch: 1 is not before the stage's end \(epoch 1\)"),
-    ("stages.0.loss.stop_epoch=0", r"stages.0.loss.stop_epoch: 0 is not after the stage's first epoch"),
-    ("scheduler.min_lr=0.5", r"scheduler.min_lr: 0.5 is above optimizer.lr 0.1"),
-    ("scheduler.warmup_epochs=2", r"scheduler.warmup_epochs: 2 is longer than the 1 epoch\(s\) of its optimizer"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("stages.0.loss.alpha=2", r"stages.0.loss.alpha: Input should be less than or equal to 1"),
+        ("data.batch_size=0", r"data.batch_size: Input should be greater than or equal to 1"),
+        ("teacher.mode=offline", r"teacher.mode: Input should be 'cache', 'online' or 'none'"),
+        ("run.bogus=1", r"run.bogus: unknown key; valid keys here: amp, channels_last"),
+        (
+            "stages.0.loss.name=fancy",
+            r"stages.0.loss: Input tag 'fancy' found using 'name' does not match",
+        ),
+        (
+            "teacher.mode=none",
+            r"stages.0.loss.name: 'kd' needs a teacher but teacher.mode is 'none'",
+        ),
+        ("cache.path=null", r"cache.path: teacher.mode 'cache' needs the cache's path"),
+        (
+            "stages.0.scheduler.name=step",
+            r"scheduler.milestones: a 'step' schedule needs milestones",
+        ),
+        (
+            "run.save_model_epochs=[0,3]",
+            r"run.save_model_epochs: \[0, 3\] are not epoch counts of this run \(1..1\)",
+        ),
+        (
+            "stages.0.loss.stop_epoch=1",
+            r"stages.0.loss.stop_epoch: 1 is not before the stage's end \(epoch 1\)",
+        ),
+        (
+            "stages.0.loss.stop_epoch=0",
+            r"stages.0.loss.stop_epoch: 0 is not after the stage's first epoch",
+        ),
+        ("scheduler.min_lr=0.5", r"scheduler.min_lr: 0.5 is above optimizer.lr 0.1"),
+        (
+            "scheduler.warmup_epochs=2",
+            r"scheduler.warmup_epochs: 2 is longer than the 1 epoch\(s\) of its optimizer",
+        ),
+    ],
+)
 def test_config_rejections_name_the_dotted_key(world, tmp_path, override, message):
     path = tmp_path / "train.yaml"
     path.write_text(yaml.safe_dump(raw(world, tmp_path / "run")))
@@ -280,63 +394,155 @@ def test_config_rejections_name_the_dotted_key(world, tmp_path, override, messag
 
 def test_a_schedule_without_its_optimizer_is_refused(world):
     data = raw(world, "x", stages=[{"epochs": 1}, {"epochs": 1, "scheduler": {"name": "constant"}}])
-    with pytest.raises(ConfigError, match=r"stages.1.scheduler: a schedule belongs to a new optimizer; set stages.1.optimizer too"):
-        from train.config import check_config
+    with pytest.raises(
+        ConfigError,
+        match=r"stages.1.scheduler: a schedule belongs to a new optimizer; "
+        r"set stages.1.optimizer too",
+    ):
+        from kdcache.train.config import check_config
+
         check_config(TrainConfig.model_validate(data))
 
 
 def test_stage_rules_name_their_keys(world):
-    from train.config import check_config
+    from kdcache.train.config import check_config
 
-    ce_with_teacher = raw(world, "x", stages=[{"epochs": 1, "loss": {"name": "ce"}, "teacher": "tiny"}])
-    with pytest.raises(ConfigError, match=r"stages.0.teacher: a 'ce' stage uses no teacher \(found 'tiny'\)"):
+    ce_with_teacher = raw(
+        world, "x", stages=[{"epochs": 1, "loss": {"name": "ce"}, "teacher": "tiny"}]
+    )
+    with pytest.raises(
+        ConfigError, match=r"stages.0.teacher: a 'ce' stage uses no teacher \(found 'tiny'\)"
+    ):
         check_config(TrainConfig.model_validate(ce_with_teacher))
-    late = raw(world, "x", stages=[{"epochs": 2, "loss": {"name": "kd"}},
-                                   {"epochs": 2, "optimizer": {"lr": 0.01}, "scheduler": {"name": "step", "milestones": [1, 2]}}])
-    with pytest.raises(ConfigError, match=r"stages.1.scheduler.milestones: \[2\] are not before the end of its 2 epoch"):
+    late = raw(
+        world,
+        "x",
+        stages=[
+            {"epochs": 2, "loss": {"name": "kd"}},
+            {
+                "epochs": 2,
+                "optimizer": {"lr": 0.01},
+                "scheduler": {"name": "step", "milestones": [1, 2]},
+            },
+        ],
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"stages.1.scheduler.milestones: \[2\] are not before the end of its 2 epoch",
+    ):
         check_config(TrainConfig.model_validate(late))
 
 
 def test_views_beside_a_cache_must_match_it(world, tmp_path):
     recipe = world["store"].meta.recipe.model_dump(mode="json")
     same = make(world, tmp_path, views={"recipe": recipe, "num_views": 3})
-    assert build_train_data(same, 0, 1, ["tiny"], pin_memory=False).recipe == world["store"].meta.recipe
-    with pytest.raises(CacheMismatchError, match=r"views.recipe: .*'size': 10.* differs from the cache's .*'size': 12"):
-        build_train_data(make(world, tmp_path, views={"recipe": {**recipe, "size": 10}}), 0, 1, ["tiny"], pin_memory=False)
+    assert (
+        build_train_data(same, 0, 1, ["tiny"], pin_memory=False).recipe
+        == world["store"].meta.recipe
+    )
+    with pytest.raises(
+        CacheMismatchError,
+        match=r"views.recipe: .*'size': 10.* differs from the cache's .*'size': 12",
+    ):
+        build_train_data(
+            make(world, tmp_path, views={"recipe": {**recipe, "size": 10}}),
+            0,
+            1,
+            ["tiny"],
+            pin_memory=False,
+        )
     with pytest.raises(CacheMismatchError, match=r"views.num_views: 2 differs from the cache's 3"):
-        build_train_data(make(world, tmp_path, views={"num_views": 2}), 0, 1, ["tiny"], pin_memory=False)
+        build_train_data(
+            make(world, tmp_path, views={"num_views": 2}), 0, 1, ["tiny"], pin_memory=False
+        )
 
 
 def test_online_teacher_without_a_spec_is_refused(world):
-    with pytest.raises(ConfigError, match=r"teacher.models.big: no model spec for online teacher 'big'"):
+    with pytest.raises(
+        ConfigError, match=r"teacher.models.big: no model spec for online teacher 'big'"
+    ):
         online_teacher_spec(make(world, "x"), "big", None)
 
 
 def test_config_schema_is_pinned():
     """A change to the config surface must be deliberate: update this list with it."""
-    sections = {name: sorted(model.model_fields) for name, model in
-                (("run", RunConfig), ("data", DataConfig), ("stage", StageConfig))}
-    assert sorted(TrainConfig.model_fields) == ["cache", "data", "ema", "optimizer", "run", "scheduler", "stages",
-                                                "student", "teacher", "version", "views"]
+    sections = {
+        name: sorted(model.model_fields)
+        for name, model in (("run", RunConfig), ("data", DataConfig), ("stage", StageConfig))
+    }
+    assert sorted(TrainConfig.model_fields) == [
+        "cache",
+        "data",
+        "ema",
+        "optimizer",
+        "run",
+        "scheduler",
+        "stages",
+        "student",
+        "teacher",
+        "version",
+        "views",
+    ]
     assert sections == {
-        "run": ["amp", "channels_last", "ckpt_every_steps", "device", "dir", "eval_every", "log_every", "max_steps",
-                "overwrite", "progress", "resume", "save_model_epochs", "seed", "tensorboard", "threads"],
-        "data": ["batch_size", "eval_batch_size", "num_classes", "num_workers", "pin_memory", "prefetch_factor",
-                 "shard_shuffle", "shards", "shuffle_buffer", "storage_options", "val_shards", "verify_keys"],
+        "run": [
+            "amp",
+            "channels_last",
+            "ckpt_every_steps",
+            "device",
+            "dir",
+            "eval_every",
+            "log_every",
+            "max_steps",
+            "overwrite",
+            "progress",
+            "resume",
+            "save_model_epochs",
+            "seed",
+            "tensorboard",
+            "threads",
+        ],
+        "data": [
+            "batch_size",
+            "eval_batch_size",
+            "num_classes",
+            "num_workers",
+            "pin_memory",
+            "prefetch_factor",
+            "shard_shuffle",
+            "shards",
+            "shuffle_buffer",
+            "storage_options",
+            "val_shards",
+            "verify_keys",
+        ],
         "stage": ["epochs", "loss", "name", "optimizer", "scheduler", "teacher"],
     }
 
 
-@pytest.mark.parametrize("path", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml")
-                                        if p.parent.name in ("fmnist", "effdstl") or p.name == "train.yaml"))
+@pytest.mark.parametrize(
+    "path",
+    sorted(
+        str(p.relative_to(ROOT))
+        for p in (ROOT / "configs").rglob("*.yaml")
+        if p.parent.name in ("fmnist", "effdstl") or p.name == "train.yaml"
+    ),
+)
 def test_shipped_configs_load(path):
     config = load_train_config(ROOT / path)
     stages, segments = plan_stages(config)
     if "effdstl/" in path:
-        assert [s.end for s in stages] == [240, 300] and [s.config.loss.name for s in stages] == ["wsl", "effdstl"]
-        schedules = [(g.optimizer.lr, g.optimizer.weight_decay, g.scheduler.min_lr) for g in segments]
+        assert [s.end for s in stages] == [240, 300] and [s.config.loss.name for s in stages] == [
+            "wsl",
+            "effdstl",
+        ]
+        schedules = [
+            (g.optimizer.lr, g.optimizer.weight_decay, g.scheduler.min_lr) for g in segments
+        ]
         assert schedules == [(0.5, 4e-5, 0.0), (0.05, 0.0, 5e-4)]
-        assert stages[1].config.loss.teacher_temperature == 0.7 and stages[0].config.loss.temperature == 2.0
+        assert (
+            stages[1].config.loss.teacher_temperature == 0.7
+            and stages[0].config.loss.temperature == 2.0
+        )
 
 
 def test_cli_trains_and_prints_the_summary(world, tmp_path, capsys):

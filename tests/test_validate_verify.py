@@ -8,13 +8,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cachebuild import (
+    add_teacher_run,
+    build_cache,
+    create_cache,
+    tiny_recipe,
+    tiny_teacher,
+    write_shards,
+)
 
-from cache_tools.cli import main
-from cache_tools.errors import CacheMismatchError, CacheReadError
-from cache_tools.reader import read_block
-from cache_tools.store import open_store
-from cache_tools.verify import verify_cache
-from cachebuild import add_teacher_run, build_cache, create_cache, tiny_recipe, tiny_teacher, write_shards
+from kdcache.cli import main
+from kdcache.errors import CacheMismatchError, CacheReadError
+from kdcache.reader import read_block
+from kdcache.store import open_store
+from kdcache.tools.verify import verify_cache
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +71,12 @@ def test_verify_refuses_other_teacher_weights(built, tmp_path):
     path = copy_cache(built, tmp_path)
     _, other = tiny_teacher(4, seed=9)
     torch.save(other.state_dict(), tmp_path / "other.pt")
-    with pytest.raises(CacheMismatchError, match="teacher 'weak': the weights built from .*other.pt' have digest"):
-        verify_cache(open_store(path), teachers=["weak"], num=4, checkpoint=str(tmp_path / "other.pt"))
+    with pytest.raises(
+        CacheMismatchError, match="teacher 'weak': the weights built from .*other.pt' have digest"
+    ):
+        verify_cache(
+            open_store(path), teachers=["weak"], num=4, checkpoint=str(tmp_path / "other.pt")
+        )
 
 
 def test_verify_finds_moved_shards_with_a_pattern(built, tmp_path):
@@ -74,7 +85,10 @@ def test_verify_finds_moved_shards_with_a_pattern(built, tmp_path):
     shutil.copytree(root / "shards", moved)
     results = verify_cache(open_store(path), num=5, shards=str(moved / "train-*.tar"))
     assert all(r.ok for r in results)
-    with pytest.raises(CacheMismatchError, match="shard 'train-000000.tar' of the cache is not among the given shards"):
+    with pytest.raises(
+        CacheMismatchError,
+        match="shard 'train-000000.tar' of the cache is not among the given shards",
+    ):
         verify_cache(open_store(path), num=26, shards=str(moved / "train-00000[12].tar"))
 
 
@@ -89,11 +103,14 @@ def test_validate_lists_incomplete_shards_and_bad_values(tmp_path, capsys):
     assert main(["validate", str(tmp_path / "cache")]) == 1
     out = capsys.readouterr().out
     assert "t: 1 shard(s) without a completion mark: ['train-000001.tar']" in out
-    assert "shard 'train-000000.tar', teacher 't': 1 view(s) with logsumexp below the top logit" in out
+    assert (
+        "shard 'train-000000.tar', teacher 't': 1 view(s) with logsumexp below the top logit" in out
+    )
 
 
 def test_validate_finds_a_tail_that_does_not_add_up(built, tmp_path, capsys):
-    """The stored tail must make up, with the top-k, the whole logsumexp; a corrupted one is listed."""
+    """The stored tail must make up, with the top-k, the whole logsumexp; a corrupted one is
+    listed."""
     path = copy_cache(built, tmp_path)
     group = open_store(path, "r+").teacher_group("weak")
     log_tail = group["log_tail"][:]
@@ -122,7 +139,9 @@ def test_q8_cache_validates_and_verifies_within_its_own_bound(tmp_path, capsys):
 def test_verify_fails_on_a_tampered_tail(built, tmp_path):
     path = copy_cache(built, tmp_path)
     group = open_store(path, "r+").teacher_group("weak")
-    group["log_tail"][:] = (group["log_tail"][:].astype(np.float32) - 1.0).astype(np.float16)  # every tail / e
+    group["log_tail"][:] = (group["log_tail"][:].astype(np.float32) - 1.0).astype(
+        np.float16
+    )  # every tail / e
     [result] = verify_cache(open_store(path), teachers=["weak"], num=30)
     assert not result.ok and result.failures == result.views > 0 and result.max_abs_delta < 1e-2
 
@@ -133,11 +152,21 @@ def test_validate_names_a_damaged_chunk_and_lost_ones(built, tmp_path, capsys):
     damaged = teachers / "weak" / "topk_logit" / "c" / "1" / "0" / "0"
     damaged.write_bytes(damaged.read_bytes()[:10])
     (teachers / "strong" / "lse" / "c" / "2" / "0").unlink()
-    (teachers / "strong" / "label_logit" / "c" / "0" / "0").unlink()  # reads back as zeros: caught by its meaning
+    (
+        teachers / "strong" / "label_logit" / "c" / "0" / "0"
+    ).unlink()  # reads back as zeros: caught by its meaning
     assert main(["validate", path]) == 1
     out = capsys.readouterr().out
     assert "cannot read 'teachers/weak/topk_logit' of shard 'train-000001.tar' (" in out
-    assert "'teachers/strong/lse': 2 chunk(s) stored but 3 shard(s) marked complete need one each" in out
-    assert "shard 'train-000000.tar', teacher 'strong':" in out and "label logit differs from the label's top-k logit" in out
-    with pytest.raises(CacheReadError, match=r"'teachers/weak/topk_logit' of shard 'train-000001.tar'.*damaged"):
+    assert (
+        "'teachers/strong/lse': 2 chunk(s) stored but 3 shard(s) marked complete need one each"
+        in out
+    )
+    assert (
+        "shard 'train-000000.tar', teacher 'strong':" in out
+        and "label logit differs from the label's top-k logit" in out
+    )
+    with pytest.raises(
+        CacheReadError, match=r"'teachers/weak/topk_logit' of shard 'train-000001.tar'.*damaged"
+    ):
         read_block(open_store(path), 1, ["weak"])

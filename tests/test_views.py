@@ -7,10 +7,21 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
-from cache_tools.config import validate
-from cache_tools.errors import ConfigError, DataError
-from cache_tools.views import (
-    P_FLIP, P_H, P_IMG_H, P_IMG_W, P_LEFT, P_TOP, P_W, ViewRecipe, epoch_view, replay, replay_views, view_params,
+from kdcache.config import validate
+from kdcache.errors import ConfigError, DataError
+from kdcache.views import (
+    P_FLIP,
+    P_H,
+    P_IMG_H,
+    P_IMG_W,
+    P_LEFT,
+    P_TOP,
+    P_W,
+    ViewRecipe,
+    epoch_view,
+    replay,
+    replay_views,
+    view_params,
 )
 
 RRC = ViewRecipe(size=16, scale=(0.2, 1.0))
@@ -41,7 +52,9 @@ def test_rrc_boxes_lie_inside_the_image_and_respect_scale_and_ratio():
 def test_replay_equals_torchvision_v2_resized_crop_and_flip():
     image = torch.randint(0, 256, (3, 40, 30), dtype=torch.uint8)
     for p in view_params(RRC, 3, "abc", 6, (40, 30)):
-        expected = v2.functional.resized_crop(image, int(p[P_TOP]), int(p[P_LEFT]), int(p[P_H]), int(p[P_W]), [16, 16], antialias=True)
+        expected = v2.functional.resized_crop(
+            image, int(p[P_TOP]), int(p[P_LEFT]), int(p[P_H]), int(p[P_W]), [16, 16], antialias=True
+        )
         if p[P_FLIP]:
             expected = v2.functional.horizontal_flip(expected)
         assert torch.equal(replay(image, p, RRC), expected)
@@ -51,7 +64,9 @@ def test_center_recipe_matches_resize_then_center_crop():
     recipe = ViewRecipe(name="center", size=24, crop_pct=0.875)
     image = torch.randint(0, 256, (3, 50, 40), dtype=torch.uint8)
     params = view_params(recipe, 0, "k", 1, (50, 40))
-    expected = v2.functional.center_crop(v2.functional.resize(image, [27], antialias=True), [24, 24])
+    expected = v2.functional.center_crop(
+        v2.functional.resize(image, [27], antialias=True), [24, 24]
+    )
     assert torch.equal(replay(image, params[0], recipe), expected)
     assert replay_views(image, params, recipe).shape == (1, 3, 24, 24)
 
@@ -66,7 +81,9 @@ def test_replay_refuses_an_image_of_another_size():
 def test_epoch_view_uses_every_view_once_per_cycle(num_views):
     for key in ("a", "b", "sample_99"):
         for cycle in range(3):
-            chosen = [epoch_view(0, cycle * num_views + e, key, num_views) for e in range(num_views)]
+            chosen = [
+                epoch_view(0, cycle * num_views + e, key, num_views) for e in range(num_views)
+            ]
             assert sorted(chosen) == list(range(num_views))
 
 
@@ -96,9 +113,9 @@ def test_sixteen_bit_pngs_decode_to_scaled_uint8():
 
     from PIL import Image
 
-    from cache_tools.shards import decode_image
+    from kdcache.shards import decode_image
 
-    wide = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)
+    wide = np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000
     buffer = io.BytesIO()
     Image.fromarray(wide).save(buffer, format="PNG")
     image = decode_image(buffer.getvalue(), 1)

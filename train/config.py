@@ -1,7 +1,7 @@
 """The typed config of ``kdcache train``: run, data, cache, views, student, teacher, stages.
 
-Loaded with :func:`cache_tools.config.load_config` (YAML + ``dotted.key=value`` overrides); every
-rejection is one :class:`~cache_tools.errors.ConfigError` naming the dotted key. Cross-field rules
+Loaded with :func:`kdcache.config.load_config` (YAML + ``dotted.key=value`` overrides); every
+rejection is one :class:`~kdcache.errors.ConfigError` naming the dotted key. Cross-field rules
 (a distillation loss needs a teacher, ``teacher.mode: cache`` needs ``cache.path`` ...) are checked
 by :func:`check_config` after validation, also naming their keys.
 """
@@ -9,19 +9,28 @@ by :func:`check_config` after validation, also naming their keys.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 
-from cache_tools.config import StrictModel, dump_config, load_config
-from cache_tools.errors import ConfigError
-from cache_tools.models import ModelSpec
-from cache_tools.targets import TailMode
-from cache_tools.views import ViewRecipe
+from kdcache.config import StrictModel, dump_config, load_config
+from kdcache.errors import ConfigError
+from kdcache.models import ModelSpec
+from kdcache.targets import TailMode
+from kdcache.views import ViewRecipe
 
 CONFIG_VERSION = 1
-RESUME_MUTABLE = ("run.max_steps", "run.resume", "run.progress", "run.tensorboard", "run.log_every", "run.ckpt_every_steps",
-                  "run.overwrite", "data.storage_options", "cache.storage_options")
+RESUME_MUTABLE = (
+    "run.max_steps",
+    "run.resume",
+    "run.progress",
+    "run.tensorboard",
+    "run.log_every",
+    "run.ckpt_every_steps",
+    "run.overwrite",
+    "data.storage_options",
+    "cache.storage_options",
+)
 """Keys (and the keys under them) that may differ between a checkpoint's config and the resuming
 run's config: storage options (credentials rotate; they are saved redacted) change no result."""
 
@@ -46,13 +55,14 @@ class _DistillBase(StrictModel):
     """Classes outside the cached top-k: ``spread`` (exact tail mass at T=1, spread evenly) or
     ``renorm`` (drop the tail, renormalise the top-k). Irrelevant when k equals the class count."""
     stop_epoch: int | None = Field(None, ge=0)
-    """Early-stopped KD (paper 002): from this (0-based, run-global) epoch on, the loss is plain CE."""
+    """Early-stopped KD (paper 002): from this (0-based, run-global) epoch on, the loss is plain
+    CE."""
     topk: int | None = Field(None, ge=1)
-    """Use only the first ``topk`` of the teacher's top-k classes (None: all of them). The first j of
-    the stored top-k (sorted by logit) with the exact logsumexp and label logit are exactly what a
-    cache made with k = j holds (up to ties), so one k = 10 cache serves students at k = 1..10; the
-    tail mass grows accordingly and ``tail`` says how it is treated. Online targets are truncated
-    the same way. At most the cache's k (online: the class count)."""
+    """Use only the first ``topk`` of the teacher's top-k classes (None: all of them). The first j
+    of the stored top-k (sorted by logit) with the exact logsumexp and label logit are exactly what
+    a cache made with k = j holds (up to ties), so one k = 10 cache serves students at k = 1..10;
+    the tail mass grows accordingly and ``tail`` says how it is treated. Online targets are
+    truncated the same way. At most the cache's k (online: the class count)."""
 
 
 class KDLossConfig(_DistillBase):
@@ -102,7 +112,8 @@ class EffDstlLossConfig(_DistillBase):
     student_temperature: float = Field(1.0, gt=0.0)
     """Temperature of the student in the KD term."""
     smooth_to: float = Field(0.99, gt=0.0, le=1.0)
-    """Mined rows get the label smoothed to this probability (rest spread over the other classes)."""
+    """Mined rows get the label smoothed to this probability (rest spread over the other
+    classes)."""
     ce_weight: float = Field(1.0, ge=0.0)
     """Weight of the CE term (the paper does not state it; 1 keeps stage 1's CE)."""
     kd_weight: float = Field(1.0, ge=0.0)
@@ -110,7 +121,7 @@ class EffDstlLossConfig(_DistillBase):
 
 
 LossConfig = Annotated[
-    Union[CELossConfig, KDLossConfig, DISTLossConfig, WSLLossConfig, EffDstlLossConfig],
+    CELossConfig | KDLossConfig | DISTLossConfig | WSLLossConfig | EffDstlLossConfig,
     Field(discriminator="name"),
 ]
 DISTILL_LOSSES = ("kd", "dist", "wsl", "effdstl")
@@ -125,7 +136,8 @@ class OptimizerConfig(StrictModel):
     name: Literal["sgd", "adamw"] = "sgd"
     """``sgd`` (momentum) or ``adamw``."""
     lr: float = Field(0.1, gt=0.0)
-    """Peak learning rate (after warm-up), for the global batch as configured (no automatic scaling)."""
+    """Peak learning rate (after warm-up), for the global batch as configured (no automatic
+    scaling)."""
     weight_decay: float = Field(1e-4, ge=0.0)
     """Weight decay (coupled L2 for SGD, decoupled for AdamW)."""
     decay_norm_and_bias: bool = False
@@ -143,7 +155,8 @@ class OptimizerConfig(StrictModel):
 
 
 class SchedulerConfig(StrictModel):
-    """The LR schedule of one optimizer, spanning the epochs of the stages that share it (per step)."""
+    """The LR schedule of one optimizer, spanning the epochs of the stages that share it (per
+    step)."""
 
     name: Literal["cosine", "step", "constant"] = "cosine"
     """``cosine`` decay to ``min_lr``; ``step``: times ``gamma`` at each milestone; ``constant``."""
@@ -154,7 +167,8 @@ class SchedulerConfig(StrictModel):
     min_lr: float = Field(0.0, ge=0.0)
     """cosine: the learning rate at the end of the schedule."""
     milestones: list[int] = Field(default_factory=list)
-    """step: epochs (counted from the schedule's start) at which the LR is multiplied by ``gamma``."""
+    """step: epochs (counted from the schedule's start) at which the LR is multiplied by
+    ``gamma``."""
     gamma: float = Field(0.1, gt=0.0)
     """step: the factor at each milestone."""
 
@@ -169,12 +183,14 @@ class StageConfig(StrictModel):
     loss: LossConfig = Field(default_factory=CELossConfig)
     """The loss and its parameters (``name``: ce, kd, dist, wsl, effdstl)."""
     teacher: str | None = None
-    """The teacher (its name in the cache, or in ``teacher.models`` online); default ``teacher.name``."""
+    """The teacher (its name in the cache, or in ``teacher.models`` online); default
+    ``teacher.name``."""
     optimizer: OptimizerConfig | None = None
     """Start a new optimizer with these settings at this stage (default: keep the previous one;
     the first stage uses the top-level ``optimizer``)."""
     scheduler: SchedulerConfig | None = None
-    """The LR schedule of the new optimizer (only with ``optimizer``; default top-level ``scheduler``)."""
+    """The LR schedule of the new optimizer (only with ``optimizer``; default top-level
+    ``scheduler``)."""
 
 
 # ---- sections ---------------------------------------------------------------------------------
@@ -188,7 +204,8 @@ class RunConfig(StrictModel):
     seed: int = Field(0, ge=0, lt=2**32)
     """Seed of the student's init, the shard order, the shuffle buffer and the view schedule."""
     device: str = "auto"
-    """``auto`` (CUDA if available), ``cpu`` or ``cuda``; under torchrun each rank takes its local GPU."""
+    """``auto`` (CUDA if available), ``cpu`` or ``cuda``; under torchrun each rank takes its local
+    GPU."""
     amp: Literal["auto", "bf16", "off"] = "auto"
     """Autocast: ``auto`` is bf16 on CUDA and full precision on CPU."""
     channels_last: bool = True
@@ -213,7 +230,8 @@ class RunConfig(StrictModel):
     """A tqdm progress bar with images/s (rank 0, when stderr is a terminal)."""
     tensorboard: bool = False
     """Also write the metrics as TensorBoard scalars (``train/loss``, ``eval/top1`` ...) in
-    ``dir/tensorboard``; needs the ``tensorboard`` package (``pip install kdcache[tensorboard]``)."""
+    ``dir/tensorboard``; needs the ``tensorboard`` package
+    (``pip install kdcache[tensorboard]``)."""
     threads: int | None = Field(None, ge=1)
     """torch intra-op threads of the training process (default: torch's choice)."""
 
@@ -222,7 +240,8 @@ class DataConfig(StrictModel):
     """The shards and how they are streamed."""
 
     shards: str | list[str]
-    """Training shards: brace pattern, glob, fsspec URL or a list; the cache's shards, all of them."""
+    """Training shards: brace pattern, glob, fsspec URL or a list; the cache's shards, all of
+    them."""
     val_shards: str | list[str] | None = None
     """Validation shards (evaluated with a center view; no cache needed); None: no evaluation."""
     storage_options: dict[str, Any] = Field(default_factory=dict)
@@ -261,12 +280,14 @@ class CacheConfig(StrictModel):
 
 
 class ViewsConfig(StrictModel):
-    """Views when no cache is given (online or supervised runs); ignored when ``cache.path`` is set."""
+    """Views when no cache is given (online or supervised runs); ignored when ``cache.path`` is
+    set."""
 
     recipe: ViewRecipe = Field(default_factory=ViewRecipe)
     """How views are made (the validation center view uses its ``size`` and ``crop_pct``)."""
     num_views: int | None = Field(None, ge=1)
-    """A views per sample cycled by the view schedule; None: a fresh view every epoch (view index = epoch)."""
+    """A views per sample cycled by the view schedule; None: a fresh view every epoch (view index =
+    epoch)."""
     seed: int = 0
     """Seed of the view parameters (as a cache's ``seed``)."""
 
@@ -331,7 +352,9 @@ class TrainConfig(StrictModel):
     @classmethod
     def _version(cls, value: int) -> int:
         if value != CONFIG_VERSION:
-            raise ValueError(f"this kdcache reads train config version {CONFIG_VERSION}, found {value}")
+            raise ValueError(
+                f"this kdcache reads train config version {CONFIG_VERSION}, found {value}"
+            )
         return value
 
     @property
@@ -348,13 +371,15 @@ def stage_teacher(config: TrainConfig, index: int) -> str | None:
 
 
 def segment_starts(config: TrainConfig) -> list[int]:
-    """Indices of the stages that start an optimizer segment: the first, and each that sets ``optimizer``."""
+    """Indices of the stages that start an optimizer segment: the first, and each that sets
+    ``optimizer``."""
     return [i for i, stage in enumerate(config.stages) if i == 0 or stage.optimizer is not None]
 
 
 def stage_starts(config: TrainConfig) -> list[int]:
     """The run-global epoch each stage starts at (0-based)."""
-    starts, epoch = [], 0
+    starts = []
+    epoch = 0
     for stage in config.stages:
         starts.append(epoch)
         epoch += stage.epochs
@@ -363,13 +388,19 @@ def stage_starts(config: TrainConfig) -> list[int]:
 
 def check_config(config: TrainConfig) -> None:
     """Cross-field rules, each problem naming its dotted key; raises one ConfigError."""
-    problems = _mode_problems(config) + _stage_problems(config) + _segment_problems(config) + _run_problems(config)
+    problems = (
+        _mode_problems(config)
+        + _stage_problems(config)
+        + _segment_problems(config)
+        + _run_problems(config)
+    )
     if problems:
         raise ConfigError("train config is invalid:\n  " + "\n  ".join(problems))
 
 
 def _mode_problems(config: TrainConfig) -> list[str]:
-    mode, out = config.teacher.mode, []
+    mode = config.teacher.mode
+    out = []
     if mode == "cache" and not config.cache.path:
         out.append("cache.path: teacher.mode 'cache' needs the cache's path")
     if not config.cache.path and config.data.num_classes is None:
@@ -383,15 +414,29 @@ def _stage_problems(config: TrainConfig) -> list[str]:
         key = f"stages.{i}"
         distill = stage.loss.name in DISTILL_LOSSES
         if distill and config.teacher.mode == "none":
-            out.append(f"{key}.loss.name: {stage.loss.name!r} needs a teacher but teacher.mode is 'none' (use 'ce')")
+            out.append(
+                f"{key}.loss.name: {stage.loss.name!r} needs a teacher "
+                "but teacher.mode is 'none' (use 'ce')"
+            )
         if distill and not stage_teacher(config, i):
-            out.append(f"{key}.teacher: {stage.loss.name!r} needs a teacher name (or set teacher.name)")
+            out.append(
+                f"{key}.teacher: {stage.loss.name!r} needs a teacher name (or set teacher.name)"
+            )
         if stage.scheduler is not None and stage.optimizer is None and i > 0:
-            out.append(f"{key}.scheduler: a schedule belongs to a new optimizer; set {key}.optimizer too")
-        if stage.scheduler is not None and stage.scheduler.name == "step" and not stage.scheduler.milestones:
+            out.append(
+                f"{key}.scheduler: a schedule belongs to a new optimizer; set {key}.optimizer too"
+            )
+        if (
+            stage.scheduler is not None
+            and stage.scheduler.name == "step"
+            and not stage.scheduler.milestones
+        ):
             out.append(f"{key}.scheduler.milestones: a 'step' schedule needs milestones")
         if not distill and stage.teacher is not None:
-            out.append(f"{key}.teacher: a {stage.loss.name!r} stage uses no teacher (found {stage.teacher!r})")
+            out.append(
+                f"{key}.teacher: a {stage.loss.name!r} stage uses no teacher "
+                f"(found {stage.teacher!r})"
+            )
         out += _stop_epoch_problems(config, i)
     if config.scheduler.name == "step" and not config.scheduler.milestones:
         out.append("scheduler.milestones: a 'step' schedule needs milestones")
@@ -399,39 +444,54 @@ def _stage_problems(config: TrainConfig) -> list[str]:
 
 
 def _stop_epoch_problems(config: TrainConfig, i: int) -> list[str]:
-    """``stop_epoch`` must fall inside its stage: before it the term is never on, after it never off."""
+    """``stop_epoch`` must fall inside its stage: before it the term is never on, after it never
+    off."""
     stop = getattr(config.stages[i].loss, "stop_epoch", None)
     if stop is None:
         return []
     start = stage_starts(config)[i]
     end = start + config.stages[i].epochs
     if stop <= start:
-        return [f"stages.{i}.loss.stop_epoch: {stop} is not after the stage's first epoch ({start}, 0-based): "
-                "the distillation term would never be on (use loss 'ce')"]
+        return [
+            f"stages.{i}.loss.stop_epoch: {stop} is not after the stage's first epoch "
+            f"({start}, 0-based): "
+            "the distillation term would never be on (use loss 'ce')"
+        ]
     if stop >= end:
-        return [f"stages.{i}.loss.stop_epoch: {stop} is not before the stage's end (epoch {end}): the distillation "
-                "term would never stop (leave stop_epoch out)"]
+        return [
+            f"stages.{i}.loss.stop_epoch: {stop} is not before the stage's end "
+            f"(epoch {end}): the distillation "
+            "term would never stop (leave stop_epoch out)"
+        ]
     return []
 
 
 def _segment_problems(config: TrainConfig) -> list[str]:
     """Each optimizer segment's schedule must fit its optimizer and its length in epochs."""
-    out, firsts = [], segment_starts(config)
+    out = []
+    firsts = segment_starts(config)
     epochs = stage_starts(config) + [config.total_epochs]  # epochs[len(stages)]: the run's end
-    for i, after in zip(firsts, firsts[1:] + [len(config.stages)]):
+    for i, after in zip(firsts, firsts[1:] + [len(config.stages)], strict=True):
         stage = config.stages[i]
         length = epochs[after] - epochs[i]
         opt_key = f"stages.{i}.optimizer" if stage.optimizer is not None else "optimizer"
         key = f"stages.{i}.scheduler" if stage.scheduler is not None else "scheduler"
-        optimizer, scheduler = stage.optimizer or config.optimizer, stage.scheduler or config.scheduler
+        optimizer = stage.optimizer or config.optimizer
+        scheduler = stage.scheduler or config.scheduler
         if scheduler.name == "cosine" and scheduler.min_lr > optimizer.lr:
             out.append(f"{key}.min_lr: {scheduler.min_lr:g} is above {opt_key}.lr {optimizer.lr:g}")
         if scheduler.warmup_epochs > length:
-            out.append(f"{key}.warmup_epochs: {scheduler.warmup_epochs:g} is longer than the {length} epoch(s) "
-                       f"of its optimizer (stages {i}..)")
+            out.append(
+                f"{key}.warmup_epochs: {scheduler.warmup_epochs:g} is longer than "
+                f"the {length} epoch(s) "
+                f"of its optimizer (stages {i}..)"
+            )
         late = [m for m in scheduler.milestones if m >= length] if scheduler.name == "step" else []
         if late:
-            out.append(f"{key}.milestones: {late} are not before the end of its {length} epoch(s) (never applied)")
+            out.append(
+                f"{key}.milestones: {late} are not before the end of its {length} epoch(s) "
+                "(never applied)"
+            )
     return out
 
 
@@ -439,8 +499,11 @@ def _run_problems(config: TrainConfig) -> list[str]:
     total = config.total_epochs
     outside = [e for e in config.run.save_model_epochs if not 1 <= e <= total]
     if outside:
-        return [f"run.save_model_epochs: {outside} are not epoch counts of this run (1..{total}); no checkpoint "
-                "would be written for them"]
+        return [
+            f"run.save_model_epochs: {outside} are not epoch counts of this run (1..{total}); "
+            "no checkpoint "
+            "would be written for them"
+        ]
     return []
 
 
@@ -451,12 +514,19 @@ def load_train_config(path: str | Path, overrides: list[str] | None = None) -> T
     return config
 
 
-def config_differences(saved: dict[str, Any], current: dict[str, Any], ignore: tuple[str, ...] = RESUME_MUTABLE) -> list[str]:
-    """Dotted keys whose values differ between two dumped configs (``ignore`` and the keys under them left out)."""
-    flat_a, flat_b = _flatten(saved), _flatten(current)
+def config_differences(
+    saved: dict[str, Any], current: dict[str, Any], ignore: tuple[str, ...] = RESUME_MUTABLE
+) -> list[str]:
+    """Dotted keys whose values differ between two dumped configs (``ignore`` and the keys under
+    them left out)."""
+    flat_a = _flatten(saved)
+    flat_b = _flatten(current)
     keys = sorted(set(flat_a) | set(flat_b))
-    return [f"{k}: checkpoint {flat_a.get(k, '<absent>')!r} vs now {flat_b.get(k, '<absent>')!r}"
-            for k in keys if not _ignored(k, ignore) and flat_a.get(k, "<absent>") != flat_b.get(k, "<absent>")]
+    return [
+        f"{k}: checkpoint {flat_a.get(k, '<absent>')!r} vs now {flat_b.get(k, '<absent>')!r}"
+        for k in keys
+        if not _ignored(k, ignore) and flat_a.get(k, "<absent>") != flat_b.get(k, "<absent>")
+    ]
 
 
 def _ignored(key: str, ignore: tuple[str, ...]) -> bool:

@@ -36,21 +36,30 @@ import hashlib
 import itertools
 import logging
 import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from cache_tools.errors import CacheIncompleteError, CacheMismatchError, ConfigError, DataError
-from cache_tools.manifest import find_manifest
-from cache_tools.reader import ShardBlock, read_block
-from cache_tools.shards import Sample, decode_image, expand_shards, iter_shard, key_digest, scan_shards, shard_name
-from cache_tools.store import STATUS_VALID, CacheStore, Fingerprint, open_store
-from cache_tools.targets import SparseTargets
-from cache_tools.views import ViewRecipe, epoch_view, replay, single_view_params, view_params
-from train.config import TrainConfig
+from kdcache.errors import CacheIncompleteError, CacheMismatchError, ConfigError, DataError
+from kdcache.manifest import find_manifest
+from kdcache.reader import ShardBlock, read_block
+from kdcache.shards import (
+    Sample,
+    decode_image,
+    expand_shards,
+    iter_shard,
+    key_digest,
+    scan_shards,
+    shard_name,
+)
+from kdcache.store import STATUS_VALID, CacheStore, Fingerprint, open_store
+from kdcache.targets import SparseTargets
+from kdcache.train.config import TrainConfig
+from kdcache.views import ViewRecipe, epoch_view, replay, single_view_params, view_params
 
 log = logging.getLogger(__name__)
 
@@ -75,25 +84,36 @@ class Batch:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def pin_memory(self) -> "Batch":
-        targets = {name: SparseTargets(*(x.pin_memory() for x in t.tensors()))
-                   for name, t in self.targets.items()}
-        return replace(self, images=self.images.pin_memory(), labels=self.labels.pin_memory(), targets=targets)
+    def pin_memory(self) -> Batch:
+        targets = {
+            name: SparseTargets(*(x.pin_memory() for x in t.tensors()))
+            for name, t in self.targets.items()
+        }
+        return replace(
+            self, images=self.images.pin_memory(), labels=self.labels.pin_memory(), targets=targets
+        )
 
-    def to(self, device: torch.device) -> "Batch":
+    def to(self, device: torch.device) -> Batch:
         nb = device.type == "cuda"
         targets = {n: t.to(device, non_blocking=nb) for n, t in self.targets.items()}
-        return replace(self, images=self.images.to(device, non_blocking=nb), labels=self.labels.to(device, non_blocking=nb),
-                       targets=targets)
+        return replace(
+            self,
+            images=self.images.to(device, non_blocking=nb),
+            labels=self.labels.to(device, non_blocking=nb),
+            targets=targets,
+        )
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        """Pickling for the DataLoader's queue: images through shared memory, the small tensors by value.
+        """Pickling for the DataLoader's queue: images through shared memory, the small tensors by
+        value.
 
         Each shared tensor costs a file-descriptor round trip between the processes; the few KB of
         labels, view indices and sparse targets cost less as plain bytes (a 128-sample KD batch:
         1.7 ms -> 0.3 ms to send and receive, measured by ``kdcache bench train``'s author).
         """
-        targets = {name: tuple(_by_value(x) for x in t.tensors()) for name, t in self.targets.items()}
+        targets = {
+            name: tuple(_by_value(x) for x in t.tensors()) for name, t in self.targets.items()
+        }
         views = None if self.views is None else _by_value(self.views)
         return _rebuild_batch, (self.images, _by_value(self.labels), targets, self.keys, views)
 
@@ -106,11 +126,21 @@ def _as_tensor(value: np.ndarray | torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(value) if isinstance(value, np.ndarray) else value
 
 
-def _rebuild_batch(images: torch.Tensor, labels: Any, targets: dict[str, tuple[Any, ...]], keys: list[str],
-                   views: Any) -> Batch:
+def _rebuild_batch(
+    images: torch.Tensor,
+    labels: Any,
+    targets: dict[str, tuple[Any, ...]],
+    keys: list[str],
+    views: Any,
+) -> Batch:
     """The inverse of :meth:`Batch.__reduce__`."""
-    return Batch(images=images, labels=_as_tensor(labels), keys=keys, views=None if views is None else _as_tensor(views),
-                 targets={name: SparseTargets(*map(_as_tensor, arrays)) for name, arrays in targets.items()})
+    return Batch(
+        images=images,
+        labels=_as_tensor(labels),
+        keys=keys,
+        views=None if views is None else _as_tensor(views),
+        targets={name: SparseTargets(*map(_as_tensor, arrays)) for name, arrays in targets.items()},
+    )
 
 
 @dataclass
@@ -180,7 +210,8 @@ def shard_order(num: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
 
 @dataclass(frozen=True)
 class Piece:
-    """Valid samples ``start .. stop - 1`` (counted in file order, invalid rows left out) of shard ``shard``."""
+    """Valid samples ``start .. stop - 1`` (counted in file order, invalid rows left out) of shard
+    ``shard``."""
 
     shard: int
     start: int
@@ -188,34 +219,42 @@ class Piece:
 
 
 def slot_sizes(spec: StreamSpec) -> list[int]:
-    """Samples of each of the ``ranks x workers`` slots: the epoch's samples split as evenly as possible."""
+    """Samples of each of the ``ranks x workers`` slots: the epoch's samples split as evenly as
+    possible."""
     base, extra = divmod(sum(spec.counts), spec.world_size * spec.workers)
     return [base + (1 if j < extra else 0) for j in range(spec.world_size * spec.workers)]
 
 
 def slots(spec: StreamSpec, epoch: int) -> list[list[list[Piece]]]:
-    """``[rank][worker]`` -> the pieces that worker streams, in order: consecutive cuts of the epoch's stream."""
+    """``[rank][worker]`` -> the pieces that worker streams, in order: consecutive cuts of the
+    epoch's stream."""
     order = shard_order(len(spec.urls), spec.seed, epoch, spec.shard_shuffle and spec.train)
     stream = ((shard, spec.counts[shard]) for shard in order if spec.counts[shard] > 0)
     cut: list[list[Piece]] = []
-    shard, start, count = -1, 0, 0
+    shard = -1
+    start = 0
+    count = 0
     for size in slot_sizes(spec):
         pieces: list[Piece] = []
         while size > 0:
             if start == count:
-                (shard, count), start = next(stream), 0
+                shard, count = next(stream)
+                start = 0
             take = min(size, count - start)
             pieces.append(Piece(shard, start, start + take))
-            start, size = start + take, size - take
+            start = start + take
+            size = size - take
         cut.append(pieces)
     w = spec.workers
     return [cut[r * w : (r + 1) * w] for r in range(spec.world_size)]
 
 
 def batch_sizes(spec: StreamSpec, slot: int) -> list[int]:
-    """Sizes of the batches slot ``slot`` delivers. Training: the same count for every slot (the last
-    batch of a slot one sample larger may hold ``batch_size + 1``); evaluation: plain ``ceil``."""
-    sizes, size = slot_sizes(spec), spec.batch_size
+    """Sizes of the batches slot ``slot`` delivers. Training: the same count for every slot (the
+    last batch of a slot one sample larger may hold ``batch_size + 1``); evaluation: plain
+    ``ceil``."""
+    sizes = slot_sizes(spec)
+    size = spec.batch_size
     n = sizes[slot]
     batches = math.ceil((min(sizes) if spec.train else n) / size)
     if n == 0 or batches == 0:
@@ -236,8 +275,10 @@ def steps_per_epoch(spec: StreamSpec) -> int:
 def round_robin(batches: list[int], steps: int) -> tuple[list[int], int]:
     """The DataLoader's interleave after ``steps`` batches: batches taken from each worker, and the
     worker it asks next (workers that ran out are passed over)."""
-    taken, position, remaining = [0] * len(batches), 0, steps
-    while remaining > 0 and any(t < b for t, b in zip(taken, batches)):
+    taken = [0] * len(batches)
+    position = 0
+    remaining = steps
+    while remaining > 0 and any(t < b for t, b in zip(taken, batches, strict=True)):
         if taken[position] < batches[position]:
             taken[position] += 1
             remaining -= 1
@@ -246,7 +287,8 @@ def round_robin(batches: list[int], steps: int) -> tuple[list[int], int]:
 
 
 def shuffle_buffer(items: Iterable[Any], size: int, rng: np.random.Generator) -> Iterator[Any]:
-    """Seeded reservoir-style shuffle: fill ``size`` items, then swap each new item for a random one."""
+    """Seeded reservoir-style shuffle: fill ``size`` items, then swap each new item for a random
+    one."""
     buffer: list[Any] = []
     for item in items:
         if len(buffer) < size:
@@ -282,13 +324,17 @@ class ShardStream(IterableDataset):
 
     def set_epoch(self, epoch: int, teachers: Iterable[str] = (), skip_batches: int = 0) -> None:
         """Set before creating the epoch's iterator (the workers copy these at start)."""
-        self.epoch, self.teachers, self.skip_batches = epoch, tuple(teachers), skip_batches
+        self.epoch = epoch
+        self.teachers = tuple(teachers)
+        self.skip_batches = skip_batches
 
     def __iter__(self) -> Iterator[Batch]:
         spec = self.spec
         loader_worker, workers = _worker()
         if workers != spec.workers:
-            raise DataError(f"the stream was planned for {spec.workers} worker(s) but runs in {workers}")
+            raise DataError(
+                f"the stream was planned for {spec.workers} worker(s) but runs in {workers}"
+            )
         skip_batches, first = self._resume_point()
         worker = (loader_worker + first) % workers  # the DataLoader asks its worker 0 first
         items = self._raw_items(slots(spec, self.epoch)[spec.rank][worker])
@@ -308,19 +354,30 @@ class ShardStream(IterableDataset):
 
     def store(self) -> CacheStore | None:
         if self._store is None and self.spec.cache_path is not None:
-            self._store = open_store(self.spec.cache_path, "r", dict(self.spec.storage_options) or None)
+            self._store = open_store(
+                self.spec.cache_path, "r", dict(self.spec.storage_options) or None
+            )
         return self._store
 
     def _raw_items(self, pieces: list[Piece]) -> Iterator[_Item]:
         for piece in pieces:
             url = self.spec.urls[piece.shard]
             store = self.store() if self.spec.train else None
-            block = read_block(store, shard_name(url), list(self.teachers)) if store is not None else None
+            block = (
+                read_block(store, shard_name(url), list(self.teachers))
+                if store is not None
+                else None
+            )
             yield from self._shard_items(url, block, piece, self.spec.counts[piece.shard])
 
-    def _shard_items(self, url: str, block: ShardBlock | None, piece: Piece, expected: int) -> Iterator[_Item]:
-        """The piece's samples; the piece that ends the shard reads it to the end and checks its counts."""
-        name, seen, valid = shard_name(url), 0, 0
+    def _shard_items(
+        self, url: str, block: ShardBlock | None, piece: Piece, expected: int
+    ) -> Iterator[_Item]:
+        """The piece's samples; the piece that ends the shard reads it to the end and checks its
+        counts."""
+        name = shard_name(url)
+        seen = 0
+        valid = 0
         for sample in iter_shard(url, dict(self.spec.data_storage_options) or None):
             seen += 1
             row = block.row(sample.key) if block is not None else -1
@@ -332,56 +389,89 @@ class ShardStream(IterableDataset):
             if valid == piece.stop and piece.stop < expected:
                 return  # the rest of the shard is another slot's
         if block is not None and seen != len(block):
-            raise CacheMismatchError(f"shard {name!r} has {seen} samples in the data but {len(block)} in the cache")
+            raise CacheMismatchError(
+                f"shard {name!r} has {seen} samples in the data but {len(block)} in the cache"
+            )
         if valid != expected:
-            raise DataError(f"shard {name!r}: streamed {valid} samples, the plan expected {expected} (the shard changed?)")
+            raise DataError(
+                f"shard {name!r}: streamed {valid} samples, the plan expected {expected} "
+                "(the shard changed?)"
+            )
 
     def _batch(self, items: list[_Item]) -> Batch:
         views = [self._view(item) for item in items]
         images = torch.stack([v[0] for v in views])
         view_ids = torch.tensor([v[1] for v in views], dtype=torch.int64)
         labels = torch.tensor([self._label(item) for item in items], dtype=torch.int64)
-        targets = {t: _targets(items, [v[1] for v in views], t) for t in self.teachers if self.spec.train}
-        return Batch(images=images, labels=labels, targets=targets, keys=[i.key for i in items], views=view_ids)
+        targets = {
+            t: _targets(items, [v[1] for v in views], t) for t in self.teachers if self.spec.train
+        }
+        return Batch(
+            images=images,
+            labels=labels,
+            targets=targets,
+            keys=[i.key for i in items],
+            views=view_ids,
+        )
 
     def _view(self, item: _Item) -> tuple[torch.Tensor, int]:
         spec = self.spec
         image = decode_image(item.image, spec.recipe.channels)
         if not spec.train:
-            params = view_params(spec.recipe, 0, item.key, 1, (int(image.shape[-2]), int(image.shape[-1])))[0]
+            params = view_params(
+                spec.recipe, 0, item.key, 1, (int(image.shape[-2]), int(image.shape[-1]))
+            )[0]
             return replay(image, params, spec.recipe), 0
         a = view_index(spec, self.epoch, item.key)
         if item.block is not None:
             params = item.block.view_params[item.row, a]
         else:
-            params = single_view_params(spec.recipe, spec.view_seed, item.key, a, (int(image.shape[-2]), int(image.shape[-1])))
+            params = single_view_params(
+                spec.recipe,
+                spec.view_seed,
+                item.key,
+                a,
+                (int(image.shape[-2]), int(image.shape[-1])),
+            )
         return replay(image, params, spec.recipe), a
 
     def _label(self, item: _Item) -> int:
         label = item.sample.require_label(item.shard, self.spec.num_classes)
         cached = int(item.block.labels[item.row]) if item.block is not None else label
         if cached != label:
-            raise CacheMismatchError(f"shard {item.shard!r}, key {item.key!r}: label {label} in the data but {cached} in the cache")
+            raise CacheMismatchError(
+                f"shard {item.shard!r}, key {item.key!r}: label {label} in the data "
+                f"but {cached} in the cache"
+            )
         return label
 
 
 def _targets(items: list[_Item], views: list[int], teacher: str) -> SparseTargets:
-    """Gather one teacher's targets of the chosen views, one fancy-index per shard block in the batch:
-    idx int64, logit as stored (fp16, or float32 from q8), lse/label_logit/tail_lse fp32."""
+    """Gather one teacher's targets of the chosen views, one fancy-index per shard block in the
+    batch: idx int64, logit as stored (fp16, or float32 from q8), lse/label_logit/tail_lse fp32."""
     first = items[0].block.teachers[teacher]
-    n, k = len(items), first.topk_idx.shape[-1]
-    idx, logit = np.empty((n, k), np.int64), np.empty((n, k), first.topk_logit.dtype)
+    n = len(items)
+    k = first.topk_idx.shape[-1]
+    idx = np.empty((n, k), np.int64)
+    logit = np.empty((n, k), first.topk_logit.dtype)
     lse, label_logit, tail_lse = (np.empty(n, np.float32) for _ in range(3))
-    rows, chosen = np.array([item.row for item in items]), np.asarray(views)
+    rows = np.array([item.row for item in items])
+    chosen = np.asarray(views)
     for block, positions in _by_block(items):
-        t, r, a = block.teachers[teacher], rows[positions], chosen[positions]
-        idx[positions], logit[positions] = t.topk_idx[r, a], t.topk_logit[r, a]
-        lse[positions], label_logit[positions], tail_lse[positions] = t.lse[r, a], t.label_logit[r, a], t.tail_lse[r, a]
+        t = block.teachers[teacher]
+        r = rows[positions]
+        a = chosen[positions]
+        idx[positions] = t.topk_idx[r, a]
+        logit[positions] = t.topk_logit[r, a]
+        lse[positions] = t.lse[r, a]
+        label_logit[positions] = t.label_logit[r, a]
+        tail_lse[positions] = t.tail_lse[r, a]
     return SparseTargets(*map(torch.from_numpy, (idx, logit, lse, label_logit, tail_lse)))
 
 
 def _by_block(items: list[_Item]) -> list[tuple[ShardBlock, np.ndarray]]:
-    """Each shard block in ``items`` with the positions of its samples (a shuffled batch spans a few shards)."""
+    """Each shard block in ``items`` with the positions of its samples (a shuffled batch spans a few
+    shards)."""
     groups: dict[int, tuple[ShardBlock, list[int]]] = {}
     for position, item in enumerate(items):
         groups.setdefault(id(item.block), (item.block, []))[1].append(position)
@@ -405,8 +495,13 @@ def make_loader(dataset: ShardStream, pin_memory: bool, prefetch_factor: int) ->
     from it would shift every later dropout mask against the uninterrupted run."""
     workers = dataset.spec.num_workers
     return DataLoader(
-        dataset, batch_size=None, num_workers=workers, collate_fn=_identity, pin_memory=pin_memory,
-        prefetch_factor=prefetch_factor if workers > 0 else None, persistent_workers=False,
+        dataset,
+        batch_size=None,
+        num_workers=workers,
+        collate_fn=_identity,
+        pin_memory=pin_memory,
+        prefetch_factor=prefetch_factor if workers > 0 else None,
+        persistent_workers=False,
         generator=torch.Generator().manual_seed(dataset.spec.seed),
     )
 
@@ -417,27 +512,42 @@ def make_loader(dataset: ShardStream, pin_memory: bool, prefetch_factor: int) ->
 def open_cache(config: TrainConfig, urls: list[str], teachers: list[str]) -> CacheStore:
     """Open the cache and refuse it, saying what differs, unless it fits the run."""
     store = open_store(config.cache.path, "r", config.cache.storage_options or None)
-    fingerprint = _fingerprint(store, urls, config.data.verify_keys, config.data.storage_options or None)
+    fingerprint = _fingerprint(
+        store, urls, config.data.verify_keys, config.data.storage_options or None
+    )
     store.check_compatible(fingerprint=fingerprint, num_classes=config.data.num_classes)
     missing = [t for t in teachers if t not in store.teachers]
     if missing:
         raise CacheMismatchError(
-            f"teacher(s) {missing} not in cache {store.path!r}; it has {store.teachers or 'no teachers'} "
-            "(set teacher.name or stages.N.teacher)")
+            f"teacher(s) {missing} not in cache {store.path!r}; "
+            f"it has {store.teachers or 'no teachers'} "
+            "(set teacher.name or stages.N.teacher)"
+        )
     incomplete = store.incomplete_shards(teachers)
     if incomplete:
-        parts = "; ".join(f"{what}: {len(names)} shard(s) e.g. {names[:3]}" for what, names in incomplete.items())
-        raise CacheIncompleteError(f"cache {store.path!r} is incomplete ({parts}): run precompute to finish it")
+        parts = "; ".join(
+            f"{what}: {len(names)} shard(s) e.g. {names[:3]}" for what, names in incomplete.items()
+        )
+        raise CacheIncompleteError(
+            f"cache {store.path!r} is incomplete ({parts}): run precompute to finish it"
+        )
     return store
 
 
-def _fingerprint(store: CacheStore, urls: list[str], verify_keys: bool,
-                 storage_options: dict[str, Any] | None = None) -> Fingerprint:
-    """The data's fingerprint: full (scanned keys) or names only (counts checked while streaming)."""
+def _fingerprint(
+    store: CacheStore,
+    urls: list[str],
+    verify_keys: bool,
+    storage_options: dict[str, Any] | None = None,
+) -> Fingerprint:
+    """The data's fingerprint: full (scanned keys) or names only (counts checked while
+    streaming)."""
     names = [shard_name(u) for u in urls]
     if verify_keys:
         indexes = scan_shards(urls, storage_options=storage_options)
-        return Fingerprint(shards=names, counts=[len(i) for i in indexes], key_digest=key_digest(indexes))
+        return Fingerprint(
+            shards=names, counts=[len(i) for i in indexes], key_digest=key_digest(indexes)
+        )
     cached = store.meta.fingerprint
     if names != cached.shards:
         return Fingerprint(shards=names, counts=[0] * len(names), key_digest="")
@@ -445,15 +555,22 @@ def _fingerprint(store: CacheStore, urls: list[str], verify_keys: bool,
 
 
 def check_views_match(config: TrainConfig, store: CacheStore) -> None:
-    """``views.*`` set beside ``cache.path`` must agree with the cache, whose stored views are what is used."""
-    cached = {"recipe": store.meta.recipe, "num_views": store.meta.num_views, "seed": store.meta.seed}
+    """``views.*`` set beside ``cache.path`` must agree with the cache, whose stored views are what
+    is used."""
+    cached = {
+        "recipe": store.meta.recipe,
+        "num_views": store.meta.num_views,
+        "seed": store.meta.seed,
+    }
     for name in sorted(config.views.model_fields_set):
         given = getattr(config.views, name)
         if given != cached[name]:
             shown = lambda v: v.model_dump(mode="json") if hasattr(v, "model_dump") else v  # noqa: E731
             raise CacheMismatchError(
-                f"views.{name}: {shown(given)!r} differs from the cache's {shown(cached[name])!r} ({store.path}); with "
-                "cache.path the cache's stored views are used: leave views.* out or make it match")
+                f"views.{name}: {shown(given)!r} differs from the cache's "
+                f"{shown(cached[name])!r} ({store.path}); with "
+                "cache.path the cache's stored views are used: leave views.* out or make it match"
+            )
 
 
 def valid_counts(store: CacheStore) -> tuple[list[int], int]:
@@ -468,7 +585,7 @@ def shard_counts(urls: list[str], storage_options: dict[str, Any] | None = None)
     manifest = find_manifest(urls[0], storage_options) if urls else None
     names = [shard_name(u) for u in urls]
     if manifest is not None and set(names) <= set(manifest.shards):
-        by_name = dict(zip(manifest.shards, manifest.counts))
+        by_name = dict(zip(manifest.shards, manifest.counts, strict=True))
         return [by_name[n] for n in names]
     return [len(index) for index in scan_shards(urls, storage_options=storage_options)]
 
@@ -490,14 +607,17 @@ class RunData:
     """Rows of the training shards marked invalid in the cache (skipped every epoch)."""
 
     def epoch(self, epoch: int, teachers: Iterable[str], skip_batches: int = 0) -> Iterator[Batch]:
-        """The epoch's batches on this rank, from batch ``skip_batches`` on (at most the step count)."""
+        """The epoch's batches on this rank, from batch ``skip_batches`` on (at most the step
+        count)."""
         self.dataset.set_epoch(epoch, teachers, skip_batches)
         self.loader.generator.manual_seed(self.spec.seed * 100_003 + epoch)  # see make_loader
         steps = steps_per_epoch(self.spec) - skip_batches
         return itertools.islice(iter(self.loader), max(steps, 0))
 
 
-def build_train_data(config: TrainConfig, rank: int, world_size: int, teachers: list[str], pin_memory: bool) -> RunData:
+def build_train_data(
+    config: TrainConfig, rank: int, world_size: int, teachers: list[str], pin_memory: bool
+) -> RunData:
     """Plan the training stream: shards, cache checks, counts, views."""
     data_options = config.data.storage_options or None
     urls = expand_shards(config.data.shards, key="data.shards", storage_options=data_options)
@@ -505,18 +625,33 @@ def build_train_data(config: TrainConfig, rank: int, world_size: int, teachers: 
     if store is not None:
         check_views_match(config, store)
         counts, invalid = valid_counts(store)
-        recipe, num_views, view_seed = store.meta.recipe, store.meta.num_views, store.meta.seed
+        recipe = store.meta.recipe
+        num_views = store.meta.num_views
+        view_seed = store.meta.seed
         num_classes = store.meta.num_classes
     else:
-        counts, invalid = shard_counts(urls, data_options), 0
-        recipe, num_views, view_seed = config.views.recipe, config.views.num_views, config.views.seed
+        counts = shard_counts(urls, data_options)
+        invalid = 0
+        recipe = config.views.recipe
+        num_views = config.views.num_views
+        view_seed = config.views.seed
         num_classes = int(config.data.num_classes)
     spec = StreamSpec(
-        urls=tuple(urls), counts=tuple(counts), recipe=recipe, num_classes=num_classes,
-        batch_size=config.data.batch_size, seed=config.run.seed, num_views=num_views, view_seed=view_seed,
-        rank=rank, world_size=world_size, num_workers=config.data.num_workers,
-        shuffle_buffer=config.data.shuffle_buffer, shard_shuffle=config.data.shard_shuffle,
-        cache_path=config.cache.path, storage_options=tuple(sorted(config.cache.storage_options.items())),
+        urls=tuple(urls),
+        counts=tuple(counts),
+        recipe=recipe,
+        num_classes=num_classes,
+        batch_size=config.data.batch_size,
+        seed=config.run.seed,
+        num_views=num_views,
+        view_seed=view_seed,
+        rank=rank,
+        world_size=world_size,
+        num_workers=config.data.num_workers,
+        shuffle_buffer=config.data.shuffle_buffer,
+        shard_shuffle=config.data.shard_shuffle,
+        cache_path=config.cache.path,
+        storage_options=tuple(sorted(config.cache.storage_options.items())),
         data_storage_options=tuple(sorted(config.data.storage_options.items())),
     )
     _check_slots(spec)
@@ -526,30 +661,55 @@ def build_train_data(config: TrainConfig, rank: int, world_size: int, teachers: 
 
 
 def _check_slots(spec: StreamSpec) -> None:
-    """Every rank's DataLoader worker needs at least one sample per epoch (its batches are counted on)."""
-    total, slots_ = sum(spec.counts), spec.world_size * spec.workers
+    """Every rank's DataLoader worker needs at least one sample per epoch (its batches are counted
+    on)."""
+    total = sum(spec.counts)
+    slots_ = spec.world_size * spec.workers
     if total < slots_:
-        raise ConfigError(f"data.num_workers: {total} training sample(s) cannot feed {spec.world_size} rank(s) x "
-                          f"{spec.workers} DataLoader worker(s); use fewer workers (or ranks)")
+        raise ConfigError(
+            f"data.num_workers: {total} training sample(s) cannot feed {spec.world_size} rank(s) x "
+            f"{spec.workers} DataLoader worker(s); use fewer workers (or ranks)"
+        )
 
 
 def eval_recipe(recipe: ViewRecipe) -> ViewRecipe:
-    """The center view for evaluation, with the training recipe's size, crop_pct, channels and stats."""
-    return ViewRecipe(name="center", size=recipe.size, crop_pct=recipe.crop_pct, channels=recipe.channels,
-                      mean=recipe.mean, std=recipe.std)
+    """The center view for evaluation, with the training recipe's size, crop_pct, channels and
+    stats."""
+    return ViewRecipe(
+        name="center",
+        size=recipe.size,
+        crop_pct=recipe.crop_pct,
+        channels=recipe.channels,
+        mean=recipe.mean,
+        std=recipe.std,
+    )
 
 
-def build_eval_data(config: TrainConfig, rank: int, world_size: int, recipe: ViewRecipe, num_classes: int,
-                    pin_memory: bool) -> tuple[ShardStream, DataLoader] | None:
+def build_eval_data(
+    config: TrainConfig,
+    rank: int,
+    world_size: int,
+    recipe: ViewRecipe,
+    num_classes: int,
+    pin_memory: bool,
+) -> tuple[ShardStream, DataLoader] | None:
     """The validation stream (center views, file order, split by rank and worker), or None."""
     if config.data.val_shards is None:
         return None
     data_options = config.data.storage_options or None
-    urls = expand_shards(config.data.val_shards, key="data.val_shards", storage_options=data_options)
+    urls = expand_shards(
+        config.data.val_shards, key="data.val_shards", storage_options=data_options
+    )
     spec = StreamSpec(
-        urls=tuple(urls), counts=tuple(shard_counts(urls, data_options)), recipe=eval_recipe(recipe),
-        num_classes=num_classes, batch_size=config.data.eval_batch_size or config.data.batch_size, rank=rank,
-        world_size=world_size, num_workers=config.data.num_workers, train=False,
+        urls=tuple(urls),
+        counts=tuple(shard_counts(urls, data_options)),
+        recipe=eval_recipe(recipe),
+        num_classes=num_classes,
+        batch_size=config.data.eval_batch_size or config.data.batch_size,
+        rank=rank,
+        world_size=world_size,
+        num_workers=config.data.num_workers,
+        train=False,
         data_storage_options=tuple(sorted(config.data.storage_options.items())),
     )
     dataset = ShardStream(spec)

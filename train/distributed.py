@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from cache_tools.teacher import resolve_device
+from kdcache.teacher import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,11 @@ class DistInfo:
 
 def env_world() -> tuple[int, int, int]:
     """(rank, world size, local rank) from torchrun's environment variables."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+    return (
+        int(os.environ.get("RANK", 0)),
+        int(os.environ.get("WORLD_SIZE", 1)),
+        int(os.environ.get("LOCAL_RANK", 0)),
+    )
 
 
 def init_distributed(device: str = "auto") -> DistInfo:

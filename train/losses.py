@@ -1,24 +1,30 @@
 """Losses on sparse cached targets: CE, KD, DIST, WSL, EffDstl (consistent knowledge mining).
 
 Every loss takes the student's logits ``[B, C]``, the labels ``[B]`` and the teacher's targets as a
-:class:`~cache_tools.targets.SparseTargets` (cached top-k + logsumexp + label logit; the online
+:class:`~kdcache.targets.SparseTargets` (cached top-k + logsumexp + label logit; the online
 mode converts full teacher logits with ``from_logits(k=C)``, so both modes run the same code), and
 returns :class:`LossParts` for logging. The tail outside the top-k is an explicit choice
-(``renorm`` or ``spread``, see :mod:`cache_tools.targets`); KD and WSL work on the sparse form,
+(``renorm`` or ``spread``, see :mod:`kdcache.targets`); KD and WSL work on the sparse form,
 DIST and EffDstl build dense ``[B, C]`` teacher probabilities because they need them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from cache_tools.targets import SparseTargets, dense_probs, sparse_probs, truncate
-from train.config import (
-    CELossConfig, DISTLossConfig, DISTILL_LOSSES, EffDstlLossConfig, KDLossConfig, LossConfig, WSLLossConfig,
+from kdcache.targets import SparseTargets, dense_probs, sparse_probs, truncate
+from kdcache.train.config import (
+    DISTILL_LOSSES,
+    CELossConfig,
+    DISTLossConfig,
+    EffDstlLossConfig,
+    KDLossConfig,
+    LossConfig,
+    WSLLossConfig,
 )
 
 Tensor = torch.Tensor
@@ -60,7 +66,9 @@ def cross_entropy(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0) 
     return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
 
 
-def sparse_kl(log_q: Tensor, targets: SparseTargets, num_classes: int, temperature: float, tail: str) -> Tensor:
+def sparse_kl(
+    log_q: Tensor, targets: SparseTargets, num_classes: int, temperature: float, tail: str
+) -> Tensor:
     """Per-row ``KL(p_t^T || q)`` with ``p_t^T`` from sparse targets and ``log_q`` dense ``[B, C]``.
 
     ``KL = sum_K p (log p - log q) + (C-k) p_o log p_o - p_o (sum_all log q - sum_K log q)``, where
@@ -97,12 +105,20 @@ def stopped(config: LossConfig, epoch: int) -> bool:
 # ---- the losses ---------------------------------------------------------------------------------
 
 
-def ce_loss(cfg: CELossConfig, logits: Tensor, labels: Tensor, targets: SparseTargets | None, num_classes: int) -> LossParts:
+def ce_loss(
+    cfg: CELossConfig,
+    logits: Tensor,
+    labels: Tensor,
+    targets: SparseTargets | None,
+    num_classes: int,
+) -> LossParts:
     ce = cross_entropy(logits, labels, cfg.label_smoothing)
     return LossParts(total=ce, ce=ce)
 
 
-def kd_loss(cfg: KDLossConfig, logits: Tensor, labels: Tensor, targets: SparseTargets, num_classes: int) -> LossParts:
+def kd_loss(
+    cfg: KDLossConfig, logits: Tensor, labels: Tensor, targets: SparseTargets, num_classes: int
+) -> LossParts:
     """``(1-alpha)*CE + alpha*T^2*mean KL(p_t^T || p_s^T)``."""
     temp = cfg.temperature
     ce = cross_entropy(logits, labels, cfg.label_smoothing)
@@ -111,8 +127,11 @@ def kd_loss(cfg: KDLossConfig, logits: Tensor, labels: Tensor, targets: SparseTa
     return LossParts(total=(1 - cfg.alpha) * ce + cfg.alpha * kd, ce=ce, kd=kd, kd_weight=cfg.alpha)
 
 
-def dist_loss(cfg: DISTLossConfig, logits: Tensor, labels: Tensor, targets: SparseTargets, num_classes: int) -> LossParts:
-    """``ce_w*CE + kd_w*(beta*T^2*(1-mean_rows r) + gamma*T^2*(1-mean_cols r))`` of softmax outputs."""
+def dist_loss(
+    cfg: DISTLossConfig, logits: Tensor, labels: Tensor, targets: SparseTargets, num_classes: int
+) -> LossParts:
+    """``ce_w*CE + kd_w*(beta*T^2*(1-mean_rows r) + gamma*T^2*(1-mean_cols r))`` of softmax
+    outputs."""
     temp = cfg.temperature
     ce = cross_entropy(logits, labels, cfg.label_smoothing)
     p_s = torch.softmax(logits.float() / temp, dim=1)
@@ -120,7 +139,9 @@ def dist_loss(cfg: DISTLossConfig, logits: Tensor, labels: Tensor, targets: Spar
     inter = 1.0 - pearson(p_s, p_t).mean()
     intra = 1.0 - pearson(p_s.t(), p_t.t()).mean()
     kd = temp**2 * (cfg.beta * inter + cfg.gamma * intra)
-    return LossParts(total=cfg.ce_weight * ce + cfg.kd_weight * kd, ce=ce, kd=kd, kd_weight=cfg.kd_weight)
+    return LossParts(
+        total=cfg.ce_weight * ce + cfg.kd_weight * kd, ce=ce, kd=kd, kd_weight=cfg.kd_weight
+    )
 
 
 def wsl_weights(logits: Tensor, labels: Tensor, targets: SparseTargets) -> Tensor:
@@ -133,7 +154,9 @@ def wsl_weights(logits: Tensor, labels: Tensor, targets: SparseTargets) -> Tenso
     return 1.0 - torch.exp(-(ce_s / (ce_t + 1e-7)).clamp_min(0.0))
 
 
-def wsl_loss(cfg: WSLLossConfig, logits: Tensor, labels: Tensor, targets: SparseTargets, num_classes: int) -> LossParts:
+def wsl_loss(
+    cfg: WSLLossConfig, logits: Tensor, labels: Tensor, targets: SparseTargets, num_classes: int
+) -> LossParts:
     """``ce_w*CE + kd_w*T^2*mean(w*KL(p_t^T || p_s^T))``.
 
     WSL's reference code uses the soft cross-entropy ``H(p_t, p_s)``; the KL differs by
@@ -144,12 +167,19 @@ def wsl_loss(cfg: WSLLossConfig, logits: Tensor, labels: Tensor, targets: Sparse
     weights = wsl_weights(logits, labels, targets)
     log_q = F.log_softmax(logits.float() / temp, dim=1)
     kd = temp**2 * (weights * sparse_kl(log_q, targets, num_classes, temp, cfg.tail)).mean()
-    return LossParts(total=cfg.ce_weight * ce + cfg.kd_weight * kd, ce=ce, kd=kd, kd_weight=cfg.kd_weight,
-                     weight=weights.mean(), sample_weights=weights)
+    return LossParts(
+        total=cfg.ce_weight * ce + cfg.kd_weight * kd,
+        ce=ce,
+        kd=kd,
+        kd_weight=cfg.kd_weight,
+        weight=weights.mean(),
+        sample_weights=weights,
+    )
 
 
-def mined_targets(cfg: EffDstlLossConfig, logits: Tensor, labels: Tensor, targets: SparseTargets,
-                  num_classes: int) -> tuple[Tensor, Tensor]:
+def mined_targets(
+    cfg: EffDstlLossConfig, logits: Tensor, labels: Tensor, targets: SparseTargets, num_classes: int
+) -> tuple[Tensor, Tensor]:
     """EffDstl's targets ``[B, C]`` and the mined-row mask ``[B]``.
 
     A row is mined where the teacher's top-1 is the label and the teacher's label probability (at
@@ -167,18 +197,30 @@ def mined_targets(cfg: EffDstlLossConfig, logits: Tensor, labels: Tensor, target
     return torch.where(mined.unsqueeze(1), smooth, p_t), mined
 
 
-def effdstl_loss(cfg: EffDstlLossConfig, logits: Tensor, labels: Tensor, targets: SparseTargets, num_classes: int) -> LossParts:
+def effdstl_loss(
+    cfg: EffDstlLossConfig, logits: Tensor, labels: Tensor, targets: SparseTargets, num_classes: int
+) -> LossParts:
     """``ce_w*CE + kd_w*T_s^2*mean KL(mined target || p_s^{T_s})``."""
     ce = cross_entropy(logits, labels, cfg.label_smoothing)
     target, mined = mined_targets(cfg, logits, labels, targets, num_classes)
     temp = cfg.student_temperature
     kd = temp**2 * dense_kl(target, F.log_softmax(logits.float() / temp, dim=1)).mean()
-    return LossParts(total=cfg.ce_weight * ce + cfg.kd_weight * kd, ce=ce, kd=kd, kd_weight=cfg.kd_weight,
-                     mining_rate=mined.float().mean(), mined=mined)
+    return LossParts(
+        total=cfg.ce_weight * ce + cfg.kd_weight * kd,
+        ce=ce,
+        kd=kd,
+        kd_weight=cfg.kd_weight,
+        mining_rate=mined.float().mean(),
+        mined=mined,
+    )
 
 
 LOSSES: dict[str, Callable[..., LossParts]] = {
-    "ce": ce_loss, "kd": kd_loss, "dist": dist_loss, "wsl": wsl_loss, "effdstl": effdstl_loss,
+    "ce": ce_loss,
+    "kd": kd_loss,
+    "dist": dist_loss,
+    "wsl": wsl_loss,
+    "effdstl": effdstl_loss,
 }
 
 
@@ -194,7 +236,9 @@ class Criterion:
     def needs_teacher(self) -> bool:
         return self.config.name in DISTILL_LOSSES
 
-    def __call__(self, logits: Tensor, labels: Tensor, targets: SparseTargets | None, epoch: int) -> LossParts:
+    def __call__(
+        self, logits: Tensor, labels: Tensor, targets: SparseTargets | None, epoch: int
+    ) -> LossParts:
         if self.needs_teacher and stopped(self.config, epoch):
             ce = cross_entropy(logits, labels, self.config.label_smoothing)
             return LossParts(total=ce, ce=ce)

@@ -15,8 +15,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from train.config import (
-    OptimizerConfig, SchedulerConfig, StageConfig, TrainConfig, segment_starts, stage_starts, stage_teacher,
+from kdcache.train.config import (
+    OptimizerConfig,
+    SchedulerConfig,
+    StageConfig,
+    TrainConfig,
+    segment_starts,
+    stage_starts,
+    stage_teacher,
 )
 
 
@@ -53,13 +59,28 @@ def plan_stages(config: TrainConfig) -> tuple[list[StagePlan], list[Segment]]:
     stages: list[StagePlan] = []
     bounds: list[tuple[int, OptimizerConfig, SchedulerConfig]] = []
     firsts = set(segment_starts(config))
-    for i, (stage, epoch) in enumerate(zip(config.stages, stage_starts(config))):
+    for i, (stage, epoch) in enumerate(zip(config.stages, stage_starts(config), strict=True)):
         if i in firsts:
-            bounds.append((epoch, stage.optimizer or config.optimizer, stage.scheduler or config.scheduler))
+            bounds.append(
+                (epoch, stage.optimizer or config.optimizer, stage.scheduler or config.scheduler)
+            )
         name = stage.name or f"stage{i}"
-        stages.append(StagePlan(i, name, epoch, epoch + stage.epochs, len(bounds) - 1, stage, stage_teacher(config, i)))
+        stages.append(
+            StagePlan(
+                i,
+                name,
+                epoch,
+                epoch + stage.epochs,
+                len(bounds) - 1,
+                stage,
+                stage_teacher(config, i),
+            )
+        )
     ends = [start for start, _, _ in bounds[1:]] + [config.total_epochs]
-    segments = [Segment(j, start, end, opt, sched) for j, ((start, opt, sched), end) in enumerate(zip(bounds, ends))]
+    segments = [
+        Segment(j, start, end, opt, sched)
+        for j, ((start, opt, sched), end) in enumerate(zip(bounds, ends, strict=True))
+    ]
     return stages, segments
 
 
@@ -73,7 +94,8 @@ def stage_at(stages: list[StagePlan], epoch: int) -> StagePlan:
 
 def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool) -> list[dict]:
     """Two groups: decayed weights and (unless ``decay_norm_and_bias``) undecayed 1-d parameters."""
-    decay, no_decay = [], []
+    decay = []
+    no_decay = []
     for _, param in sorted(model.named_parameters(), key=lambda item: item[0]):
         if not param.requires_grad:
             continue
@@ -88,7 +110,9 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optim
     """SGD (momentum, optional Nesterov) or AdamW over :func:`param_groups`."""
     groups = param_groups(model, cfg.weight_decay, cfg.decay_norm_and_bias)
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+        return torch.optim.SGD(
+            groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0
+        )
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
 
 
@@ -108,7 +132,8 @@ def lr_factor(sched: SchedulerConfig, progress: float, total: float) -> float:
 
 def lr_at(segment: Segment, progress: float) -> float:
     """The learning rate ``progress`` epochs into the segment (cosine decays to ``min_lr``)."""
-    peak, sched = segment.optimizer.lr, segment.scheduler
+    peak = segment.optimizer.lr
+    sched = segment.scheduler
     factor = lr_factor(sched, progress, segment.epochs)
     in_warmup = sched.warmup_epochs > 0 and progress < sched.warmup_epochs
     if sched.name == "cosine" and not in_warmup:

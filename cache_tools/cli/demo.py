@@ -1,27 +1,32 @@
-"""``kdcache demo [--out runs/demo] [--quick]``: the whole flow on Fashion-MNIST, end to end (~5 min, 2 CPUs).
+"""``kdcache demo [--out runs/demo] [--quick]``: the whole flow on Fashion-MNIST, end to end
+(~5 min, 2 CPUs).
 
 Every step is a real ``kdcache`` command with a config from ``configs/demo/``, printed, then run in
-this process through :func:`cache_tools.cli.main`: the user sees the commands they would type (with
+this process through :func:`kdcache.cli.main`: the user sees the commands they would type (with
 the default ``--out`` they are the short ones, since the configs' paths are that layout).
 
-1. ``kdcache shards fashion-mnist``: 20000 train images (and the 10000 test images) as shards of 500.
-2. ``kdcache train configs/demo/teacher.yaml``: a small ResNet teacher, plain CE on all 20000 images,
-   keeping the epoch-4 checkpoint beside the final one: two teachers, early-stopped vs full (paper 002).
-3. ``kdcache precompute configs/demo/precompute.yaml``: both teachers over A=4 views of the students'
-   labelled subset (the first 1000 images, two shards), top-5, into one cache, on an embedded Ray.
+1. ``kdcache shards fashion-mnist``: 20000 train images (and the 10000 test images) as shards of
+   500.
+2. ``kdcache train configs/demo/teacher.yaml``: a small ResNet teacher, plain CE on all 20000
+   images, keeping the epoch-4 checkpoint beside the final one: two teachers, early-stopped vs full
+   (paper 002).
+3. ``kdcache precompute configs/demo/precompute.yaml``: both teachers over A=4 views of the
+   students' labelled subset (the first 1000 images, two shards), top-5, into one cache, on an
+   embedded Ray.
 4. ``kdcache inspect``: the teachers' statistics as tables, JSON and plots.
-5. ``kdcache train configs/demo/student_*.yaml``: one small student (a 64-unit MLP, 60 epochs over the
-   1000 images) trained with CE only, KD from each teacher, DIST, EffDstl's two stages (early teacher,
-   then final) from the cache, and KD with the final teacher run online for the cost comparison.
+5. ``kdcache train configs/demo/student_*.yaml``: one small student (a 64-unit MLP, 60 epochs over
+   the 1000 images) trained with CE only, KD from each teacher, DIST, EffDstl's two stages (early
+   teacher, then final) from the cache, and KD with the final teacher run online for the cost
+   comparison.
 6. A final table, ``report.md`` and ``summary.json``, read from the steps' own outputs.
 
 ``summary.json``: ``teacher_acc`` (test top-1 by teacher name), ``student_acc`` (test top-1 by
 method: ``ce``, ``kd_early``, ``kd_final``, ``dist``, ``effdstl``, ``kd_online``),
-``bytes_per_view`` (cache bytes on disk per view per teacher), ``precompute_vps`` (views per second
-through both teachers once the Ray actors were up), ``train_ips`` (student images per second:
-``plain`` = the CE run, ``cached`` = KD from the cache, ``online`` = KD with the teacher online), and
-for reading them: ``kd_beats_ce``, ``teacher_on_cached_views``, ``precompute``, ``teacher_forwards``,
-``setup``, ``step_seconds``, ``command_seconds``, ``commands``, ``plots``.
+``bytes_per_view`` (cache bytes on disk per view per teacher), ``precompute_vps`` (views per
+second through both teachers once the Ray actors were up), ``train_ips`` (student images per
+second: ``plain`` = the CE run, ``cached`` = KD from the cache, ``online`` = KD with the teacher
+online), and for reading them: ``kd_beats_ce``, ``teacher_on_cached_views``, ``precompute``,
+``teacher_forwards``, ``setup``, ``step_seconds``, ``command_seconds``, ``commands``, ``plots``.
 
 This module imports neither ``pipeline`` nor ``train`` (it only calls the CLI), and prints: it is a
 command, not library code.
@@ -45,15 +50,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cache_tools.errors import ConfigError, DataError, KdcacheError
+from kdcache.errors import ConfigError, DataError, KdcacheError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # cache_tools/cli/demo.py -> the checkout
 CONFIGS = REPO / "configs" / "demo"
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # as pipeline.make_shards.FASHION_MNIST_DIR
-FASHION_MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
-                       "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")  # fmt: skip
-FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"  # the official files
-EARLY, FINAL = "early", "final"
+FASHION_MNIST_DIR = Path(
+    "/usr/share/datasets/fashion-mnist"
+)  # as kdcache.pipeline.make_shards.FASHION_MNIST_DIR
+FASHION_MNIST_FILES = (
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+)
+FASHION_MNIST_URL = (
+    "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"  # the official files
+)
+EARLY = "early"
+FINAL = "final"
 """Teacher names in the cache (configs/demo/precompute.yaml)."""
 METHODS = ("ce", "kd_early", "kd_final", "dist", "effdstl", "kd_online")
 STUDENTS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -72,7 +86,8 @@ class Sizes:
     """How big the demo is. The full demo uses the configs' own epochs (``None`` here)."""
 
     train: int
-    """Train images (``kdcache shards --limit``; the test split is cut to the same limit, at most its 10000)."""
+    """Train images (``kdcache shards --limit``; the test split is cut to the same limit, at most
+    its 10000)."""
     shard_size: int
     """Images per shard."""
     student_shards: int
@@ -97,28 +112,52 @@ class Sizes:
 
 FULL = Sizes(train=20000, shard_size=500, student_shards=2, early_epoch=4)
 """~5 minutes on 2 CPU cores: a teacher on 20000 images, students on the first 1000."""
-QUICK = Sizes(train=2000, shard_size=250, student_shards=2, early_epoch=1, teacher_epochs=2, num_views=2,
-              student_epochs=(2, 1))  # fmt: skip
+QUICK = Sizes(
+    train=2000,
+    shard_size=250,
+    student_shards=2,
+    early_epoch=1,
+    teacher_epochs=2,
+    num_views=2,
+    student_epochs=(2, 1),
+)
 """Well under a minute: the same commands on tiny sizes (a test of the flow, not a result)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory (default runs/demo)")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"a tiny demo ({QUICK.train} images, {QUICK.student_epochs[0]} student epochs): "
-                             "tests the flow, shows no result")  # fmt: skip
-    parser.add_argument("--data", type=Path, default=FASHION_MNIST_DIR, metavar="DIR",
-                        help=f"directory of the Fashion-MNIST IDX files (default {FASHION_MNIST_DIR})")
-    parser.add_argument("--no-download", action="store_true",
-                        help="when the data is absent, do not try to download the official files")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the teacher and the student runs (default 0)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("runs/demo"), help="output directory (default runs/demo)"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"a tiny demo ({QUICK.train} images, {QUICK.student_epochs[0]} student epochs): "
+        "tests the flow, shows no result",
+    )
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=FASHION_MNIST_DIR,
+        metavar="DIR",
+        help=f"directory of the Fashion-MNIST IDX files (default {FASHION_MNIST_DIR})",
+    )
+    parser.add_argument(
+        "--no-download",
+        action="store_true",
+        help="when the data is absent, do not try to download the official files",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the teacher and the student runs (default 0)"
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
 
 
 def run(args: argparse.Namespace) -> int:
     if not CONFIGS.is_dir():
-        raise ConfigError(f"the demo's configs are not at {CONFIGS}: run it from a source checkout installed with "
-                          "`pip install -e .` (`make demo` does)")  # fmt: skip
+        raise ConfigError(
+            f"the demo's configs are not at {CONFIGS}: run it from a source checkout installed "
+            "with `pip install -e .` (`make demo` does)"
+        )
     sizes = QUICK if args.quick else FULL
     demo = Demo(args.out, sizes, args.data, args.seed)
     if args.dry_run:
@@ -138,13 +177,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 def find_data(data_dir: Path, out: Path, download: bool) -> Path:
-    """The directory holding Fashion-MNIST's IDX files: ``data_dir``, a previous download, or a new one."""
+    """The directory holding Fashion-MNIST's IDX files: ``data_dir``, a previous download, or a new
+    one."""
     for candidate in (data_dir, out / "fashion-mnist"):
         if all((candidate / name).is_file() for name in FASHION_MNIST_FILES):
             return candidate
-    how = (f"Fashion-MNIST is not in {data_dir}. Install it with\n"
-           "    sudo apt-get update && sudo apt-get install dataset-fashion-mnist\n"
-           f"(Debian/Ubuntu; `make fmnist` does it), or pass --data DIR with the four files {', '.join(FASHION_MNIST_FILES)}.")  # fmt: skip
+    how = (
+        f"Fashion-MNIST is not in {data_dir}. Install it with\n"
+        "    sudo apt-get update && sudo apt-get install dataset-fashion-mnist\n"
+        "(Debian/Ubuntu; `make fmnist` does it), or pass --data DIR with the four files "
+        f"{', '.join(FASHION_MNIST_FILES)}."
+    )
     if not download:
         raise DataError(how)
     print(how + f"\nTrying to download the official files from {FASHION_MNIST_URL} ...", flush=True)
@@ -155,7 +198,8 @@ def find_data(data_dir: Path, out: Path, download: bool) -> Path:
 
 
 def download_fashion_mnist(target: Path, timeout: float = 10.0) -> Path:
-    """Fetch the four official IDX files into ``target`` (each checked to be gzip, then renamed into place)."""
+    """Fetch the four official IDX files into ``target`` (each checked to be gzip, then renamed into
+    place)."""
     target.mkdir(parents=True, exist_ok=True)
     for name in FASHION_MNIST_FILES:
         path = target / name
@@ -202,10 +246,14 @@ class StepRecord:
 
 
 class Demo:
-    """The demo's commands (:meth:`plan`), run in order (:meth:`run_all`), and where their outputs are."""
+    """The demo's commands (:meth:`plan`), run in order (:meth:`run_all`), and where their outputs
+    are."""
 
     def __init__(self, out: Path, sizes: Sizes, data_dir: Path, seed: int):
-        self.out, self.sizes, self.data_dir, self.seed = out, sizes, data_dir, seed
+        self.out = out
+        self.sizes = sizes
+        self.data_dir = data_dir
+        self.seed = seed
         self.records: list[StepRecord] = []
         self.step_seconds: dict[str, float] = {}
 
@@ -233,53 +281,109 @@ class Demo:
     def student_shards(self) -> str:
         """The students' subset as a brace pattern (the same string for precompute and train)."""
         last = self.sizes.student_shards - 1
-        return f"{self.shards}/train-{{000000..{last:06d}}}.tar" if last else f"{self.shards}/train-000000.tar"
+        return (
+            f"{self.shards}/train-{{000000..{last:06d}}}.tar"
+            if last
+            else f"{self.shards}/train-000000.tar"
+        )
 
     # ---- the commands
     def plan(self) -> list[Step]:
         """Every command, in order."""
-        return [self.shards_step(), self.teacher_step(), self.precompute_step(), self.inspect_step(),
-                *(self.student_step(m) for m in METHODS)]  # fmt: skip
+        return [
+            self.shards_step(),
+            self.teacher_step(),
+            self.precompute_step(),
+            self.inspect_step(),
+            *(self.student_step(m) for m in METHODS),
+        ]
 
     def shards_step(self) -> Step:
-        argv = ["shards", "fashion-mnist", "--out", str(self.shards), "--limit", str(self.sizes.train),
-                "--shard-size", str(self.sizes.shard_size), "--overwrite"]  # fmt: skip
+        argv = [
+            "shards",
+            "fashion-mnist",
+            "--out",
+            str(self.shards),
+            "--limit",
+            str(self.sizes.train),
+            "--shard-size",
+            str(self.sizes.shard_size),
+            "--overwrite",
+        ]
         if self.data_dir != FASHION_MNIST_DIR:
             argv += ["--dir", str(self.data_dir)]
         return Step("1. shards", "shards", tuple(argv))
 
     def _run(self, run_dir: Path) -> dict[str, Any]:
-        return {"run.dir": run_dir, "run.seed": self.seed, "data.val_shards": f"{self.shards}/test-*.tar"}
+        return {
+            "run.dir": run_dir,
+            "run.seed": self.seed,
+            "data.val_shards": f"{self.shards}/test-*.tar",
+        }
 
     def teacher_step(self) -> Step:
         s = self.sizes
-        values = {**self._run(self.teacher_dir), "data.shards": f"{self.shards}/train-*.tar",
-                  "run.save_model_epochs": [s.early_epoch]}  # fmt: skip
+        values = {
+            **self._run(self.teacher_dir),
+            "data.shards": f"{self.shards}/train-*.tar",
+            "run.save_model_epochs": [s.early_epoch],
+        }
         if s.teacher_epochs is not None:
             values |= {"stages.0.epochs": s.teacher_epochs, "run.eval_every": 1}
-        return Step("2. teacher", "teacher", ("train", _config("teacher.yaml"), *_overrides("teacher.yaml", values)))
+        return Step(
+            "2. teacher",
+            "teacher",
+            ("train", _config("teacher.yaml"), *_overrides("teacher.yaml", values)),
+        )
 
     def precompute_step(self) -> Step:
         checkpoints = self.teacher_dir / "checkpoints"
-        values = {"data.shards": self.student_shards, "cache.path": self.cache,
-                  "teachers.0.model.checkpoint": checkpoints / f"model_e{self.sizes.early_epoch}.pt",
-                  "teachers.1.model.checkpoint": checkpoints / "model_final.pt", "cache.num_views": self.sizes.num_views}  # fmt: skip
-        argv = ("precompute", _config("precompute.yaml"), *_overrides("precompute.yaml", values), "--overwrite")
+        values = {
+            "data.shards": self.student_shards,
+            "cache.path": self.cache,
+            "teachers.0.model.checkpoint": checkpoints / f"model_e{self.sizes.early_epoch}.pt",
+            "teachers.1.model.checkpoint": checkpoints / "model_final.pt",
+            "cache.num_views": self.sizes.num_views,
+        }
+        argv = (
+            "precompute",
+            _config("precompute.yaml"),
+            *_overrides("precompute.yaml", values),
+            "--overwrite",
+        )
         return Step("3. precompute", "precompute", argv, capture=True)
 
     def inspect_step(self) -> Step:
-        argv = ("inspect", str(self.cache), "--json", str(self.inspect_dir / "inspect.json"), "--plots", str(self.inspect_dir))
+        argv = (
+            "inspect",
+            str(self.cache),
+            "--json",
+            str(self.inspect_dir / "inspect.json"),
+            "--plots",
+            str(self.inspect_dir),
+        )
         return Step("4. inspect", "inspect", argv)
 
     def student_step(self, method: str) -> Step:
         config, method_values = STUDENTS[method]
-        values = {**method_values, **self._run(self.student_dir(method)), "data.shards": self.student_shards,
-                  "cache.path": self.cache}  # fmt: skip
+        values = {
+            **method_values,
+            **self._run(self.student_dir(method)),
+            "data.shards": self.student_shards,
+            "cache.path": self.cache,
+        }
         if self.sizes.student_epochs is not None:
             epochs, stage2 = self.sizes.student_epochs
-            values |= ({"stages.0.epochs": epochs - stage2, "stages.1.epochs": stage2} if method == "effdstl"
-                       else {"stages.0.epochs": epochs})  # fmt: skip
-        return Step("5. students", f"student {method}", ("train", _config(config), *_overrides(config, values)))
+            values |= (
+                {"stages.0.epochs": epochs - stage2, "stages.1.epochs": stage2}
+                if method == "effdstl"
+                else {"stages.0.epochs": epochs}
+            )
+        return Step(
+            "5. students",
+            f"student {method}",
+            ("train", _config(config), *_overrides(config, values)),
+        )
 
     # ---- running
     def run_all(self) -> None:
@@ -296,7 +400,7 @@ class Demo:
     def execute(self, step: Step) -> StepRecord:
         """Print the command, run it through the CLI in this process, raise if it fails."""
         # cli imports this module lazily; import it back the same way
-        from cache_tools.cli import main
+        from kdcache.cli import main
 
         print(f"\n$ {step.command_line}", flush=True)
         copy = io.StringIO()
@@ -307,7 +411,9 @@ class Demo:
         self.records.append(record)
         print(f"[{step.name}: {record.seconds:.1f} s]", flush=True)
         if code != 0:
-            raise DemoStepError(f"{step.name} failed (exit status {code}; its error is above): {step.command_line}")
+            raise DemoStepError(
+                f"{step.name} failed (exit status {code}; its error is above): {step.command_line}"
+            )
         return record
 
     def output_of(self, name: str) -> str:
@@ -319,8 +425,8 @@ class DemoStepError(KdcacheError, RuntimeError):
 
 
 def _overrides(config: str, values: dict[str, Any]) -> list[str]:
-    """``key=value`` for each value the config does not already have (None: keep the config's), so the
-    printed commands stay short for the default ``--out`` and still say everything."""
+    """``key=value`` for each value the config does not already have (None: keep the config's), so
+    the printed commands stay short for the default ``--out`` and still say everything."""
     import yaml
 
     data = yaml.safe_load((CONFIGS / config).read_text())
@@ -345,7 +451,8 @@ def _lookup(data: Any, key: str) -> Any:
 
 
 def _config(name: str) -> str:
-    """A demo config's path as the user would type it: relative to the working directory when inside it."""
+    """A demo config's path as the user would type it: relative to the working directory when
+    inside it."""
     path = CONFIGS / name
     try:
         return str(path.relative_to(Path.cwd()))
@@ -361,7 +468,8 @@ class _Tee(io.TextIOBase):
     """Write to the real stdout and keep a copy."""
 
     def __init__(self, stream: Any, copy: io.StringIO):
-        self.stream, self.copy = stream, copy
+        self.stream = stream
+        self.copy = copy
 
     def write(self, text: str) -> int:
         self.copy.write(text)
@@ -379,18 +487,31 @@ def _tee_stdout(copy: io.StringIO) -> Iterator[None]:
 
 # ---- reading the results -----------------------------------------------------------------------
 
-PRECOMPUTE_RATE = re.compile(r"views processed: (\d+) .*?, (\d+) views/s overall, (\d+) views/s once actors were up")
-PRECOMPUTE_BYTES = re.compile(r"([\d.]+) MB on disk = ([\d.]+) B per view per teacher \((\d+) views x (\d+) teacher")
+PRECOMPUTE_RATE = re.compile(
+    r"views processed: (\d+) .*?, (\d+) views/s overall, (\d+) views/s once actors were up"
+)
+PRECOMPUTE_BYTES = re.compile(
+    r"([\d.]+) MB on disk = ([\d.]+) B per view per teacher \((\d+) views x (\d+) teacher"
+)
 
 
 def parse_precompute(output: str) -> dict[str, float]:
     """Views, views/s and bytes per view from the summary ``kdcache precompute`` prints."""
-    rate, size = PRECOMPUTE_RATE.search(output), PRECOMPUTE_BYTES.search(output)
+    rate = PRECOMPUTE_RATE.search(output)
+    size = PRECOMPUTE_BYTES.search(output)
     if rate is None or size is None:
-        raise DemoStepError(f"could not read the precompute summary from its output:\n{output[-2000:]}")
-    return {"views": int(rate[1]), "views_per_s": float(rate[2]), "views_per_s_actors_up": float(rate[3]),
-            "store_mb": float(size[1]), "bytes_per_view": float(size[2]), "cache_views": int(size[3]),
-            "teachers": int(size[4])}  # fmt: skip
+        raise DemoStepError(
+            f"could not read the precompute summary from its output:\n{output[-2000:]}"
+        )
+    return {
+        "views": int(rate[1]),
+        "views_per_s": float(rate[2]),
+        "views_per_s_actors_up": float(rate[3]),
+        "store_mb": float(size[1]),
+        "bytes_per_view": float(size[2]),
+        "cache_views": int(size[3]),
+        "teachers": int(size[4]),
+    }
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -429,26 +550,44 @@ def collect_summary(demo: Demo) -> dict[str, Any]:
     acc = {m: s["top1"] for m, s in students.items()}
     teachers = inspect["teachers"]
     return {
-        "teacher_acc": {EARLY: eval_top1(demo.teacher_dir, demo.sizes.early_epoch), FINAL: teacher["top1"]},
+        "teacher_acc": {
+            EARLY: eval_top1(demo.teacher_dir, demo.sizes.early_epoch),
+            FINAL: teacher["top1"],
+        },
         "student_acc": acc,
         "bytes_per_view": precompute["bytes_per_view"],
         "precompute_vps": precompute["views_per_s_actors_up"],
-        "train_ips": {"plain": students["ce"]["images_per_s"], "cached": students["kd_final"]["images_per_s"],
-                      "online": students["kd_online"]["images_per_s"]},
+        "train_ips": {
+            "plain": students["ce"]["images_per_s"],
+            "cached": students["kd_final"]["images_per_s"],
+            "online": students["kd_online"]["images_per_s"],
+        },
         "kd_beats_ce": {m: acc[m] > acc["ce"] for m in METHODS if m != "ce"},
-        "teacher_on_cached_views": {name: {"top1": t["top1"], "mean_max_prob": t["max_prob"]["mean"],
-                                           "mean_entropy": t["entropy"]["T=1.0"]["mean"],
-                                           "mean_tail_mass": t["tail_mass"]["mean"], "ece": t["ece"]}
-                                    for name, t in teachers.items()},
+        "teacher_on_cached_views": {
+            name: {
+                "top1": t["top1"],
+                "mean_max_prob": t["max_prob"]["mean"],
+                "mean_entropy": t["entropy"]["T=1.0"]["mean"],
+                "mean_tail_mass": t["tail_mass"]["mean"],
+                "ece": t["ece"],
+            }
+            for name, t in teachers.items()
+        },
         "precompute": precompute,
         "teacher_forwards": {m: s["teacher_forwards"] for m, s in students.items()},
         "setup": {
-            "teacher_model": run_config(demo.teacher_dir)["student"]["name"], "teacher_epochs": teacher["epochs"],
-            "early_epoch": demo.sizes.early_epoch, "teacher_images": demo.sizes.train,
+            "teacher_model": run_config(demo.teacher_dir)["student"]["name"],
+            "teacher_epochs": teacher["epochs"],
+            "early_epoch": demo.sizes.early_epoch,
+            "teacher_images": demo.sizes.train,
             "student_model": run_config(demo.student_dir("ce"))["student"]["name"],
-            "student_epochs": students["ce"]["epochs"], "student_images": demo.sizes.students,
-            "test_images": demo.sizes.test, "num_views": inspect["cache"]["num_views"],
-            "k": {name: t["k"] for name, t in teachers.items()}, "seed": demo.seed, "quick": demo.sizes == QUICK,
+            "student_epochs": students["ce"]["epochs"],
+            "student_images": demo.sizes.students,
+            "test_images": demo.sizes.test,
+            "num_views": inspect["cache"]["num_views"],
+            "k": {name: t["k"] for name, t in teachers.items()},
+            "seed": demo.seed,
+            "quick": demo.sizes == QUICK,
         },
         "step_seconds": {k: round(v, 1) for k, v in demo.step_seconds.items()},
         "command_seconds": {r.step.name: round(r.seconds, 1) for r in demo.records},
@@ -459,18 +598,33 @@ def collect_summary(demo: Demo) -> dict[str, Any]:
 
 # ---- the report ----------------------------------------------------------------------------------
 
-LABELS = {"ce": "CE only, no teacher", "kd_early": "KD, early teacher (cache)", "kd_final": "KD, final teacher (cache)",
-          "dist": "DIST, final teacher (cache)", "effdstl": "EffDstl, early -> final (cache)",
-          "kd_online": "KD, final teacher (online)"}  # fmt: skip
+LABELS = {
+    "ce": "CE only, no teacher",
+    "kd_early": "KD, early teacher (cache)",
+    "kd_final": "KD, final teacher (cache)",
+    "dist": "DIST, final teacher (cache)",
+    "effdstl": "EffDstl, early -> final (cache)",
+    "kd_online": "KD, final teacher (online)",
+}
 
 
 def format_table(summary: dict[str, Any]) -> str:
     """The final table: teachers, students, cache and speed."""
     up = summary["setup"]
     note = " (--quick: too small to show anything)" if up["quick"] else ""
-    title = (f"== kdcache demo on Fashion-MNIST: teacher trained on {up['teacher_images']} images, students on the "
-             f"first {up['student_images']}; test top-1 on {up['test_images']} =={note}")  # fmt: skip
-    lines = [title, "", *_teacher_rows(summary), "", *_student_rows(summary), "", *_cost_rows(summary)]
+    title = (
+        f"== kdcache demo on Fashion-MNIST: teacher trained on {up['teacher_images']} images, "
+        f"students on the first {up['student_images']}; test top-1 on {up['test_images']} =={note}"
+    )
+    lines = [
+        title,
+        "",
+        *_teacher_rows(summary),
+        "",
+        *_student_rows(summary),
+        "",
+        *_cost_rows(summary),
+    ]
     return "\n".join(lines)
 
 
@@ -478,17 +632,23 @@ def _teacher_rows(summary: dict[str, Any]) -> list[str]:
     up = summary["setup"]
     epochs = {EARLY: up["early_epoch"], FINAL: up["teacher_epochs"]}
     head = f"teacher ({up['teacher_model']})"
-    rows = [f"{head:<28}{'test top-1':>11}{'cached views':>14}{'max prob':>10}{'entropy':>9}{'tail mass':>11}"]
+    rows = [
+        f"{head:<28}{'test top-1':>11}{'cached views':>14}{'max prob':>10}{'entropy':>9}"
+        f"{'tail mass':>11}"
+    ]
     for name, top1 in summary["teacher_acc"].items():
         c = summary["teacher_on_cached_views"][name]
         label = f"{name} (epoch {epochs[name]}/{up['teacher_epochs']})"
-        rows.append(f"{label:<28}{top1:>10.2f}%{100 * c['top1']:>13.2f}%{c['mean_max_prob']:>10.3f}"
-                    f"{c['mean_entropy']:>9.3f}{c['mean_tail_mass']:>11.4f}")  # fmt: skip
+        rows.append(
+            f"{label:<28}{top1:>10.2f}%{100 * c['top1']:>13.2f}%{c['mean_max_prob']:>10.3f}"
+            f"{c['mean_entropy']:>9.3f}{c['mean_tail_mass']:>11.4f}"
+        )
     return rows
 
 
 def _student_rows(summary: dict[str, Any]) -> list[str]:
-    up, acc = summary["setup"], summary["student_acc"]
+    up = summary["setup"]
+    acc = summary["student_acc"]
     head = f"student ({up['student_model']}, {up['student_epochs']} epochs)"
     rows = [f"{head:<44}{'test top-1':>11}{'vs CE':>8}"]
     for method, top1 in acc.items():
@@ -498,16 +658,29 @@ def _student_rows(summary: dict[str, Any]) -> list[str]:
 
 
 def _cost_rows(summary: dict[str, Any]) -> list[str]:
-    up, ips, pre, forwards = summary["setup"], summary["train_ips"], summary["precompute"], summary["teacher_forwards"]
+    up = summary["setup"]
+    ips = summary["train_ips"]
+    pre = summary["precompute"]
+    forwards = summary["teacher_forwards"]
     k = "/".join(str(v) for v in sorted(set(up["k"].values())))
-    steps = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in summary["step_seconds"].items())
-    cache = (f"cache: {pre['cache_views']} views (A={up['num_views']}) x {pre['teachers']} teachers, top-{k}: "
-             f"{summary['bytes_per_view']:.1f} B per view per teacher (the whole store on disk, view parameters included)")
-    precompute = (f"precompute: {summary['precompute_vps']:.0f} views/s through both teachers once the actors were up "
-                  f"({pre['views_per_s']:.0f} views/s overall, Ray start-up included)")
-    speed = (f"student images/s: plain CE {ips['plain']:.0f}, KD from the cache {ips['cached']:.0f} "
-             f"({forwards['kd_final']} teacher forwards), KD online {ips['online']:.0f} "
-             f"({forwards['kd_online']} teacher forwards)")
+    steps = ", ".join(
+        f"{name} {seconds:.0f} s" for name, seconds in summary["step_seconds"].items()
+    )
+    cache = (
+        f"cache: {pre['cache_views']} views (A={up['num_views']}) x {pre['teachers']} teachers, "
+        f"top-{k}: {summary['bytes_per_view']:.1f} B per view per teacher "
+        "(the whole store on disk, view parameters included)"
+    )
+    precompute = (
+        f"precompute: {summary['precompute_vps']:.0f} views/s through both teachers "
+        f"once the actors were up ({pre['views_per_s']:.0f} views/s overall, "
+        "Ray start-up included)"
+    )
+    speed = (
+        f"student images/s: plain CE {ips['plain']:.0f}, KD from the cache {ips['cached']:.0f} "
+        f"({forwards['kd_final']} teacher forwards), KD online {ips['online']:.0f} "
+        f"({forwards['kd_online']} teacher forwards)"
+    )
     total = sum(summary["step_seconds"].values())
     return [cache, precompute, speed, "", f"wall time: {steps}; total {total:.0f} s"]
 
@@ -516,11 +689,15 @@ def format_report(summary: dict[str, Any]) -> str:
     """report.md: the table, the commands and links to the plots."""
     plots = "\n".join(f"- [{name}](inspect/{name})" for name in summary["plots"]) or "- (none)"
     commands = "\n".join(summary["commands"])
-    return (f"# kdcache demo\n\n```\n{format_table(summary)}\n```\n\n"
-            f"Per command: {', '.join(f'{k} {v:.0f} s' for k, v in summary['command_seconds'].items())}.\n\n"
-            f"## Teacher statistics (`kdcache inspect`)\n\nTables: `inspect/inspect.json`; plots:\n\n{plots}\n\n"
-            f"## The commands\n\n```\n{commands}\n```\n\nNumbers: `summary.json`, read from each run's "
-            "`summary.json` / `metrics.jsonl` and the summary `kdcache precompute` printed.\n")
+    return (
+        f"# kdcache demo\n\n```\n{format_table(summary)}\n```\n\n"
+        "Per command: "
+        f"{', '.join(f'{k} {v:.0f} s' for k, v in summary['command_seconds'].items())}.\n\n"
+        "## Teacher statistics (`kdcache inspect`)\n\n"
+        f"Tables: `inspect/inspect.json`; plots:\n\n{plots}\n\n"
+        f"## The commands\n\n```\n{commands}\n```\n\nNumbers: `summary.json`, read from each run's "
+        "`summary.json` / `metrics.jsonl` and the summary `kdcache precompute` printed.\n"
+    )
 
 
 def write_outputs(out: Path, summary: dict[str, Any]) -> None:

@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cache_tools.encoding import FP16_REL, consistency_tolerance, logit_tolerance
-from cache_tools.errors import CacheReadError
-from cache_tools.reader import ShardBlock, TeacherBlock, read_block
-from cache_tools.shards import ShardIndex, key_digest
-from cache_tools.store import STATUS_EMPTY, STATUS_VALID, CacheStore
-from cache_tools.views import P_FLIP, P_H, P_IMG_H, P_IMG_W, P_LEFT, P_TOP, P_W
+from kdcache.encoding import FP16_REL, consistency_tolerance, logit_tolerance
+from kdcache.errors import CacheReadError
+from kdcache.reader import ShardBlock, TeacherBlock, read_block
+from kdcache.shards import ShardIndex, key_digest
+from kdcache.store import STATUS_EMPTY, STATUS_VALID, CacheStore
+from kdcache.views import P_FLIP, P_H, P_IMG_H, P_IMG_W, P_LEFT, P_TOP, P_W
 
 
 @dataclass
@@ -36,11 +36,16 @@ class Report:
         return not self.problems
 
 
-def validate_cache(store: CacheStore, teachers: list[str] | None = None, max_problems: int = 200) -> Report:
+def validate_cache(
+    store: CacheStore, teachers: list[str] | None = None, max_problems: int = 200
+) -> Report:
     teachers = store.teachers if teachers is None else teachers
     report = Report(shards=store.num_shards)
     for what, names in store.incomplete_shards(teachers).items():
-        report.problems.append(f"{what}: {len(names)} shard(s) without a completion mark: {names[:5]}{' ...' if len(names) > 5 else ''}")
+        report.problems.append(
+            f"{what}: {len(names)} shard(s) without a completion mark: "
+            f"{names[:5]}{' ...' if len(names) > 5 else ''}"
+        )
     report.problems += check_chunks(store, teachers)
     views_done = store.views_done()
     all_keys: list[ShardIndex] = []
@@ -57,8 +62,14 @@ def validate_cache(store: CacheStore, teachers: list[str] | None = None, max_pro
     return report
 
 
-def _validate_shard(store: CacheStore, shard: int, teachers: list[str], views_done: bool,
-                    all_keys: list[ShardIndex], report: Report) -> None:
+def _validate_shard(
+    store: CacheStore,
+    shard: int,
+    teachers: list[str],
+    views_done: bool,
+    all_keys: list[ShardIndex],
+    report: Report,
+) -> None:
     block = read_block(store, shard, [], require_complete=False)
     all_keys.append(ShardIndex(url=block.shard, keys=[str(k) for k in block.keys]))
     if not views_done:
@@ -81,17 +92,25 @@ def check_chunks(store: CacheStore, teachers: list[str]) -> list[str]:
     """Every shard marked complete must have its chunk stored in the sentinel arrays: a chunk file
     lost after its mark was set would otherwise read back as fill values, silently."""
     marked = int(store.views_done().sum())
-    arrays = [(store.group, name, store.num_shards if name == "keys" else marked) for name in SENTINELS["views"]]
+    arrays = [
+        (store.group, name, store.num_shards if name == "keys" else marked)
+        for name in SENTINELS["views"]
+    ]
     for teacher in teachers:
         done = int(store.teacher_done(teacher).sum())
-        arrays += [(store.teacher_group(teacher), name, done) for name in SENTINELS[store.teacher_meta(teacher).encoding]]
+        arrays += [
+            (store.teacher_group(teacher), name, done)
+            for name in SENTINELS[store.teacher_meta(teacher).encoding]
+        ]
     problems = []
     for group, name, expected in arrays:
         stored = group[name].nchunks_initialized
         if stored < expected:
             path = f"{group.path}/{name}".lstrip("/")
-            problems.append(f"{path!r}: {stored} chunk(s) stored but {expected} shard(s) marked complete need one each: "
-                            "chunk files were lost after the shards were finished")
+            problems.append(
+                f"{path!r}: {stored} chunk(s) stored but {expected} shard(s) marked complete "
+                "need one each: chunk files were lost after the shards were finished"
+            )
     return problems
 
 
@@ -110,33 +129,53 @@ def check_block(block: ShardBlock, num_classes: int, encodings: dict[str, str]) 
     valid = block.status == STATUS_VALID
     problems = []
     if (block.status == STATUS_EMPTY).any():
-        problems.append(f"{where}: {int((block.status == STATUS_EMPTY).sum())} row(s) never written despite the views mark")
+        problems.append(
+            f"{where}: {int((block.status == STATUS_EMPTY).sum())} row(s) never written "
+            "despite the views mark"
+        )
     labels = block.labels[valid]
     if ((labels < 0) | (labels >= num_classes)).any():
         problems.append(f"{where}: labels outside [0, {num_classes}) in valid rows")
     problems += _check_params(block.view_params[valid], where)
     for name, tb in block.teachers.items():
-        found = check_teacher(tb, valid, num_classes, encodings[name]) + _check_label_logit(tb, valid, labels, encodings[name])
+        found = check_teacher(tb, valid, num_classes, encodings[name]) + _check_label_logit(
+            tb, valid, labels, encodings[name]
+        )
         problems += [f"{where}, teacher {name!r}: {p}" for p in found]
     return problems
 
 
-def _check_label_logit(tb: TeacherBlock, valid: np.ndarray, labels: np.ndarray, encoding: str) -> list[str]:
-    """The label's logit is at most the logsumexp, and equals its top-k logit where the label is in the top-k."""
+def _check_label_logit(
+    tb: TeacherBlock, valid: np.ndarray, labels: np.ndarray, encoding: str
+) -> list[str]:
+    """The label's logit is at most the logsumexp, and equals its top-k logit where the label is in
+    the top-k."""
     has = labels >= 0
-    idx, logit = tb.topk_idx[valid][has].astype(np.int64), tb.topk_logit[valid][has].astype(np.float32)
-    label_logit, lse = tb.label_logit[valid][has], tb.lse[valid][has]
+    idx = tb.topk_idx[valid][has].astype(np.int64)
+    logit = tb.topk_logit[valid][has].astype(np.float32)
+    label_logit = tb.label_logit[valid][has]
+    lse = tb.lse[valid][has]
     if not len(idx) or not (np.isfinite(label_logit).all() and np.isfinite(logit).all()):
         return []  # nothing labelled, or NaN/inf reported above
     problems = []
     slack = FP16_REL * np.maximum(np.abs(lse), 1.0) + 1e-4
     if (label_logit > lse + slack).any():
-        problems.append(f"{int((label_logit > lse + slack).sum())} view(s) whose label logit exceeds the logsumexp")
+        problems.append(
+            f"{int((label_logit > lse + slack).sum())} view(s) whose label logit exceeds "
+            "the logsumexp"
+        )
     hit = idx == labels[has][:, None, None]
-    tol = logit_tolerance(encoding, logit) + FP16_REL * np.maximum(np.abs(label_logit[..., None]), 1.0) + 1e-4
+    tol = (
+        logit_tolerance(encoding, logit)
+        + FP16_REL * np.maximum(np.abs(label_logit[..., None]), 1.0)
+        + 1e-4
+    )
     off = hit & (np.abs(logit - label_logit[..., None]) > tol)
     if off.any():
-        problems.append(f"{int(off.any(-1).sum())} view(s) whose label logit differs from the label's top-k logit")
+        problems.append(
+            f"{int(off.any(-1).sum())} view(s) whose label logit differs from the label's "
+            "top-k logit"
+        )
     return problems
 
 
@@ -150,9 +189,13 @@ def _check_params(params: np.ndarray, where: str) -> list[str]:
     return [f"{where}: {int(bad.sum())} view box(es) outside their image"] if bad.any() else []
 
 
-def check_teacher(tb: TeacherBlock, valid: np.ndarray, num_classes: int, encoding: str) -> list[str]:
-    idx, logit = tb.topk_idx[valid].astype(np.int64), tb.topk_logit[valid].astype(np.float32)
-    lse, label_logit = tb.lse[valid], tb.label_logit[valid]
+def check_teacher(
+    tb: TeacherBlock, valid: np.ndarray, num_classes: int, encoding: str
+) -> list[str]:
+    idx = tb.topk_idx[valid].astype(np.int64)
+    logit = tb.topk_logit[valid].astype(np.float32)
+    lse = tb.lse[valid]
+    label_logit = tb.label_logit[valid]
     problems = []
     for name, arr in (("top-k logits", logit), ("logsumexp", lse), ("label logit", label_logit)):
         if not np.isfinite(arr).all():
@@ -167,12 +210,18 @@ def check_teacher(tb: TeacherBlock, valid: np.ndarray, num_classes: int, encodin
     if len(logit):
         slack = FP16_REL * np.maximum(np.abs(logit[..., 0]), 1.0)
         if (lse < logit[..., 0] - slack).any():
-            problems.append(f"{int((lse < logit[..., 0] - slack).sum())} view(s) with logsumexp below the top logit")
+            problems.append(
+                f"{int((lse < logit[..., 0] - slack).sum())} view(s) with logsumexp below "
+                "the top logit"
+            )
     return problems + _check_tail(logit, lse, tb.tail_lse[valid], encoding)
 
 
-def _check_tail(logit: np.ndarray, lse: np.ndarray, tail_lse: np.ndarray, encoding: str) -> list[str]:
-    """The stored tail: no NaN or +inf, and top-k + tail = everything (the logsumexp) within rounding."""
+def _check_tail(
+    logit: np.ndarray, lse: np.ndarray, tail_lse: np.ndarray, encoding: str
+) -> list[str]:
+    """The stored tail: no NaN or +inf, and top-k + tail = everything (the logsumexp) within
+    rounding."""
     bad = np.isnan(tail_lse) | (tail_lse == np.inf)
     if bad.any():
         return [f"{int(bad.sum())} NaN/inf value(s) in the tail logsumexp"]
@@ -184,5 +233,8 @@ def _check_tail(logit: np.ndarray, lse: np.ndarray, tail_lse: np.ndarray, encodi
     off = np.abs(total - lse) > consistency_tolerance(encoding, logit, lse)
     if off.any():
         worst = float(np.abs(total - lse).max())
-        return [f"{int(off.sum())} view(s) whose top-k and tail do not add up to the logsumexp (worst by {worst:.3g} nats)"]
+        return [
+            f"{int(off.sum())} view(s) whose top-k and tail do not add up to the logsumexp "
+            f"(worst by {worst:.3g} nats)"
+        ]
     return []

@@ -1,9 +1,10 @@
 """Teacher statistics of a cache, streamed one shard block at a time with bounded memory.
 
-Every figure comes from bounded accumulators (counts, sums, fixed-bin histograms, per-class
-vectors, counts of the distinct (true, predicted) error pairs) updated with vectorised numpy per
-shard block, so memory does not grow with the cache and a million views take seconds. Only VALID rows (status 1) count; shards without a
-completion mark (views or any selected teacher) are skipped with a warning, or refused.
+Every figure comes from bounded accumulators (counts, sums, fixed-bin histograms, per-class vectors,
+counts of the distinct (true, predicted) error pairs) updated with vectorised numpy per shard block,
+so memory does not grow with the cache and a million views take seconds. Only VALID rows (status 1)
+count; shards without a completion mark (views or any selected teacher) are skipped with a warning,
+or refused.
 
 ## `kdcache inspect --json FILE` schema
 
@@ -17,57 +18,67 @@ completion mark (views or any selected teacher) are skipped with a warning, or r
       "k": stored top-k, "views": valid views, "labelled_views": valid views with a label,
       "top1": accuracy, "top5": accuracy, null when k < 5,
       "topk": {k: min(k, 5), accuracy},             # the top-5 figure over what is stored
-      "max_prob", "label_prob", "tail_mass", "margin": DIST,  # exact at T=1; margin p1 - p2 (null if k < 2)
+      "max_prob", "label_prob", "tail_mass", "margin": DIST,
+                                                    # exact at T=1; margin p1 - p2 (null if k < 2)
       "entropy": {"T=1.0": DIST, ...},              # nats; sparse targets at T under settings.tail
-      "ece": float,                                 # standard ECE, 15 equal-width bins (lo, hi] of max prob
+      "ece": float,                                 # standard ECE, 15 equal-width bins (lo, hi]
+                                                    # of max prob
       "reliability": {edges, counts, confidence, accuracy},   # per bin; null where a bin is empty
-      "under_confident": {"0.5": {views, fraction, fraction_of_correct}, ...},  # top-1 right, p(label) < thr
+      "under_confident": {"0.5": {views, fraction, fraction_of_correct}, ...},
+                                                    # top-1 right, p(label) < thr
       "wrong": {views, fraction},                   # top-1 wrong
-      "per_class": [{class, name, views, top1, label_prob_mean, max_prob_mean}, ...],  # all C classes, by label
-      "confused_pairs": [{true, true_name, pred, pred_name, count, fraction_of_true}, ...],  # top 10
+      "per_class": [{class, name, views, top1, label_prob_mean, max_prob_mean}, ...],
+                                                    # all C classes, by label
+      "confused_pairs": [{true, true_name, pred, pred_name, count, fraction_of_true}, ...],
+                                                    # top 10
       "view_consistency": {samples, views_per_sample,
-                           top1_disagree,           # fraction of samples whose views differ on top-1
-                           js: DIST}}},             # JS divergence of each pair of views of a sample
+                           top1_disagree,           # fraction of samples whose views differ
+                                                    # on top-1
+                           js: DIST}}},             # JS divergence of each pair of views of a
+                                                    # sample
   "pairs": [{a, b, views, top1_agreement,
              js: DIST,                              # JS divergence of A and B on each view
              correctness: {both_right, a_only, b_only, both_wrong},
-             both_right: {views, label_prob_mean_a, label_prob_mean_b, a_more_confident, b_more_confident},
-             label_prob_2d: {bins, counts[a_bin][b_bin]}}, ...]   # p(label) of A vs B, bins on [0, 1]
+             both_right: {views, label_prob_mean_a, label_prob_mean_b, a_more_confident,
+                          b_more_confident},
+             label_prob_2d: {bins, counts[a_bin][b_bin]}}, ...]   # p(label) of A vs B,
+                                                                  # bins on [0, 1]
 }
-DIST = {n, mean, min, max, quantiles: {p5, p25, p50, p75, p95}, scale: "linear"|"log10", resolution,
-        hist: {edges (hist_bins + 1), counts (hist_bins)}}
+DIST = {n, mean, min, max, quantiles: {p5, p25, p50, p75, p95}, scale: "linear"|"log10",
+        resolution, hist: {edges (hist_bins + 1), counts (hist_bins)}}
 ```
 
-Fractions about labels (accuracy, wrong, under-confident, correctness) are of labelled views.
-Means, min and max are exact. Quantiles are read from a 1000-bin histogram over the quantity's
-range ([0, 1] for probabilities, [0, log C] for entropy, [0, log 2] for JS divergence; for the tail
-mass, which spans decades, bins equal in log10 over [1e-8, 1], ``scale: "log10"``, smaller tails and 0
-counting in the first): they are inverted-CDF quantiles within one fine bin (``resolution``, in log10
-units for the tail mass: 1.9 %) of the exact value. ``hist`` is the
-same histogram merged to 50 bins. Entropy and JS divergence are in nats; JS uses the T=1
-distributions under ``settings.tail``. Exact at T=1 means up to the fp16 rounding of the stored
-top-k logits (about 0.4% of a probability for logits near 10); the tail mass is read from the
-stored tail logsumexp (relative error ~0.4% in fp16) and is exactly 0 when k == C. Undefined figures (no views, ``k < 2`` for the margin, ``A < 2`` for view consistency) are
-null. EffDstl's consistent knowledge mining acts on "under_confident" views (its threshold is the
-student's confidence, which a cache does not know).
+Fractions about labels (accuracy, wrong, under-confident, correctness) are of labelled views. Means,
+min and max are exact. Quantiles are read from a 1000-bin histogram over the quantity's range
+([0, 1] for probabilities, [0, log C] for entropy, [0, log 2] for JS divergence; for the tail mass,
+which spans decades, bins equal in log10 over [1e-8, 1], ``scale: "log10"``, smaller tails and 0
+counting in the first): they are inverted-CDF quantiles within one fine bin (``resolution``, in
+log10 units for the tail mass: 1.9 %) of the exact value. ``hist`` is the same histogram merged to
+50 bins. Entropy and JS divergence are in nats; JS uses the T=1 distributions under
+``settings.tail``. Exact at T=1 means up to the fp16 rounding of the stored top-k logits (about 0.4%
+of a probability for logits near 10); the tail mass is read from the stored tail logsumexp (relative
+error ~0.4% in fp16) and is exactly 0 when k == C. Undefined figures (no views, ``k < 2`` for the
+margin, ``A < 2`` for view consistency) are null. EffDstl's consistent knowledge mining acts on
+"under_confident" views (its threshold is the student's confidence, which a cache does not know).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import combinations
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from cache_tools.errors import CacheIncompleteError, CacheMismatchError, ConfigError
-from cache_tools.reader import ShardBlock, read_block
-from cache_tools.store import STATUS_VALID, CacheStore
-from cache_tools.targets import TAIL_MODES, SparseTargets, TailMode, sparse_probs
+from kdcache.errors import CacheIncompleteError, CacheMismatchError, ConfigError
+from kdcache.reader import ShardBlock, read_block
+from kdcache.store import STATUS_VALID, CacheStore
+from kdcache.targets import TAIL_MODES, SparseTargets, TailMode, sparse_probs
 
 log = logging.getLogger(__name__)
 
@@ -78,14 +89,15 @@ PAIR_2D_BINS = 40
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 UNDER_CONFIDENT = (0.5, 0.7, 0.9)
 TAIL_MASS_FLOOR = 1e-8
-"""The tail mass is binned in log10 over [1e-8, 1] (1000 bins: 1.9 % apart); smaller tails, 0 among them, count in the first bin."""
+"""The tail mass is binned in log10 over [1e-8, 1] (1000 bins: 1.9 % apart); smaller tails, 0 among
+them, count in the first bin."""
 TOP_CONFUSED = 10
 COMPACT_EVERY = 1 << 20
 TAIL_NOTES = {
-    "spread": "each of the C-k classes outside the top-k gets an equal share of the exact tail mass "
-              "(exact at T=1 for the top-k and the tail mass; the entropy is then an upper bound)",
+    "spread": "each of the C-k classes outside the top-k gets an equal share of the exact tail "
+    "mass (exact at T=1 for the top-k and the tail mass; the entropy is then an upper bound)",
     "renorm": "the tail is dropped and the top-k renormalised (entropy is then a lower bound)",
-}  # fmt: skip
+}
 
 
 # ---- accumulators ------------------------------------------------------------------------
@@ -128,14 +140,18 @@ class Histogram:
         x = x[np.isfinite(x)]
         if x.size == 0:
             return
-        i = np.clip(np.floor((self._axis(x) - self._axis(self.lo)) / self.width), 0, self.bins - 1).astype(np.int64)
+        i = np.clip(
+            np.floor((self._axis(x) - self._axis(self.lo)) / self.width), 0, self.bins - 1
+        ).astype(np.int64)
         self.counts += np.bincount(i, minlength=self.bins)
         self.n += int(x.size)
         self.total += float(x.sum())
-        self.vmin, self.vmax = min(self.vmin, float(x.min())), max(self.vmax, float(x.max()))
+        self.vmin = min(self.vmin, float(x.min()))
+        self.vmax = max(self.vmax, float(x.max()))
 
     def quantile(self, q: float) -> float | None:
-        """Inverted-CDF quantile (``0 < q <= 1``), interpolated within its bin, clipped to [min, max]."""
+        """Inverted-CDF quantile (``0 < q <= 1``), interpolated within its bin, clipped to
+        [min, max]."""
         if self.n == 0:
             return None
         cum = np.cumsum(self.counts)
@@ -147,7 +163,9 @@ class Histogram:
 
     def summary(self) -> dict[str, Any]:
         """The DIST object of the JSON schema."""
-        merged = self.counts.reshape(HIST_BINS, -1).sum(1) if self.bins % HIST_BINS == 0 else self.counts
+        merged = (
+            self.counts.reshape(HIST_BINS, -1).sum(1) if self.bins % HIST_BINS == 0 else self.counts
+        )
         edges = self._value(np.linspace(self._axis(self.lo), self._axis(self.hi), len(merged) + 1))
         return {
             "n": self.n,
@@ -157,8 +175,10 @@ class Histogram:
             "quantiles": {f"p{round(q * 100)}": self.quantile(q) for q in QUANTILES},
             "scale": "log10" if self.log else "linear",
             "resolution": self.width,
-            "hist": {"edges": [float(f"{e:.6g}") if self.log else round(float(e), 6) for e in edges],
-                     "counts": merged.tolist()},
+            "hist": {
+                "edges": [float(f"{e:.6g}") if self.log else round(float(e), 6) for e in edges],
+                "counts": merged.tolist(),
+            },
         }
 
 
@@ -186,8 +206,11 @@ class SparseCounts:
         new = np.concatenate(self.pending) if self.pending else np.zeros(0, dtype=np.int64)
         weights = np.concatenate([self.counts, np.ones(new.size, dtype=np.int64)])
         self.codes, inverse = np.unique(np.concatenate([self.codes, new]), return_inverse=True)
-        self.counts = np.bincount(inverse, weights=weights, minlength=self.codes.size).astype(np.int64)
-        self.pending, self.pending_size = [], 0
+        self.counts = np.bincount(inverse, weights=weights, minlength=self.codes.size).astype(
+            np.int64
+        )
+        self.pending = []
+        self.pending_size = 0
 
     def most_common(self, n: int) -> list[tuple[int, int]]:
         """The ``n`` most frequent (code, count), ties broken by the smaller code."""
@@ -203,7 +226,7 @@ class Views:
     ``probs`` are the exact top-k probabilities at T=1 ``[n, A, k]``; ``dist_top`` ``[n, A, k]`` and
     ``dist_other`` (each class outside the top-k) are the T=1 distribution under the tail treatment.
     ``label`` is -1 where a view has no usable label; ``targets`` holds the cached values flattened
-    to ``[n * A]`` rows, for :mod:`cache_tools.targets`.
+    to ``[n * A]`` rows, for :mod:`kdcache.targets`.
     """
 
     label: np.ndarray
@@ -237,16 +260,38 @@ def teacher_views(block: ShardBlock, teacher: str, num_classes: int, tail: TailM
     labels = block.labels[valid].astype(np.int64)
     labels = np.where((labels >= 0) & (labels < num_classes), labels, -1)
     label = np.repeat(labels[:, None], a, axis=1)
-    logit, lse = tb.topk_logit[valid].astype(np.float32), tb.lse[valid].astype(np.float32)
-    label_logit, tail_lse = tb.label_logit[valid].astype(np.float32), tb.tail_lse[valid].astype(np.float32)
+    logit = tb.topk_logit[valid].astype(np.float32)
+    lse = tb.lse[valid].astype(np.float32)
+    label_logit = tb.label_logit[valid].astype(np.float32)
+    tail_lse = tb.tail_lse[valid].astype(np.float32)
     probs = np.minimum(np.exp(logit - lse[..., None]), 1.0)
-    label_prob = np.where(label >= 0, np.minimum(np.exp(np.where(label >= 0, label_logit - lse, 0.0)), 1.0), np.nan)
+    label_prob = np.where(
+        label >= 0, np.minimum(np.exp(np.where(label >= 0, label_logit - lse, 0.0)), 1.0), np.nan
+    )
     tail_mass = np.minimum(np.exp(tail_lse - lse), 1.0)
-    targets = SparseTargets(*(torch.from_numpy(np.ascontiguousarray(v)) for v in (
-        idx.reshape(-1, k), logit.reshape(-1, k), lse.reshape(-1), label_logit.reshape(-1), tail_lse.reshape(-1))))  # fmt: skip
+    targets = SparseTargets(
+        *(
+            torch.from_numpy(np.ascontiguousarray(v))
+            for v in (
+                idx.reshape(-1, k),
+                logit.reshape(-1, k),
+                lse.reshape(-1),
+                label_logit.reshape(-1),
+                tail_lse.reshape(-1),
+            )
+        )
+    )
     top, other = sparse_probs(targets, num_classes, 1.0, tail)
-    return Views(label, idx, probs, label_prob, tail_mass, targets,
-                 top.double().numpy().reshape(n, a, k), other.double().numpy().reshape(n, a))  # fmt: skip
+    return Views(
+        label,
+        idx,
+        probs,
+        label_prob,
+        tail_mass,
+        targets,
+        top.double().numpy().reshape(n, a, k),
+        other.double().numpy().reshape(n, a),
+    )
 
 
 def _xlogy(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -263,31 +308,48 @@ def _js_terms(p: np.ndarray, q: np.ndarray) -> np.ndarray:
     return 0.5 * (_xlogy(p, 2 * p / s) + _xlogy(q, 2 * q / s))
 
 
-def js_divergence(idx_p: np.ndarray, top_p: np.ndarray, other_p: np.ndarray,
-                  idx_q: np.ndarray, top_q: np.ndarray, other_q: np.ndarray, num_classes: int) -> np.ndarray:
-    """Exact JS divergence (nats) of sparse distributions: ``top`` on ``idx`` ``[B, k]``, ``other`` elsewhere ``[B]``.
+def js_divergence(
+    idx_p: np.ndarray,
+    top_p: np.ndarray,
+    other_p: np.ndarray,
+    idx_q: np.ndarray,
+    top_q: np.ndarray,
+    other_q: np.ndarray,
+    num_classes: int,
+) -> np.ndarray:
+    """Exact JS divergence (nats) of sparse distributions: ``top`` on ``idx`` ``[B, k]``, ``other``
+    elsewhere ``[B]``.
 
     Equals the JS divergence of the dense ``[B, C]`` distributions without building them.
-    """  # fmt: skip
-    match = (idx_p[:, :, None] == idx_q[:, None, :]).astype(np.float64)  # [B, kp, kq], batched matmuls below
-    on_p = match @ np.stack([top_q, np.ones_like(top_q)], -1)  # q's value on p's classes, and whether q has them
+    """
+    match = (idx_p[:, :, None] == idx_q[:, None, :]).astype(
+        np.float64
+    )  # [B, kp, kq], batched matmuls below
+    on_p = match @ np.stack(
+        [top_q, np.ones_like(top_q)], -1
+    )  # q's value on p's classes, and whether q has them
     in_q = on_p[..., 1] > 0
     in_p = (np.ones((1, 1, match.shape[1])) @ match)[:, 0] > 0
     q_on_p = np.where(in_q, on_p[..., 0], other_q[:, None])
     js = _js_terms(top_p, q_on_p).sum(-1)
-    js += np.where(in_p, 0.0, _js_terms(np.broadcast_to(other_p[:, None], top_q.shape), top_q)).sum(-1)
+    js += np.where(in_p, 0.0, _js_terms(np.broadcast_to(other_p[:, None], top_q.shape), top_q)).sum(
+        -1
+    )
     rest = num_classes - idx_p.shape[1] - (~in_p).sum(-1)
     return js + rest * _js_terms(other_p, other_q)
 
 
-def entropy(targets: SparseTargets, num_classes: int, temperature: float, tail: TailMode) -> np.ndarray:
+def entropy(
+    targets: SparseTargets, num_classes: int, temperature: float, tail: TailMode
+) -> np.ndarray:
     """Entropy (nats) of each target at ``temperature`` under the tail treatment, ``[B]``."""
     top, other = (t.double().numpy() for t in sparse_probs(targets, num_classes, temperature, tail))
     return entropy_of(top, other, num_classes)
 
 
 def entropy_of(top: np.ndarray, other: np.ndarray, num_classes: int) -> np.ndarray:
-    """Entropy (nats) of ``top`` ``[..., k]`` plus ``other`` ``[...]`` on each of the other classes."""
+    """Entropy (nats) of ``top`` ``[..., k]`` plus ``other`` ``[...]`` on each of the other
+    classes."""
     return -(_xlogy(top, top).sum(-1) + (num_classes - top.shape[-1]) * _xlogy(other, other))
 
 
@@ -321,8 +383,12 @@ class TeacherStats:
     hists: dict[str, Histogram] = field(init=False)
     ece: np.ndarray = field(init=False)
     under: np.ndarray = field(init=False)
-    classes: np.ndarray = field(init=False)  # per class: views, top-1 right, sum of p(label), sum of max prob
-    errors: SparseCounts = field(default_factory=SparseCounts)  # true * C + predicted, wrong views only
+    classes: np.ndarray = field(
+        init=False
+    )  # per class: views, top-1 right, sum of p(label), sum of max prob
+    errors: SparseCounts = field(
+        default_factory=SparseCounts
+    )  # true * C + predicted, wrong views only
     consistency: dict[str, int] = field(init=False)
     topk_hits: int = 0
 
@@ -346,18 +412,26 @@ class TeacherStats:
 
     def _update_distributions(self, v: Views) -> None:
         self.hists["max_prob"].add(v.probs[..., 0])
-        self.hists["tail_mass"].add(v.tail_mass)  # stored, exact: not 1 - sum(top-k), which is mostly rounding
+        self.hists["tail_mass"].add(
+            v.tail_mass
+        )  # stored, exact: not 1 - sum(top-k), which is mostly rounding
         if self.k >= 2:
             self.hists["margin"].add(v.probs[..., 0] - v.probs[..., 1])
         for t in self.temperatures:
-            h = (entropy_of(v.dist_top, v.dist_other, self.num_classes) if t == 1.0
-                 else entropy(v.targets, self.num_classes, t, self.tail))  # fmt: skip
+            h = (
+                entropy_of(v.dist_top, v.dist_other, self.num_classes)
+                if t == 1.0
+                else entropy(v.targets, self.num_classes, t, self.tail)
+            )
             self.hists[_tkey(t)].add(h)
 
     def _update_labelled(self, v: Views) -> None:
         mask = v.labelled
-        label, pred, correct = v.label[mask], v.pred[mask], v.correct[mask]
-        lp, conf = v.label_prob[mask], v.probs[..., 0][mask]
+        label = v.label[mask]
+        pred = v.pred[mask]
+        correct = v.correct[mask]
+        lp = v.label_prob[mask]
+        conf = v.probs[..., 0][mask]
         self.labelled += int(mask.sum())
         self.topk_hits += int((v.idx[mask][:, : min(self.k, 5)] == label[:, None]).any(-1).sum())
         self.hists["label_prob"].add(lp)
@@ -375,9 +449,17 @@ class TeacherStats:
         self.consistency["views_per_sample"] = a
         self.consistency["disagree"] += int((v.pred != v.pred[:, :1]).any(1).sum())
         for i, j in combinations(range(a), 2):
-            self.hists["view_js"].add(js_divergence(
-                v.idx[:, i], v.dist_top[:, i], v.dist_other[:, i],
-                v.idx[:, j], v.dist_top[:, j], v.dist_other[:, j], self.num_classes))  # fmt: skip
+            self.hists["view_js"].add(
+                js_divergence(
+                    v.idx[:, i],
+                    v.dist_top[:, i],
+                    v.dist_other[:, i],
+                    v.idx[:, j],
+                    v.dist_top[:, j],
+                    v.dist_other[:, j],
+                    self.num_classes,
+                )
+            )
 
 
 def _tkey(temperature: float) -> str:
@@ -399,7 +481,10 @@ def teacher_report(s: TeacherStats, class_names: Sequence[str]) -> dict[str, Any
         "entropy": {_tkey(t): s.hists[_tkey(t)].summary() for t in s.temperatures},
         **_calibration(s.ece),
         "under_confident": _under_confident(s.under, correct, s.labelled),
-        "wrong": {"views": s.labelled - correct, "fraction": _ratio(s.labelled - correct, s.labelled)},
+        "wrong": {
+            "views": s.labelled - correct,
+            "fraction": _ratio(s.labelled - correct, s.labelled),
+        },
         "per_class": _per_class(s.classes, class_names),
         "confused_pairs": _confused_pairs(s.errors, s.classes[0], class_names),
         "view_consistency": _view_consistency(s),
@@ -411,23 +496,28 @@ def _calibration(ece: np.ndarray) -> dict[str, Any]:
     counts, conf, hits = ece
     n = counts.sum()
     with np.errstate(invalid="ignore", divide="ignore"):
-        mean_conf, accuracy = conf / counts, hits / counts
+        mean_conf = conf / counts
+        accuracy = hits / counts
     gaps = np.abs(hits - conf).sum()  # sum_b n_b |acc_b - conf_b|
     return {
         "ece": float(gaps / n) if n else None,
         "reliability": {
             "edges": np.linspace(0, 1, ECE_BINS + 1).round(6).tolist(),
             "counts": counts.astype(np.int64).tolist(),
-            "confidence": [float(x) if c else None for x, c in zip(mean_conf, counts)],
-            "accuracy": [float(x) if c else None for x, c in zip(accuracy, counts)],
+            "confidence": [float(x) if c else None for x, c in zip(mean_conf, counts, strict=True)],
+            "accuracy": [float(x) if c else None for x, c in zip(accuracy, counts, strict=True)],
         },
     }
 
 
 def _under_confident(under: np.ndarray, correct: int, labelled: int) -> dict[str, Any]:
     return {
-        str(t): {"views": int(c), "fraction": _ratio(int(c), labelled), "fraction_of_correct": _ratio(int(c), correct)}
-        for t, c in zip(UNDER_CONFIDENT, under)
+        str(t): {
+            "views": int(c),
+            "fraction": _ratio(int(c), labelled),
+            "fraction_of_correct": _ratio(int(c), correct),
+        }
+        for t, c in zip(UNDER_CONFIDENT, under, strict=True)
     }
 
 
@@ -438,24 +528,39 @@ def _name(class_names: Sequence[str], c: int) -> str:
 def _per_class(classes: np.ndarray, names: Sequence[str]) -> list[dict[str, Any]]:
     views, right, label_prob, max_prob = classes
     return [
-        {"class": c, "name": _name(names, c), "views": int(n), "top1": _ratio(float(right[c]), n),
-         "label_prob_mean": _ratio(float(label_prob[c]), n), "max_prob_mean": _ratio(float(max_prob[c]), n)}
+        {
+            "class": c,
+            "name": _name(names, c),
+            "views": int(n),
+            "top1": _ratio(float(right[c]), n),
+            "label_prob_mean": _ratio(float(label_prob[c]), n),
+            "max_prob_mean": _ratio(float(max_prob[c]), n),
+        }
         for c, n in enumerate(views.astype(np.int64).tolist())
-    ]  # fmt: skip
+    ]
 
 
-def _confused_pairs(errors: SparseCounts, views: np.ndarray, names: Sequence[str]) -> list[dict[str, Any]]:
+def _confused_pairs(
+    errors: SparseCounts, views: np.ndarray, names: Sequence[str]
+) -> list[dict[str, Any]]:
     """The most frequent (true -> predicted) errors; ties broken by class ids."""
     c = len(views)
     return [
-        {"true": code // c, "true_name": _name(names, code // c), "pred": code % c,
-         "pred_name": _name(names, code % c), "count": count, "fraction_of_true": count / float(views[code // c])}
+        {
+            "true": code // c,
+            "true_name": _name(names, code // c),
+            "pred": code % c,
+            "pred_name": _name(names, code % c),
+            "count": count,
+            "fraction_of_true": count / float(views[code // c]),
+        }
         for code, count in errors.most_common(TOP_CONFUSED)
-    ]  # fmt: skip
+    ]
 
 
 def _view_consistency(s: TeacherStats) -> dict[str, Any]:
-    cons, a = s.consistency, s.consistency["views_per_sample"]
+    cons = s.consistency
+    a = s.consistency["views_per_sample"]
     return {
         "samples": cons["samples"],
         "views_per_sample": a,
@@ -473,26 +578,54 @@ class PairStats:
     num_classes: int
     views: int = 0
     agree: int = 0
-    cells: np.ndarray = field(default_factory=lambda: np.zeros(4, dtype=np.int64))  # both, a only, b only, neither
-    both_sums: np.ndarray = field(default_factory=lambda: np.zeros(4))  # sum p_a, sum p_b, n(a > b), n(b > a)
-    hist2d: np.ndarray = field(default_factory=lambda: np.zeros((PAIR_2D_BINS, PAIR_2D_BINS), dtype=np.int64))
+    cells: np.ndarray = field(
+        default_factory=lambda: np.zeros(4, dtype=np.int64)
+    )  # both, a only, b only, neither
+    both_sums: np.ndarray = field(
+        default_factory=lambda: np.zeros(4)
+    )  # sum p_a, sum p_b, n(a > b), n(b > a)
+    hist2d: np.ndarray = field(
+        default_factory=lambda: np.zeros((PAIR_2D_BINS, PAIR_2D_BINS), dtype=np.int64)
+    )
     js: Histogram = field(default_factory=lambda: Histogram(0.0, math.log(2)))
 
     def update(self, va: Views, vb: Views) -> None:
         """Add one block's views of both teachers."""
         self.views += va.label.size
         self.agree += int((va.pred == vb.pred).sum())
-        self.js.add(js_divergence(_flat(va.idx), _flat(va.dist_top), _flat(va.dist_other),
-                                  _flat(vb.idx), _flat(vb.dist_top), _flat(vb.dist_other), self.num_classes))  # fmt: skip
+        self.js.add(
+            js_divergence(
+                _flat(va.idx),
+                _flat(va.dist_top),
+                _flat(va.dist_other),
+                _flat(vb.idx),
+                _flat(vb.dist_top),
+                _flat(vb.dist_other),
+                self.num_classes,
+            )
+        )
         mask = va.labelled
-        ca, cb = va.correct[mask], vb.correct[mask]
-        self.cells += [int((ca & cb).sum()), int((ca & ~cb).sum()), int((~ca & cb).sum()), int((~ca & ~cb).sum())]
-        pa, pb = va.label_prob[mask], vb.label_prob[mask]
+        ca = va.correct[mask]
+        cb = vb.correct[mask]
+        self.cells += [
+            int((ca & cb).sum()),
+            int((ca & ~cb).sum()),
+            int((~ca & cb).sum()),
+            int((~ca & ~cb).sum()),
+        ]
+        pa = va.label_prob[mask]
+        pb = vb.label_prob[mask]
         both = ca & cb
-        self.both_sums += [pa[both].sum(), pb[both].sum(), (pa[both] > pb[both]).sum(), (pb[both] > pa[both]).sum()]
+        self.both_sums += [
+            pa[both].sum(),
+            pb[both].sum(),
+            (pa[both] > pb[both]).sum(),
+            (pb[both] > pa[both]).sum(),
+        ]
         bins = [np.clip((p * PAIR_2D_BINS).astype(np.int64), 0, PAIR_2D_BINS - 1) for p in (pa, pb)]
-        self.hist2d += np.bincount(bins[0] * PAIR_2D_BINS + bins[1], minlength=PAIR_2D_BINS**2).reshape(
-            PAIR_2D_BINS, PAIR_2D_BINS)
+        self.hist2d += np.bincount(
+            bins[0] * PAIR_2D_BINS + bins[1], minlength=PAIR_2D_BINS**2
+        ).reshape(PAIR_2D_BINS, PAIR_2D_BINS)
 
 
 def _flat(x: np.ndarray) -> np.ndarray:
@@ -502,7 +635,8 @@ def _flat(x: np.ndarray) -> np.ndarray:
 
 def pair_report(p: PairStats) -> dict[str, Any]:
     """The JSON object of one teacher pair (see the module docstring)."""
-    labelled, both = int(p.cells.sum()), int(p.cells[0])
+    labelled = int(p.cells.sum())
+    both = int(p.cells[0])
     sum_a, sum_b, a_more, b_more = p.both_sums
     return {
         "a": p.a,
@@ -510,8 +644,12 @@ def pair_report(p: PairStats) -> dict[str, Any]:
         "views": p.views,
         "top1_agreement": _ratio(p.agree, p.views),
         "js": p.js.summary(),
-        "correctness": {key: _ratio(int(n), labelled) for key, n in
-                        zip(("both_right", "a_only", "b_only", "both_wrong"), p.cells)},  # fmt: skip
+        "correctness": {
+            key: _ratio(int(n), labelled)
+            for key, n in zip(
+                ("both_right", "a_only", "b_only", "both_wrong"), p.cells, strict=True
+            )
+        },
         "both_right": {
             "views": both,
             "label_prob_mean_a": _ratio(float(sum_a), both),
@@ -534,20 +672,24 @@ def select_teachers(store: CacheStore, teachers: Sequence[str] | None) -> list[s
     unknown = [t for t in teachers if t not in available]
     if unknown:
         raise CacheMismatchError(
-            f"unknown teacher{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} in cache "
-            f"{store.path!r}; valid: {', '.join(available)}"
+            f"unknown teacher{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
+            f"in cache {store.path!r}; valid: {', '.join(available)}"
         )
     return list(dict.fromkeys(teachers))
 
 
-def plan_shards(store: CacheStore, teachers: list[str], require_complete: bool) -> tuple[list[int], dict[str, list[str]]]:
+def plan_shards(
+    store: CacheStore, teachers: list[str], require_complete: bool
+) -> tuple[list[int], dict[str, list[str]]]:
     """Shard indices to read and the incomplete shards left out (``{"views"|teacher: [names]}``)."""
     incomplete = store.incomplete_shards(teachers)
     if not incomplete:
         return list(range(store.num_shards)), {}
     listing = "; ".join(f"{what}: {', '.join(names)}" for what, names in incomplete.items())
     if require_complete:
-        raise CacheIncompleteError(f"cache {store.path!r} has incomplete shards ({listing}): run precompute to finish them")
+        raise CacheIncompleteError(
+            f"cache {store.path!r} has incomplete shards ({listing}): run precompute to finish them"
+        )
     log.warning("skipping incomplete shards of %s (%s)", store.path, listing)
     skipped = {name for names in incomplete.values() for name in names}
     return [i for i, s in enumerate(store.meta.fingerprint.shards) if s not in skipped], incomplete
@@ -558,7 +700,9 @@ def check_settings(temperatures: Sequence[float], tail: str) -> None:
         raise ConfigError(f"tail must be one of {', '.join(TAIL_MODES)}, found {tail!r}")
     bad = [t for t in temperatures if not (t > 0 and math.isfinite(t))]
     if bad or not temperatures:
-        raise ConfigError(f"temperatures must be positive finite numbers, found {list(temperatures)}")
+        raise ConfigError(
+            f"temperatures must be positive finite numbers, found {list(temperatures)}"
+        )
 
 
 def inspect_cache(
@@ -575,12 +719,15 @@ def inspect_cache(
     temperatures = list(dict.fromkeys(float(t) for t in temperatures))
     names = select_teachers(store, teachers)
     shards, skipped = plan_shards(store, names, require_complete)
-    meta, c = store.meta, store.meta.num_classes
+    meta = store.meta
+    c = store.meta.num_classes
     stats = {n: TeacherStats(n, store.teacher_meta(n).k, c, temperatures, tail) for n in names}
     pairs = [PairStats(a, b, c) for a, b in combinations(names, 2)]
     with _torch_threads(1):
         for index in shards:
-            block = read_block(store, index, names, require_complete=False)  # marks checked by plan_shards
+            block = read_block(
+                store, index, names, require_complete=False
+            )  # marks checked by plan_shards
             _update_all(block, stats, pairs, c, tail)
             if progress is not None:
                 progress(1)
@@ -592,7 +739,13 @@ def inspect_cache(
     }
 
 
-def _update_all(block: ShardBlock, stats: dict[str, TeacherStats], pairs: list[PairStats], c: int, tail: TailMode) -> None:
+def _update_all(
+    block: ShardBlock,
+    stats: dict[str, TeacherStats],
+    pairs: list[PairStats],
+    c: int,
+    tail: TailMode,
+) -> None:
     views = {n: teacher_views(block, n, c, tail) for n in stats}
     for n, s in stats.items():
         s.update(views[n])

@@ -15,14 +15,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from cache_tools.errors import CacheMismatchError, ConfigError
-from cache_tools.models import ModelSpec, build_teacher, weights_digest
-from cache_tools.reader import read_block
-from cache_tools.shards import decode_image, expand_shards, iter_shard, shard_name
-from cache_tools.store import STATUS_VALID, CacheStore
-from cache_tools.teacher import ModelRunner
-from cache_tools.encoding import log_tail_tolerance, logit_tolerance
-from cache_tools.views import replay
+from kdcache.encoding import log_tail_tolerance, logit_tolerance
+from kdcache.errors import CacheMismatchError, ConfigError
+from kdcache.models import ModelSpec, build_teacher, weights_digest
+from kdcache.reader import read_block
+from kdcache.shards import decode_image, expand_shards, iter_shard, shard_name
+from kdcache.store import STATUS_VALID, CacheStore
+from kdcache.teacher import ModelRunner
+from kdcache.views import replay
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,9 @@ def pick_views(store: CacheStore, teachers: list[str], num: int, seed: int) -> P
         status = store.group["status"][store.rows(int(shard))]
         candidates += [(int(shard), int(r)) for r in np.flatnonzero(status == STATUS_VALID)]
     if not candidates:
-        raise CacheMismatchError(f"cache {store.path!r} has no complete shard with valid views to verify")
+        raise CacheMismatchError(
+            f"cache {store.path!r} has no complete shard with valid views to verify"
+        )
     rng = np.random.default_rng(seed)
     chosen = rng.choice(len(candidates), size=min(num, len(candidates)), replace=False)
     picked = Picked()
@@ -73,18 +75,27 @@ def pick_views(store: CacheStore, teachers: list[str], num: int, seed: int) -> P
     return picked
 
 
-def shard_urls(store: CacheStore, pattern: str | list[str] | None, storage_options: dict | None = None) -> dict[str, str]:
+def shard_urls(
+    store: CacheStore, pattern: str | list[str] | None, storage_options: dict | None = None
+) -> dict[str, str]:
     """Shard name -> URL, from ``pattern`` or the shards recorded in the cache's config."""
     pattern = pattern or store.meta.config.get("data", {}).get("shards")
     if not pattern:
         raise ConfigError("--shards: the cache records no shard location; pass the shards' pattern")
-    return {shard_name(u): u for u in expand_shards(pattern, key="--shards", storage_options=storage_options)}
+    return {
+        shard_name(u): u
+        for u in expand_shards(pattern, key="--shards", storage_options=storage_options)
+    }
 
 
-def replay_picked(store: CacheStore, picked: Picked, urls: dict[str, str],
-                  storage_options: dict | None = None) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
-    """Replay every picked view from its shard: ``uint8[N, C, S, S]`` and (shard, row, view) order."""
-    recipe, views, order = store.meta.recipe, [], []
+def replay_picked(
+    store: CacheStore, picked: Picked, urls: dict[str, str], storage_options: dict | None = None
+) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
+    """Replay every picked view from its shard: ``uint8[N, C, S, S]`` and (shard, row, view)
+    order."""
+    recipe = store.meta.recipe
+    views = []
+    order = []
     for shard, wanted in sorted(picked.by_shard.items()):
         block = read_block(store, shard, [])
         name = block.shard
@@ -98,7 +109,10 @@ def replay_picked(store: CacheStore, picked: Picked, urls: dict[str, str],
                 views.append(replay(image, block.view_params[row, view], recipe))
                 order.append((shard, row, view))
         if rows:
-            raise CacheMismatchError(f"shard {name!r} no longer holds keys {sorted(rows)[:3]}: it changed after the cache was built")
+            raise CacheMismatchError(
+                f"shard {name!r} no longer holds keys {sorted(rows)[:3]}: "
+                "it changed after the cache was built"
+            )
     return torch.stack(views), order
 
 
@@ -111,13 +125,19 @@ def load_teacher(store: CacheStore, teacher: str, checkpoint: str | None) -> tor
     digest = weights_digest(model)
     if digest != meta.weights_digest:
         raise CacheMismatchError(
-            f"teacher {teacher!r}: the weights built from {spec.checkpoint or spec.name!r} have digest {digest}, "
-            f"the cache was made with {meta.weights_digest}"
+            f"teacher {teacher!r}: the weights built from {spec.checkpoint or spec.name!r} "
+            f"have digest {digest}, the cache was made with {meta.weights_digest}"
         )
     return model
 
 
-def compare(store: CacheStore, teacher: str, logits: torch.Tensor, order: list[tuple[int, int, int]], atol: float) -> TeacherResult:
+def compare(
+    store: CacheStore,
+    teacher: str,
+    logits: torch.Tensor,
+    order: list[tuple[int, int, int]],
+    atol: float,
+) -> TeacherResult:
     """Compare fresh logits ``[N, C]`` with the cached values of the same views."""
     meta = store.teacher_meta(teacher)
     k = meta.k
@@ -127,37 +147,60 @@ def compare(store: CacheStore, teacher: str, logits: torch.Tensor, order: list[t
     delta = np.abs(fresh_at - cached_logit)
     tol = logit_tolerance(meta.encoding, cached_logit) + atol
     fresh_lse = torch.logsumexp(logits.float().cpu(), dim=1).numpy()
-    tail_delta, tail_bad = _compare_tail(meta.encoding, fresh, fresh_lse, cached_idx, cached_tail - cached_lse, atol)
+    tail_delta, tail_bad = _compare_tail(
+        meta.encoding, fresh, fresh_lse, cached_idx, cached_tail - cached_lse, atol
+    )
     fresh_top = np.argsort(-fresh, axis=1, kind="stable")[:, :k]
-    same_set = np.array([set(a) == set(b) for a, b in zip(fresh_top, cached_idx)])
+    same_set = np.array([set(a) == set(b) for a, b in zip(fresh_top, cached_idx, strict=True)])
     sorted_fresh = -np.sort(-fresh, axis=1)
-    tie = (sorted_fresh[:, k - 1] - sorted_fresh[:, k]) <= 2 * tol.max(axis=1) if k < fresh.shape[1] else np.zeros(len(fresh), bool)
+    tie = (
+        (sorted_fresh[:, k - 1] - sorted_fresh[:, k]) <= 2 * tol.max(axis=1)
+        if k < fresh.shape[1]
+        else np.zeros(len(fresh), bool)
+    )
     failures = int(((delta > tol).any(axis=1) | (~same_set & ~tie) | tail_bad).sum())
     return TeacherResult(
-        teacher=teacher, views=len(order), max_abs_delta=float(delta.max()),
-        max_excess=float((delta - tol).max()), max_lse_delta=float(np.abs(fresh_lse - cached_lse).max()),
+        teacher=teacher,
+        views=len(order),
+        max_abs_delta=float(delta.max()),
+        max_excess=float((delta - tol).max()),
+        max_lse_delta=float(np.abs(fresh_lse - cached_lse).max()),
         max_tail_delta=float(tail_delta.max()),
-        topk_agreement=float(same_set.mean()), top1_agreement=float((fresh_top[:, 0] == cached_idx[:, 0]).mean()),
+        topk_agreement=float(same_set.mean()),
+        top1_agreement=float((fresh_top[:, 0] == cached_idx[:, 0]).mean()),
         failures=failures,
     )
 
 
-def _compare_tail(encoding: str, fresh: np.ndarray, fresh_lse: np.ndarray, cached_idx: np.ndarray,
-                  cached_log_tail: np.ndarray, atol: float) -> tuple[np.ndarray, np.ndarray]:
+def _compare_tail(
+    encoding: str,
+    fresh: np.ndarray,
+    fresh_lse: np.ndarray,
+    cached_idx: np.ndarray,
+    cached_log_tail: np.ndarray,
+    atol: float,
+) -> tuple[np.ndarray, np.ndarray]:
     """(|Δ tail mass|, beyond tolerance) per view: the fresh logits outside the cached top-k against
-    the stored tail, in log space (each logit may move by ``atol``, so the log tail mass by 2 atol)."""
+    the stored tail, in log space (each logit may move by ``atol``, so the log tail mass by 2
+    atol)."""
     outside = fresh.copy()
     np.put_along_axis(outside, cached_idx, -np.inf, axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):
         fresh_log_tail = torch.logsumexp(torch.from_numpy(outside), dim=1).numpy() - fresh_lse
-        gap = np.where(np.isneginf(fresh_log_tail) & np.isneginf(cached_log_tail), 0.0,
-                       np.abs(fresh_log_tail - cached_log_tail))
+        gap = np.where(
+            np.isneginf(fresh_log_tail) & np.isneginf(cached_log_tail),
+            0.0,
+            np.abs(fresh_log_tail - cached_log_tail),
+        )
     bad = gap > log_tail_tolerance(encoding, cached_log_tail) + 2 * atol
     return np.abs(np.exp(fresh_log_tail) - np.exp(cached_log_tail)), bad
 
 
 def _cached(store: CacheStore, teacher: str, order: list[tuple[int, int, int]]):
-    idx, logit, lse, tail = [], [], [], []
+    idx = []
+    logit = []
+    lse = []
+    tail = []
     for shard in sorted({s for s, _, _ in order}):
         tb = read_block(store, shard, [teacher]).teachers[teacher]
         for s, row, view in order:
@@ -166,25 +209,50 @@ def _cached(store: CacheStore, teacher: str, order: list[tuple[int, int, int]]):
                 logit.append(tb.topk_logit[row, view].astype(np.float32))
                 lse.append(tb.lse[row, view])
                 tail.append(tb.tail_lse[row, view])
-    return np.stack(idx), np.stack(logit), np.array(lse, dtype=np.float32), np.array(tail, dtype=np.float32)
+    return (
+        np.stack(idx),
+        np.stack(logit),
+        np.array(lse, dtype=np.float32),
+        np.array(tail, dtype=np.float32),
+    )
 
 
 def verify_cache(
-    store: CacheStore, *, teachers: list[str] | None = None, num: int = 64, seed: int = 0,
-    shards: str | list[str] | None = None, checkpoint: str | None = None, device: str = "auto",
-    amp: str = "auto", atol: float = 1e-3, batch_size: int = 256, storage_options: dict | None = None,
+    store: CacheStore,
+    *,
+    teachers: list[str] | None = None,
+    num: int = 64,
+    seed: int = 0,
+    shards: str | list[str] | None = None,
+    checkpoint: str | None = None,
+    device: str = "auto",
+    amp: str = "auto",
+    atol: float = 1e-3,
+    batch_size: int = 256,
+    storage_options: dict | None = None,
 ) -> list[TeacherResult]:
-    """Recompute ``num`` random stored views and compare, per teacher. ``storage_options``: fsspec's,
-    for the shards (the cache's config saves its ``data.storage_options`` redacted, so pass them)."""
+    """Recompute ``num`` random stored views and compare, per teacher. ``storage_options``:
+    fsspec's, for the shards (the cache's config saves its ``data.storage_options`` redacted, so
+    pass them)."""
     teachers = teachers or store.teachers
     if not teachers:
         raise CacheMismatchError(f"cache {store.path!r} has no teachers to verify")
     picked = pick_views(store, teachers, num, seed)
-    views, order = replay_picked(store, picked, shard_urls(store, shards, storage_options), storage_options)
+    views, order = replay_picked(
+        store, picked, shard_urls(store, shards, storage_options), storage_options
+    )
     results = []
     for teacher in teachers:
-        runner = ModelRunner(load_teacher(store, teacher, checkpoint), store.meta.recipe, device=device, amp=amp, name=teacher)
-        logits = torch.cat([runner(views[i : i + batch_size]) for i in range(0, len(views), batch_size)])
+        runner = ModelRunner(
+            load_teacher(store, teacher, checkpoint),
+            store.meta.recipe,
+            device=device,
+            amp=amp,
+            name=teacher,
+        )
+        logits = torch.cat(
+            [runner(views[i : i + batch_size]) for i in range(0, len(views), batch_size)]
+        )
         results.append(compare(store, teacher, logits, order, atol))
         log.info("verified teacher %s on %d views", teacher, len(order))
     return results

@@ -1,11 +1,10 @@
-"""``kdcache validate CACHE``: exit 0 when the cache is complete and sound, 1 listing every problem."""
+"""``kdcache validate CACHE``: exit 0 when the cache is complete and sound,
+1 listing every problem.
+"""
 
 from __future__ import annotations
 
 import argparse
-
-from cache_tools.store import open_store
-from cache_tools.validate import validate_cache
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -14,11 +13,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from kdcache.store import open_store
+    from kdcache.tools.validate import validate_cache
+
     store = open_store(args.cache)
     report = validate_cache(store, args.teacher)
     teachers = args.teacher or store.teachers
-    print(f"cache {args.cache}: {report.shards} shards, {report.views} valid views, "
-          f"{report.invalid_rows} invalid rows, teachers: {', '.join(teachers) or 'none'}")
+    print(
+        f"cache {args.cache}: {report.shards} shards, {report.views} valid views, "
+        f"{report.invalid_rows} invalid rows, teachers: {', '.join(teachers) or 'none'}"
+    )
     if report.ok:
         print("valid: every shard complete, every check passed")
         return 0

@@ -1,0 +1,53 @@
+"""``kdcache precompute CONFIG [dotted.key=value ...] [--overwrite]``:
+teachers over shards x views.
+
+Under the cache's writer lock (``<cache>.lock``; a second run on the same cache is refused naming
+the holder): plan (scan shards, open or create the cache, list the shards still to do), run the
+shard tasks on Ray actors, print a summary. Rerunning the same command resumes: finished shards
+are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML config, e.g. configs/smoke/precompute.yaml")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="dotted-key overrides, e.g. cache.path=runs/cache ray.num_actors=2",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete an existing cache at cache.path and start over",
+    )
+    parser.add_argument(
+        "--force-unlock",
+        action="store_true",
+        help="remove the cache's writer lock left by a run that is gone "
+        "(e.g. killed on another host)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from kdcache.config import load_config
+    from kdcache.pipeline.config import PrecomputeConfig
+    from kdcache.pipeline.runner import precompute
+
+    overrides = list(args.overrides) + (["cache.overwrite=true"] if args.overwrite else [])
+    overrides += ["cache.force_unlock=true"] if args.force_unlock else []
+    cfg = load_config(PrecomputeConfig, args.config, overrides)
+    plan, summary = precompute(cfg)
+    if summary is None:
+        teachers = ", ".join(t.name for t in plan.teachers)
+        print(
+            f"precompute: nothing to do: 0 shards to do, all {len(plan.data.indexes)} shards are "
+            f"complete for {teachers} in {plan.cache_path}"
+        )
+        return 0
+    print("\n".join(summary.lines()))
+    return 0

@@ -1,0 +1,58 @@
+"""Fixtures shared by several test modules.
+
+Module-scoped fixtures here are still set up once per test module that uses them, as when each
+module defined (or imported) its own copy.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+import ray
+from cachebuild import build_cache, write_shards
+
+from kdcache.pipeline.make_shards import make_synthetic_shards
+
+SIZE = 16  # side of data_dir's images
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """One local Ray for the whole module; precomputes reuse it (and kill their actors)."""
+    temp = tempfile.mkdtemp(prefix="kdr", dir="/tmp")
+    previous = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, logging_level="WARNING")
+    yield
+    ray.shutdown()
+    if previous is None:
+        os.environ.pop("RAY_AUTH_MODE", None)
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """4 synthetic shards of 40 RGB 16x16 samples, 10 classes, with a manifest."""
+    out = tmp_path_factory.mktemp("shards")
+    make_synthetic_shards(out, 160, 0, classes=10, size=SIZE, channels=3, seed=0, shard_size=40)
+    return out
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """The trainer tests' world: 4 train shards x 12 grey samples (train_000005 invalid), a
+    20-sample val shard, a cache with teachers ``tiny`` (k=4) and ``top2`` (k=2).
+
+    test_bench.py and test_train_data.py define their own ``world``, which overrides this one.
+    """
+    root = tmp_path_factory.mktemp("trainer")
+    urls = write_shards(root / "shards")
+    val = write_shards(root / "shards", prefix="val", num_shards=1, per_shard=20)
+    store = build_cache(
+        root / "cache.zarr", urls, teachers={"tiny": 4, "top2": 2}, invalid_keys=("train_000005",)
+    )
+    return {"root": root, "urls": urls, "val": val, "store": store}
