@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -13,6 +14,7 @@ import yaml
 from cachebuild import build_cache, write_shards
 
 REPO = Path(__file__).resolve().parents[1]
+IGNORE = shutil.ignore_patterns("__pycache__", "*.egg-info")
 SHADOWS = "raise SystemExit('the project\\'s own {name}.py was imported instead of kdcache\\'s')\n"
 
 
@@ -31,23 +33,15 @@ def run(args: list[str], cwd: Path, timeout: int = 120) -> subprocess.CompletedP
 
 
 def test_the_wheel_installs_kdcache_only(tmp_path) -> None:
+    source = tmp_path / "source"  # a copy: pip builds in the tree, leaving build/ behind
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    for name in ("cache_tools", "pipeline", "train"):
+        shutil.copytree(REPO / name, source / name, ignore=IGNORE)
     wheel_dir = tmp_path / "wheel"
-    built = run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "-q",
-            "--no-deps",
-            "--no-build-isolation",
-            "-w",
-            str(wheel_dir),
-            str(REPO),
-        ],
-        cwd=tmp_path,
-        timeout=300,
-    )
+    command = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
+    built = run([*command, "-w", str(wheel_dir), str(source)], cwd=tmp_path, timeout=300)
     assert built.returncode == 0, built.stderr
     [wheel] = wheel_dir.glob("kdcache-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
