@@ -32,10 +32,11 @@ import numpy as np
 import torch
 
 from benchmarks.common import machine, rotated, table, target_divergence
+from kdcache.augment import ErasingConfig, JitterConfig, MixConfig
 from kdcache.reader import read_block
 from kdcache.store import STATUS_VALID, CacheStore, Fingerprint
-from kdcache.targets import SparseTargets, from_logits, tail_mass_t1, truncate
-from kdcache.views import ViewRecipe, view_params
+from kdcache.targets import MixedLabels, SparseTargets, from_logits, tail_mass_t1, truncate
+from kdcache.views import ViewParams, ViewRecipe, draw_view, group_partners, grouped
 from kdcache.writer import add_teacher, create_store, write_targets, write_views
 
 ENCODINGS = ("fp16", "q8")
@@ -51,6 +52,21 @@ GENERATOR = {
     "view_scale": (0.5, 1.0),
 }
 """Parameters of :func:`teacher_logits` (recorded in the results)."""
+STRONG = {"policy": "rand-m9-mstd0.5", "erasing": ErasingConfig(prob=0.25)}
+RECIPES = {
+    "crop": ViewRecipe(),
+    "b2": ViewRecipe(**STRONG),
+    "b3": ViewRecipe(
+        **STRONG,
+        color_jitter=JitterConfig(brightness=0.4, contrast=0.4, saturation=0.4),
+        mix=MixConfig(mixup_alpha=0.8, cutmix_alpha=1.0),
+    ),
+}
+"""DIST's training strategies (paper 001, Table 1) as view recipes: B1 = crop + flip; B2 = B1 +
+RandAugment (timm ``rand-m9-mstd0.5``) + random erasing (0.25, DeiT's); B3 = B2 + colour jitter
+(0.4) + Mixup (0.8) / CutMix (1.0) as DeiT runs them."""
+RECIPE_K = 10
+RECIPE_ENCODING = "q8"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -115,7 +131,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for (enc, k), store in stores.items()
     ]
     shared = shared_bytes(next(iter(stores.values())), views)
-    return summarise(args, rows, shared, logit_stats(data, args.classes))
+    recipes = {name: recipe_bytes(args, name, recipe, data) for name, recipe in RECIPES.items()}
+    return summarise(args, rows, shared, logit_stats(data, args.classes), recipes)
 
 
 # ---- teacher-like logits -------------------------------------------------------------------------
@@ -178,11 +195,15 @@ def write_cache(
     k: int,
     exact: list[SparseTargets],
     labels: list[np.ndarray],
+    recipe: ViewRecipe | None = None,
+    params: list[ViewParams] | None = None,
+    name: str | None = None,
 ) -> CacheStore:
     """A complete cache of one teacher (views + targets) through the real writer."""
-    path = args.out / f"{encoding}-k{k}"
+    recipe = recipe or ViewRecipe()
+    path = args.out / (name or f"{encoding}-k{k}")
     shutil.rmtree(path, ignore_errors=True)
-    keys = [[f"s{s:03d}_{i:06d}" for i in range(args.samples)] for s in range(args.shards)]
+    keys = bench_keys(args)
     fingerprint = Fingerprint(
         shards=[f"train-{s:06d}.tar" for s in range(args.shards)],
         counts=[args.samples] * args.shards,
@@ -192,7 +213,7 @@ def write_cache(
         str(path),
         fingerprint=fingerprint,
         keys=keys,
-        recipe=ViewRecipe(),
+        recipe=recipe,
         num_views=args.views,
         num_classes=args.classes,
         class_names=[],
@@ -205,8 +226,12 @@ def write_cache(
         model={"name": "generator"},
         weights_digest="bench",
         k=k,
+        rendering=recipe.rendering(),
         encoding=encoding,
     )
+    params = params or [
+        imagenet_like_params(recipe, keys[s], args.views, seed=s) for s in range(args.shards)
+    ]
     for s, (t, y) in enumerate(zip(exact, labels, strict=True)):
         write_views(
             store,
@@ -214,23 +239,74 @@ def write_cache(
             labels=y,
             status=np.full(args.samples, STATUS_VALID),
             errors=[""] * args.samples,
-            params=imagenet_like_params(keys[s], args.views, seed=s),
+            params=params[s],
         )
         write_targets(store, s, "teacher", truncate(t, k))
     return store
 
 
-def imagenet_like_params(keys: list[str], views: int, seed: int) -> np.ndarray:
-    """Stored RandomResizedCrop parameters of images of ImageNet-like sizes (sides 300..500)."""
+def bench_keys(args: argparse.Namespace) -> list[list[str]]:
+    return [[f"s{s:03d}_{i:06d}" for i in range(args.samples)] for s in range(args.shards)]
+
+
+def imagenet_like_params(recipe: ViewRecipe, keys: list[str], views: int, seed: int) -> ViewParams:
+    """Stored parameters of every view of images of ImageNet-like sizes (sides 300..500), drawn
+    as precompute draws them (mixing partners within each group of the shard)."""
     rng = np.random.default_rng(1000 + seed)
-    recipe = ViewRecipe()
     sizes = rng.integers(300, 501, (len(keys), 2))
-    return np.stack(
-        [
-            view_params(recipe, 0, key, views, (int(h), int(w)))
-            for key, (h, w) in zip(keys, sizes, strict=True)
-        ]
+    params = ViewParams.empty(recipe, len(keys), views)
+    for _, group in grouped(range(len(keys)), recipe.group_size):
+        for row in group:
+            partners = group_partners(row, group)
+            hw = (int(sizes[row, 0]), int(sizes[row, 1]))
+            for a in range(views):
+                params.put(row, a, draw_view(recipe, 0, keys[row], a, hw, partners))
+    return params
+
+
+def recipe_bytes(
+    args: argparse.Namespace, name: str, recipe: ViewRecipe, data: list
+) -> dict[str, float]:
+    """Bytes on disk per view of a whole cache (views, per-sample arrays and one teacher at
+    k=10, q8) made with ``recipe``. A mixed view's logits are the log of the mixture of its two
+    images' distributions by lam (how a teacher answers a Mixup image, roughly): two peaks."""
+    keys = bench_keys(args)
+    params = [imagenet_like_params(recipe, keys[s], args.views, seed=s) for s in range(args.shards)]
+    exact = []
+    for (z, y), p in zip(data, params, strict=True):
+        logits, labels = mixed_logits(torch.from_numpy(z), torch.from_numpy(y), p)
+        exact.append(from_logits(logits, labels, RECIPE_K))
+    store = write_cache(
+        args,
+        RECIPE_ENCODING,
+        RECIPE_K,
+        exact,
+        [y for _, y in data],
+        recipe,
+        params,
+        f"recipe-{name}",
     )
+    views = args.shards * args.samples * args.views
+    total = sum(p.stat().st_size for p in Path(store.path).rglob("*") if p.is_file())
+    return {"bytes_per_view": total / views, "views": float(views)}
+
+
+def mixed_logits(
+    z: torch.Tensor, labels: torch.Tensor, params: ViewParams
+) -> tuple[torch.Tensor, MixedLabels]:
+    """Flat ``[n * A, C]`` logits with every mixed view's replaced by the log of the lam-mixture
+    of its own and its partner's distributions, and the views' mixed labels."""
+    n, views, classes = z.shape
+    rows = np.repeat(np.arange(n), views)
+    view = np.tile(np.arange(views), n)
+    partner, lam = params.mixing(rows, view)
+    log_p = torch.log_softmax(z.reshape(-1, classes).double(), dim=-1)
+    other = log_p[torch.from_numpy(partner * views + view)]
+    weight = torch.from_numpy(lam).double().unsqueeze(1)
+    mixed = torch.logaddexp(log_p + weight.log(), other + (1 - weight).log())
+    mixed = torch.where(weight < 1, mixed, log_p).float()
+    own = labels[torch.from_numpy(rows)]
+    return mixed, MixedLabels(own, labels[torch.from_numpy(partner)], torch.from_numpy(lam))
 
 
 # ---- measuring -----------------------------------------------------------------------------------
@@ -245,7 +321,12 @@ def array_bytes(store: CacheStore, name: str) -> int:
 def shared_bytes(store: CacheStore, views: int) -> dict[str, float]:
     """Per-view bytes of what all teachers share: view params, and per-sample
     keys/labels/status/errors."""
-    names = ("view_params", "keys", "labels", "status", "errors")
+    names = [f"views/{n}" for n in store.views.array_keys()] + [
+        "keys",
+        "labels",
+        "status",
+        "errors",
+    ]
     out = {name: array_bytes(store, name) / views for name in names}
     out["total"] = sum(out.values())
     return out
@@ -347,6 +428,7 @@ def summarise(
     rows: list[dict[str, Any]],
     shared: dict[str, float],
     stats: dict[str, float],
+    recipes: dict[str, dict[str, float]],
 ) -> dict[str, Any]:
     """Headline numbers at k=10 (or the middle k) plus every row."""
     k10 = 10 if any(r["k"] == 10 for r in rows) else rows[len(rows) // 2]["k"]
@@ -373,6 +455,7 @@ def summarise(
         "kl_k10_spread_kd": {e: r["mean_kl_spread_kd"] for e, r in at.items()},
         "max_dtail_k10": {e: r["max_dtail"] for e, r in at.items()},
         "shared_bytes_per_view": shared,
+        "recipe_bytes_per_view": {name: r["bytes_per_view"] for name, r in recipes.items()},
         "generator": {"params": GENERATOR, "stats": stats},
         "rows": rows,
     }
@@ -443,4 +526,8 @@ def format_result(result: dict[str, Any]) -> str:
         "'spread' adds the tail mass over the other C-k classes (tail spread), "
         "read from the stored tail"
     )
-    return "\n\n".join([head, sizes, shared, speed, note, error])
+    recipes = table(
+        [f"recipe (k={RECIPE_K}, {RECIPE_ENCODING}, one teacher)", "B/view, whole cache"],
+        [[name, value] for name, value in result["recipe_bytes_per_view"].items()],
+    )
+    return "\n\n".join([head, sizes, shared, recipes, speed, note, error])

@@ -136,6 +136,7 @@ def write_cache(path: Path, args: argparse.Namespace, shards: int) -> CacheStore
             model={"name": "generator"},
             weights_digest=f"bench-{teacher}",
             k=args.k,
+            rendering=ViewRecipe().rendering(),
             encoding=args.encoding,
         )
     started = time.perf_counter()
@@ -143,9 +144,8 @@ def write_cache(path: Path, args: argparse.Namespace, shards: int) -> CacheStore
         labels = None
         for t, teacher in enumerate(TEACHERS):
             z, y = teacher_logits(args.samples, args.views, args.classes, seed=s + 100_000 * t)
-            labels = (
-                y if labels is None else labels
-            )  # both teachers are scored against the first's labels
+            # both teachers are scored against the first's labels
+            labels = y if labels is None else labels
             targets = from_logits(
                 torch.from_numpy(z.reshape(-1, args.classes)),
                 torch.from_numpy(labels).repeat_interleave(args.views),
@@ -158,7 +158,7 @@ def write_cache(path: Path, args: argparse.Namespace, shards: int) -> CacheStore
             labels=labels,
             status=np.full(args.samples, STATUS_VALID),
             errors=[""] * args.samples,
-            params=imagenet_like_params(keys[s], args.views, seed=s),
+            params=imagenet_like_params(ViewRecipe(), keys[s], args.views, seed=s),
         )
     print(
         f"inspect bench: wrote {path} "

@@ -47,7 +47,7 @@ from kdcache.targets import SparseTargets, from_logits, tail_mass_t1, truncate
 from kdcache.teacher import ModelRunner
 from kdcache.train.config import load_train_config
 from kdcache.train.trainer import train
-from kdcache.views import replay_views
+from kdcache.views import render_rows
 
 TEACHER = "teacher"
 
@@ -212,12 +212,10 @@ def first_shard_targets(
     store = open_store(cache)
     block = read_block(store, 0, [TEACHER])
     recipe = store.meta.recipe
-    views = torch.cat(
-        [
-            replay_views(decode_image(s.image, recipe.channels), block.view_params[row], recipe)
-            for row, s in enumerate(iter_shard(str(args.out / "shards" / block.shard)))
-        ]
-    )
+    rendering = store.teacher_meta(TEACHER).rendering
+    samples = iter_shard(str(args.out / "shards" / block.shard))
+    images = {row: decode_image(s.image, recipe.channels) for row, s in enumerate(samples)}
+    views = render_rows(images, block.views, sorted(images), recipe, rendering)
     model = build_teacher(ModelSpec(name=args.teacher, checkpoint=checkpoint), 10, recipe.channels)
     labels = torch.from_numpy(block.labels.astype(np.int64)).repeat_interleave(store.meta.num_views)
     t = block.teachers[TEACHER]
@@ -227,7 +225,7 @@ def first_shard_targets(
         flat(t.topk_logit, np.float32),
         *(flat(x, np.float32) for x in (t.lse, t.label_logit, t.tail_lse)),
     )
-    return from_logits(ModelRunner(model, recipe, device="cpu")(views), labels, 10), cached
+    return from_logits(ModelRunner(model, rendering, device="cpu")(views), labels, 10), cached
 
 
 # ---- students ------------------------------------------------------------------------------------

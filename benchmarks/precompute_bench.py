@@ -39,7 +39,7 @@ from kdcache.pipeline.plan import ShardTask, make_plan
 from kdcache.pipeline.worker import PREFETCH_BATCHES, ShardWorker
 from kdcache.reader import read_block
 from kdcache.shards import decode_image, iter_shard
-from kdcache.views import replay_views
+from kdcache.views import render_rows
 
 KINDS = ("pipeline", "serial", "forward")
 
@@ -150,13 +150,12 @@ def forward_batches(worker: ShardWorker, task: ShardTask, batch_size: int) -> li
     """The task's views, decoded and replayed from the stored parameters, batched as the worker
     batches them."""
     recipe = worker.settings.recipe
-    params = read_block(worker.store, task.index).view_params
-    views = torch.cat(
-        [
-            replay_views(decode_image(s.image, recipe.channels), params[row], recipe)
-            for row, s in enumerate(iter_shard(task.url))
-        ]
-    )
+    params = read_block(worker.store, task.index).views
+    images = {
+        row: decode_image(s.image, recipe.channels) for row, s in enumerate(iter_shard(task.url))
+    }
+    rendering = worker.settings.teachers[0].rendering
+    views = render_rows(images, params, sorted(images), recipe, rendering)
     return list(torch.split(views, batch_size))
 
 

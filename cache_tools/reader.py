@@ -13,6 +13,7 @@ import numpy as np
 from kdcache.encoding import array_specs, decode
 from kdcache.errors import CacheIncompleteError, CacheMismatchError, CacheReadError
 from kdcache.store import STATUS_VALID, CacheStore
+from kdcache.views import ViewParams, param_arrays
 
 
 @dataclass
@@ -37,7 +38,7 @@ class ShardBlock:
     labels: np.ndarray
     status: np.ndarray
     errors: np.ndarray
-    view_params: np.ndarray
+    views: ViewParams
     teachers: dict[str, TeacherBlock] = field(default_factory=dict)
     _rows: dict[str, int] | None = None
 
@@ -75,12 +76,20 @@ def read_block(
     rows = store.rows(index)
     arrays = {
         key: read_rows(store, store.group, key, rows, name)
-        for key in ("keys", "labels", "status", "errors", "view_params")
+        for key in ("keys", "labels", "status", "errors")
     }
-    block = ShardBlock(shard=name, index=index, **arrays)
+    block = ShardBlock(shard=name, index=index, views=read_views(store, rows, name), **arrays)
     for teacher in teachers:
         block.teachers[teacher] = read_teacher_rows(store, teacher, rows, name)
     return block
+
+
+def read_views(store: CacheStore, rows: slice, shard: str) -> ViewParams:
+    """The stored view parameters of a row range."""
+    group = store.views
+    names = ["image_hw", *param_arrays(store.meta.recipe)]
+    arrays = {name: read_rows(store, group, name, rows, shard) for name in names}
+    return ViewParams(arrays.pop("image_hw"), arrays)
 
 
 def read_teacher_rows(store: CacheStore, teacher: str, rows: slice, shard: str) -> TeacherBlock:
@@ -99,9 +108,7 @@ def read_rows(store: CacheStore, group, name: str, rows: slice, shard: str) -> n
     array and shard."""
     try:
         return group[name][rows]
-    except (
-        Exception
-    ) as exc:  # codecs raise RuntimeError/ValueError, stores OSError: all mean the same here
+    except Exception as exc:  # codecs raise RuntimeError/ValueError, stores OSError: all one here
         path = f"{group.path}/{name}".lstrip("/")
         raise CacheReadError(
             f"cache {store.path!r}: cannot read {path!r} of shard {shard!r} "

@@ -8,9 +8,20 @@ Layout (``R = num_shards * rows_per_shard``; shard ``s`` owns rows ``[s*cap, (s+
       labels       int32 [R]            -1 where the label is missing
       status       int8  [R]            0 padding / not written, 1 valid, 2 invalid (skipped)
       errors       str   [R]            why a row is invalid
-      view_params  int32 [R, A, 7]      see kdcache.views
+      views/                        the view parameters (kdcache.views, kdcache.augment)
+        image_hw   int32 [R, 2]          the decoded source image's height and width
+        crop       int32 [R, A, 4]       top, left, height, width in source pixels
+        flip       uint8 [R, A]
+        policy     uint8 [R, A, N, 2]    (recipe.policy) op code, magnitude per op slot
+        jitter     uint8 [R, A, 5]       (recipe.color_jitter) order, four factor codes
+        erase      uint8 [R, A, 4]       (recipe.erasing) box in 1/255 of the side
+        erase_seed uint32 [R, A]         (random fills) seed of the fill
+        mix_partner int16 [R, A]         (recipe.mix) partner's row offset in the shard, 0: none
+        mix_lam    uint8 [R, A]          (recipe.mix) own weight in 1/255 steps
+        mix_box    uint8 [R, A, 4]       (CutMix) pasted box in 1/255 of the side
       views_done   int64 [S]            completion mark per shard (ms since epoch), chunk 1
-      teachers/<name>/              attrs: model spec, weights digest, k, encoding, created, config
+      teachers/<name>/              attrs: model spec, weights digest, k, encoding, rendering,
+                                    created, config
         (encoding "fp16")
         topk_idx   uint16|int32 [R, A, k]  class indices sorted by logit, descending
         topk_logit float16 [R, A, k]       raw logits
@@ -20,8 +31,10 @@ Layout (``R = num_shards * rows_per_shard``; shard ``s`` owns rows ``[s*cap, (s+
         (encoding "q8": see kdcache.encoding; decodes to the same five arrays)
         done       int64 [S]               completion mark per shard, chunk 1
 
-Group attributes are written by the driver only; a worker writes its shard's chunks, then its
-shard's completion mark, last. See :mod:`kdcache.reader` for the read side.
+Every chunk ends with a crc32c checksum (Zarr's ``crc32c`` codec), so a damaged chunk is an error
+on reading, never wrong values. Group attributes are written by the driver only; a worker writes
+its shard's chunks, then its shard's completion mark, last. See :mod:`kdcache.reader` for the
+read side.
 """
 
 from __future__ import annotations
@@ -37,11 +50,14 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from kdcache.encoding import ENCODINGS  # noqa: F401  (re-exported)
 from kdcache.errors import CacheError, CacheMismatchError, CacheNotFoundError
-from kdcache.views import ViewRecipe
+from kdcache.views import Rendering, ViewRecipe
 
 FORMAT_NAME = "kdcache"
-FORMAT_VERSION = 2
-"""2: the tail logsumexp is stored (``log_tail`` / ``tail_q``); 1 derived it as 1 - sum(top-k)."""
+FORMAT_VERSION = 3
+"""3: views are op compositions stored under ``views/``, teachers record their rendering, every
+chunk carries a crc32c checksum; 2: the tail logsumexp is stored; 1 derived the tail from the
+top-k."""
+VIEWS = "views"
 STATUS_EMPTY = 0
 STATUS_VALID = 1
 STATUS_INVALID = 2
@@ -50,6 +66,16 @@ TEACHERS = "teachers"
 
 def compressor() -> zarr.codecs.BloscCodec:
     return zarr.codecs.BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
+
+
+def codecs(dtype: Any) -> dict[str, Any]:
+    """``create_array`` codec arguments: a compressor (blosc-zstd; plain zstd for strings), then
+    a crc32c checksum of the stored chunk, so a flipped byte is caught on reading instead of
+    decoding to garbage."""
+    checksum = zarr.codecs.Crc32cCodec()
+    if dtype is str:
+        return {"compressors": [zarr.codecs.ZstdCodec(level=5), checksum]}
+    return {"compressors": [compressor(), checksum]}
 
 
 class Fingerprint(BaseModel):
@@ -118,6 +144,8 @@ class TeacherMeta(BaseModel):
     k: int
     encoding: str = "fp16"
     index_dtype: str = "uint16"
+    rendering: Rendering
+    """How the teacher saw its views: size, interpolation, mean and std."""
     created: dict[str, Any] = {}
     config: dict[str, Any] = {}
 
@@ -222,6 +250,11 @@ class CacheStore:
                 ) from None
         return self._teacher_metas[name]
 
+    @property
+    def views(self) -> zarr.Group:
+        """The ``views/`` group of per-view parameter arrays."""
+        return self.group[VIEWS]
+
     # ---- completion marks ---------------------------------------------------------------
     def views_done(self) -> np.ndarray:
         return np.asarray(self.group["views_done"][:]) > 0
@@ -283,6 +316,7 @@ def cache_identity(store: CacheStore, teachers: list[str] | None = None) -> dict
             name: {
                 "weights_digest": store.teacher_meta(name).weights_digest,
                 "k": store.teacher_meta(name).k,
+                "rendering": store.teacher_meta(name).rendering.model_dump(mode="json"),
             }
             for name in names
         },

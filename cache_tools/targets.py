@@ -121,18 +121,59 @@ def _check_tail(tail: str) -> None:
         raise ValueError(f"tail must be one of {TAIL_MODES}, found {tail!r}")
 
 
-def from_logits(logits: torch.Tensor, labels: torch.Tensor, k: int) -> SparseTargets:
+@dataclass
+class MixedLabels:
+    """Hard labels of Mixup/CutMix views: view ``i`` is ``lam[i]`` parts ``labels[i]`` and
+    ``1 - lam[i]`` parts ``partner[i]`` (unmixed views: ``lam`` 1, ``partner`` = ``labels``)."""
+
+    labels: torch.Tensor
+    """``int64[B]``: each view's own label."""
+    partner: torch.Tensor
+    """``int64[B]``: the label of the image mixed in."""
+    lam: torch.Tensor
+    """``float32[B]``: the weight of ``labels``."""
+
+    @classmethod
+    def unmixed(cls, labels: torch.Tensor) -> MixedLabels:
+        return cls(labels, labels, torch.ones(labels.shape, device=labels.device))
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> MixedLabels:
+        return MixedLabels(
+            self.labels.to(device, non_blocking=non_blocking),
+            self.partner.to(device, non_blocking=non_blocking),
+            self.lam.to(device, non_blocking=non_blocking),
+        )
+
+    @property
+    def mixed(self) -> torch.Tensor:
+        """``bool[B]``: which views mix two images."""
+        return self.lam < 1.0
+
+    def dominant(self) -> torch.Tensor:
+        """``int64[B]``: the label with the larger weight (accuracy of mixed views)."""
+        return torch.where(self.lam >= 0.5, self.labels, self.partner)
+
+
+def label_logits(logits: torch.Tensor, labels: torch.Tensor | MixedLabels) -> torch.Tensor:
+    """``[B]`` logit of each row's label, NaN where the label is missing (< 0). For mixed labels
+    the lam-weighted mean of the two labels' logits, so ``lse - label_logit`` is the mixed
+    target's cross-entropy: ``-(lam log p_a + (1 - lam) log p_b)``."""
+    if isinstance(labels, MixedLabels):
+        own = label_logits(logits, labels.labels)
+        partner = label_logits(logits, labels.partner)
+        return labels.lam * own + (1.0 - labels.lam) * partner
+    safe = labels.clamp(0, logits.shape[-1] - 1).long()
+    picked = logits.gather(1, safe.unsqueeze(1)).squeeze(1)
+    return torch.where(labels >= 0, picked, torch.full_like(picked, float("nan")))
+
+
+def from_logits(logits: torch.Tensor, labels: torch.Tensor | MixedLabels, k: int) -> SparseTargets:
     """Sparse targets from full logits ``[B, C]`` (what precompute stores, before fp16 rounding)."""
     logits = logits.float()
     values, idx = torch.topk(logits, k, dim=-1, sorted=True)
     lse = torch.logsumexp(logits, dim=-1)
     tail_lse = torch.logsumexp(logits.scatter(1, idx, float("-inf")), dim=-1)  # -inf when k == C
-    safe = labels.clamp(0, logits.shape[-1] - 1).long()
-    label_logit = torch.where(
-        labels >= 0,
-        logits.gather(1, safe.unsqueeze(1)).squeeze(1),
-        torch.full_like(lse, float("nan")),
-    )
+    label_logit = label_logits(logits, labels)
     return SparseTargets(idx=idx, logit=values, lse=lse, label_logit=label_logit, tail_lse=tail_lse)
 
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from kdcache.errors import TeacherError
-from kdcache.views import ViewRecipe, normalize
+from kdcache.views import Rendering, normalize
 
 AmpMode = Literal["auto", "bf16", "fp16", "off"]
 
@@ -40,7 +40,7 @@ class ModelRunner:
     def __init__(
         self,
         model: nn.Module,
-        recipe: ViewRecipe,
+        rendering: Rendering,
         *,
         device: str = "auto",
         amp: AmpMode = "auto",
@@ -48,7 +48,7 @@ class ModelRunner:
         name: str = "teacher",
     ):
         self.device = resolve_device(device)
-        self.recipe = recipe
+        self.rendering = rendering
         self.amp: AmpMode = amp
         self.channels_last = channels_last and self.device.type == "cuda"
         self.name = name
@@ -60,7 +60,7 @@ class ModelRunner:
     def __call__(self, views: torch.Tensor) -> torch.Tensor:
         """``uint8[B, C, S, S]`` (any device) -> ``float32[B, num_classes]`` on the runner's
         device."""
-        x = normalize(views.to(self.device, non_blocking=True), self.recipe)
+        x = normalize(views.to(self.device, non_blocking=True), self.rendering)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast_context(self.device, self.amp):

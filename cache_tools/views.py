@@ -1,42 +1,100 @@
-"""View recipes, counter-based view parameters, and the one replay function.
+"""View recipes, counter-based view parameters, and the one render function.
 
 View ``a`` of sample ``key`` is drawn from a Philox generator keyed by ``(cache seed, key, a)``
 alone, so a cache made by any number of workers in any order is replayed identically by any
-reader. The parameters are *stored* in the cache; :func:`replay` turns a decoded image and its
-stored parameters into the exact pixels the teacher saw, on both sides (precompute and train).
+reader. A view is a composition of ops: the crop (a box in source pixels) and flip, then
+optionally a policy (RandAugment, TrivialAugmentWide), colour jitter, random erasing, and Mixup
+or CutMix with a partner from the same group of samples of the shard. Every op's parameters
+are *stored* in the cache (see :mod:`kdcache.augment` for the codes) and none depends on the
+output resolution, so each model *renders* a view its own way (:class:`Rendering`: size,
+interpolation, mean and std): :func:`render` turns decoded image(s) and stored parameters into
+the exact uint8 pixels that model sees, and precompute and the trainer both call it.
 
-Parameters of one view are ``int32[7]``: ``top, left, height, width, flip, image_h, image_w``.
-The image size is kept so a replay against a changed image is detected, not silently wrong.
+Drawing order within one view's generator (part of the format): crop, flip, policy, jitter,
+erasing. The mixing (partner, lam, CutMix box) comes from a second generator keyed by
+``(seed, key, view, "mix")``, so a streaming reader can choose the partner before decoding.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from typing import Literal
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
+from kdcache.augment import (
+    BOX_STEPS,
+    LEVEL_STEPS,
+    NEGATE,
+    NOT_APPLIED,
+    PERMUTATIONS,
+    ErasingConfig,
+    JitterConfig,
+    MixConfig,
+    PolicyConfig,
+    apply_erase,
+    apply_jitter,
+    apply_mix,
+    apply_policy,
+    draw_erase,
+    draw_jitter,
+    draw_mix,
+    draw_policy,
+    parse_timm_policy,
+)
 from kdcache.config import StrictModel
 from kdcache.errors import DataError
 
-NUM_PARAMS = 7
-P_TOP, P_LEFT, P_H, P_W, P_FLIP, P_IMG_H, P_IMG_W = range(NUM_PARAMS)
-RECIPE_VERSION = 1
+T = TypeVar("T")
+RECIPE_VERSION = 2
+"""2: views are op compositions with resolution-free parameters (format 3 caches)."""
+Interpolation = Literal["bilinear", "bicubic", "nearest"]
+INTERPOLATIONS = {
+    "bilinear": InterpolationMode.BILINEAR,
+    "bicubic": InterpolationMode.BICUBIC,
+    "nearest": InterpolationMode.NEAREST,
+}
+
+
+class Rendering(StrictModel):
+    """How one model turns a view into its input: side, interpolation, normalisation."""
+
+    size: int = Field(ge=1)
+    """Output side in pixels."""
+    interpolation: Interpolation = "bilinear"
+    """Resampling of the crop (torchvision, antialiased)."""
+    mean: tuple[float, ...]
+    """Per-channel mean (0..1) subtracted before the model."""
+    std: tuple[float, ...]
+    """Per-channel std (0..1) divided by before the model."""
+
+    @model_validator(mode="after")
+    def _check(self) -> Rendering:
+        if len(self.mean) != len(self.std):
+            raise ValueError(f"mean and std differ in length ({len(self.mean)} vs {len(self.std)})")
+        if any(s <= 0 for s in self.std):
+            raise ValueError("std values must be positive")
+        return self
+
+    def describe(self) -> str:
+        return f"{self.size}px {self.interpolation}"
 
 
 class ViewRecipe(StrictModel):
     """How views are made. Stored in the cache; the trainer replays with the cache's copy."""
 
     name: Literal["rrc_flip", "center"] = "rrc_flip"
-    """``rrc_flip``: RandomResizedCrop + horizontal flip (torchvision v2); ``center``: resize +
-    center crop."""
+    """The geometry: ``rrc_flip`` (RandomResizedCrop + horizontal flip, torchvision's draw) or
+    ``center`` (a centred square of ``crop_pct`` of the shorter side, for evaluation sets)."""
     size: int = Field(224, ge=1)
-    """Output side in pixels."""
+    """Default output side in pixels (a model may render at its own, see ``Rendering``)."""
     scale: tuple[float, float] = (0.08, 1.0)
     """rrc_flip: range of the crop's area as a fraction of the image."""
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
@@ -44,12 +102,30 @@ class ViewRecipe(StrictModel):
     flip_prob: float = Field(0.5, ge=0.0, le=1.0)
     """rrc_flip: probability of a horizontal flip."""
     crop_pct: float = Field(0.875, gt=0.0, le=1.0)
-    """center: the image is resized so that ``size / crop_pct`` is its shorter side."""
+    """center: the crop's side as a fraction of the image's shorter side (timm's crop_pct)."""
+    interpolation: Interpolation = "bilinear"
+    """Default resampling of the crop."""
     channels: Literal[1, 3] = 3
     """Images are decoded to this many channels (grey or RGB)."""
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    """Default normalisation mean; also the fill colour of geometric ops and ``const`` erasing."""
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    """Default normalisation std."""
+    policy: PolicyConfig | None = None
+    """RandAugment or TrivialAugmentWide after the crop and flip; a timm string such as
+    ``rand-m9-mstd0.5-inc1`` is accepted. None: no policy."""
+    color_jitter: JitterConfig | None = None
+    """ColorJitter after the policy. None: no jitter."""
+    erasing: ErasingConfig | None = None
+    """Random erasing after the jitter. None: no erasing."""
+    mix: MixConfig | None = None
+    """Mixup / CutMix of two views (the teacher sees the mixed image). None: no mixing."""
     version: int = RECIPE_VERSION
+
+    @field_validator("policy", mode="before")
+    @classmethod
+    def _timm_string(cls, value: Any) -> Any:
+        return parse_timm_policy(value) if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _check(self) -> ViewRecipe:
@@ -66,13 +142,250 @@ class ViewRecipe(StrictModel):
             raise ValueError("std values must be positive")
         return self
 
+    @property
+    def fill(self) -> list[float]:
+        """The fill colour (uint8 levels) of geometric ops and ``const`` erasing: the mean."""
+        return [float(round(m * 255)) for m in self.mean]
+
+    @property
+    def mixes(self) -> bool:
+        return self.mix is not None
+
+    @property
+    def group_size(self) -> int:
+        """Rows per mixing group (1 without mixing: every row alone)."""
+        return self.mix.group_size if self.mix is not None else 1
+
+    def rendering(self) -> Rendering:
+        """The default rendering: the recipe's size, interpolation, mean and std."""
+        return Rendering(
+            size=self.size, interpolation=self.interpolation, mean=self.mean, std=self.std
+        )
+
     def describe(self) -> str:
         if self.name == "center":
-            return f"center crop {self.size}px (crop_pct {self.crop_pct})"
-        return (
-            f"random-resized-crop {self.size}px scale {self.scale} "
-            f"ratio {tuple(round(r, 3) for r in self.ratio)} + flip {self.flip_prob}"
+            parts = [f"center crop {self.size}px (crop_pct {self.crop_pct})"]
+        else:
+            ratio = tuple(round(r, 3) for r in self.ratio)
+            parts = [f"random-resized-crop {self.size}px scale {self.scale} ratio {ratio}"]
+            parts.append(f"flip {self.flip_prob}")
+        if self.policy is not None:
+            parts.append(_describe_policy(self.policy))
+        if self.color_jitter is not None:
+            jitter = self.color_jitter
+            parts.append(
+                f"jitter {jitter.brightness}/{jitter.contrast}/{jitter.saturation}/{jitter.hue}"
+            )
+        if self.erasing is not None:
+            parts.append(f"erasing p={self.erasing.prob} {self.erasing.mode}")
+        if self.mix is not None:
+            mix = self.mix
+            parts.append(f"mixup {mix.mixup_alpha} / cutmix {mix.cutmix_alpha} p={mix.prob}")
+        return " + ".join(parts)
+
+
+def _describe_policy(policy: PolicyConfig) -> str:
+    if policy.name == "trivialaugment":
+        return "trivialaugment"
+    return f"randaugment ({policy.ops}) n={policy.num_ops} m={policy.magnitude:g}"
+
+
+# ---- stored parameters ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ParamArray:
+    """One stored parameter array: dtype, trailing shape after ``[rows, A]``, fill value."""
+
+    dtype: str
+    tail: tuple[int, ...]
+    fill: int
+
+
+def param_arrays(recipe: ViewRecipe) -> dict[str, ParamArray]:
+    """The per-view parameter arrays a recipe stores (``views/<name>``, shape ``[R, A, *tail]``)."""
+    out = {"crop": ParamArray("int32", (4,), 0), "flip": ParamArray("uint8", (), 0)}
+    if recipe.policy is not None:
+        out["policy"] = ParamArray("uint8", (recipe.policy.slots, 2), 0)
+    if recipe.color_jitter is not None:
+        out["jitter"] = ParamArray("uint8", (5,), 0)
+    if recipe.erasing is not None:
+        out["erase"] = ParamArray("uint8", (4,), 0)
+        if recipe.erasing.mode != "const":
+            out["erase_seed"] = ParamArray("uint16", (), 0)
+    if recipe.mix is not None:
+        # partners are rows of the same group: offsets below the group size
+        offset = "int8" if recipe.mix.group_size <= 128 else "int16"
+        out["mix_partner"] = ParamArray(offset, (), 0)
+        out["mix_lam"] = ParamArray("uint8", (), BOX_STEPS)
+        if recipe.mix.has_cutmix:
+            out["mix_box"] = ParamArray("uint8", (4,), 0)
+    return out
+
+
+@dataclass(frozen=True)
+class View:
+    """The stored parameters of one view (codes as :mod:`kdcache.augment` describes them)."""
+
+    image_hw: tuple[int, int]
+    """Height and width of the decoded source image (a changed image is detected)."""
+    crop: tuple[int, int, int, int]
+    """top, left, height, width in source pixels."""
+    flip: bool = False
+    policy: np.ndarray | None = None
+    jitter: np.ndarray | None = None
+    erase: np.ndarray | None = None
+    erase_seed: int = 0
+    mix_partner: int = 0
+    """Row offset of the partner within the shard (0: not mixed)."""
+    mix_lam: int = BOX_STEPS
+    """Weight of this view's own image and label, in 1/255 steps."""
+    mix_box: np.ndarray | None = None
+
+    @property
+    def mixed(self) -> bool:
+        return self.mix_partner != 0
+
+    @property
+    def lam(self) -> float:
+        return self.mix_lam / BOX_STEPS
+
+
+class ViewParams:
+    """The stored parameters of ``n`` rows x A views: ``image_hw`` ``[n, 2]`` and one array per
+    op family (:func:`param_arrays`) ``[n, A, ...]``; rows that were never drawn are zeros."""
+
+    def __init__(self, image_hw: np.ndarray, arrays: dict[str, np.ndarray]):
+        self.image_hw = image_hw
+        self.arrays = arrays
+
+    @classmethod
+    def empty(cls, recipe: ViewRecipe, rows: int, num_views: int) -> ViewParams:
+        arrays = {
+            name: np.full((rows, num_views, *spec.tail), spec.fill, dtype=spec.dtype)
+            for name, spec in param_arrays(recipe).items()
+        }
+        return cls(np.zeros((rows, 2), np.int32), arrays)
+
+    def __len__(self) -> int:
+        return len(self.image_hw)
+
+    @property
+    def num_views(self) -> int:
+        return int(self.arrays["crop"].shape[1])
+
+    def view(self, row: int, a: int) -> View:
+        """View ``a`` of row ``row``."""
+        get = self.arrays.get
+        policy = get("policy")
+        jitter = get("jitter")
+        erase = get("erase")
+        seed = get("erase_seed")
+        partner = get("mix_partner")
+        lam = get("mix_lam")
+        box = get("mix_box")
+        return View(
+            image_hw=(int(self.image_hw[row, 0]), int(self.image_hw[row, 1])),
+            crop=tuple(int(v) for v in self.arrays["crop"][row, a]),
+            flip=bool(self.arrays["flip"][row, a]),
+            policy=None if policy is None else policy[row, a],
+            jitter=None if jitter is None else jitter[row, a],
+            erase=None if erase is None else erase[row, a],
+            erase_seed=0 if seed is None else int(seed[row, a]),
+            mix_partner=0 if partner is None else int(partner[row, a]),
+            mix_lam=BOX_STEPS if lam is None else int(lam[row, a]),
+            mix_box=None if box is None else box[row, a],
         )
+
+    def mixing(self, rows: np.ndarray, views: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For the views ``(rows[i], views[i])``: the partner's row (the row itself when unmixed)
+        and the weight of the view's own label (float32; 1 when unmixed)."""
+        partner = self.arrays.get("mix_partner")
+        if partner is None:
+            return rows.copy(), np.ones(len(rows), np.float32)
+        lam = self.arrays["mix_lam"][rows, views] / BOX_STEPS
+        return rows + partner[rows, views], lam.astype(np.float32)
+
+    def put(self, row: int, a: int, view: View) -> None:
+        """Store ``view`` as view ``a`` of row ``row``."""
+        self.image_hw[row] = view.image_hw
+        values = {
+            "crop": view.crop,
+            "flip": view.flip,
+            "policy": view.policy,
+            "jitter": view.jitter,
+            "erase": view.erase,
+            "erase_seed": view.erase_seed,
+            "mix_partner": view.mix_partner,
+            "mix_lam": view.mix_lam,
+            "mix_box": view.mix_box,
+        }
+        for name, array in self.arrays.items():
+            if values[name] is not None:
+                array[row, a] = values[name]
+
+
+def param_problems(params: ViewParams, valid: np.ndarray, recipe: ViewRecipe) -> list[str]:
+    """What is out of range in stored view parameters of a shard's rows (``valid``: bool per
+    row; invalid rows are not checked): boxes outside their image, unknown op codes, partners
+    that are not valid rows of the same mixing group."""
+    rows = np.flatnonzero(valid)
+    if not len(rows):
+        return []
+    a = params.arrays
+    hw = params.image_hw[rows][:, None, :]
+    top, left, h, w = np.moveaxis(a["crop"][rows], -1, 0)
+    bad = {
+        "crop box outside its image": (h <= 0)
+        | (w <= 0)
+        | (top < 0)
+        | (left < 0)
+        | (top + h > hw[..., 0])
+        | (left + w > hw[..., 1]),
+        "flip not 0 or 1": a["flip"][rows] > 1,
+    }
+    bad.update(_op_problems(a, rows, recipe))
+    if recipe.mix is not None:
+        bad["mix partner not a valid row of its group"] = _bad_partners(params, valid, rows, recipe)
+    return [f"{int(mask.sum())} view(s): {what}" for what, mask in bad.items() if mask.any()]
+
+
+def _op_problems(a: dict[str, np.ndarray], rows: np.ndarray, recipe: ViewRecipe) -> dict:
+    out = {}
+    if recipe.policy is not None:
+        codes = a["policy"][rows]
+        op = codes[..., 0] & ~np.uint8(NEGATE)
+        magnitude = codes[..., 1].astype(np.int64)
+        timm = recipe.policy.name == "randaugment" and recipe.policy.ops == "timm"
+        top = recipe.policy.magnitude_max * LEVEL_STEPS if timm else recipe.policy.num_bins - 1
+        bad = (op > len(recipe.policy.op_names)) | ((codes[..., 0] > 0) & (magnitude > top))
+        out["policy op or magnitude out of range"] = bad.any(-1)
+    if recipe.color_jitter is not None:
+        order = a["jitter"][rows][..., 0]
+        out["jitter order out of range"] = (order >= len(PERMUTATIONS)) & (order != NOT_APPLIED)
+    for name in ("erase", "mix_box"):
+        if name in a:
+            box = a[name][rows].astype(np.int64)
+            out[f"{name} box outside the image"] = (box[..., 0] + box[..., 2] > BOX_STEPS) | (
+                box[..., 1] + box[..., 3] > BOX_STEPS
+            )
+    return out
+
+
+def _bad_partners(
+    params: ViewParams, valid: np.ndarray, rows: np.ndarray, recipe: ViewRecipe
+) -> np.ndarray:
+    """Per checked view: a partner outside the shard, outside the row's group, or invalid."""
+    offset = params.arrays["mix_partner"][rows].astype(np.int64)
+    partner = rows[:, None] + offset
+    size = recipe.group_size
+    inside = (partner >= 0) & (partner < len(valid))
+    same_group = partner // size == rows[:, None] // size
+    usable = np.where(inside, valid[np.clip(partner, 0, len(valid) - 1)], False)
+    return (offset != 0) & ~(inside & same_group & usable)
+
+
+# ---- drawing -------------------------------------------------------------------------------------
 
 
 def view_generator(seed: int, key: str, view: int) -> np.random.Generator:
@@ -81,34 +394,80 @@ def view_generator(seed: int, key: str, view: int) -> np.random.Generator:
     return np.random.Generator(np.random.Philox(key=int.from_bytes(digest, "little")))
 
 
-def view_params(
-    recipe: ViewRecipe, seed: int, key: str, num_views: int, image_hw: tuple[int, int]
-) -> np.ndarray:
-    """``int32[num_views, 7]`` parameters of every view of one sample."""
-    out = np.zeros((num_views, NUM_PARAMS), dtype=np.int32)
-    for a in range(num_views):
-        out[a] = _one_view(recipe, view_generator(seed, key, a), image_hw)
-    return out
+def draw_view(
+    recipe: ViewRecipe,
+    seed: int,
+    key: str,
+    view: int,
+    image_hw: tuple[int, int],
+    partners: Sequence[int] = (),
+) -> View:
+    """View ``view`` of ``key``: every op's parameters from the ``(seed, key, view)`` generator.
 
-
-def single_view_params(
-    recipe: ViewRecipe, seed: int, key: str, view: int, image_hw: tuple[int, int]
-) -> np.ndarray:
-    """``int32[7]`` parameters of view ``view`` of one sample (what :func:`view_params` stores)."""
-    return np.asarray(_one_view(recipe, view_generator(seed, key, view), image_hw), dtype=np.int32)
-
-
-def _one_view(recipe: ViewRecipe, rng: np.random.Generator, image_hw: tuple[int, int]) -> list[int]:
+    ``partners``: row offsets of the valid samples this one may be mixed with (the other valid
+    rows of its group, see :func:`group_partners`); ignored without ``recipe.mix``."""
+    rng = view_generator(seed, key, view)
     height, width = image_hw
     if recipe.name == "center":
-        return [0, 0, height, width, 0, height, width]
-    top, left, h, w = _rrc_box(rng, height, width, recipe.scale, recipe.ratio)
-    flip = int(rng.random() < recipe.flip_prob)
-    return [top, left, h, w, flip, height, width]
+        crop = center_box(height, width, recipe.crop_pct)
+        flip = False
+    else:
+        crop = rrc_box(rng, height, width, recipe.scale, recipe.ratio)
+        flip = bool(rng.random() < recipe.flip_prob)
+    ops: dict[str, Any] = {}
+    if recipe.policy is not None:
+        ops["policy"] = draw_policy(rng, recipe.policy)
+    if recipe.color_jitter is not None:
+        ops["jitter"] = draw_jitter(rng, recipe.color_jitter)
+    if recipe.erasing is not None:
+        ops["erase"], ops["erase_seed"] = draw_erase(rng, recipe.erasing)
+    if recipe.mix is not None:
+        partner, lam, box = draw_mixing(recipe, seed, key, view, partners)
+        ops.update(mix_partner=partner, mix_lam=lam, mix_box=box if recipe.mix.has_cutmix else None)
+    return View(image_hw=(height, width), crop=crop, flip=flip, **ops)
 
 
-def _rrc_box(
-    rng: np.random.Generator, height: int, width: int, scale, ratio
+def draw_mixing(
+    recipe: ViewRecipe, seed: int, key: str, view: int, partners: Sequence[int]
+) -> tuple[int, int, np.ndarray]:
+    """The mixing of view ``view`` of ``key`` (partner offset, 0 for none; lam code; CutMix box),
+    from its own generator: it does not depend on the image, only on the valid partners."""
+    if recipe.mix is None:
+        return 0, BOX_STEPS, np.zeros(4, np.uint8)
+    digest = hashlib.blake2b(f"{seed}\x1f{key}\x1f{view}\x1fmix".encode(), digest_size=16)
+    rng = np.random.Generator(np.random.Philox(key=int.from_bytes(digest.digest(), "little")))
+    return draw_mix(rng, recipe.mix, list(partners))
+
+
+def group_start(row: int, group_size: int) -> int:
+    """The first row of ``row``'s mixing group: groups are ``group_size`` consecutive rows of a
+    shard (0..G-1, G..2G-1, ...)."""
+    return row - row % group_size
+
+
+def grouped(items: Iterable[T], group_size: int) -> Iterator[tuple[int, list[T]]]:
+    """``(first row, items)`` of each run of ``group_size`` consecutive items (a shard's samples
+    in file order; the last group may be shorter)."""
+    group: list[T] = []
+    start = 0
+    for row, item in enumerate(items):
+        if not group:
+            start = row
+        group.append(item)
+        if len(group) == group_size:
+            yield start, group
+            group = []
+    if group:
+        yield start, group
+
+
+def group_partners(row: int, valid_rows: Sequence[int]) -> list[int]:
+    """Row offsets from ``row`` to the other valid rows of its group (``valid_rows``)."""
+    return [other - row for other in valid_rows if other != row]
+
+
+def rrc_box(
+    rng: np.random.Generator, height: int, width: int, scale: tuple, ratio: tuple
 ) -> tuple[int, int, int, int]:
     """RandomResizedCrop's box, drawn as torchvision does (10 tries, then a central fallback)."""
     area = height * width
@@ -135,42 +494,106 @@ def _rrc_box(
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def replay(image: torch.Tensor, params: np.ndarray, recipe: ViewRecipe) -> torch.Tensor:
-    """The view's pixels: ``uint8[C, size, size]`` from a decoded ``uint8[C, H, W]`` image."""
+def center_box(height: int, width: int, crop_pct: float) -> tuple[int, int, int, int]:
+    """The centred square of side ``crop_pct * min(height, width)`` (timm's eval crop, in source
+    pixels, so it is the same box at every output size)."""
+    side = max(1, int(round(crop_pct * min(height, width))))
+    return (height - side) // 2, (width - side) // 2, side, side
+
+
+def center_view(image_hw: tuple[int, int], recipe: ViewRecipe) -> View:
+    """The evaluation view of an image: the centre box, nothing else."""
+    return View(image_hw=image_hw, crop=center_box(*image_hw, recipe.crop_pct))
+
+
+# ---- rendering -----------------------------------------------------------------------------------
+
+
+def render(
+    image: torch.Tensor,
+    view: View,
+    recipe: ViewRecipe,
+    rendering: Rendering,
+    partner: tuple[torch.Tensor, View] | None = None,
+) -> torch.Tensor:
+    """The view's pixels for one model: ``uint8[C, size, size]`` from a decoded ``uint8[C, H, W]``.
+
+    A mixed view needs ``partner``: the partner's decoded image and its view of the same index
+    (whose own mixing is ignored: views mix unmixed renderings)."""
+    out = render_base(image, view, recipe, rendering)
+    if not view.mixed:
+        return out
+    if partner is None:
+        raise DataError("the view is mixed with another sample but no partner image was given")
+    other = render_base(partner[0], partner[1], recipe, rendering)
+    return apply_mix(out, other, view.mix_lam, _box_or_zeros(view.mix_box))
+
+
+def render_rows(
+    images: Mapping[int, torch.Tensor],
+    params: ViewParams,
+    rows: Sequence[int],
+    recipe: ViewRecipe,
+    rendering: Rendering,
+) -> torch.Tensor:
+    """All A views of ``rows`` for one model, ``uint8[len(rows) * A, C, S, S]`` in (row, view)
+    order; what :func:`render` gives view by view, with each base rendering made once and
+    reused as a partner. ``images``: decoded images by shard row (partners included)."""
+    base: dict[tuple[int, int], torch.Tensor] = {}
+
+    def base_of(row: int, a: int) -> torch.Tensor:
+        if (row, a) not in base:
+            base[row, a] = render_base(images[row], params.view(row, a), recipe, rendering)
+        return base[row, a]
+
+    out = []
+    for row in rows:
+        for a in range(params.num_views):
+            view = params.view(row, a)
+            image = base_of(row, a)
+            if view.mixed:
+                partner = base_of(row + view.mix_partner, a)
+                image = apply_mix(image, partner, view.mix_lam, _box_or_zeros(view.mix_box))
+            out.append(image)
+    return torch.stack(out)
+
+
+def _box_or_zeros(box: np.ndarray | None) -> np.ndarray:
+    return np.zeros(4, np.uint8) if box is None else box
+
+
+def render_base(
+    image: torch.Tensor, view: View, recipe: ViewRecipe, rendering: Rendering
+) -> torch.Tensor:
+    """Crop, resize, flip, policy, jitter and erasing of one image (everything but the mixing)."""
     height = int(image.shape[-2])
     width = int(image.shape[-1])
-    if (height, width) != (int(params[P_IMG_H]), int(params[P_IMG_W])):
+    if (height, width) != view.image_hw:
+        stored = f"{view.image_hw[0]}x{view.image_hw[1]}"
         raise DataError(
-            f"image is {height}x{width} but the view was made from a "
-            f"{int(params[P_IMG_H])}x{int(params[P_IMG_W])} image: "
+            f"image is {height}x{width} but the view was made from a {stored} image: "
             "the shard changed after the cache was built"
         )
-    if recipe.name == "center":
-        return _center(image, recipe)
-    out = F.resized_crop(
-        image,
-        int(params[P_TOP]),
-        int(params[P_LEFT]),
-        int(params[P_H]),
-        int(params[P_W]),
-        [recipe.size, recipe.size],
-        interpolation=InterpolationMode.BILINEAR,
-        antialias=True,
-    )
-    return F.horizontal_flip(out) if params[P_FLIP] else out
+    top, left, h, w = view.crop
+    size = [rendering.size, rendering.size]
+    mode = INTERPOLATIONS[rendering.interpolation]
+    out = F.resized_crop(image, top, left, h, w, size, interpolation=mode, antialias=True)
+    if view.flip:
+        out = F.horizontal_flip(out)
+    if recipe.policy is not None and view.policy is not None:
+        out = apply_policy(out, view.policy, recipe.policy, recipe.fill)
+    if recipe.color_jitter is not None and view.jitter is not None:
+        out = apply_jitter(out, view.jitter, recipe.color_jitter)
+    if recipe.erasing is not None and view.erase is not None:
+        out = apply_erase(out, view.erase, view.erase_seed, recipe.erasing, recipe.fill)
+    return out
 
 
-def _center(image: torch.Tensor, recipe: ViewRecipe) -> torch.Tensor:
-    short = int(math.floor(recipe.size / recipe.crop_pct))
-    resized = F.resize(image, [short], interpolation=InterpolationMode.BILINEAR, antialias=True)
-    return F.center_crop(resized, [recipe.size, recipe.size])
-
-
-def normalize(batch: torch.Tensor, recipe: ViewRecipe) -> torch.Tensor:
-    """uint8 ``[B, C, H, W]`` -> float32 normalised by the recipe's mean and std (on batch's
-    device)."""
-    mean = torch.tensor(recipe.mean, device=batch.device).view(1, -1, 1, 1) * 255.0
-    std = torch.tensor(recipe.std, device=batch.device).view(1, -1, 1, 1) * 255.0
+def normalize(batch: torch.Tensor, rendering: Rendering) -> torch.Tensor:
+    """uint8 ``[B, C, H, W]`` -> float32 normalised by the rendering's mean and std (on the
+    batch's device)."""
+    mean = torch.tensor(rendering.mean, device=batch.device).view(1, -1, 1, 1) * 255.0
+    std = torch.tensor(rendering.std, device=batch.device).view(1, -1, 1, 1) * 255.0
     return (batch.float() - mean) / std
 
 
@@ -186,8 +609,3 @@ def epoch_view(seed: int, epoch: int, key: str, num_views: int) -> int:
     digest = hashlib.blake2b(f"{seed}\x1f{key}\x1f{cycle}".encode(), digest_size=8).digest()
     rng = np.random.Generator(np.random.Philox(key=int.from_bytes(digest, "little")))
     return int(rng.permutation(num_views)[step])
-
-
-def replay_views(image: torch.Tensor, params: np.ndarray, recipe: ViewRecipe) -> torch.Tensor:
-    """All stored views of one decoded image: ``uint8[A, C, size, size]``."""
-    return torch.stack([replay(image, p, recipe) for p in params])

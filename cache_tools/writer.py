@@ -20,17 +20,18 @@ from kdcache.store import (
     ENCODINGS,
     STATUS_EMPTY,
     TEACHERS,
+    VIEWS,
     CacheStore,
     Fingerprint,
     RootMeta,
     TeacherMeta,
-    compressor,
+    codecs,
     creation_info,
     now_ms,
     open_store,
 )
 from kdcache.targets import SparseTargets
-from kdcache.views import NUM_PARAMS, ViewRecipe
+from kdcache.views import Rendering, ViewParams, ViewRecipe, param_arrays
 
 log = logging.getLogger(__name__)
 
@@ -75,29 +76,31 @@ def create_store(
     _array(group, "labels", (rows,), (cap,), "int32", -1)
     _array(group, "status", (rows,), (cap,), "int8", STATUS_EMPTY)
     _array(group, "errors", (rows,), (cap,), str, "")
-    _array(
-        group,
-        "view_params",
-        (rows, num_views, NUM_PARAMS),
-        (cap, num_views, NUM_PARAMS),
-        "int32",
-        0,
-    )
+    _view_arrays(group.require_group(VIEWS), recipe, num_views, rows, cap)
     _array(group, "views_done", (len(keys),), (1,), "int64", 0)
     for shard, shard_keys in enumerate(keys):
-        group["keys"][shard * cap : (shard + 1) * cap] = _pad(
-            np.array(shard_keys, dtype=object), cap, ""
-        )
-    group.attrs.update(
-        meta.model_dump(mode="json")
-    )  # root attrs last: the store is valid from here
+        shard_rows = slice(shard * cap, (shard + 1) * cap)
+        keys = group["keys"].with_config({"write_empty_chunks": True})
+        keys[shard_rows] = _pad(np.array(shard_keys, dtype=object), cap, "")
+    # root attrs last: the store is a cache from here on
+    group.attrs.update(meta.model_dump(mode="json"))
     return CacheStore(path=path, group=group, meta=meta)
 
 
+def _view_arrays(
+    group: zarr.Group, recipe: ViewRecipe, num_views: int, rows: int, cap: int
+) -> None:
+    """``views/image_hw`` and one array per op family of the recipe, a shard per chunk."""
+    _array(group, "image_hw", (rows, 2), (cap, 2), "int32", 0)
+    for name, spec in param_arrays(recipe).items():
+        shape = (rows, num_views, *spec.tail)
+        chunks = (cap, num_views, *spec.tail)
+        _array(group, name, shape, chunks, spec.dtype, spec.fill)
+
+
 def _array(group: zarr.Group, name: str, shape, chunks, dtype, fill) -> zarr.Array:
-    codecs = {} if dtype is str else {"compressors": compressor()}
     return group.create_array(
-        name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill, **codecs
+        name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill, **codecs(dtype)
     )
 
 
@@ -120,10 +123,12 @@ def add_teacher(
     model: dict[str, Any],
     weights_digest: str,
     k: int,
+    rendering: Rendering | None = None,
     encoding: str = "fp16",
     config: dict[str, Any] | None = None,
 ) -> TeacherMeta:
-    """Create a teacher subgroup, or check an existing one against the same spec and weights."""
+    """Create a teacher subgroup, or check an existing one against the same spec, weights and
+    rendering (default: the recipe's)."""
     if encoding not in ENCODINGS:
         raise CacheError(
             f"teacher {name!r}: unknown encoding {encoding!r}; valid: {', '.join(ENCODINGS)}"
@@ -139,15 +144,15 @@ def add_teacher(
         k=k,
         encoding=encoding,
         index_dtype=index_dtype(store.meta.num_classes),
+        rendering=rendering or store.meta.recipe.rendering(),
         created=creation_info(),
         config=config or {},
     )
     if name in store.teachers:
         _check_same_teacher(store.teacher_meta(name), meta)
         return store.teacher_meta(name)
-    if (
-        name in store.unfinished_teachers
-    ):  # an earlier run stopped while creating it: nothing in it is marked
+    if name in store.unfinished_teachers:
+        # an earlier run stopped while creating it: nothing in it is marked
         log.warning(
             "cache %s: teacher %r was left half-created by an earlier run; creating it again",
             store.path,
@@ -162,7 +167,7 @@ def add_teacher(
 def _check_same_teacher(cached: TeacherMeta, given: TeacherMeta) -> None:
     diffs = [
         f"{field}: cache {getattr(cached, field)!r} vs run {getattr(given, field)!r}"
-        for field in ("model", "weights_digest", "k", "encoding")
+        for field in ("model", "weights_digest", "k", "encoding", "rendering")
         if getattr(cached, field) != getattr(given, field)
     ]
     if diffs:
@@ -182,9 +187,8 @@ def _create_teacher_arrays(store: CacheStore, meta: TeacherMeta) -> None:
         tail = (meta.k,) if has_k else ()
         _array(group, name, (rows, a) + tail, (cap, a) + tail, dtype, fill)
     _array(group, "done", (store.num_shards,), (1,), "int64", 0)
-    group.attrs.update(
-        meta.model_dump(mode="json")
-    )  # attrs last: a teacher without them is unfinished
+    # attrs last: a teacher without them is unfinished
+    group.attrs.update(meta.model_dump(mode="json"))
 
 
 def shard_chunk(store: CacheStore, shard: int) -> slice:
@@ -198,7 +202,7 @@ def write_views(
     labels: np.ndarray,
     status: np.ndarray,
     errors: list[str],
-    params: np.ndarray,
+    params: ViewParams,
 ) -> None:
     """Write a shard's labels, row status, errors and view parameters, then its views mark."""
     _check_rows(store, shard, labels, "labels")
@@ -208,10 +212,14 @@ def write_views(
         "labels": _pad(labels.astype(np.int32), cap, -1),
         "status": _pad(status.astype(np.int8), cap, STATUS_EMPTY),
         "errors": _pad(np.array(errors, dtype=object), cap, ""),
-        "view_params": _pad(params.astype(np.int32), cap, 0),
     }
     for name, data in values.items():
         _store_chunk(store, shard, store.group, name, chunk, data)
+    views = store.views
+    _store_chunk(store, shard, views, "image_hw", chunk, _pad(params.image_hw, cap, 0))
+    for name, spec in param_arrays(store.meta.recipe).items():
+        data = _pad(params.arrays[name].astype(spec.dtype), cap, spec.fill)
+        _store_chunk(store, shard, views, name, chunk, data)
     _store_chunk(store, shard, store.group, "views_done", shard, now_ms())
 
 
@@ -265,9 +273,12 @@ def _store_chunk(
     store: CacheStore, shard: int, group: zarr.Group, name: str, where: slice | int, values: Any
 ) -> None:
     """One chunk write; a failure (full disk, permissions, object store) is a CacheWriteError that
-    names the shard and the array, and leaves the shard's mark unset (the mark is written last)."""
+    names the shard and the array, and leaves the shard's mark unset (the mark is written last).
+
+    The chunk is stored even when it equals the fill value (zarr skips such chunks by default),
+    so every shard marked complete has every chunk: a missing one is damage, not a default."""
     try:
-        group[name][where] = values
+        group[name].with_config({"write_empty_chunks": True})[where] = values
     except OSError as exc:
         array = f"{group.path}/{name}".lstrip("/")
         shard_name = store.meta.fingerprint.shards[shard]

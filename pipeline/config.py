@@ -16,6 +16,7 @@ from pydantic import Field, field_validator, model_validator
 from kdcache.config import StrictModel
 from kdcache.errors import ConfigError
 from kdcache.models import ModelSpec
+from kdcache.preprocess import RenderSpec
 from kdcache.store import ENCODINGS
 from kdcache.views import ViewRecipe
 
@@ -81,6 +82,10 @@ class TeacherSection(StrictModel):
     with network access); without either, timm's random init is used, seeded so runs agree."""
     k: int = Field(10, ge=1)
     """How many top classes to store per view."""
+    render: RenderSpec = Field(default_factory=RenderSpec)
+    """How this teacher renders the views (size, interpolation, mean, std); default: the timm
+    pretrained config of a ``pretrained: true`` timm model, else the recipe's. E.g. ``{size: 320,
+    interpolation: bicubic}`` for a teacher at a higher resolution than the student."""
     encoding: str = "fp16"
     """How top-k logits are stored: ``fp16``."""
 

@@ -27,9 +27,11 @@ from kdcache.errors import (
 from kdcache.lock import WriterLock, check_unlocked
 from kdcache.manifest import find_manifest
 from kdcache.models import ModelSpec, build_teacher, weights_digest
-from kdcache.pipeline.config import PrecomputeConfig, check_with_classes
+from kdcache.pipeline.config import PrecomputeConfig, TeacherSection, check_with_classes
+from kdcache.preprocess import resolve as resolve_rendering
 from kdcache.shards import ShardIndex, expand_shards, key_digest, scan_shards
 from kdcache.store import CacheStore, Fingerprint, open_store
+from kdcache.views import Rendering, ViewRecipe
 from kdcache.writer import add_teacher, create_store
 
 logger = logging.getLogger(__name__)
@@ -43,6 +45,8 @@ class TeacherPlan:
     spec: ModelSpec
     k: int
     weights_digest: str
+    rendering: Rendering
+    """The teacher's resolved rendering (its input size, interpolation, mean and std)."""
 
 
 @dataclass(frozen=True)
@@ -106,8 +110,7 @@ def make_plan(cfg: PrecomputeConfig) -> Plan:
     num_classes, class_names = resolve_classes(cfg, data.urls)
     check_with_classes(cfg, num_classes)
     teachers = [
-        _teacher_plan_at(i, t, num_classes, cfg.cache.recipe.channels)
-        for i, t in enumerate(cfg.teachers)
+        _teacher_plan_at(i, t, num_classes, cfg.cache.recipe) for i, t in enumerate(cfg.teachers)
     ]
     store, created = open_or_create(cfg, data, num_classes, class_names)
     for teacher, section in zip(teachers, cfg.teachers, strict=True):
@@ -117,6 +120,7 @@ def make_plan(cfg: PrecomputeConfig) -> Plan:
             model=section.model.model_dump(mode="json"),
             weights_digest=teacher.weights_digest,
             k=teacher.k,
+            rendering=teacher.rendering,
             encoding=section.encoding,
             config=saved_config(cfg),
         )
@@ -182,20 +186,30 @@ def resolve_classes(cfg: PrecomputeConfig, urls: list[str]) -> tuple[int, list[s
     return num, names
 
 
-def _teacher_plan_at(index: int, section, num_classes: int, in_chans: int) -> TeacherPlan:
+def _teacher_plan_at(
+    index: int, section: TeacherSection, num_classes: int, recipe: ViewRecipe
+) -> TeacherPlan:
     """:func:`teacher_plan` of ``teachers.<index>``, its errors naming that key and the teacher."""
+    rendering = resolve_rendering(section.render, recipe, section.model, f"teachers.{index}.render")
     try:
-        return teacher_plan(section.name, section.model, section.k, num_classes, in_chans)
+        return teacher_plan(section.name, section.model, section.k, num_classes, recipe, rendering)
     except TeacherError as exc:
         raise TeacherError(f"teachers.{index}.model (teacher {section.name!r}): {exc}") from exc
 
 
 def teacher_plan(
-    name: str, spec: ModelSpec, k: int, num_classes: int, in_chans: int
+    name: str,
+    spec: ModelSpec,
+    k: int,
+    num_classes: int,
+    recipe: ViewRecipe,
+    rendering: Rendering | None = None,
 ) -> TeacherPlan:
-    """Build the teacher once on CPU to fingerprint its weights."""
-    digest = weights_digest(build_teacher(spec, num_classes, in_chans))
-    return TeacherPlan(name=name, spec=spec, k=k, weights_digest=digest)
+    """Build the teacher once on CPU to fingerprint its weights (rendering: default the
+    recipe's)."""
+    digest = weights_digest(build_teacher(spec, num_classes, recipe.channels))
+    rendering = rendering or recipe.rendering()
+    return TeacherPlan(name=name, spec=spec, k=k, weights_digest=digest, rendering=rendering)
 
 
 def open_or_create(

@@ -37,9 +37,17 @@ from kdcache.pipeline.plan import ShardTask, TeacherPlan
 from kdcache.reader import read_block
 from kdcache.shards import Sample, decode_image, iter_shard
 from kdcache.store import STATUS_INVALID, STATUS_VALID, open_store
-from kdcache.targets import SparseTargets, from_logits
+from kdcache.targets import MixedLabels, SparseTargets, from_logits
 from kdcache.teacher import ModelRunner, check_finite
-from kdcache.views import NUM_PARAMS, ViewRecipe, replay_views, view_params
+from kdcache.views import (
+    Rendering,
+    ViewParams,
+    ViewRecipe,
+    draw_view,
+    group_partners,
+    grouped,
+    render_rows,
+)
 from kdcache.writer import write_teacher, write_views
 
 logger = logging.getLogger(__name__)
@@ -91,16 +99,16 @@ class ShardRows:
     labels: np.ndarray
     status: np.ndarray
     errors: list[str]
-    params: np.ndarray
+    params: ViewParams
     stored: bool
 
     @classmethod
-    def fresh(cls, n: int, num_views: int) -> ShardRows:
+    def fresh(cls, recipe: ViewRecipe, n: int, num_views: int) -> ShardRows:
         return cls(
             np.full(n, -1, np.int32),
             np.zeros(n, np.int8),
             [""] * n,
-            np.zeros((n, num_views, NUM_PARAMS), np.int32),
+            ViewParams.empty(recipe, n, num_views),
             stored=False,
         )
 
@@ -132,34 +140,77 @@ class TeacherArrays:
         self.tail_lse.reshape(-1)[flat] = targets.tail_lse.cpu().numpy()
 
 
-class ViewBatcher:
-    """Collects samples' views into batches of exactly ``size`` views (the last one smaller)."""
+@dataclass
+class ViewBatch:
+    """Views on their way to the teachers: flat view indices ``row * A + a``, the views in each
+    rendering the run's teachers need, and each view's hard labels (mixed views have two)."""
 
-    def __init__(self, size: int, num_views: int):
+    flat: np.ndarray
+    views: dict[str, torch.Tensor]
+    """Rendering key (:func:`rendering_key`) -> ``uint8[B, C, S, S]``."""
+    labels: np.ndarray
+    partner_labels: np.ndarray
+    lam: np.ndarray
+    """Weight of ``labels`` (1 for unmixed views), float32."""
+
+    def __len__(self) -> int:
+        return len(self.flat)
+
+    def mixed_labels(self) -> MixedLabels:
+        return MixedLabels(
+            torch.from_numpy(self.labels.astype(np.int64)),
+            torch.from_numpy(self.partner_labels.astype(np.int64)),
+            torch.from_numpy(self.lam.astype(np.float32)),
+        )
+
+    @staticmethod
+    def concat(parts: list[ViewBatch]) -> ViewBatch:
+        return ViewBatch(
+            np.concatenate([p.flat for p in parts]),
+            {key: torch.cat([p.views[key] for p in parts]) for key in parts[0].views},
+            np.concatenate([p.labels for p in parts]),
+            np.concatenate([p.partner_labels for p in parts]),
+            np.concatenate([p.lam for p in parts]),
+        )
+
+    def slice(self, start: int, stop: int) -> ViewBatch:
+        return ViewBatch(
+            self.flat[start:stop],
+            {key: views[start:stop] for key, views in self.views.items()},
+            self.labels[start:stop],
+            self.partner_labels[start:stop],
+            self.lam[start:stop],
+        )
+
+
+def rendering_key(rendering: Rendering) -> str:
+    """A hashable name of a rendering: teachers with equal renderings share their views."""
+    return rendering.model_dump_json()
+
+
+class ViewBatcher:
+    """Collects groups' views into batches of exactly ``size`` views (the last one smaller)."""
+
+    def __init__(self, size: int):
         self.size = size
-        self.num_views = num_views
-        self.flat: list[np.ndarray] = []
-        self.views: list[torch.Tensor] = []
+        self.parts: list[ViewBatch] = []
         self.count = 0
 
-    def add(self, row: int, views: torch.Tensor) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
-        self.flat.append(row * self.num_views + np.arange(self.num_views))
-        self.views.append(views)
+    def add(self, views: ViewBatch) -> Iterator[ViewBatch]:
+        self.parts.append(views)
         self.count += len(views)
         while self.count >= self.size:
             yield self._take(self.size)
 
-    def flush(self) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    def flush(self) -> Iterator[ViewBatch]:
         if self.count:
             yield self._take(self.count)
 
-    def _take(self, n: int) -> tuple[np.ndarray, torch.Tensor]:
-        flat = np.concatenate(self.flat)
-        views = torch.cat(self.views)
-        self.flat = [flat[n:]]
-        self.views = [views[n:]]
+    def _take(self, n: int) -> ViewBatch:
+        joined = ViewBatch.concat(self.parts)
+        self.parts = [joined.slice(n, len(joined))]
         self.count = self.count - n
-        return flat[:n], views[:n]
+        return joined.slice(0, n)
 
 
 class ShardWorker:
@@ -170,6 +221,8 @@ class ShardWorker:
         self.settings = settings
         self.runners = {t.name: self._runner(t) for t in settings.teachers}
         self.k = {t.name: t.k for t in settings.teachers}
+        self.renderings = {rendering_key(t.rendering): t.rendering for t in settings.teachers}
+        self.rendering_of = {t.name: rendering_key(t.rendering) for t in settings.teachers}
         self.store = open_store(settings.cache_path, "r+", settings.storage_options or None)
 
     def _runner(self, teacher: TeacherPlan) -> ModelRunner:
@@ -184,7 +237,7 @@ class ShardWorker:
             )
         return ModelRunner(
             model,
-            s.recipe,
+            teacher.rendering,
             device=s.runtime.device,
             amp=s.runtime.amp,
             channels_last=s.runtime.channels_last,
@@ -204,21 +257,15 @@ class ShardWorker:
         out = {name: TeacherArrays.zeros(n, a, self.k[name]) for name in task.teachers}
         forward = 0.0
         batches = background(self._batches(task, rows), self.settings.prefetch_batches)
-        for batch, (flat, views) in enumerate(batches):
-            labels = torch.from_numpy(rows.labels[flat // a].astype(np.int64))
-            forward += self._forward(task, flat, views, labels, out)
-            if batch == 0:
+        for index, batch in enumerate(batches):
+            forward += self._forward(task, batch, out)
+            if index == 0:
                 maybe_crash(task.name)
         self._write(task, rows, out)
         invalid = int((rows.status != STATUS_VALID).sum()) * a
+        seconds = time.perf_counter() - start
         result = ShardResult(
-            task.name,
-            n * a,
-            invalid,
-            time.perf_counter() - start,
-            forward,
-            task.make_views,
-            task.teachers,
+            task.name, n * a, invalid, seconds, forward, task.make_views, task.teachers
         )
         logger.debug("%s", result)
         return result
@@ -226,34 +273,50 @@ class ShardWorker:
     def _initial_rows(self, task: ShardTask) -> ShardRows:
         """Fresh rows, or the labels, status and view params stored by an earlier run."""
         if task.make_views:
-            return ShardRows.fresh(len(task.keys), self.settings.num_views)
+            return ShardRows.fresh(self.settings.recipe, len(task.keys), self.settings.num_views)
         block = read_block(self.store, task.index)
         return ShardRows(
             np.asarray(block.labels),
             np.asarray(block.status),
             [str(e) for e in block.errors],
-            np.asarray(block.view_params),
+            block.views,
             stored=True,
         )
 
-    def _batches(
-        self, task: ShardTask, rows: ShardRows
-    ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
-        batcher = ViewBatcher(self.settings.runtime.batch_size, self.settings.num_views)
-        for row, sample in enumerate(
-            checked_samples(task, self.settings.data_storage_options or None)
-        ):
-            views = self._views(task, row, sample, rows)
+    def _batches(self, task: ShardTask, rows: ShardRows) -> Iterator[ViewBatch]:
+        """The shard's views in batches, group by group (a mixing group's rows are decoded
+        together, so every view's partner is at hand; without mixing a group is one row)."""
+        batcher = ViewBatcher(self.settings.runtime.batch_size)
+        samples = checked_samples(task, self.settings.data_storage_options or None)
+        for start, group in grouped(samples, self.settings.recipe.group_size):
+            views = self._group_views(task, start, group, rows)
             if views is not None:
-                yield from batcher.add(row, views)
+                yield from batcher.add(views)
         yield from batcher.flush()
 
-    def _views(
+    def _group_views(
+        self, task: ShardTask, start: int, group: list[Sample], rows: ShardRows
+    ) -> ViewBatch | None:
+        """Every view of a group's valid rows, in each rendering the teachers need."""
+        images = {}
+        for row, sample in enumerate(group, start=start):
+            image = self._image(task, row, sample, rows)
+            if image is not None:
+                images[row] = image
+        if not images:
+            return None
+        valid = sorted(images)
+        if not rows.stored:
+            self._draw(group, start, valid, images, rows)
+        return self._render(valid, images, rows)
+
+    def _image(
         self, task: ShardTask, row: int, sample: Sample, rows: ShardRows
     ) -> torch.Tensor | None:
-        """The sample's A views (uint8), or None for an invalid row (recorded under ``skip``)."""
+        """The decoded image of a valid row, or None for an invalid one (recorded under
+        ``skip``; a stored invalid row stays invalid)."""
         if rows.stored:
-            return self._stored_views(task, row, sample, rows)
+            return self._stored_image(task, row, sample, rows)
         s = self.settings
         rows.labels[row] = sample.label if sample.label is not None else -1
         try:
@@ -265,13 +328,10 @@ class ShardWorker:
             rows.status[row] = STATUS_INVALID
             rows.errors[row] = str(exc)
             return None
-        rows.params[row] = view_params(
-            s.recipe, s.seed, sample.key, s.num_views, tuple(image.shape[-2:])
-        )
         rows.status[row] = STATUS_VALID
-        return replay_views(image, rows.params[row], s.recipe)
+        return image
 
-    def _stored_views(
+    def _stored_image(
         self, task: ShardTask, row: int, sample: Sample, rows: ShardRows
     ) -> torch.Tensor | None:
         if int(rows.status[row]) != STATUS_VALID:
@@ -282,25 +342,58 @@ class ShardWorker:
                 f"stored {int(rows.labels[row])}: the shard changed after its views were made"
             )
         image = decode(sample, task.name, self.settings.recipe.channels)
-        try:
-            return replay_views(image, rows.params[row], self.settings.recipe)
-        except DataError as exc:
-            raise DataError(f"shard {task.name!r}, key {sample.key!r}: {exc}") from None
+        stored = tuple(int(v) for v in rows.params.image_hw[row])
+        if tuple(image.shape[-2:]) != stored:
+            raise DataError(
+                f"shard {task.name!r}, key {sample.key!r}: image is {image.shape[-2]}x"
+                f"{image.shape[-1]} but its views were made from a {stored[0]}x{stored[1]} "
+                "image: the shard changed after the cache was built"
+            )
+        return image
 
-    def _forward(
+    def _draw(
         self,
-        task: ShardTask,
-        flat: np.ndarray,
-        views: torch.Tensor,
-        labels: torch.Tensor,
-        out: dict[str, TeacherArrays],
-    ) -> float:
-        """Every teacher on one batch; top-k, logsumexp and label logit on the device."""
+        group: list[Sample],
+        start: int,
+        valid: list[int],
+        images: dict[int, torch.Tensor],
+        rows: ShardRows,
+    ) -> None:
+        """Draw every view of the group's valid rows from ``(seed, key, view)``."""
+        s = self.settings
+        for row in valid:
+            key = group[row - start].key
+            partners = group_partners(row, valid)
+            hw = (int(images[row].shape[-2]), int(images[row].shape[-1]))
+            for a in range(s.num_views):
+                rows.params.put(row, a, draw_view(s.recipe, s.seed, key, a, hw, partners))
+
+    def _render(
+        self, valid: list[int], images: dict[int, torch.Tensor], rows: ShardRows
+    ) -> ViewBatch:
+        """The views of ``valid`` rows in every rendering, with their labels."""
+        a = self.settings.num_views
+        recipe = self.settings.recipe
+        views = {
+            key: render_rows(images, rows.params, valid, recipe, rendering)
+            for key, rendering in self.renderings.items()
+        }
+        own = np.repeat(np.asarray(valid), a)  # (row, view) order, as render_rows gives them
+        view = np.tile(np.arange(a), len(valid))
+        partner, lam = rows.params.mixing(own, view)
+        labels = rows.labels
+        return ViewBatch(own * a + view, views, labels[own], labels[partner], lam)
+
+    def _forward(self, task: ShardTask, batch: ViewBatch, out: dict[str, TeacherArrays]) -> float:
+        """Every teacher on one batch, in its rendering; top-k, logsumexp and label logit on the
+        device."""
         start = time.perf_counter()
+        labels = batch.mixed_labels()
         for name in task.teachers:
-            logits = self.runners[name](views)
+            logits = self.runners[name](batch.views[self.rendering_of[name]])
             check_finite(logits, f"shard {task.name!r}, teacher {name!r}")
-            out[name].put(flat, from_logits(logits, labels.to(logits.device), self.k[name]))
+            targets = from_logits(logits, labels.to(logits.device), self.k[name])
+            out[name].put(batch.flat, targets)
         return time.perf_counter() - start
 
     def _write(self, task: ShardTask, rows: ShardRows, out: dict[str, TeacherArrays]) -> None:

@@ -1,8 +1,8 @@
-"""Test fixtures: tiny WebDataset shards and a cache built in-process, without Ray.
+"""Test fixtures: tiny WebDataset shards, and caches built by the real planner and worker.
 
-:func:`build_cache` follows precompute's path exactly (decode -> stored view params -> replay ->
-``ModelRunner`` -> ``from_logits`` -> ``write_views``/``write_teacher``), so a test can compare
-cached targets with the same teacher run online on the same views.
+:func:`build_cache` runs precompute's own code in-process (``make_plan`` and ``ShardWorker``,
+without Ray), so a test compares cached targets with the same teacher run online on the same
+views, and a test of the trainer reads a cache exactly as precompute writes it.
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from kdcache.models import ModelSpec, build_model, weights_digest
-from kdcache.shards import decode_image, iter_shard, key_digest, scan_shards
-from kdcache.store import STATUS_INVALID, STATUS_VALID, CacheStore, Fingerprint
-from kdcache.targets import from_logits
-from kdcache.teacher import ModelRunner
-from kdcache.views import ViewRecipe, replay_views, view_params
-from kdcache.writer import add_teacher, create_store, write_targets, write_views
+from kdcache.models import ModelSpec, build_model
+from kdcache.pipeline.config import PrecomputeConfig
+from kdcache.pipeline.plan import make_plan
+from kdcache.pipeline.runner import worker_settings
+from kdcache.pipeline.worker import ShardWorker
+from kdcache.store import CacheStore, open_store
+from kdcache.views import ViewRecipe, render_rows
 
 GREY = dict(channels=1, mean=(0.5,), std=(0.25,))
 
@@ -46,9 +46,11 @@ def write_shards(
     size: int = 16,
     seed: int = 0,
     key_prefix: str | None = None,
+    unlabelled: tuple[str, ...] = (),
 ) -> list[str]:
     """``out_dir/<prefix>-NNNNNN.tar`` with grey PNGs (class-dependent brightness bands) and labels;
-    keys ``<key_prefix>_NNNNNN`` (default the prefix), numbered across shards."""
+    keys ``<key_prefix>_NNNNNN`` (default the prefix), numbered across shards. Keys in
+    ``unlabelled`` get no ``.cls`` entry (``on_error: skip`` stores them as invalid rows)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -60,13 +62,11 @@ def write_shards(
         with wds.TarWriter(url, encoder=False) as tar:
             for _ in range(count):
                 label = index % classes
-                tar.write(
-                    {
-                        "__key__": f"{key_prefix or prefix}_{index:06d}",
-                        "png": png(_image(rng, label, classes, size)),
-                        "cls": str(label).encode(),
-                    }
-                )
+                key = f"{key_prefix or prefix}_{index:06d}"
+                sample = {"__key__": key, "png": png(_image(rng, label, classes, size))}
+                if key not in unlabelled:
+                    sample["cls"] = str(label).encode()
+                tar.write(sample)
                 index += 1
         urls.append(url)
     return urls
@@ -96,95 +96,42 @@ def tiny_teacher(
     return ModelSpec(name=name, checkpoint=str(save_to)), model
 
 
-def create_cache(
+def precompute_config(
     path: str | Path,
     urls: list[str],
+    teachers: list[dict],
     *,
-    recipe: ViewRecipe,
+    recipe: ViewRecipe | None = None,
     num_views: int = 3,
     classes: int = 4,
     seed: int = 0,
-    invalid_keys: tuple[str, ...] = (),
-) -> CacheStore:
-    """An empty cache over ``urls`` with every shard's views written (``invalid_keys`` marked
-    invalid)."""
-    indexes = scan_shards(urls)
-    fingerprint = Fingerprint(
-        shards=[i.name for i in indexes],
-        counts=[len(i) for i in indexes],
-        key_digest=key_digest(indexes),
+) -> PrecomputeConfig:
+    """A precompute config over ``urls`` (``on_error: skip``: unlabelled samples become invalid
+    rows), in-process on the CPU."""
+    recipe = recipe or tiny_recipe()
+    return PrecomputeConfig.model_validate(
+        {
+            "data": {"shards": urls, "num_classes": classes, "on_error": "skip"},
+            "cache": {
+                "path": str(path),
+                "seed": seed,
+                "num_views": num_views,
+                "recipe": recipe.model_dump(),
+            },
+            "teachers": teachers,
+            "runtime": {"batch_size": 64, "device": "cpu"},
+        }
     )
-    store = create_store(
-        str(path),
-        fingerprint=fingerprint,
-        keys=[i.keys for i in indexes],
-        recipe=recipe,
-        num_views=num_views,
-        num_classes=classes,
-        class_names=[str(c) for c in range(classes)],
-        seed=seed,
-        config={"data": {"shards": urls}},
-    )
-    for shard, url in enumerate(urls):
-        labels = []
-        status = []
-        params = []
-        for sample in iter_shard(url):
-            image = decode_image(sample.image, recipe.channels)
-            labels.append(sample.label)
-            status.append(STATUS_INVALID if sample.key in invalid_keys else STATUS_VALID)
-            params.append(
-                view_params(
-                    recipe, seed, sample.key, num_views, (int(image.shape[1]), int(image.shape[2]))
-                )
-            )
-        write_views(
-            store,
-            shard,
-            labels=np.array(labels),
-            status=np.array(status),
-            errors=["bad" if s == STATUS_INVALID else "" for s in status],
-            params=np.stack(params),
-        )
-    return store
 
 
-def add_teacher_run(
-    store: CacheStore,
-    urls: list[str],
-    name: str,
-    spec: ModelSpec,
-    model: torch.nn.Module,
-    k: int,
-    shards: list[int] | None = None,
-    encoding: str = "fp16",
-) -> None:
-    """Run ``model`` over every stored view of the given shards (default all) and write its
-    targets."""
-    add_teacher(
-        store,
-        name,
-        model=spec.model_dump(mode="json"),
-        weights_digest=weights_digest(model),
-        k=k,
-        encoding=encoding,
-    )
-    runner = ModelRunner(model, store.meta.recipe, device="cpu", name=name)
-    recipe = store.meta.recipe
-    num_views = store.meta.num_views
-    for shard, url in enumerate(urls):
-        if shards is not None and shard not in shards:
-            continue
-        params = store.group["view_params"][store.rows(shard)]
-        views = []
-        labels = []
-        for row, sample in enumerate(iter_shard(url)):
-            views.append(
-                replay_views(decode_image(sample.image, recipe.channels), params[row], recipe)
-            )
-            labels += [sample.label] * num_views
-        targets = from_logits(runner(torch.cat(views)), torch.tensor(labels), k)
-        write_targets(store, shard, name, targets)
+def run_precompute(config: PrecomputeConfig, shards: list[int] | None = None) -> CacheStore:
+    """Plan and run the shard tasks (only ``shards``, when given) with one in-process worker."""
+    plan = make_plan(config)
+    worker = ShardWorker(worker_settings(config, plan))
+    for task in plan.tasks:
+        if shards is None or task.index in shards:
+            worker(task)
+    return open_store(plan.cache_path)
 
 
 def build_cache(
@@ -196,22 +143,30 @@ def build_cache(
     num_views: int = 3,
     classes: int = 4,
     seed: int = 0,
-    invalid_keys: tuple[str, ...] = (),
     encoding: str = "fp16",
+    shards: list[int] | None = None,
 ) -> CacheStore:
-    """A complete cache: views plus one random-init ``kd_cnn_tiny`` teacher per ``{name: k}``
-    (seeded by order; weights saved beside the cache as ``<cache>.<name>.pt`` and named in the
-    stored spec)."""
-    store = create_cache(
-        path,
-        urls,
-        recipe=recipe or tiny_recipe(),
-        num_views=num_views,
-        classes=classes,
-        seed=seed,
-        invalid_keys=invalid_keys,
-    )
+    """A cache made by precompute's code: views plus one random-init ``kd_cnn_tiny`` teacher per
+    ``{name: k}`` (seeded by order; weights saved beside the cache as ``<cache>.<name>.pt`` and
+    named in the stored spec); only ``shards`` are processed when given."""
+    sections = []
     for i, (name, k) in enumerate((teachers or {"tiny": classes}).items()):
-        spec, model = tiny_teacher(classes, seed=i, save_to=f"{path}.{name}.pt")
-        add_teacher_run(store, urls, name, spec, model, k, encoding=encoding)
-    return store
+        spec, _ = tiny_teacher(
+            classes, seed=i, save_to=f"{path}.{name}.pt", in_chans=_chans(recipe)
+        )
+        sections.append({"name": name, "model": spec.model_dump(), "k": k, "encoding": encoding})
+    config = precompute_config(
+        path, urls, sections, recipe=recipe, num_views=num_views, classes=classes, seed=seed
+    )
+    return run_precompute(config, shards)
+
+
+def _chans(recipe: ViewRecipe | None) -> int:
+    return (recipe or tiny_recipe()).channels
+
+
+def row_views(store: CacheStore, block, row: int, image: torch.Tensor) -> torch.Tensor:
+    """The A stored views of an unmixed row of ``block``, rendered the way the cache's recipe
+    renders by default (``uint8[A, C, S, S]``)."""
+    recipe = store.meta.recipe
+    return render_rows({row: image}, block.views, [row], recipe, recipe.rendering())

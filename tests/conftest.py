@@ -50,9 +50,8 @@ def world(tmp_path_factory):
     test_bench.py and test_train_data.py define their own ``world``, which overrides this one.
     """
     root = tmp_path_factory.mktemp("trainer")
-    urls = write_shards(root / "shards")
+    urls = write_shards(root / "shards", unlabelled=("train_000005",))
     val = write_shards(root / "shards", prefix="val", num_shards=1, per_shard=20)
-    store = build_cache(
-        root / "cache.zarr", urls, teachers={"tiny": 4, "top2": 2}, invalid_keys=("train_000005",)
-    )
-    return {"root": root, "urls": urls, "val": val, "store": store}
+    store = build_cache(root / "cache.zarr", urls, teachers={"tiny": 4, "top2": 2})
+    clean = write_shards(root / "clean")  # every sample labelled: for runs without a cache
+    return {"root": root, "urls": urls, "val": val, "store": store, "clean": clean}

@@ -10,7 +10,7 @@ from kdcache.encoding import Q8_STEP, Q8_TAIL_MAX, decode, encode
 from kdcache.reader import read_block
 from kdcache.store import STATUS_VALID, Fingerprint
 from kdcache.targets import SparseTargets, dense_probs, from_logits, tail_mass_t1
-from kdcache.views import ViewRecipe
+from kdcache.views import ViewParams, ViewRecipe
 from kdcache.writer import add_teacher, create_store, write_targets, write_views
 
 
@@ -151,7 +151,7 @@ def test_store_round_trip_per_encoding(tmp_path, encoding):
         labels=np.arange(5),
         status=np.full(5, STATUS_VALID),
         errors=[""] * 5,
-        params=np.zeros((5, 2, 7)),
+        params=ViewParams.empty(ViewRecipe(size=8), 5, 2),
     )
     logits = teacher_like_logits(10, 50)
     t = from_logits(logits, torch.arange(10) // 2, 4)

@@ -186,7 +186,6 @@ def test_resume_against_a_rebuilt_cache_is_refused(world, stopped_run):
         world["urls"],
         teachers={"tiny": 4, "top2": 2},
         seed=1,
-        invalid_keys=("train_000005",),
     )
     try:
         resume(config)

@@ -17,7 +17,7 @@ from kdcache.errors import CacheIncompleteError, CacheMismatchError, ConfigError
 from kdcache.store import STATUS_INVALID, STATUS_VALID, Fingerprint, open_store
 from kdcache.targets import from_logits
 from kdcache.tools.stats import FINE_BINS, inspect_cache, js_divergence
-from kdcache.views import NUM_PARAMS, ViewRecipe
+from kdcache.views import ViewParams, ViewRecipe
 from kdcache.writer import add_teacher, create_store, write_targets, write_views
 
 C = 5
@@ -87,7 +87,7 @@ def build_cache(path: str) -> Truth:
             labels=lab,
             status=status,
             errors=[""] * n,
-            params=np.zeros((n, A, NUM_PARAMS)),
+            params=ViewParams.empty(ViewRecipe(), n, A),
         )
         for name in TEACHERS:
             full = _logits(
@@ -431,7 +431,7 @@ def test_unlabelled_rows_three_views_and_top5_below_the_class_count(tmp_path) ->
         labels=labels,
         status=np.full(n, STATUS_VALID),
         errors=[""] * n,
-        params=np.zeros((n, a, NUM_PARAMS)),
+        params=ViewParams.empty(ViewRecipe(), n, a),
     )
     write_targets(
         store,

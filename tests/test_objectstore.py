@@ -133,7 +133,7 @@ def arrays(path: str, options: dict | None = None) -> dict[str, np.ndarray]:
     store = open_store(path, "r", options)
     out = {
         name: np.asarray(store.group[name][:])
-        for name in ("keys", "labels", "status", "view_params")
+        for name in ("keys", "labels", "status", "views/crop", "views/flip", "views/image_hw")
     }
     group = store.teacher_group("tiny")
     out.update(

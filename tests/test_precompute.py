@@ -24,6 +24,7 @@ import torch
 import torchvision
 import webdataset as wds
 import yaml
+from cachebuild import row_views
 from PIL import Image
 
 from kdcache.cli import main as cli_main
@@ -48,7 +49,6 @@ from kdcache.store import STATUS_INVALID, STATUS_VALID, open_store
 from kdcache.targets import from_logits
 from kdcache.teacher import ModelRunner
 from kdcache.tools.verify import verify_cache
-from kdcache.views import replay_views
 
 SIZE = 16
 
@@ -83,7 +83,8 @@ def precompute(cfg: PrecomputeConfig):
 def cache_arrays(path: Path) -> dict[str, np.ndarray]:
     """Every array of a cache; completion marks (timestamps) as booleans."""
     store = open_store(str(path))
-    names = ["keys", "labels", "status", "errors", "view_params"]
+    names = ["keys", "labels", "status", "errors"]
+    names += [f"views/{name}" for name in store.views.array_keys()]
     out = {name: np.asarray(store.group[name][:]) for name in names}
     out["views_done"] = store.views_done()
     for teacher in store.teachers:
@@ -169,14 +170,11 @@ def test_stored_views_replay_to_the_stored_targets(clean_cache, data_dir):
     store = open_store(str(clean_cache))
     recipe = store.meta.recipe
     model = build_teacher(make_config("x", clean_cache).teachers[0].model, 10, 3)
-    runner = ModelRunner(model, recipe, device="cpu")
+    runner = ModelRunner(model, recipe.rendering(), device="cpu")
     block = read_block(store, 1, ["t1"])
     samples = list(iter_shard(str(data_dir / "train-000001.tar")))[:12]
     views = torch.cat(
-        [
-            replay_views(decode_image(s.image, 3), block.view_params[block.row(s.key)], recipe)
-            for s in samples
-        ]
+        [row_views(store, block, block.row(s.key), decode_image(s.image, 3)) for s in samples]
     )
     labels = torch.tensor([s.label for s in samples]).repeat_interleave(2)
     fresh = from_logits(runner(views), labels, 5)
@@ -408,9 +406,10 @@ def test_second_teacher_reuses_the_stored_views(clean_cache, data_dir, tmp_path)
     store = open_store(str(cache))
     block = read_block(store, 0, ["t2"])
     sample = next(iter_shard(str(data_dir / "train-000000.tar")))
-    views = replay_views(decode_image(sample.image, 3), block.view_params[0], store.meta.recipe)
+    views = row_views(store, block, 0, decode_image(sample.image, 3))
+    rendering = store.meta.recipe.rendering()
     fresh = from_logits(
-        ModelRunner(build_teacher(cfg.teachers[0].model, 10, 3), store.meta.recipe)(views),
+        ModelRunner(build_teacher(cfg.teachers[0].model, 10, 3), rendering)(views),
         torch.tensor([sample.label] * 2),
         3,
     )
@@ -455,11 +454,10 @@ def test_torchvision_and_torchscript_teachers_are_cached_and_verify(
     assert store.teacher_meta("tv").weights_digest == weights_digest(resnet)
     block = read_block(store, 2, ["tv", "ts"])
     sample = next(iter_shard(str(data_dir / "train-000002.tar")))
-    views = replay_views(decode_image(sample.image, 3), block.view_params[0], store.meta.recipe)
+    views = row_views(store, block, 0, decode_image(sample.image, 3))
     for name, model, k in (("tv", resnet, 4), ("ts", scripted, 10)):
-        fresh = from_logits(
-            ModelRunner(model, store.meta.recipe)(views), torch.tensor([sample.label] * 2), k
-        )
+        runner = ModelRunner(model, store.meta.recipe.rendering())
+        fresh = from_logits(runner(views), torch.tensor([sample.label] * 2), k)
         np.testing.assert_array_equal(block.teachers[name].topk_idx[0], fresh.idx.numpy())
         np.testing.assert_allclose(block.teachers[name].lse[0], fresh.lse.numpy(), rtol=1e-4)
     results = verify_cache(store, teachers=["tv", "ts"], num=16, seed=0)
@@ -579,9 +577,8 @@ def test_bad_samples_are_skipped_as_invalid_rows(bad_dir):
         block = read_block(store, shard, ["t1"])
         for row in np.flatnonzero(block.status == STATUS_INVALID):
             reasons[str(block.keys[row])] = str(block.errors[row])
-            assert (block.teachers["t1"].lse[row] == 0).all() and (
-                block.view_params[row] == 0
-            ).all()
+            assert (block.teachers["t1"].lse[row] == 0).all()
+            assert (block.views.arrays["crop"][row] == 0).all()
         assert (block.status[block.status != STATUS_INVALID] == STATUS_VALID).all()
     assert sorted(reasons) == ["c_bad", "n_bad", "r_bad"]
     assert "cannot decode the image" in reasons["c_bad"] and "no label" in reasons["n_bad"]
@@ -809,6 +806,7 @@ def test_config_schema_is_pinned():
         "name",
         "model",
         "k",
+        "render",
         "encoding",
     ]
 

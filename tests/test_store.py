@@ -13,7 +13,7 @@ from kdcache.reader import read_block
 from kdcache.store import STATUS_INVALID, STATUS_VALID, Fingerprint, open_store
 from kdcache.targets import from_logits
 from kdcache.tools.validate import validate_cache
-from kdcache.views import ViewRecipe, view_params
+from kdcache.views import ViewParams, ViewRecipe, draw_view
 from kdcache.writer import add_teacher, create_store, write_targets, write_views
 
 A = 2
@@ -55,7 +55,10 @@ def fill_shard(store, shard, teacher="t", logits=None, invalid_row=None):
     if invalid_row is not None:
         status[invalid_row] = STATUS_INVALID
         errors[invalid_row] = "corrupt image"
-    params = np.stack([view_params(RECIPE, 0, k, A, (10, 10)) for k in keys])
+    params = ViewParams.empty(RECIPE, n, A)
+    for row, key in enumerate(keys):
+        for a in range(A):
+            params.put(row, a, draw_view(RECIPE, 0, key, a, (10, 10)))
     write_views(store, shard, labels=labels, status=status, errors=errors, params=params)
     logits = torch.randn(n * A, C) if logits is None else logits
     t = from_logits(logits, torch.as_tensor(labels).repeat_interleave(A), K)

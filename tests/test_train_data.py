@@ -6,17 +6,9 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import replace
 
-import numpy as np
 import pytest
 import torch
-from cachebuild import (
-    add_teacher_run,
-    build_cache,
-    create_cache,
-    tiny_recipe,
-    tiny_teacher,
-    write_shards,
-)
+from cachebuild import build_cache, write_shards
 
 from kdcache.errors import CacheIncompleteError, CacheMismatchError, CacheNotFoundError, ConfigError
 from kdcache.models import ModelSpec, build_model
@@ -37,7 +29,7 @@ from kdcache.train.data import (
     valid_counts,
 )
 from kdcache.train.trainer import check_student
-from kdcache.views import epoch_view, replay, view_params
+from kdcache.views import center_view, draw_view, epoch_view, render
 
 INVALID = "train_000005"
 
@@ -47,13 +39,21 @@ def world(tmp_path_factory):
     """4 train shards x 12 samples (one invalid row), a 20-sample val shard, a cache with 2
     teachers."""
     root = tmp_path_factory.mktemp("data")
-    urls = write_shards(root / "shards")
+    urls = write_shards(root / "shards", unlabelled=(INVALID,))
     val = write_shards(root / "shards", prefix="val", num_shards=1, per_shard=20)
-    store = build_cache(
-        root / "cache.zarr", urls, teachers={"tiny": 4, "top2": 2}, invalid_keys=(INVALID,)
-    )
+    store = build_cache(root / "cache.zarr", urls, teachers={"tiny": 4, "top2": 2})
+    clean = write_shards(root / "clean")
+    clean_store = build_cache(root / "clean.zarr", clean, teachers={"tiny": 4})
     keys = sorted(f"train_{i:06d}" for i in range(48) if f"train_{i:06d}" != INVALID)
-    return {"root": root, "urls": urls, "val": val, "store": store, "keys": keys}
+    return {
+        "root": root,
+        "urls": urls,
+        "val": val,
+        "store": store,
+        "keys": keys,
+        "clean": clean,
+        "clean_store": clean_store,
+    }
 
 
 def config(world, **data) -> TrainConfig:
@@ -82,6 +82,7 @@ def spec(world, **kw) -> StreamSpec:
         recipe=world["store"].meta.recipe,
         num_classes=4,
         batch_size=8,
+        rendering=world["store"].meta.recipe.rendering(),
         seed=3,
         num_views=3,
         shuffle_buffer=10,
@@ -174,7 +175,7 @@ def test_uneven_splits_lose_nothing_and_give_every_rank_the_same_steps(
     batch 3: one batch each, of 3 or 4)."""
     s = spec(
         world,
-        urls=tuple(world["urls"][:3]),
+        urls=tuple(world["clean"][:3]),
         counts=(12, 12, 12),
         world_size=ranks,
         num_workers=workers,
@@ -193,7 +194,7 @@ def test_uneven_splits_lose_nothing_and_give_every_rank_the_same_steps(
 def test_slots_cut_the_stream_into_near_equal_consecutive_pieces(world):
     s = spec(
         world,
-        urls=tuple(world["urls"][:3]),
+        urls=tuple(world["clean"][:3]),
         counts=(12, 12, 11),
         world_size=2,
         num_workers=2,
@@ -254,9 +255,8 @@ def test_batches_join_the_cached_row_of_the_replayed_view(world):
         block = blocks[int(key.split("_")[1]) // 12]
         row = block.row(key)
         view = int(batch.views[i])
-        assert torch.equal(
-            batch.images[i], replay(images[key], block.view_params[row, view], recipe)
-        )
+        expected = render(images[key], block.views.view(row, view), recipe, recipe.rendering())
+        assert torch.equal(batch.images[i], expected)
         cached = block.teachers["top2"]
         assert batch.targets["top2"].idx[i].tolist() == cached.topk_idx[row, view].tolist()
         assert batch.targets["top2"].lse[i].item() == cached.lse[row, view]
@@ -288,9 +288,8 @@ def test_eval_stream_center_views_once_over_ranks(world):
     center = eval_recipe(recipe)
     first = next(iter_shard(world["val"][0]))
     image = decode_image(first.image, 1)
-    expected = replay(
-        image, view_params(center, 0, first.key, 1, tuple(image.shape[1:]))[0], center
-    )
+    view = center_view(tuple(image.shape[1:]), center)
+    expected = render(image, view, center, recipe.rendering())
     assert torch.equal(dict(seen)[first.key], expected) and expected.shape == (1, 12, 12)
 
 
@@ -336,13 +335,14 @@ def test_missing_teacher_is_refused(world):
 
 
 def test_incomplete_cache_is_refused(world, tmp_path):
-    store = create_cache(tmp_path / "c.zarr", world["urls"], recipe=tiny_recipe())
-    spec_, model = tiny_teacher()
-    add_teacher_run(store, world["urls"], "half", spec_, model, 2, shards=[0, 1])
+    build_cache(tmp_path / "c.zarr", world["urls"], teachers={"half": 2}, shards=[0, 1])
     cfg = config(world).model_copy(
         update={"cache": config(world).cache.model_copy(update={"path": str(tmp_path / "c.zarr")})}
     )
-    expected = r"incomplete \(half: 2 shard\(s\) e.g. \['train-000002.tar', 'train-000003.tar'\]\)"
+    expected = (
+        r"incomplete \(views: 2 shard\(s\) e.g. \['train-000002.tar', 'train-000003.tar'\]; "
+        r"half: 2 shard\(s\)"
+    )
     with pytest.raises(CacheIncompleteError, match=expected):
         open_cache(cfg, world["urls"], ["half"])
 
@@ -357,28 +357,32 @@ def test_missing_cache_is_refused(world, tmp_path):
         open_cache(cfg, world["urls"], ["tiny"])
 
 
-def test_student_that_does_not_fit_the_views_is_refused(world):
-    recipe = world["store"].meta.recipe
+def test_student_that_does_not_fit_its_rendering_is_refused(world):
+    rendering = world["store"].meta.recipe.rendering()
     cfg = config(world)
-    sized = cfg.model_copy(update={"student": cfg.student.model_copy(update={"input_size": 32})})
     model = build_model(cfg.student, 4, 1)
+    check_student(model, rendering, 1, 4, cfg, from_cache=True)
+    bigger = rendering.model_copy(update={"size": 32})
     with pytest.raises(
-        CacheMismatchError, match=r"student.input_size is 32 but the cache's views are 12x12"
+        CacheMismatchError, match=r"student 'kd_mlp' cannot take its views \(1x32x32, student"
     ):
-        check_student(model, recipe, 4, sized, from_cache=True)
+        check_student(model, bigger, 1, 4, cfg, from_cache=True)
     wrong = build_model(ModelSpec(name="kd_mlp", kwargs={"img_size": 28}), 4, 1)
-    with pytest.raises(
-        CacheMismatchError, match=r"student 'kd_mlp' cannot take the cache's views \(1x12x12\)"
-    ):
-        check_student(wrong, recipe, 4, cfg, from_cache=True)
-    with pytest.raises(
-        CacheMismatchError, match=r"outputs \(10,\) logits, the cache's views have 4 classes"
-    ):
-        check_student(build_model(cfg.student, 10, 1), recipe, 4, cfg, from_cache=True)
+    with pytest.raises(CacheMismatchError, match=r"cannot take its views \(1x12x12"):
+        check_student(wrong, rendering, 1, 4, cfg, from_cache=True)
+    with pytest.raises(CacheMismatchError, match=r"outputs \(10,\) logits, the data has 4 classes"):
+        check_student(build_model(cfg.student, 10, 1), rendering, 1, 4, cfg, from_cache=True)
 
 
 def test_labels_out_of_range_without_cache_are_refused(world):
-    s = spec(world, cache_path=None, num_views=None, num_classes=3, counts=(12,) * 4)
+    s = spec(
+        world,
+        urls=tuple(world["clean"]),
+        cache_path=None,
+        num_views=None,
+        num_classes=3,
+        counts=(12,) * 4,
+    )
     with pytest.raises(Exception, match="label 3 is not in 0..2"):
         batches(s, 0)
 
@@ -392,9 +396,10 @@ def test_more_ranks_than_shards_share_the_shards(world):
 
 
 def test_fresh_views_without_cache_match_a_cache_made_with_that_seed(world):
-    store = world["store"]
+    store = world["clean_store"]
     s = spec(
         world,
+        urls=tuple(world["clean"]),
         cache_path=None,
         num_views=None,
         view_seed=store.meta.seed,
@@ -408,11 +413,10 @@ def test_fresh_views_without_cache_match_a_cache_made_with_that_seed(world):
             counts[key] += 1
     block = read_block(store, 1, [])
     key = str(block.keys[0])
-    image = decode_image(next(x for x in iter_shard(world["urls"][1]) if x.key == key).image, 1)
+    image = decode_image(next(x for x in iter_shard(world["clean"][1]) if x.key == key).image, 1)
     fresh = next(b.images[b.keys.index(key)] for b in batches(s, 2) if key in b.keys)
-    assert torch.equal(fresh, replay(image, block.view_params[0, 2], store.meta.recipe))
+    recipe = store.meta.recipe
+    stored = block.views.view(0, 2)
+    assert torch.equal(fresh, render(image, stored, recipe, recipe.rendering()))
     assert set(counts.values()) == {1} and len(counts) == 48
-    assert np.all(
-        block.view_params[0, 2]
-        == view_params(store.meta.recipe, store.meta.seed, key, 3, (16, 16))[2]
-    )
+    assert stored == draw_view(recipe, store.meta.seed, key, 2, (16, 16))

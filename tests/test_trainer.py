@@ -129,7 +129,7 @@ def test_teacher_training_saves_early_checkpoints(world, tmp_path):
         tmp_path,
         teacher={"mode": "none", "name": None},
         cache={"path": None},
-        data={"num_classes": 4},
+        data={"shards": world["clean"], "num_classes": 4},
         views={
             "recipe": {"size": 12, "scale": [0.5, 1.0], "channels": 1, "mean": [0.5], "std": [0.25]}
         },

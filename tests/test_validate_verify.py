@@ -8,14 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from cachebuild import (
-    add_teacher_run,
-    build_cache,
-    create_cache,
-    tiny_recipe,
-    tiny_teacher,
-    write_shards,
-)
+from cachebuild import build_cache, tiny_teacher, write_shards
 
 from kdcache.cli import main
 from kdcache.errors import CacheMismatchError, CacheReadError
@@ -94,9 +87,8 @@ def test_verify_finds_moved_shards_with_a_pattern(built, tmp_path):
 
 def test_validate_lists_incomplete_shards_and_bad_values(tmp_path, capsys):
     urls = write_shards(tmp_path / "shards", num_shards=2, per_shard=6)
-    store = create_cache(tmp_path / "cache", urls, recipe=tiny_recipe())
-    spec, model = tiny_teacher(4)
-    add_teacher_run(store, urls, "t", spec, model, k=3, shards=[0])
+    build_cache(tmp_path / "cache", urls, teachers={"t": 3}, shards=[0])
+    store = open_store(str(tmp_path / "cache"), "r+")
     lse = store.teacher_group("t")["lse"][0:6]
     lse[2, 1] = -100.0
     store.teacher_group("t")["lse"][0:6] = lse

@@ -11,11 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from kdcache.config import StrictModel, dump_config, load_config
 from kdcache.errors import ConfigError
 from kdcache.models import ModelSpec
+from kdcache.preprocess import RenderSpec
 from kdcache.targets import TailMode
 from kdcache.views import ViewRecipe
 
@@ -295,8 +296,21 @@ class ViewsConfig(StrictModel):
 class StudentConfig(ModelSpec):
     """The network trained (a ModelSpec: ``source``, ``name``, ``checkpoint``, ``kwargs`` ...)."""
 
+    render: RenderSpec = Field(default_factory=RenderSpec)
+    """How the student renders the views: size, interpolation, mean and std (default: the
+    recipe's; a ``pretrained: true`` timm student: its timm config). The teacher may see the same
+    views at another size, e.g. teacher 320 px bicubic, student 224 px bilinear."""
     input_size: int | None = Field(None, ge=1)
-    """The input side the network expects; checked against the views' size when set."""
+    """Shorthand for ``render.size``: the input side the student gets."""
+
+    @model_validator(mode="after")
+    def _input_size(self) -> StudentConfig:
+        size = self.render.size
+        if self.input_size is not None and size is not None and size != self.input_size:
+            raise ValueError(f"input_size {self.input_size} and render.size {size} differ")
+        if self.input_size is not None and size is None:
+            self.render = self.render.model_copy(update={"size": self.input_size})
+        return self
 
 
 class TeacherConfig(StrictModel):
@@ -311,6 +325,9 @@ class TeacherConfig(StrictModel):
     """online: teacher name -> ModelSpec; default the spec stored in the cache for that teacher."""
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     """online: autocast of the teacher's forward pass."""
+    render: dict[str, RenderSpec] = Field(default_factory=dict)
+    """online: teacher name -> how it renders the views; default the rendering the cache
+    recorded for that teacher, else its timm config (``pretrained: true``) or the recipe's."""
 
 
 class EmaConfig(StrictModel):

@@ -44,8 +44,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from kdcache.augment import BOX_STEPS
 from kdcache.errors import CacheIncompleteError, CacheMismatchError, ConfigError, DataError
 from kdcache.manifest import find_manifest
+from kdcache.preprocess import RenderSpec
+from kdcache.preprocess import resolve as resolve_rendering
 from kdcache.reader import ShardBlock, read_block
 from kdcache.shards import (
     Sample,
@@ -57,11 +60,24 @@ from kdcache.shards import (
     shard_name,
 )
 from kdcache.store import STATUS_VALID, CacheStore, Fingerprint, open_store
-from kdcache.targets import SparseTargets
-from kdcache.train.config import TrainConfig
-from kdcache.views import ViewRecipe, epoch_view, replay, single_view_params, view_params
+from kdcache.targets import MixedLabels, SparseTargets
+from kdcache.train.config import TrainConfig, stage_teacher
+from kdcache.views import (
+    Rendering,
+    View,
+    ViewRecipe,
+    center_view,
+    draw_mixing,
+    draw_view,
+    epoch_view,
+    group_partners,
+    grouped,
+    render,
+)
 
 log = logging.getLogger(__name__)
+STUDENT = ""
+"""Key of the student's rendering among an item's rendered views."""
 
 
 # ---- batches ----------------------------------------------------------------------------------
@@ -72,35 +88,47 @@ class Batch:
     """A training or evaluation batch: uint8 views, labels, and per-teacher sparse targets."""
 
     images: torch.Tensor
-    """``uint8[B, C, S, S]`` (normalised on the device with the recipe's mean/std)."""
+    """``uint8[B, C, S, S]`` in the student's rendering (normalised on the device)."""
     labels: torch.Tensor
-    """``int64[B]``."""
+    """``int64[B]``: each view's own label."""
     targets: dict[str, SparseTargets] = field(default_factory=dict)
     """Teacher name -> targets of the replayed view (teachers of the current stage only)."""
     keys: list[str] = field(default_factory=list)
     views: torch.Tensor | None = None
     """``int64[B]``: the view index replayed for each sample."""
+    partner_labels: torch.Tensor | None = None
+    """Mixup/CutMix recipes: ``int64[B]``, the label of the image mixed in (own label if none)."""
+    lam: torch.Tensor | None = None
+    """Mixup/CutMix recipes: ``float32[B]``, the weight of the own label (1 if not mixed)."""
+    teacher_images: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Online teachers whose rendering differs from the student's: name -> ``uint8`` views."""
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    def hard_labels(self) -> torch.Tensor | MixedLabels:
+        """The labels the CE part uses: plain, or mixed by lam for Mixup/CutMix recipes."""
+        if self.lam is None or self.partner_labels is None:
+            return self.labels
+        return MixedLabels(self.labels, self.partner_labels, self.lam)
+
     def pin_memory(self) -> Batch:
-        targets = {
-            name: SparseTargets(*(x.pin_memory() for x in t.tensors()))
-            for name, t in self.targets.items()
-        }
-        return replace(
-            self, images=self.images.pin_memory(), labels=self.labels.pin_memory(), targets=targets
-        )
+        return self._map(lambda x: x.pin_memory())
 
     def to(self, device: torch.device) -> Batch:
-        nb = device.type == "cuda"
-        targets = {n: t.to(device, non_blocking=nb) for n, t in self.targets.items()}
+        non_blocking = device.type == "cuda"
+        return self._map(lambda x: x.to(device, non_blocking=non_blocking))
+
+    def _map(self, fn: Any) -> Batch:
+        """A copy with ``fn`` applied to every tensor."""
+        optional = {name: getattr(self, name) for name in ("views", "partner_labels", "lam")}
         return replace(
             self,
-            images=self.images.to(device, non_blocking=nb),
-            labels=self.labels.to(device, non_blocking=nb),
-            targets=targets,
+            images=fn(self.images),
+            labels=fn(self.labels),
+            targets={n: SparseTargets(*map(fn, t.tensors())) for n, t in self.targets.items()},
+            teacher_images={n: fn(x) for n, x in self.teacher_images.items()},
+            **{name: None if x is None else fn(x) for name, x in optional.items()},
         )
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
@@ -111,47 +139,62 @@ class Batch:
         labels, view indices and sparse targets cost less as plain bytes (a 128-sample KD batch:
         1.7 ms -> 0.3 ms to send and receive, measured by ``kdcache bench train``'s author).
         """
+        small = {
+            "labels": self.labels,
+            "views": self.views,
+            "partner_labels": self.partner_labels,
+            "lam": self.lam,
+        }
+        small = {name: None if x is None else _by_value(x) for name, x in small.items()}
         targets = {
             name: tuple(_by_value(x) for x in t.tensors()) for name, t in self.targets.items()
         }
-        views = None if self.views is None else _by_value(self.views)
-        return _rebuild_batch, (self.images, _by_value(self.labels), targets, self.keys, views)
+        return _rebuild_batch, (self.images, self.teacher_images, small, targets, self.keys)
 
 
 def _by_value(tensor: torch.Tensor) -> np.ndarray | torch.Tensor:
     return tensor.numpy() if tensor.device.type == "cpu" and not tensor.requires_grad else tensor
 
 
-def _as_tensor(value: np.ndarray | torch.Tensor) -> torch.Tensor:
+def _as_tensor(value: np.ndarray | torch.Tensor | None) -> torch.Tensor | None:
     return torch.from_numpy(value) if isinstance(value, np.ndarray) else value
 
 
 def _rebuild_batch(
     images: torch.Tensor,
-    labels: Any,
+    teacher_images: dict[str, torch.Tensor],
+    small: dict[str, Any],
     targets: dict[str, tuple[Any, ...]],
     keys: list[str],
-    views: Any,
 ) -> Batch:
     """The inverse of :meth:`Batch.__reduce__`."""
     return Batch(
         images=images,
-        labels=_as_tensor(labels),
+        teacher_images=teacher_images,
         keys=keys,
-        views=None if views is None else _as_tensor(views),
         targets={name: SparseTargets(*map(_as_tensor, arrays)) for name, arrays in targets.items()},
+        **{name: _as_tensor(value) for name, value in small.items()},
     )
 
 
 @dataclass
 class _Item:
-    """A raw sample waiting in the shuffle buffer (not decoded yet)."""
+    """A raw sample waiting in the shuffle buffer (not decoded yet), with this epoch's view index
+    and, for a mixed view, the partner sample of its group."""
 
     shard: str
     key: str
     sample: Sample
     row: int = -1
+    """The sample's row in the cache's shard block (its position in the shard without a cache)."""
     block: ShardBlock | None = None
+    view: int = 0
+    partner: Sample | None = None
+    partner_row: int = -1
+    lam: float = 1.0
+    """Weight of the sample's own image and label in a mixed view (1: not mixed)."""
+    partners: tuple[int, ...] = ()
+    """Without a cache: row offsets of the group's other samples (the mixing is drawn again)."""
 
     @property
     def image(self) -> bytes:
@@ -171,8 +214,12 @@ class StreamSpec:
     recipe: ViewRecipe
     num_classes: int
     batch_size: int
+    rendering: Rendering
+    """The student's rendering of every view (size, interpolation, mean, std)."""
     seed: int = 0
     """Run seed: shard order, shuffle buffer, view schedule."""
+    teacher_renderings: tuple[tuple[str, Rendering], ...] = ()
+    """Online teachers whose rendering differs from the student's: each gets its own views."""
     num_views: int | None = None
     """A; None: view index = epoch (fresh views, no cache)."""
     view_seed: int = 0
@@ -373,21 +420,22 @@ class ShardStream(IterableDataset):
     def _shard_items(
         self, url: str, block: ShardBlock | None, piece: Piece, expected: int
     ) -> Iterator[_Item]:
-        """The piece's samples; the piece that ends the shard reads it to the end and checks its
-        counts."""
+        """The piece's samples, group by group (a mixed view's partner is in its group); the
+        piece that ends the shard reads it to the end and checks its counts."""
         name = shard_name(url)
         seen = 0
         valid = 0
-        for sample in iter_shard(url, dict(self.spec.data_storage_options) or None):
-            seen += 1
-            row = block.row(sample.key) if block is not None else -1
-            if block is not None and not block.valid(row):
-                continue
-            if piece.start <= valid < piece.stop:
-                yield _Item(name, sample.key, sample, row, block)
-            valid += 1
-            if valid == piece.stop and piece.stop < expected:
-                return  # the rest of the shard is another slot's
+        samples = iter_shard(url, dict(self.spec.data_storage_options) or None)
+        for _, group in grouped(samples, self.spec.recipe.group_size):
+            seen += len(group)
+            rows = [block.row(s.key) if block is not None else -1 for s in group]
+            kept = [i for i, row in enumerate(rows) if block is None or block.valid(row)]
+            for i in kept:
+                if piece.start <= valid < piece.stop:
+                    yield self._item(name, group, rows, i, block)
+                valid += 1
+                if valid == piece.stop and piece.stop < expected:
+                    return  # the rest of the shard is another slot's
         if block is not None and seen != len(block):
             raise CacheMismatchError(
                 f"shard {name!r} has {seen} samples in the data but {len(block)} in the cache"
@@ -398,49 +446,123 @@ class ShardStream(IterableDataset):
                 "(the shard changed?)"
             )
 
+    def _item(
+        self, shard: str, group: list[Sample], rows: list[int], i: int, block: ShardBlock | None
+    ) -> _Item:
+        """Sample ``i`` of a group, with its view this epoch and its partner if that is mixed."""
+        spec = self.spec
+        sample = group[i]
+        a = view_index(spec, self.epoch, sample.key) if spec.train else 0
+        item = _Item(shard, sample.key, sample, rows[i], block, a)
+        if not spec.train or not spec.recipe.mixes:
+            return item
+        if block is None:  # rows are positions in the group: draw the mixing as a cache would
+            item.row = i
+            item.partners = tuple(group_partners(i, range(len(group))))
+            mixing = draw_mixing(spec.recipe, spec.view_seed, sample.key, a, item.partners)
+            offset = mixing[0]
+            lam_code = mixing[1]
+        else:
+            view = block.views.view(rows[i], a)
+            offset = view.mix_partner
+            lam_code = view.mix_lam
+        if offset:
+            item.partner_row = item.row + offset
+            item.partner = self._partner(shard, group, rows, item)
+            item.lam = lam_code / BOX_STEPS
+        return item
+
+    def _partner(self, shard: str, group: list[Sample], rows: list[int], item: _Item) -> Sample:
+        """The sample at the item's partner row, which must be in the same group."""
+        by_row = {row: sample for row, sample in zip(rows, group, strict=True)}
+        partner = by_row.get(item.partner_row) if item.block is not None else None
+        if item.block is None and 0 <= item.partner_row < len(group):
+            partner = group[item.partner_row]
+        if partner is None:
+            raise CacheMismatchError(
+                f"shard {shard!r}, key {item.key!r}: view {item.view} is mixed with row "
+                f"{item.partner_row}, which is not in its group (the shard changed?)"
+            )
+        return partner
+
     def _batch(self, items: list[_Item]) -> Batch:
-        views = [self._view(item) for item in items]
-        images = torch.stack([v[0] for v in views])
-        view_ids = torch.tensor([v[1] for v in views], dtype=torch.int64)
-        labels = torch.tensor([self._label(item) for item in items], dtype=torch.int64)
-        targets = {
-            t: _targets(items, [v[1] for v in views], t) for t in self.teachers if self.spec.train
+        rendered = [self._render(item) for item in items]
+        images = torch.stack([r[STUDENT] for r in rendered])
+        teacher_images = {
+            name: torch.stack([r[name] for r in rendered])
+            for name, _ in self.spec.teacher_renderings
         }
-        return Batch(
+        views = [item.view for item in items]
+        labels = torch.tensor([self._label(item) for item in items], dtype=torch.int64)
+        targets = {t: _targets(items, views, t) for t in self.teachers if self.spec.train}
+        batch = Batch(
             images=images,
             labels=labels,
             targets=targets,
             keys=[i.key for i in items],
-            views=view_ids,
+            views=torch.tensor(views, dtype=torch.int64),
+            teacher_images=teacher_images,
         )
+        if self.spec.train and self.spec.recipe.mixes:
+            batch.partner_labels, batch.lam = self._mixing(items, labels)
+        return batch
 
-    def _view(self, item: _Item) -> tuple[torch.Tensor, int]:
+    def _render(self, item: _Item) -> dict[str, torch.Tensor]:
+        """The item's view in the student's rendering and in each online teacher's."""
         spec = self.spec
         image = decode_image(item.image, spec.recipe.channels)
+        hw = (int(image.shape[-2]), int(image.shape[-1]))
         if not spec.train:
-            params = view_params(
-                spec.recipe, 0, item.key, 1, (int(image.shape[-2]), int(image.shape[-1]))
-            )[0]
-            return replay(image, params, spec.recipe), 0
-        a = view_index(spec, self.epoch, item.key)
-        if item.block is not None:
-            params = item.block.view_params[item.row, a]
-        else:
-            params = single_view_params(
-                spec.recipe,
-                spec.view_seed,
-                item.key,
-                a,
-                (int(image.shape[-2]), int(image.shape[-1])),
-            )
-        return replay(image, params, spec.recipe), a
+            return {
+                STUDENT: render(image, center_view(hw, spec.recipe), spec.recipe, spec.rendering)
+            }
+        view = self._view(item, item.row, item.key, hw, item.partners)
+        partner = None
+        if view.mixed:
+            if item.partner is None:
+                raise CacheMismatchError(f"key {item.key!r}: mixed view without its partner sample")
+            other = decode_image(item.partner.image, spec.recipe.channels)
+            other_hw = (int(other.shape[-2]), int(other.shape[-1]))
+            partner = (other, self._view(item, item.partner_row, item.partner.key, other_hw, ()))
+        out = {STUDENT: self._checked_render(item, image, view, spec.rendering, partner)}
+        for name, rendering in spec.teacher_renderings:
+            out[name] = self._checked_render(item, image, view, rendering, partner)
+        return out
 
-    def _label(self, item: _Item) -> int:
-        label = item.sample.require_label(item.shard, self.spec.num_classes)
-        cached = int(item.block.labels[item.row]) if item.block is not None else label
+    def _view(self, item: _Item, row: int, key: str, hw: tuple[int, int], partners) -> View:
+        """View ``item.view`` of a row: stored in the cache, or drawn from ``(seed, key, view)``."""
+        if item.block is not None:
+            return item.block.views.view(row, item.view)
+        return draw_view(self.spec.recipe, self.spec.view_seed, key, item.view, hw, partners)
+
+    def _checked_render(
+        self, item: _Item, image, view: View, rendering: Rendering, partner
+    ) -> torch.Tensor:
+        try:
+            return render(image, view, self.spec.recipe, rendering, partner)
+        except DataError as exc:
+            raise DataError(f"shard {item.shard!r}, key {item.key!r}: {exc}") from None
+
+    def _mixing(
+        self, items: list[_Item], labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The partner labels and own-label weights of a batch's views."""
+        partner_labels = labels.clone()
+        for position, item in enumerate(items):
+            if item.partner is not None:
+                partner_labels[position] = self._label(item, item.partner, item.partner_row)
+        lam = torch.tensor([item.lam for item in items], dtype=torch.float32)
+        return partner_labels, lam
+
+    def _label(self, item: _Item, sample: Sample | None = None, row: int | None = None) -> int:
+        """The label of the item's sample (or of its partner), checked against the cache's."""
+        sample = sample or item.sample
+        row = item.row if row is None else row
+        label = sample.require_label(item.shard, self.spec.num_classes)
+        cached = int(item.block.labels[row]) if item.block is not None else label
         if cached != label:
             raise CacheMismatchError(
-                f"shard {item.shard!r}, key {item.key!r}: label {label} in the data "
+                f"shard {item.shard!r}, key {sample.key!r}: label {label} in the data "
                 f"but {cached} in the cache"
             )
         return label
@@ -605,6 +727,10 @@ class RunData:
     recipe: ViewRecipe
     invalid: int
     """Rows of the training shards marked invalid in the cache (skipped every epoch)."""
+    rendering: Rendering
+    """The student's rendering of the views."""
+    teacher_renderings: dict[str, Rendering] = field(default_factory=dict)
+    """Online teachers' renderings (batches carry their own views where they differ)."""
 
     def epoch(self, epoch: int, teachers: Iterable[str], skip_batches: int = 0) -> Iterator[Batch]:
         """The epoch's batches on this rank, from batch ``skip_batches`` on (at most the step
@@ -636,12 +762,17 @@ def build_train_data(
         num_views = config.views.num_views
         view_seed = config.views.seed
         num_classes = int(config.data.num_classes)
+    rendering = student_rendering(config, recipe)
+    teachers_rendered = online_renderings(config, store, recipe)
+    own = tuple((n, r) for n, r in sorted(teachers_rendered.items()) if r != rendering)
     spec = StreamSpec(
         urls=tuple(urls),
         counts=tuple(counts),
         recipe=recipe,
         num_classes=num_classes,
         batch_size=config.data.batch_size,
+        rendering=rendering,
+        teacher_renderings=own,
         seed=config.run.seed,
         num_views=num_views,
         view_seed=view_seed,
@@ -657,7 +788,35 @@ def build_train_data(
     _check_slots(spec)
     dataset = ShardStream(spec)
     loader = make_loader(dataset, pin_memory, config.data.prefetch_factor)
-    return RunData(spec, dataset, loader, store, num_classes, recipe, invalid)
+    return RunData(
+        spec, dataset, loader, store, num_classes, recipe, invalid, rendering, teachers_rendered
+    )
+
+
+def student_rendering(config: TrainConfig, recipe: ViewRecipe) -> Rendering:
+    """The student's rendering: ``student.render`` over the recipe's (or its timm config's)."""
+    return resolve_rendering(config.student.render, recipe, config.student, "student.render")
+
+
+def online_renderings(
+    config: TrainConfig, store: CacheStore | None, recipe: ViewRecipe
+) -> dict[str, Rendering]:
+    """Each online teacher's rendering: ``teacher.render.<name>`` if set, else the rendering the
+    cache recorded for that teacher (so online targets match cached ones), else its defaults."""
+    if config.teacher.mode != "online":
+        return {}
+    names = sorted({t for i in range(len(config.stages)) if (t := stage_teacher(config, i))})
+    out = {}
+    for name in names:
+        key = f"teacher.render.{name}"
+        model = config.teacher.models.get(name)
+        if name in config.teacher.render:
+            out[name] = resolve_rendering(config.teacher.render[name], recipe, model, key)
+        elif store is not None and name in store.teachers:
+            out[name] = store.teacher_meta(name).rendering
+        else:
+            out[name] = resolve_rendering(RenderSpec(), recipe, model, key)
+    return out
 
 
 def _check_slots(spec: StreamSpec) -> None:
@@ -673,12 +832,13 @@ def _check_slots(spec: StreamSpec) -> None:
 
 
 def eval_recipe(recipe: ViewRecipe) -> ViewRecipe:
-    """The center view for evaluation, with the training recipe's size, crop_pct, channels and
-    stats."""
+    """The center view for evaluation, with the training recipe's crop_pct, channels and stats
+    (no policy, jitter, erasing or mixing)."""
     return ViewRecipe(
         name="center",
         size=recipe.size,
         crop_pct=recipe.crop_pct,
+        interpolation=recipe.interpolation,
         channels=recipe.channels,
         mean=recipe.mean,
         std=recipe.std,
@@ -704,6 +864,7 @@ def build_eval_data(
         urls=tuple(urls),
         counts=tuple(shard_counts(urls, data_options)),
         recipe=eval_recipe(recipe),
+        rendering=student_rendering(config, recipe),
         num_classes=num_classes,
         batch_size=config.data.eval_batch_size or config.data.batch_size,
         rank=rank,

@@ -62,7 +62,7 @@ from kdcache.train.schedule import (
     set_lr,
     stage_at,
 )
-from kdcache.views import ViewRecipe, normalize
+from kdcache.views import Rendering, normalize
 
 log = logging.getLogger(__name__)
 EPOCH_LOG_SECONDS = 10.0
@@ -236,7 +236,12 @@ class Trainer:
         torch.manual_seed(self.config.run.seed)
         model = build_model(self.config.student, self.num_classes, self.recipe.channels)
         check_student(
-            model, self.recipe, self.num_classes, self.config, self.data.store is not None
+            model,
+            self.data.rendering,
+            self.recipe.channels,
+            self.num_classes,
+            self.config,
+            self.data.store is not None,
         )
         torch.manual_seed(
             self.config.run.seed * 1000 + self.dist.rank + 1
@@ -273,7 +278,7 @@ class Trainer:
             )
         return ModelRunner(
             model,
-            self.recipe,
+            self.data.teacher_renderings[name],
             device=str(self.device),
             amp=self.config.teacher.amp,
             channels_last=self.config.run.channels_last,
@@ -354,7 +359,7 @@ class Trainer:
         x = self._input(batch.images)
         with autocast_context(self.device, self.config.run.amp):
             logits = self.ddp(x)
-        parts = criterion(logits.float(), batch.labels, targets, self.state.epoch)
+        parts = criterion(logits.float(), batch.hard_labels(), targets, self.state.epoch)
         self.optimizer.zero_grad(set_to_none=True)
         parts.total.backward()
         clip = self.segments[stage.segment].optimizer.grad_clip
@@ -366,7 +371,7 @@ class Trainer:
         return parts
 
     def _input(self, images: torch.Tensor) -> torch.Tensor:
-        x = normalize(images, self.recipe)
+        x = normalize(images, self.data.rendering)
         if self.device.type == "cuda" and self.config.run.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
@@ -375,11 +380,10 @@ class Trainer:
         """Cached targets, or the online teacher's full logits as exact k = C sparse targets."""
         if self.config.teacher.mode == "cache":
             return batch.targets[stage.teacher]
-        logits = self.teachers[stage.teacher](
-            batch.images
-        ).clone()  # leave inference mode's tensors behind
+        images = batch.teacher_images.get(stage.teacher, batch.images)
+        logits = self.teachers[stage.teacher](images).clone()  # leave inference mode's tensors
         self.forwards += len(batch)
-        return from_logits(logits, batch.labels, self.num_classes)
+        return from_logits(logits, batch.hard_labels(), self.num_classes)
 
     def _after_step(
         self, parts: LossParts, lr: float, images: int, tick: float, steps: int, bar: tqdm
@@ -684,31 +688,31 @@ class Trainer:
 
 
 def check_student(
-    model: nn.Module, recipe: ViewRecipe, num_classes: int, config: TrainConfig, from_cache: bool
+    model: nn.Module,
+    rendering: Rendering,
+    channels: int,
+    num_classes: int,
+    config: TrainConfig,
+    from_cache: bool,
 ) -> None:
-    """Refuse a student that cannot take the views or does not output ``num_classes`` logits."""
+    """Refuse a student that cannot take its rendering of the views or does not output
+    ``num_classes`` logits."""
     error = CacheMismatchError if from_cache else ConfigError
-    where = "the cache's views" if from_cache else "views.recipe"
-    size = recipe.size
-    channels = recipe.channels
-    if config.student.input_size is not None and config.student.input_size != size:
-        raise error(
-            f"student.input_size is {config.student.input_size} but {where} are {size}x{size}"
-        )
+    size = rendering.size
+    where = f"its views ({channels}x{size}x{size}, student.render.size / student.input_size)"
     try:
         with torch.no_grad():
             out = model.eval()(torch.zeros(2, channels, size, size))
     except Exception as exc:  # any shape error of any model
         raise error(
-            f"student {config.student.name!r} cannot take {where} ({channels}x{size}x{size}): "
-            f"{str(exc)[:300]}"
+            f"student {config.student.name!r} cannot take {where}: {str(exc)[:300]}"
         ) from None
     finally:
         model.train()
     if tuple(out.shape) != (2, num_classes):
         raise error(
             f"student {config.student.name!r} outputs {tuple(out.shape)[1:]} logits, "
-            f"{where} have {num_classes} classes"
+            f"the data has {num_classes} classes"
         )
 
 

@@ -19,7 +19,7 @@ from kdcache.errors import CacheReadError
 from kdcache.reader import ShardBlock, TeacherBlock, read_block
 from kdcache.shards import ShardIndex, key_digest
 from kdcache.store import STATUS_EMPTY, STATUS_VALID, CacheStore
-from kdcache.views import P_FLIP, P_H, P_IMG_H, P_IMG_W, P_LEFT, P_TOP, P_W
+from kdcache.views import ViewRecipe, param_problems
 
 
 @dataclass
@@ -79,7 +79,7 @@ def _validate_shard(
     report.views += int((block.status == STATUS_VALID).sum()) * store.meta.num_views
     report.invalid_rows += int((block.status != STATUS_VALID).sum())
     encodings = {name: store.teacher_meta(name).encoding for name in done}
-    report.problems += check_block(block, store.meta.num_classes, encodings)
+    report.problems += check_block(block, store.meta.num_classes, encodings, store.meta.recipe)
 
 
 SENTINELS = {"views": ("keys", "status"), "fp16": ("lse",), "q8": ("lse_rel",)}
@@ -124,7 +124,9 @@ def check_keys(store: CacheStore, indexes: list[ShardIndex]) -> list[str]:
     return problems
 
 
-def check_block(block: ShardBlock, num_classes: int, encodings: dict[str, str]) -> list[str]:
+def check_block(
+    block: ShardBlock, num_classes: int, encodings: dict[str, str], recipe: ViewRecipe
+) -> list[str]:
     where = f"shard {block.shard!r}"
     valid = block.status == STATUS_VALID
     problems = []
@@ -136,20 +138,27 @@ def check_block(block: ShardBlock, num_classes: int, encodings: dict[str, str]) 
     labels = block.labels[valid]
     if ((labels < 0) | (labels >= num_classes)).any():
         problems.append(f"{where}: labels outside [0, {num_classes}) in valid rows")
-    problems += _check_params(block.view_params[valid], where)
+    problems += [f"{where}: {p}" for p in param_problems(block.views, valid, recipe)]
     for name, tb in block.teachers.items():
-        found = check_teacher(tb, valid, num_classes, encodings[name]) + _check_label_logit(
-            tb, valid, labels, encodings[name]
-        )
+        unmixed = block.views.mixing(*_all_views(block))[1].reshape(len(block), -1)[valid] == 1
+        found = check_teacher(tb, valid, num_classes, encodings[name])
+        found += _check_label_logit(tb, valid, labels, encodings[name], unmixed)
         problems += [f"{where}, teacher {name!r}: {p}" for p in found]
     return problems
 
 
+def _all_views(block: ShardBlock) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, views) of every view of a block, in row-major order."""
+    a = block.views.num_views
+    return np.repeat(np.arange(len(block)), a), np.tile(np.arange(a), len(block))
+
+
 def _check_label_logit(
-    tb: TeacherBlock, valid: np.ndarray, labels: np.ndarray, encoding: str
+    tb: TeacherBlock, valid: np.ndarray, labels: np.ndarray, encoding: str, unmixed: np.ndarray
 ) -> list[str]:
     """The label's logit is at most the logsumexp, and equals its top-k logit where the label is in
-    the top-k."""
+    the top-k (views that mix two images store the lam-weighted logit of both labels: only the
+    first check applies)."""
     has = labels >= 0
     idx = tb.topk_idx[valid][has].astype(np.int64)
     logit = tb.topk_logit[valid][has].astype(np.float32)
@@ -164,7 +173,7 @@ def _check_label_logit(
             f"{int((label_logit > lse + slack).sum())} view(s) whose label logit exceeds "
             "the logsumexp"
         )
-    hit = idx == labels[has][:, None, None]
+    hit = (idx == labels[has][:, None, None]) & unmixed[has][..., None]
     tol = (
         logit_tolerance(encoding, logit)
         + FP16_REL * np.maximum(np.abs(label_logit[..., None]), 1.0)
@@ -177,16 +186,6 @@ def _check_label_logit(
             "top-k logit"
         )
     return problems
-
-
-def _check_params(params: np.ndarray, where: str) -> list[str]:
-    if not len(params):
-        return []
-    top, left, h, w = (params[..., i] for i in (P_TOP, P_LEFT, P_H, P_W))
-    bad = (h <= 0) | (w <= 0) | (top < 0) | (left < 0)
-    bad |= (top + h > params[..., P_IMG_H]) | (left + w > params[..., P_IMG_W])
-    bad |= (params[..., P_FLIP] < 0) | (params[..., P_FLIP] > 1)
-    return [f"{where}: {int(bad.sum())} view box(es) outside their image"] if bad.any() else []
 
 
 def check_teacher(

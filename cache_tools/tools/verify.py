@@ -22,7 +22,7 @@ from kdcache.reader import read_block
 from kdcache.shards import decode_image, expand_shards, iter_shard, shard_name
 from kdcache.store import STATUS_VALID, CacheStore
 from kdcache.teacher import ModelRunner
-from kdcache.views import replay
+from kdcache.views import Rendering, View, render
 
 log = logging.getLogger(__name__)
 
@@ -88,32 +88,63 @@ def shard_urls(
     }
 
 
+@dataclass
+class Replayed:
+    """A picked view ready to render: its decoded image, stored view and, if mixed, partner."""
+
+    image: torch.Tensor
+    view: View
+    partner: tuple[torch.Tensor, View] | None = None
+
+
 def replay_picked(
     store: CacheStore, picked: Picked, urls: dict[str, str], storage_options: dict | None = None
-) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
-    """Replay every picked view from its shard: ``uint8[N, C, S, S]`` and (shard, row, view)
-    order."""
-    recipe = store.meta.recipe
-    views = []
+) -> tuple[list[Replayed], list[tuple[int, int, int]]]:
+    """Every picked view with what rendering it needs (partners of mixed views included), and
+    the (shard, row, view) order."""
+    out = []
     order = []
     for shard, wanted in sorted(picked.by_shard.items()):
         block = read_block(store, shard, [])
-        name = block.shard
-        if name not in urls:
-            raise CacheMismatchError(f"shard {name!r} of the cache is not among the given shards")
-        rows = {str(block.keys[row]): (row, view) for row, view in wanted}
-        for sample in iter_shard(urls[name], storage_options):
-            if sample.key in rows:
-                row, view = rows.pop(sample.key)
-                image = decode_image(sample.image, recipe.channels)
-                views.append(replay(image, block.view_params[row, view], recipe))
-                order.append((shard, row, view))
-        if rows:
+        if block.shard not in urls:
             raise CacheMismatchError(
-                f"shard {name!r} no longer holds keys {sorted(rows)[:3]}: "
-                "it changed after the cache was built"
+                f"shard {block.shard!r} of the cache is not among the given shards"
             )
-    return torch.stack(views), order
+        views = [(row, a, block.views.view(row, a)) for row, a in wanted]
+        rows = {row for row, _, _ in views} | {row + v.mix_partner for row, _, v in views}
+        images = _decode_rows(store, block, rows, urls[block.shard], storage_options)
+        for row, a, view in views:
+            partner_row = row + view.mix_partner
+            partner = (
+                (images[partner_row], block.views.view(partner_row, a)) if view.mixed else None
+            )
+            out.append(Replayed(images[row], view, partner))
+            order.append((shard, row, a))
+    return out, order
+
+
+def _decode_rows(
+    store: CacheStore, block, rows: set[int], url: str, storage_options: dict | None
+) -> dict[int, torch.Tensor]:
+    """The decoded images of ``rows`` of a shard block, found by key in the shard."""
+    wanted = {str(block.keys[row]): row for row in rows}
+    images = {}
+    for sample in iter_shard(url, storage_options):
+        if sample.key in wanted:
+            row = wanted.pop(sample.key)
+            images[row] = decode_image(sample.image, store.meta.recipe.channels)
+    if wanted:
+        raise CacheMismatchError(
+            f"shard {block.shard!r} no longer holds keys {sorted(wanted)[:3]}: "
+            "it changed after the cache was built"
+        )
+    return images
+
+
+def render_picked(store: CacheStore, picked: list[Replayed], rendering: Rendering) -> torch.Tensor:
+    """The picked views as one teacher renders them, ``uint8[N, C, S, S]``."""
+    recipe = store.meta.recipe
+    return torch.stack([render(p.image, p.view, recipe, rendering, p.partner) for p in picked])
 
 
 def load_teacher(store: CacheStore, teacher: str, checkpoint: str | None) -> torch.nn.Module:
@@ -238,14 +269,16 @@ def verify_cache(
     if not teachers:
         raise CacheMismatchError(f"cache {store.path!r} has no teachers to verify")
     picked = pick_views(store, teachers, num, seed)
-    views, order = replay_picked(
+    replayed, order = replay_picked(
         store, picked, shard_urls(store, shards, storage_options), storage_options
     )
     results = []
     for teacher in teachers:
+        rendering = store.teacher_meta(teacher).rendering
+        views = render_picked(store, replayed, rendering)
         runner = ModelRunner(
             load_teacher(store, teacher, checkpoint),
-            store.meta.recipe,
+            rendering,
             device=device,
             amp=amp,
             name=teacher,
