@@ -12,8 +12,10 @@ import pytest
 import torch
 import yaml
 from cachebuild import build_cache, write_shards
+from pydantic import ValidationError
 
 from kdcache.cli import main as kdcache
+from kdcache.config import validate
 from kdcache.errors import CacheMismatchError, ConfigError
 from kdcache.models import ModelSpec, build_model
 from kdcache.targets import from_logits
@@ -395,25 +397,21 @@ def test_config_rejections_name_the_dotted_key(world, tmp_path, override, messag
 def test_a_schedule_without_its_optimizer_is_refused(world):
     data = raw(world, "x", stages=[{"epochs": 1}, {"epochs": 1, "scheduler": {"name": "constant"}}])
     with pytest.raises(
-        ConfigError,
+        ValidationError,
         match=r"stages.1.scheduler: a schedule belongs to a new optimizer; "
         r"set stages.1.optimizer too",
     ):
-        from kdcache.train.config import check_config
-
-        check_config(TrainConfig.model_validate(data))
+        TrainConfig.model_validate(data)
 
 
 def test_stage_rules_name_their_keys(world):
-    from kdcache.train.config import check_config
-
     ce_with_teacher = raw(
         world, "x", stages=[{"epochs": 1, "loss": {"name": "ce"}, "teacher": "tiny"}]
     )
     with pytest.raises(
         ConfigError, match=r"stages.0.teacher: a 'ce' stage uses no teacher \(found 'tiny'\)"
     ):
-        check_config(TrainConfig.model_validate(ce_with_teacher))
+        validate(TrainConfig, ce_with_teacher)
     late = raw(
         world,
         "x",
@@ -430,7 +428,35 @@ def test_stage_rules_name_their_keys(world):
         ConfigError,
         match=r"stages.1.scheduler.milestones: \[2\] are not before the end of its 2 epoch",
     ):
-        check_config(TrainConfig.model_validate(late))
+        validate(TrainConfig, late)
+
+
+def test_a_train_config_built_in_code_enforces_the_rules_between_keys(world, tmp_path):
+    """Not only load_train_config: the model itself refuses, however it is constructed."""
+    kd_without_teacher = raw(world, tmp_path, teacher={"mode": "none"})
+    with pytest.raises(
+        ValidationError,
+        match=r"stages.0.loss.name: 'kd' needs a teacher but teacher.mode is 'none'",
+    ):
+        TrainConfig.model_validate(kd_without_teacher)
+    with pytest.raises(ValidationError, match=r"cache.path: teacher.mode 'cache' needs"):
+        TrainConfig(**{**raw(world, tmp_path), "cache": {"path": None}})
+    with pytest.raises(ConfigError, match=r"^config is invalid:\n  stages.0.loss.name: 'kd' needs"):
+        validate(TrainConfig, kd_without_teacher)
+
+
+def test_cli_prints_one_line_per_broken_rule_and_exits_2(world, tmp_path, capsys):
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(raw(world, tmp_path / "run")))
+    broken = ["teacher.mode=none", "run.save_model_epochs=[5]"]
+    assert kdcache(["train", str(path), *broken]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        f"kdcache train: error: config {str(path)!r} is invalid:",
+        "  stages.0.loss.name: 'kd' needs a teacher but teacher.mode is 'none' (use 'ce')",
+        "  run.save_model_epochs: [5] are not epoch counts of this run (1..1); no checkpoint "
+        "would be written for them",
+    ]
 
 
 def test_views_beside_a_cache_must_match_it(world, tmp_path):
