@@ -36,7 +36,7 @@ from kdcache.train.data import (
     steps_per_epoch,
     valid_counts,
 )
-from kdcache.train.trainer import check_student
+from kdcache.train.student import check_student
 from kdcache.views import epoch_view, replay, view_params
 
 INVALID = "train_000005"

@@ -20,6 +20,7 @@ from kdcache.errors import CacheMismatchError, ConfigError
 from kdcache.models import ModelSpec, build_model
 from kdcache.targets import from_logits
 from kdcache.teacher import ModelRunner
+from kdcache.train.checkpoint import CheckpointError
 from kdcache.train.config import (
     DataConfig,
     KDLossConfig,
@@ -29,9 +30,12 @@ from kdcache.train.config import (
     load_train_config,
 )
 from kdcache.train.data import build_train_data
+from kdcache.train.hooks import StepHook
 from kdcache.train.losses import Criterion
+from kdcache.train.reporting import TIMING_KEYS
 from kdcache.train.schedule import plan_stages
-from kdcache.train.trainer import TIMING_KEYS, CheckpointError, online_teacher_spec, train
+from kdcache.train.target_source import online_teacher_spec
+from kdcache.train.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -280,6 +284,33 @@ def test_existing_run_dir_is_not_overwritten_silently(world, tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint at"):
         train(make(world, tmp_path / "other", run={"resume": "must"}))
     assert train(make(world, tmp_path, run={"overwrite": True}))["completed"]
+
+
+class Recorder(StepHook):
+    """What a hook sees: each call with the global step, and last.pt's step at each step's end."""
+
+    def __init__(self, run_dir: Path):
+        self.last = run_dir / "checkpoints" / "last.pt"
+        self.calls: list[tuple[str, int]] = []
+        self.saved: list[int | None] = []
+
+    def step_start(self, trainer, batch) -> None:
+        self.calls.append(("start", trainer.state.global_step))
+
+    def step_end(self, trainer, batch, parts) -> None:
+        self.calls.append(("end", trainer.state.global_step))
+        saved = torch.load(self.last, weights_only=True) if self.last.is_file() else None
+        self.saved.append(None if saved is None else saved["state"]["global_step"])
+
+
+def test_step_hooks_run_around_every_step_after_its_checkpoint(world, tmp_path):
+    hook = Recorder(tmp_path)
+    summary = train(make(world, tmp_path, run={"ckpt_every_steps": 2}), hooks=[hook])
+    assert summary["steps"] == 6
+    # step_start sees the steps done before it, step_end the step just done
+    assert hook.calls == [call for s in range(6) for call in (("start", s), ("end", s + 1))]
+    # step_end comes after the step's checkpoint (every 2 steps; the epoch's end writes the last)
+    assert hook.saved == [None, 2, 2, 4, 4, 4]
 
 
 # ---- DDP -----------------------------------------------------------------------------------------
