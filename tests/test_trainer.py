@@ -313,6 +313,47 @@ def test_step_hooks_run_around_every_step_after_its_checkpoint(world, tmp_path):
     assert hook.saved == [None, 2, 2, 4, 4, 4]
 
 
+def test_run_dir_that_is_a_file_is_refused_before_any_work(world, tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.write_text("not a directory")
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(raw(world, taken)))
+    # the shards do not exist either: run.dir is checked first, before any data is read
+    assert kdcache(["train", str(path), f"run.dir={taken}", "data.shards=/nowhere/x.tar"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        f"kdcache train: error: run.dir: {str(taken)!r} is a file, not a directory"
+    ]
+    with pytest.raises(ConfigError, match=r"cannot be created: '.*taken' is a file"):
+        train(make(world, taken / "run"))
+
+
+def test_run_dir_that_cannot_be_written_is_refused(world, tmp_path, capsys):
+    """A real read-only place: a read-only filesystem needs a mount (root), so when this runs as
+    root (which ignores permission bits) a path below a regular file stands in: it cannot be
+    created either, and os.access - the check that also sees a read-only mount - is exercised
+    by the 0o555 directory when not root."""
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(raw(world, tmp_path / "run")))
+    if os.geteuid() == 0:
+        blocker = tmp_path / "blocker"
+        blocker.write_text("")
+        run_dir = blocker / "sub" / "run"
+        expected = f"run.dir: {str(run_dir)!r} cannot be created: {str(blocker)!r} is a file"
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o555)
+        run_dir = locked / "run"
+        expected = (
+            f"run.dir: {str(run_dir)!r} cannot be created: {str(locked)!r} is not writable by "
+            "this user"
+        )
+    assert kdcache(["train", str(path), f"run.dir={run_dir}"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"kdcache train: error: {expected}"]
+    assert "Traceback" not in err and not run_dir.exists()
+
+
 # ---- DDP -----------------------------------------------------------------------------------------
 
 

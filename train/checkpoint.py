@@ -50,6 +50,33 @@ class Stateful(Protocol):
     def load_state_dict(self, state: Any) -> None: ...
 
 
+def check_run_dir(path: str | Path) -> None:
+    """Refuse a ``run.dir`` that cannot hold a run, before any work: an existing file, a path under
+    a file, or a place this process cannot write (a read-only filesystem, no permission)."""
+    path = Path(path)
+    try:
+        _check_run_dir(path)
+    except OSError as exc:  # e.g. a parent that cannot even be searched
+        raise ConfigError(f"run.dir: {str(path)!r} cannot be checked ({exc})") from None
+
+
+def _check_run_dir(path: Path) -> None:
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"run.dir: {str(path)!r} is a file, not a directory")
+    # the directory itself, or the nearest existing parent it would be created in
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"run.dir: {str(path)!r} cannot be created: {str(existing)!r} is a file")
+    # os.access also answers for a read-only mount (EROFS), even as root
+    if os.access(existing, os.W_OK | os.X_OK):
+        return
+    read_only = os.statvfs(existing).f_flag & os.ST_RDONLY
+    why = "is on a read-only filesystem" if read_only else "is not writable by this user"
+    if existing == path:
+        raise ConfigError(f"run.dir: {str(path)!r} {why}")
+    raise ConfigError(f"run.dir: {str(path)!r} cannot be created: {str(existing)!r} {why}")
+
+
 class Checkpointer:
     """Owns ``run.dir``: starts a run there (fresh or resumed), saves and loads ``last.pt``.
 

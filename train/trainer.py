@@ -33,7 +33,7 @@ import torch
 
 from kdcache.teacher import autocast_context
 from kdcache.train import distributed as D
-from kdcache.train.checkpoint import Checkpointer, run_cache_identity
+from kdcache.train.checkpoint import Checkpointer, check_run_dir, run_cache_identity
 from kdcache.train.config import TrainConfig
 from kdcache.train.data import (
     Batch,
@@ -74,6 +74,7 @@ class Trainer:
     """
 
     def __init__(self, config: TrainConfig, hooks: Iterable[StepHook] = ()):
+        check_run_dir(config.run.dir)  # before any work
         self.config = config
         self.hooks = list(hooks)
         self.dist = D.init_distributed(config.run.device)
