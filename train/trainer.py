@@ -98,35 +98,39 @@ class Trainer:
         self.state = RunState()
         self.optimizer = SegmentOptimizer(self.model, self.segments, self.state, self.dist.is_main)
         self.report = Reporter(config, self.dist, self.stages, metrics)
-        self.checkpointer = Checkpointer(
-            config,
-            self.dist,
-            parts={
-                "model": self.model,
-                "state": self.state,  # before the optimizer: it is built for state.segment
-                "optimizer": self.optimizer,
-                "ema": self.ema,
-            },
-            rank_parts={"window": self.report.window, "rng": RngState(self.device)},
-            cache=run_cache_identity(self.data.store, self.stages),
-        )
+        self.checkpointer = self._build_checkpointer()
         self.stopped_early = False
         self._plan: EpochPlan | None = None
 
+    @property
+    def _pin(self) -> bool:
+        return self.config.data.pin_memory and self.device.type == "cuda"
+
     def _build_data(self, cache_teachers: list[str]) -> RunData:
-        pin = self.config.data.pin_memory and self.device.type == "cuda"
         rank = self.dist.rank
         world = self.dist.world_size
-        return build_train_data(self.config, rank, world, cache_teachers, pin)
+        return build_train_data(self.config, rank, world, cache_teachers, self._pin)
 
     def _build_evaluator(self) -> Evaluator:
         data = self.data
-        pin = self.config.data.pin_memory and self.device.type == "cuda"
         rank = self.dist.rank
         world = self.dist.world_size
-        val = build_eval_data(self.config, rank, world, data.recipe, data.num_classes, pin)
+        val = build_eval_data(self.config, rank, world, data.recipe, data.num_classes, self._pin)
         loader = None if val is None else val[1]
         return Evaluator(loader, self.device, self.config.run.amp, self.student_input)
+
+    def _build_checkpointer(self) -> Checkpointer:
+        """The checkpointer over the run's stateful parts (the resume contract is its module's)."""
+        parts = {
+            "model": self.model,
+            "state": self.state,  # before the optimizer: it is built for state.segment
+            "optimizer": self.optimizer,
+            "ema": self.ema,
+        }
+        # per rank: the open logging window, and the RNG last (nothing may draw after it)
+        rank_parts = {"window": self.report.window, "rng": RngState(self.device)}
+        cache = run_cache_identity(self.data.store, self.stages)
+        return Checkpointer(self.config, self.dist, parts, rank_parts, cache)
 
     # ---- the loop -------------------------------------------------------------------------------
 
