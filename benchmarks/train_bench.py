@@ -6,10 +6,12 @@ objects built from configs written beside the results: ``plain`` (supervised, no
 random view per epoch), ``plain_views`` (CE on the cache's stored views), ``cached`` (KD from the
 cache) and ``online`` (KD with the teacher run live on the same views). Rounds alternate one epoch
 of each mode (the order rotates every round; the first ``--warmup`` rounds are not counted), so the
-machine's load drifts over all modes alike. An epoch is timed from asking for its first batch to
-the end of its last optimizer step: DataLoader start-up, decoding, view replay, the cache join,
-the loss and the step, exactly as ``kdcache train`` runs them; and its CPU seconds (this process
-and the epoch's loader workers) are counted, which other load disturbs much less.
+machine's load drifts over all modes alike. An epoch is the trainer's own
+(``Trainer.train_epoch``, a step hook counting its images), timed from asking for its first batch
+to the end of its last optimizer step: DataLoader start-up, decoding, view replay, the cache join,
+the loss, the step and its train lines, exactly as ``kdcache train`` runs them (the epoch's end,
+evaluation and checkpoint, is not timed); and its CPU seconds (this process and the epoch's loader
+workers) are counted, which other load disturbs much less.
 
 Also timed, interleaved in the same rounds: the loaders alone (plain and cached: how fast the
 data path can feed), and after the rounds the step alone on one in-memory batch (student step
@@ -21,7 +23,6 @@ with CE and with cached KD, teacher forward): the ideal speed-up of cached over 
 from __future__ import annotations
 
 import argparse
-import itertools
 import resource
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,9 @@ from benchmarks.common import (
     write_yaml,
 )
 from kdcache.train.config import load_train_config
+from kdcache.train.data import Batch
+from kdcache.train.hooks import StepHook
+from kdcache.train.losses import LossParts
 from kdcache.train.trainer import Trainer
 
 MODES = ("plain", "plain_views", "cached", "online")
@@ -183,13 +187,26 @@ def mode_config(args: argparse.Namespace, mode: str, setup: dict[str, Any]) -> d
     return config
 
 
+class StepCount(StepHook):
+    """The images a trainer has stepped on (the epoch timer reads it)."""
+
+    def __init__(self) -> None:
+        self.images = 0
+
+    def step_end(self, trainer: Trainer, batch: Batch, parts: LossParts) -> None:
+        self.images += len(batch)
+
+
 def build_trainers(args: argparse.Namespace, setup: dict[str, Any]) -> dict[str, Trainer]:
+    """One started trainer per mode (a fresh run.dir each: run.overwrite), counting its images."""
     trainers = {}
     for mode in MODES:
         path = write_yaml(
             args.out / "configs" / f"train_{mode}.yaml", mode_config(args, mode, setup)
         )
-        trainers[mode] = Trainer(load_train_config(path))
+        trainer = Trainer(load_train_config(path), hooks=[StepCount()])
+        trainer.start()
+        trainers[mode] = trainer
     return trainers
 
 
@@ -197,17 +214,24 @@ def build_trainers(args: argparse.Namespace, setup: dict[str, Any]) -> dict[str,
 
 
 def time_epoch(trainers: dict[str, Trainer], mode: str, epoch: int) -> tuple[int, float, float]:
-    """(images, wall seconds, CPU seconds) of one epoch of ``mode``: training steps, or the loader
-    alone for ``*_data``. CPU seconds count this process and the epoch's DataLoader workers (reaped
-    at its end)."""
+    """(images, wall seconds, CPU seconds) of one epoch of ``mode``: the trainer's own epoch
+    (``Trainer.train_epoch``: steps, train lines; its end, evaluation and checkpoint, untimed), or
+    the loader alone for ``*_data``. CPU seconds count this process and the epoch's DataLoader
+    workers (reaped at its end). Every mode runs one epoch per round, so a trainer's epoch is the
+    round, ``epoch``."""
     cpu = cpu_seconds()
     if mode in LOADERS:
         trainer = trainers[mode.removesuffix("_data")]
-        teachers = [trainer.config.teacher.name] if trainer.config.teacher.mode == "cache" else []
+        teachers = trainer.targets.stream_teachers(trainer.config.teacher.name)
         images, wall = timed(lambda: sum(len(b) for b in trainer.data.epoch(epoch, teachers)))
-    else:
-        images, wall = timed(lambda: sum(trainers[mode].step_batches(epoch)))
-    return images, wall, cpu_seconds() - cpu
+        return images, wall, cpu_seconds() - cpu
+    trainer = trainers[mode]
+    counter = trainer.hooks[0]
+    before = counter.images
+    _, wall = timed(trainer.train_epoch)
+    cpu = cpu_seconds() - cpu
+    trainer.end_epoch()
+    return counter.images - before, wall, cpu
 
 
 def cpu_seconds() -> float:
@@ -218,19 +242,18 @@ def cpu_seconds() -> float:
 
 
 def step_costs(trainers: dict[str, Trainer], repeats: int) -> dict[str, float]:
-    """Seconds per batch of the step alone on one in-memory batch: CE step, cached-KD step, teacher
-    forward."""
+    """Seconds per batch on one in-memory batch: the trainer's step with CE and with cached KD
+    (``Trainer.train_step``), and the online target source's teacher forward (with its conversion
+    to targets: what an online step adds)."""
     cached = trainers["cached"]
-    batch = next(iter(cached.data.epoch(0, [cached.config.teacher.name])))
-    runner = trainers["online"].teachers["teacher"]
+    online = trainers["online"]
+    teacher = cached.config.teacher.name
+    batch = next(iter(cached.data.epoch(0, cached.targets.stream_teachers(teacher))))
     out = {"batch": len(batch)}
     for name, fn in (
-        (
-            "ce_step_s",
-            lambda: sum(trainers["plain"].step_batches(0, itertools.repeat(batch, repeats))),
-        ),
-        ("kd_step_s", lambda: sum(cached.step_batches(0, itertools.repeat(batch, repeats)))),
-        ("teacher_forward_s", lambda: [runner(batch.images) for _ in range(repeats)]),
+        ("ce_step_s", lambda: [trainers["plain"].train_step(batch) for _ in range(repeats)]),
+        ("kd_step_s", lambda: [cached.train_step(batch) for _ in range(repeats)]),
+        ("teacher_forward_s", lambda: [online.targets(batch, teacher) for _ in range(repeats)]),
     ):
         fn()  # warm-up
         out[name] = timed(fn)[1] / repeats

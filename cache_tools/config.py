@@ -132,7 +132,7 @@ def validate(model: type[M], data: dict[str, Any], source: str = "config") -> M:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        lines = [_describe(model, err) for err in exc.errors()]
+        lines = [line for err in exc.errors() for line in _lines(model, err)]
         raise ConfigError(f"{source} is invalid:\n  " + "\n  ".join(lines)) from None
 
 
@@ -142,10 +142,20 @@ def load_config(model: type[M], path: str | Path, overrides: list[str] | None = 
     return validate(model, data, source=f"config {str(path)!r}")
 
 
+def _lines(model: type[BaseModel], err: dict[str, Any]) -> list[str]:
+    """The lines of one pydantic error. A model-level error (a cross-field rule; empty location)
+    is its message as it stands, one line per problem, each naming its own keys; pydantic's
+    ``Value error, `` prefix is dropped."""
+    if err["loc"]:
+        return [_describe(model, err)]
+    message = err["msg"].removeprefix("Value error, ")
+    return [line.strip() for line in message.splitlines() if line.strip()]
+
+
 def _describe(model: type[BaseModel], err: dict[str, Any]) -> str:
     parts, models = _walk(model, tuple(err["loc"][:-1]))
     last = err["loc"][-1:] if err["loc"] else ()
-    key = ".".join(str(p) for p in (*parts, *last)) or "<top>"
+    key = ".".join(str(p) for p in (*parts, *last))
     if err["type"] == "extra_forbidden":
         valid = sorted({name for m in models for name in m.model_fields})
         return f"{key}: unknown key; valid keys here: {', '.join(valid)}"

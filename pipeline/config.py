@@ -161,7 +161,7 @@ class PrecomputeConfig(StrictModel):
     def _cross_checks(self) -> PrecomputeConfig:
         problems = cross_field_problems(self, self.data.num_classes)
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ValueError("\n  ".join(problems))  # kdcache.config.validate: one line each
         return self
 
 

@@ -18,8 +18,9 @@ from kdcache.pipeline.worker import background
 from kdcache.targets import SparseTargets, from_logits, truncate
 from kdcache.train.config import KDLossConfig, TrainConfig
 from kdcache.train.data import Batch
+from kdcache.train.hooks import StepHook
 from kdcache.train.losses import Criterion
-from kdcache.train.trainer import Trainer
+from kdcache.train.trainer import Trainer, train
 
 FMNIST = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
 
@@ -198,9 +199,21 @@ def test_topk_rejects_zero(world, tmp_path):
         config(world, tmp_path, "cache", 0)
 
 
+class StepLog(StepHook):
+    """Each step's batch size and whether its loss had a KD term."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[int, bool]] = []
+
+    def step_end(self, trainer, batch, parts) -> None:
+        self.steps.append((len(batch), parts.kd is not None))
+
+
 def test_trainer_steps_with_topk_from_the_cache(world, tmp_path):
-    trainer = Trainer(config(world, tmp_path, "cache", 2))
-    assert sum(trainer.step_batches(0)) == 24
+    steps = StepLog()
+    summary = train(config(world, tmp_path, "cache", 2), hooks=[steps])
+    assert sum(n for n, _ in steps.steps) == summary["images"] == 24
+    assert all(kd for _, kd in steps.steps)
 
 
 # ---- batches through the loader queue, precompute's view thread ----------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from kdcache.cli.verify import parse_storage_options
 from kdcache.config import REDACTED, StrictModel, apply_overrides, dump_config, load_config
@@ -69,6 +69,30 @@ def test_override_values_are_parsed_as_yaml():
 def test_rejections_name_the_dotted_key(tmp_path, text, overrides, match):
     with pytest.raises(ConfigError, match=match):
         load_config(Outer, write(tmp_path, text), overrides)
+
+
+class Ranged(StrictModel):
+    low: int = 0
+    high: int = 1
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Ranged:
+        if self.low >= self.high:
+            raise ValueError(
+                f"low: {self.low} is not below high\n  high: {self.high} is not above low"
+            )
+        return self
+
+
+def test_a_rule_between_keys_reads_as_its_own_lines(tmp_path):
+    """A model-level error has no location: its lines name their keys, with no '<top>' or
+    pydantic's 'Value error,' in front."""
+    with pytest.raises(ConfigError) as info:
+        load_config(Ranged, write(tmp_path, "low: 3\nhigh: 2\n"))
+    assert str(info.value).splitlines()[1:] == [
+        "  low: 3 is not below high",
+        "  high: 2 is not above low",
+    ]
 
 
 def test_missing_file_is_named(tmp_path):

@@ -22,29 +22,30 @@ from test_precompute import kill_session
 from test_trainer import make, metrics, raw
 
 from kdcache.errors import CacheMismatchError, KdcacheError
-from kdcache.train.trainer import CheckpointError, train
+from kdcache.train.checkpoint import CheckpointError
+from kdcache.train.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
-PAUSING_CLI = """
+PAUSING_TRAIN = """
 import os, sys, time
 from pathlib import Path
-import kdcache.train.trainer as trainer
-from kdcache.cli import main
+from kdcache.train.config import load_train_config
+from kdcache.train.hooks import StepHook
+from kdcache.train.trainer import train
 
-pause_at, ready = int(os.environ["KDCACHE_TEST_PAUSE_AT"]), Path(os.environ["KDCACHE_TEST_READY"])
-after_step = trainer.Trainer._after_step
+class PauseAt(StepHook):
+    def __init__(self):
+        self.step = int(os.environ["KDCACHE_TEST_PAUSE_AT"])
+        self.ready = Path(os.environ["KDCACHE_TEST_READY"])
 
-def pausing(self, *args, **kwargs):
-    out = after_step(self, *args, **kwargs)
-    # metrics written, last checkpoint behind us: wait to be killed
-    if self.state.global_step == pause_at:
-        ready.write_text(str(os.getpid()))
-        time.sleep(600)
-    return out
+    def step_end(self, trainer, batch, parts):
+        # metrics written, last checkpoint behind us: wait to be killed
+        if trainer.state.global_step == self.step:
+            self.ready.write_text(str(os.getpid()))
+            time.sleep(600)
 
-trainer.Trainer._after_step = pausing
-sys.exit(main(sys.argv[1:]))
+train(load_train_config(sys.argv[1]), hooks=[PauseAt()])
 """
 
 
@@ -81,7 +82,7 @@ def test_sigkilled_train_resumes_to_the_uninterrupted_result(world, tmp_path):
         "KDCACHE_TEST_READY": str(tmp_path / "ready"),
     }
     process = subprocess.Popen(
-        [sys.executable, "-c", PAUSING_CLI, "train", str(config)],
+        [sys.executable, "-c", PAUSING_TRAIN, str(config)],
         cwd=ROOT,
         env=env,
         start_new_session=True,

@@ -28,7 +28,7 @@ from kdcache.train.data import (
     steps_per_epoch,
     valid_counts,
 )
-from kdcache.train.trainer import check_student
+from kdcache.train.student import check_student
 from kdcache.views import center_view, draw_view, epoch_view, render
 
 INVALID = "train_000005"

@@ -12,12 +12,15 @@ import pytest
 import torch
 import yaml
 from cachebuild import build_cache, write_shards
+from pydantic import ValidationError
 
 from kdcache.cli import main as kdcache
+from kdcache.config import validate
 from kdcache.errors import CacheMismatchError, ConfigError
 from kdcache.models import ModelSpec, build_model
 from kdcache.targets import from_logits
 from kdcache.teacher import ModelRunner
+from kdcache.train.checkpoint import CheckpointError
 from kdcache.train.config import (
     DataConfig,
     KDLossConfig,
@@ -27,9 +30,12 @@ from kdcache.train.config import (
     load_train_config,
 )
 from kdcache.train.data import build_train_data
+from kdcache.train.hooks import StepHook
 from kdcache.train.losses import Criterion
+from kdcache.train.reporting import TIMING_KEYS
 from kdcache.train.schedule import plan_stages
-from kdcache.train.trainer import TIMING_KEYS, CheckpointError, online_teacher_spec, train
+from kdcache.train.target_source import online_teacher_spec
+from kdcache.train.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -280,6 +286,74 @@ def test_existing_run_dir_is_not_overwritten_silently(world, tmp_path):
     assert train(make(world, tmp_path, run={"overwrite": True}))["completed"]
 
 
+class Recorder(StepHook):
+    """What a hook sees: each call with the global step, and last.pt's step at each step's end."""
+
+    def __init__(self, run_dir: Path):
+        self.last = run_dir / "checkpoints" / "last.pt"
+        self.calls: list[tuple[str, int]] = []
+        self.saved: list[int | None] = []
+
+    def step_start(self, trainer, batch) -> None:
+        self.calls.append(("start", trainer.state.global_step))
+
+    def step_end(self, trainer, batch, parts) -> None:
+        self.calls.append(("end", trainer.state.global_step))
+        saved = torch.load(self.last, weights_only=True) if self.last.is_file() else None
+        self.saved.append(None if saved is None else saved["state"]["global_step"])
+
+
+def test_step_hooks_run_around_every_step_after_its_checkpoint(world, tmp_path):
+    hook = Recorder(tmp_path)
+    summary = train(make(world, tmp_path, run={"ckpt_every_steps": 2}), hooks=[hook])
+    assert summary["steps"] == 6
+    # step_start sees the steps done before it, step_end the step just done
+    assert hook.calls == [call for s in range(6) for call in (("start", s), ("end", s + 1))]
+    # step_end comes after the step's checkpoint (every 2 steps; the epoch's end writes the last)
+    assert hook.saved == [None, 2, 2, 4, 4, 4]
+
+
+def test_run_dir_that_is_a_file_is_refused_before_any_work(world, tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.write_text("not a directory")
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(raw(world, taken)))
+    # the shards do not exist either: run.dir is checked first, before any data is read
+    assert kdcache(["train", str(path), f"run.dir={taken}", "data.shards=/nowhere/x.tar"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        f"kdcache train: error: run.dir: {str(taken)!r} is a file, not a directory"
+    ]
+    with pytest.raises(ConfigError, match=r"cannot be created: '.*taken' is a file"):
+        train(make(world, taken / "run"))
+
+
+def test_run_dir_that_cannot_be_written_is_refused(world, tmp_path, capsys):
+    """A real read-only place: a read-only filesystem needs a mount (root), so when this runs as
+    root (which ignores permission bits) a path below a regular file stands in: it cannot be
+    created either, and os.access - the check that also sees a read-only mount - is exercised
+    by the 0o555 directory when not root."""
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(raw(world, tmp_path / "run")))
+    if os.geteuid() == 0:
+        blocker = tmp_path / "blocker"
+        blocker.write_text("")
+        run_dir = blocker / "sub" / "run"
+        expected = f"run.dir: {str(run_dir)!r} cannot be created: {str(blocker)!r} is a file"
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o555)
+        run_dir = locked / "run"
+        expected = (
+            f"run.dir: {str(run_dir)!r} cannot be created: {str(locked)!r} is not writable by "
+            "this user"
+        )
+    assert kdcache(["train", str(path), f"run.dir={run_dir}"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"kdcache train: error: {expected}"]
+    assert "Traceback" not in err and not run_dir.exists()
+
+
 # ---- DDP -----------------------------------------------------------------------------------------
 
 
@@ -395,25 +469,21 @@ def test_config_rejections_name_the_dotted_key(world, tmp_path, override, messag
 def test_a_schedule_without_its_optimizer_is_refused(world):
     data = raw(world, "x", stages=[{"epochs": 1}, {"epochs": 1, "scheduler": {"name": "constant"}}])
     with pytest.raises(
-        ConfigError,
+        ValidationError,
         match=r"stages.1.scheduler: a schedule belongs to a new optimizer; "
         r"set stages.1.optimizer too",
     ):
-        from kdcache.train.config import check_config
-
-        check_config(TrainConfig.model_validate(data))
+        TrainConfig.model_validate(data)
 
 
 def test_stage_rules_name_their_keys(world):
-    from kdcache.train.config import check_config
-
     ce_with_teacher = raw(
         world, "x", stages=[{"epochs": 1, "loss": {"name": "ce"}, "teacher": "tiny"}]
     )
     with pytest.raises(
         ConfigError, match=r"stages.0.teacher: a 'ce' stage uses no teacher \(found 'tiny'\)"
     ):
-        check_config(TrainConfig.model_validate(ce_with_teacher))
+        validate(TrainConfig, ce_with_teacher)
     late = raw(
         world,
         "x",
@@ -430,7 +500,35 @@ def test_stage_rules_name_their_keys(world):
         ConfigError,
         match=r"stages.1.scheduler.milestones: \[2\] are not before the end of its 2 epoch",
     ):
-        check_config(TrainConfig.model_validate(late))
+        validate(TrainConfig, late)
+
+
+def test_a_train_config_built_in_code_enforces_the_rules_between_keys(world, tmp_path):
+    """Not only load_train_config: the model itself refuses, however it is constructed."""
+    kd_without_teacher = raw(world, tmp_path, teacher={"mode": "none"})
+    with pytest.raises(
+        ValidationError,
+        match=r"stages.0.loss.name: 'kd' needs a teacher but teacher.mode is 'none'",
+    ):
+        TrainConfig.model_validate(kd_without_teacher)
+    with pytest.raises(ValidationError, match=r"cache.path: teacher.mode 'cache' needs"):
+        TrainConfig(**{**raw(world, tmp_path), "cache": {"path": None}})
+    with pytest.raises(ConfigError, match=r"^config is invalid:\n  stages.0.loss.name: 'kd' needs"):
+        validate(TrainConfig, kd_without_teacher)
+
+
+def test_cli_prints_one_line_per_broken_rule_and_exits_2(world, tmp_path, capsys):
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(raw(world, tmp_path / "run")))
+    broken = ["teacher.mode=none", "run.save_model_epochs=[5]"]
+    assert kdcache(["train", str(path), *broken]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        f"kdcache train: error: config {str(path)!r} is invalid:",
+        "  stages.0.loss.name: 'kd' needs a teacher but teacher.mode is 'none' (use 'ce')",
+        "  run.save_model_epochs: [5] are not epoch counts of this run (1..1); no checkpoint "
+        "would be written for them",
+    ]
 
 
 def test_views_beside_a_cache_must_match_it(world, tmp_path):

@@ -2,8 +2,9 @@
 
 Loaded with :func:`kdcache.config.load_config` (YAML + ``dotted.key=value`` overrides); every
 rejection is one :class:`~kdcache.errors.ConfigError` naming the dotted key. Cross-field rules
-(a distillation loss needs a teacher, ``teacher.mode: cache`` needs ``cache.path`` ...) are checked
-by :func:`check_config` after validation, also naming their keys.
+(a distillation loss needs a teacher, ``teacher.mode: cache`` needs ``cache.path`` ...) belong to
+:class:`TrainConfig` itself (a model validator), so a config built in code is checked as one read
+from YAML; each problem names its dotted key.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from kdcache.config import StrictModel, dump_config, load_config
-from kdcache.errors import ConfigError
 from kdcache.models import ModelSpec
 from kdcache.preprocess import RenderSpec
 from kdcache.targets import TailMode
@@ -374,6 +375,17 @@ class TrainConfig(StrictModel):
             )
         return value
 
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> TrainConfig:
+        """Rules between sections, whoever builds the config: each problem is one line that names
+        its dotted key (:func:`kdcache.config.validate` lists them one per line)."""
+        problems = cross_field_problems(self)
+        if problems:
+            raise PydanticCustomError(
+                "cross_field", "{problems}", {"problems": "\n  ".join(problems)}
+            )
+        return self
+
     @property
     def total_epochs(self) -> int:
         return sum(stage.epochs for stage in self.stages)
@@ -403,16 +415,15 @@ def stage_starts(config: TrainConfig) -> list[int]:
     return starts
 
 
-def check_config(config: TrainConfig) -> None:
-    """Cross-field rules, each problem naming its dotted key; raises one ConfigError."""
-    problems = (
+def cross_field_problems(config: TrainConfig) -> list[str]:
+    """The cross-field rules :class:`TrainConfig` enforces: one line per problem, each naming its
+    dotted key (empty when the config is consistent)."""
+    return (
         _mode_problems(config)
         + _stage_problems(config)
         + _segment_problems(config)
         + _run_problems(config)
     )
-    if problems:
-        raise ConfigError("train config is invalid:\n  " + "\n  ".join(problems))
 
 
 def _mode_problems(config: TrainConfig) -> list[str]:
@@ -525,10 +536,9 @@ def _run_problems(config: TrainConfig) -> list[str]:
 
 
 def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
-    """Read, override, validate and cross-check a train config."""
-    config = load_config(TrainConfig, path, overrides)
-    check_config(config)
-    return config
+    """Read, override and validate a train config (cross-field rules included): one ConfigError
+    listing every problem, one line each."""
+    return load_config(TrainConfig, path, overrides)
 
 
 def config_differences(
