@@ -249,6 +249,39 @@ class MixConfig(StrictModel):
         return self.cutmix_alpha > 0
 
 
+class UnseenOps(StrictModel):
+    """Augmentation of the student's view that the teacher never saw (drawn afresh each epoch,
+    not stored): it breaks the consistency the cache exists for, so it is opt-in."""
+
+    policy: PolicyConfig | None = None
+    color_jitter: JitterConfig | None = None
+    erasing: ErasingConfig | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> UnseenOps:
+        if self.policy is None and self.color_jitter is None and self.erasing is None:
+            raise ValueError("name at least one of policy, color_jitter, erasing (or leave it out)")
+        return self
+
+    def describe(self) -> str:
+        parts = [name for name in ("policy", "color_jitter", "erasing") if getattr(self, name)]
+        return " + ".join(parts)
+
+
+def apply_unseen(
+    image: torch.Tensor, ops: UnseenOps, rng: np.random.Generator, fill: list[float]
+) -> torch.Tensor:
+    """Draw and apply :class:`UnseenOps` to one rendered view."""
+    if ops.policy is not None:
+        image = apply_policy(image, draw_policy(rng, ops.policy), ops.policy, fill)
+    if ops.color_jitter is not None:
+        image = apply_jitter(image, draw_jitter(rng, ops.color_jitter), ops.color_jitter)
+    if ops.erasing is not None:
+        box, seed = draw_erase(rng, ops.erasing)
+        image = apply_erase(image, box, seed, ops.erasing, fill)
+    return image
+
+
 # ---- drawing codes -------------------------------------------------------------------------------
 
 

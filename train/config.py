@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from kdcache.augment import UnseenOps
 from kdcache.config import StrictModel, dump_config, load_config
 from kdcache.models import ModelSpec
 from kdcache.preprocess import RenderSpec
@@ -303,6 +304,10 @@ class StudentConfig(ModelSpec):
     views at another size, e.g. teacher 320 px bicubic, student 224 px bilinear."""
     input_size: int | None = Field(None, ge=1)
     """Shorthand for ``render.size``: the input side the student gets."""
+    unseen_augment: UnseenOps | None = None
+    """Augmentation applied to the student's views only (``policy``, ``color_jitter``,
+    ``erasing``), drawn afresh every epoch from ``(run.seed, key, epoch)``: the teacher never saw
+    it, so the cached targets describe another image; off unless set here (the log says so)."""
 
     @model_validator(mode="after")
     def _input_size(self) -> StudentConfig:

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from kdcache.augment import BOX_STEPS
+from kdcache.augment import BOX_STEPS, UnseenOps, apply_unseen
 from kdcache.errors import CacheIncompleteError, CacheMismatchError, ConfigError, DataError
 from kdcache.manifest import find_manifest
 from kdcache.preprocess import RenderSpec
@@ -220,6 +220,8 @@ class StreamSpec:
     """Run seed: shard order, shuffle buffer, view schedule."""
     teacher_renderings: tuple[tuple[str, Rendering], ...] = ()
     """Online teachers whose rendering differs from the student's: each gets its own views."""
+    unseen: UnseenOps | None = None
+    """Student-only augmentation (``student.unseen_augment``), after the view's own ops."""
     num_views: int | None = None
     """A; None: view index = epoch (fresh views, no cache)."""
     view_seed: int = 0
@@ -525,6 +527,9 @@ class ShardStream(IterableDataset):
             other_hw = (int(other.shape[-2]), int(other.shape[-1]))
             partner = (other, self._view(item, item.partner_row, item.partner.key, other_hw, ()))
         out = {STUDENT: self._checked_render(item, image, view, spec.rendering, partner)}
+        if spec.unseen is not None:
+            rng = seeded_rng(spec.seed, "unseen", self.epoch, item.key)
+            out[STUDENT] = apply_unseen(out[STUDENT], spec.unseen, rng, spec.recipe.fill)
         for name, rendering in spec.teacher_renderings:
             out[name] = self._checked_render(item, image, view, rendering, partner)
         return out
@@ -773,6 +778,7 @@ def build_train_data(
         batch_size=config.data.batch_size,
         rendering=rendering,
         teacher_renderings=own,
+        unseen=_unseen(config),
         seed=config.run.seed,
         num_views=num_views,
         view_seed=view_seed,
@@ -791,6 +797,18 @@ def build_train_data(
     return RunData(
         spec, dataset, loader, store, num_classes, recipe, invalid, rendering, teachers_rendered
     )
+
+
+def _unseen(config: TrainConfig) -> UnseenOps | None:
+    """``student.unseen_augment``, said in the log: the teacher did not see it."""
+    ops = config.student.unseen_augment
+    if ops is not None:
+        log.warning(
+            "student.unseen_augment: %s applied to the student's views only; the teacher did not "
+            "see it, so its targets describe the view without it",
+            ops.describe(),
+        )
+    return ops
 
 
 def student_rendering(config: TrainConfig, recipe: ViewRecipe) -> Rendering:

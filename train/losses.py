@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kdcache.targets import SparseTargets, dense_probs, sparse_probs, truncate
+from kdcache.targets import MixedLabels, SparseTargets, dense_probs, sparse_probs, truncate
 from kdcache.train.config import (
     DISTILL_LOSSES,
     CELossConfig,
@@ -28,6 +28,8 @@ from kdcache.train.config import (
 )
 
 Tensor = torch.Tensor
+Labels = Tensor | MixedLabels
+"""Hard labels: plain, or mixed by lam for Mixup/CutMix views."""
 
 
 @dataclass
@@ -61,9 +63,23 @@ class LossParts:
 # ---- building blocks --------------------------------------------------------------------------
 
 
-def cross_entropy(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0) -> Tensor:
+def cross_entropy(
+    logits: Tensor, labels: Tensor | MixedLabels, label_smoothing: float = 0.0
+) -> Tensor:
     """Mean CE of float32 logits (label smoothing as in torch: eps spread over all C classes)."""
-    return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+    return row_cross_entropy(logits.float(), labels, label_smoothing).mean()
+
+
+def row_cross_entropy(
+    logits: Tensor, labels: Tensor | MixedLabels, label_smoothing: float = 0.0
+) -> Tensor:
+    """Per-row CE ``[B]``. Mixed labels (Mixup/CutMix) mix the two labels' CEs by lam, as timm's
+    ``mixup_target`` mixes smoothed one-hot targets (smoothing is the same for both labels)."""
+    if isinstance(labels, MixedLabels):
+        own = row_cross_entropy(logits, labels.labels, label_smoothing)
+        partner = row_cross_entropy(logits, labels.partner, label_smoothing)
+        return labels.lam * own + (1.0 - labels.lam) * partner
+    return F.cross_entropy(logits, labels, label_smoothing=label_smoothing, reduction="none")
 
 
 def sparse_kl(
@@ -108,7 +124,7 @@ def stopped(config: LossConfig, epoch: int) -> bool:
 def ce_loss(
     cfg: CELossConfig,
     logits: Tensor,
-    labels: Tensor,
+    labels: Labels,
     targets: SparseTargets | None,
     num_classes: int,
 ) -> LossParts:
@@ -117,7 +133,7 @@ def ce_loss(
 
 
 def kd_loss(
-    cfg: KDLossConfig, logits: Tensor, labels: Tensor, targets: SparseTargets, num_classes: int
+    cfg: KDLossConfig, logits: Tensor, labels: Labels, targets: SparseTargets, num_classes: int
 ) -> LossParts:
     """``(1-alpha)*CE + alpha*T^2*mean KL(p_t^T || p_s^T)``."""
     temp = cfg.temperature
@@ -128,7 +144,7 @@ def kd_loss(
 
 
 def dist_loss(
-    cfg: DISTLossConfig, logits: Tensor, labels: Tensor, targets: SparseTargets, num_classes: int
+    cfg: DISTLossConfig, logits: Tensor, labels: Labels, targets: SparseTargets, num_classes: int
 ) -> LossParts:
     """``ce_w*CE + kd_w*(beta*T^2*(1-mean_rows r) + gamma*T^2*(1-mean_cols r))`` of softmax
     outputs."""
@@ -144,18 +160,18 @@ def dist_loss(
     )
 
 
-def wsl_weights(logits: Tensor, labels: Tensor, targets: SparseTargets) -> Tensor:
+def wsl_weights(logits: Tensor, labels: Labels, targets: SparseTargets) -> Tensor:
     """``w = 1 - exp(-CE_s/CE_t)`` per row, from detached T=1 CEs against the label.
 
     The teacher's CE is exact from the cache: ``lse - label_logit``.
     """
-    ce_s = F.cross_entropy(logits.detach().float(), labels, reduction="none")
-    ce_t = targets.lse.float() - targets.label_logit.float()
+    ce_s = row_cross_entropy(logits.detach().float(), labels)
+    ce_t = targets.lse.float() - targets.label_logit.float()  # mixed views: the lam-mixed CE
     return 1.0 - torch.exp(-(ce_s / (ce_t + 1e-7)).clamp_min(0.0))
 
 
 def wsl_loss(
-    cfg: WSLLossConfig, logits: Tensor, labels: Tensor, targets: SparseTargets, num_classes: int
+    cfg: WSLLossConfig, logits: Tensor, labels: Labels, targets: SparseTargets, num_classes: int
 ) -> LossParts:
     """``ce_w*CE + kd_w*T^2*mean(w*KL(p_t^T || p_s^T))``.
 
@@ -178,19 +194,26 @@ def wsl_loss(
 
 
 def mined_targets(
-    cfg: EffDstlLossConfig, logits: Tensor, labels: Tensor, targets: SparseTargets, num_classes: int
+    cfg: EffDstlLossConfig, logits: Tensor, labels: Labels, targets: SparseTargets, num_classes: int
 ) -> tuple[Tensor, Tensor]:
     """EffDstl's targets ``[B, C]`` and the mined-row mask ``[B]``.
 
     A row is mined where the teacher's top-1 is the label and the teacher's label probability (at
     the teacher temperature) is below the student's (at the student temperature, detached): its
     target becomes the label smoothed to ``smooth_to`` (the rest spread evenly over the other
-    C-1 classes). Other rows keep the teacher's distribution at the teacher temperature.
+    C-1 classes). Other rows keep the teacher's distribution at the teacher temperature. Views
+    that mix two images (Mixup/CutMix) are never mined: they have no single label to smooth to.
     """
+    unmixed = None
+    if isinstance(labels, MixedLabels):
+        unmixed = ~labels.mixed
+        labels = labels.labels
     p_t = dense_probs(targets, num_classes, cfg.teacher_temperature, cfg.tail)
     p_s = torch.softmax(logits.detach().float() / cfg.student_temperature, dim=1)
     rows = labels.unsqueeze(1)
     correct = targets.idx[:, 0].long() == labels
+    if unmixed is not None:
+        correct = correct & unmixed
     mined = correct & (p_t.gather(1, rows).squeeze(1) < p_s.gather(1, rows).squeeze(1))
     smooth = torch.full_like(p_t, (1.0 - cfg.smooth_to) / max(num_classes - 1, 1))
     smooth.scatter_(1, rows, cfg.smooth_to)
@@ -198,7 +221,7 @@ def mined_targets(
 
 
 def effdstl_loss(
-    cfg: EffDstlLossConfig, logits: Tensor, labels: Tensor, targets: SparseTargets, num_classes: int
+    cfg: EffDstlLossConfig, logits: Tensor, labels: Labels, targets: SparseTargets, num_classes: int
 ) -> LossParts:
     """``ce_w*CE + kd_w*T_s^2*mean KL(mined target || p_s^{T_s})``."""
     ce = cross_entropy(logits, labels, cfg.label_smoothing)
@@ -237,7 +260,7 @@ class Criterion:
         return self.config.name in DISTILL_LOSSES
 
     def __call__(
-        self, logits: Tensor, labels: Tensor, targets: SparseTargets | None, epoch: int
+        self, logits: Tensor, labels: Labels, targets: SparseTargets | None, epoch: int
     ) -> LossParts:
         if self.needs_teacher and stopped(self.config, epoch):
             ce = cross_entropy(logits, labels, self.config.label_smoothing)
