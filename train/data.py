@@ -48,6 +48,7 @@ from kdcache.errors import CacheIncompleteError, CacheMismatchError, ConfigError
 from kdcache.manifest import find_manifest
 from kdcache.reader import ShardBlock, read_block
 from kdcache.shards import (
+    DEFAULT_LABEL_KEY,
     Sample,
     decode_image,
     expand_shards,
@@ -189,6 +190,8 @@ class StreamSpec:
     """fsspec storage options of the cache (``cache.storage_options``), as sorted items."""
     data_storage_options: tuple[tuple[str, Any], ...] = field(default=(), repr=False)
     """fsspec storage options of the shards (``data.storage_options``), as sorted items."""
+    label_key: str = DEFAULT_LABEL_KEY
+    """The label's key in ``.json`` entries (``data.label_key``)."""
 
     @property
     def workers(self) -> int:
@@ -378,7 +381,8 @@ class ShardStream(IterableDataset):
         name = shard_name(url)
         seen = 0
         valid = 0
-        for sample in iter_shard(url, dict(self.spec.data_storage_options) or None):
+        options = dict(self.spec.data_storage_options) or None
+        for sample in iter_shard(url, options, self.spec.label_key):
             seen += 1
             row = block.row(sample.key) if block is not None else -1
             if block is not None and not block.valid(row):
@@ -653,6 +657,7 @@ def build_train_data(
         cache_path=config.cache.path,
         storage_options=tuple(sorted(config.cache.storage_options.items())),
         data_storage_options=tuple(sorted(config.data.storage_options.items())),
+        label_key=config.data.label_key,
     )
     _check_slots(spec)
     dataset = ShardStream(spec)
@@ -711,6 +716,7 @@ def build_eval_data(
         num_workers=config.data.num_workers,
         train=False,
         data_storage_options=tuple(sorted(config.data.storage_options.items())),
+        label_key=config.data.label_key,
     )
     dataset = ShardStream(spec)
     return dataset, make_loader(dataset, pin_memory, config.data.prefetch_factor)
