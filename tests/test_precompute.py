@@ -251,7 +251,7 @@ def test_actors_that_cannot_start_fail_every_shard_with_the_reason(ray_session, 
     with pytest.raises(
         ShardsFailedError,
         match=r"good-000000.tar: no shard actor left to run it: actor could not "
-        r"start: kdcache.errors.TeacherError: checkpoint '.*teacher.pth' does not exist",
+        r"start: kdcache.errors.WeightsError: checkpoint '.*teacher.pth' does not exist",
     ):
         run_precompute(cfg, plan, progress=False)
 
