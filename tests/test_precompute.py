@@ -783,6 +783,7 @@ def test_config_schema_is_pinned():
         "data.storage_options",
         "data.num_classes",
         "data.class_names",
+        "data.label_key",
         "data.on_error",
         "cache.path",
         "cache.storage_options",
