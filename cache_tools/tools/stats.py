@@ -252,8 +252,9 @@ class Views:
 
 
 def _check_finite(shard: str, teacher: str, *arrays: np.ndarray) -> None:
-    """Stored targets are finite (a tail of -inf aside): NaN or inf means a damaged cache, whose
-    figures would be meaningless (and numpy would warn over every one)."""
+    """Stored targets are finite (a tail of -inf aside; the label logit of labelled views only):
+    NaN or inf means a damaged cache, whose figures would be meaningless (and numpy would warn over
+    every one)."""
     bad = sum(int(np.isnan(a).sum() + np.isposinf(a).sum()) for a in arrays)
     bad += sum(int(np.isneginf(a).sum()) for a in arrays[:-1])
     if bad:
@@ -276,7 +277,7 @@ def teacher_views(block: ShardBlock, teacher: str, num_classes: int, tail: TailM
     lse = tb.lse[valid].astype(np.float32)
     label_logit = tb.label_logit[valid].astype(np.float32)
     tail_lse = tb.tail_lse[valid].astype(np.float32)
-    _check_finite(block.shard, teacher, logit, lse, label_logit, tail_lse)
+    _check_finite(block.shard, teacher, logit, lse, label_logit[label >= 0], tail_lse)
     with np.errstate(over="ignore"):  # exp of a logit far above the lse: clipped to 1 below
         probs = np.minimum(np.exp(logit - lse[..., None]), 1.0)
         label_prob = np.where(
