@@ -84,9 +84,10 @@ def find_manifest(
 ) -> Manifest | None:
     """The manifest beside a shard named ``<prefix>-NNNNNN.tar``, if there is one: a local file, or
     for a URL (``s3://...``) the object beside it, read with ``storage_options`` (the shards').
-    A ``pipe:`` command has none. A malformed manifest is a DataError naming it."""
+    For a ``pipe:`` command, the manifest beside the local file it names (``pipe:cat /d/x.tar``),
+    if any. A malformed manifest is a DataError naming it."""
     if first_shard.startswith("pipe:"):
-        return None
+        return _find_pipe_manifest(first_shard)
     if "://" in first_shard:
         return _find_remote_manifest(first_shard, storage_options)
     path = Path(first_shard)
@@ -95,6 +96,14 @@ def find_manifest(
     prefix = path.stem.rsplit("-", 1)[0]
     candidate = path.parent / f"{prefix}{MANIFEST_SUFFIX}"
     return load_manifest(candidate) if candidate.exists() else None
+
+
+def _find_pipe_manifest(command: str) -> Manifest | None:
+    """The manifest beside the tar a ``pipe:`` command reads, when that is a local file."""
+    words = [w for w in command[len("pipe:") :].split() if w.endswith(".tar")]
+    if not words or "://" in words[-1] or not Path(words[-1]).is_file():
+        return None
+    return find_manifest(words[-1])
 
 
 def _find_remote_manifest(

@@ -16,6 +16,7 @@ from test_faults_input import config, train_config, write_members
 from test_precompute import SIZE, cache_arrays, good, png, run_in_process, write_tar
 
 from kdcache.errors import ConfigError, DataError
+from kdcache.manifest import find_manifest
 from kdcache.pipeline.plan import make_plan
 from kdcache.reader import read_block
 from kdcache.shards import expand_shards, iter_shard, scan_shard, shard_name
@@ -187,6 +188,15 @@ def test_a_pipe_shard_list_is_precomputed_and_trained_like_the_files(shard_dir, 
     run["student"] = {"name": "kd_mlp", "kwargs": {"img_size": SIZE, "hidden": 16}}
     summary = train(TrainConfig.model_validate(run))  # DataLoader workers run the commands
     assert summary["completed"] and summary["images"] == 18 and summary["top1"] is not None
+
+
+def test_a_pipe_command_reading_a_local_file_finds_the_manifest_beside_it(tmp_path):
+    from kdcache.pipeline.make_shards import make_synthetic_shards
+
+    make_synthetic_shards(tmp_path, 8, 0, classes=3, size=8, channels=1, seed=0, shard_size=8)
+    found = find_manifest(f"pipe:cat {tmp_path.absolute()}/train-000000.tar")
+    assert found is not None and found.num_classes == 3
+    assert find_manifest("pipe:curl -s https://host/train-000000.tar") is None
 
 
 def test_a_failing_pipe_command_names_the_shard_the_command_and_its_status(shard_dir, tmp_path):
