@@ -6,6 +6,8 @@ Each subclasses a built-in exception too, so callers that catch ``ValueError`` o
 
 from __future__ import annotations
 
+import re
+
 
 class KdcacheError(Exception):
     """Base class of every error kdcache raises on purpose."""
@@ -55,3 +57,32 @@ class CacheWriteError(CacheError, OSError):
 
 class TeacherError(KdcacheError, RuntimeError):
     """A teacher could not be built or produced bad outputs (NaN, inf, wrong shape)."""
+
+
+class WeightsError(TeacherError, ValueError):
+    """A model's weights file (``checkpoint:``, teacher or student) cannot be used: missing,
+    unreadable, a pickled object rather than weights, or not fitting the model. The message names
+    the file and the forms kdcache accepts."""
+
+
+class OutputError(KdcacheError, OSError):
+    """An output path cannot be written (read-only filesystem, a file where a directory is needed,
+    no permission); checked before any work, the message names the path and its option or key."""
+
+
+_WORKER_WRAPPER = re.compile(r"\ACaught (\w+) in DataLoader worker process \d+\.\n")
+
+
+def user_message(exc: BaseException) -> str:
+    """The message to show for ``exc``: torch's DataLoader re-raises a worker's exception as the
+    same type with "Caught X in DataLoader worker process N" and the worker's traceback as its
+    message; this gives back the worker's own message (the traceback's last entry)."""
+    text = str(exc)
+    wrapped = _WORKER_WRAPPER.match(text)
+    if wrapped is None:
+        return text
+    # the worker's traceback: indented frames, then "module.Name: message" (maybe several lines)
+    start = text.rfind("Traceback (most recent call last):")
+    name = re.escape(wrapped.group(1))
+    line = re.compile(rf"^(?:[\w.]+\.)?{name}: ", flags=re.MULTILINE).search(text, max(start, 0))
+    return text[line.end() :].rstrip() if line is not None else text

@@ -33,7 +33,8 @@ from typing import Any
 import fsspec
 
 from kdcache.config import REDACTED
-from kdcache.errors import CacheLockedError
+from kdcache.errors import CacheLockedError, OutputError
+from kdcache.outputs import check_output_dir, check_output_file
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +136,10 @@ class WriterLock:
 
     def acquire(self) -> None:
         """Take the lock, taking over a stale one (or any one with ``force``); else
-        CacheLockedError."""
+        CacheLockedError. A cache path that cannot be written (read-only filesystem, a file in the
+        way) is an OutputError here, before any work."""
+        check_output_dir(self.cache_path, "cache.path")
+        check_output_file(self.path, "cache.path (its writer lock)")
         me = LockHolder.this_process()
         payload = json.dumps(asdict(me)).encode()
         for _ in range(2):  # a second try after removing a stale (or forced) lock
@@ -171,7 +175,18 @@ class WriterLock:
         self.holder = None
 
     def _create(self, payload: bytes) -> bool:
-        """Exclusive create; False when the file exists."""
+        """Exclusive create; False when the file exists; OutputError when it cannot be written."""
+        try:
+            return self._create_once(payload)
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            raise OutputError(
+                f"cache.path: cannot create the writer lock {self.path!r} "
+                f"({type(exc).__name__}: {exc})"
+            ) from None
+
+    def _create_once(self, payload: bytes) -> bool:
         if "://" not in self.path:
             return _create_local(self.path, payload)
         fs, path = self._fs()

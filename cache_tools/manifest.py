@@ -13,7 +13,9 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import fsspec
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from kdcache.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +59,35 @@ def save_manifest(manifest: Manifest, shard_dir: str | Path, prefix: str) -> Pat
 
 
 def load_manifest(path: str | Path) -> Manifest:
-    return Manifest.model_validate_json(Path(path).read_text())
+    return parse_manifest(Path(path).read_text(), str(path))
+
+
+def parse_manifest(text: str, where: str) -> Manifest:
+    """A manifest from its JSON text; a malformed one is a DataError naming the file and the first
+    problems (the shards stay the source of truth: fix or remove it)."""
+    try:
+        return Manifest.model_validate_json(text)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'JSON'}: {e['msg']}" for e in exc.errors()[:3]
+        )
+        more = f" (and {exc.error_count() - 3} more)" if exc.error_count() > 3 else ""
+        raise DataError(
+            f"manifest {where!r} beside the shards is not a valid kdcache manifest: "
+            f"{problems}{more}. Fix or remove it (the shards are read anyway; data.num_classes and "
+            "data.class_names can be given in the config instead)"
+        ) from None
 
 
 def find_manifest(
     first_shard: str, storage_options: dict[str, Any] | None = None
 ) -> Manifest | None:
     """The manifest beside a shard named ``<prefix>-NNNNNN.tar``, if there is one: a local file, or
-    for a URL (``s3://...``) the object beside it, read with ``storage_options`` (the shards')."""
+    for a URL (``s3://...``) the object beside it, read with ``storage_options`` (the shards').
+    For a ``pipe:`` command, the manifest beside the local file it names (``pipe:cat /d/x.tar``),
+    if any. A malformed manifest is a DataError naming it."""
+    if first_shard.startswith("pipe:"):
+        return _find_pipe_manifest(first_shard)
     if "://" in first_shard:
         return _find_remote_manifest(first_shard, storage_options)
     path = Path(first_shard)
@@ -73,6 +96,14 @@ def find_manifest(
     prefix = path.stem.rsplit("-", 1)[0]
     candidate = path.parent / f"{prefix}{MANIFEST_SUFFIX}"
     return load_manifest(candidate) if candidate.exists() else None
+
+
+def _find_pipe_manifest(command: str) -> Manifest | None:
+    """The manifest beside the tar a ``pipe:`` command reads, when that is a local file."""
+    words = [w for w in command[len("pipe:") :].split() if w.endswith(".tar")]
+    if not words or "://" in words[-1] or not Path(words[-1]).is_file():
+        return None
+    return find_manifest(words[-1])
 
 
 def _find_remote_manifest(
@@ -95,4 +126,4 @@ def _find_remote_manifest(
             "cannot read the manifest %s (%s); going on without it", candidate, type(exc).__name__
         )
         return None
-    return Manifest.model_validate_json(text)
+    return parse_manifest(text, candidate)

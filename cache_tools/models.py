@@ -3,11 +3,19 @@
 Shared by precompute (teachers), the trainer (students, online teachers) and ``kdcache verify``.
 Importing this module registers kdcache's tiny CPU-friendly models with timm (``kd_*``), which
 the demo and the tests use.
+
+Weights come from ``checkpoint:`` (a path or an fsspec URL; the forms read are listed in
+:mod:`kdcache.weights`), from a local Hugging Face model directory in timm's format (``name:
+local-dir:/models/my-resnet``: its ``config.json`` and ``model.safetensors`` or
+``pytorch_model.bin``, nothing downloaded), or from timm's hub (``pretrained: true``; a local file
+instead with ``kwargs: {pretrained_cfg_overlay: {file: /path/weights.safetensors}}``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,7 +26,13 @@ from timm.models import register_model
 from torch import nn
 
 from kdcache.config import StrictModel
-from kdcache.errors import TeacherError
+from kdcache.errors import TeacherError, WeightsError
+from kdcache.weights import local_checkpoint, read_state_dict
+
+log = logging.getLogger(__name__)
+
+LOCAL_DIR = "local-dir:"
+"""timm's prefix of a model read from a local Hugging Face model directory."""
 
 
 class ModelSpec(StrictModel):
@@ -27,11 +41,19 @@ class ModelSpec(StrictModel):
     source: Literal["timm", "torchvision", "torchscript"] = "timm"
     """Where the architecture comes from."""
     name: str = ""
-    """timm or torchvision model name (e.g. ``resnet50``); unused for torchscript."""
+    """timm or torchvision model name (e.g. ``resnet50``); unused for torchscript. timm also takes
+    ``local-dir:/path/to/dir``: a Hugging Face model directory in timm's format (``config.json`` and
+    its weights file), whose weights are always loaded, without downloading anything."""
     checkpoint: str | None = None
-    """A state-dict file (timm/torchvision) or a TorchScript file (torchscript)."""
+    """Weights to load (timm/torchvision) or a TorchScript file (torchscript): a path or an fsspec
+    URL (``s3://...``: fetched once per node). A state dict, a ``.safetensors`` file, or a
+    checkpoint holding one (``state_dict``, ``model``; timm's and DDP's files load as written)."""
+    use_ema: bool = False
+    """Load a checkpoint's EMA weights (``state_dict_ema``, ``model_ema`` or ``ema``) instead of
+    ``state_dict`` / ``model`` (timm's ``--use-ema``)."""
     pretrained: bool = False
-    """timm/torchvision: download the hub's weights (needs network access)."""
+    """timm/torchvision: load the hub's weights (needs network access, or timm's
+    ``pretrained_cfg_overlay: {file: ...}`` in ``kwargs`` for a local file)."""
     kwargs: dict[str, Any] = Field(default_factory=dict)
     """Extra keyword arguments for the model constructor (e.g. ``drop_rate``)."""
 
@@ -55,7 +77,7 @@ def build_model(spec: ModelSpec, num_classes: int, in_chans: int = 3) -> nn.Modu
     else:
         model = _build_torchvision(spec, num_classes, in_chans)
     if spec.checkpoint:
-        load_checkpoint(model, spec.checkpoint)
+        load_checkpoint(model, spec.checkpoint, use_ema=spec.use_ema)
     return model
 
 
@@ -69,8 +91,9 @@ def build_teacher(spec: ModelSpec, num_classes: int, in_chans: int = 3) -> nn.Mo
 
     A teacher's hub weights must have the data's classes: for another class count timm and
     torchvision replace the classifier with a random one, and the cache would hold its noise."""
+    loads_pretrained = spec.pretrained or spec.name.startswith(LOCAL_DIR)
     pretrained_classes = (
-        _pretrained_classes(spec) if spec.pretrained and not spec.checkpoint else None
+        _pretrained_classes(spec) if loads_pretrained and not spec.checkpoint else None
     )
     if pretrained_classes is not None and pretrained_classes != num_classes:
         raise TeacherError(
@@ -87,6 +110,12 @@ def build_teacher(spec: ModelSpec, num_classes: int, in_chans: int = 3) -> nn.Mo
 def _pretrained_classes(spec: ModelSpec) -> int | None:
     """The class count of the hub weights ``pretrained: true`` loads (None where unknown)."""
     try:
+        overlay = spec.kwargs.get("pretrained_cfg_overlay") or {}
+        if spec.source == "timm" and "num_classes" in overlay:
+            return int(overlay["num_classes"])
+        if spec.source == "timm" and spec.name.startswith(LOCAL_DIR):
+            config = json.loads((Path(spec.name[len(LOCAL_DIR) :]) / "config.json").read_text())
+            return int(config.get("num_classes", config.get("pretrained_cfg", {})["num_classes"]))
         if spec.source == "timm":
             cfg = timm.get_pretrained_cfg(spec.name)
             return None if cfg is None else int(cfg.num_classes)
@@ -100,19 +129,37 @@ def _pretrained_classes(spec: ModelSpec) -> int | None:
 
 
 def _build_timm(spec: ModelSpec, num_classes: int, in_chans: int) -> nn.Module:
-    if not timm.is_model(spec.name):
+    local_dir = spec.name.startswith(LOCAL_DIR)
+    if local_dir:
+        _check_local_dir(spec.name[len(LOCAL_DIR) :])
+    elif ":" not in spec.name and not timm.is_model(spec.name):  # hf-hub: names are timm's
         close = timm.list_models(f"*{spec.name[:4]}*")[:8]
         raise TeacherError(f"unknown timm model {spec.name!r}; similar names: {close}")
     try:
         return timm.create_model(
             spec.name,
-            pretrained=spec.pretrained,
+            pretrained=spec.pretrained or local_dir,
             num_classes=num_classes,
             in_chans=in_chans,
             **spec.kwargs,
         )
     except Exception as exc:  # hub download failures, bad kwargs
         raise TeacherError(f"could not build timm model {spec.name!r}: {exc}") from exc
+
+
+def _check_local_dir(path: str) -> None:
+    """A Hugging Face model directory in timm's format: ``config.json`` beside a weights file."""
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise TeacherError(
+            f"model directory {path!r} has no config.json (a Hugging Face model directory in "
+            "timm's format: config.json and model.safetensors or pytorch_model.bin)"
+        )
+    weights = ("*.safetensors", "*.bin", "*.pth", "*.pt")
+    if not any(next(folder.glob(pattern), None) for pattern in weights):
+        raise TeacherError(
+            f"model directory {path!r} has no weights file (model.safetensors or pytorch_model.bin)"
+        )
 
 
 def _build_torchvision(spec: ModelSpec, num_classes: int, in_chans: int) -> nn.Module:
@@ -134,23 +181,25 @@ def _build_torchvision(spec: ModelSpec, num_classes: int, in_chans: int) -> nn.M
 
 
 def _load_torchscript(path: str) -> nn.Module:
+    local = local_checkpoint(path)
     try:
-        return torch.jit.load(path, map_location="cpu")
+        return torch.jit.load(local, map_location="cpu")
     except Exception as exc:
-        raise TeacherError(f"could not load TorchScript file {path!r}: {exc}") from exc
+        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise WeightsError(
+            f"could not load TorchScript file {path!r} ({reason}); source: torchscript takes a "
+            "file written by torch.jit.save (weights go with source: timm or torchvision)"
+        ) from None
 
 
-def load_checkpoint(model: nn.Module, path: str) -> None:
-    """Load a state dict (or a kdcache training checkpoint holding ``model``) strictly."""
-    if not Path(path).is_file():
-        raise TeacherError(f"checkpoint {path!r} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
+def load_checkpoint(model: nn.Module, path: str, use_ema: bool = False) -> None:
+    """Load the weights of ``path`` (a path or an fsspec URL; the forms of
+    :mod:`kdcache.weights`) strictly: every tensor must fit."""
+    state = read_state_dict(local_checkpoint(path), path, use_ema)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise TeacherError(
+        raise WeightsError(
             f"checkpoint {path!r} does not fit the model: {str(exc)[:500]}"
         ) from None
 

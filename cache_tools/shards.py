@@ -2,23 +2,41 @@
 
 Both halves use these helpers: precompute plans and reads shards with them, the trainer decodes
 samples with the same :func:`decode_image` so teacher and student see identical pixels.
+
+Shard URLs are what WebDataset users write: local paths, fsspec URLs (``s3://...``, opened with the
+storage options), globs, brace lists (``train-{000000..000099}.tar``) and ``pipe:`` commands
+(``pipe:curl -s https://host/train-000000.tar``), which open through webdataset's own opener
+(:func:`webdataset.gopen`) and run as written wherever shards are read (the precompute driver, Ray
+actors, DataLoader workers: use absolute paths). A shard is known by its file name: for a command,
+the base name of its last word naming a ``.tar``.
+
+A sample's label comes from the first of its ``.cls``, ``.json`` and ``.txt`` entries: ``.cls`` and
+``.txt`` hold the integer as text, ``.json`` an object whose key ``label_key`` (``data.label_key``,
+default ``label``) holds it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import io
+import json
 import logging
+import shlex
+import shutil
 import tarfile
+import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import IO
 
 import braceexpand
 import fsspec
 import torch
+import webdataset
 from torchvision.io import ImageReadMode
 from torchvision.io import decode_image as tv_decode_image
 
@@ -27,7 +45,14 @@ from kdcache.errors import ConfigError, DataError, DuplicateKeyError
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-LABEL_EXT = "cls"
+LABEL_EXTS = ("cls", "json", "txt")
+"""Entries a label is read from, in this order of preference."""
+DEFAULT_LABEL_KEY = "label"
+"""The label's key in a ``.json`` entry, unless the config names another (``data.label_key``)."""
+PIPE = "pipe:"
+SPOOL_BYTES = 64 << 20
+"""Planning reads a ``pipe:`` shard whole (a pipe cannot seek): in memory up to this size, then in
+a temporary file."""
 
 
 def expand_shards(
@@ -45,11 +70,29 @@ def expand_shards(
             urls.extend(_glob_one(item, storage_options))
     if not urls:
         raise ConfigError(f"{key}: no shard matches {spec!r}")
+    for url in urls:
+        if is_pipe(url) and not _pipe_names(url):
+            raise ConfigError(
+                f"{key}: the command {url!r} names no .tar file: kdcache knows a shard by its file "
+                "name, the base name of the command's last word naming a .tar"
+            )
     seen: set[str] = set()
     return [u for u in urls if not (u in seen or seen.add(u))]
 
 
+def is_pipe(url: str) -> bool:
+    """A WebDataset ``pipe:`` command (read from the command's standard output)."""
+    return url.startswith(PIPE)
+
+
+def is_url(path: str) -> bool:
+    """An fsspec URL or a ``pipe:`` command: never made absolute or globbed as a local path."""
+    return "://" in path or is_pipe(path)
+
+
 def _glob_one(item: str, storage_options: dict | None = None) -> list[str]:
+    if is_pipe(item):
+        return [item]
     if "://" in item:
         if any(ch in item for ch in "*?["):
             fs, _, paths = fsspec.get_fs_token_paths(item, storage_options=storage_options)
@@ -61,8 +104,74 @@ def _glob_one(item: str, storage_options: dict | None = None) -> list[str]:
 
 
 def shard_name(url: str) -> str:
-    """The shard's file name, which identifies it in the cache wherever the files move."""
+    """The shard's file name, which identifies it in the cache wherever the files move (for a
+    ``pipe:`` command, the base name of its last word naming a ``.tar``)."""
+    if is_pipe(url):
+        names = _pipe_names(url)
+        return names[-1] if names else url
     return url.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _pipe_names(url: str) -> list[str]:
+    """Base names of the words of a ``pipe:`` command that name a ``.tar`` (URL queries cut)."""
+    try:
+        words = shlex.split(url[len(PIPE) :])
+    except ValueError:  # unbalanced quotes: the shell will say so when it runs
+        words = url[len(PIPE) :].split()
+    names = [w.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1] for w in words]
+    return [n for n in names if ".tar" in n]
+
+
+@contextlib.contextmanager
+def open_shard(url: str, storage_options: dict | None = None) -> Iterator[IO[bytes]]:
+    """The shard's bytes: a ``pipe:`` command through :func:`webdataset.gopen`, anything else
+    through fsspec (with ``storage_options``). A command that fails is a DataError naming the
+    shard, the command and its exit status."""
+    if not is_pipe(url):
+        with fsspec.open(url, "rb", **(storage_options or {})) as handle:
+            yield handle
+        return
+    pipe = webdataset.gopen(url, "rb")
+    try:
+        yield pipe
+        shutil.copyfileobj(pipe, _Discard())  # the tar's zero padding: let the command finish
+        pipe.close()
+    except (Exception, GeneratorExit) as exc:
+        _stop(pipe)
+        status = pipe.proc.returncode
+        if isinstance(exc, (OSError, tarfile.TarError, EOFError)) and status not in (None, 0):
+            raise DataError(
+                f"shard {shard_name(url)!r}: the command {url[len(PIPE) :]!r} failed "
+                f"(exit status {status})"
+            ) from None
+        raise
+
+
+class _Discard:
+    def write(self, data: bytes) -> int:
+        return len(data)
+
+
+def _stop(pipe) -> None:
+    """Close a pipe read in part (the consumer stopped early, or failed): the command is killed,
+    its exit status (a signal) is no error."""
+    if pipe.proc.poll() is None:
+        pipe.proc.kill()
+    pipe.ignore_errors = True
+    with contextlib.suppress(Exception):
+        pipe.close()
+
+
+@contextlib.contextmanager
+def _seekable(handle: IO[bytes], url: str) -> Iterator[IO[bytes]]:
+    """``handle``, or for a ``pipe:`` command (which cannot seek) a spooled copy of it."""
+    if not is_pipe(url):
+        yield handle
+        return
+    with tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES) as copy:
+        shutil.copyfileobj(handle, copy)
+        copy.seek(0)
+        yield copy
 
 
 def split_member(name: str) -> tuple[str, str]:
@@ -98,7 +207,8 @@ def scan_shard(url: str, storage_options: dict | None = None) -> ShardIndex:
     order: list[str] = []
     try:
         with (
-            fsspec.open(url, "rb", **(storage_options or {})) as handle,
+            open_shard(url, storage_options) as raw,
+            _seekable(raw, url) as handle,
             tarfile.open(fileobj=handle, mode="r:") as tar,
         ):
             for member in tar:
@@ -142,7 +252,7 @@ def _add_entry(
 def _check_sample(exts: set[str], key: str, shard: str) -> None:
     images = [e for e in exts if e.lower() in IMAGE_EXTS]
     if len(images) != 1:
-        odd = sorted(e for e in exts if e.lower() not in IMAGE_EXTS and e != LABEL_EXT)
+        odd = sorted(e for e in exts if e.lower() not in IMAGE_EXTS and e not in LABEL_EXTS)
         hint = f"; entries {odd} suggest a dot in the key (keys must be dot-free)" if odd else ""
         raise DataError(
             f"shard {shard!r}, key {key!r}: expected one image entry ({'/'.join(IMAGE_EXTS)}), "
@@ -209,7 +319,7 @@ class Sample:
     label: int | None
     extras: dict[str, bytes] = field(default_factory=dict)
     label_problem: str | None = None
-    """Why ``label`` is None: no ``.cls`` entry, or one that is not an integer."""
+    """Why ``label`` is None: no label entry, or one that holds no integer label."""
 
     def require_label(self, shard: str, num_classes: int) -> int:
         """The label, or a DataError naming shard and key (missing, not an integer, out of
@@ -226,14 +336,17 @@ class Sample:
         return self.label
 
 
-def iter_shard(url: str, storage_options: dict | None = None) -> Iterator[Sample]:
-    """The samples of one shard in file order (tar streamed once)."""
+def iter_shard(
+    url: str, storage_options: dict | None = None, label_key: str = DEFAULT_LABEL_KEY
+) -> Iterator[Sample]:
+    """The samples of one shard in file order (tar streamed once); ``label_key``: the label's key
+    in ``.json`` entries."""
     name = shard_name(url)
     current: dict[str, bytes] = {}
     current_key: str | None = None
     try:
         with (
-            fsspec.open(url, "rb", **(storage_options or {})) as handle,
+            open_shard(url, storage_options) as handle,
             tarfile.open(fileobj=handle, mode="r|") as tar,
         ):
             for member in tar:
@@ -241,36 +354,61 @@ def iter_shard(url: str, storage_options: dict | None = None) -> Iterator[Sample
                     continue
                 key, ext = split_member(member.name)
                 if key != current_key and current_key is not None:
-                    yield to_sample(current_key, current, name)
+                    yield to_sample(current_key, current, name, label_key)
                     current = {}
                 current_key = key
                 current[ext] = tar.extractfile(member).read()
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise DataError(f"shard {name!r} could not be read to the end ({exc})") from None
     if current_key is not None:
-        yield to_sample(current_key, current, name)
+        yield to_sample(current_key, current, name, label_key)
 
 
-def to_sample(key: str, entries: dict[str, bytes], shard: str) -> Sample:
+def to_sample(
+    key: str, entries: dict[str, bytes], shard: str, label_key: str = DEFAULT_LABEL_KEY
+) -> Sample:
     """Build a :class:`Sample` from a sample's tar entries (ext -> bytes)."""
     image_ext = next((e for e in entries if e.lower() in IMAGE_EXTS), None)
     if image_ext is None:
         raise DataError(f"shard {shard!r}, key {key!r}: no image entry (found {sorted(entries)})")
-    label, problem = parse_label(entries.get(LABEL_EXT))
-    extras = {e: v for e, v in entries.items() if e not in (image_ext, LABEL_EXT)}
+    label_ext = next((e for e in LABEL_EXTS if e in entries), None)
+    label, problem = parse_label(entries.get(label_ext), label_ext or "cls", label_key)
+    extras = {e: v for e, v in entries.items() if e not in (image_ext, label_ext)}
     return Sample(
         key=key, image=entries[image_ext], label=label, extras=extras, label_problem=problem
     )
 
 
-def parse_label(raw: bytes | None) -> tuple[int | None, str | None]:
-    """(label, None), or (None, why) so the caller's error policy decides what to do."""
+def parse_label(
+    raw: bytes | None, ext: str = "cls", label_key: str = DEFAULT_LABEL_KEY
+) -> tuple[int | None, str | None]:
+    """The label in a sample's ``.<ext>`` entry: (label, None), or (None, why) so the caller's
+    error policy decides what to do."""
     if raw is None:
-        return None, "no label (no .cls entry)"
+        return None, "no label (no .cls, .json or .txt entry)"
+    if ext == "json":
+        return _json_label(raw, label_key)
     try:
         return int(raw.decode("ascii").strip()), None
     except (UnicodeDecodeError, ValueError):
-        return None, f"label {raw[:20]!r} is not an integer"
+        where = "" if ext == "cls" else f" (in the .{ext} entry)"
+        return None, f"label {raw[:20]!r}{where} is not an integer"
+
+
+def _json_label(raw: bytes, label_key: str) -> tuple[int | None, str | None]:
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as exc:
+        return None, f"the .json entry is not JSON ({str(exc)[:80]})"
+    if not isinstance(data, dict) or label_key not in data:
+        found = sorted(data)[:8] if isinstance(data, dict) else type(data).__name__
+        return None, f"the .json entry has no key {label_key!r} (data.label_key; found {found})"
+    value = data[label_key]
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None, f"label {value!r} (key {label_key!r} of the .json entry) is not an integer"
+    return value, None
 
 
 def decode_image(data: bytes, channels: int) -> torch.Tensor:

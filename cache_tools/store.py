@@ -50,6 +50,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from kdcache.encoding import ENCODINGS  # noqa: F401  (re-exported)
 from kdcache.errors import CacheError, CacheMismatchError, CacheNotFoundError
+from kdcache.hierarchy import subgroups
 from kdcache.views import Rendering, ViewRecipe
 
 FORMAT_NAME = "kdcache"
@@ -216,7 +217,7 @@ class CacheStore:
         """Each teacher subgroup's attributes, read once per store object (``forget_teachers``
         rereads)."""
         if self._teacher_attr_cache is None:
-            groups = self.group[TEACHERS].groups() if TEACHERS in self.group else []
+            groups = subgroups(self.group, TEACHERS, self.path) if TEACHERS in self.group else []
             self._teacher_attr_cache = {name: dict(group.attrs) for name, group in sorted(groups)}
         return self._teacher_attr_cache
 

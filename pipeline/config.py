@@ -17,6 +17,7 @@ from kdcache.config import StrictModel
 from kdcache.errors import ConfigError
 from kdcache.models import ModelSpec
 from kdcache.preprocess import RenderSpec
+from kdcache.shards import DEFAULT_LABEL_KEY
 from kdcache.store import ENCODINGS
 from kdcache.views import ViewRecipe
 
@@ -38,6 +39,9 @@ class DataSection(StrictModel):
     """Number of classes; default: from the ``<prefix>-manifest.json`` beside the shards."""
     class_names: list[str] = Field(default_factory=list)
     """Class names in label order; default: from the manifest, if any."""
+    label_key: str = Field(DEFAULT_LABEL_KEY, min_length=1)
+    """The label's key in a sample's ``.json`` entry. A sample's label comes from the first of its
+    ``.cls``, ``.json`` and ``.txt`` entries (``.cls`` and ``.txt``: the integer as text)."""
     on_error: Literal["raise", "skip"] = "raise"
     """A corrupt image or a missing / out-of-range label: ``raise`` fails the shard naming shard
     and key; ``skip`` stores the row as invalid (status 2) with its reason in ``errors``."""

@@ -29,7 +29,7 @@ from kdcache.manifest import find_manifest
 from kdcache.models import ModelSpec, build_teacher, weights_digest
 from kdcache.pipeline.config import PrecomputeConfig, TeacherSection, check_with_classes
 from kdcache.preprocess import resolve as resolve_rendering
-from kdcache.shards import ShardIndex, expand_shards, key_digest, scan_shards
+from kdcache.shards import ShardIndex, expand_shards, is_url, key_digest, scan_shards
 from kdcache.store import CacheStore, Fingerprint, open_store
 from kdcache.views import Rendering, ViewRecipe
 from kdcache.writer import add_teacher, create_store
@@ -89,7 +89,7 @@ class Plan:
 
 def local_path(path: str) -> str:
     """Absolute path for a local file (Ray workers may run elsewhere); URLs unchanged."""
-    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+    return path if is_url(path) else os.path.abspath(os.path.expanduser(path))
 
 
 def writer_lock(cfg: PrecomputeConfig) -> WriterLock:
@@ -135,7 +135,7 @@ def saved_config(cfg: PrecomputeConfig) -> dict[str, Any]:
     ``kdcache verify`` replays views from them, from whatever directory it runs in."""
     data = dump_config(cfg)
     shards = data["data"]["shards"]
-    absolute = lambda p: p if "://" in p else os.path.abspath(p)  # noqa: E731
+    absolute = lambda p: p if is_url(p) else os.path.abspath(p)  # noqa: E731
     data["data"]["shards"] = (
         absolute(shards) if isinstance(shards, str) else [absolute(p) for p in shards]
     )

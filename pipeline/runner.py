@@ -122,6 +122,7 @@ def worker_settings(cfg: PrecomputeConfig, plan: Plan) -> WorkerSettings:
         seed=cfg.cache.seed,
         num_classes=plan.num_classes,
         on_error=cfg.data.on_error,
+        label_key=cfg.data.label_key,
         teachers=tuple(plan.teachers),
         runtime=cfg.runtime,
         torch_threads=threads,

@@ -35,7 +35,7 @@ from kdcache.models import build_teacher, weights_digest
 from kdcache.pipeline.config import RuntimeSection
 from kdcache.pipeline.plan import ShardTask, TeacherPlan
 from kdcache.reader import read_block
-from kdcache.shards import Sample, decode_image, iter_shard
+from kdcache.shards import DEFAULT_LABEL_KEY, Sample, decode_image, iter_shard
 from kdcache.store import STATUS_INVALID, STATUS_VALID, open_store
 from kdcache.targets import MixedLabels, SparseTargets, from_logits
 from kdcache.teacher import ModelRunner, check_finite
@@ -74,6 +74,8 @@ class WorkerSettings:
     teachers: tuple[TeacherPlan, ...]
     runtime: RuntimeSection
     torch_threads: int
+    label_key: str = DEFAULT_LABEL_KEY
+    """The label's key in ``.json`` entries (``data.label_key``)."""
     prefetch_batches: int = PREFETCH_BATCHES
     """Batches of views a background thread decodes and replays ahead while the teachers run
     (0: in line, one after the other)."""
@@ -287,7 +289,8 @@ class ShardWorker:
         """The shard's views in batches, group by group (a mixing group's rows are decoded
         together, so every view's partner is at hand; without mixing a group is one row)."""
         batcher = ViewBatcher(self.settings.runtime.batch_size)
-        samples = checked_samples(task, self.settings.data_storage_options or None)
+        options = self.settings.data_storage_options or None
+        samples = checked_samples(task, options, self.settings.label_key)
         for start, group in grouped(samples, self.settings.recipe.group_size):
             views = self._group_views(task, start, group, rows)
             if views is not None:
@@ -470,10 +473,12 @@ def _produce(items: Iterator[T], slots: queue.Queue, stop: threading.Event) -> N
         put("error", exc)
 
 
-def checked_samples(task: ShardTask, storage_options: dict | None = None) -> Iterator[Sample]:
+def checked_samples(
+    task: ShardTask, storage_options: dict | None = None, label_key: str = DEFAULT_LABEL_KEY
+) -> Iterator[Sample]:
     """The shard's samples, checking that their keys are the planned ones, in order."""
     count = 0
-    for count, sample in enumerate(iter_shard(task.url, storage_options), start=1):
+    for count, sample in enumerate(iter_shard(task.url, storage_options, label_key), start=1):
         expected = task.keys[count - 1] if count <= len(task.keys) else None
         if sample.key != expected:
             raise DataError(

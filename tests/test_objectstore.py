@@ -20,15 +20,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from cachebuild import write_shards
 from test_precompute import run_in_process
 
 from kdcache.cli import main as cli_main
 from kdcache.config import validate
-from kdcache.errors import CacheLockedError
+from kdcache.errors import CacheLockedError, CacheMismatchError, WeightsError
 from kdcache.lock import WriterLock, read_holder
 from kdcache.manifest import Manifest
+from kdcache.models import ModelSpec, build_model, build_teacher, weights_digest
 from kdcache.pipeline.config import PrecomputeConfig
 from kdcache.pipeline.plan import make_plan
 from kdcache.pipeline.runner import precompute, store_size, worker_settings
@@ -169,6 +171,41 @@ def test_precompute_and_train_on_s3_in_process(s3, tmp_path):
     data = build_train_data(config, 0, 1, ["tiny"], pin_memory=False)
     keys = [key for batch in data.epoch(0, ["tiny"]) for key in batch.keys]
     assert sorted(keys) == [f"train_{i:06d}" for i in range(48)]
+
+
+def test_teacher_checkpoint_on_s3_is_fetched_once_per_node_and_its_digest_checked(
+    s3, tmp_path, monkeypatch
+):
+    """A timm-style DDP checkpoint on the server: the precompute driver fetches it into the node's
+    checkpoint cache, the shard worker (an actor, here in-process) reuses that copy and checks the
+    digest; a changed object is fetched again and refused by the existing cache."""
+    monkeypatch.setenv("KDCACHE_CHECKPOINT_CACHE", str(tmp_path / "ckpts"))
+    torch.manual_seed(5)
+    net = build_model(ModelSpec(name="kd_cnn_tiny"), 4, 1)
+    torch.save({"state_dict": torch.nn.DataParallel(net).state_dict()}, tmp_path / "t.pth")
+    s3["fs"].put(str(tmp_path / "t.pth"), f"{BUCKET}/ckpt/teacher.pth")
+    url = f"s3://{BUCKET}/ckpt/teacher.pth"
+    data = precompute_config(s3, str(tmp_path / "cache.zarr"), local=True).model_dump()
+    data["teachers"][0]["model"]["checkpoint"] = url
+    cfg = validate(PrecomputeConfig, data)
+    run_in_process(cfg)
+    assert open_store(str(tmp_path / "cache.zarr")).teacher_meta("tiny").weights_digest == (
+        weights_digest(net)
+    )
+    (copy,) = (tmp_path / "ckpts").glob("*-teacher.pth")
+    fetched = copy.stat().st_mtime_ns
+    spec = ModelSpec(name="kd_cnn_tiny", checkpoint=url)
+    assert weights_digest(build_teacher(spec, 4, 1)) == weights_digest(net)
+    assert copy.stat().st_mtime_ns == fetched  # not fetched again
+
+    torch.manual_seed(6)
+    torch.save(build_model(ModelSpec(name="kd_cnn_tiny"), 4, 1).state_dict(), tmp_path / "t.pth")
+    s3["fs"].put(str(tmp_path / "t.pth"), f"{BUCKET}/ckpt/teacher.pth")
+    with pytest.raises(CacheMismatchError, match=r"teacher 'tiny' already exists .*weights_digest"):
+        run_in_process(cfg)
+    assert len(list((tmp_path / "ckpts").glob("*-teacher.pth"))) == 2
+    with pytest.raises(WeightsError, match=rf"checkpoint '{url}x' does not exist"):
+        build_teacher(spec.model_copy(update={"checkpoint": url + "x"}), 4, 1)
 
 
 def test_writer_lock_on_s3_is_exclusive(s3):

@@ -249,7 +249,7 @@ def test_actors_that_cannot_start_fail_every_shard_with_the_reason(ray_session, 
     with pytest.raises(
         ShardsFailedError,
         match=r"good-000000.tar: no shard actor left to run it: actor could not "
-        r"start: kdcache.errors.TeacherError: checkpoint '.*teacher.pth' does not exist",
+        r"start: kdcache.errors.WeightsError: checkpoint '.*teacher.pth' does not exist",
     ):
         run_precompute(cfg, plan, progress=False)
 
@@ -780,6 +780,7 @@ def test_config_schema_is_pinned():
         "data.storage_options",
         "data.num_classes",
         "data.class_names",
+        "data.label_key",
         "data.on_error",
         "cache.path",
         "cache.storage_options",

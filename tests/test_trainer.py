@@ -602,6 +602,7 @@ def test_config_schema_is_pinned():
         "data": [
             "batch_size",
             "eval_batch_size",
+            "label_key",
             "num_classes",
             "num_workers",
             "pin_memory",

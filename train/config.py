@@ -19,6 +19,7 @@ from kdcache.augment import UnseenOps
 from kdcache.config import StrictModel, dump_config, load_config
 from kdcache.models import ModelSpec
 from kdcache.preprocess import RenderSpec
+from kdcache.shards import DEFAULT_LABEL_KEY
 from kdcache.targets import TailMode
 from kdcache.views import ViewRecipe
 
@@ -253,6 +254,10 @@ class DataConfig(StrictModel):
     (for S3 the standard AWS environment). Saved with the config with their values redacted."""
     num_classes: int | None = Field(None, ge=1)
     """Class count; default the cache's. Needed without a cache."""
+    label_key: str = Field(DEFAULT_LABEL_KEY, min_length=1)
+    """The label's key in a sample's ``.json`` entry (with a cache, the same as its precompute's).
+    A sample's label comes from the first of its ``.cls``, ``.json`` and ``.txt`` entries (``.cls``
+    and ``.txt``: the integer as text)."""
     batch_size: int = Field(128, ge=1)
     """Samples per step per rank (the global batch is ``batch_size * world_size``)."""
     eval_batch_size: int | None = Field(None, ge=1)

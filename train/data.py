@@ -51,6 +51,7 @@ from kdcache.preprocess import RenderSpec
 from kdcache.preprocess import resolve as resolve_rendering
 from kdcache.reader import ShardBlock, read_block
 from kdcache.shards import (
+    DEFAULT_LABEL_KEY,
     Sample,
     decode_image,
     expand_shards,
@@ -238,6 +239,8 @@ class StreamSpec:
     """fsspec storage options of the cache (``cache.storage_options``), as sorted items."""
     data_storage_options: tuple[tuple[str, Any], ...] = field(default=(), repr=False)
     """fsspec storage options of the shards (``data.storage_options``), as sorted items."""
+    label_key: str = DEFAULT_LABEL_KEY
+    """The label's key in ``.json`` entries (``data.label_key``)."""
 
     @property
     def workers(self) -> int:
@@ -427,7 +430,8 @@ class ShardStream(IterableDataset):
         name = shard_name(url)
         seen = 0
         valid = 0
-        samples = iter_shard(url, dict(self.spec.data_storage_options) or None)
+        options = dict(self.spec.data_storage_options) or None
+        samples = iter_shard(url, options, self.spec.label_key)
         for _, group in grouped(samples, self.spec.recipe.group_size):
             seen += len(group)
             rows = [block.row(s.key) if block is not None else -1 for s in group]
@@ -790,6 +794,7 @@ def build_train_data(
         cache_path=config.cache.path,
         storage_options=tuple(sorted(config.cache.storage_options.items())),
         data_storage_options=tuple(sorted(config.data.storage_options.items())),
+        label_key=config.data.label_key,
     )
     _check_slots(spec)
     dataset = ShardStream(spec)
@@ -890,6 +895,7 @@ def build_eval_data(
         num_workers=config.data.num_workers,
         train=False,
         data_storage_options=tuple(sorted(config.data.storage_options.items())),
+        label_key=config.data.label_key,
     )
     dataset = ShardStream(spec)
     return dataset, make_loader(dataset, pin_memory, config.data.prefetch_factor)

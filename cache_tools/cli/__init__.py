@@ -14,7 +14,7 @@ from types import ModuleType
 
 from kdcache import __version__
 from kdcache.cli import bench, demo, inspect, precompute, shards, train, validate, verify
-from kdcache.errors import KdcacheError
+from kdcache.errors import KdcacheError, user_message
 
 COMMANDS: dict[str, tuple[ModuleType, str]] = {
     "shards": (shards, "write WebDataset shards from IDX files, an image folder or synthetic data"),
@@ -50,7 +50,9 @@ def build_parser(names: list[str] | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one sub-command; a :class:`KdcacheError` is one line on stderr and exit status 2."""
+    """Run one sub-command; a :class:`KdcacheError` is one line on stderr and exit status 2 (also
+    when a DataLoader worker raised it: torch wraps it in the worker's traceback, shown only with
+    ``--verbose``)."""
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if a in COMMANDS), None)
     parser = build_parser([command] if command else [])
@@ -64,7 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(module.run(args) or 0)
     except KdcacheError as exc:
-        print(f"kdcache {args.command}: error: {exc}", file=sys.stderr)
+        message = user_message(exc)
+        if message != str(exc):
+            logging.getLogger(__name__).debug("%s", exc)
+        print(f"kdcache {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"kdcache {args.command}: interrupted", file=sys.stderr)

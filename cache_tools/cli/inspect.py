@@ -61,9 +61,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from kdcache.outputs import check_output_dir, check_output_file
     from kdcache.store import open_store
     from kdcache.tools.stats import inspect_cache
 
+    if args.json is not None:
+        check_output_file(args.json, "--json")
+    if args.plots is not None:
+        check_output_dir(args.plots, "--plots")
     store = open_store(args.cache)
     with _progress_bar(store.num_shards) as progress:
         report = inspect_cache(

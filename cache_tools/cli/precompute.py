@@ -35,12 +35,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from kdcache.config import load_config
+    from kdcache.outputs import check_not_symlink_to_overwrite
     from kdcache.pipeline.config import PrecomputeConfig
     from kdcache.pipeline.runner import precompute
 
     overrides = list(args.overrides) + (["cache.overwrite=true"] if args.overwrite else [])
     overrides += ["cache.force_unlock=true"] if args.force_unlock else []
     cfg = load_config(PrecomputeConfig, args.config, overrides)
+    if cfg.cache.overwrite:
+        check_not_symlink_to_overwrite(cfg.cache.path, "cache.path")
     plan, summary = precompute(cfg)
     if summary is None:
         teachers = ", ".join(t.name for t in plan.teachers)

@@ -105,6 +105,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from kdcache.outputs import check_output_dir
+
+    check_output_dir(args.out, "--out")
     ms = _ms()
     options = ms.ShardOptions(
         shard_size=args.shard_size,

@@ -75,7 +75,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdcache.errors import CacheIncompleteError, CacheMismatchError, ConfigError
+from kdcache.errors import CacheIncompleteError, CacheMismatchError, CacheReadError, ConfigError
 from kdcache.reader import ShardBlock, read_block
 from kdcache.store import STATUS_VALID, CacheStore
 from kdcache.targets import TAIL_MODES, SparseTargets, TailMode, sparse_probs
@@ -251,6 +251,19 @@ class Views:
         return self.labelled & (self.pred == self.label)
 
 
+def _check_finite(shard: str, teacher: str, *arrays: np.ndarray) -> None:
+    """Stored targets are finite (a tail of -inf aside; the label logit of labelled views only):
+    NaN or inf means a damaged cache, whose figures would be meaningless (and numpy would warn over
+    every one)."""
+    bad = sum(int(np.isnan(a).sum() + np.isposinf(a).sum()) for a in arrays)
+    bad += sum(int(np.isneginf(a).sum()) for a in arrays[:-1])
+    if bad:
+        raise CacheReadError(
+            f"shard {shard!r}, teacher {teacher!r}: {bad} NaN or inf value(s) in the stored "
+            "targets; the cache is damaged (kdcache validate lists what)"
+        )
+
+
 def teacher_views(block: ShardBlock, teacher: str, num_classes: int, tail: TailMode) -> Views:
     """Derive a teacher's per-view values from a shard block (valid rows only)."""
     valid = block.status == STATUS_VALID
@@ -264,11 +277,15 @@ def teacher_views(block: ShardBlock, teacher: str, num_classes: int, tail: TailM
     lse = tb.lse[valid].astype(np.float32)
     label_logit = tb.label_logit[valid].astype(np.float32)
     tail_lse = tb.tail_lse[valid].astype(np.float32)
-    probs = np.minimum(np.exp(logit - lse[..., None]), 1.0)
-    label_prob = np.where(
-        label >= 0, np.minimum(np.exp(np.where(label >= 0, label_logit - lse, 0.0)), 1.0), np.nan
-    )
-    tail_mass = np.minimum(np.exp(tail_lse - lse), 1.0)
+    _check_finite(block.shard, teacher, logit, lse, label_logit[label >= 0], tail_lse)
+    with np.errstate(over="ignore"):  # exp of a logit far above the lse: clipped to 1 below
+        probs = np.minimum(np.exp(logit - lse[..., None]), 1.0)
+        label_prob = np.where(
+            label >= 0,
+            np.minimum(np.exp(np.where(label >= 0, label_logit - lse, 0.0)), 1.0),
+            np.nan,
+        )
+        tail_mass = np.minimum(np.exp(tail_lse - lse), 1.0)
     targets = SparseTargets(
         *(
             torch.from_numpy(np.ascontiguousarray(v))

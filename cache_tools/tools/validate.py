@@ -51,7 +51,8 @@ def validate_cache(
     all_keys: list[ShardIndex] = []
     for shard in range(store.num_shards):
         try:
-            _validate_shard(store, shard, teachers, bool(views_done[shard]), all_keys, report)
+            with np.errstate(all="ignore"):  # damaged values are reported as problems, not warned
+                _validate_shard(store, shard, teachers, bool(views_done[shard]), all_keys, report)
         except CacheReadError as exc:
             report.problems.append(str(exc))
         if len(report.problems) > max_problems:
