@@ -4,6 +4,8 @@ with a teacher that renders its views at another size and interpolation than the
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -174,3 +176,19 @@ def test_student_only_augmentation_is_explicit_logged_and_fresh_each_epoch(
     assert first.keys == augmented.keys and torch.equal(augmented.images, again.images)
     assert not torch.equal(first.images, augmented.images)
     assert torch.equal(first.targets["big"].idx, augmented.targets["big"].idx)  # targets unchanged
+
+
+def test_inspect_shows_confidence_by_augmentation_strength(strong, tmp_path, capsys):
+    out = tmp_path / "inspect.json"
+    assert main(["inspect", str(strong["path"]), "--json", str(out), "--plots", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "teacher big: confidence by augmentation strength" in printed and "cutmix" in printed
+    teacher = json.loads(out.read_text())["teachers"]["big"]
+    strength = teacher["augmentation"]
+    views = teacher["labelled_views"]
+    assert sum(g["views"] for g in strength["policy"]["by_ops"]) == views
+    mix = strength["mix"]
+    assert mix["unmixed"]["views"] + mix["mixup"]["views"] + mix["cutmix"]["views"] == views
+    assert sum(g["views"] for g in mix["by_lam"]) == mix["mixup"]["views"] + mix["cutmix"]["views"]
+    assert all(0 <= g["max_prob"] <= 1 for g in mix["by_lam"] if g["views"])
+    assert (tmp_path / "augmentation_big.png").stat().st_size > 0

@@ -126,9 +126,33 @@ def format_report(report: dict[str, Any]) -> str:
     for name, t in report["teachers"].items():
         sections.append(class_table(name, t))
         sections.append(confused_table(name, t))
+        if t.get("augmentation"):
+            sections.append(strength_table(name, t["augmentation"]))
     if report["pairs"]:
         sections.append(pair_table(report["pairs"]))
     return "\n\n".join(sections)
+
+
+def strength_table(name: str, augmentation: dict[str, Any]) -> str:
+    """Teacher confidence by augmentation strength: policy ops and magnitude, mixing and lam."""
+    rows = []
+    policy = augmentation.get("policy")
+    if policy:
+        rows += [[f"{g['ops']} policy op(s)", *_group_cells(g)] for g in policy["by_ops"]]
+        rows += [
+            [f"magnitude {g['lo']:g}-{g['hi']:g}", *_group_cells(g)] for g in policy["by_level"]
+        ]
+    mix = augmentation.get("mix")
+    if mix:
+        rows += [[kind, *_group_cells(mix[kind])] for kind in ("unmixed", "mixup", "cutmix")]
+        rows += [[f"lam {g['lo']:g}-{g['hi']:g}", *_group_cells(g)] for g in mix["by_lam"]]
+    header = ["views", "n", "max prob", "top-1", "p(label)"]
+    title = f"teacher {name}: confidence by augmentation strength (mixed: the heavier label)"
+    return table(header, [r for r in rows if r[1]], title=title)
+
+
+def _group_cells(group: dict[str, Any]) -> list[Any]:
+    return [group["views"], group["max_prob"], group["top1"], group["label_prob"]]
 
 
 def table(

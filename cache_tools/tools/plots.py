@@ -54,6 +54,9 @@ def write_plots(report: dict[str, Any], out_dir: str | Path) -> list[Path]:
     for name, t in teachers.items():
         paths.append(_save(reliability_plot(name, t), out / f"reliability_{_slug(name)}.png"))
         paths.append(_save(class_plot(name, t), out / f"per_class_{_slug(name)}.png"))
+        if t.get("augmentation"):
+            figure = strength_plot(name, t["augmentation"])
+            paths.append(_save(figure, out / f"augmentation_{_slug(name)}.png"))
     for pair in report["pairs"]:
         paths.append(
             _save(pair_plot(pair), out / f"pair_{_slug(pair['a'])}_vs_{_slug(pair['b'])}.png")
@@ -301,3 +304,28 @@ def _both_right_note(both: dict[str, Any]) -> str:
         f"  A more confident on {100 * both['a_more_confident']:.1f}%, "
         f"B on {100 * both['b_more_confident']:.1f}%"
     )
+
+
+def strength_plot(name: str, augmentation: dict[str, Any]) -> Figure:
+    """Teacher confidence and accuracy by policy magnitude and by Mixup/CutMix lam."""
+    panels = [(k, v) for k, v in (("policy", augmentation["policy"]), ("mix", augmentation["mix"]))]
+    panels = [(k, v) for k, v in panels if v]
+    fig = Figure(figsize=(5.5 * len(panels), 4), dpi=DPI)
+    for i, (kind, section) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        groups = section["by_level"] if kind == "policy" else section["by_lam"]
+        groups = [g for g in groups if g["views"]]
+        x = [(g["lo"] + min(g["hi"], 10.0 if kind == "policy" else 1.0)) / 2 for g in groups]
+        for key, label in (("max_prob", "max prob"), ("top1", "top-1 (heavier label)")):
+            ax.plot(x, [g[key] for g in groups], marker="o", label=label)
+        if kind == "mix" and section["unmixed"]["views"]:
+            ax.axhline(
+                section["unmixed"]["max_prob"], ls="--", color="grey", label="unmixed max prob"
+            )
+        ax.set_xlabel("mean policy magnitude (0..10)" if kind == "policy" else "lam (own image)")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        ax.set_title(f"{name}: by {'policy magnitude' if kind == 'policy' else 'mixing lam'}")
+    fig.tight_layout()
+    return fig

@@ -31,6 +31,11 @@ or refused.
                                                     # all C classes, by label
       "confused_pairs": [{true, true_name, pred, pred_name, count, fraction_of_true}, ...],
                                                     # top 10
+      "augmentation": null | {                      # recipes with a policy or Mixup/CutMix
+          "policy": null | {by_ops: [{ops, GROUP}, ...],       # by policy ops applied
+                            by_level: [{lo, hi, GROUP}, ...]},  # by their mean magnitude (0..10)
+          "mix": null | {unmixed: GROUP, mixup: GROUP, cutmix: GROUP,
+                         by_lam: [{lo, hi, GROUP}, ...]}},     # mixed views by lam
       "view_consistency": {samples, views_per_sample,
                            top1_disagree,           # fraction of samples whose views differ
                                                     # on top-1
@@ -46,6 +51,7 @@ or refused.
 }
 DIST = {n, mean, min, max, quantiles: {p5, p25, p50, p75, p95}, scale: "linear"|"log10",
         resolution, hist: {edges (hist_bins + 1), counts (hist_bins)}}
+GROUP = views, max_prob, top1, label_prob    # labelled views; means (null for no views)
 ```
 
 Fractions about labels (accuracy, wrong, under-confident, correctness) are of labelled views. Means,
@@ -58,8 +64,11 @@ log10 units for the tail mass: 1.9 %) of the exact value. ``hist`` is the same h
 ``settings.tail``. Exact at T=1 means up to the fp16 rounding of the stored top-k logits (about 0.4%
 of a probability for logits near 10); the tail mass is read from the stored tail logsumexp (relative
 error ~0.4% in fp16) and is exactly 0 when k == C. Undefined figures (no views, ``k < 2`` for the
-margin, ``A < 2`` for view consistency) are null. EffDstl's consistent knowledge mining acts on
-"under_confident" views (its threshold is the student's confidence, which a cache does not know).
+margin, ``A < 2`` for view consistency) are null. A view mixing two images (Mixup/CutMix) is
+scored against the label with the larger weight, and its p(label) is ``exp(-CE)`` of its mixed
+target (``p(a)^lam * p(b)^(1 - lam)``, what its stored label logit gives). EffDstl's consistent
+knowledge mining acts on "under_confident" views (its threshold is the student's confidence,
+which a cache does not know).
 """
 
 from __future__ import annotations
@@ -79,6 +88,8 @@ from kdcache.errors import CacheIncompleteError, CacheMismatchError, CacheReadEr
 from kdcache.reader import ShardBlock, read_block
 from kdcache.store import STATUS_VALID, CacheStore
 from kdcache.targets import TAIL_MODES, SparseTargets, TailMode, sparse_probs
+from kdcache.tools.strength import StrengthStats, ViewFeatures, dominant_labels, view_features
+from kdcache.views import ViewRecipe
 
 log = logging.getLogger(__name__)
 
@@ -265,14 +276,15 @@ def _check_finite(shard: str, teacher: str, *arrays: np.ndarray) -> None:
 
 
 def teacher_views(block: ShardBlock, teacher: str, num_classes: int, tail: TailMode) -> Views:
-    """Derive a teacher's per-view values from a shard block (valid rows only)."""
+    """Derive a teacher's per-view values from a shard block (valid rows only). A view mixing two
+    images (Mixup/CutMix) is scored against the label with the larger weight."""
     valid = block.status == STATUS_VALID
     tb = block.teachers[teacher]
     idx = tb.topk_idx[valid].astype(np.int64)
     n, a, k = idx.shape
-    labels = block.labels[valid].astype(np.int64)
+    labels = block.labels.astype(np.int64)
     labels = np.where((labels >= 0) & (labels < num_classes), labels, -1)
-    label = np.repeat(labels[:, None], a, axis=1)
+    label = dominant_labels(labels, block.views, np.flatnonzero(valid))
     logit = tb.topk_logit[valid].astype(np.float32)
     lse = tb.lse[valid].astype(np.float32)
     label_logit = tb.label_logit[valid].astype(np.float32)
@@ -395,6 +407,7 @@ class TeacherStats:
     num_classes: int
     temperatures: Sequence[float]
     tail: TailMode
+    recipe: ViewRecipe
     views: int = 0
     labelled: int = 0
     hists: dict[str, Histogram] = field(init=False)
@@ -419,13 +432,15 @@ class TeacherStats:
         self.under = np.zeros(len(UNDER_CONFIDENT), dtype=np.int64)
         self.classes = np.zeros((4, self.num_classes))
         self.consistency = {"samples": 0, "disagree": 0, "views_per_sample": 0}
+        self.strength = StrengthStats(self.recipe)
 
-    def update(self, v: Views) -> None:
+    def update(self, v: Views, features: ViewFeatures) -> None:
         """Add one block's views."""
         self.views += v.label.size
         self._update_distributions(v)
         self._update_labelled(v)
         self._update_consistency(v)
+        self.strength.update(features, v.labelled, v.probs[..., 0], v.correct, v.label_prob)
 
     def _update_distributions(self, v: Views) -> None:
         self.hists["max_prob"].add(v.probs[..., 0])
@@ -505,6 +520,7 @@ def teacher_report(s: TeacherStats, class_names: Sequence[str]) -> dict[str, Any
         "per_class": _per_class(s.classes, class_names),
         "confused_pairs": _confused_pairs(s.errors, s.classes[0], class_names),
         "view_consistency": _view_consistency(s),
+        "augmentation": s.strength.report(),
     }
 
 
@@ -738,14 +754,17 @@ def inspect_cache(
     shards, skipped = plan_shards(store, names, require_complete)
     meta = store.meta
     c = store.meta.num_classes
-    stats = {n: TeacherStats(n, store.teacher_meta(n).k, c, temperatures, tail) for n in names}
+    recipe = meta.recipe
+    stats = {
+        n: TeacherStats(n, store.teacher_meta(n).k, c, temperatures, tail, recipe) for n in names
+    }
     pairs = [PairStats(a, b, c) for a, b in combinations(names, 2)]
     with _torch_threads(1):
         for index in shards:
             block = read_block(
                 store, index, names, require_complete=False
             )  # marks checked by plan_shards
-            _update_all(block, stats, pairs, c, tail)
+            _update_all(block, stats, pairs, c, tail, recipe)
             if progress is not None:
                 progress(1)
     return {
@@ -762,10 +781,13 @@ def _update_all(
     pairs: list[PairStats],
     c: int,
     tail: TailMode,
+    recipe: ViewRecipe,
 ) -> None:
     views = {n: teacher_views(block, n, c, tail) for n in stats}
+    valid = np.flatnonzero(block.status == STATUS_VALID)
+    features = view_features(block.views, valid, recipe)
     for n, s in stats.items():
-        s.update(views[n])
+        s.update(views[n], features)
     for p in pairs:
         p.update(views[p.a], views[p.b])
 
