@@ -34,6 +34,14 @@ FMNIST_RECIPE: dict[str, Any] = {
     "std": [0.353],
 }
 """The view recipe of the Fashion-MNIST configs (configs/fmnist/teacher.yaml)."""
+FMNIST_STRONG_RECIPE: dict[str, Any] = {
+    **FMNIST_RECIPE,
+    "policy": "rand-m5-mstd0.5-inc1",
+    "erasing": {"prob": 0.25, "mode": "pixel"},
+    "mix": {"mixup_alpha": 0.2, "cutmix_alpha": 1.0, "prob": 0.5, "group_size": 32},
+}
+"""A strong recipe on Fashion-MNIST (configs/demo/precompute_strong.yaml's): RandAugment,
+random erasing, Mixup/CutMix on half the views, the teacher on the mixed images."""
 
 
 class BenchError(KdcacheError, RuntimeError):

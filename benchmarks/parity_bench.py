@@ -8,7 +8,10 @@ then the same student, seeds and views trained with
 - ``cached``: KD from the cache at k = C,
 - ``cached k=j, tail t``: KD from the same cache truncated to its first j classes at read time
   (``stages.0.loss.topk: j``: exactly what a k = j cache holds) under both tail treatments,
-- ``ce``: the CE-only student on the same views.
+- ``ce``: the CE-only student on the same views,
+- ``strong-online`` / ``strong-cached`` / ``strong-ce``: the same three on a second cache made with
+  a strong recipe (RandAugment, random erasing, Mixup/CutMix with the teacher on the mixed image:
+  :data:`~benchmarks.common.FMNIST_STRONG_RECIPE`), the CE part mixing the two labels by lam.
 
 Every run is a ``kdcache train`` config written under ``--out`` (repeatable by hand) and runs
 with ``run.resume: auto``, so rerunning the benchmark reuses finished runs. Reported: the test
@@ -28,6 +31,7 @@ import torch
 
 from benchmarks.common import (
     FMNIST_RECIPE,
+    FMNIST_STRONG_RECIPE,
     BenchError,
     fmnist_available,
     machine,
@@ -108,14 +112,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         args.out / "shards", "fashion-mnist", args.limit, args.shard_size
     )
     teacher = train_teacher(args, train_shards, test_shards)
-    cache = build_cache(args, train_shards, teacher["checkpoint"])
+    caches = {
+        "": build_cache(args, train_shards, teacher["checkpoint"]),
+        "strong-": build_cache(args, train_shards, teacher["checkpoint"], strong=True),
+    }
     runs = {
         variant: [
-            student(args, variant, seed, train_shards, test_shards, cache)
+            student(args, variant, seed, train_shards, test_shards, caches[_cache_of(variant)])
             for seed in _ints(args.seeds)
         ]
         for variant in variants(args)
     }
+    cache = caches[""]
     return summarise(args, teacher, runs) | {
         "target_error": target_error(args, cache, teacher["checkpoint"])
     }
@@ -126,10 +134,14 @@ def _ints(text: str) -> list[int]:
 
 
 def variants(args: argparse.Namespace) -> list[str]:
-    """``ce``, ``online``, ``cached`` and ``k<j>-<tail>`` for every truncated k and tail."""
-    return ["ce", "online", "cached"] + [
-        f"k{k}-{tail}" for k in _ints(args.ks) for tail in args.tails.split(",") if tail
-    ]
+    """``ce``, ``online``, ``cached``, ``k<j>-<tail>`` for every truncated k and tail, and the
+    strong recipe's ``strong-ce``, ``strong-online``, ``strong-cached``."""
+    per_k = [f"k{k}-{tail}" for k in _ints(args.ks) for tail in args.tails.split(",") if tail]
+    return ["ce", "online", "cached", *per_k, "strong-ce", "strong-online", "strong-cached"]
+
+
+def _cache_of(variant: str) -> str:
+    return "strong-" if variant.startswith("strong-") else ""
 
 
 # ---- the teacher and its cache -------------------------------------------------------------------
@@ -168,10 +180,13 @@ def train_teacher(args: argparse.Namespace, shards: str, test: str) -> dict[str,
     }
 
 
-def build_cache(args: argparse.Namespace, shards: str, checkpoint: str) -> str:
+def build_cache(
+    args: argparse.Namespace, shards: str, checkpoint: str, strong: bool = False
+) -> str:
     """One cache of the trained teacher at k = C = 10 (fp16), A views (precompute's worker,
-    in-process)."""
-    cache = args.out / "cache"
+    in-process), with the plain or the strong recipe."""
+    name = "cache_strong" if strong else "cache"
+    cache = args.out / name
     config = precompute_config(
         shards,
         cache,
@@ -179,8 +194,9 @@ def build_cache(args: argparse.Namespace, shards: str, checkpoint: str) -> str:
         views=args.views,
         k=10,
         threads=args.threads,
+        recipe=FMNIST_STRONG_RECIPE if strong else FMNIST_RECIPE,
     )
-    path = write_yaml(args.out / "configs" / "precompute.yaml", config)
+    path = write_yaml(args.out / "configs" / f"precompute_{name}.yaml", config)
     precompute_inprocess(path, ["cache.overwrite=false"])  # resumes: finished shards are skipped
     return str(cache)
 
@@ -234,7 +250,7 @@ def first_shard_targets(
 def run_name(args: argparse.Namespace, variant: str, seed: int) -> str:
     """``<variant>[-a<alpha>-t<T>]-e<epochs>-s<seed>``: other settings never collide with finished
     runs."""
-    kd = "" if variant == "ce" else f"-a{args.alpha:g}-t{args.temperature:g}"
+    kd = "" if variant.endswith("ce") else f"-a{args.alpha:g}-t{args.temperature:g}"
     return f"{variant}{kd}-e{args.epochs}-s{seed}"
 
 
@@ -248,8 +264,8 @@ def student_config(
         "temperature": args.temperature,
         "tail": "spread",
     }
-    mode = {"ce": "none", "online": "online"}.get(variant, "cache")
-    if variant == "ce":
+    mode = {"ce": "none", "online": "online"}.get(variant.removeprefix("strong-"), "cache")
+    if variant.removeprefix("strong-") == "ce":
         loss = {"name": "ce"}
     elif variant.startswith("k"):
         k, tail = variant[1:].split("-")
@@ -339,6 +355,7 @@ def summarise(
         "cached_acc": cached,
         "ce_acc": acc["ce"],
         "per_k": per_k,
+        "strong": _strong(acc, runs),
         "cached_minus_online": cached["mean"] - online["mean"],
         "parity_ok": abs(cached["mean"] - online["mean"]) <= noise,
         "paired_differences": [
@@ -348,6 +365,23 @@ def summarise(
             variant: mean_std(r["images_per_s"] for r in rs)["mean"] for variant, rs in runs.items()
         },
         "runs": runs,
+    }
+
+
+def _strong(acc: dict[str, Any], runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """The strong recipe's figures: online and cached KD, CE, and whether they agree."""
+    online = acc["strong-online"]
+    cached = acc["strong-cached"]
+    noise = max(online["std"], cached["std"])
+    pairs = zip(runs["strong-cached"], runs["strong-online"], strict=True)
+    return {
+        "recipe": FMNIST_STRONG_RECIPE,
+        "online_acc": online,
+        "cached_acc": cached,
+        "ce_acc": acc["strong-ce"],
+        "cached_minus_online": cached["mean"] - online["mean"],
+        "parity_ok": abs(cached["mean"] - online["mean"]) <= noise,
+        "paired_differences": [c["top1"] - o["top1"] for c, o in pairs],
     }
 
 
@@ -369,6 +403,12 @@ def format_result(result: dict[str, Any]) -> str:
         ["cached KD", r["k"], r["tail"], r]
         for r in sorted(result["per_k"], key=lambda r: (r["k"], r["tail"]))
     ]
+    strong = result["strong"]
+    rows += [
+        ["strong recipe: CE only", "-", "-", strong["ce_acc"]],
+        ["strong recipe: online KD", 10, "exact", strong["online_acc"]],
+        ["strong recipe: cached KD", 10, "exact", strong["cached_acc"]],
+    ]
     body = table(
         ["student", "k", "tail", "top-1 % mean", "std", "seeds"],
         [[a, b, c, f"{d['mean']:.2f}", f"{d['std']:.2f}", d["n"]] for a, b, c, d in rows],
@@ -376,7 +416,8 @@ def format_result(result: dict[str, Any]) -> str:
     verdict = (
         f"cached - online = {result['cached_minus_online']:+.3f} points (paired per seed: "
         f"{', '.join(f'{d:+.3f}' for d in result['paired_differences'])}); "
-        f"within one std: {result['parity_ok']}"
+        f"within one std: {result['parity_ok']}; strong recipe: cached - online = "
+        f"{strong['cached_minus_online']:+.3f} points, within one std: {strong['parity_ok']}"
     )
     tails = [t for t in s["tails"].split(",") if t]
     error = table(

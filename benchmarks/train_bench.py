@@ -13,6 +13,11 @@ the loss, the step and its train lines, exactly as ``kdcache train`` runs them (
 evaluation and checkpoint, is not timed); and its CPU seconds (this process and the epoch's loader
 workers) are counted, which other load disturbs much less.
 
+With a strong recipe too (RandAugment, random erasing, Mixup/CutMix with the teacher on the mixed
+image: :data:`~benchmarks.common.FMNIST_STRONG_RECIPE`): ``plain_strong`` (CE on fresh strong views
+drawn every epoch, no cache) and ``cached_strong`` (KD from a cache made with that recipe), in the
+same rounds: ``cached_over_plain_strong``.
+
 Also timed, interleaved in the same rounds: the loaders alone (plain and cached: how fast the
 data path can feed), and after the rounds the step alone on one in-memory batch (student step
 with CE and with cached KD, teacher forward): the ideal speed-up of cached over online KD is
@@ -29,6 +34,7 @@ from typing import Any
 
 from benchmarks.common import (
     FMNIST_RECIPE,
+    FMNIST_STRONG_RECIPE,
     default_source,
     machine,
     make_shards,
@@ -48,7 +54,7 @@ from kdcache.train.hooks import StepHook
 from kdcache.train.losses import LossParts
 from kdcache.train.trainer import Trainer
 
-MODES = ("plain", "plain_views", "cached", "online")
+MODES = ("plain", "plain_views", "cached", "online", "plain_strong", "cached_strong")
 LOADERS = ("plain_data", "cached_data")
 
 
@@ -125,21 +131,30 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
     shards, _ = make_shards(
         args.out / f"shards-{source}-{args.samples}", source, args.samples, args.shard_size
     )
-    cache = args.out / f"cache-{args.teacher}-a{args.views}-k{args.k}"
-    config = write_yaml(
-        args.out / "configs" / "precompute.yaml",
-        precompute_config(
-            shards,
-            cache,
-            {"name": args.teacher},
-            views=args.views,
-            k=args.k,
-            threads=max(1, args.threads),
-        ),
-    )
-    if not (cache / "zarr.json").is_file() or not _complete(cache):
-        precompute_inprocess(config)
-    return {"source": source, "shards": shards, "cache": str(cache)}
+    caches = {}
+    for name, recipe in (("", FMNIST_RECIPE), ("-strong", FMNIST_STRONG_RECIPE)):
+        cache = args.out / f"cache-{args.teacher}-a{args.views}-k{args.k}{name}"
+        config = write_yaml(
+            args.out / "configs" / f"precompute{name}.yaml",
+            precompute_config(
+                shards,
+                cache,
+                {"name": args.teacher},
+                views=args.views,
+                k=args.k,
+                threads=max(1, args.threads),
+                recipe=recipe,
+            ),
+        )
+        if not (cache / "zarr.json").is_file() or not _complete(cache):
+            precompute_inprocess(config)
+        caches[name] = str(cache)
+    return {
+        "source": source,
+        "shards": shards,
+        "cache": caches[""],
+        "cache_strong": caches["-strong"],
+    }
 
 
 def _complete(cache: Path) -> bool:
@@ -154,7 +169,8 @@ def _complete(cache: Path) -> bool:
 def mode_config(args: argparse.Namespace, mode: str, setup: dict[str, Any]) -> dict[str, Any]:
     """The train config of one mode: same student, seed, shards, batch and optimizer. ``plain`` is
     supervised training without a cache (a fresh random view per epoch); ``plain_views`` is CE on
-    the cache's stored views, so cached vs plain_views is the cost of the targets alone."""
+    the cache's stored views, so cached vs plain_views is the cost of the targets alone; the
+    ``*_strong`` modes are plain and cached with the strong recipe."""
     kd = {"name": "kd", "alpha": 0.9, "temperature": 4.0, "tail": "spread"}
     config: dict[str, Any] = {
         "run": {
@@ -172,18 +188,22 @@ def mode_config(args: argparse.Namespace, mode: str, setup: dict[str, Any]) -> d
         },
         "student": {"name": args.student},
         "teacher": {
-            "mode": {"cached": "cache", "online": "online"}.get(mode, "none"),
+            "mode": {"cached": "cache", "online": "online"}.get(
+                mode.removesuffix("_strong"), "none"
+            ),
             "name": "teacher",
         },
         "optimizer": {"name": "sgd", "lr": 0.05, "weight_decay": 1.0e-4},
         "scheduler": {"name": "constant"},
         "stages": [{"epochs": 100000, "loss": {"name": "ce"} if mode.startswith("plain") else kd}],
     }
-    if mode == "plain":  # plain supervised training: no cache, a fresh view per epoch
+    strong = mode.endswith("_strong")
+    if mode.startswith("plain") and mode != "plain_views":  # no cache, a fresh view per epoch
         config["data"]["num_classes"] = 10
-        config["views"] = {"recipe": FMNIST_RECIPE, "num_views": None}
+        recipe = FMNIST_STRONG_RECIPE if strong else FMNIST_RECIPE
+        config["views"] = {"recipe": recipe, "num_views": None}
     else:  # plain_views: CE on the cache's stored views (the join's cost alone is cached vs this)
-        config["cache"] = {"path": setup["cache"]}
+        config["cache"] = {"path": setup["cache_strong" if strong else "cache"]}
     return config
 
 
@@ -294,7 +314,11 @@ def summarise(
         "cached_ips": ips["cached"],
         "online_ips": ips["online"],
         "plain_views_ips": ips["plain_views"],
+        "plain_strong_ips": ips["plain_strong"],
+        "cached_strong_ips": ips["cached_strong"],
         "cached_over_plain": ips["cached"] / ips["plain"],
+        "cached_over_plain_strong": ips["cached_strong"] / ips["plain_strong"],
+        "cached_over_plain_strong_cpu": cpu_ips["cached_strong"] / cpu_ips["plain_strong"],
         "cached_over_online": ips["cached"] / ips["online"],
         "cached_over_plain_views": ips["cached"] / ips["plain_views"],
         "cached_over_plain_views_cpu": cpu_ips["cached"] / cpu_ips["plain_views"],
@@ -381,6 +405,8 @@ def format_result(result: dict[str, Any]) -> str:
         "(teacher forward + student step over student step), "
         f"{result['ideal_speedup_over_online_with_data']:.2f}x counting the data path's CPU; "
         f"cached/plain_views {result['cached_over_plain_views']:.3f} wall, "
-        f"{result['cached_over_plain_views_cpu']:.3f} per CPU second (the targets' cost alone)"
+        f"{result['cached_over_plain_views_cpu']:.3f} per CPU second (the targets' cost alone); "
+        f"strong recipe: cached/plain {result['cached_over_plain_strong']:.3f} wall, "
+        f"{result['cached_over_plain_strong_cpu']:.3f} per CPU second"
     )
     return "\n\n".join([head, modes, steps, ratios])

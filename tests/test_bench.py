@@ -45,11 +45,13 @@ def test_train_bench_writes_its_keys(tmp_path, capsys):
         "online_ips",
         "cached_over_plain",
         "cached_over_online",
+        "cached_over_plain_strong",
         "ideal_speedup_over_online",
         "cpu_ips",
         "step",
     } <= result.keys()
     assert all(result[k] > 0 for k in ("plain_ips", "cached_ips", "online_ips"))
+    assert result["cached_over_plain_strong"] > 0
     assert "cached/plain" in capsys.readouterr().out
 
 
@@ -81,6 +83,7 @@ def test_cache_bench_writes_its_keys(tmp_path):
         "rows",
     } <= result.keys()
     assert set(result["bytes_per_view_k10"]) == {"fp16", "q8"}
+    assert set(result["recipe_bytes_per_view"]) == {"crop", "b2", "b3"}
     assert {(r["encoding"], r["k"]) for r in result["rows"]} == {
         (e, k) for e in ("fp16", "q8") for k in (5, 10, 20)
     }
@@ -122,6 +125,9 @@ def test_parity_bench_writes_its_keys(tmp_path):
     assert {(r["k"], r["tail"]) for r in result["per_k"]} == {
         (k, t) for k in (1, 5) for t in ("spread", "renorm")
     }
+    strong = result["strong"]
+    assert {"online_acc", "cached_acc", "ce_acc", "parity_ok"} <= strong.keys()
+    assert {"mean", "std"} <= strong["cached_acc"].keys() and strong["recipe"]["mix"]
 
 
 # ---- loss.topk: truncating cached targets at read time -------------------------------------------

@@ -5,6 +5,7 @@ with a teacher that renders its views at another size and interpolation than the
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,14 +14,17 @@ from cachebuild import build_cache, write_shards
 from test_precompute import cache_arrays, make_config, precompute, shards_url
 
 from kdcache.cli import main
+from kdcache.config import load_config
 from kdcache.models import build_model
+from kdcache.pipeline.config import PrecomputeConfig
 from kdcache.store import open_store
 from kdcache.targets import MixedLabels, from_logits
 from kdcache.teacher import ModelRunner
 from kdcache.tools.verify import verify_cache
-from kdcache.train.config import KDLossConfig, TrainConfig
+from kdcache.train.config import KDLossConfig, TrainConfig, load_train_config
 from kdcache.train.data import build_train_data
 from kdcache.train.losses import Criterion
+from kdcache.train.schedule import lr_at, plan_stages
 from kdcache.train.target_source import online_teacher_spec
 from kdcache.train.trainer import train
 from kdcache.views import ViewRecipe
@@ -192,3 +196,38 @@ def test_inspect_shows_confidence_by_augmentation_strength(strong, tmp_path, cap
     assert sum(g["views"] for g in mix["by_lam"]) == mix["mixup"]["views"] + mix["cutmix"]["views"]
     assert all(0 <= g["max_prob"] <= 1 for g in mix["by_lam"] if g["views"])
     assert (tmp_path / "augmentation_big.png").stat().st_size > 0
+
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("name", ["precompute_b2_imagenet", "precompute_b3_imagenet"])
+def test_dist_recipe_configs_are_valid_and_say_what_dist_runs(name):
+    cfg = load_config(PrecomputeConfig, CONFIGS / "dist" / f"{name}.yaml")
+    recipe = cfg.cache.recipe
+    assert recipe.policy.magnitude == 9 and recipe.policy.magnitude_std == 0.5
+    assert recipe.erasing.mode == "pixel" and cfg.teachers[0].model.pretrained
+    if name.endswith("b3_imagenet"):
+        assert recipe.color_jitter.brightness == 0.4 and recipe.mix.mixup_alpha == 0.8
+        assert recipe.mix.cutmix_alpha == 1.0 and recipe.erasing.prob == 0.25
+    else:
+        assert recipe.color_jitter is None and recipe.mix is None and recipe.erasing.prob == 0.2
+
+
+def test_dist_training_configs_follow_dists_code():
+    b2 = load_train_config(CONFIGS / "dist" / "resnet50_resnet18_b2_imagenet.yaml")
+    _, [segment] = plan_stages(b2)
+    assert (segment.optimizer.name, segment.optimizer.lr, b2.total_epochs) == (
+        "rmsprop",
+        0.048,
+        450,
+    )
+    assert lr_at(segment, 4.8) == pytest.approx(0.048 * 0.97**2) and b2.ema.decay == 0.9999
+    assert b2.stages[0].loss.kd_weight == 2.0 and b2.stages[0].loss.ce_weight == 1.0
+    b3 = load_train_config(CONFIGS / "dist" / "swinl_swint_b3_imagenet.yaml")
+    _, [segment] = plan_stages(b3)
+    assert (segment.optimizer.name, segment.optimizer.grad_clip, b3.total_epochs) == (
+        "adamw",
+        5.0,
+        300,
+    )

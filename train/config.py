@@ -137,8 +137,9 @@ DISTILL_LOSSES = ("kd", "dist", "wsl", "effdstl")
 class OptimizerConfig(StrictModel):
     """An optimizer; a stage that sets one starts a new optimizer (fresh state, new LR schedule)."""
 
-    name: Literal["sgd", "adamw"] = "sgd"
-    """``sgd`` (momentum) or ``adamw``."""
+    name: Literal["sgd", "adamw", "rmsprop"] = "sgd"
+    """``sgd`` (momentum), ``adamw`` or ``rmsprop`` (torch's RMSprop with ``alpha``, ``eps`` and
+    ``momentum``; timm's ``rmsproptf``, used by DIST's B2, adds eps inside the square root)."""
     lr: float = Field(0.1, gt=0.0)
     """Peak learning rate (after warm-up), for the global batch as configured (no automatic
     scaling)."""
@@ -147,13 +148,15 @@ class OptimizerConfig(StrictModel):
     decay_norm_and_bias: bool = False
     """Also decay 1-d parameters (norm weights, biases); timm's default excludes them."""
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
-    """SGD momentum."""
+    """SGD and RMSprop momentum."""
     nesterov: bool = False
     """SGD Nesterov momentum."""
     betas: tuple[float, float] = (0.9, 0.999)
     """AdamW betas."""
     eps: float = Field(1e-8, gt=0.0)
-    """AdamW epsilon."""
+    """AdamW and RMSprop epsilon."""
+    alpha: float = Field(0.9, gt=0.0, lt=1.0)
+    """RMSprop smoothing of the squared gradients (timm's and TensorFlow's 0.9)."""
     grad_clip: float | None = Field(None, gt=0.0)
     """Clip the global gradient norm to this value (None: no clipping)."""
 
@@ -173,8 +176,11 @@ class SchedulerConfig(StrictModel):
     milestones: list[int] = Field(default_factory=list)
     """step: epochs (counted from the schedule's start) at which the LR is multiplied by
     ``gamma``."""
+    every: float | None = Field(None, gt=0.0)
+    """step: multiply by ``gamma`` every this many epochs instead (timm's ``decay_epochs``,
+    e.g. 2.4 with gamma 0.97 in DIST's B2)."""
     gamma: float = Field(0.1, gt=0.0)
-    """step: the factor at each milestone."""
+    """step: the factor at each milestone (or period)."""
 
 
 class StageConfig(StrictModel):
@@ -464,21 +470,21 @@ def _stage_problems(config: TrainConfig) -> list[str]:
             out.append(
                 f"{key}.scheduler: a schedule belongs to a new optimizer; set {key}.optimizer too"
             )
-        if (
-            stage.scheduler is not None
-            and stage.scheduler.name == "step"
-            and not stage.scheduler.milestones
-        ):
-            out.append(f"{key}.scheduler.milestones: a 'step' schedule needs milestones")
+        if stage.scheduler is not None and _steps_undefined(stage.scheduler):
+            out.append(f"{key}.scheduler.milestones: a 'step' schedule needs milestones (or every)")
         if not distill and stage.teacher is not None:
             out.append(
                 f"{key}.teacher: a {stage.loss.name!r} stage uses no teacher "
                 f"(found {stage.teacher!r})"
             )
         out += _stop_epoch_problems(config, i)
-    if config.scheduler.name == "step" and not config.scheduler.milestones:
-        out.append("scheduler.milestones: a 'step' schedule needs milestones")
+    if _steps_undefined(config.scheduler):
+        out.append("scheduler.milestones: a 'step' schedule needs milestones (or every)")
     return out
+
+
+def _steps_undefined(scheduler: SchedulerConfig) -> bool:
+    return scheduler.name == "step" and not scheduler.milestones and scheduler.every is None
 
 
 def _stop_epoch_problems(config: TrainConfig, i: int) -> list[str]:

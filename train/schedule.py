@@ -107,11 +107,15 @@ def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: boo
 
 
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    """SGD (momentum, optional Nesterov) or AdamW over :func:`param_groups`."""
+    """SGD (momentum, optional Nesterov), AdamW or RMSprop over :func:`param_groups`."""
     groups = param_groups(model, cfg.weight_decay, cfg.decay_norm_and_bias)
     if cfg.name == "sgd":
         return torch.optim.SGD(
             groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0
+        )
+    if cfg.name == "rmsprop":
+        return torch.optim.RMSprop(
+            groups, lr=cfg.lr, alpha=cfg.alpha, eps=cfg.eps, momentum=cfg.momentum
         )
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
 
@@ -123,6 +127,8 @@ def lr_factor(sched: SchedulerConfig, progress: float, total: float) -> float:
         return sched.warmup_start + (1.0 - sched.warmup_start) * progress / sched.warmup_epochs
     if sched.name == "constant":
         return 1.0
+    if sched.name == "step" and sched.every is not None:
+        return sched.gamma ** math.floor(progress / sched.every)
     if sched.name == "step":
         return sched.gamma ** sum(1 for m in sched.milestones if progress >= m)
     span = max(total - sched.warmup_epochs, 1e-12)
