@@ -21,8 +21,11 @@ Code layouts (all ``uint8`` unless said otherwise):
   box), and a ``uint16`` seed of the random fill (``rand``: one colour, ``pixel``: every pixel;
   uniform over 0..255 from the Philox generator's raw stream, which numpy keeps stable).
 - mix: the partner's row offset within the shard (``int8``, or ``int16`` for groups over 128
-  rows; 0: not mixed), ``lam`` in 1/255 steps (the weight of the view's own image and label),
-  and for CutMix the pasted box like the erase box.
+  rows; 0: not mixed); ``lam`` in 1/255 steps: for Mixup the weight of the view's own image and
+  label, for CutMix the drawn lam that sets the pasted square's side, ``sqrt(1 - lam)``; and for
+  CutMix the square's centre ``(cy, cx)`` in 1/254 of the side (255: a Mixup view). The pasted box
+  is the square clipped to the image (:func:`cutmix_boxes`), and a CutMix view's label weight is
+  one minus its area (timm's ``correct_lam``).
 """
 
 from __future__ import annotations
@@ -46,7 +49,9 @@ NEGATE = 0x80
 BOX_STEPS = 255
 """Boxes and lam are stored in 1/255 steps."""
 NOT_APPLIED = 255
-"""Jitter order code of a view without jitter."""
+"""Jitter order code of a view without jitter; also the CutMix centre code of a Mixup view."""
+CENTER_STEPS = 254
+"""CutMix centres are stored in 1/254 steps of the side (0..254; 255 marks Mixup)."""
 PERMUTATIONS = tuple(itertools.permutations(range(4)))
 """The 24 orders of (brightness, contrast, saturation, hue); a jitter code indexes this."""
 JITTER_STEPS = 31
@@ -351,33 +356,35 @@ def draw_erase(rng: np.random.Generator, cfg: ErasingConfig) -> tuple[np.ndarray
 def draw_mix(
     rng: np.random.Generator, cfg: MixConfig, offsets: list[int]
 ) -> tuple[int, int, np.ndarray]:
-    """(partner row offset, 0 for none; lam code; ``uint8[4]`` CutMix box, zero for Mixup).
+    """(partner row offset, 0 for none; lam code; ``uint8[2]`` CutMix centre, 255s for Mixup).
 
     ``offsets``: row offsets (from this row) of the valid partners in this row's group."""
-    box = np.zeros(4, np.uint8)
+    center = np.full(2, NOT_APPLIED, np.uint8)
     applied = rng.random() < cfg.prob
     cutmix = cfg.mixup_alpha == 0 or (cfg.cutmix_alpha > 0 and rng.random() < cfg.switch_prob)
     lam = float(rng.beta(*(2 * [cfg.cutmix_alpha if cutmix else cfg.mixup_alpha])))
     pick = int(rng.integers(len(offsets))) if offsets else 0
     if not applied or not offsets:
-        return 0, BOX_STEPS, box
-    if not cutmix:
-        return offsets[pick], int(round(lam * BOX_STEPS)), box
-    cut = math.sqrt(1.0 - lam)  # CutMix's box side ratio for area 1 - lam
-    cy, cx = rng.uniform(0, 1, 2)
-    box[:] = _clipped_box(cy, cx, cut)
-    area = int(box[2]) * int(box[3])
-    lam_code = int(round(BOX_STEPS - area / BOX_STEPS))  # lam = 1 - box area (timm correct_lam)
-    return offsets[pick], lam_code, box
+        return 0, BOX_STEPS, center
+    if cutmix:
+        center[:] = rng.integers(0, CENTER_STEPS + 1, 2)
+    return offsets[pick], int(round(lam * BOX_STEPS)), center
 
 
-def _clipped_box(cy: float, cx: float, cut: float) -> tuple[int, int, int, int]:
-    """A ``cut``-sided square centred at (cy, cx), clipped to the image, in 1/255 steps."""
-    top = int(round(min(max(cy - cut / 2, 0.0), 1.0) * BOX_STEPS))
-    bottom = int(round(min(max(cy + cut / 2, 0.0), 1.0) * BOX_STEPS))
-    left = int(round(min(max(cx - cut / 2, 0.0), 1.0) * BOX_STEPS))
-    right = int(round(min(max(cx + cut / 2, 0.0), 1.0) * BOX_STEPS))
-    return top, left, bottom - top, right - left
+def cutmix_boxes(center: np.ndarray, lam_code: np.ndarray) -> np.ndarray:
+    """CutMix boxes ``(top, left, height, width)`` in 1/255 steps of the side, ``int64[..., 4]``,
+    from stored centres ``[..., 2]`` and lam codes ``[...]``: the square of side ``sqrt(1 - lam)``
+    around the centre, clipped to the image (numpy's IEEE arithmetic: the same box everywhere)."""
+    side = np.sqrt(1.0 - np.asarray(lam_code, np.float64) / BOX_STEPS)[..., None]
+    mid = np.asarray(center, np.float64) / CENTER_STEPS
+    low = np.rint(np.clip(mid - side / 2, 0.0, 1.0) * BOX_STEPS).astype(np.int64)
+    high = np.rint(np.clip(mid + side / 2, 0.0, 1.0) * BOX_STEPS).astype(np.int64)
+    return np.concatenate([low, high - low], axis=-1)
+
+
+def cutmix_weight(box: np.ndarray) -> np.ndarray:
+    """The own label's weight of CutMix views: one minus the pasted box's area."""
+    return 1.0 - box[..., 2] * box[..., 3] / float(BOX_STEPS**2)
 
 
 # ---- applying codes ------------------------------------------------------------------------------

@@ -17,8 +17,8 @@ Layout (``R = num_shards * rows_per_shard``; shard ``s`` owns rows ``[s*cap, (s+
         erase      uint8 [R, A, 4]       (recipe.erasing) box in 1/255 of the side
         erase_seed uint32 [R, A]         (random fills) seed of the fill
         mix_partner int16 [R, A]         (recipe.mix) partner's row offset in the shard, 0: none
-        mix_lam    uint8 [R, A]          (recipe.mix) own weight in 1/255 steps
-        mix_box    uint8 [R, A, 4]       (CutMix) pasted box in 1/255 of the side
+        mix_lam    uint8 [R, A]          (recipe.mix) Mixup: own weight; CutMix: lam of the box
+        mix_center uint8 [R, A, 2]       (CutMix) centre of the pasted square, 255: Mixup
       views_done   int64 [S]            completion mark per shard (ms since epoch), chunk 1
       teachers/<name>/              attrs: model spec, weights digest, k, encoding, rendering,
                                     created, config

@@ -43,6 +43,8 @@ from kdcache.augment import (
     apply_jitter,
     apply_mix,
     apply_policy,
+    cutmix_boxes,
+    cutmix_weight,
     draw_erase,
     draw_jitter,
     draw_mix,
@@ -219,7 +221,7 @@ def param_arrays(recipe: ViewRecipe) -> dict[str, ParamArray]:
         out["mix_partner"] = ParamArray(offset, (), 0)
         out["mix_lam"] = ParamArray("uint8", (), BOX_STEPS)
         if recipe.mix.has_cutmix:
-            out["mix_box"] = ParamArray("uint8", (4,), 0)
+            out["mix_center"] = ParamArray("uint8", (2,), NOT_APPLIED)
     return out
 
 
@@ -239,16 +241,40 @@ class View:
     mix_partner: int = 0
     """Row offset of the partner within the shard (0: not mixed)."""
     mix_lam: int = BOX_STEPS
-    """Weight of this view's own image and label, in 1/255 steps."""
-    mix_box: np.ndarray | None = None
+    """Mixup: the weight of this view's own image and label; CutMix: the drawn lam that sets the
+    pasted square's side (1/255 steps)."""
+    mix_center: np.ndarray | None = None
+    """CutMix: the pasted square's centre (1/254 steps; 255: a Mixup view)."""
 
     @property
     def mixed(self) -> bool:
         return self.mix_partner != 0
 
     @property
+    def cutmix(self) -> bool:
+        return self.mixed and self.mix_center is not None and int(self.mix_center[0]) != NOT_APPLIED
+
+    @property
+    def mix_box(self) -> np.ndarray:
+        """The pasted box (top, left, height, width in 1/255 of the side; zeros for Mixup)."""
+        if not self.cutmix:
+            return np.zeros(4, np.int64)
+        return cutmix_boxes(self.mix_center, self.mix_lam)
+
+    @property
     def lam(self) -> float:
-        return self.mix_lam / BOX_STEPS
+        """The weight of the view's own label (1 when not mixed)."""
+        return mix_weight(self.mix_partner, self.mix_lam, self.mix_center)
+
+
+def mix_weight(partner: int, lam_code: int, center: np.ndarray | None) -> float:
+    """The weight of a view's own label from its stored mixing: 1 when not mixed, Mixup's lam,
+    or one minus CutMix's clipped box area."""
+    if partner == 0:
+        return 1.0
+    if center is None or int(center[0]) == NOT_APPLIED:
+        return lam_code / BOX_STEPS
+    return float(cutmix_weight(cutmix_boxes(center, lam_code)))
 
 
 class ViewParams:
@@ -283,7 +309,7 @@ class ViewParams:
         seed = get("erase_seed")
         partner = get("mix_partner")
         lam = get("mix_lam")
-        box = get("mix_box")
+        center = get("mix_center")
         return View(
             image_hw=(int(self.image_hw[row, 0]), int(self.image_hw[row, 1])),
             crop=tuple(int(v) for v in self.arrays["crop"][row, a]),
@@ -294,7 +320,7 @@ class ViewParams:
             erase_seed=0 if seed is None else int(seed[row, a]),
             mix_partner=0 if partner is None else int(partner[row, a]),
             mix_lam=BOX_STEPS if lam is None else int(lam[row, a]),
-            mix_box=None if box is None else box[row, a],
+            mix_center=None if center is None else center[row, a],
         )
 
     def mixing(self, rows: np.ndarray, views: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -303,8 +329,16 @@ class ViewParams:
         partner = self.arrays.get("mix_partner")
         if partner is None:
             return rows.copy(), np.ones(len(rows), np.float32)
-        lam = self.arrays["mix_lam"][rows, views] / BOX_STEPS
-        return rows + partner[rows, views], lam.astype(np.float32)
+        offset = partner[rows, views].astype(np.int64)
+        lam_code = self.arrays["mix_lam"][rows, views]
+        lam = lam_code / BOX_STEPS
+        center = self.arrays.get("mix_center")
+        if center is not None:
+            centers = center[rows, views]
+            cut = centers[..., 0] != NOT_APPLIED
+            lam = np.where(cut, cutmix_weight(cutmix_boxes(centers, lam_code)), lam)
+        lam = np.where(offset != 0, lam, 1.0)
+        return rows + offset, lam.astype(np.float32)
 
     def put(self, row: int, a: int, view: View) -> None:
         """Store ``view`` as view ``a`` of row ``row``."""
@@ -318,7 +352,7 @@ class ViewParams:
             "erase_seed": view.erase_seed,
             "mix_partner": view.mix_partner,
             "mix_lam": view.mix_lam,
-            "mix_box": view.mix_box,
+            "mix_center": view.mix_center,
         }
         for name, array in self.arrays.items():
             if values[name] is not None:
@@ -363,12 +397,15 @@ def _op_problems(a: dict[str, np.ndarray], rows: np.ndarray, recipe: ViewRecipe)
     if recipe.color_jitter is not None:
         order = a["jitter"][rows][..., 0]
         out["jitter order out of range"] = (order >= len(PERMUTATIONS)) & (order != NOT_APPLIED)
-    for name in ("erase", "mix_box"):
-        if name in a:
-            box = a[name][rows].astype(np.int64)
-            out[f"{name} box outside the image"] = (box[..., 0] + box[..., 2] > BOX_STEPS) | (
-                box[..., 1] + box[..., 3] > BOX_STEPS
-            )
+    if "erase" in a:
+        box = a["erase"][rows].astype(np.int64)
+        out["erase box outside the image"] = (box[..., 0] + box[..., 2] > BOX_STEPS) | (
+            box[..., 1] + box[..., 3] > BOX_STEPS
+        )
+    if "mix_center" in a:
+        center = a["mix_center"][rows]
+        odd = (center == NOT_APPLIED).any(-1) & (center != NOT_APPLIED).any(-1)
+        out["mix centre half set"] = odd
     return out
 
 
@@ -422,18 +459,20 @@ def draw_view(
     if recipe.erasing is not None:
         ops["erase"], ops["erase_seed"] = draw_erase(rng, recipe.erasing)
     if recipe.mix is not None:
-        partner, lam, box = draw_mixing(recipe, seed, key, view, partners)
-        ops.update(mix_partner=partner, mix_lam=lam, mix_box=box if recipe.mix.has_cutmix else None)
+        partner, lam, center = draw_mixing(recipe, seed, key, view, partners)
+        center = center if recipe.mix.has_cutmix else None
+        ops.update(mix_partner=partner, mix_lam=lam, mix_center=center)
     return View(image_hw=(height, width), crop=crop, flip=flip, **ops)
 
 
 def draw_mixing(
     recipe: ViewRecipe, seed: int, key: str, view: int, partners: Sequence[int]
 ) -> tuple[int, int, np.ndarray]:
-    """The mixing of view ``view`` of ``key`` (partner offset, 0 for none; lam code; CutMix box),
-    from its own generator: it does not depend on the image, only on the valid partners."""
+    """The mixing of view ``view`` of ``key`` (partner offset, 0 for none; lam code; CutMix
+    centre), from its own generator: it does not depend on the image, only on the valid
+    partners."""
     if recipe.mix is None:
-        return 0, BOX_STEPS, np.zeros(4, np.uint8)
+        return 0, BOX_STEPS, np.full(2, NOT_APPLIED, np.uint8)
     digest = hashlib.blake2b(f"{seed}\x1f{key}\x1f{view}\x1fmix".encode(), digest_size=16)
     rng = np.random.Generator(np.random.Philox(key=int.from_bytes(digest.digest(), "little")))
     return draw_mix(rng, recipe.mix, list(partners))
@@ -526,7 +565,7 @@ def render(
     if partner is None:
         raise DataError("the view is mixed with another sample but no partner image was given")
     other = render_base(partner[0], partner[1], recipe, rendering)
-    return apply_mix(out, other, view.mix_lam, _box_or_zeros(view.mix_box))
+    return apply_mix(out, other, view.mix_lam, view.mix_box)
 
 
 def render_rows(
@@ -553,13 +592,9 @@ def render_rows(
             image = base_of(row, a)
             if view.mixed:
                 partner = base_of(row + view.mix_partner, a)
-                image = apply_mix(image, partner, view.mix_lam, _box_or_zeros(view.mix_box))
+                image = apply_mix(image, partner, view.mix_lam, view.mix_box)
             out.append(image)
     return torch.stack(out)
-
-
-def _box_or_zeros(box: np.ndarray | None) -> np.ndarray:
-    return np.zeros(4, np.uint8) if box is None else box
 
 
 def render_base(

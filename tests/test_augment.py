@@ -26,6 +26,8 @@ from kdcache.augment import (
     apply_jitter,
     apply_mix,
     apply_policy,
+    cutmix_boxes,
+    cutmix_weight,
     draw_erase,
     draw_jitter,
     draw_mix,
@@ -198,10 +200,26 @@ def test_mix_draws_follow_timms_elem_mode():
     rng = np.random.default_rng(3)
     draws = [draw_mix(rng, cfg, [-1, 1, 2]) for _ in range(4000)]
     partners = np.array([d[0] for d in draws])
-    cut = np.array([d[2][2] > 0 for d in draws])
+    cut = np.array([d[2][0] != 255 for d in draws])
     assert 0.77 < (partners != 0).mean() < 0.83  # prob
     assert set(partners[partners != 0]) == {-1, 1, 2}
     assert 0.45 < cut[partners != 0].mean() < 0.55  # switch_prob
     lam = np.array([d[1] for d in draws])[(partners != 0) & ~cut] / 255
     assert abs(lam.mean() - 0.5) < 0.03  # Beta(0.8, 0.8) is symmetric
     assert draw_mix(rng, cfg, [])[0] == 0  # no valid partner: not mixed
+
+
+def test_cutmix_boxes_are_clipped_squares_of_area_one_minus_lam():
+    """The square of side sqrt(1 - lam) around the centre (timm's rand_bbox), clipped to the
+    image; inside, its area is 1 - lam up to the 1/255 grid."""
+    centre = np.array([127, 127], np.uint8)  # the middle: no clipping
+    for lam_code in (0, 64, 128, 200, 254):
+        top, left, h, w = cutmix_boxes(centre, lam_code)
+        assert h == w and abs(h * w / 255**2 - (1 - lam_code / 255)) < 0.01
+        assert cutmix_weight(np.array([top, left, h, w])) == pytest.approx(1 - h * w / 255**2)
+    corner = cutmix_boxes(np.array([0, 254], np.uint8), 64)  # clipped on two sides
+    assert (
+        corner[0] == 0 and corner[1] + corner[3] == 255 and corner[2] < 255 * (1 - 64 / 255) ** 0.5
+    )
+    many = cutmix_boxes(np.random.default_rng(0).integers(0, 255, (100, 2)), np.full(100, 90))
+    assert many.shape == (100, 4) and (many[:, 0] + many[:, 2] <= 255).all()

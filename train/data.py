@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from kdcache.augment import BOX_STEPS, UnseenOps, apply_unseen
+from kdcache.augment import UnseenOps, apply_unseen
 from kdcache.errors import CacheIncompleteError, CacheMismatchError, ConfigError, DataError
 from kdcache.manifest import find_manifest
 from kdcache.preprocess import RenderSpec
@@ -73,6 +73,7 @@ from kdcache.views import (
     epoch_view,
     group_partners,
     grouped,
+    mix_weight,
     render,
 )
 
@@ -466,16 +467,13 @@ class ShardStream(IterableDataset):
             item.row = i
             item.partners = tuple(group_partners(i, range(len(group))))
             mixing = draw_mixing(spec.recipe, spec.view_seed, sample.key, a, item.partners)
-            offset = mixing[0]
-            lam_code = mixing[1]
         else:
             view = block.views.view(rows[i], a)
-            offset = view.mix_partner
-            lam_code = view.mix_lam
-        if offset:
-            item.partner_row = item.row + offset
+            mixing = (view.mix_partner, view.mix_lam, view.mix_center)
+        if mixing[0]:
+            item.partner_row = item.row + mixing[0]
             item.partner = self._partner(shard, group, rows, item)
-            item.lam = lam_code / BOX_STEPS
+            item.lam = mix_weight(*mixing)  # CutMix: one minus the clipped box's area
         return item
 
     def _partner(self, shard: str, group: list[Sample], rows: list[int], item: _Item) -> Sample:

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from kdcache.augment import LEVEL_STEPS
+from kdcache.augment import LEVEL_STEPS, NOT_APPLIED
 from kdcache.views import ViewParams, ViewRecipe
 
 LAM_EDGES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
@@ -49,12 +49,13 @@ def view_features(params: ViewParams, rows: np.ndarray, recipe: ViewRecipe) -> V
         with np.errstate(invalid="ignore"):  # no op applied: NaN, left out of the level bins
             level = np.where(applied, level, 0.0).sum(-1) / ops
     if recipe.mix is not None:
-        lam = params.arrays["mix_lam"][rows] / 255.0
-        lam = np.where(params.arrays["mix_partner"][rows] != 0, lam, 1.0)
-        box = params.arrays.get("mix_box")
-        cutmix = (
-            (box[rows][..., 2] > 0) & (lam < 1) if box is not None else np.zeros_like(lam, bool)
-        )
+        a = params.num_views
+        weights = params.mixing(np.repeat(rows, a), np.tile(np.arange(a), len(rows)))[1]
+        lam = weights.reshape(len(rows), a)
+        center = params.arrays.get("mix_center")
+        cutmix = np.zeros_like(lam, bool)
+        if center is not None:
+            cutmix = (center[rows][..., 0] != NOT_APPLIED) & (lam < 1)
     return ViewFeatures(ops, level, lam, cutmix)
 
 
