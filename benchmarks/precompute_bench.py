@@ -185,7 +185,7 @@ def inprocess_sweep(
                 seconds[(a, kind)].append(time_kind(*setups[a], batches[a], kind))
     rows = []
     for a in views:
-        n = len(setups[a][1].keys) * a
+        n = setups[a][1].count * a
         vps = {kind: per_second(n * args.rounds, sum(seconds[(a, kind)])) for kind in KINDS}
         rows.append(
             {

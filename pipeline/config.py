@@ -33,6 +33,12 @@ class DataSection(StrictModel):
     """fsspec storage options for ``shards`` and the manifest beside them (credentials, endpoint
     ...), used by the driver and every Ray actor; empty: fsspec's defaults (for S3 the standard
     AWS environment). Saved with the config with their values redacted."""
+    index: str | None = None
+    """A shard index with each shard's sample count, so planning reads no shard: a WebDataset
+    (wids) shard index (``{"shardlist": [{"url", "nsamples", "filesize"}]}``, as ``widsindex
+    create`` writes) or a kdcache manifest; a path or a URL (read with ``storage_options``).
+    Default: the ``<prefix>-manifest.json`` beside the shards, else a ``shardindex.json`` beside
+    them, else each shard's tar headers (range requests that skip the payloads)."""
     num_classes: int | None = Field(None, ge=1)
     """Number of classes; default: from the ``<prefix>-manifest.json`` beside the shards."""
     class_names: list[str] = Field(default_factory=list)

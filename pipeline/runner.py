@@ -37,7 +37,7 @@ from tqdm import tqdm
 from kdcache.errors import ConfigError, KdcacheError
 from kdcache.lock import check_unlocked
 from kdcache.pipeline.config import PrecomputeConfig, RaySection
-from kdcache.pipeline.plan import Plan, ShardTask, make_plan, writer_lock
+from kdcache.pipeline.plan import Plan, ShardTask, make_plan, seal_fingerprint, writer_lock
 from kdcache.pipeline.worker import FAULT_ENV, ShardResult, ShardWorker, WorkerSettings
 
 logger = logging.getLogger(__name__)
@@ -150,6 +150,8 @@ def run_precompute(cfg: PrecomputeConfig, plan: Plan, progress: bool | None = No
             if started:
                 ray.shutdown()
     summary.failed = len(failures)
+    if not failures:
+        seal_fingerprint(plan.store)  # every shard's keys are stored now
     summary.wall_seconds = time.perf_counter() - start
     _describe_cache(plan, cfg, summary)
     if failures:

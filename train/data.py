@@ -531,6 +531,12 @@ def open_cache(config: TrainConfig, urls: list[str], teachers: list[str]) -> Cac
         raise CacheIncompleteError(
             f"cache {store.path!r} is incomplete ({parts}): run precompute to finish it"
         )
+    if not store.meta.fingerprint.key_digest:
+        raise CacheIncompleteError(
+            f"cache {store.path!r}: every shard is done but its keys were not yet checked across "
+            "shards (the precompute stopped before its end): rerun precompute to finish it "
+            "(nothing is recomputed)"
+        )
     return store
 
 
