@@ -62,6 +62,9 @@ def test_precompute_bench_writes_its_keys(tmp_path):
         "actors",
     } <= result.keys()
     assert [r["views"] for r in result["sweep"]] == [1, 2] and result["actors"] == []
+    # planning 64 shards beside their manifest on the local S3 server: no shard read
+    assert result["planning"]["shards"] == 64
+    assert result["plan_requests_per_shard"] <= 1 and result["plan_payload_reads"] == 0
 
 
 @pytest.mark.slow
