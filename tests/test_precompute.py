@@ -801,6 +801,7 @@ def test_config_schema_is_pinned():
         "ray.gpus_per_actor",
         "ray.max_restarts",
         "ray.max_task_retries",
+        "ray.wait_for_resources_s",
         "ray.temp_dir",
         "runtime.batch_size",
         "runtime.device",
