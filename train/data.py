@@ -45,8 +45,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from kdcache.errors import CacheIncompleteError, CacheMismatchError, ConfigError, DataError
-from kdcache.manifest import find_manifest
 from kdcache.reader import ShardBlock, read_block
+from kdcache.shardindex import index_shards
 from kdcache.shards import (
     Sample,
     decode_image,
@@ -587,13 +587,11 @@ def valid_counts(store: CacheStore) -> tuple[list[int], int]:
 
 
 def shard_counts(urls: list[str], storage_options: dict[str, Any] | None = None) -> list[int]:
-    """Samples per shard without a cache: from the manifest beside the shards, else by scanning."""
-    manifest = find_manifest(urls[0], storage_options) if urls else None
-    names = [shard_name(u) for u in urls]
-    if manifest is not None and set(names) <= set(manifest.shards):
-        by_name = dict(zip(manifest.shards, manifest.counts, strict=True))
-        return [by_name[n] for n in names]
-    return [len(index) for index in scan_shards(urls, storage_options=storage_options)]
+    """Samples per shard without a cache, as precompute plans them: from the manifest or a wids
+    shard index beside the shards where the listed sizes match, else from the tar headers."""
+    if not urls:
+        return []
+    return [shard.count for shard in index_shards(urls, storage_options).shards]
 
 
 # ---- building the run's data ---------------------------------------------------------------------
