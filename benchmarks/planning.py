@@ -10,6 +10,7 @@ the requests, by kind, and the reads of shard objects (GETs of ``.tar`` keys: pa
 from __future__ import annotations
 
 import json
+import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -62,19 +63,20 @@ def wids_index(manifest_path: Path) -> dict[str, Any]:
 
 
 def upload(s3: LocalS3, shards: Path) -> dict[str, str]:
-    """The three layouts on the server; their shard patterns (brace-expanded, no listing)."""
+    """The three layouts on the server, under a prefix of their own (moto's state is shared by
+    every server of a process); their shard patterns (brace-expanded, no listing)."""
     fs = s3.filesystem()
-    fs.mkdir(BUCKET)
+    if not fs.exists(BUCKET):
+        fs.mkdir(BUCKET)
+    run = f"{BUCKET}/run-{uuid.uuid4().hex[:12]}"
     tars = sorted(shards.glob("train-*.tar"))
     for layout in LAYOUTS:
-        fs.put([str(t) for t in tars], f"{BUCKET}/{layout}/")
-    fs.put(str(shards / "train-manifest.json"), f"{BUCKET}/manifest/train-manifest.json")
+        fs.put([str(t) for t in tars], f"{run}/{layout}/")
+    fs.put(str(shards / "train-manifest.json"), f"{run}/manifest/train-manifest.json")
     index = json.dumps(wids_index(shards / "train-manifest.json")).encode()
-    fs.pipe(f"{BUCKET}/wids_index/shardindex.json", index)
+    fs.pipe(f"{run}/wids_index/shardindex.json", index)
     last = len(tars) - 1
-    return {
-        layout: f"s3://{BUCKET}/{layout}/train-{{000000..{last:06d}}}.tar" for layout in LAYOUTS
-    }
+    return {layout: f"s3://{run}/{layout}/train-{{000000..{last:06d}}}.tar" for layout in LAYOUTS}
 
 
 def count_planning(s3: LocalS3, pattern: str, cache: Path) -> dict[str, Any]:
