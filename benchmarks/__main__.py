@@ -15,7 +15,14 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from benchmarks import cache_bench, inspect_bench, parity_bench, precompute_bench, train_bench
+from benchmarks import (
+    cache_bench,
+    gpu_bench,
+    inspect_bench,
+    parity_bench,
+    precompute_bench,
+    train_bench,
+)
 from kdcache.errors import KdcacheError
 
 BENCHES: dict[str, tuple[ModuleType, str]] = {
@@ -35,6 +42,11 @@ BENCHES: dict[str, tuple[ModuleType, str]] = {
     "parity": (
         parity_bench,
         "Fashion-MNIST accuracy: online KD vs cached KD at k = C and smaller k",
+    ),
+    "gpu": (
+        gpu_bench,
+        "on a CUDA GPU: ResNet-50 precompute views/s vs its bare forward, data path per core "
+        "(skipped without CUDA)",
     ),
 }
 """Benchmark name -> (its module, one-line help)."""

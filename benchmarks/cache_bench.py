@@ -36,7 +36,7 @@ from kdcache.augment import ErasingConfig, JitterConfig, MixConfig
 from kdcache.reader import read_block
 from kdcache.store import STATUS_VALID, CacheStore, Fingerprint
 from kdcache.targets import MixedLabels, SparseTargets, from_logits, tail_mass_t1, truncate
-from kdcache.views import ViewParams, ViewRecipe, draw_view, group_partners, grouped
+from kdcache.views import ViewParams, ViewRecipe, draw_group, grouped
 from kdcache.writer import add_teacher, create_store, write_targets, write_views
 
 ENCODINGS = ("fp16", "q8")
@@ -255,12 +255,9 @@ def imagenet_like_params(recipe: ViewRecipe, keys: list[str], views: int, seed: 
     rng = np.random.default_rng(1000 + seed)
     sizes = rng.integers(300, 501, (len(keys), 2))
     params = ViewParams.empty(recipe, len(keys), views)
+    hw = {row: (int(h), int(w)) for row, (h, w) in enumerate(sizes)}
     for _, group in grouped(range(len(keys)), recipe.group_size):
-        for row in group:
-            partners = group_partners(row, group)
-            hw = (int(sizes[row, 0]), int(sizes[row, 1]))
-            for a in range(views):
-                params.put(row, a, draw_view(recipe, 0, keys[row], a, hw, partners))
+        draw_group(params, recipe, 0, group, dict(enumerate(keys)), hw)
     return params
 
 

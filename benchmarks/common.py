@@ -139,18 +139,20 @@ def precompute_config(
 
 
 def precompute_inprocess(config_path: Path, overrides: list[str] | None = None) -> int:
-    """Plan and run every shard task with one in-process ShardWorker (no Ray); returns the views
-    made."""
+    """Plan and run every shard task with one in-process ShardWorker (no Ray), then seal the
+    fingerprint as the runner does; returns the views made."""
     from kdcache.config import load_config
     from kdcache.pipeline.config import PrecomputeConfig
-    from kdcache.pipeline.plan import make_plan
+    from kdcache.pipeline.plan import make_plan, seal_fingerprint
     from kdcache.pipeline.runner import worker_settings
     from kdcache.pipeline.worker import ShardWorker
 
     cfg = load_config(PrecomputeConfig, config_path, overrides)
     plan = make_plan(cfg)
     worker = ShardWorker(worker_settings(cfg, plan))
-    return sum(worker(task).views for task in plan.tasks)
+    views = sum(worker(task).views for task in plan.tasks)
+    seal_fingerprint(plan.store)
+    return views
 
 
 # ---- timing and statistics -----------------------------------------------------------------------

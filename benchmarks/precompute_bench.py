@@ -10,6 +10,10 @@ of A values and kinds, so load drifts over all alike.
 
 **Ray**: whole precomputes (all shards) with 1 and 2 CPU actors on an already started local Ray:
 views/s once the actors were up (the runner's own measure) and over the wall time.
+
+**Planning** (:mod:`benchmarks.planning`): requests per shard that planning makes on a local S3
+server (moto, counted by the server's request log) for ``--plan-shards`` shards beside their
+manifest (``plan_requests_per_shard``), beside a wids shard index, and alone (tar headers).
 """
 
 from __future__ import annotations
@@ -90,6 +94,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--actor-rounds", type=int, default=2, help="Ray rounds, the counts rotated (default 2)"
     )
+    parser.add_argument(
+        "--plan-shards",
+        type=int,
+        default=64,
+        help="shards planned on the local S3 server (default 64; 0 skips the planning measure)",
+    )
+    parser.add_argument(
+        "--plan-samples", type=int, default=20, help="samples per planned shard (default 20)"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes (tests)")
 
 
@@ -103,6 +116,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         args.teachers = "kd_cnn_small"
         args.views = "1,2"
         args.headline_views = 2
+        args.plan_samples = 4
     source = args.source or default_source()
     shards, _ = make_shards(
         args.out / f"shards-{source}-{args.samples}", source, args.samples, args.shard_size
@@ -111,7 +125,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     views = [int(a) for a in args.views.split(",") if a]
     sweep = [row for t in teachers for row in inprocess_sweep(args, shards, t, views)]
     actors = actor_sweep(args, shards, teachers[0], [int(n) for n in args.actors.split(",") if n])
-    return summarise(args, source, sweep, actors, teachers[0])
+    return summarise(args, source, sweep, actors, teachers[0]) | planning_result(args)
+
+
+# ---- planning ------------------------------------------------------------------------------------
+
+
+def planning_result(args: argparse.Namespace) -> dict[str, Any]:
+    """``plan_*`` keys: requests per shard of planning on a local S3 server, by what lies beside
+    the shards (None with the reason where moto or s3fs is missing)."""
+    if args.plan_shards <= 0:
+        return {}
+    from benchmarks.objectstore import ObjectStoreUnavailable
+    from benchmarks.planning import measure
+
+    try:
+        planning = measure(args.out, args.plan_shards, args.plan_samples)
+    except ObjectStoreUnavailable as exc:
+        return {"plan_requests_per_shard": None, "planning": {"skipped": str(exc)}}
+    return {
+        "plan_requests_per_shard": planning["manifest"]["requests_per_shard"],
+        "plan_payload_reads": planning["manifest"]["shard_reads"],
+        "plan_index_requests_per_shard": planning["wids_index"]["requests_per_shard"],
+        "plan_headers_requests_per_shard": planning["headers"]["requests_per_shard"],
+        "planning": planning,
+    }
 
 
 # ---- in-process ----------------------------------------------------------------------------------
@@ -184,7 +222,7 @@ def inprocess_sweep(
                 seconds[(a, kind)].append(time_kind(*setups[a], batches[a], kind))
     rows = []
     for a in views:
-        n = len(setups[a][1].keys) * a
+        n = setups[a][1].count * a
         vps = {kind: per_second(n * args.rounds, sum(seconds[(a, kind)])) for kind in KINDS}
         rows.append(
             {
@@ -333,6 +371,9 @@ def format_result(result: dict[str, Any]) -> str:
         ],
     )
     parts = [head, sweep]
+    planning = result.get("planning")
+    if planning and "skipped" not in planning:
+        parts.append(planning_table(planning))
     if result["actors"]:
         parts.append(
             table(
@@ -349,3 +390,22 @@ def format_result(result: dict[str, Any]) -> str:
             )
         )
     return "\n\n".join(parts)
+
+
+def planning_table(planning: dict[str, Any]) -> str:
+    """Requests of planning per layout (what lies beside the shards)."""
+    rows = [
+        [
+            layout,
+            planning[layout]["requests"],
+            planning[layout]["requests_per_shard"],
+            planning[layout]["shard_reads"],
+            ", ".join(f"{k} {v}" for k, v in sorted(planning[layout]["by_kind"].items())),
+        ]
+        for layout in ("manifest", "wids_index", "headers")
+    ]
+    return (
+        f"planning {planning['shards']} shards x {planning['samples_per_shard']} samples on a "
+        "local S3 server (requests counted by the server):\n"
+        + table(["beside the shards", "requests", "per shard", "shard GETs", "kinds"], rows)
+    )

@@ -1,26 +1,31 @@
 """The JSON manifest written beside a split's shards by ``kdcache shards``.
 
-A manifest lists the shards of one split in order, their sample counts, the class names and where
-the data came from. Precompute and the trainer use it for class names and fast planning; the
-shards themselves stay the source of truth (planning re-reads their headers).
+A manifest lists the shards of one split in order, their sample counts, sizes and key digests, the
+class names and where the data came from. Precompute plans from it without reading the shards
+(names, counts, and sizes checked against one listing of the shard directory; see
+:mod:`kdcache.shardindex`), and the trainer takes its counts and class names from it. The shards
+stay the source of truth: workers check every shard's keys against the manifest as they read it.
+
+Version 2 added ``sizes`` and ``key_digests``; version-1 manifests (without them) are still read.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import fsspec
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from kdcache.errors import DataError
 
 log = logging.getLogger(__name__)
 
 MANIFEST_SUFFIX = "-manifest.json"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
 
 
 class Manifest(BaseModel):
@@ -46,6 +51,28 @@ class Manifest(BaseModel):
     """1 (grey) or 3 (RGB) when known."""
     source: dict[str, Any] = Field(default_factory=dict)
     """What the shards were made from (kind, paths, seed ...)."""
+    sizes: list[int] | None = None
+    """Bytes per shard, same order as ``shards`` (version 2): planning compares them with a listing
+    of the shards and scans the headers of any shard whose size changed."""
+    key_digests: list[str] | None = None
+    """Per-shard key digests (:func:`kdcache.shards.shard_key_digest`, version 2): a worker
+    refuses a shard whose keys do not match, and a rerun compares them with the cache's keys."""
+
+    @model_validator(mode="after")
+    def _same_lengths(self) -> Manifest:
+        for name in ("counts", "sizes", "key_digests"):
+            values = getattr(self, name)
+            if values is not None and len(values) != len(self.shards):
+                raise ValueError(f"{name}: {len(values)} entries for {len(self.shards)} shards")
+        return self
+
+
+def shard_key_digest(keys: list[str] | tuple[str, ...]) -> str:
+    """One shard's key digest (``key_digests`` of a manifest): its keys, in order."""
+    digest = hashlib.sha256()
+    for key in keys:
+        digest.update(key.encode() + b"\n")
+    return digest.hexdigest()
 
 
 def manifest_path(shard_dir: str | Path, prefix: str) -> Path:
@@ -88,14 +115,13 @@ def find_manifest(
     if any. A malformed manifest is a DataError naming it."""
     if first_shard.startswith("pipe:"):
         return _find_pipe_manifest(first_shard)
-    if "://" in first_shard:
-        return _find_remote_manifest(first_shard, storage_options)
-    path = Path(first_shard)
-    if "-" not in path.stem:
+    candidate = manifest_candidate(first_shard)
+    if candidate is None:
         return None
-    prefix = path.stem.rsplit("-", 1)[0]
-    candidate = path.parent / f"{prefix}{MANIFEST_SUFFIX}"
-    return load_manifest(candidate) if candidate.exists() else None
+    if "://" not in candidate:
+        return load_manifest(candidate) if Path(candidate).exists() else None
+    text = read_remote_text(candidate, storage_options, "manifest")
+    return None if text is None else parse_manifest(text, candidate)
 
 
 def _find_pipe_manifest(command: str) -> Manifest | None:
@@ -106,24 +132,29 @@ def _find_pipe_manifest(command: str) -> Manifest | None:
     return find_manifest(words[-1])
 
 
-def _find_remote_manifest(
-    first_shard: str, storage_options: dict[str, Any] | None
-) -> Manifest | None:
+def manifest_candidate(first_shard: str) -> str | None:
+    """Where the manifest of ``<dir>/<prefix>-NNNNNN.tar`` would be:
+    ``<dir>/<prefix>-manifest.json`` (None for a name without a ``-`` or a URL with a query)."""
     parent, _, name = first_shard.rpartition("/")
     stem = PurePosixPath(name).stem
-    if "?" in first_shard or "-" not in stem or "://" not in parent:
+    if "?" in first_shard or "-" not in stem:
         return None
-    candidate = f"{parent}/{stem.rsplit('-', 1)[0]}{MANIFEST_SUFFIX}"
+    manifest = f"{stem.rsplit('-', 1)[0]}{MANIFEST_SUFFIX}"
+    return f"{parent}/{manifest}" if parent else manifest
+
+
+def read_remote_text(
+    url: str, storage_options: dict[str, Any] | None, what: str = "file"
+) -> str | None:
+    """The text of an object beside the shards, or None when it does not exist or cannot be read
+    (a warning then: the shards stay the source of truth)."""
     try:
-        with fsspec.open(candidate, "rt", **(storage_options or {})) as handle:
-            text = handle.read()
+        with fsspec.open(url, "rt", **(storage_options or {})) as handle:
+            return handle.read()
     except FileNotFoundError:
         return None
-    except (
-        OSError
-    ) as exc:  # e.g. no permission on the manifest alone: the shards stay the source of truth
+    except OSError as exc:  # e.g. no permission on this object alone
         log.warning(
-            "cannot read the manifest %s (%s); going on without it", candidate, type(exc).__name__
+            "cannot read the %s %s (%s); going on without it", what, url, type(exc).__name__
         )
         return None
-    return parse_manifest(text, candidate)

@@ -30,6 +30,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import IO
 
@@ -41,6 +42,7 @@ from torchvision.io import ImageReadMode
 from torchvision.io import decode_image as tv_decode_image
 
 from kdcache.errors import ConfigError, DataError, DuplicateKeyError
+from kdcache.manifest import shard_key_digest  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +97,11 @@ def _glob_one(item: str, storage_options: dict | None = None) -> list[str]:
         return [item]
     if "://" in item:
         if any(ch in item for ch in "*?["):
-            fs, _, paths = fsspec.get_fs_token_paths(item, storage_options=storage_options)
-            return sorted(fs.unstrip_protocol(p) for p in paths)
+            # one listing (an object store's LIST per 1000 keys); files only, from its details
+            # (not an existence check per match), and the listing stays cached for planning
+            fs, path = fsspec.core.url_to_fs(item, **(storage_options or {}))
+            found = fs.glob(path, detail=True)
+            return sorted(fs.unstrip_protocol(p) for p, e in found.items() if e["type"] == "file")
         return [item]
     if any(ch in item for ch in "*?["):
         return sorted(glob.glob(item))
@@ -198,17 +203,41 @@ class ShardIndex:
         return len(self.keys)
 
 
+SCAN_BLOCK_SIZE = 4096
+"""Bytes fetched per request while scanning a remote tar's headers: a header (512 B) plus a small
+member's data (``.cls``) and the next header, so about one range request per sample, while the
+large payloads (images) are seeked over, never read."""
+
+
+@contextmanager
+def _open_for_scan(url: str, storage_options: dict | None) -> Iterator[IO[bytes]]:
+    """The shard opened for header scanning: a remote file fetches small ranges on demand
+    (fsspec's default read-ahead of several MB would read whole tars); a local file as usual; a
+    ``pipe:`` command's output spooled so tarfile can seek."""
+    if is_pipe(url):
+        with open_shard(url, storage_options) as raw, _seekable(raw, url) as handle:
+            yield handle
+        return
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    local = "file" in fs.protocol or "local" in fs.protocol
+    options = {} if local else {"block_size": SCAN_BLOCK_SIZE, "cache_type": "readahead"}
+    with fs.open(path, "rb", **options) as handle:
+        yield handle
+
+
 def scan_shard(url: str, storage_options: dict | None = None) -> ShardIndex:
     """Read a shard's tar headers (not its data) and return its keys, checking each sample.
 
-    A tar cut short (even inside its last member's data) is a DataError naming the shard."""
+    ``tarfile`` seeks from one header to the next over the member data, and remote files are
+    opened to fetch :data:`SCAN_BLOCK_SIZE` bytes per request, so payloads are skipped: about one
+    range request per sample on an object store. A tar cut short (even inside its last member's
+    data) is a DataError naming the shard."""
     name = shard_name(url)
     entries: dict[str, set[str]] = {}
     order: list[str] = []
     try:
         with (
-            open_shard(url, storage_options) as raw,
-            _seekable(raw, url) as handle,
+            _open_for_scan(url, storage_options) as handle,
             tarfile.open(fileobj=handle, mode="r:") as tar,
         ):
             for member in tar:
@@ -285,6 +314,13 @@ def scan_shards(
                 )
     if time.monotonic() - started >= SCAN_LOG_SECONDS:
         log.info("scanned %d shards in %.0f s", len(urls), time.monotonic() - started)
+    check_unique_keys(indexes)
+    check_unique_names([index.name for index in indexes])
+    return indexes
+
+
+def check_unique_keys(indexes: list[ShardIndex]) -> None:
+    """Refuse a key that occurs in two shards, naming both (within a shard the scan refuses it)."""
     owner: dict[str, str] = {}
     for index in indexes:
         for key in index.keys:
@@ -293,15 +329,18 @@ def scan_shards(
                     f"key {key!r} occurs in shard {owner[key]!r} and in shard {index.name!r}"
                 )
             owner[key] = index.name
-    names = [index.name for index in indexes]
+
+
+def check_unique_names(names: list[str]) -> None:
+    """Shards are identified by file name in a cache: two with the same name are refused."""
     if len(set(names)) != len(names):
         raise DataError(
             f"two shards share a file name: {sorted({n for n in names if names.count(n) > 1})}"
         )
-    return indexes
 
 
 def key_digest(indexes: list[ShardIndex]) -> str:
+    """The dataset's key digest (the fingerprint's): every shard's name and keys, in order."""
     digest = hashlib.sha256()
     for index in indexes:
         digest.update(index.name.encode() + b"\x00")

@@ -500,6 +500,22 @@ def grouped(items: Iterable[T], group_size: int) -> Iterator[tuple[int, list[T]]
         yield start, group
 
 
+def draw_group(
+    params: ViewParams,
+    recipe: ViewRecipe,
+    seed: int,
+    rows: Sequence[int],
+    keys: Mapping[int, str],
+    image_hw: Mapping[int, tuple[int, int]],
+) -> None:
+    """Draw every view of a mixing group's valid ``rows`` into ``params`` (shard rows, with
+    their keys and decoded image sizes): what precompute stores for them."""
+    for row in rows:
+        partners = group_partners(row, rows)
+        for a in range(params.num_views):
+            params.put(row, a, draw_view(recipe, seed, keys[row], a, image_hw[row], partners))
+
+
 def group_partners(row: int, valid_rows: Sequence[int]) -> list[int]:
     """Row offsets from ``row`` to the other valid rows of its group (``valid_rows``)."""
     return [other - row for other in valid_rows if other != row]

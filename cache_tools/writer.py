@@ -50,7 +50,8 @@ def create_store(
     overwrite: bool = False,
     storage_options: dict | None = None,
 ) -> CacheStore:
-    """Create an empty cache: root metadata, the shared per-row arrays and every shard's keys."""
+    """Create an empty cache: root metadata, the shared per-row arrays and the shards' keys
+    given (an empty list: the shard's keys are written by its worker, :func:`write_keys`)."""
     cap = max(fingerprint.counts)
     rows = cap * len(fingerprint.shards)
     meta = RootMeta(
@@ -79,9 +80,10 @@ def create_store(
     _view_arrays(group.require_group(VIEWS), recipe, num_views, rows, cap)
     _array(group, "views_done", (len(keys),), (1,), "int64", 0)
     for shard, shard_keys in enumerate(keys):
-        shard_rows = slice(shard * cap, (shard + 1) * cap)
-        keys = group["keys"].with_config({"write_empty_chunks": True})
-        keys[shard_rows] = _pad(np.array(shard_keys, dtype=object), cap, "")
+        if shard_keys:  # planned from a manifest or index: the workers write them
+            shard_rows = slice(shard * cap, (shard + 1) * cap)
+            array = group["keys"].with_config({"write_empty_chunks": True})
+            array[shard_rows] = _pad(np.array(shard_keys, dtype=object), cap, "")
     # root attrs last: the store is a cache from here on
     group.attrs.update(meta.model_dump(mode="json"))
     return CacheStore(path=path, group=group, meta=meta)
@@ -223,6 +225,22 @@ def write_views(
     _store_chunk(store, shard, store.group, "views_done", shard, now_ms())
 
 
+def write_keys(store: CacheStore, shard: int, keys: list[str]) -> None:
+    """Write a shard's keys as its worker read them, before the shard's views mark (planning
+    counted the shard from a manifest or index, without its keys; see kdcache.pipeline.plan)."""
+    _check_rows(store, shard, keys, "keys")
+    values = _pad(np.array(keys, dtype=object), store.cap, "")
+    _store_chunk(store, shard, store.group, "keys", shard_chunk(store, shard), values)
+
+
+def set_key_digest(store: CacheStore, digest: str) -> None:
+    """Set the fingerprint's key digest in the root attributes: the driver only, once every
+    shard's keys are stored and checked unique across shards (kdcache.pipeline.plan)."""
+    fingerprint = store.meta.fingerprint.model_copy(update={"key_digest": digest})
+    store.group.attrs.update({"fingerprint": fingerprint.model_dump(mode="json")})
+    store.meta = store.meta.model_copy(update={"fingerprint": fingerprint})
+
+
 def write_teacher(
     store: CacheStore,
     shard: int,
@@ -289,7 +307,7 @@ def _store_chunk(
         ) from exc
 
 
-def _check_rows(store: CacheStore, shard: int, values: np.ndarray, what: str) -> None:
+def _check_rows(store: CacheStore, shard: int, values: np.ndarray | list, what: str) -> None:
     expected = store.meta.fingerprint.counts[shard]
     if len(values) != expected:
         name = store.meta.fingerprint.shards[shard]

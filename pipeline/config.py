@@ -35,6 +35,12 @@ class DataSection(StrictModel):
     """fsspec storage options for ``shards`` and the manifest beside them (credentials, endpoint
     ...), used by the driver and every Ray actor; empty: fsspec's defaults (for S3 the standard
     AWS environment). Saved with the config with their values redacted."""
+    index: str | None = None
+    """A shard index with each shard's sample count, so planning reads no shard: a WebDataset
+    (wids) shard index (``{"shardlist": [{"url", "nsamples", "filesize"}]}``, as ``widsindex
+    create`` writes) or a kdcache manifest; a path or a URL (read with ``storage_options``).
+    Default: the ``<prefix>-manifest.json`` beside the shards, else a ``shardindex.json`` beside
+    them, else each shard's tar headers (range requests that skip the payloads)."""
     num_classes: int | None = Field(None, ge=1)
     """Number of classes; default: from the ``<prefix>-manifest.json`` beside the shards."""
     class_names: list[str] = Field(default_factory=list)
@@ -112,14 +118,19 @@ class RaySection(StrictModel):
     """The Ray cluster and the shard actors."""
 
     address: str | None = None
-    """``None``: start an embedded local Ray (or reuse one this process started); else join it
-    (``auto``, ``ray://head:10001``, ``head:6379``)."""
+    """The cluster to join (``auto``, ``head:6379``, ``ray://head:10001``), reached before the
+    cache is created (an unreachable address is an error, nothing written). ``None``: the cluster
+    in ``RAY_ADDRESS`` if set (as under ``ray job submit``), else an embedded local Ray (or one
+    this process started already)."""
     num_actors: int | None = Field(None, ge=1)
-    """Shard actors; default: one per GPU when actors use GPUs, else min(CPUs, shards)."""
+    """Shard actors; default: as many as the cluster holds now (one per GPU when actors use GPUs,
+    else min(CPUs, shards)), at least one. Set it on an autoscaling cluster: actors that do not
+    fit yet wait for the nodes the autoscaler adds."""
     cpus_per_actor: float = Field(1.0, gt=0)
     """CPUs reserved per actor (also the torch threads on CPU unless ``runtime.torch_threads``)."""
     gpus_per_actor: float | None = Field(None, ge=0)
-    """GPUs per actor; default 1 when the cluster has GPUs, else 0."""
+    """GPUs per actor; default 1 when the cluster has GPUs now, else 0 (set it to 1 on a cluster
+    whose GPU nodes the autoscaler starts on demand)."""
     max_restarts: int = Field(3, ge=0)
     """How many times kdcache replaces a dead actor with a fresh one, per actor slot over the run
     (only while shards wait). A slot whose budget is spent, or whose actor's constructor raised, is
@@ -128,6 +139,11 @@ class RaySection(StrictModel):
     """How many times a shard whose actor died is retried, on a fresh actor, after the shards not
     yet tried; then it fails by name and the other shards still complete. (kdcache does this itself:
     Ray neither restarts the actors nor retries their tasks.)"""
+    wait_for_resources_s: float | None = Field(900.0, gt=0)
+    """How long the run waits, with no shard actor up, for Ray to place one (free CPUs/GPUs, or
+    nodes the autoscaler adds), logging what it waits for every 30 s; then the shards fail with
+    an error naming this key. ``null``: wait as long as it takes. Also covers building the
+    teachers in the first actor."""
     temp_dir: str | None = None
     """Embedded Ray only: its session directory root (keep it short: socket paths)."""
 

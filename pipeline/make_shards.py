@@ -32,7 +32,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from kdcache.errors import ConfigError, DataError, DuplicateKeyError
-from kdcache.manifest import MANIFEST_SUFFIX, Manifest, manifest_path, save_manifest
+from kdcache.manifest import (
+    MANIFEST_SUFFIX,
+    Manifest,
+    manifest_path,
+    save_manifest,
+    shard_key_digest,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -264,21 +270,21 @@ def write_split(
     manifest_path(out_dir, prefix).unlink(missing_ok=True)  # the manifest comes back last
     start = time.perf_counter()
     stats = _SplitStats()
-    names, counts = _write_shards(
+    written = _write_shards(
         samples, out_dir, prefix, shard_size, image_format, quality, num_classes, stats, total
     )
-    if not names:
+    if not written:
         raise DataError(f"split {split or prefix!r}: no samples to write to {out_dir}")
-    _remove_stale_shards(out_dir, prefix, keep=set(names))
+    _remove_stale_shards(out_dir, prefix, keep={w.name for w in written})
     manifest = _manifest(
-        split or prefix, names, counts, num_classes, class_names, image_format, stats, source
+        split or prefix, written, num_classes, class_names, image_format, stats, source
     )
     save_manifest(manifest, out_dir, prefix)
     logger.info(
         "%s: %d samples in %d shard(s) %s in %.1f s%s",
         manifest.split,
         manifest.num_samples,
-        len(names),
+        len(written),
         shard_url(out_dir, manifest),
         time.perf_counter() - start,
         f" ({stats.reencoded} re-encoded to {image_format})" if stats.reencoded else "",
@@ -296,20 +302,18 @@ def _write_shards(
     num_classes: int,
     stats: _SplitStats,
     total: int | None,
-) -> tuple[list[str], list[int]]:
-    """Write shards of ``shard_size`` samples each; return their names and counts."""
-    names: list[str] = []
-    counts: list[int] = []
+) -> list[WrittenShard]:
+    """Write shards of ``shard_size`` samples each; return what the manifest records of each."""
+    written: list[WrittenShard] = []
     iterator = iter(samples)
     show = sys.stderr.isatty() and (total or 0) >= _PROGRESS_MIN
     with tqdm(total=total, unit="img", desc=prefix, disable=not show, leave=False) as bar:
         while (first := next(iterator, None)) is not None:
-            name = shard_name(prefix, len(names))
+            name = shard_name(prefix, len(written))
             chunk = itertools.chain([first], itertools.islice(iterator, shard_size - 1))
             encoded = (_checked(s, name, num_classes, image_format, quality, stats) for s in chunk)
-            counts.append(_write_tar(out_dir / name, encoded, bar))
-            names.append(name)
-    return names, counts
+            written.append(_write_tar(out_dir / name, encoded, bar))
+    return written
 
 
 def _checked(
@@ -337,10 +341,20 @@ def _checked(
     return {"__key__": key, image_format: data, "cls": str(int(sample.label)).encode("ascii")}
 
 
-def _write_tar(path: Path, entries: Iterable[dict[str, Any]], bar: tqdm) -> int:
-    """Write one shard atomically (temporary file, then rename); return its sample count."""
+@dataclass(frozen=True)
+class WrittenShard:
+    """What the manifest records of a shard: planning uses it instead of reading the tar."""
+
+    name: str
+    count: int
+    size: int
+    key_digest: str
+
+
+def _write_tar(path: Path, entries: Iterable[dict[str, Any]], bar: tqdm) -> WrittenShard:
+    """Write one shard atomically (temporary file, then rename)."""
     tmp = path.with_name(path.name + ".tmp")
-    count = 0
+    keys: list[str] = []
     try:
         with (
             open(tmp, "wb") as stream,
@@ -348,12 +362,12 @@ def _write_tar(path: Path, entries: Iterable[dict[str, Any]], bar: tqdm) -> int:
         ):
             for entry in entries:
                 tar.write(entry)
-                count += 1
+                keys.append(entry["__key__"])
                 bar.update(1)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return count
+    return WrittenShard(path.name, len(keys), path.stat().st_size, shard_key_digest(keys))
 
 
 def _remove_stale_shards(out_dir: Path, prefix: str, keep: set[str]) -> None:
@@ -365,8 +379,7 @@ def _remove_stale_shards(out_dir: Path, prefix: str, keep: set[str]) -> None:
 
 def _manifest(
     split: str,
-    names: list[str],
-    counts: list[int],
+    written: list[WrittenShard],
     num_classes: int,
     class_names: Sequence[str],
     image_format: str,
@@ -377,15 +390,17 @@ def _manifest(
     channels = next(iter(stats.channels)) if len(stats.channels) == 1 else None
     return Manifest(
         split=split,
-        shards=names,
-        counts=counts,
-        num_samples=sum(counts),
+        shards=[w.name for w in written],
+        counts=[w.count for w in written],
+        num_samples=sum(w.count for w in written),
         num_classes=num_classes,
         class_names=list(class_names),
         image_format=image_format,
         image_size=list(size) if size else None,
         channels=channels,
         source=dict(source or {}),
+        sizes=[w.size for w in written],
+        key_digests=[w.key_digest for w in written],
     )
 
 

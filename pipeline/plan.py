@@ -1,19 +1,47 @@
-"""Planning a precompute: scan the shards, open or create the cache, list the shard tasks.
+"""Planning a precompute: list the shards, open or create the cache, list the shard tasks.
 
 The driver alone runs this module, and it is the only place that writes group attributes
-(through :func:`kdcache.writer.create_store` and :func:`kdcache.writer.add_teacher`).
-A shard task is a shard lacking its views mark or the mark of any teacher of this run; shards
-whose marks are all set are skipped, which is what makes a rerun resume.
+(through :func:`kdcache.writer.create_store`, :func:`kdcache.writer.add_teacher` and
+:func:`kdcache.writer.set_key_digest`). A shard task is a shard lacking its views mark or the mark
+of any teacher of this run; shards whose marks are all set are skipped, which is what makes a
+rerun resume.
+
+**Planning without reading the payloads.** The cache needs each shard's name and sample count
+before any work (one chunk per shard, padded to the largest); it does not need the keys. So the
+shards are planned by :func:`kdcache.shardindex.index_shards` from the manifest ``kdcache shards``
+wrote, a WebDataset shard index, or, failing both, the tar headers read with range requests that
+skip the payloads. With a manifest or index, planning reads the manifest and lists the shard
+directory (sizes checked, a stale shard scanned instead): a couple of requests in all, no shard
+bytes. The keys of such shards are learned by the workers:
+
+* a worker checks what it streams against the plan (:class:`ShardKeys`): the keys themselves when
+  planning read them (headers) or the cache stores them (views made earlier), else the sample
+  count, no key twice in the shard, and the shard's key digest when the manifest records one;
+  a shard that differs fails by name, its marks unset;
+* it writes the shard's keys (:func:`kdcache.writer.write_keys`) with the shard's views, before
+  the views mark;
+* the fingerprint's key digest is then left empty at creation, and the driver sets it once every
+  shard's views are made (:func:`seal_fingerprint`, at the end of a run, or when a rerun finds
+  nothing to do): it reads the stored keys, refuses a key found in two shards (naming both), and
+  writes the digest. The trainer refuses a cache whose digest is not set yet.
+
+What is refused stays what was refused: shard names and counts are compared with the cache's at
+planning; keys are compared at planning where they are known on both sides (headers read, or
+the manifest's per-shard digests against the keys the cache stores), and otherwise by the worker
+that reads the shard, and by the trainer as it streams (a key not in the cache's block is an
+error). Duplicate keys across shards are refused at planning when the headers were read, else
+when the fingerprint is sealed, before any training can use the cache.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
+import numpy as np
 
 from kdcache.config import dump_config
 from kdcache.errors import (
@@ -22,17 +50,26 @@ from kdcache.errors import (
     CacheNotFoundError,
     ConfigError,
     DataError,
+    DuplicateKeyError,
     TeacherError,
 )
 from kdcache.lock import WriterLock, check_unlocked
-from kdcache.manifest import find_manifest
+from kdcache.manifest import Manifest, find_manifest
 from kdcache.models import ModelSpec, build_teacher, weights_digest
 from kdcache.pipeline.config import PrecomputeConfig, TeacherSection, check_with_classes
 from kdcache.preprocess import resolve as resolve_rendering
-from kdcache.shards import ShardIndex, expand_shards, is_url, key_digest, scan_shards
+from kdcache.shardindex import ShardInfo, index_shards
+from kdcache.shards import (
+    ShardIndex,
+    check_unique_keys,
+    expand_shards,
+    is_url,
+    key_digest,
+    shard_key_digest,
+)
 from kdcache.store import CacheStore, Fingerprint, open_store
 from kdcache.views import Rendering, ViewRecipe
-from kdcache.writer import add_teacher, create_store
+from kdcache.writer import add_teacher, create_store, set_key_digest
 
 logger = logging.getLogger(__name__)
 
@@ -56,18 +93,79 @@ class ShardTask:
     index: int
     url: str
     name: str
-    keys: tuple[str, ...]
+    count: int
+    keys: tuple[str, ...] | None
+    """The keys in file order, when known (headers read, or stored with the shard's views);
+    None: the worker learns them (:class:`ShardKeys`)."""
     make_views: bool
     teachers: tuple[str, ...]
+    key_digest: str = ""
+    """The shard's key digest its manifest records ("" unknown), checked by the worker."""
+    source: str = "headers"
+    """Where planning got the count: ``headers``, ``the cache``, or a manifest or index path."""
+
+
+class ShardKeys:
+    """The keys of one shard as its worker streams it, checked against the plan.
+
+    Known keys (``task.keys``) must come in the same order. Otherwise the count must match, no
+    key may occur twice, and the keys must match the manifest's digest of the shard, if any.
+    ``keys`` holds what was read, for :func:`kdcache.writer.write_keys`."""
+
+    def __init__(self, task: ShardTask):
+        self.task = task
+        self.keys: list[str] = []
+        self._seen: set[str] = set()
+
+    def add(self, key: str) -> None:
+        """The next sample's key; a DataError naming the shard when it differs from the plan."""
+        task = self.task
+        position = len(self.keys)
+        if task.keys is not None:
+            expected = task.keys[position] if position < len(task.keys) else None
+            if key != expected:
+                raise DataError(
+                    f"shard {task.name!r}: sample {position} has key {key!r}, planning found "
+                    f"{expected!r}: the shard changed since planning"
+                )
+        elif position >= task.count:
+            raise DataError(
+                f"shard {task.name!r}: more than the {task.count} samples {task.source} records "
+                f"(key {key!r}): the shard changed since it was written"
+            )
+        elif key in self._seen:
+            raise DuplicateKeyError(f"shard {task.name!r}: key {key!r} occurs twice")
+        self._seen.add(key)
+        self.keys.append(key)
+
+    def finish(self) -> None:
+        """The shard ended: its count, and its key digest where the manifest records one."""
+        task = self.task
+        if len(self.keys) != task.count:
+            raise DataError(
+                f"shard {task.name!r}: {len(self.keys)} samples, planning found {task.count}"
+                f"{'' if task.keys is not None else f' ({task.source})'}: the shard changed"
+            )
+        learned = task.keys is None and task.key_digest
+        if learned and shard_key_digest(self.keys) != task.key_digest:
+            raise DataError(
+                f"shard {task.name!r}: its keys differ from those {task.source} records "
+                "(per-shard key digest): the shard changed after it was written"
+            )
 
 
 @dataclass
 class DataPlan:
-    """The scanned input: shard URLs (absolute for local files), their keys and the fingerprint."""
+    """The listed input: shard URLs (absolute for local files), what planning knows of each
+    shard (counts; keys where headers were read) and the fingerprint (its key digest empty
+    unless every shard's keys are known)."""
 
     urls: list[str]
-    indexes: list[ShardIndex]
+    indexes: list[ShardInfo]
     fingerprint: Fingerprint
+    manifest: Manifest | None = None
+    """The manifest beside the shards, when planning read it."""
+    sources: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -106,8 +204,8 @@ def make_plan(cfg: PrecomputeConfig) -> Plan:
     Refused (CacheLockedError) while another live precompute holds the cache's writer lock; the
     ``kdcache precompute`` command holds it itself (:func:`writer_lock`)."""
     check_unlocked(local_path(cfg.cache.path), cfg.cache.storage_options or None)
-    data = scan_data(cfg.data.shards, cfg.data.storage_options or None)
-    num_classes, class_names = resolve_classes(cfg, data.urls)
+    data = scan_data(cfg.data.shards, cfg.data.storage_options or None, cfg.data.index)
+    num_classes, class_names = resolve_classes(cfg, data)
     check_with_classes(cfg, num_classes)
     teachers = [
         _teacher_plan_at(i, t, num_classes, cfg.cache.recipe) for i, t in enumerate(cfg.teachers)
@@ -125,6 +223,8 @@ def make_plan(cfg: PrecomputeConfig) -> Plan:
             config=saved_config(cfg),
         )
     tasks = shard_tasks(store, data, [t.name for t in teachers])
+    if not tasks:
+        seal_fingerprint(store)  # an earlier run stopped before it, or ran in-process
     plan = Plan(store, data, num_classes, class_names, teachers, tasks, created)
     logger.info("%s", describe(plan))
     return plan
@@ -142,30 +242,50 @@ def saved_config(cfg: PrecomputeConfig) -> dict[str, Any]:
     return data
 
 
-def scan_data(shards: str | list[str], storage_options: dict[str, Any] | None = None) -> DataPlan:
-    """Expand and scan the shards (tar headers only): keys per shard, duplicates refused.
-    ``storage_options``: fsspec's, for shard URLs (``data.storage_options``)."""
+def scan_data(
+    shards: str | list[str],
+    storage_options: dict[str, Any] | None = None,
+    index: str | None = None,
+) -> DataPlan:
+    """List the shards and their counts without reading payloads where a manifest or index has
+    them (see the module docstring); duplicates refused where keys are read. ``storage_options``:
+    fsspec's, for shard URLs (``data.storage_options``); ``index``: ``data.index``."""
     urls = [local_path(u) for u in expand_shards(shards, "data.shards", storage_options)]
-    indexes = scan_shards(urls, storage_options=storage_options)
-    empty = [index.name for index in indexes if not index.keys]
+    listing = index_shards(urls, storage_options, local_path(index) if index else None)
+    empty = [shard.name for shard in listing.shards if not shard.count]
     if empty:
         raise DataError(
             f"data.shards: shard(s) without samples: {empty[:5]} (every shard needs at least one "
             "sample: leave the empty ones out of data.shards)"
         )
+    known = all(shard.keys is not None for shard in listing.shards)
     fingerprint = Fingerprint(
-        shards=[i.name for i in indexes],
-        counts=[len(i) for i in indexes],
-        key_digest=key_digest(indexes),
+        shards=[shard.name for shard in listing.shards],
+        counts=[shard.count for shard in listing.shards],
+        key_digest=key_digest(listing.shards) if known else "",
     )
-    return DataPlan(urls=urls, indexes=indexes, fingerprint=fingerprint)
+    logger.info("planned %d shard(s) from %s", len(urls), _sources(listing.sources))
+    return DataPlan(urls, listing.shards, fingerprint, listing.manifest, listing.sources)
 
 
-def resolve_classes(cfg: PrecomputeConfig, urls: list[str]) -> tuple[int, list[str]]:
+def _sources(sources: dict[str, int]) -> str:
+    parts = []
+    for source, count in sources.items():
+        if source == "headers":
+            parts.append(f"their tar headers ({count})")
+        else:
+            parts.append(f"{source} ({count}; keys learned as workers read them)")
+    return ", ".join(parts)
+
+
+def resolve_classes(cfg: PrecomputeConfig, data: DataPlan) -> tuple[int, list[str]]:
     """``num_classes`` and class names from the config and the manifest beside the shards."""
     num = cfg.data.num_classes
     names = list(cfg.data.class_names)
-    manifest = find_manifest(urls[0], cfg.data.storage_options or None)
+    urls = data.urls
+    manifest = data.manifest
+    if manifest is None and cfg.data.index is not None:  # the index was read, not the manifest
+        manifest = find_manifest(urls[0], cfg.data.storage_options or None)
     if manifest is not None:
         if num is not None and num != manifest.num_classes:
             raise ConfigError(
@@ -228,7 +348,7 @@ def open_or_create(
     store = create_store(
         path,
         fingerprint=data.fingerprint,
-        keys=[list(i.keys) for i in data.indexes],
+        keys=[[] for _ in data.indexes],  # each worker writes its shard's keys with its views
         recipe=cfg.cache.recipe,
         num_views=cfg.cache.num_views,
         num_classes=num_classes,
@@ -245,39 +365,85 @@ def open_or_create(
 def _check_compatible(
     store: CacheStore, cfg: PrecomputeConfig, data: DataPlan, num_classes: int
 ) -> None:
+    """Refuse a cache made from other data, or with other views or classes, saying what differs.
+
+    Key digests are compared when both sides have one; otherwise (keys learned by workers) the
+    keys the cache stores are compared shard by shard with what planning knows."""
+    cached = store.meta.fingerprint
+    given = data.fingerprint
+    both = bool(given.key_digest and cached.key_digest)
+    if not both:
+        given = given.model_copy(update={"key_digest": cached.key_digest})
     try:
         store.check_compatible(
-            fingerprint=data.fingerprint,
+            fingerprint=given,
             recipe=cfg.cache.recipe,
             num_views=cfg.cache.num_views,
             num_classes=num_classes,
             seed=cfg.cache.seed,
         )
     except CacheMismatchError as exc:
+        raise _mismatch(str(exc), changed_key_shards(store, data)) from None
+    if not both:
         changed = changed_key_shards(store, data)
-        where = (
-            f"\n  keys changed in shard(s) {changed[:5]}{' ...' if len(changed) > 5 else ''}"
-            if changed
-            else ""
-        )
-        raise CacheMismatchError(
-            f"{exc}{where}\n(use another cache.path, or --overwrite to start this cache over)"
-        ) from None
+        if changed:
+            raise _mismatch(
+                f"cache {store.path!r} does not match:\n  the sample keys differ (same shards and "
+                "counts, other keys or order)",
+                changed,
+            )
+
+
+def _mismatch(message: str, changed: list[str]) -> CacheMismatchError:
+    where = (
+        f"\n  keys changed in shard(s) {changed[:5]}{' ...' if len(changed) > 5 else ''}"
+        if changed
+        else ""
+    )
+    return CacheMismatchError(
+        f"{message}{where}\n(use another cache.path, or --overwrite to start this cache over)"
+    )
 
 
 def changed_key_shards(store: CacheStore, data: DataPlan) -> list[str]:
-    """Shards (same name and count in cache and data) whose stored keys differ from the scanned
-    ones."""
+    """Shards (same name and count in cache and data) whose stored keys differ from what planning
+    knows of them: their keys (headers read) or their manifest's key digest. Shards whose keys the
+    cache does not store yet (views not made) are not compared."""
     cached = store.meta.fingerprint
-    if cached.shards != data.fingerprint.shards or cached.key_digest == data.fingerprint.key_digest:
+    given = data.fingerprint
+    if cached.shards != given.shards:
         return []
+    if cached.key_digest and cached.key_digest == given.key_digest:
+        return []
+    comparable = [
+        i
+        for i, shard in enumerate(data.indexes)
+        if cached.counts[i] == shard.count and (shard.keys is not None or shard.key_digest)
+    ]
+    if not comparable:
+        return []
+    stored = stored_keys(store)
     changed = []
-    for shard, index in enumerate(data.indexes):
-        if cached.counts[shard] == len(index.keys):
-            stored = [str(k) for k in store.group["keys"][store.rows(shard)]]
-            if stored != list(index.keys):
-                changed.append(index.name)
+    for i in comparable:
+        keys = stored[i]
+        shard = data.indexes[i]
+        if not keys or not keys[0]:
+            continue  # not written yet
+        same = (
+            keys == list(shard.keys)
+            if shard.keys is not None
+            else (shard_key_digest(keys) == shard.key_digest)
+        )
+        if not same:
+            changed.append(shard.name)
     return changed
+
+
+def stored_keys(store: CacheStore) -> list[list[str]]:
+    """Every shard's keys as the cache stores them (one read of the keys array; a shard whose
+    views were not made yet may have none)."""
+    keys = np.asarray(store.group["keys"][:])
+    return [[str(k) for k in keys[store.rows(i)]] for i in range(store.num_shards)]
 
 
 def _open_existing(path: str, options: dict[str, Any] | None) -> CacheStore | None:
@@ -312,25 +478,58 @@ def _refuse_foreign(path: str, options: dict[str, Any] | None) -> None:
 
 
 def shard_tasks(store: CacheStore, data: DataPlan, teachers: list[str]) -> list[ShardTask]:
-    """Shards lacking the views mark or any run teacher's mark, in shard order."""
+    """Shards lacking the views mark or any run teacher's mark, in shard order. A shard whose
+    views are stored is checked against its stored keys."""
     views = store.views_done()
     done = {name: store.teacher_done(name) for name in teachers}
+    stored: list[list[str]] | None = None
     tasks = []
-    for i, (url, index) in enumerate(zip(data.urls, data.indexes, strict=True)):
+    for i, (url, shard) in enumerate(zip(data.urls, data.indexes, strict=True)):
         missing = tuple(name for name in teachers if not done[name][i])
-        if missing or not views[i]:
-            make = not bool(views[i])
-            tasks.append(
-                ShardTask(
-                    index=i,
-                    url=url,
-                    name=index.name,
-                    keys=tuple(index.keys),
-                    make_views=make,
-                    teachers=tuple(teachers) if make else missing,
-                )
+        if not missing and views[i]:
+            continue
+        make = not bool(views[i])
+        keys, source = shard.keys, shard.source
+        if not make:
+            stored = stored_keys(store) if stored is None else stored
+            keys, source = tuple(stored[i]), "the cache"
+        tasks.append(
+            ShardTask(
+                index=i,
+                url=url,
+                name=shard.name,
+                count=shard.count,
+                keys=keys,
+                make_views=make,
+                teachers=tuple(teachers) if make else missing,
+                key_digest=shard.key_digest,
+                source=source,
             )
+        )
     return tasks
+
+
+def seal_fingerprint(store: CacheStore) -> bool:
+    """Once every shard's views (and keys) are stored, refuse keys repeated across shards and set
+    the fingerprint's key digest (the driver; a no-op when it is set). True if it set it."""
+    fingerprint = store.meta.fingerprint
+    if fingerprint.key_digest or not store.views_done().all():
+        return False
+    indexes = [
+        ShardIndex(url=name, keys=keys)
+        for name, keys in zip(fingerprint.shards, stored_keys(store), strict=True)
+    ]
+    try:
+        check_unique_keys(indexes)
+    except DuplicateKeyError as exc:
+        raise DuplicateKeyError(
+            f"cache {store.path!r}: {exc} (keys of shards planned from a manifest or index are "
+            "checked across shards once every shard was read; the cache cannot be used: fix the "
+            "shards and start over with --overwrite)"
+        ) from None
+    set_key_digest(store, key_digest(indexes))
+    logger.info("cache %s: every shard's keys stored and unique; key digest set", store.path)
+    return True
 
 
 def describe(plan: Plan) -> str:

@@ -1,11 +1,20 @@
 """The precompute driver: Ray actors over the planned shard tasks, progress and a summary.
 
 Locally it starts an embedded Ray (``ray.init(address="local", ...)``) unless this process already
-initialised Ray (tests start it once per module; the runner reuses it) or ``ray.address`` names a
-cluster to join. One :class:`~kdcache.pipeline.worker.ShardWorker` actor per GPU (or N CPU actors),
-one shard task in flight on each, fed with ``ray.wait`` to actors that have finished building their
-teachers. The :class:`Dispatcher`, not Ray, handles dead actors: a shard whose actor died is retried
-later on a fresh actor (``ray.max_task_retries`` times, then it fails by name), and a dead actor is
+initialised Ray (tests start it once per module; the runner reuses it) or a cluster is named:
+``ray.address``, else ``RAY_ADDRESS`` (set by ``ray job submit``). A named cluster is joined before
+anything is written (:func:`connect_cluster`): one that cannot be reached is one
+:class:`RayClusterError`, and no cache is created. One
+:class:`~kdcache.pipeline.worker.ShardWorker` actor per GPU (or N CPU actors), one shard task in
+flight on each, fed with ``ray.wait`` to actors that have finished building their teachers.
+
+Like any Ray job, the actors ask Ray for their CPUs and GPUs and wait until it places them (free
+resources, or nodes the autoscaler adds): a cluster without room at start is not refused. While
+no actor is up the :class:`Dispatcher` logs what it waits for every 30 s, and after
+``ray.wait_for_resources_s`` gives up: :class:`ResourcesUnavailableError` when no shard ran.
+
+The :class:`Dispatcher`, not Ray, handles dead actors: a shard whose actor died is retried later
+on a fresh actor (``ray.max_task_retries`` times, then it fails by name), and a dead actor is
 replaced (``ray.max_restarts`` times per actor slot). A shard that still fails does not stop the
 others; at the end :class:`ShardsFailedError` lists the failed shards and why (their marks are
 absent, so a rerun redoes exactly them). Without a terminal (no tqdm bar) :class:`Progress` logs
@@ -23,6 +32,7 @@ import logging
 import math
 import os
 import re
+import socket
 import sys
 import time
 from collections import deque
@@ -34,16 +44,26 @@ import fsspec
 import ray
 from tqdm import tqdm
 
-from kdcache.errors import ConfigError, KdcacheError
+from kdcache.errors import KdcacheError
 from kdcache.lock import check_unlocked
 from kdcache.pipeline.config import PrecomputeConfig, RaySection
-from kdcache.pipeline.plan import Plan, ShardTask, make_plan, writer_lock
+from kdcache.pipeline.plan import Plan, ShardTask, make_plan, seal_fingerprint, writer_lock
 from kdcache.pipeline.worker import FAULT_ENV, ShardResult, ShardWorker, WorkerSettings
 
 logger = logging.getLogger(__name__)
 
 PROGRESS_LOG_SECONDS = 30.0
+FIRST_WAIT_LOG_S = 5.0
+"""While no shard actor is up, the first "waiting for resources" line comes after this long."""
 FORWARDED_ENV = (FAULT_ENV,)
+
+
+class RayClusterError(KdcacheError, ConnectionError):
+    """The Ray cluster named by ``ray.address`` (or ``RAY_ADDRESS``) cannot be reached."""
+
+
+class ResourcesUnavailableError(KdcacheError, TimeoutError):
+    """No shard actor got its resources within ``ray.wait_for_resources_s``."""
 
 
 class ShardsFailedError(KdcacheError, RuntimeError):
@@ -130,11 +150,16 @@ def worker_settings(cfg: PrecomputeConfig, plan: Plan) -> WorkerSettings:
 
 
 def precompute(cfg: PrecomputeConfig, progress: bool | None = None) -> tuple[Plan, Summary | None]:
-    """Plan and run under the cache's writer lock: the plan, and the summary (None: nothing to
-    do)."""
-    with writer_lock(cfg):
-        plan = make_plan(cfg)
-        return plan, (run_precompute(cfg, plan, progress) if plan.tasks else None)
+    """Join the named Ray cluster (before anything is written), then plan and run under the
+    cache's writer lock: the plan, and the summary (None: nothing to do)."""
+    started = connect_cluster(cfg.ray)
+    try:
+        with writer_lock(cfg):
+            plan = make_plan(cfg)
+            return plan, (run_precompute(cfg, plan, progress) if plan.tasks else None)
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def run_precompute(cfg: PrecomputeConfig, plan: Plan, progress: bool | None = None) -> Summary:
@@ -151,11 +176,18 @@ def run_precompute(cfg: PrecomputeConfig, plan: Plan, progress: bool | None = No
             if started:
                 ray.shutdown()
     summary.failed = len(failures)
+    if not failures:
+        seal_fingerprint(plan.store)  # every shard's keys are stored now
     summary.wall_seconds = time.perf_counter() - start
     _describe_cache(plan, cfg, summary)
     if failures:
         raise ShardsFailedError(failures, len(plan.tasks))
     return summary
+
+
+def wait_log_interval(limit: float | None) -> float:
+    """Seconds between "waiting for resources" lines: every 30 s, a few times for short limits."""
+    return PROGRESS_LOG_SECONDS if limit is None else min(PROGRESS_LOG_SECONDS, max(1.0, limit / 3))
 
 
 def _run_actors(cfg: PrecomputeConfig, plan: Plan, summary: Summary, progress: bool | None) -> dict:
@@ -172,11 +204,18 @@ def _run_actors(cfg: PrecomputeConfig, plan: Plan, summary: Summary, progress: b
         replacements=cfg.ray.max_restarts,
         on_failure=shown.shard_failed,
         on_first_ready=shown.actors_up,
+        wait_limit=cfg.ray.wait_for_resources_s,
+        wait_reason=lambda: resource_needs(cfg.ray),
+        wait_log_s=wait_log_interval(cfg.ray.wait_for_resources_s),
     )
     try:
         failures = dispatcher.run()
         if dispatcher.first_ready is not None:
             summary.busy_seconds = time.perf_counter() - dispatcher.first_ready
+        if dispatcher.timed_out and not summary.results:
+            raise ResourcesUnavailableError(
+                f"{dispatcher.timed_out}; no shard was processed (a rerun resumes)"
+            )
         return failures
     finally:
         shown.close()
@@ -282,9 +321,8 @@ def ensure_ray(section: RaySection) -> bool:
     """Initialise Ray unless this process already did; True if this call started it."""
     if ray.is_initialized():
         return False
-    if section.address:
-        ray.init(address=section.address, logging_level=logging.WARNING)
-        return True
+    if cluster_address(section):
+        return connect_cluster(section)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local only: no ~/.ray/auth_token
     # num_cpus / num_gpus left to Ray, which reads the cgroup CPU quota and CUDA_VISIBLE_DEVICES
     ray.init(
@@ -296,8 +334,59 @@ def ensure_ray(section: RaySection) -> bool:
     return True
 
 
+def cluster_address(section: RaySection) -> str | None:
+    """The cluster to join: ``ray.address``, else ``RAY_ADDRESS`` (``ray job submit`` sets it for
+    its entrypoint); None: an embedded local Ray."""
+    address = section.address or os.environ.get("RAY_ADDRESS") or None
+    return None if address == "local" else address
+
+
+def connect_cluster(section: RaySection) -> bool:
+    """Join the named cluster unless Ray is initialised or none is named; True if this call
+    connected. A cluster that cannot be reached is one :class:`RayClusterError`."""
+    address = cluster_address(section)
+    if address is None or ray.is_initialized():
+        return False
+    where = f"{address!r}" + ("" if section.address else " (RAY_ADDRESS; ray.address is unset)")
+    hint = (
+        "start one (`ray start --head`), correct ray.address, or leave it unset for an embedded "
+        "local Ray"
+    )
+    problem = unreachable(address)
+    if problem is None:
+        try:
+            ray.init(address=address, logging_level=logging.WARNING)
+            return True
+        except (ConnectionError, TimeoutError, ValueError, RuntimeError) as exc:
+            problem = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    raise RayClusterError(f"ray.address: cannot reach a Ray cluster at {where}: {problem}; {hint}")
+
+
+CONNECT_TIMEOUT_S = 10.0
+"""How long a TCP connection to a cluster's address may take before it counts as unreachable."""
+
+
+def unreachable(address: str) -> str | None:
+    """Why ``host:port`` (or ``ray://host:port``) does not accept a connection, None if it does
+    or the address is not of that form (``auto``: Ray's own discovery fails fast). Ray itself
+    retries an unreachable address for minutes."""
+    if address == "auto":
+        address = os.environ.get("RAY_ADDRESS") or address
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    if not host or not port.isdigit():
+        return None
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        return f"{host}:{port} does not accept connections ({exc.strerror or exc})"
+    return None
+
+
 def actor_layout(section: RaySection, num_tasks: int) -> tuple[int, float, float]:
-    """(number of actors, CPUs per actor, GPUs per actor) for this cluster."""
+    """(number of actors, CPUs per actor, GPUs per actor) for this cluster.
+
+    Actors that do not fit now are still created: Ray places them when resources free up or the
+    autoscaler adds nodes (the dispatcher waits, see ``ray.wait_for_resources_s``)."""
     resources = ray.cluster_resources()
     cpus_total = float(resources.get("CPU", 0))
     gpus_total = float(resources.get("GPU", 0))
@@ -309,20 +398,35 @@ def actor_layout(section: RaySection, num_tasks: int) -> tuple[int, float, float
     fit = math.floor(cpus_total / section.cpus_per_actor)
     if gpus:
         fit = min(fit, math.floor(gpus_total / gpus))
-    if fit < 1:
-        raise ConfigError(
-            "ray.cpus_per_actor / ray.gpus_per_actor: "
-            f"an actor needs {section.cpus_per_actor} CPU(s) "
-            f"and {gpus} GPU(s), the cluster has {cpus_total:g} and {gpus_total:g}"
-        )
-    wanted = section.num_actors or fit
-    if wanted > fit:
+    wanted = section.num_actors or max(1, fit)
+    count = max(1, min(wanted, num_tasks))
+    if fit < count:
         logger.warning(
-            "ray.num_actors=%d but only %d fit the cluster now; the others wait for resources",
-            wanted,
+            "%d shard actor(s) of %g CPU and %g GPU each, but %d fit the cluster now (%g CPU, "
+            "%g GPU): the others wait for Ray to place them (free resources or the autoscaler)",
+            count,
+            section.cpus_per_actor,
+            gpus,
             fit,
+            cpus_total,
+            gpus_total,
         )
-    return max(1, min(wanted, num_tasks)), section.cpus_per_actor, gpus
+    return count, section.cpus_per_actor, gpus
+
+
+def resource_needs(section: RaySection) -> str:
+    """What a shard actor asks for and what the cluster has now (for the waiting messages)."""
+    total = ray.cluster_resources()
+    free = ray.available_resources()
+    gpus = section.gpus_per_actor
+    if gpus is None:
+        gpus = 1.0 if total.get("GPU", 0) else 0.0
+    return (
+        f"each shard actor needs {section.cpus_per_actor:g} CPU and {gpus:g} GPU "
+        "(ray.cpus_per_actor, ray.gpus_per_actor); the cluster has "
+        f"{total.get('CPU', 0):g} CPU ({free.get('CPU', 0):g} free) and "
+        f"{total.get('GPU', 0):g} GPU ({free.get('GPU', 0):g} free)"
+    )
 
 
 def actor_factory(
@@ -375,6 +479,10 @@ class Dispatcher:
     * a shard task that raises fails at once (the same data would fail the same way again).
 
     Shards still queued when no slot is left fail with "no shard actor left to run it".
+
+    While no actor is up (all still waiting for Ray to place them, or building their teachers)
+    it logs ``wait_reason()`` every ``wait_log_s``; after ``wait_limit`` seconds of that it gives
+    the waiting slots up (``timed_out`` says why) and the queued shards fail.
     """
 
     def __init__(
@@ -387,6 +495,9 @@ class Dispatcher:
         replacements: int = 0,
         on_failure: Callable[[str], None] | None = None,
         on_first_ready: Callable[[], None] | None = None,
+        wait_limit: float | None = None,
+        wait_reason: Callable[[], str] = lambda: "",
+        wait_log_s: float = PROGRESS_LOG_SECONDS,
     ):
         self.new_actor = new_actor
         self.on_result = on_result
@@ -401,13 +512,25 @@ class Dispatcher:
         self.failures: dict[str, BaseException | str] = {}
         self.created: list[Any] = []
         self.first_ready: float | None = None
+        self.wait_limit = wait_limit
+        self.wait_reason = wait_reason
+        self.wait_log_s = wait_log_s
+        self.idle_since: float | None = None
+        """Since when no actor is up (None: one is)."""
+        self.next_wait_log = 0.0
+        self.timed_out = ""
+        """Why the dispatcher stopped waiting for actors ("" if it did not)."""
 
     def run(self) -> dict[str, BaseException | str]:
         """Until every task finished or failed; returns the failures."""
         for slot in self.slots:
             self._start(slot)
         while self._busy():
-            [ref], _ = ray.wait(list(self.pending), num_returns=1)
+            ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=self._wait_timeout())
+            if not ready:
+                self._still_waiting()
+                continue
+            ref = ready[0]
             slot, task = self.pending.pop(ref)
             if task is None:
                 self._started(slot, ref)
@@ -422,6 +545,52 @@ class Dispatcher:
         """Kill every actor this dispatcher created (killing a dead one does nothing)."""
         for actor in self.created:
             ray.kill(actor, no_restart=True)
+
+    def _wait_timeout(self) -> float | None:
+        """Block until a result while an actor is up; else wake up to log and to time out."""
+        if any(slot.ready for slot in self.slots):
+            self.idle_since = None
+            return None
+        now = time.monotonic()
+        if self.idle_since is None:
+            self.idle_since = now
+            self.next_wait_log = now + min(FIRST_WAIT_LOG_S, self.wait_log_s)
+        wake = self.next_wait_log
+        if self.wait_limit is not None:
+            wake = min(wake, self.idle_since + self.wait_limit)
+        return max(0.0, wake - now)
+
+    def _still_waiting(self) -> None:
+        """No actor is up yet: log what the run waits for, or give up after ``wait_limit``."""
+        now = time.monotonic()
+        waited = now - (self.idle_since or now)
+        starting = sum(1 for slot in self.slots if slot.actor is not None and not slot.ready)
+        if self.wait_limit is not None and waited >= self.wait_limit:
+            self.timed_out = (
+                f"no shard actor was up within ray.wait_for_resources_s={self.wait_limit:g} s "
+                f"({starting} waiting for Ray to place them or building their teachers): "
+                f"{self.wait_reason()}"
+            )
+            for slot in self.slots:
+                if slot.actor is not None and not slot.ready:
+                    self._give_up(slot, self.timed_out)
+            return
+        if now >= self.next_wait_log:
+            self.next_wait_log = now + self.wait_log_s
+            limit = (
+                f"giving up after {self.wait_limit:g} s (ray.wait_for_resources_s)"
+                if self.wait_limit is not None
+                else "waiting as long as it takes (ray.wait_for_resources_s: null)"
+            )
+            logger.info(
+                "waiting for resources: %d shard actor(s) not up after %.0f s (Ray places them "
+                "when resources free up or its autoscaler adds nodes; then they build their "
+                "teachers); %s; %s",
+                starting,
+                waited,
+                self.wait_reason(),
+                limit,
+            )
 
     def _busy(self) -> bool:
         if any(slot.busy for slot in self.slots):
@@ -493,6 +662,11 @@ class Dispatcher:
         ray.kill(slot.actor, no_restart=True)
         slot.actor = None
         slot.ready = False
+        self.pending = {
+            ref: (owner, task)
+            for ref, (owner, task) in self.pending.items()
+            if owner is not slot or task is not None
+        }  # its start is not awaited any more
 
     def _give_up(self, slot: Slot, why: str) -> None:
         logger.error("shard actor %d: %s", slot.index, why)

@@ -2,12 +2,13 @@
 
 :class:`ShardWorker` is a plain callable class. The runner wraps it as a Ray actor (one per GPU, or
 N on CPUs); tests and debugging call it in-process: ``ShardWorker(settings)(task)``. It builds each
-teacher once, then per shard task streams the tar, checks the keys against the plan, decodes each
-image once, replays A views (from ``(seed, key, a)``, or from the parameters already stored when an
-earlier run made the shard's views) in a background thread a few batches ahead, runs every teacher
-per batch under ``inference_mode`` meanwhile, reduces the logits to top-k / logsumexp / label logit
-on the device, and writes views (if needed) and each teacher's targets, each completion mark last.
-It never writes group attributes.
+teacher once, then per shard task streams the tar, checks the keys against the plan (learning them
+when planning counted the shard from a manifest), decodes each image once, replays A views (from
+``(seed, key, a)``, or from the parameters already stored when an earlier run made the shard's
+views) in a background thread a few batches ahead, runs every teacher per batch under
+``inference_mode`` meanwhile, reduces the logits to top-k / logsumexp / label logit on the device,
+and writes the shard's keys and views (if needed) and each teacher's targets, each completion mark
+last. It never writes group attributes.
 
 Test-only fault hook: with ``KDCACHE_FAULT_CRASH_SHARD=<shard name>:<marker file>`` set, the
 worker processing that shard, if the marker file does not exist, creates it and calls
@@ -33,7 +34,7 @@ import torch
 from kdcache.errors import DataError, TeacherError
 from kdcache.models import build_teacher, weights_digest
 from kdcache.pipeline.config import RuntimeSection
-from kdcache.pipeline.plan import ShardTask, TeacherPlan
+from kdcache.pipeline.plan import ShardKeys, ShardTask, TeacherPlan
 from kdcache.reader import read_block
 from kdcache.shards import DEFAULT_LABEL_KEY, Sample, decode_image, iter_shard
 from kdcache.store import STATUS_INVALID, STATUS_VALID, open_store
@@ -43,12 +44,11 @@ from kdcache.views import (
     Rendering,
     ViewParams,
     ViewRecipe,
-    draw_view,
-    group_partners,
+    draw_group,
     grouped,
     render_rows,
 )
-from kdcache.writer import write_teacher, write_views
+from kdcache.writer import write_keys, write_teacher, write_views
 
 logger = logging.getLogger(__name__)
 
@@ -254,16 +254,17 @@ class ShardWorker:
         """Process one shard task and write its chunks and marks."""
         start = time.perf_counter()
         rows = self._initial_rows(task)
-        n = len(task.keys)
+        n = task.count
         a = self.settings.num_views
         out = {name: TeacherArrays.zeros(n, a, self.k[name]) for name in task.teachers}
         forward = 0.0
-        batches = background(self._batches(task, rows), self.settings.prefetch_batches)
+        keys = ShardKeys(task)
+        batches = background(self._batches(task, rows, keys), self.settings.prefetch_batches)
         for index, batch in enumerate(batches):
             forward += self._forward(task, batch, out)
             if index == 0:
                 maybe_crash(task.name)
-        self._write(task, rows, out)
+        self._write(task, rows, out, keys)
         invalid = int((rows.status != STATUS_VALID).sum()) * a
         seconds = time.perf_counter() - start
         result = ShardResult(
@@ -275,7 +276,7 @@ class ShardWorker:
     def _initial_rows(self, task: ShardTask) -> ShardRows:
         """Fresh rows, or the labels, status and view params stored by an earlier run."""
         if task.make_views:
-            return ShardRows.fresh(self.settings.recipe, len(task.keys), self.settings.num_views)
+            return ShardRows.fresh(self.settings.recipe, task.count, self.settings.num_views)
         block = read_block(self.store, task.index)
         return ShardRows(
             np.asarray(block.labels),
@@ -285,12 +286,12 @@ class ShardWorker:
             stored=True,
         )
 
-    def _batches(self, task: ShardTask, rows: ShardRows) -> Iterator[ViewBatch]:
+    def _batches(self, task: ShardTask, rows: ShardRows, keys: ShardKeys) -> Iterator[ViewBatch]:
         """The shard's views in batches, group by group (a mixing group's rows are decoded
         together, so every view's partner is at hand; without mixing a group is one row)."""
         batcher = ViewBatcher(self.settings.runtime.batch_size)
         options = self.settings.data_storage_options or None
-        samples = checked_samples(task, options, self.settings.label_key)
+        samples = checked_samples(task, options, keys, self.settings.label_key)
         for start, group in grouped(samples, self.settings.recipe.group_size):
             views = self._group_views(task, start, group, rows)
             if views is not None:
@@ -363,13 +364,9 @@ class ShardWorker:
         rows: ShardRows,
     ) -> None:
         """Draw every view of the group's valid rows from ``(seed, key, view)``."""
-        s = self.settings
-        for row in valid:
-            key = group[row - start].key
-            partners = group_partners(row, valid)
-            hw = (int(images[row].shape[-2]), int(images[row].shape[-1]))
-            for a in range(s.num_views):
-                rows.params.put(row, a, draw_view(s.recipe, s.seed, key, a, hw, partners))
+        keys = {row: group[row - start].key for row in valid}
+        hw = {row: (int(images[row].shape[-2]), int(images[row].shape[-1])) for row in valid}
+        draw_group(rows.params, self.settings.recipe, self.settings.seed, valid, keys, hw)
 
     def _render(
         self, valid: list[int], images: dict[int, torch.Tensor], rows: ShardRows
@@ -399,9 +396,13 @@ class ShardWorker:
             out[name].put(batch.flat, targets)
         return time.perf_counter() - start
 
-    def _write(self, task: ShardTask, rows: ShardRows, out: dict[str, TeacherArrays]) -> None:
-        """Views first (if made here), then each teacher; every writer sets its mark last."""
+    def _write(
+        self, task: ShardTask, rows: ShardRows, out: dict[str, TeacherArrays], keys: ShardKeys
+    ) -> None:
+        """Keys and views first (if made here), then each teacher; every writer sets its mark
+        last."""
         if task.make_views:
+            write_keys(self.store, task.index, keys.keys)
             write_views(
                 self.store,
                 task.index,
@@ -474,23 +475,18 @@ def _produce(items: Iterator[T], slots: queue.Queue, stop: threading.Event) -> N
 
 
 def checked_samples(
-    task: ShardTask, storage_options: dict | None = None, label_key: str = DEFAULT_LABEL_KEY
+    task: ShardTask,
+    storage_options: dict | None = None,
+    keys: ShardKeys | None = None,
+    label_key: str = DEFAULT_LABEL_KEY,
 ) -> Iterator[Sample]:
-    """The shard's samples, checking that their keys are the planned ones, in order."""
-    count = 0
-    for count, sample in enumerate(iter_shard(task.url, storage_options, label_key), start=1):
-        expected = task.keys[count - 1] if count <= len(task.keys) else None
-        if sample.key != expected:
-            raise DataError(
-                f"shard {task.name!r}: sample {count - 1} has key {sample.key!r}, planning found "
-                f"{expected!r}: the shard changed since planning"
-            )
+    """The shard's samples, their keys checked against the plan (:class:`ShardKeys`: the planned
+    keys in order, or the count, uniqueness and the manifest's digest) and collected in ``keys``."""
+    keys = ShardKeys(task) if keys is None else keys
+    for sample in iter_shard(task.url, storage_options, label_key):
+        keys.add(sample.key)
         yield sample
-    if count != len(task.keys):
-        raise DataError(
-            f"shard {task.name!r}: {count} samples, planning found {len(task.keys)}: "
-            "the shard changed"
-        )
+    keys.finish()
 
 
 def decode(sample: Sample, shard: str, channels: int) -> torch.Tensor:

@@ -65,6 +65,30 @@ def test_precompute_bench_writes_its_keys(tmp_path):
         "actors",
     } <= result.keys()
     assert [r["views"] for r in result["sweep"]] == [1, 2] and result["actors"] == []
+    # planning 64 shards beside their manifest on the local S3 server: no shard read
+    assert result["planning"]["shards"] == 64
+    assert result["plan_requests_per_shard"] <= 1 and result["plan_payload_reads"] == 0
+
+
+def test_gpu_bench_is_skipped_without_cuda(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available: the bench runs instead of skipping")
+    out = tmp_path / "gpu.json"
+    assert bench_main(["gpu", "--out", str(tmp_path / "work"), "--json", str(out)]) == 0
+    assert "gpu bench skipped: CUDA is not available" in capsys.readouterr().out
+    assert "skipped" in json.loads(out.read_text())
+    assert not (tmp_path / "work").exists()  # nothing made before the check
+
+
+def test_gpu_bench_runs_its_cuda_path_on_the_cpu(tmp_path):
+    """``--device cpu --quick``: every step of the GPU check, tiny, so none of it is dead code."""
+    result = bench("gpu", tmp_path, "--device", "cpu")
+    assert result["settings"]["image_hw"] == [375, 500] and result["settings"]["amp"] == "bf16"
+    assert result["forward_vps"] > 0 and result["pipeline_vps"] > 0
+    assert [r["workers"] for r in result["datapath"]][0] == 1
+    assert all(r["views"] == 16 * 2 for r in result["datapath"])
+    assert result["pipeline"][0]["views"] == 8 * 2  # the first shard warms the worker up
+    assert result["cores_per_gpu"] > 0
 
 
 @pytest.mark.slow

@@ -56,7 +56,7 @@ from kdcache.lock import (
     read_holder,
 )
 from kdcache.models import build_model
-from kdcache.pipeline.plan import make_plan, writer_lock
+from kdcache.pipeline.plan import make_plan, seal_fingerprint, writer_lock
 from kdcache.pipeline.runner import (
     Progress,
     ShardsFailedError,
@@ -399,6 +399,7 @@ def test_single_actor_dying_on_one_shard_is_replaced_and_every_other_shard_compl
     rerun = make_plan(cfg)
     assert [task.name for task in rerun.tasks] == ["train-000000.tar"]
     ShardWorker(worker_settings(cfg, rerun))(rerun.tasks[0])
+    seal_fingerprint(rerun.store)
     assert validate_cache(open_store(str(cache))).ok
     run_in_process(make_config(shards_url(data_dir), tmp_path / "clean"))
     assert_same_arrays(cache_arrays(cache), cache_arrays(tmp_path / "clean"))

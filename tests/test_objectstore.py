@@ -32,7 +32,7 @@ from kdcache.lock import WriterLock, read_holder
 from kdcache.manifest import Manifest
 from kdcache.models import ModelSpec, build_model, build_teacher, weights_digest
 from kdcache.pipeline.config import PrecomputeConfig
-from kdcache.pipeline.plan import make_plan
+from kdcache.pipeline.plan import make_plan, seal_fingerprint
 from kdcache.pipeline.runner import precompute, store_size, worker_settings
 from kdcache.pipeline.worker import ShardWorker
 from kdcache.shards import expand_shards, iter_shard, scan_shards
@@ -299,6 +299,7 @@ def test_precompute_and_train_with_shards_through_data_storage_options(
     )  # as sent to a Ray actor
     for task in plan.tasks:
         worker(task)
+    seal_fingerprint(plan.store)
     store = open_store(cache)
     assert store.incomplete_shards() == {} and store.meta.class_names == names
     assert store.meta.config["data"]["storage_options"] == {

@@ -40,7 +40,7 @@ from kdcache.errors import (
 from kdcache.models import build_model, build_teacher, weights_digest
 from kdcache.pipeline.config import PrecomputeConfig
 from kdcache.pipeline.make_shards import make_synthetic_shards
-from kdcache.pipeline.plan import make_plan
+from kdcache.pipeline.plan import make_plan, seal_fingerprint
 from kdcache.pipeline.runner import ShardsFailedError, run_precompute, worker_settings
 from kdcache.pipeline.worker import FAULT_ENV, ShardWorker
 from kdcache.reader import read_block
@@ -156,11 +156,13 @@ def bad_dir(tmp_path: Path) -> Path:
 
 
 def run_in_process(cfg: PrecomputeConfig) -> None:
-    """Plan and run every shard task in this process (no Ray)."""
+    """Plan and run every shard task in this process (no Ray), then seal the fingerprint as the
+    runner does at the end of a run."""
     plan = make_plan(cfg)
     worker = ShardWorker(worker_settings(cfg, plan))
     for task in plan.tasks:
         worker(task)
+    seal_fingerprint(plan.store)
 
 
 # ---- 1. replay exactness ------------------------------------------------------------------
@@ -778,6 +780,7 @@ def test_config_schema_is_pinned():
     assert _keys(PrecomputeConfig) == [
         "data.shards",
         "data.storage_options",
+        "data.index",
         "data.num_classes",
         "data.class_names",
         "data.label_key",
@@ -796,6 +799,7 @@ def test_config_schema_is_pinned():
         "ray.gpus_per_actor",
         "ray.max_restarts",
         "ray.max_task_retries",
+        "ray.wait_for_resources_s",
         "ray.temp_dir",
         "runtime.batch_size",
         "runtime.device",

@@ -46,10 +46,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from kdcache.augment import UnseenOps, apply_unseen
 from kdcache.errors import CacheIncompleteError, CacheMismatchError, ConfigError, DataError
-from kdcache.manifest import find_manifest
 from kdcache.preprocess import RenderSpec
 from kdcache.preprocess import resolve as resolve_rendering
 from kdcache.reader import ShardBlock, read_block
+from kdcache.shardindex import index_shards
 from kdcache.shards import (
     DEFAULT_LABEL_KEY,
     Sample,
@@ -660,6 +660,12 @@ def open_cache(config: TrainConfig, urls: list[str], teachers: list[str]) -> Cac
         raise CacheIncompleteError(
             f"cache {store.path!r} is incomplete ({parts}): run precompute to finish it"
         )
+    if not store.meta.fingerprint.key_digest:
+        raise CacheIncompleteError(
+            f"cache {store.path!r}: every shard is done but its keys were not yet checked across "
+            "shards (the precompute stopped before its end): rerun precompute to finish it "
+            "(nothing is recomputed)"
+        )
     return store
 
 
@@ -710,13 +716,11 @@ def valid_counts(store: CacheStore) -> tuple[list[int], int]:
 
 
 def shard_counts(urls: list[str], storage_options: dict[str, Any] | None = None) -> list[int]:
-    """Samples per shard without a cache: from the manifest beside the shards, else by scanning."""
-    manifest = find_manifest(urls[0], storage_options) if urls else None
-    names = [shard_name(u) for u in urls]
-    if manifest is not None and set(names) <= set(manifest.shards):
-        by_name = dict(zip(manifest.shards, manifest.counts, strict=True))
-        return [by_name[n] for n in names]
-    return [len(index) for index in scan_shards(urls, storage_options=storage_options)]
+    """Samples per shard without a cache, as precompute plans them: from the manifest or a wids
+    shard index beside the shards where the listed sizes match, else from the tar headers."""
+    if not urls:
+        return []
+    return [shard.count for shard in index_shards(urls, storage_options).shards]
 
 
 # ---- building the run's data ---------------------------------------------------------------------

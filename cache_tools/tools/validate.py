@@ -58,7 +58,7 @@ def validate_cache(
         if len(report.problems) > max_problems:
             report.problems.append("... (stopped listing)")
             return report
-    if len(all_keys) == store.num_shards:
+    if len(all_keys) == store.num_shards and views_done.all():
         report.problems += check_keys(store, all_keys)
     return report
 
@@ -94,7 +94,7 @@ def check_chunks(store: CacheStore, teachers: list[str]) -> list[str]:
     lost after its mark was set would otherwise read back as fill values, silently."""
     marked = int(store.views_done().sum())
     arrays = [
-        (store.group, name, store.num_shards if name == "keys" else marked)
+        (store.group, name, marked)  # a worker writes its shard's keys with its views
         for name in SENTINELS["views"]
     ]
     for teacher in teachers:
@@ -120,7 +120,12 @@ def check_keys(store: CacheStore, indexes: list[ShardIndex]) -> list[str]:
     problems = []
     if len(set(keys)) != len(keys):
         problems.append(f"stored keys are not unique ({len(keys) - len(set(keys))} repeats)")
-    if key_digest(indexes) != store.meta.fingerprint.key_digest:
+    if not store.meta.fingerprint.key_digest:
+        problems.append(
+            "the fingerprint's key digest is not set (a precompute stopped before its end): "
+            "rerun precompute to check the keys across shards and set it"
+        )
+    elif key_digest(indexes) != store.meta.fingerprint.key_digest:
         problems.append("stored keys do not match the fingerprint's key digest")
     return problems
 

@@ -1,0 +1,151 @@
+"""Precompute like any Ray job: actors wait for their resources, and a cluster that cannot be
+reached is one error before anything is written.
+
+A real local Ray (the module's ``ray_session``: 2 CPUs). An actor asking for more CPUs than the
+cluster has waits, logs what it waits for, and gives up after ``ray.wait_for_resources_s``;
+one that finds the CPUs taken waits for them and then runs. The unreachable-address tests need
+Ray not initialised in this process (they run first, before the module's Ray starts): a
+``ray.address`` (or ``RAY_ADDRESS``, as ``ray job submit`` sets it) nobody listens on ends in one
+line, exit status 2, no cache and no lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import ray
+import yaml
+from test_precompute import good, make_config, write_tar
+
+from kdcache.cli import main as cli_main
+from kdcache.pipeline.runner import RayClusterError, ResourcesUnavailableError, precompute
+from kdcache.store import open_store
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def shard(tmp_path) -> str:
+    return write_tar(tmp_path / "good-000000.tar", good("g", 4))
+
+
+def config(shard: str, cache, *overrides: str):
+    return make_config(shard, cache, "data.num_classes=10", "ray.num_actors=1", *overrides)
+
+
+# ---- an unreachable cluster: before anything is written (Ray not initialised here) --------------
+
+
+def test_an_unreachable_ray_address_is_one_error_and_writes_nothing(shard, tmp_path, capsys):
+    assert not ray.is_initialized(), "these tests need a process without Ray initialised"
+    address = f"127.0.0.1:{closed_port()}"
+    with pytest.raises(
+        RayClusterError,
+        match=rf"ray.address: cannot reach a Ray cluster at '{address}': {address} does not "
+        r"accept connections .*; start one \(`ray start --head`\)",
+    ):
+        precompute(config(shard, tmp_path / "cache", f"ray.address={address}"))
+    config_file = tmp_path / "precompute.yaml"
+    config_file.write_text(
+        yaml.safe_dump(config(shard, tmp_path / "cache").model_dump(mode="json"))
+    )
+    assert cli_main(["precompute", str(config_file), f"ray.address=ray://{address}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("kdcache precompute: error: ray.address: cannot reach a Ray cluster")
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "cache.lock").exists()
+    assert not ray.is_initialized()
+
+
+def test_auto_under_ray_job_submit_joins_ray_address(shard, tmp_path, monkeypatch):
+    """``ray job submit`` sets RAY_ADDRESS for its entrypoint: ``auto``, or no address, joins it."""
+    address = f"127.0.0.1:{closed_port()}"
+    monkeypatch.setenv("RAY_ADDRESS", address)
+    with pytest.raises(RayClusterError, match=rf"at 'auto': {address} does not accept"):
+        precompute(config(shard, tmp_path / "cache", "ray.address=auto"))
+    with pytest.raises(
+        RayClusterError, match=rf"at '{address}' \(RAY_ADDRESS; ray.address is unset\)"
+    ):
+        precompute(config(shard, tmp_path / "cache"))
+    assert not (tmp_path / "cache").exists() and not ray.is_initialized()
+
+
+# ---- actors wait for their resources (the module's local Ray, 2 CPUs) ---------------------------
+
+
+def test_an_actor_larger_than_the_cluster_waits_then_fails_naming_the_key(
+    ray_session, shard, tmp_path, caplog
+):
+    caplog.set_level(logging.INFO, logger="kdcache")
+    cfg = config(shard, tmp_path / "cache", "ray.cpus_per_actor=4", "ray.wait_for_resources_s=3")
+    start = time.monotonic()
+    with pytest.raises(
+        ResourcesUnavailableError,
+        match=r"no shard actor was up within ray.wait_for_resources_s=3 s .*each shard actor "
+        r"needs 4 CPU and 0 GPU \(ray.cpus_per_actor, ray.gpus_per_actor\); the cluster has 2 "
+        r"CPU .*no shard was processed",
+    ):
+        precompute(cfg, progress=False)
+    assert 3 <= time.monotonic() - start < 60
+    assert "but 0 fit the cluster now" in caplog.text
+    assert "waiting for resources: 1 shard actor(s) not up after" in caplog.text
+    assert open_store(str(tmp_path / "cache")).incomplete_shards()["t1"] == ["good-000000.tar"]
+
+
+def test_an_actor_waits_for_cpus_taken_by_another_job_then_runs(
+    ray_session, shard, tmp_path, caplog
+):
+    @ray.remote(num_cpus=2)
+    class Holder:  # another job holding every CPU of the cluster
+        def ping(self) -> int:
+            return 1
+
+    holder = Holder.remote()
+    ray.get(holder.ping.remote())
+    timer = threading.Timer(8.0, lambda: ray.kill(holder, no_restart=True))
+    timer.start()
+    caplog.set_level(logging.INFO, logger="kdcache")
+    try:
+        _, summary = precompute(
+            config(shard, tmp_path / "cache", "ray.wait_for_resources_s=120"), progress=False
+        )
+    finally:
+        timer.cancel()
+        ray.kill(holder, no_restart=True)
+    assert summary is not None and summary.failed == 0 and summary.views == 4 * 2
+    assert "waiting for resources: 1 shard actor(s) not up after" in caplog.text
+    assert open_store(str(tmp_path / "cache")).incomplete_shards() == {}
+
+
+def test_a_driver_joins_the_cluster_of_ray_address_as_under_ray_job_submit(
+    ray_session, shard, tmp_path
+):
+    """A second driver process given the cluster as ``RAY_ADDRESS`` (what ``ray job submit`` sets
+    for its entrypoint) and ``ray.address=auto`` runs its actors on this module's Ray."""
+    config_file = tmp_path / "precompute.yaml"
+    config_file.write_text(
+        yaml.safe_dump(config(shard, tmp_path / "cache").model_dump(mode="json"))
+    )
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    done = subprocess.run(
+        [sys.executable, "-m", "kdcache", "precompute", str(config_file), "ray.address=auto"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "1/1 shard task(s) done" in done.stdout
+    assert open_store(str(tmp_path / "cache")).incomplete_shards() == {}
