@@ -49,7 +49,8 @@ import zarr
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from kdcache.encoding import ENCODINGS  # noqa: F401  (re-exported)
-from kdcache.errors import CacheError, CacheMismatchError, CacheNotFoundError
+from kdcache.errors import CacheError, CacheMismatchError, CacheNotFoundError, CacheReadError
+from kdcache.integrity import mark_path, read_marks
 from kdcache.views import Rendering, ViewRecipe
 
 FORMAT_NAME = "kdcache"
@@ -180,6 +181,7 @@ class CacheStore:
     _teacher_groups: dict[str, zarr.Group] = field(default_factory=dict, repr=False)
     _teacher_attr_cache: dict[str, dict[str, Any]] | None = field(default=None, repr=False)
     _teacher_metas: dict[str, TeacherMeta] = field(default_factory=dict, repr=False)
+    _arrays: dict[str, zarr.Array] = field(default_factory=dict, repr=False)
 
     # ---- geometry -------------------------------------------------------------------
     @property
@@ -225,6 +227,8 @@ class CacheStore:
         self._teacher_attr_cache = None
         self._teacher_groups.clear()
         self._teacher_metas.clear()
+        for path in [p for p in self._arrays if p.startswith(f"{TEACHERS}/")]:
+            del self._arrays[path]
 
     def teacher_group(self, name: str) -> zarr.Group:
         """The teacher's subgroup (opened once per store object)."""
@@ -255,12 +259,34 @@ class CacheStore:
         """The ``views/`` group of per-view parameter arrays."""
         return self.group[VIEWS]
 
+    def array(self, path: str) -> zarr.Array:
+        """The array at ``path`` (``status``, ``teachers/t1/lse`` ...), opened once per store
+        object: opening reads its metadata, which costs about as much as reading a small chunk."""
+        if path not in self._arrays:
+            if path.startswith(f"{TEACHERS}/"):
+                self.teacher_group(path.split("/")[1])  # an unknown teacher is a CacheMismatchError
+            self._arrays[path] = self.group[path]
+        return self._arrays[path]
+
     # ---- completion marks ---------------------------------------------------------------
     def views_done(self) -> np.ndarray:
-        return np.asarray(self.group["views_done"][:]) > 0
+        return self._marks(VIEWS)  # the views part is named as its group
 
     def teacher_done(self, name: str) -> np.ndarray:
-        return np.asarray(self.teacher_group(name)["done"][:]) > 0
+        return self._marks(name)
+
+    def _marks(self, part: str) -> np.ndarray:
+        """The shards marked complete for ``views`` or a teacher; a mark that cannot be decoded
+        is a CacheReadError naming the shard (a precompute rerun resets it)."""
+        marks, unreadable = read_marks(self.array(mark_path(part)))
+        if unreadable:
+            names = [self.meta.fingerprint.shards[i] for i in unreadable]
+            raise CacheReadError(
+                f"cache {self.path!r}: cannot read {mark_path(part)!r} (completion marks) of "
+                f"shard(s) {names[:5]}: the chunk is damaged; a `kdcache precompute` rerun "
+                "redoes the shard(s)"
+            )
+        return marks
 
     def incomplete_shards(self, teachers: list[str] | None = None) -> dict[str, list[str]]:
         """Shard names lacking a completion mark: ``{"views" | teacher: [shard, ...]}``."""

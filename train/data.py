@@ -49,7 +49,7 @@ from kdcache.errors import CacheIncompleteError, CacheMismatchError, ConfigError
 from kdcache.manifest import find_manifest
 from kdcache.preprocess import RenderSpec
 from kdcache.preprocess import resolve as resolve_rendering
-from kdcache.reader import ShardBlock, read_block
+from kdcache.reader import ShardBlock, read_array, read_block, require_stored
 from kdcache.shards import (
     Sample,
     decode_image,
@@ -653,6 +653,7 @@ def open_cache(config: TrainConfig, urls: list[str], teachers: list[str]) -> Cac
         raise CacheIncompleteError(
             f"cache {store.path!r} is incomplete ({parts}): run precompute to finish it"
         )
+    require_stored(store, teachers)  # lost chunk files: found before any work
     return store
 
 
@@ -697,7 +698,7 @@ def check_views_match(config: TrainConfig, store: CacheStore) -> None:
 
 def valid_counts(store: CacheStore) -> tuple[list[int], int]:
     """Valid rows per shard (cache order) and the number of invalid rows, from ``status``."""
-    status = np.asarray(store.group["status"][:])
+    status = read_array(store, "status")  # a marked shard's lost chunk is an error, not zeros
     valid = [int((status[store.rows(i)] == STATUS_VALID).sum()) for i in range(store.num_shards)]
     return valid, sum(store.meta.fingerprint.counts) - sum(valid)
 
