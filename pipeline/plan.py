@@ -3,7 +3,9 @@
 The driver alone runs this module, and it is the only place that writes group attributes
 (through :func:`kdcache.writer.create_store` and :func:`kdcache.writer.add_teacher`).
 A shard task is a shard lacking its views mark or the mark of any teacher of this run; shards
-whose marks are all set are skipped, which is what makes a rerun resume.
+whose marks are all set are skipped, which is what makes a rerun resume. On an existing cache the
+marked shards are checked first (:mod:`kdcache.pipeline.repair`): damaged ones lose their marks,
+so they are redone.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from kdcache.lock import WriterLock, check_unlocked
 from kdcache.manifest import find_manifest
 from kdcache.models import ModelSpec, build_teacher, weights_digest
 from kdcache.pipeline.config import PrecomputeConfig, TeacherSection, check_with_classes
+from kdcache.pipeline.repair import repair_damage
 from kdcache.preprocess import resolve as resolve_rendering
 from kdcache.shards import ShardIndex, expand_shards, key_digest, scan_shards
 from kdcache.store import CacheStore, Fingerprint, open_store
@@ -124,6 +127,9 @@ def make_plan(cfg: PrecomputeConfig) -> Plan:
             encoding=section.encoding,
             config=saved_config(cfg),
         )
+    if not created:  # damaged shards lose their marks here, so shard_tasks lists them again
+        keys = [index.keys for index in data.indexes]
+        repair_damage(store, keys, [t.name for t in teachers], check=cfg.cache.check)
     tasks = shard_tasks(store, data, [t.name for t in teachers])
     plan = Plan(store, data, num_classes, class_names, teachers, tasks, created)
     logger.info("%s", describe(plan))
