@@ -265,7 +265,15 @@ class CacheStore:
         if path not in self._arrays:
             if path.startswith(f"{TEACHERS}/"):
                 self.teacher_group(path.split("/")[1])  # an unknown teacher is a CacheMismatchError
-            self._arrays[path] = self.group[path]
+            try:
+                self._arrays[path] = self.group[path]
+            except Exception as exc:  # zarr.json lost (KeyError) or garbled (JSONDecodeError ...)
+                raise CacheReadError(
+                    f"cache {self.path!r}: cannot open array {path!r} ({type(exc).__name__}: "
+                    f"{str(exc)[:200]}): its metadata (zarr.json) is damaged or missing, which a "
+                    "precompute rerun does not repair: restore the file, or rebuild the cache "
+                    "with `kdcache precompute CONFIG --overwrite`"
+                ) from exc
         return self._arrays[path]
 
     # ---- completion marks ---------------------------------------------------------------

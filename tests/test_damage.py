@@ -305,6 +305,18 @@ def test_lost_chunks_are_found_before_any_training(clean, tmp_path, capsys):
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+def test_damaged_array_metadata_is_named_and_not_silently_recreated(clean, tmp_path, capsys):
+    """An array's zarr.json garbled: one line naming the array from the trainer and the rerun
+    alike (the rerun cannot rebuild metadata: the message says how to recover)."""
+    cache, config = copy_of(clean, tmp_path)
+    (cache / "teachers" / "t1" / "topk_logit" / "zarr.json").write_text("{garbled")
+    assert main(["train", train_yaml(clean, cache, tmp_path, "t1", workers=0)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot open array 'teachers/t1/topk_logit'" in err[0], err
+    with pytest.raises(CacheReadError, match=r"'teachers/t1/topk_logit'.*--overwrite"):
+        make_plan(config)
+
+
 # ---- the other readers --------------------------------------------------------------------------
 
 
