@@ -31,6 +31,7 @@ import zarr
 from zarr.core.sync import sync
 
 from kdcache.encoding import array_specs
+from kdcache.errors import CacheReadError
 from kdcache.views import param_arrays
 
 if TYPE_CHECKING:  # the store imports this module
@@ -106,16 +107,31 @@ def read_marks(array: zarr.Array) -> tuple[np.ndarray, list[int]]:
     (those read as not done)."""
     try:
         return np.asarray(array[:]) > 0, []
-    except Exception:  # codecs raise ValueError/RuntimeError, stores OSError: find which chunk
+    except OSError:  # unreachable, not damaged: see _damaged
+        raise
+    except Exception:  # a damaged chunk among them: find which, one by one
         pass
     marks = np.zeros(array.shape[0], dtype=bool)
     unreadable = []
     for shard in range(array.shape[0]):
-        try:
+        if _damaged(array, shard) is None:
             marks[shard] = bool(array[shard] > 0)
-        except Exception:
+        else:
             unreadable.append(shard)
     return marks, unreadable
+
+
+def _damaged(array: zarr.Array, selection: slice | int) -> str | None:
+    """Why ``array[selection]`` fails to decode (damage), or None when it decodes. A store that
+    cannot be read (OSError) is no evidence of damage: that propagates, so an outage never
+    clears a mark."""
+    try:
+        array[selection]
+    except OSError:
+        raise
+    except Exception as exc:  # the crc32c codec raises ValueError, decompressors RuntimeError
+        return f"{type(exc).__name__}: {str(exc)[:120]}"
+    return None
 
 
 # ---- the parts of a shard -------------------------------------------------------------------
@@ -158,21 +174,33 @@ def find_damage(
     (default: all of the cache's): unreadable marks, missing chunks (one listing per array) and,
     with ``check``, chunks that fail their checksum or cannot be decoded (reads every one)."""
     teachers = store.teachers if teachers is None else teachers
-    found: list[Damage] = []
-    for part in [KEYS, VIEWS, *teachers]:
-        marks, unreadable = part_marks(store, part)
+    try:
+        return [d for part in [KEYS, VIEWS, *teachers] for d in _part_damage(store, part, check)]
+    except CacheReadError:  # already names what (an OSError too)
+        raise
+    except OSError as exc:
+        raise CacheReadError(
+            f"cache {store.path!r}: cannot check its chunks ({type(exc).__name__}: "
+            f"{str(exc)[:200]}): the store could not be read; no mark was changed"
+        ) from exc
+
+
+def _part_damage(store: CacheStore, part: str, check: bool) -> list[Damage]:
+    """:func:`find_damage` of one part (keys, views or a teacher)."""
+    marks, unreadable = part_marks(store, part)
+    found = [
+        _damage(store, part, shard, mark_path(part), "(completion mark) cannot be decoded")
+        for shard in unreadable
+    ]
+    marked = [int(shard) for shard in np.flatnonzero(marks)]
+    for path, array in part_arrays(store, part).items():
+        stored = stored_shards(array, store.num_shards)
         found += [
-            _damage(store, part, shard, mark_path(part), "(completion mark) cannot be decoded")
-            for shard in unreadable
+            _damage(store, part, shard, path, LOST) for shard in marked if shard not in stored
         ]
-        marked = [int(shard) for shard in np.flatnonzero(marks)]
-        for path, array in part_arrays(store, part).items():
-            stored = stored_shards(array, store.num_shards)
-            lost = [shard for shard in marked if shard not in stored]
-            found += [_damage(store, part, shard, path, LOST) for shard in lost]
-            if check:
-                present = [shard for shard in marked if shard in stored]
-                found += _undecodable(store, part, path, array, present)
+        if check:
+            present = [shard for shard in marked if shard in stored]
+            found += _undecodable(store, part, path, array, present)
     return found
 
 
@@ -193,17 +221,12 @@ def _undecodable(
     shards are read together, and a run that fails is read again shard by shard."""
     found = []
     for run in _runs(shards, CHECK_BATCH):
-        try:
-            array[run[0] * store.cap : (run[-1] + 1) * store.cap]
+        if _damaged(array, slice(run[0] * store.cap, (run[-1] + 1) * store.cap)) is None:
             continue
-        except Exception:  # codecs raise ValueError/RuntimeError, stores OSError: find which
-            pass
         for shard in run:
-            try:
-                array[shard * store.cap : (shard + 1) * store.cap]
-            except Exception as exc:
-                reason = f"cannot be decoded ({type(exc).__name__}: {str(exc)[:120]})"
-                found.append(_damage(store, part, shard, path, reason))
+            why = _damaged(array, slice(shard * store.cap, (shard + 1) * store.cap))
+            if why is not None:
+                found.append(_damage(store, part, shard, path, f"cannot be decoded ({why})"))
     return found
 
 

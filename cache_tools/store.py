@@ -286,7 +286,15 @@ class CacheStore:
     def _marks(self, part: str) -> np.ndarray:
         """The shards marked complete for ``views`` or a teacher; a mark that cannot be decoded
         is a CacheReadError naming the shard (a precompute rerun resets it)."""
-        marks, unreadable = read_marks(self.array(mark_path(part)))
+        try:
+            marks, unreadable = read_marks(self.array(mark_path(part)))
+        except CacheReadError:
+            raise
+        except OSError as exc:  # the store, not the chunk: nothing to name a shard for
+            raise CacheReadError(
+                f"cache {self.path!r}: cannot read {mark_path(part)!r} (completion marks) "
+                f"({type(exc).__name__}: {str(exc)[:200]}): the store could not be read"
+            ) from exc
         if unreadable:
             names = [self.meta.fingerprint.shards[i] for i in unreadable]
             raise CacheReadError(
