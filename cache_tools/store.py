@@ -32,9 +32,10 @@ Layout (``R = num_shards * rows_per_shard``; shard ``s`` owns rows ``[s*cap, (s+
         done       int64 [S]               completion mark per shard, chunk 1
 
 Every chunk ends with a crc32c checksum (Zarr's ``crc32c`` codec), so a damaged chunk is an error
-on reading, never wrong values. Group attributes are written by the driver only; a worker writes
-its shard's chunks, then its shard's completion mark, last. See :mod:`kdcache.reader` for the
-read side.
+on reading, never wrong values; and a shard marked complete has every chunk its marks vouch for
+stored, so a missing one is damage too (:mod:`kdcache.integrity`). Group attributes are written
+by the driver only; a worker writes its shard's chunks, then its shard's completion mark, last.
+See :mod:`kdcache.reader` for the read side.
 """
 
 from __future__ import annotations
