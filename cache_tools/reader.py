@@ -1,7 +1,11 @@
 """The read half of the cache contract: one shard's block, keyed by sample.
 
-The trainer, inspect, validate and verify all read through :func:`read_block`, which fetches each
-array's one chunk for the shard and trims the padding.
+The trainer, inspect, validate, verify and precompute's worker (adding a teacher over stored views)
+all read through :func:`read_block`, which fetches each array's one chunk for the shard and trims
+the padding. Damage at rest is an error here, never data: a chunk that fails its checksum, or a
+missing chunk of a shard marked complete (Zarr would read fill values; see
+:mod:`kdcache.integrity`), is a :class:`~kdcache.errors.CacheReadError` naming the cache, the array
+and the shard.
 """
 
 from __future__ import annotations
@@ -12,6 +16,15 @@ import numpy as np
 
 from kdcache.encoding import array_specs, decode
 from kdcache.errors import CacheIncompleteError, CacheMismatchError, CacheReadError
+from kdcache.integrity import (
+    VIEWS,
+    array_path,
+    find_damage,
+    mark_path,
+    missing_chunks,
+    part_arrays,
+    stored_shards,
+)
 from kdcache.store import STATUS_VALID, CacheStore
 from kdcache.views import ViewParams, param_arrays
 
@@ -67,16 +80,22 @@ def read_block(
     *,
     require_complete: bool = True,
 ) -> ShardBlock:
-    """Read one shard's rows: keys, labels, status, view params and the named teachers' targets."""
+    """Read one shard's rows: keys, labels, status, view params and the named teachers' targets.
+
+    What the shard's marks vouch for must be stored whole: a missing chunk of a part marked
+    complete (its views, a teacher), or a chunk that fails its checksum, is a
+    :class:`CacheReadError` naming the cache, the array and the shard, never fill values. With
+    ``require_complete=False`` unmarked parts are read too, as fill values where never written."""
     index = store.shard_index(shard) if isinstance(shard, str) else shard
     name = store.meta.fingerprint.shards[index]
     teachers = list(teachers or [])
+    marked = marked_parts(store, index, [VIEWS, *teachers])
     if require_complete:
-        _require_done(store, index, name, teachers)
+        _require_done(store, name, teachers, marked)
+    require_chunks(store, index, marked)
     rows = store.rows(index)
     arrays = {
-        key: read_rows(store, store.group, key, rows, name)
-        for key in ("keys", "labels", "status", "errors")
+        key: read_path(store, key, rows, name) for key in ("keys", "labels", "status", "errors")
     }
     block = ShardBlock(shard=name, index=index, views=read_views(store, rows, name), **arrays)
     for teacher in teachers:
@@ -86,18 +105,16 @@ def read_block(
 
 def read_views(store: CacheStore, rows: slice, shard: str) -> ViewParams:
     """The stored view parameters of a row range."""
-    group = store.views
     names = ["image_hw", *param_arrays(store.meta.recipe)]
-    arrays = {name: read_rows(store, group, name, rows, shard) for name in names}
+    arrays = {name: read_path(store, f"{VIEWS}/{name}", rows, shard) for name in names}
     return ViewParams(arrays.pop("image_hw"), arrays)
 
 
 def read_teacher_rows(store: CacheStore, teacher: str, rows: slice, shard: str) -> TeacherBlock:
     """One teacher's targets for a row range, decoded from its encoding."""
-    group = store.teacher_group(teacher)
     meta = store.teacher_meta(teacher)
     arrays = {
-        name: read_rows(store, group, name, rows, shard)
+        name: read_path(store, f"teachers/{teacher}/{name}", rows, shard)
         for name in array_specs(meta.encoding, meta.index_dtype)
     }
     return TeacherBlock(*decode(meta.encoding, arrays))
@@ -106,23 +123,88 @@ def read_teacher_rows(store: CacheStore, teacher: str, rows: slice, shard: str) 
 def read_rows(store: CacheStore, group, name: str, rows: slice, shard: str) -> np.ndarray:
     """``group[name][rows]``; a damaged or unreadable chunk is a :class:`CacheReadError` naming
     array and shard."""
+    return read_path(store, f"{group.path}/{name}".lstrip("/"), rows, shard)
+
+
+def read_path(store: CacheStore, path: str, rows: slice, shard: str) -> np.ndarray:
+    """Rows of the array at ``path`` (``status``, ``teachers/t1/lse`` ...); a chunk that fails its
+    checksum or cannot be fetched is a :class:`CacheReadError` naming array and shard."""
     try:
-        return group[name][rows]
+        return store.array(path)[rows]
     except Exception as exc:  # codecs raise RuntimeError/ValueError, stores OSError: all one here
-        path = f"{group.path}/{name}".lstrip("/")
         raise CacheReadError(
             f"cache {store.path!r}: cannot read {path!r} of shard {shard!r} "
-            f"({type(exc).__name__}: {str(exc)[:200]}); the chunk is damaged or unreachable"
+            f"({type(exc).__name__}: {str(exc)[:200]}); the chunk is damaged or unreachable "
+            f"({REPAIR_CHECK})"
         ) from exc
 
 
-def _require_done(store: CacheStore, index: int, name: str, teachers: list[str]) -> None:
-    if not bool(store.group["views_done"][index]):
+REPAIR = "`kdcache validate` lists the damage; a `kdcache precompute` rerun redoes the shard"
+REPAIR_CHECK = "`kdcache precompute --check` finds damaged chunks and redoes their shards"
+
+
+def marked_parts(store: CacheStore, index: int, parts: list[str]) -> list[str]:
+    """Those of ``parts`` (``views``, teachers) that shard ``index`` has its completion mark for;
+    a mark that cannot be decoded is a :class:`CacheReadError`, a missing one "not done"."""
+    name = store.meta.fingerprint.shards[index]
+    mark = slice(index, index + 1)
+    return [part for part in parts if read_path(store, mark_path(part), mark, name)[0] > 0]
+
+
+def require_chunks(store: CacheStore, index: int, parts: list[str]) -> None:
+    """Shard ``index`` holds its chunk of every array of ``parts``, else a
+    :class:`CacheReadError` naming the arrays: one ``exists`` per array, issued together."""
+    arrays = [array for part in parts for array in part_arrays(store, part).values()]
+    missing = missing_chunks(arrays, index)
+    if missing:
+        name = store.meta.fingerprint.shards[index]
+        paths = ", ".join(repr(array_path(array)) for array in missing)
+        raise CacheReadError(
+            f"cache {store.path!r}: cannot read {paths} of shard {name!r}: the chunk file is "
+            f"missing though the shard is marked complete, so the cache is damaged ({REPAIR})"
+        )
+
+
+def require_stored(store: CacheStore, teachers: list[str]) -> None:
+    """Every shard marked complete holds every chunk of its keys, views and ``teachers``, else a
+    :class:`CacheReadError` naming the first damaged ones: one listing per array, for a reader
+    that wants damage found before any work (the trainer)."""
+    damage = find_damage(store, teachers)
+    if damage:
+        shown = "; ".join(str(d) for d in damage[:3])
+        more = f" (and {len(damage) - 3} more)" if len(damage) > 3 else ""
+        raise CacheReadError(f"cache {store.path!r} is damaged: {shown}{more} ({REPAIR})")
+
+
+def read_array(store: CacheStore, path: str) -> np.ndarray:
+    """All rows of a per-row array under the views mark (``status``, ``labels`` ...): each shard
+    marked complete must hold its chunk (one listing) and every chunk must decode, else a
+    :class:`CacheReadError` naming the shard."""
+    array = store.array(path)
+    names = store.meta.fingerprint.shards
+    stored = stored_shards(array, store.num_shards)
+    lost = [names[i] for i in np.flatnonzero(store.views_done()) if i not in stored]
+    if lost:
+        raise CacheReadError(
+            f"cache {store.path!r}: cannot read {path!r} of shard(s) {lost[:5]}: the chunk file "
+            f"is missing though the shard is marked complete, so the cache is damaged ({REPAIR})"
+        )
+    try:
+        return np.asarray(array[:])
+    except Exception:  # name the shard: read chunk by chunk, the damaged one raises
+        for index in range(store.num_shards):
+            chunk = slice(index * store.cap, (index + 1) * store.cap)
+            read_path(store, path, chunk, names[index])
+        raise
+
+
+def _require_done(store: CacheStore, name: str, teachers: list[str], marked: list[str]) -> None:
+    if VIEWS not in marked:
         raise CacheIncompleteError(
             f"shard {name!r} has no views yet in cache {store.path!r}: run precompute to finish it"
         )
     for teacher in teachers:
-        if not bool(store.teacher_group(teacher)["done"][index]):
+        if teacher not in marked:
             raise CacheIncompleteError(
                 f"shard {name!r} is not complete for teacher {teacher!r} in cache "
                 f"{store.path!r}: run precompute to finish it"

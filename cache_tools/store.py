@@ -32,9 +32,10 @@ Layout (``R = num_shards * rows_per_shard``; shard ``s`` owns rows ``[s*cap, (s+
         done       int64 [S]               completion mark per shard, chunk 1
 
 Every chunk ends with a crc32c checksum (Zarr's ``crc32c`` codec), so a damaged chunk is an error
-on reading, never wrong values. Group attributes are written by the driver only; a worker writes
-its shard's chunks, then its shard's completion mark, last. See :mod:`kdcache.reader` for the
-read side.
+on reading, never wrong values; and a shard marked complete has every chunk its marks vouch for
+stored, so a missing one is damage too (:mod:`kdcache.integrity`). Group attributes are written
+by the driver only; a worker writes its shard's chunks, then its shard's completion mark, last.
+See :mod:`kdcache.reader` for the read side.
 """
 
 from __future__ import annotations
@@ -49,8 +50,9 @@ import zarr
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from kdcache.encoding import ENCODINGS  # noqa: F401  (re-exported)
-from kdcache.errors import CacheError, CacheMismatchError, CacheNotFoundError
+from kdcache.errors import CacheError, CacheMismatchError, CacheNotFoundError, CacheReadError
 from kdcache.hierarchy import subgroups
+from kdcache.integrity import mark_path, read_marks
 from kdcache.views import Rendering, ViewRecipe
 
 FORMAT_NAME = "kdcache"
@@ -181,6 +183,7 @@ class CacheStore:
     _teacher_groups: dict[str, zarr.Group] = field(default_factory=dict, repr=False)
     _teacher_attr_cache: dict[str, dict[str, Any]] | None = field(default=None, repr=False)
     _teacher_metas: dict[str, TeacherMeta] = field(default_factory=dict, repr=False)
+    _arrays: dict[str, zarr.Array] = field(default_factory=dict, repr=False)
 
     # ---- geometry -------------------------------------------------------------------
     @property
@@ -226,6 +229,8 @@ class CacheStore:
         self._teacher_attr_cache = None
         self._teacher_groups.clear()
         self._teacher_metas.clear()
+        for path in [p for p in self._arrays if p.startswith(f"{TEACHERS}/")]:
+            del self._arrays[path]
 
     def teacher_group(self, name: str) -> zarr.Group:
         """The teacher's subgroup (opened once per store object)."""
@@ -256,12 +261,50 @@ class CacheStore:
         """The ``views/`` group of per-view parameter arrays."""
         return self.group[VIEWS]
 
+    def array(self, path: str) -> zarr.Array:
+        """The array at ``path`` (``status``, ``teachers/t1/lse`` ...), opened once per store
+        object: opening reads its metadata, which costs about as much as reading a small chunk."""
+        if path not in self._arrays:
+            if path.startswith(f"{TEACHERS}/"):
+                self.teacher_group(path.split("/")[1])  # an unknown teacher is a CacheMismatchError
+            try:
+                self._arrays[path] = self.group[path]
+            except Exception as exc:  # zarr.json lost (KeyError) or garbled (JSONDecodeError ...)
+                raise CacheReadError(
+                    f"cache {self.path!r}: cannot open array {path!r} ({type(exc).__name__}: "
+                    f"{str(exc)[:200]}): its metadata (zarr.json) is damaged or missing, which a "
+                    "precompute rerun does not repair: restore the file, or rebuild the cache "
+                    "with `kdcache precompute CONFIG --overwrite`"
+                ) from exc
+        return self._arrays[path]
+
     # ---- completion marks ---------------------------------------------------------------
     def views_done(self) -> np.ndarray:
-        return np.asarray(self.group["views_done"][:]) > 0
+        return self._marks(VIEWS)  # the views part is named as its group
 
     def teacher_done(self, name: str) -> np.ndarray:
-        return np.asarray(self.teacher_group(name)["done"][:]) > 0
+        return self._marks(name)
+
+    def _marks(self, part: str) -> np.ndarray:
+        """The shards marked complete for ``views`` or a teacher; a mark that cannot be decoded
+        is a CacheReadError naming the shard (a precompute rerun resets it)."""
+        try:
+            marks, unreadable = read_marks(self.array(mark_path(part)))
+        except CacheReadError:
+            raise
+        except OSError as exc:  # the store, not the chunk: nothing to name a shard for
+            raise CacheReadError(
+                f"cache {self.path!r}: cannot read {mark_path(part)!r} (completion marks) "
+                f"({type(exc).__name__}: {str(exc)[:200]}): the store could not be read"
+            ) from exc
+        if unreadable:
+            names = [self.meta.fingerprint.shards[i] for i in unreadable]
+            raise CacheReadError(
+                f"cache {self.path!r}: cannot read {mark_path(part)!r} (completion marks) of "
+                f"shard(s) {names[:5]}: the chunk is damaged; a `kdcache precompute` rerun "
+                "redoes the shard(s)"
+            )
+        return marks
 
     def incomplete_shards(self, teachers: list[str] | None = None) -> dict[str, list[str]]:
         """Shard names lacking a completion mark: ``{"views" | teacher: [shard, ...]}``."""

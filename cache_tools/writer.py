@@ -3,7 +3,9 @@
 The driver creates the store and the teacher subgroups (the only attribute writes); a shard task
 writes its shard's chunks with :func:`write_views` / :func:`write_teacher`, each of which sets the
 shard's completion mark last, after the data is stored. A failed write raises
-:class:`~kdcache.errors.CacheWriteError` naming shard and array, and the mark stays unset.
+:class:`~kdcache.errors.CacheWriteError` naming shard and array, and the mark stays unset. Damage
+found when a precompute is planned is repaired by the driver: :func:`clear_mark` unsets a damaged
+part's mark (the run redoes it) and :func:`write_keys` rewrites a damaged keys chunk.
 """
 
 from __future__ import annotations
@@ -285,6 +287,15 @@ def write_targets(store: CacheStore, shard: int, teacher: str, targets: SparseTa
         topk_logit=targets.logit.detach().cpu().numpy().reshape(n, a, k),
         **scalars,
     )
+
+
+def clear_mark(store: CacheStore, shard: int, part: str) -> None:
+    """Unset a shard's completion mark for its views (``part="views"``) or a teacher: its data is
+    damaged, and a rerun redoes it. Written as 0 (not deleted), so an unreadable mark chunk is
+    replaced too."""
+    group = store.group if part == VIEWS else store.teacher_group(part)
+    name = "views_done" if part == VIEWS else "done"
+    _store_chunk(store, shard, group, name, shard, 0)
 
 
 def _store_chunk(

@@ -76,6 +76,11 @@ class CacheSection(StrictModel):
     """How views are made (stored in the cache; the trainer replays with the cache's copy)."""
     overwrite: bool = False
     """Delete an existing cache at ``path`` and start over (``--overwrite``)."""
+    check: bool = False
+    """On an existing cache, read every chunk of the shards marked complete and check its
+    checksum before the run (``--check``); damaged shards are redone. Without it only the chunk
+    files' existence is checked (one listing per array), which finds lost files but not flipped
+    bytes."""
     force_unlock: bool = False
     """Remove the cache's writer lock (``<path>.lock``) even if its holder may still run
     (``--force-unlock``): for a precompute killed on another host. A lock whose holder died on

@@ -31,6 +31,9 @@ the manifest's per-shard digests against the keys the cache stores), and otherwi
 that reads the shard, and by the trainer as it streams (a key not in the cache's block is an
 error). Duplicate keys across shards are refused at planning when the headers were read, else
 when the fingerprint is sealed, before any training can use the cache.
+
+**Repair.** On an existing cache the marked shards are checked first
+(:mod:`kdcache.pipeline.repair`): damaged ones lose their marks, so they are redone.
 """
 
 from __future__ import annotations
@@ -41,7 +44,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
-import numpy as np
 
 from kdcache.config import dump_config
 from kdcache.errors import (
@@ -57,7 +59,9 @@ from kdcache.lock import WriterLock, check_unlocked
 from kdcache.manifest import Manifest, find_manifest
 from kdcache.models import ModelSpec, build_teacher, weights_digest
 from kdcache.pipeline.config import PrecomputeConfig, TeacherSection, check_with_classes
+from kdcache.pipeline.repair import repair_damage
 from kdcache.preprocess import resolve as resolve_rendering
+from kdcache.reader import read_path
 from kdcache.shardindex import ShardInfo, index_shards
 from kdcache.shards import (
     ShardIndex,
@@ -222,6 +226,8 @@ def make_plan(cfg: PrecomputeConfig) -> Plan:
             encoding=section.encoding,
             config=saved_config(cfg),
         )
+    if not created:  # damaged shards lose their marks here, so shard_tasks lists them again
+        repair_damage(store, [t.name for t in teachers], check=cfg.cache.check)
     tasks = shard_tasks(store, data, [t.name for t in teachers])
     if not tasks:
         seal_fingerprint(store)  # an earlier run stopped before it, or ran in-process
@@ -422,10 +428,9 @@ def changed_key_shards(store: CacheStore, data: DataPlan) -> list[str]:
     ]
     if not comparable:
         return []
-    stored = stored_keys(store)
     changed = []
     for i in comparable:
-        keys = stored[i]
+        keys = stored_keys(store, i)
         shard = data.indexes[i]
         if not keys or not keys[0]:
             continue  # not written yet
@@ -439,11 +444,11 @@ def changed_key_shards(store: CacheStore, data: DataPlan) -> list[str]:
     return changed
 
 
-def stored_keys(store: CacheStore) -> list[list[str]]:
-    """Every shard's keys as the cache stores them (one read of the keys array; a shard whose
-    views were not made yet may have none)."""
-    keys = np.asarray(store.group["keys"][:])
-    return [[str(k) for k in keys[store.rows(i)]] for i in range(store.num_shards)]
+def stored_keys(store: CacheStore, shard: int) -> list[str]:
+    """A shard's keys as the cache stores them (one chunk; a shard whose views were not made yet
+    may have none). A damaged chunk is a CacheReadError naming the shard."""
+    name = store.meta.fingerprint.shards[shard]
+    return [str(k) for k in read_path(store, "keys", store.rows(shard), name)]
 
 
 def _open_existing(path: str, options: dict[str, Any] | None) -> CacheStore | None:
@@ -482,7 +487,6 @@ def shard_tasks(store: CacheStore, data: DataPlan, teachers: list[str]) -> list[
     views are stored is checked against its stored keys."""
     views = store.views_done()
     done = {name: store.teacher_done(name) for name in teachers}
-    stored: list[list[str]] | None = None
     tasks = []
     for i, (url, shard) in enumerate(zip(data.urls, data.indexes, strict=True)):
         missing = tuple(name for name in teachers if not done[name][i])
@@ -491,8 +495,7 @@ def shard_tasks(store: CacheStore, data: DataPlan, teachers: list[str]) -> list[
         make = not bool(views[i])
         keys, source = shard.keys, shard.source
         if not make:
-            stored = stored_keys(store) if stored is None else stored
-            keys, source = tuple(stored[i]), "the cache"
+            keys, source = tuple(stored_keys(store, i)), "the cache"
         tasks.append(
             ShardTask(
                 index=i,
@@ -517,7 +520,11 @@ def seal_fingerprint(store: CacheStore) -> bool:
         return False
     indexes = [
         ShardIndex(url=name, keys=keys)
-        for name, keys in zip(fingerprint.shards, stored_keys(store), strict=True)
+        for name, keys in zip(
+            fingerprint.shards,
+            (stored_keys(store, i) for i in range(store.num_shards)),
+            strict=True,
+        )
     ]
     try:
         check_unique_keys(indexes)

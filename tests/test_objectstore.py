@@ -27,7 +27,7 @@ from test_precompute import run_in_process
 
 from kdcache.cli import main as cli_main
 from kdcache.config import validate
-from kdcache.errors import CacheLockedError, CacheMismatchError, WeightsError
+from kdcache.errors import CacheLockedError, CacheMismatchError, CacheReadError, WeightsError
 from kdcache.lock import WriterLock, read_holder
 from kdcache.manifest import Manifest
 from kdcache.models import ModelSpec, build_model, build_teacher, weights_digest
@@ -35,6 +35,7 @@ from kdcache.pipeline.config import PrecomputeConfig
 from kdcache.pipeline.plan import make_plan, seal_fingerprint
 from kdcache.pipeline.runner import precompute, store_size, worker_settings
 from kdcache.pipeline.worker import ShardWorker
+from kdcache.reader import read_block
 from kdcache.shards import expand_shards, iter_shard, scan_shards
 from kdcache.store import open_store
 from kdcache.tools.validate import validate_cache
@@ -206,6 +207,32 @@ def test_teacher_checkpoint_on_s3_is_fetched_once_per_node_and_its_digest_checke
     assert len(list((tmp_path / "ckpts").glob("*-teacher.pth"))) == 2
     with pytest.raises(WeightsError, match=rf"checkpoint '{url}x' does not exist"):
         build_teacher(spec.model_copy(update={"checkpoint": url + "x"}), 4, 1)
+
+
+def test_damaged_cache_on_s3_is_refused_and_repaired(s3, local_cache, caplog):
+    """Damage at rest on an object store: a lost chunk object is found by listing (the rerun's
+    cheap check) and by the reader's exists, a flipped byte by its checksum (--check); the rerun
+    redoes those shards and the arrays equal a local run's."""
+    cache = f"s3://{BUCKET}/damaged/cache.zarr"
+    config = precompute_config(s3, cache)
+    run_in_process(config)
+    fs = s3["fs"]
+    fs.rm(f"{BUCKET}/damaged/cache.zarr/status/c/1")
+    chunk = f"{BUCKET}/damaged/cache.zarr/teachers/tiny/topk_logit/c/2/0/0"
+    data = bytearray(fs.cat(chunk))
+    data[len(data) // 2] ^= 0x5A
+    fs.pipe(chunk, bytes(data))
+    store = open_store(cache, "r", s3["options"])
+    with pytest.raises(CacheReadError, match=r"cannot read 'status' of shard 'train-000001.tar'"):
+        read_block(store, 1, ["tiny"])
+    with pytest.raises(CacheReadError, match=r"'teachers/tiny/topk_logit' of shard 'train-000002"):
+        read_block(store, 2, ["tiny"])
+    config.cache.check = True
+    with caplog.at_level(logging.WARNING, logger="kdcache.pipeline.repair"):
+        assert [task.index for task in make_plan(config).tasks] == [1, 2]
+    assert "shard 'train-000001.tar': 'status' has no chunk file" in caplog.text
+    run_in_process(config)
+    assert_same(arrays(cache, s3["options"]), arrays(local_cache))
 
 
 def test_writer_lock_on_s3_is_exclusive(s3):

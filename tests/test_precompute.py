@@ -791,6 +791,7 @@ def test_config_schema_is_pinned():
         "cache.num_views",
         "cache.recipe",
         "cache.overwrite",
+        "cache.check",
         "cache.force_unlock",
         "teachers",
         "ray.address",

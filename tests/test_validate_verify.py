@@ -144,20 +144,14 @@ def test_validate_names_a_damaged_chunk_and_lost_ones(built, tmp_path, capsys):
     damaged = teachers / "weak" / "topk_logit" / "c" / "1" / "0" / "0"
     damaged.write_bytes(damaged.read_bytes()[:10])
     (teachers / "strong" / "lse" / "c" / "2" / "0").unlink()
-    (
-        teachers / "strong" / "label_logit" / "c" / "0" / "0"
-    ).unlink()  # reads back as zeros: caught by its meaning
+    (teachers / "strong" / "label_logit" / "c" / "0" / "0").unlink()  # would read as zeros
     assert main(["validate", path]) == 1
     out = capsys.readouterr().out
     assert "cannot read 'teachers/weak/topk_logit' of shard 'train-000001.tar' (" in out
-    assert (
-        "'teachers/strong/lse': 2 chunk(s) stored but 3 shard(s) marked complete need one each"
-        in out
-    )
-    assert (
-        "shard 'train-000000.tar', teacher 'strong':" in out
-        and "label logit differs from the label's top-k logit" in out
-    )
+    lost = "has no chunk file for the shard, which is marked complete"
+    assert f"shard 'train-000002.tar': 'teachers/strong/lse' {lost}" in out
+    assert f"shard 'train-000000.tar': 'teachers/strong/label_logit' {lost}" in out
+    assert "INVALID: 3 problem(s)" in out
     with pytest.raises(
         CacheReadError, match=r"'teachers/weak/topk_logit' of shard 'train-000001.tar'.*damaged"
     ):

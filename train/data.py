@@ -48,7 +48,7 @@ from kdcache.augment import UnseenOps, apply_unseen
 from kdcache.errors import CacheIncompleteError, CacheMismatchError, ConfigError, DataError
 from kdcache.preprocess import RenderSpec
 from kdcache.preprocess import resolve as resolve_rendering
-from kdcache.reader import ShardBlock, read_block
+from kdcache.reader import ShardBlock, read_array, read_block, require_stored
 from kdcache.shardindex import index_shards
 from kdcache.shards import (
     DEFAULT_LABEL_KEY,
@@ -666,6 +666,7 @@ def open_cache(config: TrainConfig, urls: list[str], teachers: list[str]) -> Cac
             "shards (the precompute stopped before its end): rerun precompute to finish it "
             "(nothing is recomputed)"
         )
+    require_stored(store, teachers)  # lost chunk files: found before any work
     return store
 
 
@@ -710,7 +711,7 @@ def check_views_match(config: TrainConfig, store: CacheStore) -> None:
 
 def valid_counts(store: CacheStore) -> tuple[list[int], int]:
     """Valid rows per shard (cache order) and the number of invalid rows, from ``status``."""
-    status = np.asarray(store.group["status"][:])
+    status = read_array(store, "status")  # a marked shard's lost chunk is an error, not zeros
     valid = [int((status[store.rows(i)] == STATUS_VALID).sum()) for i in range(store.num_shards)]
     return valid, sum(store.meta.fingerprint.counts) - sum(valid)
 

@@ -4,7 +4,8 @@ teachers over shards x views.
 Under the cache's writer lock (``<cache>.lock``; a second run on the same cache is refused naming
 the holder): plan (scan shards, open or create the cache, list the shards still to do), run the
 shard tasks on Ray actors, print a summary. Rerunning the same command resumes: finished shards
-are skipped.
+are skipped, after a check that their chunks are stored (``--check``: and decode); damaged ones
+are redone.
 """
 
 from __future__ import annotations
@@ -26,6 +27,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="delete an existing cache at cache.path and start over",
     )
     parser.add_argument(
+        "--check",
+        action="store_true",
+        help="on an existing cache, read every finished shard's chunks and verify their "
+        "checksums first; damaged shards are redone (without it, lost chunk files are found)",
+    )
+    parser.add_argument(
         "--force-unlock",
         action="store_true",
         help="remove the cache's writer lock left by a run that is gone "
@@ -41,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
 
     overrides = list(args.overrides) + (["cache.overwrite=true"] if args.overwrite else [])
     overrides += ["cache.force_unlock=true"] if args.force_unlock else []
+    overrides += ["cache.check=true"] if args.check else []
     cfg = load_config(PrecomputeConfig, args.config, overrides)
     if cfg.cache.overwrite:
         check_not_symlink_to_overwrite(cfg.cache.path, "cache.path")

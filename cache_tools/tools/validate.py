@@ -1,7 +1,8 @@
 """``kdcache validate``: integrity checks of a cache, every problem listed.
 
-Checks: every shard has its views mark and every teacher's mark, and its chunks (of the arrays
-that always store one: ``SENTINELS``); every chunk decodes; stored keys are unique and match
+Checks: every shard has its views mark and every teacher's mark; every shard marked complete has
+every chunk its marks vouch for (:func:`kdcache.integrity.find_damage`: a lost chunk file would
+read as fill values); every chunk decodes (crc32c); stored keys are unique and match
 the fingerprint's digest; valid rows have labels in range and sane view boxes; teacher indices are
 in range and sorted by logit; logsumexp >= top logit; the top-k and the stored tail add up to the
 logsumexp (within the encoding's rounding); the label's logit is at most the logsumexp and equals
@@ -16,6 +17,7 @@ import numpy as np
 
 from kdcache.encoding import FP16_REL, consistency_tolerance, logit_tolerance
 from kdcache.errors import CacheReadError
+from kdcache.integrity import VIEWS, find_damage, part_marks
 from kdcache.reader import ShardBlock, TeacherBlock, read_block
 from kdcache.shards import ShardIndex, key_digest
 from kdcache.store import STATUS_EMPTY, STATUS_VALID, CacheStore
@@ -41,24 +43,30 @@ def validate_cache(
 ) -> Report:
     teachers = store.teachers if teachers is None else teachers
     report = Report(shards=store.num_shards)
-    for what, names in store.incomplete_shards(teachers).items():
-        report.problems.append(
-            f"{what}: {len(names)} shard(s) without a completion mark: "
-            f"{names[:5]}{' ...' if len(names) > 5 else ''}"
-        )
-    report.problems += check_chunks(store, teachers)
-    views_done = store.views_done()
+    marks = {part: part_marks(store, part)[0] for part in [VIEWS, *teachers]}
+    for part, done in marks.items():
+        names = [store.meta.fingerprint.shards[i] for i in np.flatnonzero(~done)]
+        if names:
+            report.problems.append(
+                f"{part}: {len(names)} shard(s) without a completion mark: "
+                f"{names[:5]}{' ...' if len(names) > 5 else ''}"
+            )
+    damage = find_damage(store, teachers)
+    report.problems += [str(d) for d in damage]
+    damaged = {d.shard for d in damage}
     all_keys: list[ShardIndex] = []
     for shard in range(store.num_shards):
+        if shard in damaged:
+            continue  # listed above: reading it would only repeat that
         try:
             with np.errstate(all="ignore"):  # damaged values are reported as problems, not warned
-                _validate_shard(store, shard, teachers, bool(views_done[shard]), all_keys, report)
+                _validate_shard(store, shard, teachers, marks, all_keys, report)
         except CacheReadError as exc:
             report.problems.append(str(exc))
         if len(report.problems) > max_problems:
             report.problems.append("... (stopped listing)")
             return report
-    if len(all_keys) == store.num_shards and views_done.all():
+    if len(all_keys) == store.num_shards and marks[VIEWS].all():
         report.problems += check_keys(store, all_keys)
     return report
 
@@ -67,52 +75,20 @@ def _validate_shard(
     store: CacheStore,
     shard: int,
     teachers: list[str],
-    views_done: bool,
+    marks: dict[str, np.ndarray],
     all_keys: list[ShardIndex],
     report: Report,
 ) -> None:
     block = read_block(store, shard, [], require_complete=False)
     all_keys.append(ShardIndex(url=block.shard, keys=[str(k) for k in block.keys]))
-    if not views_done:
+    if not marks[VIEWS][shard]:
         return
-    done = [t for t in teachers if store.teacher_done(t)[shard]]
+    done = [t for t in teachers if marks[t][shard]]
     block = read_block(store, shard, done, require_complete=False)
     report.views += int((block.status == STATUS_VALID).sum()) * store.meta.num_views
     report.invalid_rows += int((block.status != STATUS_VALID).sum())
     encodings = {name: store.teacher_meta(name).encoding for name in done}
     report.problems += check_block(block, store.meta.num_classes, encodings, store.meta.recipe)
-
-
-SENTINELS = {"views": ("keys", "status"), "fp16": ("lse",), "q8": ("lse_rel",)}
-"""Arrays whose chunk of a written shard never equals their fill value (zarr does not store such
-chunks), so each marked shard must have one stored: keys (never empty), status (1 or 2 on written
-rows), the logsumexp (fp16: > 0 up to padding; q8: ``lse - top`` > 0 for C > 1)."""
-
-
-def check_chunks(store: CacheStore, teachers: list[str]) -> list[str]:
-    """Every shard marked complete must have its chunk stored in the sentinel arrays: a chunk file
-    lost after its mark was set would otherwise read back as fill values, silently."""
-    marked = int(store.views_done().sum())
-    arrays = [
-        (store.group, name, marked)  # a worker writes its shard's keys with its views
-        for name in SENTINELS["views"]
-    ]
-    for teacher in teachers:
-        done = int(store.teacher_done(teacher).sum())
-        arrays += [
-            (store.teacher_group(teacher), name, done)
-            for name in SENTINELS[store.teacher_meta(teacher).encoding]
-        ]
-    problems = []
-    for group, name, expected in arrays:
-        stored = group[name].nchunks_initialized
-        if stored < expected:
-            path = f"{group.path}/{name}".lstrip("/")
-            problems.append(
-                f"{path!r}: {stored} chunk(s) stored but {expected} shard(s) marked complete "
-                "need one each: chunk files were lost after the shards were finished"
-            )
-    return problems
 
 
 def check_keys(store: CacheStore, indexes: list[ShardIndex]) -> list[str]:

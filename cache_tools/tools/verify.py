@@ -18,7 +18,7 @@ import torch
 from kdcache.encoding import log_tail_tolerance, logit_tolerance
 from kdcache.errors import CacheMismatchError, ConfigError
 from kdcache.models import ModelSpec, build_teacher, weights_digest
-from kdcache.reader import read_block
+from kdcache.reader import read_array, read_block
 from kdcache.shards import decode_image, expand_shards, iter_shard, shard_name
 from kdcache.store import STATUS_VALID, CacheStore
 from kdcache.teacher import ModelRunner
@@ -59,8 +59,9 @@ def pick_views(store: CacheStore, teachers: list[str], num: int, seed: int) -> P
     """``num`` random (row, view) pairs among valid rows of shards complete for every teacher."""
     complete = store.views_done() & np.logical_and.reduce([store.teacher_done(t) for t in teachers])
     candidates = []
+    status_all = read_array(store, "status")
     for shard in np.flatnonzero(complete):
-        status = store.group["status"][store.rows(int(shard))]
+        status = status_all[store.rows(int(shard))]
         candidates += [(int(shard), int(r)) for r in np.flatnonzero(status == STATUS_VALID)]
     if not candidates:
         raise CacheMismatchError(
