@@ -155,6 +155,8 @@ def _lines(model: type[BaseModel], err: dict[str, Any]) -> list[str]:
 def _describe(model: type[BaseModel], err: dict[str, Any]) -> str:
     parts, models = _walk(model, tuple(err["loc"][:-1]))
     last = err["loc"][-1:] if err["loc"] else ()
+    if last and isinstance(last[0], str) and any(_is_tagged(m, last[0]) for m in models):
+        last = ()  # an error of a union member as a whole (its model validator): name the union
     key = ".".join(str(p) for p in (*parts, *last))
     if err["type"] == "extra_forbidden":
         valid = sorted({name for m in models for name in m.model_fields})
@@ -189,6 +191,10 @@ def _walk(model: type[BaseModel], loc: tuple) -> tuple[list[Any], list[type[Base
 
 
 def _is_tagged(model: type[BaseModel], tag: str) -> bool:
+    """Whether ``tag`` names ``model`` in a union: a Literal of one of its fields, or the
+    ``union_tag`` it declares (a member chosen by a discriminator function)."""
+    if getattr(model, "union_tag", None) == tag:
+        return True
     return any(
         tag in getattr(f.annotation, "__args__", ())
         for f in model.model_fields.values()
