@@ -644,11 +644,12 @@ def test_shipped_configs_load(path):
         schedules = [
             (g.optimizer.lr, g.optimizer.weight_decay, g.scheduler.min_lr) for g in segments
         ]
-        assert schedules == [(0.5, 4e-5, 0.0), (0.05, 0.0, 5e-4)]
-        assert (
-            stages[1].config.loss.teacher_temperature == 0.7
-            and stages[0].config.loss.temperature == 2.0
-        )
+        assert schedules == [(0.5, 4e-5, 1e-5), (0.05, 0.0, 5e-4)]
+        wsl = stages[0].config.loss
+        mining = stages[1].config.loss
+        # the official code: WSL at T=2 with weights at T=2 and weight 0.5; no CE in stage 2
+        assert (wsl.temperature, wsl.weight_temperature, wsl.kd_weight) == (2.0, 2.0, 0.5)
+        assert (mining.teacher_temperature, mining.ce_weight) == (0.7, 0.0)
 
 
 def test_cli_trains_and_prints_the_summary(world, tmp_path, capsys):
