@@ -116,7 +116,8 @@ class Batch:
     def pin_memory(self) -> Batch:
         return self._map(lambda x: x.pin_memory())
 
-    def to(self, device: torch.device) -> Batch:
+    def to(self, device: torch.device | str) -> Batch:
+        device = torch.device(device)
         non_blocking = device.type == "cuda"
         return self._map(lambda x: x.to(device, non_blocking=non_blocking))
 

@@ -526,6 +526,12 @@ class Loss(nn.Module):
         self.entry.check_settings(settings)
         self.settings = settings
 
+    @classmethod
+    def from_config(cls, config: Any) -> Loss:
+        """The loss a train config's ``stages.N.loss`` names, with its settings (``stop_epoch`` and
+        ``topk`` are the trainer's: apply them in your loop if you use them)."""
+        return Loss(config.name, **loss_settings(config))
+
     def forward(
         self, student_logits: Tensor, targets: Targets | None = None, labels: Labels | None = None
     ) -> Tensor:
