@@ -26,7 +26,8 @@ The public API, for a training loop of one's own (names in ``__all__`` are stabl
   :class:`Loss`, :class:`CELoss`, :class:`KDLoss`, :class:`DISTLoss`, :class:`WSLLoss`,
   :class:`EffDstlLoss`, and the registry (:func:`register_loss`, :func:`get_loss`,
   :func:`registered_losses`) that makes a loss of one's own usable by name in a train config;
-- configs and the trainer: :func:`load_train_config`, :class:`TrainConfig`, :func:`train`.
+- configs: :func:`load_train_config`, :class:`TrainConfig` (``kdcache train`` itself is
+  ``kdcache.train.trainer.train``; ``kdcache.train`` is the training package).
 
 The names load lazily (PEP 562), so ``import kdcache`` stays light.
 """
@@ -72,7 +73,6 @@ _PUBLIC = {
         "registered_losses",
     ),
     "kdcache.train.config": ("TrainConfig", "load_train_config"),
-    "kdcache.train.trainer": ("train",),
 }
 _WHERE = {name: module for module, names in _PUBLIC.items() for name in names}
 

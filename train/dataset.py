@@ -239,6 +239,11 @@ class CacheDataset(IterableDataset):
         self.set_epoch(epoch)
         _check_even_ranks(self.spec, self.spec.num_workers)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """What a spawned DataLoader worker gets: everything but the open cache (the stream opens
+        its own in each worker)."""
+        return {**self.__dict__, "store": None}
+
     # ---- what it holds ----------------------------------------------------------------------
 
     @property
