@@ -127,6 +127,58 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+BASE_KEY = "base"
+"""A config's key naming the config(s) it builds on."""
+
+
+def read_config(path: str | Path, _including: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML config with its bases merged in.
+
+    ``base: other.yaml`` (or a list of files, merged in order) names configs this one builds on;
+    a relative name is resolved against the folder of the file that says it, not the working
+    directory. This file's keys win over its bases': mappings merge key by key, any other value
+    (lists included, e.g. ``stages``) replaces the base's. A file that includes itself, directly
+    or through its bases, is refused, naming the chain."""
+    path = Path(path)
+    here = path.resolve()
+    if here in _including:
+        chain = " -> ".join(str(p) for p in (*_including[_including.index(here) :], here))
+        raise ConfigError(f"config {str(path)!r}: base configs form a cycle: {chain}")
+    data = read_yaml(path)
+    if BASE_KEY not in data:
+        return data
+    merged: dict[str, Any] = {}
+    for name in _base_names(path, data.pop(BASE_KEY)):
+        base = Path(name) if Path(name).is_absolute() else path.parent / name
+        if not base.is_file():
+            raise ConfigError(
+                f"config {str(path)!r}: base {name!r} does not exist (looked for {str(base)!r})"
+            )
+        merged = merge_configs(merged, read_config(base, (*_including, here)))
+    return merge_configs(merged, data)
+
+
+def _base_names(path: Path, value: Any) -> list[str]:
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise ConfigError(
+            f"config {str(path)!r}: base: expected a file name or a list of file names, "
+            f"found {value!r}"
+        )
+    return names
+
+
+def merge_configs(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``override`` over ``base``: nested mappings merged key by key, other values replaced."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_configs(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
 def validate(model: type[M], data: dict[str, Any], source: str = "config") -> M:
     """Validate ``data`` as ``model``, raising one ConfigError that lists every bad dotted key."""
     try:
@@ -137,8 +189,9 @@ def validate(model: type[M], data: dict[str, Any], source: str = "config") -> M:
 
 
 def load_config(model: type[M], path: str | Path, overrides: list[str] | None = None) -> M:
-    """Read YAML, apply ``dotted.key=value`` overrides, validate."""
-    data = apply_overrides(read_yaml(path), list(overrides or []))
+    """Read YAML (its ``base`` configs merged in), apply ``dotted.key=value`` overrides,
+    validate."""
+    data = apply_overrides(read_config(path), list(overrides or []))
     return validate(model, data, source=f"config {str(path)!r}")
 
 
@@ -155,6 +208,8 @@ def _lines(model: type[BaseModel], err: dict[str, Any]) -> list[str]:
 def _describe(model: type[BaseModel], err: dict[str, Any]) -> str:
     parts, models = _walk(model, tuple(err["loc"][:-1]))
     last = err["loc"][-1:] if err["loc"] else ()
+    if last and isinstance(last[0], str) and any(_is_tagged(m, last[0]) for m in models):
+        last = ()  # an error of a union member as a whole (its model validator): name the union
     key = ".".join(str(p) for p in (*parts, *last))
     if err["type"] == "extra_forbidden":
         valid = sorted({name for m in models for name in m.model_fields})
@@ -189,6 +244,10 @@ def _walk(model: type[BaseModel], loc: tuple) -> tuple[list[Any], list[type[Base
 
 
 def _is_tagged(model: type[BaseModel], tag: str) -> bool:
+    """Whether ``tag`` names ``model`` in a union: a Literal of one of its fields, or the
+    ``union_tag`` it declares (a member chosen by a discriminator function)."""
+    if getattr(model, "union_tag", None) == tag:
+        return True
     return any(
         tag in getattr(f.annotation, "__args__", ())
         for f in model.model_fields.values()

@@ -223,8 +223,14 @@ def test_mining_replaces_only_correct_teacher_rows_where_student_is_more_confide
     teacher = torch.tensor([[2.0, 1.0, 0.0], [2.0, 1.0, 0.0], [0.0, 3.0, 0.0], [5.0, 0.0, 0.0]])
     student = torch.tensor([[9.0, 0.0, 0.0], [0.0, 0.0, 0.0], [9.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
     labels = torch.tensor([0, 0, 0, 0])
-    cfg = EffDstlLossConfig(teacher_temperature=0.7, student_temperature=1.0, smooth_to=0.99)
-    target, mined = mined_targets(cfg, student, labels, exact(teacher, labels), 3)
+    target, mined = mined_targets(
+        student,
+        labels,
+        exact(teacher, labels),
+        teacher_temperature=0.7,
+        student_temperature=1.0,
+        smooth_to=0.99,
+    )
     # row 0: teacher correct, student more confident -> mined; row 1: teacher correct, student less
     # confident -> kept; row 2: teacher wrong -> kept (even though the student is confident); row 3:
     # teacher correct and sharper than the student -> kept
@@ -236,7 +242,7 @@ def test_mining_replaces_only_correct_teacher_rows_where_student_is_more_confide
 def test_effdstl_loss_matches_formula():
     cfg = EffDstlLossConfig(ce_weight=0.5, kd_weight=1.0)
     parts = Criterion(cfg, 4)(STUDENT, LABELS, exact(), 0)
-    target, mined = mined_targets(cfg, STUDENT, LABELS, exact(), 4)
+    target, mined = mined_targets(STUDENT, LABELS, exact())
     expected = (
         sum(kl(t, softmax(s)) for t, s in zip(target.tolist(), STUDENT.tolist(), strict=True)) / 3
     )

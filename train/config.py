@@ -9,10 +9,11 @@ from YAML; each problem names its dotted key.
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from kdcache.augment import UnseenOps
@@ -21,6 +22,7 @@ from kdcache.models import ModelSpec
 from kdcache.preprocess import RenderSpec
 from kdcache.shards import DEFAULT_LABEL_KEY
 from kdcache.targets import TailMode
+from kdcache.train.losses import get_loss, registered_losses
 from kdcache.views import ViewRecipe
 
 CONFIG_VERSION = 1
@@ -92,7 +94,8 @@ class DISTLossConfig(_DistillBase):
     ce_weight: float = Field(1.0, ge=0.0)
     """Weight of the CE term (reference 1)."""
     kd_weight: float = Field(2.0, ge=0.0)
-    """Weight of the DIST term (reference 2 beside CE 1, i.e. beta = gamma = 2 overall)."""
+    """Weight of the DIST term: 2 beside CE 1 in the official ImageNet and CIFAR-100 configs (i.e.
+    beta = gamma = 2 overall)."""
 
 
 class WSLLossConfig(_DistillBase):
@@ -101,10 +104,15 @@ class WSLLossConfig(_DistillBase):
     name: Literal["wsl"] = "wsl"
     temperature: float = Field(2.0, gt=0.0)
     """Temperature of the KD term (2 in WSL and EffDstl stage 1)."""
+    weight_temperature: float = Field(1.0, gt=0.0)
+    """Temperature of the two cross-entropies the sample weights compare: 1 in WSL's paper, 2 (the
+    KD temperature) in EffDstl's official code. The teacher's CE at T comes from the sparse
+    targets: exact at 1, elsewhere with the tail spread (see ``losses.teacher_label_ce``)."""
     ce_weight: float = Field(1.0, ge=0.0)
     """Weight of the (label-smoothed) CE term."""
     kd_weight: float = Field(2.5, ge=0.0)
-    """Weight of the weighted KD term (WSL's ImageNet alpha = 2.5)."""
+    """Weight of the weighted KD term (WSL's ImageNet alpha = 2.5; EffDstl's official stage 1
+    uses 0.5)."""
 
 
 class EffDstlLossConfig(_DistillBase):
@@ -118,17 +126,83 @@ class EffDstlLossConfig(_DistillBase):
     smooth_to: float = Field(0.99, gt=0.0, le=1.0)
     """Mined rows get the label smoothed to this probability (rest spread over the other
     classes)."""
-    ce_weight: float = Field(1.0, ge=0.0)
-    """Weight of the CE term (the paper does not state it; 1 keeps stage 1's CE)."""
+    ce_weight: float = Field(0.0, ge=0.0)
+    """Weight of a CE term beside the mined KD term: 0 as in the official code (after the switch
+    it sets ``ce_loss_alpha = 0``; the mined targets already hold the smoothed labels)."""
     kd_weight: float = Field(1.0, ge=0.0)
     """Weight of the KD term against the mined targets."""
 
 
+class CustomLossConfig(StrictModel):
+    """A loss registered with :func:`kdcache.register_loss`: its ``name`` and its settings (the
+    keyword arguments of its function), checked against the function's signature. The module
+    that registers it is listed under ``imports``."""
+
+    model_config = ConfigDict(extra="allow")
+    union_tag: ClassVar[str] = "custom"
+    """The tag of this member of :data:`LossConfig` (not a key)."""
+
+    name: str
+    """The registered name."""
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        try:
+            get_loss(name)
+        except KeyError:
+            raise ValueError(
+                f"unknown loss {name!r}; registered: {', '.join(registered_losses())} (a loss of "
+                "your own: register it with kdcache.register_loss in a module listed under "
+                "imports)"
+            ) from None
+        return name
+
+    @model_validator(mode="after")
+    def _settings(self) -> CustomLossConfig:
+        get_loss(self.name).check_settings(self.model_extra or {})
+        return self
+
+    @property
+    def needs_teacher(self) -> bool:
+        return get_loss(self.name).needs_teacher
+
+
+BUILTIN_LOSS_CONFIGS = {
+    "ce": CELossConfig,
+    "kd": KDLossConfig,
+    "dist": DISTLossConfig,
+    "wsl": WSLLossConfig,
+    "effdstl": EffDstlLossConfig,
+}
+
+
+def _loss_tag(value: Any) -> str:
+    """The member of :data:`LossConfig` a value is validated as: its built-in name, else
+    ``custom`` (a registered loss of one's own)."""
+    name = value.get("name", "ce") if isinstance(value, dict) else getattr(value, "name", None)
+    return name if name in BUILTIN_LOSS_CONFIGS else CustomLossConfig.union_tag
+
+
 LossConfig = Annotated[
-    CELossConfig | KDLossConfig | DISTLossConfig | WSLLossConfig | EffDstlLossConfig,
-    Field(discriminator="name"),
+    Annotated[CELossConfig, Tag("ce")]
+    | Annotated[KDLossConfig, Tag("kd")]
+    | Annotated[DISTLossConfig, Tag("dist")]
+    | Annotated[WSLLossConfig, Tag("wsl")]
+    | Annotated[EffDstlLossConfig, Tag("effdstl")]
+    | Annotated[CustomLossConfig, Tag(CustomLossConfig.union_tag)],
+    Discriminator(_loss_tag),
 ]
 DISTILL_LOSSES = ("kd", "dist", "wsl", "effdstl")
+"""The built-in losses that need a teacher."""
+
+
+def uses_teacher(loss: Any) -> bool:
+    """Whether a stage's loss needs teacher targets (built-in distillation losses, and registered
+    losses that said so)."""
+    if isinstance(loss, CustomLossConfig):
+        return loss.needs_teacher
+    return loss.name in DISTILL_LOSSES
 
 
 # ---- optimisation -----------------------------------------------------------------------------
@@ -191,7 +265,8 @@ class StageConfig(StrictModel):
     epochs: int = Field(ge=1)
     """Epochs of this stage."""
     loss: LossConfig = Field(default_factory=CELossConfig)
-    """The loss and its parameters (``name``: ce, kd, dist, wsl, effdstl)."""
+    """The loss and its settings: ``name`` is ce, kd, dist, wsl, effdstl or a loss registered with
+    ``kdcache.register_loss`` (its module listed under ``imports``)."""
     teacher: str | None = None
     """The teacher (its name in the cache, or in ``teacher.models`` online); default
     ``teacher.name``."""
@@ -251,9 +326,10 @@ class DataConfig(StrictModel):
 
     shards: str | list[str]
     """Training shards: brace pattern, glob, fsspec URL or a list; the cache's shards, all of
-    them."""
+    them (or some of them, with ``cache.shard_subset``)."""
     val_shards: str | list[str] | None = None
-    """Validation shards (evaluated with a center view; no cache needed); None: no evaluation."""
+    """Validation shards from anywhere (evaluated with a center view; no cache needed); None: no
+    evaluation."""
     storage_options: dict[str, Any] = Field(default_factory=dict)
     """fsspec storage options for ``shards``, ``val_shards`` and the manifest beside them
     (credentials, endpoint ...), used by every rank and DataLoader worker; empty: fsspec's defaults
@@ -291,6 +367,11 @@ class CacheConfig(StrictModel):
     (stored parameters) in every mode when set."""
     storage_options: dict[str, Any] = Field(default_factory=dict)
     """fsspec storage options for ``path`` (saved with the config with their values redacted)."""
+    shard_subset: bool = False
+    """Train on a subset of the cache's shards (a quick sweep on 10 % of them): ``data.shards``
+    may name any of the cache's shards, in any order; each is still checked by name and sample
+    count (and by keys with ``data.verify_keys``), and shards the cache does not hold are refused.
+    False: ``data.shards`` must be the cache's shards, all of them."""
 
 
 class ViewsConfig(StrictModel):
@@ -361,6 +442,11 @@ class TrainConfig(StrictModel):
 
     version: int = CONFIG_VERSION
     """Config schema version."""
+    imports: list[str] = Field(default_factory=list)
+    """Python modules imported before the rest of the config is checked, e.g. the module that
+    registers a loss of your own with ``kdcache.register_loss`` (``[my_project.losses]``). They
+    must be importable where kdcache runs: installed, on ``PYTHONPATH``, or (with
+    ``python -m kdcache``) in the working directory."""
     run: RunConfig = Field(default_factory=RunConfig)
     """Output directory, seed, device, resumption, logging."""
     data: DataConfig
@@ -391,6 +477,21 @@ class TrainConfig(StrictModel):
             )
         return value
 
+    @field_validator("imports")
+    @classmethod
+    def _import(cls, names: list[str]) -> list[str]:
+        """Import each module now: fields are validated in order, so ``stages`` (below) sees the
+        losses they register."""
+        for name in names:
+            try:
+                importlib.import_module(name)
+            except Exception as exc:  # any failure of the user's module: one line naming it
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                raise ValueError(
+                    f"cannot import {name!r}: {type(exc).__name__}: {reason}"
+                ) from None
+        return names
+
     @model_validator(mode="after")
     def _cross_field_rules(self) -> TrainConfig:
         """Rules between sections, whoever builds the config: each problem is one line that names
@@ -410,7 +511,7 @@ class TrainConfig(StrictModel):
 def stage_teacher(config: TrainConfig, index: int) -> str | None:
     """The teacher name stage ``index`` uses (None for a CE stage)."""
     stage = config.stages[index]
-    if stage.loss.name not in DISTILL_LOSSES:
+    if not uses_teacher(stage.loss):
         return None
     return stage.teacher or config.teacher.name
 
@@ -456,7 +557,7 @@ def _stage_problems(config: TrainConfig) -> list[str]:
     out = []
     for i, stage in enumerate(config.stages):
         key = f"stages.{i}"
-        distill = stage.loss.name in DISTILL_LOSSES
+        distill = uses_teacher(stage.loss)
         if distill and config.teacher.mode == "none":
             out.append(
                 f"{key}.loss.name: {stage.loss.name!r} needs a teacher "

@@ -90,7 +90,8 @@ class Batch:
     """A training or evaluation batch: uint8 views, labels, and per-teacher sparse targets."""
 
     images: torch.Tensor
-    """``uint8[B, C, S, S]`` in the student's rendering (normalised on the device)."""
+    """``uint8[B, C, S, S]`` in the student's rendering (normalised on the device); float32 and
+    normalised already in batches of :func:`kdcache.train.dataset.collate`."""
     labels: torch.Tensor
     """``int64[B]``: each view's own label."""
     targets: dict[str, SparseTargets] = field(default_factory=dict)
@@ -117,7 +118,8 @@ class Batch:
     def pin_memory(self) -> Batch:
         return self._map(lambda x: x.pin_memory())
 
-    def to(self, device: torch.device) -> Batch:
+    def to(self, device: torch.device | str) -> Batch:
+        device = torch.device(device)
         non_blocking = device.type == "cuda"
         return self._map(lambda x: x.to(device, non_blocking=non_blocking))
 
@@ -641,10 +643,22 @@ def make_loader(dataset: ShardStream, pin_memory: bool, prefetch_factor: int) ->
 def open_cache(config: TrainConfig, urls: list[str], teachers: list[str]) -> CacheStore:
     """Open the cache and refuse it, saying what differs, unless it fits the run."""
     store = open_store(config.cache.path, "r", config.cache.storage_options or None)
-    fingerprint = _fingerprint(
-        store, urls, config.data.verify_keys, config.data.storage_options or None
-    )
-    store.check_compatible(fingerprint=fingerprint, num_classes=config.data.num_classes)
+    options = config.data.storage_options or None
+    if config.cache.shard_subset:
+        check_shard_subset(store, urls, config.data.verify_keys, options)
+        store.check_compatible(num_classes=config.data.num_classes)
+    else:
+        fingerprint = _fingerprint(store, urls, config.data.verify_keys, options)
+        try:
+            store.check_compatible(fingerprint=fingerprint, num_classes=config.data.num_classes)
+        except CacheMismatchError as exc:
+            names = {shard_name(u) for u in urls}
+            if names < set(store.meta.fingerprint.shards):
+                raise CacheMismatchError(
+                    f"{exc}\n  (to train on a subset of the cache's shards, set "
+                    "cache.shard_subset: true)"
+                ) from None
+            raise
     missing = [t for t in teachers if t not in store.teachers]
     if missing:
         raise CacheMismatchError(
@@ -690,6 +704,41 @@ def _fingerprint(
     return cached
 
 
+def check_shard_subset(
+    store: CacheStore,
+    urls: list[str],
+    verify_keys: bool,
+    storage_options: dict[str, Any] | None = None,
+) -> None:
+    """``cache.shard_subset``: every shard must be one of the cache's; with ``verify_keys`` its
+    keys (hence its count) must be the cache's rows of that shard. Without it, counts are checked
+    while streaming, as for the full set."""
+    cached = set(store.meta.fingerprint.shards)
+    names = [shard_name(u) for u in urls]
+    foreign = [n for n in names if n not in cached]
+    if foreign:
+        raise CacheMismatchError(
+            f"cache {store.path!r} does not match:\n  {len(foreign)} shard(s) given but not in "
+            f"the cache (e.g. {foreign[:3]}); cache.shard_subset trains on the cache's own "
+            "shards only"
+        )
+    if not verify_keys:
+        return
+    for name, index in zip(names, scan_shards(urls, storage_options=storage_options), strict=True):
+        rows = store.rows(store.shard_index(name))
+        keys = [str(k) for k in store.group["keys"][rows]]
+        if len(keys) != len(index):
+            raise CacheMismatchError(
+                f"cache {store.path!r} does not match:\n  shard {name!r} has {len(keys)} samples "
+                f"in the cache but {len(index)} in the data"
+            )
+        if keys != list(index.keys):
+            raise CacheMismatchError(
+                f"cache {store.path!r} does not match:\n  shard {name!r}: the sample keys "
+                "differ (same count, other keys or order)"
+            )
+
+
 def check_views_match(config: TrainConfig, store: CacheStore) -> None:
     """``views.*`` set beside ``cache.path`` must agree with the cache, whose stored views are what
     is used."""
@@ -707,6 +756,16 @@ def check_views_match(config: TrainConfig, store: CacheStore) -> None:
                 f"{shown(cached[name])!r} ({store.path}); with "
                 "cache.path the cache's stored views are used: leave views.* out or make it match"
             )
+
+
+def shard_valid_counts(store: CacheStore, urls: list[str]) -> tuple[list[int], int]:
+    """Valid rows of each of ``urls``' shards (in that order; all of the cache's shards or a
+    subset) and their invalid rows in total."""
+    valid, _ = valid_counts(store)
+    indexes = [store.shard_index(shard_name(u)) for u in urls]
+    counts = [valid[i] for i in indexes]
+    invalid = sum(store.meta.fingerprint.counts[i] for i in indexes) - sum(counts)
+    return counts, invalid
 
 
 def valid_counts(store: CacheStore) -> tuple[list[int], int]:
@@ -762,7 +821,7 @@ def build_train_data(
     store = open_cache(config, urls, teachers) if config.cache.path else None
     if store is not None:
         check_views_match(config, store)
-        counts, invalid = valid_counts(store)
+        counts, invalid = shard_valid_counts(store, urls)
         recipe = store.meta.recipe
         num_views = store.meta.num_views
         view_seed = store.meta.seed

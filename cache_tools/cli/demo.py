@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kdcache.config import read_config
 from kdcache.errors import ConfigError, DataError, KdcacheError
 
 REPO = Path(__file__).resolve().parents[2]  # cache_tools/cli/demo.py -> the checkout
@@ -429,7 +430,7 @@ def _overrides(config: str, values: dict[str, Any]) -> list[str]:
     the printed commands stay short for the default ``--out`` and still say everything."""
     import yaml
 
-    data = yaml.safe_load((CONFIGS / config).read_text())
+    data = read_config(CONFIGS / config)  # with its base config merged in
     out = []
     for key, value in values.items():
         text = json.dumps(value) if isinstance(value, list) else str(value)
