@@ -4,7 +4,7 @@ Layout (``R = num_shards * rows_per_shard``; shard ``s`` owns rows ``[s*cap, (s+
 
     <cache>/                      attrs: format, fingerprint, recipe, num_views, classes, seed,
                                   created, config
-      keys         str   [R]            written once by the driver at creation
+      keys         str   [R]            written by the shard's worker with its views
       labels       int32 [R]            -1 where the label is missing
       status       int8  [R]            0 padding / not written, 1 valid, 2 invalid (skipped)
       errors       str   [R]            why a row is invalid
