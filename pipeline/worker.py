@@ -135,6 +135,8 @@ class TeacherArrays:
     def put(self, flat: np.ndarray, targets: SparseTargets) -> None:
         """Store a batch at flat view indices ``row * A + a`` (copies the small arrays to CPU)."""
         k = self.topk_idx.shape[-1]
+        # The arrays are C-contiguous [n, A, ...], so reshape returns a view of the same memory
+        # (row * A + a addresses view a of row) and these assignments land in place.
         self.topk_idx.reshape(-1, k)[flat] = targets.idx.cpu().numpy()
         self.topk_logit.reshape(-1, k)[flat] = targets.logit.cpu().numpy()
         self.lse.reshape(-1)[flat] = targets.lse.cpu().numpy()

@@ -468,10 +468,14 @@ class TeacherStats:
         self.topk_hits += int((v.idx[mask][:, : min(self.k, 5)] == label[:, None]).any(-1).sum())
         self.hists["label_prob"].add(lp)
         self.under += ((lp[:, None] < np.array(UNDER_CONFIDENT)) & correct[:, None]).sum(0)
+        # self.classes rows: 0 views, 1 correct, 2 sum of p(label), 3 sum of max prob, per class;
+        # _per_class unpacks the rows in this order and divides rows 1-3 by row 0.
         for row, weights in enumerate((None, correct.astype(np.float64), lp, conf)):
             self.classes[row] += np.bincount(label, weights=weights, minlength=self.num_classes)
+        # A (true, pred) pair as one code true * C + pred, so one counter tallies the confusions.
         self.errors.add((label * self.num_classes + pred)[~correct])
         b = np.clip(np.ceil(conf * ECE_BINS).astype(np.int64) - 1, 0, ECE_BINS - 1)  # bins (lo, hi]
+        # self.ece rows: 0 views, 1 sum of confidence, 2 correct, per bin (the reliability table).
         for row, weights in enumerate((None, conf, correct.astype(np.float64))):
             self.ece[row] += np.bincount(b, weights=weights, minlength=ECE_BINS)
 
@@ -656,6 +660,7 @@ class PairStats:
             (pb[both] > pa[both]).sum(),
         ]
         bins = [np.clip((p * PAIR_2D_BINS).astype(np.int64), 0, PAIR_2D_BINS - 1) for p in (pa, pb)]
+        # Row-major codes a_bin * BINS + b_bin, so the reshape gives counts[a_bin][b_bin].
         self.hist2d += np.bincount(
             bins[0] * PAIR_2D_BINS + bins[1], minlength=PAIR_2D_BINS**2
         ).reshape(PAIR_2D_BINS, PAIR_2D_BINS)
