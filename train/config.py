@@ -18,7 +18,7 @@ from pydantic_core import PydanticCustomError
 from kdcache.config import StrictModel, dump_config, load_config
 from kdcache.models import ModelSpec
 from kdcache.preprocess import RenderSpec
-from kdcache.targets import TailMode
+from kdcache.targets import LossTail
 from kdcache.views import ViewRecipe
 
 CONFIG_VERSION = 1
@@ -53,9 +53,11 @@ class _DistillBase(StrictModel):
 
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     """Label smoothing of the CE part."""
-    tail: TailMode = "spread"
-    """Classes outside the cached top-k: ``spread`` (exact tail mass at T=1, spread evenly) or
-    ``renorm`` (drop the tail, renormalise the top-k). Irrelevant when k equals the class count."""
+    tail: LossTail = "spread"
+    """Classes outside the cached top-k: ``spread`` (exact tail mass at T=1, spread evenly),
+    ``renorm`` (drop the tail, renormalise the top-k) or ``sample`` (teachers stored with encoding
+    ``sampled``: the tail estimated from its draws, unbiased at T=1 and at the teacher's
+    ``sample_temperatures``). Irrelevant when k equals the class count."""
     stop_epoch: int | None = Field(None, ge=0)
     """Early-stopped KD (paper 002): from this (0-based, run-global) epoch on, the loss is plain
     CE."""

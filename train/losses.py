@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kdcache.targets import SparseTargets, dense_probs, sparse_probs, truncate
+from kdcache.targets import SparseTargets, dense_probs, loss_targets, sparse_probs
 from kdcache.train.config import (
     DISTILL_LOSSES,
     CELossConfig,
@@ -244,6 +244,6 @@ class Criterion:
             return LossParts(total=ce, ce=ce)
         if self.needs_teacher and targets is None:
             raise ValueError(f"loss {self.config.name!r} needs teacher targets, the batch has none")
-        if targets is not None:
-            targets = truncate(targets, getattr(self.config, "topk", None))
+        if targets is not None:  # topk, sampled estimates, ensembles: one conversion
+            targets = loss_targets(targets, self.config, self.num_classes)
         return self.fn(self.config, logits, labels, targets, self.num_classes)
