@@ -613,7 +613,16 @@ def test_config_schema_is_pinned():
             "val_shards",
             "verify_keys",
         ],
-        "stage": ["epochs", "loss", "name", "optimizer", "scheduler", "teacher"],
+        "stage": [
+            "combine",
+            "epochs",
+            "loss",
+            "name",
+            "optimizer",
+            "scheduler",
+            "teacher",
+            "teachers",
+        ],
     }
 
 

@@ -16,6 +16,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from kdcache.config import StrictModel, dump_config, load_config
+from kdcache.ensemble import StageEnsemble
 from kdcache.models import ModelSpec
 from kdcache.preprocess import RenderSpec
 from kdcache.targets import LossTail
@@ -189,12 +190,33 @@ class StageConfig(StrictModel):
     teacher: str | None = None
     """The teacher (its name in the cache, or in ``teacher.models`` online); default
     ``teacher.name``."""
+    teachers: dict[str, Annotated[float, Field(gt=0.0)]] | None = None
+    """Instead of ``teacher``: an ensemble of teachers as one target, ``{name: weight}`` (weights
+    normalised to sum to 1) or a list of names (equal weights); each a cached teacher (online: a
+    teacher run live). See ``combine``."""
+    combine: Literal["probs", "logits"] | None = None
+    """With ``teachers``: ``probs`` (default) mixes the teachers' probabilities at the loss's
+    temperature, each with the loss's ``tail``; ``logits`` averages their logits (the classes
+    outside a teacher's top-k at its spread tail's logit; needs ``tail: spread``)."""
     optimizer: OptimizerConfig | None = None
     """Start a new optimizer with these settings at this stage (default: keep the previous one;
     the first stage uses the top-level ``optimizer``)."""
     scheduler: SchedulerConfig | None = None
     """The LR schedule of the new optimizer (only with ``optimizer``; default top-level
     ``scheduler``)."""
+
+    @field_validator("teachers", mode="before")
+    @classmethod
+    def _names_list(cls, value: Any) -> Any:
+        """A list of names is an ensemble of equal weights."""
+        if not isinstance(value, list):
+            return value
+        repeated = sorted({n for n in value if isinstance(n, str) and value.count(n) > 1})
+        if repeated:
+            raise ValueError(f"teachers listed more than once: {repeated}")
+        if not all(isinstance(n, str) for n in value):
+            raise ValueError("expected teacher names")
+        return {name: 1.0 for name in value}
 
 
 # ---- sections ---------------------------------------------------------------------------------
@@ -394,11 +416,32 @@ class TrainConfig(StrictModel):
 
 
 def stage_teacher(config: TrainConfig, index: int) -> str | None:
-    """The teacher name stage ``index`` uses (None for a CE stage)."""
+    """The teacher name stage ``index`` uses (None for a CE stage); for an ensemble its label
+    (:attr:`~kdcache.ensemble.StageEnsemble.label`), which names no single teacher."""
     stage = config.stages[index]
     if stage.loss.name not in DISTILL_LOSSES:
         return None
+    ensemble = stage_ensemble(config, index)
+    if ensemble is not None:
+        return ensemble.label
     return stage.teacher or config.teacher.name
+
+
+def stage_ensemble(config: TrainConfig, index: int) -> StageEnsemble | None:
+    """The ensemble stage ``index`` trains against (None: one teacher, or none)."""
+    stage = config.stages[index]
+    if not stage.teachers or stage.loss.name not in DISTILL_LOSSES:
+        return None
+    return StageEnsemble.of(stage.teachers, stage.combine or "probs")
+
+
+def stage_members(config: TrainConfig, index: int) -> list[str]:
+    """The teachers whose targets stage ``index`` reads: its teacher, its ensemble's, or none."""
+    ensemble = stage_ensemble(config, index)
+    if ensemble is not None:
+        return list(ensemble.names)
+    teacher = stage_teacher(config, index)
+    return [teacher] if teacher else []
 
 
 def segment_starts(config: TrainConfig) -> list[int]:
@@ -467,10 +510,34 @@ def _stage_problems(config: TrainConfig) -> list[str]:
                 f"{key}.teacher: a {stage.loss.name!r} stage uses no teacher "
                 f"(found {stage.teacher!r})"
             )
+        out += _ensemble_problems(config, i)
         out += _stop_epoch_problems(config, i)
     if config.scheduler.name == "step" and not config.scheduler.milestones:
         out.append("scheduler.milestones: a 'step' schedule needs milestones")
     return out
+
+
+def _ensemble_problems(config: TrainConfig, i: int) -> list[str]:
+    """``teachers`` replaces ``teacher`` on a distillation stage; ``combine`` goes with it."""
+    stage = config.stages[i]
+    key = f"stages.{i}"
+    if stage.teachers is None:
+        if stage.combine is not None:
+            return [f"{key}.combine: only for an ensemble ({key}.teachers)"]
+        return []
+    if not stage.teachers:
+        return [f"{key}.teachers: name at least one teacher"]
+    if stage.loss.name not in DISTILL_LOSSES:
+        return [f"{key}.teachers: a {stage.loss.name!r} stage uses no teacher"]
+    if stage.teacher is not None:
+        return [f"{key}.teachers: set {key}.teacher or {key}.teachers, not both"]
+    tail = getattr(stage.loss, "tail", "spread")
+    if stage.combine == "logits" and tail != "spread":
+        return [
+            f"{key}.combine: 'logits' averages every teacher's logits, which needs "
+            f"{key}.loss.tail 'spread' (found {tail!r}: it leaves some classes without one)"
+        ]
+    return []
 
 
 def _stop_epoch_problems(config: TrainConfig, i: int) -> list[str]:
