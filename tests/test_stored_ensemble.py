@@ -222,3 +222,25 @@ def test_ensemble_and_sampling_settings_are_checked(teacher, match):
 
     with pytest.raises(ConfigError, match=match):
         validate(PrecomputeConfig, _config(teacher))
+
+
+def test_validate_checks_the_draws(world, tmp_path):
+    import shutil
+
+    from kdcache.store import open_store
+    from kdcache.tools.validate import validate_cache
+
+    assert validate_cache(world["store"]).ok
+    copy = tmp_path / "cache.zarr"
+    shutil.copytree(world["store"].path, copy)
+    store = open_store(str(copy), "r+")
+    group = store.teacher_group("a_sampled")
+    idx = group["sample_idx"][:]
+    count = group["sample_count"][:]
+    idx[0, 0, 1] = idx[0, 0, 0]  # the first view's second slot repeats its first
+    count[0, 0, 1] = max(int(count[0, 0, 1]), 1)
+    count[0, 0, 0] = 4 - count[0, 0, 1]
+    group["sample_idx"][:] = idx
+    group["sample_count"][:] = count
+    problems = validate_cache(open_store(str(copy))).problems
+    assert any("a drawn class repeats within a view's draws" in p for p in problems), problems
