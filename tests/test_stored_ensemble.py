@@ -244,3 +244,46 @@ def test_validate_checks_the_draws(world, tmp_path):
     group["sample_count"][:] = count
     problems = validate_cache(open_store(str(copy))).problems
     assert any("a drawn class repeats within a view's draws" in p for p in problems), problems
+
+
+def test_inspect_shows_ensembles_against_their_members_and_the_draws_coverage(
+    world, tmp_path, capsys
+):
+    import json
+
+    from kdcache.cli import main as kdcache
+
+    out = tmp_path / "report.json"
+    path = world["store"].path
+    assert kdcache(["inspect", path, "--json", str(out), "--ensemble", "a:1,b:3"]) == 0
+    report = json.loads(out.read_text())
+    by_label = {e["label"]: e for e in report["ensembles"]}
+    # the named ensemble, and the stored ones whose models are cached (by digest and rendering)
+    assert set(by_label) == {"ensemble(a:0.25,b:0.75)", "ens", "twice", "mean"}
+    twice = by_label["twice"]
+    assert [m["name"] for m in twice["members"]] == ["a"] and twice["stored"] == "twice"
+    assert twice["agreement"]["a"] == 1.0 and twice["js"]["a"]["max"] < 1e-4
+    assert twice["top1"]["ensemble"] == twice["top1"]["a"]
+    ens = by_label["ens"]
+    assert [(m["name"], m["weight"]) for m in ens["members"]] == [("a", 0.25), ("b", 0.75)]
+    assert ens["views"] == 2 * 8 * VIEWS and ens["labelled_views"] == ens["views"]
+    for figure in (ens["agreement"]["a"], ens["agreement"]["b"], ens["top1"]["ensemble"]):
+        assert 0.0 <= figure <= 1.0
+    assert ens["js"]["b"]["mean"] <= ens["js"]["a"]["mean"]  # the heavier member is closer
+    coverage = report["sampled"]["a_sampled"]
+    assert coverage["views"] == 2 * 8 * VIEWS and (coverage["k"], coverage["samples"]) == (1, 4)
+    assert sum(coverage["distinct"]["counts"]) == coverage["views"]
+    assert 1.0 <= coverage["distinct"]["mean"] <= 4.0
+    assert 0.0 < coverage["tail_share"]["mean"] <= 1.0
+    printed = capsys.readouterr().out
+    assert "== ensemble stored teacher 'ens' (probs) against its members" in printed
+    assert "== sampled teachers: coverage per view" in printed
+
+
+def test_inspect_refuses_an_ensemble_of_unknown_teachers(world):
+    from kdcache.tools.ensemble_stats import inspect_extras, parse_ensemble
+
+    with pytest.raises(ConfigError, match=r"--ensemble .*\['zz'\] not in cache"):
+        inspect_extras(world["store"], [], [parse_ensemble("a,zz")])
+    with pytest.raises(ConfigError, match=r"--ensemble: expected NAME\[:WEIGHT\]"):
+        parse_ensemble("a:0,b")
