@@ -287,3 +287,20 @@ def test_inspect_refuses_an_ensemble_of_unknown_teachers(world):
         inspect_extras(world["store"], [], [parse_ensemble("a,zz")])
     with pytest.raises(ConfigError, match=r"--ensemble: expected NAME\[:WEIGHT\]"):
         parse_ensemble("a:0,b")
+
+
+def test_online_training_refuses_a_stored_ensemble_by_name(world):
+    from kdcache.train.config import TrainConfig
+    from kdcache.train.target_source import online_teacher_spec
+
+    config = TrainConfig.model_validate(
+        {
+            "data": {"shards": world["urls"]},
+            "cache": {"path": world["store"].path},
+            "student": {"name": "kd_mlp"},
+            "teacher": {"mode": "online", "name": "ens"},
+            "stages": [{"epochs": 1, "loss": {"name": "kd"}}],
+        }
+    )
+    with pytest.raises(ConfigError, match=r"teacher.models.ens: teacher 'ens' is stored as an"):
+        online_teacher_spec(config, "ens", world["store"])

@@ -251,6 +251,12 @@ def online_teacher_spec(config: TrainConfig, name: str, store: CacheStore | None
     it."""
     if name in config.teacher.models:
         return config.teacher.models[name]
+    if store is not None and name in store.teachers and store.teacher_meta(name).ensemble:
+        raise ConfigError(
+            f"teacher.models.{name}: teacher {name!r} is stored as an ensemble of "
+            f"{len(store.teacher_meta(name).ensemble.members)} models; online, train against "
+            "its models as an ensemble (stages.N.teachers, each in teacher.models) instead"
+        )
     if store is not None and name in store.teachers:
         return ModelSpec.model_validate(store.teacher_meta(name).model)
     raise ConfigError(
