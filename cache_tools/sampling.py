@@ -68,33 +68,42 @@ def draw(
 
     Inverse CDF in float64 over the classes in index order: draw ``j`` of a row is the first
     class whose cumulative tail probability exceeds ``u[j]`` times the tail's total. A row whose
-    tail has no probability (it underflows) gets no draws.
+    tail has no probability (it underflows) gets no draws. Runs on the logits' device (a GPU's
+    float64 sums may differ from a CPU's in the last bit: ``verify`` allows for draws that land
+    that close to a class boundary).
     """
-    z = logits.detach().double().cpu()
-    p = torch.softmax(z, dim=-1).scatter(1, head.long().cpu(), 0.0)
+    z = logits.detach().double()
+    p = torch.softmax(z, dim=-1).scatter(1, head.long().to(z.device), 0.0)
     cdf = torch.cumsum(p, dim=-1)
     total = cdf[:, -1:]
-    x = torch.searchsorted(cdf, torch.from_numpy(u) * total, right=True)
+    x = torch.searchsorted(cdf, torch.from_numpy(u).to(z.device) * total, right=True)
     # u * total may round up to the total itself: the last class with probability, then
     last = p.shape[1] - 1 - torch.argmax(torch.flip(p > 0, [1]).to(torch.int8), dim=1)
-    x = torch.minimum(x, last.unsqueeze(1)).numpy()
-    empty = (total[:, 0] <= 0).numpy()
+    x = torch.minimum(x, last.unsqueeze(1)).cpu().numpy()
+    empty = (total[:, 0] <= 0).cpu().numpy()
     idx, count = _distinct(x, empty, slots)
     logit = np.take_along_axis(logits.detach().float().cpu().numpy(), idx, axis=1)
     return Draws(idx, count, logit, lse_at(logits, temperatures))
 
 
 def _distinct(x: np.ndarray, empty: np.ndarray, slots: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's drawn classes as distinct classes and counts, most drawn first."""
-    rows = len(x)
-    idx = np.zeros((rows, slots), np.int64)
-    count = np.zeros((rows, slots), np.uint8)
-    for row in np.flatnonzero(~empty):
-        classes, counts = np.unique(x[row], return_counts=True)
-        order = np.lexsort((classes, -counts))
-        idx[row, : len(order)] = classes[order]
-        count[row, : len(order)] = counts[order]
-    return idx, count
+    """Each row's drawn classes as distinct classes and counts, most drawn first (then by class),
+    for all rows at once: sorted, each run of one class is one slot."""
+    rows, draws = x.shape
+    xs = np.sort(x, axis=1)
+    starts = np.ones_like(xs, dtype=bool)
+    starts[:, 1:] = xs[:, 1:] != xs[:, :-1]
+    run = np.cumsum(starts, axis=1) - 1  # the slot of each draw, 0..distinct-1
+    flat = (np.arange(rows)[:, None] * draws + run).ravel()
+    count = np.bincount(flat, minlength=rows * draws).reshape(rows, draws)
+    classes = np.zeros((rows, draws), np.int64)
+    classes[np.nonzero(starts)[0], run[starts]] = xs[starts]
+    count[empty] = 0
+    classes[empty] = 0
+    order = np.lexsort((classes, -count), axis=1)[:, :slots]
+    idx = np.take_along_axis(classes, order, axis=1)
+    count = np.take_along_axis(count, order, axis=1)
+    return np.where(count > 0, idx, 0), count.astype(np.uint8)
 
 
 def lse_at(logits: torch.Tensor, temperatures: Sequence[float]) -> np.ndarray:
