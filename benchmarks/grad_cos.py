@@ -20,11 +20,18 @@ through :class:`kdcache.train.losses.Criterion`, on the bench's teacher logits w
   ``DRAWS`` independent draws of the same views (in memory, exact values): it tends to 1 as the
   draws grow, because the estimate is unbiased; a top-k gradient has no draws to average and
   keeps its ``view`` figure.
+
+``sampled`` is the unbiased estimate (the normaliser stored at the KD temperature);
+``sampled_sn`` the same draws self-normalised (what a temperature left out of
+``sample_temperatures`` gets: each view's estimate sums to 1). Per view both point the same way
+(the normalisation scales a view's gradient); summed over views, the unbiased one is dominated by
+the few views whose importance weights are huge.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -149,9 +156,14 @@ def grad_cos(
                 kd_gradient(stored["sampled"], student, labels, classes, t, "sample"), full
             ),
         }
-        figures["sampled"]["mean_of_draws"] = mean_of_draws(
-            data[0], keys[0], student, draws, t, kd_t
+        figures["sampled_sn"] = cosines(
+            kd_gradient(self_normalised(stored["sampled"]), student, labels, classes, t, "sample"),
+            full,
         )
+        for name, normalise in (("sampled", False), ("sampled_sn", True)):
+            figures[name]["mean_of_draws"] = mean_of_draws(
+                data[0], keys[0], student, draws, t, kd_t, normalise=normalise
+            )
         result[f"T={t:g}"] = {name: f["view"] for name, f in figures.items()}
         detail[f"T={t:g}"] = figures
     return {
@@ -177,6 +189,11 @@ def grad_cos(
     }
 
 
+def self_normalised(t: SampledTargets) -> SampledTargets:
+    """The same draws without their stored normalisers: every T but 1 is then self-normalised."""
+    return dataclasses.replace(t, lse_t=t.lse_t[:, :0], temperatures=t.temperatures[:, :0])
+
+
 def student_logits(teacher: torch.Tensor) -> torch.Tensor:
     g = torch.Generator().manual_seed(STUDENT["seed"])
     noise = torch.randn(teacher.shape, generator=g) * STUDENT["noise_std"]
@@ -190,8 +207,10 @@ def mean_of_draws(
     draws: int,
     temperature: float,
     stored_t: float,
+    normalise: bool = False,
 ) -> float:
-    """Per-view cosine of the sampled gradient averaged over ``DRAWS`` independent draws."""
+    """Per-view cosine of the sampled gradient averaged over ``DRAWS`` independent draws
+    (``normalise``: of the self-normalised estimate)."""
     z, y = shard
     rows = max(1, DRAW_VIEWS // z.shape[1])
     z = z[:rows]
@@ -205,6 +224,7 @@ def mean_of_draws(
     total = torch.zeros_like(full)
     for seed in range(DRAWS):
         t = sampled_targets(z, y[:rows], keys[:rows], draws, stored_t, seed=seed + 1)
+        t = self_normalised(t) if normalise else t
         total += kd_gradient(t, s, labels, classes, temperature, "sample")
     return float(torch.nn.functional.cosine_similarity(total / DRAWS, full, dim=1).mean())
 

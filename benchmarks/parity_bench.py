@@ -12,7 +12,8 @@ then the same student, seeds and views trained with
 - ``eq-topk`` / ``eq-sampled``: KD at equal bytes per view (``--budget``, the stored layout):
   the teacher as ``q8`` top-k at the largest k that fits (tail ``spread``) and as ``sampled``
   (its top-1 plus the draws that fit, ``logsumexp`` stored at the KD temperature; tail
-  ``sample``), beside ``cached`` (the full distribution, fp16 k = C),
+  ``sample``), beside ``cached`` (the full distribution, fp16 k = C); ``eq-sampled-sn``: the
+  same without the stored normaliser (self-normalised at the KD temperature),
 - ``ensemble`` / ``member2``: a second teacher (same network, another seed) and the two-teacher
   ensemble (``stages.0.teachers``, equal weights), beside ``cached`` (the first alone).
 
@@ -62,7 +63,8 @@ TEACHER = "teacher"
 SECOND = "teacher2"
 EQ_TOPK = "eq_topk"
 EQ_SAMPLED = "eq_sampled"
-BEYOND = ("eq-topk", "eq-sampled", "ensemble", "member2")
+EQ_SAMPLED_SN = "eq_sampled_sn"
+BEYOND = ("eq-topk", "eq-sampled", "eq-sampled-sn", "ensemble", "member2")
 """The variants of equal-bytes targets and of the ensemble (see the module docstring)."""
 
 
@@ -213,6 +215,7 @@ def build_cache(args: argparse.Namespace, shards: str, checkpoint: str, second: 
             "samples": draws,
             "sample_temperatures": [args.temperature],
         },
+        {"name": EQ_SAMPLED_SN, "model": model, "k": 1, "encoding": "sampled", "samples": draws},
     ]
     path = write_yaml(args.out / "configs" / "precompute.yaml", config)
     precompute_inprocess(path, ["cache.overwrite=false"])  # resumes: finished shards are skipped
@@ -283,14 +286,19 @@ def student_config(
         "tail": "spread",
     }
     mode = {"ce": "none", "online": "online"}.get(variant, "cache")
-    teacher = {"eq-topk": EQ_TOPK, "eq-sampled": EQ_SAMPLED, "member2": SECOND}.get(variant)
+    teacher = {
+        "eq-topk": EQ_TOPK,
+        "eq-sampled": EQ_SAMPLED,
+        "eq-sampled-sn": EQ_SAMPLED_SN,
+        "member2": SECOND,
+    }.get(variant)
     stage: dict[str, Any] = {"teacher": teacher} if teacher else {}
     if variant == "ce":
         loss = {"name": "ce"}
     elif variant.startswith("k"):
         k, tail = variant[1:].split("-")
         loss |= {"topk": int(k), "tail": tail}
-    elif variant == "eq-sampled":
+    elif variant in ("eq-sampled", "eq-sampled-sn"):
         loss |= {"tail": "sample"}
     elif variant == "ensemble":
         stage = {"teachers": [TEACHER, SECOND]}
@@ -365,6 +373,12 @@ def beyond(
                 "layout_bytes": layout_bytes("sampled", 10, 1, draws, 1),
                 **acc["eq-sampled"],
             },
+            "sampled_sn": {
+                "k": 1,
+                "draws": draws,
+                "layout_bytes": layout_bytes("sampled", 10, 1, draws, 0),
+                **acc["eq-sampled-sn"],
+            },
             "full": {"k": 10, "layout_bytes": layout_bytes("fp16", 10, 10), **acc["cached"]},
         },
         "ensemble": {
@@ -399,6 +413,12 @@ def beyond_rows(b: dict[str, Any]) -> list[list[Any]]:
             f"1+{eq['sampled']['draws']}",
             "sample",
             eq["sampled"],
+        ],
+        [
+            f"KD sampled, self-normalised, {eq['sampled_sn']['layout_bytes']} B/view",
+            f"1+{eq['sampled_sn']['draws']}",
+            "sample",
+            eq["sampled_sn"],
         ],
         [f"KD full, {eq['full']['layout_bytes']} B/view", 10, "exact", eq["full"]],
         ["KD, second teacher", 10, "exact", e[SECOND]],

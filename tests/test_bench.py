@@ -86,7 +86,7 @@ def test_cache_bench_writes_its_keys(tmp_path):
     }
     # top-k vs sampled targets at equal bytes per view (24 B by default), T=1 and KD's T=4
     assert {t: set(v) for t, v in result["grad_cos"].items()} == {
-        t: {"topk", "topk_renorm", "sampled"} for t in ("T=1", "T=4")
+        t: {"topk", "topk_renorm", "sampled", "sampled_sn"} for t in ("T=1", "T=4")
     }
     detail = result["grad_cos_detail"]
     assert detail["topk"]["layout_bytes"] <= 24 and detail["sampled"]["layout_bytes"] <= 24
@@ -133,7 +133,7 @@ def test_parity_bench_writes_its_keys(tmp_path):
     }
     # top-k, sampled and full targets at equal bytes; a two-teacher ensemble vs each member
     beyond = result["beyond"]
-    assert set(beyond["equal_bytes"]) == {"topk", "sampled", "full"}
+    assert set(beyond["equal_bytes"]) == {"topk", "sampled", "sampled_sn", "full"}
     assert beyond["equal_bytes"]["topk"]["layout_bytes"] <= beyond["budget_bytes_per_view"]
     assert beyond["equal_bytes"]["sampled"]["layout_bytes"] <= beyond["budget_bytes_per_view"]
     assert set(beyond["ensemble"]["students"]) == {"ensemble", "teacher", "teacher2"}
