@@ -157,7 +157,8 @@ class TeacherArrays:
         if isinstance(targets, SampledTargets):
             drawn = (targets.sample_idx, targets.sample_logit, targets.sample_count, targets.lse_t)
             for out, values in zip(self.samples, drawn, strict=True):
-                out.reshape(-1, out.shape[-1])[flat] = values.cpu().numpy()
+                # rows x views spelled out: lse_t may have no column (no stored temperature)
+                out.reshape(out.shape[0] * out.shape[1], out.shape[-1])[flat] = values.cpu().numpy()
 
 
 @dataclass

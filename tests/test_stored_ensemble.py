@@ -25,7 +25,8 @@ VIEWS = 2
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """Two random teachers, stored alone, as a probability ensemble (1:3), as an ensemble of the
-    first twice, as a logit ensemble, and the first again with encoding ``sampled``."""
+    first twice, as a logit ensemble, and each again with encoding ``sampled`` (the second with
+    more draws than classes outside its top-k, and no stored temperature)."""
     root = tmp_path_factory.mktemp("ensemble")
     urls = write_shards(root / "shards", num_shards=2, per_shard=8, classes=CLASSES)
     a, _ = tiny_teacher(CLASSES, seed=0, save_to=root / "a.pt")
@@ -46,6 +47,7 @@ def world(tmp_path_factory):
             "samples": 4,
             "sample_temperatures": [4.0],
         },
+        {"name": "b_sampled", "model": b.model_dump(), "k": 2, "encoding": "sampled", "samples": 9},
     ]
     config = precompute_config(
         root / "cache.zarr", urls, teachers, num_views=VIEWS, classes=CLASSES
@@ -152,9 +154,10 @@ def test_verify_recomputes_ensembles_and_draws(world):
         "twice": True,
         "mean": True,
         "a_sampled": True,
+        "b_sampled": True,
     }
-    sampled = next(r for r in results if r.teacher == "a_sampled")
-    assert sampled.draws_agreement == 1.0
+    for name in ("a_sampled", "b_sampled"):
+        assert next(r for r in results if r.teacher == name).draws_agreement == 1.0
 
 
 def _config(teacher: dict) -> dict:
@@ -304,3 +307,12 @@ def test_online_training_refuses_a_stored_ensemble_by_name(world):
     )
     with pytest.raises(ConfigError, match=r"teacher.models.ens: teacher 'ens' is stored as an"):
         online_teacher_spec(config, "ens", world["store"])
+
+
+def test_a_sampled_teacher_without_stored_temperatures_is_self_normalised(world):
+    """9 draws, 4 classes outside the top-2: 4 slots; no temperature stored: T=4 self-normalised."""
+    t = stored(world, "b_sampled")
+    assert t.sample_idx.shape[-1] == CLASSES - 2 and t.lse_t.shape[-1] == 0
+    assert torch.equal(t.sample_count.sum(-1).float(), torch.full((len(t.lse),), 9.0))
+    at4 = sampled_at(t, 4.0)
+    torch.testing.assert_close(at4.probs.sum(-1), torch.ones(len(t.lse)))
