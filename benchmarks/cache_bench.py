@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import machine, rotated, table, target_divergence
+from benchmarks.grad_cos import format_grad_cos, grad_cos
 from kdcache.augment import ErasingConfig, JitterConfig, MixConfig
 from kdcache.reader import read_block
 from kdcache.store import STATUS_VALID, CacheStore, Fingerprint
@@ -96,6 +97,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=4.0,
         help="a second T for the error (default 4, KD's)",
     )
+    parser.add_argument(
+        "--budget",
+        type=int,
+        default=24,
+        help="bytes per view (layout) of the grad_cos comparison, top-k vs sampled (default 24)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes (tests)")
 
 
@@ -132,7 +139,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ]
     shared = shared_bytes(next(iter(stores.values())), views)
     recipes = {name: recipe_bytes(args, name, recipe, data) for name, recipe in RECIPES.items()}
-    return summarise(args, rows, shared, logit_stats(data, args.classes), recipes)
+    labels = [y for _, y in data]
+
+    def write(encoding: str, k: int, targets: list, name: str, **teacher) -> CacheStore:
+        return write_cache(args, encoding, k, targets, labels, name=name, **teacher)
+
+    gradients = grad_cos(args, data, write, bench_keys(args))
+    return summarise(args, rows, shared, logit_stats(data, args.classes), recipes) | gradients
 
 
 # ---- teacher-like logits -------------------------------------------------------------------------
@@ -198,8 +211,10 @@ def write_cache(
     recipe: ViewRecipe | None = None,
     params: list[ViewParams] | None = None,
     name: str | None = None,
+    **teacher: Any,
 ) -> CacheStore:
-    """A complete cache of one teacher (views + targets) through the real writer."""
+    """A complete cache of one teacher (views + targets) through the real writer (``teacher``:
+    more of :func:`~kdcache.writer.add_teacher`'s settings, e.g. ``samples``)."""
     recipe = recipe or ViewRecipe()
     path = args.out / (name or f"{encoding}-k{k}")
     shutil.rmtree(path, ignore_errors=True)
@@ -228,6 +243,7 @@ def write_cache(
         k=k,
         rendering=recipe.rendering(),
         encoding=encoding,
+        **teacher,
     )
     params = params or [
         imagenet_like_params(recipe, keys[s], args.views, seed=s) for s in range(args.shards)
@@ -527,4 +543,7 @@ def format_result(result: dict[str, Any]) -> str:
         [f"recipe (k={RECIPE_K}, {RECIPE_ENCODING}, one teacher)", "B/view, whole cache"],
         [[name, value] for name, value in result["recipe_bytes_per_view"].items()],
     )
-    return "\n\n".join([head, sizes, shared, recipes, speed, note, error])
+    parts = [head, sizes, shared, recipes, speed, note, error]
+    if "grad_cos_detail" in result:
+        parts.append(format_grad_cos(result, table))
+    return "\n\n".join(parts)

@@ -12,6 +12,13 @@ then the same student, seeds and views trained with
 - ``strong-online`` / ``strong-cached`` / ``strong-ce``: the same three on a second cache made with
   a strong recipe (RandAugment, random erasing, Mixup/CutMix with the teacher on the mixed image:
   :data:`~benchmarks.common.FMNIST_STRONG_RECIPE`), the CE part mixing the two labels by lam.
+- ``eq-topk`` / ``eq-sampled``: KD at equal bytes per view (``--budget``, the stored layout):
+  the teacher as ``q8`` top-k at the largest k that fits (tail ``spread``) and as ``sampled``
+  (its top-1 plus the draws that fit, ``logsumexp`` stored at the KD temperature; tail
+  ``sample``), beside ``cached`` (the full distribution, fp16 k = C); ``eq-sampled-sn``: the
+  same without the stored normaliser (self-normalised at the KD temperature),
+- ``ensemble`` / ``member2``: a second teacher (same network, another seed) and the two-teacher
+  ensemble (``stages.0.teachers``, equal weights), beside ``cached`` (the first alone).
 
 Every run is a ``kdcache train`` config written under ``--out`` (repeatable by hand) and runs
 with ``run.resume: auto``, so rerunning the benchmark reuses finished runs. Reported: the test
@@ -43,17 +50,26 @@ from benchmarks.common import (
     target_divergence,
     write_yaml,
 )
+from benchmarks.grad_cos import fit_budget, layout_bytes
+from kdcache.ensemble import StageEnsemble
 from kdcache.models import ModelSpec, build_teacher
 from kdcache.reader import read_block
 from kdcache.shards import decode_image, iter_shard
 from kdcache.store import open_store
 from kdcache.targets import SparseTargets, from_logits, tail_mass_t1, truncate
 from kdcache.teacher import ModelRunner
+from kdcache.tools.ensemble_stats import inspect_extras
 from kdcache.train.config import load_train_config
 from kdcache.train.trainer import train
 from kdcache.views import render_rows
 
 TEACHER = "teacher"
+SECOND = "teacher2"
+EQ_TOPK = "eq_topk"
+EQ_SAMPLED = "eq_sampled"
+EQ_SAMPLED_SN = "eq_sampled_sn"
+BEYOND = ("eq-topk", "eq-sampled", "eq-sampled-sn", "ensemble", "member2")
+"""The variants of equal-bytes targets and of the ensemble (see the module docstring)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -86,6 +102,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--alpha", type=float, default=0.5, help="KD alpha (default 0.5)")
     parser.add_argument("--temperature", type=float, default=4.0, help="KD temperature (default 4)")
+    parser.add_argument(
+        "--budget",
+        type=int,
+        default=24,
+        help="bytes per view (stored layout) of the top-k and sampled students (default 24)",
+    )
     parser.add_argument("--batch-size", type=int, default=128, help="batch size (default 128)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers (default 2)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
@@ -112,8 +134,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         args.out / "shards", "fashion-mnist", args.limit, args.shard_size
     )
     teacher = train_teacher(args, train_shards, test_shards)
+    second = train_teacher(args, train_shards, test_shards, seed=1, name=SECOND)
     caches = {
-        "": build_cache(args, train_shards, teacher["checkpoint"]),
+        "": build_cache(args, train_shards, teacher["checkpoint"], second["checkpoint"]),
         "strong-": build_cache(args, train_shards, teacher["checkpoint"], strong=True),
     }
     runs = {
@@ -125,7 +148,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     cache = caches[""]
     return summarise(args, teacher, runs) | {
-        "target_error": target_error(args, cache, teacher["checkpoint"])
+        "target_error": target_error(args, cache, teacher["checkpoint"]),
+        "beyond": beyond(args, teacher, second, runs, cache),
     }
 
 
@@ -134,10 +158,12 @@ def _ints(text: str) -> list[int]:
 
 
 def variants(args: argparse.Namespace) -> list[str]:
-    """``ce``, ``online``, ``cached``, ``k<j>-<tail>`` for every truncated k and tail, and the
-    strong recipe's ``strong-ce``, ``strong-online``, ``strong-cached``."""
+    """``ce``, ``online``, ``cached``, ``k<j>-<tail>`` for every truncated k and tail, the strong
+    recipe's ``strong-ce``, ``strong-online``, ``strong-cached``, and the equal-bytes and
+    ensemble students."""
     per_k = [f"k{k}-{tail}" for k in _ints(args.ks) for tail in args.tails.split(",") if tail]
-    return ["ce", "online", "cached", *per_k, "strong-ce", "strong-online", "strong-cached"]
+    strong = ["strong-ce", "strong-online", "strong-cached"]
+    return ["ce", "online", "cached", *per_k, *strong, *BEYOND]
 
 
 def _cache_of(variant: str) -> str:
@@ -147,12 +173,14 @@ def _cache_of(variant: str) -> str:
 # ---- the teacher and its cache -------------------------------------------------------------------
 
 
-def train_teacher(args: argparse.Namespace, shards: str, test: str) -> dict[str, Any]:
+def train_teacher(
+    args: argparse.Namespace, shards: str, test: str, seed: int = 0, name: str = TEACHER
+) -> dict[str, Any]:
     """Plain CE (``teacher.mode: none``) of the teacher on fresh views each epoch."""
     config = {
         "run": {
-            "dir": str(args.out / "teacher"),
-            "seed": 0,
+            "dir": str(args.out / name),
+            "seed": seed,
             "threads": args.threads,
             "progress": False,
             "resume": "auto",
@@ -173,32 +201,51 @@ def train_teacher(args: argparse.Namespace, shards: str, test: str) -> dict[str,
         "scheduler": {"name": "cosine", "warmup_epochs": 0.2},
         "stages": [{"epochs": args.teacher_epochs, "loss": {"name": "ce"}}],
     }
-    summary = train(load_train_config(write_yaml(args.out / "configs" / "teacher.yaml", config)))
+    summary = train(load_train_config(write_yaml(args.out / "configs" / f"{name}.yaml", config)))
     return {
         "top1": summary["top1"],
-        "checkpoint": str(args.out / "teacher" / "checkpoints" / "model_final.pt"),
+        "checkpoint": str(args.out / name / "checkpoints" / "model_final.pt"),
     }
 
 
 def build_cache(
-    args: argparse.Namespace, shards: str, checkpoint: str, strong: bool = False
+    args: argparse.Namespace,
+    shards: str,
+    checkpoint: str,
+    second: str | None = None,
+    strong: bool = False,
 ) -> str:
     """One cache of the trained teacher at k = C = 10 (fp16), A views (precompute's worker,
-    in-process), with the plain or the strong recipe."""
+    in-process), with the plain or the strong recipe. With ``second``: beside it the second
+    teacher (k = C) and the first again at equal bytes per view, as q8 top-k and as sampled
+    targets (its one forward per batch serves all three)."""
     name = "cache_strong" if strong else "cache"
     cache = args.out / name
+    model = {"name": args.teacher, "checkpoint": checkpoint}
+    recipe = FMNIST_STRONG_RECIPE if strong else FMNIST_RECIPE
     config = precompute_config(
-        shards,
-        cache,
-        {"name": args.teacher, "checkpoint": checkpoint},
-        views=args.views,
-        k=10,
-        threads=args.threads,
-        recipe=FMNIST_STRONG_RECIPE if strong else FMNIST_RECIPE,
+        shards, cache, model, views=args.views, k=10, threads=args.threads, recipe=recipe
     )
+    if second is not None:
+        config["teachers"] += beyond_teachers(args, model, second)
     path = write_yaml(args.out / "configs" / f"precompute_{name}.yaml", config)
     precompute_inprocess(path, ["cache.overwrite=false"])  # resumes: finished shards are skipped
     return str(cache)
+
+
+def beyond_teachers(
+    args: argparse.Namespace, model: dict[str, Any], second: str
+) -> list[dict[str, Any]]:
+    """The second teacher (k = C), and the first at equal bytes per view: q8 top-k, and sampled
+    targets with and without the logsumexp at the KD temperature."""
+    k, draws = fit_budget(args.budget, 10)
+    sampled = {"model": model, "k": 1, "encoding": "sampled", "samples": draws}
+    return [
+        {"name": SECOND, "model": {"name": args.teacher, "checkpoint": second}, "k": 10},
+        {"name": EQ_TOPK, "model": model, "k": k, "encoding": "q8"},
+        {"name": EQ_SAMPLED, **sampled, "sample_temperatures": [args.temperature]},
+        {"name": EQ_SAMPLED_SN, **sampled},
+    ]
 
 
 def target_error(args: argparse.Namespace, cache: str, checkpoint: str) -> list[dict[str, Any]]:
@@ -264,12 +311,24 @@ def student_config(
         "temperature": args.temperature,
         "tail": "spread",
     }
-    mode = {"ce": "none", "online": "online"}.get(variant.removeprefix("strong-"), "cache")
-    if variant.removeprefix("strong-") == "ce":
+    base = variant.removeprefix("strong-")
+    mode = {"ce": "none", "online": "online"}.get(base, "cache")
+    teacher = {
+        "eq-topk": EQ_TOPK,
+        "eq-sampled": EQ_SAMPLED,
+        "eq-sampled-sn": EQ_SAMPLED_SN,
+        "member2": SECOND,
+    }.get(variant)
+    stage: dict[str, Any] = {"teacher": teacher} if teacher else {}
+    if base == "ce":
         loss = {"name": "ce"}
     elif variant.startswith("k"):
         k, tail = variant[1:].split("-")
         loss |= {"topk": int(k), "tail": tail}
+    elif variant in ("eq-sampled", "eq-sampled-sn"):
+        loss |= {"tail": "sample"}
+    elif variant == "ensemble":
+        stage = {"teachers": [TEACHER, SECOND]}
     return {
         "run": {
             "dir": str(args.out / "students" / run_name(args, variant, seed)),
@@ -292,7 +351,7 @@ def student_config(
         "teacher": {"mode": mode, "name": TEACHER},
         "optimizer": {"name": "sgd", "lr": 0.05, "weight_decay": 1.0e-4},
         "scheduler": {"name": "cosine", "warmup_epochs": 0.2},
-        "stages": [{"epochs": args.epochs, "loss": loss}],
+        "stages": [{"epochs": args.epochs, "loss": loss, **stage}],
     }
 
 
@@ -311,6 +370,87 @@ def student(
         "images_per_s": summary["images_per_s"],
         "teacher_forwards": summary["teacher_forwards"],
     }
+
+
+# ---- equal bytes, ensembles ---------------------------------------------------------------------
+
+
+def beyond(
+    args: argparse.Namespace,
+    teacher: dict[str, Any],
+    second: dict[str, Any],
+    runs: dict[str, list[dict[str, Any]]],
+    cache: str,
+) -> dict[str, Any]:
+    """Students at equal bytes per view (and the full distribution's), and the two-teacher
+    ensemble against each member (students, teachers' test accuracy, and the ensemble's figures
+    on the cached training views)."""
+    acc = {variant: mean_std(r["top1"] for r in rs) for variant, rs in runs.items()}
+    k, draws = fit_budget(args.budget, 10)
+    store = open_store(cache)
+    pair = StageEnsemble.of({TEACHER: 1.0, SECOND: 1.0})
+    figures = inspect_extras(store, [], [pair])["ensembles"][0]
+    return {
+        "budget_bytes_per_view": args.budget,
+        "equal_bytes": {
+            "topk": {"k": k, "layout_bytes": layout_bytes("q8", 10, k), **acc["eq-topk"]},
+            "sampled": {
+                "k": 1,
+                "draws": draws,
+                "layout_bytes": layout_bytes("sampled", 10, 1, draws, 1),
+                **acc["eq-sampled"],
+            },
+            "sampled_sn": {
+                "k": 1,
+                "draws": draws,
+                "layout_bytes": layout_bytes("sampled", 10, 1, draws, 0),
+                **acc["eq-sampled-sn"],
+            },
+            "full": {"k": 10, "layout_bytes": layout_bytes("fp16", 10, 10), **acc["cached"]},
+        },
+        "ensemble": {
+            "students": {
+                "ensemble": acc["ensemble"],
+                TEACHER: acc["cached"],
+                SECOND: acc["member2"],
+            },
+            "teachers_test_top1": {TEACHER: teacher["top1"], SECOND: second["top1"]},
+            "on_cached_views": {
+                "top1": figures["top1"],
+                "agreement": figures["agreement"],
+                "js_mean": {name: d["mean"] for name, d in figures["js"].items()},
+            },
+        },
+    }
+
+
+def beyond_rows(b: dict[str, Any]) -> list[list[Any]]:
+    """Table rows of the equal-bytes and ensemble students."""
+    eq = b["equal_bytes"]
+    e = b["ensemble"]["students"]
+    return [
+        [
+            f"KD top-k q8, {eq['topk']['layout_bytes']} B/view",
+            eq["topk"]["k"],
+            "spread",
+            eq["topk"],
+        ],
+        [
+            f"KD sampled, {eq['sampled']['layout_bytes']} B/view",
+            f"1+{eq['sampled']['draws']}",
+            "sample",
+            eq["sampled"],
+        ],
+        [
+            f"KD sampled, self-normalised, {eq['sampled_sn']['layout_bytes']} B/view",
+            f"1+{eq['sampled_sn']['draws']}",
+            "sample",
+            eq["sampled_sn"],
+        ],
+        [f"KD full, {eq['full']['layout_bytes']} B/view", 10, "exact", eq["full"]],
+        ["KD, second teacher", 10, "exact", e[SECOND]],
+        ["KD, ensemble of both", 10, "exact", e["ensemble"]],
+    ]
 
 
 # ---- results -------------------------------------------------------------------------------------
@@ -347,6 +487,7 @@ def summarise(
                 "alpha",
                 "temperature",
                 "batch_size",
+                "budget",
                 "quick",
             )
         },
@@ -409,6 +550,8 @@ def format_result(result: dict[str, Any]) -> str:
         ["strong recipe: online KD", 10, "exact", strong["online_acc"]],
         ["strong recipe: cached KD", 10, "exact", strong["cached_acc"]],
     ]
+    if "beyond" in result:
+        rows += beyond_rows(result["beyond"])
     body = table(
         ["student", "k", "tail", "top-1 % mean", "std", "seeds"],
         [[a, b, c, f"{d['mean']:.2f}", f"{d['std']:.2f}", d["n"]] for a, b, c, d in rows],

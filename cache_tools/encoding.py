@@ -1,7 +1,9 @@
-"""How a teacher's top-k targets are laid out on disk: ``fp16`` (plain) and ``q8`` (compact).
+"""How a teacher's targets are laid out on disk: top-k ``fp16`` (plain) and ``q8`` (compact), and
+``sampled`` (the top-k as ``q8`` plus S classes drawn from the tail, :mod:`kdcache.sampling`).
 
-Both decode to the same in-memory form: indices sorted by logit (descending), float32 logits,
-logsumexp, label logit and the tail's logsumexp (see :class:`kdcache.reader.TeacherBlock`).
+All decode to the same in-memory form: indices sorted by logit (descending), float32 logits,
+logsumexp, label logit and the tail's logsumexp (see :class:`kdcache.reader.TeacherBlock`);
+``sampled`` adds the draws.
 
 ``fp16``: ``topk_idx`` uint16/int32, ``topk_logit`` fp16, ``lse`` fp32, ``label_logit`` fp32,
 ``log_tail`` fp16 = ``tail_lse - lse``, the log of the mass outside the top-k (``-inf``: none).
@@ -21,13 +23,22 @@ each log-probability moves by at most 1/32 + the fp16 error of ``lse - top``; lo
 log tail mass ``-x`` comes back within ``sqrt(Q8_TAIL_MAX x) / 254 + Q8_TAIL_MAX / (4 * 254^2)``
 nats (x = 0.7: 0.02 nat, x = 10: 0.075; the tail mass within 0.011 absolute), plus the fp16
 error of ``lse - top``; tails below ``exp(-Q8_TAIL_MAX)`` (≈ 2e-16) are clipped there.
+
+``sampled`` (~``3k + 6 + 4 slots + 2 n`` B/view before compression, ``n`` stored temperatures):
+the ``q8`` arrays of the top-k, then per slot ``sample_idx`` (the class), ``sample_count``
+(uint8; 0: empty slot) and ``sample_q`` (its logit in ``Q8_STEP`` steps below the top, as
+``topk_q``), and ``lse_t`` fp16 ``= logsumexp(l / T) - top / T`` (in ``[0, log C]``) for each
+temperature of the teacher's ``sample_temperatures``. Error bound: the top-k as ``q8``; a drawn
+class's logit within ``Q8_STEP / 2``, which moves its importance weight at T by at most
+``|1 - 1/T| Q8_STEP / 2`` in log (nothing at T=1, where the weight is the tail mass times the
+count's share); ``lse_t`` within ``2^-11`` relative.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-ENCODINGS = ("fp16", "q8")
+ENCODINGS = ("fp16", "q8", "sampled")
 FP16_REL = 2.0**-10
 """fp16 keeps 11 significant bits: rounding moves a value by <= 2^-11 relative
 (twice that: slack)."""
@@ -35,31 +46,61 @@ Q8_STEP = 1.0 / 16
 Q8_TAIL_MAX = 36.0
 Q8_MAX = 255
 
-# name -> (dtype or "index", has the k axis, fill value)
-_SPECS: dict[str, dict[str, tuple[str, bool, float]]] = {
+# name -> (dtype or "index", its last axis: None, "k" top-k, "s" sample slots or "t"
+# temperatures, fill value)
+_Q8: dict[str, tuple[str, str | None, float]] = {
+    "topk_idx": ("index", "k", 0),
+    "topk_q": ("uint8", "k", 0),
+    "top_logit": ("float16", None, 0),
+    "lse_rel": ("float16", None, 0),
+    "label_q": ("uint8", None, Q8_MAX),
+    "tail_q": ("uint8", None, Q8_MAX),
+}
+_SPECS: dict[str, dict[str, tuple[str, str | None, float]]] = {
     "fp16": {
-        "topk_idx": ("index", True, 0),
-        "topk_logit": ("float16", True, 0),
-        "lse": ("float32", False, 0),
-        "label_logit": ("float32", False, 0),
-        "log_tail": ("float16", False, 0),
+        "topk_idx": ("index", "k", 0),
+        "topk_logit": ("float16", "k", 0),
+        "lse": ("float32", None, 0),
+        "label_logit": ("float32", None, 0),
+        "log_tail": ("float16", None, 0),
     },
-    "q8": {
-        "topk_idx": ("index", True, 0),
-        "topk_q": ("uint8", True, 0),
-        "top_logit": ("float16", False, 0),
-        "lse_rel": ("float16", False, 0),
-        "label_q": ("uint8", False, Q8_MAX),
-        "tail_q": ("uint8", False, Q8_MAX),
+    "q8": _Q8,
+    "sampled": {
+        **_Q8,
+        "sample_idx": ("index", "s", 0),
+        "sample_count": ("uint8", "s", 0),
+        "sample_q": ("uint8", "s", Q8_MAX),
+        "lse_t": ("float16", "t", 0),
     },
 }
+HEAD = {"fp16": "fp16", "q8": "q8", "sampled": "q8"}
+"""The encoding of each encoding's top-k (its rounding and error bounds)."""
 
 
-def array_specs(encoding: str, index_dtype: str) -> dict[str, tuple[str, bool, float]]:
-    """The arrays of ``encoding``: name -> (dtype, has the k axis, fill value)."""
+def array_specs(encoding: str, index_dtype: str) -> dict[str, tuple[str, str | None, float]]:
+    """The arrays of ``encoding``: name -> (dtype, last axis (None, "k", "s" or "t"), fill)."""
     return {
-        name: (index_dtype if dtype == "index" else dtype, has_k, fill)
-        for name, (dtype, has_k, fill) in _SPECS[encoding].items()
+        name: (index_dtype if dtype == "index" else dtype, axis, fill)
+        for name, (dtype, axis, fill) in _SPECS[encoding].items()
+    }
+
+
+def sample_slots(samples: int, k: int, num_classes: int) -> int:
+    """Slots per view of encoding ``sampled``: the draws, at most one per class outside the
+    top-k."""
+    return max(0, min(samples, num_classes - k))
+
+
+def array_shapes(
+    encoding: str, index_dtype: str, k: int, slots: int = 0, temperatures: int = 0
+) -> dict[str, tuple[str, tuple[int, ...], float]]:
+    """The arrays a teacher stores: name -> (dtype, shape after ``[rows, A]``, fill). An axis of
+    length 0 (no stored temperature) leaves its array out."""
+    sizes = {None: (), "k": (k,), "s": (slots,), "t": (temperatures,)}
+    return {
+        name: (dtype, sizes[axis], fill)
+        for name, (dtype, axis, fill) in array_specs(encoding, index_dtype).items()
+        if 0 not in sizes[axis]
     }
 
 
@@ -70,9 +111,14 @@ def encode(
     lse: np.ndarray,
     label_logit: np.ndarray,
     tail_lse: np.ndarray,
+    samples: tuple[np.ndarray, ...] | None = None,
+    temperatures: tuple[float, ...] = (),
 ) -> dict[str, np.ndarray]:
     """Arrays to store, from top-k indices/logits ``[..., k]`` (sorted by logit) and ``[...]``
-    scalars."""
+    scalars; ``sampled`` also from ``samples`` = (class ``[..., s]``, logit, count, lse_t
+    ``[..., n]``) at ``temperatures``."""
+    if encoding == "sampled":
+        return _encode_sampled(idx, logit, lse, label_logit, tail_lse, samples, temperatures)
     with np.errstate(invalid="ignore"):  # -inf - finite is -inf; padding rows may hold anything
         log_tail = np.minimum(tail_lse.astype(np.float32) - lse.astype(np.float32), 0.0)
     if encoding == "fp16":
@@ -98,6 +144,32 @@ def encode(
     }
 
 
+def _encode_sampled(
+    idx: np.ndarray,
+    logit: np.ndarray,
+    lse: np.ndarray,
+    label_logit: np.ndarray,
+    tail_lse: np.ndarray,
+    samples: tuple[np.ndarray, ...] | None,
+    temperatures: tuple[float, ...],
+) -> dict[str, np.ndarray]:
+    if samples is None:
+        raise ValueError("encoding 'sampled' needs the draws (samples=...)")
+    sample_idx, sample_logit, sample_count, lse_t = samples
+    top = logit[..., 0].astype(np.float32)
+    temps = np.asarray(temperatures, np.float32)
+    out = encode("q8", idx, logit, lse, label_logit, tail_lse)
+    out["sample_idx"] = sample_idx
+    out["sample_count"] = sample_count.astype(np.uint8)
+    # an empty slot's logit is stored as the clip value: it decodes finite, and count 0 drops it
+    q = _steps_below(top[..., None], sample_logit)
+    out["sample_q"] = np.where(sample_count > 0, q, np.uint8(Q8_MAX))
+    if temps.size:
+        # relative to the top logit at T: in [0, log C], where fp16 keeps 2^-11 relative
+        out["lse_t"] = (lse_t - top[..., None] / temps).astype(np.float16)
+    return out
+
+
 def _steps_below(top: np.ndarray | float, values: np.ndarray, step: float = Q8_STEP) -> np.ndarray:
     """``uint8`` steps of ``step`` below ``top``; NaN and anything 255 steps below or more
     (``-inf``) -> 255."""
@@ -118,8 +190,13 @@ def _tail_value(code: np.ndarray) -> np.ndarray:
     return np.where(code == Q8_MAX, np.float32(-np.inf), -x)
 
 
-def decode(encoding: str, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, ...]:
-    """(indices sorted by logit, logits, lse, label logit, tail lse) from the stored arrays."""
+def decode(
+    encoding: str, arrays: dict[str, np.ndarray], temperatures: tuple[float, ...] = ()
+) -> tuple[np.ndarray, ...]:
+    """(indices sorted by logit, logits, lse, label logit, tail lse) from the stored arrays;
+    ``sampled`` adds (drawn classes, their logits, counts, ``logsumexp(l / T)`` per T)."""
+    if encoding == "sampled":
+        return _decode_sampled(arrays, temperatures)
     if encoding == "fp16":
         lse = arrays["lse"]
         return (
@@ -140,6 +217,20 @@ def decode(encoding: str, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, ..
     return np.take_along_axis(idx, order, axis=-1), logit, lse, label_logit, tail_lse
 
 
+def _decode_sampled(
+    arrays: dict[str, np.ndarray], temperatures: tuple[float, ...]
+) -> tuple[np.ndarray, ...]:
+    head = decode("q8", arrays)
+    top = arrays["top_logit"].astype(np.float32)
+    logit = top[..., None] - arrays["sample_q"].astype(np.float32) * Q8_STEP
+    temps = np.asarray(temperatures, np.float32)
+    if temps.size:
+        lse_t = arrays["lse_t"].astype(np.float32) + top[..., None] / temps
+    else:
+        lse_t = np.zeros(top.shape + (0,), np.float32)
+    return (*head, arrays["sample_idx"], logit, arrays["sample_count"], lse_t)
+
+
 def consistency_tolerance(encoding: str, logit: np.ndarray, lse: np.ndarray) -> np.ndarray:
     """How far ``logsumexp(top-k logits, tail_lse)`` of decoded values may be from the decoded
     ``lse`` through rounding alone, per view (``logit`` ``[..., k]``, ``lse`` ``[...]``).
@@ -149,7 +240,7 @@ def consistency_tolerance(encoding: str, logit: np.ndarray, lse: np.ndarray) -> 
     mass: < 2^-11 / e); q8: 1/32 per logit difference, the log tail's error times the tail mass
     (< 0.012), plus the fp16 rounding of ``lse - top``.
     """
-    if encoding == "fp16":
+    if HEAD[encoding] == "fp16":
         return FP16_REL * np.maximum(np.abs(logit).max(-1), 1.0) + 1e-4
     return Q8_STEP / 2 + 0.012 + FP16_REL * np.maximum(np.abs(lse - logit[..., 0]), 1.0) + 1e-4
 
@@ -157,7 +248,7 @@ def consistency_tolerance(encoding: str, logit: np.ndarray, lse: np.ndarray) -> 
 def logit_tolerance(encoding: str, logit: np.ndarray) -> np.ndarray:
     """How far each decoded top-k logit ``[..., k]`` may be from the exact one through rounding
     alone (``inf`` for q8 logits clipped 16 nats below the top)."""
-    if encoding == "fp16":
+    if HEAD[encoding] == "fp16":
         return FP16_REL * np.maximum(np.abs(logit), 1.0)
     top = logit[..., :1]
     tol = np.broadcast_to(Q8_STEP / 2 + FP16_REL * np.maximum(np.abs(top), 1.0), logit.shape)
@@ -168,7 +259,7 @@ def log_tail_tolerance(encoding: str, log_tail: np.ndarray) -> np.ndarray:
     """How far a decoded log tail mass (``tail_lse - lse``, ``[...]``) may be from the exact one
     through rounding alone (the bounds in this module's docstring)."""
     x = np.abs(np.nan_to_num(log_tail, neginf=0.0))
-    if encoding == "fp16":
+    if HEAD[encoding] == "fp16":
         return FP16_REL / 2 * x + 1e-5
     bound = (
         np.sqrt(Q8_TAIL_MAX * x) / 254 + Q8_TAIL_MAX / (4 * 254**2) + 0.01

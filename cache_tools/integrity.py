@@ -30,7 +30,6 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync
 
-from kdcache.encoding import array_specs
 from kdcache.errors import CacheReadError
 from kdcache.views import param_arrays
 
@@ -142,7 +141,7 @@ def part_arrays(store: CacheStore, part: str) -> dict[str, zarr.Array]:
         paths = ["keys", "labels", "status", "errors", *(f"{VIEWS}/{name}" for name in views)]
     else:
         meta = store.teacher_meta(part)
-        names = array_specs(meta.encoding, meta.index_dtype)
+        names = meta.arrays(store.meta.num_classes)
         paths = [f"teachers/{part}/{name}" for name in names]
     return {path: store.array(path) for path in paths}
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kdcache.encoding import array_specs, decode
+from kdcache.encoding import decode
 from kdcache.errors import CacheIncompleteError, CacheMismatchError, CacheReadError
 from kdcache.integrity import (
     VIEWS,
@@ -39,6 +39,27 @@ class TeacherBlock:
     label_logit: np.ndarray
     tail_lse: np.ndarray
     """logsumexp of the logits outside the top-k (``-inf``: no tail)."""
+    sample_idx: np.ndarray | None = None
+    """Encoding ``sampled``: the classes drawn from the tail ``[n, A, slots]`` (and below: their
+    logits, their counts, 0 for an empty slot, and ``logsumexp(l / T)`` ``[n, A, T]``)."""
+    sample_logit: np.ndarray | None = None
+    sample_count: np.ndarray | None = None
+    lse_t: np.ndarray | None = None
+    temperatures: tuple[float, ...] = ()
+    """The temperatures of ``lse_t``'s last axis."""
+
+    @property
+    def sampled(self) -> bool:
+        return self.sample_idx is not None
+
+    def fields(self) -> tuple[np.ndarray, ...]:
+        """The arrays in the order of :class:`~kdcache.targets.SparseTargets` (sampled:
+        :class:`~kdcache.targets.SampledTargets`, the temperatures broadcast to ``lse_t``)."""
+        head = (self.topk_idx, self.topk_logit, self.lse, self.label_logit, self.tail_lse)
+        if not self.sampled:
+            return head
+        temps = np.broadcast_to(np.asarray(self.temperatures, np.float32), self.lse_t.shape).copy()
+        return head + (self.sample_idx, self.sample_logit, self.sample_count, self.lse_t, temps)
 
 
 @dataclass
@@ -115,15 +136,10 @@ def read_teacher_rows(store: CacheStore, teacher: str, rows: slice, shard: str) 
     meta = store.teacher_meta(teacher)
     arrays = {
         name: read_path(store, f"teachers/{teacher}/{name}", rows, shard)
-        for name in array_specs(meta.encoding, meta.index_dtype)
+        for name in meta.arrays(store.meta.num_classes)
     }
-    return TeacherBlock(*decode(meta.encoding, arrays))
-
-
-def read_rows(store: CacheStore, group, name: str, rows: slice, shard: str) -> np.ndarray:
-    """``group[name][rows]``; a damaged or unreadable chunk is a :class:`CacheReadError` naming
-    array and shard."""
-    return read_path(store, f"{group.path}/{name}".lstrip("/"), rows, shard)
+    temperatures = tuple(meta.sample_temperatures)
+    return TeacherBlock(*decode(meta.encoding, arrays, temperatures), temperatures=temperatures)
 
 
 def read_path(store: CacheStore, path: str, rows: slice, shard: str) -> np.ndarray:

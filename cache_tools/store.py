@@ -29,6 +29,8 @@ Layout (``R = num_shards * rows_per_shard``; shard ``s`` owns rows ``[s*cap, (s+
         label_logit float32 [R, A]         logit of the labelled class
         log_tail   float16 [R, A]          log of the mass outside the top-k at T=1 (-inf: none)
         (encoding "q8": see kdcache.encoding; decodes to the same five arrays)
+        (encoding "sampled": the q8 arrays, plus sample_idx/sample_count/sample_q [R, A, slots]
+        and lse_t [R, A, n]: draws from the tail, kdcache.sampling)
         done       int64 [S]               completion mark per shard, chunk 1
 
 Every chunk ends with a crc32c checksum (Zarr's ``crc32c`` codec), so a damaged chunk is an error
@@ -49,7 +51,11 @@ import numpy as np
 import zarr
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from kdcache.encoding import ENCODINGS  # noqa: F401  (re-exported)
+from kdcache.encoding import (
+    ENCODINGS,  # noqa: F401  (re-exported)
+    array_shapes,
+    sample_slots,
+)
 from kdcache.errors import CacheError, CacheMismatchError, CacheNotFoundError, CacheReadError
 from kdcache.hierarchy import subgroups
 from kdcache.integrity import mark_path, read_marks
@@ -137,6 +143,24 @@ class RootMeta(BaseModel):
     config: dict[str, Any] = {}
 
 
+class MemberMeta(BaseModel):
+    """One model of a stored ensemble teacher."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model: dict[str, Any]
+    weights_digest: str
+    weight: float
+    rendering: Rendering
+
+
+class EnsembleMeta(BaseModel):
+    """How a stored ensemble teacher combined its models (:mod:`kdcache.ensemble`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    combine: str
+    members: list[MemberMeta]
+
+
 class TeacherMeta(BaseModel):
     """A teacher subgroup's attributes."""
 
@@ -148,9 +172,23 @@ class TeacherMeta(BaseModel):
     encoding: str = "fp16"
     index_dtype: str = "uint16"
     rendering: Rendering
-    """How the teacher saw its views: size, interpolation, mean and std."""
+    """How the teacher saw its views: size, interpolation, mean and std (an ensemble: its first
+    model's; each model's is in ``ensemble``)."""
     created: dict[str, Any] = {}
     config: dict[str, Any] = {}
+    samples: int = 0
+    """Encoding ``sampled``: classes drawn per view from the tail (S)."""
+    sample_temperatures: list[float] = []
+    """Encoding ``sampled``: the temperatures whose ``logsumexp(l / T)`` is stored."""
+    ensemble: EnsembleMeta | None = None
+    """A stored ensemble: its models (specs, weights digests, weights, renderings) and how they
+    were combined; ``model`` and ``weights_digest`` then describe the ensemble as a whole."""
+
+    def arrays(self, num_classes: int) -> dict[str, tuple[str, tuple[int, ...], float]]:
+        """The arrays this teacher stores: name -> (dtype, shape after ``[rows, A]``, fill)."""
+        slots = sample_slots(self.samples, self.k, num_classes)
+        n = len(self.sample_temperatures)
+        return array_shapes(self.encoding, self.index_dtype, self.k, slots, n)
 
 
 def creation_info() -> dict[str, Any]:

@@ -16,18 +16,30 @@ below is very sensitive to it. Two treatments of the classes outside the top-k:
   ``sum_j exp(l_j / T)`` for a given ``sum_j exp(l_j)``).
 
 With ``k == C`` both treatments give the exact teacher distribution at every temperature.
+
+A third treatment needs more than the top-k: ``sample`` (:class:`SampledTargets`, encoding
+``sampled``) estimates the tail from S classes drawn from it, without bias at T=1 and at every
+temperature whose normaliser was stored (:func:`sampled_at`). Targets a loss gets at one
+temperature only (sampled estimates, ensembles of teachers) are :class:`TemperedTargets`;
+:func:`loss_targets` is the one conversion from what a batch carries to what a loss takes.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
 TailMode = Literal["renorm", "spread"]
 TAIL_MODES = ("renorm", "spread")
+"""The treatments of a top-k tail (what inspect and the benchmarks compare)."""
+LossTail = Literal["renorm", "spread", "sample"]
+LOSS_TAILS = ("renorm", "spread", "sample")
+"""What a loss may ask for: a top-k treatment, or ``sample`` (sampled targets' estimate)."""
+COMBINES = ("probs", "logits")
 
 
 @dataclass
@@ -46,11 +58,83 @@ class SparseTargets:
         return self.idx, self.logit, self.lse, self.label_logit, self.tail_lse
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> SparseTargets:
-        return SparseTargets(*(t.to(device, non_blocking=non_blocking) for t in self.tensors()))
+        return self.map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def map(self, fn: Any) -> SparseTargets:
+        """The same kind of targets with ``fn`` applied to every tensor."""
+        return type(self)(*(fn(t) for t in self.tensors()))
 
     @property
     def k(self) -> int:
         return int(self.idx.shape[-1])
+
+
+@dataclass
+class SampledTargets(SparseTargets):
+    """Top-k targets plus S classes drawn with replacement from the teacher's T=1 distribution
+    outside the top-k (encoding ``sampled``): the top-k fields are exact as for any cache, and
+    the draws estimate the tail (``tail: sample``, :func:`sampled_at`).
+
+    ``sample_idx``/``sample_logit``/``sample_count`` ``[B, S]``: each drawn class (distinct within
+    a row), its T=1 logit and how many of the S draws hit it (0: an empty slot, whose logit is
+    finite and whose class means nothing). ``lse_t``/``temperatures`` ``[B, n]``: the logsumexp of
+    the logits at T (``logsumexp(l / T)``) for each temperature stored (the same on every row).
+    """
+
+    sample_idx: torch.Tensor
+    sample_logit: torch.Tensor
+    sample_count: torch.Tensor
+    lse_t: torch.Tensor
+    temperatures: torch.Tensor
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        extra = (self.sample_idx, self.sample_logit, self.sample_count, self.lse_t)
+        return super().tensors() + extra + (self.temperatures,)
+
+    def head(self) -> SparseTargets:
+        """The top-k part alone (``tail: spread`` or ``renorm`` ignore the draws)."""
+        return SparseTargets(*super().tensors())
+
+
+@dataclass
+class TemperedTargets:
+    """A target distribution made for one temperature: ``probs`` on ``idx`` ``[B, m]`` (the most
+    probable class first; slots of probability 0 may repeat a class only where ``other`` is 0)
+    and ``other`` ``[B]`` on each class outside ``idx``. ``lse - label_logit`` is the T=1
+    cross-entropy of the label (WSL's teacher weight).
+
+    Made by :func:`loss_targets` for a loss at ``temperature`` (sampled estimates, ensembles); the
+    probabilities need not sum to 1 (an unbiased estimate does so only on average).
+    """
+
+    idx: torch.Tensor
+    probs: torch.Tensor
+    other: torch.Tensor
+    lse: torch.Tensor
+    label_logit: torch.Tensor
+    temperature: float
+
+    @property
+    def k(self) -> int:
+        return int(self.idx.shape[-1])
+
+    def check(self, temperature: float) -> None:
+        if not math.isclose(temperature, self.temperature, rel_tol=1e-6):
+            raise ValueError(
+                f"these targets were made for T={self.temperature:g}, the loss asks for "
+                f"T={temperature:g}"
+            )
+
+
+@dataclass
+class EnsembleTargets:
+    """Several teachers' targets of the same views, to be combined for a loss: the weighted mean
+    of their probabilities at the loss's temperature (``probs``) or of their logits
+    (``logits``), see :func:`ensemble_targets`."""
+
+    members: tuple[SparseTargets, ...]
+    weights: tuple[float, ...]
+    combine: str = "probs"
 
 
 def topk_probs_t1(t: SparseTargets) -> torch.Tensor:
@@ -79,7 +163,7 @@ def tail_logit(t: SparseTargets, num_classes: int) -> torch.Tensor:
 def dense_logits(t: SparseTargets, num_classes: int, tail: TailMode) -> torch.Tensor:
     """``[B, C]`` logits whose softmax at T is the target at T (``-inf`` outside the top-k for
     renorm)."""
-    _check_tail(tail)
+    tail = _check_tail(tail, t, num_classes)
     fill = (
         tail_logit(t, num_classes)
         if tail == "spread"
@@ -90,20 +174,30 @@ def dense_logits(t: SparseTargets, num_classes: int, tail: TailMode) -> torch.Te
 
 
 def dense_probs(
-    t: SparseTargets, num_classes: int, temperature: float, tail: TailMode
+    t: SparseTargets | TemperedTargets, num_classes: int, temperature: float, tail: str
 ) -> torch.Tensor:
-    """``[B, C]`` teacher probabilities at ``temperature`` under the chosen tail treatment."""
+    """``[B, C]`` teacher probabilities at ``temperature`` under the chosen tail treatment
+    (:class:`TemperedTargets`: as made, for their temperature only)."""
+    if isinstance(t, TemperedTargets):
+        t.check(temperature)
+        placed = torch.zeros(len(t.probs), num_classes, device=t.probs.device)
+        placed = placed.scatter_add(1, t.idx.long(), t.probs.float())
+        held = torch.zeros_like(placed, dtype=torch.bool).scatter(1, t.idx.long(), True)
+        return torch.where(held, placed, t.other.float().unsqueeze(-1))
     return torch.softmax(dense_logits(t, num_classes, tail) / temperature, dim=-1)
 
 
 def sparse_probs(
-    t: SparseTargets, num_classes: int, temperature: float, tail: TailMode
+    t: SparseTargets | TemperedTargets, num_classes: int, temperature: float, tail: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(``[B, k]`` top-k probabilities, ``[B]`` probability of each of the C-k other classes) at T.
 
     The sparse form of :func:`dense_probs`, for losses that need not build ``[B, C]``.
     """
-    _check_tail(tail)
+    if isinstance(t, TemperedTargets):
+        t.check(temperature)
+        return t.probs.float(), t.other.float()
+    tail = _check_tail(tail, t, num_classes)
     scaled = t.logit.float() / temperature
     if tail == "renorm" or num_classes == t.k:
         probs = torch.softmax(scaled, dim=-1)
@@ -116,9 +210,20 @@ def sparse_probs(
     return torch.exp(scaled - log_z), torch.exp(lt - log_z.squeeze(-1))
 
 
-def _check_tail(tail: str) -> None:
+def _check_tail(tail: str, t: SparseTargets, num_classes: int) -> str:
+    """The top-k treatment to apply: ``tail`` itself, or ``spread`` for ``sample`` on targets
+    without a tail (k == C: exact either way)."""
+    if tail == "sample" and t.k >= num_classes:
+        return "spread"
+    if tail == "sample":
+        raise ValueError(
+            "tail 'sample' needs sampled targets (encoding 'sampled') or k equal to the class "
+            f"count; these hold the top {t.k} of {num_classes} classes: convert them with "
+            "loss_targets first, or use 'spread' or 'renorm'"
+        )
     if tail not in TAIL_MODES:
-        raise ValueError(f"tail must be one of {TAIL_MODES}, found {tail!r}")
+        raise ValueError(f"tail must be one of {LOSS_TAILS}, found {tail!r}")
+    return tail
 
 
 @dataclass
@@ -185,3 +290,179 @@ def truncate(t: SparseTargets, k: int | None) -> SparseTargets:
     dropped = torch.logsumexp(t.logit[:, k:].float(), dim=-1)
     tail_lse = torch.logaddexp(t.tail_lse.float(), dropped)
     return SparseTargets(t.idx[:, :k], t.logit[:, :k], t.lse, t.label_logit, tail_lse)
+
+
+# ---- sampled targets, ensembles: what a loss takes ---------------------------------------------
+
+
+def sampled_at(t: SampledTargets, temperature: float) -> TemperedTargets:
+    """The ``tail: sample`` estimate of the teacher's distribution at ``temperature``.
+
+    The top-k classes get their exact probability ``exp(l / T - L_T)``; a drawn class ``x`` gets
+    ``(c_x / S) * M * p_T(x) / p_1(x)``, where ``M`` is the exact tail mass at T=1, ``c_x`` its
+    count among the S draws (drawn from the T=1 tail renormalised, whose probability of ``x`` is
+    ``p_1(x) / M``) and ``L_T = logsumexp(l / T)``. Each class's expectation over the draws is
+    its probability at T, so a loss linear in the target (KD, WSL's KL) has an unbiased
+    gradient: the importance-sampling estimator of random-sampling KD (Anshumann et al., 2025),
+    with the top-k taken out of the draws. At T=1 a drawn class gets ``(c_x / S) * M``. At a
+    temperature whose ``L_T`` was not stored the estimate is self-normalised (consistent, not
+    unbiased): ``L_T`` is replaced by the log of the estimate's own total.
+    """
+    inverse = 1.0 / temperature
+    logit = t.logit.float()
+    draws = t.sample_count.float()
+    total = draws.sum(-1, keepdim=True).clamp_min(1.0)
+    # log((c/S) * M * p_T(x) / p_1(x)) + L_T, in logs: log M = tail_lse - lse, and
+    # log p_T(x) - log p_1(x) = l_x (1/T - 1) - L_T + lse, so lse cancels and an empty slot
+    # (count 0) is -inf whatever its logit
+    log_weight = torch.log(draws / total) + t.tail_lse.float().unsqueeze(-1)
+    sampled = log_weight + t.sample_logit.float() * (inverse - 1.0)
+    head = logit * inverse
+    log_z = _log_normaliser(t, temperature, head, sampled)
+    probs = torch.exp(torch.cat([head, sampled], dim=-1) - log_z.unsqueeze(-1))
+    idx = torch.cat([t.idx.long(), t.sample_idx.long()], dim=-1)
+    return TemperedTargets(
+        idx, probs, torch.zeros_like(log_z), t.lse.float(), t.label_logit.float(), temperature
+    )
+
+
+def _log_normaliser(
+    t: SampledTargets, temperature: float, head: torch.Tensor, sampled: torch.Tensor
+) -> torch.Tensor:
+    """``L_T`` ``[B]``: the stored one (``lse`` at T=1), else the log of the estimate's total."""
+    if math.isclose(temperature, 1.0, rel_tol=1e-6):
+        return t.lse.float()
+    if t.temperatures.numel():
+        stored = torch.isclose(t.temperatures[0].float(), torch.tensor(float(temperature)))
+        if stored.any():
+            return t.lse_t[:, int(stored.nonzero()[0, 0])].float()
+    return torch.logsumexp(torch.cat([head, sampled], dim=-1), dim=-1)
+
+
+def stored_temperature(t: SampledTargets, temperature: float) -> bool:
+    """Whether :func:`sampled_at` is unbiased at ``temperature`` (T=1, or ``L_T`` stored)."""
+    if math.isclose(temperature, 1.0, rel_tol=1e-6):
+        return True
+    return bool(torch.isclose(t.temperatures.float(), torch.tensor(float(temperature))).any())
+
+
+def ensemble_targets(
+    members: Sequence[SparseTargets | TemperedTargets],
+    weights: Sequence[float],
+    num_classes: int,
+    temperature: float,
+    tail: str,
+    combine: str = "probs",
+) -> TemperedTargets:
+    """Teachers' targets of the same views combined into one target at ``temperature``.
+
+    ``probs``: ``sum_i w_i p_i^T`` with each ``p_i^T`` under ``tail`` (weights normalised to sum
+    to 1); the label's T=1 cross-entropy is the mixture's, exact from each member's stored values.
+    ``logits``: ``softmax(sum_i w_i l_i / T)`` with each member's dense logits (``spread``: the
+    classes outside its top-k at its tail's logit; only exact where k == C); the label's logit is
+    the exact weighted mean, the logsumexp that of the dense mean. An ensemble of one teacher, or
+    of identical teachers, is that teacher's distribution at T.
+    """
+    if combine not in COMBINES:
+        raise ValueError(f"combine must be one of {COMBINES}, found {combine!r}")
+    if not members or len(weights) != len(members) or min(weights) <= 0:
+        raise ValueError(
+            f"an ensemble needs one positive weight per member: {len(members)} member(s), "
+            f"weights {list(weights)}"
+        )
+    w = torch.tensor([float(x) for x in weights], dtype=torch.float64)
+    w = (w / w.sum()).tolist()
+    if combine == "logits":
+        dense, lse, label_logit = _mean_logits(members, w, num_classes, temperature, tail)
+    else:
+        dense = sum(
+            wi * dense_probs(m, num_classes, temperature, tail)
+            for wi, m in zip(w, members, strict=True)
+        )
+        log_label = torch.stack([m.label_logit.float() - m.lse.float() for m in members], -1)
+        label_logit = torch.logsumexp(log_label + torch.tensor(w).log().to(log_label), dim=-1)
+        lse = torch.zeros_like(label_logit)
+    probs, idx = torch.sort(dense, dim=-1, descending=True)
+    return TemperedTargets(idx, probs, torch.zeros_like(lse), lse, label_logit, temperature)
+
+
+def _mean_logits(
+    members: Sequence[SparseTargets | TemperedTargets],
+    weights: list[float],
+    num_classes: int,
+    temperature: float,
+    tail: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``combine: logits``: (probabilities at T, logsumexp, label logit) of the weighted mean."""
+    if any(isinstance(m, TemperedTargets) for m in members) or tail not in ("spread", "sample"):
+        raise ValueError(
+            "combine 'logits' needs every member's logits: top-k targets with tail 'spread' "
+            "(a renormalised or sampled tail has no logit for the classes it leaves out)"
+        )
+    mean = sum(
+        wi * dense_logits(m, num_classes, tail) for wi, m in zip(weights, members, strict=True)
+    )
+    label_logit = sum(wi * m.label_logit.float() for wi, m in zip(weights, members, strict=True))
+    return torch.softmax(mean / temperature, -1), torch.logsumexp(mean, -1), label_logit
+
+
+def target_temperature(loss: Any) -> float:
+    """The temperature a loss config applies to the teacher: ``teacher_temperature`` (EffDstl)
+    or ``temperature``."""
+    value = getattr(loss, "teacher_temperature", None)
+    return float(value if value is not None else getattr(loss, "temperature", 1.0))
+
+
+def loss_targets(
+    targets: SparseTargets | EnsembleTargets, loss: Any, num_classes: int
+) -> SparseTargets | TemperedTargets:
+    """What a batch's targets become for a loss (config ``loss``: its ``tail``, ``topk`` and
+    temperature): top-k targets truncated to ``topk``; sampled targets' estimate at the loss's
+    temperature (``tail: sample``) or their top-k (``spread``/``renorm``); an ensemble combined
+    from its members so converted (:func:`ensemble_targets`). Called once, before the loss."""
+    tail = getattr(loss, "tail", "spread")
+    topk = getattr(loss, "topk", None)
+    temperature = target_temperature(loss)
+    if isinstance(targets, EnsembleTargets):
+        members = [_for_loss(m, tail, topk, temperature) for m in targets.members]
+        return ensemble_targets(
+            members, targets.weights, num_classes, temperature, tail, targets.combine
+        )
+    return _for_loss(targets, tail, topk, temperature)
+
+
+def _for_loss(
+    t: SparseTargets, tail: str, topk: int | None, temperature: float
+) -> SparseTargets | TemperedTargets:
+    if tail == "sample" and isinstance(t, SampledTargets):
+        if topk is not None and topk < t.k:
+            raise ValueError(
+                f"topk {topk} with tail 'sample': the draws exclude all {t.k} stored classes"
+            )
+        return sampled_at(t, temperature)
+    if isinstance(t, SampledTargets):
+        t = t.head()
+    return truncate(t, topk)
+
+
+INDEX_FIELDS = {"idx", "sample_idx"}
+
+
+def targets_from_arrays(arrays: Sequence[Any]) -> SparseTargets:
+    """Targets from arrays (numpy or torch) in field order: 5 make :class:`SparseTargets`, 10
+    :class:`SampledTargets`; class indices become int64, the other values stay as given (fp16
+    logits are widened by the losses)."""
+    kind = SampledTargets if len(arrays) == len(SampledTargets.__dataclass_fields__) else None
+    kind = kind or SparseTargets
+    names = list(kind.__dataclass_fields__)
+    tensors = [torch.as_tensor(_native(a)) for a in arrays]
+    return kind(
+        *(t.long() if n in INDEX_FIELDS else t for n, t in zip(names, tensors, strict=True))
+    )
+
+
+def _native(array: Any) -> Any:
+    """uint16/uint32 indices (no torch dtype on every version) as int64 numpy."""
+    if hasattr(array, "dtype") and str(array.dtype) in ("uint16", "uint32"):
+        return array.astype("int64")
+    return array

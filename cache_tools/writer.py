@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from kdcache.encoding import array_specs, encode
+from kdcache.encoding import encode
 from kdcache.errors import CacheError, CacheMismatchError, CacheWriteError
 from kdcache.store import (
     ENCODINGS,
@@ -24,6 +24,7 @@ from kdcache.store import (
     TEACHERS,
     VIEWS,
     CacheStore,
+    EnsembleMeta,
     Fingerprint,
     RootMeta,
     TeacherMeta,
@@ -32,7 +33,7 @@ from kdcache.store import (
     now_ms,
     open_store,
 )
-from kdcache.targets import SparseTargets
+from kdcache.targets import SampledTargets, SparseTargets
 from kdcache.views import Rendering, ViewParams, ViewRecipe, param_arrays
 
 log = logging.getLogger(__name__)
@@ -130,9 +131,13 @@ def add_teacher(
     rendering: Rendering | None = None,
     encoding: str = "fp16",
     config: dict[str, Any] | None = None,
+    samples: int = 0,
+    sample_temperatures: tuple[float, ...] = (),
+    ensemble: EnsembleMeta | None = None,
 ) -> TeacherMeta:
     """Create a teacher subgroup, or check an existing one against the same spec, weights and
-    rendering (default: the recipe's)."""
+    rendering (default: the recipe's). Encoding ``sampled`` stores ``samples`` draws per view
+    and the logsumexp at ``sample_temperatures``; ``ensemble``: a stored ensemble's models."""
     if encoding not in ENCODINGS:
         raise CacheError(
             f"teacher {name!r}: unknown encoding {encoding!r}; valid: {', '.join(ENCODINGS)}"
@@ -141,6 +146,7 @@ def add_teacher(
         raise CacheError(
             f"teacher {name!r}: k={k} must be between 1 and num_classes={store.meta.num_classes}"
         )
+    _check_sampling(name, encoding, samples, k, store.meta.num_classes)
     meta = TeacherMeta(
         name=name,
         model=model,
@@ -151,6 +157,9 @@ def add_teacher(
         rendering=rendering or store.meta.recipe.rendering(),
         created=creation_info(),
         config=config or {},
+        samples=samples,
+        sample_temperatures=list(sample_temperatures),
+        ensemble=ensemble,
     )
     if name in store.teachers:
         _check_same_teacher(store.teacher_meta(name), meta)
@@ -168,10 +177,38 @@ def add_teacher(
     return meta
 
 
+def _check_sampling(name: str, encoding: str, samples: int, k: int, num_classes: int) -> None:
+    """Encoding ``sampled`` needs draws (1..255) and a tail to draw from; others take none."""
+    if encoding != "sampled":
+        if samples:
+            raise CacheError(f"teacher {name!r}: samples={samples} needs encoding 'sampled'")
+        return
+    if not 1 <= samples <= 255:
+        raise CacheError(f"teacher {name!r}: samples={samples} must be between 1 and 255")
+    if k >= num_classes:
+        raise CacheError(
+            f"teacher {name!r}: encoding 'sampled' draws from the classes outside the top-k; "
+            f"k={k} leaves none of the {num_classes}"
+        )
+
+
+SAME_TEACHER = (
+    "model",
+    "weights_digest",
+    "k",
+    "encoding",
+    "rendering",
+    "samples",
+    "sample_temperatures",
+    "ensemble",
+)
+"""What a run's teacher must share with the cache's teacher of the same name."""
+
+
 def _check_same_teacher(cached: TeacherMeta, given: TeacherMeta) -> None:
     diffs = [
         f"{field}: cache {getattr(cached, field)!r} vs run {getattr(given, field)!r}"
-        for field in ("model", "weights_digest", "k", "encoding", "rendering")
+        for field in SAME_TEACHER
         if getattr(cached, field) != getattr(given, field)
     ]
     if diffs:
@@ -187,8 +224,7 @@ def _create_teacher_arrays(store: CacheStore, meta: TeacherMeta) -> None:
     cap = store.cap
     rows = store.cap * store.num_shards
     group = store.group.require_group(f"{TEACHERS}/{meta.name}")
-    for name, (dtype, has_k, fill) in array_specs(meta.encoding, meta.index_dtype).items():
-        tail = (meta.k,) if has_k else ()
+    for name, (dtype, tail, fill) in meta.arrays(store.meta.num_classes).items():
         _array(group, name, (rows, a) + tail, (cap, a) + tail, dtype, fill)
     _array(group, "done", (store.num_shards,), (1,), "int64", 0)
     # attrs last: a teacher without them is unfinished
@@ -253,17 +289,21 @@ def write_teacher(
     lse: np.ndarray,
     label_logit: np.ndarray,
     tail_lse: np.ndarray,
+    samples: tuple[np.ndarray, ...] | None = None,
 ) -> None:
-    """Write one teacher's targets for a shard, then that teacher's mark for the shard."""
+    """Write one teacher's targets for a shard, then that teacher's mark for the shard
+    (encoding ``sampled``: with ``samples`` = (classes, logits, counts, lse_t), ``[n, A, ...]``)."""
     _check_rows(store, shard, lse, f"teacher {teacher!r} lse")
     group = store.teacher_group(teacher)
     meta = store.teacher_meta(teacher)
     chunk = shard_chunk(store, shard)
     cap = store.cap
-    specs = array_specs(meta.encoding, meta.index_dtype)
-    for name, values in encode(
-        meta.encoding, topk_idx, topk_logit, lse, label_logit, tail_lse
-    ).items():
+    specs = meta.arrays(store.meta.num_classes)
+    temperatures = tuple(meta.sample_temperatures)
+    arrays = encode(
+        meta.encoding, topk_idx, topk_logit, lse, label_logit, tail_lse, samples, temperatures
+    )
+    for name, values in arrays.items():
         dtype, _, fill = specs[name]
         _store_chunk(store, shard, group, name, chunk, _pad(values.astype(dtype), cap, fill))
     _store_chunk(store, shard, group, "done", shard, now_ms())
@@ -279,12 +319,17 @@ def write_targets(store: CacheStore, shard: int, teacher: str, targets: SparseTa
         name: getattr(targets, name).detach().cpu().numpy().reshape(n, a)
         for name in ("lse", "label_logit", "tail_lse")
     }
+    samples = None
+    if isinstance(targets, SampledTargets):
+        tensors = (targets.sample_idx, targets.sample_logit, targets.sample_count, targets.lse_t)
+        samples = tuple(x.detach().cpu().numpy().reshape(n, a, -1) for x in tensors)
     write_teacher(
         store,
         shard,
         teacher,
         topk_idx=targets.idx.cpu().numpy().reshape(n, a, k),
         topk_logit=targets.logit.detach().cpu().numpy().reshape(n, a, k),
+        samples=samples,
         **scalars,
     )
 

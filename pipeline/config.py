@@ -8,8 +8,9 @@ by the planner once ``num_classes`` is known from the shards' manifest.
 
 from __future__ import annotations
 
+import math
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -87,14 +88,39 @@ class CacheSection(StrictModel):
     this host is taken over without it."""
 
 
+class MemberSection(StrictModel):
+    """One model of an ensemble stored as one teacher."""
+
+    model: ModelSpec
+    """The network and its weights (as ``teachers[].model``)."""
+    weight: float = Field(1.0, gt=0.0)
+    """Its weight in the ensemble (the weights are normalised to sum to 1)."""
+    render: RenderSpec = Field(default_factory=RenderSpec)
+    """How this model renders the views (as ``teachers[].render``)."""
+
+
+class EnsembleSection(StrictModel):
+    """Several models run on every view and stored as one teacher: their combination."""
+
+    members: list[MemberSection] = Field(min_length=1)
+    """The models and their weights."""
+    combine: Literal["probs", "logits"] = "probs"
+    """``probs``: the weighted mean of the models' T=1 probabilities (tempering the stored teacher
+    later tempers that mixture); ``logits``: the weighted mean of their logits."""
+
+
 class TeacherSection(StrictModel):
     """One teacher run over every view."""
 
     name: str
     """Subgroup name in the cache (letters, digits, ``_`` and ``-``; no dot)."""
-    model: ModelSpec
+    model: ModelSpec | None = None
     """The network and its weights. Real teachers need ``checkpoint:`` (or ``pretrained: true``
-    with network access); without either, timm's random init is used, seeded so runs agree."""
+    with network access); without either, timm's random init is used, seeded so runs agree.
+    Exactly one of ``model`` and ``ensemble``."""
+    ensemble: EnsembleSection | None = None
+    """Instead of ``model``: several models whose combined distribution is stored as this
+    teacher (its metadata records each model's spec, weights digest, weight and rendering)."""
     k: int = Field(10, ge=1)
     """How many top classes to store per view."""
     render: RenderSpec = Field(default_factory=RenderSpec)
@@ -102,7 +128,13 @@ class TeacherSection(StrictModel):
     pretrained config of a ``pretrained: true`` timm model, else the recipe's. E.g. ``{size: 320,
     interpolation: bicubic}`` for a teacher at a higher resolution than the student."""
     encoding: str = "fp16"
-    """How top-k logits are stored: ``fp16``."""
+    """How targets are stored: ``fp16`` or ``q8`` (top-k), or ``sampled`` (the top-k as ``q8``
+    plus ``samples`` classes drawn from the rest, for ``tail: sample`` in training)."""
+    samples: int | None = Field(None, ge=1, le=255)
+    """``sampled``: classes drawn per view from the T=1 distribution outside the top-k."""
+    sample_temperatures: list[Annotated[float, Field(gt=0.0)]] = Field(default_factory=list)
+    """``sampled``: temperatures other than 1 at which training should be unbiased (each stores
+    ``logsumexp(l / T)``, 2 B per view); e.g. ``[4]`` for KD at T=4."""
 
     @field_validator("name")
     @classmethod
@@ -209,12 +241,53 @@ def cross_field_problems(cfg: PrecomputeConfig, num_classes: int | None) -> list
             problems.append(
                 f"teachers.{i}.k: {teacher.k} is more than num_classes={num_classes} ({source})"
             )
+        problems += _model_problems(i, teacher) + _sampling_problems(i, teacher, num_classes)
     names = cfg.data.class_names
     if names and num_classes is not None and len(names) != num_classes:
         problems.append(
             f"data.class_names: {len(names)} names for num_classes={num_classes} ({source})"
         )
     return problems
+
+
+def _model_problems(i: int, teacher: TeacherSection) -> list[str]:
+    """Exactly one of ``model`` and ``ensemble``; an ensemble renders per model."""
+    key = f"teachers.{i}"
+    if (teacher.model is None) == (teacher.ensemble is None):
+        return [f"{key}.model: give exactly one of {key}.model and {key}.ensemble"]
+    if teacher.ensemble is not None and "render" in teacher.model_fields_set:
+        return [
+            f"{key}.render: an ensemble renders per model: set "
+            f"{key}.ensemble.members.N.render instead"
+        ]
+    return []
+
+
+def _sampling_problems(i: int, teacher: TeacherSection, num_classes: int | None) -> list[str]:
+    """``samples`` and ``sample_temperatures`` go with encoding ``sampled``, and it with them."""
+    key = f"teachers.{i}"
+    sampled = teacher.encoding == "sampled"
+    out = []
+    if sampled and teacher.samples is None:
+        out.append(f"{key}.samples: encoding 'sampled' needs the number of classes to draw")
+    if not sampled and teacher.samples is not None:
+        out.append(f"{key}.samples: only for encoding 'sampled' (found {teacher.encoding!r})")
+    if not sampled and teacher.sample_temperatures:
+        out.append(
+            f"{key}.sample_temperatures: only for encoding 'sampled' (found {teacher.encoding!r})"
+        )
+    temps = teacher.sample_temperatures
+    if any(math.isclose(t, 1.0) for t in temps) or len(set(temps)) != len(temps):
+        out.append(
+            f"{key}.sample_temperatures: each temperature once, none of them 1 (T=1 is always "
+            f"unbiased), found {temps}"
+        )
+    if sampled and num_classes is not None and teacher.k >= num_classes:
+        out.append(
+            f"{key}.k: encoding 'sampled' draws from the classes outside the top-k; "
+            f"k={teacher.k} leaves none of the {num_classes}"
+        )
+    return out
 
 
 def check_with_classes(cfg: PrecomputeConfig, num_classes: int) -> None:

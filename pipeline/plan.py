@@ -40,12 +40,13 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import fsspec
 
 from kdcache.config import dump_config
+from kdcache.ensemble import ENSEMBLE_MODEL, ensemble_digest, ensemble_meta
 from kdcache.errors import (
     CacheError,
     CacheMismatchError,
@@ -71,7 +72,7 @@ from kdcache.shards import (
     key_digest,
     shard_key_digest,
 )
-from kdcache.store import CacheStore, Fingerprint, open_store
+from kdcache.store import CacheStore, EnsembleMeta, Fingerprint, open_store
 from kdcache.views import Rendering, ViewRecipe
 from kdcache.writer import add_teacher, create_store, set_key_digest
 
@@ -79,15 +80,36 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class MemberPlan:
+    """One model a teacher runs: its spec, weight in the teacher, weights digest and rendering."""
+
+    spec: ModelSpec
+    weight: float
+    weights_digest: str
+    rendering: Rendering
+
+
+@dataclass(frozen=True)
 class TeacherPlan:
     """A teacher as the workers need it: spec, k and the weights digest the driver computed."""
 
     name: str
-    spec: ModelSpec
+    spec: ModelSpec | None
+    """The teacher's model (None for a stored ensemble: its models are ``members``)."""
     k: int
     weights_digest: str
     rendering: Rendering
     """The teacher's resolved rendering (its input size, interpolation, mean and std)."""
+    members: tuple[MemberPlan, ...] = ()
+    """A stored ensemble's models (empty: the teacher is ``spec``)."""
+    combine: str = "probs"
+    """A stored ensemble: how its models' distributions combine (:mod:`kdcache.ensemble`)."""
+
+    def models(self) -> tuple[MemberPlan, ...]:
+        """What a worker runs: the ensemble's models, or the teacher itself with weight 1."""
+        if self.members:
+            return self.members
+        return (MemberPlan(self.spec, 1.0, self.weights_digest, self.rendering),)
 
 
 @dataclass(frozen=True)
@@ -219,12 +241,15 @@ def make_plan(cfg: PrecomputeConfig) -> Plan:
         add_teacher(
             store,
             teacher.name,
-            model=section.model.model_dump(mode="json"),
+            model=section.model.model_dump(mode="json") if section.model else ENSEMBLE_MODEL,
             weights_digest=teacher.weights_digest,
             k=teacher.k,
             rendering=teacher.rendering,
             encoding=section.encoding,
             config=saved_config(cfg),
+            samples=section.samples or 0,
+            sample_temperatures=tuple(section.sample_temperatures),
+            ensemble=stored_ensemble(teacher),
         )
     if not created:  # damaged shards lose their marks here, so shard_tasks lists them again
         repair_damage(store, [t.name for t in teachers], check=cfg.cache.check)
@@ -315,12 +340,55 @@ def resolve_classes(cfg: PrecomputeConfig, data: DataPlan) -> tuple[int, list[st
 def _teacher_plan_at(
     index: int, section: TeacherSection, num_classes: int, recipe: ViewRecipe
 ) -> TeacherPlan:
-    """:func:`teacher_plan` of ``teachers.<index>``, its errors naming that key and the teacher."""
+    """:func:`teacher_plan` of ``teachers.<index>``, its errors naming that key and the teacher
+    (a stored ensemble: each of its models, named ``teachers.<index>.ensemble.members.<j>``)."""
+    if section.ensemble is not None:
+        return _ensemble_plan_at(index, section, num_classes, recipe)
     rendering = resolve_rendering(section.render, recipe, section.model, f"teachers.{index}.render")
     try:
         return teacher_plan(section.name, section.model, section.k, num_classes, recipe, rendering)
     except TeacherError as exc:
         raise TeacherError(f"teachers.{index}.model (teacher {section.name!r}): {exc}") from exc
+
+
+def _ensemble_plan_at(
+    index: int, section: TeacherSection, num_classes: int, recipe: ViewRecipe
+) -> TeacherPlan:
+    """A stored ensemble: every model built once to fingerprint it, the ensemble's digest over
+    theirs."""
+    members = []
+    for j, member in enumerate(section.ensemble.members):
+        key = f"teachers.{index}.ensemble.members.{j}"
+        rendering = resolve_rendering(member.render, recipe, member.model, f"{key}.render")
+        try:
+            plan = teacher_plan(section.name, member.model, section.k, num_classes, recipe)
+        except TeacherError as exc:
+            raise TeacherError(f"{key}.model (teacher {section.name!r}): {exc}") from exc
+        members.append(MemberPlan(member.model, member.weight, plan.weights_digest, rendering))
+    teacher = TeacherPlan(
+        name=section.name,
+        spec=None,
+        k=section.k,
+        weights_digest="",
+        rendering=members[0].rendering,
+        members=tuple(members),
+        combine=section.ensemble.combine,
+    )
+    digest = ensemble_digest(teacher.combine, stored_ensemble(teacher).members)
+    return replace(teacher, weights_digest=digest)
+
+
+def stored_ensemble(teacher: TeacherPlan) -> EnsembleMeta | None:
+    """The ensemble metadata a teacher records (None: not an ensemble)."""
+    if not teacher.members:
+        return None
+    return ensemble_meta(
+        teacher.combine,
+        [m.spec for m in teacher.members],
+        [m.weights_digest for m in teacher.members],
+        [m.weight for m in teacher.members],
+        [m.rendering for m in teacher.members],
+    )
 
 
 def teacher_plan(

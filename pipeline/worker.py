@@ -31,14 +31,17 @@ from typing import TypeVar
 import numpy as np
 import torch
 
+from kdcache.encoding import sample_slots
+from kdcache.ensemble import combine_logits
 from kdcache.errors import DataError, TeacherError
 from kdcache.models import build_teacher, weights_digest
 from kdcache.pipeline.config import RuntimeSection
-from kdcache.pipeline.plan import ShardKeys, ShardTask, TeacherPlan
+from kdcache.pipeline.plan import MemberPlan, ShardKeys, ShardTask, TeacherPlan
 from kdcache.reader import read_block
+from kdcache.sampling import sampled_from_logits, uniforms
 from kdcache.shards import DEFAULT_LABEL_KEY, Sample, decode_image, iter_shard
-from kdcache.store import STATUS_INVALID, STATUS_VALID, open_store
-from kdcache.targets import MixedLabels, SparseTargets, from_logits
+from kdcache.store import STATUS_INVALID, STATUS_VALID, TeacherMeta, open_store
+from kdcache.targets import MixedLabels, SampledTargets, SparseTargets, from_logits
 from kdcache.teacher import ModelRunner, check_finite
 from kdcache.views import (
     Rendering,
@@ -117,19 +120,32 @@ class ShardRows:
 
 @dataclass
 class TeacherArrays:
-    """One teacher's targets for a shard, filled batch by batch: ``[n, A, k]`` and ``[n, A]``."""
+    """One teacher's targets for a shard, filled batch by batch: ``[n, A, k]`` and ``[n, A]``
+    (encoding ``sampled``: also the draws, ``[n, A, slots]``, and ``lse_t`` ``[n, A, T]``)."""
 
     topk_idx: np.ndarray
     topk_logit: np.ndarray
     lse: np.ndarray
     label_logit: np.ndarray
     tail_lse: np.ndarray
+    samples: tuple[np.ndarray, ...] | None = None
+    """Encoding ``sampled``: (classes, logits, counts, lse_t)."""
 
     @classmethod
-    def zeros(cls, n: int, num_views: int, k: int) -> TeacherArrays:
+    def zeros(
+        cls, n: int, num_views: int, k: int, slots: int | None = None, temperatures: int = 0
+    ) -> TeacherArrays:
         scalars = [np.zeros((n, num_views), np.float32) for _ in range(3)]
+        samples = None
+        if slots is not None:
+            shapes = [(slots, np.int64), (slots, np.float32), (slots, np.uint8)]
+            samples = tuple(np.zeros((n, num_views, m), dtype) for m, dtype in shapes)
+            samples += (np.zeros((n, num_views, temperatures), np.float32),)
         return cls(
-            np.zeros((n, num_views, k), np.int32), np.zeros((n, num_views, k), np.float32), *scalars
+            np.zeros((n, num_views, k), np.int32),
+            np.zeros((n, num_views, k), np.float32),
+            *scalars,
+            samples=samples,
         )
 
     def put(self, flat: np.ndarray, targets: SparseTargets) -> None:
@@ -142,6 +158,11 @@ class TeacherArrays:
         self.lse.reshape(-1)[flat] = targets.lse.cpu().numpy()
         self.label_logit.reshape(-1)[flat] = targets.label_logit.cpu().numpy()
         self.tail_lse.reshape(-1)[flat] = targets.tail_lse.cpu().numpy()
+        if isinstance(targets, SampledTargets):
+            drawn = (targets.sample_idx, targets.sample_logit, targets.sample_count, targets.lse_t)
+            for out, values in zip(self.samples, drawn, strict=True):
+                # rows x views spelled out: lse_t may have no column (no stored temperature)
+                out.reshape(out.shape[0] * out.shape[1], out.shape[-1])[flat] = values.cpu().numpy()
 
 
 @dataclass
@@ -192,6 +213,11 @@ def rendering_key(rendering: Rendering) -> str:
     return rendering.model_dump_json()
 
 
+def model_key(member: MemberPlan) -> str:
+    """A hashable name of a model as it runs: its weights digest and rendering."""
+    return f"{member.weights_digest}:{rendering_key(member.rendering)}"
+
+
 class ViewBatcher:
     """Collects groups' views into batches of exactly ``size`` views (the last one smaller)."""
 
@@ -223,29 +249,36 @@ class ShardWorker:
     def __init__(self, settings: WorkerSettings):
         torch.set_num_threads(settings.torch_threads)
         self.settings = settings
-        self.runners = {t.name: self._runner(t) for t in settings.teachers}
-        self.k = {t.name: t.k for t in settings.teachers}
-        self.renderings = {rendering_key(t.rendering): t.rendering for t in settings.teachers}
-        self.rendering_of = {t.name: rendering_key(t.rendering) for t in settings.teachers}
+        self.teachers = {t.name: t for t in settings.teachers}
+        self.runners: dict[str, ModelRunner] = {}
+        """Model key (:func:`model_key`) -> its runner: a model that several teachers run (a
+        teacher and an ensemble holding it) is built once and runs once per batch."""
+        for t in settings.teachers:
+            for member in t.models():
+                if model_key(member) not in self.runners:
+                    self.runners[model_key(member)] = self._runner(t.name, member)
+        models = [m for t in settings.teachers for m in t.models()]
+        self.renderings = {rendering_key(m.rendering): m.rendering for m in models}
         self.store = open_store(settings.cache_path, "r+", settings.storage_options or None)
+        self.metas = {t.name: self.store.teacher_meta(t.name) for t in settings.teachers}
 
-    def _runner(self, teacher: TeacherPlan) -> ModelRunner:
+    def _runner(self, teacher: str, member: MemberPlan) -> ModelRunner:
         s = self.settings
-        model = build_teacher(teacher.spec, s.num_classes, s.recipe.channels)
+        model = build_teacher(member.spec, s.num_classes, s.recipe.channels)
         digest = weights_digest(model)
-        if digest != teacher.weights_digest:
+        if digest != member.weights_digest:
             raise TeacherError(
-                f"teacher {teacher.name!r}: the weights built here (digest {digest}) "
+                f"teacher {teacher!r}: the weights built here (digest {digest}) "
                 "differ from the driver's "
-                f"({teacher.weights_digest}); is the checkpoint file the same on every node?"
+                f"({member.weights_digest}); is the checkpoint file the same on every node?"
             )
         return ModelRunner(
             model,
-            teacher.rendering,
+            member.rendering,
             device=s.runtime.device,
             amp=s.runtime.amp,
             channels_last=s.runtime.channels_last,
-            name=teacher.name,
+            name=teacher,
         )
 
     def ready(self) -> int:
@@ -258,12 +291,12 @@ class ShardWorker:
         rows = self._initial_rows(task)
         n = task.count
         a = self.settings.num_views
-        out = {name: TeacherArrays.zeros(n, a, self.k[name]) for name in task.teachers}
+        out = {name: self._arrays(name, n, a) for name in task.teachers}
         forward = 0.0
         keys = ShardKeys(task)
         batches = background(self._batches(task, rows, keys), self.settings.prefetch_batches)
         for index, batch in enumerate(batches):
-            forward += self._forward(task, batch, out)
+            forward += self._forward(task, batch, out, keys.keys)
             if index == 0:
                 maybe_crash(task.name)
         self._write(task, rows, out, keys)
@@ -274,6 +307,13 @@ class ShardWorker:
         )
         logger.debug("%s", result)
         return result
+
+    def _arrays(self, name: str, n: int, num_views: int) -> TeacherArrays:
+        meta = self.metas[name]
+        if meta.encoding != "sampled":
+            return TeacherArrays.zeros(n, num_views, meta.k)
+        slots = sample_slots(meta.samples, meta.k, self.settings.num_classes)
+        return TeacherArrays.zeros(n, num_views, meta.k, slots, len(meta.sample_temperatures))
 
     def _initial_rows(self, task: ShardTask) -> ShardRows:
         """Fresh rows, or the labels, status and view params stored by an earlier run."""
@@ -386,17 +426,55 @@ class ShardWorker:
         labels = rows.labels
         return ViewBatch(own * a + view, views, labels[own], labels[partner], lam)
 
-    def _forward(self, task: ShardTask, batch: ViewBatch, out: dict[str, TeacherArrays]) -> float:
+    def _forward(
+        self, task: ShardTask, batch: ViewBatch, out: dict[str, TeacherArrays], keys: list[str]
+    ) -> float:
         """Every teacher on one batch, in its rendering; top-k, logsumexp and label logit on the
-        device."""
+        device (a stored ensemble: its models' logits combined first; each model runs once per
+        batch, whichever teachers hold it)."""
         start = time.perf_counter()
         labels = batch.mixed_labels()
+        ran: dict[str, torch.Tensor] = {}
         for name in task.teachers:
-            logits = self.runners[name](batch.views[self.rendering_of[name]])
-            check_finite(logits, f"shard {task.name!r}, teacher {name!r}")
-            targets = from_logits(logits, labels.to(logits.device), self.k[name])
+            logits = self._logits(task, name, batch, ran)
+            targets = self._targets(task, name, logits, labels, batch.flat, keys)
             out[name].put(batch.flat, targets)
         return time.perf_counter() - start
+
+    def _logits(
+        self, task: ShardTask, name: str, batch: ViewBatch, ran: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """A teacher's logits of the batch: its model's, or its ensemble's combination."""
+        teacher = self.teachers[name]
+        logits = []
+        for member in teacher.models():
+            key = model_key(member)
+            if key not in ran:
+                ran[key] = self.runners[key](batch.views[rendering_key(member.rendering)])
+                check_finite(ran[key], f"shard {task.name!r}, teacher {name!r}")
+            logits.append(ran[key])
+        weights = [m.weight for m in teacher.models()]
+        return combine_logits(logits, weights, teacher.combine)
+
+    def _targets(
+        self,
+        task: ShardTask,
+        name: str,
+        logits: torch.Tensor,
+        labels: MixedLabels,
+        flat: np.ndarray,
+        keys: list[str],
+    ) -> SparseTargets:
+        """The stored form of a batch's logits: top-k, plus the draws for encoding ``sampled``."""
+        meta: TeacherMeta = self.metas[name]
+        labels = labels.to(logits.device)
+        if meta.encoding != "sampled":
+            return from_logits(logits, labels, meta.k)
+        a = self.settings.num_views
+        # flat = row * A + view: the draws are keyed by each view's sample key and view index.
+        view_keys = [keys[i] for i in flat // a]
+        u = uniforms(self.settings.seed, view_keys, flat % a, name, meta.samples)
+        return sampled_from_logits(logits, labels, meta.k, u, meta.sample_temperatures)
 
     def _write(
         self, task: ShardTask, rows: ShardRows, out: dict[str, TeacherArrays], keys: ShardKeys
@@ -424,6 +502,7 @@ class ShardWorker:
                 lse=arrays.lse,
                 label_logit=arrays.label_logit,
                 tail_lse=arrays.tail_lse,
+                samples=arrays.samples,
             )
 
 

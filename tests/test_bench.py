@@ -111,6 +111,15 @@ def test_cache_bench_writes_its_keys(tmp_path):
     assert {(r["encoding"], r["k"]) for r in result["rows"]} == {
         (e, k) for e in ("fp16", "q8") for k in (5, 10, 20)
     }
+    # top-k vs sampled targets at equal bytes per view (24 B by default), T=1 and KD's T=4
+    assert {t: set(v) for t, v in result["grad_cos"].items()} == {
+        t: {"topk", "topk_renorm", "sampled", "sampled_sn"} for t in ("T=1", "T=4")
+    }
+    detail = result["grad_cos_detail"]
+    assert detail["topk"]["layout_bytes"] <= 24 and detail["sampled"]["layout_bytes"] <= 24
+    assert (detail["topk"]["k"], detail["sampled"]["draws"]) == (6, 3)
+    for figures in result["grad_cos"].values():
+        assert all(-1.0 <= x <= 1.0 for x in figures.values())
 
 
 @pytest.mark.skipif(
@@ -152,6 +161,14 @@ def test_parity_bench_writes_its_keys(tmp_path):
     strong = result["strong"]
     assert {"online_acc", "cached_acc", "ce_acc", "parity_ok"} <= strong.keys()
     assert {"mean", "std"} <= strong["cached_acc"].keys() and strong["recipe"]["mix"]
+    # top-k, sampled and full targets at equal bytes; a two-teacher ensemble vs each member
+    beyond = result["beyond"]
+    assert set(beyond["equal_bytes"]) == {"topk", "sampled", "sampled_sn", "full"}
+    assert beyond["equal_bytes"]["topk"]["layout_bytes"] <= beyond["budget_bytes_per_view"]
+    assert beyond["equal_bytes"]["sampled"]["layout_bytes"] <= beyond["budget_bytes_per_view"]
+    assert set(beyond["ensemble"]["students"]) == {"ensemble", "teacher", "teacher2"}
+    assert {"mean", "std"} <= beyond["ensemble"]["students"]["ensemble"].keys()
+    assert set(beyond["ensemble"]["on_cached_views"]["top1"]) == {"ensemble", "teacher", "teacher2"}
 
 
 # ---- loss.topk: truncating cached targets at read time -------------------------------------------

@@ -120,13 +120,15 @@ def check(which: str, data: dict[str, Any]) -> None:
 
 
 def set_key(data: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    """Set ``path`` in ``data``, making the sections on the way (a list of one item where the
+    next part is an index: ``teachers.0.ensemble.members.0.model`` in a config without one)."""
     node: Any = data
-    for part in path[:-1]:
+    for part, after in zip(path[:-1], path[1:], strict=True):
         if isinstance(node, list):
             node = node[int(part)]
         else:
             if not isinstance(node.get(part), (dict, list)):
-                node[part] = {}
+                node[part] = [{}] if after.isdigit() else {}
             node = node[part]
     if isinstance(node, list):
         node[int(path[-1])] = value
@@ -144,6 +146,11 @@ def names_key(message: str, path: tuple[str, ...], which: str) -> bool:
     candidates = {".".join(path), ".".join(anchor)}
     if len(anchor) > 1:
         candidates.add(".".join(anchor[:-1]))
+    # a key below a list the config lacks (teachers.0.ensemble.members.0.model): the override
+    # makes a mapping where the list belongs, and the message names that list
+    candidates |= {
+        ".".join(path[:i]) for i in range(1, len(path)) if _is_list(keys.get(path[:i], None))
+    }
     return any(
         re.search(rf"(^|[\s('\[]){re.escape(c)}(?=[.:\s)='\],]|$)", message) for c in candidates
     )

@@ -811,9 +811,12 @@ def test_config_schema_is_pinned():
     assert list(PrecomputeConfig.model_fields["teachers"].annotation.__args__[0].model_fields) == [
         "name",
         "model",
+        "ensemble",
         "k",
         "render",
         "encoding",
+        "samples",
+        "sample_temperatures",
     ]
 
 

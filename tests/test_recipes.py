@@ -10,7 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from cachebuild import build_cache, write_shards
+from cachebuild import (
+    build_cache,
+    precompute_config,
+    run_precompute,
+    tiny_teacher,
+    write_shards,
+)
 from test_precompute import cache_arrays, make_config, precompute, shards_url
 
 from kdcache.cli import main
@@ -231,3 +237,28 @@ def test_dist_training_configs_follow_dists_code():
         5.0,
         300,
     )
+
+
+def test_a_stored_ensemble_and_a_sampled_teacher_on_strong_views(tmp_path):
+    """Beyond one top-k teacher under a strong recipe: an ensemble whose members render the mixed
+    views at different sizes, and sampled targets keyed by each view's sample key; validate
+    passes and verify recomputes both from the shards."""
+    urls = write_shards(tmp_path / "shards", num_shards=2, per_shard=8)
+    a, _ = tiny_teacher(4, seed=0, save_to=tmp_path / "a.pt")
+    b, _ = tiny_teacher(4, seed=1, save_to=tmp_path / "b.pt")
+    members = [
+        {"model": a.model_dump(), "weight": 1.0},
+        {"model": b.model_dump(), "weight": 1.0, "render": TEACHER_RENDER},
+    ]
+    teachers = [
+        {"name": "ens", "ensemble": {"members": members}, "k": 2},
+        {"name": "drawn", "model": a.model_dump(), "k": 1, "encoding": "sampled", "samples": 3},
+    ]
+    recipe = ViewRecipe(size=12, scale=(0.5, 1.0), **GREY, **STRONG)
+    cfg = precompute_config(tmp_path / "cache.zarr", urls, teachers, recipe=recipe, num_views=2)
+    store = run_precompute(cfg)
+    assert (store.views["mix_partner"][:] != 0).any()
+    assert main(["validate", str(tmp_path / "cache.zarr")]) == 0
+    results = verify_cache(store, num=12, seed=0)
+    assert sorted(r.teacher for r in results) == ["drawn", "ens"]
+    assert all(r.ok and r.views == 12 for r in results)

@@ -622,7 +622,16 @@ def test_config_schema_is_pinned():
             "verify_keys",
         ],
         "cache": ["path", "shard_subset", "storage_options"],
-        "stage": ["epochs", "loss", "name", "optimizer", "scheduler", "teacher"],
+        "stage": [
+            "combine",
+            "epochs",
+            "loss",
+            "name",
+            "optimizer",
+            "scheduler",
+            "teacher",
+            "teachers",
+        ],
     }
 
 

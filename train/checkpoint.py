@@ -196,7 +196,7 @@ def run_cache_identity(store: CacheStore | None, stages: list[StagePlan]) -> dic
     identity with the teachers of the stages that it holds (None without a cache)."""
     if store is None:
         return None
-    used = sorted({s.teacher for s in stages if s.teacher and s.teacher in store.teachers})
+    used = sorted({t for s in stages for t in s.members if t in store.teachers})
     return cache_identity(store, used)
 
 

@@ -18,10 +18,11 @@ from pydantic_core import PydanticCustomError
 
 from kdcache.augment import UnseenOps
 from kdcache.config import StrictModel, dump_config, load_config
+from kdcache.ensemble import StageEnsemble
 from kdcache.models import ModelSpec
 from kdcache.preprocess import RenderSpec
 from kdcache.shards import DEFAULT_LABEL_KEY
-from kdcache.targets import TailMode
+from kdcache.targets import LossTail
 from kdcache.train.losses import get_loss, registered_losses
 from kdcache.views import ViewRecipe
 
@@ -57,9 +58,11 @@ class _DistillBase(StrictModel):
 
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     """Label smoothing of the CE part."""
-    tail: TailMode = "spread"
-    """Classes outside the cached top-k: ``spread`` (exact tail mass at T=1, spread evenly) or
-    ``renorm`` (drop the tail, renormalise the top-k). Irrelevant when k equals the class count."""
+    tail: LossTail = "spread"
+    """Classes outside the cached top-k: ``spread`` (exact tail mass at T=1, spread evenly),
+    ``renorm`` (drop the tail, renormalise the top-k) or ``sample`` (teachers stored with encoding
+    ``sampled``: the tail estimated from its draws, unbiased at T=1 and at the teacher's
+    ``sample_temperatures``). Irrelevant when k equals the class count."""
     stop_epoch: int | None = Field(None, ge=0)
     """Early-stopped KD (paper 002): from this (0-based, run-global) epoch on, the loss is plain
     CE."""
@@ -270,12 +273,33 @@ class StageConfig(StrictModel):
     teacher: str | None = None
     """The teacher (its name in the cache, or in ``teacher.models`` online); default
     ``teacher.name``."""
+    teachers: dict[str, Annotated[float, Field(gt=0.0)]] | None = None
+    """Instead of ``teacher``: an ensemble of teachers as one target, ``{name: weight}`` (weights
+    normalised to sum to 1) or a list of names (equal weights); each a cached teacher (online: a
+    teacher run live). See ``combine``."""
+    combine: Literal["probs", "logits"] | None = None
+    """With ``teachers``: ``probs`` (default) mixes the teachers' probabilities at the loss's
+    temperature, each with the loss's ``tail``; ``logits`` averages their logits (the classes
+    outside a teacher's top-k at its spread tail's logit; needs ``tail: spread``)."""
     optimizer: OptimizerConfig | None = None
     """Start a new optimizer with these settings at this stage (default: keep the previous one;
     the first stage uses the top-level ``optimizer``)."""
     scheduler: SchedulerConfig | None = None
     """The LR schedule of the new optimizer (only with ``optimizer``; default top-level
     ``scheduler``)."""
+
+    @field_validator("teachers", mode="before")
+    @classmethod
+    def _names_list(cls, value: Any) -> Any:
+        """A list of names is an ensemble of equal weights."""
+        if not isinstance(value, list):
+            return value
+        repeated = sorted({n for n in value if isinstance(n, str) and value.count(n) > 1})
+        if repeated:
+            raise ValueError(f"teachers listed more than once: {repeated}")
+        if not all(isinstance(n, str) for n in value):
+            raise ValueError("expected teacher names")
+        return {name: 1.0 for name in value}
 
 
 # ---- sections ---------------------------------------------------------------------------------
@@ -509,11 +533,32 @@ class TrainConfig(StrictModel):
 
 
 def stage_teacher(config: TrainConfig, index: int) -> str | None:
-    """The teacher name stage ``index`` uses (None for a CE stage)."""
+    """The teacher name stage ``index`` uses (None for a CE stage); for an ensemble its label
+    (:attr:`~kdcache.ensemble.StageEnsemble.label`), which names no single teacher."""
     stage = config.stages[index]
     if not uses_teacher(stage.loss):
         return None
+    ensemble = stage_ensemble(config, index)
+    if ensemble is not None:
+        return ensemble.label
     return stage.teacher or config.teacher.name
+
+
+def stage_ensemble(config: TrainConfig, index: int) -> StageEnsemble | None:
+    """The ensemble stage ``index`` trains against (None: one teacher, or none)."""
+    stage = config.stages[index]
+    if not stage.teachers or not uses_teacher(stage.loss):
+        return None
+    return StageEnsemble.of(stage.teachers, stage.combine or "probs")
+
+
+def stage_members(config: TrainConfig, index: int) -> list[str]:
+    """The teachers whose targets stage ``index`` reads: its teacher, its ensemble's, or none."""
+    ensemble = stage_ensemble(config, index)
+    if ensemble is not None:
+        return list(ensemble.names)
+    teacher = stage_teacher(config, index)
+    return [teacher] if teacher else []
 
 
 def segment_starts(config: TrainConfig) -> list[int]:
@@ -578,6 +623,8 @@ def _stage_problems(config: TrainConfig) -> list[str]:
                 f"{key}.teacher: a {stage.loss.name!r} stage uses no teacher "
                 f"(found {stage.teacher!r})"
             )
+        out += _ensemble_problems(config, i)
+        out += _weight_temperature_problems(config, i)
         out += _stop_epoch_problems(config, i)
     if _steps_undefined(config.scheduler):
         out.append("scheduler.milestones: a 'step' schedule needs milestones (or every)")
@@ -586,6 +633,43 @@ def _stage_problems(config: TrainConfig) -> list[str]:
 
 def _steps_undefined(scheduler: SchedulerConfig) -> bool:
     return scheduler.name == "step" and not scheduler.milestones and scheduler.every is None
+
+
+def _ensemble_problems(config: TrainConfig, i: int) -> list[str]:
+    """``teachers`` replaces ``teacher`` on a distillation stage; ``combine`` goes with it."""
+    stage = config.stages[i]
+    key = f"stages.{i}"
+    if stage.teachers is None:
+        if stage.combine is not None:
+            return [f"{key}.combine: only for an ensemble ({key}.teachers)"]
+        return []
+    if not stage.teachers:
+        return [f"{key}.teachers: name at least one teacher"]
+    if not uses_teacher(stage.loss):
+        return [f"{key}.teachers: a {stage.loss.name!r} stage uses no teacher"]
+    if stage.teacher is not None:
+        return [f"{key}.teachers: set {key}.teacher or {key}.teachers, not both"]
+    tail = getattr(stage.loss, "tail", "spread")
+    if stage.combine == "logits" and tail != "spread":
+        return [
+            f"{key}.combine: 'logits' averages every teacher's logits, which needs "
+            f"{key}.loss.tail 'spread' (found {tail!r}: it leaves some classes without one)"
+        ]
+    return []
+
+
+def _weight_temperature_problems(config: TrainConfig, i: int) -> list[str]:
+    """WSL's weights at T != 1 need the top-k logits, which sampled estimates and ensembles do
+    not keep (they give the teacher's label cross-entropy at T=1 only)."""
+    stage = config.stages[i]
+    weight_t = getattr(stage.loss, "weight_temperature", 1.0)
+    estimated = stage.teachers is not None or getattr(stage.loss, "tail", None) == "sample"
+    if weight_t == 1.0 or not estimated:
+        return []
+    return [
+        f"stages.{i}.loss.weight_temperature: {weight_t:g} needs one top-k teacher; with "
+        f"an ensemble or tail 'sample' the teacher's weights are known at T=1 only (set 1)"
+    ]
 
 
 def _stop_epoch_problems(config: TrainConfig, i: int) -> list[str]:

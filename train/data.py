@@ -61,8 +61,8 @@ from kdcache.shards import (
     shard_name,
 )
 from kdcache.store import STATUS_VALID, CacheStore, Fingerprint, open_store
-from kdcache.targets import MixedLabels, SparseTargets
-from kdcache.train.config import TrainConfig, stage_teacher
+from kdcache.targets import MixedLabels, SparseTargets, targets_from_arrays
+from kdcache.train.config import TrainConfig, stage_members
 from kdcache.views import (
     Rendering,
     View,
@@ -130,7 +130,7 @@ class Batch:
             self,
             images=fn(self.images),
             labels=fn(self.labels),
-            targets={n: SparseTargets(*map(fn, t.tensors())) for n, t in self.targets.items()},
+            targets={n: t.map(fn) for n, t in self.targets.items()},
             teacher_images={n: fn(x) for n, x in self.teacher_images.items()},
             **{name: None if x is None else fn(x) for name, x in optional.items()},
         )
@@ -150,7 +150,7 @@ class Batch:
             "lam": self.lam,
         }
         small = {name: None if x is None else _by_value(x) for name, x in small.items()}
-        targets = {
+        targets = {  # the fields in order: 5 top-k, 10 sampled (targets_from_arrays)
             name: tuple(_by_value(x) for x in t.tensors()) for name, t in self.targets.items()
         }
         return _rebuild_batch, (self.images, self.teacher_images, small, targets, self.keys)
@@ -176,7 +176,7 @@ def _rebuild_batch(
         images=images,
         teacher_images=teacher_images,
         keys=keys,
-        targets={name: SparseTargets(*map(_as_tensor, arrays)) for name, arrays in targets.items()},
+        targets={name: targets_from_arrays(arrays) for name, arrays in targets.items()},
         **{name: _as_tensor(value) for name, value in small.items()},
     )
 
@@ -579,25 +579,24 @@ class ShardStream(IterableDataset):
 
 def _targets(items: list[_Item], views: list[int], teacher: str) -> SparseTargets:
     """Gather one teacher's targets of the chosen views, one fancy-index per shard block in the
-    batch: idx int64, logit as stored (fp16, or float32 from q8), lse/label_logit/tail_lse fp32."""
-    first = items[0].block.teachers[teacher]
+    batch: idx int64, logit as stored (fp16, or float32 from q8), lse/label_logit/tail_lse fp32
+    (a sampled teacher: its draws too, :class:`~kdcache.targets.SampledTargets`)."""
+    first = items[0].block.teachers[teacher].fields()
     n = len(items)
-    k = first.topk_idx.shape[-1]
-    idx = np.empty((n, k), np.int64)
-    logit = np.empty((n, k), first.topk_logit.dtype)
-    lse, label_logit, tail_lse = (np.empty(n, np.float32) for _ in range(3))
+    out = [np.empty((n, *a.shape[2:]), _batch_dtype(a.dtype)) for a in first]
     rows = np.array([item.row for item in items])
     chosen = np.asarray(views)
     for block, positions in _by_block(items):
-        t = block.teachers[teacher]
         r = rows[positions]
         a = chosen[positions]
-        idx[positions] = t.topk_idx[r, a]
-        logit[positions] = t.topk_logit[r, a]
-        lse[positions] = t.lse[r, a]
-        label_logit[positions] = t.label_logit[r, a]
-        tail_lse[positions] = t.tail_lse[r, a]
-    return SparseTargets(*map(torch.from_numpy, (idx, logit, lse, label_logit, tail_lse)))
+        for gathered, stored in zip(out, block.teachers[teacher].fields(), strict=True):
+            gathered[positions] = stored[r, a]
+    return targets_from_arrays(out)
+
+
+def _batch_dtype(dtype: np.dtype) -> np.dtype:
+    """Class indices (uint16/int32 on disk) as int64; values as stored."""
+    return np.dtype(np.int64) if np.issubdtype(dtype, np.integer) and dtype != np.uint8 else dtype
 
 
 def _by_block(items: list[_Item]) -> list[tuple[ShardBlock, np.ndarray]]:
@@ -890,7 +889,7 @@ def online_renderings(
     cache recorded for that teacher (so online targets match cached ones), else its defaults."""
     if config.teacher.mode != "online":
         return {}
-    names = sorted({t for i in range(len(config.stages)) if (t := stage_teacher(config, i))})
+    names = sorted({t for i in range(len(config.stages)) for t in stage_members(config, i)})
     out = {}
     for name in names:
         key = f"teacher.render.{name}"

@@ -35,19 +35,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdcache.targets import (
+    LossTail,
     MixedLabels,
     SparseTargets,
-    TailMode,
+    TemperedTargets,
     dense_probs,
     from_logits,
+    loss_targets,
     sparse_probs,
     tail_logit,
-    truncate,
 )
 
 Tensor = torch.Tensor
 Labels = Tensor | MixedLabels
-Targets = SparseTargets | Tensor
+Targets = SparseTargets | TemperedTargets | Tensor
 
 
 @dataclass
@@ -98,9 +99,9 @@ def cross_entropy(
     return rows.mean() if reduction == "mean" else rows
 
 
-def as_sparse(targets: Targets, labels: Labels | None) -> SparseTargets:
+def as_sparse(targets: Targets, labels: Labels | None) -> SparseTargets | TemperedTargets:
     """Sparse targets as they are, or dense teacher logits ``[B, C]`` converted exactly (k = C)."""
-    if isinstance(targets, SparseTargets):
+    if isinstance(targets, SparseTargets | TemperedTargets):
         return targets
     if labels is None:  # the label logit is unknown: NaN, as for unlabelled rows
         labels = torch.full(targets.shape[:1], -1, dtype=torch.int64, device=targets.device)
@@ -179,7 +180,7 @@ def kd_parts(
     *,
     temperature: float = 4.0,
     alpha: float = 0.9,
-    tail: TailMode = "spread",
+    tail: LossTail = "spread",
     label_smoothing: float = 0.0,
 ) -> LossParts:
     """Hinton KD: ``(1-alpha)*CE + alpha*T^2*mean KL(p_t^T || p_s^T)``."""
@@ -201,7 +202,7 @@ def dist_parts(
     temperature: float = 1.0,
     ce_weight: float = 1.0,
     kd_weight: float = 2.0,
-    tail: TailMode = "spread",
+    tail: LossTail = "spread",
     label_smoothing: float = 0.0,
 ) -> LossParts:
     """DIST (paper 001): ``ce_w*CE + kd_w*(beta*T^2*(1-mean_rows r) + gamma*T^2*(1-mean_cols r))``
@@ -235,6 +236,11 @@ def teacher_label_ce(targets: SparseTargets, num_classes: int, temperature: floa
     label_logit = targets.label_logit.float()
     if temperature == 1.0:
         return targets.lse.float() - label_logit
+    if isinstance(targets, TemperedTargets):
+        raise ValueError(
+            f"the teacher's label cross-entropy at T={temperature:g} needs top-k targets; "
+            "sampled estimates and ensembles give it at T=1 only (set weight_temperature: 1)"
+        )
     scaled = targets.logit.float() / temperature
     others = num_classes - targets.k
     if others > 0:
@@ -267,7 +273,7 @@ def wsl_parts(
     weight_temperature: float = 1.0,
     ce_weight: float = 1.0,
     kd_weight: float = 2.5,
-    tail: TailMode = "spread",
+    tail: LossTail = "spread",
     label_smoothing: float = 0.0,
 ) -> LossParts:
     """WSL (Zhou et al. 2021, cited by paper 000): ``ce_w*CE + kd_w*T^2*mean(w*KL(p_t^T||p_s^T))``
@@ -302,7 +308,7 @@ def mined_targets(
     teacher_temperature: float = 0.7,
     student_temperature: float = 1.0,
     smooth_to: float = 0.99,
-    tail: TailMode = "spread",
+    tail: LossTail = "spread",
 ) -> tuple[Tensor, Tensor]:
     """EffDstl's targets ``[B, C]`` and the mined-row mask ``[B]``.
 
@@ -336,7 +342,7 @@ def effdstl_parts(
     smooth_to: float = 0.99,
     ce_weight: float = 0.0,
     kd_weight: float = 1.0,
-    tail: TailMode = "spread",
+    tail: LossTail = "spread",
     label_smoothing: float = 0.0,
 ) -> LossParts:
     """EffDstl stage 2 (paper 000): ``ce_w*CE + kd_w*T_s^2*mean KL(mined target || p_s^{T_s})``.
@@ -602,8 +608,9 @@ def stopped(config: Any, epoch: int) -> bool:
 
 class Criterion:
     """A stage's loss: ``criterion(logits, labels, targets, epoch) -> LossParts``, the registered
-    loss the config names called with the config's settings (after ``stop_epoch`` plain CE; with
-    ``topk`` the targets truncated first)."""
+    loss the config names called with the config's settings (after ``stop_epoch`` plain CE; the
+    targets first made what the loss asks for: truncated to ``topk``, a sampled estimate, an
+    ensemble's combination, see :func:`~kdcache.targets.loss_targets`)."""
 
     def __init__(self, config: Any, num_classes: int):
         self.config = config
@@ -623,6 +630,6 @@ class Criterion:
             return ce_parts(logits, None, labels, label_smoothing=smoothing)
         if self.needs_teacher and targets is None:
             raise ValueError(f"loss {self.config.name!r} needs teacher targets, the batch has none")
-        if targets is not None:
-            targets = truncate(targets, getattr(self.config, "topk", None))
+        if targets is not None:  # topk, sampled estimates, ensembles: one conversion
+            targets = loss_targets(targets, self.config, self.num_classes)
         return self.entry.parts(logits, targets, labels, **self.settings)

@@ -15,12 +15,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from kdcache.ensemble import StageEnsemble
 from kdcache.train.config import (
     OptimizerConfig,
     SchedulerConfig,
     StageConfig,
     TrainConfig,
     segment_starts,
+    stage_ensemble,
     stage_starts,
     stage_teacher,
 )
@@ -52,6 +54,16 @@ class StagePlan:
     segment: int
     config: StageConfig
     teacher: str | None
+    """The teacher's name, or an ensemble's label (None: a CE stage)."""
+    ensemble: StageEnsemble | None = None
+    """The stage's ensemble of teachers (None: one teacher, or none)."""
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        """The teachers whose targets the stage reads."""
+        if self.ensemble is not None:
+            return self.ensemble.names
+        return (self.teacher,) if self.teacher else ()
 
 
 def plan_stages(config: TrainConfig) -> tuple[list[StagePlan], list[Segment]]:
@@ -74,6 +86,7 @@ def plan_stages(config: TrainConfig) -> tuple[list[StagePlan], list[Segment]]:
                 len(bounds) - 1,
                 stage,
                 stage_teacher(config, i),
+                stage_ensemble(config, i),
             )
         )
     ends = [start for start, _, _ in bounds[1:]] + [config.total_epochs]

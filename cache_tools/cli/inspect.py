@@ -54,6 +54,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default spread)",
     )
     parser.add_argument(
+        "--ensemble",
+        action="append",
+        metavar="NAME[:W],NAME[:W]...[/logits]",
+        help="also compare this ensemble of cached teachers with its members (weights default "
+        "1; repeat for several); teachers stored as ensembles are compared with their models "
+        "when those are cached too",
+    )
+    parser.add_argument(
         "--require-complete",
         action="store_true",
         help="fail on incomplete shards instead of skipping them with a warning",
@@ -63,6 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from kdcache.outputs import check_output_dir, check_output_file
     from kdcache.store import open_store
+    from kdcache.tools.ensemble_stats import inspect_extras, parse_ensemble
     from kdcache.tools.stats import inspect_cache
 
     if args.json is not None:
@@ -70,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
     if args.plots is not None:
         check_output_dir(args.plots, "--plots")
     store = open_store(args.cache)
+    ensembles = [parse_ensemble(text) for text in args.ensemble or []]
     with _progress_bar(store.num_shards) as progress:
         report = inspect_cache(
             store,
@@ -79,6 +89,16 @@ def run(args: argparse.Namespace) -> int:
             require_complete=args.require_complete,
             progress=progress,
         )
+    with _progress_bar(store.num_shards) as progress:
+        extras = inspect_extras(
+            store,
+            list(report["teachers"]),
+            ensembles,
+            tail=args.tail,
+            require_complete=args.require_complete,
+            progress=progress,
+        )
+    report |= {key: value for key, value in extras.items() if value}  # only where there are some
     print(format_report(report))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -130,6 +150,9 @@ def format_report(report: dict[str, Any]) -> str:
             sections.append(strength_table(name, t["augmentation"]))
     if report["pairs"]:
         sections.append(pair_table(report["pairs"]))
+    from kdcache.tools.ensemble_stats import format_extras
+
+    sections += format_extras(report, table)
     return "\n\n".join(sections)
 
 

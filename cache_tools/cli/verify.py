@@ -96,6 +96,8 @@ def run(args: argparse.Namespace) -> int:
     )
     for r in results:
         verdict = "ok" if r.ok else f"FAIL ({r.failures} views beyond tolerance)"
+        if r.draws_agreement is not None:
+            verdict += f"; draws the same in {r.draws_agreement:.1%} of views"
         print(
             f"{r.teacher:<16}{r.views:>7}{r.max_abs_delta:>13.2e}{r.max_lse_delta:>11.2e}"
             f"{r.max_tail_delta:>12.2e}{r.topk_agreement:>13.1%}{r.top1_agreement:>13.1%}"

@@ -195,7 +195,30 @@ def check_teacher(
                 f"{int((lse < logit[..., 0] - slack).sum())} view(s) with logsumexp below "
                 "the top logit"
             )
+    if tb.sampled:
+        problems += _check_draws(tb, valid, num_classes)
     return problems + _check_tail(logit, lse, tb.tail_lse[valid], encoding)
+
+
+def _check_draws(tb: TeacherBlock, valid: np.ndarray, num_classes: int) -> list[str]:
+    """A sampled teacher's draws: classes in range, distinct, outside the top-k; every view with
+    a tail drew the same number of times."""
+    idx = tb.sample_idx[valid].astype(np.int64)
+    count = tb.sample_count[valid].astype(np.int64)
+    used = count > 0
+    problems = []
+    if ((idx < 0) | (idx >= num_classes))[used].any():
+        problems.append(f"drawn classes outside [0, {num_classes})")
+    head = tb.topk_idx[valid].astype(np.int64)
+    if (used[..., :, None] & (idx[..., :, None] == head[..., None, :])).any():
+        problems.append("a drawn class is one of the view's stored top-k")
+    same = used[..., :, None] & used[..., None, :] & (idx[..., :, None] == idx[..., None, :])
+    if (same.sum(-1) > 1).any():
+        problems.append("a drawn class repeats within a view's draws")
+    totals = count.sum(-1)[np.isfinite(tb.tail_lse[valid])]
+    if totals.size and (totals != totals.max()).any():
+        problems.append("views with a tail drew different numbers of classes")
+    return problems
 
 
 def _check_tail(

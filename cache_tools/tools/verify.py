@@ -5,6 +5,12 @@ teacher is rebuilt from its stored spec (its weights digest must match), and the
 compared with the cached ones at the cached class indices, and the fresh tail (the logits outside
 the cached top-k) with the stored tail. A difference beyond the encoding's rounding (plus
 ``atol`` per logit) fails; top-k sets may differ only where logits tie within that tolerance.
+
+A stored ensemble is recomputed from its models (each rebuilt from its recorded spec, checked
+against its weights digest, run in its own rendering) and combined as precompute combined them.
+A sampled teacher's draws are drawn again from the fresh logits with the same generator: a view
+whose draws differ fails unless one of its uniforms lies within the logits' tolerance of a class
+boundary of the tail's CDF (there, rounding alone may move a draw to the neighbouring class).
 """
 
 from __future__ import annotations
@@ -15,10 +21,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from kdcache.encoding import log_tail_tolerance, logit_tolerance
+from kdcache.encoding import log_tail_tolerance, logit_tolerance, sample_slots
+from kdcache.ensemble import build_members, combine_logits
 from kdcache.errors import CacheMismatchError, ConfigError
 from kdcache.models import ModelSpec, build_teacher, weights_digest
-from kdcache.reader import read_array, read_block
+from kdcache.reader import TeacherBlock, read_array, read_block
+from kdcache.sampling import draw, uniforms
 from kdcache.shards import decode_image, expand_shards, iter_shard, shard_name
 from kdcache.store import STATUS_VALID, CacheStore
 from kdcache.teacher import ModelRunner
@@ -49,6 +57,8 @@ class TeacherResult:
     topk_agreement: float
     top1_agreement: float
     failures: int
+    draws_agreement: float | None = None
+    """Encoding ``sampled``: the fraction of views whose draws came out the same again."""
 
     @property
     def ok(self) -> bool:
@@ -173,7 +183,11 @@ def compare(
     """Compare fresh logits ``[N, C]`` with the cached values of the same views."""
     meta = store.teacher_meta(teacher)
     k = meta.k
-    cached_idx, cached_logit, cached_lse, cached_tail = _cached(store, teacher, order)
+    cached = _cached(store, teacher, order)
+    cached_idx = cached["idx"]
+    cached_logit = cached["logit"]
+    cached_lse = cached["lse"]
+    cached_tail = cached["tail_lse"]
     fresh = logits.cpu().numpy().astype(np.float32)
     fresh_at = np.take_along_axis(fresh, cached_idx, axis=1)
     delta = np.abs(fresh_at - cached_logit)
@@ -190,7 +204,13 @@ def compare(
         if k < fresh.shape[1]
         else np.zeros(len(fresh), bool)
     )
-    failures = int(((delta > tol).any(axis=1) | (~same_set & ~tie) | tail_bad).sum())
+    bad = (delta > tol).any(axis=1) | (~same_set & ~tie) | tail_bad
+    draws = None
+    if meta.encoding == "sampled":
+        same_draws, draws_bad = _compare_draws(store, teacher, logits, cached, atol)
+        bad |= draws_bad
+        draws = float(same_draws.mean())
+    failures = int(bad.sum())
     return TeacherResult(
         teacher=teacher,
         views=len(order),
@@ -201,7 +221,42 @@ def compare(
         topk_agreement=float(same_set.mean()),
         top1_agreement=float((fresh_top[:, 0] == cached_idx[:, 0]).mean()),
         failures=failures,
+        draws_agreement=draws,
     )
+
+
+def _compare_draws(
+    store: CacheStore,
+    teacher: str,
+    logits: torch.Tensor,
+    cached: dict[str, np.ndarray],
+    atol: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(same draws, beyond tolerance) per view: the draws again from the fresh logits."""
+    meta = store.teacher_meta(teacher)
+    u = uniforms(store.meta.seed, cached["keys"], cached["views"], teacher, meta.samples)
+    slots = sample_slots(meta.samples, meta.k, store.meta.num_classes)
+    head = torch.from_numpy(cached["idx"])
+    fresh = draw(logits, head, u, slots)
+    count = cached["sample_count"].astype(np.int64)
+    same = (fresh.count.astype(np.int64) == count).all(-1) & (
+        (fresh.idx == cached["sample_idx"].astype(np.int64)) | (count == 0)
+    ).all(-1)
+    return same, ~same & ~_near_boundary(logits, head, u, 2 * atol)
+
+
+def _near_boundary(logits: torch.Tensor, head: torch.Tensor, u: np.ndarray, rel: float):
+    """Per view: does a uniform lie within ``rel`` (of the tail's mass) of a class boundary of
+    the tail's CDF, where a logit moved by the tolerance may move the draw?"""
+    p = torch.softmax(logits.double().cpu(), -1).scatter(1, head.long(), 0.0)
+    cdf = torch.cumsum(p, -1)
+    total = cdf[:, -1:]
+    target = torch.from_numpy(u) * total
+    i = torch.searchsorted(cdf, target, right=True).clamp_max(cdf.shape[1] - 1)
+    above = cdf.gather(1, i)
+    below = torch.where(i > 0, cdf.gather(1, (i - 1).clamp_min(0)), torch.zeros_like(above))
+    gap = torch.minimum(above - target, target - below)
+    return (gap <= rel * total + 1e-12).any(-1).numpy()
 
 
 def _compare_tail(
@@ -228,25 +283,35 @@ def _compare_tail(
     return np.abs(np.exp(fresh_log_tail) - np.exp(cached_log_tail)), bad
 
 
-def _cached(store: CacheStore, teacher: str, order: list[tuple[int, int, int]]):
-    idx = []
-    logit = []
-    lse = []
-    tail = []
+CACHED = ("idx", "logit", "lse", "label_logit", "tail_lse", "sample_idx", "sample_logit")
+CACHED += ("sample_count",)
+
+
+def _cached(
+    store: CacheStore, teacher: str, order: list[tuple[int, int, int]]
+) -> dict[str, np.ndarray]:
+    """The cached values of the ordered views (sampled: the draws too), with their keys and
+    view indices."""
+    rows: dict[str, list] = {"keys": [], "views": []}
+    by_position: dict[int, tuple] = {}
     for shard in sorted({s for s, _, _ in order}):
-        tb = read_block(store, shard, [teacher]).teachers[teacher]
-        for s, row, view in order:
+        block = read_block(store, shard, [teacher])
+        tb: TeacherBlock = block.teachers[teacher]
+        for position, (s, row, view) in enumerate(order):
             if s == shard:
-                idx.append(tb.topk_idx[row, view].astype(np.int64))
-                logit.append(tb.topk_logit[row, view].astype(np.float32))
-                lse.append(tb.lse[row, view])
-                tail.append(tb.tail_lse[row, view])
-    return (
-        np.stack(idx),
-        np.stack(logit),
-        np.array(lse, dtype=np.float32),
-        np.array(tail, dtype=np.float32),
-    )
+                values = tuple(a[row, view] for a in tb.fields()[: len(CACHED)])
+                by_position[position] = (str(block.keys[row]), view, values)
+    for position in range(len(order)):
+        key, view, values = by_position[position]
+        rows["keys"].append(key)
+        rows["views"].append(view)
+        for name, value in zip(CACHED, values, strict=False):
+            rows.setdefault(name, []).append(value)
+    out = {name: np.stack(values) for name, values in rows.items() if name in CACHED}
+    out["idx"] = out["idx"].astype(np.int64)
+    for name in ("logit", "lse", "tail_lse"):
+        out[name] = out[name].astype(np.float32)
+    return out | {"keys": rows["keys"], "views": rows["views"]}
 
 
 def verify_cache(
@@ -275,18 +340,36 @@ def verify_cache(
     )
     results = []
     for teacher in teachers:
-        rendering = store.teacher_meta(teacher).rendering
-        views = render_picked(store, replayed, rendering)
-        runner = ModelRunner(
-            load_teacher(store, teacher, checkpoint),
-            rendering,
-            device=device,
-            amp=amp,
-            name=teacher,
-        )
-        logits = torch.cat(
-            [runner(views[i : i + batch_size]) for i in range(0, len(views), batch_size)]
-        )
-        results.append(compare(store, teacher, logits, order, atol))
+        models = teacher_models(store, teacher, checkpoint)
+        logits = []
+        for model, _, rendering in models:
+            views = render_picked(store, replayed, rendering)
+            runner = ModelRunner(model, rendering, device=device, amp=amp, name=teacher)
+            logits.append(
+                torch.cat(
+                    [runner(views[i : i + batch_size]) for i in range(0, len(views), batch_size)]
+                )
+            )
+        ensemble = store.teacher_meta(teacher).ensemble
+        combine = ensemble.combine if ensemble else "probs"
+        combined = combine_logits(logits, [w for _, w, _ in models], combine)
+        results.append(compare(store, teacher, combined, order, atol))
         log.info("verified teacher %s on %d views", teacher, len(order))
     return results
+
+
+def teacher_models(
+    store: CacheStore, teacher: str, checkpoint: str | None
+) -> list[tuple[torch.nn.Module, float, Rendering]]:
+    """The models a teacher's targets came from: (model, weight, rendering); one unless the
+    teacher is a stored ensemble."""
+    meta = store.teacher_meta(teacher)
+    if meta.ensemble is None:
+        return [(load_teacher(store, teacher, checkpoint), 1.0, meta.rendering)]
+    if checkpoint:
+        raise ConfigError(
+            f"--checkpoint names one model's weights; teacher {teacher!r} is an ensemble of "
+            f"{len(meta.ensemble.members)} (verify it without --checkpoint)"
+        )
+    channels = store.meta.recipe.channels
+    return build_members(teacher, meta, store.meta.num_classes, channels)
