@@ -54,6 +54,7 @@ CENTER_STEPS = 254
 """CutMix centres are stored in 1/254 steps of the side (0..254; 255 marks Mixup)."""
 PERMUTATIONS = tuple(itertools.permutations(range(4)))
 """The 24 orders of (brightness, contrast, saturation, hue); a jitter code indexes this."""
+PERMUTATION_CODES = {order: code for code, order in enumerate(PERMUTATIONS)}
 JITTER_STEPS = 31
 """Jitter factors are drawn on 32 levels of their range (codes 0..31)."""
 SEED_LIMIT = 2**16
@@ -324,13 +325,32 @@ def _timm_level_code(rng: np.random.Generator, cfg: PolicyConfig) -> int:
 
 
 def draw_jitter(rng: np.random.Generator, cfg: JitterConfig) -> np.ndarray:
-    """``uint8[5]``: order index (255: not applied) and the four factor codes."""
+    """``uint8[5]``: order index (255: not applied) and the four factor codes.
+
+    Codes that change no pixel are stored in one canonical form so that they cost no bytes on
+    disk: an adjustment whose range is a single value (e.g. ``hue: 0``) has code 0 and comes
+    after the active ones in the order, and a view without jitter has all codes 0. The
+    generator is consumed the same way whatever the config, so other ops' draws do not move."""
     out = np.zeros(5, np.uint8)
     applied = rng.random() < cfg.prob
     order = int(rng.integers(len(PERMUTATIONS)))
-    out[1:] = rng.integers(0, JITTER_STEPS + 1, 4)
-    out[0] = order if applied else NOT_APPLIED
+    factors = rng.integers(0, JITTER_STEPS + 1, 4)
+    if not applied:
+        out[0] = NOT_APPLIED
+        return out
+    active = [lo != hi for lo, hi in cfg.ranges()]
+    out[1:] = np.where(active, factors, 0)
+    out[0] = canonical_order(order, active)
     return out
+
+
+def canonical_order(order: int, active: list[bool]) -> int:
+    """The order code that applies the active adjustments in ``order``'s sequence, followed by
+    the inactive ones in index order (which :func:`apply_jitter` skips)."""
+    sequence = PERMUTATIONS[order]
+    first = [i for i in sequence if active[i]]
+    rest = [i for i in range(len(active)) if not active[i]]
+    return PERMUTATION_CODES[(*first, *rest)]
 
 
 def draw_erase(rng: np.random.Generator, cfg: ErasingConfig) -> tuple[np.ndarray, int]:
@@ -528,7 +548,7 @@ def apply_jitter(image: torch.Tensor, codes: np.ndarray, cfg: JitterConfig) -> t
     ranges = cfg.ranges()
     for which in PERMUTATIONS[int(codes[0])]:
         lo, hi = ranges[which]
-        if lo == hi or (which < 3 and lo == hi == 1.0):
+        if lo == hi:  # a single value: this adjustment changes nothing
             continue
         factor = lo + (hi - lo) * int(codes[1 + which]) / JITTER_STEPS
         image = _JITTER[which](image, factor)

@@ -153,6 +153,27 @@ def test_jitter_equals_torchvisions_adjustments_in_the_stored_order():
     assert never[0] == 255 and torch.equal(apply_jitter(base, never, cfg), base)
 
 
+def test_jitter_codes_that_change_nothing_are_stored_canonically():
+    """hue 0 (DIST's B3) leaves the hue code 0 and hue last in the order, so the stored codes
+    carry no random bytes that no pixel depends on; the rendering is the same as without it."""
+    cfg = JitterConfig(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.0)
+    rng = np.random.default_rng(3)
+    base = image()
+    orders = set()
+    for _ in range(60):
+        state = rng.bit_generator.state
+        codes = draw_jitter(rng, cfg)
+        assert codes[4] == 0 and list(itertools.permutations(range(4)))[codes[0]][-1] == 3
+        orders.add(int(codes[0]))
+        rng.bit_generator.state = state
+        rng.random()
+        raw = np.array([rng.integers(24), *rng.integers(0, 32, 4)], np.uint8)
+        assert torch.equal(apply_jitter(base, codes, cfg), apply_jitter(base, raw, cfg))
+    assert len(orders) == 6  # the orders of the three active adjustments
+    skipped = draw_jitter(rng, JitterConfig(prob=0.0))
+    assert skipped.tolist() == [255, 0, 0, 0, 0]
+
+
 def test_erasing_boxes_follow_timm_and_fills_replay_from_the_seed():
     cfg = ErasingConfig(prob=1.0, area=(0.02, 1 / 3), aspect=(0.3, 1 / 0.3), mode="pixel")
     rng = np.random.default_rng(2)

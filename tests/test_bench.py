@@ -108,6 +108,9 @@ def test_cache_bench_writes_its_keys(tmp_path):
     } <= result.keys()
     assert set(result["bytes_per_view_k10"]) == {"fp16", "q8"}
     assert set(result["recipe_bytes_per_view"]) == {"crop", "b2", "b3"}
+    chunks = result["recipe_chunk_bytes_per_view"]
+    assert all(0 < chunks[r] < result["recipe_bytes_per_view"][r] for r in chunks)
+    assert chunks["crop"] < chunks["b2"] < chunks["b3"]
     assert {(r["encoding"], r["k"]) for r in result["rows"]} == {
         (e, k) for e in ("fp16", "q8") for k in (5, 10, 20)
     }
