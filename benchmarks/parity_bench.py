@@ -175,7 +175,7 @@ def train_teacher(args: argparse.Namespace, shards: str, test: str) -> dict[str,
     }
     summary = train(load_train_config(write_yaml(args.out / "configs" / "teacher.yaml", config)))
     return {
-        "top1": summary["top1"],
+        "top1": summary.top1,
         "checkpoint": str(args.out / "teacher" / "checkpoints" / "model_final.pt"),
     }
 
@@ -307,9 +307,9 @@ def student(
     summary = train(load_train_config(path))
     return {
         "seed": seed,
-        "top1": summary["top1"],
-        "images_per_s": summary["images_per_s"],
-        "teacher_forwards": summary["teacher_forwards"],
+        "top1": summary.top1,
+        "images_per_s": summary.images_per_s,
+        "teacher_forwards": summary.teacher_forwards,
     }
 
 

@@ -242,7 +242,7 @@ class StepLog(StepHook):
 def test_trainer_steps_with_topk_from_the_cache(world, tmp_path):
     steps = StepLog()
     summary = train(config(world, tmp_path, "cache", 2), hooks=[steps])
-    assert sum(n for n, _ in steps.steps) == summary["images"] == 24
+    assert sum(n for n, _ in steps.steps) == summary.images == 24
     assert all(kd for _, kd in steps.steps)
 
 

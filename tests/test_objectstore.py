@@ -370,7 +370,7 @@ def test_precompute_and_train_with_shards_through_data_storage_options(
         }
     )
     summary = train(config)
-    assert summary["completed"] and summary["steps"] == 6
+    assert summary.completed and summary.steps == 6
     evals = [
         json.loads(line)
         for line in (run_dir / "metrics.jsonl").read_text().splitlines()

@@ -121,8 +121,8 @@ def test_students_train_on_strong_views_in_every_mode(strong, tmp_path, mode):
     if mode == "none":
         sections["stages"] = [{"epochs": 1, "loss": {"name": "ce"}}]
     summary = train(config(strong, tmp_path / mode, **sections))
-    assert summary["completed"] and summary["images"] == 48 and summary["top1"] is not None
-    assert summary["teacher_forwards"] == (48 if mode == "online" else 0)
+    assert summary.completed and summary.images == 48 and summary.top1 is not None
+    assert summary.teacher_forwards == (48 if mode == "online" else 0)
 
 
 def test_fresh_strong_views_without_a_cache_mix_within_the_shards(strong, tmp_path):
@@ -141,7 +141,7 @@ def test_fresh_strong_views_without_a_cache_mix_within_the_shards(strong, tmp_pa
     batches = list(data.epoch(0, []))
     assert sum(len(b) for b in batches) == 48
     assert all(b.lam is not None and (b.lam < 1).any() for b in batches)
-    assert train(cfg)["completed"]
+    assert train(cfg).completed
 
 
 def test_one_actor_gives_the_same_strong_cache_as_two(ray_session, data_dir, tmp_path):
