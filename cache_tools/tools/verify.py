@@ -19,6 +19,7 @@ from kdcache.encoding import log_tail_tolerance, logit_tolerance
 from kdcache.errors import CacheMismatchError, ConfigError
 from kdcache.models import ModelSpec, build_teacher, weights_digest
 from kdcache.reader import read_array, read_block
+from kdcache.results import TeacherVerify, VerifyResult
 from kdcache.shards import decode_image, expand_shards, iter_shard, shard_name
 from kdcache.store import STATUS_VALID, CacheStore
 from kdcache.teacher import ModelRunner
@@ -35,24 +36,6 @@ class Picked:
 
     def __len__(self) -> int:
         return sum(len(v) for v in self.by_shard.values())
-
-
-@dataclass
-class TeacherResult:
-    teacher: str
-    views: int
-    max_abs_delta: float
-    max_excess: float
-    max_lse_delta: float
-    max_tail_delta: float
-    """Largest |fresh - cached| tail mass (probability outside the top-k at T=1)."""
-    topk_agreement: float
-    top1_agreement: float
-    failures: int
-
-    @property
-    def ok(self) -> bool:
-        return self.failures == 0
 
 
 def pick_views(store: CacheStore, teachers: list[str], num: int, seed: int) -> Picked:
@@ -169,7 +152,7 @@ def compare(
     logits: torch.Tensor,
     order: list[tuple[int, int, int]],
     atol: float,
-) -> TeacherResult:
+) -> TeacherVerify:
     """Compare fresh logits ``[N, C]`` with the cached values of the same views."""
     meta = store.teacher_meta(teacher)
     k = meta.k
@@ -191,7 +174,7 @@ def compare(
         else np.zeros(len(fresh), bool)
     )
     failures = int(((delta > tol).any(axis=1) | (~same_set & ~tie) | tail_bad).sum())
-    return TeacherResult(
+    return TeacherVerify(
         teacher=teacher,
         views=len(order),
         max_abs_delta=float(delta.max()),
@@ -262,7 +245,7 @@ def verify_cache(
     atol: float = 1e-3,
     batch_size: int = 256,
     storage_options: dict | None = None,
-) -> list[TeacherResult]:
+) -> VerifyResult:
     """Recompute ``num`` random stored views and compare, per teacher. ``storage_options``:
     fsspec's, for the shards (the cache's config saves its ``data.storage_options`` redacted, so
     pass them)."""
@@ -273,7 +256,7 @@ def verify_cache(
     replayed, order = replay_picked(
         store, picked, shard_urls(store, shards, storage_options), storage_options
     )
-    results = []
+    result = VerifyResult(cache=store.path, num=num, seed=seed, atol=atol)
     for teacher in teachers:
         rendering = store.teacher_meta(teacher).rendering
         views = render_picked(store, replayed, rendering)
@@ -287,6 +270,6 @@ def verify_cache(
         logits = torch.cat(
             [runner(views[i : i + batch_size]) for i in range(0, len(views), batch_size)]
         )
-        results.append(compare(store, teacher, logits, order, atol))
+        result.teachers.append(compare(store, teacher, logits, order, atol))
         log.info("verified teacher %s on %d views", teacher, len(order))
-    return results
+    return result
