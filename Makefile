@@ -8,7 +8,7 @@ FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: setup fmnist demo smoke lint format test test-slow test-all clean
+.PHONY: setup fmnist demo smoke lint format test test-slow test-gpu test-all clean
 
 setup: $(BIN)/.installed
 
@@ -52,6 +52,11 @@ test: setup fmnist
 
 test-slow: setup fmnist
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+
+# The tests marked gpu (tests/test_gpu.py): run on a CUDA device, skipped with the reason
+# "needs CUDA" where torch finds none.
+test-gpu: setup fmnist
+	$(BIN)/python -m pytest -q -m gpu $(PYTEST_ARGS)
 
 test-all: setup fmnist
 	$(BIN)/python -m pytest -q -m 'slow or not slow' $(PYTEST_ARGS)

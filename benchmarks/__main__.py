@@ -1,13 +1,14 @@
 """``python -m benchmarks NAME [--json FILE] [--quick] ...``: measure, print tables, write JSON.
 
 Run from a source checkout (``kdcache bench NAME`` is a front for this). Each benchmark module
-exposes ``add_arguments(parser)``, ``run(args) -> dict`` and ``format_result(dict) -> str``.
+exposes ``add_arguments(parser)``, ``run(args) -> dict`` and ``format_result(dict) -> str``; the
+run's typed result (:class:`benchmarks.common.BenchResult`: the bench, its arguments, versions and
+the numbers under ``results``) is what ``--json`` writes.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import sys
@@ -23,7 +24,9 @@ from benchmarks import (
     precompute_bench,
     train_bench,
 )
+from benchmarks.common import BenchResult
 from kdcache.errors import KdcacheError
+from kdcache.results import iso, utc_now, versions
 
 BENCHES: dict[str, tuple[ModuleType, str]] = {
     "train": (train_bench, "images/s of plain CE, KD from the cache and online KD, interleaved"),
@@ -66,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one benchmark, print its tables, write its JSON; a KdcacheError is one line, exit 2."""
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    started = iso(utc_now())
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -80,8 +85,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(module.format_result(result))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(jsonable(result), indent=2) + "\n")
+        typed = BenchResult(
+            bench=args.bench,
+            argv=list(argv),
+            started=started,
+            versions=versions(),
+            results=jsonable(result),
+        )
+        typed.write(args.json)
         print(f"results: {args.json}")
     return 0
 

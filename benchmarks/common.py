@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from kdcache.errors import KdcacheError
+from kdcache.results import Result
 
 if TYPE_CHECKING:
     from kdcache.targets import SparseTargets
@@ -42,6 +43,19 @@ FMNIST_STRONG_RECIPE: dict[str, Any] = {
 }
 """A strong recipe on Fashion-MNIST (configs/demo/precompute_strong.yaml's): RandAugment,
 random erasing, Mixup/CutMix on half the views, the teacher on the mixed images."""
+
+
+class BenchResult(Result):
+    """What one ``python -m benchmarks NAME`` run measured: ``--json FILE``."""
+
+    bench: str
+    argv: list[str]
+    """The benchmark's arguments (after ``python -m benchmarks``)."""
+    started: str
+    """UTC, ISO 8601."""
+    versions: dict[str, str]
+    results: dict[str, Any]
+    """The numbers: the bench's own keys (``benchmarks/README.md``); NaN and inf as null."""
 
 
 class BenchError(KdcacheError, RuntimeError):

@@ -19,6 +19,7 @@ Caches under ``--out`` are reused when complete; delete the directory to write t
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import shutil
 import subprocess
@@ -33,6 +34,7 @@ from tqdm import tqdm
 
 from benchmarks.cache_bench import imagenet_like_params, teacher_logits
 from benchmarks.common import machine, rotated, table
+from kdcache.results import InspectResult
 from kdcache.store import STATUS_VALID, CacheStore, Fingerprint, open_store
 from kdcache.targets import from_logits
 from kdcache.tools.stats import inspect_cache
@@ -41,9 +43,11 @@ from kdcache.writer import add_teacher, create_store, write_targets, write_views
 
 TEACHERS = ("t0", "t1")
 PEAK_RSS = (
-    "import resource, sys\nfrom kdcache.cli import main\nrc = main(sys.argv[1:])\n"
-    "print('peak_rss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\nsys.exit(rc)"
+    "import json, resource, sys\nfrom kdcache.cli import main\nrc = main(sys.argv[2:])\n"
+    "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+    "open(sys.argv[1], 'w').write(json.dumps({'peak_rss_kb': peak}))\nsys.exit(rc)"
 )
+"""``python -c PEAK_RSS RSS_FILE kdcache-args...``: run the CLI, write its peak RSS to RSS_FILE."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -200,7 +204,7 @@ def time_inspect(
 
 def cli_inspect(store: CacheStore, json_path: Path, temperatures: list[float]) -> dict[str, float]:
     """``kdcache inspect`` over both teachers in a fresh process: wall seconds (imports included)
-    and peak RSS."""
+    and peak RSS, read from what the process wrote (its result and its RSS file), not its output."""
     argv = [
         "inspect",
         store.path,
@@ -209,18 +213,20 @@ def cli_inspect(store: CacheStore, json_path: Path, temperatures: list[float]) -
         "--temperature",
         ",".join(map(str, temperatures)),
     ]
+    rss_path = json_path.with_suffix(".rss.json")
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", PEAK_RSS, *argv], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", PEAK_RSS, str(rss_path), *argv], capture_output=True, text=True
+    )
     wall = time.perf_counter() - started
     if done.returncode != 0:
         raise RuntimeError(f"kdcache inspect failed ({done.returncode}): {done.stderr[-2000:]}")
-    peak = next(
-        int(line.split()[1]) for line in done.stdout.splitlines() if line.startswith("peak_rss_kb")
-    )
+    report = InspectResult.read(json_path)
     return {
-        "views": store.meta.fingerprint.num_samples * store.meta.num_views,
+        "views": report.cache.samples * report.cache.num_views,
+        "shards_read": report.cache.shards_read,
         "wall_s": wall,
-        "peak_rss_mb": peak / 1024,
+        "peak_rss_mb": json.loads(rss_path.read_text())["peak_rss_kb"] / 1024,
     }
 
 

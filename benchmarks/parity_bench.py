@@ -203,7 +203,7 @@ def train_teacher(
     }
     summary = train(load_train_config(write_yaml(args.out / "configs" / f"{name}.yaml", config)))
     return {
-        "top1": summary["top1"],
+        "top1": summary.top1,
         "checkpoint": str(args.out / name / "checkpoints" / "model_final.pt"),
     }
 
@@ -366,9 +366,9 @@ def student(
     summary = train(load_train_config(path))
     return {
         "seed": seed,
-        "top1": summary["top1"],
-        "images_per_s": summary["images_per_s"],
-        "teacher_forwards": summary["teacher_forwards"],
+        "top1": summary.top1,
+        "images_per_s": summary.images_per_s,
+        "teacher_forwards": summary.teacher_forwards,
     }
 
 

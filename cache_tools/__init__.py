@@ -28,6 +28,9 @@ The public API, for a training loop of one's own (names in ``__all__`` are stabl
   :func:`registered_losses`) that makes a loss of one's own usable by name in a train config;
 - configs: :func:`load_train_config`, :class:`TrainConfig` (``kdcache train`` itself is
   ``kdcache.train.trainer.train``; ``kdcache.train`` is the training package).
+- results (what the commands return and write as JSON): :class:`PrecomputeResult` (a cache's run
+  records, :func:`read_run_records`), :class:`TrainResult` (``summary.json``),
+  :class:`ValidateResult`, :class:`VerifyResult`, :class:`InspectResult`.
 
 The names load lazily (PEP 562), so ``import kdcache`` stays light.
 """
@@ -73,6 +76,14 @@ _PUBLIC = {
         "registered_losses",
     ),
     "kdcache.train.config": ("TrainConfig", "load_train_config"),
+    "kdcache.results": (
+        "PrecomputeResult",
+        "TrainResult",
+        "ValidateResult",
+        "VerifyResult",
+        "InspectResult",
+        "read_run_records",
+    ),
 }
 _WHERE = {name: module for module, names in _PUBLIC.items() for name in names}
 

@@ -65,6 +65,11 @@ class WeightsError(TeacherError, ValueError):
     the file and the forms kdcache accepts."""
 
 
+class ResultError(KdcacheError, ValueError):
+    """A result file (a run record, ``summary.json``, a ``--json`` output) cannot be read, or is not
+    the result asked for; the message names the file."""
+
+
 class OutputError(KdcacheError, OSError):
     """An output path cannot be written (read-only filesystem, a file where a directory is needed,
     no permission); checked before any work, the message names the path and its option or key."""

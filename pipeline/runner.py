@@ -22,6 +22,11 @@ shards done, views/s and the ETA every 30 s. Actors are killed at the end, so se
 can run in one Ray session. :func:`precompute` plans and runs under the cache's writer lock
 (``<cache>.lock``): a second precompute on the same cache is refused, naming the holder.
 
+A run returns its :class:`~kdcache.results.PrecomputeResult` and, when it ran shard tasks, writes
+it into the cache as its run record (``<cache>/runs/<run id>.json``, :mod:`kdcache.pipeline.record`)
+at the end: complete, with shards failed (then :class:`ShardsFailedError` carries it too), or
+stopped by an error.
+
 Test-only: the fault hook variable of :mod:`kdcache.pipeline.worker` (``KDCACHE_FAULT_CRASH_SHARD``)
 is passed on to the actors through ``runtime_env`` when the driver sees it set.
 """
@@ -37,7 +42,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import fsspec
@@ -48,13 +53,15 @@ from kdcache.errors import KdcacheError
 from kdcache.lock import check_unlocked
 from kdcache.pipeline.config import PrecomputeConfig, RaySection
 from kdcache.pipeline.plan import Plan, ShardTask, make_plan, seal_fingerprint, writer_lock
+from kdcache.pipeline.record import finish, new_result, write_record
 from kdcache.pipeline.worker import FAULT_ENV, ShardResult, ShardWorker, WorkerSettings
+from kdcache.results import PrecomputeResult
 
 logger = logging.getLogger(__name__)
 
 PROGRESS_LOG_SECONDS = 30.0
 FIRST_WAIT_LOG_S = 5.0
-"""While no shard actor is up, the first "waiting for resources" line comes after this long."""
+"""While no shard actor is up, the first "not up after" line comes after this long."""
 FORWARDED_ENV = (FAULT_ENV,)
 
 
@@ -67,10 +74,17 @@ class ResourcesUnavailableError(KdcacheError, TimeoutError):
 
 
 class ShardsFailedError(KdcacheError, RuntimeError):
-    """Some shards failed after retries; ``failures`` maps shard name to the exception or reason."""
+    """Some shards failed after retries; ``failures`` maps shard name to the exception or reason,
+    ``result`` is the run's result (its record is in the cache)."""
 
-    def __init__(self, failures: dict[str, BaseException | str], total: int):
+    def __init__(
+        self,
+        failures: dict[str, BaseException | str],
+        total: int,
+        result: PrecomputeResult | None = None,
+    ):
         self.failures = failures
+        self.result = result
         groups: dict[str, list[str]] = {}
         for name, why in sorted(failures.items()):
             groups.setdefault(describe_failure(why), []).append(name)
@@ -92,45 +106,6 @@ def describe_failure(why: BaseException | str) -> str:
     return f"{type(why).__name__}: {why}"
 
 
-@dataclass
-class Summary:
-    """What a run did, for the final report."""
-
-    cache_path: str
-    tasks: int
-    failed: int
-    views: int = 0
-    invalid_views: int = 0
-    made_view_shards: int = 0
-    forward_seconds: float = 0.0
-    wall_seconds: float = 0.0
-    busy_seconds: float = 0.0
-    store_bytes: int = 0
-    cache_views: int = 0
-    cache_teachers: int = 0
-    complete: str = ""
-    results: list[ShardResult] = field(default_factory=list)
-
-    def lines(self) -> list[str]:
-        rate = self.views / self.wall_seconds if self.wall_seconds else 0.0
-        busy = self.views / self.busy_seconds if self.busy_seconds else 0.0
-        per_view = self.store_bytes / max(1, self.cache_views * max(1, self.cache_teachers))
-        return [
-            f"precompute: {self.tasks - self.failed}/{self.tasks} shard task(s) done "
-            f"in {self.wall_seconds:.1f} s "
-            f"-> {self.cache_path}",
-            f"  views processed: {self.views} ({self.invalid_views} invalid), "
-            f"{rate:.0f} views/s overall, "
-            f"{busy:.0f} views/s once actors were up; "
-            f"views made for {self.made_view_shards} shard(s); "
-            f"teacher forward {self.forward_seconds:.1f} s in actors",
-            f"  cache: {self.complete}; {self.store_bytes / 1e6:.2f} MB "
-            f"{'stored' if '://' in self.cache_path else 'on disk'} "
-            f"= {per_view:.1f} B per view "
-            f"per teacher ({self.cache_views} views x {self.cache_teachers} teacher(s))",
-        ]
-
-
 def worker_settings(cfg: PrecomputeConfig, plan: Plan) -> WorkerSettings:
     threads = cfg.runtime.torch_threads or max(1, int(cfg.ray.cpus_per_actor))
     return WorkerSettings(
@@ -149,24 +124,53 @@ def worker_settings(cfg: PrecomputeConfig, plan: Plan) -> WorkerSettings:
     )
 
 
-def precompute(cfg: PrecomputeConfig, progress: bool | None = None) -> tuple[Plan, Summary | None]:
+def precompute(
+    cfg: PrecomputeConfig, progress: bool | None = None
+) -> tuple[Plan, PrecomputeResult]:
     """Join the named Ray cluster (before anything is written), then plan and run under the
-    cache's writer lock: the plan, and the summary (None: nothing to do)."""
+    cache's writer lock: the plan, and the run's result (status ``nothing_to_do``, and no run
+    record, when every shard was complete)."""
     started = connect_cluster(cfg.ray)
     try:
         with writer_lock(cfg):
             plan = make_plan(cfg)
-            return plan, (run_precompute(cfg, plan, progress) if plan.tasks else None)
+            if not plan.tasks:
+                return plan, finish(new_result(cfg, plan), "nothing_to_do")
+            return plan, run_precompute(cfg, plan, progress)
     finally:
         if started:
             ray.shutdown()
 
 
-def run_precompute(cfg: PrecomputeConfig, plan: Plan, progress: bool | None = None) -> Summary:
-    """Run every planned shard task on Ray actors; raise ShardsFailedError if any failed."""
+def run_precompute(
+    cfg: PrecomputeConfig, plan: Plan, progress: bool | None = None
+) -> PrecomputeResult:
+    """Run every planned shard task on Ray actors and write the run record; raise
+    ShardsFailedError (with the result) if any failed."""
     check_unlocked(plan.cache_path, cfg.cache.storage_options or None)
     start = time.perf_counter()
-    summary = Summary(cache_path=plan.cache_path, tasks=len(plan.tasks), failed=0)
+    summary = new_result(cfg, plan)
+    options = cfg.cache.storage_options
+    try:
+        failures = _run_tasks(cfg, plan, summary, progress)
+    except Exception as exc:  # the record says how the run ended, then the error goes on
+        summary.wall_seconds = time.perf_counter() - start
+        write_record(finish(summary, "error", describe_failure(exc)), options)
+        raise
+    summary.shards_failed = {name: describe_failure(why) for name, why in sorted(failures.items())}
+    summary.wall_seconds = time.perf_counter() - start
+    _describe_cache(plan, cfg, summary)
+    write_record(finish(summary, "shards_failed" if failures else "complete"), options)
+    if failures:
+        raise ShardsFailedError(failures, len(plan.tasks), summary)
+    return summary
+
+
+def _run_tasks(
+    cfg: PrecomputeConfig, plan: Plan, summary: PrecomputeResult, progress: bool | None
+) -> dict[str, BaseException | str]:
+    """The shard tasks on Ray actors (an embedded Ray unless one is up); seal the fingerprint
+    when none failed. Returns the failures."""
     failures: dict[str, BaseException | str] = {}
     if plan.tasks:
         started = ensure_ray(cfg.ray)
@@ -175,22 +179,19 @@ def run_precompute(cfg: PrecomputeConfig, plan: Plan, progress: bool | None = No
         finally:
             if started:
                 ray.shutdown()
-    summary.failed = len(failures)
     if not failures:
         seal_fingerprint(plan.store)  # every shard's keys are stored now
-    summary.wall_seconds = time.perf_counter() - start
-    _describe_cache(plan, cfg, summary)
-    if failures:
-        raise ShardsFailedError(failures, len(plan.tasks))
-    return summary
+    return failures
 
 
 def wait_log_interval(limit: float | None) -> float:
-    """Seconds between "waiting for resources" lines: every 30 s, a few times for short limits."""
+    """Seconds between "not up after" lines: every 30 s, a few times for short limits."""
     return PROGRESS_LOG_SECONDS if limit is None else min(PROGRESS_LOG_SECONDS, max(1.0, limit / 3))
 
 
-def _run_actors(cfg: PrecomputeConfig, plan: Plan, summary: Summary, progress: bool | None) -> dict:
+def _run_actors(
+    cfg: PrecomputeConfig, plan: Plan, summary: PrecomputeResult, progress: bool | None
+) -> dict:
     count, new_actor = actor_factory(cfg.ray, worker_settings(cfg, plan), len(plan.tasks))
     shown = Progress(
         summary, len(plan.tasks), enabled=sys.stderr.isatty() if progress is None else progress
@@ -212,7 +213,7 @@ def _run_actors(cfg: PrecomputeConfig, plan: Plan, summary: Summary, progress: b
         failures = dispatcher.run()
         if dispatcher.first_ready is not None:
             summary.busy_seconds = time.perf_counter() - dispatcher.first_ready
-        if dispatcher.timed_out and not summary.results:
+        if dispatcher.timed_out and not summary.shards_done:
             raise ResourcesUnavailableError(
                 f"{dispatcher.timed_out}; no shard was processed (a rerun resumes)"
             )
@@ -233,7 +234,7 @@ class Progress:
 
     def __init__(
         self,
-        summary: Summary,
+        summary: PrecomputeResult,
         total: int,
         enabled: bool,
         interval: float = PROGRESS_LOG_SECONDS,
@@ -255,7 +256,7 @@ class Progress:
 
     def shard_done(self, result: ShardResult) -> None:
         summary = self.summary
-        summary.results.append(result)
+        summary.shards_done.append(result.shard)
         summary.views += result.views
         summary.invalid_views += result.invalid_views
         summary.made_view_shards += int(result.made_views)
@@ -264,7 +265,7 @@ class Progress:
             logging.DEBUG if not self.bar.disable else logging.INFO,
             "shard %s done (%d/%d): %d views, %d invalid, %.1f s (teacher forward %.1f s)",
             result.shard,
-            len(summary.results),
+            summary.done,
             self.total,
             result.views,
             result.invalid_views,
@@ -283,11 +284,11 @@ class Progress:
     def line(self) -> str:
         """``precompute: 12/40 shards done (1 failed), 2100 views/s, 1m02s elapsed, ETA 3m10s``."""
         elapsed = max(self.clock() - self.start, 1e-9)
-        settled = len(self.summary.results) + self.failed
+        settled = self.summary.done + self.failed
         eta = _duration(elapsed / settled * (self.total - settled)) if settled else "unknown"
         failed = f" ({self.failed} failed)" if self.failed else ""
         return (
-            f"precompute: {len(self.summary.results)}/{self.total} shards done{failed}, "
+            f"precompute: {self.summary.done}/{self.total} shards done{failed}, "
             f"{self.summary.views / elapsed:.0f} views/s, {_duration(elapsed)} elapsed, ETA {eta}"
         )
 
@@ -301,7 +302,7 @@ class Progress:
             )
             return
         now = self.clock()
-        last = len(self.summary.results) + self.failed == self.total
+        last = self.summary.done + self.failed == self.total
         if last or now - self.last_line >= self.interval:
             self.last_line = now
             logger.info("%s", self.line())
@@ -583,9 +584,9 @@ class Dispatcher:
                 else "waiting as long as it takes (ray.wait_for_resources_s: null)"
             )
             logger.info(
-                "waiting for resources: %d shard actor(s) not up after %.0f s (Ray places them "
-                "when resources free up or its autoscaler adds nodes; then they build their "
-                "teachers); %s; %s",
+                "shard actors: %d not up after %.0f s, either waiting for Ray to place them "
+                "(when resources free up or its autoscaler adds nodes) or building their "
+                "teachers; %s; %s",
                 starting,
                 waited,
                 self.wait_reason(),
@@ -733,19 +734,13 @@ def _cause(exc: BaseException) -> str:
     return (lines[-1] if 'File "' in text else lines[0])[:400]
 
 
-def _describe_cache(plan: Plan, cfg: PrecomputeConfig, summary: Summary) -> None:
+def _describe_cache(plan: Plan, cfg: PrecomputeConfig, summary: PrecomputeResult) -> None:
+    """The cache after the run: its views and teachers, bytes, and what is still incomplete."""
     store = plan.store
     summary.cache_views = store.meta.fingerprint.num_samples * store.meta.num_views
     summary.cache_teachers = len(store.teachers)
     summary.store_bytes = store_size(plan.cache_path, cfg.cache.storage_options)
-    missing = store.incomplete_shards([t.name for t in plan.teachers])
-    summary.complete = (
-        "all {} shards complete for {}".format(
-            store.num_shards, ", ".join(t.name for t in plan.teachers)
-        )
-        if not missing
-        else f"incomplete: {', '.join(f'{k}: {len(v)}' for k, v in missing.items())}"
-    )
+    summary.incomplete = store.incomplete_shards([t.name for t in plan.teachers])
 
 
 def store_size(path: str, storage_options: dict[str, Any] | None = None) -> int:

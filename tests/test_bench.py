@@ -13,6 +13,7 @@ import torch
 from cachebuild import build_cache, write_shards
 
 from benchmarks.__main__ import main as bench_main
+from benchmarks.common import BenchResult
 from kdcache.errors import ConfigError, DataError
 from kdcache.pipeline.worker import background
 from kdcache.targets import SparseTargets, from_logits, truncate
@@ -31,7 +32,7 @@ def bench(name: str, tmp_path, *extra: str) -> dict:
         bench_main([name, "--quick", "--out", str(tmp_path / "work"), "--json", str(out), *extra])
         == 0
     )
-    return json.loads(out.read_text())
+    return BenchResult.read(out).results
 
 
 # ---- the benchmarks ------------------------------------------------------------------------------
@@ -76,7 +77,9 @@ def test_gpu_bench_is_skipped_without_cuda(tmp_path, capsys):
     out = tmp_path / "gpu.json"
     assert bench_main(["gpu", "--out", str(tmp_path / "work"), "--json", str(out)]) == 0
     assert "gpu bench skipped: CUDA is not available" in capsys.readouterr().out
-    assert "skipped" in json.loads(out.read_text())
+    written = BenchResult.read(out)
+    assert "skipped" in written.results and written.bench == "gpu"
+    assert written.argv[:1] == ["gpu"] and "kdcache" in written.versions
     assert not (tmp_path / "work").exists()  # nothing made before the check
 
 
@@ -139,6 +142,8 @@ def test_inspect_bench_writes_its_keys_and_the_reports(tmp_path):
         "peak_rss_full_over_quarter",
     } <= result.keys()
     assert result["cache_views"] == 4 * 50 * 2 and set(result["cli"]) == {"quarter", "full"}
+    assert result["cli"]["full"]["shards_read"] == 4  # read from the CLI's --json result
+    assert all(cli["peak_rss_mb"] > 0 for cli in result["cli"].values())
     report = json.loads((tmp_path / "work" / "full.json").read_text())
     assert sorted(report["teachers"]) == ["t0", "t1"] and report["teachers"]["t0"]["views"] == 400
     assert len(report["pairs"]) == 1 and set(report["teachers"]["t0"]["entropy"]) == {
@@ -262,7 +267,7 @@ class StepLog(StepHook):
 def test_trainer_steps_with_topk_from_the_cache(world, tmp_path):
     steps = StepLog()
     summary = train(config(world, tmp_path, "cache", 2), hooks=[steps])
-    assert sum(n for n, _ in steps.steps) == summary["images"] == 24
+    assert sum(n for n, _ in steps.steps) == summary.images == 24
     assert all(kd for _, kd in steps.steps)
 
 

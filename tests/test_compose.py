@@ -115,7 +115,7 @@ def subset_config(world, tmp_path, **cache) -> dict:
 def test_a_student_trains_on_a_subset_of_the_cache_shards(world, tmp_path):
     path = write(tmp_path / "sweep.yaml", subset_config(world, tmp_path, shard_subset=True))
     summary = train(load_train_config(path))
-    assert summary["steps"] == 3  # 12 samples of one shard, batches of 4
+    assert summary.steps == 3  # 12 samples of one shard, batches of 4
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     evals = [line for line in map(json.loads, lines) if line["kind"] == "eval"]
     assert evals and evals[-1]["n"] == 10

@@ -14,6 +14,7 @@ from kdcache.cli import demo as D
 from kdcache.config import load_config
 from kdcache.errors import DataError
 from kdcache.pipeline.config import PrecomputeConfig
+from kdcache.results import PrecomputeResult
 from kdcache.train.config import load_train_config
 
 HAVE_FMNIST = all((D.FASHION_MNIST_DIR / name).is_file() for name in D.FASHION_MNIST_FILES)
@@ -105,33 +106,41 @@ def test_every_command_is_a_valid_config(tmp_path: Path, sizes: D.Sizes) -> None
     assert students["kd_online"].stages == students["kd_final"].stages
 
 
-def test_precompute_summary_is_read_from_what_precompute_prints() -> None:
-    from kdcache.pipeline.runner import Summary
-
-    summary = Summary(
-        cache_path="c",
+def test_precompute_figures_are_read_from_the_run_record(tmp_path: Path) -> None:
+    """The demo reads precompute's numbers from the run record in the cache, never its output."""
+    with pytest.raises(D.DemoStepError, match="holds no run record"):
+        D.read_precompute(tmp_path / "cache")
+    older = PrecomputeResult(cache_path=str(tmp_path / "cache"), run_id="20250101T000000.000Z-h-1")
+    older.write(older.record_path())
+    run = PrecomputeResult(
+        cache_path=str(tmp_path / "cache"),
+        run_id="20250101T000001.000Z-h-1",
+        status="complete",
         tasks=2,
-        failed=0,
+        shards_done=["a.tar", "b.tar"],
         views=4000,
         wall_seconds=10.0,
         busy_seconds=2.0,
         store_bytes=165_600,
         cache_views=4000,
         cache_teachers=2,
-        complete="all 2 shards complete",
     )
-    parsed = D.parse_precompute("noise\n" + "\n".join(summary.lines()) + "\nmore noise\n")
-    assert parsed == {
+    run.write(run.record_path())
+    assert D.read_precompute(tmp_path / "cache") == {  # the latest run's
         "views": 4000,
         "views_per_s": 400.0,
         "views_per_s_actors_up": 2000.0,
-        "store_mb": 0.17,
+        "store_mb": 0.166,
         "bytes_per_view": 20.7,
         "cache_views": 4000,
         "teachers": 2,
+        "run_record": str(tmp_path / "cache" / "runs" / "20250101T000001.000Z-h-1.json"),
     }
-    with pytest.raises(D.DemoStepError, match="could not read the precompute summary"):
-        D.parse_precompute("precompute: nothing to do")
+    Path(run.record_path()).write_text("{}")
+    with pytest.raises(
+        D.DemoStepError, match="cannot read the precompute run record: .*cache_path"
+    ):
+        D.read_precompute(tmp_path / "cache")
 
 
 def test_absent_data_says_how_to_get_it(tmp_path: Path, capsys) -> None:
@@ -182,6 +191,7 @@ def test_quick_demo_end_to_end(tmp_path: Path, capsys) -> None:
     assert main(["demo", "--quick", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
+    assert D.DemoResult.read(out / "summary.json").setup.quick  # the typed result, as JSON
 
     assert set(summary["teacher_acc"]) == {D.EARLY, D.FINAL}
     assert set(summary["student_acc"]) == set(D.METHODS)

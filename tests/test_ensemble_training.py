@@ -99,8 +99,8 @@ def test_ensemble_settings_are_checked_naming_the_key(world, stage, match):
 
 def test_a_stage_trains_against_an_ensemble_of_cached_teachers(world, tmp_path):
     summary = train(make(world, tmp_path, {"teachers": {"a": 1.0, "b": 3.0}}))
-    assert summary["completed"] and summary["teacher_forwards"] == 0
-    assert summary["images"] == 24
+    assert summary.completed and summary.teacher_forwards == 0
+    assert summary.images == 24
 
 
 def test_online_mode_runs_the_same_ensemble(world, tmp_path):
@@ -109,7 +109,7 @@ def test_online_mode_runs_the_same_ensemble(world, tmp_path):
     stage = {"teachers": {"a": 1.0, "b": 3.0}}
     train(make(world, tmp_path / "cache", stage))
     online = train(make(world, tmp_path / "online", stage, teacher={"mode": "online"}))
-    assert online["teacher_forwards"] == 2 * 24  # both members on every view
+    assert online.teacher_forwards == 2 * 24  # both members on every view
     a = losses(tmp_path / "cache")
     b = losses(tmp_path / "online")
     assert len(a) == len(b) > 0
@@ -125,12 +125,12 @@ def test_an_ensemble_of_one_teacher_trains_as_that_teacher(world, tmp_path):
 def test_sampled_targets_train_with_the_sample_tail(world, tmp_path):
     stage = {"teacher": "s", "loss": {"name": "kd", "temperature": 2.0, "tail": "sample"}}
     summary = train(make(world, tmp_path, stage))
-    assert summary["completed"] and all(x == x for x in losses(tmp_path))
+    assert summary.completed and all(x == x for x in losses(tmp_path))
 
 
 def test_an_ensemble_with_a_sampled_member_trains(world, tmp_path):
     stage = {"teachers": ["s", "b"], "loss": {"name": "wsl", "temperature": 2.0, "tail": "sample"}}
-    assert train(make(world, tmp_path, stage))["completed"]
+    assert train(make(world, tmp_path, stage)).completed
 
 
 def test_the_sample_tail_needs_sampled_teachers(world, tmp_path):
@@ -147,7 +147,7 @@ def test_the_sample_tail_needs_sampled_teachers(world, tmp_path):
     with pytest.raises(ConfigError, match=r"stages.0.loss.topk: not with tail 'sample'"):
         train(make(world, tmp_path / "topk", stage))
     exact = {"teacher": "a", "loss": {"name": "kd", "tail": "sample"}}
-    assert train(make(world, tmp_path / "exact", exact))["completed"]
+    assert train(make(world, tmp_path / "exact", exact)).completed
 
 
 def test_a_temperature_without_its_normaliser_is_a_logged_estimate(world, tmp_path, caplog):

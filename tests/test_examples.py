@@ -64,9 +64,9 @@ def test_the_plain_loop_trains_what_kdcache_train_trains(world, tmp_path, worker
     recorder = Losses()
     summary = train(load_train_config(path), hooks=[recorder])
     ours = example("plain_loop").main(str(path), [])
-    assert len(ours["losses"]) == len(recorder.values) == summary["steps"] == 12
+    assert len(ours["losses"]) == len(recorder.values) == summary.steps == 12
     assert ours["losses"] == pytest.approx(recorder.values, rel=1e-6, abs=1e-7)
-    assert ours["top1"] == pytest.approx(summary["top1"], abs=1e-4)  # float32 mean vs float64
+    assert ours["top1"] == pytest.approx(summary.top1, abs=1e-4)  # float32 mean vs float64
 
 
 def test_the_plain_loop_is_short_and_the_readme_shows_it():

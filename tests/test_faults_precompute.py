@@ -60,12 +60,12 @@ from kdcache.pipeline.plan import make_plan, seal_fingerprint, writer_lock
 from kdcache.pipeline.runner import (
     Progress,
     ShardsFailedError,
-    Summary,
     precompute,
     worker_settings,
 )
 from kdcache.pipeline.worker import FAULT_ENV, ShardResult, ShardWorker
 from kdcache.reader import read_block
+from kdcache.results import PrecomputeResult
 from kdcache.store import open_store
 from kdcache.tools.validate import validate_cache
 
@@ -430,7 +430,7 @@ def test_dead_actor_is_not_replaced_beyond_max_restarts(
 def test_progress_without_a_terminal_logs_shards_views_per_second_and_eta(caplog):
     now = [0.0]
     progress = Progress(
-        Summary(cache_path="c", tasks=4, failed=0),
+        PrecomputeResult(cache_path="c", tasks=4),
         4,
         enabled=False,
         interval=30.0,

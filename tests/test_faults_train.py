@@ -129,7 +129,7 @@ def test_sigkilled_train_resumes_to_the_uninterrupted_result(world, tmp_path):
         )
     finally:
         torch.set_num_threads(threads)
-    assert full["completed"] and full["steps"] == 24
+    assert full.completed and full.steps == 24
     assert metrics(tmp_path / "cut") == metrics(tmp_path / "full")
     a = torch.load(tmp_path / "cut" / "checkpoints" / "model_final.pt", weights_only=True)
     b = torch.load(tmp_path / "full" / "checkpoints" / "model_final.pt", weights_only=True)
@@ -145,7 +145,7 @@ def stopped_run(world, tmp_path):
     cache = tmp_path / "cache.zarr"
     shutil.copytree(world["root"] / "cache.zarr", cache)
     config = make(world, tmp_path / "run", cache={"path": str(cache)}, run={"max_steps": 3})
-    assert not train(config)["completed"]
+    assert not train(config).completed
     return config, cache
 
 

@@ -14,6 +14,7 @@ import torch
 
 from kdcache.cli import main
 from kdcache.errors import CacheIncompleteError, CacheMismatchError, ConfigError
+from kdcache.results import InspectResult
 from kdcache.store import STATUS_INVALID, STATUS_VALID, Fingerprint, open_store
 from kdcache.targets import from_logits
 from kdcache.tools.stats import FINE_BINS, inspect_cache, js_divergence
@@ -192,7 +193,7 @@ class Hand:
 
 
 @pytest.fixture(scope="module")
-def report(cache) -> dict:
+def report(cache) -> InspectResult:
     return inspect_cache(open_store(cache[0]), temperatures=(1.0, 2.0))
 
 
@@ -246,7 +247,7 @@ def _check_log_dist(d: dict, x: np.ndarray, floor: float = 1e-8) -> None:
 @pytest.mark.parametrize("name", list(TEACHERS))
 def test_accuracy_wrong_and_under_confident(report, cache, name) -> None:
     h = Hand.of(cache[1], name)
-    t = report["teachers"][name]
+    t = report.teachers[name]
     k = TEACHERS[name]
     n = h.correct.size
     assert (
@@ -273,7 +274,7 @@ def test_accuracy_wrong_and_under_confident(report, cache, name) -> None:
 @pytest.mark.parametrize("name", list(TEACHERS))
 def test_calibration(report, cache, name) -> None:
     h = Hand.of(cache[1], name)
-    t = report["teachers"][name]
+    t = report.teachers[name]
     _close(t["ece"], _ece(h.max_prob, h.correct))
     rel = t["reliability"]
     counts = [int(((h.max_prob > i / 15) & (h.max_prob <= (i + 1) / 15)).sum()) for i in range(15)]
@@ -289,7 +290,7 @@ def test_calibration(report, cache, name) -> None:
 @pytest.mark.parametrize("name", list(TEACHERS))
 def test_distributions(report, cache, name) -> None:
     h = Hand.of(cache[1], name)
-    t = report["teachers"][name]
+    t = report.teachers[name]
     k = TEACHERS[name]
     top = -np.sort(-h.p, -1)
     _check_dist(t["max_prob"], h.max_prob)
@@ -302,7 +303,7 @@ def test_distributions(report, cache, name) -> None:
 def test_entropy_spread_at_each_temperature(report, cache, name) -> None:
     logits = cache[1].logits[name]
     k = TEACHERS[name]
-    t = report["teachers"][name]
+    t = report.teachers[name]
     assert list(t["entropy"]) == ["T=1.0", "T=2.0"]
     for temp in (1.0, 2.0):
         _check_dist(
@@ -314,21 +315,21 @@ def test_entropy_spread_at_each_temperature(report, cache, name) -> None:
 
 def test_entropy_and_js_with_renorm_tail(cache) -> None:
     report = inspect_cache(open_store(cache[0]), tail="renorm")
-    assert report["settings"]["tail"] == "renorm"
+    assert report.settings.tail == "renorm"
     target = _target(cache[1].logits["weak"], 3, tail="renorm")
-    _close(report["teachers"]["weak"]["entropy"]["T=1.0"]["mean"], _entropy(target).mean())
+    _close(report.teachers["weak"]["entropy"]["T=1.0"]["mean"], _entropy(target).mean())
     _close(
-        report["teachers"]["weak"]["view_consistency"]["js"]["mean"],
+        report.teachers["weak"]["view_consistency"]["js"]["mean"],
         _js(target[:, 0], target[:, 1]).mean(),
     )
     strong = _target(cache[1].logits["strong"], 5)
-    _close(report["pairs"][0]["js"]["mean"], _js(strong, target).mean())
+    _close(report.pairs[0]["js"]["mean"], _js(strong, target).mean())
 
 
 @pytest.mark.parametrize("name", list(TEACHERS))
 def test_per_class_and_confused_pairs(report, cache, name) -> None:
     h = Hand.of(cache[1], name)
-    t = report["teachers"][name]
+    t = report.teachers[name]
     label = h.label.ravel()
     pred = h.pred.ravel()
     for c, row in enumerate(t["per_class"]):
@@ -354,7 +355,7 @@ def test_per_class_and_confused_pairs(report, cache, name) -> None:
 @pytest.mark.parametrize("name", list(TEACHERS))
 def test_view_consistency(report, cache, name) -> None:
     h = Hand.of(cache[1], name)
-    t = report["teachers"][name]["view_consistency"]
+    t = report.teachers[name]["view_consistency"]
     target = _target(cache[1].logits[name], TEACHERS[name])
     assert (t["samples"], t["views_per_sample"]) == (len(h.pred), A)
     _close(t["top1_disagree"], (h.pred[:, 0] != h.pred[:, 1]).mean())
@@ -362,7 +363,7 @@ def test_view_consistency(report, cache, name) -> None:
 
 
 def test_teacher_pairs(report, cache) -> None:
-    (pair,) = report["pairs"]
+    (pair,) = report.pairs
     assert (pair["a"], pair["b"]) == ("strong", "weak")
     a = Hand.of(cache[1], "strong")
     b = Hand.of(cache[1], "weak")
@@ -441,7 +442,7 @@ def test_unlabelled_rows_three_views_and_top5_below_the_class_count(tmp_path) ->
             torch.from_numpy(logits.reshape(n * a, c)), torch.from_numpy(np.repeat(labels, a)), k
         ),
     )
-    t = inspect_cache(open_store(str(tmp_path / "cache")))["teachers"]["t"]
+    t = inspect_cache(open_store(str(tmp_path / "cache"))).teachers["t"]
 
     p = _softmax(logits)
     label = np.repeat(labels[:, None], a, 1)
@@ -509,7 +510,7 @@ def test_incomplete_shards_are_skipped_with_a_warning(cache, report, caplog) -> 
     with caplog.at_level("WARNING", logger="kdcache.tools.stats"):
         inspect_cache(open_store(cache[0]))
     assert "skipping incomplete shards" in caplog.text and "strong: s2" in caplog.text
-    assert report["cache"] | {"path": None, "recipe": None} == {
+    assert report.cache.model_dump() | {"path": None, "recipe": None} == {
         "path": None,
         "shards": 3,
         "shards_read": 2,
@@ -525,9 +526,9 @@ def test_incomplete_shards_are_skipped_with_a_warning(cache, report, caplog) -> 
 
 def test_one_teacher_reads_the_shards_complete_for_it(cache) -> None:
     report = inspect_cache(open_store(cache[0]), ["weak"])
-    assert list(report["teachers"]) == ["weak"] and report["pairs"] == []
-    assert (report["cache"]["shards_read"], report["cache"]["skipped_shards"]) == (3, {})
-    assert report["teachers"]["weak"]["views"] == A * (sum(COUNTS) - 1)
+    assert list(report.teachers) == ["weak"] and report.pairs == []
+    assert (report.cache.shards_read, report.cache.skipped_shards) == (3, {})
+    assert report.teachers["weak"]["views"] == A * (sum(COUNTS) - 1)
 
 
 def test_unknown_teacher_names_the_valid_ones(cache, capsys) -> None:
@@ -575,10 +576,9 @@ def test_cli_tables_json_and_plots(cache, report, tmp_path, capsys) -> None:
         "strong vs weak",
     ):
         assert needle in text
-    loaded = json.loads(out_json.read_text())
-    assert loaded == json.loads(
-        json.dumps(report)
-    )  # the file holds the report, round-trips, has no NaN
+    loaded = json.loads(out_json.read_text(), parse_constant=_no_nan)
+    assert loaded == json.loads(json.dumps(report.model_dump()))  # the report, without NaN
+    assert InspectResult.read(out_json) == report  # and reads back as the typed result
     names = sorted(p.name for p in plots.iterdir())
     assert names == sorted(
         [f"dist_{q}.png" for q in ("max_prob", "label_prob", "tail_mass", "margin")]
@@ -587,6 +587,10 @@ def test_cli_tables_json_and_plots(cache, report, tmp_path, capsys) -> None:
     )
     for path in plots.iterdir():
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+def _no_nan(name: str) -> None:
+    raise AssertionError(f"{name} in the JSON")
 
 
 def test_cli_require_complete_fails(cache, capsys) -> None:

@@ -36,6 +36,7 @@ from kdcache.pipeline.plan import make_plan, seal_fingerprint
 from kdcache.pipeline.runner import precompute, store_size, worker_settings
 from kdcache.pipeline.worker import ShardWorker
 from kdcache.reader import read_block
+from kdcache.results import read_run_records
 from kdcache.shards import expand_shards, iter_shard, scan_shards
 from kdcache.store import open_store
 from kdcache.tools.validate import validate_cache
@@ -369,7 +370,7 @@ def test_precompute_and_train_with_shards_through_data_storage_options(
         }
     )
     summary = train(config)
-    assert summary["completed"] and summary["steps"] == 6
+    assert summary.completed and summary.steps == 6
     evals = [
         json.loads(line)
         for line in (run_dir / "metrics.jsonl").read_text().splitlines()
@@ -393,8 +394,13 @@ def test_precompute_with_ray_and_train_with_workers_on_s3(
 ):
     cache = f"s3://{BUCKET}/ray/cache.zarr"
     _, summary = precompute(precompute_config(s3, cache), progress=False)
-    assert summary is not None and summary.failed == 0 and summary.views == 48 * 2
-    assert summary.store_bytes > 1000 and "all 4 shards complete" in summary.complete
+    assert summary.status == "complete" and summary.failed == 0 and summary.views == 48 * 2
+    assert summary.store_bytes > 1000 and summary.incomplete == {}
+    [record] = read_run_records(cache, s3["options"])  # the driver's run record, on S3 too
+    assert record == summary and record.record_path().startswith(
+        f"s3://{BUCKET}/ray/cache.zarr/runs/"
+    )
+    assert record.config["cache"]["storage_options"] == {"client_kwargs": "<redacted>"}
     assert not s3["fs"].exists(f"{BUCKET}/ray/cache.zarr.lock")
     assert_same(arrays(cache, s3["options"]), arrays(local_cache))
     assert validate_cache(open_store(cache, "r", s3["options"])).ok
@@ -402,7 +408,7 @@ def test_precompute_with_ray_and_train_with_workers_on_s3(
         cli_main(["validate", cache]) == 0
         and "valid: every shard complete" in capsys.readouterr().out
     )
-    assert precompute(precompute_config(s3, cache))[1] is None  # rerun: nothing to do
+    assert precompute(precompute_config(s3, cache))[1].status == "nothing_to_do"  # rerun
     config_file = tmp_path / "train.yaml"
     config_file.write_text(yaml.safe_dump(train_config(s3, cache, tmp_path / "run", workers=2)))
     assert cli_main(["train", str(config_file)]) == 0

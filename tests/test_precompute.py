@@ -37,6 +37,7 @@ from kdcache.errors import (
     DuplicateKeyError,
     TeacherError,
 )
+from kdcache.integrity import find_damage
 from kdcache.models import build_model, build_teacher, weights_digest
 from kdcache.pipeline.config import PrecomputeConfig
 from kdcache.pipeline.make_shards import make_synthetic_shards
@@ -44,10 +45,12 @@ from kdcache.pipeline.plan import make_plan, seal_fingerprint
 from kdcache.pipeline.runner import ShardsFailedError, run_precompute, worker_settings
 from kdcache.pipeline.worker import FAULT_ENV, ShardWorker
 from kdcache.reader import read_block
+from kdcache.results import PrecomputeResult, config_digest, read_run_records
 from kdcache.shards import decode_image, iter_shard
 from kdcache.store import STATUS_INVALID, STATUS_VALID, open_store
 from kdcache.targets import from_logits
 from kdcache.teacher import ModelRunner
+from kdcache.tools.validate import validate_cache
 from kdcache.tools.verify import verify_cache
 
 SIZE = 16
@@ -219,6 +222,31 @@ def test_worker_killed_mid_shard_is_retried(clean_cache, data_dir, tmp_path, mon
     assert_same_arrays(cache_arrays(tmp_path / "cache"), cache_arrays(clean_cache))
 
 
+def assert_run_record(record: PrecomputeResult, store, views: int, done: int) -> None:
+    """A complete run's record: what ran, with which config, what it did, in which versions."""
+    assert (record.status, record.error, record.tasks, record.done, record.failed) == (
+        "complete",
+        "",
+        done,
+        done,
+        0,
+    )
+    assert record.cache_path == store.path and record.record_path().startswith(
+        f"{store.path}/runs/"
+    )
+    assert [(t.name, t.model, t.k) for t in record.teachers] == [("t1", "kd_cnn_tiny", 5)]
+    assert record.teachers[0].weights_digest == store.teacher_meta("t1").weights_digest
+    assert record.config_digest == config_digest(record.config)
+    assert record.config["cache"]["num_views"] == record.num_views == store.meta.num_views
+    assert (record.views, record.invalid_views, record.incomplete) == (views, 0, {})
+    assert record.wall_seconds >= record.busy_seconds > 0 and record.store_bytes > 0
+    assert record.cache_views == views and record.cache_teachers == 1
+    assert record.pid == os.getpid() and record.run_id.endswith(f"-{os.getpid()}")
+    assert record.started <= record.finished and {"kdcache", "torch", "zarr", "ray"} <= set(
+        record.versions
+    )
+
+
 def test_failed_shard_is_reported_and_the_others_finish(ray_session, bad_dir):
     shards = [str(bad_dir / "good-000000.tar"), str(bad_dir / "corrupt-000000.tar")]
     cfg = make_config(shards, bad_dir / "cache", "data.num_classes=10")
@@ -228,6 +256,13 @@ def test_failed_shard_is_reported_and_the_others_finish(ray_session, bad_dir):
     ) as info:
         precompute(cfg)
     assert isinstance(info.value.failures["corrupt-000000.tar"], DataError)
+    record = read_run_records(str(bad_dir / "cache"))[-1]  # written before the error was raised
+    assert record == info.value.result and record.status == "shards_failed"
+    assert record.shards_done == ["good-000000.tar"] and list(record.shards_failed) == [
+        "corrupt-000000.tar"
+    ]
+    assert record.shards_failed["corrupt-000000.tar"].startswith("DataError: ")
+    assert record.incomplete == {"views": ["corrupt-000000.tar"], "t1": ["corrupt-000000.tar"]}
     store = open_store(str(bad_dir / "cache"))
     assert store.incomplete_shards() == {
         "views": ["corrupt-000000.tar"],
@@ -270,9 +305,15 @@ def test_cli_runs_then_rerun_does_nothing(ray_session, clean_cache, data_dir, tm
     out = capsys.readouterr().out
     assert "4/4 shard task(s) done" in out and "B per view per teacher" in out
     assert_same_arrays(cache_arrays(tmp_path / "cache"), cache_arrays(clean_cache))
-    assert open_store(str(tmp_path / "cache")).meta.config["ray"]["num_actors"] == 2
+    store = open_store(str(tmp_path / "cache"))
+    assert store.meta.config["ray"]["num_actors"] == 2
+    [record] = read_run_records(str(tmp_path / "cache"))
+    assert f"  run record: {record.record_path()}" in out.splitlines()
+    assert_run_record(record, store, views=160 * 2, done=4)
+    assert validate_cache(store).ok and find_damage(store, check=True) == []  # runs/ is no array
     assert cli_main(["precompute", str(config)]) == 0
     assert "nothing to do: 0 shards to do" in capsys.readouterr().out
+    assert read_run_records(str(tmp_path / "cache")) == [record]  # nothing done, nothing recorded
     assert cli_main(["precompute", str(config), "cache.num_views=3"]) == 2
     assert "num_views: the cache has 2, the run asks for 3" in capsys.readouterr().err
 
@@ -462,7 +503,7 @@ def test_torchvision_and_torchscript_teachers_are_cached_and_verify(
         fresh = from_logits(runner(views), torch.tensor([sample.label] * 2), k)
         np.testing.assert_array_equal(block.teachers[name].topk_idx[0], fresh.idx.numpy())
         np.testing.assert_allclose(block.teachers[name].lse[0], fresh.lse.numpy(), rtol=1e-4)
-    results = verify_cache(store, teachers=["tv", "ts"], num=16, seed=0)
+    results = verify_cache(store, teachers=["tv", "ts"], num=16, seed=0).teachers
     assert [(r.teacher, r.ok, r.topk_agreement) for r in results] == [
         ("tv", True, 1.0),
         ("ts", True, 1.0),

@@ -26,6 +26,7 @@ from test_precompute import good, make_config, write_tar
 
 from kdcache.cli import main as cli_main
 from kdcache.pipeline.runner import RayClusterError, ResourcesUnavailableError, precompute
+from kdcache.results import read_run_records
 from kdcache.store import open_store
 
 
@@ -100,8 +101,11 @@ def test_an_actor_larger_than_the_cluster_waits_then_fails_naming_the_key(
         precompute(cfg, progress=False)
     assert 3 <= time.monotonic() - start < 60
     assert "but 0 fit the cluster now" in caplog.text
-    assert "waiting for resources: 1 shard actor(s) not up after" in caplog.text
+    assert "shard actors: 1 not up after" in caplog.text
     assert open_store(str(tmp_path / "cache")).incomplete_shards()["t1"] == ["good-000000.tar"]
+    [record] = read_run_records(str(tmp_path / "cache"))  # the run says how it ended
+    assert record.status == "error" and record.shards_done == [] and record.tasks == 1
+    assert record.error.startswith("ResourcesUnavailableError: no shard actor was up within")
 
 
 def test_an_actor_waits_for_cpus_taken_by_another_job_then_runs(
@@ -125,7 +129,7 @@ def test_an_actor_waits_for_cpus_taken_by_another_job_then_runs(
         timer.cancel()
         ray.kill(holder, no_restart=True)
     assert summary is not None and summary.failed == 0 and summary.views == 4 * 2
-    assert "waiting for resources: 1 shard actor(s) not up after" in caplog.text
+    assert "shard actors: 1 not up after" in caplog.text
     assert open_store(str(tmp_path / "cache")).incomplete_shards() == {}
 
 

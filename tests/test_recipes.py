@@ -85,7 +85,7 @@ def test_the_strong_cache_validates_and_verifies_mixed_views_included(strong, ca
     partners = store.views["mix_partner"][:]
     assert (partners != 0).mean() > 0.9  # mix prob 1: every view with a valid group mate
     assert main(["validate", str(strong["path"])]) == 0
-    [result] = verify_cache(store, num=40, seed=1)
+    [result] = verify_cache(store, num=40, seed=1).teachers
     assert result.ok and result.views == 40 and result.top1_agreement == 1.0
 
 
@@ -127,8 +127,8 @@ def test_students_train_on_strong_views_in_every_mode(strong, tmp_path, mode):
     if mode == "none":
         sections["stages"] = [{"epochs": 1, "loss": {"name": "ce"}}]
     summary = train(config(strong, tmp_path / mode, **sections))
-    assert summary["completed"] and summary["images"] == 48 and summary["top1"] is not None
-    assert summary["teacher_forwards"] == (48 if mode == "online" else 0)
+    assert summary.completed and summary.images == 48 and summary.top1 is not None
+    assert summary.teacher_forwards == (48 if mode == "online" else 0)
 
 
 def test_fresh_strong_views_without_a_cache_mix_within_the_shards(strong, tmp_path):
@@ -147,7 +147,7 @@ def test_fresh_strong_views_without_a_cache_mix_within_the_shards(strong, tmp_pa
     batches = list(data.epoch(0, []))
     assert sum(len(b) for b in batches) == 48
     assert all(b.lam is not None and (b.lam < 1).any() for b in batches)
-    assert train(cfg)["completed"]
+    assert train(cfg).completed
 
 
 def test_one_actor_gives_the_same_strong_cache_as_two(ray_session, data_dir, tmp_path):
@@ -167,7 +167,7 @@ def test_one_actor_gives_the_same_strong_cache_as_two(ray_session, data_dir, tmp
         caches[actors] = cache_arrays(cache)
     for name, array in caches[1].items():
         np.testing.assert_array_equal(array, caches[2][name], err_msg=name)
-    [result] = verify_cache(open_store(str(tmp_path / "cache2")), num=30)
+    [result] = verify_cache(open_store(str(tmp_path / "cache2")), num=30).teachers
     assert result.ok
 
 
@@ -259,6 +259,6 @@ def test_a_stored_ensemble_and_a_sampled_teacher_on_strong_views(tmp_path):
     store = run_precompute(cfg)
     assert (store.views["mix_partner"][:] != 0).any()
     assert main(["validate", str(tmp_path / "cache.zarr")]) == 0
-    results = verify_cache(store, num=12, seed=0)
+    results = verify_cache(store, num=12, seed=0).teachers
     assert sorted(r.teacher for r in results) == ["drawn", "ens"]
     assert all(r.ok and r.views == 12 for r in results)

@@ -187,7 +187,7 @@ def test_a_pipe_shard_list_is_precomputed_and_trained_like_the_files(shard_dir, 
     run["run"] = {"dir": str(tmp_path / "run"), "progress": False}
     run["student"] = {"name": "kd_mlp", "kwargs": {"img_size": SIZE, "hidden": 16}}
     summary = train(TrainConfig.model_validate(run))  # DataLoader workers run the commands
-    assert summary["completed"] and summary["images"] == 18 and summary["top1"] is not None
+    assert summary.completed and summary.images == 18 and summary.top1 is not None
 
 
 def test_a_pipe_command_reading_a_local_file_finds_the_manifest_beside_it(tmp_path):

@@ -146,7 +146,7 @@ def test_sampled_teacher_stores_its_draws_reproducibly(world):
 
 
 def test_verify_recomputes_ensembles_and_draws(world):
-    results = verify_cache(world["store"], num=12, seed=0)
+    results = verify_cache(world["store"], num=12, seed=0).teachers
     assert {r.teacher: r.ok for r in results} == {
         "a": True,
         "b": True,

@@ -76,8 +76,8 @@ def metrics(run_dir: Path) -> list[dict]:
 
 def test_cache_mode_run_writes_its_outputs_and_runs_no_teacher(world, tmp_path):
     summary = train(make(world, tmp_path))
-    assert summary["completed"] and summary["teacher_forwards"] == 0 and summary["images"] == 47
-    assert summary["invalid_rows_skipped_per_epoch"] == 1 and summary["top1"] is not None
+    assert summary.completed and summary.teacher_forwards == 0 and summary.images == 47
+    assert summary.invalid_rows_skipped_per_epoch == 1 and summary.top1 is not None
     lines = metrics(tmp_path)
     assert [line["kind"] for line in lines] == ["train"] * 3 + ["eval"]
     assert all(line["teacher_forwards"] == 0 for line in lines if line["kind"] == "train")
@@ -99,7 +99,7 @@ def test_cache_mode_run_writes_its_outputs_and_runs_no_teacher(world, tmp_path):
 def test_online_mode_runs_the_teacher_on_every_view(world, tmp_path):
     cached = train(make(world, tmp_path / "cache"))
     online = train(make(world, tmp_path / "online", teacher={"mode": "online"}))
-    assert online["teacher_forwards"] == 47
+    assert online.teacher_forwards == 47
     a = metrics(tmp_path / "cache")
     b = metrics(tmp_path / "online")
     assert [x["step"] for x in a] == [x["step"] for x in b]
@@ -107,7 +107,7 @@ def test_online_mode_runs_the_teacher_on_every_view(world, tmp_path):
         assert x.get("loss", x.get("top1")) == pytest.approx(
             y.get("loss", y.get("top1")), rel=2e-3, abs=1e-3
         )
-    assert cached["teacher_forwards"] == 0
+    assert cached.teacher_forwards == 0
 
 
 def test_cached_kd_equals_online_kd_when_k_is_the_class_count(world):
@@ -145,7 +145,7 @@ def test_teacher_training_saves_early_checkpoints(world, tmp_path):
         stages=[{"epochs": 2, "loss": {"name": "ce", "label_smoothing": 0.1}}],
     )
     summary = train(config)
-    assert summary["completed"] and summary["images"] == 2 * 48 and summary["teacher_forwards"] == 0
+    assert summary.completed and summary.images == 2 * 48 and summary.teacher_forwards == 0
     for name in ("model_e1.pt", "model_final.pt"):
         build_model(
             ModelSpec(name="kd_cnn_tiny", checkpoint=str(tmp_path / "checkpoints" / name)), 4, 1
@@ -180,13 +180,13 @@ def two_stage(world, run_dir, **run):
 def test_resumed_run_reproduces_the_uninterrupted_run_bit_for_bit(world, tmp_path):
     full = train(two_stage(world, tmp_path / "full"))
     stopped = train(two_stage(world, tmp_path / "cut", max_steps=3))
-    assert not stopped["completed"] and stopped["steps"] == 3
+    assert not stopped.completed and stopped.steps == 3
     with open(
         tmp_path / "cut" / "metrics.jsonl", "a"
     ) as handle:  # a line a killed run wrote after its checkpoint
         handle.write(json.dumps({"kind": "train", "step": 4, "loss": 0.0}) + "\n")
     resumed = train(two_stage(world, tmp_path / "cut", resume="must"))
-    assert resumed["completed"] and resumed["steps"] == full["steps"] == 12
+    assert resumed.completed and resumed.steps == full.steps == 12
     assert metrics(tmp_path / "cut") == metrics(tmp_path / "full")
     a = torch.load(tmp_path / "full" / "checkpoints" / "last.pt")
     b = torch.load(tmp_path / "cut" / "checkpoints" / "last.pt")
@@ -273,9 +273,9 @@ def test_resume_refuses_another_config_naming_the_keys(world, tmp_path):
     )
     with pytest.raises(CheckpointError, match=expected):
         train(changed)
-    assert train(make(world, tmp_path, run={"resume": "auto", "log_every": 3}))[
-        "completed"
-    ]  # mutable keys may change
+    assert train(
+        make(world, tmp_path, run={"resume": "auto", "log_every": 3})
+    ).completed  # mutable keys may change
 
 
 def test_existing_run_dir_is_not_overwritten_silently(world, tmp_path):
@@ -284,7 +284,7 @@ def test_existing_run_dir_is_not_overwritten_silently(world, tmp_path):
         train(make(world, tmp_path))
     with pytest.raises(CheckpointError, match="no checkpoint at"):
         train(make(world, tmp_path / "other", run={"resume": "must"}))
-    assert train(make(world, tmp_path, run={"overwrite": True}))["completed"]
+    assert train(make(world, tmp_path, run={"overwrite": True})).completed
 
 
 class Recorder(StepHook):
@@ -307,7 +307,7 @@ class Recorder(StepHook):
 def test_step_hooks_run_around_every_step_after_its_checkpoint(world, tmp_path):
     hook = Recorder(tmp_path)
     summary = train(make(world, tmp_path, run={"ckpt_every_steps": 2}), hooks=[hook])
-    assert summary["steps"] == 6
+    assert summary.steps == 6
     # step_start sees the steps done before it, step_end the step just done
     assert hook.calls == [call for s in range(6) for call in (("start", s), ("end", s + 1))]
     # step_end comes after the step's checkpoint (every 2 steps; the epoch's end writes the last)
@@ -388,7 +388,9 @@ def _ddp_worker(rank: int, config_data: dict, out_dir: str, port: int) -> None:
         "fork", force=True
     )  # spawn's children would spawn their loader workers too
     summary = train(TrainConfig.model_validate(config_data))
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"seen": seen, "summary": summary}))
+    Path(out_dir, f"rank{rank}.json").write_text(
+        json.dumps({"seen": seen, "summary": summary.model_dump()})
+    )
 
 
 def test_two_process_ddp_sees_every_sample_once_per_epoch(world, tmp_path):

@@ -11,8 +11,9 @@ import torch
 from cachebuild import build_cache, tiny_teacher, write_shards
 
 from kdcache.cli import main
-from kdcache.errors import CacheMismatchError, CacheReadError
+from kdcache.errors import CacheMismatchError, CacheReadError, ResultError
 from kdcache.reader import read_block
+from kdcache.results import ValidateResult, VerifyResult
 from kdcache.store import open_store
 from kdcache.tools.verify import verify_cache
 
@@ -44,9 +45,40 @@ def test_validate_and_verify_pass_on_a_sound_cache(built, capsys):
     assert "weak" in out and "strong" in out and "FAIL" not in out
 
 
+def test_validate_and_verify_write_their_results_as_json(built, tmp_path, capsys):
+    _, _, path = built
+    assert main(["validate", path, "--json", str(tmp_path / "out" / "validate.json")]) == 0
+    assert f"wrote {tmp_path / 'out' / 'validate.json'}" in capsys.readouterr().out
+    validated = ValidateResult.read(tmp_path / "out" / "validate.json")
+    assert validated.ok and validated.problems == [] and validated.cache == path
+    assert (validated.shards, validated.views, validated.teachers) == (
+        3,
+        26 * 3,
+        ["strong", "weak"],
+    )
+    argv = ["verify", path, "--num", "12", "--seed", "4", "--json", str(tmp_path / "verify.json")]
+    assert main(argv) == 0
+    verified = VerifyResult.read(tmp_path / "verify.json")
+    assert verified.ok and (verified.num, verified.seed, verified.cache) == (12, 4, path)
+    assert [(t.teacher, t.views, t.ok) for t in verified.teachers] == [
+        ("strong", 12, True),
+        ("weak", 12, True),
+    ]
+    with pytest.raises(ResultError, match="is not a VerifyResult: .*teachers"):
+        VerifyResult.read(tmp_path / "out" / "validate.json")  # a validate result is not one
+
+
+def test_json_outputs_are_checked_before_any_work(built, tmp_path, capsys):
+    _, _, path = built
+    (tmp_path / "taken").mkdir()
+    for command in ("validate", "verify"):
+        assert main([command, path, "--json", str(tmp_path / "taken")]) == 2
+        assert "--json: " in capsys.readouterr().err
+
+
 def test_verify_recomputes_within_fp16_rounding(built):
     _, _, path = built
-    for result in verify_cache(open_store(path), num=40, seed=3):
+    for result in verify_cache(open_store(path), num=40, seed=3).teachers:
         assert result.views == 26 and result.ok  # 26 valid samples in all, fewer than --num
         assert result.topk_agreement == 1.0 and result.max_lse_delta < 1e-4
 
@@ -58,6 +90,13 @@ def test_verify_fails_on_tampered_targets(built, tmp_path, capsys):
     group["topk_logit"][:] = logits + np.float16(0.5)
     assert main(["verify", path, "--num", "20"]) == 1
     assert "FAIL (20 views beyond tolerance)" in capsys.readouterr().out
+    assert main(["verify", path, "--num", "20", "--json", str(tmp_path / "verify.json")]) == 1
+    result = VerifyResult.read(tmp_path / "verify.json")
+    assert not result.ok
+    assert [(t.teacher, t.ok, t.failures) for t in result.teachers] == [
+        ("strong", True, 0),
+        ("weak", False, 20),
+    ]
 
 
 def test_verify_refuses_other_teacher_weights(built, tmp_path):
@@ -76,8 +115,7 @@ def test_verify_finds_moved_shards_with_a_pattern(built, tmp_path):
     root, urls, path = built
     moved = tmp_path / "moved"
     shutil.copytree(root / "shards", moved)
-    results = verify_cache(open_store(path), num=5, shards=str(moved / "train-*.tar"))
-    assert all(r.ok for r in results)
+    assert verify_cache(open_store(path), num=5, shards=str(moved / "train-*.tar")).ok
     with pytest.raises(
         CacheMismatchError,
         match="shard 'train-000000.tar' of the cache is not among the given shards",
@@ -123,7 +161,7 @@ def test_q8_cache_validates_and_verifies_within_its_own_bound(tmp_path, capsys):
     path = str(tmp_path / "cache")
     build_cache(path, urls, teachers={"q": 3}, classes=10, encoding="q8")
     assert main(["validate", path]) == 0
-    [result] = verify_cache(open_store(path), num=40, atol=0.0)
+    [result] = verify_cache(open_store(path), num=40, atol=0.0).teachers
     assert result.ok and result.max_abs_delta > 1e-3  # q8's rounding shows, and is within its bound
     assert result.max_tail_delta <= 0.012
 
@@ -134,7 +172,7 @@ def test_verify_fails_on_a_tampered_tail(built, tmp_path):
     group["log_tail"][:] = (group["log_tail"][:].astype(np.float32) - 1.0).astype(
         np.float16
     )  # every tail / e
-    [result] = verify_cache(open_store(path), teachers=["weak"], num=30)
+    [result] = verify_cache(open_store(path), teachers=["weak"], num=30).teachers
     assert not result.ok and result.failures == result.views > 0 and result.max_abs_delta < 1e-2
 
 

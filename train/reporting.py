@@ -1,5 +1,6 @@
 """The run's account of itself: the logging window, the train and eval lines of
-``metrics.jsonl``, the progress bar, the epoch lines of the log and the final summary."""
+``metrics.jsonl``, the progress bar, the epoch lines of the log and the run's result (its
+``summary.json``, a :class:`~kdcache.results.TrainResult`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from kdcache.results import TrainResult
 from kdcache.train import distributed as D
 from kdcache.train.config import TrainConfig
 from kdcache.train.losses import LossParts
@@ -192,25 +194,25 @@ class Reporter:
             f", test top-1 {test['top1']:.2f}%" if test.get("top1") is not None else "",
         )
 
-    def summary(self, state: RunState, invalid: int) -> dict[str, Any]:
-        """``summary.json``: what the run did, its last evaluation and its speed."""
+    def summary(self, state: RunState, invalid: int) -> TrainResult:
+        """The run's result (``summary.json``): what it did, its last evaluation and its speed."""
         final = state.last_eval
-        return {
-            "mode": self.config.teacher.mode,
-            "epochs": state.epoch,
-            "steps": state.global_step,
-            "completed": state.epoch == self.config.total_epochs,
-            "top1": final.get("top1"),
-            "top5": final.get("top5"),
-            "eval_loss": final.get("loss"),
-            "ema_top1": final.get("ema_top1"),
-            "images": state.images,
-            "images_per_s": state.images / max(state.train_time, 1e-9),
-            "train_time_s": state.train_time,
-            "time_s": time.perf_counter() - self.start_time,
-            "teacher_forwards": state.teacher_forwards,
-            "invalid_rows_skipped_per_epoch": invalid,
-            "world_size": self.dist.world_size,
-            "device": str(self.dist.device),
-            "run_dir": str(Path(self.config.run.dir)),
-        }
+        return TrainResult(
+            mode=self.config.teacher.mode,
+            epochs=state.epoch,
+            steps=state.global_step,
+            completed=state.epoch == self.config.total_epochs,
+            top1=final.get("top1"),
+            top5=final.get("top5"),
+            eval_loss=final.get("loss"),
+            ema_top1=final.get("ema_top1"),
+            images=state.images,
+            images_per_s=state.images / max(state.train_time, 1e-9),
+            train_time_s=state.train_time,
+            time_s=time.perf_counter() - self.start_time,
+            teacher_forwards=state.teacher_forwards,
+            invalid_rows_skipped_per_epoch=invalid,
+            world_size=self.dist.world_size,
+            device=str(self.dist.device),
+            run_dir=str(Path(self.config.run.dir)),
+        )

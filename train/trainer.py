@@ -1,7 +1,8 @@
 """The training loop over its components: stages, steps, evaluation, metrics, checkpoints.
 
 Outputs in ``run.dir``: ``config.yaml`` (the resolved config), ``metrics.jsonl`` (one line per log
-step and per evaluation), ``summary.json`` (at the end), ``checkpoints/last.pt`` (resume state),
+step and per evaluation), ``summary.json`` (at the end: the run's
+:class:`~kdcache.results.TrainResult`), ``checkpoints/last.pt`` (resume state),
 ``checkpoints/model_e<N>.pt`` / ``model_final.pt`` (state dicts loadable by
 ``kdcache.models.build_model`` via ``checkpoint:``), and with ``run.tensorboard`` the same
 metrics as TensorBoard scalars in ``tensorboard/`` (:mod:`kdcache.train.metrics`).
@@ -21,16 +22,15 @@ The :class:`Trainer` builds its parts and runs them; each part lives in its own 
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
+from kdcache.results import TrainResult
 from kdcache.teacher import autocast_context
 from kdcache.train import distributed as D
 from kdcache.train.checkpoint import Checkpointer, check_run_dir, run_cache_identity
@@ -136,8 +136,8 @@ class Trainer:
 
     # ---- the loop -------------------------------------------------------------------------------
 
-    def run(self) -> dict[str, Any]:
-        """Train to the end (or to ``run.max_steps``) and return the summary."""
+    def run(self) -> TrainResult:
+        """Train to the end (or to ``run.max_steps``) and return the result (``summary.json``)."""
         self.start()
         while self.state.epoch < self.config.total_epochs and not self.stopped_early:
             self.train_epoch()
@@ -145,8 +145,7 @@ class Trainer:
                 self.end_epoch()
         summary = self.report.summary(self.state, self.data.invalid)
         if self.dist.is_main:
-            path = Path(self.config.run.dir) / "summary.json"
-            path.write_text(json.dumps(summary, indent=2) + "\n")
+            summary.write(Path(self.config.run.dir) / "summary.json")
         D.barrier()
         return summary
 
@@ -250,8 +249,9 @@ class Trainer:
         self.checkpointer.save()
 
 
-def train(config: TrainConfig, hooks: Iterable[StepHook] = ()) -> dict[str, Any]:
-    """Build a :class:`Trainer`, run it, leave the process group; return the summary."""
+def train(config: TrainConfig, hooks: Iterable[StepHook] = ()) -> TrainResult:
+    """Build a :class:`Trainer`, run it, leave the process group; return its result (what it
+    wrote as ``summary.json``)."""
     trainer = None
     try:
         trainer = Trainer(config, hooks)

@@ -18,40 +18,42 @@ the default ``--out`` they are the short ones, since the configs' paths are that
    the 1000 images) trained with CE only, KD from each teacher, DIST, EffDstl's two stages (early
    teacher, then final) from the cache, and KD with the final teacher run online for the cost
    comparison.
-6. A final table, ``report.md`` and ``summary.json``, read from the steps' own outputs.
+6. A final table, ``report.md`` and ``summary.json``, read from the typed results the steps wrote:
+   each run's ``summary.json`` (:class:`~kdcache.results.TrainResult`) and ``metrics.jsonl``,
+   the run record precompute wrote into the cache (:class:`~kdcache.results.PrecomputeResult`),
+   the inspect JSON (:class:`~kdcache.results.InspectResult`); never what a command printed.
 
-``summary.json``: ``teacher_acc`` (test top-1 by teacher name), ``student_acc`` (test top-1 by
-method: ``ce``, ``kd_early``, ``kd_final``, ``dist``, ``effdstl``, ``kd_online``),
-``bytes_per_view`` (cache bytes on disk per view per teacher), ``precompute_vps`` (views per
-second through both teachers once the Ray actors were up), ``train_ips`` (student images per
-second: ``plain`` = the CE run, ``cached`` = KD from the cache, ``online`` = KD with the teacher
-online), and for reading them: ``kd_beats_ce``, ``teacher_on_cached_views``, ``precompute``,
-``teacher_forwards``, ``setup``, ``step_seconds``, ``command_seconds``, ``commands``, ``plots``.
+``summary.json`` (:class:`DemoResult`): ``teacher_acc`` (test top-1 by teacher name),
+``student_acc`` (test top-1 by method: ``ce``, ``kd_early``, ``kd_final``, ``dist``, ``effdstl``,
+``kd_online``), ``bytes_per_view`` (cache bytes on disk per view per teacher), ``precompute_vps``
+(views per second through both teachers once the Ray actors were up), ``train_ips`` (student images
+per second: ``plain`` = the CE run, ``cached`` = KD from the cache, ``online`` = KD with the teacher
+online), and for reading them: ``kd_beats_ce``, ``teacher_on_cached_views``, ``precompute`` (with
+the path of its ``run_record``), ``teacher_forwards``, ``setup``, ``step_seconds``,
+``command_seconds``, ``commands``, ``plots``.
 
-This module imports neither ``pipeline`` nor ``train`` (it only calls the CLI), and prints: it is a
-command, not library code.
+This module imports neither ``pipeline`` nor ``train`` (it only calls the CLI and reads results),
+and prints: it is a command, not library code.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gzip
-import io
 import json
 import os
-import re
 import shlex
-import sys
 import time
 import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict
 
 from kdcache.config import read_config
-from kdcache.errors import ConfigError, DataError, KdcacheError
+from kdcache.errors import ConfigError, DataError, KdcacheError, ResultError
+from kdcache.results import InspectResult, PrecomputeResult, Result, TrainResult, read_run_records
 
 REPO = Path(__file__).resolve().parents[2]  # cache_tools/cli/demo.py -> the checkout
 CONFIGS = REPO / "configs" / "demo"
@@ -67,6 +69,7 @@ FASHION_MNIST_FILES = (
 FASHION_MNIST_URL = (
     "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"  # the official files
 )
+R = TypeVar("R", bound=Result)
 EARLY = "early"
 FINAL = "final"
 """Teacher names in the cache (configs/demo/precompute.yaml)."""
@@ -229,8 +232,6 @@ class Step:
     """Its own name (``shards``, ``teacher``, ``student ce`` ...)."""
     argv: tuple[str, ...]
     """The ``kdcache`` arguments."""
-    capture: bool = False
-    """Keep a copy of what it prints (the precompute summary is read from it)."""
 
     @property
     def command_line(self) -> str:
@@ -243,7 +244,6 @@ class StepRecord:
 
     step: Step
     seconds: float
-    output: str = ""
 
 
 class Demo:
@@ -352,7 +352,7 @@ class Demo:
             *_overrides("precompute.yaml", values),
             "--overwrite",
         )
-        return Step("3. precompute", "precompute", argv, capture=True)
+        return Step("3. precompute", "precompute", argv)
 
     def inspect_step(self) -> Step:
         argv = (
@@ -404,11 +404,9 @@ class Demo:
         from kdcache.cli import main
 
         print(f"\n$ {step.command_line}", flush=True)
-        copy = io.StringIO()
         start = time.perf_counter()
-        with _tee_stdout(copy) if step.capture else contextlib.nullcontext():
-            code = main(list(step.argv))
-        record = StepRecord(step, time.perf_counter() - start, copy.getvalue())
+        code = main(list(step.argv))
+        record = StepRecord(step, time.perf_counter() - start)
         self.records.append(record)
         print(f"[{step.name}: {record.seconds:.1f} s]", flush=True)
         if code != 0:
@@ -416,9 +414,6 @@ class Demo:
                 f"{step.name} failed (exit status {code}; its error is above): {step.command_line}"
             )
         return record
-
-    def output_of(self, name: str) -> str:
-        return next(r.output for r in self.records if r.step.name == name)
 
 
 class DemoStepError(KdcacheError, RuntimeError):
@@ -465,61 +460,41 @@ def _banner(title: str) -> None:
     print(f"\n{'=' * 100}\n== kdcache demo: step {title}\n{'=' * 100}", flush=True)
 
 
-class _Tee(io.TextIOBase):
-    """Write to the real stdout and keep a copy."""
-
-    def __init__(self, stream: Any, copy: io.StringIO):
-        self.stream = stream
-        self.copy = copy
-
-    def write(self, text: str) -> int:
-        self.copy.write(text)
-        return self.stream.write(text)
-
-    def flush(self) -> None:
-        self.stream.flush()
-
-
-@contextlib.contextmanager
-def _tee_stdout(copy: io.StringIO) -> Iterator[None]:
-    with contextlib.redirect_stdout(_Tee(sys.stdout, copy)):
-        yield
-
-
 # ---- reading the results -----------------------------------------------------------------------
 
-PRECOMPUTE_RATE = re.compile(
-    r"views processed: (\d+) .*?, (\d+) views/s overall, (\d+) views/s once actors were up"
-)
-PRECOMPUTE_BYTES = re.compile(
-    r"([\d.]+) MB on disk = ([\d.]+) B per view per teacher \((\d+) views x (\d+) teacher"
-)
+
+def read_precompute(cache: Path) -> dict[str, Any]:
+    """Views, views/s and bytes from the run record ``kdcache precompute`` wrote into the cache
+    (the demo's precompute starts the cache over, so its record is the only one, and the last)."""
+    try:
+        records = read_run_records(str(cache))
+    except ResultError as exc:
+        raise DemoStepError(f"cannot read the precompute run record: {exc}") from None
+    if not records:
+        raise DemoStepError(f"{cache} holds no run record of `kdcache precompute` (runs/*.json)")
+    return precompute_figures(records[-1])
 
 
-def parse_precompute(output: str) -> dict[str, float]:
-    """Views, views/s and bytes per view from the summary ``kdcache precompute`` prints."""
-    rate = PRECOMPUTE_RATE.search(output)
-    size = PRECOMPUTE_BYTES.search(output)
-    if rate is None or size is None:
-        raise DemoStepError(
-            f"could not read the precompute summary from its output:\n{output[-2000:]}"
-        )
+def precompute_figures(run: PrecomputeResult) -> dict[str, Any]:
+    """The figures of a precompute run that the demo reports."""
     return {
-        "views": int(rate[1]),
-        "views_per_s": float(rate[2]),
-        "views_per_s_actors_up": float(rate[3]),
-        "store_mb": float(size[1]),
-        "bytes_per_view": float(size[2]),
-        "cache_views": int(size[3]),
-        "teachers": int(size[4]),
+        "views": run.views,
+        "views_per_s": round(run.views_per_s, 1),
+        "views_per_s_actors_up": round(run.busy_views_per_s, 1),
+        "store_mb": round(run.store_bytes / 1e6, 3),
+        "bytes_per_view": round(run.bytes_per_view, 2),
+        "cache_views": run.cache_views,
+        "teachers": run.cache_teachers,
+        "run_record": run.record_path(),
     }
 
 
-def read_json(path: Path) -> dict[str, Any]:
+def read_result(kind: type[R], path: Path) -> R:
+    """A typed result a step wrote (``summary.json``, the inspect JSON)."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise DemoStepError(f"cannot read {path}: {exc}") from None
+        return kind.read(path)
+    except ResultError as exc:
+        raise DemoStepError(str(exc)) from None
 
 
 def eval_top1(run_dir: Path, epoch: int) -> float:
@@ -541,30 +516,68 @@ def run_config(run_dir: Path) -> dict[str, Any]:
         raise DemoStepError(f"cannot read {run_dir / 'config.yaml'}: {exc}") from None
 
 
-def collect_summary(demo: Demo) -> dict[str, Any]:
-    """summary.json's content, from the runs' summary/metrics/config files, the inspect JSON and the
-    summary ``kdcache precompute`` printed (it writes no file)."""
-    teacher = read_json(demo.teacher_dir / "summary.json")
-    students = {m: read_json(demo.student_dir(m) / "summary.json") for m in METHODS}
-    precompute = parse_precompute(demo.output_of("precompute"))
-    inspect = read_json(demo.inspect_dir / "inspect.json")
-    acc = {m: s["top1"] for m, s in students.items()}
-    teachers = inspect["teachers"]
-    return {
-        "teacher_acc": {
+class DemoSetup(BaseModel):
+    """What the demo ran: models, epochs, images, views, k, seed."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    teacher_model: str
+    teacher_epochs: int
+    early_epoch: int
+    teacher_images: int
+    student_model: str
+    student_epochs: int
+    student_images: int
+    test_images: int
+    num_views: int
+    k: dict[str, int]
+    seed: int
+    quick: bool
+
+
+class DemoResult(Result):
+    """``<out>/summary.json``: the demo's numbers (the keys are described in the module
+    docstring)."""
+
+    teacher_acc: dict[str, float | None]
+    student_acc: dict[str, float | None]
+    bytes_per_view: float
+    precompute_vps: float
+    train_ips: dict[str, float]
+    kd_beats_ce: dict[str, bool]
+    teacher_on_cached_views: dict[str, dict[str, float | None]]
+    precompute: dict[str, Any]
+    teacher_forwards: dict[str, int]
+    setup: DemoSetup
+    step_seconds: dict[str, float]
+    command_seconds: dict[str, float]
+    commands: list[str]
+    plots: list[str]
+
+
+def collect_summary(demo: Demo) -> DemoResult:
+    """summary.json's content, from the typed results the steps wrote: the runs' summary.json
+    (and metrics.jsonl, config.yaml), precompute's run record in the cache, the inspect JSON."""
+    teacher = read_result(TrainResult, demo.teacher_dir / "summary.json")
+    students = {m: read_result(TrainResult, demo.student_dir(m) / "summary.json") for m in METHODS}
+    precompute = read_precompute(demo.cache)
+    inspect = read_result(InspectResult, demo.inspect_dir / "inspect.json")
+    acc = {m: s.top1 for m, s in students.items()}
+    return DemoResult(
+        teacher_acc={
             EARLY: eval_top1(demo.teacher_dir, demo.sizes.early_epoch),
-            FINAL: teacher["top1"],
+            FINAL: teacher.top1,
         },
-        "student_acc": acc,
-        "bytes_per_view": precompute["bytes_per_view"],
-        "precompute_vps": precompute["views_per_s_actors_up"],
-        "train_ips": {
-            "plain": students["ce"]["images_per_s"],
-            "cached": students["kd_final"]["images_per_s"],
-            "online": students["kd_online"]["images_per_s"],
+        student_acc=acc,
+        bytes_per_view=precompute["bytes_per_view"],
+        precompute_vps=precompute["views_per_s_actors_up"],
+        train_ips={
+            "plain": students["ce"].images_per_s,
+            "cached": students["kd_final"].images_per_s,
+            "online": students["kd_online"].images_per_s,
         },
-        "kd_beats_ce": {m: acc[m] > acc["ce"] for m in METHODS if m != "ce"},
-        "teacher_on_cached_views": {
+        kd_beats_ce={m: _beats(acc[m], acc["ce"]) for m in METHODS if m != "ce"},
+        teacher_on_cached_views={
             name: {
                 "top1": t["top1"],
                 "mean_max_prob": t["max_prob"]["mean"],
@@ -572,29 +585,39 @@ def collect_summary(demo: Demo) -> dict[str, Any]:
                 "mean_tail_mass": t["tail_mass"]["mean"],
                 "ece": t["ece"],
             }
-            for name, t in teachers.items()
+            for name, t in inspect.teachers.items()
         },
-        "precompute": precompute,
-        "teacher_forwards": {m: s["teacher_forwards"] for m, s in students.items()},
-        "setup": {
-            "teacher_model": run_config(demo.teacher_dir)["student"]["name"],
-            "teacher_epochs": teacher["epochs"],
-            "early_epoch": demo.sizes.early_epoch,
-            "teacher_images": demo.sizes.train,
-            "student_model": run_config(demo.student_dir("ce"))["student"]["name"],
-            "student_epochs": students["ce"]["epochs"],
-            "student_images": demo.sizes.students,
-            "test_images": demo.sizes.test,
-            "num_views": inspect["cache"]["num_views"],
-            "k": {name: t["k"] for name, t in teachers.items()},
-            "seed": demo.seed,
-            "quick": demo.sizes == QUICK,
-        },
-        "step_seconds": {k: round(v, 1) for k, v in demo.step_seconds.items()},
-        "command_seconds": {r.step.name: round(r.seconds, 1) for r in demo.records},
-        "commands": [r.step.command_line for r in demo.records],
-        "plots": sorted(p.name for p in demo.inspect_dir.glob("*.png")),
-    }
+        precompute=precompute,
+        teacher_forwards={m: s.teacher_forwards for m, s in students.items()},
+        setup=_setup(demo, teacher, students["ce"], inspect),
+        step_seconds={k: round(v, 1) for k, v in demo.step_seconds.items()},
+        command_seconds={r.step.name: round(r.seconds, 1) for r in demo.records},
+        commands=[r.step.command_line for r in demo.records],
+        plots=sorted(p.name for p in demo.inspect_dir.glob("*.png")),
+    )
+
+
+def _beats(top1: float | None, ce: float | None) -> bool:
+    return top1 is not None and ce is not None and top1 > ce
+
+
+def _setup(
+    demo: Demo, teacher: TrainResult, student: TrainResult, inspect: InspectResult
+) -> DemoSetup:
+    return DemoSetup(
+        teacher_model=run_config(demo.teacher_dir)["student"]["name"],
+        teacher_epochs=teacher.epochs,
+        early_epoch=demo.sizes.early_epoch,
+        teacher_images=demo.sizes.train,
+        student_model=run_config(demo.student_dir("ce"))["student"]["name"],
+        student_epochs=student.epochs,
+        student_images=demo.sizes.students,
+        test_images=demo.sizes.test,
+        num_views=inspect.cache.num_views,
+        k={name: t["k"] for name, t in inspect.teachers.items()},
+        seed=demo.seed,
+        quick=demo.sizes == QUICK,
+    )
 
 
 # ---- the report ----------------------------------------------------------------------------------
@@ -609,13 +632,13 @@ LABELS = {
 }
 
 
-def format_table(summary: dict[str, Any]) -> str:
+def format_table(summary: DemoResult) -> str:
     """The final table: teachers, students, cache and speed."""
-    up = summary["setup"]
-    note = " (--quick: too small to show anything)" if up["quick"] else ""
+    up = summary.setup
+    note = " (--quick: too small to show anything)" if up.quick else ""
     title = (
-        f"== kdcache demo on Fashion-MNIST: teacher trained on {up['teacher_images']} images, "
-        f"students on the first {up['student_images']}; test top-1 on {up['test_images']} =={note}"
+        f"== kdcache demo on Fashion-MNIST: teacher trained on {up.teacher_images} images, "
+        f"students on the first {up.student_images}; test top-1 on {up.test_images} =={note}"
     )
     lines = [
         title,
@@ -629,51 +652,54 @@ def format_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _teacher_rows(summary: dict[str, Any]) -> list[str]:
-    up = summary["setup"]
-    epochs = {EARLY: up["early_epoch"], FINAL: up["teacher_epochs"]}
-    head = f"teacher ({up['teacher_model']})"
+def _teacher_rows(summary: DemoResult) -> list[str]:
+    up = summary.setup
+    epochs = {EARLY: up.early_epoch, FINAL: up.teacher_epochs}
+    head = f"teacher ({up.teacher_model})"
     rows = [
         f"{head:<28}{'test top-1':>11}{'cached views':>14}{'max prob':>10}{'entropy':>9}"
         f"{'tail mass':>11}"
     ]
-    for name, top1 in summary["teacher_acc"].items():
-        c = summary["teacher_on_cached_views"][name]
-        label = f"{name} (epoch {epochs[name]}/{up['teacher_epochs']})"
+    for name, top1 in summary.teacher_acc.items():
+        c = summary.teacher_on_cached_views[name]
+        label = f"{name} (epoch {epochs[name]}/{up.teacher_epochs})"
         rows.append(
-            f"{label:<28}{top1:>10.2f}%{100 * c['top1']:>13.2f}%{c['mean_max_prob']:>10.3f}"
+            f"{label:<28}{_pct(top1):>11}{_pct(100 * c['top1']):>14}{c['mean_max_prob']:>10.3f}"
             f"{c['mean_entropy']:>9.3f}{c['mean_tail_mass']:>11.4f}"
         )
     return rows
 
 
-def _student_rows(summary: dict[str, Any]) -> list[str]:
-    up = summary["setup"]
-    acc = summary["student_acc"]
-    head = f"student ({up['student_model']}, {up['student_epochs']} epochs)"
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}%"
+
+
+def _student_rows(summary: DemoResult) -> list[str]:
+    up = summary.setup
+    acc = summary.student_acc
+    head = f"student ({up.student_model}, {up.student_epochs} epochs)"
     rows = [f"{head:<44}{'test top-1':>11}{'vs CE':>8}"]
     for method, top1 in acc.items():
-        delta = "" if method == "ce" else f"{top1 - acc['ce']:+.2f}"
-        rows.append(f"{method:<10}{LABELS.get(method, method):<34}{top1:>10.2f}%{delta:>8}")
+        ce = acc["ce"]
+        delta = "" if method == "ce" or top1 is None or ce is None else f"{top1 - ce:+.2f}"
+        rows.append(f"{method:<10}{LABELS.get(method, method):<34}{_pct(top1):>11}{delta:>8}")
     return rows
 
 
-def _cost_rows(summary: dict[str, Any]) -> list[str]:
-    up = summary["setup"]
-    ips = summary["train_ips"]
-    pre = summary["precompute"]
-    forwards = summary["teacher_forwards"]
-    k = "/".join(str(v) for v in sorted(set(up["k"].values())))
-    steps = ", ".join(
-        f"{name} {seconds:.0f} s" for name, seconds in summary["step_seconds"].items()
-    )
+def _cost_rows(summary: DemoResult) -> list[str]:
+    up = summary.setup
+    ips = summary.train_ips
+    pre = summary.precompute
+    forwards = summary.teacher_forwards
+    k = "/".join(str(v) for v in sorted(set(up.k.values())))
+    steps = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in summary.step_seconds.items())
     cache = (
-        f"cache: {pre['cache_views']} views (A={up['num_views']}) x {pre['teachers']} teachers, "
-        f"top-{k}: {summary['bytes_per_view']:.1f} B per view per teacher "
+        f"cache: {pre['cache_views']} views (A={up.num_views}) x {pre['teachers']} teachers, "
+        f"top-{k}: {summary.bytes_per_view:.1f} B per view per teacher "
         "(the whole store on disk, view parameters included)"
     )
     precompute = (
-        f"precompute: {summary['precompute_vps']:.0f} views/s through both teachers "
+        f"precompute: {summary.precompute_vps:.0f} views/s through both teachers "
         f"once the actors were up ({pre['views_per_s']:.0f} views/s overall, "
         "Ray start-up included)"
     )
@@ -682,26 +708,26 @@ def _cost_rows(summary: dict[str, Any]) -> list[str]:
         f"({forwards['kd_final']} teacher forwards), KD online {ips['online']:.0f} "
         f"({forwards['kd_online']} teacher forwards)"
     )
-    total = sum(summary["step_seconds"].values())
+    total = sum(summary.step_seconds.values())
     return [cache, precompute, speed, "", f"wall time: {steps}; total {total:.0f} s"]
 
 
-def format_report(summary: dict[str, Any]) -> str:
+def format_report(summary: DemoResult) -> str:
     """report.md: the table, the commands and links to the plots."""
-    plots = "\n".join(f"- [{name}](inspect/{name})" for name in summary["plots"]) or "- (none)"
-    commands = "\n".join(summary["commands"])
+    plots = "\n".join(f"- [{name}](inspect/{name})" for name in summary.plots) or "- (none)"
+    commands = "\n".join(summary.commands)
+    seconds = ", ".join(f"{k} {v:.0f} s" for k, v in summary.command_seconds.items())
     return (
         f"# kdcache demo\n\n```\n{format_table(summary)}\n```\n\n"
-        "Per command: "
-        f"{', '.join(f'{k} {v:.0f} s' for k, v in summary['command_seconds'].items())}.\n\n"
+        f"Per command: {seconds}.\n\n"
         "## Teacher statistics (`kdcache inspect`)\n\n"
         f"Tables: `inspect/inspect.json`; plots:\n\n{plots}\n\n"
-        f"## The commands\n\n```\n{commands}\n```\n\nNumbers: `summary.json`, read from each run's "
-        "`summary.json` / `metrics.jsonl` and the summary `kdcache precompute` printed.\n"
+        f"## The commands\n\n```\n{commands}\n```\n\nNumbers: `summary.json`, read from each "
+        "run's `summary.json` / `metrics.jsonl`, the run record `kdcache precompute` wrote into "
+        "the cache (`cache/runs/`) and the inspect JSON.\n"
     )
 
 
-def write_outputs(out: Path, summary: dict[str, Any]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+def write_outputs(out: Path, summary: DemoResult) -> None:
+    summary.write(out / "summary.json")
     (out / "report.md").write_text(format_report(summary))

@@ -7,12 +7,14 @@ from :mod:`kdcache.tools.plots`. This module only parses, runs and prints.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kdcache.results import InspectResult, InspectSettings
 
 QUANTITIES = (
     ("max_prob", "max prob"),
@@ -92,17 +94,16 @@ def run(args: argparse.Namespace) -> int:
     with _progress_bar(store.num_shards) as progress:
         extras = inspect_extras(
             store,
-            list(report["teachers"]),
+            list(report.teachers),
             ensembles,
             tail=args.tail,
             require_complete=args.require_complete,
             progress=progress,
         )
-    report |= {key: value for key, value in extras.items() if value}  # only where there are some
+    report = report.model_copy(update=extras)
     print(format_report(report))
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
+        report.write(args.json)
         print(f"\nwrote {args.json}")
     if args.plots is not None:
         from kdcache.tools.plots import write_plots  # matplotlib only when plots are asked for
@@ -140,19 +141,19 @@ def _progress_bar(total: int) -> Iterator[Callable[[int], object] | None]:
 
 
 # ---- formatting -------------------------------------------------------------------------
-def format_report(report: dict[str, Any]) -> str:
+def format_report(report: InspectResult) -> str:
     """Every table of the report, as one string."""
     sections = [_header(report), summary_table(report), distribution_table(report)]
-    for name, t in report["teachers"].items():
+    for name, t in report.teachers.items():
         sections.append(class_table(name, t))
         sections.append(confused_table(name, t))
         if t.get("augmentation"):
             sections.append(strength_table(name, t["augmentation"]))
-    if report["pairs"]:
-        sections.append(pair_table(report["pairs"]))
+    if report.pairs:
+        sections.append(pair_table(report.pairs))
     from kdcache.tools.ensemble_stats import format_extras
 
-    sections += format_extras(report, table)
+    sections += format_extras(report.extras(), table)
     return "\n\n".join(sections)
 
 
@@ -208,16 +209,16 @@ def _log_cell(value: float | None) -> str:
     return "-" if value is None else "0" if value == 0 else f"{value:.1e}"
 
 
-def _header(report: dict[str, Any]) -> str:
-    c = report["cache"]
-    s = report["settings"]
+def _header(report: InspectResult) -> str:
+    c = report.cache
+    s = report.settings
     lines = [
-        f"cache {c['path']}: {c['samples']} samples x {c['num_views']} views, "
-        f"{c['num_classes']} classes, {c['shards_read']}/{c['shards']} shards read",
-        f"views: {c['recipe']}",
-        f"tail treatment: {s['tail']} ({s['tail_note']})",
+        f"cache {c.path}: {c.samples} samples x {c.num_views} views, "
+        f"{c.num_classes} classes, {c.shards_read}/{c.shards} shards read",
+        f"views: {c.recipe}",
+        f"tail treatment: {s.tail} ({s.tail_note})",
     ]
-    for what, names in c["skipped_shards"].items():
+    for what, names in c.skipped_shards.items():
         lines.append(
             f"SKIPPED {len(names)} shard(s) incomplete for {what}: {', '.join(names[:8])}"
             + (" ..." if len(names) > 8 else "")
@@ -229,30 +230,29 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.2f}%"
 
 
-def summary_table(report: dict[str, Any]) -> str:
+def summary_table(report: InspectResult) -> str:
     """One column per teacher: accuracy, calibration, confidence and consistency figures."""
-    teachers = report["teachers"]
+    teachers = report.teachers
     rows = [
-        [label, *(fn(t) for t in teachers.values())]
-        for label, fn in _summary_rows(report["settings"])
+        [label, *(fn(t) for t in teachers.values())] for label, fn in _summary_rows(report.settings)
     ]
     return table(
         ["teacher", *teachers], rows, "== summary (accuracy and error rates: of labelled views) =="
     )
 
 
-def _summary_rows(settings: dict[str, Any]) -> list[tuple[str, Callable[[dict[str, Any]], Any]]]:
+def _summary_rows(settings: InspectSettings) -> list[tuple[str, Callable[[dict[str, Any]], Any]]]:
     """(row label, figure of a teacher's report) for the summary table."""
     entropy = [
         (f"mean entropy T={t:g} (nats)", lambda r, k=f"T={float(t)}": r["entropy"][k]["mean"])
-        for t in settings["temperatures"]
+        for t in settings.temperatures
     ]
     under = [
         (
             f"right, p(label) < {thr}",
             lambda r, k=str(thr): _pct(r["under_confident"][k]["fraction"]),
         )
-        for thr in settings["under_confident_thresholds"]
+        for thr in settings.under_confident_thresholds
     ]
     return [
         ("k (stored top-k)", lambda r: r["k"]),
@@ -284,10 +284,10 @@ def _top5(t: dict[str, Any]) -> str:
     return f"- (top-{t['topk']['k']}: {_pct(t['topk']['accuracy'])})"
 
 
-def distribution_table(report: dict[str, Any]) -> str:
+def distribution_table(report: InspectResult) -> str:
     """Mean and quantiles of each per-view quantity, one row per teacher and quantity."""
     rows = []
-    for name, t in report["teachers"].items():
+    for name, t in report.teachers.items():
         dists = [(label, t[key]) for key, label in QUANTITIES]
         dists += [(f"entropy {k}", d) for k, d in t["entropy"].items()]
         rows += [

@@ -3,7 +3,8 @@ teachers over shards x views.
 
 Under the cache's writer lock (``<cache>.lock``; a second run on the same cache is refused naming
 the holder): plan (scan shards, open or create the cache, list the shards still to do), run the
-shard tasks on Ray actors, print a summary. Rerunning the same command resumes: finished shards
+shard tasks on Ray actors, print a summary of its result (the run record the driver writes into
+``<cache>/runs/`` holds the same as JSON). Rerunning the same command resumes: finished shards
 are skipped, after a check that their chunks are stored (``--check``: and decode); damaged ones
 are redone.
 """
@@ -11,6 +12,10 @@ are redone.
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kdcache.results import PrecomputeResult
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,13 +57,37 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(PrecomputeConfig, args.config, overrides)
     if cfg.cache.overwrite:
         check_not_symlink_to_overwrite(cfg.cache.path, "cache.path")
-    plan, summary = precompute(cfg)
-    if summary is None:
-        teachers = ", ".join(t.name for t in plan.teachers)
-        print(
-            f"precompute: nothing to do: 0 shards to do, all {len(plan.data.indexes)} shards are "
-            f"complete for {teachers} in {plan.cache_path}"
-        )
-        return 0
-    print("\n".join(summary.lines()))
+    _, result = precompute(cfg)
+    print("\n".join(summary_lines(result)))
     return 0
+
+
+def summary_lines(result: PrecomputeResult) -> list[str]:
+    """What a run did, for people (its run record holds the same as JSON)."""
+    teachers = ", ".join(t.name for t in result.teachers)
+    if result.status == "nothing_to_do":
+        return [
+            f"precompute: nothing to do: 0 shards to do, all {result.num_shards} shards are "
+            f"complete for {teachers} in {result.cache_path}"
+        ]
+    where = "stored" if "://" in result.cache_path else "on disk"
+    return [
+        f"precompute: {result.done}/{result.tasks} shard task(s) done "
+        f"in {result.wall_seconds:.1f} s -> {result.cache_path}",
+        f"  views processed: {result.views} ({result.invalid_views} invalid), "
+        f"{result.views_per_s:.0f} views/s overall, "
+        f"{result.busy_views_per_s:.0f} views/s once actors were up; "
+        f"views made for {result.made_view_shards} shard(s); "
+        f"teacher forward {result.forward_seconds:.1f} s in actors",
+        f"  cache: {_completeness(result, teachers)}; {result.store_bytes / 1e6:.2f} MB {where} "
+        f"= {result.bytes_per_view:.1f} B per view per teacher "
+        f"({result.cache_views} views x {result.cache_teachers} teacher(s))",
+        f"  run record: {result.record_path()}",
+    ]
+
+
+def _completeness(result: PrecomputeResult, teachers: str) -> str:
+    if not result.incomplete:
+        return f"all {result.num_shards} shards complete for {teachers}"
+    counts = ", ".join(f"{part}: {len(names)}" for part, names in result.incomplete.items())
+    return f"incomplete: {counts}"

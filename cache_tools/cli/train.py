@@ -1,11 +1,16 @@
 """``kdcache train CONFIG [dotted.key=value ...] [--resume]``:
-parse, load, train, print the result.
+parse, load, train, print the result (the run's ``summary.json``, a
+:class:`~kdcache.results.TrainResult`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kdcache.results import TrainResult
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,14 +46,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def format_summary(summary: dict) -> str:
-    """The final metrics in two lines: a readable one and the JSON summary."""
-    top1 = "n/a" if summary["top1"] is None else f"{summary['top1']:.2f}%"
-    top5 = "n/a" if summary["top5"] is None else f"{summary['top5']:.2f}%"
+def format_summary(summary: TrainResult) -> str:
+    """The final metrics in two lines: a readable one and the JSON summary (``summary.json``)."""
+    top1 = "n/a" if summary.top1 is None else f"{summary.top1:.2f}%"
+    top5 = "n/a" if summary.top5 is None else f"{summary.top5:.2f}%"
     head = (
-        f"kdcache train ({summary['mode']}): {summary['epochs']} epochs, {summary['steps']} steps, "
-        f"top-1 {top1}, top-5 {top5}, {summary['images_per_s']:.0f} images/s, "
-        f"{summary['teacher_forwards']} teacher forwards, "
-        f"{summary['time_s']:.1f} s -> {summary['run_dir']}"
+        f"kdcache train ({summary.mode}): {summary.epochs} epochs, {summary.steps} steps, "
+        f"top-1 {top1}, top-5 {top5}, {summary.images_per_s:.0f} images/s, "
+        f"{summary.teacher_forwards} teacher forwards, "
+        f"{summary.time_s:.1f} s -> {summary.run_dir}"
     )
-    return head + "\n" + json.dumps(summary)
+    return head + "\n" + json.dumps(summary.model_dump())

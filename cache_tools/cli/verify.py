@@ -1,12 +1,17 @@
 """``kdcache verify CACHE``: recompute random stored views with the teacher;
-exit 1 beyond the encoding's rounding.
+exit 1 beyond the encoding's rounding; ``--json`` writes the :class:`~kdcache.results.VerifyResult`.
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kdcache.errors import ConfigError
+
+if TYPE_CHECKING:
+    from kdcache.results import VerifyResult
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", help="teacher checkpoint, when it moved since precompute")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
+    parser.add_argument(
+        "--json", type=Path, metavar="FILE", help="also write the result as JSON to FILE"
+    )
     parser.add_argument(
         "--atol",
         type=float,
@@ -74,12 +82,14 @@ def parse_storage_options(items: list[str]) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    from kdcache.outputs import check_output_file
     from kdcache.store import open_store
     from kdcache.tools.verify import verify_cache
 
-    store = open_store(args.cache)
-    results = verify_cache(
-        store,
+    if args.json is not None:
+        check_output_file(args.json, "--json")
+    result = verify_cache(
+        open_store(args.cache),
         teachers=args.teacher,
         num=args.num,
         seed=args.seed,
@@ -90,17 +100,26 @@ def run(args: argparse.Namespace) -> int:
         atol=args.atol,
         storage_options=parse_storage_options(args.storage_option) or None,
     )
-    print(
+    print(format_result(result))
+    if args.json is not None:
+        result.write(args.json)
+        print(f"wrote {args.json}")
+    return 0 if result.ok else 1
+
+
+def format_result(result: VerifyResult) -> str:
+    """One row per teacher."""
+    lines = [
         f"{'teacher':<16}{'views':>7}{'max|dlogit|':>13}{'max|dlse|':>11}{'max|dtail|':>12}"
         f"{'top-k agree':>13}{'top-1 agree':>13}  result"
-    )
-    for r in results:
+    ]
+    for r in result.teachers:
         verdict = "ok" if r.ok else f"FAIL ({r.failures} views beyond tolerance)"
         if r.draws_agreement is not None:
             verdict += f"; draws the same in {r.draws_agreement:.1%} of views"
-        print(
+        lines.append(
             f"{r.teacher:<16}{r.views:>7}{r.max_abs_delta:>13.2e}{r.max_lse_delta:>11.2e}"
             f"{r.max_tail_delta:>12.2e}{r.topk_agreement:>13.1%}{r.top1_agreement:>13.1%}"
             f"  {verdict}"
         )
-    return 0 if all(r.ok for r in results) else 1
+    return "\n".join(lines)

@@ -1,6 +1,7 @@
 """PNG plots of an inspect report (see :mod:`kdcache.tools.stats` for the report's schema).
 
-Everything is drawn from the report dict alone, so plots can be redrawn from a saved JSON file.
+Everything is drawn from the report alone, so plots can be redrawn from a saved JSON file
+(``InspectResult.read(path)``).
 Figures are built with :class:`matplotlib.figure.Figure` (Agg canvas), never through pyplot's
 global state.
 """
@@ -19,6 +20,8 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from kdcache.results import InspectResult  # noqa: E402
+
 DPI = 110
 DISTRIBUTIONS = {  # report key -> (title, x label)
     "max_prob": ("Max probability (teacher confidence)", "max_c p(c)  at T=1"),
@@ -34,12 +37,12 @@ CORRECTNESS = (
 )
 
 
-def write_plots(report: dict[str, Any], out_dir: str | Path) -> list[Path]:
+def write_plots(report: InspectResult, out_dir: str | Path) -> list[Path]:
     """Write every plot of the report into ``out_dir``; return the paths written (none without
     views)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    teachers = report["teachers"]
+    teachers = report.teachers
     if not any(t["views"] for t in teachers.values()):
         return []  # nothing to draw: no complete shard was read
     paths = [
@@ -57,7 +60,7 @@ def write_plots(report: dict[str, Any], out_dir: str | Path) -> list[Path]:
         if t.get("augmentation"):
             figure = strength_plot(name, t["augmentation"])
             paths.append(_save(figure, out / f"augmentation_{_slug(name)}.png"))
-    for pair in report["pairs"]:
+    for pair in report.pairs:
         paths.append(
             _save(pair_plot(pair), out / f"pair_{_slug(pair['a'])}_vs_{_slug(pair['b'])}.png")
         )
@@ -96,14 +99,14 @@ def _overlay(ax, dists: dict[str, dict[str, Any] | None]) -> None:
     ax.legend(title="teacher (dashed: mean)", fontsize=9)
 
 
-def distribution_plot(report: dict[str, Any], key: str) -> Figure:
+def distribution_plot(report: InspectResult, key: str) -> Figure:
     """One probability quantity of every teacher, overlaid."""
     title, xlabel = DISTRIBUTIONS[key]
     fig = Figure(figsize=(8, 4.5), layout="constrained")
     ax = fig.add_subplot()
     dists = {
         (f"{n} (k={t['k']})" if key == "tail_mass" else n): t[key]
-        for n, t in report["teachers"].items()
+        for n, t in report.teachers.items()
     }
     _overlay(ax, dists)
     log = any(d is not None and d.get("scale") == "log10" for d in dists.values())
@@ -120,15 +123,15 @@ def distribution_plot(report: dict[str, Any], key: str) -> Figure:
     return fig
 
 
-def entropy_plot(report: dict[str, Any], key: str) -> Figure:
+def entropy_plot(report: InspectResult, key: str) -> Figure:
     """The entropy at one temperature of every teacher, overlaid, with the maximum log C marked."""
     fig = Figure(figsize=(8, 4.5), layout="constrained")
     ax = fig.add_subplot()
-    _overlay(ax, {n: t["entropy"][key] for n, t in report["teachers"].items()})
-    log_c = float(np.log(report["cache"]["num_classes"]))
+    _overlay(ax, {n: t["entropy"][key] for n, t in report.teachers.items()})
+    log_c = float(np.log(report.cache.num_classes))
     ax.axvline(log_c, color="grey", linewidth=1)
     ax.text(log_c, ax.get_ylim()[1] * 0.97, " log C ", ha="right", va="top", color="grey")
-    tail = report["settings"]["tail"]
+    tail = report.settings.tail
     ax.set(
         title=f"Entropy of the soft targets at {key} (tail: {tail}) over {_views(report)}",
         xlabel="entropy (nats)",
@@ -137,8 +140,8 @@ def entropy_plot(report: dict[str, Any], key: str) -> Figure:
     return fig
 
 
-def _views(report: dict[str, Any]) -> str:
-    n = next(iter(report["teachers"].values()))["views"]
+def _views(report: InspectResult) -> str:
+    n = next(iter(report.teachers.values()))["views"]
     return f"{n:,} views"
 
 

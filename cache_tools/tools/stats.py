@@ -86,6 +86,7 @@ import torch
 
 from kdcache.errors import CacheIncompleteError, CacheMismatchError, CacheReadError, ConfigError
 from kdcache.reader import ShardBlock, read_block
+from kdcache.results import InspectResult
 from kdcache.store import STATUS_VALID, CacheStore
 from kdcache.targets import TAIL_MODES, SparseTargets, TailMode, sparse_probs
 from kdcache.tools.strength import StrengthStats, ViewFeatures, dominant_labels, view_features
@@ -751,7 +752,7 @@ def inspect_cache(
     tail: TailMode = "spread",
     require_complete: bool = False,
     progress: Callable[[int], None] | None = None,
-) -> dict[str, Any]:
+) -> InspectResult:
     """Stream every complete shard once and return the report (the JSON schema above)."""
     check_settings(temperatures, tail)
     temperatures = list(dict.fromkeys(float(t) for t in temperatures))
@@ -772,12 +773,12 @@ def inspect_cache(
             _update_all(block, stats, pairs, c, tail, recipe)
             if progress is not None:
                 progress(1)
-    return {
-        "cache": _cache_section(store, len(shards), skipped),
-        "settings": _settings(temperatures, tail),
-        "teachers": {n: teacher_report(stats[n], meta.class_names) for n in names},
-        "pairs": [pair_report(p) for p in pairs],
-    }
+    return InspectResult(
+        cache=_cache_section(store, len(shards), skipped),
+        settings=_settings(temperatures, tail),
+        teachers={n: teacher_report(stats[n], meta.class_names) for n in names},
+        pairs=[pair_report(p) for p in pairs],
+    )
 
 
 def _update_all(

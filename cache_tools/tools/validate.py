@@ -11,38 +11,25 @@ its top-k logit where the label is in the top-k; no NaN or inf in valid rows (a 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 
 from kdcache.encoding import FP16_REL, consistency_tolerance, logit_tolerance
 from kdcache.errors import CacheReadError
 from kdcache.integrity import VIEWS, find_damage, part_marks
 from kdcache.reader import ShardBlock, TeacherBlock, read_block
+from kdcache.results import ValidateResult
 from kdcache.shards import ShardIndex, key_digest
 from kdcache.store import STATUS_EMPTY, STATUS_VALID, CacheStore
 from kdcache.views import ViewRecipe, param_problems
 
 
-@dataclass
-class Report:
-    """What validate found: counts and a list of problems (empty = valid)."""
-
-    shards: int = 0
-    views: int = 0
-    invalid_rows: int = 0
-    problems: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-
 def validate_cache(
     store: CacheStore, teachers: list[str] | None = None, max_problems: int = 200
-) -> Report:
+) -> ValidateResult:
+    """Every check of the module docstring, for the views and ``teachers`` (default: all of the
+    cache's); the problems are listed, up to ``max_problems``."""
     teachers = store.teachers if teachers is None else teachers
-    report = Report(shards=store.num_shards)
+    report = ValidateResult(cache=store.path, teachers=list(teachers), shards=store.num_shards)
     marks = {part: part_marks(store, part)[0] for part in [VIEWS, *teachers]}
     for part, done in marks.items():
         names = [store.meta.fingerprint.shards[i] for i in np.flatnonzero(~done)]
@@ -77,7 +64,7 @@ def _validate_shard(
     teachers: list[str],
     marks: dict[str, np.ndarray],
     all_keys: list[ShardIndex],
-    report: Report,
+    report: ValidateResult,
 ) -> None:
     block = read_block(store, shard, [], require_complete=False)
     all_keys.append(ShardIndex(url=block.shard, keys=[str(k) for k in block.keys]))

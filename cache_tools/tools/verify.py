@@ -26,6 +26,7 @@ from kdcache.ensemble import build_members, combine_logits
 from kdcache.errors import CacheMismatchError, ConfigError
 from kdcache.models import ModelSpec, build_teacher, weights_digest
 from kdcache.reader import TeacherBlock, read_array, read_block
+from kdcache.results import TeacherVerify, VerifyResult
 from kdcache.sampling import draw, uniforms
 from kdcache.shards import decode_image, expand_shards, iter_shard, shard_name
 from kdcache.store import STATUS_VALID, CacheStore
@@ -43,26 +44,6 @@ class Picked:
 
     def __len__(self) -> int:
         return sum(len(v) for v in self.by_shard.values())
-
-
-@dataclass
-class TeacherResult:
-    teacher: str
-    views: int
-    max_abs_delta: float
-    max_excess: float
-    max_lse_delta: float
-    max_tail_delta: float
-    """Largest |fresh - cached| tail mass (probability outside the top-k at T=1)."""
-    topk_agreement: float
-    top1_agreement: float
-    failures: int
-    draws_agreement: float | None = None
-    """Encoding ``sampled``: the fraction of views whose draws came out the same again."""
-
-    @property
-    def ok(self) -> bool:
-        return self.failures == 0
 
 
 def pick_views(store: CacheStore, teachers: list[str], num: int, seed: int) -> Picked:
@@ -179,7 +160,7 @@ def compare(
     logits: torch.Tensor,
     order: list[tuple[int, int, int]],
     atol: float,
-) -> TeacherResult:
+) -> TeacherVerify:
     """Compare fresh logits ``[N, C]`` with the cached values of the same views."""
     meta = store.teacher_meta(teacher)
     k = meta.k
@@ -211,7 +192,7 @@ def compare(
         bad |= draws_bad
         draws = float(same_draws.mean())
     failures = int(bad.sum())
-    return TeacherResult(
+    return TeacherVerify(
         teacher=teacher,
         views=len(order),
         max_abs_delta=float(delta.max()),
@@ -327,7 +308,7 @@ def verify_cache(
     atol: float = 1e-3,
     batch_size: int = 256,
     storage_options: dict | None = None,
-) -> list[TeacherResult]:
+) -> VerifyResult:
     """Recompute ``num`` random stored views and compare, per teacher. ``storage_options``:
     fsspec's, for the shards (the cache's config saves its ``data.storage_options`` redacted, so
     pass them)."""
@@ -338,7 +319,7 @@ def verify_cache(
     replayed, order = replay_picked(
         store, picked, shard_urls(store, shards, storage_options), storage_options
     )
-    results = []
+    result = VerifyResult(cache=store.path, num=num, seed=seed, atol=atol)
     for teacher in teachers:
         models = teacher_models(store, teacher, checkpoint)
         logits = []
@@ -353,9 +334,9 @@ def verify_cache(
         ensemble = store.teacher_meta(teacher).ensemble
         combine = ensemble.combine if ensemble else "probs"
         combined = combine_logits(logits, [w for _, w, _ in models], combine)
-        results.append(compare(store, teacher, combined, order, atol))
+        result.teachers.append(compare(store, teacher, combined, order, atol))
         log.info("verified teacher %s on %d views", teacher, len(order))
-    return results
+    return result
 
 
 def teacher_models(
