@@ -789,6 +789,7 @@ def test_config_schema_is_pinned():
         "cache.storage_options",
         "cache.seed",
         "cache.num_views",
+        "cache.grow",
         "cache.recipe",
         "cache.overwrite",
         "cache.check",
@@ -807,6 +808,7 @@ def test_config_schema_is_pinned():
         "runtime.amp",
         "runtime.channels_last",
         "runtime.torch_threads",
+        "runtime.data_workers",
     ]
     assert list(PrecomputeConfig.model_fields["teachers"].annotation.__args__[0].model_fields) == [
         "name",
