@@ -22,18 +22,26 @@ def default_cpus_per_actor(gpus_per_actor: float) -> float:
     """CPUs per shard actor when ``ray.cpus_per_actor`` is unset (Ray must be initialised)."""
     if gpus_per_actor <= 0:
         return 1.0
-    shares = [
-        float(node["Resources"].get("CPU", 0)) * gpus_per_actor / float(node["Resources"]["GPU"])
-        for node in ray.nodes()
-        if node.get("Alive") and node.get("Resources", {}).get("GPU", 0) > 0
-    ]
-    if not shares:  # GPU nodes the autoscaler has not started yet: their size is unknown
+    share = cpu_share(ray.nodes(), gpus_per_actor)
+    if share is None:  # GPU nodes the autoscaler has not started yet: their size is unknown
         logger.warning(
             "no GPU node is up to size the actors' CPU share from: each GPU actor reserves 1 CPU "
             "(set ray.cpus_per_actor to the CPUs per GPU of the nodes to come)"
         )
         return 1.0
-    return float(max(1, math.floor(min(shares))))
+    return share
+
+
+def cpu_share(nodes: list[dict], gpus_per_actor: float) -> float | None:
+    """A GPU actor's share of CPUs on the live GPU nodes of ``nodes`` (as ``ray.nodes()`` lists
+    them): CPUs over GPUs times ``gpus_per_actor``, the smallest over the nodes, whole and at
+    least 1; None without a live GPU node."""
+    shares = [
+        float(node["Resources"].get("CPU", 0)) * gpus_per_actor / float(node["Resources"]["GPU"])
+        for node in nodes
+        if node.get("Alive") and node.get("Resources", {}).get("GPU", 0) > 0
+    ]
+    return float(max(1, math.floor(min(shares)))) if shares else None
 
 
 def cpus_per_actor(configured: float | None, gpus_per_actor: float) -> float:

@@ -24,6 +24,7 @@ import dataclasses
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -172,6 +173,7 @@ class ShardWorker:
             pin_memory=any(r.device.type == "cuda" for r in self.runners.values()),
         )
         self.data.start()  # the data worker processes are up before the actor is ready
+        self.writer = ThreadPoolExecutor(len(settings.teachers), thread_name_prefix="kdcache-write")
 
     def _runner(self, teacher: TeacherPlan) -> ModelRunner:
         s = self.settings
@@ -199,6 +201,7 @@ class ShardWorker:
     def close(self) -> None:
         """Stop the data worker processes (an actor's end stops them too)."""
         self.data.close()
+        self.writer.shutdown()
 
     def __call__(self, task: ShardTask) -> ShardResult:
         """Process one shard task and write its chunks and marks."""
@@ -278,16 +281,24 @@ class ShardWorker:
             )
         for start, stop in task.new_views:
             write_view_block(self.store, task.index, ViewBlock(VIEWS, start, stop), rows.params)
-        for name in task.teachers:
-            arrays = out[name]
-            for block in self._teacher_blocks(task, name):
-                write_teacher(
-                    self.store,
-                    task.index,
-                    name,
-                    **arrays.views(block.start, block.stop),
-                    start=block.start,
-                )
+        # each teacher writes its own chunks and marks: they go out together (one round trip
+        # on an object store instead of one per teacher)
+        writes = [
+            self.writer.submit(self._write_teacher, task, name, out[name]) for name in task.teachers
+        ]
+        wait(writes)  # all settled before the task returns or raises
+        for write in writes:
+            write.result()
+
+    def _write_teacher(self, task: ShardTask, name: str, arrays: TeacherArrays) -> None:
+        for block in self._teacher_blocks(task, name):
+            write_teacher(
+                self.store,
+                task.index,
+                name,
+                **arrays.views(block.start, block.stop),
+                start=block.start,
+            )
 
     def _teacher_blocks(self, task: ShardTask, name: str) -> list[ViewBlock]:
         """The teacher's view blocks this task runs it on."""

@@ -18,6 +18,7 @@ from test_precompute import assert_same_arrays, cache_arrays, good, write_tar
 
 from kdcache.errors import DataError
 from kdcache.pipeline import datapath
+from kdcache.pipeline.config import RuntimeSection
 from kdcache.pipeline.datapath import (
     FAULT_ENV,
     DataWorkerError,
@@ -25,9 +26,11 @@ from kdcache.pipeline.datapath import (
     ViewBatcher,
 )
 from kdcache.pipeline.plan import make_plan
+from kdcache.pipeline.resources import cpu_share
 from kdcache.pipeline.runner import worker_settings
-from kdcache.pipeline.worker import ShardWorker
+from kdcache.pipeline.worker import ShardWorker, WorkerSettings
 from kdcache.store import open_store
+from kdcache.views import ViewRecipe
 
 STRONG = {
     "policy": "rand-m9-mstd0.5-inc1",
@@ -157,3 +160,30 @@ def test_batches_are_collated_in_order_and_cut_at_their_size():
     assert [b.views["r"].flatten().tolist() for b in out] == [b.flat.tolist() for b in out]
     kept = out[0].select(np.array([False, True, False, True]))
     assert kept.flat.tolist() == [1, 3] and kept.views["r"].flatten().tolist() == [1, 3]
+
+
+def test_a_gpu_actor_gets_its_share_of_its_nodes_cpus_and_as_many_data_workers():
+    def node(cpus: float, gpus: float, alive: bool = True) -> dict:
+        return {"Alive": alive, "Resources": {"CPU": cpus, "GPU": gpus}}
+
+    nodes = [node(128, 8), node(96, 8), node(4, 0), node(8, 8, alive=False)]
+    settings = WorkerSettings(
+        cache_path="c",
+        storage_options={},
+        data_storage_options={},
+        recipe=ViewRecipe(),
+        num_views=1,
+        seed=0,
+        num_classes=2,
+        on_error="raise",
+        teachers=(),
+        runtime=RuntimeSection(),
+        torch_threads=1,
+    )
+    assert cpu_share(nodes, 1.0) == 12.0  # the smallest share: 96 CPUs over 8 GPUs
+    assert settings.for_actor(12.0).workers == 12 and settings.for_actor(12.0).torch_threads == 12
+    assert settings.for_actor(1.0).workers == 0  # one CPU: the actor's own thread
+    assert dataclasses.replace(settings, data_workers=3).for_actor(12.0).workers == 3
+    assert cpu_share(nodes, 0.5) == 6.0
+    assert cpu_share([node(4, 8)], 1.0) == 1.0  # at least one
+    assert cpu_share([node(64, 0)], 1.0) is None  # no GPU node up yet
