@@ -412,7 +412,7 @@ def _render(
     recipe = settings.recipe
     views = {
         key: render_rows(
-            images, rows.params, valid, recipe, rendering, work.render, out and out[key]
+            images, rows.params, valid, recipe, rendering, work.render, out[key] if out else None
         )
         for key, rendering in settings.renderings
     }
@@ -420,6 +420,7 @@ def _render(
     own = np.repeat(np.asarray(valid), len(wanted))  # (row, view) order, as render_rows gives
     view = np.tile(wanted, len(valid))
     partner, lam = rows.params.mixing(own, view)
+    # shard row * A + view: the teachers' [n, A, ...] arrays are filled through this flat index
     flat = (rows.start + own) * settings.num_views + view
     return ViewBatch(flat, views, rows.labels[own], rows.labels[partner], lam)
 

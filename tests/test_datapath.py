@@ -78,14 +78,20 @@ def worker(cfg, data_workers: int | None, **kw) -> tuple[ShardWorker, list]:
 
 def test_one_and_two_data_workers_make_the_same_cache_mixup_included(shards, tmp_path, monkeypatch):
     """Uneven shards (groups of 6 cut by shard ends, an invalid row in a mixing group), batches
-    that cut groups: the cache does not depend on how many processes made the views, nor on
-    whether they came back through the view slots or new shared memory."""
+    that cut groups, two teachers rendering at two sizes: the cache does not depend on how many
+    processes made the views, nor on whether they came back through the view slots or new
+    shared memory."""
+    big = {**shards["teacher"], "name": "big", "render": {"size": 20, "interpolation": "bicubic"}}
     caches = {}
     for name, workers, slots in (("0", 0, True), ("1", 1, True), ("2", 2, True), ("1-", 1, False)):
         monkeypatch.setattr(datapath, "SLOT_BYTES_MAX", datapath.SLOT_BYTES_MAX if slots else 0)
         path = tmp_path / f"cache{name}"
         cfg = precompute_config(
-            path, shards["urls"], [shards["teacher"]], recipe=tiny_recipe(**STRONG), num_views=3
+            path,
+            shards["urls"],
+            [shards["teacher"], big],
+            recipe=tiny_recipe(**STRONG),
+            num_views=3,
         )
         cfg.runtime.batch_size = 10
         shard_worker, tasks = worker(cfg, workers, prefetch_batches=workers)

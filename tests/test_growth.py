@@ -15,10 +15,12 @@ from test_precompute import assert_same_arrays, cache_arrays
 
 from kdcache.errors import CacheIncompleteError, CacheMismatchError
 from kdcache.integrity import find_damage
-from kdcache.pipeline.plan import make_plan
+from kdcache.pipeline.plan import make_plan, seal_fingerprint
 from kdcache.reader import incomplete_error, read_block
 from kdcache.store import FORMAT_VERSION, GROWN_FORMAT_VERSION, open_store
 from kdcache.tools.verify import verify_cache
+from kdcache.train.config import TrainConfig
+from kdcache.train.data import build_train_data
 
 STRONG = {
     "policy": "rand-m9-mstd0.5-inc1",
@@ -151,6 +153,34 @@ def test_a_teacher_added_after_the_growth_has_one_block_and_the_cache_grows_agai
         assert result.ok, result
     with pytest.raises(CacheMismatchError, match="a cache cannot lose views: it keeps its 5"):
         make_plan(config(setup, path, 4, grow=True))
+
+
+def train_config(setup, path: Path, run_dir: Path, teacher: str) -> TrainConfig:
+    return TrainConfig.model_validate(
+        {
+            "run": {"dir": str(run_dir), "progress": False},
+            "data": {"shards": setup["urls"], "batch_size": 8, "num_workers": 0},
+            "cache": {"path": str(path)},
+            "student": {"name": "kd_mlp", "kwargs": {"img_size": 12, "hidden": 8}},
+            "teacher": {"mode": "cache", "name": teacher},
+            "stages": [{"epochs": 1, "loss": {"name": "kd", "alpha": 0.5, "temperature": 2.0}}],
+        }
+    )
+
+
+def test_the_trainer_uses_every_view_of_a_grown_cache_once_its_teacher_filled_them(setup, tmp_path):
+    path = tmp_path / "cache.zarr"
+    run_precompute(config(setup, path, 2))
+    run_precompute(config(setup, path, 4, teachers=("t1",), grow=True))
+    seal_fingerprint(open_store(str(path), "r+"))  # as the runner does at the end of a run
+    with pytest.raises(CacheIncompleteError, match=r"teacher 't2' lack views 2\.\.3 on 4 shard"):
+        build_train_data(train_config(setup, path, tmp_path / "t2", "t2"), 0, 1, ["t2"], False)
+    data = build_train_data(train_config(setup, path, tmp_path / "t1", "t1"), 0, 1, ["t1"], False)
+    assert data.spec.num_views == 4
+    seen = {
+        int(v) for epoch in range(8) for batch in data.epoch(epoch, ["t1"]) for v in batch.views
+    }
+    assert seen == {0, 1, 2, 3}
 
 
 def test_a_growth_cut_short_is_refused_by_readers_and_finished_by_the_next_run(setup, tmp_path):
