@@ -7,36 +7,32 @@ A=8 views:
 
 * **bare forward**: the teacher (through :class:`~kdcache.teacher.ModelRunner`, as precompute
   calls it) on replayed views already on the device, batch 256;
-* **data path alone**, with one process and with every core: read the tar, decode each image
-  once, replay its A views (the public replay functions precompute uses), collate; views/s;
+* **data path alone** (:mod:`benchmarks.datapath`), with one data worker process and with one
+  per core: precompute's :class:`~kdcache.pipeline.datapath.DataPath` reads the tars, decodes
+  each image once, draws and renders its A views and collates batches, with no teacher behind
+  it; views/s and views per CPU-second;
 * **pipeline**: precompute's own :class:`~kdcache.pipeline.worker.ShardWorker` over the shards
-  (read, decode, replay in its background data path, forward, top-k, chunk writes), with one and
-  with all data workers where the worker has a ``data_workers`` setting (else its single data
-  thread, said in the JSON).
+  (data path, pinned batches, forward, top-k, chunk writes), with one data worker process
+  and with one per core (``runtime.data_workers``).
 
 The JSON adds ``cores_per_gpu``: CPU cores whose data path feeds the bare forward (forward
-views/s over the one-process data path's). Where CUDA is absent it prints why and writes a JSON
-with ``skipped`` (exit 0). ``--device cpu --quick`` runs every step on the CPU at tiny sizes, so
-the code path is exercised without a GPU (the test suite does).
+views/s over the data path's views per CPU-second). Where CUDA is absent it prints why and
+writes a JSON with ``skipped`` (exit 0). ``--device cpu --quick`` runs every step on the CPU at
+tiny sizes, so the code path is exercised without a GPU (the test suite does).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import multiprocessing
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from benchmarks.common import machine, per_second, table
+from benchmarks.datapath import IMAGE_HW, JPEG_QUALITY, imagenet_like_shards
 
-IMAGE_HW = (375, 500)
-JPEG_QUALITY = 90
 WARMUP_BATCHES = 5
 """Forward batches before the clock (cuDNN picks its kernels, bf16 kernels are built)."""
 
@@ -84,52 +80,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         args.batch_size = 8
     start = time.perf_counter()
     everyone = args.workers or os.cpu_count() or 1
-    shards = imagenet_like_shards(args.out / f"shards-{args.samples}", args)
+    shards = imagenet_like_shards(
+        args.out / f"shards-{args.samples}", args.samples, args.shard_size
+    )
     cfg = gpu_config(args, shards, args.out / "cache")
     forward = bare_forward(cfg, args)
-    datapath = [datapath_run(cfg, n) for n in sorted({1, everyone})]
-    pipeline = [pipeline_run(cfg, n) for n in pipeline_workers(everyone)]
+    datapath = datapath_runs(cfg, everyone)
+    pipeline = [pipeline_run(cfg, n) for n in sorted({1, everyone})]
     return summarise(args, forward, datapath, pipeline, time.perf_counter() - start)
 
 
 # ---- data ----------------------------------------------------------------------------------------
-
-
-def imagenet_like_shards(out: Path, args: argparse.Namespace) -> str:
-    """``out/train-NNNNNN.tar`` of 500x375 JPEGs (quality 90) and their manifest (reused)."""
-    from kdcache.manifest import load_manifest
-    from kdcache.pipeline.make_shards import write_split
-
-    manifest = out / "train-manifest.json"
-    if not (manifest.is_file() and load_manifest(manifest).num_samples == args.samples):
-        write_split(
-            photo_like_samples(args.samples),
-            out,
-            "train",
-            num_classes=1000,
-            shard_size=args.shard_size,
-            image_format="jpg",
-            quality=JPEG_QUALITY,
-            overwrite=True,
-            total=args.samples,
-        )
-    return str(out / "train-*.tar")
-
-
-def photo_like_samples(num: int, seed: int = 0):
-    """Smooth colour fields with fine noise: JPEG sizes and decode costs like photos'."""
-    from PIL import Image
-
-    from kdcache.pipeline.make_shards import Sample
-
-    rng = np.random.default_rng(seed)
-    height, width = IMAGE_HW
-    for index in range(num):
-        coarse = rng.uniform(0, 255, (6, 8, 3)).astype(np.uint8)
-        field = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC))
-        noise = rng.normal(0.0, 12.0, (height, width, 1))
-        image = np.clip(field + noise, 0, 255).astype(np.uint8)
-        yield Sample(key=f"img_{index:08d}", label=int(index % 1000), image=image)
 
 
 def gpu_config(args: argparse.Namespace, shards: str, cache: Path):
@@ -199,62 +160,29 @@ def _sync(device) -> None:
 # ---- the data path alone -------------------------------------------------------------------------
 
 
-def datapath_run(cfg, workers: int) -> dict[str, Any]:
-    """views/s of read + decode + replay + collate over every shard with ``workers`` processes
-    (started and warmed before the clock)."""
-    from kdcache.shards import expand_shards
+def datapath_runs(cfg, everyone: int) -> list[dict[str, Any]]:
+    """views/s of precompute's data path alone (read, decode once, draw and render A views,
+    collate; :mod:`benchmarks.datapath`) with one data worker process and with ``everyone``,
+    their pools started and warmed before the clock."""
+    from benchmarks.datapath import measure
 
-    urls = expand_shards(cfg.data.shards)
-    recipe = cfg.cache.recipe
-    jobs = [(url, recipe, cfg.cache.num_views, cfg.cache.seed) for url in urls]
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_one_thread) as pool:
-        list(pool.map(_ready, range(workers)))
-        start = time.perf_counter()
-        views = sum(pool.map(_shard_views, jobs))
-        seconds = time.perf_counter() - start
-    return {"workers": workers, "views": views, "seconds": seconds}
-
-
-def _one_thread() -> None:
-    import torch
-
-    torch.set_num_threads(1)
-
-
-def _ready(_: int) -> int:
-    import kdcache.shards  # noqa: F401  (imports done before the clock)
-    import kdcache.views  # noqa: F401
-
-    return os.getpid()
-
-
-def _shard_views(job: tuple) -> int:
-    """One shard's views, made as precompute makes them; how many."""
-    import torch
-
-    from kdcache.shards import decode_image, iter_shard
-    from kdcache.views import ViewParams, draw_group, render_rows
-
-    url, recipe, num_views, seed = job
-    made = []
-    for sample in iter_shard(url):
-        image = decode_image(sample.image, recipe.channels)
-        params = ViewParams.empty(recipe, 1, num_views)
-        draw_group(params, recipe, seed, [0], {0: sample.key}, {0: tuple(image.shape[-2:])})
-        made.append(render_rows({0: image}, params, [0], recipe, recipe.rendering()))
-    return len(torch.cat(made))
+    counts = sorted({1, everyone})
+    size = cfg.cache.recipe.size
+    batch = cfg.runtime.batch_size
+    measured = measure(cfg.data.shards, counts, 1, cfg.cache.num_views, size, batch)
+    return [
+        {
+            "workers": row["data_workers"],
+            "views": row["views"],
+            "seconds": row["seconds"],
+            "cpu_seconds": row["cpu_seconds"],
+            "vps_per_cpu_second": row["vps_per_cpu_second"],
+        }
+        for row in measured["workers"]
+    ]
 
 
 # ---- the pipeline --------------------------------------------------------------------------------
-
-
-def pipeline_workers(everyone: int) -> list[int]:
-    """Data-worker counts of the pipeline runs: 1 and all where the worker has the setting."""
-    from kdcache.pipeline.worker import WorkerSettings
-
-    names = {f.name for f in dataclasses.fields(WorkerSettings)}
-    return sorted({1, everyone}) if "data_workers" in names else [1]
 
 
 def pipeline_run(cfg, workers: int) -> dict[str, Any]:
@@ -262,24 +190,19 @@ def pipeline_run(cfg, workers: int) -> dict[str, Any]:
     warms it up (teacher built, kernels chosen)."""
     from kdcache.pipeline.plan import make_plan
     from kdcache.pipeline.runner import worker_settings
-    from kdcache.pipeline.worker import ShardWorker, WorkerSettings
+    from kdcache.pipeline.worker import ShardWorker
 
     plan = make_plan(cfg)
-    settings = worker_settings(cfg, plan)
-    supported = "data_workers" in {f.name for f in dataclasses.fields(WorkerSettings)}
-    if supported:
-        settings = dataclasses.replace(settings, data_workers=workers)
+    settings = dataclasses.replace(worker_settings(cfg, plan), data_workers=workers)
     worker = ShardWorker(settings)
-    worker(plan.tasks[0])
-    start = time.perf_counter()
-    views = sum(worker(task).views for task in plan.tasks[1:])
-    seconds = time.perf_counter() - start
-    return {
-        "data_workers": workers,
-        "data_workers_setting": supported,
-        "views": views,
-        "seconds": seconds,
-    }
+    try:
+        worker(plan.tasks[0])
+        start = time.perf_counter()
+        views = sum(worker(task).views for task in plan.tasks[1:])
+        seconds = time.perf_counter() - start
+    finally:
+        worker.close()
+    return {"data_workers": workers, "views": views, "seconds": seconds}
 
 
 # ---- results -------------------------------------------------------------------------------------
@@ -298,6 +221,7 @@ def summarise(
     for row in pipeline:
         row["over_forward"] = row["vps"] / forward_vps
     one = datapath[0]["vps"]
+    per_core = datapath[0]["vps_per_cpu_second"]
     return {
         "bench": "gpu",
         "machine": machine(),
@@ -317,12 +241,12 @@ def summarise(
         },
         "forward_vps": forward_vps,
         "datapath": datapath,
-        "datapath_vps_per_core": one,
+        "datapath_vps_per_core": per_core,
         "datapath_scaling_all": datapath[-1]["vps"] / one,
         "pipeline": pipeline,
         "pipeline_vps": pipeline[-1]["vps"],
         "pipeline_over_forward": pipeline[-1]["over_forward"],
-        "cores_per_gpu": forward_vps / one,
+        "cores_per_gpu": forward_vps / per_core,
         "seconds": seconds,
     }
 
@@ -339,17 +263,19 @@ def format_result(result: dict[str, Any]) -> str:
         f"views/s, which {result['cores_per_gpu']:.1f} cores' data path would feed"
     )
     datapath = table(
-        ["data path processes", "views/s", "vs 1"],
+        ["data worker processes", "views/s", "views per CPU-second", "vs 1"],
         [
-            [r["workers"], r["vps"], r["vps"] / result["datapath_vps_per_core"]]
+            [
+                r["workers"],
+                r["vps"],
+                r["vps_per_cpu_second"],
+                r["vps"] / result["datapath"][0]["vps"],
+            ]
             for r in result["datapath"]
         ],
     )
     pipeline = table(
-        ["pipeline data workers", "views/s", "over bare forward", "worker setting"],
-        [
-            [r["data_workers"], r["vps"], r["over_forward"], str(r["data_workers_setting"])]
-            for r in result["pipeline"]
-        ],
+        ["pipeline data workers", "views/s", "over bare forward"],
+        [[r["data_workers"], r["vps"], r["over_forward"]] for r in result["pipeline"]],
     )
     return "\n\n".join([head, datapath, pipeline, f"{result['seconds']:.0f} s in all"])

@@ -11,6 +11,13 @@ of A values and kinds, so load drifts over all alike.
 **Ray**: whole precomputes (all shards) with 1 and 2 CPU actors on an already started local Ray:
 views/s once the actors were up (the runner's own measure) and over the wall time.
 
+**Data path** (:mod:`benchmarks.datapath`): precompute's data path alone (read, decode once,
+draw and render A=8 views at 224 px, collate) on ImageNet-like JPEG shards (500x375, quality 90)
+in one actor's process with 0 (its own thread), 1 and 2 data worker processes:
+``datapath_vps_per_core`` (views per CPU-second with one worker process) and
+``datapath_scaling_2`` (views/s with 2 workers over 1, same run, the machine's load averages
+beside it).
+
 **Planning** (:mod:`benchmarks.planning`): requests per shard that planning makes on a local S3
 server (moto, counted by the server's request log) for ``--plan-shards`` shards beside their
 manifest (``plan_requests_per_shard``), beside a wids shard index, and alone (tar headers).
@@ -103,6 +110,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--plan-samples", type=int, default=20, help="samples per planned shard (default 20)"
     )
+    parser.add_argument(
+        "--datapath-images",
+        type=int,
+        default=256,
+        help="ImageNet-like JPEGs of the data-path measure (default 256; 0 skips it)",
+    )
+    parser.add_argument(
+        "--datapath-rounds", type=int, default=3, help="data-path rounds (default 3)"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes (tests)")
 
 
@@ -117,6 +133,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         args.views = "1,2"
         args.headline_views = 2
         args.plan_samples = 4
+        args.datapath_images = min(args.datapath_images, 4)
+        args.datapath_rounds = 1
     source = args.source or default_source()
     shards, _ = make_shards(
         args.out / f"shards-{source}-{args.samples}", source, args.samples, args.shard_size
@@ -125,7 +143,40 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     views = [int(a) for a in args.views.split(",") if a]
     sweep = [row for t in teachers for row in inprocess_sweep(args, shards, t, views)]
     actors = actor_sweep(args, shards, teachers[0], [int(n) for n in args.actors.split(",") if n])
-    return summarise(args, source, sweep, actors, teachers[0]) | planning_result(args)
+    result = summarise(args, source, sweep, actors, teachers[0])
+    return result | datapath_result(args) | planning_result(args)
+
+
+# ---- the data path -------------------------------------------------------------------------------
+
+DATAPATH_VIEWS = 8
+DATAPATH_SIZE = 224
+DATAPATH_SHARD_SIZE = 64
+DATAPATH_WORKERS = [0, 1, 2]
+
+
+def datapath_result(args: argparse.Namespace) -> dict[str, Any]:
+    """``datapath_*`` keys: the data path alone with 0, 1 and 2 data workers (see the module
+    docstring and :mod:`benchmarks.datapath`)."""
+    if args.datapath_images <= 0:
+        return {}
+    from benchmarks.datapath import imagenet_like_shards, measure
+
+    images = args.datapath_images
+    shard_size = min(DATAPATH_SHARD_SIZE, max(1, images // 2))
+    shards = imagenet_like_shards(args.out / f"datapath-shards-{images}", images, shard_size)
+    measured = measure(
+        shards, DATAPATH_WORKERS, args.datapath_rounds, DATAPATH_VIEWS, DATAPATH_SIZE
+    )
+    by_workers = {row["data_workers"]: row for row in measured["workers"]}
+    return {
+        "datapath_vps_per_core": by_workers[1]["vps_per_cpu_second"],
+        "datapath_vps_per_core_inline": by_workers[0]["vps_per_cpu_second"],
+        "datapath_scaling_2": by_workers[2]["vps"] / by_workers[1]["vps"],
+        "datapath_load": {"before": measured["load_before"], "after": measured["load_after"]},
+        "datapath": measured
+        | {"images": images, "views": DATAPATH_VIEWS, "size": DATAPATH_SIZE, "quality": 90},
+    }
 
 
 # ---- planning ------------------------------------------------------------------------------------
@@ -371,6 +422,8 @@ def format_result(result: dict[str, Any]) -> str:
         ],
     )
     parts = [head, sweep]
+    if "datapath" in result:
+        parts.append(datapath_table(result))
     planning = result.get("planning")
     if planning and "skipped" not in planning:
         parts.append(planning_table(planning))
@@ -390,6 +443,28 @@ def format_result(result: dict[str, Any]) -> str:
             )
         )
     return "\n\n".join(parts)
+
+
+def datapath_table(result: dict[str, Any]) -> str:
+    """The data path alone, per data-worker count, with the machine's load."""
+    d = result["datapath"]
+    rows = [
+        [r["data_workers"], r["vps"], r["vps_per_cpu_second"], r["vps"] / d["workers"][1]["vps"]]
+        for r in d["workers"]
+    ]
+    load = ", ".join(
+        f"{when} {' / '.join(f'{v:.1f}' for v in d[f'load_{when}'])}"
+        for when in ("before", "after")
+    )
+    return (
+        f"data path alone: {d['images']} JPEGs 500x375 q{d['quality']}, A={d['views']} at "
+        f"{d['size']} px, batches of 256; {d['cpu_count']} CPUs, load averages (1/5/15 min) "
+        f"{load}:\n"
+        + table(
+            ["data workers (0: actor thread)", "views/s", "views per CPU-second", "vs 1 worker"],
+            rows,
+        )
+    )
 
 
 def planning_table(planning: dict[str, Any]) -> str:

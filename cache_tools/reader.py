@@ -18,11 +18,10 @@ from kdcache.encoding import decode
 from kdcache.errors import CacheIncompleteError, CacheMismatchError, CacheReadError
 from kdcache.integrity import (
     VIEWS,
-    array_path,
+    ViewBlock,
+    block_arrays,
     find_damage,
-    mark_path,
     missing_chunks,
-    part_arrays,
     stored_shards,
 )
 from kdcache.store import STATUS_VALID, CacheStore
@@ -110,9 +109,9 @@ def read_block(
     index = store.shard_index(shard) if isinstance(shard, str) else shard
     name = store.meta.fingerprint.shards[index]
     teachers = list(teachers or [])
-    marked = marked_parts(store, index, [VIEWS, *teachers])
+    marked = marked_blocks(store, index, [VIEWS, *teachers])
     if require_complete:
-        _require_done(store, name, teachers, marked)
+        _require_done(store, index, [VIEWS, *teachers], marked)
     require_chunks(store, index, marked)
     rows = store.rows(index)
     arrays = {
@@ -159,22 +158,32 @@ REPAIR = "`kdcache validate` lists the damage; a `kdcache precompute` rerun redo
 REPAIR_CHECK = "`kdcache precompute --check` finds damaged chunks and redoes their shards"
 
 
-def marked_parts(store: CacheStore, index: int, parts: list[str]) -> list[str]:
-    """Those of ``parts`` (``views``, teachers) that shard ``index`` has its completion mark for;
-    a mark that cannot be decoded is a :class:`CacheReadError`, a missing one "not done"."""
+def marked_blocks(store: CacheStore, index: int, parts: list[str]) -> list[ViewBlock]:
+    """The view blocks of ``parts`` (``views``, teachers) that shard ``index`` has its completion
+    mark for; a mark that cannot be decoded is a :class:`CacheReadError`, a missing one (or a
+    later block's mark array not there yet) "not done"."""
     name = store.meta.fingerprint.shards[index]
     mark = slice(index, index + 1)
-    return [part for part in parts if read_path(store, mark_path(part), mark, name)[0] > 0]
+    blocks = [block for part in parts for block in store.blocks(part)]
+    present = [block for block in blocks if block.start == 0 or store.has(block.mark)]
+    return [block for block in present if read_path(store, block.mark, mark, name)[0] > 0]
 
 
-def require_chunks(store: CacheStore, index: int, parts: list[str]) -> None:
-    """Shard ``index`` holds its chunk of every array of ``parts``, else a
-    :class:`CacheReadError` naming the arrays: one ``exists`` per array, issued together."""
-    arrays = [array for part in parts for array in part_arrays(store, part).values()]
-    missing = missing_chunks(arrays, index)
+def marked_parts(store: CacheStore, index: int, parts: list[str]) -> list[str]:
+    """Those of ``parts`` (``views``, teachers) that shard ``index`` has every completion mark
+    for (all their view blocks)."""
+    marked = marked_blocks(store, index, parts)
+    return [part for part in parts if all(b in marked for b in store.blocks(part))]
+
+
+def require_chunks(store: CacheStore, index: int, blocks: list[ViewBlock]) -> None:
+    """Shard ``index`` holds its chunks of every array of ``blocks``, else a
+    :class:`CacheReadError` naming the arrays: one ``exists`` per chunk, issued together."""
+    held = [item for block in blocks for item in block_arrays(store, block)]
+    missing = missing_chunks(held, index)
     if missing:
         name = store.meta.fingerprint.shards[index]
-        paths = ", ".join(repr(array_path(array)) for array in missing)
+        paths = ", ".join(dict.fromkeys(repr(item.path) for item in missing))
         raise CacheReadError(
             f"cache {store.path!r}: cannot read {paths} of shard {name!r}: the chunk file is "
             f"missing though the shard is marked complete, so the cache is damaged ({REPAIR})"
@@ -193,13 +202,13 @@ def require_stored(store: CacheStore, teachers: list[str]) -> None:
 
 
 def read_array(store: CacheStore, path: str) -> np.ndarray:
-    """All rows of a per-row array under the views mark (``status``, ``labels`` ...): each shard
-    marked complete must hold its chunk (one listing) and every chunk must decode, else a
+    """All rows of a per-row array under the first views mark (``status``, ``labels`` ...): each
+    shard marked complete must hold its chunk (one listing) and every chunk must decode, else a
     :class:`CacheReadError` naming the shard."""
     array = store.array(path)
     names = store.meta.fingerprint.shards
     stored = stored_shards(array, store.num_shards)
-    lost = [names[i] for i in np.flatnonzero(store.views_done()) if i not in stored]
+    lost = [names[i] for i in np.flatnonzero(store.rows_done()) if i not in stored]
     if lost:
         raise CacheReadError(
             f"cache {store.path!r}: cannot read {path!r} of shard(s) {lost[:5]}: the chunk file "
@@ -214,14 +223,64 @@ def read_array(store: CacheStore, path: str) -> np.ndarray:
         raise
 
 
-def _require_done(store: CacheStore, name: str, teachers: list[str], marked: list[str]) -> None:
-    if VIEWS not in marked:
-        raise CacheIncompleteError(
-            f"shard {name!r} has no views yet in cache {store.path!r}: run precompute to finish it"
-        )
-    for teacher in teachers:
-        if teacher not in marked:
+def _require_done(store: CacheStore, index: int, parts: list[str], marked: list[ViewBlock]) -> None:
+    name = store.meta.fingerprint.shards[index]
+    for part in parts:
+        missing = [block for block in store.blocks(part) if block not in marked]
+        if not missing:
+            continue
+        if missing[0].start > 0:  # the cache grew: the first views are there, the new ones not
             raise CacheIncompleteError(
-                f"shard {name!r} is not complete for teacher {teacher!r} in cache "
-                f"{store.path!r}: run precompute to finish it"
+                f"shard {name!r} lacks {_what(part)} {missing[0].describe()} in cache "
+                f"{store.path!r}, which grew to {store.meta.num_views} views: "
+                f"{fill_hint(store, [part])}"
             )
+        if part == VIEWS:
+            raise CacheIncompleteError(
+                f"shard {name!r} has no views yet in cache {store.path!r}: "
+                "run precompute to finish it"
+            )
+        raise CacheIncompleteError(
+            f"shard {name!r} is not complete for teacher {part!r} in cache "
+            f"{store.path!r}: run precompute to finish it"
+        )
+
+
+def _what(part: str) -> str:
+    return "its" if part == VIEWS else f"teacher {part!r}'s targets for"
+
+
+def incomplete_error(store: CacheStore, teachers: list[str]) -> CacheIncompleteError | None:
+    """Why a reader of ``teachers`` cannot use the cache yet (None: every shard is complete for
+    them): the parts and shards missing, and what to run; for a grown cache whose new views are
+    all that is missing, which views of which teachers."""
+    incomplete = store.incomplete_shards(teachers)
+    if not incomplete:
+        return None
+    blocks = store.unfinished_blocks(teachers)
+    if blocks and all(block.start > 0 for block, _ in blocks):
+        missing = "; ".join(
+            f"{'the views' if b.part == VIEWS else f'teacher {b.part!r}'} lack "
+            f"{b.describe()} on {count} shard(s)"
+            for b, count in blocks
+        )
+        return CacheIncompleteError(
+            f"cache {store.path!r} grew to {store.meta.num_views} views and its new views are not "
+            f"filled yet ({missing}): {fill_hint(store, [b.part for b, _ in blocks])}"
+        )
+    parts = "; ".join(
+        f"{what}: {len(names)} shard(s) e.g. {names[:3]}" for what, names in incomplete.items()
+    )
+    return CacheIncompleteError(
+        f"cache {store.path!r} is incomplete ({parts}): run precompute to finish it"
+    )
+
+
+def fill_hint(store: CacheStore, parts: list[str]) -> str:
+    """What to run to finish a grown cache's new views for ``parts`` (views, teachers)."""
+    teachers = [p for p in parts if p != VIEWS] or store.teachers
+    listed = ", ".join(repr(t) for t in teachers)
+    return (
+        f"run `kdcache precompute` on it with cache.num_views={store.meta.num_views} and "
+        f"teacher(s) {listed} (as stored: same model, weights and k) to fill them"
+    )

@@ -20,6 +20,7 @@ Layout (``R = num_shards * rows_per_shard``; shard ``s`` owns rows ``[s*cap, (s+
         mix_lam    uint8 [R, A]          (recipe.mix) Mixup: own weight; CutMix: lam of the box
         mix_center uint8 [R, A, 2]       (CutMix) centre of the pasted square, 255: Mixup
       views_done   int64 [S]            completion mark per shard (ms since epoch), chunk 1
+      views_done_from_<a> int64 [S]     (grown caches) the mark of the views from ``a`` on
       teachers/<name>/              attrs: model spec, weights digest, k, encoding, rendering,
                                     created, config
         (encoding "fp16")
@@ -32,6 +33,15 @@ Layout (``R = num_shards * rows_per_shard``; shard ``s`` owns rows ``[s*cap, (s+
         (encoding "sampled": the q8 arrays, plus sample_idx/sample_count/sample_q [R, A, slots]
         and lse_t [R, A, n]: draws from the tail, kdcache.sampling)
         done       int64 [S]               completion mark per shard, chunk 1
+        done_from_<a> int64 [S]            (grown caches) the mark of the views from ``a`` on
+
+**Growing** (:mod:`kdcache.growth`): a cache made with A views can get more (A -> A'). The arrays
+with a view axis keep their chunks of A views and are resized to A'; the views from A on are new
+chunks (the stored ones are never rewritten) under their own completion marks (``*_from_<A>``),
+one per growth; ``view_blocks`` in the root attributes lists the view counts ([A, A']). A part
+(the views, a teacher) is complete for a shard when all its blocks' marks are set; readers refuse
+a shard that is not. A grown cache has format version 4, so a kdcache that reads only version 3
+refuses it instead of reading the new views as fill values; caches never grown stay version 3.
 
 Every chunk ends with a crc32c checksum (Zarr's ``crc32c`` codec), so a damaged chunk is an error
 on reading, never wrong values; and a shard marked complete has every chunk its marks vouch for
@@ -58,14 +68,18 @@ from kdcache.encoding import (
 )
 from kdcache.errors import CacheError, CacheMismatchError, CacheNotFoundError, CacheReadError
 from kdcache.hierarchy import subgroups
-from kdcache.integrity import mark_path, read_marks
+from kdcache.integrity import ViewBlock, block_marks, part_blocks
 from kdcache.views import Rendering, ViewRecipe
 
 FORMAT_NAME = "kdcache"
 FORMAT_VERSION = 3
-"""3: views are op compositions stored under ``views/``, teachers record their rendering, every
-chunk carries a crc32c checksum; 2: the tail logsumexp is stored; 1 derived the tail from the
-top-k."""
+"""The version of a new cache. 3: views are op compositions stored under ``views/``, teachers
+record their rendering, every chunk carries a crc32c checksum; 2: the tail logsumexp is stored;
+1 derived the tail from the top-k."""
+GROWN_FORMAT_VERSION = 4
+"""The version of a cache that grew (``view_blocks``, per-block marks): version 3 plus growth, so
+a kdcache that reads version 3 only refuses it instead of reading unfinished views."""
+READ_VERSIONS = (FORMAT_VERSION, GROWN_FORMAT_VERSION)
 VIEWS = "views"
 STATUS_EMPTY = 0
 STATUS_VALID = 1
@@ -141,6 +155,9 @@ class RootMeta(BaseModel):
     seed: int
     created: dict[str, Any] = {}
     config: dict[str, Any] = {}
+    view_blocks: list[int] = []
+    """The view counts of a grown cache in order, e.g. ``[2, 4]`` (made with 2, grown to 4);
+    empty: never grown (one block of ``num_views``)."""
 
 
 class MemberMeta(BaseModel):
@@ -316,33 +333,64 @@ class CacheStore:
                 ) from exc
         return self._arrays[path]
 
-    # ---- completion marks ---------------------------------------------------------------
+    def has(self, path: str) -> bool:
+        """Whether the cache has a node (array or group) at ``path``."""
+        if path in self._arrays:
+            return True
+        try:
+            return path in self.group
+        except Exception:  # a garbled zarr.json: there is something, unreadable
+            return True
+
+    # ---- view blocks and completion marks -----------------------------------------------
+    @property
+    def view_block_ends(self) -> list[int]:
+        """The view counts the cache had, in order (``[A]`` for a cache never grown)."""
+        return list(self.meta.view_blocks) or [self.meta.num_views]
+
+    def blocks(self, part: str) -> list[ViewBlock]:
+        """The view blocks of ``views`` or a teacher, each under its own completion mark."""
+        return part_blocks(self, part)
+
     def views_done(self) -> np.ndarray:
+        """The shards whose views are all made (every views block marked)."""
         return self._marks(VIEWS)  # the views part is named as its group
 
+    def rows_done(self) -> np.ndarray:
+        """The shards whose rows are made: keys, labels, status and the first views block (a
+        grown cache's new views may still be missing)."""
+        return self.block_done(self.blocks(VIEWS)[0])
+
     def teacher_done(self, name: str) -> np.ndarray:
+        """The shards the teacher has done on every view (every block marked)."""
         return self._marks(name)
 
-    def _marks(self, part: str) -> np.ndarray:
-        """The shards marked complete for ``views`` or a teacher; a mark that cannot be decoded
-        is a CacheReadError naming the shard (a precompute rerun resets it)."""
+    def block_done(self, block: ViewBlock) -> np.ndarray:
+        """The shards marked complete for one view block; a mark that cannot be decoded is a
+        CacheReadError naming the shard (a precompute rerun resets it)."""
         try:
-            marks, unreadable = read_marks(self.array(mark_path(part)))
+            marks, unreadable = block_marks(self, block)
         except CacheReadError:
             raise
         except OSError as exc:  # the store, not the chunk: nothing to name a shard for
             raise CacheReadError(
-                f"cache {self.path!r}: cannot read {mark_path(part)!r} (completion marks) "
+                f"cache {self.path!r}: cannot read {block.mark!r} (completion marks) "
                 f"({type(exc).__name__}: {str(exc)[:200]}): the store could not be read"
             ) from exc
         if unreadable:
             names = [self.meta.fingerprint.shards[i] for i in unreadable]
             raise CacheReadError(
-                f"cache {self.path!r}: cannot read {mark_path(part)!r} (completion marks) of "
+                f"cache {self.path!r}: cannot read {block.mark!r} (completion marks) of "
                 f"shard(s) {names[:5]}: the chunk is damaged; a `kdcache precompute` rerun "
                 "redoes the shard(s)"
             )
         return marks
+
+    def _marks(self, part: str) -> np.ndarray:
+        done = np.ones(self.num_shards, dtype=bool)
+        for block in self.blocks(part):
+            done &= self.block_done(block)
+        return done
 
     def incomplete_shards(self, teachers: list[str] | None = None) -> dict[str, list[str]]:
         """Shard names lacking a completion mark: ``{"views" | teacher: [shard, ...]}``."""
@@ -351,6 +399,18 @@ class CacheStore:
         for teacher in self.teachers if teachers is None else teachers:
             out[teacher] = [names[i] for i in np.flatnonzero(~self.teacher_done(teacher))]
         return {k: v for k, v in out.items() if v}
+
+    def unfinished_blocks(self, teachers: list[str] | None = None) -> list[tuple[ViewBlock, int]]:
+        """The views' and ``teachers``' (default all) view blocks some shards lack, with how many
+        shards lack each."""
+        parts = [VIEWS, *(self.teachers if teachers is None else teachers)]
+        out = []
+        for part in parts:
+            for block in self.blocks(part):
+                missing = int((~self.block_done(block)).sum())
+                if missing:
+                    out.append((block, missing))
+        return out
 
     # ---- compatibility --------------------------------------------------------------
     def check_compatible(
@@ -435,10 +495,10 @@ def open_store(path: str, mode: str = "r", storage_options: dict | None = None) 
     attrs = dict(group.attrs)
     if attrs.get("format") != FORMAT_NAME:
         raise CacheError(f"{path!r} is a Zarr group but not a kdcache cache (no format attribute)")
-    if attrs.get("format_version") != FORMAT_VERSION:
+    if attrs.get("format_version") not in READ_VERSIONS:
         raise CacheMismatchError(
             f"cache {path!r} has format version {attrs.get('format_version')}, "
-            f"this kdcache reads {FORMAT_VERSION}: "
+            f"this kdcache reads {' and '.join(map(str, READ_VERSIONS))}: "
             "rebuild it with `kdcache precompute CONFIG --overwrite` "
             "(or use the kdcache that wrote it)"
         )

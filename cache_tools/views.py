@@ -507,12 +507,16 @@ def draw_group(
     rows: Sequence[int],
     keys: Mapping[int, str],
     image_hw: Mapping[int, tuple[int, int]],
+    views: Iterable[int] | None = None,
 ) -> None:
-    """Draw every view of a mixing group's valid ``rows`` into ``params`` (shard rows, with
-    their keys and decoded image sizes): what precompute stores for them."""
+    """Draw every view (or ``views``: some of them) of a mixing group's valid ``rows`` into
+    ``params`` (shard rows, with their keys and decoded image sizes): what precompute stores for
+    them. A view depends on ``(seed, key, view)`` and the valid rows only, so views drawn later
+    (a cache grown from A to A' views) are those a cache of A' views has."""
+    views = list(range(params.num_views) if views is None else views)
     for row in rows:
         partners = group_partners(row, rows)
-        for a in range(params.num_views):
+        for a in views:
             params.put(row, a, draw_view(recipe, seed, keys[row], a, image_hw[row], partners))
 
 
@@ -590,10 +594,14 @@ def render_rows(
     rows: Sequence[int],
     recipe: ViewRecipe,
     rendering: Rendering,
+    views: Sequence[int] | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """All A views of ``rows`` for one model, ``uint8[len(rows) * A, C, S, S]`` in (row, view)
-    order; what :func:`render` gives view by view, with each base rendering made once and
-    reused as a partner. ``images``: decoded images by shard row (partners included)."""
+    """All A views (or ``views``) of ``rows`` for one model, ``uint8[len(rows) * len(views), C,
+    S, S]`` in (row, view) order; what :func:`render` gives view by view, with each base
+    rendering made once and reused as a partner. ``images``: decoded images by shard row
+    (partners included); ``out``: where to put them (e.g. a slice of a shared buffer)."""
+    views = range(params.num_views) if views is None else views
     base: dict[tuple[int, int], torch.Tensor] = {}
 
     def base_of(row: int, a: int) -> torch.Tensor:
@@ -601,16 +609,16 @@ def render_rows(
             base[row, a] = render_base(images[row], params.view(row, a), recipe, rendering)
         return base[row, a]
 
-    out = []
+    made = []
     for row in rows:
-        for a in range(params.num_views):
+        for a in views:
             view = params.view(row, a)
             image = base_of(row, a)
             if view.mixed:
                 partner = base_of(row + view.mix_partner, a)
                 image = apply_mix(image, partner, view.mix_lam, view.mix_box)
-            out.append(image)
-    return torch.stack(out)
+            made.append(image)
+    return torch.stack(made, out=out)
 
 
 def render_base(

@@ -18,6 +18,7 @@ import zarr
 
 from kdcache.encoding import encode
 from kdcache.errors import CacheError, CacheMismatchError, CacheWriteError
+from kdcache.integrity import ViewBlock, mark_path
 from kdcache.store import (
     ENCODINGS,
     STATUS_EMPTY,
@@ -244,7 +245,8 @@ def write_views(
     errors: list[str],
     params: ViewParams,
 ) -> None:
-    """Write a shard's labels, row status, errors and view parameters, then its views mark."""
+    """Write a shard's labels, row status, errors and view parameters (all A views), then its
+    views marks (every view block's, on a grown cache)."""
     _check_rows(store, shard, labels, "labels")
     chunk = shard_chunk(store, shard)
     cap = store.cap
@@ -260,7 +262,30 @@ def write_views(
     for name, spec in param_arrays(store.meta.recipe).items():
         data = _pad(params.arrays[name].astype(spec.dtype), cap, spec.fill)
         _store_chunk(store, shard, views, name, chunk, data)
-    _store_chunk(store, shard, store.group, "views_done", shard, now_ms())
+    for block in reversed(store.blocks(VIEWS)):  # the first block's mark last
+        _store_chunk(store, shard, store.group, block.mark, shard, now_ms())
+
+
+def write_view_block(store: CacheStore, shard: int, block: ViewBlock, params: ViewParams) -> None:
+    """Write the parameters of a later views block of a shard (a grown cache's new views: its
+    rows, labels and first views are stored already), then the block's mark. ``params``: the
+    shard's rows x all A views; only the block's views are written, into the block's own chunks.
+    """
+    _check_block(store, block)
+    _check_rows(store, shard, params.image_hw, "view parameters")
+    where = (shard_chunk(store, shard), slice(block.start, block.stop))
+    for name, spec in param_arrays(store.meta.recipe).items():
+        values = params.arrays[name][:, block.start : block.stop].astype(spec.dtype)
+        _store_chunk(store, shard, store.views, name, where, _pad(values, store.cap, spec.fill))
+    _store_chunk(store, shard, store.group, block.mark, shard, now_ms())
+
+
+def _check_block(store: CacheStore, block: ViewBlock) -> None:
+    if block not in store.blocks(block.part):
+        raise CacheError(
+            f"cache {store.path!r}: {block.part!r} has no view block {block.describe()} "
+            f"(its blocks: {', '.join(b.describe() for b in store.blocks(block.part))})"
+        )
 
 
 def write_keys(store: CacheStore, shard: int, keys: list[str]) -> None:
@@ -290,13 +315,20 @@ def write_teacher(
     label_logit: np.ndarray,
     tail_lse: np.ndarray,
     samples: tuple[np.ndarray, ...] | None = None,
+    start: int = 0,
 ) -> None:
     """Write one teacher's targets for a shard, then that teacher's mark for the shard
-    (encoding ``sampled``: with ``samples`` = (classes, logits, counts, lse_t), ``[n, A, ...]``)."""
+    (encoding ``sampled``: with ``samples`` = (classes, logits, counts, lse_t), each
+    ``[n, views, ...]``).
+
+    ``start``: the first view of the teacher's view block the targets are for (a grown cache's
+    new views; 0: its first block); the arrays hold the block's views, ``[n, views, ...]``."""
     _check_rows(store, shard, lse, f"teacher {teacher!r} lse")
     group = store.teacher_group(teacher)
     meta = store.teacher_meta(teacher)
-    chunk = shard_chunk(store, shard)
+    block = ViewBlock(teacher, start, start + lse.shape[1])
+    _check_block(store, block)
+    where = (shard_chunk(store, shard), slice(block.start, block.stop))
     cap = store.cap
     specs = meta.arrays(store.meta.num_classes)
     temperatures = tuple(meta.sample_temperatures)
@@ -305,8 +337,8 @@ def write_teacher(
     )
     for name, values in arrays.items():
         dtype, _, fill = specs[name]
-        _store_chunk(store, shard, group, name, chunk, _pad(values.astype(dtype), cap, fill))
-    _store_chunk(store, shard, group, "done", shard, now_ms())
+        _store_chunk(store, shard, group, name, where, _pad(values.astype(dtype), cap, fill))
+    _store_chunk(store, shard, store.group, block.mark, shard, now_ms())
 
 
 def write_targets(store: CacheStore, shard: int, teacher: str, targets: SparseTargets) -> None:
@@ -334,17 +366,22 @@ def write_targets(store: CacheStore, shard: int, teacher: str, targets: SparseTa
     )
 
 
-def clear_mark(store: CacheStore, shard: int, part: str) -> None:
-    """Unset a shard's completion mark for its views (``part="views"``) or a teacher: its data is
-    damaged, and a rerun redoes it. Written as 0 (not deleted), so an unreadable mark chunk is
-    replaced too."""
-    group = store.group if part == VIEWS else store.teacher_group(part)
-    name = "views_done" if part == VIEWS else "done"
-    _store_chunk(store, shard, group, name, shard, 0)
+def clear_mark(store: CacheStore, shard: int, part: str, start: int = 0) -> None:
+    """Unset a shard's completion mark for its views (``part="views"``) or a teacher, of the view
+    block from view ``start``: its data is damaged, and a rerun redoes it. Written as 0 (not
+    deleted), so an unreadable mark chunk is replaced too."""
+    if part != VIEWS:
+        store.teacher_group(part)  # an unknown teacher is a CacheMismatchError
+    _store_chunk(store, shard, store.group, mark_path(part, start), shard, 0)
 
 
 def _store_chunk(
-    store: CacheStore, shard: int, group: zarr.Group, name: str, where: slice | int, values: Any
+    store: CacheStore,
+    shard: int,
+    group: zarr.Group,
+    name: str,
+    where: slice | int | tuple[slice, slice],
+    values: Any,
 ) -> None:
     """One chunk write; a failure (full disk, permissions, object store) is a CacheWriteError that
     names the shard and the array, and leaves the shard's mark unset (the mark is written last).

@@ -72,7 +72,12 @@ class CacheSection(StrictModel):
     seed: int = 0
     """Seed of the view parameters: view ``a`` of ``key`` depends on ``(seed, key, a)`` only."""
     num_views: int = Field(4, ge=1, le=1024)
-    """A: views per sample."""
+    """A: views per sample. On an existing cache it must be the cache's, unless ``grow``."""
+    grow: bool = False
+    """Add views to an existing cache whose ``num_views`` is below this config's (A -> A'): the
+    stored views and targets are kept, this run draws views A..A'-1 and runs its teachers on
+    them; the cache's other teachers fill them when a precompute runs with them (``--grow``).
+    Without it a different ``num_views`` is refused, so a typo never grows a cache."""
     recipe: ViewRecipe = Field(default_factory=ViewRecipe)
     """How views are made (stored in the cache; the trainer replays with the cache's copy)."""
     overwrite: bool = False
@@ -163,8 +168,12 @@ class RaySection(StrictModel):
     """Shard actors; default: as many as the cluster holds now (one per GPU when actors use GPUs,
     else min(CPUs, shards)), at least one. Set it on an autoscaling cluster: actors that do not
     fit yet wait for the nodes the autoscaler adds."""
-    cpus_per_actor: float = Field(1.0, gt=0)
-    """CPUs reserved per actor (also the torch threads on CPU unless ``runtime.torch_threads``)."""
+    cpus_per_actor: float | None = Field(None, gt=0)
+    """CPUs reserved per actor: they read, decode and replay the views
+    (``runtime.data_workers``) and run a CPU teacher (``runtime.torch_threads``). Default: 1 for
+    CPU actors; for GPU actors each one's share of a GPU node's CPUs (the node's CPUs divided by
+    its GPUs, times ``gpus_per_actor``; the smallest share over the GPU nodes), e.g. 16 on a node
+    with 128 CPUs and 8 GPUs."""
     gpus_per_actor: float | None = Field(None, ge=0)
     """GPUs per actor; default 1 when the cluster has GPUs now, else 0 (set it to 1 on a cluster
     whose GPU nodes the autoscaler starts on demand)."""
@@ -198,6 +207,11 @@ class RuntimeSection(StrictModel):
     """channels_last memory format on CUDA."""
     torch_threads: int | None = Field(None, ge=1)
     """torch intra-op threads per actor; default ``ray.cpus_per_actor`` (at least 1)."""
+    data_workers: int | None = Field(None, ge=0)
+    """Processes per actor that read, decode and replay the views and collate the batches,
+    overlapped with the teachers' forward. 0: one background thread of the actor. Default: the
+    actor's CPUs (``ray.cpus_per_actor``) when it has 2 or more, else 0. The cache is the same
+    for every value."""
 
 
 class PrecomputeConfig(StrictModel):

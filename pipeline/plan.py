@@ -44,6 +44,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import fsspec
+import numpy as np
 
 from kdcache.config import dump_config
 from kdcache.ensemble import ENSEMBLE_MODEL, ensemble_digest, ensemble_meta
@@ -56,6 +57,8 @@ from kdcache.errors import (
     DuplicateKeyError,
     TeacherError,
 )
+from kdcache.growth import finish_growth, grow_views
+from kdcache.integrity import VIEWS, ViewBlock
 from kdcache.lock import WriterLock, check_unlocked
 from kdcache.manifest import Manifest, find_manifest
 from kdcache.models import ModelSpec, build_teacher, weights_digest
@@ -129,6 +132,24 @@ class ShardTask:
     """The shard's key digest its manifest records ("" unknown), checked by the worker."""
     source: str = "headers"
     """Where planning got the count: ``headers``, ``the cache``, or a manifest or index path."""
+    new_views: tuple[tuple[int, int], ...] = ()
+    """A grown cache's views blocks ``(start, stop)`` to draw and write here (the rows and first
+    views are stored; with ``make_views`` every view is drawn instead)."""
+    teacher_views: tuple[tuple[tuple[int, int], ...], ...] = ()
+    """Per teacher of ``teachers``, its view blocks ``(start, stop)`` to run (empty: all views)."""
+
+    def teacher_blocks(self, name: str, num_views: int) -> tuple[tuple[int, int], ...]:
+        """The view blocks ``(start, stop)`` teacher ``name`` runs on here."""
+        index = self.teachers.index(name)
+        if index < len(self.teacher_views) and self.teacher_views[index]:
+            return self.teacher_views[index]
+        return ((0, num_views),)
+
+    def views_of(self, name: str, num_views: int) -> list[int]:
+        """The views teacher ``name`` runs on here."""
+        return [
+            a for start, stop in self.teacher_blocks(name, num_views) for a in range(start, stop)
+        ]
 
 
 class ShardKeys:
@@ -417,6 +438,9 @@ def open_or_create(
         store = _open_existing(path, options)
         if store is not None:
             _check_compatible(store, cfg, data, num_classes)
+            if cfg.cache.num_views > store.meta.num_views:  # cache.grow, checked above
+                grow_views(store, cfg.cache.num_views)
+            finish_growth(store)  # a growth cut short is finished here
             return store, False
     _refuse_foreign(path, options)
     store = create_store(
@@ -448,16 +472,18 @@ def _check_compatible(
     both = bool(given.key_digest and cached.key_digest)
     if not both:
         given = given.model_copy(update={"key_digest": cached.key_digest})
+    growing = cfg.cache.grow and cfg.cache.num_views > store.meta.num_views
     try:
         store.check_compatible(
             fingerprint=given,
             recipe=cfg.cache.recipe,
-            num_views=cfg.cache.num_views,
+            num_views=None if growing else cfg.cache.num_views,
             num_classes=num_classes,
             seed=cfg.cache.seed,
         )
     except CacheMismatchError as exc:
-        raise _mismatch(str(exc), changed_key_shards(store, data)) from None
+        hint = _views_hint(store, cfg)
+        raise _mismatch(str(exc) + hint, changed_key_shards(store, data)) from None
     if not both:
         changed = changed_key_shards(store, data)
         if changed:
@@ -466,6 +492,20 @@ def _check_compatible(
                 "counts, other keys or order)",
                 changed,
             )
+
+
+def _views_hint(store: CacheStore, cfg: PrecomputeConfig) -> str:
+    """Why a view count that differs from the cache's is refused, and how to add views."""
+    cached = store.meta.num_views
+    wanted = cfg.cache.num_views
+    if wanted > cached:
+        return (
+            f"\n  to add views {cached}..{wanted - 1} to this cache (its stored views and "
+            "targets are kept), set cache.grow: true (`cache.grow=true`)"
+        )
+    if wanted < cached:
+        return f"\n  a cache cannot lose views: it keeps its {cached} (cache.num_views={cached})"
+    return ""
 
 
 def _mismatch(message: str, changed: list[str]) -> CacheMismatchError:
@@ -551,16 +591,23 @@ def _refuse_foreign(path: str, options: dict[str, Any] | None) -> None:
 
 
 def shard_tasks(store: CacheStore, data: DataPlan, teachers: list[str]) -> list[ShardTask]:
-    """Shards lacking the views mark or any run teacher's mark, in shard order. A shard whose
-    views are stored is checked against its stored keys."""
-    views = store.views_done()
-    done = {name: store.teacher_done(name) for name in teachers}
+    """Shards lacking a views mark or any mark of a run teacher, in shard order: each of their
+    view blocks (:mod:`kdcache.growth`) is a mark. A shard whose first views are stored is
+    checked against its stored keys; one whose first views are not is made whole, every run
+    teacher on every view."""
+    views = [(block, store.block_done(block)) for block in store.blocks(VIEWS)]
+    done = {
+        name: [(block, store.block_done(block)) for block in store.blocks(name)]
+        for name in teachers
+    }
     tasks = []
     for i, (url, shard) in enumerate(zip(data.urls, data.indexes, strict=True)):
-        missing = tuple(name for name in teachers if not done[name][i])
-        if not missing and views[i]:
+        make = not bool(views[0][1][i])
+        new_views = () if make else _undone(views[1:], i)
+        todo = {name: () if make else _undone(blocks, i) for name, blocks in done.items()}
+        todo = {name: blocks for name, blocks in todo.items() if make or blocks}
+        if not (make or new_views or todo):
             continue
-        make = not bool(views[i])
         keys, source = shard.keys, shard.source
         if not make:
             keys, source = tuple(stored_keys(store, i)), "the cache"
@@ -572,19 +619,26 @@ def shard_tasks(store: CacheStore, data: DataPlan, teachers: list[str]) -> list[
                 count=shard.count,
                 keys=keys,
                 make_views=make,
-                teachers=tuple(teachers) if make else missing,
+                teachers=tuple(todo),
                 key_digest=shard.key_digest,
                 source=source,
+                new_views=new_views,
+                teacher_views=tuple(todo.values()),
             )
         )
     return tasks
+
+
+def _undone(blocks: list[tuple[ViewBlock, np.ndarray]], shard: int) -> tuple[tuple[int, int], ...]:
+    """The view blocks (``(start, stop)``) not marked for ``shard``."""
+    return tuple((block.start, block.stop) for block, marks in blocks if not marks[shard])
 
 
 def seal_fingerprint(store: CacheStore) -> bool:
     """Once every shard's views (and keys) are stored, refuse keys repeated across shards and set
     the fingerprint's key digest (the driver; a no-op when it is set). True if it set it."""
     fingerprint = store.meta.fingerprint
-    if fingerprint.key_digest or not store.views_done().all():
+    if fingerprint.key_digest or not store.rows_done().all():
         return False
     indexes = [
         ShardIndex(url=name, keys=keys)

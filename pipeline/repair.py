@@ -33,8 +33,8 @@ def repair_damage(store: CacheStore, teachers: list[str], *, check: bool) -> lis
     damage = find_damage(store, check=check)
     for found in damage:
         logger.warning("cache %s: %s; %s", store.path, found, _action(found, teachers))
-    for part, shard in sorted({(found.part, found.shard) for found in damage}):
-        clear_mark(store, shard, part)
+    for part, start, shard in sorted({(found.part, found.start, found.shard) for found in damage}):
+        clear_mark(store, shard, part, start)  # the damaged view block's mark
     logger.info(
         "cache %s: checked the marked shards' chunks (%s) in %.1f s: %s",
         store.path,
@@ -46,10 +46,11 @@ def repair_damage(store: CacheStore, teachers: list[str], *, check: bool) -> lis
 
 
 def _action(found: Damage, teachers: list[str]) -> str:
+    views = f" (views from {found.start})" if found.start else ""
     if found.part == VIEWS:
-        return "its views mark is cleared: this run makes its views again"
+        return f"its views mark{views} is cleared: this run makes those views again"
     if found.part in teachers:
-        return f"the mark of teacher {found.part!r} is cleared: this run redoes it there"
+        return f"the mark of teacher {found.part!r}{views} is cleared: this run redoes it there"
     return (
         f"the mark of teacher {found.part!r} is cleared; the teacher is not in this run, so the "
         "shard stays to do for it until a precompute with that teacher runs"

@@ -52,8 +52,10 @@ from tqdm import tqdm
 from kdcache.errors import KdcacheError
 from kdcache.lock import check_unlocked
 from kdcache.pipeline.config import PrecomputeConfig, RaySection
+from kdcache.pipeline.datapath import FAULT_ENV as DATA_FAULT_ENV
 from kdcache.pipeline.plan import Plan, ShardTask, make_plan, seal_fingerprint, writer_lock
 from kdcache.pipeline.record import finish, new_result, write_record
+from kdcache.pipeline.resources import cpus_per_actor
 from kdcache.pipeline.worker import FAULT_ENV, ShardResult, ShardWorker, WorkerSettings
 from kdcache.results import PrecomputeResult
 
@@ -62,7 +64,7 @@ logger = logging.getLogger(__name__)
 PROGRESS_LOG_SECONDS = 30.0
 FIRST_WAIT_LOG_S = 5.0
 """While no shard actor is up, the first "not up after" line comes after this long."""
-FORWARDED_ENV = (FAULT_ENV,)
+FORWARDED_ENV = (FAULT_ENV, DATA_FAULT_ENV)
 
 
 class RayClusterError(KdcacheError, ConnectionError):
@@ -107,7 +109,8 @@ def describe_failure(why: BaseException | str) -> str:
 
 
 def worker_settings(cfg: PrecomputeConfig, plan: Plan) -> WorkerSettings:
-    threads = cfg.runtime.torch_threads or max(1, int(cfg.ray.cpus_per_actor))
+    cpus = cfg.ray.cpus_per_actor or 1.0  # actor_factory sets the resolved count
+    threads = cfg.runtime.torch_threads or max(1, int(cpus))
     return WorkerSettings(
         cache_path=plan.cache_path,
         storage_options=dict(cfg.cache.storage_options),
@@ -121,6 +124,8 @@ def worker_settings(cfg: PrecomputeConfig, plan: Plan) -> WorkerSettings:
         teachers=tuple(plan.teachers),
         runtime=cfg.runtime,
         torch_threads=threads,
+        cpus=cpus,
+        data_workers=cfg.runtime.data_workers,
     )
 
 
@@ -396,7 +401,8 @@ def actor_layout(section: RaySection, num_tasks: int) -> tuple[int, float, float
         if section.gpus_per_actor is not None
         else (1.0 if gpus_total else 0.0)
     )
-    fit = math.floor(cpus_total / section.cpus_per_actor)
+    cpus = cpus_per_actor(section.cpus_per_actor, gpus)
+    fit = math.floor(cpus_total / cpus)
     if gpus:
         fit = min(fit, math.floor(gpus_total / gpus))
     wanted = section.num_actors or max(1, fit)
@@ -406,13 +412,13 @@ def actor_layout(section: RaySection, num_tasks: int) -> tuple[int, float, float
             "%d shard actor(s) of %g CPU and %g GPU each, but %d fit the cluster now (%g CPU, "
             "%g GPU): the others wait for Ray to place them (free resources or the autoscaler)",
             count,
-            section.cpus_per_actor,
+            cpus,
             gpus,
             fit,
             cpus_total,
             gpus_total,
         )
-    return count, section.cpus_per_actor, gpus
+    return count, cpus, gpus
 
 
 def resource_needs(section: RaySection) -> str:
@@ -422,8 +428,9 @@ def resource_needs(section: RaySection) -> str:
     gpus = section.gpus_per_actor
     if gpus is None:
         gpus = 1.0 if total.get("GPU", 0) else 0.0
+    cpus = cpus_per_actor(section.cpus_per_actor, gpus)
     return (
-        f"each shard actor needs {section.cpus_per_actor:g} CPU and {gpus:g} GPU "
+        f"each shard actor needs {cpus:g} CPU and {gpus:g} GPU "
         "(ray.cpus_per_actor, ray.gpus_per_actor); the cluster has "
         f"{total.get('CPU', 0):g} CPU ({free.get('CPU', 0):g} free) and "
         f"{total.get('GPU', 0):g} GPU ({free.get('GPU', 0):g} free)"
@@ -441,6 +448,7 @@ def actor_factory(
     dead actor itself, within ``ray.max_task_retries`` and ``ray.max_restarts``.
     """
     count, cpus, gpus = actor_layout(section, num_tasks)
+    settings = settings.for_actor(cpus)
     env = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
     options: dict[str, Any] = dict(num_cpus=cpus, num_gpus=gpus, max_restarts=0, max_task_retries=0)
     if env:

@@ -5,10 +5,12 @@ N on CPUs); tests and debugging call it in-process: ``ShardWorker(settings)(task
 teacher once, then per shard task streams the tar, checks the keys against the plan (learning them
 when planning counted the shard from a manifest), decodes each image once, replays A views (from
 ``(seed, key, a)``, or from the parameters already stored when an earlier run made the shard's
-views) in a background thread a few batches ahead, runs every teacher per batch under
+views) a few batches ahead on its data path (:mod:`kdcache.pipeline.datapath`: a background
+thread, or ``runtime.data_workers`` processes), runs every teacher per batch under
 ``inference_mode`` meanwhile, reduces the logits to top-k / logsumexp / label logit on the device,
 and writes the shard's keys and views (if needed) and each teacher's targets, each completion mark
-last. It never writes group attributes.
+last. It never writes group attributes. On a grown cache (:mod:`kdcache.growth`) a task draws the
+new views only and runs each teacher on the view blocks it has not done.
 
 Test-only fault hook: with ``KDCACHE_FAULT_CRASH_SHARD=<shard name>:<marker file>`` set, the
 worker processing that shard, if the marker file does not exist, creates it and calls
@@ -18,46 +20,50 @@ runner passes this variable on to Ray actors when the driver sees it set.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-import queue
-import threading
 import time
-from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any
 
 import numpy as np
 import torch
 
 from kdcache.encoding import sample_slots
 from kdcache.ensemble import combine_logits
-from kdcache.errors import DataError, TeacherError
+from kdcache.errors import TeacherError
+from kdcache.integrity import VIEWS, ViewBlock
 from kdcache.models import build_teacher, weights_digest
 from kdcache.pipeline.config import RuntimeSection
+from kdcache.pipeline.datapath import (
+    PREFETCH_BATCHES,
+    DataPath,
+    DataSettings,
+    ShardRows,
+    ViewBatch,
+    ViewWork,
+    background,
+    checked_samples,
+    rendering_key,
+)
 from kdcache.pipeline.plan import MemberPlan, ShardKeys, ShardTask, TeacherPlan
 from kdcache.reader import read_block
 from kdcache.sampling import sampled_from_logits, uniforms
-from kdcache.shards import DEFAULT_LABEL_KEY, Sample, decode_image, iter_shard
-from kdcache.store import STATUS_INVALID, STATUS_VALID, TeacherMeta, open_store
+from kdcache.shards import DEFAULT_LABEL_KEY
+from kdcache.store import STATUS_VALID, TeacherMeta, open_store
 from kdcache.targets import MixedLabels, SampledTargets, SparseTargets, from_logits
 from kdcache.teacher import ModelRunner, check_finite
-from kdcache.views import (
-    Rendering,
-    ViewParams,
-    ViewRecipe,
-    draw_group,
-    grouped,
-    render_rows,
-)
-from kdcache.writer import write_keys, write_teacher, write_views
+from kdcache.views import Rendering, ViewRecipe
+from kdcache.writer import write_keys, write_teacher, write_view_block, write_views
+
+__all__ = ["ShardWorker", "WorkerSettings", "ShardResult", "background", "checked_samples"]
 
 logger = logging.getLogger(__name__)
 
 FAULT_ENV = "KDCACHE_FAULT_CRASH_SHARD"
-PREFETCH_BATCHES = 2
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -80,8 +86,26 @@ class WorkerSettings:
     label_key: str = DEFAULT_LABEL_KEY
     """The label's key in ``.json`` entries (``data.label_key``)."""
     prefetch_batches: int = PREFETCH_BATCHES
-    """Batches of views a background thread decodes and replays ahead while the teachers run
-    (0: in line, one after the other)."""
+    """Batches of views the data path makes ahead while the teachers run (0: in line, one after
+    the other, in this thread; with data worker processes their jobs still run meanwhile)."""
+    cpus: float = 1.0
+    """The actor's CPUs (``ray.cpus_per_actor`` as resolved): the default of ``data_workers``."""
+    data_workers: int | None = None
+    """Data worker processes (``runtime.data_workers``); None: :attr:`workers` decides."""
+
+    @property
+    def workers(self) -> int:
+        """Data worker processes: ``data_workers``, else the actor's CPUs when 2 or more, else 0
+        (the actor's own background thread)."""
+        if self.data_workers is not None:
+            return self.data_workers
+        return int(self.cpus) if self.cpus >= 2 else 0
+
+    def for_actor(self, cpus: float) -> WorkerSettings:
+        """These settings in an actor of ``cpus`` CPUs (its default torch threads and data
+        workers)."""
+        threads = self.runtime.torch_threads or max(1, int(cpus))
+        return dataclasses.replace(self, cpus=cpus, torch_threads=threads)
 
 
 @dataclass(frozen=True)
@@ -95,27 +119,6 @@ class ShardResult:
     forward_seconds: float
     made_views: bool
     teachers: tuple[str, ...]
-
-
-@dataclass
-class ShardRows:
-    """Per-row state of a shard: labels, status, reasons, view params (fresh or stored)."""
-
-    labels: np.ndarray
-    status: np.ndarray
-    errors: list[str]
-    params: ViewParams
-    stored: bool
-
-    @classmethod
-    def fresh(cls, recipe: ViewRecipe, n: int, num_views: int) -> ShardRows:
-        return cls(
-            np.full(n, -1, np.int32),
-            np.zeros(n, np.int8),
-            [""] * n,
-            ViewParams.empty(recipe, n, num_views),
-            stored=False,
-        )
 
 
 @dataclass
@@ -148,6 +151,20 @@ class TeacherArrays:
             samples=samples,
         )
 
+    def views(self, start: int, stop: int) -> dict[str, Any]:
+        """The arrays of views ``[start, stop)``, as :func:`write_teacher` takes them."""
+        samples = None
+        if self.samples is not None:
+            samples = tuple(values[:, start:stop] for values in self.samples)
+        return {
+            "topk_idx": self.topk_idx[:, start:stop],
+            "topk_logit": self.topk_logit[:, start:stop],
+            "lse": self.lse[:, start:stop],
+            "label_logit": self.label_logit[:, start:stop],
+            "tail_lse": self.tail_lse[:, start:stop],
+            "samples": samples,
+        }
+
     def put(self, flat: np.ndarray, targets: SparseTargets) -> None:
         """Store a batch at flat view indices ``row * A + a`` (copies the small arrays to CPU)."""
         k = self.topk_idx.shape[-1]
@@ -165,82 +182,9 @@ class TeacherArrays:
                 out.reshape(out.shape[0] * out.shape[1], out.shape[-1])[flat] = values.cpu().numpy()
 
 
-@dataclass
-class ViewBatch:
-    """Views on their way to the teachers: flat view indices ``row * A + a``, the views in each
-    rendering the run's teachers need, and each view's hard labels (mixed views have two)."""
-
-    flat: np.ndarray
-    views: dict[str, torch.Tensor]
-    """Rendering key (:func:`rendering_key`) -> ``uint8[B, C, S, S]``."""
-    labels: np.ndarray
-    partner_labels: np.ndarray
-    lam: np.ndarray
-    """Weight of ``labels`` (1 for unmixed views), float32."""
-
-    def __len__(self) -> int:
-        return len(self.flat)
-
-    def mixed_labels(self) -> MixedLabels:
-        return MixedLabels(
-            torch.from_numpy(self.labels.astype(np.int64)),
-            torch.from_numpy(self.partner_labels.astype(np.int64)),
-            torch.from_numpy(self.lam.astype(np.float32)),
-        )
-
-    @staticmethod
-    def concat(parts: list[ViewBatch]) -> ViewBatch:
-        return ViewBatch(
-            np.concatenate([p.flat for p in parts]),
-            {key: torch.cat([p.views[key] for p in parts]) for key in parts[0].views},
-            np.concatenate([p.labels for p in parts]),
-            np.concatenate([p.partner_labels for p in parts]),
-            np.concatenate([p.lam for p in parts]),
-        )
-
-    def slice(self, start: int, stop: int) -> ViewBatch:
-        return ViewBatch(
-            self.flat[start:stop],
-            {key: views[start:stop] for key, views in self.views.items()},
-            self.labels[start:stop],
-            self.partner_labels[start:stop],
-            self.lam[start:stop],
-        )
-
-
-def rendering_key(rendering: Rendering) -> str:
-    """A hashable name of a rendering: teachers with equal renderings share their views."""
-    return rendering.model_dump_json()
-
-
 def model_key(member: MemberPlan) -> str:
     """A hashable name of a model as it runs: its weights digest and rendering."""
     return f"{member.weights_digest}:{rendering_key(member.rendering)}"
-
-
-class ViewBatcher:
-    """Collects groups' views into batches of exactly ``size`` views (the last one smaller)."""
-
-    def __init__(self, size: int):
-        self.size = size
-        self.parts: list[ViewBatch] = []
-        self.count = 0
-
-    def add(self, views: ViewBatch) -> Iterator[ViewBatch]:
-        self.parts.append(views)
-        self.count += len(views)
-        while self.count >= self.size:
-            yield self._take(self.size)
-
-    def flush(self) -> Iterator[ViewBatch]:
-        if self.count:
-            yield self._take(self.count)
-
-    def _take(self, n: int) -> ViewBatch:
-        joined = ViewBatch.concat(self.parts)
-        self.parts = [joined.slice(n, len(joined))]
-        self.count = self.count - n
-        return joined.slice(0, n)
 
 
 class ShardWorker:
@@ -261,6 +205,15 @@ class ShardWorker:
         self.renderings = {rendering_key(m.rendering): m.rendering for m in models}
         self.store = open_store(settings.cache_path, "r+", settings.storage_options or None)
         self.metas = {t.name: self.store.teacher_meta(t.name) for t in settings.teachers}
+        self.data = DataPath(
+            data_settings(settings, self.renderings),
+            workers=settings.workers,
+            batch_size=settings.runtime.batch_size,
+            prefetch_batches=settings.prefetch_batches,
+            pin_memory=any(r.device.type == "cuda" for r in self.runners.values()),
+        )
+        self.data.start()  # the data worker processes are up before the actor is ready
+        self.writer = ThreadPoolExecutor(len(settings.teachers), thread_name_prefix="kdcache-write")
 
     def _runner(self, teacher: str, member: MemberPlan) -> ModelRunner:
         s = self.settings
@@ -285,6 +238,11 @@ class ShardWorker:
         """The actor's process id, once the teachers are built (the runner waits on this)."""
         return os.getpid()
 
+    def close(self) -> None:
+        """Stop the data worker processes (an actor's end stops them too)."""
+        self.data.close()
+        self.writer.shutdown()
+
     def __call__(self, task: ShardTask) -> ShardResult:
         """Process one shard task and write its chunks and marks."""
         start = time.perf_counter()
@@ -294,16 +252,19 @@ class ShardWorker:
         out = {name: self._arrays(name, n, a) for name in task.teachers}
         forward = 0.0
         keys = ShardKeys(task)
-        batches = background(self._batches(task, rows, keys), self.settings.prefetch_batches)
+        self.data.prefetch_batches = self.settings.prefetch_batches
+        options = self.settings.data_storage_options or None
+        batches = self.data.batches(task, rows, keys, options, self.settings.label_key)
         for index, batch in enumerate(batches):
             forward += self._forward(task, batch, out, keys.keys)
             if index == 0:
                 maybe_crash(task.name)
         self._write(task, rows, out, keys)
-        invalid = int((rows.status != STATUS_VALID).sum()) * a
+        per_row = len(ViewWork.of(task, a).render)
+        invalid = int((rows.status != STATUS_VALID).sum()) * per_row
         seconds = time.perf_counter() - start
         result = ShardResult(
-            task.name, n * a, invalid, seconds, forward, task.make_views, task.teachers
+            task.name, n * per_row, invalid, seconds, forward, task.make_views, task.teachers
         )
         logger.debug("%s", result)
         return result
@@ -316,10 +277,11 @@ class ShardWorker:
         return TeacherArrays.zeros(n, num_views, meta.k, slots, len(meta.sample_temperatures))
 
     def _initial_rows(self, task: ShardTask) -> ShardRows:
-        """Fresh rows, or the labels, status and view params stored by an earlier run."""
+        """Fresh rows, or the labels, status and view params stored by an earlier run (a grown
+        cache's new views not made yet read as fill values: this task draws them)."""
         if task.make_views:
             return ShardRows.fresh(self.settings.recipe, task.count, self.settings.num_views)
-        block = read_block(self.store, task.index)
+        block = read_block(self.store, task.index, require_complete=False)
         return ShardRows(
             np.asarray(block.labels),
             np.asarray(block.status),
@@ -328,129 +290,48 @@ class ShardWorker:
             stored=True,
         )
 
-    def _batches(self, task: ShardTask, rows: ShardRows, keys: ShardKeys) -> Iterator[ViewBatch]:
-        """The shard's views in batches, group by group (a mixing group's rows are decoded
-        together, so every view's partner is at hand; without mixing a group is one row)."""
-        batcher = ViewBatcher(self.settings.runtime.batch_size)
-        options = self.settings.data_storage_options or None
-        samples = checked_samples(task, options, keys, self.settings.label_key)
-        for start, group in grouped(samples, self.settings.recipe.group_size):
-            views = self._group_views(task, start, group, rows)
-            if views is not None:
-                yield from batcher.add(views)
-        yield from batcher.flush()
-
-    def _group_views(
-        self, task: ShardTask, start: int, group: list[Sample], rows: ShardRows
-    ) -> ViewBatch | None:
-        """Every view of a group's valid rows, in each rendering the teachers need."""
-        images = {}
-        for row, sample in enumerate(group, start=start):
-            image = self._image(task, row, sample, rows)
-            if image is not None:
-                images[row] = image
-        if not images:
-            return None
-        valid = sorted(images)
-        if not rows.stored:
-            self._draw(group, start, valid, images, rows)
-        return self._render(valid, images, rows)
-
-    def _image(
-        self, task: ShardTask, row: int, sample: Sample, rows: ShardRows
-    ) -> torch.Tensor | None:
-        """The decoded image of a valid row, or None for an invalid one (recorded under
-        ``skip``; a stored invalid row stays invalid)."""
-        if rows.stored:
-            return self._stored_image(task, row, sample, rows)
-        s = self.settings
-        rows.labels[row] = sample.label if sample.label is not None else -1
-        try:
-            sample.require_label(task.name, s.num_classes)
-            image = decode(sample, task.name, s.recipe.channels)
-        except DataError as exc:
-            if s.on_error == "raise":
-                raise
-            rows.status[row] = STATUS_INVALID
-            rows.errors[row] = str(exc)
-            return None
-        rows.status[row] = STATUS_VALID
-        return image
-
-    def _stored_image(
-        self, task: ShardTask, row: int, sample: Sample, rows: ShardRows
-    ) -> torch.Tensor | None:
-        if int(rows.status[row]) != STATUS_VALID:
-            return None
-        if sample.label != int(rows.labels[row]):
-            raise DataError(
-                f"shard {task.name!r}, key {sample.key!r}: label {sample.label} but the cache "
-                f"stored {int(rows.labels[row])}: the shard changed after its views were made"
-            )
-        image = decode(sample, task.name, self.settings.recipe.channels)
-        stored = tuple(int(v) for v in rows.params.image_hw[row])
-        if tuple(image.shape[-2:]) != stored:
-            raise DataError(
-                f"shard {task.name!r}, key {sample.key!r}: image is {image.shape[-2]}x"
-                f"{image.shape[-1]} but its views were made from a {stored[0]}x{stored[1]} "
-                "image: the shard changed after the cache was built"
-            )
-        return image
-
-    def _draw(
-        self,
-        group: list[Sample],
-        start: int,
-        valid: list[int],
-        images: dict[int, torch.Tensor],
-        rows: ShardRows,
-    ) -> None:
-        """Draw every view of the group's valid rows from ``(seed, key, view)``."""
-        keys = {row: group[row - start].key for row in valid}
-        hw = {row: (int(images[row].shape[-2]), int(images[row].shape[-1])) for row in valid}
-        draw_group(rows.params, self.settings.recipe, self.settings.seed, valid, keys, hw)
-
-    def _render(
-        self, valid: list[int], images: dict[int, torch.Tensor], rows: ShardRows
-    ) -> ViewBatch:
-        """The views of ``valid`` rows in every rendering, with their labels."""
-        a = self.settings.num_views
-        recipe = self.settings.recipe
-        views = {
-            key: render_rows(images, rows.params, valid, recipe, rendering)
-            for key, rendering in self.renderings.items()
-        }
-        own = np.repeat(np.asarray(valid), a)  # (row, view) order, as render_rows gives them
-        view = np.tile(np.arange(a), len(valid))
-        partner, lam = rows.params.mixing(own, view)
-        labels = rows.labels
-        return ViewBatch(own * a + view, views, labels[own], labels[partner], lam)
-
     def _forward(
         self, task: ShardTask, batch: ViewBatch, out: dict[str, TeacherArrays], keys: list[str]
     ) -> float:
-        """Every teacher on one batch, in its rendering; top-k, logsumexp and label logit on the
-        device (a stored ensemble: its models' logits combined first; each model runs once per
-        batch, whichever teachers hold it)."""
+        """Every teacher on one batch (on the views it runs on here), in its rendering; top-k,
+        logsumexp and label logit on the device (a stored ensemble: its models' logits combined
+        first; each model runs once per batch on the same views, whichever teachers hold it)."""
         start = time.perf_counter()
-        labels = batch.mixed_labels()
-        ran: dict[str, torch.Tensor] = {}
+        view = batch.flat % self.settings.num_views
+        ran: dict[tuple[str, bytes], torch.Tensor] = {}
         for name in task.teachers:
-            logits = self._logits(task, name, batch, ran)
-            targets = self._targets(task, name, logits, labels, batch.flat, keys)
-            out[name].put(batch.flat, targets)
+            runs_on = self._runs_on(task, name)
+            part = batch.select(runs_on[view])
+            if not len(part):
+                continue
+            logits = self._logits(task, name, part, ran, runs_on.tobytes())
+            labels = part.mixed_labels()
+            out[name].put(part.flat, self._targets(name, logits, labels, part.flat, keys))
         return time.perf_counter() - start
 
+    def _runs_on(self, task: ShardTask, name: str) -> np.ndarray:
+        """bool per view: whether teacher ``name`` runs on it in this task."""
+        wanted = np.zeros(self.settings.num_views, dtype=bool)
+        wanted[task.views_of(name, self.settings.num_views)] = True
+        return wanted
+
     def _logits(
-        self, task: ShardTask, name: str, batch: ViewBatch, ran: dict[str, torch.Tensor]
+        self,
+        task: ShardTask,
+        name: str,
+        part: ViewBatch,
+        ran: dict[tuple[str, bytes], torch.Tensor],
+        views: bytes,
     ) -> torch.Tensor:
-        """A teacher's logits of the batch: its model's, or its ensemble's combination."""
+        """A teacher's logits of its part of the batch: its model's, or its ensemble's
+        combination (``ran``: the logits each model already gave on the same views)."""
         teacher = self.teachers[name]
         logits = []
         for member in teacher.models():
-            key = model_key(member)
+            key = (model_key(member), views)
             if key not in ran:
-                ran[key] = self.runners[key](batch.views[rendering_key(member.rendering)])
+                runner = self.runners[key[0]]
+                ran[key] = runner(part.views[rendering_key(member.rendering)])
                 check_finite(ran[key], f"shard {task.name!r}, teacher {name!r}")
             logits.append(ran[key])
         weights = [m.weight for m in teacher.models()]
@@ -458,7 +339,6 @@ class ShardWorker:
 
     def _targets(
         self,
-        task: ShardTask,
         name: str,
         logits: torch.Tensor,
         labels: MixedLabels,
@@ -479,8 +359,8 @@ class ShardWorker:
     def _write(
         self, task: ShardTask, rows: ShardRows, out: dict[str, TeacherArrays], keys: ShardKeys
     ) -> None:
-        """Keys and views first (if made here), then each teacher; every writer sets its mark
-        last."""
+        """Keys and views first (if made here), then each teacher, view block by view block;
+        every writer sets its mark last."""
         if task.make_views:
             write_keys(self.store, task.index, keys.keys)
             write_views(
@@ -491,94 +371,46 @@ class ShardWorker:
                 errors=rows.errors,
                 params=rows.params,
             )
-        for name in task.teachers:
-            arrays = out[name]
+        for start, stop in task.new_views:
+            write_view_block(self.store, task.index, ViewBlock(VIEWS, start, stop), rows.params)
+        # each teacher writes its own chunks and marks: they go out together (one round trip
+        # on an object store instead of one per teacher)
+        writes = [
+            self.writer.submit(self._write_teacher, task, name, out[name]) for name in task.teachers
+        ]
+        wait(writes)  # all settled before the task returns or raises
+        for write in writes:
+            write.result()
+
+    def _write_teacher(self, task: ShardTask, name: str, arrays: TeacherArrays) -> None:
+        for block in self._teacher_blocks(task, name):
             write_teacher(
                 self.store,
                 task.index,
                 name,
-                topk_idx=arrays.topk_idx,
-                topk_logit=arrays.topk_logit,
-                lse=arrays.lse,
-                label_logit=arrays.label_logit,
-                tail_lse=arrays.tail_lse,
-                samples=arrays.samples,
+                **arrays.views(block.start, block.stop),
+                start=block.start,
             )
 
+    def _teacher_blocks(self, task: ShardTask, name: str) -> list[ViewBlock]:
+        """The teacher's view blocks this task runs it on."""
+        listed = task.teacher_blocks(name, self.settings.num_views)
+        blocks = self.store.blocks(name)
+        if listed == ((0, self.settings.num_views),):  # all of its views
+            return blocks
+        return [block for block in blocks if (block.start, block.stop) in listed]
 
-def background(items: Iterator[T], depth: int) -> Iterator[T]:
-    """``items``, produced by a background thread up to ``depth`` ahead of the consumer.
 
-    The producer's exception is raised here, in the consumer; a consumer that stops early (its own
-    exception, ``close``) stops the producer before returning. ``depth`` 0: no thread.
-    """
-    if depth <= 0:
-        yield from items
-        return
-    slots: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    thread = threading.Thread(
-        target=_produce, args=(items, slots, stop), name="kdcache-views", daemon=True
+def data_settings(settings: WorkerSettings, renderings: dict[str, Rendering]) -> DataSettings:
+    """What the data path needs of a worker's settings."""
+    return DataSettings(
+        recipe=settings.recipe,
+        num_views=settings.num_views,
+        seed=settings.seed,
+        num_classes=settings.num_classes,
+        on_error=settings.on_error,
+        renderings=tuple(renderings.items()),
     )
-    thread.start()
-    try:
-        while True:
-            kind, value = slots.get()
-            if kind == "error":
-                raise value
-            if kind == "end":
-                return
-            yield value
-    finally:
-        stop.set()
-        thread.join()
-
-
-def _produce(items: Iterator[T], slots: queue.Queue, stop: threading.Event) -> None:
-    """The producer thread of :func:`background`: items, then an end mark or the exception."""
-
-    def put(kind: str, value: object) -> bool:
-        while not stop.is_set():
-            try:
-                slots.put((kind, value), timeout=0.05)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    try:
-        for item in items:
-            if not put("item", item):
-                return
-        put("end", None)
-    except BaseException as exc:  # handed to the consumer, which raises it
-        put("error", exc)
-
-
-def checked_samples(
-    task: ShardTask,
-    storage_options: dict | None = None,
-    keys: ShardKeys | None = None,
-    label_key: str = DEFAULT_LABEL_KEY,
-) -> Iterator[Sample]:
-    """The shard's samples, their keys checked against the plan (:class:`ShardKeys`: the planned
-    keys in order, or the count, uniqueness and the manifest's digest) and collected in ``keys``."""
-    keys = ShardKeys(task) if keys is None else keys
-    for sample in iter_shard(task.url, storage_options, label_key):
-        keys.add(sample.key)
-        yield sample
-    keys.finish()
-
-
-def decode(sample: Sample, shard: str, channels: int) -> torch.Tensor:
-    """Decode once; a corrupt image is a DataError naming shard and key."""
-    try:
-        return decode_image(sample.image, channels)
-    except (RuntimeError, ValueError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(
-            f"shard {shard!r}, key {sample.key!r}: cannot decode the image ({reason})"
-        ) from None
 
 
 def maybe_crash(shard: str) -> None:

@@ -66,6 +66,11 @@ def test_precompute_bench_writes_its_keys(tmp_path):
         "actors",
     } <= result.keys()
     assert [r["views"] for r in result["sweep"]] == [1, 2] and result["actors"] == []
+    # the data path alone on ImageNet-like JPEGs, A=8 at 224 px, with 0, 1 and 2 data workers
+    assert result["datapath_vps_per_core"] > 0 and result["datapath_scaling_2"] > 0
+    assert [r["data_workers"] for r in result["datapath"]["workers"]] == [0, 1, 2]
+    assert all(r["views"] == 4 * 8 for r in result["datapath"]["workers"])
+    assert len(result["datapath_load"]["before"]) == 3
     # planning 64 shards beside their manifest on the local S3 server: no shard read
     assert result["planning"]["shards"] == 64
     assert result["plan_requests_per_shard"] <= 1 and result["plan_payload_reads"] == 0

@@ -92,7 +92,7 @@ def cache_arrays(path: Path) -> dict[str, np.ndarray]:
     out["views_done"] = store.views_done()
     for teacher in store.teachers:
         group = store.teacher_group(teacher)
-        for name in ("topk_idx", "topk_logit", "lse", "label_logit"):
+        for name in store.teacher_meta(teacher).arrays(store.meta.num_classes):
             out[f"{teacher}/{name}"] = np.asarray(group[name][:])
         out[f"{teacher}/done"] = store.teacher_done(teacher)
     return out
@@ -830,6 +830,7 @@ def test_config_schema_is_pinned():
         "cache.storage_options",
         "cache.seed",
         "cache.num_views",
+        "cache.grow",
         "cache.recipe",
         "cache.overwrite",
         "cache.check",
@@ -848,6 +849,7 @@ def test_config_schema_is_pinned():
         "runtime.amp",
         "runtime.channels_last",
         "runtime.torch_threads",
+        "runtime.data_workers",
     ]
     assert list(PrecomputeConfig.model_fields["teachers"].annotation.__args__[0].model_fields) == [
         "name",

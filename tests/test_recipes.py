@@ -152,13 +152,16 @@ def test_fresh_strong_views_without_a_cache_mix_within_the_shards(strong, tmp_pa
 
 def test_one_actor_gives_the_same_strong_cache_as_two(ray_session, data_dir, tmp_path):
     """RGB shards through Ray: the views, mixing partners and targets do not depend on the
-    actors, and verify recomputes the mixed views from the shards."""
+    actors, nor on the data worker processes of an actor (the one actor makes its views on 2,
+    the two actors each in a thread), and verify recomputes the mixed views from the shards."""
     recipe = {"size": 16, "scale": [0.3, 1.0], **STRONG}
     teachers = [{"name": "t1", "model": {"name": "kd_cnn_tiny"}, "k": 5, "render": TEACHER_RENDER}]
     caches = {}
     for actors in (1, 2):
         cache = tmp_path / f"cache{actors}"
+        workers = 2 if actors == 1 else 0
         overrides = [f"ray.num_actors={actors}", "cache.num_views=2"]
+        overrides.append(f"runtime.data_workers={workers}")
         cfg = make_config(shards_url(data_dir), cache, *overrides, teachers=teachers)
         cfg = cfg.model_copy(
             update={"cache": cfg.cache.model_copy(update={"recipe": ViewRecipe(**recipe)})}

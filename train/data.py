@@ -48,7 +48,13 @@ from kdcache.augment import UnseenOps, apply_unseen
 from kdcache.errors import CacheIncompleteError, CacheMismatchError, ConfigError, DataError
 from kdcache.preprocess import RenderSpec
 from kdcache.preprocess import resolve as resolve_rendering
-from kdcache.reader import ShardBlock, read_array, read_block, require_stored
+from kdcache.reader import (
+    ShardBlock,
+    incomplete_error,
+    read_array,
+    read_block,
+    require_stored,
+)
 from kdcache.shardindex import index_shards
 from kdcache.shards import (
     DEFAULT_LABEL_KEY,
@@ -665,14 +671,9 @@ def open_cache(config: TrainConfig, urls: list[str], teachers: list[str]) -> Cac
             f"it has {store.teachers or 'no teachers'} "
             "(set teacher.name or stages.N.teacher)"
         )
-    incomplete = store.incomplete_shards(teachers)
-    if incomplete:
-        parts = "; ".join(
-            f"{what}: {len(names)} shard(s) e.g. {names[:3]}" for what, names in incomplete.items()
-        )
-        raise CacheIncompleteError(
-            f"cache {store.path!r} is incomplete ({parts}): run precompute to finish it"
-        )
+    incomplete = incomplete_error(store, teachers)
+    if incomplete is not None:
+        raise incomplete
     if not store.meta.fingerprint.key_digest:
         raise CacheIncompleteError(
             f"cache {store.path!r}: every shard is done but its keys were not yet checked across "

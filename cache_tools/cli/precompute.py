@@ -38,6 +38,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "checksums first; damaged shards are redone (without it, lost chunk files are found)",
     )
     parser.add_argument(
+        "--grow",
+        action="store_true",
+        help="add views to an existing cache made with fewer than cache.num_views (its stored "
+        "views and targets are kept); without it another view count is refused",
+    )
+    parser.add_argument(
         "--force-unlock",
         action="store_true",
         help="remove the cache's writer lock left by a run that is gone "
@@ -54,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + (["cache.overwrite=true"] if args.overwrite else [])
     overrides += ["cache.force_unlock=true"] if args.force_unlock else []
     overrides += ["cache.check=true"] if args.check else []
+    overrides += ["cache.grow=true"] if args.grow else []
     cfg = load_config(PrecomputeConfig, args.config, overrides)
     if cfg.cache.overwrite:
         check_not_symlink_to_overwrite(cfg.cache.path, "cache.path")
