@@ -333,6 +333,8 @@ def test_inspect_shows_ensembles_against_their_members_and_the_draws_coverage(
     assert sum(coverage["distinct"]["counts"]) == coverage["views"]
     assert 1.0 <= coverage["distinct"]["mean"] <= 4.0
     assert 0.0 < coverage["tail_share"]["mean"] <= 1.0
+    assert coverage["draw_temperature"] == 1.0
+    assert report["sampled"]["a_tau"]["draw_temperature"] == 4.0
     printed = capsys.readouterr().out
     assert "== ensemble stored teacher 'ens' (probs) against its members" in printed
     assert "== sampled teachers: coverage per view" in printed
