@@ -326,8 +326,11 @@ def sampled_at(t: SampledTargets, temperature: float) -> TemperedTargets:
     # log p_T(x) - log p_τ(x) = l_x (1/T - 1/τ) - L_T + L_τ, so L_τ cancels and an empty slot
     # (count 0) is -inf whatever its logit. τ is one number per batch (a Python float here, so
     # τ = 1 computes exactly what the estimate computed before τ could be chosen).
+    tau = draw_temperature_of(t)
+    if math.isclose(temperature, tau, rel_tol=1e-6):
+        tau = temperature  # τ comes back as float32: no weight at all at T = τ, not 1e-8 of one
     log_weight = torch.log(draws / total) + t.draw_tail_lse.float().unsqueeze(-1)
-    sampled = log_weight + t.sample_logit.float() * (inverse - 1.0 / draw_temperature_of(t))
+    sampled = log_weight + t.sample_logit.float() * (inverse - 1.0 / tau)
     head = logit * inverse
     log_z = _log_normaliser(t, temperature, head, sampled)
     probs = torch.exp(torch.cat([head, sampled], dim=-1) - log_z.unsqueeze(-1))
