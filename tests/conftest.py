@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import ray
 from cachebuild import build_cache, write_shards
+from tarbuild import good, png, write_tar
 
 from kdcache.pipeline.make_shards import make_synthetic_shards
 
@@ -55,3 +56,16 @@ def world(tmp_path_factory):
     store = build_cache(root / "cache.zarr", urls, teachers={"tiny": 4, "top2": 2})
     clean = write_shards(root / "clean")  # every sample labelled: for runs without a cache
     return {"root": root, "urls": urls, "val": val, "store": store, "clean": clean}
+
+
+@pytest.fixture
+def bad_dir(tmp_path: Path) -> Path:
+    """Shards without a manifest: one good, one per defect (corrupt image, no label, label 99)."""
+    write_tar(tmp_path / "good-000000.tar", good("g"))
+    write_tar(
+        tmp_path / "corrupt-000000.tar",
+        good("c")[:3] + [("c_bad", b"not an image", b"1")] + good("c2", 2),
+    )
+    write_tar(tmp_path / "nolabel-000000.tar", good("n")[:2] + [("n_bad", png(7), None)])
+    write_tar(tmp_path / "range-000000.tar", good("r")[:2] + [("r_bad", png(8), b"99")])
+    return tmp_path

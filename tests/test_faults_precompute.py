@@ -29,16 +29,10 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from test_precompute import (
-    assert_same_arrays,
-    cache_arrays,
-    good,
-    kill_session,
-    make_config,
-    run_in_process,
-    shards_url,
-    write_tar,
-)
+from cachebuild import assert_same_arrays, cache_arrays
+from precomputerun import make_config, run_in_process, shards_url
+from processes import kill_session
+from tarbuild import good, write_tar
 
 from kdcache.cli import main as cli_main
 from kdcache.errors import (

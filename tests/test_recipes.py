@@ -12,12 +12,13 @@ import pytest
 import torch
 from cachebuild import (
     build_cache,
+    cache_arrays,
     precompute_config,
     run_precompute,
     tiny_teacher,
     write_shards,
 )
-from test_precompute import cache_arrays, make_config, precompute, shards_url
+from precomputerun import make_config, precompute, shards_url
 
 from kdcache.cli import main
 from kdcache.config import load_config

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from precomputerun import make_config, run_in_process
 from safetensors.torch import save_file
-from test_precompute import bad_dir, make_config, run_in_process  # noqa: F401 (fixture)
 from timm.models import save_for_hf
 
 from kdcache.errors import TeacherError, WeightsError
@@ -171,7 +171,7 @@ def test_a_state_dict_given_as_torchscript_is_refused(tmp_path, net):
 
 
 def test_precompute_with_a_timm_train_checkpoint_stores_the_plain_weights_digest(
-    bad_dir,  # noqa: F811
+    bad_dir,
     tmp_path,
     net,
 ):
