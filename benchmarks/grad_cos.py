@@ -1,9 +1,11 @@
 """``grad_cos`` of ``kdcache bench cache``: how close the KD gradient of sparse targets comes to the
 full distribution's, top-k against sampled targets at equal bytes per view.
 
-Both caches are written by the real writer and read back (so the encodings' rounding counts):
-``q8`` at the largest k whose stored layout fits the budget, and ``sampled`` (its top-1 plus the
-largest number of draws that fits, with ``logsumexp(l / T)`` stored at the KD temperature).
+The caches are written by the real writer and read back (so the encodings' rounding counts):
+``q8`` at the largest k whose stored layout fits the budget, ``sampled`` (its top-1 plus the
+largest number of draws that fits, drawn from the T=1 tail, with ``logsumexp(l / T)`` stored at
+the KD temperature) and ``sampled_tau`` (the same, drawn from the tail at τ = the KD temperature,
+``draw_temperature``: the tail's logsumexp at τ takes the place of the stored ``logsumexp``).
 Bytes are the layout's bytes per view before compression (what the arrays hold; on disk, blosc
 shrinks both, the sampled cache's empty slots most, and the on-disk bytes are reported too).
 
@@ -25,7 +27,9 @@ through :class:`kdcache.train.losses.Criterion`, on the bench's teacher logits w
 ``sampled_sn`` the same draws self-normalised (what a temperature left out of
 ``sample_temperatures`` gets: each view's estimate sums to 1). Per view both point the same way
 (the normalisation scales a view's gradient); summed over views, the unbiased one is dominated by
-the few views whose importance weights are huge.
+the few views whose importance weights are huge. ``sampled_tau`` is unbiased at T=1 and at τ; at
+T = τ it has no importance weights (each drawn class: its share of the draws times the exact
+tail mass at τ), at T=1 its weights are ``p_1(x) / p_τ(x)``.
 """
 
 from __future__ import annotations
@@ -54,9 +58,17 @@ DRAW_VIEWS = 2000
 """Views of the ``mean_of_draws`` figure (the first ones of the first shard)."""
 
 
-def layout_bytes(encoding: str, classes: int, k: int, slots: int = 0, temperatures: int = 0) -> int:
-    """Bytes per view of a teacher's stored arrays before compression."""
-    shapes = array_shapes(encoding, index_dtype(classes), k, slots, temperatures)
+def layout_bytes(
+    encoding: str,
+    classes: int,
+    k: int,
+    slots: int = 0,
+    temperatures: int = 0,
+    draw_tail: bool = False,
+) -> int:
+    """Bytes per view of a teacher's stored arrays before compression (``draw_tail``: drawn at
+    a temperature other than 1)."""
+    shapes = array_shapes(encoding, index_dtype(classes), k, slots, temperatures, draw_tail)
     return sum(np.dtype(d).itemsize * int(np.prod(shape)) for d, shape, _ in shapes.values())
 
 
@@ -65,24 +77,67 @@ def fit_budget(budget: int, classes: int) -> tuple[int, int]:
     k = max(
         (j for j in range(1, classes + 1) if layout_bytes("q8", classes, j) <= budget), default=1
     )
-    draws = max(
-        (s for s in range(1, 256) if layout_bytes("sampled", classes, 1, s, 1) <= budget),
+    return k, fit_draws(budget, classes, temperatures=1)
+
+
+def fit_draws(budget: int, classes: int, temperatures: int = 0, draw_tail: bool = False) -> int:
+    """The most draws of a top-1 sampled teacher (``temperatures`` stored, ``draw_tail``: drawn
+    at a temperature other than 1) that fit ``budget`` bytes per view."""
+    return max(
+        (
+            s
+            for s in range(1, 256)
+            if layout_bytes("sampled", classes, 1, s, temperatures, draw_tail) <= budget
+        ),
         default=1,
     )
-    return k, draws
 
 
 def sampled_targets(
-    z: np.ndarray, y: np.ndarray, keys: list[str], draws: int, temperature: float, seed: int = 0
+    z: np.ndarray,
+    y: np.ndarray,
+    keys: list[str],
+    draws: int,
+    temperatures: list[float],
+    seed: int = 0,
+    draw_temperature: float = 1.0,
 ) -> SampledTargets:
-    """A shard's sampled targets as precompute makes them (top-1, ``draws`` draws)."""
+    """A shard's sampled targets as precompute makes them (top-1, ``draws`` draws at
+    ``draw_temperature``, ``logsumexp`` at ``temperatures``)."""
     n, views, classes = z.shape
     flat_keys = [key for key in keys for _ in range(views)]
     flat_views = [a for _ in keys for a in range(views)]
     u = uniforms(seed, flat_keys, flat_views, "teacher", draws)
     logits = torch.from_numpy(z.reshape(-1, classes))
     labels = torch.from_numpy(y).repeat_interleave(views)
-    return sampled_from_logits(logits, labels, 1, u, [temperature])
+    return sampled_from_logits(logits, labels, 1, u, temperatures, draw_temperature)
+
+
+@dataclasses.dataclass(frozen=True)
+class SampledSetting:
+    """How one sampled row's teacher draws: how many, the stored ``logsumexp`` temperatures and
+    the draw temperature."""
+
+    draws: int
+    temperatures: tuple[float, ...] = ()
+    draw_temperature: float = 1.0
+
+    def targets(self, z, y, keys, seed: int = 0) -> SampledTargets:
+        return sampled_targets(
+            z, y, keys, self.draws, list(self.temperatures), seed, self.draw_temperature
+        )
+
+    def teacher(self) -> dict[str, Any]:
+        """:func:`~kdcache.writer.add_teacher`'s settings."""
+        return {
+            "samples": self.draws,
+            "sample_temperatures": self.temperatures,
+            "draw_temperature": self.draw_temperature,
+        }
+
+    def layout_bytes(self, classes: int) -> int:
+        n = len(self.temperatures)
+        return layout_bytes("sampled", classes, 1, self.draws, n, self.draw_temperature != 1.0)
 
 
 def read_targets(store) -> SparseTargets:
@@ -124,45 +179,45 @@ def grad_cos(
     classes = args.classes
     kd_t = args.kd_temperature
     k, draws = fit_budget(args.budget, classes)
+    settings = {
+        "sampled": SampledSetting(draws, (kd_t,)),
+        "sampled_tau": SampledSetting(
+            fit_draws(args.budget, classes, draw_tail=True), draw_temperature=kd_t
+        ),
+    }
     labels_of = [torch.from_numpy(y).repeat_interleave(args.views) for _, y in data]
     exact = [
         from_logits(torch.from_numpy(z.reshape(-1, classes)), labels, k)
         for (z, _), labels in zip(data, labels_of, strict=True)
     ]
-    sampled = [
-        sampled_targets(z, y, shard_keys, draws, kd_t)
-        for (z, y), shard_keys in zip(data, keys, strict=True)
-    ]
-    topk_store = write("q8", k, exact, f"grad-q8-k{k}")
-    sampled_store = write(
-        "sampled", 1, sampled, f"grad-sampled-s{draws}", samples=draws, sample_temperatures=(kd_t,)
-    )
+    stores = {"topk": write("q8", k, exact, f"grad-q8-k{k}")}
+    for name, setting in settings.items():
+        shards = [setting.targets(z, y, ks) for (z, y), ks in zip(data, keys, strict=True)]
+        stores[name] = write(
+            "sampled", 1, shards, f"grad-{name}-s{setting.draws}", **setting.teacher()
+        )
     z0 = torch.from_numpy(data[0][0].reshape(-1, classes))
     labels = labels_of[0]
     student = student_logits(z0)
-    stored = {"topk": read_targets(topk_store), "sampled": read_targets(sampled_store)}
+    stored = {name: read_targets(store) for name, store in stores.items()}
+    stored["sampled_sn"] = self_normalised(stored["sampled"])
+    tails = {"topk": "spread", "topk_renorm": "renorm"}
     result: dict[str, Any] = {}
     detail: dict[str, Any] = {}
     for t in sorted({args.temperature, kd_t}):
         full = kd_gradient(from_logits(z0, labels, classes), student, labels, classes, t, "spread")
-        figures = {
-            "topk": cosines(
-                kd_gradient(stored["topk"], student, labels, classes, t, "spread"), full
-            ),
-            "topk_renorm": cosines(
-                kd_gradient(stored["topk"], student, labels, classes, t, "renorm"), full
-            ),
-            "sampled": cosines(
-                kd_gradient(stored["sampled"], student, labels, classes, t, "sample"), full
-            ),
-        }
-        figures["sampled_sn"] = cosines(
-            kd_gradient(self_normalised(stored["sampled"]), student, labels, classes, t, "sample"),
-            full,
-        )
-        for name, normalise in (("sampled", False), ("sampled_sn", True)):
+        figures = {}
+        for name in ("topk", "topk_renorm", "sampled", "sampled_sn", "sampled_tau"):
+            targets = stored[name.removesuffix("_renorm")]
+            g = kd_gradient(targets, student, labels, classes, t, tails.get(name, "sample"))
+            figures[name] = cosines(g, full)
+        for name, setting, normalise in (
+            ("sampled", settings["sampled"], False),
+            ("sampled_sn", settings["sampled"], True),
+            ("sampled_tau", settings["sampled_tau"], False),
+        ):
             figures[name]["mean_of_draws"] = mean_of_draws(
-                data[0], keys[0], student, draws, t, kd_t, normalise=normalise
+                data[0], keys[0], student, setting, t, normalise=normalise
             )
         result[f"T={t:g}"] = {name: f["view"] for name, f in figures.items()}
         detail[f"T={t:g}"] = figures
@@ -171,16 +226,19 @@ def grad_cos(
         "grad_cos_detail": {
             "budget_bytes_per_view": args.budget,
             "topk": {"encoding": "q8", "k": k, "layout_bytes": layout_bytes("q8", classes, k)},
-            "sampled": {
-                "encoding": "sampled",
-                "k": 1,
-                "draws": draws,
-                "sample_temperatures": [kd_t],
-                "layout_bytes": layout_bytes("sampled", classes, 1, draws, 1),
+            **{
+                name: {
+                    "encoding": "sampled",
+                    "k": 1,
+                    "draws": setting.draws,
+                    "sample_temperatures": list(setting.temperatures),
+                    "draw_temperature": setting.draw_temperature,
+                    "layout_bytes": setting.layout_bytes(classes),
+                }
+                for name, setting in settings.items()
             },
             "disk_bytes_per_view": {
-                "topk": disk_bytes(topk_store, args),
-                "sampled": disk_bytes(sampled_store, args),
+                name: disk_bytes(store, args) for name, store in stores.items()
             },
             "student": STUDENT,
             "views": int(len(z0)),
@@ -204,9 +262,8 @@ def mean_of_draws(
     shard: tuple[np.ndarray, np.ndarray],
     keys: list[str],
     student: torch.Tensor,
-    draws: int,
+    setting: SampledSetting,
     temperature: float,
-    stored_t: float,
     normalise: bool = False,
 ) -> float:
     """Per-view cosine of the sampled gradient averaged over ``DRAWS`` independent draws
@@ -223,7 +280,7 @@ def mean_of_draws(
     )
     total = torch.zeros_like(full)
     for seed in range(DRAWS):
-        t = sampled_targets(z, y[:rows], keys[:rows], draws, stored_t, seed=seed + 1)
+        t = setting.targets(z, y[:rows], keys[:rows], seed=seed + 1)
         t = self_normalised(t) if normalise else t
         total += kd_gradient(t, s, labels, classes, temperature, "sample")
     return float(torch.nn.functional.cosine_similarity(total / DRAWS, full, dim=1).mean())
@@ -242,17 +299,20 @@ def disk_bytes(store, args: argparse.Namespace) -> float:
 def format_grad_cos(result: dict[str, Any], table: Callable[..., str]) -> str:
     d = result["grad_cos_detail"]
     top = d["topk"]
-    smp = d["sampled"]
+    disk = d["disk_bytes_per_view"]
     rows = []
     for t, figures in d["figures"].items():
         for name, f in figures.items():
             rows.append([t, name, f["view"], f["batch"], f.get("mean_of_draws", float("nan"))])
+    sampled = ", ".join(
+        f"{name} top-1 + {d[name]['draws']} draws at T={d[name]['draw_temperature']:g} "
+        f"({d[name]['layout_bytes']} B, {disk[name]:.1f} on disk)"
+        for name in ("sampled", "sampled_tau")
+    )
     head = (
         f"KD gradient vs the full distribution's, at {d['budget_bytes_per_view']} B/view "
-        f"(layout): top-k q8 k={top['k']} ({top['layout_bytes']} B, "
-        f"{d['disk_bytes_per_view']['topk']:.1f} on disk), sampled top-1 + {smp['draws']} draws "
-        f"({smp['layout_bytes']} B, {d['disk_bytes_per_view']['sampled']:.1f} on disk); "
-        f"student 0.5 x teacher + N(0, 1), {d['views']} views"
+        f"(layout): top-k q8 k={top['k']} ({top['layout_bytes']} B, {disk['topk']:.1f} on disk), "
+        f"{sampled}; student 0.5 x teacher + N(0, 1), {d['views']} views"
     )
     body = table(
         ["T", "targets", "cos per view", "cos of batch sums", f"cos, mean of {DRAWS} draws"],

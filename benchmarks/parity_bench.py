@@ -16,7 +16,9 @@ then the same student, seeds and views trained with
   the teacher as ``q8`` top-k at the largest k that fits (tail ``spread``) and as ``sampled``
   (its top-1 plus the draws that fit, ``logsumexp`` stored at the KD temperature; tail
   ``sample``), beside ``cached`` (the full distribution, fp16 k = C); ``eq-sampled-sn``: the
-  same without the stored normaliser (self-normalised at the KD temperature),
+  same without the stored normaliser (self-normalised at the KD temperature);
+  ``eq-sampled-tau``: sampled targets drawn from the tail at τ = the KD temperature
+  (``draw_temperature``: no importance weights at T = τ),
 - ``ensemble`` / ``member2``: a second teacher (same network, another seed) and the two-teacher
   ensemble (``stages.0.teachers``, equal weights), beside ``cached`` (the first alone).
 
@@ -50,7 +52,7 @@ from benchmarks.common import (
     target_divergence,
     write_yaml,
 )
-from benchmarks.grad_cos import fit_budget, layout_bytes
+from benchmarks.grad_cos import fit_budget, fit_draws, layout_bytes
 from kdcache.ensemble import StageEnsemble
 from kdcache.models import ModelSpec, build_teacher
 from kdcache.reader import read_block
@@ -68,7 +70,8 @@ SECOND = "teacher2"
 EQ_TOPK = "eq_topk"
 EQ_SAMPLED = "eq_sampled"
 EQ_SAMPLED_SN = "eq_sampled_sn"
-BEYOND = ("eq-topk", "eq-sampled", "eq-sampled-sn", "ensemble", "member2")
+EQ_SAMPLED_TAU = "eq_sampled_tau"
+BEYOND = ("eq-topk", "eq-sampled", "eq-sampled-sn", "eq-sampled-tau", "ensemble", "member2")
 """The variants of equal-bytes targets and of the ensemble (see the module docstring)."""
 
 
@@ -236,15 +239,21 @@ def build_cache(
 def beyond_teachers(
     args: argparse.Namespace, model: dict[str, Any], second: str
 ) -> list[dict[str, Any]]:
-    """The second teacher (k = C), and the first at equal bytes per view: q8 top-k, and sampled
-    targets with and without the logsumexp at the KD temperature."""
+    """The second teacher (k = C), and the first at equal bytes per view: q8 top-k, sampled
+    targets drawn at T=1 with and without the logsumexp at the KD temperature, and sampled
+    targets drawn at the KD temperature."""
     k, draws = fit_budget(args.budget, 10)
     sampled = {"model": model, "k": 1, "encoding": "sampled", "samples": draws}
+    at_tau = sampled | {
+        "samples": fit_draws(args.budget, 10, draw_tail=True),
+        "draw_temperature": args.temperature,
+    }
     return [
         {"name": SECOND, "model": {"name": args.teacher, "checkpoint": second}, "k": 10},
         {"name": EQ_TOPK, "model": model, "k": k, "encoding": "q8"},
         {"name": EQ_SAMPLED, **sampled, "sample_temperatures": [args.temperature]},
         {"name": EQ_SAMPLED_SN, **sampled},
+        {"name": EQ_SAMPLED_TAU, **at_tau},
     ]
 
 
@@ -317,6 +326,7 @@ def student_config(
         "eq-topk": EQ_TOPK,
         "eq-sampled": EQ_SAMPLED,
         "eq-sampled-sn": EQ_SAMPLED_SN,
+        "eq-sampled-tau": EQ_SAMPLED_TAU,
         "member2": SECOND,
     }.get(variant)
     stage: dict[str, Any] = {"teacher": teacher} if teacher else {}
@@ -325,7 +335,7 @@ def student_config(
     elif variant.startswith("k"):
         k, tail = variant[1:].split("-")
         loss |= {"topk": int(k), "tail": tail}
-    elif variant in ("eq-sampled", "eq-sampled-sn"):
+    elif variant in ("eq-sampled", "eq-sampled-sn", "eq-sampled-tau"):
         loss |= {"tail": "sample"}
     elif variant == "ensemble":
         stage = {"teachers": [TEACHER, SECOND]}
@@ -387,6 +397,7 @@ def beyond(
     on the cached training views)."""
     acc = {variant: mean_std(r["top1"] for r in rs) for variant, rs in runs.items()}
     k, draws = fit_budget(args.budget, 10)
+    tau_draws = fit_draws(args.budget, 10, draw_tail=True)
     store = open_store(cache)
     pair = StageEnsemble.of({TEACHER: 1.0, SECOND: 1.0})
     figures = inspect_extras(store, [], [pair])["ensembles"][0]
@@ -405,6 +416,13 @@ def beyond(
                 "draws": draws,
                 "layout_bytes": layout_bytes("sampled", 10, 1, draws, 0),
                 **acc["eq-sampled-sn"],
+            },
+            "sampled_tau": {
+                "k": 1,
+                "draws": tau_draws,
+                "draw_temperature": args.temperature,
+                "layout_bytes": layout_bytes("sampled", 10, 1, tau_draws, 0, draw_tail=True),
+                **acc["eq-sampled-tau"],
             },
             "full": {"k": 10, "layout_bytes": layout_bytes("fp16", 10, 10), **acc["cached"]},
         },
@@ -446,6 +464,13 @@ def beyond_rows(b: dict[str, Any]) -> list[list[Any]]:
             f"1+{eq['sampled_sn']['draws']}",
             "sample",
             eq["sampled_sn"],
+        ],
+        [
+            f"KD sampled at T={eq['sampled_tau']['draw_temperature']:g}, "
+            f"{eq['sampled_tau']['layout_bytes']} B/view",
+            f"1+{eq['sampled_tau']['draws']}",
+            "sample",
+            eq["sampled_tau"],
         ],
         [f"KD full, {eq['full']['layout_bytes']} B/view", 10, "exact", eq["full"]],
         ["KD, second teacher", 10, "exact", e[SECOND]],

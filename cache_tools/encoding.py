@@ -24,14 +24,18 @@ log tail mass ``-x`` comes back within ``sqrt(Q8_TAIL_MAX x) / 254 + Q8_TAIL_MAX
 nats (x = 0.7: 0.02 nat, x = 10: 0.075; the tail mass within 0.011 absolute), plus the fp16
 error of ``lse - top``; tails below ``exp(-Q8_TAIL_MAX)`` (≈ 2e-16) are clipped there.
 
-``sampled`` (~``3k + 6 + 4 slots + 2 n`` B/view before compression, ``n`` stored temperatures):
-the ``q8`` arrays of the top-k, then per slot ``sample_idx`` (the class), ``sample_count``
-(uint8; 0: empty slot) and ``sample_q`` (its logit in ``Q8_STEP`` steps below the top, as
-``topk_q``), and ``lse_t`` fp16 ``= logsumexp(l / T) - top / T`` (in ``[0, log C]``) for each
-temperature of the teacher's ``sample_temperatures``. Error bound: the top-k as ``q8``; a drawn
-class's logit within ``Q8_STEP / 2``, which moves its importance weight at T by at most
-``|1 - 1/T| Q8_STEP / 2`` in log (nothing at T=1, where the weight is the tail mass times the
-count's share); ``lse_t`` within ``2^-11`` relative.
+``sampled`` (~``3k + 6 + 4 slots + 2 n (+ 2)`` B/view before compression, ``n`` stored
+temperatures): the ``q8`` arrays of the top-k, then per slot ``sample_idx`` (the class),
+``sample_count`` (uint8; 0: empty slot) and ``sample_q`` (its logit in ``Q8_STEP`` steps below
+the top, as ``topk_q``), and ``lse_t`` fp16 ``= logsumexp(l / T) - top / T`` (in ``[0, log C]``)
+for each temperature of the teacher's ``sample_temperatures``. A teacher whose draws come from
+the tail at a ``draw_temperature`` τ other than 1 also stores ``draw_tail`` fp16 ``=
+logsumexp(l / τ over the classes outside the top-k) - top / τ`` (at most ``log C``): the draws'
+own normaliser, from which the tail mass and ``logsumexp(l / τ)`` at τ follow (with the top-k);
+at τ = 1 the draws' normaliser is the stored tail itself and nothing is added. Error bound: the
+top-k as ``q8``; a drawn class's logit within ``Q8_STEP / 2``, which moves its importance weight
+at T by at most ``|1/τ - 1/T| Q8_STEP / 2`` in log (nothing at T = τ, where the weight is the
+tail mass at τ times the count's share); ``lse_t`` and ``draw_tail`` within ``2^-11`` relative.
 """
 
 from __future__ import annotations
@@ -46,8 +50,8 @@ Q8_STEP = 1.0 / 16
 Q8_TAIL_MAX = 36.0
 Q8_MAX = 255
 
-# name -> (dtype or "index", its last axis: None, "k" top-k, "s" sample slots or "t"
-# temperatures, fill value)
+# name -> (dtype or "index", its last axis: None, "k" top-k, "s" sample slots, "t"
+# temperatures or "d" (none, stored only for draws at a temperature other than 1), fill value)
 _Q8: dict[str, tuple[str, str | None, float]] = {
     "topk_idx": ("index", "k", 0),
     "topk_q": ("uint8", "k", 0),
@@ -71,6 +75,7 @@ _SPECS: dict[str, dict[str, tuple[str, str | None, float]]] = {
         "sample_count": ("uint8", "s", 0),
         "sample_q": ("uint8", "s", Q8_MAX),
         "lse_t": ("float16", "t", 0),
+        "draw_tail": ("float16", "d", 0),
     },
 }
 HEAD = {"fp16": "fp16", "q8": "q8", "sampled": "q8"}
@@ -78,7 +83,8 @@ HEAD = {"fp16": "fp16", "q8": "q8", "sampled": "q8"}
 
 
 def array_specs(encoding: str, index_dtype: str) -> dict[str, tuple[str, str | None, float]]:
-    """The arrays of ``encoding``: name -> (dtype, last axis (None, "k", "s" or "t"), fill)."""
+    """The arrays of ``encoding``: name -> (dtype, last axis (None, "k", "s", "t" or "d"),
+    fill)."""
     return {
         name: (index_dtype if dtype == "index" else dtype, axis, fill)
         for name, (dtype, axis, fill) in _SPECS[encoding].items()
@@ -92,15 +98,21 @@ def sample_slots(samples: int, k: int, num_classes: int) -> int:
 
 
 def array_shapes(
-    encoding: str, index_dtype: str, k: int, slots: int = 0, temperatures: int = 0
+    encoding: str,
+    index_dtype: str,
+    k: int,
+    slots: int = 0,
+    temperatures: int = 0,
+    draw_tail: bool = False,
 ) -> dict[str, tuple[str, tuple[int, ...], float]]:
     """The arrays a teacher stores: name -> (dtype, shape after ``[rows, A]``, fill). An axis of
-    length 0 (no stored temperature) leaves its array out."""
-    sizes = {None: (), "k": (k,), "s": (slots,), "t": (temperatures,)}
+    length 0 (no stored temperature) leaves its array out, and so does ``draw_tail=False`` (draws
+    at T=1) the ``draw_tail`` array."""
+    sizes = {None: (), "k": (k,), "s": (slots,), "t": (temperatures,), "d": ()}
     return {
         name: (dtype, sizes[axis], fill)
         for name, (dtype, axis, fill) in array_specs(encoding, index_dtype).items()
-        if 0 not in sizes[axis]
+        if 0 not in sizes[axis] and (axis != "d" or draw_tail)
     }
 
 
@@ -113,12 +125,14 @@ def encode(
     tail_lse: np.ndarray,
     samples: tuple[np.ndarray, ...] | None = None,
     temperatures: tuple[float, ...] = (),
+    draw_temperature: float = 1.0,
 ) -> dict[str, np.ndarray]:
     """Arrays to store, from top-k indices/logits ``[..., k]`` (sorted by logit) and ``[...]``
     scalars; ``sampled`` also from ``samples`` = (class ``[..., s]``, logit, count, lse_t
-    ``[..., n]``) at ``temperatures``."""
+    ``[..., n]`` at ``temperatures``, the tail's logsumexp at ``draw_temperature`` ``[...]``)."""
     if encoding == "sampled":
-        return _encode_sampled(idx, logit, lse, label_logit, tail_lse, samples, temperatures)
+        head = (idx, logit, lse, label_logit, tail_lse)
+        return _encode_sampled(head, samples, temperatures, draw_temperature)
     with np.errstate(invalid="ignore"):  # -inf - finite is -inf; padding rows may hold anything
         log_tail = np.minimum(tail_lse.astype(np.float32) - lse.astype(np.float32), 0.0)
     if encoding == "fp16":
@@ -145,20 +159,17 @@ def encode(
 
 
 def _encode_sampled(
-    idx: np.ndarray,
-    logit: np.ndarray,
-    lse: np.ndarray,
-    label_logit: np.ndarray,
-    tail_lse: np.ndarray,
+    head: tuple[np.ndarray, ...],
     samples: tuple[np.ndarray, ...] | None,
     temperatures: tuple[float, ...],
+    draw_temperature: float,
 ) -> dict[str, np.ndarray]:
     if samples is None:
         raise ValueError("encoding 'sampled' needs the draws (samples=...)")
-    sample_idx, sample_logit, sample_count, lse_t = samples
-    top = logit[..., 0].astype(np.float32)
+    sample_idx, sample_logit, sample_count, lse_t, draw_tail_lse = samples
+    top = head[1][..., 0].astype(np.float32)
     temps = np.asarray(temperatures, np.float32)
-    out = encode("q8", idx, logit, lse, label_logit, tail_lse)
+    out = encode("q8", *head)
     out["sample_idx"] = sample_idx
     out["sample_count"] = sample_count.astype(np.uint8)
     # an empty slot's logit is stored as the clip value: it decodes finite, and count 0 drops it
@@ -167,6 +178,11 @@ def _encode_sampled(
     if temps.size:
         # relative to the top logit at T: in [0, log C], where fp16 keeps 2^-11 relative
         out["lse_t"] = (lse_t - top[..., None] / temps).astype(np.float16)
+    if draw_temperature != 1.0:
+        # relative to the exact top at τ, as lse_t: decoded against the fp16 top, it moves with
+        # the decoded top-k logits (also steps below the exact top), so their ratio is kept
+        with np.errstate(invalid="ignore"):  # padding rows may hold anything
+            out["draw_tail"] = (draw_tail_lse - top / draw_temperature).astype(np.float16)
     return out
 
 
@@ -191,12 +207,16 @@ def _tail_value(code: np.ndarray) -> np.ndarray:
 
 
 def decode(
-    encoding: str, arrays: dict[str, np.ndarray], temperatures: tuple[float, ...] = ()
+    encoding: str,
+    arrays: dict[str, np.ndarray],
+    temperatures: tuple[float, ...] = (),
+    draw_temperature: float = 1.0,
 ) -> tuple[np.ndarray, ...]:
     """(indices sorted by logit, logits, lse, label logit, tail lse) from the stored arrays;
-    ``sampled`` adds (drawn classes, their logits, counts, ``logsumexp(l / T)`` per T)."""
+    ``sampled`` adds (drawn classes, their logits, counts, ``logsumexp(l / T)`` per T, the
+    logsumexp of ``l / draw_temperature`` over the tail the draws came from)."""
     if encoding == "sampled":
-        return _decode_sampled(arrays, temperatures)
+        return _decode_sampled(arrays, temperatures, draw_temperature)
     if encoding == "fp16":
         lse = arrays["lse"]
         return (
@@ -218,7 +238,7 @@ def decode(
 
 
 def _decode_sampled(
-    arrays: dict[str, np.ndarray], temperatures: tuple[float, ...]
+    arrays: dict[str, np.ndarray], temperatures: tuple[float, ...], draw_temperature: float
 ) -> tuple[np.ndarray, ...]:
     head = decode("q8", arrays)
     top = arrays["top_logit"].astype(np.float32)
@@ -228,7 +248,11 @@ def _decode_sampled(
         lse_t = arrays["lse_t"].astype(np.float32) + top[..., None] / temps
     else:
         lse_t = np.zeros(top.shape + (0,), np.float32)
-    return (*head, arrays["sample_idx"], logit, arrays["sample_count"], lse_t)
+    if draw_temperature != 1.0:
+        draw_tail_lse = arrays["draw_tail"].astype(np.float32) + top / np.float32(draw_temperature)
+    else:
+        draw_tail_lse = head[4].copy()  # drawn from the T=1 tail: its logsumexp is the tail's
+    return (*head, arrays["sample_idx"], logit, arrays["sample_count"], lse_t, draw_tail_lse)
 
 
 def consistency_tolerance(encoding: str, logit: np.ndarray, lse: np.ndarray) -> np.ndarray:

@@ -44,8 +44,13 @@ class TeacherBlock:
     sample_logit: np.ndarray | None = None
     sample_count: np.ndarray | None = None
     lse_t: np.ndarray | None = None
+    draw_tail_lse: np.ndarray | None = None
+    """Encoding ``sampled``: ``logsumexp(l / τ)`` over the tail the draws came from ``[n, A]``
+    (τ = 1: ``tail_lse``)."""
     temperatures: tuple[float, ...] = ()
     """The temperatures of ``lse_t``'s last axis."""
+    draw_temperature: float = 1.0
+    """Encoding ``sampled``: τ, the temperature the draws came from."""
 
     @property
     def sampled(self) -> bool:
@@ -53,12 +58,15 @@ class TeacherBlock:
 
     def fields(self) -> tuple[np.ndarray, ...]:
         """The arrays in the order of :class:`~kdcache.targets.SparseTargets` (sampled:
-        :class:`~kdcache.targets.SampledTargets`, the temperatures broadcast to ``lse_t``)."""
+        :class:`~kdcache.targets.SampledTargets`, the temperatures broadcast to ``lse_t`` and τ
+        to ``lse``)."""
         head = (self.topk_idx, self.topk_logit, self.lse, self.label_logit, self.tail_lse)
         if not self.sampled:
             return head
         temps = np.broadcast_to(np.asarray(self.temperatures, np.float32), self.lse_t.shape).copy()
-        return head + (self.sample_idx, self.sample_logit, self.sample_count, self.lse_t, temps)
+        tau = np.full(self.lse.shape, self.draw_temperature, np.float32)
+        draws = (self.sample_idx, self.sample_logit, self.sample_count, self.lse_t, temps)
+        return head + draws + (self.draw_tail_lse, tau)
 
 
 @dataclass
@@ -138,7 +146,12 @@ def read_teacher_rows(store: CacheStore, teacher: str, rows: slice, shard: str) 
         for name in meta.arrays(store.meta.num_classes)
     }
     temperatures = tuple(meta.sample_temperatures)
-    return TeacherBlock(*decode(meta.encoding, arrays, temperatures), temperatures=temperatures)
+    tau = meta.draw_temperature
+    return TeacherBlock(
+        *decode(meta.encoding, arrays, temperatures, tau),
+        temperatures=temperatures,
+        draw_temperature=tau,
+    )
 
 
 def read_path(store: CacheStore, path: str, rows: slice, shard: str) -> np.ndarray:

@@ -31,7 +31,8 @@ Layout (``R = num_shards * rows_per_shard``; shard ``s`` owns rows ``[s*cap, (s+
         log_tail   float16 [R, A]          log of the mass outside the top-k at T=1 (-inf: none)
         (encoding "q8": see kdcache.encoding; decodes to the same five arrays)
         (encoding "sampled": the q8 arrays, plus sample_idx/sample_count/sample_q [R, A, slots]
-        and lse_t [R, A, n]: draws from the tail, kdcache.sampling)
+        and lse_t [R, A, n]: draws from the tail, kdcache.sampling; draws at a
+        draw_temperature other than 1 add draw_tail [R, A], the tail's logsumexp there)
         done       int64 [S]               completion mark per shard, chunk 1
         done_from_<a> int64 [S]            (grown caches) the mark of the views from ``a`` on
 
@@ -59,7 +60,7 @@ from typing import Any
 
 import numpy as np
 import zarr
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kdcache.encoding import (
     ENCODINGS,  # noqa: F401  (re-exported)
@@ -197,6 +198,10 @@ class TeacherMeta(BaseModel):
     """Encoding ``sampled``: classes drawn per view from the tail (S)."""
     sample_temperatures: list[float] = []
     """Encoding ``sampled``: the temperatures whose ``logsumexp(l / T)`` is stored."""
+    draw_temperature: float = Field(1.0, gt=0.0, allow_inf_nan=False)
+    """Encoding ``sampled``: the temperature of the tail distribution the draws come from (the
+    importance sampler's proposal; caches made before it existed drew at 1). Its normaliser is
+    stored with the draws (array ``draw_tail``), so the estimate is unbiased at it too."""
     ensemble: EnsembleMeta | None = None
     """A stored ensemble: its models (specs, weights digests, weights, renderings) and how they
     were combined; ``model`` and ``weights_digest`` then describe the ensemble as a whole."""
@@ -205,7 +210,21 @@ class TeacherMeta(BaseModel):
         """The arrays this teacher stores: name -> (dtype, shape after ``[rows, A]``, fill)."""
         slots = sample_slots(self.samples, self.k, num_classes)
         n = len(self.sample_temperatures)
-        return array_shapes(self.encoding, self.index_dtype, self.k, slots, n)
+        draw_tail = self.encoding == "sampled" and self.draw_temperature != 1.0
+        return array_shapes(self.encoding, self.index_dtype, self.k, slots, n, draw_tail)
+
+    def unbiased_temperatures(self) -> list[float]:
+        """Encoding ``sampled``: the temperatures at which ``tail: sample`` is unbiased (1, the
+        stored ones and the draws' own)."""
+        extra = [self.draw_temperature] if self.draw_temperature != 1.0 else []
+        return [1.0, *self.sample_temperatures, *extra]
+
+
+def _first_error(exc: ValidationError) -> str:
+    """``field: message`` of a validation error's first problem (the message alone at the top)."""
+    first = exc.errors()[0]
+    where = ".".join(str(part) for part in first["loc"])
+    return f"{where}: {first['msg']}" if where else first["msg"]
 
 
 def creation_info() -> dict[str, Any]:
@@ -307,7 +326,7 @@ class CacheStore:
             except ValidationError as exc:
                 raise CacheError(
                     f"cache {self.path!r}: teacher {name!r} has unreadable attributes "
-                    f"({exc.error_count()} problem(s), e.g. {exc.errors()[0]['msg']})"
+                    f"({exc.error_count()} problem(s), e.g. {_first_error(exc)})"
                 ) from None
         return self._teacher_metas[name]
 

@@ -18,8 +18,9 @@ below is very sensitive to it. Two treatments of the classes outside the top-k:
 With ``k == C`` both treatments give the exact teacher distribution at every temperature.
 
 A third treatment needs more than the top-k: ``sample`` (:class:`SampledTargets`, encoding
-``sampled``) estimates the tail from S classes drawn from it, without bias at T=1 and at every
-temperature whose normaliser was stored (:func:`sampled_at`). Targets a loss gets at one
+``sampled``) estimates the tail from S classes drawn from it (at the teacher's
+``draw_temperature``), without bias at T=1, at the draws' temperature and at every temperature
+whose normaliser was stored (:func:`sampled_at`). Targets a loss gets at one
 temperature only (sampled estimates, ensembles of teachers) are :class:`TemperedTargets`;
 :func:`loss_targets` is the one conversion from what a batch carries to what a loss takes.
 """
@@ -71,14 +72,16 @@ class SparseTargets:
 
 @dataclass
 class SampledTargets(SparseTargets):
-    """Top-k targets plus S classes drawn with replacement from the teacher's T=1 distribution
-    outside the top-k (encoding ``sampled``): the top-k fields are exact as for any cache, and
-    the draws estimate the tail (``tail: sample``, :func:`sampled_at`).
+    """Top-k targets plus S classes drawn with replacement from the teacher's distribution at
+    the draw temperature τ outside the top-k (encoding ``sampled``): the top-k fields are exact
+    as for any cache, and the draws estimate the tail (``tail: sample``, :func:`sampled_at`).
 
     ``sample_idx``/``sample_logit``/``sample_count`` ``[B, S]``: each drawn class (distinct within
     a row), its T=1 logit and how many of the S draws hit it (0: an empty slot, whose logit is
     finite and whose class means nothing). ``lse_t``/``temperatures`` ``[B, n]``: the logsumexp of
     the logits at T (``logsumexp(l / T)``) for each temperature stored (the same on every row).
+    ``draw_tail_lse``/``draw_temperature`` ``[B]``: ``logsumexp(l / τ)`` over the classes outside
+    the top-k (the draws' normaliser; ``tail_lse`` where τ = 1) and τ (the same on every row).
     """
 
     sample_idx: torch.Tensor
@@ -86,10 +89,13 @@ class SampledTargets(SparseTargets):
     sample_count: torch.Tensor
     lse_t: torch.Tensor
     temperatures: torch.Tensor
+    draw_tail_lse: torch.Tensor
+    draw_temperature: torch.Tensor
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         extra = (self.sample_idx, self.sample_logit, self.sample_count, self.lse_t)
-        return super().tensors() + extra + (self.temperatures,)
+        draws = (self.draw_tail_lse, self.draw_temperature)
+        return super().tensors() + extra + (self.temperatures,) + draws
 
     def head(self) -> SparseTargets:
         """The top-k part alone (``tail: spread`` or ``renorm`` ignore the draws)."""
@@ -299,24 +305,32 @@ def sampled_at(t: SampledTargets, temperature: float) -> TemperedTargets:
     """The ``tail: sample`` estimate of the teacher's distribution at ``temperature``.
 
     The top-k classes get their exact probability ``exp(l / T - L_T)``; a drawn class ``x`` gets
-    ``(c_x / S) * M * p_T(x) / p_1(x)``, where ``M`` is the exact tail mass at T=1, ``c_x`` its
-    count among the S draws (drawn from the T=1 tail renormalised, whose probability of ``x`` is
-    ``p_1(x) / M``) and ``L_T = logsumexp(l / T)``. Each class's expectation over the draws is
-    its probability at T, so a loss linear in the target (KD, WSL's KL) has an unbiased
-    gradient: the importance-sampling estimator of random-sampling KD (Anshumann et al., 2025),
-    with the top-k taken out of the draws. At T=1 a drawn class gets ``(c_x / S) * M``. At a
-    temperature whose ``L_T`` was not stored the estimate is self-normalised (consistent, not
+    ``(c_x / S) * M_τ * p_T(x) / p_τ(x)``, where τ is the temperature the draws came from,
+    ``M_τ`` the exact tail mass at τ, ``c_x`` the class's count among the S draws (drawn from
+    the tail at τ renormalised, whose probability of ``x`` is ``p_τ(x) / M_τ``) and
+    ``L_T = logsumexp(l / T)``. Each class's expectation over the draws is its probability at T,
+    so a loss linear in the target (KD, WSL's KL) has an unbiased gradient: the
+    importance-sampling estimator of random-sampling KD (Anshumann et al., 2025), with the top-k
+    taken out of the draws. At T = τ there is no importance weight: a drawn class gets
+    ``(c_x / S) * M_τ``, and only the draws' spread over the tail varies. The further T is from
+    τ, the larger the weights of tail classes that τ makes rare (T > τ) or of the few that
+    dominate at T (T < τ). At a temperature whose ``L_T`` is neither stored nor derivable (T=1:
+    ``lse``; τ: the top-k and the draws' tail) the estimate is self-normalised (consistent, not
     unbiased): ``L_T`` is replaced by the log of the estimate's own total.
     """
     inverse = 1.0 / temperature
     logit = t.logit.float()
     draws = t.sample_count.float()
     total = draws.sum(-1, keepdim=True).clamp_min(1.0)
-    # log((c/S) * M * p_T(x) / p_1(x)) + L_T, in logs: log M = tail_lse - lse, and
-    # log p_T(x) - log p_1(x) = l_x (1/T - 1) - L_T + lse, so lse cancels and an empty slot
-    # (count 0) is -inf whatever its logit
-    log_weight = torch.log(draws / total) + t.tail_lse.float().unsqueeze(-1)
-    sampled = log_weight + t.sample_logit.float() * (inverse - 1.0)
+    # log((c/S) * M_τ * p_T(x) / p_τ(x)) + L_T, in logs: log M_τ = draw_tail_lse - L_τ, and
+    # log p_T(x) - log p_τ(x) = l_x (1/T - 1/τ) - L_T + L_τ, so L_τ cancels and an empty slot
+    # (count 0) is -inf whatever its logit. τ is one number per batch (a Python float here, so
+    # τ = 1 computes exactly what the estimate computed before τ could be chosen).
+    tau = draw_temperature_of(t)
+    if math.isclose(temperature, tau, rel_tol=1e-6):
+        tau = temperature  # τ comes back as float32: no weight at all at T = τ, not 1e-8 of one
+    log_weight = torch.log(draws / total) + t.draw_tail_lse.float().unsqueeze(-1)
+    sampled = log_weight + t.sample_logit.float() * (inverse - 1.0 / tau)
     head = logit * inverse
     log_z = _log_normaliser(t, temperature, head, sampled)
     probs = torch.exp(torch.cat([head, sampled], dim=-1) - log_z.unsqueeze(-1))
@@ -329,9 +343,14 @@ def sampled_at(t: SampledTargets, temperature: float) -> TemperedTargets:
 def _log_normaliser(
     t: SampledTargets, temperature: float, head: torch.Tensor, sampled: torch.Tensor
 ) -> torch.Tensor:
-    """``L_T`` ``[B]``: the stored one (``lse`` at T=1), else the log of the estimate's total."""
+    """``L_T`` ``[B]``: ``lse`` at T=1; at the draws' τ the top-k's and the tail's together; a
+    stored one; else the log of the estimate's total."""
     if math.isclose(temperature, 1.0, rel_tol=1e-6):
         return t.lse.float()
+    if math.isclose(temperature, draw_temperature_of(t), rel_tol=1e-6):
+        # every class is in the top-k or the tail: L_τ from the stored values, exact up to their
+        # rounding, so the top-k and M_τ = exp(draw_tail_lse - L_τ) sum to 1 on every view
+        return torch.logaddexp(torch.logsumexp(head, dim=-1), t.draw_tail_lse.float())
     if t.temperatures.numel():
         stored = torch.isclose(t.temperatures[0].float(), torch.tensor(float(temperature)))
         if stored.any():
@@ -339,9 +358,17 @@ def _log_normaliser(
     return torch.logsumexp(torch.cat([head, sampled], dim=-1), dim=-1)
 
 
+def draw_temperature_of(t: SampledTargets) -> float:
+    """The temperature ``t``'s draws came from (one per batch; 1 for an empty batch)."""
+    return float(t.draw_temperature.reshape(-1)[0]) if t.draw_temperature.numel() else 1.0
+
+
 def stored_temperature(t: SampledTargets, temperature: float) -> bool:
-    """Whether :func:`sampled_at` is unbiased at ``temperature`` (T=1, or ``L_T`` stored)."""
+    """Whether :func:`sampled_at` is unbiased at ``temperature`` (T=1, the draws' τ, or ``L_T``
+    stored)."""
     if math.isclose(temperature, 1.0, rel_tol=1e-6):
+        return True
+    if math.isclose(temperature, draw_temperature_of(t), rel_tol=1e-6):
         return True
     return bool(torch.isclose(t.temperatures.float(), torch.tensor(float(temperature))).any())
 
@@ -449,7 +476,7 @@ INDEX_FIELDS = {"idx", "sample_idx"}
 
 
 def targets_from_arrays(arrays: Sequence[Any]) -> SparseTargets:
-    """Targets from arrays (numpy or torch) in field order: 5 make :class:`SparseTargets`, 10
+    """Targets from arrays (numpy or torch) in field order: 5 make :class:`SparseTargets`, 12
     :class:`SampledTargets`; class indices become int64, the other values stay as given (fp16
     logits are widened by the losses)."""
     kind = SampledTargets if len(arrays) == len(SampledTargets.__dataclass_fields__) else None

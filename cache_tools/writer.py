@@ -11,6 +11,7 @@ part's mark (the run redoes it) and :func:`write_keys` rewrites a damaged keys c
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import numpy as np
@@ -134,11 +135,13 @@ def add_teacher(
     config: dict[str, Any] | None = None,
     samples: int = 0,
     sample_temperatures: tuple[float, ...] = (),
+    draw_temperature: float = 1.0,
     ensemble: EnsembleMeta | None = None,
 ) -> TeacherMeta:
     """Create a teacher subgroup, or check an existing one against the same spec, weights and
     rendering (default: the recipe's). Encoding ``sampled`` stores ``samples`` draws per view
-    and the logsumexp at ``sample_temperatures``; ``ensemble``: a stored ensemble's models."""
+    from the tail at ``draw_temperature`` and the logsumexp at ``sample_temperatures``;
+    ``ensemble``: a stored ensemble's models."""
     if encoding not in ENCODINGS:
         raise CacheError(
             f"teacher {name!r}: unknown encoding {encoding!r}; valid: {', '.join(ENCODINGS)}"
@@ -148,6 +151,7 @@ def add_teacher(
             f"teacher {name!r}: k={k} must be between 1 and num_classes={store.meta.num_classes}"
         )
     _check_sampling(name, encoding, samples, k, store.meta.num_classes)
+    _check_draw_temperature(name, encoding, draw_temperature, sample_temperatures)
     meta = TeacherMeta(
         name=name,
         model=model,
@@ -160,6 +164,7 @@ def add_teacher(
         config=config or {},
         samples=samples,
         sample_temperatures=list(sample_temperatures),
+        draw_temperature=draw_temperature,
         ensemble=ensemble,
     )
     if name in store.teachers:
@@ -193,6 +198,29 @@ def _check_sampling(name: str, encoding: str, samples: int, k: int, num_classes:
         )
 
 
+def _check_draw_temperature(
+    name: str, encoding: str, draw_temperature: float, sample_temperatures: tuple[float, ...]
+) -> None:
+    """Draws at a finite temperature > 0, other than 1 only for encoding ``sampled``, and not
+    one of ``sample_temperatures`` too (its normaliser comes with the draws)."""
+    if not (math.isfinite(draw_temperature) and draw_temperature > 0):
+        raise CacheError(
+            f"teacher {name!r}: draw_temperature={draw_temperature} must be finite and > 0"
+        )
+    if draw_temperature != 1.0 and encoding != "sampled":
+        raise CacheError(
+            f"teacher {name!r}: draw_temperature={draw_temperature:g} needs encoding 'sampled'"
+        )
+    if draw_temperature != 1.0 and any(
+        math.isclose(t, draw_temperature) for t in sample_temperatures
+    ):
+        raise CacheError(
+            f"teacher {name!r}: draw_temperature={draw_temperature:g} is also among "
+            f"sample_temperatures {list(sample_temperatures)}: its normaliser is stored with the "
+            "draws already"
+        )
+
+
 SAME_TEACHER = (
     "model",
     "weights_digest",
@@ -201,6 +229,7 @@ SAME_TEACHER = (
     "rendering",
     "samples",
     "sample_temperatures",
+    "draw_temperature",
     "ensemble",
 )
 """What a run's teacher must share with the cache's teacher of the same name."""
@@ -318,8 +347,8 @@ def write_teacher(
     start: int = 0,
 ) -> None:
     """Write one teacher's targets for a shard, then that teacher's mark for the shard
-    (encoding ``sampled``: with ``samples`` = (classes, logits, counts, lse_t), each
-    ``[n, views, ...]``).
+    (encoding ``sampled``: with ``samples`` = (classes, logits, counts, lse_t, the draws' tail
+    logsumexp), each ``[n, views, ...]``).
 
     ``start``: the first view of the teacher's view block the targets are for (a grown cache's
     new views; 0: its first block); the arrays hold the block's views, ``[n, views, ...]``."""
@@ -331,10 +360,9 @@ def write_teacher(
     where = (shard_chunk(store, shard), slice(block.start, block.stop))
     cap = store.cap
     specs = meta.arrays(store.meta.num_classes)
+    head = (topk_idx, topk_logit, lse, label_logit, tail_lse)
     temperatures = tuple(meta.sample_temperatures)
-    arrays = encode(
-        meta.encoding, topk_idx, topk_logit, lse, label_logit, tail_lse, samples, temperatures
-    )
+    arrays = encode(meta.encoding, *head, samples, temperatures, meta.draw_temperature)
     for name, values in arrays.items():
         dtype, _, fill = specs[name]
         _store_chunk(store, shard, group, name, where, _pad(values.astype(dtype), cap, fill))
@@ -355,6 +383,7 @@ def write_targets(store: CacheStore, shard: int, teacher: str, targets: SparseTa
     if isinstance(targets, SampledTargets):
         tensors = (targets.sample_idx, targets.sample_logit, targets.sample_count, targets.lse_t)
         samples = tuple(x.detach().cpu().numpy().reshape(n, a, -1) for x in tensors)
+        samples += (targets.draw_tail_lse.detach().cpu().numpy().reshape(n, a),)
     write_teacher(
         store,
         shard,

@@ -136,10 +136,16 @@ class TeacherSection(StrictModel):
     """How targets are stored: ``fp16`` or ``q8`` (top-k), or ``sampled`` (the top-k as ``q8``
     plus ``samples`` classes drawn from the rest, for ``tail: sample`` in training)."""
     samples: int | None = Field(None, ge=1, le=255)
-    """``sampled``: classes drawn per view from the T=1 distribution outside the top-k."""
+    """``sampled``: classes drawn per view from the distribution outside the top-k (at
+    ``draw_temperature``)."""
     sample_temperatures: list[Annotated[float, Field(gt=0.0)]] = Field(default_factory=list)
-    """``sampled``: temperatures other than 1 at which training should be unbiased (each stores
-    ``logsumexp(l / T)``, 2 B per view); e.g. ``[4]`` for KD at T=4."""
+    """``sampled``: temperatures other than 1 and ``draw_temperature`` at which training should
+    be unbiased (each stores ``logsumexp(l / T)``, 2 B per view); e.g. ``[4]`` for KD at T=4."""
+    draw_temperature: float | None = Field(None, gt=0.0, allow_inf_nan=False)
+    """``sampled``: the temperature τ of the tail distribution the ``samples`` are drawn from
+    (default 1). Set it to the KD temperature: there the estimate has no importance weights (each
+    drawn class gets its share of the draws times the exact tail mass at τ), and it is unbiased
+    at τ as at T=1 (the tail's ``logsumexp(l / τ)`` is stored, 2 B per view)."""
 
     @field_validator("name")
     @classmethod
@@ -278,7 +284,8 @@ def _model_problems(i: int, teacher: TeacherSection) -> list[str]:
 
 
 def _sampling_problems(i: int, teacher: TeacherSection, num_classes: int | None) -> list[str]:
-    """``samples`` and ``sample_temperatures`` go with encoding ``sampled``, and it with them."""
+    """``samples``, ``sample_temperatures`` and ``draw_temperature`` go with encoding
+    ``sampled``, and it with ``samples``."""
     key = f"teachers.{i}"
     sampled = teacher.encoding == "sampled"
     out = []
@@ -290,11 +297,21 @@ def _sampling_problems(i: int, teacher: TeacherSection, num_classes: int | None)
         out.append(
             f"{key}.sample_temperatures: only for encoding 'sampled' (found {teacher.encoding!r})"
         )
+    if not sampled and teacher.draw_temperature is not None:
+        out.append(
+            f"{key}.draw_temperature: only for encoding 'sampled' (found {teacher.encoding!r})"
+        )
     temps = teacher.sample_temperatures
     if any(math.isclose(t, 1.0) for t in temps) or len(set(temps)) != len(temps):
         out.append(
             f"{key}.sample_temperatures: each temperature once, none of them 1 (T=1 is always "
             f"unbiased), found {temps}"
+        )
+    tau = teacher.draw_temperature
+    if tau is not None and not math.isclose(tau, 1.0) and any(math.isclose(t, tau) for t in temps):
+        out.append(
+            f"{key}.sample_temperatures: {tau:g} is the draw_temperature, whose normaliser is "
+            f"stored with the draws (leave it out), found {temps}"
         )
     if sampled and num_classes is not None and teacher.k >= num_classes:
         out.append(

@@ -270,6 +270,7 @@ def make_plan(cfg: PrecomputeConfig) -> Plan:
             config=saved_config(cfg),
             samples=section.samples or 0,
             sample_temperatures=tuple(section.sample_temperatures),
+            draw_temperature=section.draw_temperature or 1.0,
             ensemble=stored_ensemble(teacher),
         )
     if not created:  # damaged shards lose their marks here, so shard_tasks lists them again

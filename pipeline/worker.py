@@ -124,7 +124,8 @@ class ShardResult:
 @dataclass
 class TeacherArrays:
     """One teacher's targets for a shard, filled batch by batch: ``[n, A, k]`` and ``[n, A]``
-    (encoding ``sampled``: also the draws, ``[n, A, slots]``, and ``lse_t`` ``[n, A, T]``)."""
+    (encoding ``sampled``: also the draws, ``[n, A, slots]``, ``lse_t`` ``[n, A, T]`` and the
+    draws' tail logsumexp ``[n, A]``)."""
 
     topk_idx: np.ndarray
     topk_logit: np.ndarray
@@ -132,7 +133,7 @@ class TeacherArrays:
     label_logit: np.ndarray
     tail_lse: np.ndarray
     samples: tuple[np.ndarray, ...] | None = None
-    """Encoding ``sampled``: (classes, logits, counts, lse_t)."""
+    """Encoding ``sampled``: (classes, logits, counts, lse_t, draw_tail_lse)."""
 
     @classmethod
     def zeros(
@@ -144,6 +145,7 @@ class TeacherArrays:
             shapes = [(slots, np.int64), (slots, np.float32), (slots, np.uint8)]
             samples = tuple(np.zeros((n, num_views, m), dtype) for m, dtype in shapes)
             samples += (np.zeros((n, num_views, temperatures), np.float32),)
+            samples += (np.zeros((n, num_views), np.float32),)
         return cls(
             np.zeros((n, num_views, k), np.int32),
             np.zeros((n, num_views, k), np.float32),
@@ -177,9 +179,10 @@ class TeacherArrays:
         self.tail_lse.reshape(-1)[flat] = targets.tail_lse.cpu().numpy()
         if isinstance(targets, SampledTargets):
             drawn = (targets.sample_idx, targets.sample_logit, targets.sample_count, targets.lse_t)
-            for out, values in zip(self.samples, drawn, strict=True):
+            for out, values in zip(self.samples[:4], drawn, strict=True):
                 # rows x views spelled out: lse_t may have no column (no stored temperature)
                 out.reshape(out.shape[0] * out.shape[1], out.shape[-1])[flat] = values.cpu().numpy()
+            self.samples[-1].reshape(-1)[flat] = targets.draw_tail_lse.cpu().numpy()
 
 
 def model_key(member: MemberPlan) -> str:
@@ -354,7 +357,9 @@ class ShardWorker:
         # flat = row * A + view: the draws are keyed by each view's sample key and view index.
         view_keys = [keys[i] for i in flat // a]
         u = uniforms(self.settings.seed, view_keys, flat % a, name, meta.samples)
-        return sampled_from_logits(logits, labels, meta.k, u, meta.sample_temperatures)
+        return sampled_from_logits(
+            logits, labels, meta.k, u, meta.sample_temperatures, meta.draw_temperature
+        )
 
     def _write(
         self, task: ShardTask, rows: ShardRows, out: dict[str, TeacherArrays], keys: ShardKeys

@@ -122,13 +122,17 @@ def test_cache_bench_writes_its_keys(tmp_path):
     assert {(r["encoding"], r["k"]) for r in result["rows"]} == {
         (e, k) for e in ("fp16", "q8") for k in (5, 10, 20)
     }
-    # top-k vs sampled targets at equal bytes per view (24 B by default), T=1 and KD's T=4
+    # top-k vs sampled targets (drawn at T=1, and at KD's T=4) at equal bytes per view (24 B by
+    # default), T=1 and KD's T=4
     assert {t: set(v) for t, v in result["grad_cos"].items()} == {
-        t: {"topk", "topk_renorm", "sampled", "sampled_sn"} for t in ("T=1", "T=4")
+        t: {"topk", "topk_renorm", "sampled", "sampled_sn", "sampled_tau"} for t in ("T=1", "T=4")
     }
     detail = result["grad_cos_detail"]
-    assert detail["topk"]["layout_bytes"] <= 24 and detail["sampled"]["layout_bytes"] <= 24
+    for name in ("topk", "sampled", "sampled_tau"):
+        assert detail[name]["layout_bytes"] <= 24, name
     assert (detail["topk"]["k"], detail["sampled"]["draws"]) == (6, 3)
+    assert (detail["sampled_tau"]["draws"], detail["sampled_tau"]["draw_temperature"]) == (3, 4.0)
+    assert set(detail["disk_bytes_per_view"]) == {"topk", "sampled", "sampled_tau"}
     for figures in result["grad_cos"].values():
         assert all(-1.0 <= x <= 1.0 for x in figures.values())
 
@@ -176,9 +180,10 @@ def test_parity_bench_writes_its_keys(tmp_path):
     assert {"mean", "std"} <= strong["cached_acc"].keys() and strong["recipe"]["mix"]
     # top-k, sampled and full targets at equal bytes; a two-teacher ensemble vs each member
     beyond = result["beyond"]
-    assert set(beyond["equal_bytes"]) == {"topk", "sampled", "sampled_sn", "full"}
-    assert beyond["equal_bytes"]["topk"]["layout_bytes"] <= beyond["budget_bytes_per_view"]
-    assert beyond["equal_bytes"]["sampled"]["layout_bytes"] <= beyond["budget_bytes_per_view"]
+    assert set(beyond["equal_bytes"]) == {"topk", "sampled", "sampled_sn", "sampled_tau", "full"}
+    for name in ("topk", "sampled", "sampled_tau"):
+        assert beyond["equal_bytes"][name]["layout_bytes"] <= beyond["budget_bytes_per_view"]
+    assert beyond["equal_bytes"]["sampled_tau"]["draw_temperature"] == 4.0
     assert set(beyond["ensemble"]["students"]) == {"ensemble", "teacher", "teacher2"}
     assert {"mean", "std"} <= beyond["ensemble"]["students"]["ensemble"].keys()
     assert set(beyond["ensemble"]["on_cached_views"]["top1"]) == {"ensemble", "teacher", "teacher2"}

@@ -22,8 +22,9 @@ CLASSES = 4
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """2 shards x 12 grey samples; a cache with teachers ``a`` and ``b`` at k = C, ``s`` (the
-    first model again, encoding ``sampled``: top-1 and 3 draws, normaliser stored at T=2) and
-    ``top1`` (the first model at k = 1, fp16)."""
+    first model again, encoding ``sampled``: top-1 and 3 draws, normaliser stored at T=2),
+    ``s_tau`` (the same drawn from the tail at T=4) and ``top1`` (the first model at k = 1,
+    fp16)."""
     root = tmp_path_factory.mktemp("ens_train")
     urls = write_shards(root / "shards", num_shards=2, per_shard=12, classes=CLASSES)
     a, _ = tiny_teacher(CLASSES, seed=0, save_to=root / "a.pt")
@@ -33,6 +34,14 @@ def world(tmp_path_factory):
         {"name": "a", "model": a.model_dump(), "k": CLASSES},
         {"name": "b", "model": b.model_dump(), "k": CLASSES},
         {"name": "s", "model": a.model_dump(), "k": 1, **sampled},
+        {
+            "name": "s_tau",
+            "model": a.model_dump(),
+            "k": 1,
+            "encoding": "sampled",
+            "samples": 3,
+            "draw_temperature": 4.0,
+        },
         {"name": "top1", "model": a.model_dump(), "k": 1},
     ]
     config = precompute_config(root / "cache.zarr", urls, teachers, num_views=2, classes=CLASSES)
@@ -157,3 +166,16 @@ def test_a_temperature_without_its_normaliser_is_a_logged_estimate(world, tmp_pa
     assert "not at the loss's T=4: its sampled targets are a self-normalised estimate" in (
         caplog.text
     )
+
+
+def test_a_teacher_drawn_at_the_loss_temperature_trains_unbiased(world, tmp_path, caplog):
+    """Draws at τ = 4 make T=4 (and T=1) unbiased: no self-normalisation warning, at either."""
+    for t in (4.0, 1.0):
+        stage = {"teacher": "s_tau", "loss": {"name": "kd", "temperature": t, "tail": "sample"}}
+        with caplog.at_level(logging.WARNING):
+            assert train(make(world, tmp_path / f"t{t:g}", stage)).completed
+    assert "self-normalised" not in caplog.text
+    stage = {"teacher": "s_tau", "loss": {"name": "kd", "temperature": 2.0, "tail": "sample"}}
+    with caplog.at_level(logging.WARNING):
+        train(make(world, tmp_path / "t2", stage))
+    assert "stores the normaliser at T=[1.0, 4.0], not at the loss's T=2" in caplog.text

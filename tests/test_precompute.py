@@ -736,6 +736,7 @@ def test_config_schema_is_pinned():
         "encoding",
         "samples",
         "sample_temperatures",
+        "draw_temperature",
     ]
 
 

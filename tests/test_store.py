@@ -196,6 +196,6 @@ def test_unreadable_teacher_attributes_are_an_error_naming_the_teacher(store):
     with pytest.raises(
         CacheError,
         match=r"teacher 't' has unreadable attributes "
-        r"\(1 problem\(s\), e.g. Input should be a valid integer",
+        r"\(1 problem\(s\), e.g. k: Input should be a valid integer",
     ):
         open_store(store.path).teacher_meta("t")

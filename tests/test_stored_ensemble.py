@@ -26,7 +26,8 @@ VIEWS = 2
 def world(tmp_path_factory):
     """Two random teachers, stored alone, as a probability ensemble (1:3), as an ensemble of the
     first twice, as a logit ensemble, and each again with encoding ``sampled`` (the second with
-    more draws than classes outside its top-k, and no stored temperature)."""
+    more draws than classes outside its top-k, and no stored temperature); the first once more
+    with its draws from the tail at τ = 4 (``a_tau``)."""
     root = tmp_path_factory.mktemp("ensemble")
     urls = write_shards(root / "shards", num_shards=2, per_shard=8, classes=CLASSES)
     a, _ = tiny_teacher(CLASSES, seed=0, save_to=root / "a.pt")
@@ -48,6 +49,14 @@ def world(tmp_path_factory):
             "sample_temperatures": [4.0],
         },
         {"name": "b_sampled", "model": b.model_dump(), "k": 2, "encoding": "sampled", "samples": 9},
+        {
+            "name": "a_tau",
+            "model": a.model_dump(),
+            "k": 1,
+            "encoding": "sampled",
+            "samples": 4,
+            "draw_temperature": 4.0,
+        },
     ]
     config = precompute_config(
         root / "cache.zarr", urls, teachers, num_views=VIEWS, classes=CLASSES
@@ -155,8 +164,9 @@ def test_verify_recomputes_ensembles_and_draws(world):
         "mean": True,
         "a_sampled": True,
         "b_sampled": True,
+        "a_tau": True,
     }
-    for name in ("a_sampled", "b_sampled"):
+    for name in ("a_sampled", "b_sampled", "a_tau"):
         assert next(r for r in results if r.teacher == name).draws_agreement == 1.0
 
 
@@ -213,6 +223,51 @@ def _config(teacher: dict) -> dict:
         (
             {"model": {"name": "m"}, "encoding": "sampled", "samples": 0},
             r"teachers.0.samples: Input should be greater than or equal to 1",
+        ),
+        (
+            {"model": {"name": "m"}, "encoding": "sampled", "samples": 4, "draw_temperature": 0},
+            r"teachers.0.draw_temperature: Input should be greater than 0",
+        ),
+        (
+            {"model": {"name": "m"}, "encoding": "sampled", "samples": 4, "draw_temperature": -4},
+            r"teachers.0.draw_temperature: Input should be greater than 0",
+        ),
+        (
+            {
+                "model": {"name": "m"},
+                "encoding": "sampled",
+                "samples": 4,
+                "draw_temperature": float("inf"),
+            },
+            r"teachers.0.draw_temperature: Input should be a finite number",
+        ),
+        (
+            {
+                "model": {"name": "m"},
+                "encoding": "sampled",
+                "samples": 4,
+                "draw_temperature": float("nan"),
+            },
+            r"teachers.0.draw_temperature: Input should be a finite number",
+        ),
+        (
+            {"model": {"name": "m"}, "encoding": "sampled", "samples": 4, "draw_temperature": "x"},
+            r"teachers.0.draw_temperature: Input should be a valid number",
+        ),
+        (
+            {"model": {"name": "m"}, "encoding": "q8", "draw_temperature": 4},
+            r"teachers.0.draw_temperature: only for encoding 'sampled' \(found 'q8'\)",
+        ),
+        (
+            {
+                "model": {"name": "m"},
+                "encoding": "sampled",
+                "samples": 4,
+                "draw_temperature": 4,
+                "sample_temperatures": [2.0, 4.0],
+            },
+            r"teachers.0.sample_temperatures: 4 is the draw_temperature, whose normaliser is "
+            r"stored with the draws",
         ),
         (
             {"model": {"name": "m"}, "encoding": "sampled", "samples": 4, "k": CLASSES},
@@ -278,6 +333,8 @@ def test_inspect_shows_ensembles_against_their_members_and_the_draws_coverage(
     assert sum(coverage["distinct"]["counts"]) == coverage["views"]
     assert 1.0 <= coverage["distinct"]["mean"] <= 4.0
     assert 0.0 < coverage["tail_share"]["mean"] <= 1.0
+    assert coverage["draw_temperature"] == 1.0
+    assert report["sampled"]["a_tau"]["draw_temperature"] == 4.0
     printed = capsys.readouterr().out
     assert "== ensemble stored teacher 'ens' (probs) against its members" in printed
     assert "== sampled teachers: coverage per view" in printed
@@ -316,3 +373,121 @@ def test_a_sampled_teacher_without_stored_temperatures_is_self_normalised(world)
     assert torch.equal(t.sample_count.sum(-1).float(), torch.full((len(t.lse),), 9.0))
     at4 = sampled_at(t, 4.0)
     torch.testing.assert_close(at4.probs.sum(-1), torch.ones(len(t.lse)))
+
+
+# ---- draws at a chosen temperature ---------------------------------------------------------------
+
+
+def test_a_teacher_drawn_at_tau_stores_its_draws_and_the_tails_normaliser(world):
+    """``a_tau``: the draws precompute stored are those from the fresh logits' tail at τ = 4
+    (same generator, same keys), with the tail's ``logsumexp(l / 4)`` (array ``draw_tail``) in
+    place of any ``lse_t``; at T=4 a drawn class's probability is its share of the draws times
+    the exact tail mass at 4. The T=1 teachers store no ``draw_tail``."""
+    store = world["store"]
+    meta = store.teacher_meta("a_tau")
+    assert meta.draw_temperature == 4.0 and store.teacher_meta("a_sampled").draw_temperature == 1.0
+    assert "draw_tail" in meta.arrays(CLASSES) and "lse_t" not in meta.arrays(CLASSES)
+    assert "draw_tail" not in store.teacher_meta("a_sampled").arrays(CLASSES)
+    assert sorted(store.teacher_group("a_sampled").array_keys()) == sorted(
+        [*store.teacher_meta("a_sampled").arrays(CLASSES), "done"]
+    )
+    za, rows = fresh_logits(world, "a")
+    block = read_block(store, 0, ["a_tau"])
+    keys = [str(block.keys[r]) for r in rows for _ in range(VIEWS)]
+    views = [v for _ in rows for v in range(VIEWS)]
+    u = uniforms(store.meta.seed, keys, views, "a_tau", 4)
+    labels = torch.from_numpy(block.labels[rows].astype(np.int64)).repeat_interleave(VIEWS)
+    expected = sampled_from_logits(za, labels, 1, u, [], 4.0)
+    got = stored(world, "a_tau")
+    assert torch.equal(got.sample_idx, expected.sample_idx)
+    assert torch.equal(got.sample_count.float(), expected.sample_count)
+    torch.testing.assert_close(got.draw_tail_lse, expected.draw_tail_lse, rtol=2e-3, atol=2e-3)
+    assert torch.all(got.draw_temperature == 4.0)
+    at4 = sampled_at(got, 4.0)
+    exact = torch.softmax(za / 4.0, -1)
+    tail_mass = 1.0 - exact.gather(1, got.idx).sum(-1)
+    torch.testing.assert_close(
+        at4.probs[:, 1:], got.sample_count.float() / 4 * tail_mass[:, None], rtol=0.01, atol=2e-3
+    )
+    torch.testing.assert_close(at4.probs.sum(-1), torch.ones(len(tail_mass)))
+
+
+def _copy(world, tmp_path):
+    import shutil
+
+    from kdcache.store import open_store
+
+    copy = tmp_path / "cache.zarr"
+    shutil.copytree(world["store"].path, copy)
+    return open_store(str(copy), "r+")
+
+
+def test_a_cache_without_the_draw_temperature_reads_as_drawn_at_1(world, tmp_path):
+    """Caches made before the draw temperature existed have no such attribute: they read as
+    drawn at T=1, and their targets and estimates are what they were."""
+    from kdcache.store import open_store
+
+    store = _copy(world, tmp_path)
+    attrs = dict(store.teacher_group("a_sampled").attrs)
+    assert attrs.pop("draw_temperature") == 1.0
+    store.teacher_group("a_sampled").attrs.clear()
+    store.teacher_group("a_sampled").attrs.update(attrs)
+    old = open_store(store.path)
+    assert old.teacher_meta("a_sampled").draw_temperature == 1.0
+    block = read_block(old, 0, ["a_sampled"]).teachers["a_sampled"]
+    n = block.lse.size
+    before = stored(world, "a_sampled")
+    after = targets_from_arrays([x.reshape(n, *x.shape[2:]) for x in block.fields()])
+    for a, b in zip(before.tensors(), after.tensors(), strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(after.draw_tail_lse, after.tail_lse)
+    for t in (1.0, 4.0, 2.0):
+        assert torch.equal(sampled_at(after, t).probs, sampled_at(before, t).probs)
+
+
+@pytest.mark.parametrize(
+    ("value", "match"),
+    [
+        (0.0, "draw_temperature: Input should be greater than 0"),
+        (-4.0, "draw_temperature: Input should be greater than 0"),
+        (float("inf"), "draw_temperature: Input should be a finite number"),
+        ("hot", "draw_temperature: Input should be a valid number"),
+    ],
+)
+def test_a_stored_draw_temperature_is_checked_on_load(world, tmp_path, value, match):
+    from kdcache.errors import CacheError
+    from kdcache.store import open_store
+
+    store = _copy(world, tmp_path)
+    store.teacher_group("a_tau").attrs.update({"draw_temperature": value})
+    with pytest.raises(CacheError, match=rf"teacher 'a_tau' has unreadable attributes .*{match}"):
+        open_store(store.path).teacher_meta("a_tau")
+
+
+def test_a_rerun_with_another_draw_temperature_is_refused(world, tmp_path):
+    from kdcache.errors import CacheMismatchError
+    from kdcache.writer import add_teacher
+
+    store = _copy(world, tmp_path)
+    meta = store.teacher_meta("a_tau")
+    settings = meta.model_dump(include={"model", "weights_digest", "k", "encoding", "samples"})
+    add_teacher(store, "a_tau", rendering=meta.rendering, draw_temperature=4.0, **settings)
+    with pytest.raises(CacheMismatchError, match=r"draw_temperature: cache 4.0 vs run 2.0"):
+        add_teacher(store, "a_tau", rendering=meta.rendering, draw_temperature=2.0, **settings)
+
+
+def test_verify_and_validate_check_the_draws_normaliser(world, tmp_path):
+    """A stored tail normaliser at τ off by 0.5 fails verify; a NaN one fails validate."""
+    from kdcache.store import open_store
+    from kdcache.tools.validate import validate_cache
+
+    store = _copy(world, tmp_path)
+    group = store.teacher_group("a_tau")
+    tail = group["draw_tail"][:]
+    group["draw_tail"][:] = tail + np.float16(0.5)
+    [result] = verify_cache(open_store(store.path), teachers=["a_tau"], num=16, seed=0).teachers
+    assert result.failures == result.views and result.draws_agreement == 1.0
+    tail[0, 0] = np.nan
+    group["draw_tail"][:] = tail
+    problems = validate_cache(open_store(store.path)).problems
+    assert any("NaN/inf value(s) in the draws' tail logsumexp" in p for p in problems), problems

@@ -168,13 +168,14 @@ class CachedTargets(TargetSource):
                 f"{self.num_classes} classes); teacher {teacher!r} is {meta.encoding!r} with "
                 f"k={meta.k}"
             )
-        stored = [1.0, *meta.sample_temperatures]
+        stored = meta.unbiased_temperatures()
         if meta.encoding == "sampled" and not any(abs(t - temperature) < 1e-6 for t in stored):
             return (
                 f"warning: teacher {teacher!r} stores the normaliser at T={stored}, not at the "
                 f"loss's T={temperature:g}: its sampled targets are a self-normalised estimate "
-                "there (consistent, not unbiased); add the temperature to the teacher's "
-                "sample_temperatures to make it unbiased"
+                "there (consistent, not unbiased); draw at that temperature "
+                "(draw_temperature) or add it to the teacher's sample_temperatures to make it "
+                "unbiased"
             )
         return None
 

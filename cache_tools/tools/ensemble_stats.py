@@ -9,7 +9,7 @@ join as ``"ensembles"`` and ``"sampled"``, each present when there is one to rep
                top1: {"ensemble": accuracy, MEMBER: accuracy, ...},
                agreement: {MEMBER: fraction of views whose top-1 is the ensemble's},
                js: {MEMBER: DIST}}, ...]    # JS(ensemble, member) per view, nats, at T=1
-"sampled": {TEACHER: {views, k, samples, slots,
+"sampled": {TEACHER: {views, k, samples, slots, draw_temperature,
                       distinct: {mean, counts: [views with 0, 1, ..., slots distinct classes]},
                       classes_per_view: mean of k + distinct,
                       tail_share: DIST}}   # of the T=1 tail mass, the share the drawn classes
@@ -170,6 +170,7 @@ class CoverageStats:
     k: int
     samples: int
     slots: int
+    draw_temperature: float = 1.0
     views: int = 0
     distinct: np.ndarray = field(init=False)
     tail_share: Histogram = field(default_factory=lambda: Histogram(0.0, 1.0))
@@ -197,6 +198,7 @@ class CoverageStats:
             "k": self.k,
             "samples": self.samples,
             "slots": self.slots,
+            "draw_temperature": self.draw_temperature,
             "distinct": {"mean": mean if self.views else None, "counts": self.distinct.tolist()},
             "classes_per_view": self.k + mean if self.views else None,
             "tail_share": self.tail_share.summary(),
@@ -254,7 +256,7 @@ def _check_members(store: CacheStore, specs: list[EnsembleSpec]) -> None:
 def _coverage(store: CacheStore, teacher: str) -> CoverageStats:
     meta = store.teacher_meta(teacher)
     slots = dict(meta.arrays(store.meta.num_classes))["sample_idx"][1][0]
-    return CoverageStats(teacher, meta.k, meta.samples, slots)
+    return CoverageStats(teacher, meta.k, meta.samples, slots, meta.draw_temperature)
 
 
 def _update_ensemble(
@@ -320,6 +322,7 @@ def format_extras(extras: dict[str, Any], table: Callable[..., str]) -> list[str
                 name,
                 s["k"],
                 s["samples"],
+                f"{s['draw_temperature']:g}",
                 s["distinct"]["mean"],
                 s["classes_per_view"],
                 s["tail_share"]["mean"],
@@ -331,12 +334,13 @@ def format_extras(extras: dict[str, Any], table: Callable[..., str]) -> list[str
             "teacher",
             "k",
             "draws",
+            "drawn at T",
             "distinct drawn",
             "classes per view",
             "tail mass held (mean)",
             "(median)",
         ]
-        title = "== sampled teachers: coverage per view (draws from the T=1 tail) =="
+        title = "== sampled teachers: coverage per view (draws from the tail) =="
         out.append(table(header, rows, title))
     return out
 

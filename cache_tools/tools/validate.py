@@ -189,7 +189,8 @@ def check_teacher(
 
 def _check_draws(tb: TeacherBlock, valid: np.ndarray, num_classes: int) -> list[str]:
     """A sampled teacher's draws: classes in range, distinct, outside the top-k; every view with
-    a tail drew the same number of times."""
+    a tail drew the same number of times; the tail's logsumexp at the draw temperature is a
+    number or ``-inf``."""
     idx = tb.sample_idx[valid].astype(np.int64)
     count = tb.sample_count[valid].astype(np.int64)
     used = count > 0
@@ -205,6 +206,10 @@ def _check_draws(tb: TeacherBlock, valid: np.ndarray, num_classes: int) -> list[
     totals = count.sum(-1)[np.isfinite(tb.tail_lse[valid])]
     if totals.size and (totals != totals.max()).any():
         problems.append("views with a tail drew different numbers of classes")
+    draw_tail = tb.draw_tail_lse[valid]
+    bad = np.isnan(draw_tail) | (draw_tail == np.inf)
+    if bad.any():
+        problems.append(f"{int(bad.sum())} NaN/inf value(s) in the draws' tail logsumexp")
     return problems
 
 

@@ -8,9 +8,11 @@ the cached top-k) with the stored tail. A difference beyond the encoding's round
 
 A stored ensemble is recomputed from its models (each rebuilt from its recorded spec, checked
 against its weights digest, run in its own rendering) and combined as precompute combined them.
-A sampled teacher's draws are drawn again from the fresh logits with the same generator: a view
-whose draws differ fails unless one of its uniforms lies within the logits' tolerance of a class
-boundary of the tail's CDF (there, rounding alone may move a draw to the neighbouring class).
+A sampled teacher's draws are drawn again from the fresh logits with the same generator, at the
+teacher's draw temperature: a view whose draws differ fails unless one of its uniforms lies
+within the logits' tolerance of a class boundary of the tail's CDF (there, rounding alone may
+move a draw to the neighbouring class). Its stored normalisers (``logsumexp(l / T)`` at each
+stored temperature, the tail's at the draw temperature) are compared with the fresh logits'.
 """
 
 from __future__ import annotations
@@ -21,15 +23,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from kdcache.encoding import log_tail_tolerance, logit_tolerance, sample_slots
+from kdcache.encoding import FP16_REL, log_tail_tolerance, logit_tolerance, sample_slots
 from kdcache.ensemble import build_members, combine_logits
 from kdcache.errors import CacheMismatchError, ConfigError
 from kdcache.models import ModelSpec, build_teacher, weights_digest
 from kdcache.reader import TeacherBlock, read_array, read_block
 from kdcache.results import TeacherVerify, VerifyResult
-from kdcache.sampling import draw, uniforms
+from kdcache.sampling import Draws, draw, tail_probs, uniforms
 from kdcache.shards import decode_image, expand_shards, iter_shard, shard_name
-from kdcache.store import STATUS_VALID, CacheStore
+from kdcache.store import STATUS_VALID, CacheStore, TeacherMeta
 from kdcache.teacher import ModelRunner
 from kdcache.views import Rendering, View, render
 
@@ -215,21 +217,52 @@ def _compare_draws(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(same draws, beyond tolerance) per view: the draws again from the fresh logits."""
     meta = store.teacher_meta(teacher)
+    tau = meta.draw_temperature
     u = uniforms(store.meta.seed, cached["keys"], cached["views"], teacher, meta.samples)
     slots = sample_slots(meta.samples, meta.k, store.meta.num_classes)
     head = torch.from_numpy(cached["idx"])
-    fresh = draw(logits, head, u, slots)
+    fresh = draw(logits, head, u, slots, meta.sample_temperatures, tau)
     count = cached["sample_count"].astype(np.int64)
     same = (fresh.count.astype(np.int64) == count).all(-1) & (
         (fresh.idx == cached["sample_idx"].astype(np.int64)) | (count == 0)
     ).all(-1)
-    return same, ~same & ~_near_boundary(logits, head, u, 2 * atol)
+    # a logit moved by atol moves l / τ by atol / τ: the CDF's boundaries by as much as at T=1
+    # with atol / τ, and never less than 2 atol relative is allowed (τ < 1 sharpens)
+    moved = ~same & ~_near_boundary(logits, head, u, 2 * atol * max(1.0, 1.0 / tau), tau)
+    return same, moved | _normalisers_off(meta, fresh, cached, atol)
 
 
-def _near_boundary(logits: torch.Tensor, head: torch.Tensor, u: np.ndarray, rel: float):
+def _normalisers_off(
+    meta: TeacherMeta, fresh: Draws, cached: dict[str, np.ndarray], atol: float
+) -> np.ndarray:
+    """Per view: is a stored ``logsumexp(l / T)`` (or the draws' tail one at τ) further from the
+    fresh one than its fp16 rounding (it is stored relative to the top logit at T, and the top in
+    fp16) and the logits' tolerance (each logit within ``atol``: the logsumexp within
+    ``atol / T``; twice that, as for the tail)?"""
+    top = cached["logit"][:, 0]
+    temps = list(meta.sample_temperatures)
+    stored = cached["lse_t"]
+    again = fresh.lse_t
+    if meta.draw_temperature != 1.0:  # at 1 it is the stored tail, compared as such already
+        temps.append(meta.draw_temperature)
+        stored = np.concatenate([stored, cached["draw_tail_lse"][:, None]], axis=1)
+        again = np.concatenate([again, fresh.tail_lse[:, None]], axis=1)
+    off = np.zeros(len(top), bool)
+    for j, t in enumerate(temps):
+        rel = np.abs(stored[:, j] - top / t) + np.abs(top) / t
+        tol = FP16_REL * rel + 2 * atol / t
+        with np.errstate(invalid="ignore"):  # -inf: no tail on either side is no difference
+            gap = np.where(stored[:, j] == again[:, j], 0.0, np.abs(stored[:, j] - again[:, j]))
+        off |= ~(gap <= tol)
+    return off
+
+
+def _near_boundary(
+    logits: torch.Tensor, head: torch.Tensor, u: np.ndarray, rel: float, tau: float = 1.0
+):
     """Per view: does a uniform lie within ``rel`` (of the tail's mass) of a class boundary of
-    the tail's CDF, where a logit moved by the tolerance may move the draw?"""
-    p = torch.softmax(logits.double().cpu(), -1).scatter(1, head.long(), 0.0)
+    the tail's CDF at ``tau``, where a logit moved by the tolerance may move the draw?"""
+    p = tail_probs(logits.cpu(), head, tau)
     cdf = torch.cumsum(p, -1)
     total = cdf[:, -1:]
     target = torch.from_numpy(u) * total
@@ -265,7 +298,7 @@ def _compare_tail(
 
 
 CACHED = ("idx", "logit", "lse", "label_logit", "tail_lse", "sample_idx", "sample_logit")
-CACHED += ("sample_count",)
+CACHED += ("sample_count", "lse_t", "temperatures", "draw_tail_lse")
 
 
 def _cached(
