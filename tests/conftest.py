@@ -48,7 +48,8 @@ def world(tmp_path_factory):
     """The trainer tests' world: 4 train shards x 12 grey samples (train_000005 invalid), a
     20-sample val shard, a cache with teachers ``tiny`` (k=4) and ``top2`` (k=2).
 
-    test_bench.py and test_train_data.py define their own ``world``, which overrides this one.
+    A module that needs another world (test_bench.py, test_train_data.py, ...) defines its own
+    ``world``, which overrides this one.
     """
     root = tmp_path_factory.mktemp("trainer")
     urls = write_shards(root / "shards", unlabelled=("train_000005",))

@@ -1,9 +1,9 @@
 """Fault injection in precompute: the writer lock, failed writes, bad teachers, actors that keep
 dying.
 
-Complements tests/test_precompute.py (a worker killed once mid-shard, a failed shard reported while
-the others finish, a driver killed mid-run and resumed: not repeated here). Lock and write-failure
-tests run without Ray; the ones that need Ray actors are marked slow.
+Complements tests/pipeline/test_precompute.py (a worker killed once mid-shard, a failed shard
+reported while the others finish, a driver killed mid-run and resumed: not repeated here). Lock and
+write-failure tests run without Ray; the ones that need Ray actors are marked slow.
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ from kdcache.train.schedule import plan_stages
 from kdcache.train.target_source import online_teacher_spec
 from kdcache.train.trainer import train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # ---- modes ---------------------------------------------------------------------------------------

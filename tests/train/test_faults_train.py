@@ -1,8 +1,8 @@
 """Fault injection in training: a SIGKILLed ``kdcache train`` resumed, swapped caches, bad
 checkpoints.
 
-Complements tests/test_trainer.py (a run stopped by ``run.max_steps`` and resumed bit for bit; a
-checkpoint from another config refused naming the keys), which is not repeated here.
+Complements tests/train/test_trainer.py (a run stopped by ``run.max_steps`` and resumed bit for
+bit; a checkpoint from another config refused naming the keys), which is not repeated here.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from kdcache.errors import CacheMismatchError, KdcacheError
 from kdcache.train.checkpoint import CheckpointError
 from kdcache.train.trainer import train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 PAUSING_TRAIN = """
 import os, sys, time

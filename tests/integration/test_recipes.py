@@ -208,7 +208,7 @@ def test_inspect_shows_confidence_by_augmentation_strength(strong, tmp_path, cap
     assert (tmp_path / "augmentation_big.png").stat().st_size > 0
 
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 @pytest.mark.parametrize("name", ["precompute_b2_imagenet", "precompute_b3_imagenet"])

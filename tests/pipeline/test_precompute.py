@@ -741,7 +741,9 @@ def test_config_schema_is_pinned():
 
 
 def test_smoke_config_is_valid():
-    cfg = load_config(PrecomputeConfig, Path(__file__).parents[1] / "configs/smoke/precompute.yaml")
+    cfg = load_config(
+        PrecomputeConfig, Path(__file__).resolve().parents[2] / "configs/smoke/precompute.yaml"
+    )
     assert cfg.teachers[0].model.name == "kd_cnn_tiny" and cfg.cache.num_views == 2
 
 

@@ -3,9 +3,10 @@ the cache.
 
 Each defect gets a clear error naming shard (and key) or, under ``data.on_error: skip``, a recorded
 invalid row that the trainer skips. Precompute runs in-process (``ShardWorker(settings)(task)``),
-without Ray. Complements tests/test_precompute.py (corrupt image, missing and out-of-range label,
-duplicate keys across shards, a shard changed between planning and its task) and
-tests/test_train_data.py (shard counts changed after the cache), which are not repeated here.
+without Ray. Complements tests/pipeline/test_precompute.py (corrupt image, missing and
+out-of-range label, duplicate keys across shards, a shard changed between planning and its task)
+and tests/train/test_train_data.py (shard counts changed after the cache), which are not repeated
+here.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Teacher and student weights as people have them: every checkpoint form kdcache reads, each one it
 refuses (with the file named and the accepted forms listed), timm's local weights file, and a local
 Hugging Face model directory. Real files written by torch, safetensors and timm; real tiny models.
-The S3 checkpoint test is in test_objectstore.py (it needs the moto server).
+The S3 checkpoint test is in tests/integration/test_objectstore.py (it needs the moto server).
 """
 
 from __future__ import annotations
