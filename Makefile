@@ -53,8 +53,8 @@ test: setup fmnist
 test-slow: setup fmnist
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
 
-# The tests marked gpu (tests/test_gpu.py): run on a CUDA device, skipped with the reason
-# "needs CUDA" where torch finds none.
+# The tests marked gpu (tests/integration/test_gpu.py): run on a CUDA device, skipped with the
+# reason "needs CUDA" where torch finds none.
 test-gpu: setup fmnist
 	$(BIN)/python -m pytest -q -m gpu $(PYTEST_ARGS)
 

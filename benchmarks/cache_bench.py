@@ -15,9 +15,9 @@ view; view parameters and per-sample arrays are shared by all teachers and repor
 **Read speed** is views per wall second and per CPU second (all threads) of ``read_block`` over
 every shard, the encodings interleaved round by round. **Error**: the decoded targets against
 the fp32 top-k they were made from, as dense distributions at T: with the top-k renormalised
-(tail ``renorm``; the headline ``kl_k10``, as ``tests/test_encoding.py`` measures it) and with the
-tail mass spread over the other classes (tail ``spread``): max |Δp| over all classes and views,
-the mean KL(fp32 ‖ decoded), and the largest error of the T=1 tail mass.
+(tail ``renorm``; the headline ``kl_k10``, as ``tests/cache_tools/test_encoding.py`` measures
+it) and with the tail mass spread over the other classes (tail ``spread``): max |Δp| over all
+classes and views, the mean KL(fp32 ‖ decoded), and the largest error of the T=1 tail mass.
 """
 
 from __future__ import annotations

@@ -173,3 +173,25 @@ def row_views(store: CacheStore, block, row: int, image: torch.Tensor) -> torch.
     renders by default (``uint8[A, C, S, S]``)."""
     recipe = store.meta.recipe
     return render_rows({row: image}, block.views, [row], recipe, recipe.rendering())
+
+
+def cache_arrays(path: Path) -> dict[str, np.ndarray]:
+    """Every array of a cache; completion marks (timestamps) as booleans."""
+    store = open_store(str(path))
+    names = ["keys", "labels", "status", "errors"]
+    names += [f"views/{name}" for name in store.views.array_keys()]
+    out = {name: np.asarray(store.group[name][:]) for name in names}
+    out["views_done"] = store.views_done()
+    for teacher in store.teachers:
+        group = store.teacher_group(teacher)
+        for name in store.teacher_meta(teacher).arrays(store.meta.num_classes):
+            out[f"{teacher}/{name}"] = np.asarray(group[name][:])
+        out[f"{teacher}/done"] = store.teacher_done(teacher)
+    return out
+
+
+def assert_same_arrays(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+    """Two :func:`cache_arrays` results hold the same arrays, equal element for element."""
+    assert sorted(a) == sorted(b)
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import ray
 from cachebuild import build_cache, write_shards
+from tarbuild import good, png, write_tar
 
 from kdcache.pipeline.make_shards import make_synthetic_shards
 
@@ -47,7 +48,8 @@ def world(tmp_path_factory):
     """The trainer tests' world: 4 train shards x 12 grey samples (train_000005 invalid), a
     20-sample val shard, a cache with teachers ``tiny`` (k=4) and ``top2`` (k=2).
 
-    test_bench.py and test_train_data.py define their own ``world``, which overrides this one.
+    A module that needs another world (test_bench.py, test_train_data.py, ...) defines its own
+    ``world``, which overrides this one.
     """
     root = tmp_path_factory.mktemp("trainer")
     urls = write_shards(root / "shards", unlabelled=("train_000005",))
@@ -55,3 +57,16 @@ def world(tmp_path_factory):
     store = build_cache(root / "cache.zarr", urls, teachers={"tiny": 4, "top2": 2})
     clean = write_shards(root / "clean")  # every sample labelled: for runs without a cache
     return {"root": root, "urls": urls, "val": val, "store": store, "clean": clean}
+
+
+@pytest.fixture
+def bad_dir(tmp_path: Path) -> Path:
+    """Shards without a manifest: one good, one per defect (corrupt image, no label, label 99)."""
+    write_tar(tmp_path / "good-000000.tar", good("g"))
+    write_tar(
+        tmp_path / "corrupt-000000.tar",
+        good("c")[:3] + [("c_bad", b"not an image", b"1")] + good("c2", 2),
+    )
+    write_tar(tmp_path / "nolabel-000000.tar", good("n")[:2] + [("n_bad", png(7), None)])
+    write_tar(tmp_path / "range-000000.tar", good("r")[:2] + [("r_bad", png(8), b"99")])
+    return tmp_path

@@ -1,9 +1,9 @@
 """Fault injection in precompute: the writer lock, failed writes, bad teachers, actors that keep
 dying.
 
-Complements tests/test_precompute.py (a worker killed once mid-shard, a failed shard reported while
-the others finish, a driver killed mid-run and resumed: not repeated here). Lock and write-failure
-tests run without Ray; the ones that need Ray actors are marked slow.
+Complements tests/pipeline/test_precompute.py (a worker killed once mid-shard, a failed shard
+reported while the others finish, a driver killed mid-run and resumed: not repeated here). Lock and
+write-failure tests run without Ray; the ones that need Ray actors are marked slow.
 """
 
 from __future__ import annotations
@@ -29,16 +29,10 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from test_precompute import (
-    assert_same_arrays,
-    cache_arrays,
-    good,
-    kill_session,
-    make_config,
-    run_in_process,
-    shards_url,
-    write_tar,
-)
+from cachebuild import assert_same_arrays, cache_arrays
+from precomputerun import make_config, run_in_process, shards_url
+from processes import kill_session
+from tarbuild import good, write_tar
 
 from kdcache.cli import main as cli_main
 from kdcache.errors import (

@@ -16,7 +16,7 @@ from kdcache.errors import CacheMismatchError, ConfigError
 from kdcache.train.config import load_train_config
 from kdcache.train.trainer import train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def write(path: Path, data: dict) -> Path:

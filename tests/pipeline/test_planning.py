@@ -18,15 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_faults_input import train_keys
-from test_precompute import (
-    assert_same_arrays,
-    cache_arrays,
-    good,
-    make_config,
-    run_in_process,
-    write_tar,
-)
+from cachebuild import assert_same_arrays, cache_arrays
+from precomputerun import make_config, run_in_process
+from tarbuild import good, write_tar
+from trainrun import train_keys
 
 from kdcache.errors import (
     CacheIncompleteError,

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_faults_input import config, train_config, write_members
-from test_precompute import SIZE, cache_arrays, good, png, run_in_process, write_tar
+from cachebuild import cache_arrays
+from precomputerun import input_fault_config, run_in_process
+from tarbuild import SIZE, good, png, write_members, write_tar
+from trainrun import minimal_train_config
 
 from kdcache.errors import ConfigError, DataError
 from kdcache.manifest import find_manifest
@@ -36,7 +38,7 @@ def labelled(path: Path, samples: list[tuple[str, str, bytes]]) -> str:
 
 def streamed_labels(shards: list[str], cache: Path, *overrides: str) -> dict[str, int]:
     """key -> label, as one training epoch streams them (in-process, no DataLoader workers)."""
-    base = train_config(shards, cache).model_dump(exclude_unset=True)
+    base = minimal_train_config(shards, cache).model_dump(exclude_unset=True)
     for item in overrides:
         key, _, value = item.partition("=")
         base["data"][key.removeprefix("data.")] = value
@@ -62,7 +64,7 @@ EXPECTED = {"m_cls": 3, "m_json": 7, "m_jstr": 5, "m_txt": 2, "m_both": 1}
 
 def test_labels_from_cls_json_and_txt_are_stored_and_trained_on(tmp_path):
     shard = labelled(tmp_path / "mixed-000000.tar", MIXED)
-    run_in_process(config(shard, tmp_path / "cache"))
+    run_in_process(input_fault_config(shard, tmp_path / "cache"))
     block = read_block(open_store(str(tmp_path / "cache")), 0, ["t1"])
     assert dict(zip(block.keys.tolist(), block.labels.tolist(), strict=True)) == EXPECTED
     assert (block.status == STATUS_VALID).all()
@@ -86,7 +88,7 @@ def test_the_json_label_key_is_chosen_in_both_configs(tmp_path):
             for i in range(6)
         ],
     )
-    run_in_process(config(shard, tmp_path / "cache", "data.label_key=class_id"))
+    run_in_process(input_fault_config(shard, tmp_path / "cache", "data.label_key=class_id"))
     assert read_block(open_store(str(tmp_path / "cache")), 0).labels.tolist() == [0, 1, 2, 3, 4, 5]
     labels = streamed_labels([shard], tmp_path / "cache", "data.label_key=class_id")
     assert labels == {f"j_{i}": i for i in range(6)}
@@ -115,7 +117,7 @@ def test_bad_json_and_txt_labels_raise_naming_shard_and_key(tmp_path, key):
     ext, raw, reason = BAD_LABELS[key]
     shard = labelled(tmp_path / "bad-000000.tar", [("ok_0", "cls", b"1"), (key, ext, raw)])
     with pytest.raises(DataError, match=rf"shard 'bad-000000.tar', key '{key}': {reason}"):
-        run_in_process(config(shard, tmp_path / "cache"))
+        run_in_process(input_fault_config(shard, tmp_path / "cache"))
     assert open_store(str(tmp_path / "cache")).incomplete_shards()["views"] == ["bad-000000.tar"]
 
 
@@ -123,7 +125,7 @@ def test_bad_json_and_txt_labels_are_skipped_as_invalid_rows(tmp_path):
     samples = [("ok_0", "json", b'{"label": 1}'), ("ok_1", "txt", b"2")]
     samples += [(key, ext, raw) for key, (ext, raw, _) in sorted(BAD_LABELS.items())]
     shard = labelled(tmp_path / "bad-000000.tar", samples)
-    run_in_process(config(shard, tmp_path / "cache", "data.on_error=skip"))
+    run_in_process(input_fault_config(shard, tmp_path / "cache", "data.on_error=skip"))
     block = read_block(open_store(str(tmp_path / "cache")), 0, ["t1"])
     invalid = {
         str(block.keys[r]): str(block.errors[r])
@@ -137,7 +139,7 @@ def test_bad_json_and_txt_labels_are_skipped_as_invalid_rows(tmp_path):
 def test_a_sample_without_any_label_entry_names_the_accepted_entries(tmp_path):
     shard = write_members(tmp_path / "none-000000.tar", [("k.png", png(1)), ("k.caption", b"x")])
     with pytest.raises(DataError, match=r"key 'k': no label \(no .cls, .json or .txt entry\)"):
-        run_in_process(config(shard, tmp_path / "cache"))
+        run_in_process(input_fault_config(shard, tmp_path / "cache"))
 
 
 # ---- pipe: shard URLs ---------------------------------------------------------------------------
@@ -168,9 +170,11 @@ def test_pipe_urls_expand_their_brace_lists_and_are_named_by_their_tar(shard_dir
 
 
 def test_a_pipe_shard_list_is_precomputed_and_trained_like_the_files(shard_dir, tmp_path):
-    pipe = config(pipe_pattern(shard_dir), tmp_path / "pipe.zarr")
+    pipe = input_fault_config(pipe_pattern(shard_dir), tmp_path / "pipe.zarr")
     run_in_process(pipe)
-    run_in_process(config([str(shard_dir / f"p-{i:06d}.tar") for i in range(3)], tmp_path / "f"))
+    run_in_process(
+        input_fault_config([str(shard_dir / f"p-{i:06d}.tar") for i in range(3)], tmp_path / "f")
+    )
     piped = cache_arrays(tmp_path / "pipe.zarr")
     files = cache_arrays(tmp_path / "f")
     assert sorted(piped) == sorted(files)
@@ -180,7 +184,7 @@ def test_a_pipe_shard_list_is_precomputed_and_trained_like_the_files(shard_dir, 
     assert store.meta.config["data"]["shards"] == [pipe_pattern(shard_dir)]  # not made a path
     assert make_plan(pipe).tasks == []  # a rerun: nothing to do
 
-    run = train_config([pipe_pattern(shard_dir)], tmp_path / "pipe.zarr").model_dump(
+    run = minimal_train_config([pipe_pattern(shard_dir)], tmp_path / "pipe.zarr").model_dump(
         exclude_unset=True
     )
     run["data"].update(num_workers=2, val_shards=f"pipe:cat {shard_dir.absolute()}/val-000000.tar")
@@ -206,7 +210,7 @@ def test_a_failing_pipe_command_names_the_shard_the_command_and_its_status(shard
         match=r"shard 'gone-000000.tar': the command 'cat .*/gone-000000.tar' failed "
         r"\(exit status 1\)",
     ):
-        make_plan(config(missing, tmp_path / "cache"))
+        make_plan(input_fault_config(missing, tmp_path / "cache"))
     cut = shard_dir / "cut-000000.tar"
     cut.write_bytes((shard_dir / "p-000000.tar").read_bytes()[:1500])
     with pytest.raises(DataError, match=r"shard 'cut-000000.tar' is not a readable tar"):

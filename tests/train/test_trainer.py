@@ -13,6 +13,9 @@ import torch
 import yaml
 from cachebuild import build_cache, write_shards
 from pydantic import ValidationError
+from trainrun import read_metrics as metrics
+from trainrun import world_train_config as make
+from trainrun import world_train_dict as raw
 
 from kdcache.cli import main as kdcache
 from kdcache.config import validate
@@ -33,42 +36,11 @@ from kdcache.train.config import (
 from kdcache.train.data import build_train_data
 from kdcache.train.hooks import StepHook
 from kdcache.train.losses import Criterion
-from kdcache.train.reporting import TIMING_KEYS
 from kdcache.train.schedule import plan_stages
 from kdcache.train.target_source import online_teacher_spec
 from kdcache.train.trainer import train
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def raw(world, run_dir, **sections) -> dict:
-    data = {
-        "run": {"dir": str(run_dir), "log_every": 2, "progress": False},
-        "data": {
-            "shards": world["urls"],
-            "val_shards": world["val"],
-            "batch_size": 8,
-            "num_workers": 0,
-            "shuffle_buffer": 10,
-        },
-        "cache": {"path": str(world["root"] / "cache.zarr")},
-        "student": {"name": "kd_mlp", "kwargs": {"img_size": 12, "hidden": 16}},
-        "teacher": {"mode": "cache", "name": "tiny"},
-        "optimizer": {"lr": 0.1},
-        "stages": [{"epochs": 1, "loss": {"name": "kd", "alpha": 0.5, "temperature": 2.0}}],
-    }
-    for key, value in sections.items():
-        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
-    return data
-
-
-def make(world, run_dir, **sections) -> TrainConfig:
-    return TrainConfig.model_validate(raw(world, run_dir, **sections))
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in line.items() if k not in TIMING_KEYS} for line in lines]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # ---- modes ---------------------------------------------------------------------------------------

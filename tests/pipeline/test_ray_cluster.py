@@ -22,7 +22,8 @@ import time
 import pytest
 import ray
 import yaml
-from test_precompute import good, make_config, write_tar
+from precomputerun import make_config
+from tarbuild import good, write_tar
 
 from kdcache.cli import main as cli_main
 from kdcache.pipeline.runner import RayClusterError, ResourcesUnavailableError, precompute

@@ -1,8 +1,8 @@
 """Fault injection in training: a SIGKILLed ``kdcache train`` resumed, swapped caches, bad
 checkpoints.
 
-Complements tests/test_trainer.py (a run stopped by ``run.max_steps`` and resumed bit for bit; a
-checkpoint from another config refused naming the keys), which is not repeated here.
+Complements tests/train/test_trainer.py (a run stopped by ``run.max_steps`` and resumed bit for
+bit; a checkpoint from another config refused naming the keys), which is not repeated here.
 """
 
 from __future__ import annotations
@@ -18,14 +18,14 @@ import pytest
 import torch
 import yaml
 from cachebuild import build_cache, write_shards
-from test_precompute import kill_session
-from test_trainer import make, metrics, raw
+from processes import kill_session
+from trainrun import read_metrics, world_train_config, world_train_dict
 
 from kdcache.errors import CacheMismatchError, KdcacheError
 from kdcache.train.checkpoint import CheckpointError
 from kdcache.train.trainer import train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 PAUSING_TRAIN = """
 import os, sys, time
@@ -62,7 +62,7 @@ def kdcache(*args: str, **kwargs) -> subprocess.CompletedProcess:
 
 def killable_config(world, run_dir: Path) -> dict:
     """2 epochs x 12 steps, a checkpoint every 5 steps, DataLoader workers, one torch thread."""
-    return raw(
+    return world_train_dict(
         world,
         run_dir,
         run={"ckpt_every_steps": 5, "log_every": 1, "threads": 1},
@@ -107,7 +107,7 @@ def test_sigkilled_train_resumes_to_the_uninterrupted_result(world, tmp_path):
     state = torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=True)["state"]
     assert (state["epoch"], state["epoch_step"], state["global_step"]) == (1, 3, 15)
     assert (
-        max(line["step"] for line in metrics(tmp_path / "cut")) == 17
+        max(line["step"] for line in read_metrics(tmp_path / "cut")) == 17
     )  # logged after the checkpoint
     assert not (tmp_path / "cut" / "summary.json").exists()
 
@@ -117,7 +117,7 @@ def test_sigkilled_train_resumes_to_the_uninterrupted_result(world, tmp_path):
     threads = torch.get_num_threads()
     try:
         full = train(
-            make(
+            world_train_config(
                 world,
                 tmp_path / "full",
                 **{
@@ -130,7 +130,7 @@ def test_sigkilled_train_resumes_to_the_uninterrupted_result(world, tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert full.completed and full.steps == 24
-    assert metrics(tmp_path / "cut") == metrics(tmp_path / "full")
+    assert read_metrics(tmp_path / "cut") == read_metrics(tmp_path / "full")
     a = torch.load(tmp_path / "cut" / "checkpoints" / "model_final.pt", weights_only=True)
     b = torch.load(tmp_path / "full" / "checkpoints" / "model_final.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -144,7 +144,9 @@ def stopped_run(world, tmp_path):
     """A run stopped after 3 steps against a private copy of the cache (so the test may swap it)."""
     cache = tmp_path / "cache.zarr"
     shutil.copytree(world["root"] / "cache.zarr", cache)
-    config = make(world, tmp_path / "run", cache={"path": str(cache)}, run={"max_steps": 3})
+    config = world_train_config(
+        world, tmp_path / "run", cache={"path": str(cache)}, run={"max_steps": 3}
+    )
     assert not train(config).completed
     return config, cache
 

@@ -12,12 +12,13 @@ import pytest
 import torch
 from cachebuild import (
     build_cache,
+    cache_arrays,
     precompute_config,
     run_precompute,
     tiny_teacher,
     write_shards,
 )
-from test_precompute import cache_arrays, make_config, precompute, shards_url
+from precomputerun import make_config, precompute, shards_url
 
 from kdcache.cli import main
 from kdcache.config import load_config
@@ -207,7 +208,7 @@ def test_inspect_shows_confidence_by_augmentation_strength(strong, tmp_path, cap
     assert (tmp_path / "augmentation_big.png").stat().st_size > 0
 
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 @pytest.mark.parametrize("name", ["precompute_b2_imagenet", "precompute_b3_imagenet"])

@@ -23,7 +23,7 @@ import pytest
 import torch
 import yaml
 from cachebuild import write_shards
-from test_precompute import run_in_process
+from precomputerun import run_in_process
 
 from kdcache.cli import main as cli_main
 from kdcache.config import validate

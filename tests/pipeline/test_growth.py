@@ -10,8 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cachebuild import precompute_config, run_precompute, tiny_recipe, tiny_teacher, write_shards
-from test_precompute import assert_same_arrays, cache_arrays
+from cachebuild import (
+    assert_same_arrays,
+    cache_arrays,
+    precompute_config,
+    run_precompute,
+    tiny_recipe,
+    tiny_teacher,
+    write_shards,
+)
 
 from kdcache.errors import CacheIncompleteError, CacheMismatchError
 from kdcache.integrity import find_damage

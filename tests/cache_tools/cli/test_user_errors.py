@@ -23,8 +23,8 @@ import pytest
 import torch
 import yaml
 import zarr
-from cachebuild import write_shards
-from test_precompute import cache_arrays, run_in_process
+from cachebuild import cache_arrays, write_shards
+from precomputerun import run_in_process
 
 from kdcache.cli import main as cli_main
 from kdcache.config import validate

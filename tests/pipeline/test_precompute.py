@@ -6,29 +6,26 @@ worker in-process, without Ray.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torchvision
-import webdataset as wds
 import yaml
-from cachebuild import row_views
-from PIL import Image
+from cachebuild import assert_same_arrays, cache_arrays, row_views
+from precomputerun import make_config, precompute, run_in_process, shards_url
+from processes import kill_session
+from tarbuild import good, write_tar
 
 from kdcache.cli import main as cli_main
-from kdcache.config import apply_overrides, load_config, validate
+from kdcache.config import load_config
 from kdcache.errors import (
     CacheError,
     CacheMismatchError,
@@ -41,7 +38,7 @@ from kdcache.integrity import find_damage
 from kdcache.models import build_model, build_teacher, weights_digest
 from kdcache.pipeline.config import PrecomputeConfig
 from kdcache.pipeline.make_shards import make_synthetic_shards
-from kdcache.pipeline.plan import make_plan, seal_fingerprint
+from kdcache.pipeline.plan import make_plan
 from kdcache.pipeline.runner import ShardsFailedError, run_precompute, worker_settings
 from kdcache.pipeline.worker import FAULT_ENV, ShardWorker
 from kdcache.reader import read_block
@@ -53,55 +50,7 @@ from kdcache.teacher import ModelRunner
 from kdcache.tools.validate import validate_cache
 from kdcache.tools.verify import verify_cache
 
-SIZE = 16
-
-
 # ---- fixtures and helpers ---------------------------------------------------------------
-
-
-def shards_url(directory: Path, count: int = 4) -> str:
-    return str(directory / f"train-{{000000..{count - 1:06d}}}.tar")
-
-
-def make_config(shards: str, cache: Path, *overrides: str, **sections) -> PrecomputeConfig:
-    data = {
-        "data": {"shards": shards},
-        "cache": {
-            "path": str(cache),
-            "num_views": 2,
-            "recipe": {"size": SIZE, "scale": [0.3, 1.0]},
-        },
-        "teachers": [{"name": "t1", "model": {"name": "kd_cnn_tiny"}, "k": 5}],
-        "ray": {"num_actors": 2},
-        "runtime": {"batch_size": 32},
-    }
-    data.update(sections)
-    return validate(PrecomputeConfig, apply_overrides(data, list(overrides)))
-
-
-def precompute(cfg: PrecomputeConfig):
-    return run_precompute(cfg, make_plan(cfg), progress=False)
-
-
-def cache_arrays(path: Path) -> dict[str, np.ndarray]:
-    """Every array of a cache; completion marks (timestamps) as booleans."""
-    store = open_store(str(path))
-    names = ["keys", "labels", "status", "errors"]
-    names += [f"views/{name}" for name in store.views.array_keys()]
-    out = {name: np.asarray(store.group[name][:]) for name in names}
-    out["views_done"] = store.views_done()
-    for teacher in store.teachers:
-        group = store.teacher_group(teacher)
-        for name in store.teacher_meta(teacher).arrays(store.meta.num_classes):
-            out[f"{teacher}/{name}"] = np.asarray(group[name][:])
-        out[f"{teacher}/done"] = store.teacher_done(teacher)
-    return out
-
-
-def assert_same_arrays(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
-    assert sorted(a) == sorted(b)
-    for name in a:
-        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
 def assert_complete(path: Path, teachers: list[str]) -> None:
@@ -117,55 +66,6 @@ def clean_cache(ray_session, data_dir, tmp_path_factory) -> Path:
     summary = precompute(make_config(shards_url(data_dir), cache))
     assert summary.failed == 0 and summary.views == 160 * 2
     return cache
-
-
-def png(seed: int, channels: int = 3) -> bytes:
-    rng = np.random.default_rng(seed)
-    array = rng.integers(0, 256, (SIZE, SIZE, channels), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def write_tar(path: Path, samples: list[tuple[str, bytes, bytes | None]]) -> str:
-    """A plain WebDataset tar: ``<key>.png`` and, unless None, ``<key>.cls``."""
-    with wds.TarWriter(str(path), encoder=False) as sink:
-        for key, image, label in samples:
-            sample = {"__key__": key, "png": image}
-            if label is not None:
-                sample["cls"] = label
-            sink.write(sample)
-    return str(path)
-
-
-def good(prefix: str, n: int = 6) -> list[tuple[str, bytes, bytes]]:
-    return [
-        (f"{prefix}_{i:03d}", png(zlib.crc32(prefix.encode()) % 1000 + i), str(i % 10).encode())
-        for i in range(n)
-    ]
-
-
-@pytest.fixture
-def bad_dir(tmp_path: Path) -> Path:
-    """Shards without a manifest: one good, one per defect (corrupt image, no label, label 99)."""
-    write_tar(tmp_path / "good-000000.tar", good("g"))
-    write_tar(
-        tmp_path / "corrupt-000000.tar",
-        good("c")[:3] + [("c_bad", b"not an image", b"1")] + good("c2", 2),
-    )
-    write_tar(tmp_path / "nolabel-000000.tar", good("n")[:2] + [("n_bad", png(7), None)])
-    write_tar(tmp_path / "range-000000.tar", good("r")[:2] + [("r_bad", png(8), b"99")])
-    return tmp_path
-
-
-def run_in_process(cfg: PrecomputeConfig) -> None:
-    """Plan and run every shard task in this process (no Ray), then seal the fingerprint as the
-    runner does at the end of a run."""
-    plan = make_plan(cfg)
-    worker = ShardWorker(worker_settings(cfg, plan))
-    for task in plan.tasks:
-        worker(task)
-    seal_fingerprint(plan.store)
 
 
 # ---- 1. replay exactness ------------------------------------------------------------------
@@ -393,30 +293,6 @@ def mark_times(path: Path) -> dict[str, np.ndarray]:
         "views": np.asarray(store.group["views_done"][:]),
         "t1": np.asarray(store.teacher_group("t1")["done"][:]),
     }
-
-
-def session_members(sid: int) -> list[int]:
-    """Process ids in session ``sid`` (the subprocess started with ``start_new_session``)."""
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[3]) == sid and fields[0] != "Z":
-            members.append(int(stat.parent.name))
-    return members
-
-
-def kill_session(sid: int, timeout: float = 30.0) -> None:
-    """SIGKILL the driver and the Ray processes it started (Ray workers leave its process group)."""
-    deadline = time.monotonic() + timeout
-    while (members := session_members(sid)) and time.monotonic() < deadline:
-        for pid in members:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(0.1)
-    assert not session_members(sid), "processes of the interrupted run survived SIGKILL"
 
 
 def wait_for_partial(
@@ -865,7 +741,9 @@ def test_config_schema_is_pinned():
 
 
 def test_smoke_config_is_valid():
-    cfg = load_config(PrecomputeConfig, Path(__file__).parents[1] / "configs/smoke/precompute.yaml")
+    cfg = load_config(
+        PrecomputeConfig, Path(__file__).resolve().parents[2] / "configs/smoke/precompute.yaml"
+    )
     assert cfg.teachers[0].model.name == "kd_cnn_tiny" and cfg.cache.num_views == 2
 
 

@@ -13,8 +13,15 @@ import signal
 import numpy as np
 import pytest
 import torch
-from cachebuild import precompute_config, tiny_recipe, tiny_teacher, write_shards
-from test_precompute import assert_same_arrays, cache_arrays, good, write_tar
+from cachebuild import (
+    assert_same_arrays,
+    cache_arrays,
+    precompute_config,
+    tiny_recipe,
+    tiny_teacher,
+    write_shards,
+)
+from tarbuild import good, write_tar
 
 from kdcache.errors import DataError
 from kdcache.pipeline import datapath

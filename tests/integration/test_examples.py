@@ -17,7 +17,7 @@ from kdcache.train.config import load_train_config
 from kdcache.train.hooks import StepHook
 from kdcache.train.trainer import train
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def example(name: str) -> ModuleType:

@@ -3,20 +3,23 @@ the cache.
 
 Each defect gets a clear error naming shard (and key) or, under ``data.on_error: skip``, a recorded
 invalid row that the trainer skips. Precompute runs in-process (``ShardWorker(settings)(task)``),
-without Ray. Complements tests/test_precompute.py (corrupt image, missing and out-of-range label,
-duplicate keys across shards, a shard changed between planning and its task) and
-tests/test_train_data.py (shard counts changed after the cache), which are not repeated here.
+without Ray. Complements tests/pipeline/test_precompute.py (corrupt image, missing and
+out-of-range label, duplicate keys across shards, a shard changed between planning and its task)
+and tests/train/test_train_data.py (shard counts changed after the cache), which are not repeated
+here.
 """
 
 from __future__ import annotations
 
-import io
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
-from test_precompute import good, make_config, png, run_in_process, write_tar
+from precomputerun import input_fault_config as config
+from precomputerun import make_config, run_in_process
+from tarbuild import good, png, write_members, write_tar
+from trainrun import train_keys
 
 from kdcache.errors import CacheMismatchError, DataError, DuplicateKeyError
 from kdcache.pipeline.plan import make_plan
@@ -24,46 +27,6 @@ from kdcache.pipeline.runner import worker_settings
 from kdcache.pipeline.worker import ShardWorker
 from kdcache.reader import read_block
 from kdcache.store import STATUS_INVALID, open_store
-from kdcache.train.config import TrainConfig
-from kdcache.train.data import build_train_data
-
-
-def config(shards, cache: Path, *overrides: str):
-    return make_config(
-        shards if isinstance(shards, list) else [str(shards)],
-        cache,
-        "data.num_classes=10",
-        *overrides,
-    )
-
-
-def write_members(path: Path, members: list[tuple[str, bytes]]) -> str:
-    """A tar with exactly these member names (WebDataset's writer would refuse some of them)."""
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return str(path)
-
-
-def train_config(shards: list[str], cache: Path) -> TrainConfig:
-    return TrainConfig.model_validate(
-        {
-            "data": {"shards": shards, "batch_size": 4, "num_workers": 0, "shuffle_buffer": 0},
-            "cache": {"path": str(cache)},
-            "student": {"name": "kd_mlp"},
-            "teacher": {"name": "t1"},
-            "stages": [{"epochs": 1, "loss": {"name": "kd"}}],
-        }
-    )
-
-
-def train_keys(shards: list[str], cache: Path) -> list[str]:
-    """Every key one training epoch streams (in-process, no DataLoader workers)."""
-    data = build_train_data(train_config(shards, cache), 0, 1, ["t1"], pin_memory=False)
-    return [key for batch in data.epoch(0, ["t1"]) for key in batch.keys]
-
 
 # ---- broken shards: refused at planning, naming the shard ----------------------------------------
 

@@ -1,7 +1,7 @@
 """Teacher and student weights as people have them: every checkpoint form kdcache reads, each one it
 refuses (with the file named and the accepted forms listed), timm's local weights file, and a local
 Hugging Face model directory. Real files written by torch, safetensors and timm; real tiny models.
-The S3 checkpoint test is in test_objectstore.py (it needs the moto server).
+The S3 checkpoint test is in tests/integration/test_objectstore.py (it needs the moto server).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from precomputerun import make_config, run_in_process
 from safetensors.torch import save_file
-from test_precompute import bad_dir, make_config, run_in_process  # noqa: F401 (fixture)
 from timm.models import save_for_hf
 
 from kdcache.errors import TeacherError, WeightsError
@@ -171,7 +171,7 @@ def test_a_state_dict_given_as_torchscript_is_refused(tmp_path, net):
 
 
 def test_precompute_with_a_timm_train_checkpoint_stores_the_plain_weights_digest(
-    bad_dir,  # noqa: F811
+    bad_dir,
     tmp_path,
     net,
 ):

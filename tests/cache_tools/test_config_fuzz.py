@@ -4,7 +4,8 @@ Random types at random dotted keys, unknown keys, non-finite and out-of-range nu
 strings through the ``dotted.key=value`` override path. Every rejection must be a ConfigError whose
 message names the dotted key (or, for a rule between keys or a whole sub-model, its section);
 nothing may end in another exception type. Deterministic (``derandomize``) so CI is repeatable;
-``KDCACHE_FUZZ_EXAMPLES=5000 pytest tests/test_config_fuzz.py`` explores with random seeds.
+``KDCACHE_FUZZ_EXAMPLES=5000 pytest tests/cache_tools/test_config_fuzz.py`` explores with random
+seeds.
 """
 
 from __future__ import annotations
