@@ -133,15 +133,21 @@ def test_the_ensemble_records_its_models(world):
     assert other != meta.weights_digest
 
 
-def test_sampled_teacher_stores_its_draws_reproducibly(world):
+def drawn_again(world, teacher: str, temperatures: list[float], tau: float = 1.0):
+    """(the sampled targets that ``teacher`` (member "a", 4 draws, top-1) should have stored for
+    shard 0, drawn again from fresh logits; those logits)."""
     store = world["store"]
     za, rows = fresh_logits(world, "a")
-    block = read_block(store, 0, ["a_sampled"])
+    block = read_block(store, 0, [teacher])
     keys = [str(block.keys[r]) for r in rows for _ in range(VIEWS)]
     views = [v for _ in rows for v in range(VIEWS)]
-    u = uniforms(store.meta.seed, keys, views, "a_sampled", 4)
+    u = uniforms(store.meta.seed, keys, views, teacher, 4)
     labels = torch.from_numpy(block.labels[rows].astype(np.int64)).repeat_interleave(VIEWS)
-    expected = sampled_from_logits(za, labels, 1, u, [4.0])
+    return sampled_from_logits(za, labels, 1, u, temperatures, tau), za
+
+
+def test_sampled_teacher_stores_its_draws_reproducibly(world):
+    expected, _ = drawn_again(world, "a_sampled", [4.0])
     got = stored(world, "a_sampled")
     assert torch.equal(got.sample_idx, expected.sample_idx)
     assert torch.equal(got.sample_count.float(), expected.sample_count)
@@ -391,13 +397,7 @@ def test_a_teacher_drawn_at_tau_stores_its_draws_and_the_tails_normaliser(world)
     assert sorted(store.teacher_group("a_sampled").array_keys()) == sorted(
         [*store.teacher_meta("a_sampled").arrays(CLASSES), "done"]
     )
-    za, rows = fresh_logits(world, "a")
-    block = read_block(store, 0, ["a_tau"])
-    keys = [str(block.keys[r]) for r in rows for _ in range(VIEWS)]
-    views = [v for _ in rows for v in range(VIEWS)]
-    u = uniforms(store.meta.seed, keys, views, "a_tau", 4)
-    labels = torch.from_numpy(block.labels[rows].astype(np.int64)).repeat_interleave(VIEWS)
-    expected = sampled_from_logits(za, labels, 1, u, [], 4.0)
+    expected, za = drawn_again(world, "a_tau", [], 4.0)
     got = stored(world, "a_tau")
     assert torch.equal(got.sample_idx, expected.sample_idx)
     assert torch.equal(got.sample_count.float(), expected.sample_count)
