@@ -25,6 +25,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from cachebuild import precompute_config, run_precompute
+from trainrun import world_train_dict
 
 from kdcache.models import ModelSpec, build_teacher
 from kdcache.reader import read_block
@@ -116,23 +117,8 @@ def test_bf16_channels_last_runner_matches_fp32_on_the_same_views(teacher_spec):
 
 def train_config(world, run_dir: Path, **run) -> TrainConfig:
     """Cached KD from the world's teacher ``tiny``: 1 epoch, batches of 8, 2 loader workers."""
-    return TrainConfig.model_validate(
-        {
-            "run": {"dir": str(run_dir), "log_every": 2, "progress": False, **run},
-            "data": {
-                "shards": world["urls"],
-                "val_shards": world["val"],
-                "batch_size": 8,
-                "num_workers": 2,
-                "shuffle_buffer": 10,
-            },
-            "cache": {"path": str(world["root"] / "cache.zarr")},
-            "student": {"name": "kd_mlp", "kwargs": {"img_size": 12, "hidden": 16}},
-            "teacher": {"mode": "cache", "name": "tiny"},
-            "optimizer": {"lr": 0.1},
-            "stages": [{"epochs": 1, "loss": {"name": "kd", "alpha": 0.5, "temperature": 2.0}}],
-        }
-    )
+    data = world_train_dict(world, run_dir, run=run, data={"num_workers": 2})
+    return TrainConfig.model_validate(data)
 
 
 def batch_tensors(batch: Batch) -> dict[str, torch.Tensor]:
