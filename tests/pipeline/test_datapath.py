@@ -28,6 +28,7 @@ from kdcache.pipeline import datapath
 from kdcache.pipeline.config import RuntimeSection
 from kdcache.pipeline.datapath import (
     FAULT_ENV,
+    BatchMemory,
     DataWorkerError,
     ViewBatch,
     ViewBatcher,
@@ -173,6 +174,46 @@ def test_batches_are_collated_in_order_and_cut_at_their_size():
     assert [b.views["r"].flatten().tolist() for b in out] == [b.flat.tolist() for b in out]
     kept = out[0].select(np.array([False, True, False, True]))
     assert kept.flat.tolist() == [1, 3] and kept.views["r"].flatten().tolist() == [1, 3]
+
+
+def _part(first: int, n: int) -> ViewBatch:
+    """Views ``first .. first + n - 1``, each view's one pixel its own index."""
+    flat = np.arange(first, first + n)
+    views = {"r": torch.from_numpy(flat.astype(np.uint8)).view(n, 1, 1, 1)}
+    return ViewBatch(flat, views, flat, flat, np.ones(n, np.float32))
+
+
+def test_batch_memory_is_reused_only_once_nothing_holds_it():
+    memory = BatchMemory(limit=2)
+    first = memory.empty("r", (4, 3), torch.uint8)
+    address = first.data_ptr()
+    second = memory.empty("r", (4, 3), torch.uint8)
+    assert second.data_ptr() != address  # the first batch is still held
+    corner = first[1:2]
+    del first
+    assert memory.empty("r", (4, 3), torch.uint8).data_ptr() != address  # a slice holds it
+    del corner
+    assert memory.empty("r", (4, 3), torch.uint8).data_ptr() == address  # nothing holds it
+    last = memory.empty("r", (2, 3), torch.uint8)  # a last, smaller batch: a prefix
+    assert last.shape == (2, 3) and last.data_ptr() == address
+    assert memory.empty("r", (4, 5), torch.uint8).shape == (4, 5)  # another shape: fresh
+    assert memory.empty("r", (4, 3), torch.float32).dtype == torch.float32
+
+
+def test_batches_in_reused_memory_keep_their_views_while_held():
+    """Batches dropped as they are used share two buffers; those kept stay intact."""
+    batcher = ViewBatcher(4, memory=BatchMemory(limit=2))
+    parts = [_part(4 * i, 4) for i in range(12)]
+    pointers = set()
+    kept = []
+    for i, p in enumerate(parts):
+        for batch in batcher.add(p):
+            assert batch.views["r"].flatten().tolist() == batch.flat.tolist()
+            pointers.add(batch.views["r"].data_ptr())
+            if i % 4 == 0:
+                kept.append(batch)
+    assert [b.views["r"].flatten().tolist() for b in kept] == [b.flat.tolist() for b in kept]
+    assert len(pointers) < len(parts)  # dropped batches' memory was written again
 
 
 def test_a_gpu_actor_gets_its_share_of_its_nodes_cpus_and_as_many_data_workers():
