@@ -330,3 +330,18 @@ def test_validate_and_inspect_on_non_finite_targets_print_no_numpy_warnings(
         r"shard 'train-000000.tar', teacher 'tiny': \d+ NaN or inf value\(s\) in the stored "
         r"targets; the cache is damaged",
     )
+
+
+def test_overrides_after_options_are_taken_and_other_strays_refused(capsys):
+    """``kdcache precompute cfg.yaml --overwrite key=value`` as people type it: the late override
+    joins the others; a stray option, or an override where the command takes none, is refused."""
+    from kdcache.cli import build_parser, parse
+
+    parser = build_parser(["precompute"])
+    args = parse(parser, ["precompute", "c.yaml", "a.b=1", "--overwrite", "cache.seed=2"])
+    assert args.overwrite and args.overrides == ["a.b=1", "cache.seed=2"]
+    for argv in (["precompute", "c.yaml", "--overwrite", "--bogus"], ["validate", "c", "x=1"]):
+        with pytest.raises(SystemExit) as exit_:
+            parse(build_parser([argv[0]]), argv)
+        assert exit_.value.code == 2
+        assert "unrecognized arguments: " + argv[-1] in capsys.readouterr().err
