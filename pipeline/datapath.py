@@ -263,8 +263,9 @@ class ViewBatch:
 
 
 def storage_uses(tensor: torch.Tensor) -> int | None:
-    """How many references hold ``tensor``'s storage (tensors, views and slices of it, numpy
-    arrays over it), or None where this torch does not say."""
+    """How many references hold ``tensor``'s storage: tensors, views and slices of it, numpy
+    arrays and DLPack capsules over it (not a bare ``untyped_storage()`` object, nor a raw
+    ``data_ptr``, which nothing in the data path keeps); None where this torch does not say."""
     use_count = getattr(torch._C, "_storage_Use_Count", None)
     if use_count is None:
         return None
@@ -283,8 +284,11 @@ class BatchMemory:
     the count, the batch gets fresh memory, as without the pool.
     """
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, rows: int):
         self.limit = limit
+        self.rows = rows
+        """Views per pooled buffer (a full batch): a short last batch takes a prefix of one,
+        and one allocated for it can serve full batches later."""
         self.buffers: dict[str, list[tuple[torch.Tensor, int]]] = {}
         """Rendering key -> (buffer, its storage's reference count while only the pool holds
         it)."""
@@ -296,11 +300,14 @@ class BatchMemory:
             fits = len(buffer) >= shape[0] and buffer.shape[1:] == shape[1:]
             if fits and buffer.dtype == dtype and storage_uses(buffer) == idle:
                 return buffer[: shape[0]]
-        buffer = torch.empty(shape, dtype=dtype)
+        if len(buffers) >= self.limit:
+            return torch.empty(shape, dtype=dtype)
+        buffer = torch.empty((max(shape[0], self.rows), *shape[1:]), dtype=dtype)
         idle = storage_uses(buffer)
-        if idle is not None and len(buffers) < self.limit:
+        if idle is not None:
             buffers.append((buffer, idle))
-        return buffer[:]  # a view: holding it counts as a use, which the pool's tensor does not
+        # a view: holding it counts as a use of the storage, which the pool's own tensor does not
+        return buffer[: shape[0]]
 
 
 class ViewBatcher:
@@ -710,7 +717,7 @@ class DataPath:
         self, task: ShardTask, samples: Iterator[Sample], rows: ShardRows, work: ViewWork
     ) -> Iterator[ViewBatch]:
         if self._memory is None:
-            self._memory = BatchMemory(self.prefetch_batches + BATCHES_HELD)
+            self._memory = BatchMemory(self.prefetch_batches + BATCHES_HELD, self.batch_size)
         batcher = ViewBatcher(self.batch_size, self.pin_memory, self._release, self._memory)
         if self.workers == 0:
             results = self._inline(task, samples, rows, work)

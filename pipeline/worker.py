@@ -20,6 +20,7 @@ runner passes this variable on to Ray actors when the driver sees it set.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -258,10 +259,13 @@ class ShardWorker:
         self.data.prefetch_batches = self.settings.prefetch_batches
         options = self.settings.data_storage_options or None
         batches = self.data.batches(task, rows, keys, options, self.settings.label_key)
-        for index, batch in enumerate(batches):
-            forward += self._forward(task, batch, out, keys.keys)
-            if index == 0:
-                maybe_crash(task.name)
+        # closed on failure too: its producer thread must stop before this actor's next shard
+        # uses the same data path (slots, batch memory), whatever still holds the traceback
+        with contextlib.closing(batches):
+            for index, batch in enumerate(batches):
+                forward += self._forward(task, batch, out, keys.keys)
+                if index == 0:
+                    maybe_crash(task.name)
         self._write(task, rows, out, keys)
         per_row = len(ViewWork.of(task, a).render)
         invalid = int((rows.status != STATUS_VALID).sum()) * per_row

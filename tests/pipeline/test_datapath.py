@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import signal
+import threading
 
 import numpy as np
 import pytest
@@ -23,7 +24,7 @@ from cachebuild import (
 )
 from tarbuild import good, write_tar
 
-from kdcache.errors import DataError
+from kdcache.errors import DataError, TeacherError
 from kdcache.pipeline import datapath
 from kdcache.pipeline.config import RuntimeSection
 from kdcache.pipeline.datapath import (
@@ -117,6 +118,29 @@ def test_one_and_two_data_workers_make_the_same_cache_mixup_included(shards, tmp
     assert open_store(str(tmp_path / "cache2")).incomplete_shards() == {}
 
 
+def test_a_shard_whose_teacher_fails_stops_its_view_thread_before_the_next(shards, tmp_path):
+    """A teacher error mid-shard, its exception (and traceback) still held: the background
+    thread making that shard's views has stopped, so the actor's next shard has the data path
+    (its batch memory and view slots) to itself."""
+    spec, model = tiny_teacher(4, save_to=tmp_path / "nan.pt")
+    state = model.state_dict()
+    for value in state.values():
+        if value.is_floating_point():
+            value.fill_(float("nan"))
+    torch.save(state, tmp_path / "nan.pt")
+    teacher = {"name": "t", "model": spec.model_dump(), "k": 3}
+    cfg = precompute_config(tmp_path / "cache", shards["urls"], [teacher], recipe=tiny_recipe())
+    cfg.runtime.batch_size = 4
+    shard_worker, tasks = worker(cfg, 0, prefetch_batches=1)
+    try:
+        with pytest.raises(TeacherError, match="NaN or inf") as failed:
+            shard_worker(tasks[0])
+        alive = [t for t in threading.enumerate() if t.name == "kdcache-views"]
+        assert failed.value is not None and alive == []
+    finally:
+        shard_worker.close()
+
+
 @pytest.mark.parametrize(
     ("kind", "message"),
     [
@@ -184,7 +208,7 @@ def _part(first: int, n: int) -> ViewBatch:
 
 
 def test_batch_memory_is_reused_only_once_nothing_holds_it():
-    memory = BatchMemory(limit=2)
+    memory = BatchMemory(limit=2, rows=4)
     first = memory.empty("r", (4, 3), torch.uint8)
     address = first.data_ptr()
     second = memory.empty("r", (4, 3), torch.uint8)
@@ -198,11 +222,16 @@ def test_batch_memory_is_reused_only_once_nothing_holds_it():
     assert last.shape == (2, 3) and last.data_ptr() == address
     assert memory.empty("r", (4, 5), torch.uint8).shape == (4, 5)  # another shape: fresh
     assert memory.empty("r", (4, 3), torch.float32).dtype == torch.float32
+    small = BatchMemory(limit=1, rows=4)
+    first_short = small.empty("r", (2, 3), torch.uint8)  # pooled at a full batch's size
+    address = first_short.data_ptr()
+    del first_short
+    assert small.empty("r", (4, 3), torch.uint8).data_ptr() == address
 
 
 def test_batches_in_reused_memory_keep_their_views_while_held():
     """Batches dropped as they are used share two buffers; those kept stay intact."""
-    batcher = ViewBatcher(4, memory=BatchMemory(limit=2))
+    batcher = ViewBatcher(4, memory=BatchMemory(limit=2, rows=4))
     parts = [_part(4 * i, 4) for i in range(12)]
     pointers = set()
     kept = []
