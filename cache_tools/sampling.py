@@ -96,10 +96,9 @@ def draw(
     x = torch.minimum(x, last.unsqueeze(1)).cpu().numpy()
     empty = (total[:, 0] <= 0).cpu().numpy()
     idx, count = _distinct(x, empty, slots)
-    logit = np.take_along_axis(logits.detach().float().cpu().numpy(), idx, axis=1)
-    return Draws(
-        idx, count, logit, lse_at(logits, temperatures), tail_lse_at(logits, head, draw_temperature)
-    )
+    z = logits.detach().float().cpu()  # once: the helpers below take it as it is
+    logit = np.take_along_axis(z.numpy(), idx, axis=1)
+    return Draws(idx, count, logit, lse_at(z, temperatures), tail_lse_at(z, head, draw_temperature))
 
 
 def _distinct(x: np.ndarray, empty: np.ndarray, slots: int) -> tuple[np.ndarray, np.ndarray]:
