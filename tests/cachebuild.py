@@ -146,17 +146,20 @@ def build_cache(
     encoding: str = "fp16",
     shards: list[int] | None = None,
     render: dict | None = None,
+    samples: int | None = None,
 ) -> CacheStore:
     """A cache made by precompute's code: views plus one random-init ``kd_cnn_tiny`` teacher per
     ``{name: k}`` (seeded by order; weights saved beside the cache as ``<cache>.<name>.pt`` and
-    named in the stored spec; ``render``: every teacher's ``teachers.N.render``); only ``shards``
-    are processed when given."""
+    named in the stored spec; ``render``: every teacher's ``teachers.N.render``; ``samples``: their
+    draws, with encoding ``sampled``); only ``shards`` are processed when given."""
     sections = []
     for i, (name, k) in enumerate((teachers or {"tiny": classes}).items()):
         spec, _ = tiny_teacher(
             classes, seed=i, save_to=f"{path}.{name}.pt", in_chans=_chans(recipe)
         )
         section = {"name": name, "model": spec.model_dump(), "k": k, "encoding": encoding}
+        if samples is not None:  # encoding "sampled": the classes drawn per view
+            section["samples"] = samples
         sections.append({**section, "render": render or {}})
     config = precompute_config(
         path, urls, sections, recipe=recipe, num_views=num_views, classes=classes, seed=seed

@@ -84,9 +84,10 @@ def collate(samples: Sequence[DistillSample]) -> Batch:
         raise ValueError("collate: no samples")
     first = samples[0]
     targets = {}
-    for name in first.targets:
+    for name, kind in first.targets.items():
         rows = [s.targets[name].tensors() for s in samples]
-        targets[name] = SparseTargets(*(torch.stack(field) for field in zip(*rows, strict=True)))
+        # type(kind): sampled targets keep their draws
+        targets[name] = type(kind)(*(torch.stack(field) for field in zip(*rows, strict=True)))
     batch = Batch(
         images=torch.stack([s.image for s in samples]),
         labels=torch.stack([s.label for s in samples]),
@@ -338,10 +339,7 @@ class CacheDataset(IterableDataset):
                 label=batch.labels[i],
                 key=key,
                 view=int(batch.views[i]) if batch.views is not None else 0,
-                targets={
-                    name: SparseTargets(*(x[i] for x in t.tensors()))
-                    for name, t in batch.targets.items()
-                },
+                targets={name: t.map(lambda x, i=i: x[i]) for name, t in batch.targets.items()},
                 partner_label=None if batch.partner_labels is None else batch.partner_labels[i],
                 lam=None if batch.lam is None else batch.lam[i],
             )

@@ -9,7 +9,7 @@ from cachebuild import build_cache, tiny_recipe, write_shards
 
 import kdcache
 from kdcache.errors import CacheMismatchError, ConfigError, DataError
-from kdcache.targets import MixedLabels
+from kdcache.targets import MixedLabels, SampledTargets
 from kdcache.train.config import TrainConfig
 from kdcache.train.data import build_eval_data, build_train_data
 from kdcache.views import normalize
@@ -183,6 +183,20 @@ def test_without_a_cache_views_are_drawn_and_no_targets_come(world, tmp_path):
     assert sum(len(b) for b in batches) == 48 and not batches[0].targets
     with pytest.raises(ConfigError, match="data.num_classes: required when no cache.path"):
         kdcache.CacheDataset(clean)
+
+
+def test_a_sampled_teacher_keeps_its_draws_through_the_dataset(world, tmp_path):
+    """Samples and collate carry every field of sampled targets, as the trainer's batches do."""
+    build_cache(
+        tmp_path / "drawn.zarr", world["urls"], teachers={"tiny": 1}, encoding="sampled", samples=3
+    )
+    cfg = config(world)
+    cfg.cache.path = str(tmp_path / "drawn.zarr")
+    dataset = kdcache.CacheDataset.from_config(cfg)
+    dataset.set_epoch(0)
+    ours = list(dataset.loader())
+    assert isinstance(ours[0].targets["tiny"], SampledTargets)
+    assert_same_batches(ours, trainer_batches(cfg, 0), dataset.rendering)
 
 
 def test_collate_refuses_nothing_to_stack():
