@@ -156,7 +156,7 @@ class Batch:
             "lam": self.lam,
         }
         small = {name: None if x is None else _by_value(x) for name, x in small.items()}
-        targets = {  # the fields in order: 5 top-k, 10 sampled (targets_from_arrays)
+        targets = {  # the fields in order: 5 top-k, 12 sampled (targets_from_arrays)
             name: tuple(_by_value(x) for x in t.tensors()) for name, t in self.targets.items()
         }
         return _rebuild_batch, (self.images, self.teacher_images, small, targets, self.keys)
