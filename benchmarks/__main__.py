@@ -25,8 +25,8 @@ from benchmarks import (
     train_bench,
 )
 from benchmarks.common import BenchResult
-from kdcache.errors import KdcacheError
-from kdcache.results import iso, utc_now, versions
+from kdcache.core.errors import KdcacheError
+from kdcache.core.results import iso, utc_now, versions
 
 BENCHES: dict[str, tuple[ModuleType, str]] = {
     "train": (train_bench, "images/s of plain CE, KD from the cache and online KD, interleaved"),

@@ -3,7 +3,7 @@ and k.
 
 Caches of ``--shards`` x ``--samples`` samples x A views, C = 1000 classes, are written with the
 real writer (``create_store`` / ``write_views`` / ``add_teacher`` / ``write_targets``) for each
-encoding (``fp16``, ``q8``) and k, and read back with :func:`~kdcache.reader.read_block`.
+encoding (``fp16``, ``q8``) and k, and read back with :func:`~kdcache.cache.reader.read_block`.
 
 **Teacher logits** (no ImageNet teacher can be run here): a documented generator of peaked,
 long-tailed logits with the structure that matters for compression (:func:`teacher_logits`).
@@ -15,7 +15,7 @@ view; view parameters and per-sample arrays are shared by all teachers and repor
 **Read speed** is views per wall second and per CPU second (all threads) of ``read_block`` over
 every shard, the encodings interleaved round by round. **Error**: the decoded targets against
 the fp32 top-k they were made from, as dense distributions at T: with the top-k renormalised
-(tail ``renorm``; the headline ``kl_k10``, as ``tests/cache_tools/test_encoding.py`` measures
+(tail ``renorm``; the headline ``kl_k10``, as ``tests/targets/test_encoding.py`` measures
 it) and with the tail mass spread over the other classes (tail ``spread``): max |Δp| over all
 classes and views, the mean KL(fp32 ‖ decoded), and the largest error of the T=1 tail mass.
 """
@@ -33,12 +33,12 @@ import torch
 
 from benchmarks.common import machine, rotated, table, target_divergence
 from benchmarks.grad_cos import format_grad_cos, grad_cos
-from kdcache.augment import ErasingConfig, JitterConfig, MixConfig
-from kdcache.reader import read_block
-from kdcache.store import STATUS_VALID, CacheStore, Fingerprint
-from kdcache.targets import MixedLabels, SparseTargets, from_logits, tail_mass_t1, truncate
-from kdcache.views import ViewParams, ViewRecipe, draw_group, grouped
-from kdcache.writer import add_teacher, create_store, write_targets, write_views
+from kdcache.cache.reader import read_block
+from kdcache.cache.store import STATUS_VALID, CacheStore, Fingerprint
+from kdcache.cache.writer import add_teacher, create_store, write_targets, write_views
+from kdcache.targets.sparse import MixedLabels, SparseTargets, from_logits, tail_mass_t1, truncate
+from kdcache.views.augment import ErasingConfig, JitterConfig, MixConfig
+from kdcache.views.recipe import ViewParams, ViewRecipe, draw_group, grouped
 
 ENCODINGS = ("fp16", "q8")
 GENERATOR = {
@@ -214,7 +214,7 @@ def write_cache(
     **teacher: Any,
 ) -> CacheStore:
     """A complete cache of one teacher (views + targets) through the real writer (``teacher``:
-    more of :func:`~kdcache.writer.add_teacher`'s settings, e.g. ``samples``)."""
+    more of :func:`~kdcache.cache.writer.add_teacher`'s settings, e.g. ``samples``)."""
     recipe = recipe or ViewRecipe()
     path = args.out / (name or f"{encoding}-k{k}")
     shutil.rmtree(path, ignore_errors=True)

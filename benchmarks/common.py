@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from kdcache.errors import KdcacheError
-from kdcache.results import Result
+from kdcache.core.errors import KdcacheError
+from kdcache.core.results import Result
 
 if TYPE_CHECKING:
-    from kdcache.targets import SparseTargets
+    from kdcache.targets.sparse import SparseTargets
 
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FMNIST_RECIPE: dict[str, Any] = {
@@ -155,7 +155,7 @@ def precompute_config(
 def precompute_inprocess(config_path: Path, overrides: list[str] | None = None) -> int:
     """Plan and run every shard task with one in-process ShardWorker (no Ray), then seal the
     fingerprint as the runner does; returns the views made."""
-    from kdcache.config import load_config
+    from kdcache.core.config import load_config
     from kdcache.pipeline.config import PrecomputeConfig
     from kdcache.pipeline.plan import make_plan, seal_fingerprint
     from kdcache.pipeline.runner import worker_settings
@@ -219,7 +219,7 @@ def target_divergence(
     ~1e-7 nats of KL and can come out negative, which would hide fp16's own error."""
     import torch
 
-    from kdcache.targets import dense_logits
+    from kdcache.targets.sparse import dense_logits
 
     log_p, log_q = (
         torch.log_softmax(dense_logits(x, num_classes, tail).double() / temperature, -1)

@@ -33,8 +33,8 @@ JPEG_QUALITY = 90
 
 def imagenet_like_shards(out: Path, samples: int, shard_size: int) -> str:
     """``out/train-NNNNNN.tar`` of 500x375 JPEGs (quality 90) and their manifest (reused)."""
-    from kdcache.manifest import load_manifest
-    from kdcache.pipeline.make_shards import write_split
+    from kdcache.shards.manifest import load_manifest
+    from kdcache.shards.writing import write_split
 
     manifest = out / "train-manifest.json"
     if not (manifest.is_file() and load_manifest(manifest).num_samples == samples):
@@ -56,7 +56,7 @@ def photo_like_samples(num: int, seed: int = 0):
     """Smooth colour fields with fine noise: JPEG sizes and decode costs like photos'."""
     from PIL import Image
 
-    from kdcache.pipeline.make_shards import Sample
+    from kdcache.shards.writing import Sample
 
     rng = np.random.default_rng(seed)
     height, width = IMAGE_HW
@@ -91,7 +91,7 @@ def shard_tasks(shards: str) -> list:
 def data_settings(views: int, size: int):
     """The default recipe at ``size`` (random-resized crop + flip), as a teacher renders it."""
     from kdcache.pipeline.datapath import DataSettings, rendering_key
-    from kdcache.views import ViewRecipe
+    from kdcache.views.recipe import ViewRecipe
 
     recipe = ViewRecipe(size=size)
     rendering = recipe.rendering()

@@ -5,7 +5,7 @@ ImageNet-like shards (500x375 RGB JPEGs at quality 90, written once into ``--out
 timm ResNet-50 teacher (random weights: speed only) at 224 px, bf16 autocast, channels_last,
 A=8 views:
 
-* **bare forward**: the teacher (through :class:`~kdcache.teacher.ModelRunner`, as precompute
+* **bare forward**: the teacher (through :class:`~kdcache.models.runner.ModelRunner`, as precompute
   calls it) on replayed views already on the device, batch 256;
 * **data path alone** (:mod:`benchmarks.datapath`), with one data worker process and with one
   per core: precompute's :class:`~kdcache.pipeline.datapath.DataPath` reads the tars, decodes
@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def gpu_config(args: argparse.Namespace, shards: str, cache: Path):
     """The precompute config of every run: the teacher, A views at ``size``, bf16."""
-    from kdcache.config import validate
+    from kdcache.core.config import validate
     from kdcache.pipeline.config import PrecomputeConfig
 
     return validate(
@@ -126,8 +126,8 @@ def bare_forward(cfg, args: argparse.Namespace) -> dict[str, Any]:
     """views/s of the teacher alone on uint8 views already on the device (warm-up excluded)."""
     import torch
 
-    from kdcache.models import build_teacher
-    from kdcache.teacher import ModelRunner
+    from kdcache.models.build import build_teacher
+    from kdcache.models.runner import ModelRunner
 
     recipe = cfg.cache.recipe
     model = build_teacher(cfg.teachers[0].model, 1000, recipe.channels)

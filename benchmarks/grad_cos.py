@@ -42,13 +42,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdcache.encoding import array_shapes
-from kdcache.reader import read_block
-from kdcache.sampling import sampled_from_logits, uniforms
-from kdcache.targets import SampledTargets, SparseTargets, from_logits, targets_from_arrays
+from kdcache.cache.reader import read_block
+from kdcache.cache.writer import index_dtype
+from kdcache.targets.encoding import array_shapes
+from kdcache.targets.sampling import sampled_from_logits, uniforms
+from kdcache.targets.sparse import SampledTargets, SparseTargets, from_logits, targets_from_arrays
 from kdcache.train.config import KDLossConfig
 from kdcache.train.losses import Criterion
-from kdcache.writer import index_dtype
 
 STUDENT = {"scale": 0.5, "noise_std": 1.0, "seed": 1234}
 """The student's logits: ``scale * teacher + N(0, noise_std)``."""
@@ -128,7 +128,7 @@ class SampledSetting:
         )
 
     def teacher(self) -> dict[str, Any]:
-        """:func:`~kdcache.writer.add_teacher`'s settings."""
+        """:func:`~kdcache.cache.writer.add_teacher`'s settings."""
         return {
             "samples": self.draws,
             "sample_temperatures": self.temperatures,

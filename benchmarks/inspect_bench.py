@@ -6,9 +6,10 @@ views), C = 1000, top-``--k``, with two teachers, is written once through the re
 :func:`benchmarks.cache_bench.teacher_logits` (the second teacher is the first with other seeds:
 another confident teacher over the same views). Then, interleaved over ``--rounds``:
 
-- **in-process**: :func:`kdcache.tools.stats.inspect_cache` over one teacher, and over both (which
-  adds the teacher-vs-teacher figures), at the temperatures asked for. Seconds per teacher and
-  views per second are what the issue's "a million views in seconds per teacher" is about;
+- **in-process**: :func:`kdcache.cache_tools.stats.inspect_cache` over one teacher, and over
+  both (which adds the teacher-vs-teacher figures), at the temperatures asked for. Seconds per
+  teacher and views per second are what the issue's "a million views in seconds per teacher" is
+  about;
 - **the CLI in a fresh process**: ``kdcache inspect CACHE --json ...`` over both teachers of the
   large cache and of a second cache a quarter its size, with each process's peak RSS: bounded
   memory means the two peaks are about equal although one cache holds four times the views.
@@ -34,12 +35,12 @@ from tqdm import tqdm
 
 from benchmarks.cache_bench import imagenet_like_params, teacher_logits
 from benchmarks.common import machine, rotated, table
-from kdcache.results import InspectResult
-from kdcache.store import STATUS_VALID, CacheStore, Fingerprint, open_store
-from kdcache.targets import from_logits
-from kdcache.tools.stats import inspect_cache
-from kdcache.views import ViewRecipe
-from kdcache.writer import add_teacher, create_store, write_targets, write_views
+from kdcache.cache.store import STATUS_VALID, CacheStore, Fingerprint, open_store
+from kdcache.cache.writer import add_teacher, create_store, write_targets, write_views
+from kdcache.cache_tools.stats import inspect_cache
+from kdcache.core.results import InspectResult
+from kdcache.targets.sparse import from_logits
+from kdcache.views.recipe import ViewRecipe
 
 TEACHERS = ("t0", "t1")
 PEAK_RSS = (

@@ -14,7 +14,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
-from kdcache.errors import KdcacheError
+from kdcache.core.errors import KdcacheError
 
 REQUEST_LINE = re.compile(r'"(?P<method>[A-Z]+) (?P<path>\S+) HTTP/[0-9.]+" (?P<status>\d{3})')
 ANSI = re.compile(r"\x1b\[[0-9;]*m")

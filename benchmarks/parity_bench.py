@@ -53,17 +53,17 @@ from benchmarks.common import (
     write_yaml,
 )
 from benchmarks.grad_cos import fit_budget, fit_draws, layout_bytes
-from kdcache.ensemble import StageEnsemble
-from kdcache.models import ModelSpec, build_teacher
-from kdcache.reader import read_block
-from kdcache.shards import decode_image, iter_shard
-from kdcache.store import open_store
-from kdcache.targets import SparseTargets, from_logits, tail_mass_t1, truncate
-from kdcache.teacher import ModelRunner
-from kdcache.tools.ensemble_stats import inspect_extras
+from kdcache.cache.reader import read_block
+from kdcache.cache.store import open_store
+from kdcache.cache_tools.ensemble_stats import inspect_extras
+from kdcache.models.build import ModelSpec, build_teacher
+from kdcache.models.ensemble import StageEnsemble
+from kdcache.models.runner import ModelRunner
+from kdcache.shards.reading import decode_image, iter_shard
+from kdcache.targets.sparse import SparseTargets, from_logits, tail_mass_t1, truncate
 from kdcache.train.config import load_train_config
 from kdcache.train.trainer import train
-from kdcache.views import render_rows
+from kdcache.views.recipe import render_rows
 
 TEACHER = "teacher"
 SECOND = "teacher2"

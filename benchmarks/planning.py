@@ -25,8 +25,8 @@ LAYOUTS = ("manifest", "wids_index", "headers")
 def make_plan_shards(out: Path, num_shards: int, per_shard: int) -> Path:
     """``num_shards`` synthetic shards of ``per_shard`` 28x28 grey PNGs and their manifest
     (reused when the manifest matches)."""
-    from kdcache.manifest import load_manifest
-    from kdcache.pipeline.make_shards import make_synthetic_shards
+    from kdcache.shards.manifest import load_manifest
+    from kdcache.shards.writing import make_synthetic_shards
 
     manifest = out / "train-manifest.json"
     if manifest.is_file() and load_manifest(manifest).counts == [per_shard] * num_shards:
@@ -47,7 +47,7 @@ def make_plan_shards(out: Path, num_shards: int, per_shard: int) -> Path:
 
 def wids_index(manifest_path: Path) -> dict[str, Any]:
     """The wids shard index (``widsindex create``'s format) of the shards a manifest lists."""
-    from kdcache.manifest import load_manifest
+    from kdcache.shards.manifest import load_manifest
 
     manifest = load_manifest(manifest_path)
     return {
@@ -81,7 +81,7 @@ def upload(s3: LocalS3, shards: Path) -> dict[str, str]:
 
 def count_planning(s3: LocalS3, pattern: str, cache: Path) -> dict[str, Any]:
     """Plan a precompute over ``pattern`` with a fresh client; the requests it made."""
-    from kdcache.config import validate
+    from kdcache.core.config import validate
     from kdcache.pipeline.config import PrecomputeConfig
     from kdcache.pipeline.plan import make_plan
 

@@ -3,7 +3,7 @@
 **In-process** (one :class:`~kdcache.pipeline.worker.ShardWorker`, the code every Ray actor runs):
 for each teacher and each A, one shard task end to end — read the tar, decode each image once,
 replay A views, forward, top-k / logsumexp, write the chunks and marks — against the bare
-forward of the same teacher (the same :class:`~kdcache.teacher.ModelRunner`) over the same
+forward of the same teacher (the same :class:`~kdcache.models.runner.ModelRunner`) over the same
 views, already decoded and batched the same way. The pipeline runs with its background view
 thread (``prefetch_batches`` 2, the default) and without it (0, serial). Rounds rotate the order
 of A values and kinds, so load drifts over all alike.
@@ -44,13 +44,13 @@ from benchmarks.common import (
     timed,
     write_yaml,
 )
-from kdcache.config import load_config
+from kdcache.cache.reader import read_block
+from kdcache.core.config import load_config
 from kdcache.pipeline.config import PrecomputeConfig
 from kdcache.pipeline.plan import ShardTask, make_plan
 from kdcache.pipeline.worker import PREFETCH_BATCHES, ShardWorker
-from kdcache.reader import read_block
-from kdcache.shards import decode_image, iter_shard
-from kdcache.views import render_rows
+from kdcache.shards.reading import decode_image, iter_shard
+from kdcache.views.recipe import render_rows
 
 KINDS = ("pipeline", "serial", "forward")
 

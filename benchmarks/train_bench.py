@@ -158,7 +158,7 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _complete(cache: Path) -> bool:
-    from kdcache.store import open_store
+    from kdcache.cache.store import open_store
 
     try:
         return not open_store(str(cache)).incomplete_shards()

@@ -17,7 +17,7 @@ import lightning as L
 import torch
 
 import kdcache
-from kdcache.models import build_model
+from kdcache.models.build import build_model
 
 
 class DistillModule(L.LightningModule):

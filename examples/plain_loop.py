@@ -10,7 +10,7 @@ import sys
 import torch
 
 import kdcache
-from kdcache.models import build_model
+from kdcache.models.build import build_model
 
 KD = {"temperature", "alpha", "tail", "label_smoothing"}  # the settings of kdcache.kd
 

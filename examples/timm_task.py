@@ -30,7 +30,7 @@ from timm.scheduler import create_scheduler_v2
 from timm.task import TrainingTask
 
 import kdcache
-from kdcache.models import build_model
+from kdcache.models.build import build_model
 
 
 def timm_collate(samples: list[kdcache.DistillSample]) -> tuple[torch.Tensor, kdcache.Batch]:

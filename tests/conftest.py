@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import ray
-from cachebuild import build_cache, write_shards
-from tarbuild import good, png, write_tar
 
-from kdcache.pipeline.make_shards import make_synthetic_shards
+from kdcache.shards.writing import make_synthetic_shards
+from tests.support.cachebuild import build_cache, write_shards
+from tests.support.tarbuild import good, png, write_tar
 
 SIZE = 16  # side of data_dir's images
 

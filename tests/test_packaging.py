@@ -11,7 +11,8 @@ import zipfile
 from pathlib import Path
 
 import yaml
-from cachebuild import build_cache, write_shards
+
+from tests.support.cachebuild import build_cache, write_shards
 
 REPO = Path(__file__).resolve().parents[1]
 IGNORE = shutil.ignore_patterns("__pycache__", "*.egg-info")

@@ -24,18 +24,18 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from cachebuild import precompute_config, run_precompute
-from trainrun import world_train_dict
 
-from kdcache.models import ModelSpec, build_teacher
-from kdcache.reader import read_block
-from kdcache.results import TrainResult
-from kdcache.store import STATUS_VALID, CacheStore
-from kdcache.teacher import ModelRunner
+from kdcache.cache.reader import read_block
+from kdcache.cache.store import STATUS_VALID, CacheStore
+from kdcache.core.results import TrainResult
+from kdcache.models.build import ModelSpec, build_teacher
+from kdcache.models.runner import ModelRunner
 from kdcache.train.config import TrainConfig
 from kdcache.train.data import Batch, build_train_data
 from kdcache.train.trainer import train
-from kdcache.views import Rendering, ViewRecipe
+from kdcache.views.recipe import Rendering, ViewRecipe
+from tests.support.cachebuild import precompute_config, run_precompute
+from tests.support.trainrun import world_train_dict
 
 pytestmark = [
     pytest.mark.gpu,

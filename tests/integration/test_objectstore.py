@@ -22,27 +22,27 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from cachebuild import write_shards
-from precomputerun import run_in_process
 
+from kdcache.cache.lock import WriterLock, read_holder
+from kdcache.cache.reader import read_block
+from kdcache.cache.store import open_store
+from kdcache.cache_tools.validate import validate_cache
 from kdcache.cli import main as cli_main
-from kdcache.config import validate
-from kdcache.errors import CacheLockedError, CacheMismatchError, CacheReadError, WeightsError
-from kdcache.lock import WriterLock, read_holder
-from kdcache.manifest import Manifest
-from kdcache.models import ModelSpec, build_model, build_teacher, weights_digest
+from kdcache.core.config import validate
+from kdcache.core.errors import CacheLockedError, CacheMismatchError, CacheReadError, WeightsError
+from kdcache.core.results import read_run_records
+from kdcache.models.build import ModelSpec, build_model, build_teacher, weights_digest
 from kdcache.pipeline.config import PrecomputeConfig
 from kdcache.pipeline.plan import make_plan, seal_fingerprint
 from kdcache.pipeline.runner import precompute, store_size, worker_settings
 from kdcache.pipeline.worker import ShardWorker
-from kdcache.reader import read_block
-from kdcache.results import read_run_records
-from kdcache.shards import expand_shards, iter_shard, scan_shards
-from kdcache.store import open_store
-from kdcache.tools.validate import validate_cache
+from kdcache.shards.manifest import Manifest
+from kdcache.shards.reading import expand_shards, iter_shard, scan_shards
 from kdcache.train.config import TrainConfig
 from kdcache.train.data import build_train_data
 from kdcache.train.trainer import train
+from tests.support.cachebuild import write_shards
+from tests.support.precomputerun import run_in_process
 
 pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")

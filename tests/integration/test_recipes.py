@@ -10,7 +10,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from cachebuild import (
+
+from kdcache.cache.store import open_store
+from kdcache.cache_tools.verify import verify_cache
+from kdcache.cli import main
+from kdcache.core.config import load_config
+from kdcache.models.build import build_model
+from kdcache.models.runner import ModelRunner
+from kdcache.pipeline.config import PrecomputeConfig
+from kdcache.targets.sparse import MixedLabels, from_logits
+from kdcache.train.config import KDLossConfig, TrainConfig, load_train_config
+from kdcache.train.data import build_train_data
+from kdcache.train.losses import Criterion
+from kdcache.train.schedule import lr_at, plan_stages
+from kdcache.train.target_source import online_teacher_spec
+from kdcache.train.trainer import train
+from kdcache.views.recipe import ViewRecipe
+from tests.support.cachebuild import (
     build_cache,
     cache_arrays,
     precompute_config,
@@ -18,23 +34,7 @@ from cachebuild import (
     tiny_teacher,
     write_shards,
 )
-from precomputerun import make_config, precompute, shards_url
-
-from kdcache.cli import main
-from kdcache.config import load_config
-from kdcache.models import build_model
-from kdcache.pipeline.config import PrecomputeConfig
-from kdcache.store import open_store
-from kdcache.targets import MixedLabels, from_logits
-from kdcache.teacher import ModelRunner
-from kdcache.tools.verify import verify_cache
-from kdcache.train.config import KDLossConfig, TrainConfig, load_train_config
-from kdcache.train.data import build_train_data
-from kdcache.train.losses import Criterion
-from kdcache.train.schedule import lr_at, plan_stages
-from kdcache.train.target_source import online_teacher_spec
-from kdcache.train.trainer import train
-from kdcache.views import ViewRecipe
+from tests.support.precomputerun import make_config, precompute, shards_url
 
 STRONG = {
     "policy": "rand-m9-mstd0.5-inc1",

@@ -14,17 +14,9 @@ import threading
 import numpy as np
 import pytest
 import torch
-from cachebuild import (
-    assert_same_arrays,
-    cache_arrays,
-    precompute_config,
-    tiny_recipe,
-    tiny_teacher,
-    write_shards,
-)
-from tarbuild import good, write_tar
 
-from kdcache.errors import DataError, TeacherError
+from kdcache.cache.store import open_store
+from kdcache.core.errors import DataError, TeacherError
 from kdcache.pipeline import datapath
 from kdcache.pipeline.config import RuntimeSection
 from kdcache.pipeline.datapath import (
@@ -38,8 +30,16 @@ from kdcache.pipeline.plan import make_plan
 from kdcache.pipeline.resources import cpu_share
 from kdcache.pipeline.runner import worker_settings
 from kdcache.pipeline.worker import ShardWorker, WorkerSettings
-from kdcache.store import open_store
-from kdcache.views import ViewRecipe
+from kdcache.views.recipe import ViewRecipe
+from tests.support.cachebuild import (
+    assert_same_arrays,
+    cache_arrays,
+    precompute_config,
+    tiny_recipe,
+    tiny_teacher,
+    write_shards,
+)
+from tests.support.tarbuild import good, write_tar
 
 STRONG = {
     "policy": "rand-m9-mstd0.5-inc1",

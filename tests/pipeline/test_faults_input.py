@@ -16,17 +16,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from precomputerun import input_fault_config as config
-from precomputerun import make_config, run_in_process
-from tarbuild import good, png, write_members, write_tar
-from trainrun import train_keys
 
-from kdcache.errors import CacheMismatchError, DataError, DuplicateKeyError
+from kdcache.cache.reader import read_block
+from kdcache.cache.store import STATUS_INVALID, open_store
+from kdcache.core.errors import CacheMismatchError, DataError, DuplicateKeyError
 from kdcache.pipeline.plan import make_plan
 from kdcache.pipeline.runner import worker_settings
 from kdcache.pipeline.worker import ShardWorker
-from kdcache.reader import read_block
-from kdcache.store import STATUS_INVALID, open_store
+from tests.support.precomputerun import input_fault_config as config
+from tests.support.precomputerun import make_config, run_in_process
+from tests.support.tarbuild import good, png, write_members, write_tar
+from tests.support.trainrun import train_keys
 
 # ---- broken shards: refused at planning, naming the shard ----------------------------------------
 

@@ -29,19 +29,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from cachebuild import assert_same_arrays, cache_arrays
-from precomputerun import make_config, run_in_process, shards_url
-from processes import kill_session
-from tarbuild import good, write_tar
 
-from kdcache.cli import main as cli_main
-from kdcache.errors import (
-    CacheIncompleteError,
-    CacheLockedError,
-    CacheWriteError,
-    TeacherError,
-)
-from kdcache.lock import (
+from kdcache.cache.lock import (
     LockHolder,
     WriterLock,
     _boot_id,
@@ -49,7 +38,18 @@ from kdcache.lock import (
     lock_path,
     read_holder,
 )
-from kdcache.models import build_model
+from kdcache.cache.reader import read_block
+from kdcache.cache.store import open_store
+from kdcache.cache_tools.validate import validate_cache
+from kdcache.cli import main as cli_main
+from kdcache.core.errors import (
+    CacheIncompleteError,
+    CacheLockedError,
+    CacheWriteError,
+    TeacherError,
+)
+from kdcache.core.results import PrecomputeResult
+from kdcache.models.build import build_model
 from kdcache.pipeline.plan import make_plan, seal_fingerprint, writer_lock
 from kdcache.pipeline.runner import (
     Progress,
@@ -58,10 +58,10 @@ from kdcache.pipeline.runner import (
     worker_settings,
 )
 from kdcache.pipeline.worker import FAULT_ENV, ShardResult, ShardWorker
-from kdcache.reader import read_block
-from kdcache.results import PrecomputeResult
-from kdcache.store import open_store
-from kdcache.tools.validate import validate_cache
+from tests.support.cachebuild import assert_same_arrays, cache_arrays
+from tests.support.precomputerun import make_config, run_in_process, shards_url
+from tests.support.processes import kill_session
+from tests.support.tarbuild import good, write_tar
 
 
 @pytest.fixture
@@ -136,7 +136,10 @@ def test_lock_of_a_dead_or_replaced_process_is_taken_over(shards, tmp_path, capl
         {"pid": 1, "start": -1},
     ):  # gone; or the pid now belongs to another process
         write_lock(cache, **stale)
-        with caplog.at_level(logging.WARNING, logger="kdcache.lock"), writer_lock(cfg) as lock:
+        with (
+            caplog.at_level(logging.WARNING, logger="kdcache.cache.lock"),
+            writer_lock(cfg) as lock,
+        ):
             assert read_holder(str(cache)).token == lock.holder.token
             make_plan(cfg)  # our own lock does not stop us
         assert "its holder is gone" in caplog.text
@@ -151,7 +154,7 @@ def test_lock_from_another_host_is_refused_until_forced(shards, tmp_path, caplog
     ):
         precompute(config(shards, cache), progress=False)
     with (
-        caplog.at_level(logging.WARNING, logger="kdcache.lock"),
+        caplog.at_level(logging.WARNING, logger="kdcache.cache.lock"),
         writer_lock(config(shards, cache, "cache.force_unlock=true")),
     ):
         assert read_holder(str(cache)).pid != 4242

@@ -10,7 +10,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cachebuild import (
+
+from kdcache.cache.integrity import find_damage
+from kdcache.cache.reader import incomplete_error, read_block
+from kdcache.cache.store import FORMAT_VERSION, GROWN_FORMAT_VERSION, open_store
+from kdcache.cache_tools.verify import verify_cache
+from kdcache.core.errors import CacheIncompleteError, CacheMismatchError
+from kdcache.pipeline.plan import make_plan, seal_fingerprint
+from kdcache.train.config import TrainConfig
+from kdcache.train.data import build_train_data
+from tests.support.cachebuild import (
     assert_same_arrays,
     cache_arrays,
     precompute_config,
@@ -19,15 +28,6 @@ from cachebuild import (
     tiny_teacher,
     write_shards,
 )
-
-from kdcache.errors import CacheIncompleteError, CacheMismatchError
-from kdcache.integrity import find_damage
-from kdcache.pipeline.plan import make_plan, seal_fingerprint
-from kdcache.reader import incomplete_error, read_block
-from kdcache.store import FORMAT_VERSION, GROWN_FORMAT_VERSION, open_store
-from kdcache.tools.verify import verify_cache
-from kdcache.train.config import TrainConfig
-from kdcache.train.data import build_train_data
 
 STRONG = {
     "policy": "rand-m9-mstd0.5-inc1",

@@ -18,25 +18,25 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cachebuild import assert_same_arrays, cache_arrays
-from precomputerun import make_config, run_in_process
-from tarbuild import good, write_tar
-from trainrun import train_keys
 
-from kdcache.errors import (
+from kdcache.cache.store import open_store
+from kdcache.cache_tools.validate import validate_cache
+from kdcache.core.errors import (
     CacheIncompleteError,
     CacheMismatchError,
     ConfigError,
     DataError,
     DuplicateKeyError,
 )
-from kdcache.manifest import Manifest, save_manifest, shard_key_digest
 from kdcache.pipeline.plan import make_plan, seal_fingerprint
 from kdcache.pipeline.runner import worker_settings
 from kdcache.pipeline.worker import ShardWorker
-from kdcache.shards import iter_shard, key_digest, scan_shards
-from kdcache.store import open_store
-from kdcache.tools.validate import validate_cache
+from kdcache.shards.manifest import Manifest, save_manifest, shard_key_digest
+from kdcache.shards.reading import iter_shard, key_digest, scan_shards
+from tests.support.cachebuild import assert_same_arrays, cache_arrays
+from tests.support.precomputerun import make_config, run_in_process
+from tests.support.tarbuild import good, write_tar
+from tests.support.trainrun import train_keys
 
 
 def shards_in(directory: Path, counts: tuple[int, ...] = (6, 6, 6), prefix: str = "s") -> list[str]:

@@ -19,14 +19,15 @@ import pytest
 import torch
 import torchvision
 import yaml
-from cachebuild import assert_same_arrays, cache_arrays, row_views
-from precomputerun import make_config, precompute, run_in_process, shards_url
-from processes import kill_session
-from tarbuild import good, write_tar
 
+from kdcache.cache.integrity import find_damage
+from kdcache.cache.reader import read_block
+from kdcache.cache.store import STATUS_INVALID, STATUS_VALID, open_store
+from kdcache.cache_tools.validate import validate_cache
+from kdcache.cache_tools.verify import verify_cache
 from kdcache.cli import main as cli_main
-from kdcache.config import load_config
-from kdcache.errors import (
+from kdcache.core.config import load_config
+from kdcache.core.errors import (
     CacheError,
     CacheMismatchError,
     ConfigError,
@@ -34,21 +35,20 @@ from kdcache.errors import (
     DuplicateKeyError,
     TeacherError,
 )
-from kdcache.integrity import find_damage
-from kdcache.models import build_model, build_teacher, weights_digest
+from kdcache.core.results import PrecomputeResult, config_digest, read_run_records
+from kdcache.models.build import build_model, build_teacher, weights_digest
+from kdcache.models.runner import ModelRunner
 from kdcache.pipeline.config import PrecomputeConfig
-from kdcache.pipeline.make_shards import make_synthetic_shards
 from kdcache.pipeline.plan import make_plan
 from kdcache.pipeline.runner import ShardsFailedError, run_precompute, worker_settings
 from kdcache.pipeline.worker import FAULT_ENV, ShardWorker
-from kdcache.reader import read_block
-from kdcache.results import PrecomputeResult, config_digest, read_run_records
-from kdcache.shards import decode_image, iter_shard
-from kdcache.store import STATUS_INVALID, STATUS_VALID, open_store
-from kdcache.targets import from_logits
-from kdcache.teacher import ModelRunner
-from kdcache.tools.validate import validate_cache
-from kdcache.tools.verify import verify_cache
+from kdcache.shards.reading import decode_image, iter_shard
+from kdcache.shards.writing import make_synthetic_shards
+from kdcache.targets.sparse import from_logits
+from tests.support.cachebuild import assert_same_arrays, cache_arrays, row_views
+from tests.support.precomputerun import make_config, precompute, run_in_process, shards_url
+from tests.support.processes import kill_session
+from tests.support.tarbuild import good, write_tar
 
 # ---- fixtures and helpers ---------------------------------------------------------------
 
@@ -186,7 +186,7 @@ def test_actors_that_cannot_start_fail_every_shard_with_the_reason(ray_session, 
     with pytest.raises(
         ShardsFailedError,
         match=r"good-000000.tar: no shard actor left to run it: actor could not "
-        r"start: kdcache.errors.WeightsError: checkpoint '.*teacher.pth' does not exist",
+        r"start: kdcache.core.errors.WeightsError: checkpoint '.*teacher.pth' does not exist",
     ):
         run_precompute(cfg, plan, progress=False)
 

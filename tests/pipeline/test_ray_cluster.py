@@ -22,13 +22,13 @@ import time
 import pytest
 import ray
 import yaml
-from precomputerun import make_config
-from tarbuild import good, write_tar
 
+from kdcache.cache.store import open_store
 from kdcache.cli import main as cli_main
+from kdcache.core.results import read_run_records
 from kdcache.pipeline.runner import RayClusterError, ResourcesUnavailableError, precompute
-from kdcache.results import read_run_records
-from kdcache.store import open_store
+from tests.support.precomputerun import make_config
+from tests.support.tarbuild import good, write_tar
 
 
 def closed_port() -> int:

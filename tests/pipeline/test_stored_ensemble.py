@@ -6,17 +6,23 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from cachebuild import precompute_config, row_views, run_precompute, tiny_teacher, write_shards
 
-from kdcache.errors import ConfigError
-from kdcache.models import build_teacher
+from kdcache.cache.reader import read_block
+from kdcache.cache_tools.verify import verify_cache
+from kdcache.core.errors import ConfigError
+from kdcache.models.build import build_teacher
+from kdcache.models.runner import ModelRunner
 from kdcache.pipeline.config import PrecomputeConfig
-from kdcache.reader import read_block
-from kdcache.sampling import sampled_from_logits, uniforms
-from kdcache.shards import decode_image, iter_shard
-from kdcache.targets import dense_probs, sampled_at, targets_from_arrays
-from kdcache.teacher import ModelRunner
-from kdcache.tools.verify import verify_cache
+from kdcache.shards.reading import decode_image, iter_shard
+from kdcache.targets.sampling import sampled_from_logits, uniforms
+from kdcache.targets.sparse import dense_probs, sampled_at, targets_from_arrays
+from tests.support.cachebuild import (
+    precompute_config,
+    row_views,
+    run_precompute,
+    tiny_teacher,
+    write_shards,
+)
 
 CLASSES = 6
 VIEWS = 2
@@ -282,7 +288,7 @@ def _config(teacher: dict) -> dict:
     ],
 )
 def test_ensemble_and_sampling_settings_are_checked(teacher, match):
-    from kdcache.config import validate
+    from kdcache.core.config import validate
 
     with pytest.raises(ConfigError, match=match):
         validate(PrecomputeConfig, _config(teacher))
@@ -291,8 +297,8 @@ def test_ensemble_and_sampling_settings_are_checked(teacher, match):
 def test_validate_checks_the_draws(world, tmp_path):
     import shutil
 
-    from kdcache.store import open_store
-    from kdcache.tools.validate import validate_cache
+    from kdcache.cache.store import open_store
+    from kdcache.cache_tools.validate import validate_cache
 
     assert validate_cache(world["store"]).ok
     copy = tmp_path / "cache.zarr"
@@ -347,7 +353,7 @@ def test_inspect_shows_ensembles_against_their_members_and_the_draws_coverage(
 
 
 def test_inspect_refuses_an_ensemble_of_unknown_teachers(world):
-    from kdcache.tools.ensemble_stats import inspect_extras, parse_ensemble
+    from kdcache.cache_tools.ensemble_stats import inspect_extras, parse_ensemble
 
     with pytest.raises(ConfigError, match=r"--ensemble .*\['zz'\] not in cache"):
         inspect_extras(world["store"], [], [parse_ensemble("a,zz")])
@@ -415,7 +421,7 @@ def test_a_teacher_drawn_at_tau_stores_its_draws_and_the_tails_normaliser(world)
 def _copy(world, tmp_path):
     import shutil
 
-    from kdcache.store import open_store
+    from kdcache.cache.store import open_store
 
     copy = tmp_path / "cache.zarr"
     shutil.copytree(world["store"].path, copy)
@@ -425,7 +431,7 @@ def _copy(world, tmp_path):
 def test_a_cache_without_the_draw_temperature_reads_as_drawn_at_1(world, tmp_path):
     """Caches made before the draw temperature existed have no such attribute: they read as
     drawn at T=1, and their targets and estimates are what they were."""
-    from kdcache.store import open_store
+    from kdcache.cache.store import open_store
 
     store = _copy(world, tmp_path)
     attrs = dict(store.teacher_group("a_sampled").attrs)
@@ -455,8 +461,8 @@ def test_a_cache_without_the_draw_temperature_reads_as_drawn_at_1(world, tmp_pat
     ],
 )
 def test_a_stored_draw_temperature_is_checked_on_load(world, tmp_path, value, match):
-    from kdcache.errors import CacheError
-    from kdcache.store import open_store
+    from kdcache.cache.store import open_store
+    from kdcache.core.errors import CacheError
 
     store = _copy(world, tmp_path)
     store.teacher_group("a_tau").attrs.update({"draw_temperature": value})
@@ -465,8 +471,8 @@ def test_a_stored_draw_temperature_is_checked_on_load(world, tmp_path, value, ma
 
 
 def test_a_rerun_with_another_draw_temperature_is_refused(world, tmp_path):
-    from kdcache.errors import CacheMismatchError
-    from kdcache.writer import add_teacher
+    from kdcache.cache.writer import add_teacher
+    from kdcache.core.errors import CacheMismatchError
 
     store = _copy(world, tmp_path)
     meta = store.teacher_meta("a_tau")
@@ -478,8 +484,8 @@ def test_a_rerun_with_another_draw_temperature_is_refused(world, tmp_path):
 
 def test_verify_and_validate_check_the_draws_normaliser(world, tmp_path):
     """A stored tail normaliser at τ off by 0.5 fails verify; a NaN one fails validate."""
-    from kdcache.store import open_store
-    from kdcache.tools.validate import validate_cache
+    from kdcache.cache.store import open_store
+    from kdcache.cache_tools.validate import validate_cache
 
     store = _copy(world, tmp_path)
     group = store.teacher_group("a_tau")

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cachebuild import build_cache, tiny_recipe, write_shards
 
 import kdcache
-from kdcache.errors import CacheMismatchError, ConfigError, DataError
-from kdcache.targets import MixedLabels, SampledTargets
+from kdcache.core.errors import CacheMismatchError, ConfigError, DataError
+from kdcache.targets.sparse import MixedLabels, SampledTargets
 from kdcache.train.config import TrainConfig
 from kdcache.train.data import build_eval_data, build_train_data
-from kdcache.views import normalize
+from kdcache.views.recipe import normalize
+from tests.support.cachebuild import build_cache, tiny_recipe, write_shards
 
 INVALID = "train_000005"
 

@@ -8,7 +8,6 @@ import inspect
 import json
 import math
 
-import lossplugin
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,11 +15,12 @@ import yaml
 
 import kdcache
 from kdcache.cli import main as kdcache_cli
-from kdcache.config import validate
-from kdcache.errors import ConfigError
-from kdcache.targets import MixedLabels, from_logits
+from kdcache.core.config import validate
+from kdcache.core.errors import ConfigError
+from kdcache.targets.sparse import MixedLabels, from_logits
 from kdcache.train.config import BUILTIN_LOSS_CONFIGS, TrainConfig
 from kdcache.train.losses import TRAINER_KEYS, Criterion, teacher_label_ce, wsl_weights
+from tests.support import lossplugin
 
 torch.manual_seed(0)
 STUDENT = torch.randn(6, 5)
@@ -184,7 +184,7 @@ def test_effdstl_without_ce_has_the_official_stage_2_gradient():
 
 def raw(**stage_loss) -> dict:
     return {
-        "imports": ["lossplugin"],
+        "imports": ["tests.support.lossplugin"],
         "data": {"shards": ["a-000000.tar"]},
         "cache": {"path": "/tmp/c"},
         "student": {"name": "kd_mlp"},
@@ -248,7 +248,7 @@ def test_registration_refuses_clashes_and_wrong_signatures():
 
 def test_kdcache_train_runs_a_registered_loss_from_a_config(world, tmp_path, capsys):
     data = {
-        "imports": ["lossplugin"],
+        "imports": ["tests.support.lossplugin"],
         "run": {"dir": str(tmp_path / "run"), "log_every": 1, "progress": False},
         "data": {"shards": world["urls"], "batch_size": 8, "num_workers": 0},
         "cache": {"path": str(world["root"] / "cache.zarr")},

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cachebuild import write_shards
 
 from kdcache.cli import main as kdcache
-from kdcache.config import read_config
-from kdcache.errors import CacheMismatchError, ConfigError
+from kdcache.core.config import read_config
+from kdcache.core.errors import CacheMismatchError, ConfigError
 from kdcache.train.config import load_train_config
 from kdcache.train.trainer import train
+from tests.support.cachebuild import write_shards
 
 ROOT = Path(__file__).resolve().parents[2]
 

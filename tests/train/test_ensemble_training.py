@@ -8,13 +8,13 @@ import logging
 from pathlib import Path
 
 import pytest
-from cachebuild import precompute_config, run_precompute, tiny_teacher, write_shards
 
-from kdcache.config import validate
-from kdcache.errors import ConfigError
+from kdcache.core.config import validate
+from kdcache.core.errors import ConfigError
 from kdcache.train.config import TrainConfig
 from kdcache.train.reporting import TIMING_KEYS
 from kdcache.train.trainer import train
+from tests.support.cachebuild import precompute_config, run_precompute, tiny_teacher, write_shards
 
 CLASSES = 4
 

@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from cachebuild import build_cache, write_shards
-from processes import kill_session
-from trainrun import read_metrics, world_train_config, world_train_dict
 
-from kdcache.errors import CacheMismatchError, KdcacheError
+from kdcache.core.errors import CacheMismatchError, KdcacheError
 from kdcache.train.checkpoint import CheckpointError
 from kdcache.train.trainer import train
+from tests.support.cachebuild import build_cache, write_shards
+from tests.support.processes import kill_session
+from tests.support.trainrun import read_metrics, world_train_config, world_train_dict
 
 ROOT = Path(__file__).resolve().parents[2]
 

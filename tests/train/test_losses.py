@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from kdcache.models import ModelSpec, build_model
-from kdcache.targets import SparseTargets, dense_probs, from_logits, sparse_probs
+from kdcache.models.build import ModelSpec, build_model
+from kdcache.targets.sparse import SparseTargets, dense_probs, from_logits, sparse_probs
 from kdcache.train.config import (
     CELossConfig,
     DISTLossConfig,

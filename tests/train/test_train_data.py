@@ -8,12 +8,16 @@ from dataclasses import replace
 
 import pytest
 import torch
-from cachebuild import build_cache, write_shards
 
-from kdcache.errors import CacheIncompleteError, CacheMismatchError, CacheNotFoundError, ConfigError
-from kdcache.models import ModelSpec, build_model
-from kdcache.reader import read_block
-from kdcache.shards import decode_image, iter_shard
+from kdcache.cache.reader import read_block
+from kdcache.core.errors import (
+    CacheIncompleteError,
+    CacheMismatchError,
+    CacheNotFoundError,
+    ConfigError,
+)
+from kdcache.models.build import ModelSpec, build_model
+from kdcache.shards.reading import decode_image, iter_shard
 from kdcache.train.config import TrainConfig
 from kdcache.train.data import (
     ShardStream,
@@ -29,7 +33,8 @@ from kdcache.train.data import (
     valid_counts,
 )
 from kdcache.train.student import check_student
-from kdcache.views import center_view, draw_view, epoch_view, render
+from kdcache.views.recipe import center_view, draw_view, epoch_view, render
+from tests.support.cachebuild import build_cache, write_shards
 
 INVALID = "train_000005"
 

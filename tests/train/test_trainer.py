@@ -11,18 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from cachebuild import build_cache, write_shards
 from pydantic import ValidationError
-from trainrun import read_metrics as metrics
-from trainrun import world_train_config as make
-from trainrun import world_train_dict as raw
 
 from kdcache.cli import main as kdcache
-from kdcache.config import validate
-from kdcache.errors import CacheMismatchError, ConfigError
-from kdcache.models import ModelSpec, build_model
-from kdcache.targets import from_logits
-from kdcache.teacher import ModelRunner
+from kdcache.core.config import validate
+from kdcache.core.errors import CacheMismatchError, ConfigError
+from kdcache.models.build import ModelSpec, build_model
+from kdcache.models.runner import ModelRunner
+from kdcache.targets.sparse import from_logits
 from kdcache.train.checkpoint import CheckpointError
 from kdcache.train.config import (
     CacheConfig,
@@ -39,6 +35,10 @@ from kdcache.train.losses import Criterion
 from kdcache.train.schedule import plan_stages
 from kdcache.train.target_source import online_teacher_spec
 from kdcache.train.trainer import train
+from tests.support.cachebuild import build_cache, write_shards
+from tests.support.trainrun import read_metrics as metrics
+from tests.support.trainrun import world_train_config as make
+from tests.support.trainrun import world_train_dict as raw
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -1,0 +1,780 @@
+"""The typed config of ``kdcache train``: run, data, cache, views, student, teacher, stages.
+
+Loaded with :func:`kdcache.core.config.load_config` (YAML + ``dotted.key=value`` overrides); every
+rejection is one :class:`~kdcache.core.errors.ConfigError` naming the dotted key. Cross-field rules
+(a distillation loss needs a teacher, ``teacher.mode: cache`` needs ``cache.path`` ...) belong to
+:class:`TrainConfig` itself (a model validator), so a config built in code is checked as one read
+from YAML; each problem names its dotted key.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from kdcache.core.config import StrictModel, dump_config, load_config
+from kdcache.models.build import ModelSpec
+from kdcache.models.ensemble import StageEnsemble
+from kdcache.models.preprocess import RenderSpec
+from kdcache.shards.reading import DEFAULT_LABEL_KEY
+from kdcache.targets.sparse import LossTail
+from kdcache.train.losses import get_loss, registered_losses
+from kdcache.views.augment import UnseenOps
+from kdcache.views.recipe import ViewRecipe
+
+CONFIG_VERSION = 1
+RESUME_MUTABLE = (
+    "run.max_steps",
+    "run.resume",
+    "run.progress",
+    "run.tensorboard",
+    "run.log_every",
+    "run.ckpt_every_steps",
+    "run.overwrite",
+    "data.storage_options",
+    "cache.storage_options",
+)
+"""Keys (and the keys under them) that may differ between a checkpoint's config and the resuming
+run's config: storage options (credentials rotate; they are saved redacted) change no result."""
+
+
+# ---- losses ---------------------------------------------------------------------------------
+
+
+class CELossConfig(StrictModel):
+    """Plain cross-entropy (supervised training of students or teachers)."""
+
+    name: Literal["ce"] = "ce"
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    """Label smoothing of the hard-label CE (timm/torch convention: eps spread over all classes)."""
+
+
+class _DistillBase(StrictModel):
+    """Fields every distillation loss shares."""
+
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    """Label smoothing of the CE part."""
+    tail: LossTail = "spread"
+    """Classes outside the cached top-k: ``spread`` (exact tail mass at T=1, spread evenly),
+    ``renorm`` (drop the tail, renormalise the top-k) or ``sample`` (teachers stored with encoding
+    ``sampled``: the tail estimated from its draws, unbiased at T=1 and at the teacher's
+    ``sample_temperatures``). Irrelevant when k equals the class count."""
+    stop_epoch: int | None = Field(None, ge=0)
+    """Early-stopped KD (paper 002): from this (0-based, run-global) epoch on, the loss is plain
+    CE."""
+    topk: int | None = Field(None, ge=1)
+    """Use only the first ``topk`` of the teacher's top-k classes (None: all of them). The first j
+    of the stored top-k (sorted by logit) with the exact logsumexp and label logit are exactly what
+    a cache made with k = j holds (up to ties), so one k = 10 cache serves students at k = 1..10;
+    the tail mass grows accordingly and ``tail`` says how it is treated. Online targets are
+    truncated the same way. At most the cache's k (online: the class count)."""
+
+
+class KDLossConfig(_DistillBase):
+    """Hinton KD: ``(1-alpha)*CE + alpha*T^2*KL(p_t^T || p_s^T)``."""
+
+    name: Literal["kd"] = "kd"
+    alpha: float = Field(0.9, ge=0.0, le=1.0)
+    """Weight of the KD term; the CE term gets ``1 - alpha``."""
+    temperature: float = Field(4.0, gt=0.0)
+    """Softmax temperature of teacher and student in the KD term."""
+
+
+class DISTLossConfig(_DistillBase):
+    """DIST (paper 001): ``ce_weight*CE + kd_weight*(beta*T^2*inter + gamma*T^2*intra)``."""
+
+    name: Literal["dist"] = "dist"
+    beta: float = Field(1.0, ge=0.0)
+    """Weight of the inter-class relation (1 - mean Pearson over rows)."""
+    gamma: float = Field(1.0, ge=0.0)
+    """Weight of the intra-class relation (1 - mean Pearson over columns, i.e. over the batch)."""
+    temperature: float = Field(1.0, gt=0.0)
+    """Softmax temperature of both outputs."""
+    ce_weight: float = Field(1.0, ge=0.0)
+    """Weight of the CE term (reference 1)."""
+    kd_weight: float = Field(2.0, ge=0.0)
+    """Weight of the DIST term: 2 beside CE 1 in the official ImageNet and CIFAR-100 configs (i.e.
+    beta = gamma = 2 overall)."""
+
+
+class WSLLossConfig(_DistillBase):
+    """WSL (Zhou et al. 2021, cited by paper 000): ``ce_weight*CE + kd_weight*T^2*mean(w*KL)``."""
+
+    name: Literal["wsl"] = "wsl"
+    temperature: float = Field(2.0, gt=0.0)
+    """Temperature of the KD term (2 in WSL and EffDstl stage 1)."""
+    weight_temperature: float = Field(1.0, gt=0.0)
+    """Temperature of the two cross-entropies the sample weights compare: 1 in WSL's paper, 2 (the
+    KD temperature) in EffDstl's official code. The teacher's CE at T comes from the sparse
+    targets: exact at 1, elsewhere with the tail spread (see ``losses.teacher_label_ce``)."""
+    ce_weight: float = Field(1.0, ge=0.0)
+    """Weight of the (label-smoothed) CE term."""
+    kd_weight: float = Field(2.5, ge=0.0)
+    """Weight of the weighted KD term (WSL's ImageNet alpha = 2.5; EffDstl's official stage 1
+    uses 0.5)."""
+
+
+class EffDstlLossConfig(_DistillBase):
+    """EffDstl stage 2 (paper 000): KD against mined targets (consistent knowledge mining)."""
+
+    name: Literal["effdstl"] = "effdstl"
+    teacher_temperature: float = Field(0.7, gt=0.0)
+    """Temperature of the teacher's distribution (0.7 sharpens it)."""
+    student_temperature: float = Field(1.0, gt=0.0)
+    """Temperature of the student in the KD term."""
+    smooth_to: float = Field(0.99, gt=0.0, le=1.0)
+    """Mined rows get the label smoothed to this probability (rest spread over the other
+    classes)."""
+    ce_weight: float = Field(0.0, ge=0.0)
+    """Weight of a CE term beside the mined KD term: 0 as in the official code (after the switch
+    it sets ``ce_loss_alpha = 0``; the mined targets already hold the smoothed labels)."""
+    kd_weight: float = Field(1.0, ge=0.0)
+    """Weight of the KD term against the mined targets."""
+
+
+class CustomLossConfig(StrictModel):
+    """A loss registered with :func:`kdcache.register_loss`: its ``name`` and its settings (the
+    keyword arguments of its function), checked against the function's signature. The module
+    that registers it is listed under ``imports``."""
+
+    model_config = ConfigDict(extra="allow")
+    union_tag: ClassVar[str] = "custom"
+    """The tag of this member of :data:`LossConfig` (not a key)."""
+
+    name: str
+    """The registered name."""
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        try:
+            get_loss(name)
+        except KeyError:
+            raise ValueError(
+                f"unknown loss {name!r}; registered: {', '.join(registered_losses())} (a loss of "
+                "your own: register it with kdcache.register_loss in a module listed under "
+                "imports)"
+            ) from None
+        return name
+
+    @model_validator(mode="after")
+    def _settings(self) -> CustomLossConfig:
+        get_loss(self.name).check_settings(self.model_extra or {})
+        return self
+
+    @property
+    def needs_teacher(self) -> bool:
+        return get_loss(self.name).needs_teacher
+
+
+BUILTIN_LOSS_CONFIGS = {
+    "ce": CELossConfig,
+    "kd": KDLossConfig,
+    "dist": DISTLossConfig,
+    "wsl": WSLLossConfig,
+    "effdstl": EffDstlLossConfig,
+}
+
+
+def _loss_tag(value: Any) -> str:
+    """The member of :data:`LossConfig` a value is validated as: its built-in name, else
+    ``custom`` (a registered loss of one's own)."""
+    name = value.get("name", "ce") if isinstance(value, dict) else getattr(value, "name", None)
+    return name if name in BUILTIN_LOSS_CONFIGS else CustomLossConfig.union_tag
+
+
+LossConfig = Annotated[
+    Annotated[CELossConfig, Tag("ce")]
+    | Annotated[KDLossConfig, Tag("kd")]
+    | Annotated[DISTLossConfig, Tag("dist")]
+    | Annotated[WSLLossConfig, Tag("wsl")]
+    | Annotated[EffDstlLossConfig, Tag("effdstl")]
+    | Annotated[CustomLossConfig, Tag(CustomLossConfig.union_tag)],
+    Discriminator(_loss_tag),
+]
+DISTILL_LOSSES = ("kd", "dist", "wsl", "effdstl")
+"""The built-in losses that need a teacher."""
+
+
+def uses_teacher(loss: Any) -> bool:
+    """Whether a stage's loss needs teacher targets (built-in distillation losses, and registered
+    losses that said so)."""
+    if isinstance(loss, CustomLossConfig):
+        return loss.needs_teacher
+    return loss.name in DISTILL_LOSSES
+
+
+# ---- optimisation -----------------------------------------------------------------------------
+
+
+class OptimizerConfig(StrictModel):
+    """An optimizer; a stage that sets one starts a new optimizer (fresh state, new LR schedule)."""
+
+    name: Literal["sgd", "adamw", "rmsprop"] = "sgd"
+    """``sgd`` (momentum), ``adamw`` or ``rmsprop`` (torch's RMSprop with ``alpha``, ``eps`` and
+    ``momentum``; timm's ``rmsproptf``, used by DIST's B2, adds eps inside the square root)."""
+    lr: float = Field(0.1, gt=0.0)
+    """Peak learning rate (after warm-up), for the global batch as configured (no automatic
+    scaling)."""
+    weight_decay: float = Field(1e-4, ge=0.0)
+    """Weight decay (coupled L2 for SGD, decoupled for AdamW)."""
+    decay_norm_and_bias: bool = False
+    """Also decay 1-d parameters (norm weights, biases); timm's default excludes them."""
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    """SGD and RMSprop momentum."""
+    nesterov: bool = False
+    """SGD Nesterov momentum."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    eps: float = Field(1e-8, gt=0.0)
+    """AdamW and RMSprop epsilon."""
+    alpha: float = Field(0.9, gt=0.0, lt=1.0)
+    """RMSprop smoothing of the squared gradients (timm's and TensorFlow's 0.9)."""
+    grad_clip: float | None = Field(None, gt=0.0)
+    """Clip the global gradient norm to this value (None: no clipping)."""
+
+
+class SchedulerConfig(StrictModel):
+    """The LR schedule of one optimizer, spanning the epochs of the stages that share it (per
+    step)."""
+
+    name: Literal["cosine", "step", "constant"] = "cosine"
+    """``cosine`` decay to ``min_lr``; ``step``: times ``gamma`` at each milestone; ``constant``."""
+    warmup_epochs: float = Field(0.0, ge=0.0)
+    """Linear warm-up length in epochs (fractions allowed)."""
+    warmup_start: float = Field(0.0, ge=0.0, le=1.0)
+    """Warm-up starts at ``warmup_start * lr``."""
+    min_lr: float = Field(0.0, ge=0.0)
+    """cosine: the learning rate at the end of the schedule."""
+    milestones: list[int] = Field(default_factory=list)
+    """step: epochs (counted from the schedule's start) at which the LR is multiplied by
+    ``gamma``."""
+    every: float | None = Field(None, gt=0.0)
+    """step: multiply by ``gamma`` every this many epochs instead (timm's ``decay_epochs``,
+    e.g. 2.4 with gamma 0.97 in DIST's B2)."""
+    gamma: float = Field(0.1, gt=0.0)
+    """step: the factor at each milestone (or period)."""
+
+
+class StageConfig(StrictModel):
+    """A run is a list of stages, trained one after the other."""
+
+    name: str = ""
+    """A label for logs (default ``stage<i>``)."""
+    epochs: int = Field(ge=1)
+    """Epochs of this stage."""
+    loss: LossConfig = Field(default_factory=CELossConfig)
+    """The loss and its settings: ``name`` is ce, kd, dist, wsl, effdstl or a loss registered with
+    ``kdcache.register_loss`` (its module listed under ``imports``)."""
+    teacher: str | None = None
+    """The teacher (its name in the cache, or in ``teacher.models`` online); default
+    ``teacher.name``."""
+    teachers: dict[str, Annotated[float, Field(gt=0.0)]] | None = None
+    """Instead of ``teacher``: an ensemble of teachers as one target, ``{name: weight}`` (weights
+    normalised to sum to 1) or a list of names (equal weights); each a cached teacher (online: a
+    teacher run live). See ``combine``."""
+    combine: Literal["probs", "logits"] | None = None
+    """With ``teachers``: ``probs`` (default) mixes the teachers' probabilities at the loss's
+    temperature, each with the loss's ``tail``; ``logits`` averages their logits (the classes
+    outside a teacher's top-k at its spread tail's logit; needs ``tail: spread``)."""
+    optimizer: OptimizerConfig | None = None
+    """Start a new optimizer with these settings at this stage (default: keep the previous one;
+    the first stage uses the top-level ``optimizer``)."""
+    scheduler: SchedulerConfig | None = None
+    """The LR schedule of the new optimizer (only with ``optimizer``; default top-level
+    ``scheduler``)."""
+
+    @field_validator("teachers", mode="before")
+    @classmethod
+    def _names_list(cls, value: Any) -> Any:
+        """A list of names is an ensemble of equal weights."""
+        if not isinstance(value, list):
+            return value
+        repeated = sorted({n for n in value if isinstance(n, str) and value.count(n) > 1})
+        if repeated:
+            raise ValueError(f"teachers listed more than once: {repeated}")
+        if not all(isinstance(n, str) for n in value):
+            raise ValueError("expected teacher names")
+        return {name: 1.0 for name in value}
+
+
+# ---- sections ---------------------------------------------------------------------------------
+
+
+class RunConfig(StrictModel):
+    """Where outputs go and how the loop runs."""
+
+    dir: str = "runs/train"
+    """Run directory: ``config.yaml``, ``metrics.jsonl``, ``summary.json``, ``checkpoints/``."""
+    seed: int = Field(0, ge=0, lt=2**32)
+    """Seed of the student's init, the shard order, the shuffle buffer and the view schedule."""
+    device: str = "auto"
+    """``auto`` (CUDA if available), ``cpu`` or ``cuda``; under torchrun each rank takes its local
+    GPU."""
+    amp: Literal["auto", "bf16", "off"] = "auto"
+    """Autocast: ``auto`` is bf16 on CUDA and full precision on CPU."""
+    channels_last: bool = True
+    """channels_last memory format (CUDA only)."""
+    resume: Literal["never", "auto", "must"] = "never"
+    """``auto``: resume from ``dir/checkpoints/last.pt`` if it exists; ``must`` (``--resume``): it
+    has to; ``never``: a new run (refused if ``dir`` already holds one, unless ``overwrite``)."""
+    overwrite: bool = False
+    """With ``resume: never``: start over in a ``dir`` that already holds a run."""
+    max_steps: int | None = Field(None, ge=1)
+    """Stop (after saving a checkpoint) once this many optimizer steps are done in total (tests)."""
+    log_every: int = Field(50, ge=1)
+    """Steps between ``metrics.jsonl`` train lines."""
+    ckpt_every_steps: int | None = Field(None, ge=1)
+    """Also checkpoint every N steps (mid-epoch); checkpoints are always written at epoch ends."""
+    eval_every: int = Field(1, ge=1)
+    """Evaluate every N epochs (and always after the last)."""
+    save_model_epochs: list[int] = Field(default_factory=list)
+    """After these epoch counts, save the model's state dict as ``checkpoints/model_e<N>.pt``
+    (loadable by ``build_model`` via ``checkpoint:``): early-stopped teachers (paper 002)."""
+    progress: bool = True
+    """A tqdm progress bar with images/s (rank 0, when stderr is a terminal)."""
+    tensorboard: bool = False
+    """Also write the metrics as TensorBoard scalars (``train/loss``, ``eval/top1`` ...) in
+    ``dir/tensorboard``; needs the ``tensorboard`` package
+    (``pip install kdcache[tensorboard]``)."""
+    threads: int | None = Field(None, ge=1)
+    """torch intra-op threads of the training process (default: torch's choice)."""
+
+
+class DataConfig(StrictModel):
+    """The shards and how they are streamed."""
+
+    shards: str | list[str]
+    """Training shards: brace pattern, glob, fsspec URL or a list; the cache's shards, all of
+    them (or some of them, with ``cache.shard_subset``)."""
+    val_shards: str | list[str] | None = None
+    """Validation shards from anywhere (evaluated with a center view; no cache needed); None: no
+    evaluation."""
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    """fsspec storage options for ``shards``, ``val_shards`` and the manifest beside them
+    (credentials, endpoint ...), used by every rank and DataLoader worker; empty: fsspec's defaults
+    (for S3 the standard AWS environment). Saved with the config with their values redacted."""
+    num_classes: int | None = Field(None, ge=1)
+    """Class count; default the cache's. Needed without a cache."""
+    label_key: str = Field(DEFAULT_LABEL_KEY, min_length=1)
+    """The label's key in a sample's ``.json`` entry (with a cache, the same as its precompute's).
+    A sample's label comes from the first of its ``.cls``, ``.json`` and ``.txt`` entries (``.cls``
+    and ``.txt``: the integer as text)."""
+    batch_size: int = Field(128, ge=1)
+    """Samples per step per rank (the global batch is ``batch_size * world_size``)."""
+    eval_batch_size: int | None = Field(None, ge=1)
+    """Evaluation batch size per rank (default ``batch_size``)."""
+    num_workers: int = Field(2, ge=0)
+    """DataLoader worker processes per rank (0: load in the training process)."""
+    shuffle_buffer: int = Field(1000, ge=0)
+    """Seeded sample shuffle buffer per worker (0: shard order only)."""
+    shard_shuffle: bool = True
+    """Shuffle the shard order each epoch, from (seed, epoch)."""
+    verify_keys: bool = False
+    """Scan every training shard's keys and compare the key digest with the cache's fingerprint
+    (reads all tar headers); by default shard names and counts are compared, keys as they stream."""
+    pin_memory: bool = True
+    """Pin host memory of batches (CUDA only)."""
+    prefetch_factor: int = Field(2, ge=1)
+    """Batches prefetched per worker."""
+
+
+class CacheConfig(StrictModel):
+    """The teacher-logit cache."""
+
+    path: str | None = None
+    """The cache (local path or fsspec URL); needed for ``teacher.mode: cache``; gives the views
+    (stored parameters) in every mode when set."""
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    """fsspec storage options for ``path`` (saved with the config with their values redacted)."""
+    shard_subset: bool = False
+    """Train on a subset of the cache's shards (a quick sweep on 10 % of them): ``data.shards``
+    may name any of the cache's shards, in any order; each is still checked by name and sample
+    count (and by keys with ``data.verify_keys``), and shards the cache does not hold are refused.
+    False: ``data.shards`` must be the cache's shards, all of them."""
+
+
+class ViewsConfig(StrictModel):
+    """Views when no cache is given (online or supervised runs); ignored when ``cache.path`` is
+    set."""
+
+    recipe: ViewRecipe = Field(default_factory=ViewRecipe)
+    """How views are made (the validation center view uses its ``size`` and ``crop_pct``)."""
+    num_views: int | None = Field(None, ge=1)
+    """A views per sample cycled by the view schedule; None: a fresh view every epoch (view index =
+    epoch)."""
+    seed: int = 0
+    """Seed of the view parameters (as a cache's ``seed``)."""
+
+
+class StudentConfig(ModelSpec):
+    """The network trained (a ModelSpec: ``source``, ``name``, ``checkpoint``, ``kwargs`` ...)."""
+
+    render: RenderSpec = Field(default_factory=RenderSpec)
+    """How the student renders the views: size, interpolation, mean and std (default: the
+    recipe's; a ``pretrained: true`` timm student: its timm config). The teacher may see the same
+    views at another size, e.g. teacher 320 px bicubic, student 224 px bilinear."""
+    input_size: int | None = Field(None, ge=1)
+    """Shorthand for ``render.size``: the input side the student gets."""
+    unseen_augment: UnseenOps | None = None
+    """Augmentation applied to the student's views only (``policy``, ``color_jitter``,
+    ``erasing``), drawn afresh every epoch from ``(run.seed, key, epoch)``: the teacher never saw
+    it, so the cached targets describe another image; off unless set here (the log says so)."""
+
+    @model_validator(mode="after")
+    def _input_size(self) -> StudentConfig:
+        size = self.render.size
+        if self.input_size is not None and size is not None and size != self.input_size:
+            raise ValueError(f"input_size {self.input_size} and render.size {size} differ")
+        if self.input_size is not None and size is None:
+            self.render = self.render.model_copy(update={"size": self.input_size})
+        return self
+
+
+class TeacherConfig(StrictModel):
+    """Where soft targets come from."""
+
+    mode: Literal["cache", "online", "none"] = "cache"
+    """``cache``: cached targets, no teacher forward passes; ``online``: run the teacher on the same
+    replayed views (A/B, parity); ``none``: plain supervised (train teachers)."""
+    name: str | None = None
+    """Default teacher of stages that do not name one."""
+    models: dict[str, ModelSpec] = Field(default_factory=dict)
+    """online: teacher name -> ModelSpec; default the spec stored in the cache for that teacher."""
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    """online: autocast of the teacher's forward pass."""
+    render: dict[str, RenderSpec] = Field(default_factory=dict)
+    """online: teacher name -> how it renders the views; default the rendering the cache
+    recorded for that teacher, else its timm config (``pretrained: true``) or the recipe's."""
+
+
+class EmaConfig(StrictModel):
+    """Exponential moving average of the student's weights."""
+
+    enabled: bool = False
+    """Keep an EMA copy (evaluated beside the model, saved in checkpoints)."""
+    decay: float = Field(0.9998, gt=0.0, lt=1.0)
+    """Per-step decay."""
+
+
+class TrainConfig(StrictModel):
+    """``kdcache train``: one student run (or a teacher run with ``teacher.mode: none``)."""
+
+    version: int = CONFIG_VERSION
+    """Config schema version."""
+    imports: list[str] = Field(default_factory=list)
+    """Python modules imported before the rest of the config is checked, e.g. the module that
+    registers a loss of your own with ``kdcache.register_loss`` (``[my_project.losses]``). They
+    must be importable where kdcache runs: installed, on ``PYTHONPATH``, or (with
+    ``python -m kdcache``) in the working directory."""
+    run: RunConfig = Field(default_factory=RunConfig)
+    """Output directory, seed, device, resumption, logging."""
+    data: DataConfig
+    """Shards and streaming."""
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    """The teacher-logit cache."""
+    views: ViewsConfig = Field(default_factory=ViewsConfig)
+    """Views when there is no cache."""
+    student: StudentConfig
+    """The network to train."""
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    """Soft-target source."""
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    """The first stage's optimizer."""
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    """The default LR schedule of each optimizer."""
+    stages: list[StageConfig] = Field(min_length=1)
+    """The stages, in order."""
+    ema: EmaConfig = Field(default_factory=EmaConfig)
+    """EMA of weights."""
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, value: int) -> int:
+        if value != CONFIG_VERSION:
+            raise ValueError(
+                f"this kdcache reads train config version {CONFIG_VERSION}, found {value}"
+            )
+        return value
+
+    @field_validator("imports")
+    @classmethod
+    def _import(cls, names: list[str]) -> list[str]:
+        """Import each module now: fields are validated in order, so ``stages`` (below) sees the
+        losses they register."""
+        for name in names:
+            try:
+                importlib.import_module(name)
+            except Exception as exc:  # any failure of the user's module: one line naming it
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                raise ValueError(
+                    f"cannot import {name!r}: {type(exc).__name__}: {reason}"
+                ) from None
+        return names
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> TrainConfig:
+        """Rules between sections, whoever builds the config: each problem is one line that names
+        its dotted key (:func:`kdcache.core.config.validate` lists them one per line)."""
+        problems = cross_field_problems(self)
+        if problems:
+            raise PydanticCustomError(
+                "cross_field", "{problems}", {"problems": "\n  ".join(problems)}
+            )
+        return self
+
+    @property
+    def total_epochs(self) -> int:
+        return sum(stage.epochs for stage in self.stages)
+
+
+def stage_teacher(config: TrainConfig, index: int) -> str | None:
+    """The teacher name stage ``index`` uses (None for a CE stage); for an ensemble its label
+    (:attr:`~kdcache.models.ensemble.StageEnsemble.label`), which names no single teacher."""
+    stage = config.stages[index]
+    if not uses_teacher(stage.loss):
+        return None
+    ensemble = stage_ensemble(config, index)
+    if ensemble is not None:
+        return ensemble.label
+    return stage.teacher or config.teacher.name
+
+
+def stage_ensemble(config: TrainConfig, index: int) -> StageEnsemble | None:
+    """The ensemble stage ``index`` trains against (None: one teacher, or none)."""
+    stage = config.stages[index]
+    if not stage.teachers or not uses_teacher(stage.loss):
+        return None
+    return StageEnsemble.of(stage.teachers, stage.combine or "probs")
+
+
+def stage_members(config: TrainConfig, index: int) -> list[str]:
+    """The teachers whose targets stage ``index`` reads: its teacher, its ensemble's, or none."""
+    ensemble = stage_ensemble(config, index)
+    if ensemble is not None:
+        return list(ensemble.names)
+    teacher = stage_teacher(config, index)
+    return [teacher] if teacher else []
+
+
+def segment_starts(config: TrainConfig) -> list[int]:
+    """Indices of the stages that start an optimizer segment: the first, and each that sets
+    ``optimizer``."""
+    return [i for i, stage in enumerate(config.stages) if i == 0 or stage.optimizer is not None]
+
+
+def stage_starts(config: TrainConfig) -> list[int]:
+    """The run-global epoch each stage starts at (0-based)."""
+    starts = []
+    epoch = 0
+    for stage in config.stages:
+        starts.append(epoch)
+        epoch += stage.epochs
+    return starts
+
+
+def cross_field_problems(config: TrainConfig) -> list[str]:
+    """The cross-field rules :class:`TrainConfig` enforces: one line per problem, each naming its
+    dotted key (empty when the config is consistent)."""
+    return (
+        _mode_problems(config)
+        + _stage_problems(config)
+        + _segment_problems(config)
+        + _run_problems(config)
+    )
+
+
+def _mode_problems(config: TrainConfig) -> list[str]:
+    mode = config.teacher.mode
+    out = []
+    if mode == "cache" and not config.cache.path:
+        out.append("cache.path: teacher.mode 'cache' needs the cache's path")
+    if not config.cache.path and config.data.num_classes is None:
+        out.append("data.num_classes: required when no cache.path is given")
+    return out
+
+
+def _stage_problems(config: TrainConfig) -> list[str]:
+    out = []
+    for i, stage in enumerate(config.stages):
+        key = f"stages.{i}"
+        distill = uses_teacher(stage.loss)
+        if distill and config.teacher.mode == "none":
+            out.append(
+                f"{key}.loss.name: {stage.loss.name!r} needs a teacher "
+                "but teacher.mode is 'none' (use 'ce')"
+            )
+        if distill and not stage_teacher(config, i):
+            out.append(
+                f"{key}.teacher: {stage.loss.name!r} needs a teacher name (or set teacher.name)"
+            )
+        if stage.scheduler is not None and stage.optimizer is None and i > 0:
+            out.append(
+                f"{key}.scheduler: a schedule belongs to a new optimizer; set {key}.optimizer too"
+            )
+        if stage.scheduler is not None and _steps_undefined(stage.scheduler):
+            out.append(f"{key}.scheduler.milestones: a 'step' schedule needs milestones (or every)")
+        if not distill and stage.teacher is not None:
+            out.append(
+                f"{key}.teacher: a {stage.loss.name!r} stage uses no teacher "
+                f"(found {stage.teacher!r})"
+            )
+        out += _ensemble_problems(config, i)
+        out += _weight_temperature_problems(config, i)
+        out += _stop_epoch_problems(config, i)
+    if _steps_undefined(config.scheduler):
+        out.append("scheduler.milestones: a 'step' schedule needs milestones (or every)")
+    return out
+
+
+def _steps_undefined(scheduler: SchedulerConfig) -> bool:
+    return scheduler.name == "step" and not scheduler.milestones and scheduler.every is None
+
+
+def _ensemble_problems(config: TrainConfig, i: int) -> list[str]:
+    """``teachers`` replaces ``teacher`` on a distillation stage; ``combine`` goes with it."""
+    stage = config.stages[i]
+    key = f"stages.{i}"
+    if stage.teachers is None:
+        if stage.combine is not None:
+            return [f"{key}.combine: only for an ensemble ({key}.teachers)"]
+        return []
+    if not stage.teachers:
+        return [f"{key}.teachers: name at least one teacher"]
+    if not uses_teacher(stage.loss):
+        return [f"{key}.teachers: a {stage.loss.name!r} stage uses no teacher"]
+    if stage.teacher is not None:
+        return [f"{key}.teachers: set {key}.teacher or {key}.teachers, not both"]
+    tail = getattr(stage.loss, "tail", "spread")
+    if stage.combine == "logits" and tail != "spread":
+        return [
+            f"{key}.combine: 'logits' averages every teacher's logits, which needs "
+            f"{key}.loss.tail 'spread' (found {tail!r}: it leaves some classes without one)"
+        ]
+    return []
+
+
+def _weight_temperature_problems(config: TrainConfig, i: int) -> list[str]:
+    """WSL's weights at T != 1 need the top-k logits, which sampled estimates and ensembles do
+    not keep (they give the teacher's label cross-entropy at T=1 only)."""
+    stage = config.stages[i]
+    weight_t = getattr(stage.loss, "weight_temperature", 1.0)
+    estimated = stage.teachers is not None or getattr(stage.loss, "tail", None) == "sample"
+    if weight_t == 1.0 or not estimated:
+        return []
+    return [
+        f"stages.{i}.loss.weight_temperature: {weight_t:g} needs one top-k teacher; with "
+        f"an ensemble or tail 'sample' the teacher's weights are known at T=1 only (set 1)"
+    ]
+
+
+def _stop_epoch_problems(config: TrainConfig, i: int) -> list[str]:
+    """``stop_epoch`` must fall inside its stage: before it the term is never on, after it never
+    off."""
+    stop = getattr(config.stages[i].loss, "stop_epoch", None)
+    if stop is None:
+        return []
+    start = stage_starts(config)[i]
+    end = start + config.stages[i].epochs
+    if stop <= start:
+        return [
+            f"stages.{i}.loss.stop_epoch: {stop} is not after the stage's first epoch "
+            f"({start}, 0-based): "
+            "the distillation term would never be on (use loss 'ce')"
+        ]
+    if stop >= end:
+        return [
+            f"stages.{i}.loss.stop_epoch: {stop} is not before the stage's end "
+            f"(epoch {end}): the distillation "
+            "term would never stop (leave stop_epoch out)"
+        ]
+    return []
+
+
+def _segment_problems(config: TrainConfig) -> list[str]:
+    """Each optimizer segment's schedule must fit its optimizer and its length in epochs."""
+    out = []
+    firsts = segment_starts(config)
+    epochs = stage_starts(config) + [config.total_epochs]  # epochs[len(stages)]: the run's end
+    for i, after in zip(firsts, firsts[1:] + [len(config.stages)], strict=True):
+        stage = config.stages[i]
+        length = epochs[after] - epochs[i]
+        opt_key = f"stages.{i}.optimizer" if stage.optimizer is not None else "optimizer"
+        key = f"stages.{i}.scheduler" if stage.scheduler is not None else "scheduler"
+        optimizer = stage.optimizer or config.optimizer
+        scheduler = stage.scheduler or config.scheduler
+        if scheduler.name == "cosine" and scheduler.min_lr > optimizer.lr:
+            out.append(f"{key}.min_lr: {scheduler.min_lr:g} is above {opt_key}.lr {optimizer.lr:g}")
+        if scheduler.warmup_epochs > length:
+            out.append(
+                f"{key}.warmup_epochs: {scheduler.warmup_epochs:g} is longer than "
+                f"the {length} epoch(s) "
+                f"of its optimizer (stages {i}..)"
+            )
+        late = [m for m in scheduler.milestones if m >= length] if scheduler.name == "step" else []
+        if late:
+            out.append(
+                f"{key}.milestones: {late} are not before the end of its {length} epoch(s) "
+                "(never applied)"
+            )
+    return out
+
+
+def _run_problems(config: TrainConfig) -> list[str]:
+    total = config.total_epochs
+    outside = [e for e in config.run.save_model_epochs if not 1 <= e <= total]
+    if outside:
+        return [
+            f"run.save_model_epochs: {outside} are not epoch counts of this run (1..{total}); "
+            "no checkpoint "
+            "would be written for them"
+        ]
+    return []
+
+
+def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    """Read, override and validate a train config (cross-field rules included): one ConfigError
+    listing every problem, one line each."""
+    return load_config(TrainConfig, path, overrides)
+
+
+def config_differences(
+    saved: dict[str, Any], current: dict[str, Any], ignore: tuple[str, ...] = RESUME_MUTABLE
+) -> list[str]:
+    """Dotted keys whose values differ between two dumped configs (``ignore`` and the keys under
+    them left out)."""
+    flat_a = _flatten(saved)
+    flat_b = _flatten(current)
+    keys = sorted(set(flat_a) | set(flat_b))
+    return [
+        f"{k}: checkpoint {flat_a.get(k, '<absent>')!r} vs now {flat_b.get(k, '<absent>')!r}"
+        for k in keys
+        if not _ignored(k, ignore) and flat_a.get(k, "<absent>") != flat_b.get(k, "<absent>")
+    ]
+
+
+def _ignored(key: str, ignore: tuple[str, ...]) -> bool:
+    return any(key == i or key.startswith(i + ".") for i in ignore)
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out if out or not prefix else {prefix[:-1]: {}}
+    if isinstance(data, list) and any(isinstance(v, dict) for v in data):
+        out = {}
+        for i, value in enumerate(data):
+            out.update(_flatten(value, f"{prefix}{i}."))
+        return out
+    return {prefix[:-1]: data}
+
+
+def resolved(config: TrainConfig) -> dict[str, Any]:
+    """The resolved config as plain data (saved as ``run_dir/config.yaml`` and in checkpoints)."""
+    return dump_config(config)

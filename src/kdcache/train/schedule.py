@@ -1,0 +1,165 @@
+"""Stages, optimizers and learning-rate schedules.
+
+A run is a list of stages (epochs, loss, teacher). A stage that sets ``optimizer`` starts a new
+*segment*: a fresh optimizer and its own LR schedule spanning the epochs of that stage and of the
+following stages that keep it (EffDstl: stage 2 restarts SGD at 0.05 with cosine decay to 5e-4;
+early-stopped KD as two stages keeps one schedule). The LR is a pure function of the progress in
+epochs within the segment, set before every step, so a resumed run needs only the step counters.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kdcache.models.ensemble import StageEnsemble
+from kdcache.train.config import (
+    OptimizerConfig,
+    SchedulerConfig,
+    StageConfig,
+    TrainConfig,
+    segment_starts,
+    stage_ensemble,
+    stage_starts,
+    stage_teacher,
+)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One optimizer and its schedule over epochs ``[start, end)``."""
+
+    index: int
+    start: int
+    end: int
+    optimizer: OptimizerConfig
+    scheduler: SchedulerConfig
+
+    @property
+    def epochs(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """A stage placed on the run's epoch axis ``[start, end)``."""
+
+    index: int
+    name: str
+    start: int
+    end: int
+    segment: int
+    config: StageConfig
+    teacher: str | None
+    """The teacher's name, or an ensemble's label (None: a CE stage)."""
+    ensemble: StageEnsemble | None = None
+    """The stage's ensemble of teachers (None: one teacher, or none)."""
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        """The teachers whose targets the stage reads."""
+        if self.ensemble is not None:
+            return self.ensemble.names
+        return (self.teacher,) if self.teacher else ()
+
+
+def plan_stages(config: TrainConfig) -> tuple[list[StagePlan], list[Segment]]:
+    """Stages with their epoch ranges, and the optimizer segments they belong to."""
+    stages: list[StagePlan] = []
+    bounds: list[tuple[int, OptimizerConfig, SchedulerConfig]] = []
+    firsts = set(segment_starts(config))
+    for i, (stage, epoch) in enumerate(zip(config.stages, stage_starts(config), strict=True)):
+        if i in firsts:
+            bounds.append(
+                (epoch, stage.optimizer or config.optimizer, stage.scheduler or config.scheduler)
+            )
+        name = stage.name or f"stage{i}"
+        stages.append(
+            StagePlan(
+                i,
+                name,
+                epoch,
+                epoch + stage.epochs,
+                len(bounds) - 1,
+                stage,
+                stage_teacher(config, i),
+                stage_ensemble(config, i),
+            )
+        )
+    ends = [start for start, _, _ in bounds[1:]] + [config.total_epochs]
+    segments = [
+        Segment(j, start, end, opt, sched)
+        for j, ((start, opt, sched), end) in enumerate(zip(bounds, ends, strict=True))
+    ]
+    return stages, segments
+
+
+def stage_at(stages: list[StagePlan], epoch: int) -> StagePlan:
+    """The stage that trains ``epoch`` (0-based)."""
+    for stage in stages:
+        if stage.start <= epoch < stage.end:
+            return stage
+    raise IndexError(f"epoch {epoch} is past the last stage (ends at {stages[-1].end})")
+
+
+def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool) -> list[dict]:
+    """Two groups: decayed weights and (unless ``decay_norm_and_bias``) undecayed 1-d parameters."""
+    decay = []
+    no_decay = []
+    for _, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim <= 1 and not decay_norm_and_bias else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    """SGD (momentum, optional Nesterov), AdamW or RMSprop over :func:`param_groups`."""
+    groups = param_groups(model, cfg.weight_decay, cfg.decay_norm_and_bias)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(
+            groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0
+        )
+    if cfg.name == "rmsprop":
+        return torch.optim.RMSprop(
+            groups, lr=cfg.lr, alpha=cfg.alpha, eps=cfg.eps, momentum=cfg.momentum
+        )
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+
+
+def lr_factor(sched: SchedulerConfig, progress: float, total: float) -> float:
+    """The LR multiplier (of the peak LR) at ``progress`` epochs into a ``total``-epoch schedule,
+    ignoring ``min_lr`` (see :func:`lr_at`)."""
+    if sched.warmup_epochs > 0 and progress < sched.warmup_epochs:
+        return sched.warmup_start + (1.0 - sched.warmup_start) * progress / sched.warmup_epochs
+    if sched.name == "constant":
+        return 1.0
+    if sched.name == "step" and sched.every is not None:
+        return sched.gamma ** math.floor(progress / sched.every)
+    if sched.name == "step":
+        return sched.gamma ** sum(1 for m in sched.milestones if progress >= m)
+    span = max(total - sched.warmup_epochs, 1e-12)
+    t = min(max((progress - sched.warmup_epochs) / span, 0.0), 1.0)
+    return 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def lr_at(segment: Segment, progress: float) -> float:
+    """The learning rate ``progress`` epochs into the segment (cosine decays to ``min_lr``)."""
+    peak = segment.optimizer.lr
+    sched = segment.scheduler
+    factor = lr_factor(sched, progress, segment.epochs)
+    in_warmup = sched.warmup_epochs > 0 and progress < sched.warmup_epochs
+    if sched.name == "cosine" and not in_warmup:
+        return sched.min_lr + (peak - sched.min_lr) * factor
+    return peak * factor
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
