@@ -27,6 +27,7 @@ from kdcache.shards.writing import (
     make_idx_shards,
     make_synthetic_shards,
     parse_size,
+    read_file_map,
     read_idx,
     shard_url,
     synthetic_samples,
@@ -185,6 +186,7 @@ def test_refuses_to_overwrite_then_overwrites_and_removes_stale_shards(tmp_path:
     )
     assert manifests["train"].counts == [10, 5]
     assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "_info.json",
         "train-000000.tar",
         "train-000001.tar",
         "train-manifest.json",
@@ -357,9 +359,12 @@ def test_folder_flat_layout_keeps_bytes(tmp_path: Path) -> None:
     members = {}
     for name in manifest.shards:
         members.update(tar_members(tmp_path / "out" / name))
-    for index, (path, label) in enumerate(splits["train"]):
-        assert members[f"train_{index:08d}.jpg"] == path.read_bytes()  # stored as is
-        assert members[f"train_{index:08d}.cls"] == str(label).encode()
+    keys = ["cat-sub-y", "cat-x", "dog-a", "dog-b", "emu-z"]  # the paths, readable
+    for key, (path, label) in zip(keys, splits["train"], strict=True):
+        assert members[f"{key}.jpg"] == path.read_bytes()  # stored as is
+        assert members[f"{key}.cls"] == str(label).encode()
+    files = read_file_map(tmp_path / "out" / manifest.source["files"])
+    assert {files[k] for k in keys} == {p.relative_to(root).as_posix() for p, _ in splits["train"]}
 
 
 def test_folder_split_layout_and_mixed_formats(tmp_path: Path) -> None:
@@ -380,9 +385,7 @@ def test_folder_split_layout_and_mixed_formats(tmp_path: Path) -> None:
     assert (manifests["train"].image_format, manifests["train"].channels) == ("png", 1)
     assert manifests["val"].image_size is None  # sizes differ
     train = read_back(tmp_path / "out", "train")
-    assert [(s["__key__"], s["cls"]) for s in train] == [
-        (f"train_{i:08d}", c) for i, c in enumerate([0, 1, 1])
-    ]
+    assert [(s["__key__"], s["cls"]) for s in train] == [("ant-1", 0), ("bee-2", 1), ("bee-3", 1)]
     assert all(s["png"].mode == "L" for s in train)  # the JPEG was re-encoded to PNG
     assert [s["cls"] for s in read_back(tmp_path / "out", "val")] == [1, 2]
 

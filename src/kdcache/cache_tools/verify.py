@@ -25,6 +25,7 @@ import torch
 
 from kdcache.cache.reader import TeacherBlock, read_array, read_block
 from kdcache.cache.store import STATUS_VALID, CacheStore, TeacherMeta
+from kdcache.cache_tools.portable import shipped_checkpoint
 from kdcache.core.errors import CacheMismatchError, ConfigError
 from kdcache.core.results import TeacherVerify, VerifyResult
 from kdcache.models.build import ModelSpec, build_teacher, weights_digest
@@ -144,6 +145,7 @@ def render_picked(store: CacheStore, picked: list[Replayed], rendering: Renderin
 def load_teacher(store: CacheStore, teacher: str, checkpoint: str | None) -> torch.nn.Module:
     meta = store.teacher_meta(teacher)
     spec = ModelSpec.model_validate(meta.model)
+    checkpoint = checkpoint or shipped_checkpoint(store.path, spec.checkpoint, meta.weights_digest)
     if checkpoint:
         spec = spec.model_copy(update={"checkpoint": checkpoint})
     model = build_teacher(spec, store.meta.num_classes, store.meta.recipe.channels)
@@ -386,4 +388,19 @@ def teacher_models(
             f"{len(meta.ensemble.members)} (verify it without --checkpoint)"
         )
     channels = store.meta.recipe.channels
-    return build_members(teacher, meta, store.meta.num_classes, channels)
+    return build_members(teacher, shipped_members(store, meta), store.meta.num_classes, channels)
+
+
+def shipped_members(store: CacheStore, meta: TeacherMeta) -> TeacherMeta:
+    """A stored ensemble's metadata with each member's checkpoint found as
+    :func:`~kdcache.cache_tools.portable.shipped_checkpoint` finds one."""
+    assert meta.ensemble is not None
+    members = []
+    for member in meta.ensemble.members:
+        found = shipped_checkpoint(
+            store.path, member.model.get("checkpoint"), member.weights_digest
+        )
+        model = member.model | ({"checkpoint": found} if found else {})
+        members.append(member.model_copy(update={"model": model}))
+    ensemble = meta.ensemble.model_copy(update={"members": members})
+    return meta.model_copy(update={"ensemble": ensemble})

@@ -13,7 +13,19 @@ import sys
 from types import ModuleType
 
 from kdcache import __version__
-from kdcache.cli import bench, demo, inspect, precompute, shards, train, validate, verify
+from kdcache.cli import (
+    bench,
+    card,
+    demo,
+    inspect,
+    pack,
+    precompute,
+    shards,
+    train,
+    unpack,
+    validate,
+    verify,
+)
 from kdcache.core.errors import KdcacheError, user_message
 
 COMMANDS: dict[str, tuple[ModuleType, str]] = {
@@ -22,6 +34,9 @@ COMMANDS: dict[str, tuple[ModuleType, str]] = {
     "validate": (validate, "check a cache's integrity"),
     "verify": (verify, "recompute stored views with the teacher and compare"),
     "inspect": (inspect, "teacher statistics of a cache: tables, JSON, plots"),
+    "card": (card, "a cache's card: data, recipe, teachers and their accuracy, how to use it"),
+    "pack": (pack, "a cache (and its teachers' weights) as one archive with SHA-256 sums"),
+    "unpack": (unpack, "extract a `kdcache pack` archive, verifying every file and the cache"),
     "train": (train, "train a student from the cache (or online, or plain CE)"),
     "demo": (demo, "the whole flow on Fashion-MNIST, end to end"),
     "bench": (

@@ -103,6 +103,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "few classes each; shuffle buffers mix poorly)",
     )
 
+    listed = sources.add_parser(
+        "list",
+        parents=[common],
+        help="a file list with labels: CSV/TSV or 'path label' lines (e.g. a flat val folder)",
+    )
+    listed.add_argument("list_file", type=Path, metavar="LIST", help="the file list")
+    listed.add_argument(
+        "--root", type=Path, help="folder the listed paths are relative to (default: LIST's)"
+    )
+    listed.add_argument(
+        "--class-names",
+        help="class names in index order: comma-separated, or a manifest whose names to use "
+        "(e.g. the train split's, so val labels get the same indices)",
+    )
+    listed.add_argument("--split", default="train", help="split name (default train)")
+    listed.add_argument(
+        "--seed", type=int, default=0, help="seed of the order samples are written in (default 0)"
+    )
+
+    parquet = sources.add_parser(
+        "parquet", parents=[common], help="Parquet files (a Hugging Face dataset's data/*.parquet)"
+    )
+    parquet.add_argument("files", nargs="+", type=Path, metavar="FILE", help="Parquet files")
+    parquet.add_argument("--split", default="train", help="split name (default train)")
+    parquet.add_argument(
+        "--image-column", default="image", help="encoded images or {bytes, path} (default image)"
+    )
+    parquet.add_argument("--label-column", default="label", help="class indices (default label)")
+    parquet.add_argument(
+        "--classes", type=_positive, help="number of classes (default: from the metadata)"
+    )
+
 
 def run(args: argparse.Namespace) -> int:
     from kdcache.core.outputs import check_output_dir
@@ -144,9 +176,43 @@ def _make(args: argparse.Namespace, options) -> dict[str, Manifest]:
         return ms.make_idx_shards(args.out, args.inputs, options, class_names=args.class_names)
     if args.source == "fashion-mnist":
         return ms.make_fashion_mnist_shards(args.out, args.dir, options)
-    return ms.make_folder_shards(
-        args.out, args.root, options, seed=None if args.sorted else args.seed
+    if args.source == "folder":
+        return ms.make_folder_shards(
+            args.out, args.root, options, seed=None if args.sorted else args.seed
+        )
+    from kdcache.shards import sources
+
+    if args.source == "list":
+        names = _class_names(args.class_names)
+        return sources.make_list_shards(
+            args.out,
+            args.list_file,
+            options,
+            root=args.root,
+            class_names=names,
+            split=args.split,
+            seed=args.seed,
+        )
+    return sources.make_parquet_shards(
+        args.out,
+        args.files,
+        options,
+        split=args.split,
+        image_column=args.image_column,
+        label_column=args.label_column,
+        num_classes=args.classes,
     )
+
+
+def _class_names(text: str | None) -> list[str] | None:
+    """Comma-separated names, or the class names of a manifest file."""
+    if text is None:
+        return None
+    if text.endswith(".json"):
+        from kdcache.shards.manifest import load_manifest
+
+        return load_manifest(text).class_names
+    return [name.strip() for name in text.split(",") if name.strip()]
 
 
 def summary(out_dir: Path, manifests: dict[str, Manifest]) -> str:

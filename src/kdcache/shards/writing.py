@@ -14,6 +14,7 @@ from __future__ import annotations
 import gzip
 import io
 import itertools
+import json
 import logging
 import os
 import re
@@ -23,7 +24,7 @@ import time
 import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -63,6 +64,10 @@ IDX_NAME = re.compile(r"^(train|t10k)-(images|labels)[-.]idx([13])-ubyte(\.gz)?$
 IDX_SPLITS = {"train": "train", "t10k": "test"}
 FOLDER_EXTENSIONS = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg"}
 FOLDER_SPLITS = ("train", "val", "test")
+FILE_MAP_SUFFIX = "-files.tsv"
+TIMM_INFO = "_info.json"
+"""timm's WebDataset reader (``create_dataset("wds/NAME", root=DIR, split=...)``) reads the
+splits' shard names and sample counts from this file beside the shards."""
 _TAR_MTIME = 0  # fixed entry time: the same data gives byte-identical shards
 _PROGRESS_MIN = 5000  # show a progress bar from this many samples on (and only on a tty)
 
@@ -135,6 +140,8 @@ class _SplitStats:
     sizes: set[tuple[int, int]] = field(default_factory=set)
     channels: set[int | None] = field(default_factory=set)
     reencoded: int = 0
+    files: list[tuple[str, str, int]] = field(default_factory=list)
+    """(key, the file or record it came from, label) of samples that name their origin."""
 
 
 def _check_positive(name: str, value: int) -> None:
@@ -268,6 +275,7 @@ def write_split(
     out_dir.mkdir(parents=True, exist_ok=True)
     check_writable(out_dir, prefix, overwrite)
     manifest_path(out_dir, prefix).unlink(missing_ok=True)  # the manifest comes back last
+    file_map_path(out_dir, prefix).unlink(missing_ok=True)
     start = time.perf_counter()
     stats = _SplitStats()
     written = _write_shards(
@@ -276,10 +284,14 @@ def write_split(
     if not written:
         raise DataError(f"split {split or prefix!r}: no samples to write to {out_dir}")
     _remove_stale_shards(out_dir, prefix, keep={w.name for w in written})
+    source = {**(source or {})}
+    if stats.files:
+        source["files"] = write_file_map(out_dir, prefix, stats.files).name
     manifest = _manifest(
         split or prefix, written, num_classes, class_names, image_format, stats, source
     )
     save_manifest(manifest, out_dir, prefix)
+    update_timm_info(out_dir, manifest)
     logger.info(
         "%s: %d samples in %d shard(s) %s in %.1f s%s",
         manifest.split,
@@ -337,8 +349,48 @@ def _checked(
             f"shard {shard}: key {key!r}: label {sample.label} is not in 0..{num_classes - 1}"
         )
     stats.keys.add(key)
+    if sample.origin is not None:
+        stats.files.append((key, sample.origin, int(sample.label)))
     data = _encode_sample(sample, image_format, quality, stats)
     return {"__key__": key, image_format: data, "cls": str(int(sample.label)).encode("ascii")}
+
+
+def update_timm_info(out_dir: Path, manifest: Manifest) -> None:
+    """Record a split in ``_info.json`` (timm's format: name, sample count, shard names and
+    lengths per split), keeping the other splits already recorded there."""
+    path = out_dir / TIMM_INFO
+    try:
+        info = json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError):
+        info = {}  # not ours or damaged: rewritten whole
+    info.setdefault("name", out_dir.resolve().name)
+    info.setdefault("splits", {})[manifest.split] = {
+        "name": manifest.split,
+        "num_samples": manifest.num_samples,
+        "filenames": list(manifest.shards),
+        "shard_lengths": list(manifest.counts),
+    }
+    path.write_text(json.dumps(info, indent=1) + "\n")
+
+
+def file_map_path(out_dir: str | Path, prefix: str) -> Path:
+    """``<out>/<prefix>-files.tsv``: which file (or record) each key of a split came from."""
+    return Path(out_dir) / f"{prefix}{FILE_MAP_SUFFIX}"
+
+
+def write_file_map(out_dir: Path, prefix: str, files: list[tuple[str, str, int]]) -> Path:
+    """The key -> origin map of a split, one ``key<TAB>origin<TAB>label`` line per sample in
+    shard order, so a suspicious target can be traced back to its image."""
+    path = file_map_path(out_dir, prefix)
+    lines = ["key\tfile\tlabel", *(f"{key}\t{origin}\t{label}" for key, origin, label in files)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def read_file_map(path: str | Path) -> dict[str, str]:
+    """key -> origin, from a ``<prefix>-files.tsv`` map."""
+    rows = Path(path).read_text().splitlines()[1:]
+    return dict(tuple(row.split("\t")[:2]) for row in rows if row)  # type: ignore[misc]
 
 
 @dataclass(frozen=True)
@@ -811,20 +863,39 @@ def _folder_layout(root: Path) -> dict[str, Path]:
 
 
 def file_samples(
-    split: str, files: Sequence[tuple[Path, int]], seed: int | None = 0
+    split: str,
+    files: Sequence[tuple[Path, int]],
+    seed: int | None = 0,
+    base: Path | None = None,
 ) -> Iterator[Sample]:
-    """Samples of image files, keyed ``<split>_NNNNNNNN`` by sorted position and yielded in a
-    seeded random order (sorted order when ``seed`` is None), so shards mix classes."""
+    """Samples of image files yielded in a seeded random order (sorted order when ``seed`` is
+    None), so shards mix classes. Keys come from each file's path relative to ``base``
+    (:func:`path_keys`); without ``base``, ``<split>_NNNNNNNN`` by sorted position. Each
+    sample's origin is that relative path (the split's key -> file map)."""
     order = range(len(files))
     if seed is not None:
         order = np.random.default_rng([seed, zlib.crc32(split.encode())]).permutation(len(files))
+    relative = [p.relative_to(base).as_posix() if base else str(p) for p, _ in files]
+    keys = path_keys(relative) if base else [f"{split}_{i:08d}" for i in range(len(files))]
     for index in order:
         path, label = files[index]
         data = _read_bytes(path)
         ext = sniff_format(data)
         if ext is None:
             raise DataError(f"{path}: not a PNG or JPEG file (magic bytes {data[:4].hex()})")
-        yield Sample(key=f"{split}_{index:08d}", label=label, data=data, ext=ext, origin=str(path))
+        yield Sample(keys[index], label, data=data, ext=ext, origin=relative[index])
+
+
+def path_keys(paths: Sequence[str]) -> list[str]:
+    """WebDataset keys that keep file paths readable: ``cat/sub/x.1.jpg`` -> ``cat-sub-x_1``
+    (extension dropped, ``/`` -> ``-``, any other character outside ``[A-Za-z0-9_-]`` -> ``_``:
+    keys hold no '.' or '/'). A key two paths share gets the path's position appended."""
+    stems = [PurePosixPath(p).with_suffix("").as_posix() for p in paths]
+    keys = [re.sub(r"[^A-Za-z0-9_-]", "_", s.replace("/", "-")) for s in stems]
+    counts: dict[str, int] = {}
+    for key in keys:
+        counts[key] = counts.get(key, 0) + 1
+    return [f"{k}-{i}" if counts[k] > 1 else k for i, k in enumerate(keys)]
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -857,8 +928,10 @@ def make_folder_shards(
             "%s mixes PNG and JPEG files: those not %s are re-encoded", root, image_format
         )
     options = replace(options, image_format=image_format)
+    layout = _folder_layout(Path(root))
     splits = {
-        split: (file_samples(split, pairs, seed), len(pairs)) for split, pairs in files.items()
+        split: (file_samples(split, pairs, seed, base=layout[split]), len(pairs))
+        for split, pairs in files.items()
     }
     source = {
         "kind": "folder",
