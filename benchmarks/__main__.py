@@ -20,6 +20,7 @@ from benchmarks import (
     cache_bench,
     gpu_bench,
     inspect_bench,
+    papers_bench,
     parity_bench,
     precompute_bench,
     train_bench,
@@ -45,6 +46,10 @@ BENCHES: dict[str, tuple[ModuleType, str]] = {
     "parity": (
         parity_bench,
         "Fashion-MNIST accuracy: online KD vs cached KD at k = C and smaller k",
+    ),
+    "papers": (
+        papers_bench,
+        "each source paper's headline claim in miniature on Fashion-MNIST, 3 seeds, a CNN student",
     ),
     "gpu": (
         gpu_bench,

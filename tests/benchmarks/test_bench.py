@@ -327,3 +327,19 @@ def test_background_stops_its_thread_when_the_consumer_stops_early():
     assert next(items) == 0
     items.close()
     assert threading.active_count() == before
+
+
+@pytest.mark.skipif(
+    not __import__("os").path.exists(FMNIST), reason="needs the dataset-fashion-mnist package"
+)
+def test_papers_bench_writes_a_measured_row_per_claim(tmp_path, capsys):
+    result = bench("papers", tmp_path)
+    claims = result["claims"]
+    assert {c["paper"] for c in claims} >= {"000", "001", "002"}
+    for c in claims:
+        assert set(c) >= {"paper", "claim", "a", "b", "agrees"}
+        for side in (c["a"], c["b"]):
+            assert set(side) >= {"name", "mean", "std"}
+            assert 0 <= side["mean"] <= 100
+        assert c["agrees"] == (c["a"]["mean"] > c["b"]["mean"])
+    assert "agrees" in capsys.readouterr().out

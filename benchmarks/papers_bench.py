@@ -1,0 +1,434 @@
+"""``kdcache bench papers``: each source paper's headline claim, in miniature, measured by kdcache.
+
+On Fashion-MNIST (C = 10) with a small CNN student (``kd_cnn_tiny``: a regime where KD beats
+CE), every claim compares two students (``a`` and ``b``) trained on the same shards, views and
+seeds; each side is the mean and sample std of the students' test top-1 over ``--seeds``.
+
+Set-up, shared by the claims and reused on reruns (every run is a ``kdcache train`` config under
+``--out`` with ``run.resume: auto``; caches resume shard by shard):
+
+- teachers trained with plain CE: ``small`` (``kd_cnn_small``, its early-stopped checkpoint
+  ``small_early`` kept at ``--early-epoch``) and ``big`` (the same net twice as wide: the
+  stronger teacher);
+- one cache of all of them over A plain views (``FMNIST_RECIPE``), and one cache of ``small``
+  and ``big`` over A strong views (RandAugment, erasing, Mixup/CutMix: a B3-like recipe).
+
+The claims (paper: claim, a vs b):
+
+- 000 EffDstl: two stages (WSL from the weak early-stopped teacher, then consistent knowledge
+  mining from the strong teacher) vs KD from the strong teacher all the way;
+- 001 DIST: DIST vs KD from the stronger teacher, under the plain recipe (B1) and under the
+  strong one (B3-like); the weaker teacher's pair is reported beside them;
+- 002 Efficacy: KD from the early-stopped teacher vs from the final one; early-stopped KD
+  (``stop_epoch`` at half the epochs, then CE) vs KD all the way.
+
+``agrees`` is ``a.mean > b.mean``; ``margin`` is ``(a - b) / sqrt(std_a² + std_b²)`` so a reader
+sees where an agreement is within the seeds' noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import (
+    FMNIST_RECIPE,
+    FMNIST_STRONG_RECIPE,
+    BenchError,
+    fmnist_available,
+    machine,
+    make_shards,
+    mean_std,
+    precompute_inprocess,
+    table,
+    write_yaml,
+)
+from kdcache.train.config import load_train_config
+from kdcache.train.trainer import train
+
+SMALL = "small"
+SMALL_EARLY = "small_early"
+BIG = "big"
+BIG_WIDTH = 32
+"""``big`` is ``kd_cnn_small`` at twice its width (16 -> 32 channels in the first stage)."""
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What the students share: shards, the teachers' checkpoints and test top-1, the caches."""
+
+    train: str
+    test: str
+    teachers: dict[str, dict[str, Any]]
+    cache: str
+    strong_cache: str
+
+
+@dataclass(frozen=True)
+class Student:
+    """One student variant: its loss stages, the cache it reads and any data settings."""
+
+    name: str
+    stages: list[dict[str, Any]]
+    strong: bool = False
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One row: the paper, its claim in words, and the two variants it compares."""
+
+    paper: str
+    claim: str
+    a: str
+    b: str
+    metric: Callable[[dict[str, Any]], float] = lambda summary: summary["top1"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--out", type=Path, default=Path("runs/bench/papers"), help="shards, teachers, runs"
+    )
+    parser.add_argument(
+        "--limit", type=int, default=5000, help="train and test samples each (default 5000)"
+    )
+    parser.add_argument(
+        "--shard-size", type=int, default=1000, help="samples per shard (default 1000)"
+    )
+    parser.add_argument("--views", type=int, default=4, help="A, views per sample (default 4)")
+    parser.add_argument(
+        "--teacher-epochs", type=int, default=10, help="teacher CE epochs (default 10)"
+    )
+    parser.add_argument(
+        "--early-epoch", type=int, default=2, help="the early-stopped checkpoint (default 2)"
+    )
+    parser.add_argument(
+        "--student", default="kd_cnn_tiny", help="timm student (default kd_cnn_tiny)"
+    )
+    parser.add_argument("--epochs", type=int, default=5, help="student epochs (default 5)")
+    parser.add_argument("--seeds", default="0,1,2", help="student seeds (default 0,1,2)")
+    parser.add_argument("--temperature", type=float, default=4.0, help="KD/DIST T (default 4)")
+    parser.add_argument("--alpha", type=float, default=0.5, help="KD alpha (default 0.5)")
+    parser.add_argument("--batch-size", type=int, default=128, help="batch size (default 128)")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers (default 2)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny sizes (tests): 400 samples, 1 epoch, 1 seed"
+    )
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Set-up, then every student of every claim x seed; the claims as rows."""
+    if args.quick:
+        _quick(args)
+    if not fmnist_available():
+        raise BenchError(
+            "kdcache bench papers needs Fashion-MNIST: apt-get install dataset-fashion-mnist"
+        )
+    setup = set_up(args)
+    students = {s.name: s for s in student_variants(args)}
+    claims = claim_rows()
+    summaries = {
+        name: [train_student(args, setup, students[name], seed) for seed in _ints(args.seeds)]
+        for name in sorted({n for c in claims for n in (c.a, c.b)} | {"ce"})
+    }
+    return {
+        "machine": machine(),
+        "teachers": {name: t["top1"] for name, t in setup.teachers.items()},
+        "students": {name: mean_std(s["top1"] for s in ss) for name, ss in summaries.items()},
+        "claims": [measure(claim, summaries) for claim in claims],
+    }
+
+
+def _quick(args: argparse.Namespace) -> None:
+    args.limit = 400
+    args.shard_size = 200
+    args.views = 2
+    args.teacher_epochs = 2
+    args.early_epoch = 1
+    args.epochs = 2
+    args.seeds = "0"
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+# ---- the set-up: shards, teachers, caches --------------------------------------------------------
+
+
+def set_up(args: argparse.Namespace) -> Setup:
+    train_shards, test_shards = make_shards(
+        args.out / "shards", "fashion-mnist", args.limit, args.shard_size
+    )
+    small = train_teacher(args, SMALL, {}, train_shards, test_shards)
+    big = train_teacher(args, BIG, {"width": BIG_WIDTH}, train_shards, test_shards)
+    early = {
+        "model": small["model"] | {"checkpoint": small["early"]},
+        "top1": small["early_top1"],
+    }
+    teachers = {SMALL: small, SMALL_EARLY: early, BIG: big}
+    cache = build_cache(args, "cache", train_shards, teachers, FMNIST_RECIPE)
+    strong_teachers = {SMALL: small, BIG: big}
+    strong = build_cache(args, "cache_strong", train_shards, strong_teachers, FMNIST_STRONG_RECIPE)
+    return Setup(train_shards, test_shards, teachers, cache, strong)
+
+
+def train_teacher(
+    args: argparse.Namespace, name: str, kwargs: dict[str, Any], shards: str, test: str
+) -> dict[str, Any]:
+    """Plain CE of ``kd_cnn_small`` (with ``kwargs``), keeping the early-stopped checkpoint; its
+    final and early test top-1 (the early one from the evaluation at that epoch)."""
+    run_dir = args.out / "teachers" / name
+    config = {
+        "run": {
+            "dir": str(run_dir),
+            "seed": 0,
+            "threads": args.threads,
+            "progress": False,
+            "resume": "auto",
+            "eval_every": args.early_epoch,
+            "save_model_epochs": [args.early_epoch],
+        },
+        "data": {
+            "shards": shards,
+            "val_shards": test,
+            "num_classes": 10,
+            "batch_size": args.batch_size,
+            "num_workers": args.workers,
+            "shuffle_buffer": 2000,
+        },
+        "views": {"recipe": FMNIST_RECIPE, "num_views": None},
+        "student": {"name": "kd_cnn_small", "kwargs": kwargs},
+        "teacher": {"mode": "none"},
+        "optimizer": {"name": "sgd", "lr": 0.1, "weight_decay": 5.0e-4},
+        "scheduler": {"name": "cosine", "warmup_epochs": 0.2},
+        "stages": [{"epochs": args.teacher_epochs, "loss": {"name": "ce"}}],
+    }
+    summary = train(load_train_config(write_yaml(args.out / "configs" / f"{name}.yaml", config)))
+    checkpoints = run_dir / "checkpoints"
+    return {
+        "model": {
+            "name": "kd_cnn_small",
+            "kwargs": kwargs,
+            "checkpoint": str(checkpoints / "model_final.pt"),
+        },
+        "early": str(checkpoints / f"model_e{args.early_epoch}.pt"),
+        "early_top1": eval_top1_at(run_dir, args.early_epoch),
+        "top1": summary.top1,
+    }
+
+
+def eval_top1_at(run_dir: Path, epoch: int) -> float:
+    """The top-1 of a run's evaluation after ``epoch`` (its ``metrics.jsonl``)."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    evals = [json.loads(line) for line in lines if '"eval"' in line]
+    found = [e["top1"] for e in evals if e.get("kind") == "eval" and e.get("epoch") == epoch]
+    if not found:
+        raise BenchError(f"{run_dir}/metrics.jsonl has no evaluation after epoch {epoch}")
+    return float(found[-1])
+
+
+def build_cache(
+    args: argparse.Namespace,
+    name: str,
+    shards: str,
+    teachers: dict[str, dict[str, Any]],
+    recipe: dict[str, Any],
+) -> str:
+    """One cache of every teacher at k = C = 10 (fp16) over the same A views (in-process)."""
+    cache = args.out / name
+    config = {
+        "data": {"shards": shards},
+        "cache": {"path": str(cache), "num_views": args.views, "recipe": recipe},
+        "teachers": [
+            {"name": teacher, "model": spec["model"], "k": 10} for teacher, spec in teachers.items()
+        ],
+        "ray": {"num_actors": 1, "cpus_per_actor": 1},
+        "runtime": {"batch_size": 256, "device": "cpu", "torch_threads": args.threads},
+    }
+    precompute_inprocess(write_yaml(args.out / "configs" / f"precompute_{name}.yaml", config))
+    return str(cache)
+
+
+# ---- students ------------------------------------------------------------------------------------
+
+
+def student_variants(args: argparse.Namespace) -> list[Student]:
+    """Every student a claim compares, by name."""
+    kd = {"name": "kd", "alpha": args.alpha, "temperature": args.temperature, "tail": "spread"}
+    dist = {"name": "dist", "temperature": args.temperature, "tail": "spread"}
+    half = max(1, args.epochs // 2)
+    variants = [Student("ce", [{"loss": {"name": "ce"}}])]
+    for teacher in (SMALL, BIG, SMALL_EARLY):
+        variants.append(Student(f"kd-{teacher}", [{"teacher": teacher, "loss": kd}]))
+    for teacher in (SMALL, BIG):
+        variants.append(Student(f"dist-{teacher}", [{"teacher": teacher, "loss": dist}]))
+        variants.append(Student(f"kd-{teacher}-strong", [{"teacher": teacher, "loss": kd}], True))
+        variants.append(
+            Student(f"dist-{teacher}-strong", [{"teacher": teacher, "loss": dist}], True)
+        )
+    eskd = kd | {"stop_epoch": half}
+    variants.append(Student("eskd-small", [{"teacher": SMALL, "loss": eskd}]))
+    variants.append(Student("effdstl", effdstl_stages(args)))
+    return variants
+
+
+def effdstl_stages(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """EffDstl's two stages (configs/fmnist/student_effdstl.yaml, the official settings scaled
+    down): 4/5 of the epochs of CE + WSL from the weak early-stopped teacher, then consistent
+    knowledge mining from the strong teacher with a fresh SGD."""
+    second = max(1, args.epochs // 5)
+    wsl = {
+        "name": "wsl",
+        "temperature": 2.0,
+        "weight_temperature": 2.0,
+        "ce_weight": 1.0,
+        "kd_weight": 0.5,
+        "label_smoothing": 0.1,
+        "tail": "spread",
+    }
+    mining = {
+        "name": "effdstl",
+        "teacher_temperature": 0.7,
+        "student_temperature": 1.0,
+        "smooth_to": 0.99,
+        "ce_weight": 0.0,
+        "kd_weight": 1.0,
+        "tail": "spread",
+    }
+    return [
+        {"name": "wsl", "epochs": args.epochs - second, "teacher": SMALL_EARLY, "loss": wsl},
+        {
+            "name": "mining",
+            "epochs": second,
+            "teacher": BIG,
+            "loss": mining,
+            "optimizer": {"name": "sgd", "lr": 0.05, "weight_decay": 0.0},
+            "scheduler": {"name": "cosine", "min_lr": 5.0e-4},
+        },
+    ]
+
+
+def student_config(
+    args: argparse.Namespace, setup: Setup, student: Student, seed: int
+) -> dict[str, Any]:
+    """One student run: the same student, optimizer and views for every variant."""
+    stages = [{"epochs": args.epochs, **stage} for stage in student.stages]
+    mode = "none" if student.name == "ce" else "cache"
+    return {
+        "run": {
+            "dir": str(args.out / "students" / run_name(args, student, seed)),
+            "seed": seed,
+            "threads": args.threads,
+            "progress": False,
+            "resume": "auto",
+            "eval_every": args.epochs,
+            "log_every": 1000,
+        },
+        "data": {
+            "shards": setup.train,
+            "val_shards": setup.test,
+            "batch_size": args.batch_size,
+            "num_workers": args.workers,
+            "shuffle_buffer": 2000,
+            **student.data,
+        },
+        "cache": {"path": setup.strong_cache if student.strong else setup.cache},
+        "student": {"name": args.student},
+        "teacher": {"mode": mode, "name": SMALL},
+        "optimizer": {"name": "sgd", "lr": 0.05, "weight_decay": 1.0e-4},
+        "scheduler": {"name": "cosine", "warmup_epochs": 0.2},
+        "stages": stages,
+    }
+
+
+def run_name(args: argparse.Namespace, student: Student, seed: int) -> str:
+    """``<variant>-a<alpha>-t<T>-e<epochs>-s<seed>``: other settings never reuse a finished run."""
+    return f"{student.name}-a{args.alpha:g}-t{args.temperature:g}-e{args.epochs}-s{seed}"
+
+
+def train_student(
+    args: argparse.Namespace, setup: Setup, student: Student, seed: int
+) -> dict[str, Any]:
+    """Train one student (or reuse its finished run) and return its summary as a dict."""
+    config = student_config(args, setup, student, seed)
+    path = args.out / "configs" / "students" / f"{run_name(args, student, seed)}.yaml"
+    return train(load_train_config(write_yaml(path, config))).model_dump()
+
+
+# ---- claims --------------------------------------------------------------------------------------
+
+
+def claim_rows() -> list[Claim]:
+    return [
+        Claim(
+            "000",
+            "two stages (WSL from a weak teacher, then consistent knowledge mining from the "
+            "strong one) beat KD from the strong teacher",
+            "effdstl",
+            "kd-big",
+        ),
+        Claim("001", "DIST beats KD with the stronger teacher (B1 recipe)", "dist-big", "kd-big"),
+        Claim(
+            "001",
+            "DIST beats KD with the stronger teacher (B3-like strong recipe)",
+            "dist-big-strong",
+            "kd-big-strong",
+        ),
+        Claim(
+            "001", "DIST vs KD with the weaker teacher (B1, for contrast)", "dist-small", "kd-small"
+        ),
+        Claim(
+            "002",
+            "an early-stopped teacher teaches better than the same teacher trained to the end",
+            "kd-small_early",
+            "kd-small",
+        ),
+        Claim(
+            "002",
+            "early-stopped KD (KD for the first half, then CE) beats KD all the way",
+            "eskd-small",
+            "kd-small",
+        ),
+    ]
+
+
+def measure(claim: Claim, summaries: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """A claim's row: both sides' mean ± std over seeds, whether a beats b, and by how much."""
+    a = mean_std(claim.metric(s) for s in summaries[claim.a])
+    b = mean_std(claim.metric(s) for s in summaries[claim.b])
+    spread = math.sqrt(a["std"] ** 2 + b["std"] ** 2)
+    return {
+        "paper": claim.paper,
+        "claim": claim.claim,
+        "a": {"name": claim.a, "mean": a["mean"], "std": a["std"], "n": a["n"]},
+        "b": {"name": claim.b, "mean": b["mean"], "std": b["std"], "n": b["n"]},
+        "agrees": bool(a["mean"] > b["mean"]),
+        "margin": (a["mean"] - b["mean"]) / spread if spread > 0 else math.nan,
+    }
+
+
+def format_result(result: dict[str, Any]) -> str:
+    teachers = ", ".join(f"{name} {top1:.2f}" for name, top1 in result["teachers"].items())
+    rows = [
+        [
+            c["paper"],
+            c["claim"],
+            f"{c['a']['name']} {c['a']['mean']:.2f} ± {c['a']['std']:.2f}",
+            f"{c['b']['name']} {c['b']['mean']:.2f} ± {c['b']['std']:.2f}",
+            "yes" if c["agrees"] else "no",
+            c["margin"],
+        ]
+        for c in result["claims"]
+    ]
+    ce = result["students"]["ce"]
+    return (
+        f"teachers' test top-1: {teachers}; CE student {ce['mean']:.2f} ± {ce['std']:.2f}\n"
+        + table(["paper", "claim", "a (top-1 %)", "b (top-1 %)", "agrees", "margin"], rows)
+    )
