@@ -564,14 +564,18 @@ def test_config_schema_is_pinned():
     ]
     assert sections == {
         "run": [
+            "accumulate",
             "amp",
             "channels_last",
             "ckpt_every_steps",
+            "compile",
+            "csv",
             "device",
             "dir",
             "eval_every",
             "log_every",
             "max_steps",
+            "mlflow",
             "overwrite",
             "progress",
             "resume",
@@ -579,6 +583,7 @@ def test_config_schema_is_pinned():
             "seed",
             "tensorboard",
             "threads",
+            "wandb",
         ],
         "data": [
             "batch_size",
