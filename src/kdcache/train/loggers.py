@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -146,7 +147,7 @@ class WandbLogger:
 
     def start(self, resume_step: int | None) -> None:
         id_file = self.run_dir / "wandb_id"
-        run_id = _run_id(id_file, resume_step) or self.wandb.util.generate_id()
+        run_id = _run_id(id_file, resume_step) or uuid.uuid4().hex[:12]
         id_file.write_text(run_id)
         self.run = self.wandb.init(
             project=self.cfg.project,

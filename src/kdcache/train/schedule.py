@@ -165,7 +165,7 @@ def timm_lr(segment: Segment, progress: float, updates_per_epoch: int) -> float:
 
     sched = segment.scheduler
     probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=segment.optimizer.lr)
-    scheduler = create_scheduler_v2(
+    scheduler, _ = create_scheduler_v2(
         probe,
         sched=timm_name(sched.name),
         num_epochs=segment.epochs,
