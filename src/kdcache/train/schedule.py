@@ -99,6 +99,13 @@ def plan_stages(config: TrainConfig) -> tuple[list[StagePlan], list[Segment]]:
     return stages, segments
 
 
+def optimizer_segments(config: TrainConfig) -> list[Segment]:
+    """The run's optimizers with their LR schedules over their epochs (one unless a stage starts
+    a new optimizer): what :func:`lr_at` and :func:`build_optimizer` take in a loop of one's
+    own."""
+    return plan_stages(config)[1]
+
+
 def stage_at(stages: list[StagePlan], epoch: int) -> StagePlan:
     """The stage that trains ``epoch`` (0-based)."""
     for stage in stages:
