@@ -93,6 +93,7 @@ def test_accumulation_equals_a_batch_that_many_times_larger(world, tmp_path):
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # three compilations: about 4 minutes on 2 busy cores
 @pytest.mark.skipif(
     compile_unsupported(torch.device("cpu")) is not None,
     reason=f"torch.compile unsupported here: {compile_unsupported(torch.device('cpu'))}",
