@@ -5,19 +5,35 @@
 The module reads a `kdcache train` config: its data and cache (``kdcache.CacheDataset``), its
 student, its first stage's loss by name (any registered loss) and its optimizer. Lightning does not
 call ``set_epoch`` on an iterable dataset, so :meth:`on_train_epoch_start` does: without it the
-second epoch would fail instead of replaying the first epoch's views.
+second epoch would fail instead of replaying the first epoch's views. The training loader reports
+its exact length (``batches_per_epoch``: an iterable dataset cannot tell Lightning), and Lightning
+logs into the config's ``run.dir`` (``lightning/version_N/metrics.csv``) unless told otherwise.
 """
 
 from __future__ import annotations
 
-import math
 import sys
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import CSVLogger
 
 import kdcache
-from kdcache.models.build import build_model
+
+
+class SizedLoader:
+    """The dataset's DataLoader with its exact batch count as ``len()``, so Lightning knows the
+    epoch's length (progress, ``val_check_interval``, schedulers by step)."""
+
+    def __init__(self, data: kdcache.CacheDataset):
+        self.data = data
+        self.loader = data.loader()
+
+    def __iter__(self):
+        return iter(self.loader)
+
+    def __len__(self) -> int:
+        return self.data.batches_per_epoch()
 
 
 class DistillModule(L.LightningModule):
@@ -28,13 +44,15 @@ class DistillModule(L.LightningModule):
         self.config = kdcache.load_train_config(path, overrides)
         self.data = kdcache.CacheDataset.from_config(self.config)
         torch.manual_seed(self.config.run.seed)
-        self.model = build_model(self.config.student, self.data.num_classes, self.data.channels)
+        self.model = kdcache.build_model(
+            self.config.student, self.data.num_classes, self.data.channels
+        )
         self.stage = self.config.stages[0]
         self.loss = kdcache.Loss.from_config(self.stage.loss)  # e.g. kd with its settings
         self.teacher = self.data.teachers[0] if self.data.teachers else None
 
     def train_dataloader(self):
-        return self.data.loader()
+        return SizedLoader(self.data)
 
     def val_dataloader(self):
         return self.data.eval_dataset().loader()
@@ -54,19 +72,21 @@ class DistillModule(L.LightningModule):
         self.log("val/top1", 100.0 * hits, batch_size=len(batch), prog_bar=True)
 
     def configure_optimizers(self):
-        opt = self.config.optimizer
-        optimizer = torch.optim.SGD(
-            self.model.parameters(), lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay
+        segment = kdcache.optimizer_segments(self.config)[0]  # the config's optimizer and schedule
+        optimizer = kdcache.build_optimizer(self.model, segment.optimizer)
+        steps = self.data.batches_per_epoch()
+        peak = segment.optimizer.lr
+        schedule = torch.optim.lr_scheduler.LambdaLR(  # the trainer's LR, relative to the peak
+            optimizer, lambda step: kdcache.lr_at(segment, step / steps, steps) / peak
         )
-        steps = self.stage.epochs * self.data.batches_per_epoch()
-        cosine = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step / steps, 1.0)))
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": cosine, "interval": "step"}}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
 def main(path: str, overrides: list[str], **trainer_options) -> dict[str, float]:
     module = DistillModule(path, overrides)
+    run_dir = module.config.run.dir
+    trainer_options.setdefault("default_root_dir", run_dir)
+    trainer_options.setdefault("logger", CSVLogger(save_dir=run_dir, name="lightning"))
     trainer = L.Trainer(max_epochs=module.stage.epochs, **trainer_options)
     trainer.fit(module)
     return {name: float(value) for name, value in trainer.callback_metrics.items()}

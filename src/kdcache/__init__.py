@@ -26,6 +26,11 @@ The public API, for a training loop of one's own (names in ``__all__`` are stabl
   :class:`Loss`, :class:`CELoss`, :class:`KDLoss`, :class:`DISTLoss`, :class:`WSLLoss`,
   :class:`EffDstlLoss`, and the registry (:func:`register_loss`, :func:`get_loss`,
   :func:`registered_losses`) that makes a loss of one's own usable by name in a train config;
+- one's own loop: :func:`build_model` (:class:`ModelSpec`), the trainer's optimizers and LR
+  schedule (:func:`optimizer_segments`, :func:`build_optimizer`, :func:`lr_at`,
+  :class:`Segment`), random access by key (:class:`CacheReader`: the targets of (key, view), a
+  view rendered from its image) and a map-style dataset over any indexable source
+  (:class:`ViewDataset`); ``MixedLabels.one_hot`` for timm's soft-target losses;
 - configs: :func:`load_train_config`, :class:`TrainConfig` (``kdcache train`` itself is
   ``kdcache.train.trainer.train``; ``kdcache.train`` is the training package).
 - results (what the commands return and write as JSON): :class:`PrecomputeResult` (a cache's run
@@ -76,6 +81,9 @@ _PUBLIC = {
         "registered_losses",
     ),
     "kdcache.train.config": ("TrainConfig", "load_train_config"),
+    "kdcache.train.schedule": ("lr_at", "optimizer_segments", "build_optimizer", "Segment"),
+    "kdcache.train.random_access": ("CacheReader", "ViewDataset"),
+    "kdcache.models.build": ("build_model", "ModelSpec"),
     "kdcache.core.results": (
         "PrecomputeResult",
         "TrainResult",

@@ -103,6 +103,25 @@ def test_the_lightning_module_trains_and_validates(world, tmp_path):
     assert loss.item() == pytest.approx(first, rel=1e-6)
 
 
+def test_the_lightning_module_logs_into_run_dir_and_knows_its_length(world, tmp_path):
+    path = config_file(world, tmp_path, epochs=1)
+    module = example("lightning_module")
+    loader = module.DistillModule(str(path)).train_dataloader()
+    assert len(loader) == sum(1 for _ in loader) == 6  # 47 valid samples, batches of 8
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        module.main(
+            str(path),
+            [],
+            accelerator="cpu",
+            devices=1,
+            enable_progress_bar=False,
+            log_every_n_steps=1,
+        )
+    logged = (tmp_path / "run" / "lightning" / "version_0" / "metrics.csv").read_text()
+    assert "train/loss" in logged and "val/top1" in logged
+
+
 def test_the_timm_pattern_trains_from_the_cache(world, tmp_path):
     path = config_file(world, tmp_path)
     result = example("timm_task").main(str(path), [])

@@ -401,7 +401,7 @@ def test_two_process_ddp_sees_every_sample_once_per_epoch(world, tmp_path):
         ("stages.0.loss.alpha=2", r"stages.0.loss.alpha: Input should be less than or equal to 1"),
         ("data.batch_size=0", r"data.batch_size: Input should be greater than or equal to 1"),
         ("teacher.mode=offline", r"teacher.mode: Input should be 'cache', 'online' or 'none'"),
-        ("run.bogus=1", r"run.bogus: unknown key; valid keys here: amp, channels_last"),
+        ("run.bogus=1", r"run.bogus: unknown key; valid keys here: accumulate, amp, channels_last"),
         (
             "stages.0.loss.name=fancy",
             r"stages.0.loss.name: Value error, unknown loss 'fancy'; registered: ce, kd, dist",
@@ -564,14 +564,18 @@ def test_config_schema_is_pinned():
     ]
     assert sections == {
         "run": [
+            "accumulate",
             "amp",
             "channels_last",
             "ckpt_every_steps",
+            "compile",
+            "csv",
             "device",
             "dir",
             "eval_every",
             "log_every",
             "max_steps",
+            "mlflow",
             "overwrite",
             "progress",
             "resume",
@@ -579,6 +583,7 @@ def test_config_schema_is_pinned():
             "seed",
             "tensorboard",
             "threads",
+            "wandb",
         ],
         "data": [
             "batch_size",

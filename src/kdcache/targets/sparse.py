@@ -264,6 +264,20 @@ class MixedLabels:
         """``int64[B]``: the label with the larger weight (accuracy of mixed views)."""
         return torch.where(self.lam >= 0.5, self.labels, self.partner)
 
+    def one_hot(self, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:
+        """``float32[B, C]``: the dense mixed target, ``lam`` of the own label's smoothed one-hot
+        plus ``1 - lam`` of the partner's (timm's ``mixup_target``: ``smoothing / C`` off the
+        label, ``1 - smoothing + smoothing / C`` on it), for timm's ``SoftTargetCrossEntropy``.
+        Its cross-entropy is the mixed CE of ``kdcache.ce`` with ``label_smoothing``."""
+        off = smoothing / num_classes
+        on = 1.0 - smoothing + off
+        own = torch.full((len(self.labels), num_classes), off, device=self.lam.device)
+        partner = own.clone()
+        own.scatter_(1, self.labels.long().unsqueeze(1), on)
+        partner.scatter_(1, self.partner.long().unsqueeze(1), on)
+        lam = self.lam.float().unsqueeze(1)
+        return lam * own + (1.0 - lam) * partner
+
 
 def label_logits(logits: torch.Tensor, labels: torch.Tensor | MixedLabels) -> torch.Tensor:
     """``[B]`` logit of each row's label, NaN where the label is missing (< 0). For mixed labels

@@ -32,6 +32,9 @@ RESUME_MUTABLE = (
     "run.resume",
     "run.progress",
     "run.tensorboard",
+    "run.csv",
+    "run.wandb",
+    "run.mlflow",
     "run.log_every",
     "run.ckpt_every_steps",
     "run.overwrite",
@@ -210,13 +213,38 @@ def uses_teacher(loss: Any) -> bool:
 
 # ---- optimisation -----------------------------------------------------------------------------
 
+BUILTIN_OPTIMIZERS = ("sgd", "adamw", "rmsprop")
+BUILTIN_SCHEDULERS = ("cosine", "step", "constant")
+TIMM_SCHEDULERS = ("cosine", "tanh", "step", "multistep", "poly", "wsd", "rsqrt", "constant")
+"""timm's schedulers that are a function of the step (its ``plateau`` needs a metric)."""
+
+
+def timm_name(name: str) -> str:
+    """A timm optimizer's or scheduler's name without the ``timm:`` prefix."""
+    return name.removeprefix("timm:")
+
+
+def timm_optimizers() -> list[str]:
+    """The optimizer names timm's factory builds."""
+    from timm.optim import list_optimizers
+
+    return list_optimizers()
+
 
 class OptimizerConfig(StrictModel):
     """An optimizer; a stage that sets one starts a new optimizer (fresh state, new LR schedule)."""
 
-    name: Literal["sgd", "adamw", "rmsprop"] = "sgd"
+    name: str = "sgd"
     """``sgd`` (momentum), ``adamw`` or ``rmsprop`` (torch's RMSprop with ``alpha``, ``eps`` and
-    ``momentum``; timm's ``rmsproptf``, used by DIST's B2, adds eps inside the square root)."""
+    ``momentum``; timm's ``rmsproptf``, used by DIST's B2, adds eps inside the square root), or
+    any other optimizer of ``timm.optim.list_optimizers()`` (``lamb``, ``lars``, ``adan`` ...),
+    built by ``timm.optim.create_optimizer_v2``; ``timm:NAME`` takes timm's for a name kdcache
+    builds itself (``timm:adamw``)."""
+    layer_decay: float | None = Field(None, gt=0.0, le=1.0)
+    """Layer-wise LR decay (timm's ``layer_decay``; the optimizer is then always timm's): each
+    layer's LR is scaled by ``layer_decay ** (depth from the head)``."""
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Further keyword arguments of a timm optimizer (``trust_coeff``, ``caution`` ...)."""
     lr: float = Field(0.1, gt=0.0)
     """Peak learning rate (after warm-up), for the global batch as configured (no automatic
     scaling)."""
@@ -237,13 +265,32 @@ class OptimizerConfig(StrictModel):
     grad_clip: float | None = Field(None, gt=0.0)
     """Clip the global gradient norm to this value (None: no clipping)."""
 
+    @field_validator("name")
+    @classmethod
+    def _known_optimizer(cls, name: str) -> str:
+        if name in BUILTIN_OPTIMIZERS or timm_name(name) in timm_optimizers():
+            return name
+        raise ValueError(
+            f"unknown optimizer {name!r}; kdcache's: {', '.join(BUILTIN_OPTIMIZERS)}; or one of "
+            "timm.optim.list_optimizers()"
+        )
+
+    @property
+    def from_timm(self) -> bool:
+        """Built by timm's factory: a name kdcache does not build, ``timm:``, or layer decay."""
+        return self.name not in BUILTIN_OPTIMIZERS or self.layer_decay is not None
+
 
 class SchedulerConfig(StrictModel):
     """The LR schedule of one optimizer, spanning the epochs of the stages that share it (per
     step)."""
 
-    name: Literal["cosine", "step", "constant"] = "cosine"
-    """``cosine`` decay to ``min_lr``; ``step``: times ``gamma`` at each milestone; ``constant``."""
+    name: str = "cosine"
+    """``cosine`` decay to ``min_lr``; ``step``: times ``gamma`` at each milestone; ``constant``;
+    or any other scheduler of ``timm.scheduler.create_scheduler_v2`` (``tanh``, ``multistep``,
+    ``poly``, ``wsd``, ``rsqrt``; ``timm:cosine`` for timm's own cosine), stepped per optimizer
+    step, with the keys below mapped to timm's (``every`` -> ``decay_epochs``, ``milestones`` ->
+    ``decay_milestones``, ``gamma`` -> ``decay_rate``, ``warmup_start * lr`` -> ``warmup_lr``)."""
     warmup_epochs: float = Field(0.0, ge=0.0)
     """Linear warm-up length in epochs (fractions allowed)."""
     warmup_start: float = Field(0.0, ge=0.0, le=1.0)
@@ -258,6 +305,18 @@ class SchedulerConfig(StrictModel):
     e.g. 2.4 with gamma 0.97 in DIST's B2)."""
     gamma: float = Field(0.1, gt=0.0)
     """step: the factor at each milestone (or period)."""
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Further keyword arguments of a timm scheduler (``cycle_limit``, ``k_decay`` ...)."""
+
+    @field_validator("name")
+    @classmethod
+    def _known_scheduler(cls, name: str) -> str:
+        if name in BUILTIN_SCHEDULERS or timm_name(name) in TIMM_SCHEDULERS:
+            return name
+        raise ValueError(
+            f"unknown scheduler {name!r}; kdcache's: {', '.join(BUILTIN_SCHEDULERS)}; timm's: "
+            + ", ".join(TIMM_SCHEDULERS)
+        )
 
 
 class StageConfig(StrictModel):
@@ -305,6 +364,27 @@ class StageConfig(StrictModel):
 # ---- sections ---------------------------------------------------------------------------------
 
 
+class WandbConfig(StrictModel):
+    """A Weights & Biases run (``wandb.init``'s arguments)."""
+
+    project: str = "kdcache"
+    entity: str | None = None
+    name: str | None = None
+    """Default: the name of ``run.dir``."""
+    tags: list[str] = Field(default_factory=list)
+
+
+class MlflowConfig(StrictModel):
+    """An MLflow run."""
+
+    tracking_uri: str | None = None
+    """``file:/path/mlruns``, ``http://server:5000`` ... (None: MLflow's default, e.g.
+    ``MLFLOW_TRACKING_URI``)."""
+    experiment: str = "kdcache"
+    run_name: str | None = None
+    """Default: the name of ``run.dir``."""
+
+
 class RunConfig(StrictModel):
     """Where outputs go and how the loop runs."""
 
@@ -315,8 +395,16 @@ class RunConfig(StrictModel):
     device: str = "auto"
     """``auto`` (CUDA if available), ``cpu`` or ``cuda``; under torchrun each rank takes its local
     GPU."""
-    amp: Literal["auto", "bf16", "off"] = "auto"
-    """Autocast: ``auto`` is bf16 on CUDA and full precision on CPU."""
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    """Autocast: ``auto`` is bf16 on CUDA and full precision on CPU; ``fp16`` (GPUs without bf16,
+    V100/T4) scales the loss with a ``torch.amp.GradScaler`` whose state the checkpoint keeps."""
+    accumulate: int = Field(1, ge=1)
+    """Gradient accumulation: one optimizer step per this many batches (the loss of each batch
+    divided by the group's batch count, so a group equals one batch that many times larger; an
+    epoch's last group may be shorter). ``log_every``, ``ckpt_every_steps`` and ``max_steps``
+    count optimizer steps."""
+    compile: bool = False
+    """``torch.compile`` the student (skipped with a warning where torch cannot compile)."""
     channels_last: bool = True
     """channels_last memory format (CUDA only)."""
     resume: Literal["never", "auto", "must"] = "never"
@@ -343,6 +431,15 @@ class RunConfig(StrictModel):
     (``pip install kdcache[tensorboard]``)."""
     threads: int | None = Field(None, ge=1)
     """torch intra-op threads of the training process (default: torch's choice)."""
+    csv: bool = False
+    """Also write the metrics as ``train.csv`` and ``eval.csv`` in ``dir`` (one row per line of
+    ``metrics.jsonl``, rebuilt from it at start, so a resume cuts them back too)."""
+    wandb: WandbConfig | None = None
+    """Also log the metrics to Weights & Biases (``pip install kdcache[wandb]``); offline with
+    ``WANDB_MODE=offline``. A resume continues the same W&B run."""
+    mlflow: MlflowConfig | None = None
+    """Also log the metrics to MLflow (``pip install kdcache[mlflow]``). A resume continues the
+    same MLflow run."""
 
 
 class DataConfig(StrictModel):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,12 @@ class MetricsLog:
     """``run_dir/metrics.jsonl`` plus, with ``tensorboard``, an event file in
     ``run_dir/tensorboard``."""
 
-    def __init__(self, run_dir: Path, *, main: bool, tensorboard: bool):
+    def __init__(
+        self, run_dir: Path, *, main: bool, tensorboard: bool, loggers: Sequence[Any] = ()
+    ):
         self.path = run_dir / "metrics.jsonl"
+        self.loggers = list(loggers) if main else []
+        """Further destinations of every line (:mod:`kdcache.train.loggers`), rank 0 only."""
         self.tb_dir = run_dir / "tensorboard"
         self.main = main
         self.tensorboard = tensorboard
@@ -50,6 +55,8 @@ class MetricsLog:
             log.info(
                 "TensorBoard scalars in %s (tensorboard --logdir %s)", self.tb_dir, self.tb_dir
             )
+        for logger in self.loggers:
+            logger.start(resume_step)
 
     def write(self, line: dict[str, Any]) -> None:
         if not self.main:
@@ -64,8 +71,12 @@ class MetricsLog:
                     and not isinstance(value, bool)
                 ):
                     self._writer.add_scalar(f"{line['kind']}/{name}", value, line["step"])
+        for logger in self.loggers:
+            logger.write(line)
 
     def close(self) -> None:
+        for logger in self.loggers:
+            logger.close()
         if self._writer is not None:
             self._writer.close()
             self._writer = None

@@ -17,6 +17,7 @@ from torch import nn
 
 from kdcache.models.ensemble import StageEnsemble
 from kdcache.train.config import (
+    BUILTIN_SCHEDULERS,
     OptimizerConfig,
     SchedulerConfig,
     StageConfig,
@@ -25,6 +26,7 @@ from kdcache.train.config import (
     stage_ensemble,
     stage_starts,
     stage_teacher,
+    timm_name,
 )
 
 
@@ -97,6 +99,13 @@ def plan_stages(config: TrainConfig) -> tuple[list[StagePlan], list[Segment]]:
     return stages, segments
 
 
+def optimizer_segments(config: TrainConfig) -> list[Segment]:
+    """The run's optimizers with their LR schedules over their epochs (one unless a stage starts
+    a new optimizer): what :func:`lr_at` and :func:`build_optimizer` take in a loop of one's
+    own."""
+    return plan_stages(config)[1]
+
+
 def stage_at(stages: list[StagePlan], epoch: int) -> StagePlan:
     """The stage that trains ``epoch`` (0-based)."""
     for stage in stages:
@@ -120,7 +129,10 @@ def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: boo
 
 
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    """SGD (momentum, optional Nesterov), AdamW or RMSprop over :func:`param_groups`."""
+    """SGD (momentum, optional Nesterov), AdamW or RMSprop over :func:`param_groups`; any other
+    name (or layer decay) through timm's factory (:func:`build_timm_optimizer`)."""
+    if cfg.from_timm:
+        return build_timm_optimizer(model, cfg)
     groups = param_groups(model, cfg.weight_decay, cfg.decay_norm_and_bias)
     if cfg.name == "sgd":
         return torch.optim.SGD(
@@ -131,6 +143,52 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optim
             groups, lr=cfg.lr, alpha=cfg.alpha, eps=cfg.eps, momentum=cfg.momentum
         )
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+
+
+def build_timm_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    """``timm.optim.create_optimizer_v2`` with the config's settings: ``eps`` and ``betas`` only
+    where the config sets them (timm's defaults differ per optimizer), ``kwargs`` as given."""
+    from timm.optim import create_optimizer_v2
+
+    extra = {k: getattr(cfg, k) for k in ("eps", "betas") if k in cfg.model_fields_set}
+    return create_optimizer_v2(
+        model,
+        opt=timm_name(cfg.name),
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        momentum=cfg.momentum,
+        filter_bias_and_bn=not cfg.decay_norm_and_bias,
+        layer_decay=cfg.layer_decay,
+        **extra,
+        **cfg.kwargs,
+    )
+
+
+def timm_lr(segment: Segment, progress: float, updates_per_epoch: int) -> float:
+    """The peak-relative LR of a timm scheduler at ``progress`` epochs into the segment: timm's
+    scheduler over a one-parameter optimizer, stepped per update (``step_update``), so the LR
+    stays a pure function of the progress."""
+    from timm.scheduler import create_scheduler_v2
+
+    sched = segment.scheduler
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=segment.optimizer.lr)
+    scheduler, _ = create_scheduler_v2(
+        probe,
+        sched=timm_name(sched.name),
+        num_epochs=segment.epochs,
+        decay_epochs=sched.every,
+        decay_milestones=sched.milestones,
+        decay_rate=sched.gamma,
+        min_lr=sched.min_lr,
+        warmup_lr=sched.warmup_start * segment.optimizer.lr,
+        warmup_epochs=sched.warmup_epochs,
+        step_on_epochs=False,
+        updates_per_epoch=updates_per_epoch,
+        **sched.kwargs,
+    )
+    if scheduler is not None:
+        scheduler.step_update(round(progress * updates_per_epoch))
+    return probe.param_groups[0]["lr"]
 
 
 def lr_factor(sched: SchedulerConfig, progress: float, total: float) -> float:
@@ -149,8 +207,18 @@ def lr_factor(sched: SchedulerConfig, progress: float, total: float) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * t))
 
 
-def lr_at(segment: Segment, progress: float) -> float:
-    """The learning rate ``progress`` epochs into the segment (cosine decays to ``min_lr``)."""
+def lr_at(segment: Segment, progress: float, updates_per_epoch: int | None = None) -> float:
+    """The learning rate ``progress`` epochs into the segment (cosine decays to ``min_lr``).
+
+    The schedule of ``kdcache train``, public for a loop of one's own. A timm scheduler
+    (``scheduler.name`` not kdcache's) counts optimizer steps: it needs ``updates_per_epoch``.
+    """
+    if segment.scheduler.name not in BUILTIN_SCHEDULERS:
+        if not updates_per_epoch:
+            raise ValueError(
+                f"scheduler {segment.scheduler.name!r} is timm's: lr_at needs updates_per_epoch"
+            )
+        return timm_lr(segment, progress, updates_per_epoch)
     peak = segment.optimizer.lr
     sched = segment.scheduler
     factor = lr_factor(sched, progress, segment.epochs)
@@ -161,5 +229,6 @@ def lr_at(segment: Segment, progress: float) -> float:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every group at ``lr``, times its ``lr_scale`` where it has one (timm's layer decay)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)

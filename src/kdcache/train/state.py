@@ -28,6 +28,9 @@ class RunState:
     global_step: int = 0
     segment: int = -1
     """The optimizer segment the optimizer belongs to (-1: none built yet)."""
+    accumulated: int = 0
+    """Batches whose gradients the open accumulation group holds (``run.accumulate``); 0 at
+    every checkpoint, which is written only after an optimizer step."""
     images: int = 0
     teacher_forwards: int = 0
     train_time: float = 0.0
@@ -37,9 +40,11 @@ class RunState:
         return asdict(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """In place: other parts (the optimizer) hold this object."""
-        for name in (f.name for f in fields(self)):
-            setattr(self, name, state[name])
+        """In place: other parts (the optimizer) hold this object. A counter that an older
+        checkpoint lacks keeps its default (``accumulated``: 0)."""
+        for f in fields(self):
+            if f.name in state:
+                setattr(self, f.name, state[f.name])
 
 
 class SegmentOptimizer:
@@ -54,6 +59,7 @@ class SegmentOptimizer:
         self.announce = announce
         """Log each new segment (rank 0)."""
         self.current: torch.optim.Optimizer | None = None
+        self._lr = 0.0
 
     def enter(self, segment: Segment) -> None:
         """Keep the optimizer within a segment; build a new one when the segment changes."""
@@ -73,11 +79,12 @@ class SegmentOptimizer:
 
     def set_lr(self, lr: float) -> None:
         set_lr(self.current, lr)
+        self._lr = lr
 
     @property
     def lr(self) -> float:
-        """The learning rate of the latest step (every group has the same)."""
-        return self.current.param_groups[0]["lr"]
+        """The learning rate of the latest step (before any group's layer-decay scale)."""
+        return self._lr
 
     def state_dict(self) -> dict[str, Any]:
         return self.current.state_dict()

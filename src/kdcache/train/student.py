@@ -4,6 +4,9 @@ normalised views, and optionally averaged (EMA)."""
 from __future__ import annotations
 
 import copy
+import logging
+import os
+import shutil
 
 import torch
 from torch import nn
@@ -15,6 +18,8 @@ from kdcache.train.config import TrainConfig
 from kdcache.train.data import RunData
 from kdcache.train.distributed import DistInfo
 from kdcache.views.recipe import Rendering, normalize
+
+log = logging.getLogger(__name__)
 
 
 def build_student(config: TrainConfig, data: RunData, dist: DistInfo) -> nn.Module:
@@ -38,6 +43,28 @@ def wrap_ddp(model: nn.Module, dist: DistInfo) -> nn.Module:
         return model
     device_ids = [dist.device] if dist.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def compile_unsupported(device: torch.device) -> str | None:
+    """Why ``torch.compile`` cannot run here (None: it can): dynamo's own platform check, and on
+    CPU a C++ compiler for inductor's kernels."""
+    if not torch._dynamo.is_dynamo_supported():
+        return f"torch {torch.__version__} cannot compile on this Python or platform"
+    compilers = (os.environ.get("CXX"), "c++", "g++", "clang++")
+    if device.type == "cpu" and not any(c and shutil.which(c) for c in compilers):
+        return "inductor needs a C++ compiler for CPU kernels and none is on PATH (set CXX)"
+    return None
+
+
+def compile_student(module: nn.Module, device: torch.device) -> nn.Module:
+    """``torch.compile(module)`` (``run.compile``), or the module itself with a warning that
+    says why where torch cannot compile. Weights are shared: checkpoints keep plain names."""
+    reason = compile_unsupported(device)
+    if reason is not None:
+        log.warning("run.compile: %s; training the student uncompiled", reason)
+        return module
+    log.info("run.compile: compiling the student with torch.compile (the first steps are slow)")
+    return torch.compile(module)
 
 
 def check_student(

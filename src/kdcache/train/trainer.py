@@ -22,7 +22,9 @@ The :class:`Trainer` builds its parts and runs them; each part lives in its own 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -34,7 +36,7 @@ from kdcache.core.results import TrainResult
 from kdcache.models.runner import autocast_context
 from kdcache.train import distributed as D
 from kdcache.train.checkpoint import Checkpointer, check_run_dir, run_cache_identity
-from kdcache.train.config import TrainConfig
+from kdcache.train.config import TrainConfig, resolved
 from kdcache.train.data import (
     Batch,
     RunData,
@@ -44,12 +46,13 @@ from kdcache.train.data import (
 )
 from kdcache.train.evaluate import Evaluator
 from kdcache.train.hooks import StepHook
+from kdcache.train.loggers import build_loggers
 from kdcache.train.losses import Criterion, LossParts, stopped
 from kdcache.train.metrics import MetricsLog
 from kdcache.train.reporting import Reporter
-from kdcache.train.schedule import StagePlan, lr_at, plan_stages, stage_at
+from kdcache.train.schedule import Segment, StagePlan, lr_at, plan_stages, stage_at
 from kdcache.train.state import RngState, RunState, SegmentOptimizer
-from kdcache.train.student import Ema, StudentInput, build_student, wrap_ddp
+from kdcache.train.student import Ema, StudentInput, build_student, compile_student, wrap_ddp
 from kdcache.train.target_source import target_source_type
 
 log = logging.getLogger(__name__)
@@ -81,23 +84,33 @@ class Trainer:
         self.device = self.dist.device
         if config.run.threads:
             torch.set_num_threads(config.run.threads)
+        main = self.dist.is_main
+        loggers = build_loggers(config.run, resolved(config)) if main else []
         metrics = MetricsLog(
-            Path(config.run.dir), main=self.dist.is_main, tensorboard=config.run.tensorboard
+            Path(config.run.dir), main=main, tensorboard=config.run.tensorboard, loggers=loggers
         )
         self.stages, self.segments = plan_stages(config)
         source = target_source_type(config)
         self.data = self._build_data(source.cache_teachers(self.stages))
         self.steps = steps_per_epoch(self.data.spec)
-        """Optimizer steps per epoch (on every rank)."""
+        """Batches per epoch (on every rank)."""
+        self.accumulate = config.run.accumulate
+        self.updates = math.ceil(self.steps / self.accumulate)
+        """Optimizer steps per epoch: one per ``run.accumulate`` batches, the last maybe fewer."""
         self.student_input = StudentInput(
             self.data.rendering, self.device, config.run.channels_last
         )
         self.evaluator = self._build_evaluator()
         self.model = build_student(config, self.data, self.dist)
         self.ddp = wrap_ddp(self.model, self.dist)
+        self.forward = compile_student(self.ddp, self.device) if config.run.compile else self.ddp
+        """What the step calls: the (DDP-wrapped) student, compiled with ``run.compile``."""
         self.targets = source.build(config, self.stages, self.data, self.device)
         self.ema = Ema(self.model, config.ema.decay) if config.ema.enabled else None
         self.state = RunState()
+        fp16 = config.run.amp == "fp16"
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=fp16)
+        """fp16's loss scaling (disabled otherwise: then it changes nothing)."""
         self.optimizer = SegmentOptimizer(self.model, self.segments, self.state, self.dist.is_main)
         self.report = Reporter(config, self.dist, self.stages, metrics)
         self.checkpointer = self._build_checkpointer()
@@ -127,6 +140,7 @@ class Trainer:
             "model": self.model,
             "state": self.state,  # before the optimizer: it is built for state.segment
             "optimizer": self.optimizer,
+            "scaler": self.scaler if self.scaler.is_enabled() else None,
             "ema": self.ema,
         }
         # per rank: the open logging window, and the RNG last (nothing may draw after it)
@@ -174,27 +188,60 @@ class Trainer:
         self.report.bar.close()
 
     def train_step(self, batch: Batch) -> LossParts:
-        """One optimizer step on ``batch`` at the current epoch's stage and learning rate: the
-        step :meth:`train_epoch` runs for each batch (its counters, lines and checkpoints are the
-        loop's, not the step's)."""
+        """One batch at the current epoch's stage: forward, backward into the open accumulation
+        group and, once the group is complete (every batch unless ``run.accumulate``), one
+        optimizer step at the group's learning rate. The step :meth:`train_epoch` runs for each
+        batch (its counters, lines and checkpoints are the loop's, not the step's)."""
         plan = self._epoch_plan()
         segment = self.segments[plan.stage.segment]
+        group = self._group_size()
+        if self.state.accumulated == 0:
+            self._begin_group(segment)
         batch = batch.to(self.device)
-        progress = (self.state.epoch - segment.start) + self.state.epoch_step / self.steps
-        self.optimizer.set_lr(lr_at(segment, progress))
         targets = self.targets(batch, plan.teacher) if plan.teacher else None
-        with autocast_context(self.device, self.config.run.amp):
-            logits = self.ddp(self.student_input(batch.images))
-        parts = plan.criterion(logits.float(), batch.hard_labels(), targets, self.state.epoch)
+        last = self.state.accumulated + 1 == group
+        with self._sync(last):
+            with autocast_context(self.device, self.config.run.amp):
+                logits = self.forward(self.student_input(batch.images))
+            parts = plan.criterion(logits.float(), batch.hard_labels(), targets, self.state.epoch)
+            # a mean-reduced loss over `group` equal batches: the mean over one batch that large
+            loss = parts.total / group if group > 1 else parts.total
+            self.scaler.scale(loss).backward()
+        self.state.accumulated = 0 if last else self.state.accumulated + 1
+        if last:
+            self._finish_group(segment)
+        return parts
+
+    def _group_size(self) -> int:
+        """Batches in the open accumulation group: ``run.accumulate``, fewer for the epoch's last
+        group when the epoch's batch count is not a multiple of it."""
+        start = self.state.epoch_step - self.state.accumulated
+        return min(self.accumulate, self.steps - start)
+
+    def _begin_group(self, segment: Segment) -> None:
+        """A group's learning rate (from the optimizer steps done in the epoch) and fresh
+        gradients."""
+        done = self.state.epoch_step // self.accumulate  # groups start at multiples of it
+        progress = (self.state.epoch - segment.start) + done / self.updates
+        self.optimizer.set_lr(lr_at(segment, progress, self.updates))
+        self.optimizer.current.zero_grad(set_to_none=True)
+
+    def _sync(self, last: bool):
+        """DDP all-reduces the gradients on a group's last batch only."""
+        if last or not isinstance(self.ddp, torch.nn.parallel.DistributedDataParallel):
+            return contextlib.nullcontext()
+        return self.ddp.no_sync()
+
+    def _finish_group(self, segment: Segment) -> None:
+        """The optimizer step of a complete group: unscale (fp16), clip, step, EMA."""
         optimizer = self.optimizer.current
-        optimizer.zero_grad(set_to_none=True)
-        parts.total.backward()
         if segment.optimizer.grad_clip:
+            self.scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), segment.optimizer.grad_clip)
-        optimizer.step()
+        self.scaler.step(optimizer)
+        self.scaler.update()
         if self.ema is not None:
             self.ema.update(self.model)
-        return parts
 
     def _epoch_plan(self) -> EpochPlan:
         """The current epoch's plan, made once per epoch (entering its optimizer segment)."""
@@ -214,10 +261,12 @@ class Trainer:
         state = self.state
         run = self.config.run
         state.epoch_step = state.epoch_step + 1
-        state.global_step = state.global_step + 1
         state.train_time += seconds
         forwards = self.targets.take_forwards()
         self.report.step(parts, self.optimizer.lr, images, forwards, seconds)
+        if state.accumulated:
+            return  # mid-group: no optimizer step yet, so no line, checkpoint or stop
+        state.global_step = state.global_step + 1
         if state.global_step % run.log_every == 0 or state.epoch_step == self.steps:
             self.report.log_train(state)
         every = run.ckpt_every_steps
