@@ -44,6 +44,7 @@ import fsspec
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, computed_field
 
 from kdcache.core.errors import ResultError
+from kdcache.core.inspect_report import PairReport, TeacherReport
 
 RUNS = "runs"
 """The folder of run records inside a cache."""
@@ -396,14 +397,14 @@ class InspectSettings(BaseModel):
 
 
 class InspectResult(Result):
-    """``kdcache inspect``'s report; ``teachers`` and ``pairs`` follow the schema in
-    :mod:`kdcache.cache_tools.stats`."""
+    """``kdcache inspect``'s report; ``teachers`` and ``pairs`` are typed by
+    :mod:`kdcache.core.inspect_report` (the schema)."""
 
     cache: InspectCache
     settings: InspectSettings
-    teachers: dict[str, dict[str, Any]]
+    teachers: dict[str, TeacherReport]
     """Teacher -> its figures."""
-    pairs: list[dict[str, Any]]
+    pairs: list[PairReport]
     """Teacher against teacher on the same views, one entry per pair."""
     ensembles: list[dict[str, Any]] = []
     """Ensembles against their members (``--ensemble``, and stored ensembles whose models are
