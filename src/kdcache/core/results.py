@@ -270,6 +270,26 @@ def host_and_pid() -> tuple[str, int]:
 # ---- train --------------------------------------------------------------------------------------
 
 
+class Selection(BaseModel):
+    """What a run trained on when it did not train on every sample (``summary.json``)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    by: str | None = None
+    """``entropy_high``, ``entropy_low``, ``random``; None: only classes excluded."""
+    teacher: str | None = None
+    temperature: float | None = None
+    per_class: int | None = None
+    seed: int = 0
+    excluded_classes: list[int] = []
+    samples: int = 0
+    """Samples kept (of the training shards' valid rows)."""
+    counts: dict[str, int] = {}
+    """Class -> samples kept (every labelled class present in the training shards)."""
+    keys: list[str] | None = None
+    """With ``select``: the keys kept, by class then rank; None with exclusion only."""
+
+
 class TrainResult(Result):
     """What a ``kdcache train`` run did: ``<run.dir>/summary.json`` (written by the main rank)."""
 
@@ -299,6 +319,10 @@ class TrainResult(Result):
     world_size: int
     device: str
     run_dir: str
+    per_class_top1: list[float | None] | None = None
+    """The last evaluation's top-1 (percent) of each class (None: no validation sample)."""
+    selection: Selection | None = None
+    """``data.select`` / ``data.exclude_classes``: what the run trained on (None: everything)."""
 
 
 # ---- validate and verify ------------------------------------------------------------------------
