@@ -1,12 +1,14 @@
 """``kdcache inspect CACHE``: teacher statistics of a cache as tables, a JSON document and plots.
 
-The figures come from :mod:`kdcache.cache_tools.stats` (its docstring holds the JSON schema); the
-plots from :mod:`kdcache.cache_tools.plots`. This module only parses, runs and prints.
+The figures come from :mod:`kdcache.cache_tools.stats` (the report's schema is
+:mod:`kdcache.core.inspect_report`); the plots from :mod:`kdcache.cache_tools.plots`. This module
+only parses, runs and prints.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -146,6 +148,8 @@ def _progress_bar(total: int) -> Iterator[Callable[[int], object] | None]:
 def format_report(report: InspectResult) -> str:
     """Every table of the report, as one string."""
     sections = [_header(report), summary_table(report), distribution_table(report)]
+    if all(t.similarity is not None for t in report.teachers.values()):
+        sections += [similarity_table(report), class_similarity_table(report)]
     for name, t in report.teachers.items():
         sections.append(class_table(name, t))
         sections.append(confused_table(name, t))
@@ -278,6 +282,74 @@ def _summary_rows(settings: InspectSettings) -> list[tuple[str, Callable[[dict[s
             lambda r: (r["view_consistency"]["js"] or {}).get("mean"),
         ),
     ]
+
+
+SIMILARITY_ROWS = (
+    ("nonlabel_mass", "mean non-label mass 1 - p(label)"),
+    ("nonlabel_entropy", "mean entropy of the non-label distribution"),
+    ("nonlabel_effective", "mean effective non-label classes"),
+    ("nonlabel_top1_share", "mean share of the largest non-label class"),
+    ("ls_kl", "mean KL(teacher || LS, same p(label))"),
+    ("ls_l1", "mean L1(teacher, LS, same p(label))"),
+)
+
+
+def similarity_table(report: InspectResult) -> str:
+    """Paper 003's similarity information, one column per teacher, ranked by KL to LS."""
+    teachers = report.teachers
+    kl = {n: t.similarity.ls_kl.mean or 0.0 for n, t in teachers.items()}
+    order = sorted(kl, key=lambda n: -kl[n])
+    rows = [
+        [f"mean entropy T={x:g}", *(t.entropy[f"T={float(x)}"].mean for t in teachers.values())]
+        for x in report.settings.temperatures
+    ]
+    rows += [
+        [label, *(getattr(t.similarity, key).mean for t in teachers.values())]
+        for key, label in SIMILARITY_ROWS
+    ]
+    rows.append(
+        [
+            "structure (0: LS-like, 1: one class)",
+            *(t.similarity.structure for t in teachers.values()),
+        ]
+    )
+    rows.append(
+        [
+            "rank by KL to LS (1: most similarity information)",
+            *(order.index(n) + 1 for n in teachers),
+        ]
+    )
+    c = report.cache.num_classes
+    title = (
+        f"== similarity information (paper 003; T=1, tail: {report.settings.tail}; "
+        f"LS: entropy log(C-1) = {math.log(max(c - 1, 1)):.3f}, KL 0) =="
+    )
+    return table(["figure (labelled views)", *teachers], rows, title)
+
+
+def class_similarity_table(report: InspectResult) -> str:
+    """KL to LS and the closest class of each class, teachers side by side (the first
+    ``2 * CLASS_ROWS`` classes)."""
+    teachers = report.teachers
+    first = next(iter(teachers.values())).per_class
+    shown = first[: 2 * CLASS_ROWS]
+    header = ["class", "name"]
+    for n in teachers:
+        header += [f"{n} KL to LS", f"{n} closest"]
+    rows = []
+    for i, c in enumerate(shown):
+        row: list[Any] = [c.class_, c.name]
+        for t in teachers.values():
+            mine = t.per_class[i]
+            closest = mine.most_similar[0] if mine.most_similar else None
+            row += [mine.ls_kl_mean, f"{closest.name} {closest.share:.2f}" if closest else None]
+        rows.append(row)
+    more = (
+        f" (the first {len(shown)} of {len(first)}; all in --json)"
+        if len(first) > len(shown)
+        else ""
+    )
+    return table(header, rows, f"== similarity information per class{more} ==", left=2)
 
 
 def _top5(t: dict[str, Any]) -> str:
