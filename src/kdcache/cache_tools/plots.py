@@ -20,6 +20,7 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from kdcache.core.inspect_report import PairReport, TeacherReport  # noqa: E402
 from kdcache.core.results import InspectResult  # noqa: E402
 
 DPI = 110
@@ -155,6 +156,8 @@ def similarity_plot(report: InspectResult) -> Figure:
         means = [t.entropy[f"T={float(x)}"].mean for x in temps]
         ent.plot(temps, [np.nan if m is None else m for m in means], "o-", color=color, label=name)
         sim = t.similarity
+        if sim is None:  # a report written before the figures existed
+            continue
         mass = sim.nonlabel_mass.mean or 0.0
         spread = sim.nonlabel_entropy.mean or 0.0
         where.scatter(
@@ -194,7 +197,7 @@ def _views(report: InspectResult) -> str:
     return f"{n:,} views"
 
 
-def reliability_plot(name: str, t: dict[str, Any]) -> Figure:
+def reliability_plot(name: str, t: TeacherReport) -> Figure:
     """Reliability diagram: accuracy per confidence bin against the diagonal, and the bin counts."""
     rel = t["reliability"]
     edges = np.array(rel["edges"])
@@ -259,7 +262,7 @@ def reliability_plot(name: str, t: dict[str, Any]) -> Figure:
     return fig
 
 
-def class_plot(name: str, t: dict[str, Any]) -> Figure:
+def class_plot(name: str, t: TeacherReport) -> Figure:
     """Per-class top-1 accuracy and mean p(label): bars by class when few, sorted curves when
     many."""
     classes = [c for c in t["per_class"] if c["views"]]
@@ -300,7 +303,7 @@ def class_plot(name: str, t: dict[str, Any]) -> Figure:
     return fig
 
 
-def pair_plot(pair: dict[str, Any]) -> Figure:
+def pair_plot(pair: PairReport) -> Figure:
     """Two teachers on the same views: p(label) of A against B, and who is right."""
     a = pair["a"]
     b = pair["b"]

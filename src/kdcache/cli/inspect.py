@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from kdcache.core.inspect_report import PairReport, Similarity, TeacherReport
     from kdcache.core.results import InspectResult, InspectSettings
 
 QUANTITIES = (
@@ -247,7 +248,7 @@ def summary_table(report: InspectResult) -> str:
     )
 
 
-def _summary_rows(settings: InspectSettings) -> list[tuple[str, Callable[[dict[str, Any]], Any]]]:
+def _summary_rows(settings: InspectSettings) -> list[tuple[str, Callable[[TeacherReport], Any]]]:
     """(row label, figure of a teacher's report) for the summary table."""
     entropy = [
         (f"mean entropy T={t:g} (nats)", lambda r, k=f"T={float(t)}": r["entropy"][k]["mean"])
@@ -297,20 +298,21 @@ SIMILARITY_ROWS = (
 def similarity_table(report: InspectResult) -> str:
     """Paper 003's similarity information, one column per teacher, ranked by KL to LS."""
     teachers = report.teachers
-    kl = {n: t.similarity.ls_kl.mean or 0.0 for n, t in teachers.items()}
+    sims = _similarities(report)
+    kl = {n: sim.ls_kl.mean or 0.0 for n, sim in sims.items()}
     order = sorted(kl, key=lambda n: -kl[n])
     rows = [
         [f"mean entropy T={x:g}", *(t.entropy[f"T={float(x)}"].mean for t in teachers.values())]
         for x in report.settings.temperatures
     ]
     rows += [
-        [label, *(getattr(t.similarity, key).mean for t in teachers.values())]
+        [label, *(getattr(sim, key).mean for sim in sims.values())]
         for key, label in SIMILARITY_ROWS
     ]
     rows.append(
         [
             "structure (0: LS-like, 1: one class)",
-            *(t.similarity.structure for t in teachers.values()),
+            *(sim.structure for sim in sims.values()),
         ]
     )
     rows.append(
@@ -325,6 +327,11 @@ def similarity_table(report: InspectResult) -> str:
         f"LS: entropy log(C-1) = {math.log(max(c - 1, 1)):.3f}, KL 0) =="
     )
     return table(["figure (labelled views)", *teachers], rows, title)
+
+
+def _similarities(report: InspectResult) -> dict[str, Similarity]:
+    """Each teacher's similarity figures (format_report shows them only when all have them)."""
+    return {n: t.similarity for n, t in report.teachers.items() if t.similarity is not None}
 
 
 def class_similarity_table(report: InspectResult) -> str:
@@ -352,7 +359,7 @@ def class_similarity_table(report: InspectResult) -> str:
     return table(header, rows, f"== similarity information per class{more} ==", left=2)
 
 
-def _top5(t: dict[str, Any]) -> str:
+def _top5(t: TeacherReport) -> str:
     if t["top5"] is not None:
         return _pct(t["top5"])
     return f"- (top-{t['topk']['k']}: {_pct(t['topk']['accuracy'])})"
@@ -385,7 +392,7 @@ def distribution_table(report: InspectResult) -> str:
     )
 
 
-def class_table(name: str, t: dict[str, Any]) -> str:
+def class_table(name: str, t: TeacherReport) -> str:
     """Per-class accuracy and confidence; the worst and best classes by accuracy when C is large."""
     classes: list[dict[str, Any] | None] = list(t["per_class"])
     title = f"== {name}: per class =="
@@ -420,7 +427,7 @@ def class_table(name: str, t: dict[str, Any]) -> str:
     )
 
 
-def confused_table(name: str, t: dict[str, Any]) -> str:
+def confused_table(name: str, t: TeacherReport) -> str:
     rows = [
         [f"{p['true_name']} -> {p['pred_name']}", p["count"], _pct(p["fraction_of_true"])]
         for p in t["confused_pairs"]
@@ -434,7 +441,7 @@ def confused_table(name: str, t: dict[str, Any]) -> str:
     )
 
 
-def pair_table(pairs: list[dict[str, Any]]) -> str:
+def pair_table(pairs: list[PairReport]) -> str:
     """Teacher against teacher on the same views."""
     rows = [
         [
