@@ -583,11 +583,13 @@ def test_config_schema_is_pinned():
         "data": [
             "batch_size",
             "eval_batch_size",
+            "exclude_classes",
             "label_key",
             "num_classes",
             "num_workers",
             "pin_memory",
             "prefetch_factor",
+            "select",
             "shard_shuffle",
             "shards",
             "shuffle_buffer",
