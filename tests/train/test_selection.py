@@ -122,3 +122,6 @@ def test_selection_refuses_what_it_cannot_do(world, tmp_path) -> None:
     config = make(world, tmp_path, data={"select": {"per_class": 2, "teacher": "nope"}})
     with pytest.raises(ConfigError, match="data.select.teacher: 'nope' is not a teacher"):
         build_train_data(config, 0, 1, ["tiny"], pin_memory=False)
+    config = make(world, tmp_path, data={"exclude_classes": [C]})
+    with pytest.raises(ConfigError, match=r"data.exclude_classes: \[4\] not among the 4 classes"):
+        build_train_data(config, 0, 1, ["tiny"], pin_memory=False)

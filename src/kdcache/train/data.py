@@ -846,6 +846,12 @@ def build_train_data(
         kept = select_rows(config.data, store, urls, recipe, config.run.seed, config.teacher.name)
         if kept is not None:
             counts = [len(rows) for rows in kept.rows]
+            log.info(
+                "training on %d selected samples (per class: %s; classes excluded: %s)",
+                kept.record.samples,
+                kept.record.counts,
+                kept.record.excluded_classes or "none",
+            )
     else:
         kept = None
         counts = shard_counts(urls, data_options)

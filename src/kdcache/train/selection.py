@@ -66,6 +66,12 @@ def select_rows(
             f"data.{key}: the cache's recipe mixes images (Mixup/CutMix), so a kept view would "
             "carry a dropped sample's image; use a cache without mixing"
         )
+    c = store.meta.num_classes
+    outside = [x for x in data.exclude_classes if x >= c]
+    if outside:
+        raise ConfigError(
+            f"data.exclude_classes: {outside} not among the {c} classes of cache {store.path!r}"
+        )
     select = data.select
     teacher = None
     if select is not None and select.by != "random":
