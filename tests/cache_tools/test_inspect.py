@@ -574,6 +574,7 @@ def test_cli_tables_json_and_plots(cache, report, tmp_path, capsys) -> None:
         "== weak: per class",
         "ant -> ",
         "strong vs weak",
+        "== similarity information (paper 003",
     ):
         assert needle in text
     loaded = json.loads(out_json.read_text(), parse_constant=_no_nan)
@@ -583,6 +584,7 @@ def test_cli_tables_json_and_plots(cache, report, tmp_path, capsys) -> None:
     assert names == sorted(
         [f"dist_{q}.png" for q in ("max_prob", "label_prob", "tail_mass", "margin")]
         + ["dist_entropy_T1.0.png", "dist_entropy_T2.0.png", "pair_strong_vs_weak.png"]
+        + ["similarity.png"]
         + [f"{kind}_{t}.png" for kind in ("reliability", "per_class") for t in TEACHERS]
     )
     for path in plots.iterdir():

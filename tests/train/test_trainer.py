@@ -588,11 +588,13 @@ def test_config_schema_is_pinned():
         "data": [
             "batch_size",
             "eval_batch_size",
+            "exclude_classes",
             "label_key",
             "num_classes",
             "num_workers",
             "pin_memory",
             "prefetch_factor",
+            "select",
             "shard_shuffle",
             "shards",
             "shuffle_buffer",
@@ -619,7 +621,9 @@ def test_config_schema_is_pinned():
     sorted(
         str(p.relative_to(ROOT))
         for p in (ROOT / "configs").rglob("*.yaml")
-        if p.parent.name in ("fmnist", "effdstl") or p.name == "train.yaml"
+        if p.parent.name in ("fmnist", "effdstl")
+        or p.name == "train.yaml"
+        or (p.parent.name == "similarity" and p.name != "precompute.yaml")
     ),
 )
 def test_shipped_configs_load(path):
@@ -639,6 +643,10 @@ def test_shipped_configs_load(path):
         # the official code: WSL at T=2 with weights at T=2 and weight 0.5; no CE in stage 2
         assert (wsl.temperature, wsl.weight_temperature, wsl.kd_weight) == (2.0, 2.0, 0.5)
         assert (mining.teacher_temperature, mining.ce_weight) == (0.7, 0.0)
+    if "similarity/student_select" in path:
+        assert config.data.select.per_class == 20 and config.data.select.teacher == "e3"
+    if "similarity/student_heldout" in path:
+        assert config.data.exclude_classes == [6]
 
 
 def test_cli_trains_and_prints_the_summary(world, tmp_path, capsys):

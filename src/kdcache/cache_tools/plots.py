@@ -1,4 +1,4 @@
-"""PNG plots of an inspect report (see :mod:`kdcache.cache_tools.stats` for the report's schema).
+"""PNG plots of an inspect report (its schema: :mod:`kdcache.core.inspect_report`).
 
 Everything is drawn from the report alone, so plots can be redrawn from a saved JSON file
 (``InspectResult.read(path)``).
@@ -20,6 +20,7 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from kdcache.core.inspect_report import PairReport, TeacherReport  # noqa: E402
 from kdcache.core.results import InspectResult  # noqa: E402
 
 DPI = 110
@@ -54,6 +55,8 @@ def write_plots(report: InspectResult, out_dir: str | Path) -> list[Path]:
         _save(entropy_plot(report, key), out / f"dist_entropy_{key.replace('=', '')}.png")
         for key in next(iter(teachers.values()))["entropy"]
     ]
+    if all(t.similarity is not None for t in teachers.values()):
+        paths.append(_save(similarity_plot(report), out / "similarity.png"))
     for name, t in teachers.items():
         paths.append(_save(reliability_plot(name, t), out / f"reliability_{_slug(name)}.png"))
         paths.append(_save(class_plot(name, t), out / f"per_class_{_slug(name)}.png"))
@@ -140,12 +143,61 @@ def entropy_plot(report: InspectResult, key: str) -> Figure:
     return fig
 
 
+def similarity_plot(report: InspectResult) -> Figure:
+    """Paper 003's similarity information, teachers side by side: mean entropy against the
+    temperature, where each teacher sits between label smoothing and a one-class response, and
+    the KL to label smoothing per class."""
+    fig = Figure(figsize=(15, 4.8), layout="constrained")
+    ent, where, per_class = fig.subplots(1, 3)
+    log_c1 = float(np.log(max(report.cache.num_classes - 1, 1)))
+    temps = report.settings.temperatures
+    for i, (name, t) in enumerate(report.teachers.items()):
+        color = f"C{i % 10}"
+        means = [t.entropy[f"T={float(x)}"].mean for x in temps]
+        ent.plot(temps, [np.nan if m is None else m for m in means], "o-", color=color, label=name)
+        sim = t.similarity
+        if sim is None:  # a report written before the figures existed
+            continue
+        mass = sim.nonlabel_mass.mean or 0.0
+        spread = sim.nonlabel_entropy.mean or 0.0
+        where.scatter(
+            [mass], [spread], color=color, s=50, label=f"{name} ({sim.structure or 0:.2f})"
+        )
+        rows = [c for c in t.per_class if c.views]
+        per_class.plot(
+            [c.class_ for c in rows], [c.ls_kl_mean for c in rows], "o-", color=color, label=name
+        )
+    ent.axhline(float(np.log(report.cache.num_classes)), color="grey", lw=1, ls=":")
+    ent.set(title="Mean entropy of the targets", xlabel="temperature", ylabel="nats")
+    ent.legend(fontsize="small")
+    where.axhline(log_c1, color="grey", lw=1, ls="--")
+    where.text(0.0, log_c1, " label smoothing (uniform non-label mass)", va="bottom", color="grey")
+    where.set(
+        title="Non-label mass and its spread (structure in the legend)",
+        xlabel="mean 1 - p(label)",
+        ylabel="mean entropy of the non-label distribution (nats)",
+        xlim=(0, 1),
+        ylim=(0, log_c1 * 1.1 + 1e-6),
+    )
+    where.legend(fontsize="small")
+    per_class.set(
+        title="KL to label smoothing of the same p(label)",
+        xlabel="class",
+        ylabel="mean KL (nats); higher: more similarity information",
+    )
+    per_class.legend(fontsize="small")
+    fig.suptitle(
+        f"Similarity information over {_views(report)} (T=1, tail: {report.settings.tail})"
+    )
+    return fig
+
+
 def _views(report: InspectResult) -> str:
     n = next(iter(report.teachers.values()))["views"]
     return f"{n:,} views"
 
 
-def reliability_plot(name: str, t: dict[str, Any]) -> Figure:
+def reliability_plot(name: str, t: TeacherReport) -> Figure:
     """Reliability diagram: accuracy per confidence bin against the diagonal, and the bin counts."""
     rel = t["reliability"]
     edges = np.array(rel["edges"])
@@ -210,7 +262,7 @@ def reliability_plot(name: str, t: dict[str, Any]) -> Figure:
     return fig
 
 
-def class_plot(name: str, t: dict[str, Any]) -> Figure:
+def class_plot(name: str, t: TeacherReport) -> Figure:
     """Per-class top-1 accuracy and mean p(label): bars by class when few, sorted curves when
     many."""
     classes = [c for c in t["per_class"] if c["views"]]
@@ -251,7 +303,7 @@ def class_plot(name: str, t: dict[str, Any]) -> Figure:
     return fig
 
 
-def pair_plot(pair: dict[str, Any]) -> Figure:
+def pair_plot(pair: PairReport) -> Figure:
     """Two teachers on the same views: p(label) of A against B, and who is right."""
     a = pair["a"]
     b = pair["b"]

@@ -6,53 +6,12 @@ so memory does not grow with the cache and a million views take seconds. Only VA
 count; shards without a completion mark (views or any selected teacher) are skipped with a warning,
 or refused.
 
-## `kdcache inspect --json FILE` schema
+## The report
 
-```
-{
-  "cache":    {path, shards, shards_read, skipped_shards: {"views"|TEACHER: [shard, ...]},
-               samples, num_views, num_classes, recipe},
-  "settings": {tail: "spread"|"renorm", tail_note, temperatures: [T, ...], fine_bins: 1000,
-               hist_bins: 50, ece_bins: 15, under_confident_thresholds: [0.5, 0.7, 0.9]},
-  "teachers": {TEACHER: {
-      "k": stored top-k, "views": valid views, "labelled_views": valid views with a label,
-      "top1": accuracy, "top5": accuracy, null when k < 5,
-      "topk": {k: min(k, 5), accuracy},             # the top-5 figure over what is stored
-      "max_prob", "label_prob", "tail_mass", "margin": DIST,
-                                                    # exact at T=1; margin p1 - p2 (null if k < 2)
-      "entropy": {"T=1.0": DIST, ...},              # nats; sparse targets at T under settings.tail
-      "ece": float,                                 # standard ECE, 15 equal-width bins (lo, hi]
-                                                    # of max prob
-      "reliability": {edges, counts, confidence, accuracy},   # per bin; null where a bin is empty
-      "under_confident": {"0.5": {views, fraction, fraction_of_correct}, ...},
-                                                    # top-1 right, p(label) < thr
-      "wrong": {views, fraction},                   # top-1 wrong
-      "per_class": [{class, name, views, top1, label_prob_mean, max_prob_mean}, ...],
-                                                    # all C classes, by label
-      "confused_pairs": [{true, true_name, pred, pred_name, count, fraction_of_true}, ...],
-                                                    # top 10
-      "augmentation": null | {                      # recipes with a policy or Mixup/CutMix
-          "policy": null | {by_ops: [{ops, GROUP}, ...],       # by policy ops applied
-                            by_level: [{lo, hi, GROUP}, ...]},  # by their mean magnitude (0..10)
-          "mix": null | {unmixed: GROUP, mixup: GROUP, cutmix: GROUP,
-                         by_lam: [{lo, hi, GROUP}, ...]}},     # mixed views by lam
-      "view_consistency": {samples, views_per_sample,
-                           top1_disagree,           # fraction of samples whose views differ
-                                                    # on top-1
-                           js: DIST}}},             # JS divergence of each pair of views of a
-                                                    # sample
-  "pairs": [{a, b, views, top1_agreement,
-             js: DIST,                              # JS divergence of A and B on each view
-             correctness: {both_right, a_only, b_only, both_wrong},
-             both_right: {views, label_prob_mean_a, label_prob_mean_b, a_more_confident,
-                          b_more_confident},
-             label_prob_2d: {bins, counts[a_bin][b_bin]}}, ...]   # p(label) of A vs B,
-                                                                  # bins on [0, 1]
-}
-DIST = {n, mean, min, max, quantiles: {p5, p25, p50, p75, p95}, scale: "linear"|"log10",
-        resolution, hist: {edges (hist_bins + 1), counts (hist_bins)}}
-GROUP = views, max_prob, top1, label_prob    # labelled views; means (null for no views)
-```
+Its schema is code: :mod:`kdcache.core.inspect_report` (``TeacherReport``, ``PairReport`` and their
+parts), validated when the report is built here and when it is read back. A DIST (``Dist``) is a
+per-view quantity's mean, min, max, quantiles and histogram; the similarity figures (paper 003) are
+defined in :mod:`kdcache.cache_tools.similarity`.
 
 Fractions about labels (accuracy, wrong, under-confident, correctness) are of labelled views. Means,
 min and max are exact. Quantiles are read from a 1000-bin histogram over the quantity's range
@@ -86,6 +45,14 @@ import torch
 
 from kdcache.cache.reader import ShardBlock, read_block
 from kdcache.cache.store import STATUS_VALID, CacheStore
+from kdcache.cache_tools.similarity import (
+    FIGURES,
+    MATRIX_LIMIT,
+    MOST_SIMILAR,
+    ClassShares,
+    ViewSimilarity,
+    view_similarity,
+)
 from kdcache.cache_tools.strength import StrengthStats, ViewFeatures, dominant_labels, view_features
 from kdcache.core.errors import (
     CacheIncompleteError,
@@ -93,7 +60,8 @@ from kdcache.core.errors import (
     CacheReadError,
     ConfigError,
 )
-from kdcache.core.results import InspectResult
+from kdcache.core.inspect_report import PairReport, TeacherReport
+from kdcache.core.results import InspectCache, InspectResult, InspectSettings
 from kdcache.targets.sparse import TAIL_MODES, SparseTargets, TailMode, sparse_probs
 from kdcache.views.recipe import ViewRecipe
 
@@ -439,6 +407,23 @@ class TeacherStats:
         self.classes = np.zeros((4, self.num_classes))
         self.consistency = {"samples": 0, "disagree": 0, "views_per_sample": 0}
         self.strength = StrengthStats(self.recipe)
+        log_c1 = max(math.log(max(self.num_classes - 1, 1)), 1e-6)
+        ranges = (
+            (0.0, 1.0),
+            (0.0, log_c1),
+            (1.0, max(self.num_classes - 1.0, 1.0 + 1e-6)),
+            (0.0, 1.0),
+            (0.0, log_c1),
+            (0.0, 2.0),
+        )
+        self.similar = {f: Histogram(lo, hi) for f, (lo, hi) in zip(FIGURES, ranges, strict=True)}
+        # Per class sums of: each similarity figure (rows in FIGURES order), p(label)^2, and the
+        # entropy at each temperature (rows in self.temperatures order); divided by views.
+        self.class_similar = np.zeros((len(FIGURES), self.num_classes))
+        self.class_lp2 = np.zeros(self.num_classes)
+        self.class_entropy = np.zeros((len(self.temperatures), self.num_classes))
+        self.ls_scale = 0.0  # sum of m log(C - 1): the denominator of "structure"
+        self.shares = ClassShares(self.num_classes) if self.num_classes <= MATRIX_LIMIT else None
 
     def update(self, v: Views, features: ViewFeatures) -> None:
         """Add one block's views."""
@@ -446,6 +431,7 @@ class TeacherStats:
         self._update_distributions(v)
         self._update_labelled(v)
         self._update_consistency(v)
+        self._update_similarity(v)
         self.strength.update(features, v.labelled, v.probs[..., 0], v.correct, v.label_prob)
 
     def _update_distributions(self, v: Views) -> None:
@@ -462,6 +448,37 @@ class TeacherStats:
                 else entropy(v.targets, self.num_classes, t, self.tail)
             )
             self.hists[_tkey(t)].add(h)
+            labelled = v.labelled
+            self.class_entropy[self.temperatures.index(t)] += np.bincount(
+                v.label[labelled],
+                weights=np.reshape(h, v.label.shape)[labelled],  # [n * A] at T != 1
+                minlength=self.num_classes,
+            )
+
+    def _update_similarity(self, v: Views) -> None:
+        mask = v.labelled
+        sim: ViewSimilarity = view_similarity(
+            v.label[mask],
+            v.idx[mask],
+            v.probs[mask].astype(np.float64),
+            v.label_prob[mask].astype(np.float64),
+            v.tail_mass[mask].astype(np.float64),
+            self.num_classes,
+            self.tail,
+        )
+        for row, name in enumerate(FIGURES):
+            self.similar[name].add(sim.figures[name])
+            self.class_similar[row] += np.bincount(
+                sim.label, weights=sim.figures[name], minlength=self.num_classes
+            )
+        self.class_lp2 += np.bincount(
+            sim.label, weights=v.label_prob[mask] ** 2, minlength=self.num_classes
+        )
+        self.ls_scale += float(sim.figures["nonlabel_mass"].sum()) * math.log(
+            max(self.num_classes - 1, 1)
+        )
+        if self.shares is not None:
+            self.shares.add(sim)
 
     def _update_labelled(self, v: Views) -> None:
         mask = v.labelled
@@ -508,30 +525,69 @@ def _tkey(temperature: float) -> str:
     return f"T={float(temperature)}"
 
 
-def teacher_report(s: TeacherStats, class_names: Sequence[str]) -> dict[str, Any]:
-    """The JSON object of one teacher (see the module docstring)."""
+def teacher_report(s: TeacherStats, class_names: Sequence[str]) -> TeacherReport:
+    """One teacher's figures, validated by their schema."""
     correct = int(s.classes[1].sum())
-    return {
-        "k": s.k,
-        "views": s.views,
-        "labelled_views": s.labelled,
-        "top1": _ratio(correct, s.labelled),
-        "top5": _ratio(s.topk_hits, s.labelled) if s.k >= 5 else None,
-        "topk": {"k": min(s.k, 5), "accuracy": _ratio(s.topk_hits, s.labelled)},
-        **{q: s.hists[q].summary() for q in ("max_prob", "label_prob", "tail_mass")},
-        "margin": s.hists["margin"].summary() if s.k >= 2 else None,
-        "entropy": {_tkey(t): s.hists[_tkey(t)].summary() for t in s.temperatures},
-        **_calibration(s.ece),
-        "under_confident": _under_confident(s.under, correct, s.labelled),
-        "wrong": {
-            "views": s.labelled - correct,
-            "fraction": _ratio(s.labelled - correct, s.labelled),
-        },
-        "per_class": _per_class(s.classes, class_names),
-        "confused_pairs": _confused_pairs(s.errors, s.classes[0], class_names),
-        "view_consistency": _view_consistency(s),
-        "augmentation": s.strength.report(),
-    }
+    return TeacherReport.model_validate(
+        {
+            "k": s.k,
+            "views": s.views,
+            "labelled_views": s.labelled,
+            "top1": _ratio(correct, s.labelled),
+            "top5": _ratio(s.topk_hits, s.labelled) if s.k >= 5 else None,
+            "topk": {"k": min(s.k, 5), "accuracy": _ratio(s.topk_hits, s.labelled)},
+            **{q: s.hists[q].summary() for q in ("max_prob", "label_prob", "tail_mass")},
+            "margin": s.hists["margin"].summary() if s.k >= 2 else None,
+            "entropy": {_tkey(t): s.hists[_tkey(t)].summary() for t in s.temperatures},
+            **_calibration(s.ece),
+            "under_confident": _under_confident(s.under, correct, s.labelled),
+            "wrong": {
+                "views": s.labelled - correct,
+                "fraction": _ratio(s.labelled - correct, s.labelled),
+            },
+            "per_class": _with_similarity(_per_class(s.classes, class_names), s, class_names),
+            "confused_pairs": _confused_pairs(s.errors, s.classes[0], class_names),
+            "view_consistency": _view_consistency(s),
+            "augmentation": s.strength.report(),
+            "similarity": _similarity(s),
+        }
+    )
+
+
+def _similarity(s: TeacherStats) -> dict[str, Any]:
+    """The teacher's similarity information (:mod:`kdcache.cache_tools.similarity`)."""
+    out: dict[str, Any] = {f: s.similar[f].summary() for f in FIGURES}
+    out["structure"] = _ratio(s.similar["ls_kl"].total, s.ls_scale)
+    return out
+
+
+def _with_similarity(
+    rows: list[dict[str, Any]], s: TeacherStats, names: Sequence[str]
+) -> list[dict[str, Any]]:
+    """Add each class's mean similarity figures, entropy per temperature and closest classes."""
+    views = s.classes[0]
+    shares = s.shares.shares(views) if s.shares is not None else None
+    for c, row in enumerate(rows):
+        n = views[c]
+        for i, f in enumerate(FIGURES):
+            row[f"{f}_mean"] = _ratio(float(s.class_similar[i, c]), n)
+        mean = _ratio(float(s.classes[2, c]), n)
+        square = _ratio(float(s.class_lp2[c]), n)
+        row["label_prob_std"] = (
+            math.sqrt(max(square - mean * mean, 0.0)) if mean is not None and square else None
+        )
+        row["entropy_mean"] = {
+            _tkey(t): _ratio(float(s.class_entropy[i, c]), n) for i, t in enumerate(s.temperatures)
+        }
+        row["most_similar"] = _most_similar(shares[c], names) if shares is not None and n else None
+    return rows
+
+
+def _most_similar(shares: np.ndarray, names: Sequence[str]) -> list[dict[str, Any]]:
+    order = np.lexsort((np.arange(len(shares)), -shares))[:MOST_SIMILAR]
+    return [
+        {"class": int(j), "name": _name(names, int(j)), "share": float(shares[j])} for j in order
+    ]
 
 
 def _calibration(ece: np.ndarray) -> dict[str, Any]:
@@ -677,32 +733,34 @@ def _flat(x: np.ndarray) -> np.ndarray:
     return x.reshape(-1, *x.shape[2:])
 
 
-def pair_report(p: PairStats) -> dict[str, Any]:
-    """The JSON object of one teacher pair (see the module docstring)."""
+def pair_report(p: PairStats) -> PairReport:
+    """The figures of one teacher pair, validated by their schema."""
     labelled = int(p.cells.sum())
     both = int(p.cells[0])
     sum_a, sum_b, a_more, b_more = p.both_sums
-    return {
-        "a": p.a,
-        "b": p.b,
-        "views": p.views,
-        "top1_agreement": _ratio(p.agree, p.views),
-        "js": p.js.summary(),
-        "correctness": {
-            key: _ratio(int(n), labelled)
-            for key, n in zip(
-                ("both_right", "a_only", "b_only", "both_wrong"), p.cells, strict=True
-            )
-        },
-        "both_right": {
-            "views": both,
-            "label_prob_mean_a": _ratio(float(sum_a), both),
-            "label_prob_mean_b": _ratio(float(sum_b), both),
-            "a_more_confident": _ratio(float(a_more), both),
-            "b_more_confident": _ratio(float(b_more), both),
-        },
-        "label_prob_2d": {"bins": PAIR_2D_BINS, "counts": p.hist2d.tolist()},
-    }
+    return PairReport.model_validate(
+        {
+            "a": p.a,
+            "b": p.b,
+            "views": p.views,
+            "top1_agreement": _ratio(p.agree, p.views),
+            "js": p.js.summary(),
+            "correctness": {
+                key: _ratio(int(n), labelled)
+                for key, n in zip(
+                    ("both_right", "a_only", "b_only", "both_wrong"), p.cells, strict=True
+                )
+            },
+            "both_right": {
+                "views": both,
+                "label_prob_mean_a": _ratio(float(sum_a), both),
+                "label_prob_mean_b": _ratio(float(sum_b), both),
+                "a_more_confident": _ratio(float(a_more), both),
+                "b_more_confident": _ratio(float(b_more), both),
+            },
+            "label_prob_2d": {"bins": PAIR_2D_BINS, "counts": p.hist2d.tolist()},
+        }
+    )
 
 
 # ---- the driver ----------------------------------------------------------------------------
@@ -779,8 +837,8 @@ def inspect_cache(
             if progress is not None:
                 progress(1)
     return InspectResult(
-        cache=_cache_section(store, len(shards), skipped),
-        settings=_settings(temperatures, tail),
+        cache=InspectCache.model_validate(_cache_section(store, len(shards), skipped)),
+        settings=InspectSettings.model_validate(_settings(temperatures, tail)),
         teachers={n: teacher_report(stats[n], meta.class_names) for n in names},
         pairs=[pair_report(p) for p in pairs],
     )

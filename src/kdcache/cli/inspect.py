@@ -1,12 +1,14 @@
 """``kdcache inspect CACHE``: teacher statistics of a cache as tables, a JSON document and plots.
 
-The figures come from :mod:`kdcache.cache_tools.stats` (its docstring holds the JSON schema); the
-plots from :mod:`kdcache.cache_tools.plots`. This module only parses, runs and prints.
+The figures come from :mod:`kdcache.cache_tools.stats` (the report's schema is
+:mod:`kdcache.core.inspect_report`); the plots from :mod:`kdcache.cache_tools.plots`. This module
+only parses, runs and prints.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from kdcache.core.inspect_report import PairReport, Similarity, TeacherReport
     from kdcache.core.results import InspectResult, InspectSettings
 
 QUANTITIES = (
@@ -146,6 +149,8 @@ def _progress_bar(total: int) -> Iterator[Callable[[int], object] | None]:
 def format_report(report: InspectResult) -> str:
     """Every table of the report, as one string."""
     sections = [_header(report), summary_table(report), distribution_table(report)]
+    if all(t.similarity is not None for t in report.teachers.values()):
+        sections += [similarity_table(report), class_similarity_table(report)]
     for name, t in report.teachers.items():
         sections.append(class_table(name, t))
         sections.append(confused_table(name, t))
@@ -243,7 +248,7 @@ def summary_table(report: InspectResult) -> str:
     )
 
 
-def _summary_rows(settings: InspectSettings) -> list[tuple[str, Callable[[dict[str, Any]], Any]]]:
+def _summary_rows(settings: InspectSettings) -> list[tuple[str, Callable[[TeacherReport], Any]]]:
     """(row label, figure of a teacher's report) for the summary table."""
     entropy = [
         (f"mean entropy T={t:g} (nats)", lambda r, k=f"T={float(t)}": r["entropy"][k]["mean"])
@@ -280,7 +285,81 @@ def _summary_rows(settings: InspectSettings) -> list[tuple[str, Callable[[dict[s
     ]
 
 
-def _top5(t: dict[str, Any]) -> str:
+SIMILARITY_ROWS = (
+    ("nonlabel_mass", "mean non-label mass 1 - p(label)"),
+    ("nonlabel_entropy", "mean entropy of the non-label distribution"),
+    ("nonlabel_effective", "mean effective non-label classes"),
+    ("nonlabel_top1_share", "mean share of the largest non-label class"),
+    ("ls_kl", "mean KL(teacher || LS, same p(label))"),
+    ("ls_l1", "mean L1(teacher, LS, same p(label))"),
+)
+
+
+def similarity_table(report: InspectResult) -> str:
+    """Paper 003's similarity information, one column per teacher, ranked by KL to LS."""
+    teachers = report.teachers
+    sims = _similarities(report)
+    kl = {n: sim.ls_kl.mean or 0.0 for n, sim in sims.items()}
+    order = sorted(kl, key=lambda n: -kl[n])
+    rows = [
+        [f"mean entropy T={x:g}", *(t.entropy[f"T={float(x)}"].mean for t in teachers.values())]
+        for x in report.settings.temperatures
+    ]
+    rows += [
+        [label, *(getattr(sim, key).mean for sim in sims.values())]
+        for key, label in SIMILARITY_ROWS
+    ]
+    rows.append(
+        [
+            "structure (0: LS-like, 1: one class)",
+            *(sim.structure for sim in sims.values()),
+        ]
+    )
+    rows.append(
+        [
+            "rank by KL to LS (1: most similarity information)",
+            *(order.index(n) + 1 for n in teachers),
+        ]
+    )
+    c = report.cache.num_classes
+    title = (
+        f"== similarity information (paper 003; T=1, tail: {report.settings.tail}; "
+        f"LS: entropy log(C-1) = {math.log(max(c - 1, 1)):.3f}, KL 0) =="
+    )
+    return table(["figure (labelled views)", *teachers], rows, title)
+
+
+def _similarities(report: InspectResult) -> dict[str, Similarity]:
+    """Each teacher's similarity figures (format_report shows them only when all have them)."""
+    return {n: t.similarity for n, t in report.teachers.items() if t.similarity is not None}
+
+
+def class_similarity_table(report: InspectResult) -> str:
+    """KL to LS and the closest class of each class, teachers side by side (the first
+    ``2 * CLASS_ROWS`` classes)."""
+    teachers = report.teachers
+    first = next(iter(teachers.values())).per_class
+    shown = first[: 2 * CLASS_ROWS]
+    header = ["class", "name"]
+    for n in teachers:
+        header += [f"{n} KL to LS", f"{n} closest"]
+    rows = []
+    for i, c in enumerate(shown):
+        row: list[Any] = [c.class_, c.name]
+        for t in teachers.values():
+            mine = t.per_class[i]
+            closest = mine.most_similar[0] if mine.most_similar else None
+            row += [mine.ls_kl_mean, f"{closest.name} {closest.share:.2f}" if closest else None]
+        rows.append(row)
+    more = (
+        f" (the first {len(shown)} of {len(first)}; all in --json)"
+        if len(first) > len(shown)
+        else ""
+    )
+    return table(header, rows, f"== similarity information per class{more} ==", left=2)
+
+
+def _top5(t: TeacherReport) -> str:
     if t["top5"] is not None:
         return _pct(t["top5"])
     return f"- (top-{t['topk']['k']}: {_pct(t['topk']['accuracy'])})"
@@ -313,7 +392,7 @@ def distribution_table(report: InspectResult) -> str:
     )
 
 
-def class_table(name: str, t: dict[str, Any]) -> str:
+def class_table(name: str, t: TeacherReport) -> str:
     """Per-class accuracy and confidence; the worst and best classes by accuracy when C is large."""
     classes: list[dict[str, Any] | None] = list(t["per_class"])
     title = f"== {name}: per class =="
@@ -348,7 +427,7 @@ def class_table(name: str, t: dict[str, Any]) -> str:
     )
 
 
-def confused_table(name: str, t: dict[str, Any]) -> str:
+def confused_table(name: str, t: TeacherReport) -> str:
     rows = [
         [f"{p['true_name']} -> {p['pred_name']}", p["count"], _pct(p["fraction_of_true"])]
         for p in t["confused_pairs"]
@@ -362,7 +441,7 @@ def confused_table(name: str, t: dict[str, Any]) -> str:
     )
 
 
-def pair_table(pairs: list[dict[str, Any]]) -> str:
+def pair_table(pairs: list[PairReport]) -> str:
     """Teacher against teacher on the same views."""
     rows = [
         [

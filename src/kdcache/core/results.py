@@ -44,6 +44,7 @@ import fsspec
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, computed_field
 
 from kdcache.core.errors import ResultError
+from kdcache.core.inspect_report import PairReport, TeacherReport
 
 RUNS = "runs"
 """The folder of run records inside a cache."""
@@ -269,6 +270,26 @@ def host_and_pid() -> tuple[str, int]:
 # ---- train --------------------------------------------------------------------------------------
 
 
+class Selection(BaseModel):
+    """What a run trained on when it did not train on every sample (``summary.json``)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    by: str | None = None
+    """``entropy_high``, ``entropy_low``, ``random``; None: only classes excluded."""
+    teacher: str | None = None
+    temperature: float | None = None
+    per_class: int | None = None
+    seed: int = 0
+    excluded_classes: list[int] = []
+    samples: int = 0
+    """Samples kept (of the training shards' valid rows)."""
+    counts: dict[str, int] = {}
+    """Class -> samples kept (every labelled class present in the training shards)."""
+    keys: list[str] | None = None
+    """With ``select``: the keys kept, by class then rank; None with exclusion only."""
+
+
 class TrainResult(Result):
     """What a ``kdcache train`` run did: ``<run.dir>/summary.json`` (written by the main rank)."""
 
@@ -298,6 +319,10 @@ class TrainResult(Result):
     world_size: int
     device: str
     run_dir: str
+    per_class_top1: list[float | None] | None = None
+    """The last evaluation's top-1 (percent) of each class (None: no validation sample)."""
+    selection: Selection | None = None
+    """``data.select`` / ``data.exclude_classes``: what the run trained on (None: everything)."""
 
 
 # ---- validate and verify ------------------------------------------------------------------------
@@ -396,14 +421,14 @@ class InspectSettings(BaseModel):
 
 
 class InspectResult(Result):
-    """``kdcache inspect``'s report; ``teachers`` and ``pairs`` follow the schema in
-    :mod:`kdcache.cache_tools.stats`."""
+    """``kdcache inspect``'s report; ``teachers`` and ``pairs`` are typed by
+    :mod:`kdcache.core.inspect_report` (the schema)."""
 
     cache: InspectCache
     settings: InspectSettings
-    teachers: dict[str, dict[str, Any]]
+    teachers: dict[str, TeacherReport]
     """Teacher -> its figures."""
-    pairs: list[dict[str, Any]]
+    pairs: list[PairReport]
     """Teacher against teacher on the same views, one entry per pair."""
     ensembles: list[dict[str, Any]] = []
     """Ensembles against their members (``--ensemble``, and stored ensembles whose models are

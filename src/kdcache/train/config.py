@@ -442,6 +442,23 @@ class RunConfig(StrictModel):
     same MLflow run."""
 
 
+class SelectConfig(StrictModel):
+    """``data.select``: train on ``per_class`` samples of each class chosen from the cache by a
+    teacher's entropy (paper 003's example selection); see :mod:`kdcache.train.selection`."""
+
+    per_class: int = Field(ge=1)
+    """Samples kept per class (all of a class's samples when it has fewer)."""
+    by: Literal["entropy_high", "entropy_low", "random"] = "entropy_high"
+    """Highest or lowest mean entropy over the sample's cached views, or a seeded random pick."""
+    teacher: str | None = None
+    """The cached teacher whose entropy ranks the samples (default ``teacher.name``)."""
+    temperature: float = Field(1.0, gt=0.0)
+    """The temperature of that entropy (the paper ranks at T = 9)."""
+    tail: Literal["spread", "renorm"] = "spread"
+    """The classes outside the stored top-k: ``spread`` (the tail mass shared equally) or
+    ``renorm`` (dropped)."""
+
+
 class DataConfig(StrictModel):
     """The shards and how they are streamed."""
 
@@ -478,6 +495,13 @@ class DataConfig(StrictModel):
     """Pin host memory of batches (CUDA only)."""
     prefetch_factor: int = Field(2, ge=1)
     """Batches prefetched per worker."""
+    select: SelectConfig | None = None
+    """Train on a selection of the cache's samples (per class, by a teacher's entropy); None:
+    every sample. Needs ``cache.path``; recorded in ``summary.json`` (``selection``)."""
+    exclude_classes: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list)
+    """Classes whose samples never reach the student (paper 003's "a class never seen"); the
+    evaluation still reports them (``top1_class_<c>``). Needs ``cache.path`` (labels come from
+    the cache) and a recipe that mixes no images."""
 
 
 class CacheConfig(StrictModel):
@@ -692,6 +716,12 @@ def _mode_problems(config: TrainConfig) -> list[str]:
         out.append("cache.path: teacher.mode 'cache' needs the cache's path")
     if not config.cache.path and config.data.num_classes is None:
         out.append("data.num_classes: required when no cache.path is given")
+    for key in ("select", "exclude_classes"):
+        if getattr(config.data, key) and not config.cache.path:
+            out.append(f"data.{key}: needs cache.path (the selection is read from the cache)")
+    select = config.data.select
+    if select is not None and select.by != "random" and not (select.teacher or config.teacher.name):
+        out.append(f"data.select.teacher: ranking by {select.by!r} needs a teacher name")
     return out
 
 

@@ -53,6 +53,7 @@ from kdcache.cache.reader import (
 )
 from kdcache.cache.store import STATUS_VALID, CacheStore, Fingerprint, open_store
 from kdcache.core.errors import CacheIncompleteError, CacheMismatchError, ConfigError, DataError
+from kdcache.core.results import Selection
 from kdcache.models.preprocess import RenderSpec
 from kdcache.models.preprocess import resolve as resolve_rendering
 from kdcache.shards.index import index_shards
@@ -68,6 +69,7 @@ from kdcache.shards.reading import (
 )
 from kdcache.targets.sparse import MixedLabels, SparseTargets, targets_from_arrays
 from kdcache.train.config import TrainConfig, stage_members
+from kdcache.train.selection import select_rows
 from kdcache.views.augment import UnseenOps, apply_unseen
 from kdcache.views.recipe import (
     Rendering,
@@ -250,6 +252,9 @@ class StreamSpec:
     """fsspec storage options of the shards (``data.storage_options``), as sorted items."""
     label_key: str = DEFAULT_LABEL_KEY
     """The label's key in ``.json`` entries (``data.label_key``)."""
+    keep: tuple[tuple[int, ...], ...] | None = None
+    """Per shard, the cache rows streamed (``data.select`` / ``data.exclude_classes``: see
+    :mod:`kdcache.train.selection`); None: every valid row."""
 
     @property
     def workers(self) -> int:
@@ -441,10 +446,15 @@ class ShardStream(IterableDataset):
         valid = 0
         options = dict(self.spec.data_storage_options) or None
         samples = iter_shard(url, options, self.spec.label_key)
+        streamed = self._kept_rows(piece.shard)
         for _, group in grouped(samples, self.spec.recipe.group_size):
             seen += len(group)
             rows = [block.row(s.key) if block is not None else -1 for s in group]
-            kept = [i for i, row in enumerate(rows) if block is None or block.valid(row)]
+            kept = [
+                i
+                for i, row in enumerate(rows)
+                if block is None or (block.valid(row) and (streamed is None or row in streamed))
+            ]
             for i in kept:
                 if piece.start <= valid < piece.stop:
                     yield self._item(name, group, rows, i, block)
@@ -460,6 +470,11 @@ class ShardStream(IterableDataset):
                 f"shard {name!r}: streamed {valid} samples, the plan expected {expected} "
                 "(the shard changed?)"
             )
+
+    def _kept_rows(self, shard: int) -> frozenset[int] | None:
+        """The rows of a shard the run streams (None: every valid row)."""
+        keep = self.spec.keep
+        return None if keep is None or not self.spec.train else frozenset(keep[shard])
 
     def _item(
         self, shard: str, group: list[Sample], rows: list[int], i: int, block: ShardBlock | None
@@ -802,6 +817,8 @@ class RunData:
     """The student's rendering of the views."""
     teacher_renderings: dict[str, Rendering] = field(default_factory=dict)
     """Online teachers' renderings (batches carry their own views where they differ)."""
+    selection: Selection | None = None
+    """What the run trains on when not every sample (``data.select``/``exclude_classes``)."""
 
     def epoch(self, epoch: int, teachers: Iterable[str], skip_batches: int = 0) -> Iterator[Batch]:
         """The epoch's batches on this rank, from batch ``skip_batches`` on (at most the step
@@ -826,7 +843,17 @@ def build_train_data(
         num_views = store.meta.num_views
         view_seed = store.meta.seed
         num_classes = store.meta.num_classes
+        kept = select_rows(config.data, store, urls, recipe, config.run.seed, config.teacher.name)
+        if kept is not None:
+            counts = [len(rows) for rows in kept.rows]
+            log.info(
+                "training on %d selected samples (per class: %s; classes excluded: %s)",
+                kept.record.samples,
+                kept.record.counts,
+                kept.record.excluded_classes or "none",
+            )
     else:
+        kept = None
         counts = shard_counts(urls, data_options)
         invalid = 0
         recipe = config.views.recipe
@@ -857,12 +884,22 @@ def build_train_data(
         storage_options=tuple(sorted(config.cache.storage_options.items())),
         data_storage_options=tuple(sorted(config.data.storage_options.items())),
         label_key=config.data.label_key,
+        keep=kept.rows if kept is not None else None,
     )
     _check_slots(spec)
     dataset = ShardStream(spec)
     loader = make_loader(dataset, pin_memory, config.data.prefetch_factor)
     return RunData(
-        spec, dataset, loader, store, num_classes, recipe, invalid, rendering, teachers_rendered
+        spec,
+        dataset,
+        loader,
+        store,
+        num_classes,
+        recipe,
+        invalid,
+        rendering,
+        teachers_rendered,
+        kept.record if kept is not None else None,
     )
 
 

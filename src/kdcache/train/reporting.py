@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from kdcache.core.results import TrainResult
+from kdcache.core.results import Selection, TrainResult
 from kdcache.train import distributed as D
 from kdcache.train.config import TrainConfig
 from kdcache.train.losses import LossParts
@@ -194,9 +194,16 @@ class Reporter:
             f", test top-1 {test['top1']:.2f}%" if test.get("top1") is not None else "",
         )
 
-    def summary(self, state: RunState, invalid: int) -> TrainResult:
+    def summary(
+        self,
+        state: RunState,
+        invalid: int,
+        num_classes: int = 0,
+        selection: Selection | None = None,
+    ) -> TrainResult:
         """The run's result (``summary.json``): what it did, its last evaluation and its speed."""
         final = state.last_eval
+        per_class = [final.get(f"top1_class_{c}") for c in range(num_classes)]
         return TrainResult(
             mode=self.config.teacher.mode,
             epochs=state.epoch,
@@ -215,4 +222,6 @@ class Reporter:
             world_size=self.dist.world_size,
             device=str(self.dist.device),
             run_dir=str(Path(self.config.run.dir)),
+            per_class_top1=per_class if final and num_classes else None,
+            selection=selection,
         )

@@ -132,7 +132,9 @@ class Trainer:
         world = self.dist.world_size
         val = build_eval_data(self.config, rank, world, data.recipe, data.num_classes, self._pin)
         loader = None if val is None else val[1]
-        return Evaluator(loader, self.device, self.config.run.amp, self.student_input)
+        return Evaluator(
+            loader, self.device, self.config.run.amp, self.student_input, data.num_classes
+        )
 
     def _build_checkpointer(self) -> Checkpointer:
         """The checkpointer over the run's stateful parts (the resume contract is its module's)."""
@@ -157,7 +159,9 @@ class Trainer:
             self.train_epoch()
             if not self.stopped_early:
                 self.end_epoch()
-        summary = self.report.summary(self.state, self.data.invalid)
+        summary = self.report.summary(
+            self.state, self.data.invalid, self.data.num_classes, self.data.selection
+        )
         if self.dist.is_main:
             summary.write(Path(self.config.run.dir) / "summary.json")
         D.barrier()
