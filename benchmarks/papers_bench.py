@@ -20,7 +20,13 @@ The claims (paper: claim, a vs b):
 - 001 DIST: DIST vs KD from the stronger teacher, under the plain recipe (B1) and under the
   strong one (B3-like); the weaker teacher's pair is reported beside them;
 - 002 Efficacy: KD from the early-stopped teacher vs from the final one; early-stopped KD
-  (``stop_epoch`` at half the epochs, then CE) vs KD all the way.
+  (``stop_epoch`` at half the epochs, then CE) vs KD all the way;
+- 003 similarity information: of the cached teachers, the one with the most entropy at T=1
+  (``rich``, from ``kdcache inspect``'s figures) vs the most confident one (``confident``): the
+  student's accuracy on a class it never saw (``data.exclude_classes``: only the teacher's soft
+  labels on other classes teach it), and with ``--per-class`` examples per class chosen by the
+  teacher's entropy (``data.select``, highest at T = 9 as the paper ranks), beside a random
+  choice of as many.
 
 ``agrees`` is ``a.mean > b.mean``; ``margin`` is ``(a - b) / sqrt(std_a² + std_b²)`` so a reader
 sees where an agreement is within the seeds' noise.
@@ -48,6 +54,8 @@ from benchmarks.common import (
     table,
     write_yaml,
 )
+from kdcache.cache.store import open_store
+from kdcache.cache_tools.stats import inspect_cache
 from kdcache.train.config import load_train_config
 from kdcache.train.trainer import train
 
@@ -67,6 +75,11 @@ class Setup:
     teachers: dict[str, dict[str, Any]]
     cache: str
     strong_cache: str
+    rich: str
+    """The cached teacher with the most entropy at T=1 (paper 003's similarity-rich one)."""
+    confident: str
+    entropy: dict[str, float]
+    """Each candidate teacher's mean entropy (nats) at T=1 over its cached views."""
 
 
 @dataclass(frozen=True)
@@ -114,6 +127,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", default="0,1,2", help="student seeds (default 0,1,2)")
     parser.add_argument("--temperature", type=float, default=4.0, help="KD/DIST T (default 4)")
     parser.add_argument("--alpha", type=float, default=0.5, help="KD alpha (default 0.5)")
+    parser.add_argument(
+        "--held-out", type=int, default=0, help="the class 003's students never see (default 0)"
+    )
+    parser.add_argument(
+        "--per-class", type=int, default=50, help="003's examples per class (default 50)"
+    )
+    parser.add_argument(
+        "--select-epochs", type=int, default=20, help="epochs on 003's selections (default 20)"
+    )
     parser.add_argument("--batch-size", type=int, default=128, help="batch size (default 128)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers (default 2)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
@@ -131,8 +153,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "kdcache bench papers needs Fashion-MNIST: apt-get install dataset-fashion-mnist"
         )
     setup = set_up(args)
-    students = {s.name: s for s in student_variants(args)}
-    claims = claim_rows()
+    students = {s.name: s for s in student_variants(args, setup)}
+    claims = claim_rows(args)
     summaries = {
         name: [train_student(args, setup, students[name], seed) for seed in _ints(args.seeds)]
         for name in sorted({n for c in claims for n in (c.a, c.b)} | {"ce"})
@@ -140,6 +162,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "machine": machine(),
         "teachers": {name: t["top1"] for name, t in setup.teachers.items()},
+        "entropy_t1": setup.entropy,
+        "rich": setup.rich,
+        "confident": setup.confident,
         "students": {name: mean_std(s["top1"] for s in ss) for name, ss in summaries.items()},
         "claims": [measure(claim, summaries) for claim in claims],
     }
@@ -153,6 +178,8 @@ def _quick(args: argparse.Namespace) -> None:
     args.early_epoch = 1
     args.epochs = 2
     args.seeds = "0"
+    args.per_class = 5
+    args.select_epochs = 2
 
 
 def _ints(text: str) -> list[int]:
@@ -176,7 +203,16 @@ def set_up(args: argparse.Namespace) -> Setup:
     cache = build_cache(args, "cache", train_shards, teachers, FMNIST_RECIPE)
     strong_teachers = {SMALL: small, BIG: big}
     strong = build_cache(args, "cache_strong", train_shards, strong_teachers, FMNIST_STRONG_RECIPE)
-    return Setup(train_shards, test_shards, teachers, cache, strong)
+    entropy = mean_entropy(cache, list(teachers))
+    rich = max(entropy, key=entropy.__getitem__)
+    confident = min(entropy, key=entropy.__getitem__)
+    return Setup(train_shards, test_shards, teachers, cache, strong, rich, confident, entropy)
+
+
+def mean_entropy(cache: str, teachers: list[str]) -> dict[str, float]:
+    """Each teacher's mean entropy at T=1 over the cache's views (``kdcache inspect``)."""
+    report = inspect_cache(open_store(cache), teachers, temperatures=(1.0,))
+    return {name: float(report.teachers[name]["entropy"]["T=1.0"]["mean"]) for name in teachers}
 
 
 def train_teacher(
@@ -259,7 +295,7 @@ def build_cache(
 # ---- students ------------------------------------------------------------------------------------
 
 
-def student_variants(args: argparse.Namespace) -> list[Student]:
+def student_variants(args: argparse.Namespace, setup: Setup) -> list[Student]:
     """Every student a claim compares, by name."""
     kd = {"name": "kd", "alpha": args.alpha, "temperature": args.temperature, "tail": "spread"}
     dist = {"name": "dist", "temperature": args.temperature, "tail": "spread"}
@@ -276,7 +312,26 @@ def student_variants(args: argparse.Namespace) -> list[Student]:
     eskd = kd | {"stop_epoch": half}
     variants.append(Student("eskd-small", [{"teacher": SMALL, "loss": eskd}]))
     variants.append(Student("effdstl", effdstl_stages(args)))
-    return variants
+    return variants + similarity_variants(args, setup, kd)
+
+
+def similarity_variants(
+    args: argparse.Namespace, setup: Setup, kd: dict[str, Any]
+) -> list[Student]:
+    """Paper 003's students: KD from the rich and the confident teacher with a class held out,
+    and on ``--per-class`` examples per class (by the teacher's entropy, or at random)."""
+    out = []
+    for side, teacher in (("rich", setup.rich), ("confident", setup.confident)):
+        held = {"exclude_classes": [args.held_out]}
+        out.append(Student(f"heldout-{side}", [{"teacher": teacher, "loss": kd}], data=held))
+        pick = {"per_class": args.per_class, "by": "entropy_high", "teacher": teacher}
+        selected = {"select": pick | {"temperature": 9.0}}
+        stage = {"epochs": args.select_epochs, "teacher": teacher, "loss": kd}
+        out.append(Student(f"select-{side}", [stage], data=selected))
+    random = {"select": {"per_class": args.per_class, "by": "random", "teacher": setup.rich}}
+    stage = {"epochs": args.select_epochs, "teacher": setup.rich, "loss": kd}
+    out.append(Student("select-rich-random", [stage], data=random))
+    return out
 
 
 def effdstl_stages(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -320,6 +375,7 @@ def student_config(
 ) -> dict[str, Any]:
     """One student run: the same student, optimizer and views for every variant."""
     stages = [{"epochs": args.epochs, **stage} for stage in student.stages]
+    epochs = sum(stage["epochs"] for stage in stages)
     mode = "none" if student.name == "ce" else "cache"
     return {
         "run": {
@@ -328,7 +384,7 @@ def student_config(
             "threads": args.threads,
             "progress": False,
             "resume": "auto",
-            "eval_every": args.epochs,
+            "eval_every": epochs,
             "log_every": 1000,
         },
         "data": {
@@ -365,7 +421,8 @@ def train_student(
 # ---- claims --------------------------------------------------------------------------------------
 
 
-def claim_rows() -> list[Claim]:
+def claim_rows(args: argparse.Namespace) -> list[Claim]:
+    held = args.held_out
     return [
         Claim(
             "000",
@@ -395,6 +452,28 @@ def claim_rows() -> list[Claim]:
             "early-stopped KD (KD for the first half, then CE) beats KD all the way",
             "eskd-small",
             "kd-small",
+        ),
+        Claim(
+            "003",
+            f"a similarity-rich teacher teaches a class the student never saw (class {held}) "
+            "better than a confident one",
+            "heldout-rich",
+            "heldout-confident",
+            lambda summary: summary["per_class_top1"][held],
+        ),
+        Claim(
+            "003",
+            f"with {args.per_class} examples per class chosen by entropy, the rich teacher "
+            "distils better than the confident one",
+            "select-rich",
+            "select-confident",
+        ),
+        Claim(
+            "003",
+            f"{args.per_class} examples per class chosen by the rich teacher's entropy beat as "
+            "many chosen at random",
+            "select-rich",
+            "select-rich-random",
         ),
     ]
 
@@ -428,7 +507,10 @@ def format_result(result: dict[str, Any]) -> str:
         for c in result["claims"]
     ]
     ce = result["students"]["ce"]
+    entropy = ", ".join(f"{name} {h:.3f}" for name, h in result["entropy_t1"].items())
     return (
         f"teachers' test top-1: {teachers}; CE student {ce['mean']:.2f} ± {ce['std']:.2f}\n"
+        f"entropy at T=1 (nats): {entropy}; rich {result['rich']}, "
+        f"confident {result['confident']}\n"
         + table(["paper", "claim", "a (top-1 %)", "b (top-1 %)", "agrees", "margin"], rows)
     )
