@@ -556,6 +556,7 @@ def test_config_schema_is_pinned():
         "optimizer",
         "run",
         "scheduler",
+        "sftn",
         "stages",
         "student",
         "teacher",

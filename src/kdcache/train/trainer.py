@@ -48,6 +48,7 @@ from kdcache.train.losses import Criterion, LossParts, stopped
 from kdcache.train.metrics import MetricsLog
 from kdcache.train.reporting import Reporter
 from kdcache.train.schedule import StagePlan, lr_at, plan_stages, stage_at
+from kdcache.train.sftn import build_sftn
 from kdcache.train.state import RngState, RunState, SegmentOptimizer
 from kdcache.train.student import Ema, StudentInput, build_student, wrap_ddp
 from kdcache.train.target_source import target_source_type
@@ -94,11 +95,19 @@ class Trainer:
         )
         self.evaluator = self._build_evaluator()
         self.model = build_student(config, self.data, self.dist)
-        self.ddp = wrap_ddp(self.model, self.dist)
+        rendering = self.data.rendering
+        channels = self.data.recipe.channels
+        classes = self.data.num_classes
+        self.sftn = build_sftn(config, self.model, classes, channels, rendering.size)
+        self.trained = self.model if self.sftn is None else self.sftn.net
+        """What the optimizer steps: the model, or with SFTN the model and its branches."""
+        self.ddp = wrap_ddp(self.trained, self.dist)
         self.targets = source.build(config, self.stages, self.data, self.device)
         self.ema = Ema(self.model, config.ema.decay) if config.ema.enabled else None
         self.state = RunState()
-        self.optimizer = SegmentOptimizer(self.model, self.segments, self.state, self.dist.is_main)
+        self.optimizer = SegmentOptimizer(
+            self.trained, self.segments, self.state, self.dist.is_main
+        )
         self.report = Reporter(config, self.dist, self.stages, metrics)
         self.checkpointer = self._build_checkpointer()
         self.stopped_early = False
@@ -125,6 +134,7 @@ class Trainer:
         """The checkpointer over the run's stateful parts (the resume contract is its module's)."""
         parts = {
             "model": self.model,
+            **({} if self.sftn is None else {"sftn_branches": self.sftn.branches}),
             "state": self.state,  # before the optimizer: it is built for state.segment
             "optimizer": self.optimizer,
             "ema": self.ema,
@@ -184,13 +194,17 @@ class Trainer:
         self.optimizer.set_lr(lr_at(segment, progress))
         targets = self.targets(batch, plan.teacher) if plan.teacher else None
         with autocast_context(self.device, self.config.run.amp):
-            logits = self.ddp(self.student_input(batch.images))
-        parts = plan.criterion(logits.float(), batch.hard_labels(), targets, self.state.epoch)
+            output = self.ddp(self.student_input(batch.images))
+        if self.sftn is not None:
+            smoothing = getattr(plan.stage.config.loss, "label_smoothing", 0.0)
+            parts = self.sftn.loss(output, batch.hard_labels(), smoothing)
+        else:
+            parts = plan.criterion(output.float(), batch.hard_labels(), targets, self.state.epoch)
         optimizer = self.optimizer.current
         optimizer.zero_grad(set_to_none=True)
         parts.total.backward()
         if segment.optimizer.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), segment.optimizer.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.trained.parameters(), segment.optimizer.grad_clip)
         optimizer.step()
         if self.ema is not None:
             self.ema.update(self.model)
@@ -236,6 +250,8 @@ class Trainer:
         evaluate = done % self.config.run.eval_every == 0 or done == total
         if evaluate:
             metrics = self.evaluator.run(self.model, self.ema)
+            if metrics and self.sftn is not None:
+                metrics.update(self.sftn.evaluate(self.evaluator))
             if metrics:
                 self.state.last_eval = metrics
                 self.report.log_eval(done, self.state.global_step, metrics)
@@ -244,6 +260,8 @@ class Trainer:
             self.checkpointer.save_model(self.model, f"model_e{done}.pt")
         if done == total and self.dist.is_main:
             self.checkpointer.save_model(self.model, "model_final.pt")
+            if self.sftn is not None:
+                self.sftn.save(self.config.run.dir)
         self.state.epoch = done
         self.state.epoch_step = 0
         self.checkpointer.save()
