@@ -615,7 +615,7 @@ def test_config_schema_is_pinned():
     sorted(
         str(p.relative_to(ROOT))
         for p in (ROOT / "configs").rglob("*.yaml")
-        if p.parent.name in ("fmnist", "effdstl") or p.name == "train.yaml"
+        if p.parent.name in ("fmnist", "effdstl", "sftn") or p.name == "train.yaml"
     ),
 )
 def test_shipped_configs_load(path):
