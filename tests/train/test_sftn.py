@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdcache.cli.train import format_summary
 from kdcache.core.errors import ConfigError
 from kdcache.core.results import TrainResult
 from kdcache.models.build import ModelSpec, build_model
@@ -240,6 +241,7 @@ def test_an_sftn_teacher_run_saves_the_plain_teacher_and_its_branches(shards, tm
     result = train(teacher_config(shards, run))
     assert result.completed and len(result.sftn_branch_top1) == 3
     assert TrainResult.read(run / "summary.json").sftn_branch_top1 == result.sftn_branch_top1
+    assert "SFTN student branches, top-1 from the first stage on: " in format_summary(result)
     evals = [m for m in read_metrics(run) if m["kind"] == "eval"]
     assert {"top1", "branch1_top1", "branch2_top1", "branch3_top1"} <= set(evals[-1])
     trains = [m for m in read_metrics(run) if m["kind"] == "train"]
