@@ -111,22 +111,23 @@ def feature_transform(source: Level, target: Level) -> nn.Sequential:
             "is not a power of two per side; choose models of matching strides"
         )
     steps = round(abs(math.log2(ratio)))
+    out = target.channels
     if steps == 0:
-        return _conv_bn_relu(nn.Conv2d(source.channels, target.channels, 1, bias=False))
+        return _conv_bn_relu(nn.Conv2d(source.channels, out, 1, bias=False), out)
     layers: list[nn.Module] = []
     channels = source.channels
     for _ in range(steps):
         if ratio > 1:  # the teacher's map is larger: shrink
-            conv = nn.Conv2d(channels, target.channels, 3, stride=2, padding=1, bias=False)
+            conv = nn.Conv2d(channels, out, 3, stride=2, padding=1, bias=False)
         else:  # grow: (H - 1) * 2 - 2 + 4 = 2H
-            conv = nn.ConvTranspose2d(channels, target.channels, 4, stride=2, padding=1, bias=False)
-        layers += list(_conv_bn_relu(conv))
-        channels = target.channels
+            conv = nn.ConvTranspose2d(channels, out, 4, stride=2, padding=1, bias=False)
+        layers += list(_conv_bn_relu(conv, out))
+        channels = out
     return nn.Sequential(*layers)
 
 
-def _conv_bn_relu(conv: nn.Module) -> nn.Sequential:
-    return nn.Sequential(conv, nn.BatchNorm2d(conv.out_channels), nn.ReLU(inplace=True))
+def _conv_bn_relu(conv: nn.Module, channels: int) -> nn.Sequential:
+    return nn.Sequential(conv, nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
 
 
 def _power_of_two(ratio: float) -> bool:

@@ -102,7 +102,9 @@ class SFTNRun:
     def branches(self) -> StudentBranches:
         return self.net.branches
 
-    def loss(self, output: tuple[Tensor, list[Tensor]], labels: Labels, smoothing: float):
+    def loss(
+        self, output: tuple[Tensor, list[Tensor]], labels: Labels, smoothing: float
+    ) -> LossParts:
         """The SFTN loss of ``net``'s output (teacher logits, branch logits)."""
         teacher_logits, branch_logits = output
         return sftn_parts(
