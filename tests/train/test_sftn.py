@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdcache.cache_tools.verify import verify_cache
 from kdcache.cli.train import format_summary
 from kdcache.core.errors import ConfigError
 from kdcache.core.results import TrainResult
@@ -283,6 +284,8 @@ def test_an_sftn_teacher_precomputes_and_teaches_a_student_from_the_cache(shards
     )
     store = run_precompute(config)
     assert store.teachers == ["sftn"] and store.teacher_done("sftn").all()
+    verified = verify_cache(store, num=16, device="cpu")  # recomputes with the checkpoint
+    assert verified.ok, verified
     student = TrainConfig.model_validate(
         {
             "run": {"dir": str(tmp_path / "student"), "progress": False, "device": "cpu"},
