@@ -556,6 +556,7 @@ def test_config_schema_is_pinned():
         "optimizer",
         "run",
         "scheduler",
+        "sftn",
         "stages",
         "student",
         "teacher",
@@ -621,7 +622,7 @@ def test_config_schema_is_pinned():
     sorted(
         str(p.relative_to(ROOT))
         for p in (ROOT / "configs").rglob("*.yaml")
-        if p.parent.name in ("fmnist", "effdstl")
+        if p.parent.name in ("fmnist", "effdstl", "sftn")
         or p.name == "train.yaml"
         or (p.parent.name == "similarity" and p.name != "precompute.yaml")
     ),

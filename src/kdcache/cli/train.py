@@ -56,4 +56,7 @@ def format_summary(summary: TrainResult) -> str:
         f"{summary.teacher_forwards} teacher forwards, "
         f"{summary.time_s:.1f} s -> {summary.run_dir}"
     )
+    if summary.sftn_branch_top1:
+        branches = ", ".join(f"{v:.2f}%" for v in summary.sftn_branch_top1)
+        head += f"\nSFTN student branches, top-1 from the first stage on: {branches}"
     return head + "\n" + json.dumps(summary.model_dump())

@@ -306,6 +306,9 @@ class TrainResult(Result):
     eval_loss: float | None
     ema_top1: float | None
     """Top-1 of the EMA weights, with ``run.ema``."""
+    sftn_branch_top1: list[float] | None = None
+    """SFTN teacher runs: each student branch's top-1 in percent at the last evaluation, the
+    branch after the teacher's first stage first (None: no branches, or not evaluated)."""
     images: int
     """Training images seen, all ranks."""
     images_per_s: float

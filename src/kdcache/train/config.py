@@ -582,6 +582,67 @@ class EmaConfig(StrictModel):
     """Per-step decay."""
 
 
+SFTN_PRESETS: dict[str, dict[str, float]] = {
+    "cifar100": {"lambda_t": 1.0, "lambda_kl": 3.0, "lambda_ce": 1.0, "temperature": 1.0},
+    "imagenet": {"lambda_t": 1.0, "lambda_kl": 1.0, "lambda_ce": 1.0, "temperature": 1.0},
+}
+"""The loss weights and KL temperature of SFTN's paper (section 4: CIFAR-100 and ImageNet)."""
+
+
+class SFTNConfig(StrictModel):
+    """Student-friendly teacher training (SFTN, paper 004): the teacher this run trains carries
+    student branches, one after each of its stages but the last, and is trained with
+    ``lambda_t*CE(q_T) + lambda_kl*mean_i KL_i + lambda_ce*mean_i CE(q_R^i)``.
+
+    Where paper and code differ. The paper writes the branch term as ``KL(q_R^i || q_T)``. The
+    official code (github.com/GITSHOHOKU/SFTN) could not be read where this was written; its
+    CIFAR-100 set-up is RepDistiller's, whose ``DistillKL(branch, teacher)`` computes
+    ``T^2 * KL(q_T || q_R^i)`` (the teacher's distribution as the target) and detaches neither
+    side, so the KL term trains the teacher too. That is the default (``kl_direction:
+    teacher_to_branch``, ``detach_teacher: false``); ``kl_direction: branch_to_teacher`` is the
+    paper's formula read literally. At the presets' temperature 1 the ``T^2`` factor is 1.
+    """
+
+    student: ModelSpec
+    """The student the branches are made of: a timm model (``name``, ``kwargs``) whose forward is
+    the sequence of its stages (ResNets, MobileNets, EfficientNets), with as many stages as the
+    teacher (timm ``feature_info`` levels after the stem)."""
+    preset: Literal["cifar100", "imagenet"] = "cifar100"
+    """The paper's settings: ``cifar100`` lambda_t 1, lambda_kl 3, lambda_ce 1, temperature 1;
+    ``imagenet`` 1 / 1 / 1, temperature 1. Each field below overrides its value."""
+    lambda_t: float = Field(ge=0.0)
+    """Weight of the teacher's CE (default: the preset's)."""
+    lambda_kl: float = Field(ge=0.0)
+    """Weight of the branches' mean KL term (default: the preset's)."""
+    lambda_ce: float = Field(ge=0.0)
+    """Weight of the branches' mean CE (default: the preset's)."""
+    temperature: float = Field(gt=0.0)
+    """Softmax temperature of both sides of the KL term (default: the preset's)."""
+    kl_direction: Literal["teacher_to_branch", "branch_to_teacher"] = "teacher_to_branch"
+    """``teacher_to_branch``: ``KL(q_T || q_R^i)`` (RepDistiller's DistillKL, the default);
+    ``branch_to_teacher``: ``KL(q_R^i || q_T)``, the paper's equation (5) as printed."""
+    detach_teacher: bool = False
+    """Stop the KL term's gradient into the teacher's output (the default lets it flow, so the
+    teacher moves towards its branches: what makes it student-friendly)."""
+
+    @field_validator("student")
+    @classmethod
+    def _timm_student(cls, spec: ModelSpec) -> ModelSpec:
+        if spec.source != "timm":
+            raise ValueError(f"source {spec.source!r}: the branches are built from timm models")
+        return spec
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_preset(cls, data: Any) -> Any:
+        """Unset weights take the preset's values, so the saved config holds the numbers used
+        (an unknown preset is left to the field's own error)."""
+        if not isinstance(data, dict):
+            return data
+        preset = SFTN_PRESETS.get(data.get("preset", "cifar100"), {})
+        return {**preset, **{k: v for k, v in data.items() if v is not None or k not in preset}}
+
+
 class TrainConfig(StrictModel):
     """``kdcache train``: one student run (or a teacher run with ``teacher.mode: none``)."""
 
@@ -612,6 +673,9 @@ class TrainConfig(StrictModel):
     """The stages, in order."""
     ema: EmaConfig = Field(default_factory=EmaConfig)
     """EMA of weights."""
+    sftn: SFTNConfig | None = None
+    """Train the model (a teacher, ``teacher.mode: none``) as a student-friendly teacher with
+    student branches (paper 004); None: plain training."""
 
     @field_validator("version")
     @classmethod
@@ -706,6 +770,7 @@ def cross_field_problems(config: TrainConfig) -> list[str]:
         + _stage_problems(config)
         + _segment_problems(config)
         + _run_problems(config)
+        + _sftn_problems(config)
     )
 
 
@@ -861,6 +926,27 @@ def _run_problems(config: TrainConfig) -> list[str]:
             "would be written for them"
         ]
     return []
+
+
+def _sftn_problems(config: TrainConfig) -> list[str]:
+    """SFTN trains a teacher from labels: no teacher targets, CE stages, a timm model."""
+    if config.sftn is None:
+        return []
+    out = []
+    if config.teacher.mode != "none":
+        out.append(
+            f"sftn: trains a teacher from labels; teacher.mode must be 'none' "
+            f"(found {config.teacher.mode!r})"
+        )
+    if config.student.source != "timm":
+        out.append(f"student.source: sftn needs a timm teacher (found {config.student.source!r})")
+    for i, stage in enumerate(config.stages):
+        if stage.loss.name != "ce":
+            out.append(
+                f"stages.{i}.loss.name: with sftn the loss is SFTN's (its CE terms take the "
+                f"stage's label_smoothing); set 'ce' (found {stage.loss.name!r})"
+            )
+    return out
 
 
 def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:

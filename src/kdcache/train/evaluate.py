@@ -36,7 +36,7 @@ class Evaluator:
         """0: no per-class figures."""
         self.loader = loader
         self.device = device
-        self.amp = amp
+        self.amp: AmpMode = amp
         self.to_input = to_input
 
     def run(self, model: nn.Module, ema: Ema | None) -> dict[str, float]:

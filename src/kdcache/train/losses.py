@@ -71,10 +71,12 @@ class LossParts:
     """EffDstl: the fraction of rows whose target was replaced by the smoothed label (logged)."""
     mined: Tensor | None = None
     """EffDstl: which rows were mined, ``bool[B]``."""
+    branch_ce: Tensor | None = None
+    """SFTN: the student branches' mean CE (logged)."""
 
     def log(self) -> dict[str, float]:
         out = {"loss": float(self.total.detach())}
-        for name in ("ce", "kd", "weight", "mining_rate"):
+        for name in ("ce", "kd", "weight", "mining_rate", "branch_ce"):
             value = getattr(self, name)
             if value is not None:
                 out[name] = float(value.detach())

@@ -51,6 +51,7 @@ class Window:
             "kd": parts.kd,
             "weight": parts.weight,
             "mining_rate": parts.mining_rate,
+            "branch_ce": parts.branch_ce,
             "lr": torch.tensor(lr),
         }
         for name, value in values.items():
@@ -94,6 +95,14 @@ class Window:
         self.images = state["images"]
         self.forwards = state["forwards"]
         self.time = state["time"]
+
+
+def branch_top1(metrics: dict[str, float]) -> list[float] | None:
+    """SFTN: the student branches' top-1 of an evaluation, in branch order (None: no branches)."""
+    found = []
+    while f"branch{len(found) + 1}_top1" in metrics:
+        found.append(metrics[f"branch{len(found) + 1}_top1"])
+    return found or None
 
 
 class Reporter:
@@ -213,6 +222,7 @@ class Reporter:
             top5=final.get("top5"),
             eval_loss=final.get("loss"),
             ema_top1=final.get("ema_top1"),
+            sftn_branch_top1=branch_top1(final),
             images=state.images,
             images_per_s=state.images / max(state.train_time, 1e-9),
             train_time_s=state.train_time,

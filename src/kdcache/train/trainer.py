@@ -29,6 +29,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -51,6 +52,7 @@ from kdcache.train.losses import Criterion, LossParts, stopped
 from kdcache.train.metrics import MetricsLog
 from kdcache.train.reporting import Reporter
 from kdcache.train.schedule import Segment, StagePlan, lr_at, plan_stages, stage_at
+from kdcache.train.sftn import build_sftn
 from kdcache.train.state import RngState, RunState, SegmentOptimizer
 from kdcache.train.student import Ema, StudentInput, build_student, compile_student, wrap_ddp
 from kdcache.train.target_source import target_source_type
@@ -102,7 +104,13 @@ class Trainer:
         )
         self.evaluator = self._build_evaluator()
         self.model = build_student(config, self.data, self.dist)
-        self.ddp = wrap_ddp(self.model, self.dist)
+        rendering = self.data.rendering
+        channels = self.data.recipe.channels
+        classes = self.data.num_classes
+        self.sftn = build_sftn(config, self.model, classes, channels, rendering.size)
+        self.trained = self.model if self.sftn is None else self.sftn.net
+        """What the optimizer steps: the model, or with SFTN the model and its branches."""
+        self.ddp = wrap_ddp(self.trained, self.dist)
         self.forward = compile_student(self.ddp, self.device) if config.run.compile else self.ddp
         """What the step calls: the (DDP-wrapped) student, compiled with ``run.compile``."""
         self.targets = source.build(config, self.stages, self.data, self.device)
@@ -111,7 +119,9 @@ class Trainer:
         fp16 = config.run.amp == "fp16"
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=fp16)
         """fp16's loss scaling (disabled otherwise: then it changes nothing)."""
-        self.optimizer = SegmentOptimizer(self.model, self.segments, self.state, self.dist.is_main)
+        self.optimizer = SegmentOptimizer(
+            self.trained, self.segments, self.state, self.dist.is_main
+        )
         self.report = Reporter(config, self.dist, self.stages, metrics)
         self.checkpointer = self._build_checkpointer()
         self.stopped_early = False
@@ -140,6 +150,7 @@ class Trainer:
         """The checkpointer over the run's stateful parts (the resume contract is its module's)."""
         parts = {
             "model": self.model,
+            **({} if self.sftn is None else {"sftn_branches": self.sftn.branches}),
             "state": self.state,  # before the optimizer: it is built for state.segment
             "optimizer": self.optimizer,
             "scaler": self.scaler if self.scaler.is_enabled() else None,
@@ -206,8 +217,8 @@ class Trainer:
         last = self.state.accumulated + 1 == group
         with self._sync(last):
             with autocast_context(self.device, self.config.run.amp):
-                logits = self.forward(self.student_input(batch.images))
-            parts = plan.criterion(logits.float(), batch.hard_labels(), targets, self.state.epoch)
+                output = self.forward(self.student_input(batch.images))
+            parts = self._loss(plan, output, batch, targets)
             # a mean-reduced loss over `group` equal batches: the mean over one batch that large
             loss = parts.total / group if group > 1 else parts.total
             self.scaler.scale(loss).backward()
@@ -215,6 +226,14 @@ class Trainer:
         if last:
             self._finish_group(segment)
         return parts
+
+    def _loss(self, plan: EpochPlan, output: Any, batch: Batch, targets: Any) -> LossParts:
+        """The stage's criterion on the student's logits, or with SFTN its loss over the
+        teacher's and the branches' outputs."""
+        if self.sftn is not None:
+            smoothing = getattr(plan.stage.config.loss, "label_smoothing", 0.0)
+            return self.sftn.loss(output, batch.hard_labels(), smoothing)
+        return plan.criterion(output.float(), batch.hard_labels(), targets, self.state.epoch)
 
     def _group_size(self) -> int:
         """Batches in the open accumulation group: ``run.accumulate``, fewer for the epoch's last
@@ -241,7 +260,7 @@ class Trainer:
         optimizer = self.optimizer.current
         if segment.optimizer.grad_clip:
             self.scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), segment.optimizer.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.trained.parameters(), segment.optimizer.grad_clip)
         self.scaler.step(optimizer)
         self.scaler.update()
         if self.ema is not None:
@@ -289,6 +308,8 @@ class Trainer:
         evaluate = done % self.config.run.eval_every == 0 or done == total
         if evaluate:
             metrics = self.evaluator.run(self.model, self.ema)
+            if metrics and self.sftn is not None:
+                metrics.update(self.sftn.evaluate(self.evaluator))
             if metrics:
                 self.state.last_eval = metrics
                 self.report.log_eval(done, self.state.global_step, metrics)
@@ -297,6 +318,8 @@ class Trainer:
             self.checkpointer.save_model(self.model, f"model_e{done}.pt")
         if done == total and self.dist.is_main:
             self.checkpointer.save_model(self.model, "model_final.pt")
+            if self.sftn is not None:
+                self.sftn.save(self.config.run.dir)
         self.state.epoch = done
         self.state.epoch_step = 0
         self.checkpointer.save()
