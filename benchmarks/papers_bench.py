@@ -26,7 +26,11 @@ The claims (paper: claim, a vs b):
   student's accuracy on a class it never saw (``data.exclude_classes``: only the teacher's soft
   labels on other classes teach it), and with ``--per-class`` examples per class chosen by the
   teacher's entropy (``data.select``, highest at T = 9 as the paper ranks), beside a random
-  choice of as many.
+  choice of as many;
+- 004 SFTN: a ``test_resnet`` teacher trained with ``mobilenetv3_small_050`` student branches
+  (``sftn:``, the paper's CIFAR-100 weights) vs the same teacher trained alone, each distilled
+  into a ``mobilenetv3_small_050`` student with KD (a heterogeneous pair, as the paper's
+  Table 2); both teachers are cached beside the others (same views), rendered as the recipe.
 
 ``agrees`` is ``a.mean > b.mean``; ``margin`` is ``(a - b) / sqrt(std_a² + std_b²)`` so a reader
 sees where an agreement is within the seeds' noise.
@@ -62,6 +66,10 @@ from kdcache.train.trainer import train
 SMALL = "small"
 SMALL_EARLY = "small_early"
 BIG = "big"
+SFTN_TEACHER = "test_resnet"
+SFTN_STUDENT = "mobilenetv3_small_050"
+RESNET = "resnet"
+RESNET_SFTN = "resnet_sftn"
 BIG_WIDTH = 32
 """``big`` is ``kd_cnn_small`` at twice its width (16 -> 32 channels in the first stage)."""
 
@@ -90,6 +98,8 @@ class Student:
     stages: list[dict[str, Any]]
     strong: bool = False
     data: dict[str, Any] = field(default_factory=dict)
+    model: str | None = None
+    """The student network (default ``--student``)."""
 
 
 @dataclass(frozen=True)
@@ -199,11 +209,17 @@ def set_up(args: argparse.Namespace) -> Setup:
         "model": small["model"] | {"checkpoint": small["early"]},
         "top1": small["early_top1"],
     }
-    teachers = {SMALL: small, SMALL_EARLY: early, BIG: big}
+    candidates = {SMALL: small, SMALL_EARLY: early, BIG: big}
+    resnet = train_teacher(args, RESNET, {}, train_shards, test_shards, SFTN_TEACHER)
+    sftn = {"student": {"name": SFTN_STUDENT}, "preset": "cifar100"}
+    student_friendly = train_teacher(
+        args, RESNET_SFTN, {}, train_shards, test_shards, SFTN_TEACHER, sftn
+    )
+    teachers = {**candidates, RESNET: resnet, RESNET_SFTN: student_friendly}
     cache = build_cache(args, "cache", train_shards, teachers, FMNIST_RECIPE)
     strong_teachers = {SMALL: small, BIG: big}
     strong = build_cache(args, "cache_strong", train_shards, strong_teachers, FMNIST_STRONG_RECIPE)
-    entropy = mean_entropy(cache, list(teachers))
+    entropy = mean_entropy(cache, list(candidates))
     rich = max(entropy, key=entropy.__getitem__)
     confident = min(entropy, key=entropy.__getitem__)
     return Setup(train_shards, test_shards, teachers, cache, strong, rich, confident, entropy)
@@ -216,10 +232,17 @@ def mean_entropy(cache: str, teachers: list[str]) -> dict[str, float]:
 
 
 def train_teacher(
-    args: argparse.Namespace, name: str, kwargs: dict[str, Any], shards: str, test: str
+    args: argparse.Namespace,
+    name: str,
+    kwargs: dict[str, Any],
+    shards: str,
+    test: str,
+    network: str = "kd_cnn_small",
+    sftn: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Plain CE of ``kd_cnn_small`` (with ``kwargs``), keeping the early-stopped checkpoint; its
-    final and early test top-1 (the early one from the evaluation at that epoch)."""
+    """Plain CE of ``network`` (with ``kwargs``; with ``sftn``: SFTN's loss beside student
+    branches), keeping the early-stopped checkpoint; its final and early test top-1 (the early
+    one from the evaluation at that epoch)."""
     run_dir = args.out / "teachers" / name
     config = {
         "run": {
@@ -240,17 +263,18 @@ def train_teacher(
             "shuffle_buffer": 2000,
         },
         "views": {"recipe": FMNIST_RECIPE, "num_views": None},
-        "student": {"name": "kd_cnn_small", "kwargs": kwargs},
+        "student": {"name": network, "kwargs": kwargs},
         "teacher": {"mode": "none"},
         "optimizer": {"name": "sgd", "lr": 0.1, "weight_decay": 5.0e-4},
         "scheduler": {"name": "cosine", "warmup_epochs": 0.2},
         "stages": [{"epochs": args.teacher_epochs, "loss": {"name": "ce"}}],
+        **({"sftn": sftn} if sftn else {}),
     }
     summary = train(load_train_config(write_yaml(args.out / "configs" / f"{name}.yaml", config)))
     checkpoints = run_dir / "checkpoints"
     return {
         "model": {
-            "name": "kd_cnn_small",
+            "name": network,
             "kwargs": kwargs,
             "checkpoint": str(checkpoints / "model_final.pt"),
         },
@@ -277,13 +301,16 @@ def build_cache(
     teachers: dict[str, dict[str, Any]],
     recipe: dict[str, Any],
 ) -> str:
-    """One cache of every teacher at k = C = 10 (fp16) over the same A views (in-process)."""
+    """One cache of every teacher at k = C = 10 (fp16) over the same A views (in-process), each
+    rendered as the recipe (the timm test models' hub configs say 160 px and ImageNet's mean)."""
     cache = args.out / name
+    render = {"size": recipe["size"], "mean": recipe["mean"], "std": recipe["std"]}
     config = {
         "data": {"shards": shards},
         "cache": {"path": str(cache), "num_views": args.views, "recipe": recipe},
         "teachers": [
-            {"name": teacher, "model": spec["model"], "k": 10} for teacher, spec in teachers.items()
+            {"name": teacher, "model": spec["model"], "k": 10, "render": render}
+            for teacher, spec in teachers.items()
         ],
         "ray": {"num_actors": 1, "cpus_per_actor": 1},
         "runtime": {"batch_size": 256, "device": "cpu", "torch_threads": args.threads},
@@ -312,6 +339,9 @@ def student_variants(args: argparse.Namespace, setup: Setup) -> list[Student]:
     eskd = kd | {"stop_epoch": half}
     variants.append(Student("eskd-small", [{"teacher": SMALL, "loss": eskd}]))
     variants.append(Student("effdstl", effdstl_stages(args)))
+    for teacher in (RESNET, RESNET_SFTN):
+        stage = {"teacher": teacher, "loss": kd}
+        variants.append(Student(f"kd-{teacher}", [stage], model=SFTN_STUDENT))
     return variants + similarity_variants(args, setup, kd)
 
 
@@ -396,7 +426,7 @@ def student_config(
             **student.data,
         },
         "cache": {"path": setup.strong_cache if student.strong else setup.cache},
-        "student": {"name": args.student},
+        "student": {"name": student.model or args.student},
         "teacher": {"mode": mode, "name": SMALL},
         "optimizer": {"name": "sgd", "lr": 0.05, "weight_decay": 1.0e-4},
         "scheduler": {"name": "cosine", "warmup_epochs": 0.2},
@@ -474,6 +504,13 @@ def claim_rows(args: argparse.Namespace) -> list[Claim]:
             "many chosen at random",
             "select-rich",
             "select-rich-random",
+        ),
+        Claim(
+            "004",
+            f"a student-friendly teacher ({SFTN_TEACHER} trained with {SFTN_STUDENT} branches) "
+            "teaches that student better than the same teacher trained alone",
+            f"kd-{RESNET_SFTN}",
+            f"kd-{RESNET}",
         ),
     ]
 

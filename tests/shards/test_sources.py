@@ -110,13 +110,13 @@ def test_a_parquet_source_gives_the_same_cache_as_the_same_images_from_a_folder(
     assert (parquet.class_names, parquet.counts) == (folder.class_names, folder.counts)
     assert parquet.key_digests == folder.key_digests
     recipe = tiny_recipe(size=12)
-    a = build_cache(
+    build_cache(
         tmp_path / "a.zarr",
         [str(tmp_path / "a" / s) for s in folder.shards],
         recipe=recipe,
         classes=3,
     )
-    b = build_cache(
+    build_cache(
         tmp_path / "b.zarr",
         [str(tmp_path / "b" / s) for s in parquet.shards],
         recipe=recipe,

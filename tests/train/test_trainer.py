@@ -250,6 +250,25 @@ def test_resume_refuses_another_config_naming_the_keys(world, tmp_path):
     ).completed  # mutable keys may change
 
 
+def test_a_run_saved_before_a_key_existed_resumes_at_its_default(world, tmp_path):
+    """A checkpoint whose config lacks keys added since (here sftn, data.select, run.compile)
+    resumes when they are at their defaults; one set otherwise is still a difference."""
+    train(make(world, tmp_path, run={"max_steps": 2}))
+    path = tmp_path / "checkpoints" / "last.pt"
+    ckpt = torch.load(path, weights_only=True)
+    for section, key in (("sftn", None), ("data", "select"), ("run", "compile")):
+        ckpt["config"].pop(section) if key is None else ckpt["config"][section].pop(key)
+    torch.save(ckpt, path)
+    assert train(make(world, tmp_path, run={"resume": "must"})).completed
+    train(make(world, tmp_path / "b", run={"max_steps": 2}))
+    path = tmp_path / "b" / "checkpoints" / "last.pt"
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["config"]["run"].pop("accumulate")
+    torch.save(ckpt, path)
+    with pytest.raises(CheckpointError, match=r"run.accumulate: checkpoint 1 vs now 2"):
+        train(make(world, tmp_path / "b", run={"resume": "must", "accumulate": 2}))
+
+
 def test_existing_run_dir_is_not_overwritten_silently(world, tmp_path):
     train(make(world, tmp_path, run={"max_steps": 1}))
     with pytest.raises(ConfigError, match="already holds a run"):

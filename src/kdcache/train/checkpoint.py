@@ -28,7 +28,13 @@ from torch import nn
 from kdcache.cache.store import CacheStore, cache_identity, identity_differences
 from kdcache.core.errors import ConfigError, KdcacheError
 from kdcache.train import distributed as D
-from kdcache.train.config import RESUME_MUTABLE, TrainConfig, config_differences, resolved
+from kdcache.train.config import (
+    RESUME_MUTABLE,
+    TrainConfig,
+    config_differences,
+    resolved,
+    with_defaults,
+)
 from kdcache.train.metrics import MetricsLog
 from kdcache.train.schedule import StagePlan
 
@@ -215,7 +221,7 @@ def load_resume_checkpoint(path: Path, config: TrainConfig, world_size: int) -> 
             f"{path} has checkpoint version {ckpt.get('version')}, "
             f"this kdcache reads {CKPT_VERSION}"
         )
-    diffs = config_differences(ckpt["config"], resolved(config), RESUME_MUTABLE)
+    diffs = config_differences(with_defaults(ckpt["config"]), resolved(config), RESUME_MUTABLE)
     if diffs:
         raise CheckpointError(
             f"{path} was written by another config; differing keys:\n  " + "\n  ".join(diffs)

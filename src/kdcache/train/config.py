@@ -17,6 +17,7 @@ from pydantic import ConfigDict, Discriminator, Field, Tag, field_validator, mod
 from pydantic_core import PydanticCustomError
 
 from kdcache.core.config import StrictModel, dump_config, load_config
+from kdcache.core.errors import KdcacheError
 from kdcache.models.build import ModelSpec
 from kdcache.models.ensemble import StageEnsemble
 from kdcache.models.preprocess import RenderSpec
@@ -991,3 +992,13 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 def resolved(config: TrainConfig) -> dict[str, Any]:
     """The resolved config as plain data (saved as ``run_dir/config.yaml`` and in checkpoints)."""
     return dump_config(config)
+
+
+def with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """A config saved by an earlier kdcache, with the keys added since at their defaults (a run
+    saved before a key existed resumes when the key is left at its default); as saved when it
+    no longer validates (a removed key: the comparison then names it)."""
+    try:
+        return resolved(TrainConfig.model_validate(saved))
+    except (ValueError, KdcacheError):  # a key removed since, or a rule the old config breaks
+        return saved
