@@ -57,10 +57,10 @@ def write_yaml(path: Path, data: dict) -> Path:
     return path
 
 
-def precompute_config(path: Path, shards, cache: Path, **sections) -> Path:
+def precompute_config(path: Path, shards, cache_path: Path, **sections) -> Path:
     data = {
         "data": {"shards": shards, "num_classes": 4},
-        "cache": {"path": str(cache), "num_views": 1, "recipe": RECIPE},
+        "cache": {"path": str(cache_path), "num_views": 1, "recipe": RECIPE},
         "teachers": [{"name": "t1", "model": CNN, "k": 2}],
         "ray": {"num_actors": 1},
         "runtime": {"batch_size": 16},
@@ -70,7 +70,7 @@ def precompute_config(path: Path, shards, cache: Path, **sections) -> Path:
     return write_yaml(path, data)
 
 
-def train_config(path: Path, shards, val, cache: Path | None, **sections) -> Path:
+def train_config(path: Path, shards, val, cache_path: Path | None, **sections) -> Path:
     data = {
         "run": {"dir": str(path.parent / "run"), "progress": False},
         "data": {
@@ -80,7 +80,7 @@ def train_config(path: Path, shards, val, cache: Path | None, **sections) -> Pat
             "num_workers": 0,
             "shuffle_buffer": 0,
         },
-        "cache": {"path": str(cache)} if cache else {},
+        "cache": {"path": str(cache_path)} if cache_path else {},
         "student": MLP,
         "teacher": {"name": "t1"},
         "stages": [{"epochs": 1, "loss": {"name": "kd", "temperature": 2.0}}],
