@@ -11,11 +11,16 @@ checkpoints, real DataLoader worker processes.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
 import re
 import shutil
+import signal
 import subprocess
+import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -345,3 +350,131 @@ def test_overrides_after_options_are_taken_and_other_strays_refused(capsys):
             parse(build_parser([argv[0]]), argv)
         assert exit_.value.code == 2
         assert "unrecognized arguments: " + argv[-1] in capsys.readouterr().err
+
+
+# ---- messages that say what the file is and what to do (issue 25, item 7) -----------------------
+
+
+def plain_train_yaml(path: Path, shards: list[str], workers: int = 0, epochs: int = 1) -> Path:
+    """A CE run without a cache (no precompute needed) in ``path.parent / 'run'``."""
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "run": {"dir": str(path.parent / "run"), "progress": False},
+                "data": {
+                    "shards": shards,
+                    "num_classes": 4,
+                    "batch_size": 2,
+                    "num_workers": workers,
+                    "shuffle_buffer": 0,
+                },
+                "views": {"recipe": GREY_RECIPE},
+                "teacher": {"mode": "none"},
+                "student": {"name": "kd_mlp", "kwargs": {"img_size": 12, "hidden": 8}},
+                "stages": [{"epochs": epochs, "loss": {"name": "ce"}}],
+            }
+        )
+    )
+    return path
+
+
+def test_overwrite_flag_to_train_hints_run_overwrite(capsys, tmp_path, shards):
+    """Was: the flag went on as an override, refused as one with no hint of the key."""
+    config = plain_train_yaml(tmp_path / "t.yaml", shards)
+    fails_with(
+        capsys,
+        ["train", config, "--overwrite"],
+        r"--overwrite: kdcache train has no such flag \(only --resume\); to start over in "
+        r"run.dir, give run.overwrite=true$",
+    )
+
+
+def test_base_naming_a_directory_says_so(capsys, tmp_path, shards):
+    """Was: ``base 'configs' does not exist`` for a directory that plainly does."""
+    config = plain_train_yaml(tmp_path / "t.yaml", shards)
+    (tmp_path / "configs").mkdir()
+    config.write_text("base: configs\n" + config.read_text())
+    fails_with(
+        capsys,
+        ["train", config],
+        r"config '.*t.yaml': base 'configs' is a directory \('.*configs'\), not a config file",
+    )
+
+
+def random_bytes(path: Path, size: int = 4096) -> Path:
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes())
+    return path
+
+
+def test_random_bytes_as_a_checkpoint_are_not_called_a_pickled_object(capsys, tmp_path, shards):
+    """Was: ``is a pickled Python object, e.g. a whole model``, for bytes that are no pickle."""
+    noise = random_bytes(tmp_path / "noise.pth")
+    config = precompute_yaml(tmp_path / "p.yaml", shards, tmp_path / "cache", checkpoint=str(noise))
+    err = fails_with(
+        capsys,
+        ["precompute", config],
+        r"checkpoint '.*noise.pth' cannot be read as PyTorch or safetensors weights: it is "
+        r"truncated, damaged or of another format \(UnpicklingError: ",
+    )
+    assert "pickled Python object" not in err and "weights_only" not in err
+
+
+@pytest.mark.parametrize("damage", ["random-bytes", "truncated"])
+def test_unreadable_last_pt_on_resume_is_one_plain_line(capsys, tmp_path, shards, damage):
+    """Was: torch's text cut mid-sentence, with ANSI escapes and a hint toward
+    ``weights_only=False`` (which would unpickle whatever the file holds)."""
+    config = plain_train_yaml(tmp_path / "t.yaml", shards)
+    assert cli_main(["train", str(config)]) == 0
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    if damage == "truncated":
+        last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    else:
+        random_bytes(last)
+    err = fails_with(
+        capsys,
+        ["train", config, "--resume"],
+        r"'?.*/run/checkpoints/last.pt'? \(the run's resume checkpoint\) cannot be read: it is "
+        r"truncated, damaged or not a checkpoint \(\w+: [^)]*\); to start over, rerun without "
+        r"--resume and with run.overwrite=true, or put back a good copy of it$",
+    )
+    assert "\x1b" not in err and "weights_only" not in err
+
+
+def worker_pids(pid: int) -> list[int]:
+    """The children of process ``pid`` (a trainer's DataLoader workers)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    try:
+        return [int(p) for p in children.read_text().split()]
+    except OSError:
+        return []
+
+
+def test_a_killed_dataloader_worker_is_one_line_naming_the_resume(tmp_path, shards):
+    """``kill -9`` of a DataLoader worker of a real ``kdcache train`` process. Was: torch's
+    36-line traceback ending in ``DataLoader worker (pid(s) N) exited unexpectedly``."""
+    config = plain_train_yaml(tmp_path / "t.yaml", shards, workers=2, epochs=500)
+    command = [sys.executable, "-m", "kdcache", "train", str(config)]
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    killed = 0
+    # every worker seen is killed until the run stops: a worker killed while its epoch's
+    # iterator shuts down goes unnoticed by torch, the next one is not
+    while proc.poll() is None and time.monotonic() < deadline:
+        for pid in worker_pids(proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+        time.sleep(0.1)
+    proc.kill()  # only if it outlived the deadline
+    _, err = proc.communicate(timeout=60)
+    assert killed, "no DataLoader worker started"
+    last = err.strip().splitlines()[-1]
+    assert proc.returncode == 2, err
+    assert "Traceback" not in err, err
+    assert re.fullmatch(
+        r"kdcache train: error: a DataLoader worker process \(pid [\d, ]+\) (killed by signal "
+        r"\w+|exited unexpectedly[\w -]*) while the run streamed its data .*rerun with --resume to "
+        r"continue '.*/run' from its last checkpoint, and if it recurs lower data.num_workers, "
+        r"data.shuffle_buffer or data.batch_size",
+        last,
+    ), last

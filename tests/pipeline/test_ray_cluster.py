@@ -16,6 +16,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -26,8 +27,10 @@ import yaml
 from kdcache.cache.store import open_store
 from kdcache.cli import main as cli_main
 from kdcache.core.results import read_run_records
+from kdcache.pipeline.cluster import probe_cluster
 from kdcache.pipeline.runner import RayClusterError, ResourcesUnavailableError, precompute
 from tests.support.precomputerun import make_config
+from tests.support.processes import kill_session
 from tests.support.tarbuild import good, write_tar
 
 
@@ -68,6 +71,89 @@ def test_an_unreachable_ray_address_is_one_error_and_writes_nothing(shard, tmp_p
     assert err.count("\n") == 1 and "Traceback" not in err
     assert err.startswith("kdcache precompute: error: ray.address: cannot reach a Ray cluster")
     assert not (tmp_path / "cache").exists() and not (tmp_path / "cache.lock").exists()
+    assert not ray.is_initialized()
+
+
+@pytest.fixture
+def not_ray() -> str:
+    """``127.0.0.1:PORT`` where a plain TCP server accepts connections and never answers."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    accepted = []
+
+    def accept() -> None:
+        while True:
+            try:
+                accepted.append(server.accept()[0])
+            except OSError:  # closed at the end of the test
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield f"127.0.0.1:{server.getsockname()[1]}"
+    server.close()
+    for conn in accepted:
+        conn.close()
+
+
+def test_a_ray_address_where_no_ray_answers_fails_within_the_timeout(
+    shard, tmp_path, capsys, not_ray
+):
+    """Was: over 4 minutes of Ray's retries, a GCS connection line each time."""
+    assert not ray.is_initialized(), "these tests need a process without Ray initialised"
+    config_file = tmp_path / "precompute.yaml"
+    config_file.write_text(
+        yaml.safe_dump(config(shard, tmp_path / "cache").model_dump(mode="json"))
+    )
+    start = time.monotonic()
+    argv = ["precompute", str(config_file), f"ray.address={not_ray}", "ray.connect_timeout_s=4"]
+    assert cli_main(argv) == 2
+    assert time.monotonic() - start < 30
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(
+        f"kdcache precompute: error: ray.address: cannot reach a Ray cluster at '{not_ray}': "
+        "no Ray cluster answered within ray.connect_timeout_s=4 s"
+    ), err
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "cache.lock").exists()
+    assert not ray.is_initialized()
+
+
+@pytest.mark.slow
+def test_a_real_cluster_at_ray_address_is_joined_after_the_probe(shard, tmp_path, capsys):
+    """The probe in a child process lets a real cluster through: ``ray start --head`` (its own
+    session, killed by session at the end, never ``ray stop``, which would stop other Rays on
+    the machine), then ``kdcache precompute … ray.address=127.0.0.1:PORT``."""
+    assert not ray.is_initialized(), "these tests need a process without Ray initialised"
+    port = closed_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    head = subprocess.Popen(
+        [
+            os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", "--block",
+            f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
+            "--node-ip-address=127.0.0.1", f"--temp-dir={tempfile.mkdtemp(prefix='kdh')}",
+        ],
+        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        address = f"127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while probe_cluster(address, 30) is not None and time.monotonic() < deadline:
+            time.sleep(1)  # the head is starting
+        config_file = tmp_path / "precompute.yaml"
+        config_file.write_text(
+            yaml.safe_dump(config(shard, tmp_path / "cache").model_dump(mode="json"))
+        )
+        argv = [
+            "precompute",
+            str(config_file),
+            f"ray.address={address}",
+            "ray.connect_timeout_s=60",
+        ]
+        assert cli_main(argv) == 0, capsys.readouterr().err
+        assert not open_store(str(tmp_path / "cache")).incomplete_shards().get("t1")
+    finally:
+        kill_session(head.pid)
     assert not ray.is_initialized()
 
 

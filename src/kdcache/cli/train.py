@@ -36,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from kdcache.train.config import load_train_config
 
+    refuse_flags(overrides)
     config = load_train_config(args.config, overrides)
     from kdcache.train.distributed import env_world
     from kdcache.train.trainer import train  # heavy imports after the config is known to be valid
@@ -44,6 +45,24 @@ def run(args: argparse.Namespace) -> int:
     if env_world()[0] == 0:
         print(format_summary(summary))
     return 0
+
+
+FLAG_HINTS = {
+    "--overwrite": "to start over in run.dir, give run.overwrite=true",
+    "--force": "to start over in run.dir, give run.overwrite=true",
+}
+"""Flags a user may carry over from ``kdcache precompute`` (or habit), with what train takes."""
+
+
+def refuse_flags(overrides: list[str]) -> None:
+    """A flag that train does not take, among the overrides, is one line saying what it does
+    take (argparse would pass it on as an override and the config loader would reject it)."""
+    from kdcache.core.errors import ConfigError
+
+    for item in overrides:
+        if item.startswith("-"):
+            hint = FLAG_HINTS.get(item.split("=", 1)[0], "overrides are dotted.key=value")
+            raise ConfigError(f"{item}: kdcache train has no such flag (only --resume); {hint}")
 
 
 def format_summary(summary: TrainResult) -> str:

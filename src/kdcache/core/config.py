@@ -150,6 +150,11 @@ def read_config(path: str | Path, _including: tuple[Path, ...] = ()) -> dict[str
     merged: dict[str, Any] = {}
     for name in _base_names(path, data.pop(BASE_KEY)):
         base = Path(name) if Path(name).is_absolute() else path.parent / name
+        if base.is_dir():
+            raise ConfigError(
+                f"config {str(path)!r}: base {name!r} is a directory ({str(base)!r}), not a "
+                "config file: name the YAML file in it, e.g. base: student_base.yaml"
+            )
         if not base.is_file():
             raise ConfigError(
                 f"config {str(path)!r}: base {name!r} does not exist (looked for {str(base)!r})"

@@ -91,3 +91,15 @@ def user_message(exc: BaseException) -> str:
     name = re.escape(wrapped.group(1))
     line = re.compile(rf"^(?:[\w.]+\.)?{name}: ", flags=re.MULTILINE).search(text, max(start, 0))
     return text[line.end() :].rstrip() if line is not None else text
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def short_reason(exc: BaseException) -> str:
+    """``Type: first sentence`` of an exception, without terminal colour codes (torch's load
+    errors run for lines, with ANSI escapes and advice that does not apply here)."""
+    text = _ANSI.sub("", str(exc)).strip()
+    text = text.splitlines()[0] if text else ""
+    text = text.split(". ", 1)[0].rstrip(".")[:200]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

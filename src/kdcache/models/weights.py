@@ -34,7 +34,7 @@ import fsspec
 import torch
 from timm.models import clean_state_dict
 
-from kdcache.core.errors import WeightsError
+from kdcache.core.errors import WeightsError, short_reason
 
 log = logging.getLogger(__name__)
 
@@ -134,10 +134,11 @@ def _load(path: str, shown: str) -> Any:
         with torch.serialization.safe_globals([argparse.Namespace]):  # timm's train.py `args`
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "Weights only load failed" not in str(exc):
+        holding = _pickled_globals(path)
+        if "Weights only load failed" not in str(exc) or not holding:  # random bytes, a cut file
             raise WeightsError(_unreadable(shown, exc)) from None
         raise WeightsError(
-            f"checkpoint {shown!r} is a pickled Python object{_pickled_globals(path)}, e.g. a "
+            f"checkpoint {shown!r} is a pickled Python object{holding}, e.g. a "
             "whole model saved with torch.save(model), not weights: unpickling it could run code. "
             "Save model.state_dict() instead, or a TorchScript file (source: torchscript). "
             + ACCEPTED
@@ -189,6 +190,4 @@ def _select(raw: Any, shown: str, use_ema: bool) -> dict[str, torch.Tensor]:
 
 def _reason(exc: BaseException) -> str:
     """The exception's type and its first sentence (torch's messages go on for lines)."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    text = text.split(". ", 1)[0][:200]
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return short_reason(exc)

@@ -170,6 +170,10 @@ class RaySection(StrictModel):
     cache is created (an unreachable address is an error, nothing written). ``None``: the cluster
     in ``RAY_ADDRESS`` if set (as under ``ray job submit``), else an embedded local Ray (or one
     this process started already)."""
+    connect_timeout_s: float = Field(30.0, gt=0)
+    """How long joining the cluster at ``address`` may take: an address where no Ray answers in
+    time (a closed port, another server on it, a cluster that does not respond) is one error
+    naming it, instead of Ray's retries for minutes."""
     num_actors: int | None = Field(None, ge=1)
     """Shard actors; default: as many as the cluster holds now (one per GPU when actors use GPUs,
     else min(CPUs, shards)), at least one. Set it on an autoscaling cluster: actors that do not

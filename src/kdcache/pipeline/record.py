@@ -23,7 +23,7 @@ from kdcache.core.results import (
     versions,
 )
 from kdcache.pipeline.config import PrecomputeConfig
-from kdcache.pipeline.plan import Plan, saved_config
+from kdcache.pipeline.plan import Plan, TeacherPlan, saved_config
 
 logger = logging.getLogger(__name__)
 
@@ -43,15 +43,24 @@ def new_result(cfg: PrecomputeConfig, plan: Plan) -> PrecomputeResult:
         config_digest=config_digest(config),
         config=config,
         versions=versions(),
-        teachers=[
-            TeacherRun(name=t.name, model=t.spec.name, k=t.k, weights_digest=t.weights_digest)
-            for t in plan.teachers
-        ],
+        teachers=[teacher_run(t) for t in plan.teachers],
         num_shards=store.num_shards,
         num_views=store.meta.num_views,
         tasks=len(plan.tasks),
         cache_views=store.meta.fingerprint.num_samples * store.meta.num_views,
         cache_teachers=len(store.teachers),
+    )
+
+
+def teacher_run(teacher: TeacherPlan) -> TeacherRun:
+    """What the record says of one teacher; a stored ensemble (no ``spec`` of its own) is named
+    by its models, e.g. ``ensemble(resnet50, vit_base_patch16_224)``."""
+    if teacher.spec is not None:
+        model = teacher.spec.name
+    else:
+        model = f"ensemble({', '.join(m.spec.name for m in teacher.members)})"
+    return TeacherRun(
+        name=teacher.name, model=model, k=teacher.k, weights_digest=teacher.weights_digest
     )
 
 

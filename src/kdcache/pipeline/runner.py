@@ -52,6 +52,7 @@ from tqdm import tqdm
 from kdcache.cache.lock import check_unlocked
 from kdcache.core.errors import KdcacheError
 from kdcache.core.results import PrecomputeResult
+from kdcache.pipeline.cluster import probe_cluster
 from kdcache.pipeline.config import PrecomputeConfig, RaySection
 from kdcache.pipeline.datapath import FAULT_ENV as DATA_FAULT_ENV
 from kdcache.pipeline.plan import Plan, ShardTask, make_plan, seal_fingerprint, writer_lock
@@ -358,7 +359,8 @@ def connect_cluster(section: RaySection) -> bool:
         "start one (`ray start --head`), correct ray.address, or leave it unset for an embedded "
         "local Ray"
     )
-    problem = unreachable(address)
+    problem = unreachable(address, section.connect_timeout_s)
+    problem = problem or probe_cluster(address, section.connect_timeout_s)
     if problem is None:
         try:
             ray.init(address=address, logging_level=logging.WARNING)
@@ -368,11 +370,7 @@ def connect_cluster(section: RaySection) -> bool:
     raise RayClusterError(f"ray.address: cannot reach a Ray cluster at {where}: {problem}; {hint}")
 
 
-CONNECT_TIMEOUT_S = 10.0
-"""How long a TCP connection to a cluster's address may take before it counts as unreachable."""
-
-
-def unreachable(address: str) -> str | None:
+def unreachable(address: str, timeout_s: float) -> str | None:
     """Why ``host:port`` (or ``ray://host:port``) does not accept a connection, None if it does
     or the address is not of that form (``auto``: Ray's own discovery fails fast). Ray itself
     retries an unreachable address for minutes."""
@@ -382,7 +380,7 @@ def unreachable(address: str) -> str | None:
     if not host or not port.isdigit():
         return None
     try:
-        socket.create_connection((host.strip("[]"), int(port)), CONNECT_TIMEOUT_S).close()
+        socket.create_connection((host.strip("[]"), int(port)), timeout_s).close()
     except OSError as exc:
         return f"{host}:{port} does not accept connections ({exc.strerror or exc})"
     return None

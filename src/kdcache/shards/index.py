@@ -41,6 +41,8 @@ from kdcache.shards.manifest import (
 )
 from kdcache.shards.reading import (
     check_unique_names,
+    is_pipe,
+    pipe_local_file,
     scan_shards,
     shard_key_digest,
     shard_name,
@@ -133,7 +135,7 @@ def _from_source(
     stale: list[str] = []
     for url, size in zip(known, shard_sizes(known, storage_options), strict=True):
         entry = source.entries[shard_name(url)]
-        if entry.size is not None and entry.size != size:
+        if entry.size is not None and size is not None and entry.size != size:
             stale.append(f"{shard_name(url)} ({size} bytes, {entry.size} recorded)")
             continue
         planned[url] = ShardInfo(url, entry.count, None, entry.key_digest, source.path)
@@ -221,19 +223,28 @@ def wids_counts(text: str, path: str) -> CountSource:
 # ---- sizes ---------------------------------------------------------------------------------------
 
 
-def shard_sizes(urls: list[str], storage_options: dict[str, Any] | None = None) -> list[int]:
-    """Each shard's size in bytes; a missing shard is a DataError naming it.
+def shard_sizes(urls: list[str], storage_options: dict[str, Any] | None = None) -> list[int | None]:
+    """Each shard's size in bytes; a missing shard is a DataError naming it. A ``pipe:`` command
+    has the size of the local file it reads, else None (unknown: the worker that runs it checks
+    the shard's count and keys against the index).
 
     Local files are stat'ed; remote shards come from one listing of each directory (fsspec caches
     listings, so a directory that the glob of ``data.shards`` listed costs no request), falling
     back to one metadata request per shard where a directory cannot be listed (plain HTTP)."""
     if not urls:
         return []
+    if any(is_pipe(u) for u in urls):  # a list mixing commands and files: each on its own
+        return [_pipe_size(u) if is_pipe(u) else shard_sizes([u], storage_options)[0] for u in urls]
     if "://" not in urls[0] or urls[0].startswith("file://"):
         return [_local_size(u) for u in urls]
     fs, _ = fsspec.core.url_to_fs(urls[0], **(storage_options or {}))
     listings: dict[str, dict[str, int] | None] = {}
     return [_remote_size(fs, url, listings) for url in urls]
+
+
+def _pipe_size(url: str) -> int | None:
+    path = pipe_local_file(url)
+    return None if path is None else os.stat(path).st_size
 
 
 def _local_size(url: str) -> int:

@@ -23,6 +23,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import shlex
 import shutil
 import tarfile
@@ -115,6 +116,19 @@ def shard_name(url: str) -> str:
         names = _pipe_names(url)
         return names[-1] if names else url
     return url.rstrip("/").rsplit("/", 1)[-1]
+
+
+def pipe_local_file(url: str) -> str | None:
+    """The local file a ``pipe:`` command reads (its last word naming a ``.tar``, e.g.
+    ``pipe:cat /d/x.tar``), None when that word is a URL or no file of this machine."""
+    try:
+        words = shlex.split(url[len(PIPE) :])
+    except ValueError:
+        words = url[len(PIPE) :].split()
+    tars = [w for w in words if ".tar" in w]
+    if not tars or "://" in tars[-1] or not os.path.isfile(tars[-1]):
+        return None
+    return tars[-1]
 
 
 def _pipe_names(url: str) -> list[str]:

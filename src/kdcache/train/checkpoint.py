@@ -26,7 +26,7 @@ import yaml
 from torch import nn
 
 from kdcache.cache.store import CacheStore, cache_identity, identity_differences
-from kdcache.core.errors import ConfigError, KdcacheError
+from kdcache.core.errors import ConfigError, KdcacheError, short_reason
 from kdcache.train import distributed as D
 from kdcache.train.config import (
     RESUME_MUTABLE,
@@ -212,7 +212,9 @@ def load_resume_checkpoint(path: Path, config: TrainConfig, world_size: int) -> 
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises pickle, zip and runtime errors for damaged files
         raise CheckpointError(
-            f"{path} cannot be read as a checkpoint ({type(exc).__name__}: {str(exc)[:200]})"
+            f"{path} (the run's resume checkpoint) cannot be read: it is truncated, damaged or "
+            f"not a checkpoint ({short_reason(exc)}); to start over, rerun without --resume and "
+            "with run.overwrite=true, or put back a good copy of it"
         ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
         raise CheckpointError(f"{path} is not a kdcache training checkpoint")

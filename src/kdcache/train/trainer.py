@@ -56,6 +56,7 @@ from kdcache.train.sftn import build_sftn
 from kdcache.train.state import RngState, RunState, SegmentOptimizer
 from kdcache.train.student import Ema, StudentInput, build_student, compile_student, wrap_ddp
 from kdcache.train.target_source import target_source_type
+from kdcache.train.workers import worker_death
 
 log = logging.getLogger(__name__)
 
@@ -332,6 +333,11 @@ def train(config: TrainConfig, hooks: Iterable[StepHook] = ()) -> TrainResult:
     try:
         trainer = Trainer(config, hooks)
         return trainer.run()
+    except RuntimeError as exc:
+        death = worker_death(exc, str(config.run.dir))
+        if death is None:
+            raise
+        raise death from exc
     finally:
         if trainer is not None:
             trainer.report.metrics.close()
