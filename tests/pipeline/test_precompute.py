@@ -737,6 +737,8 @@ def test_config_schema_is_pinned():
         "samples",
         "sample_temperatures",
         "draw_temperature",
+        "expect_top1",
+        "accept_low_accuracy",
     ]
 
 

@@ -147,6 +147,14 @@ class TeacherSection(StrictModel):
     drawn class gets its share of the draws times the exact tail mass at τ), and it is unbiased
     at τ as at T=1 (the tail's ``logsumexp(l / τ)`` is stored, 2 B per view)."""
 
+    expect_top1: float | None = Field(None, gt=0.0, le=1.0)
+    """The teacher's known top-1 (0..1, e.g. its validation accuracy). The run fails when its
+    top-1 on the unmixed views it computes falls below ``EXPECT_FRACTION`` (3/4) of it: the sign
+    of a wrong rendering or checkpoint (see "The teacher check" in the README)."""
+    accept_low_accuracy: bool = False
+    """Keep the run going when this teacher fails the teacher check (near chance, or far below
+    ``expect_top1``): its top-1 is still measured and recorded."""
+
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:

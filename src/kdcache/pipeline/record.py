@@ -44,7 +44,13 @@ def new_result(cfg: PrecomputeConfig, plan: Plan) -> PrecomputeResult:
         config=config,
         versions=versions(),
         teachers=[
-            TeacherRun(name=t.name, model=t.spec.name, k=t.k, weights_digest=t.weights_digest)
+            TeacherRun(
+                name=t.name,
+                model=t.spec.name if t.spec is not None else "ensemble",
+                k=t.k,
+                weights_digest=t.weights_digest,
+                rendering=t.rendering_from,
+            )
             for t in plan.teachers
         ],
         num_shards=store.num_shards,

@@ -57,6 +57,7 @@ from kdcache.pipeline.datapath import FAULT_ENV as DATA_FAULT_ENV
 from kdcache.pipeline.plan import Plan, ShardTask, make_plan, seal_fingerprint, writer_lock
 from kdcache.pipeline.record import finish, new_result, write_record
 from kdcache.pipeline.resources import cpus_per_actor
+from kdcache.pipeline.teachercheck import TeacherCheckError, judge
 from kdcache.pipeline.worker import FAULT_ENV, ShardResult, ShardWorker, WorkerSettings
 
 logger = logging.getLogger(__name__)
@@ -165,10 +166,23 @@ def run_precompute(
     summary.shards_failed = {name: describe_failure(why) for name, why in sorted(failures.items())}
     summary.wall_seconds = time.perf_counter() - start
     _describe_cache(plan, cfg, summary)
+    try:
+        check_teachers(cfg, plan, summary, final=True)
+    except TeacherCheckError as exc:
+        write_record(finish(summary, "error", str(exc)), options)
+        raise
     write_record(finish(summary, "shards_failed" if failures else "complete"), options)
     if failures:
         raise ShardsFailedError(failures, len(plan.tasks), summary)
     return summary
+
+
+def check_teachers(
+    cfg: PrecomputeConfig, plan: Plan, summary: PrecomputeResult, final: bool
+) -> None:
+    """The teacher check (:mod:`kdcache.pipeline.teachercheck`) on the counts so far."""
+    plans = {t.name: t for t in plan.teachers}
+    judge(summary.teachers, plans, cfg.teachers, plan.num_classes, final)
 
 
 def _run_tasks(
@@ -199,7 +213,10 @@ def _run_actors(
 ) -> dict:
     count, new_actor = actor_factory(cfg.ray, worker_settings(cfg, plan), len(plan.tasks))
     shown = Progress(
-        summary, len(plan.tasks), enabled=sys.stderr.isatty() if progress is None else progress
+        summary,
+        len(plan.tasks),
+        enabled=sys.stderr.isatty() if progress is None else progress,
+        check=lambda final: check_teachers(cfg, plan, summary, final),
     )
     dispatcher = Dispatcher(
         new_actor,
@@ -244,8 +261,11 @@ class Progress:
         enabled: bool,
         interval: float = PROGRESS_LOG_SECONDS,
         clock: Callable[[], float] = time.monotonic,
+        check: Callable[[bool], None] | None = None,
     ):
         self.summary = summary
+        self.check = check
+        """The teacher check, after each shard (``final`` false: it may stop the run early)."""
         self.total = total
         self.interval = interval
         self.clock = clock
@@ -266,6 +286,8 @@ class Progress:
         summary.invalid_views += result.invalid_views
         summary.made_view_shards += int(result.made_views)
         summary.forward_seconds += result.forward_seconds
+        for run in summary.teachers:
+            run.add_counts(result.top1.get(run.name, (0, 0, 0, 0)))
         logger.log(
             logging.DEBUG if not self.bar.disable else logging.INFO,
             "shard %s done (%d/%d): %d views, %d invalid, %.1f s (teacher forward %.1f s)",
@@ -278,6 +300,8 @@ class Progress:
             result.forward_seconds,
         )
         self._advance()
+        if self.check is not None:
+            self.check(False)
 
     def shard_failed(self, name: str) -> None:
         self.failed += 1
