@@ -14,6 +14,7 @@ from types import ModuleType
 
 from kdcache import __version__
 from kdcache.cli import bench, demo, inspect, precompute, shards, train, validate, verify
+from kdcache.cli import config as config_command
 from kdcache.core.errors import KdcacheError, user_message
 
 COMMANDS: dict[str, tuple[ModuleType, str]] = {
@@ -23,6 +24,10 @@ COMMANDS: dict[str, tuple[ModuleType, str]] = {
     "verify": (verify, "recompute stored views with the teacher and compare"),
     "inspect": (inspect, "teacher statistics of a cache: tables, JSON, plots"),
     "train": (train, "train a student from the cache (or online, or plain CE)"),
+    "config": (
+        config_command,
+        "print a complete, commented config (a template, or what a run of yours uses)",
+    ),
     "demo": (demo, "the whole flow on Fashion-MNIST, end to end"),
     "bench": (
         bench,
