@@ -712,6 +712,7 @@ def test_config_schema_is_pinned():
         "cache.check",
         "cache.force_unlock",
         "teachers",
+        "ray.mode",
         "ray.address",
         "ray.num_actors",
         "ray.cpus_per_actor",

@@ -45,10 +45,10 @@ def random_teacher_config(data_dir, cache, checkpoint, *overrides):
     )
 
 
-def test_untrained_checkpoint_fails_the_run_with_one_line(
-    ray_session, data_dir, tmp_path, random_checkpoint
-):
-    cfg = random_teacher_config(data_dir, tmp_path / "cache", random_checkpoint)
+def test_untrained_checkpoint_fails_the_run_with_one_line(data_dir, tmp_path, random_checkpoint):
+    """In this process (ray.mode: local); the next test runs the check on Ray actors."""
+    cache = tmp_path / "cache"
+    cfg = random_teacher_config(data_dir, cache, random_checkpoint, "ray.mode=local")
     with pytest.raises(TeacherCheckError) as failed:
         precompute(cfg)
     message = str(failed.value)
@@ -68,7 +68,7 @@ def test_accepted_low_accuracy_is_recorded_printed_and_inspected(
 ):
     cache = tmp_path / "cache"
     cfg = random_teacher_config(
-        data_dir, cache, random_checkpoint, "teachers.0.accept_low_accuracy=true"
+        data_dir, cache, random_checkpoint, "teachers.0.accept_low_accuracy=true", "ray.mode=ray"
     )
     result = precompute(cfg)
     run = result.teachers[0]
@@ -83,9 +83,9 @@ def test_accepted_low_accuracy_is_recorded_printed_and_inspected(
     assert "t1 renders at size 16 [recipe]" in shown
 
 
-def test_random_init_teacher_is_measured_but_not_judged(ray_session, data_dir, tmp_path):
+def test_random_init_teacher_is_measured_but_not_judged(data_dir, tmp_path):
     """No weights in the config at all: a pipeline try-out, reported as such."""
-    cfg = make_config(shards_url(data_dir), tmp_path / "cache")
+    cfg = make_config(shards_url(data_dir), tmp_path / "cache", "ray.mode=local")
     run = precompute(cfg).teachers[0]
     assert run.views_checked == 160 * 2
     assert run.check == "not judged: no weights in the config (seeded random init)"

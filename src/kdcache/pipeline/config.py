@@ -173,6 +173,12 @@ class TeacherSection(StrictModel):
 class RaySection(StrictModel):
     """The Ray cluster and the shard actors."""
 
+    mode: Literal["auto", "ray", "local"] = "auto"
+    """``ray``: shard tasks on Ray actors; ``local``: in this process, one after the other, no
+    Ray (one worker using every CPU); ``auto``: ``local`` for a small job (at most 20000 views
+    to compute) with no cluster named (``address``, ``RAY_ADDRESS``) and Ray not started by
+    this process, else ``ray``. Ray's start and its actors' cost a few seconds each; for a few
+    hundred images that is most of the run."""
     address: str | None = None
     """The cluster to join (``auto``, ``head:6379``, ``ray://head:10001``), reached before the
     cache is created (an unreachable address is an error, nothing written). ``None``: the cluster

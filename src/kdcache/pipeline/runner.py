@@ -42,7 +42,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import fsspec
@@ -191,7 +191,9 @@ def _run_tasks(
     """The shard tasks on Ray actors (an embedded Ray unless one is up); seal the fingerprint
     when none failed. Returns the failures."""
     failures: dict[str, BaseException | str] = {}
-    if plan.tasks:
+    if plan.tasks and runs_in_process(cfg, plan):
+        failures = _run_local(cfg, plan, summary, progress)
+    elif plan.tasks:
         started = ensure_ray(cfg.ray)
         try:
             failures = _run_actors(cfg, plan, summary, progress)
@@ -203,6 +205,69 @@ def _run_tasks(
     return failures
 
 
+SMALL_JOB_VIEWS = 20_000
+"""``ray.mode: auto`` runs a job of at most this many views to compute in this process."""
+
+
+def runs_in_process(cfg: PrecomputeConfig, plan: Plan) -> bool:
+    """Whether the shard tasks run here, without Ray (``ray.mode``)."""
+    if cfg.ray.mode != "auto":
+        return cfg.ray.mode == "local"
+    if ray.is_initialized() or cluster_address(cfg.ray):
+        return False
+    if any(name in os.environ for name in FORWARDED_ENV):  # fault tests crash actors
+        return False
+    views = sum(task.count for task in plan.tasks) * cfg.cache.num_views
+    return views <= SMALL_JOB_VIEWS
+
+
+def local_cpus() -> int:
+    """CPUs this process may use (its affinity, else the machine's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _run_local(
+    cfg: PrecomputeConfig, plan: Plan, summary: PrecomputeResult, progress: bool | None
+) -> dict[str, BaseException | str]:
+    """Every shard task in this process with one worker (every CPU for its torch threads, its
+    data path in a background thread unless ``runtime.data_workers`` says otherwise). A shard
+    that raises fails alone, as on an actor."""
+    settings = worker_settings(cfg, plan).for_actor(float(local_cpus()))
+    settings = replace(settings, data_workers=cfg.runtime.data_workers or 0)
+    logger.info(
+        "running %d shard task(s) in this process (ray.mode: %s; set ray.mode: ray for Ray actors)",
+        len(plan.tasks),
+        cfg.ray.mode,
+    )
+    shown = Progress(
+        summary,
+        len(plan.tasks),
+        enabled=sys.stderr.isatty() if progress is None else progress,
+        check=lambda final: check_teachers(cfg, plan, summary, final),
+    )
+    failures: dict[str, BaseException | str] = {}
+    worker = ShardWorker(settings)
+    try:
+        ready = time.perf_counter()
+        shown.actors_up()
+        for task in plan.tasks:
+            try:
+                result = worker(task)
+            except Exception as exc:  # noqa: BLE001  (as a failed task on an actor)
+                failures[task.name] = exc
+                shown.shard_failed(task.name)
+                continue
+            shown.shard_done(result)
+        summary.busy_seconds = time.perf_counter() - ready
+    finally:
+        worker.close()
+        shown.close()
+    return failures
+
+
 def wait_log_interval(limit: float | None) -> float:
     """Seconds between "not up after" lines: every 30 s, a few times for short limits."""
     return PROGRESS_LOG_SECONDS if limit is None else min(PROGRESS_LOG_SECONDS, max(1.0, limit / 3))
@@ -211,7 +276,9 @@ def wait_log_interval(limit: float | None) -> float:
 def _run_actors(
     cfg: PrecomputeConfig, plan: Plan, summary: PrecomputeResult, progress: bool | None
 ) -> dict:
+    fits = fits_now(cfg.ray)  # before the actors take the free resources
     count, new_actor = actor_factory(cfg.ray, worker_settings(cfg, plan), len(plan.tasks))
+    wait_log_s = wait_log_interval(cfg.ray.wait_for_resources_s)
     shown = Progress(
         summary,
         len(plan.tasks),
@@ -229,7 +296,8 @@ def _run_actors(
         on_first_ready=shown.actors_up,
         wait_limit=cfg.ray.wait_for_resources_s,
         wait_reason=lambda: resource_needs(cfg.ray),
-        wait_log_s=wait_log_interval(cfg.ray.wait_for_resources_s),
+        wait_log_s=wait_log_s,
+        first_wait_log_s=wait_log_s if fits else FIRST_WAIT_LOG_S,
     )
     try:
         failures = dispatcher.run()
@@ -461,6 +529,17 @@ def resource_needs(section: RaySection) -> str:
     )
 
 
+def fits_now(section: RaySection) -> bool:
+    """Whether one shard actor fits the cluster's free resources now (then a slow first actor is
+    building its teachers, not waiting for Ray)."""
+    free = ray.available_resources()
+    gpus = section.gpus_per_actor
+    if gpus is None:
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) else 0.0
+    cpus = cpus_per_actor(section.cpus_per_actor, gpus)
+    return free.get("CPU", 0) >= cpus and free.get("GPU", 0) >= gpus
+
+
 def actor_factory(
     section: RaySection, settings: WorkerSettings, num_tasks: int
 ) -> tuple[int, Callable[[], Any]]:
@@ -531,6 +610,7 @@ class Dispatcher:
         wait_limit: float | None = None,
         wait_reason: Callable[[], str] = lambda: "",
         wait_log_s: float = PROGRESS_LOG_SECONDS,
+        first_wait_log_s: float = FIRST_WAIT_LOG_S,
     ):
         self.new_actor = new_actor
         self.on_result = on_result
@@ -548,6 +628,10 @@ class Dispatcher:
         self.wait_limit = wait_limit
         self.wait_reason = wait_reason
         self.wait_log_s = wait_log_s
+        self.first_wait_log_s = first_wait_log_s
+        """Before the first "not up" line: short when the actors did not fit the free resources
+        at start (something to tell), else a whole ``wait_log_s`` (they are building
+        teachers)."""
         self.idle_since: float | None = None
         """Since when no actor is up (None: one is)."""
         self.next_wait_log = 0.0
@@ -587,7 +671,7 @@ class Dispatcher:
         now = time.monotonic()
         if self.idle_since is None:
             self.idle_since = now
-            self.next_wait_log = now + min(FIRST_WAIT_LOG_S, self.wait_log_s)
+            self.next_wait_log = now + min(self.first_wait_log_s, self.wait_log_s)
         wake = self.next_wait_log
         if self.wait_limit is not None:
             wake = min(wake, self.idle_since + self.wait_limit)
