@@ -55,13 +55,14 @@ def run(args: argparse.Namespace) -> int:
     from kdcache.core.config import load_config
     from kdcache.core.outputs import check_not_symlink_to_overwrite
     from kdcache.pipeline.config import PrecomputeConfig
-    from kdcache.pipeline.runner import precompute
 
     overrides = list(args.overrides) + (["cache.overwrite=true"] if args.overwrite else [])
     overrides += ["cache.force_unlock=true"] if args.force_unlock else []
     overrides += ["cache.check=true"] if args.check else []
     overrides += ["cache.grow=true"] if args.grow else []
     cfg = load_config(PrecomputeConfig, args.config, overrides)
+    from kdcache.pipeline.runner import precompute  # Ray, timm: once the config is valid
+
     if cfg.cache.overwrite:
         check_not_symlink_to_overwrite(cfg.cache.path, "cache.path")
     _, result = precompute(cfg)

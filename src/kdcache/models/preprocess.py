@@ -17,7 +17,7 @@ from pydantic import Field
 
 from kdcache.core.config import StrictModel
 from kdcache.core.errors import ConfigError
-from kdcache.models.build import LOCAL_DIR, ModelSpec
+from kdcache.models.spec import LOCAL_DIR, ModelSpec
 from kdcache.views.recipe import INTERPOLATIONS, Interpolation, Rendering, ViewRecipe
 
 

@@ -17,8 +17,8 @@ from pydantic import Field, field_validator, model_validator
 from kdcache.cache.store import ENCODINGS
 from kdcache.core.config import StrictModel
 from kdcache.core.errors import ConfigError
-from kdcache.models.build import ModelSpec
 from kdcache.models.preprocess import RenderSpec
+from kdcache.models.spec import ModelSpec
 from kdcache.shards.reading import DEFAULT_LABEL_KEY
 from kdcache.views.recipe import ViewRecipe
 

@@ -22,7 +22,7 @@ import math
 
 from kdcache.core.errors import KdcacheError
 from kdcache.core.results import TeacherRun
-from kdcache.models.build import LOCAL_DIR, ModelSpec
+from kdcache.models.spec import LOCAL_DIR, ModelSpec
 from kdcache.pipeline.config import TeacherSection
 from kdcache.pipeline.plan import TeacherPlan
 

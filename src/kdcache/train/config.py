@@ -17,9 +17,9 @@ from pydantic import ConfigDict, Discriminator, Field, Tag, field_validator, mod
 from pydantic_core import PydanticCustomError
 
 from kdcache.core.config import StrictModel, dump_config, load_config
-from kdcache.models.build import ModelSpec
 from kdcache.models.ensemble import StageEnsemble
 from kdcache.models.preprocess import RenderSpec
+from kdcache.models.spec import ModelSpec
 from kdcache.shards.reading import DEFAULT_LABEL_KEY
 from kdcache.targets.sparse import LossTail
 from kdcache.train.losses import get_loss, registered_losses
