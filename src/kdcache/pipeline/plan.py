@@ -392,8 +392,8 @@ def _ensemble_plan_at(
     for j, member in enumerate(section.ensemble.members):
         key = f"teachers.{index}.ensemble.members.{j}"
         rendering, sources = resolve_rendering(member.render, recipe, member.model, f"{key}.render")
-        said.append(f"{member.model.name or member.model.checkpoint}: ")
-        said[-1] += describe_rendering(rendering, sources)
+        model_name = member.model.name or member.model.checkpoint
+        said.append(f"{model_name}: {describe_rendering(rendering, sources)}")
         try:
             plan = teacher_plan(section.name, member.model, section.k, num_classes, recipe)
         except TeacherError as exc:
