@@ -712,6 +712,7 @@ def test_config_schema_is_pinned():
         "cache.check",
         "cache.force_unlock",
         "teachers",
+        "ray.mode",
         "ray.address",
         "ray.num_actors",
         "ray.cpus_per_actor",
@@ -737,6 +738,8 @@ def test_config_schema_is_pinned():
         "samples",
         "sample_temperatures",
         "draw_temperature",
+        "expect_top1",
+        "accept_low_accuracy",
     ]
 
 

@@ -28,7 +28,13 @@ from kdcache.cache.store import open_store
 from kdcache.cli import main as cli_main
 from kdcache.core.results import read_run_records
 from kdcache.pipeline.cluster import probe_cluster
-from kdcache.pipeline.runner import RayClusterError, ResourcesUnavailableError, precompute
+from kdcache.pipeline.config import RaySection
+from kdcache.pipeline.runner import (
+    RayClusterError,
+    ResourcesUnavailableError,
+    fits_now,
+    precompute,
+)
 from tests.support.precomputerun import make_config
 from tests.support.processes import kill_session
 from tests.support.tarbuild import good, write_tar
@@ -193,6 +199,13 @@ def test_an_actor_larger_than_the_cluster_waits_then_fails_naming_the_key(
     [record] = read_run_records(str(tmp_path / "cache"))  # the run says how it ended
     assert record.status == "error" and record.shards_done == [] and record.tasks == 1
     assert record.error.startswith("ResourcesUnavailableError: no shard actor was up within")
+
+
+def test_the_first_not_up_line_is_early_only_when_actors_do_not_fit(ray_session):
+    """Actors that fit are building their teachers: no "not up" line for the first interval."""
+    assert fits_now(RaySection())
+    assert not fits_now(RaySection(cpus_per_actor=4))
+    assert not fits_now(RaySection(gpus_per_actor=1))
 
 
 def test_an_actor_waits_for_cpus_taken_by_another_job_then_runs(

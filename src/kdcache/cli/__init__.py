@@ -26,6 +26,7 @@ from kdcache.cli import (
     validate,
     verify,
 )
+from kdcache.cli import config as config_command
 from kdcache.core.errors import KdcacheError, user_message
 
 COMMANDS: dict[str, tuple[ModuleType, str]] = {
@@ -38,6 +39,10 @@ COMMANDS: dict[str, tuple[ModuleType, str]] = {
     "pack": (pack, "a cache (and its teachers' weights) as one archive with SHA-256 sums"),
     "unpack": (unpack, "extract a `kdcache pack` archive, verifying every file and the cache"),
     "train": (train, "train a student from the cache (or online, or plain CE)"),
+    "config": (
+        config_command,
+        "print a complete, commented config (a template, or what a run of yours uses)",
+    ),
     "demo": (demo, "the whole flow on Fashion-MNIST, end to end"),
     "bench": (
         bench,

@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
             require_complete=args.require_complete,
             progress=progress,
         )
-    report = report.model_copy(update=extras)
+    report = report.model_copy(update={**extras, "teacher_checks": teacher_checks(args.cache)})
     print(format_report(report))
     if args.json is not None:
         report.write(args.json)
@@ -161,7 +161,49 @@ def format_report(report: InspectResult) -> str:
     from kdcache.cache_tools.ensemble_stats import format_extras
 
     sections += format_extras(report.extras(), table)
+    if report.teacher_checks:
+        sections.append(check_table(report.teacher_checks))
     return "\n\n".join(sections)
+
+
+def teacher_checks(cache: str) -> list[dict[str, Any]]:
+    """Each recorded precompute run's teacher check (:mod:`kdcache.pipeline.teachercheck`)."""
+    from kdcache.core.results import read_run_records
+
+    return [
+        {
+            "run_id": record.run_id,
+            "teacher": run.name,
+            "top1": run.top1,
+            "top1_unmixed": run.top1_unmixed,
+            "views": run.views_checked,
+            "check": run.check,
+            "rendering": run.rendering,
+        }
+        for record in read_run_records(cache)
+        for run in record.teachers
+    ]
+
+
+def check_table(checks: list[dict[str, Any]]) -> str:
+    """The teacher checks of the precompute runs, then each teacher's rendering as recorded."""
+    rows = [
+        [
+            c["run_id"],
+            c["teacher"],
+            _pct(c["top1"]),
+            _pct(c["top1_unmixed"]),
+            c["views"],
+            c["check"],
+        ]
+        for c in checks
+    ]
+    headers = ["precompute run", "teacher", "top-1", "unmixed", "views", "teacher check"]
+    title = "teacher check at precompute (on the views each run computed)"
+    lines = [table(headers, rows, title=title, left=2)]
+    latest = {c["teacher"]: c["rendering"] for c in checks if c["rendering"]}
+    lines += [f"  {name} renders at {rendering}" for name, rendering in latest.items()]
+    return "\n".join(lines)
 
 
 def strength_table(name: str, augmentation: dict[str, Any]) -> str:

@@ -55,13 +55,14 @@ def run(args: argparse.Namespace) -> int:
     from kdcache.core.config import load_config
     from kdcache.core.outputs import check_not_symlink_to_overwrite
     from kdcache.pipeline.config import PrecomputeConfig
-    from kdcache.pipeline.runner import precompute
 
     overrides = list(args.overrides) + (["cache.overwrite=true"] if args.overwrite else [])
     overrides += ["cache.force_unlock=true"] if args.force_unlock else []
     overrides += ["cache.check=true"] if args.check else []
     overrides += ["cache.grow=true"] if args.grow else []
     cfg = load_config(PrecomputeConfig, args.config, overrides)
+    from kdcache.pipeline.runner import precompute  # Ray, timm: once the config is valid
+
     if cfg.cache.overwrite:
         check_not_symlink_to_overwrite(cfg.cache.path, "cache.path")
     _, result = precompute(cfg)
@@ -89,8 +90,24 @@ def summary_lines(result: PrecomputeResult) -> list[str]:
         f"  cache: {_completeness(result, teachers)}; {result.store_bytes / 1e6:.2f} MB {where} "
         f"= {result.bytes_per_view:.1f} B per view per teacher "
         f"({result.cache_views} views x {result.cache_teachers} teacher(s))",
+        *teacher_lines(result),
         f"  run record: {result.record_path()}",
     ]
+
+
+def teacher_lines(result: PrecomputeResult) -> list[str]:
+    """Each teacher's top-1 on the views of this run, its check and its rendering."""
+    lines = []
+    for run in result.teachers:
+        if run.top1 is None:
+            continue
+        unmixed = f" ({run.top1_unmixed:.1%} on {run.unmixed_checked} unmixed)"
+        lines.append(
+            f"  teacher {run.name}: top-1 {run.top1:.1%} on {run.views_checked} views"
+            f"{unmixed if run.top1_unmixed is not None else ''}; check: {run.check}; "
+            f"renders at {run.rendering}"
+        )
+    return lines
 
 
 def _completeness(result: PrecomputeResult, teachers: str) -> str:

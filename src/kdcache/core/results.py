@@ -114,6 +114,35 @@ class TeacherRun(BaseModel):
     """The model's name in its spec (its checkpoint, if any, is in the run's ``config``)."""
     k: int
     weights_digest: str
+    rendering: str = ""
+    """How it rendered the views, each field with its source (config, recipe, timm
+    pretrained_cfg, checkpoint)."""
+    views_checked: int = 0
+    """Views of this run with a label: the teacher check's sample (mixed views count for the
+    label with the larger weight)."""
+    views_correct: int = 0
+    unmixed_checked: int = 0
+    """Of them, views that mix no second image."""
+    unmixed_correct: int = 0
+    check: str = ""
+    """The teacher check: ``passed``, ``not judged: ...``, ``accepted: ...`` or ``failed: ...``."""
+
+    @property
+    def top1(self) -> float | None:
+        """Top-1 on the views this run computed (None: none had a label)."""
+        return self.views_correct / self.views_checked if self.views_checked else None
+
+    @property
+    def top1_unmixed(self) -> float | None:
+        """Top-1 on the unmixed views this run computed."""
+        return self.unmixed_correct / self.unmixed_checked if self.unmixed_checked else None
+
+    def add_counts(self, counts: tuple[int, int, int, int]) -> None:
+        """Add a shard's (correct, checked, unmixed correct, unmixed checked)."""
+        self.views_correct += counts[0]
+        self.views_checked += counts[1]
+        self.unmixed_correct += counts[2]
+        self.unmixed_checked += counts[3]
 
 
 PrecomputeStatus = Literal["running", "complete", "shards_failed", "error", "nothing_to_do"]
@@ -438,6 +467,10 @@ class InspectResult(Result):
     cached), schema in ``cache_tools/ensemble_stats.py``; empty when there are none."""
     sampled: dict[str, dict[str, Any]] = {}
     """Sampled teachers' coverage per view, by teacher; empty when there are none."""
+    teacher_checks: list[dict[str, Any]] = []
+    """The teacher check of each precompute run recorded in the cache, one entry per run and
+    teacher: ``run_id``, ``teacher``, ``top1``, ``top1_unmixed``, ``views``, ``check``,
+    ``rendering``."""
 
     def extras(self) -> dict[str, Any]:
         """The ensembles and sampled teachers' figures

@@ -9,13 +9,15 @@ hub weights expects bicubic resizing and mean/std 0.5, a ResNet-50 bilinear and 
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 
 from kdcache.core.config import StrictModel
 from kdcache.core.errors import ConfigError
-from kdcache.models.build import ModelSpec
+from kdcache.models.spec import LOCAL_DIR, ModelSpec
 from kdcache.views.recipe import INTERPOLATIONS, Interpolation, Rendering, ViewRecipe
 
 
@@ -37,25 +39,122 @@ class RenderSpec(StrictModel):
     """Per-channel std (0..1)."""
 
 
+FIELDS = ("size", "interpolation", "mean", "std")
+"""A rendering's fields, in the order they are described."""
+
+
 def resolve(spec: RenderSpec, recipe: ViewRecipe, model: ModelSpec | None, key: str) -> Rendering:
     """The concrete rendering; ``key`` names the config entry in errors (``teachers.0.render``)."""
-    source = spec.source
-    if source == "auto":
-        pretrained = model is not None and model.source == "timm" and model.pretrained
-        source = "timm" if pretrained else "recipe"
-    base = timm_rendering(model, recipe, key) if source == "timm" else recipe.rendering()
-    overrides = {
-        name: value
-        for name in ("size", "interpolation", "mean", "std")
-        if (value := getattr(spec, name)) is not None
-    }
-    rendering = Rendering.model_validate({**base.model_dump(), **overrides})
+    return resolve_sourced(spec, recipe, model, key)[0]
+
+
+def resolve_sourced(
+    spec: RenderSpec, recipe: ViewRecipe, model: ModelSpec | None, key: str
+) -> tuple[Rendering, dict[str, str]]:
+    """The concrete rendering and where each field came from (``config (teachers.0.render)``,
+    ``recipe``, ``timm pretrained_cfg of 'vit_small_patch16_224'`` ...)."""
+    base, origin = _base(spec, recipe, model, key)
+    overrides = {name: value for name in FIELDS if (value := getattr(spec, name)) is not None}
+    sources = {name: f"config {key}" if name in overrides else origin[name] for name in FIELDS}
+    rendering = Rendering.model_validate({**base, **overrides})
     if len(rendering.mean) != recipe.channels:
         raise ConfigError(
             f"{key}: mean and std have {len(rendering.mean)} values but the recipe decodes "
             f"{recipe.channels} channel(s); set {key}.mean and {key}.std"
         )
-    return rendering
+    return rendering, sources
+
+
+def _base(
+    spec: RenderSpec, recipe: ViewRecipe, model: ModelSpec | None, key: str
+) -> tuple[dict, dict[str, str]]:
+    """The fields a config's ``render`` leaves out, and their sources."""
+    source = spec.source
+    timm_model = model is not None and model.source == "timm"
+    if source == "auto" and timm_model and model.name.startswith(LOCAL_DIR):
+        return _local_dir_base(model, recipe)
+    if source == "auto" and timm_model and model.pretrained and _overlay_file(model):
+        return _overlay_base(spec, recipe, model, key)
+    if source == "auto":
+        source = "timm" if timm_model and model.pretrained else "recipe"
+    if source == "timm":
+        fields = timm_rendering(model, recipe, key).model_dump()
+        return fields, dict.fromkeys(FIELDS, f"timm pretrained_cfg of {model.name!r}")
+    return recipe.rendering().model_dump(), dict.fromkeys(FIELDS, "recipe")
+
+
+def _overlay_file(model: ModelSpec) -> str | None:
+    """The local weights file of timm's ``pretrained_cfg_overlay: {file: ...}``, if any."""
+    overlay = model.kwargs.get("pretrained_cfg_overlay") or {}
+    return overlay.get("file") if isinstance(overlay, dict) else None
+
+
+def stated_fields(cfg: dict, recipe: ViewRecipe) -> dict:
+    """The rendering fields a timm pretrained config (or overlay) states, for the recipe's
+    channels (RGB mean/std averaged for one channel)."""
+    out: dict = {}
+    if cfg.get("input_size"):
+        out["size"] = int(cfg["input_size"][-1])
+    if cfg.get("interpolation") in INTERPOLATIONS:
+        out["interpolation"] = cfg["interpolation"]
+    for name in ("mean", "std"):
+        if cfg.get(name):
+            values = tuple(float(v) for v in cfg[name])
+            channels_differ = recipe.channels == 1 and len(values) == 3
+            out[name] = (sum(values) / 3,) if channels_differ else values
+    return out
+
+
+def _overlay_base(
+    spec: RenderSpec, recipe: ViewRecipe, model: ModelSpec, key: str
+) -> tuple[dict, dict[str, str]]:
+    """Weights from a local file: the overlay must state what the hub's config would otherwise
+    fill in, since the hub's preprocessing fits the hub's weights, not necessarily these."""
+    stated = stated_fields(model.kwargs["pretrained_cfg_overlay"], recipe)
+    missing = [name for name in FIELDS if name not in stated and getattr(spec, name) is None]
+    if missing:
+        hub = timm_rendering(model, recipe, key)
+        raise ConfigError(
+            f"{key}: the weights of {model.name!r} come from a local file "
+            f"({_overlay_file(model)}) but its {', '.join(missing)} are not stated, and timm's "
+            f"hub config would render it as {describe(hub)}, which fits the hub's weights, not "
+            f"necessarily these; state how they were trained ({key}.size / interpolation / mean "
+            f"/ std, or input_size / interpolation / mean / std in pretrained_cfg_overlay), or "
+            f"set {key}.source: timm (the hub's) or recipe"
+        )
+    origin = dict.fromkeys(FIELDS, "config pretrained_cfg_overlay")
+    return stated, origin
+
+
+def _local_dir_base(model: ModelSpec, recipe: ViewRecipe) -> tuple[dict, dict[str, str]]:
+    """A local model directory: the fields its ``config.json`` states (``pretrained_cfg``),
+    the recipe's for the rest."""
+    path = Path(model.name[len(LOCAL_DIR) :]) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):  # reported by build_model, which reads it too
+        config = {}
+    stated = stated_fields(config.get("pretrained_cfg", config), recipe)
+    base = {**recipe.rendering().model_dump(), **stated}
+    origin = {name: f"checkpoint {path}" if name in stated else "recipe" for name in FIELDS}
+    return base, origin
+
+
+def describe(rendering: Rendering, sources: dict[str, str] | None = None) -> str:
+    """``size 64, bilinear, mean (0.5,) std (0.5,)``, each with its source when given."""
+    parts = [
+        f"size {rendering.size}",
+        rendering.interpolation,
+        f"mean {_values(rendering.mean)}",
+        f"std {_values(rendering.std)}",
+    ]
+    if sources is None:
+        return ", ".join(parts)
+    return ", ".join(f"{part} [{sources[name]}]" for part, name in zip(parts, FIELDS, strict=True))
+
+
+def _values(values: tuple[float, ...]) -> str:
+    return "(" + ", ".join(f"{v:.3g}" for v in values) + ")"
 
 
 def timm_rendering(model: ModelSpec | None, recipe: ViewRecipe, key: str) -> Rendering:
@@ -67,10 +166,6 @@ def timm_rendering(model: ModelSpec | None, recipe: ViewRecipe, key: str) -> Ren
     cfg = timm.get_pretrained_cfg(model.name)
     if cfg is None:
         raise ConfigError(f"{key}.source: timm has no pretrained config for {model.name!r}")
-    interpolation = cfg.interpolation if cfg.interpolation in INTERPOLATIONS else "bicubic"
-    mean = tuple(cfg.mean)
-    std = tuple(cfg.std)
-    if recipe.channels == 1 and len(mean) == 3:
-        mean = (sum(mean) / 3,)
-        std = (sum(std) / 3,)
-    return Rendering(size=int(cfg.input_size[-1]), interpolation=interpolation, mean=mean, std=std)
+    fields = stated_fields(cfg.to_dict(), recipe)
+    fields.setdefault("interpolation", "bicubic")
+    return Rendering.model_validate(fields)

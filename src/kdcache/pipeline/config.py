@@ -17,8 +17,8 @@ from pydantic import Field, field_validator, model_validator
 from kdcache.cache.store import ENCODINGS
 from kdcache.core.config import StrictModel
 from kdcache.core.errors import ConfigError
-from kdcache.models.build import ModelSpec
 from kdcache.models.preprocess import RenderSpec
+from kdcache.models.spec import ModelSpec
 from kdcache.shards.reading import DEFAULT_LABEL_KEY
 from kdcache.views.recipe import ViewRecipe
 
@@ -147,6 +147,14 @@ class TeacherSection(StrictModel):
     drawn class gets its share of the draws times the exact tail mass at τ), and it is unbiased
     at τ as at T=1 (the tail's ``logsumexp(l / τ)`` is stored, 2 B per view)."""
 
+    expect_top1: float | None = Field(None, gt=0.0, le=1.0)
+    """The teacher's known top-1 (0..1, e.g. its validation accuracy). The run fails when its
+    top-1 on the unmixed views it computes falls below ``EXPECT_FRACTION`` (3/4) of it: the sign
+    of a wrong rendering or checkpoint (see "The teacher check" in the README)."""
+    accept_low_accuracy: bool = False
+    """Keep the run going when this teacher fails the teacher check (near chance, or far below
+    ``expect_top1``): its top-1 is still measured and recorded."""
+
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
@@ -165,6 +173,12 @@ class TeacherSection(StrictModel):
 class RaySection(StrictModel):
     """The Ray cluster and the shard actors."""
 
+    mode: Literal["auto", "ray", "local"] = "auto"
+    """``ray``: shard tasks on Ray actors; ``local``: in this process, one after the other, no
+    Ray (one worker using every CPU); ``auto``: ``local`` for a small job (at most 20000 views
+    to compute) with no cluster named (``address``, ``RAY_ADDRESS``) and Ray not started by
+    this process, else ``ray``. Ray's start and its actors' cost a few seconds each; for a few
+    hundred images that is most of the run."""
     address: str | None = None
     """The cluster to join (``auto``, ``head:6379``, ``ray://head:10001``), reached before the
     cache is created (an unreachable address is an error, nothing written). ``None``: the cluster

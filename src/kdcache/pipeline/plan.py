@@ -65,7 +65,8 @@ from kdcache.core.errors import (
 )
 from kdcache.models.build import ModelSpec, build_teacher, weights_digest
 from kdcache.models.ensemble import ENSEMBLE_MODEL, ensemble_digest, ensemble_meta
-from kdcache.models.preprocess import resolve as resolve_rendering
+from kdcache.models.preprocess import describe as describe_rendering
+from kdcache.models.preprocess import resolve_sourced as resolve_rendering
 from kdcache.pipeline.config import PrecomputeConfig, TeacherSection, check_with_classes
 from kdcache.pipeline.repair import repair_damage
 from kdcache.shards.index import ShardInfo, index_shards
@@ -108,6 +109,9 @@ class TeacherPlan:
     """A stored ensemble's models (empty: the teacher is ``spec``)."""
     combine: str = "probs"
     """A stored ensemble: how its models' distributions combine (:mod:`kdcache.models.ensemble`)."""
+    rendering_from: str = ""
+    """The rendering in words, each field with its source (config, recipe, timm pretrained_cfg,
+    checkpoint): logged at plan time, recorded in the run record, named by the teacher check."""
 
     def models(self) -> tuple[MemberPlan, ...]:
         """What a worker runs: the ensemble's models, or the teacher itself with weight 1."""
@@ -367,11 +371,15 @@ def _teacher_plan_at(
     (a stored ensemble: each of its models, named ``teachers.<index>.ensemble.members.<j>``)."""
     if section.ensemble is not None:
         return _ensemble_plan_at(index, section, num_classes, recipe)
-    rendering = resolve_rendering(section.render, recipe, section.model, f"teachers.{index}.render")
+    key = f"teachers.{index}.render"
+    rendering, sources = resolve_rendering(section.render, recipe, section.model, key)
+    said = describe_rendering(rendering, sources)
+    logger.info("teacher %s renders views at %s", section.name, said)
     try:
-        return teacher_plan(section.name, section.model, section.k, num_classes, recipe, rendering)
+        plan = teacher_plan(section.name, section.model, section.k, num_classes, recipe, rendering)
     except TeacherError as exc:
         raise TeacherError(f"teachers.{index}.model (teacher {section.name!r}): {exc}") from exc
+    return replace(plan, rendering_from=said)
 
 
 def _ensemble_plan_at(
@@ -380,9 +388,12 @@ def _ensemble_plan_at(
     """A stored ensemble: every model built once to fingerprint it, the ensemble's digest over
     theirs."""
     members = []
+    said: list[str] = []
     for j, member in enumerate(section.ensemble.members):
         key = f"teachers.{index}.ensemble.members.{j}"
-        rendering = resolve_rendering(member.render, recipe, member.model, f"{key}.render")
+        rendering, sources = resolve_rendering(member.render, recipe, member.model, f"{key}.render")
+        model_name = member.model.name or member.model.checkpoint
+        said.append(f"{model_name}: {describe_rendering(rendering, sources)}")
         try:
             plan = teacher_plan(section.name, member.model, section.k, num_classes, recipe)
         except TeacherError as exc:
@@ -396,7 +407,9 @@ def _ensemble_plan_at(
         rendering=members[0].rendering,
         members=tuple(members),
         combine=section.ensemble.combine,
+        rendering_from="; ".join(said),
     )
+    logger.info("teacher %s (ensemble) renders views at %s", section.name, teacher.rendering_from)
     digest = ensemble_digest(teacher.combine, stored_ensemble(teacher).members)
     return replace(teacher, weights_digest=digest)
 

@@ -60,7 +60,11 @@ def teacher_run(teacher: TeacherPlan) -> TeacherRun:
     else:
         model = f"ensemble({', '.join(m.spec.name for m in teacher.members)})"
     return TeacherRun(
-        name=teacher.name, model=model, k=teacher.k, weights_digest=teacher.weights_digest
+        name=teacher.name,
+        model=model,
+        k=teacher.k,
+        weights_digest=teacher.weights_digest,
+        rendering=teacher.rendering_from,
     )
 
 

@@ -42,7 +42,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import fsspec
@@ -58,6 +58,7 @@ from kdcache.pipeline.datapath import FAULT_ENV as DATA_FAULT_ENV
 from kdcache.pipeline.plan import Plan, ShardTask, make_plan, seal_fingerprint, writer_lock
 from kdcache.pipeline.record import finish, new_result, write_record
 from kdcache.pipeline.resources import cpus_per_actor
+from kdcache.pipeline.teachercheck import TeacherCheckError, judge
 from kdcache.pipeline.worker import FAULT_ENV, ShardResult, ShardWorker, WorkerSettings
 
 logger = logging.getLogger(__name__)
@@ -166,10 +167,23 @@ def run_precompute(
     summary.shards_failed = {name: describe_failure(why) for name, why in sorted(failures.items())}
     summary.wall_seconds = time.perf_counter() - start
     _describe_cache(plan, cfg, summary)
+    try:
+        check_teachers(cfg, plan, summary, final=True)
+    except TeacherCheckError as exc:
+        write_record(finish(summary, "error", str(exc)), options)
+        raise
     write_record(finish(summary, "shards_failed" if failures else "complete"), options)
     if failures:
         raise ShardsFailedError(failures, len(plan.tasks), summary)
     return summary
+
+
+def check_teachers(
+    cfg: PrecomputeConfig, plan: Plan, summary: PrecomputeResult, final: bool
+) -> None:
+    """The teacher check (:mod:`kdcache.pipeline.teachercheck`) on the counts so far."""
+    plans = {t.name: t for t in plan.teachers}
+    judge(summary.teachers, plans, cfg.teachers, plan.num_classes, final)
 
 
 def _run_tasks(
@@ -178,7 +192,9 @@ def _run_tasks(
     """The shard tasks on Ray actors (an embedded Ray unless one is up); seal the fingerprint
     when none failed. Returns the failures."""
     failures: dict[str, BaseException | str] = {}
-    if plan.tasks:
+    if plan.tasks and runs_in_process(cfg, plan):
+        failures = _run_local(cfg, plan, summary, progress)
+    elif plan.tasks:
         started = ensure_ray(cfg.ray)
         try:
             failures = _run_actors(cfg, plan, summary, progress)
@@ -190,6 +206,69 @@ def _run_tasks(
     return failures
 
 
+SMALL_JOB_VIEWS = 20_000
+"""``ray.mode: auto`` runs a job of at most this many views to compute in this process."""
+
+
+def runs_in_process(cfg: PrecomputeConfig, plan: Plan) -> bool:
+    """Whether the shard tasks run here, without Ray (``ray.mode``)."""
+    if cfg.ray.mode != "auto":
+        return cfg.ray.mode == "local"
+    if ray.is_initialized() or cluster_address(cfg.ray):
+        return False
+    if any(name in os.environ for name in FORWARDED_ENV):  # fault tests crash actors
+        return False
+    views = sum(task.count for task in plan.tasks) * cfg.cache.num_views
+    return views <= SMALL_JOB_VIEWS
+
+
+def local_cpus() -> int:
+    """CPUs this process may use (its affinity, else the machine's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _run_local(
+    cfg: PrecomputeConfig, plan: Plan, summary: PrecomputeResult, progress: bool | None
+) -> dict[str, BaseException | str]:
+    """Every shard task in this process with one worker (every CPU for its torch threads, its
+    data path in a background thread unless ``runtime.data_workers`` says otherwise). A shard
+    that raises fails alone, as on an actor."""
+    settings = worker_settings(cfg, plan).for_actor(float(local_cpus()))
+    settings = replace(settings, data_workers=cfg.runtime.data_workers or 0)
+    logger.info(
+        "running %d shard task(s) in this process (ray.mode: %s; set ray.mode: ray for Ray actors)",
+        len(plan.tasks),
+        cfg.ray.mode,
+    )
+    shown = Progress(
+        summary,
+        len(plan.tasks),
+        enabled=sys.stderr.isatty() if progress is None else progress,
+        check=lambda final: check_teachers(cfg, plan, summary, final),
+    )
+    failures: dict[str, BaseException | str] = {}
+    worker = ShardWorker(settings)
+    try:
+        ready = time.perf_counter()
+        shown.actors_up()
+        for task in plan.tasks:
+            try:
+                result = worker(task)
+            except Exception as exc:  # noqa: BLE001  (as a failed task on an actor)
+                failures[task.name] = exc
+                shown.shard_failed(task.name)
+                continue
+            shown.shard_done(result)
+        summary.busy_seconds = time.perf_counter() - ready
+    finally:
+        worker.close()
+        shown.close()
+    return failures
+
+
 def wait_log_interval(limit: float | None) -> float:
     """Seconds between "not up after" lines: every 30 s, a few times for short limits."""
     return PROGRESS_LOG_SECONDS if limit is None else min(PROGRESS_LOG_SECONDS, max(1.0, limit / 3))
@@ -198,9 +277,14 @@ def wait_log_interval(limit: float | None) -> float:
 def _run_actors(
     cfg: PrecomputeConfig, plan: Plan, summary: PrecomputeResult, progress: bool | None
 ) -> dict:
+    fits = fits_now(cfg.ray)  # before the actors take the free resources
     count, new_actor = actor_factory(cfg.ray, worker_settings(cfg, plan), len(plan.tasks))
+    wait_log_s = wait_log_interval(cfg.ray.wait_for_resources_s)
     shown = Progress(
-        summary, len(plan.tasks), enabled=sys.stderr.isatty() if progress is None else progress
+        summary,
+        len(plan.tasks),
+        enabled=sys.stderr.isatty() if progress is None else progress,
+        check=lambda final: check_teachers(cfg, plan, summary, final),
     )
     dispatcher = Dispatcher(
         new_actor,
@@ -213,7 +297,8 @@ def _run_actors(
         on_first_ready=shown.actors_up,
         wait_limit=cfg.ray.wait_for_resources_s,
         wait_reason=lambda: resource_needs(cfg.ray),
-        wait_log_s=wait_log_interval(cfg.ray.wait_for_resources_s),
+        wait_log_s=wait_log_s,
+        first_wait_log_s=wait_log_s if fits else FIRST_WAIT_LOG_S,
     )
     try:
         failures = dispatcher.run()
@@ -245,8 +330,11 @@ class Progress:
         enabled: bool,
         interval: float = PROGRESS_LOG_SECONDS,
         clock: Callable[[], float] = time.monotonic,
+        check: Callable[[bool], None] | None = None,
     ):
         self.summary = summary
+        self.check = check
+        """The teacher check, after each shard (``final`` false: it may stop the run early)."""
         self.total = total
         self.interval = interval
         self.clock = clock
@@ -267,6 +355,8 @@ class Progress:
         summary.invalid_views += result.invalid_views
         summary.made_view_shards += int(result.made_views)
         summary.forward_seconds += result.forward_seconds
+        for run in summary.teachers:
+            run.add_counts(result.top1.get(run.name, (0, 0, 0, 0)))
         logger.log(
             logging.DEBUG if not self.bar.disable else logging.INFO,
             "shard %s done (%d/%d): %d views, %d invalid, %.1f s (teacher forward %.1f s)",
@@ -279,6 +369,8 @@ class Progress:
             result.forward_seconds,
         )
         self._advance()
+        if self.check is not None:
+            self.check(False)
 
     def shard_failed(self, name: str) -> None:
         self.failed += 1
@@ -435,6 +527,17 @@ def resource_needs(section: RaySection) -> str:
     )
 
 
+def fits_now(section: RaySection) -> bool:
+    """Whether one shard actor fits the cluster's free resources now (then a slow first actor is
+    building its teachers, not waiting for Ray)."""
+    free = ray.available_resources()
+    gpus = section.gpus_per_actor
+    if gpus is None:
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) else 0.0
+    cpus = cpus_per_actor(section.cpus_per_actor, gpus)
+    return free.get("CPU", 0) >= cpus and free.get("GPU", 0) >= gpus
+
+
 def actor_factory(
     section: RaySection, settings: WorkerSettings, num_tasks: int
 ) -> tuple[int, Callable[[], Any]]:
@@ -505,6 +608,7 @@ class Dispatcher:
         wait_limit: float | None = None,
         wait_reason: Callable[[], str] = lambda: "",
         wait_log_s: float = PROGRESS_LOG_SECONDS,
+        first_wait_log_s: float = FIRST_WAIT_LOG_S,
     ):
         self.new_actor = new_actor
         self.on_result = on_result
@@ -522,6 +626,10 @@ class Dispatcher:
         self.wait_limit = wait_limit
         self.wait_reason = wait_reason
         self.wait_log_s = wait_log_s
+        self.first_wait_log_s = first_wait_log_s
+        """Before the first "not up" line: short when the actors did not fit the free resources
+        at start (something to tell), else a whole ``wait_log_s`` (they are building
+        teachers)."""
         self.idle_since: float | None = None
         """Since when no actor is up (None: one is)."""
         self.next_wait_log = 0.0
@@ -561,7 +669,7 @@ class Dispatcher:
         now = time.monotonic()
         if self.idle_since is None:
             self.idle_since = now
-            self.next_wait_log = now + min(FIRST_WAIT_LOG_S, self.wait_log_s)
+            self.next_wait_log = now + min(self.first_wait_log_s, self.wait_log_s)
         wake = self.next_wait_log
         if self.wait_limit is not None:
             wake = min(wake, self.idle_since + self.wait_limit)

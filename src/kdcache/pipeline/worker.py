@@ -120,6 +120,9 @@ class ShardResult:
     forward_seconds: float
     made_views: bool
     teachers: tuple[str, ...]
+    top1: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)
+    """Teacher -> (correct, checked, unmixed correct, unmixed checked) over the shard's labelled
+    views: the teacher check's counts (:mod:`kdcache.pipeline.teachercheck`)."""
 
 
 @dataclass
@@ -218,6 +221,8 @@ class ShardWorker:
         )
         self.data.start()  # the data worker processes are up before the actor is ready
         self.writer = ThreadPoolExecutor(len(settings.teachers), thread_name_prefix="kdcache-write")
+        self.hits: dict[str, np.ndarray] = {}
+        """Teacher -> the current task's :func:`top1_counts` so far."""
 
     def _runner(self, teacher: str, member: MemberPlan) -> ModelRunner:
         s = self.settings
@@ -255,6 +260,7 @@ class ShardWorker:
         a = self.settings.num_views
         out = {name: self._arrays(name, n, a) for name in task.teachers}
         forward = 0.0
+        self.hits = {name: np.zeros(4, np.int64) for name in task.teachers}
         keys = ShardKeys(task)
         self.data.prefetch_batches = self.settings.prefetch_batches
         options = self.settings.data_storage_options or None
@@ -271,7 +277,14 @@ class ShardWorker:
         invalid = int((rows.status != STATUS_VALID).sum()) * per_row
         seconds = time.perf_counter() - start
         result = ShardResult(
-            task.name, n * per_row, invalid, seconds, forward, task.make_views, task.teachers
+            task.name,
+            n * per_row,
+            invalid,
+            seconds,
+            forward,
+            task.make_views,
+            task.teachers,
+            {name: tuple(int(c) for c in counts) for name, counts in self.hits.items()},
         )
         logger.debug("%s", result)
         return result
@@ -313,6 +326,7 @@ class ShardWorker:
                 continue
             logits = self._logits(task, name, part, ran, runs_on.tobytes())
             labels = part.mixed_labels()
+            self.hits[name] += top1_counts(logits, labels)
             out[name].put(part.flat, self._targets(name, logits, labels, part.flat, keys))
         return time.perf_counter() - start
 
@@ -408,6 +422,17 @@ class ShardWorker:
         if listed == ((0, self.settings.num_views),):  # all of its views
             return blocks
         return [block for block in blocks if (block.start, block.stop) in listed]
+
+
+def top1_counts(logits: torch.Tensor, labels: MixedLabels) -> np.ndarray:
+    """(correct, checked, unmixed correct, unmixed checked) of a batch: top-1 against each view's
+    dominant label, over the views whose labels are known (>= 0)."""
+    labels = labels.to(logits.device)
+    known = (labels.labels >= 0) & (labels.partner >= 0)
+    correct = (logits.argmax(dim=-1) == labels.dominant()) & known
+    unmixed = known & ~labels.mixed
+    counts = torch.stack([correct.sum(), known.sum(), (correct & unmixed).sum(), unmixed.sum()])
+    return counts.cpu().numpy().astype(np.int64)
 
 
 def data_settings(settings: WorkerSettings, renderings: dict[str, Rendering]) -> DataSettings:

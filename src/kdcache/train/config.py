@@ -18,9 +18,9 @@ from pydantic_core import PydanticCustomError
 
 from kdcache.core.config import StrictModel, dump_config, load_config
 from kdcache.core.errors import KdcacheError
-from kdcache.models.build import ModelSpec
 from kdcache.models.ensemble import StageEnsemble
 from kdcache.models.preprocess import RenderSpec
+from kdcache.models.spec import ModelSpec
 from kdcache.shards.reading import DEFAULT_LABEL_KEY
 from kdcache.targets.sparse import LossTail
 from kdcache.train.losses import get_loss, registered_losses
