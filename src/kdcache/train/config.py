@@ -343,6 +343,10 @@ class RunConfig(StrictModel):
     (``pip install kdcache[tensorboard]``)."""
     threads: int | None = Field(None, ge=1)
     """torch intra-op threads of the training process (default: torch's choice)."""
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """A step whose loss is NaN or inf: ``stop`` the run naming step, epoch and shards (exit
+    status 2, no ``summary.json`` claiming completion); ``skip`` the step (no update) and count it
+    as ``nonfinite_steps_skipped`` in the summary."""
 
 
 class DataConfig(StrictModel):

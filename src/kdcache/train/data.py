@@ -103,6 +103,8 @@ class Batch:
     targets: dict[str, SparseTargets] = field(default_factory=dict)
     """Teacher name -> targets of the replayed view (teachers of the current stage only)."""
     keys: list[str] = field(default_factory=list)
+    shards: list[str] = field(default_factory=list)
+    """Each sample's shard (training batches; errors about a batch name its shards)."""
     views: torch.Tensor | None = None
     """``int64[B]``: the view index replayed for each sample."""
     partner_labels: torch.Tensor | None = None
@@ -159,7 +161,8 @@ class Batch:
         targets = {  # the fields in order: 5 top-k, 12 sampled (targets_from_arrays)
             name: tuple(_by_value(x) for x in t.tensors()) for name, t in self.targets.items()
         }
-        return _rebuild_batch, (self.images, self.teacher_images, small, targets, self.keys)
+        args = (self.images, self.teacher_images, small, targets, self.keys, self.shards)
+        return _rebuild_batch, args
 
 
 def _by_value(tensor: torch.Tensor) -> np.ndarray | torch.Tensor:
@@ -176,12 +179,14 @@ def _rebuild_batch(
     small: dict[str, Any],
     targets: dict[str, tuple[Any, ...]],
     keys: list[str],
+    shards: list[str],
 ) -> Batch:
     """The inverse of :meth:`Batch.__reduce__`."""
     return Batch(
         images=images,
         teacher_images=teacher_images,
         keys=keys,
+        shards=shards,
         targets={name: targets_from_arrays(arrays) for name, arrays in targets.items()},
         **{name: _as_tensor(value) for name, value in small.items()},
     )
@@ -512,6 +517,7 @@ class ShardStream(IterableDataset):
             labels=labels,
             targets=targets,
             keys=[i.key for i in items],
+            shards=[i.shard for i in items],
             views=torch.tensor(views, dtype=torch.int64),
             teacher_images=teacher_images,
         )

@@ -32,6 +32,8 @@ class RunState:
     teacher_forwards: int = 0
     train_time: float = 0.0
     last_eval: dict[str, float] = field(default_factory=dict)
+    nonfinite_skipped: int = 0
+    """Steps skipped for a non-finite loss (``run.on_nonfinite: skip``)."""
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -39,6 +41,8 @@ class RunState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """In place: other parts (the optimizer) hold this object."""
         for name in (f.name for f in fields(self)):
+            if name == "nonfinite_skipped" and name not in state:
+                continue  # a checkpoint written before this counter existed
             setattr(self, name, state[name])
 
 

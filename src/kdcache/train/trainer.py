@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from kdcache.core.errors import TrainingError
 from kdcache.core.results import TrainResult
 from kdcache.models.runner import autocast_context
 from kdcache.train import distributed as D
@@ -166,6 +167,8 @@ class Trainer:
                 hook.step_start(self, batch)
             parts = self.train_step(batch)
             self._count_step(parts, len(batch), time.perf_counter() - tick)
+            if parts is None:
+                continue  # a skipped non-finite step: no hooks see it
             for hook in self.hooks:
                 hook.step_end(self, batch, parts)
             tick = time.perf_counter()
@@ -173,10 +176,11 @@ class Trainer:
                 break
         self.report.bar.close()
 
-    def train_step(self, batch: Batch) -> LossParts:
+    def train_step(self, batch: Batch) -> LossParts | None:
         """One optimizer step on ``batch`` at the current epoch's stage and learning rate: the
         step :meth:`train_epoch` runs for each batch (its counters, lines and checkpoints are the
-        loop's, not the step's)."""
+        loop's, not the step's). None: the loss was not finite and ``run.on_nonfinite: skip``
+        left the model as it was."""
         plan = self._epoch_plan()
         segment = self.segments[plan.stage.segment]
         batch = batch.to(self.device)
@@ -186,6 +190,8 @@ class Trainer:
         with autocast_context(self.device, self.config.run.amp):
             logits = self.ddp(self.student_input(batch.images))
         parts = plan.criterion(logits.float(), batch.hard_labels(), targets, self.state.epoch)
+        if not self._finite(parts.total, batch):
+            return None
         optimizer = self.optimizer.current
         optimizer.zero_grad(set_to_none=True)
         parts.total.backward()
@@ -195,6 +201,29 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.model)
         return parts
+
+    def _finite(self, loss: torch.Tensor, batch: Batch) -> bool:
+        """Whether every rank's loss is finite (one flag all-reduced, so all ranks stop or skip
+        together); a non-finite loss stops the run naming step, epoch and shards unless
+        ``run.on_nonfinite`` is ``skip``."""
+        bad = (~torch.isfinite(loss.detach())).to(torch.float64).reshape(1)
+        if D.all_reduce_sum(bad).item() == 0:  # a host sync per step, as a grad scaler's
+            return True
+        shards = sorted({s for rank in D.all_gather_object(batch.shards) for s in rank})
+        state = self.state
+        where = (
+            f"step {state.global_step + 1} (epoch {state.epoch + 1}, batch {state.epoch_step + 1} "
+            f"of the epoch, from shard(s) {shards})"
+        )
+        if self.config.run.on_nonfinite == "skip":
+            log.warning("non-finite loss at %s: step skipped (run.on_nonfinite=skip)", where)
+            return False
+        value = float(loss.detach())
+        raise TrainingError(
+            f"the loss is not finite ({value:g}) at {where}: the cache's targets, the data or "
+            "the learning rate give NaN/inf; check the cache with kdcache validate, lower "
+            "optimizer.lr, or skip such steps with run.on_nonfinite=skip"
+        )
 
     def _epoch_plan(self) -> EpochPlan:
         """The current epoch's plan, made once per epoch (entering its optimizer segment)."""
@@ -209,15 +238,20 @@ class Trainer:
         self.ddp.train()
         return self._plan
 
-    def _count_step(self, parts: LossParts, images: int, seconds: float) -> None:
-        """After a step: counters, the window, a train line, a checkpoint, or the stop."""
+    def _count_step(self, parts: LossParts | None, images: int, seconds: float) -> None:
+        """After a step: counters, the window, a train line, a checkpoint, or the stop. A
+        skipped step (``parts`` None) moves the stream's position but adds nothing to the
+        window: its loss and images are not the run's."""
         state = self.state
         run = self.config.run
         state.epoch_step = state.epoch_step + 1
         state.global_step = state.global_step + 1
         state.train_time += seconds
         forwards = self.targets.take_forwards()
-        self.report.step(parts, self.optimizer.lr, images, forwards, seconds)
+        if parts is None:
+            state.nonfinite_skipped += 1
+        else:
+            self.report.step(parts, self.optimizer.lr, images, forwards, seconds)
         if state.global_step % run.log_every == 0 or state.epoch_step == self.steps:
             self.report.log_train(state)
         every = run.ckpt_every_steps
