@@ -35,6 +35,7 @@ RESUME_MUTABLE = (
     "run.log_every",
     "run.ckpt_every_steps",
     "run.overwrite",
+    "run.force_unlock",
     "data.storage_options",
     "cache.storage_options",
 )
@@ -324,6 +325,9 @@ class RunConfig(StrictModel):
     has to; ``never``: a new run (refused if ``dir`` already holds one, unless ``overwrite``)."""
     overwrite: bool = False
     """With ``resume: never``: start over in a ``dir`` that already holds a run."""
+    force_unlock: bool = False
+    """Remove ``<dir>.lock`` left by a run that is gone (``--force-unlock``; e.g. killed on
+    another host); a holder alive on this host is refused even so."""
     max_steps: int | None = Field(None, ge=1)
     """Stop (after saving a checkpoint) once this many optimizer steps are done in total (tests)."""
     log_every: int = Field(50, ge=1)

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from kdcache.cache.lock import RUN_DIR, WriterLock
 from kdcache.core.errors import TrainingError
 from kdcache.core.results import TrainResult
 from kdcache.models.runner import autocast_context
@@ -285,7 +286,10 @@ class Trainer:
 
 def train(config: TrainConfig, hooks: Iterable[StepHook] = ()) -> TrainResult:
     """Build a :class:`Trainer`, run it, leave the process group; return its result (what it
-    wrote as ``summary.json``)."""
+    wrote as ``summary.json``). Rank 0 holds ``<run.dir>.lock`` throughout: one run per
+    ``run.dir`` (a second is refused naming the first; torchrun stops the other ranks)."""
+    check_run_dir(config.run.dir)  # a clear error before the lock beside it is tried
+    lock = run_dir_lock(config)
     trainer = None
     try:
         trainer = Trainer(config, hooks)
@@ -294,3 +298,16 @@ def train(config: TrainConfig, hooks: Iterable[StepHook] = ()) -> TrainResult:
         if trainer is not None:
             trainer.report.metrics.close()
         D.destroy()
+        if lock is not None:
+            lock.release()
+
+
+def run_dir_lock(config: TrainConfig) -> WriterLock | None:
+    """The run directory's writer lock, taken (rank 0 only: the ranks of one run share it)."""
+    if D.env_world()[0] != 0:
+        return None
+    lock = WriterLock(
+        str(Path(config.run.dir).absolute()), force=config.run.force_unlock, subject=RUN_DIR
+    )
+    lock.acquire()
+    return lock
