@@ -51,7 +51,14 @@ from kdcache.cache.reader import (
     read_block,
     require_stored,
 )
-from kdcache.cache.store import STATUS_VALID, CacheStore, Fingerprint, open_store
+from kdcache.cache.store import (
+    STATUS_VALID,
+    CacheStore,
+    Fingerprint,
+    cache_identity,
+    check_same_cache,
+    open_store,
+)
 from kdcache.core.errors import CacheIncompleteError, CacheMismatchError, ConfigError, DataError
 from kdcache.models.preprocess import RenderSpec
 from kdcache.models.preprocess import resolve as resolve_rendering
@@ -255,6 +262,9 @@ class StreamSpec:
     """fsspec storage options of the shards (``data.storage_options``), as sorted items."""
     label_key: str = DEFAULT_LABEL_KEY
     """The label's key in ``.json`` entries (``data.label_key``)."""
+    cache_identity: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+    """The cache's :func:`~kdcache.cache.store.cache_identity` when the run planned its stream:
+    each shard block read checks the cache is still that one."""
 
     @property
     def workers(self) -> int:
@@ -429,12 +439,21 @@ class ShardStream(IterableDataset):
         for piece in pieces:
             url = self.spec.urls[piece.shard]
             store = self.store() if self.spec.train else None
-            block = (
-                read_block(store, shard_name(url), list(self.teachers))
-                if store is not None
-                else None
-            )
+            block = None
+            if store is not None:
+                block = read_block(store, shard_name(url), list(self.teachers))
+                self._check_same_cache(shard_name(url))
             yield from self._shard_items(url, block, piece, self.spec.counts[piece.shard])
+
+    def _check_same_cache(self, shard: str) -> None:
+        """After a block read: the cache must still be the one the run started with (a cache
+        replaced under the run would mix two caches' targets)."""
+        spec = self.spec
+        if spec.cache_identity is None or spec.cache_path is None:
+            return
+        where = f"the block of shard {shard!r} (epoch {self.epoch + 1})"
+        options = dict(spec.storage_options) or None
+        check_same_cache(spec.cache_path, options, spec.cache_identity, where)
 
     def _shard_items(
         self, url: str, block: ShardBlock | None, piece: Piece, expected: int
@@ -863,6 +882,7 @@ def build_train_data(
         storage_options=tuple(sorted(config.cache.storage_options.items())),
         data_storage_options=tuple(sorted(config.data.storage_options.items())),
         label_key=config.data.label_key,
+        cache_identity=None if store is None else cache_identity(store, _held(store, teachers)),
     )
     _check_slots(spec)
     dataset = ShardStream(spec)
@@ -870,6 +890,11 @@ def build_train_data(
     return RunData(
         spec, dataset, loader, store, num_classes, recipe, invalid, rendering, teachers_rendered
     )
+
+
+def _held(store: CacheStore, teachers: list[str]) -> list[str]:
+    """The run's teachers that the cache holds (online ones are not its)."""
+    return sorted(t for t in teachers if t in store.teachers)
 
 
 def _unseen(config: TrainConfig) -> UnseenOps | None:
