@@ -586,6 +586,7 @@ def test_config_schema_is_pinned():
             "batch_size",
             "eval_batch_size",
             "label_key",
+            "max_pixels",
             "num_classes",
             "num_workers",
             "pin_memory",

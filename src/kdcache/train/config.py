@@ -20,7 +20,7 @@ from kdcache.core.config import StrictModel, dump_config, load_config
 from kdcache.models.build import ModelSpec
 from kdcache.models.ensemble import StageEnsemble
 from kdcache.models.preprocess import RenderSpec
-from kdcache.shards.reading import DEFAULT_LABEL_KEY
+from kdcache.shards.reading import DEFAULT_LABEL_KEY, MAX_PIXELS
 from kdcache.targets.sparse import LossTail
 from kdcache.train.losses import get_loss, registered_losses
 from kdcache.views.augment import UnseenOps
@@ -368,6 +368,9 @@ class DataConfig(StrictModel):
     (for S3 the standard AWS environment). Saved with the config with their values redacted."""
     num_classes: int | None = Field(None, ge=1)
     """Class count; default the cache's. Needed without a cache."""
+    max_pixels: int | None = Field(MAX_PIXELS, ge=1)
+    """An image whose header claims more pixels is refused before decoding (default PIL's
+    decompression-bomb limit, 89478485; None: no limit)."""
     label_key: str = Field(DEFAULT_LABEL_KEY, min_length=1)
     """The label's key in a sample's ``.json`` entry (with a cache, the same as its precompute's).
     A sample's label comes from the first of its ``.cls``, ``.json`` and ``.txt`` entries (``.cls``

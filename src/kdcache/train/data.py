@@ -262,6 +262,8 @@ class StreamSpec:
     """fsspec storage options of the shards (``data.storage_options``), as sorted items."""
     label_key: str = DEFAULT_LABEL_KEY
     """The label's key in ``.json`` entries (``data.label_key``)."""
+    max_pixels: int | None = None
+    """Pixel limit of one image (``data.max_pixels``), checked before decoding."""
     cache_identity: dict[str, Any] | None = field(default=None, repr=False, compare=False)
     """The cache's :func:`~kdcache.cache.store.cache_identity` when the run planned its stream:
     each shard block read checks the cache is still that one."""
@@ -547,7 +549,7 @@ class ShardStream(IterableDataset):
     def _render(self, item: _Item) -> dict[str, torch.Tensor]:
         """The item's view in the student's rendering and in each online teacher's."""
         spec = self.spec
-        image = decode_image(item.image, spec.recipe.channels)
+        image = self._decode(item, item.image)
         hw = (int(image.shape[-2]), int(image.shape[-1]))
         if not spec.train:
             return {
@@ -558,7 +560,7 @@ class ShardStream(IterableDataset):
         if view.mixed:
             if item.partner is None:
                 raise CacheMismatchError(f"key {item.key!r}: mixed view without its partner sample")
-            other = decode_image(item.partner.image, spec.recipe.channels)
+            other = self._decode(item, item.partner.image)
             other_hw = (int(other.shape[-2]), int(other.shape[-1]))
             partner = (other, self._view(item, item.partner_row, item.partner.key, other_hw, ()))
         out = {STUDENT: self._checked_render(item, image, view, spec.rendering, partner)}
@@ -568,6 +570,16 @@ class ShardStream(IterableDataset):
         for name, rendering in spec.teacher_renderings:
             out[name] = self._checked_render(item, image, view, rendering, partner)
         return out
+
+    def _decode(self, item: _Item, data: bytes) -> torch.Tensor:
+        """Decode a sample's (or its partner's) image; a refusal names shard and key."""
+        try:
+            return decode_image(data, self.spec.recipe.channels, self.spec.max_pixels)
+        except (RuntimeError, ValueError) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DataError(
+                f"shard {item.shard!r}, key {item.key!r}: cannot decode the image ({reason})"
+            ) from None
 
     def _view(self, item: _Item, row: int, key: str, hw: tuple[int, int], partners) -> View:
         """View ``item.view`` of a row: stored in the cache, or drawn from ``(seed, key, view)``."""
@@ -882,6 +894,7 @@ def build_train_data(
         storage_options=tuple(sorted(config.cache.storage_options.items())),
         data_storage_options=tuple(sorted(config.data.storage_options.items())),
         label_key=config.data.label_key,
+        max_pixels=config.data.max_pixels,
         cache_identity=None if store is None else cache_identity(store, _held(store, teachers)),
     )
     _check_slots(spec)
