@@ -108,6 +108,7 @@ def read_block(
     *,
     require_complete: bool = True,
     check_values: bool = True,
+    skip_views: tuple[int, ...] = (),
 ) -> ShardBlock:
     """Read one shard's rows: keys, labels, status, view params and the named teachers' targets.
 
@@ -116,7 +117,9 @@ def read_block(
     :class:`CacheReadError` naming the cache, the array and the shard, never fill values. With
     ``require_complete=False`` unmarked parts are read too, as fill values where never written.
     Labels of valid rows and class indices out of range are a :class:`CacheReadError` naming the
-    array (``check_values=False``: left to the caller, ``kdcache validate``, which lists them)."""
+    array (``check_values=False``: left to the caller, ``kdcache validate``, which lists them).
+    ``skip_views``: views whose parameters are not read but left at their fill values (a grown
+    cache's new views that the caller draws again: their chunks may be the damage it repairs)."""
     index = store.shard_index(shard) if isinstance(shard, str) else shard
     name = store.meta.fingerprint.shards[index]
     teachers = list(teachers or [])
@@ -128,7 +131,8 @@ def read_block(
     arrays = {
         key: read_path(store, key, rows, name) for key in ("keys", "labels", "status", "errors")
     }
-    block = ShardBlock(shard=name, index=index, views=read_views(store, rows, name), **arrays)
+    views = read_views(store, rows, name, skip_views)
+    block = ShardBlock(shard=name, index=index, views=views, **arrays)
     if check_values:
         require_in_range(store, "labels", block.labels[block.status == STATUS_VALID], name)
     for teacher in teachers:
@@ -136,11 +140,20 @@ def read_block(
     return block
 
 
-def read_views(store: CacheStore, rows: slice, shard: str) -> ViewParams:
-    """The stored view parameters of a row range."""
-    names = ["image_hw", *param_arrays(store.meta.recipe)]
-    arrays = {name: read_path(store, f"{VIEWS}/{name}", rows, shard) for name in names}
-    return ViewParams(arrays.pop("image_hw"), arrays)
+def read_views(
+    store: CacheStore, rows: slice, shard: str, skip: tuple[int, ...] = ()
+) -> ViewParams:
+    """The stored view parameters of a row range (the views in ``skip``, a tail of them, left at
+    their fill values and their chunks never read)."""
+    image_hw = read_path(store, f"{VIEWS}/image_hw", rows, shard)
+    stop = min(skip, default=store.meta.num_views)
+    params = ViewParams.empty(store.meta.recipe, rows.stop - rows.start, store.meta.num_views)
+    for name in param_arrays(store.meta.recipe):
+        # the view axis is chunked by block: reading [:, :stop] touches no skipped block's chunk
+        params.arrays[name][:, :stop] = read_path(
+            store, f"{VIEWS}/{name}", (rows, slice(0, stop)), shard
+        )
+    return ViewParams(image_hw, params.arrays)
 
 
 def read_teacher_rows(
@@ -198,7 +211,7 @@ def require_in_range(store: CacheStore, path: str, values: np.ndarray, shard: st
         )
 
 
-def read_path(store: CacheStore, path: str, rows: slice, shard: str) -> np.ndarray:
+def read_path(store: CacheStore, path: str, rows: slice | tuple, shard: str) -> np.ndarray:
     """Rows of the array at ``path`` (``status``, ``teachers/t1/lse`` ...); a chunk that fails its
     checksum or cannot be fetched is a :class:`CacheReadError` naming array and shard."""
     try:
