@@ -286,6 +286,30 @@ def test_keys_chunk_deleted_redoes_the_shards_views(clean, tmp_path, capsys, cap
     assert_equal_caches(cache, clean["cache"])
 
 
+def test_keys_chunk_with_a_bad_checksum_beside_a_manifest_is_repaired_by_check(
+    data_dir, tmp_path, caplog
+):
+    """Shards with a manifest (as `kdcache shards` writes them): planning compares the stored keys
+    with the manifest's digests; a keys chunk that fails its checksum is damage for the repair,
+    not a stop at planning (every rerun, --check included, used to stop there)."""
+    urls = sorted(str(p) for p in data_dir.glob("train-*.tar"))
+    spec, _ = tiny_teacher(10, seed=0, save_to=tmp_path / "t.pt")
+    sections = [{"name": "t", "model": spec.model_dump(), "k": 3}]
+    clean, cache = tmp_path / "clean", tmp_path / "cache"
+    run_precompute(precompute_config(clean, urls, sections, classes=10))
+    shutil.copytree(clean, cache)
+    path = chunk_file(cache, "keys", 1)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x5A
+    path.write_bytes(bytes(data))
+    config = precompute_config(cache, urls, sections, classes=10)
+    config.cache.check = True
+    with caplog.at_level(logging.WARNING):
+        assert [t.index for t in rerun(config).tasks] == [1]
+    assert "'keys' of shard 'train-000001.tar'" in caplog.text
+    assert_equal_caches(cache, clean)
+
+
 def test_training_with_dataloader_workers_stops_naming_shard_and_array(clean, tmp_path, capsys):
     """Found inside a DataLoader worker (the shard is read there): still exit 2 and named."""
     cache, _ = copy_of(clean, tmp_path)

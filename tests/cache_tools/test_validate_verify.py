@@ -194,3 +194,28 @@ def test_validate_names_a_damaged_chunk_and_lost_ones(built, tmp_path, capsys):
         CacheReadError, match=r"'teachers/weak/topk_logit' of shard 'train-000001.tar'.*damaged"
     ):
         read_block(open_store(path), 1, ["weak"])
+
+
+@pytest.mark.parametrize(
+    ("array", "value"),
+    [("teachers/weak/topk_idx", 9), ("labels", 7)],  # the cache has 4 classes
+)
+def test_values_out_of_range_are_refused_by_every_reader_naming_the_array(
+    built, tmp_path, capsys, array, value
+):
+    path = copy_cache(built, tmp_path)
+    store = open_store(path, "r+")
+    rows = store.rows(1)
+    stored = store.group[array][rows.start : rows.stop]
+    stored[0] = value  # a valid row (every row of these shards is labelled): checksums stay valid
+    store.group[array][rows.start : rows.stop] = stored
+    named = rf"'{array}' of shard 'train-000001.tar' holds {value}, outside the 4 classes \[0, 4\)"
+    with pytest.raises(CacheReadError, match=named):  # the trainer's read
+        read_block(open_store(path), 1, ["weak", "strong"])
+    capsys.readouterr()
+    for command in (["inspect", path], ["verify", path, "--num", "40"]):
+        assert main(command) == 2, command
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"'{array}' of shard 'train-000001.tar'" in err
+        assert "kdcache validate" in err
+    assert main(["validate", path]) == 1  # validate lists it among the problems

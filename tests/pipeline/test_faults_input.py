@@ -11,6 +11,7 @@ here.
 
 from __future__ import annotations
 
+import re
 import tarfile
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from kdcache.pipeline.runner import worker_settings
 from kdcache.pipeline.worker import ShardWorker
 from tests.support.precomputerun import input_fault_config as config
 from tests.support.precomputerun import make_config, run_in_process
-from tests.support.tarbuild import good, png, write_members, write_tar
+from tests.support.tarbuild import bomb_png, good, png, write_members, write_tar
 from tests.support.trainrun import train_keys
 
 # ---- broken shards: refused at planning, naming the shard ----------------------------------------
@@ -126,6 +127,13 @@ BAD = {  # key -> (image bytes, label bytes, the reason recorded)
     "x_text": (b"GIF89a but not really", b"3", "cannot decode the image"),
     "x_word": (png(12), b"cat", "label b'cat' is not an integer"),
     "x_neg": (png(13), b"-1", "label -1 is not in 0..9"),
+    "x_huge": (  # refused from its header: decoding would allocate 300 MB
+        bomb_png(10000, 10000),
+        b"4",
+        "cannot decode the image (the image is 10000 x 10000 = 100000000 pixels, over the "
+        "limit of 89478485 (data.max_pixels",
+    ),
+    "x_int64": (png(14), b"1" + b"0" * 30, "label 100000000000...(31 digits) is outside int64"),
 }
 
 
@@ -133,7 +141,9 @@ BAD = {  # key -> (image bytes, label bytes, the reason recorded)
 def test_bad_payload_or_label_raises_naming_shard_and_key(tmp_path, key):
     image, label, reason = BAD[key]
     shard = write_tar(tmp_path / "bad-000000.tar", good("ok", 2) + [(key, image, label)])
-    with pytest.raises(DataError, match=rf"shard 'bad-000000.tar', key '{key}': {reason}"):
+    with pytest.raises(
+        DataError, match=rf"shard 'bad-000000.tar', key '{key}': {re.escape(reason)}"
+    ):
         run_in_process(config(shard, tmp_path / "cache"))
     assert open_store(str(tmp_path / "cache")).incomplete_shards() == {
         "views": ["bad-000000.tar"],

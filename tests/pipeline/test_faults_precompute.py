@@ -161,6 +161,18 @@ def test_lock_from_another_host_is_refused_until_forced(shards, tmp_path, caplog
     assert "--force-unlock" in caplog.text and not Path(lock_path(str(cache))).exists()
 
 
+def test_force_unlock_refuses_a_holder_alive_on_this_host(shards, tmp_path, live_pid):
+    cache = tmp_path / "cache"
+    write_lock(cache, pid=live_pid, start=_start_time(live_pid))
+    with pytest.raises(
+        CacheLockedError,
+        match=rf"cache.path: --force-unlock refused: cache '{cache}' is held by a live precompute "
+        rf"on this host \(pid {live_pid} on host",
+    ):
+        writer_lock(config(shards, cache, "cache.force_unlock=true")).acquire()
+    assert read_holder(str(cache)).pid == live_pid  # the live holder keeps its lock
+
+
 def test_unreadable_lock_is_refused_and_lock_released_after_a_failed_plan(shards, tmp_path):
     cache = tmp_path / "cache"
     Path(lock_path(str(cache))).write_text("{not json")

@@ -6,16 +6,20 @@ recipe (RandAugment, erasing, Mixup/CutMix within groups of 6)."""
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 
 from kdcache.cache.integrity import find_damage
 from kdcache.cache.reader import incomplete_error, read_block
 from kdcache.cache.store import FORMAT_VERSION, GROWN_FORMAT_VERSION, open_store
 from kdcache.cache_tools.verify import verify_cache
-from kdcache.core.errors import CacheIncompleteError, CacheMismatchError
+from kdcache.core.errors import CacheIncompleteError, CacheMismatchError, CacheReadError
 from kdcache.pipeline.plan import make_plan, seal_fingerprint
 from kdcache.train.config import TrainConfig
 from kdcache.train.data import build_train_data
@@ -240,3 +244,104 @@ def test_sampled_and_ensemble_teachers_grow_like_the_others(setup, tmp_path):
     assert sorted(r.teacher for r in results) == ["drawn", "ens"]
     assert all(r.ok for r in results)
     assert next(r for r in results if r.teacher == "drawn").draws_agreement == 1.0
+
+
+# ---- repairs of a grown cache: any damaged chunk, the rerun its reader names ---------------------
+
+
+@pytest.fixture(scope="module")
+def grown(setup, tmp_path_factory):
+    """A cache made with 2 views and grown to 4, its arrays, and every chunk file it holds (marks
+    included), as paths relative to the cache."""
+    path = tmp_path_factory.mktemp("grown") / "cache.zarr"
+    run_precompute(config(setup, path, 2))
+    run_precompute(config(setup, path, 4, grow=True))
+    chunks = sorted(str(f.relative_to(path)) for f in path.rglob("*") if "/c/" in str(f))
+    chunks = [c for c in chunks if (path / c).is_file()]
+    return {"path": path, "arrays": cache_arrays(path), "chunks": chunks}
+
+
+def damage_chunk(path: Path, how: str, position: float) -> None:
+    data = path.read_bytes()
+    if how == "delete":
+        path.unlink()
+    elif how == "empty":
+        path.write_bytes(b"")
+    elif how == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    else:  # flip one byte anywhere: the chunk's crc32c no longer matches
+        flipped = bytearray(data)
+        flipped[min(int(position * len(data)), len(data) - 1)] ^= 0x5A
+        path.write_bytes(bytes(flipped))
+
+
+def named_rerun(cache: Path) -> bool | None:
+    """Read every shard as the trainer does: None if none is refused, else whether the refusal
+    names ``--check`` (a plain rerun otherwise)."""
+    store = open_store(str(cache))
+    for shard in range(store.num_shards):
+        try:
+            read_block(store, shard, ["t1", "t2"])
+        except CacheReadError as exc:
+            return "--check" in str(exc)
+    return None
+
+
+@settings(
+    max_examples=8,
+    deadline=None,
+    derandomize=True,
+    phases=[Phase.explicit, Phase.generate],  # no shrinking: each example rebuilds a shard
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    pick=st.integers(0, 2**20),
+    how=st.sampled_from(["delete", "empty", "truncate", "flip"]),
+    position=st.floats(0, 1),
+)
+def test_any_damaged_chunk_of_a_grown_cache_is_repaired_by_the_rerun_its_reader_names(
+    setup, grown, pick, how, position
+):
+    chunk = grown["chunks"][pick % len(grown["chunks"])]
+    assert_named_rerun_repairs(setup, grown, chunk, how, position)
+
+
+@pytest.mark.parametrize(
+    ("chunk", "how"),
+    [
+        ("views/erase_seed/c/1/1", "flip"),  # a new view's parameters: cleared, re-read, failed
+        ("views/mix_center/c/2/1/0", "truncate"),
+        ("teachers/t1/lse/c/2/1", "empty"),  # a 0-byte chunk: passed the cheap check
+        ("keys/c/3", "flip"),
+    ],
+)
+def test_named_rerun_repairs_the_new_views_of_a_grown_cache(setup, grown, chunk, how):
+    assert_named_rerun_repairs(setup, grown, chunk, how, 0.5)
+
+
+def test_the_cheap_check_finds_a_zero_byte_chunk(grown, tmp_path):
+    cache = tmp_path / "cache.zarr"
+    shutil.copytree(grown["path"], cache)
+    (cache / "teachers/t1/lse/c/2/1").write_bytes(b"")
+    [damage] = find_damage(open_store(str(cache)))  # no --check: existence and size only
+    assert (damage.part, damage.shard, damage.start, damage.array) == (
+        "t1",
+        2,
+        2,
+        "teachers/t1/lse",
+    )
+
+
+def assert_named_rerun_repairs(setup, grown, chunk: str, how: str, position: float) -> None:
+    """Damage ``chunk`` of a copy of the grown cache; the rerun a reader's refusal names (plain, or
+    ``--check``) leaves no refusal and a cache equal to the clean one."""
+    with tempfile.TemporaryDirectory(dir=grown["path"].parent) as scratch:
+        cache = Path(scratch) / "cache.zarr"
+        shutil.copytree(grown["path"], cache)
+        damage_chunk(cache / chunk, how, position)
+        check = named_rerun(cache)
+        rerun = config(setup, cache, 4)
+        rerun.cache.check = bool(check)
+        run_precompute(rerun)
+        assert named_rerun(cache) is None, chunk
+        assert_same_arrays(cache_arrays(cache), grown["arrays"])

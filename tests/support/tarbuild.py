@@ -7,6 +7,7 @@ The precompute and input tests' shards: RGB ``SIZE`` x ``SIZE`` PNGs from a seed
 from __future__ import annotations
 
 import io
+import struct
 import tarfile
 import zlib
 from pathlib import Path
@@ -25,6 +26,19 @@ def png(seed: int, channels: int = 3) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A PNG of a few hundred bytes whose header claims ``width`` x ``height`` grey pixels (a
+    decompression bomb's header; its pixel data is cut short)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grey, no interlace
+    body = chunk(b"IDAT", zlib.compress(bytes(1000)))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + body + chunk(b"IEND", b"")
 
 
 def write_tar(path: Path, samples: list[tuple[str, bytes, bytes | None]]) -> str:

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import zarr
 from zarr.core.sync import sync
+from zarr.storage import FsspecStore
 
 from kdcache.core.errors import CacheReadError
 from kdcache.views.recipe import param_arrays
@@ -148,8 +149,21 @@ def stored_shards(array: zarr.Array, num_shards: int, views: slice | None = None
 
 
 async def _list_prefix(array: zarr.Array) -> list[str]:
+    """The array's stored chunk keys that hold bytes: a 0-byte chunk is damage (every chunk ends
+    with its 4-byte checksum), left out as if lost. An fsspec store lists sizes in one listing;
+    a local one stats each file; any other asks each key's size."""
     store = array.store_path.store
-    return [key async for key in store.list_prefix(array.store_path.path)]
+    prefix = array.store_path.path
+    if isinstance(store, FsspecStore):
+        found = await store.fs._find(f"{store.path}/{prefix}", detail=True, withdirs=False)
+        return [
+            path.removeprefix(f"{store.path}/")
+            for path, info in found.items()
+            if info.get("size") is None or info["size"] > 0
+        ]
+    keys = [key async for key in store.list_prefix(prefix)]
+    sizes = await asyncio.gather(*(store.getsize(key) for key in keys))
+    return [key for key, size in zip(keys, sizes, strict=True) if size > 0]
 
 
 def read_marks(array: zarr.Array) -> tuple[np.ndarray, list[int]]:

@@ -12,9 +12,13 @@ random token and the command line. A lock whose holder is gone is stale and is t
 warning: a dead pid, or a pid that now belongs to a later process, on this host and boot. A lock
 held from another host cannot be checked from here: the run is refused naming the holder;
 ``--force-unlock`` (``cache.force_unlock: true``) removes it when you know that run is gone.
-Release deletes the file only if it still holds this process's token. "Host" is
+``--force-unlock`` never removes the lock of a holder that is alive on this host (stop that run
+first). Release deletes the file only if it still holds this process's token. "Host" is
 ``platform.node()``: containers that share a hostname but not a pid namespace must not share a
 cache path (one would take the other's live lock for stale).
+
+The same lock, with :data:`RUN_DIR` as its :class:`Subject`, keeps one ``kdcache train`` per
+``run.dir`` (``<run.dir>.lock``).
 """
 
 from __future__ import annotations
@@ -53,6 +57,21 @@ def redacted_command(argv: list[str]) -> str:
         else a
         for a in argv
     )
+
+
+@dataclass(frozen=True)
+class Subject:
+    """What a lock guards, for its messages: the noun, its config key, who writes it, and the
+    config key of ``--force-unlock``."""
+
+    noun: str
+    option: str
+    writer: str
+    force_option: str
+
+
+CACHE = Subject("cache", "cache.path", "precompute", "cache.force_unlock")
+RUN_DIR = Subject("run directory", "run.dir", "kdcache train", "run.force_unlock")
 
 
 @dataclass(frozen=True)
@@ -105,6 +124,14 @@ class LockHolder:
             return True  # the machine rebooted since
         return not _alive(self.pid, self.start)
 
+    def is_alive_here(self) -> bool:
+        """True when the holder is certainly alive: a live process on this host and boot."""
+        if self.host != platform.node() or self.pid <= 0:
+            return False
+        if self.boot_id and _boot_id() and self.boot_id != _boot_id():
+            return False
+        return _alive(self.pid, self.start)
+
 
 def lock_path(cache_path: str) -> str:
     """``<cache>.lock``, beside the cache."""
@@ -116,12 +143,18 @@ class WriterLock:
     exit)."""
 
     def __init__(
-        self, cache_path: str, storage_options: dict[str, Any] | None = None, *, force: bool = False
+        self,
+        cache_path: str,
+        storage_options: dict[str, Any] | None = None,
+        *,
+        force: bool = False,
+        subject: Subject = CACHE,
     ):
         self.cache_path = cache_path
         self.path = lock_path(cache_path)
         self.storage_options = storage_options or {}
         self.force = force
+        self.subject = subject
         self.holder: LockHolder | None = None
 
     def __enter__(self) -> WriterLock:
@@ -138,8 +171,9 @@ class WriterLock:
         """Take the lock, taking over a stale one (or any one with ``force``); else
         CacheLockedError. A cache path that cannot be written (read-only filesystem, a file in the
         way) is an OutputError here, before any work."""
-        check_output_dir(self.cache_path, "cache.path")
-        check_output_file(self.path, "cache.path (its writer lock)")
+        option = self.subject.option
+        check_output_dir(self.cache_path, option)
+        check_output_file(self.path, f"{option} (its writer lock)")
         me = LockHolder.this_process()
         payload = json.dumps(asdict(me)).encode()
         for _ in range(2):  # a second try after removing a stale (or forced) lock
@@ -151,13 +185,23 @@ class WriterLock:
             current = read_holder(self.path, self.storage_options)
             if current is None or not (self.force or current.is_stale()):
                 break
-            why = "--force-unlock (cache.force_unlock)" if self.force else "its holder is gone"
+            if current.is_alive_here():  # even forced: a live run on this host keeps its lock
+                raise CacheLockedError(self._live_holder_message(current))
+            forced = f"--force-unlock ({self.subject.force_option})"
+            why = forced if self.force else "its holder is gone"
             logger.warning(
                 "removing the writer lock %s of %s: %s", self.path, current.describe(), why
             )
             self._remove()
-        raise CacheLockedError(
-            locked_message(self.cache_path, self.path, read_holder(self.path, self.storage_options))
+        holder = read_holder(self.path, self.storage_options)
+        raise CacheLockedError(locked_message(self.cache_path, self.path, holder, self.subject))
+
+    def _live_holder_message(self, holder: LockHolder) -> str:
+        s = self.subject
+        return (
+            f"{s.option}: --force-unlock refused: {s.noun} {self.cache_path!r} is held by a live "
+            f"{s.writer} on this host ({holder.describe()}, lock {self.path!r}); stop that run "
+            "first (--force-unlock is for a holder that is gone, e.g. on another host)"
         )
 
     def release(self) -> None:
@@ -182,7 +226,7 @@ class WriterLock:
             return False
         except OSError as exc:
             raise OutputError(
-                f"cache.path: cannot create the writer lock {self.path!r} "
+                f"{self.subject.option}: cannot create the writer lock {self.path!r} "
                 f"({type(exc).__name__}: {exc})"
             ) from None
 
@@ -261,17 +305,19 @@ def check_unlocked(cache_path: str, storage_options: dict[str, Any] | None = Non
     raise CacheLockedError(locked_message(cache_path, lock_path(cache_path), holder))
 
 
-def locked_message(cache_path: str, path: str, holder: LockHolder | None) -> str:
+def locked_message(
+    cache_path: str, path: str, holder: LockHolder | None, subject: Subject = CACHE
+) -> str:
     who = (
         holder.describe()
         if holder is not None
         else "another process (the lock vanished while checking it)"
     )
     return (
-        f"cache {cache_path!r} is being written by another precompute: "
+        f"{subject.noun} {cache_path!r} is being written by another {subject.writer}: "
         f"{who} holds its lock {path!r}. "
         "Wait for that run to finish, or, if it is gone (e.g. killed on another host), rerun with "
-        "--force-unlock (cache.force_unlock=true)"
+        f"--force-unlock ({subject.force_option}=true)"
     )
 
 

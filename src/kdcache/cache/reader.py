@@ -107,13 +107,19 @@ def read_block(
     teachers: list[str] | None = None,
     *,
     require_complete: bool = True,
+    check_values: bool = True,
+    skip_views: tuple[int, ...] = (),
 ) -> ShardBlock:
     """Read one shard's rows: keys, labels, status, view params and the named teachers' targets.
 
     What the shard's marks vouch for must be stored whole: a missing chunk of a part marked
     complete (its views, a teacher), or a chunk that fails its checksum, is a
     :class:`CacheReadError` naming the cache, the array and the shard, never fill values. With
-    ``require_complete=False`` unmarked parts are read too, as fill values where never written."""
+    ``require_complete=False`` unmarked parts are read too, as fill values where never written.
+    Labels of valid rows and class indices out of range are a :class:`CacheReadError` naming the
+    array (``check_values=False``: left to the caller, ``kdcache validate``, which lists them).
+    ``skip_views``: views whose parameters are not read but left at their fill values (a grown
+    cache's new views that the caller draws again: their chunks may be the damage it repairs)."""
     index = store.shard_index(shard) if isinstance(shard, str) else shard
     name = store.meta.fingerprint.shards[index]
     teachers = list(teachers or [])
@@ -125,20 +131,34 @@ def read_block(
     arrays = {
         key: read_path(store, key, rows, name) for key in ("keys", "labels", "status", "errors")
     }
-    block = ShardBlock(shard=name, index=index, views=read_views(store, rows, name), **arrays)
+    views = read_views(store, rows, name, skip_views)
+    block = ShardBlock(shard=name, index=index, views=views, **arrays)
+    if check_values:
+        require_in_range(store, "labels", block.labels[block.status == STATUS_VALID], name)
     for teacher in teachers:
-        block.teachers[teacher] = read_teacher_rows(store, teacher, rows, name)
+        block.teachers[teacher] = read_teacher_rows(store, teacher, rows, name, check_values)
     return block
 
 
-def read_views(store: CacheStore, rows: slice, shard: str) -> ViewParams:
-    """The stored view parameters of a row range."""
-    names = ["image_hw", *param_arrays(store.meta.recipe)]
-    arrays = {name: read_path(store, f"{VIEWS}/{name}", rows, shard) for name in names}
-    return ViewParams(arrays.pop("image_hw"), arrays)
+def read_views(
+    store: CacheStore, rows: slice, shard: str, skip: tuple[int, ...] = ()
+) -> ViewParams:
+    """The stored view parameters of a row range (the views in ``skip``, a tail of them, left at
+    their fill values and their chunks never read)."""
+    image_hw = read_path(store, f"{VIEWS}/image_hw", rows, shard)
+    stop = min(skip, default=store.meta.num_views)
+    params = ViewParams.empty(store.meta.recipe, rows.stop - rows.start, store.meta.num_views)
+    for name in param_arrays(store.meta.recipe):
+        # the view axis is chunked by block: reading [:, :stop] touches no skipped block's chunk
+        params.arrays[name][:, :stop] = read_path(
+            store, f"{VIEWS}/{name}", (rows, slice(0, stop)), shard
+        )
+    return ViewParams(image_hw, params.arrays)
 
 
-def read_teacher_rows(store: CacheStore, teacher: str, rows: slice, shard: str) -> TeacherBlock:
+def read_teacher_rows(
+    store: CacheStore, teacher: str, rows: slice, shard: str, check_values: bool = True
+) -> TeacherBlock:
     """One teacher's targets for a row range, decoded from its encoding."""
     meta = store.teacher_meta(teacher)
     arrays = {
@@ -147,14 +167,51 @@ def read_teacher_rows(store: CacheStore, teacher: str, rows: slice, shard: str) 
     }
     temperatures = tuple(meta.sample_temperatures)
     tau = meta.draw_temperature
-    return TeacherBlock(
+    block = TeacherBlock(
         *decode(meta.encoding, arrays, temperatures, tau),
         temperatures=temperatures,
         draw_temperature=tau,
     )
+    if check_values:
+        require_targets_in_range(store, teacher, block, shard)
+    return block
 
 
-def read_path(store: CacheStore, path: str, rows: slice, shard: str) -> np.ndarray:
+def require_targets_in_range(
+    store: CacheStore, teacher: str, block: TeacherBlock, shard: str
+) -> None:
+    """Class indices in ``[0, C)`` and at most S draws per view: values that pass their checksum
+    but would index past a row of C classes, or weigh the draws wrongly, in every reader."""
+    group = f"teachers/{teacher}"
+    require_in_range(store, f"{group}/topk_idx", block.topk_idx, shard)
+    if not block.sampled:
+        return
+    used = block.sample_count > 0
+    require_in_range(store, f"{group}/sample_idx", block.sample_idx[used], shard)
+    samples = store.teacher_meta(teacher).samples
+    totals = block.sample_count.astype(np.int64).sum(-1)
+    if (totals > samples).any():
+        raise CacheReadError(
+            f"cache {store.path!r}: {group + '/sample_count'!r} of shard {shard!r} holds "
+            f"{int(totals.max())} draws for a view, more than the teacher's {samples}; "
+            f"{OUT_OF_RANGE}"
+        )
+
+
+def require_in_range(store: CacheStore, path: str, values: np.ndarray, shard: str) -> None:
+    """Every value a class index or label in ``[0, C)``, else a CacheReadError naming the array
+    and the shard."""
+    classes = store.meta.num_classes
+    bad = (values < 0) | (values >= classes)
+    if bad.any():
+        raise CacheReadError(
+            f"cache {store.path!r}: {path!r} of shard {shard!r} holds {int(values[bad].flat[0])}, "
+            f"outside the {classes} classes [0, {classes}) ({int(bad.sum())} value(s)); "
+            f"{OUT_OF_RANGE}"
+        )
+
+
+def read_path(store: CacheStore, path: str, rows: slice | tuple, shard: str) -> np.ndarray:
     """Rows of the array at ``path`` (``status``, ``teachers/t1/lse`` ...); a chunk that fails its
     checksum or cannot be fetched is a :class:`CacheReadError` naming array and shard."""
     try:
@@ -168,6 +225,11 @@ def read_path(store: CacheStore, path: str, rows: slice, shard: str) -> np.ndarr
 
 
 REPAIR = "`kdcache validate` lists the damage; a `kdcache precompute` rerun redoes the shard"
+OUT_OF_RANGE = (
+    "the values pass their checksum, so the cache was altered or written by other code: "
+    "`kdcache validate` lists every such problem; delete the shard's chunk file of that array and "
+    "rerun `kdcache precompute` to redo it"
+)
 REPAIR_CHECK = "`kdcache precompute --check` finds damaged chunks and redoes their shards"
 
 

@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -237,6 +238,7 @@ def creation_info() -> dict[str, Any]:
 
     return {
         "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "id": uuid.uuid4().hex,  # tells apart two caches created at one path in one second
         "kdcache": __version__,
         "torch": torch.__version__,
         "zarr": zarr.__version__,
@@ -465,17 +467,20 @@ class CacheStore:
 def cache_identity(store: CacheStore, teachers: list[str] | None = None) -> dict[str, Any]:
     """What identifies a cache's contents for a reader that must not silently switch caches (a
     resumed training run): creation time, key digest, views (recipe, A, seed) and each teacher's
-    weights digest and k. A cache rebuilt at the same path differs in at least its creation time."""
+    weights digest and k. A cache rebuilt at the same path differs in at least its creation id
+    (caches written before there was one: its creation time)."""
     names = store.teachers if teachers is None else teachers
     return {
         "path": store.path,
         "created": store.meta.created.get("time"),
+        "creation_id": store.meta.created.get("id"),
         "key_digest": store.meta.fingerprint.key_digest,
         "recipe": store.meta.recipe.model_dump(mode="json"),
         "num_views": store.meta.num_views,
         "seed": store.meta.seed,
         "teachers": {
             name: {
+                "created": store.teacher_meta(name).created.get("id"),
                 "weights_digest": store.teacher_meta(name).weights_digest,
                 "k": store.teacher_meta(name).k,
                 "rendering": store.teacher_meta(name).rendering.model_dump(mode="json"),
@@ -493,6 +498,26 @@ def identity_differences(saved: dict[str, Any], current: dict[str, Any]) -> list
         for key in sorted(set(saved) | set(current))
         if key != "path" and saved.get(key) != current.get(key)
     ]
+
+
+def check_same_cache(
+    path: str, storage_options: dict | None, expected: dict[str, Any], where: str
+) -> None:
+    """Refuse to go on reading a cache that is no longer the one ``expected`` identifies (its
+    :func:`cache_identity` when a run started): replaced, rebuilt or grown under a running
+    reader. ``where``: what was being read (a shard)."""
+    try:
+        store = open_store(path, "r", storage_options)
+        current = cache_identity(store, sorted(expected.get("teachers", {})))
+    except (CacheError, KeyError, ValueError, OSError) as exc:  # gone, or half rewritten
+        current = {"cache": f"unreadable ({type(exc).__name__}: {exc})"}
+    changes = identity_differences(expected, current)
+    if changes:
+        raise CacheMismatchError(
+            f"cache {path!r} changed while this run read it (replaced, rebuilt or grown), at "
+            f"{where}: " + "; ".join(changes) + ". The run stopped rather than train on two "
+            "caches: start it again against the cache as it is now (run.overwrite=true)"
+        )
 
 
 def _recipe_diff(cached: ViewRecipe, given: ViewRecipe) -> str:

@@ -31,7 +31,13 @@ from kdcache.core.results import TeacherVerify, VerifyResult
 from kdcache.models.build import ModelSpec, build_teacher, weights_digest
 from kdcache.models.ensemble import build_members, combine_logits
 from kdcache.models.runner import ModelRunner
-from kdcache.shards.reading import decode_image, expand_shards, iter_shard, shard_name
+from kdcache.shards.reading import (
+    MAX_PIXELS,
+    decode_image,
+    expand_shards,
+    iter_shard,
+    shard_name,
+)
 from kdcache.targets.encoding import FP16_REL, log_tail_tolerance, logit_tolerance, sample_slots
 from kdcache.targets.sampling import Draws, draw, tail_probs, uniforms
 from kdcache.views.recipe import Rendering, View, render
@@ -123,11 +129,13 @@ def _decode_rows(
 ) -> dict[int, torch.Tensor]:
     """The decoded images of ``rows`` of a shard block, found by key in the shard."""
     wanted = {str(block.keys[row]): row for row in rows}
+    # the limit the precompute decoded these rows under (its config is stored in the cache)
+    limit = store.meta.config.get("data", {}).get("max_pixels", MAX_PIXELS)
     images = {}
     for sample in iter_shard(url, storage_options):
         if sample.key in wanted:
             row = wanted.pop(sample.key)
-            images[row] = decode_image(sample.image, store.meta.recipe.channels)
+            images[row] = decode_image(sample.image, store.meta.recipe.channels, limit)
     if wanted:
         raise CacheMismatchError(
             f"shard {block.shard!r} no longer holds keys {sorted(wanted)[:3]}: "

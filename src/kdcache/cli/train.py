@@ -20,20 +20,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         nargs=argparse.REMAINDER,
         metavar="dotted.key=value",
         help="config overrides, e.g. data.batch_size=64 stages.0.epochs=2 run.dir=runs/x "
-        "(--resume may come among them)",
+        "(--resume and --force-unlock may come among them)",
     )
     parser.add_argument(
         "--resume",
         action="store_true",
         help="resume from RUN_DIR/checkpoints/last.pt (same as run.resume=must)",
     )
+    parser.add_argument(
+        "--force-unlock",
+        action="store_true",
+        help="remove the run directory's lock left by a run that is gone (e.g. killed on another "
+        "host; same as run.force_unlock=true)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
+    flags = ("--resume", "--force-unlock")
     resume = args.resume or "--resume" in args.overrides
-    overrides = [item for item in args.overrides if item != "--resume"] + (
-        ["run.resume=must"] if resume else []
-    )
+    unlock = args.force_unlock or "--force-unlock" in args.overrides
+    overrides = [item for item in args.overrides if item not in flags]
+    overrides += ["run.resume=must"] if resume else []
+    overrides += ["run.force_unlock=true"] if unlock else []
     from kdcache.train.config import load_train_config
 
     refuse_flags(overrides)

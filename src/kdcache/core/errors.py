@@ -65,6 +65,11 @@ class WeightsError(TeacherError, ValueError):
     the file and the forms kdcache accepts."""
 
 
+class TrainingError(KdcacheError, RuntimeError):
+    """Training cannot go on: a non-finite loss (``run.on_nonfinite: stop``); the message names
+    the step, epoch and shards."""
+
+
 class ResultError(KdcacheError, ValueError):
     """A result file (a run record, ``summary.json``, a ``--json`` output) cannot be read, or is not
     the result asked for; the message names the file."""

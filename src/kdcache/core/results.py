@@ -348,6 +348,8 @@ class TrainResult(Result):
     teacher_forwards: int
     """Views the teacher ran on (online mode; 0 from a cache)."""
     invalid_rows_skipped_per_epoch: int
+    nonfinite_steps_skipped: int = 0
+    """Steps skipped, without an update, for a NaN or inf loss (``run.on_nonfinite: skip``)."""
     world_size: int
     device: str
     run_dir: str

@@ -19,7 +19,7 @@ from kdcache.core.config import StrictModel
 from kdcache.core.errors import ConfigError
 from kdcache.models.preprocess import RenderSpec
 from kdcache.models.spec import ModelSpec
-from kdcache.shards.reading import DEFAULT_LABEL_KEY
+from kdcache.shards.reading import DEFAULT_LABEL_KEY, MAX_PIXELS
 from kdcache.views.recipe import ViewRecipe
 
 TEACHER_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -52,6 +52,9 @@ class DataSection(StrictModel):
     on_error: Literal["raise", "skip"] = "raise"
     """A corrupt image or a missing / out-of-range label: ``raise`` fails the shard naming shard
     and key; ``skip`` stores the row as invalid (status 2) with its reason in ``errors``."""
+    max_pixels: int | None = Field(MAX_PIXELS, ge=1)
+    """An image whose header claims more pixels is refused before decoding, like a corrupt one
+    (``on_error``); default PIL's decompression-bomb limit (89478485); None: no limit."""
 
     @field_validator("shards")
     @classmethod

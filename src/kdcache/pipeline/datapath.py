@@ -51,7 +51,13 @@ import torch
 from kdcache.cache.store import STATUS_INVALID, STATUS_VALID
 from kdcache.core.errors import DataError, KdcacheError
 from kdcache.pipeline.plan import ShardKeys, ShardTask
-from kdcache.shards.reading import DEFAULT_LABEL_KEY, Sample, decode_image, iter_shard
+from kdcache.shards.reading import (
+    DEFAULT_LABEL_KEY,
+    MAX_PIXELS,
+    Sample,
+    decode_image,
+    iter_shard,
+)
 from kdcache.targets.sparse import MixedLabels
 from kdcache.views.recipe import Rendering, ViewParams, ViewRecipe, draw_group, grouped, render_rows
 
@@ -94,6 +100,8 @@ class DataSettings:
     on_error: str
     renderings: tuple[tuple[str, Rendering], ...]
     """The renderings the run's teachers need, by :func:`rendering_key`."""
+    max_pixels: int | None = MAX_PIXELS
+    """Pixel limit of one image (``data.max_pixels``), checked before decoding."""
 
 
 ViewRange = tuple[int, int]
@@ -432,7 +440,7 @@ def _image(
     rows.labels[local] = sample.label if sample.label is not None else -1
     try:
         sample.require_label(job.shard, settings.num_classes)
-        image = decode(sample, job.shard, settings.recipe.channels)
+        image = decode(sample, job.shard, settings.recipe.channels, settings.max_pixels)
     except DataError as exc:
         if settings.on_error == "raise":
             raise
@@ -454,7 +462,7 @@ def _stored_image(
             f"shard {job.shard!r}, key {sample.key!r}: label {sample.label} but the cache "
             f"stored {int(rows.labels[local])}: the shard changed after its views were made"
         )
-    image = decode(sample, job.shard, settings.recipe.channels)
+    image = decode(sample, job.shard, settings.recipe.channels, settings.max_pixels)
     stored = tuple(int(v) for v in rows.params.image_hw[local])
     if tuple(image.shape[-2:]) != stored:
         raise DataError(
@@ -491,10 +499,12 @@ def _render(
     return ViewBatch(flat, views, rows.labels[own], rows.labels[partner], lam)
 
 
-def decode(sample: Sample, shard: str, channels: int) -> torch.Tensor:
-    """Decode once; a corrupt image is a DataError naming shard and key."""
+def decode(
+    sample: Sample, shard: str, channels: int, max_pixels: int | None = MAX_PIXELS
+) -> torch.Tensor:
+    """Decode once; a corrupt or too large image is a DataError naming shard and key."""
     try:
-        return decode_image(sample.image, channels)
+        return decode_image(sample.image, channels, max_pixels)
     except (RuntimeError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(

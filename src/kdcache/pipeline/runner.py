@@ -123,6 +123,7 @@ def worker_settings(cfg: PrecomputeConfig, plan: Plan) -> WorkerSettings:
         num_classes=plan.num_classes,
         on_error=cfg.data.on_error,
         label_key=cfg.data.label_key,
+        max_pixels=cfg.data.max_pixels,
         teachers=tuple(plan.teachers),
         runtime=cfg.runtime,
         torch_threads=threads,

@@ -54,7 +54,7 @@ from kdcache.pipeline.datapath import (
     rendering_key,
 )
 from kdcache.pipeline.plan import MemberPlan, ShardKeys, ShardTask, TeacherPlan
-from kdcache.shards.reading import DEFAULT_LABEL_KEY
+from kdcache.shards.reading import DEFAULT_LABEL_KEY, MAX_PIXELS
 from kdcache.targets.encoding import sample_slots
 from kdcache.targets.sampling import sampled_from_logits, uniforms
 from kdcache.targets.sparse import MixedLabels, SampledTargets, SparseTargets, from_logits
@@ -86,6 +86,8 @@ class WorkerSettings:
     torch_threads: int
     label_key: str = DEFAULT_LABEL_KEY
     """The label's key in ``.json`` entries (``data.label_key``)."""
+    max_pixels: int | None = MAX_PIXELS
+    """Pixel limit of one image (``data.max_pixels``)."""
     prefetch_batches: int = PREFETCH_BATCHES
     """Batches of views the data path makes ahead while the teachers run (0: in line, one after
     the other, in this thread; with data worker processes their jobs still run meanwhile)."""
@@ -301,7 +303,9 @@ class ShardWorker:
         cache's new views not made yet read as fill values: this task draws them)."""
         if task.make_views:
             return ShardRows.fresh(self.settings.recipe, task.count, self.settings.num_views)
-        block = read_block(self.store, task.index, require_complete=False)
+        # the views drawn here are not read: after a repair their chunks are the damage
+        draw = ViewWork.of(task, self.settings.num_views).draw
+        block = read_block(self.store, task.index, require_complete=False, skip_views=draw)
         return ShardRows(
             np.asarray(block.labels),
             np.asarray(block.status),
@@ -444,6 +448,7 @@ def data_settings(settings: WorkerSettings, renderings: dict[str, Rendering]) ->
         num_classes=settings.num_classes,
         on_error=settings.on_error,
         renderings=tuple(renderings.items()),
+        max_pixels=settings.max_pixels,
     )
 
 

@@ -24,6 +24,7 @@ import io
 import json
 import logging
 import os
+import re
 import shlex
 import shutil
 import tarfile
@@ -56,6 +57,10 @@ PIPE = "pipe:"
 SPOOL_BYTES = 64 << 20
 """Planning reads a ``pipe:`` shard whole (a pipe cannot seek): in memory up to this size, then in
 a temporary file."""
+MAX_PIXELS = 89_478_485
+"""Default pixel limit of one image (``data.max_pixels``): PIL's decompression-bomb threshold
+(``PIL.Image.MAX_IMAGE_PIXELS``), about 89.5 Mpx, 0.25 GiB as RGB uint8."""
+INT64 = (-(2**63), 2**63 - 1)
 
 
 def expand_shards(
@@ -441,11 +446,20 @@ def parse_label(
         return None, "no label (no .cls, .json or .txt entry)"
     if ext == "json":
         return _json_label(raw, label_key)
+    where = "" if ext == "cls" else f" (in the .{ext} entry)"
     try:
-        return int(raw.decode("ascii").strip()), None
+        return _int64(int(raw.decode("ascii").strip()), where)
     except (UnicodeDecodeError, ValueError):
-        where = "" if ext == "cls" else f" (in the .{ext} entry)"
         return None, f"label {raw[:20]!r}{where} is not an integer"
+
+
+def _int64(label: int, where: str) -> tuple[int | None, str | None]:
+    """The label if it fits int64 (the cache's and torch's label type), else why not."""
+    if INT64[0] <= label <= INT64[1]:
+        return label, None
+    text = str(label)
+    shown = text if len(text) <= 24 else f"{text[:12]}...({len(text)} digits)"
+    return None, f"label {shown}{where} is outside int64"
 
 
 def _json_label(raw: bytes, label_key: str) -> tuple[int | None, str | None]:
@@ -459,16 +473,21 @@ def _json_label(raw: bytes, label_key: str) -> tuple[int | None, str | None]:
     value = data[label_key]
     if isinstance(value, str) and value.strip().lstrip("-").isdigit():
         value = int(value)
+    where = f" (key {label_key!r} of the .json entry)"
     if isinstance(value, bool) or not isinstance(value, int):
-        return None, f"label {value!r} (key {label_key!r} of the .json entry) is not an integer"
-    return value, None
+        return None, f"label {value!r}{where} is not an integer"
+    return _int64(value, where)
 
 
-def decode_image(data: bytes, channels: int) -> torch.Tensor:
+def decode_image(data: bytes, channels: int, max_pixels: int | None = MAX_PIXELS) -> torch.Tensor:
     """Encoded image bytes -> ``uint8[channels, H, W]`` (torchvision's decoder, both sides).
 
     Images of more than 8 bits per channel (16-bit PNGs decode to uint16) are scaled to uint8, so
-    the teacher never sees values 256 times too large."""
+    the teacher never sees values 256 times too large. An image whose header gives more than
+    ``max_pixels`` pixels is a ValueError before any pixel is decoded (a few KB of PNG can claim
+    30000 x 30000 px; None: no limit)."""
+    if max_pixels is not None:
+        check_pixels(data, max_pixels)
     mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
     image = tv_decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode)
     if image.dtype != torch.uint8:
@@ -478,9 +497,38 @@ def decode_image(data: bytes, channels: int) -> torch.Tensor:
     return image
 
 
+def check_pixels(data: bytes, max_pixels: int) -> None:
+    """ValueError when the image's header gives more than ``max_pixels`` pixels. A header PIL
+    cannot read is left to the decoder, which refuses what it cannot decode."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        height, width = read_image_size(data)
+        size = f"{width} x {height} = {height * width}"
+        pixels = height * width
+    except Image.DecompressionBombError as exc:  # over twice PIL's limit: PIL gives the count
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        if found is None:
+            raise ValueError(f"{exc} (data.max_pixels={max_pixels})") from None
+        pixels = int(found.group(1))
+        size = str(pixels)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        return
+    if pixels > max_pixels:
+        raise ValueError(
+            f"the image is {size} pixels, over the limit of {max_pixels} "
+            "(data.max_pixels; checked from its header, before decoding)"
+        )
+
+
 def read_image_size(data: bytes) -> tuple[int, int]:
-    """(H, W) of encoded image bytes without decoding all pixels."""
+    """(H, W) of encoded image bytes without decoding all pixels (PIL reads the header only; its
+    decompression-bomb warning is silenced: the caller decides on the size)."""
+    import warnings
+
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as img:
-        return img.height, img.width
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(io.BytesIO(data)) as img:
+            return img.height, img.width

@@ -21,7 +21,7 @@ from kdcache.core.errors import KdcacheError
 from kdcache.models.ensemble import StageEnsemble
 from kdcache.models.preprocess import RenderSpec
 from kdcache.models.spec import ModelSpec
-from kdcache.shards.reading import DEFAULT_LABEL_KEY
+from kdcache.shards.reading import DEFAULT_LABEL_KEY, MAX_PIXELS
 from kdcache.targets.sparse import LossTail
 from kdcache.train.losses import get_loss, registered_losses
 from kdcache.views.augment import UnseenOps
@@ -39,6 +39,7 @@ RESUME_MUTABLE = (
     "run.log_every",
     "run.ckpt_every_steps",
     "run.overwrite",
+    "run.force_unlock",
     "data.storage_options",
     "cache.storage_options",
 )
@@ -413,6 +414,9 @@ class RunConfig(StrictModel):
     has to; ``never``: a new run (refused if ``dir`` already holds one, unless ``overwrite``)."""
     overwrite: bool = False
     """With ``resume: never``: start over in a ``dir`` that already holds a run."""
+    force_unlock: bool = False
+    """Remove ``<dir>.lock`` left by a run that is gone (``--force-unlock``; e.g. killed on
+    another host); a holder alive on this host is refused even so."""
     max_steps: int | None = Field(None, ge=1)
     """Stop (after saving a checkpoint) once this many optimizer steps are done in total (tests)."""
     log_every: int = Field(50, ge=1)
@@ -441,6 +445,10 @@ class RunConfig(StrictModel):
     mlflow: MlflowConfig | None = None
     """Also log the metrics to MLflow (``pip install kdcache[mlflow]``). A resume continues the
     same MLflow run."""
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """A step whose loss is NaN or inf: ``stop`` the run naming step, epoch and shards (exit
+    status 2, no ``summary.json`` claiming completion); ``skip`` the step (no update) and count it
+    as ``nonfinite_steps_skipped`` in the summary."""
 
 
 class SelectConfig(StrictModel):
@@ -475,6 +483,9 @@ class DataConfig(StrictModel):
     (for S3 the standard AWS environment). Saved with the config with their values redacted."""
     num_classes: int | None = Field(None, ge=1)
     """Class count; default the cache's. Needed without a cache."""
+    max_pixels: int | None = Field(MAX_PIXELS, ge=1)
+    """An image whose header claims more pixels is refused before decoding (default PIL's
+    decompression-bomb limit, 89478485; None: no limit)."""
     label_key: str = Field(DEFAULT_LABEL_KEY, min_length=1)
     """The label's key in a sample's ``.json`` entry (with a cache, the same as its precompute's).
     A sample's label comes from the first of its ``.cls``, ``.json`` and ``.txt`` entries (``.cls``

@@ -51,7 +51,14 @@ from kdcache.cache.reader import (
     read_block,
     require_stored,
 )
-from kdcache.cache.store import STATUS_VALID, CacheStore, Fingerprint, open_store
+from kdcache.cache.store import (
+    STATUS_VALID,
+    CacheStore,
+    Fingerprint,
+    cache_identity,
+    check_same_cache,
+    open_store,
+)
 from kdcache.core.errors import CacheIncompleteError, CacheMismatchError, ConfigError, DataError
 from kdcache.core.results import Selection
 from kdcache.models.preprocess import RenderSpec
@@ -105,6 +112,8 @@ class Batch:
     targets: dict[str, SparseTargets] = field(default_factory=dict)
     """Teacher name -> targets of the replayed view (teachers of the current stage only)."""
     keys: list[str] = field(default_factory=list)
+    shards: list[str] = field(default_factory=list)
+    """Each sample's shard (training batches; errors about a batch name its shards)."""
     views: torch.Tensor | None = None
     """``int64[B]``: the view index replayed for each sample."""
     partner_labels: torch.Tensor | None = None
@@ -161,7 +170,8 @@ class Batch:
         targets = {  # the fields in order: 5 top-k, 12 sampled (targets_from_arrays)
             name: tuple(_by_value(x) for x in t.tensors()) for name, t in self.targets.items()
         }
-        return _rebuild_batch, (self.images, self.teacher_images, small, targets, self.keys)
+        args = (self.images, self.teacher_images, small, targets, self.keys, self.shards)
+        return _rebuild_batch, args
 
 
 def _by_value(tensor: torch.Tensor) -> np.ndarray | torch.Tensor:
@@ -178,12 +188,14 @@ def _rebuild_batch(
     small: dict[str, Any],
     targets: dict[str, tuple[Any, ...]],
     keys: list[str],
+    shards: list[str],
 ) -> Batch:
     """The inverse of :meth:`Batch.__reduce__`."""
     return Batch(
         images=images,
         teacher_images=teacher_images,
         keys=keys,
+        shards=shards,
         targets={name: targets_from_arrays(arrays) for name, arrays in targets.items()},
         **{name: _as_tensor(value) for name, value in small.items()},
     )
@@ -255,6 +267,11 @@ class StreamSpec:
     keep: tuple[tuple[int, ...], ...] | None = None
     """Per shard, the cache rows streamed (``data.select`` / ``data.exclude_classes``: see
     :mod:`kdcache.train.selection`); None: every valid row."""
+    max_pixels: int | None = None
+    """Pixel limit of one image (``data.max_pixels``), checked before decoding."""
+    cache_identity: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+    """The cache's :func:`~kdcache.cache.store.cache_identity` when the run planned its stream:
+    each shard block read checks the cache is still that one."""
 
     @property
     def workers(self) -> int:
@@ -429,12 +446,21 @@ class ShardStream(IterableDataset):
         for piece in pieces:
             url = self.spec.urls[piece.shard]
             store = self.store() if self.spec.train else None
-            block = (
-                read_block(store, shard_name(url), list(self.teachers))
-                if store is not None
-                else None
-            )
+            block = None
+            if store is not None:
+                block = read_block(store, shard_name(url), list(self.teachers))
+                self._check_same_cache(shard_name(url))
             yield from self._shard_items(url, block, piece, self.spec.counts[piece.shard])
+
+    def _check_same_cache(self, shard: str) -> None:
+        """After a block read: the cache must still be the one the run started with (a cache
+        replaced under the run would mix two caches' targets)."""
+        spec = self.spec
+        if spec.cache_identity is None or spec.cache_path is None:
+            return
+        where = f"the block of shard {shard!r} (epoch {self.epoch + 1})"
+        options = dict(spec.storage_options) or None
+        check_same_cache(spec.cache_path, options, spec.cache_identity, where)
 
     def _shard_items(
         self, url: str, block: ShardBlock | None, piece: Piece, expected: int
@@ -527,6 +553,7 @@ class ShardStream(IterableDataset):
             labels=labels,
             targets=targets,
             keys=[i.key for i in items],
+            shards=[i.shard for i in items],
             views=torch.tensor(views, dtype=torch.int64),
             teacher_images=teacher_images,
         )
@@ -537,7 +564,7 @@ class ShardStream(IterableDataset):
     def _render(self, item: _Item) -> dict[str, torch.Tensor]:
         """The item's view in the student's rendering and in each online teacher's."""
         spec = self.spec
-        image = decode_image(item.image, spec.recipe.channels)
+        image = self._decode(item, item.image)
         hw = (int(image.shape[-2]), int(image.shape[-1]))
         if not spec.train:
             return {
@@ -548,7 +575,7 @@ class ShardStream(IterableDataset):
         if view.mixed:
             if item.partner is None:
                 raise CacheMismatchError(f"key {item.key!r}: mixed view without its partner sample")
-            other = decode_image(item.partner.image, spec.recipe.channels)
+            other = self._decode(item, item.partner.image)
             other_hw = (int(other.shape[-2]), int(other.shape[-1]))
             partner = (other, self._view(item, item.partner_row, item.partner.key, other_hw, ()))
         out = {STUDENT: self._checked_render(item, image, view, spec.rendering, partner)}
@@ -558,6 +585,16 @@ class ShardStream(IterableDataset):
         for name, rendering in spec.teacher_renderings:
             out[name] = self._checked_render(item, image, view, rendering, partner)
         return out
+
+    def _decode(self, item: _Item, data: bytes) -> torch.Tensor:
+        """Decode a sample's (or its partner's) image; a refusal names shard and key."""
+        try:
+            return decode_image(data, self.spec.recipe.channels, self.spec.max_pixels)
+        except (RuntimeError, ValueError) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DataError(
+                f"shard {item.shard!r}, key {item.key!r}: cannot decode the image ({reason})"
+            ) from None
 
     def _view(self, item: _Item, row: int, key: str, hw: tuple[int, int], partners) -> View:
         """View ``item.view`` of a row: stored in the cache, or drawn from ``(seed, key, view)``."""
@@ -885,6 +922,8 @@ def build_train_data(
         data_storage_options=tuple(sorted(config.data.storage_options.items())),
         label_key=config.data.label_key,
         keep=kept.rows if kept is not None else None,
+        max_pixels=config.data.max_pixels,
+        cache_identity=None if store is None else cache_identity(store, _held(store, teachers)),
     )
     _check_slots(spec)
     dataset = ShardStream(spec)
@@ -901,6 +940,11 @@ def build_train_data(
         teachers_rendered,
         kept.record if kept is not None else None,
     )
+
+
+def _held(store: CacheStore, teachers: list[str]) -> list[str]:
+    """The run's teachers that the cache holds (online ones are not its)."""
+    return sorted(t for t in teachers if t in store.teachers)
 
 
 def _unseen(config: TrainConfig) -> UnseenOps | None:

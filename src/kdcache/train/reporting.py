@@ -198,7 +198,7 @@ class Reporter:
             "epoch %d/%d done: loss %.4f, %.0f img/s%s",
             epoch,
             self.config.total_epochs,
-            line["loss"],
+            line.get("loss", float("nan")),  # none: every step of the window was skipped
             line["images_per_s"],
             f", test top-1 {test['top1']:.2f}%" if test.get("top1") is not None else "",
         )
@@ -229,6 +229,7 @@ class Reporter:
             time_s=time.perf_counter() - self.start_time,
             teacher_forwards=state.teacher_forwards,
             invalid_rows_skipped_per_epoch=invalid,
+            nonfinite_steps_skipped=state.nonfinite_skipped,
             world_size=self.dist.world_size,
             device=str(self.dist.device),
             run_dir=str(Path(self.config.run.dir)),

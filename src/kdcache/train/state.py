@@ -35,6 +35,8 @@ class RunState:
     teacher_forwards: int = 0
     train_time: float = 0.0
     last_eval: dict[str, float] = field(default_factory=dict)
+    nonfinite_skipped: int = 0
+    """Steps skipped for a non-finite loss (``run.on_nonfinite: skip``)."""
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from kdcache.cache.lock import RUN_DIR, WriterLock
+from kdcache.core.errors import TrainingError
 from kdcache.core.results import TrainResult
 from kdcache.models.runner import autocast_context
 from kdcache.train import distributed as D
@@ -126,6 +128,8 @@ class Trainer:
         self.report = Reporter(config, self.dist, self.stages, metrics)
         self.checkpointer = self._build_checkpointer()
         self.stopped_early = False
+        self._group_backward = False
+        """Whether a batch of the open accumulation group was backpropagated (not all skipped)."""
         self._plan: EpochPlan | None = None
 
     @property
@@ -196,18 +200,20 @@ class Trainer:
                 hook.step_start(self, batch)
             parts = self.train_step(batch)
             self._count_step(parts, len(batch), time.perf_counter() - tick)
-            for hook in self.hooks:
-                hook.step_end(self, batch, parts)
+            if parts is not None:  # a skipped non-finite step: no hooks see it
+                for hook in self.hooks:
+                    hook.step_end(self, batch, parts)
             tick = time.perf_counter()
             if self.stopped_early:
                 break
         self.report.bar.close()
 
-    def train_step(self, batch: Batch) -> LossParts:
+    def train_step(self, batch: Batch) -> LossParts | None:
         """One batch at the current epoch's stage: forward, backward into the open accumulation
         group and, once the group is complete (every batch unless ``run.accumulate``), one
         optimizer step at the group's learning rate. The step :meth:`train_epoch` runs for each
-        batch (its counters, lines and checkpoints are the loop's, not the step's)."""
+        batch (its counters, lines and checkpoints are the loop's, not the step's). None: the
+        loss was not finite and ``run.on_nonfinite: skip`` left the batch out of its group."""
         plan = self._epoch_plan()
         segment = self.segments[plan.stage.segment]
         group = self._group_size()
@@ -220,13 +226,17 @@ class Trainer:
             with autocast_context(self.device, self.config.run.amp):
                 output = self.forward(self.student_input(batch.images))
             parts = self._loss(plan, output, batch, targets)
-            # a mean-reduced loss over `group` equal batches: the mean over one batch that large
-            loss = parts.total / group if group > 1 else parts.total
-            self.scaler.scale(loss).backward()
+            finite = self._finite(parts.total, batch)
+            if finite:
+                # a mean-reduced loss over `group` equal batches: the mean over one batch that
+                # large
+                loss = parts.total / group if group > 1 else parts.total
+                self.scaler.scale(loss).backward()
+                self._group_backward = True
         self.state.accumulated = 0 if last else self.state.accumulated + 1
         if last:
             self._finish_group(segment)
-        return parts
+        return parts if finite else None
 
     def _loss(self, plan: EpochPlan, output: Any, batch: Batch, targets: Any) -> LossParts:
         """The stage's criterion on the student's logits, or with SFTN its loss over the
@@ -249,6 +259,7 @@ class Trainer:
         progress = (self.state.epoch - segment.start) + done / self.updates
         self.optimizer.set_lr(lr_at(segment, progress, self.updates))
         self.optimizer.current.zero_grad(set_to_none=True)
+        self._group_backward = False
 
     def _sync(self, last: bool):
         """DDP all-reduces the gradients on a group's last batch only."""
@@ -257,7 +268,10 @@ class Trainer:
         return self.ddp.no_sync()
 
     def _finish_group(self, segment: Segment) -> None:
-        """The optimizer step of a complete group: unscale (fp16), clip, step, EMA."""
+        """The optimizer step of a complete group: unscale (fp16), clip, step, EMA; none when
+        every batch of the group was skipped (non-finite)."""
+        if not self._group_backward:
+            return
         optimizer = self.optimizer.current
         if segment.optimizer.grad_clip:
             self.scaler.unscale_(optimizer)
@@ -266,6 +280,29 @@ class Trainer:
         self.scaler.update()
         if self.ema is not None:
             self.ema.update(self.model)
+
+    def _finite(self, loss: torch.Tensor, batch: Batch) -> bool:
+        """Whether every rank's loss is finite (one flag all-reduced, so all ranks stop or skip
+        together); a non-finite loss stops the run naming step, epoch and shards unless
+        ``run.on_nonfinite`` is ``skip``."""
+        bad = (~torch.isfinite(loss.detach())).to(torch.float64).reshape(1)
+        if D.all_reduce_sum(bad).item() == 0:  # a host sync per step, as a grad scaler's
+            return True
+        shards = sorted({s for rank in D.all_gather_object(batch.shards) for s in rank})
+        state = self.state
+        where = (
+            f"step {state.global_step + 1} (epoch {state.epoch + 1}, batch {state.epoch_step + 1} "
+            f"of the epoch, from shard(s) {shards})"
+        )
+        if self.config.run.on_nonfinite == "skip":
+            log.warning("non-finite loss at %s: step skipped (run.on_nonfinite=skip)", where)
+            return False
+        value = float(loss.detach())
+        raise TrainingError(
+            f"the loss is not finite ({value:g}) at {where}: the cache's targets, the data or "
+            "the learning rate give NaN/inf; check the cache with kdcache validate, lower "
+            "optimizer.lr, or skip such steps with run.on_nonfinite=skip"
+        )
 
     def _epoch_plan(self) -> EpochPlan:
         """The current epoch's plan, made once per epoch (entering its optimizer segment)."""
@@ -280,14 +317,19 @@ class Trainer:
         self.ddp.train()
         return self._plan
 
-    def _count_step(self, parts: LossParts, images: int, seconds: float) -> None:
-        """After a step: counters, the window, a train line, a checkpoint, or the stop."""
+    def _count_step(self, parts: LossParts | None, images: int, seconds: float) -> None:
+        """After a step: counters, the window, a train line, a checkpoint, or the stop. A
+        skipped step (``parts`` None) moves the stream's position but adds nothing to the
+        window: its loss and images are not the run's."""
         state = self.state
         run = self.config.run
         state.epoch_step = state.epoch_step + 1
         state.train_time += seconds
         forwards = self.targets.take_forwards()
-        self.report.step(parts, self.optimizer.lr, images, forwards, seconds)
+        if parts is None:
+            state.nonfinite_skipped += 1
+        else:
+            self.report.step(parts, self.optimizer.lr, images, forwards, seconds)
         if state.accumulated:
             return  # mid-group: no optimizer step yet, so no line, checkpoint or stop
         state.global_step = state.global_step + 1
@@ -328,7 +370,10 @@ class Trainer:
 
 def train(config: TrainConfig, hooks: Iterable[StepHook] = ()) -> TrainResult:
     """Build a :class:`Trainer`, run it, leave the process group; return its result (what it
-    wrote as ``summary.json``)."""
+    wrote as ``summary.json``). Rank 0 holds ``<run.dir>.lock`` throughout: one run per
+    ``run.dir`` (a second is refused naming the first; torchrun stops the other ranks)."""
+    check_run_dir(config.run.dir)  # a clear error before the lock beside it is tried
+    lock = run_dir_lock(config)
     trainer = None
     try:
         trainer = Trainer(config, hooks)
@@ -342,3 +387,16 @@ def train(config: TrainConfig, hooks: Iterable[StepHook] = ()) -> TrainResult:
         if trainer is not None:
             trainer.report.metrics.close()
         D.destroy()
+        if lock is not None:
+            lock.release()
+
+
+def run_dir_lock(config: TrainConfig) -> WriterLock | None:
+    """The run directory's writer lock, taken (rank 0 only: the ranks of one run share it)."""
+    if D.env_world()[0] != 0:
+        return None
+    lock = WriterLock(
+        str(Path(config.run.dir).absolute()), force=config.run.force_unlock, subject=RUN_DIR
+    )
+    lock.acquire()
+    return lock
