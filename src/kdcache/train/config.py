@@ -342,7 +342,10 @@ class RunConfig(StrictModel):
     ``dir/tensorboard``; needs the ``tensorboard`` package
     (``pip install kdcache[tensorboard]``)."""
     threads: int | None = Field(None, ge=1)
-    """torch intra-op threads of the training process (default: torch's choice)."""
+    """torch intra-op threads of the training process. Unset: the cores this process may use
+    divided among the processes that share them, ``max(1, cores // (local ranks x
+    (data.num_workers + 1)))`` (each DataLoader worker runs one thread), so training never
+    oversubscribes the CPUs; set it to override."""
 
 
 class DataConfig(StrictModel):
@@ -381,6 +384,9 @@ class DataConfig(StrictModel):
     """Pin host memory of batches (CUDA only)."""
     prefetch_factor: int = Field(2, ge=1)
     """Batches prefetched per worker."""
+    persistent_workers: bool = True
+    """Keep the training DataLoader's workers from epoch to epoch (started once, not per epoch;
+    the order, views and resumption are the same either way)."""
 
 
 class CacheConfig(StrictModel):

@@ -26,8 +26,19 @@ Every rank thus trains ``workers x`` that many steps per epoch, and no sample is
 stream and each worker skips the samples of the batches it had delivered (computed from the
 round-robin interleave) *before* decoding, so the next batches are bit-identical.
 
-Epoch, teachers and the skip are set with :meth:`ShardStream.set_epoch` before each epoch's
-iterator is created; workers are not persistent, so each epoch's workers start with them.
+**Mixup/CutMix: each image decoded once.** A mixed view needs its partner's image, another sample
+of its mixing group. A group's samples enter the shuffle buffer together and the first of them the
+buffer gives out renders the whole group, decoding each image once (a view's own image and a
+partner alike); the others wait, rendered, until the buffer gives them out. The buffer thus holds
+rendered views (at most ``shuffle_buffer`` + one group of them), never decoded full-size images.
+Only a group cut by a slot boundary (at most one per worker and end) has images decoded by both
+workers.
+
+**Persistent workers.** Epoch and skip are set with :meth:`ShardStream.set_epoch` before each
+epoch's iterator is created; they live in shared memory, so the DataLoader's workers, started once
+(``persistent_workers``), read them at the start of every epoch. The teachers whose targets the
+batches carry are copied at a worker's start: :meth:`RunData.epoch` starts new workers when they
+change (a new stage's teacher).
 """
 
 from __future__ import annotations
@@ -36,6 +47,7 @@ import hashlib
 import itertools
 import logging
 import math
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -205,10 +217,30 @@ class _Item:
     """Weight of the sample's own image and label in a mixed view (1: not mixed)."""
     partners: tuple[int, ...] = ()
     """Without a cache: row offsets of the group's other samples (the mixing is drawn again)."""
+    group: _Group | None = None
+    """Mixup/CutMix recipes: the item's mixing group, rendered together (images decoded once)."""
 
     @property
     def image(self) -> bytes:
         return self.sample.image
+
+
+@dataclass(eq=False)
+class _Group:
+    """The items of one mixing group in a worker's piece. The first item asked for renders them
+    all, so every image of the group (own or partner) is decoded once; each item then takes its
+    own rendered views."""
+
+    items: list[_Item] = field(default_factory=list)
+    rendered: dict[int, dict[str, torch.Tensor]] | None = None
+    """``id(item)`` -> its rendered views, once the group is rendered."""
+
+    def take(self, item: _Item, render_all: Any) -> dict[str, torch.Tensor]:
+        """The item's rendered views (``render_all(items)`` renders the group on first use)."""
+        if self.rendered is None:
+            self.rendered = render_all(self.items)
+            self.items = []  # the items refer to the group: no cycle left to collect
+        return self.rendered.pop(id(item))
 
 
 # ---- the epoch plan (pure functions) ----------------------------------------------------------
@@ -378,19 +410,30 @@ class ShardStream(IterableDataset):
     def __init__(self, spec: StreamSpec):
         super().__init__()
         self.spec = spec
-        self.epoch = 0
         self.teachers: tuple[str, ...] = ()
-        self.skip_batches = 0
+        # [epoch, batches to skip]: shared with the workers, which persist across epochs
+        self._state = torch.zeros(2, dtype=torch.int64).share_memory_()
         self._store: CacheStore | None = None
 
+    @property
+    def epoch(self) -> int:
+        return int(self._state[0])
+
+    @property
+    def skip_batches(self) -> int:
+        return int(self._state[1])
+
     def set_epoch(self, epoch: int, teachers: Iterable[str] = (), skip_batches: int = 0) -> None:
-        """Set before creating the epoch's iterator (the workers copy these at start)."""
-        self.epoch = epoch
+        """Set before creating the epoch's iterator. Epoch and skip are shared with running
+        workers; the teachers are copied when a worker starts (:meth:`RunData.epoch` restarts the
+        workers when they change)."""
+        self._state[0] = epoch
+        self._state[1] = skip_batches
         self.teachers = tuple(teachers)
-        self.skip_batches = skip_batches
 
     def __iter__(self) -> Iterator[Batch]:
         spec = self.spec
+        epoch = self.epoch  # read once: the main process sets the next one while batches queue
         loader_worker, workers = _worker()
         if workers != spec.workers:
             raise DataError(
@@ -398,14 +441,14 @@ class ShardStream(IterableDataset):
             )
         skip_batches, first = self._resume_point()
         worker = (loader_worker + first) % workers  # the DataLoader asks its worker 0 first
-        items = self._raw_items(slots(spec, self.epoch)[spec.rank][worker])
+        items = self._raw_items(slots(spec, epoch)[spec.rank][worker], epoch)
         if spec.train and spec.shuffle_buffer > 0:
-            rng = seeded_rng(spec.seed, "buffer", self.epoch, spec.rank, worker)
+            rng = seeded_rng(spec.seed, "buffer", epoch, spec.rank, worker)
             items = shuffle_buffer(items, spec.shuffle_buffer, rng)
         sizes = batch_sizes(spec, spec.rank * workers + worker)
         items = itertools.islice(items, sum(sizes[: skip_batches[worker]]), None)
         for size in sizes[skip_batches[worker] :]:
-            yield self._batch(list(itertools.islice(items, size)))
+            yield self._batch(list(itertools.islice(items, size)), epoch)
 
     def _resume_point(self) -> tuple[list[int], int]:
         """Batches each planned worker already delivered, and the planned worker to ask first."""
@@ -420,7 +463,7 @@ class ShardStream(IterableDataset):
             )
         return self._store
 
-    def _raw_items(self, pieces: list[Piece]) -> Iterator[_Item]:
+    def _raw_items(self, pieces: list[Piece], epoch: int) -> Iterator[_Item]:
         for piece in pieces:
             url = self.spec.urls[piece.shard]
             store = self.store() if self.spec.train else None
@@ -429,10 +472,10 @@ class ShardStream(IterableDataset):
                 if store is not None
                 else None
             )
-            yield from self._shard_items(url, block, piece, self.spec.counts[piece.shard])
+            yield from self._shard_items(url, block, piece, self.spec.counts[piece.shard], epoch)
 
     def _shard_items(
-        self, url: str, block: ShardBlock | None, piece: Piece, expected: int
+        self, url: str, block: ShardBlock | None, piece: Piece, expected: int, epoch: int
     ) -> Iterator[_Item]:
         """The piece's samples, group by group (a mixed view's partner is in its group); the
         piece that ends the shard reads it to the end and checks its counts."""
@@ -445,12 +488,21 @@ class ShardStream(IterableDataset):
             seen += len(group)
             rows = [block.row(s.key) if block is not None else -1 for s in group]
             kept = [i for i, row in enumerate(rows) if block is None or block.valid(row)]
+            together = _Group() if self.spec.train and self.spec.recipe.mixes else None
+            out: list[_Item] = []
             for i in kept:
                 if piece.start <= valid < piece.stop:
-                    yield self._item(name, group, rows, i, block)
+                    item = self._item(name, group, rows, i, block, epoch)
+                    item.group = together
+                    out.append(item)
                 valid += 1
                 if valid == piece.stop and piece.stop < expected:
-                    return  # the rest of the shard is another slot's
+                    break  # the rest of the shard is another slot's
+            if together is not None:  # whole before its first item can leave the buffer
+                together.items = out
+            yield from out
+            if valid == piece.stop and piece.stop < expected:
+                return
         if block is not None and seen != len(block):
             raise CacheMismatchError(
                 f"shard {name!r} has {seen} samples in the data but {len(block)} in the cache"
@@ -462,12 +514,18 @@ class ShardStream(IterableDataset):
             )
 
     def _item(
-        self, shard: str, group: list[Sample], rows: list[int], i: int, block: ShardBlock | None
+        self,
+        shard: str,
+        group: list[Sample],
+        rows: list[int],
+        i: int,
+        block: ShardBlock | None,
+        epoch: int,
     ) -> _Item:
         """Sample ``i`` of a group, with its view this epoch and its partner if that is mixed."""
         spec = self.spec
         sample = group[i]
-        a = view_index(spec, self.epoch, sample.key) if spec.train else 0
+        a = view_index(spec, epoch, sample.key) if spec.train else 0
         item = _Item(shard, sample.key, sample, rows[i], block, a)
         if not spec.train or not spec.recipe.mixes:
             return item
@@ -497,8 +555,8 @@ class ShardStream(IterableDataset):
             )
         return partner
 
-    def _batch(self, items: list[_Item]) -> Batch:
-        rendered = [self._render(item) for item in items]
+    def _batch(self, items: list[_Item], epoch: int) -> Batch:
+        rendered = [self._render(item, epoch) for item in items]
         images = torch.stack([r[STUDENT] for r in rendered])
         teacher_images = {
             name: torch.stack([r[name] for r in rendered])
@@ -519,10 +577,42 @@ class ShardStream(IterableDataset):
             batch.partner_labels, batch.lam = self._mixing(items, labels)
         return batch
 
-    def _render(self, item: _Item) -> dict[str, torch.Tensor]:
-        """The item's view in the student's rendering and in each online teacher's."""
+    def _render(self, item: _Item, epoch: int) -> dict[str, torch.Tensor]:
+        """The item's view in the student's rendering and in each online teacher's: with its
+        mixing group's (each image decoded once) or alone."""
+        if item.group is not None:
+            return item.group.take(item, lambda items: self._render_group(items, epoch))
+        image = self._decode(item.sample)
+        partner = self._decode(item.partner) if item.partner is not None else None
+        return self._render_decoded(item, image, partner, epoch)
+
+    def _render_group(self, items: list[_Item], epoch: int) -> dict[int, dict[str, torch.Tensor]]:
+        """Every item of a mixing group rendered, each image (own or partner) decoded once."""
+        images: dict[str, torch.Tensor] = {}
+
+        def decoded(sample: Sample) -> torch.Tensor:
+            if sample.key not in images:  # keys are unique within a shard
+                images[sample.key] = self._decode(sample)
+            return images[sample.key]
+
+        return {
+            id(item): self._render_decoded(
+                item,
+                decoded(item.sample),
+                decoded(item.partner) if item.partner is not None else None,
+                epoch,
+            )
+            for item in items
+        }
+
+    def _decode(self, sample: Sample) -> torch.Tensor:
+        return decode_image(sample.image, self.spec.recipe.channels)
+
+    def _render_decoded(
+        self, item: _Item, image: torch.Tensor, other: torch.Tensor | None, epoch: int
+    ) -> dict[str, torch.Tensor]:
+        """The item's views from its decoded image (and its partner's, ``other``, if mixed)."""
         spec = self.spec
-        image = decode_image(item.image, spec.recipe.channels)
         hw = (int(image.shape[-2]), int(image.shape[-1]))
         if not spec.train:
             return {
@@ -531,14 +621,13 @@ class ShardStream(IterableDataset):
         view = self._view(item, item.row, item.key, hw, item.partners)
         partner = None
         if view.mixed:
-            if item.partner is None:
+            if item.partner is None or other is None:
                 raise CacheMismatchError(f"key {item.key!r}: mixed view without its partner sample")
-            other = decode_image(item.partner.image, spec.recipe.channels)
             other_hw = (int(other.shape[-2]), int(other.shape[-1]))
             partner = (other, self._view(item, item.partner_row, item.partner.key, other_hw, ()))
         out = {STUDENT: self._checked_render(item, image, view, spec.rendering, partner)}
         if spec.unseen is not None:
-            rng = seeded_rng(spec.seed, "unseen", self.epoch, item.key)
+            rng = seeded_rng(spec.seed, "unseen", epoch, item.key)
             out[STUDENT] = apply_unseen(out[STUDENT], spec.unseen, rng, spec.recipe.fill)
         for name, rendering in spec.teacher_renderings:
             out[name] = self._checked_render(item, image, view, rendering, partner)
@@ -623,8 +712,11 @@ def _identity(batch: Batch) -> Batch:
     return batch
 
 
-def make_loader(dataset: ShardStream, pin_memory: bool, prefetch_factor: int) -> DataLoader:
-    """A DataLoader over the stream: batching happens in the workers (``batch_size=None``).
+def make_loader(
+    dataset: ShardStream, pin_memory: bool, prefetch_factor: int, persistent: bool = False
+) -> DataLoader:
+    """A DataLoader over the stream: batching happens in the workers (``batch_size=None``);
+    ``persistent``: its workers are started once and serve every epoch (the training stream).
 
     It draws its workers' base seed from its own generator, never from the global torch RNG: a
     resumed run restores that RNG mid-epoch and then creates the epoch's iterator again, so a draw
@@ -637,9 +729,30 @@ def make_loader(dataset: ShardStream, pin_memory: bool, prefetch_factor: int) ->
         collate_fn=_identity,
         pin_memory=pin_memory,
         prefetch_factor=prefetch_factor if workers > 0 else None,
-        persistent_workers=False,
+        persistent_workers=persistent and workers > 0,
         generator=torch.Generator().manual_seed(dataset.spec.seed),
     )
+
+
+def training_threads(threads: int | None, num_workers: int) -> int:
+    """torch threads of a training process: ``threads`` (``run.threads``) if set, else the cores
+    this process may use shared among this machine's ranks and each one's DataLoader workers plus
+    itself, at least 1. Workers run one torch thread each, so the total never exceeds the cores
+    (torch's own default, every core, oversubscribes a busy machine many times over)."""
+    if threads:
+        return threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return max(1, (cores or 1) // (max(1, local_ranks) * (num_workers + 1)))
+
+
+def close_loader(loader: DataLoader) -> None:
+    """Stop a DataLoader's persistent workers now (instead of whenever it is collected)."""
+    iterator = getattr(loader, "_iterator", None)
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+    loader._iterator = None
 
 
 # ---- the cache: opening and checking ------------------------------------------------------------
@@ -805,11 +918,19 @@ class RunData:
 
     def epoch(self, epoch: int, teachers: Iterable[str], skip_batches: int = 0) -> Iterator[Batch]:
         """The epoch's batches on this rank, from batch ``skip_batches`` on (at most the step
-        count)."""
+        count). The loader's workers persist across epochs; they are restarted only when the
+        teachers change (workers copy them at start)."""
+        teachers = tuple(teachers)
+        if teachers != self.dataset.teachers and self.loader.persistent_workers:
+            close_loader(self.loader)
         self.dataset.set_epoch(epoch, teachers, skip_batches)
         self.loader.generator.manual_seed(self.spec.seed * 100_003 + epoch)  # see make_loader
         steps = steps_per_epoch(self.spec) - skip_batches
         return itertools.islice(iter(self.loader), max(steps, 0))
+
+    def close(self) -> None:
+        """Stop the loader's workers (the end of a run)."""
+        close_loader(self.loader)
 
 
 def build_train_data(
@@ -860,7 +981,9 @@ def build_train_data(
     )
     _check_slots(spec)
     dataset = ShardStream(spec)
-    loader = make_loader(dataset, pin_memory, config.data.prefetch_factor)
+    loader = make_loader(
+        dataset, pin_memory, config.data.prefetch_factor, config.data.persistent_workers
+    )
     return RunData(
         spec, dataset, loader, store, num_classes, recipe, invalid, rendering, teachers_rendered
     )

@@ -41,6 +41,7 @@ from kdcache.train.data import (
     build_eval_data,
     build_train_data,
     steps_per_epoch,
+    training_threads,
 )
 from kdcache.train.evaluate import Evaluator
 from kdcache.train.hooks import StepHook
@@ -79,8 +80,7 @@ class Trainer:
         self.hooks = list(hooks)
         self.dist = D.init_distributed(config.run.device)
         self.device = self.dist.device
-        if config.run.threads:
-            torch.set_num_threads(config.run.threads)
+        torch.set_num_threads(training_threads(config.run.threads, config.data.num_workers))
         metrics = MetricsLog(
             Path(config.run.dir), main=self.dist.is_main, tensorboard=config.run.tensorboard
         )
@@ -143,6 +143,7 @@ class Trainer:
             self.train_epoch()
             if not self.stopped_early:
                 self.end_epoch()
+        self.data.close()  # the loader's persistent workers
         summary = self.report.summary(self.state, self.data.invalid)
         if self.dist.is_main:
             summary.write(Path(self.config.run.dir) / "summary.json")
