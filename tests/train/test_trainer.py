@@ -586,6 +586,7 @@ def test_config_schema_is_pinned():
             "label_key",
             "num_classes",
             "num_workers",
+            "persistent_workers",
             "pin_memory",
             "prefetch_factor",
             "shard_shuffle",
