@@ -68,7 +68,7 @@ def test_train_bench_on_224px_jpegs_times_the_modes_asked_for(tmp_path):
     assert result["settings"]["image_size"] == 224
     assert result["cpu_ips"].keys() == {"cached_strong", "timm_strong"}
     assert result["cached_over_timm_strong"] > 0 and result["cached_over_timm"] is None
-    shards = list((tmp_path / "work").glob("shards-synthetic-600-jpg256/train-*.tar"))
+    shards = list((tmp_path / "work").glob("shards-synthetic-200-jpg256/train-*.tar"))
     assert shards and b"JFIF" in shards[0].read_bytes()[:4096]
 
 
