@@ -80,7 +80,7 @@ from kdcache.shards.reading import (
 )
 from kdcache.targets.sparse import MixedLabels, SparseTargets, targets_from_arrays
 from kdcache.train.config import TrainConfig, stage_members
-from kdcache.views.augment import UnseenOps, apply_unseen
+from kdcache.views.augment import UnseenOps, apply_mix, apply_unseen
 from kdcache.views.recipe import (
     Rendering,
     View,
@@ -93,6 +93,7 @@ from kdcache.views.recipe import (
     grouped,
     mix_weight,
     render,
+    render_base,
 )
 
 log = logging.getLogger(__name__)
@@ -587,8 +588,10 @@ class ShardStream(IterableDataset):
         return self._render_decoded(item, image, partner, epoch)
 
     def _render_group(self, items: list[_Item], epoch: int) -> dict[int, dict[str, torch.Tensor]]:
-        """Every item of a mixing group rendered, each image (own or partner) decoded once."""
+        """Every item of a mixing group rendered, each image (own or partner) decoded once, and
+        each unmixed rendering of (key, view index) made once (a view's own and a partner's)."""
         images: dict[str, torch.Tensor] = {}
+        bases: dict[tuple[str, int, str], torch.Tensor] = {}
 
         def decoded(sample: Sample) -> torch.Tensor:
             if sample.key not in images:  # keys are unique within a shard
@@ -601,6 +604,7 @@ class ShardStream(IterableDataset):
                 decoded(item.sample),
                 decoded(item.partner) if item.partner is not None else None,
                 epoch,
+                bases,
             )
             for item in items
         }
@@ -609,9 +613,15 @@ class ShardStream(IterableDataset):
         return decode_image(sample.image, self.spec.recipe.channels)
 
     def _render_decoded(
-        self, item: _Item, image: torch.Tensor, other: torch.Tensor | None, epoch: int
+        self,
+        item: _Item,
+        image: torch.Tensor,
+        other: torch.Tensor | None,
+        epoch: int,
+        bases: dict[tuple[str, int, str], torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """The item's views from its decoded image (and its partner's, ``other``, if mixed)."""
+        """The item's views from its decoded image (and its partner's, ``other``, if mixed);
+        ``bases`` memoises unmixed renderings by (key, view index, rendering)."""
         spec = self.spec
         hw = (int(image.shape[-2]), int(image.shape[-1]))
         if not spec.train:
@@ -619,33 +629,50 @@ class ShardStream(IterableDataset):
                 STUDENT: render(image, center_view(hw, spec.recipe), spec.recipe, spec.rendering)
             }
         view = self._view(item, item.row, item.key, hw, item.partners)
-        partner = None
+        partner_view = None
         if view.mixed:
             if item.partner is None or other is None:
                 raise CacheMismatchError(f"key {item.key!r}: mixed view without its partner sample")
             other_hw = (int(other.shape[-2]), int(other.shape[-1]))
-            partner = (other, self._view(item, item.partner_row, item.partner.key, other_hw, ()))
-        out = {STUDENT: self._checked_render(item, image, view, spec.rendering, partner)}
-        if spec.unseen is not None:
+            partner_view = self._view(item, item.partner_row, item.partner.key, other_hw, ())
+        bases = {} if bases is None else bases
+        out = {}
+        for name, rendering in ((STUDENT, spec.rendering), *spec.teacher_renderings):
+            pixels = self._base(bases, item, item.key, image, view, (name, rendering))
+            if view.mixed:  # views mix unmixed renderings: the partner's own mixing is ignored
+                theirs = self._base(
+                    bases, item, item.partner.key, other, partner_view, (name, rendering)
+                )
+                pixels = apply_mix(pixels, theirs, view.mix_lam, view.mix_box)
+            out[name] = pixels
+        if spec.unseen is not None:  # on a copy: the memoised rendering may be a partner's too
             rng = seeded_rng(spec.seed, "unseen", epoch, item.key)
-            out[STUDENT] = apply_unseen(out[STUDENT], spec.unseen, rng, spec.recipe.fill)
-        for name, rendering in spec.teacher_renderings:
-            out[name] = self._checked_render(item, image, view, rendering, partner)
+            out[STUDENT] = apply_unseen(out[STUDENT].clone(), spec.unseen, rng, spec.recipe.fill)
         return out
+
+    def _base(
+        self,
+        bases: dict[tuple[str, int, str], torch.Tensor],
+        item: _Item,
+        key: str,
+        image: torch.Tensor,
+        view: View,
+        named: tuple[str, Rendering],
+    ) -> torch.Tensor:
+        """The unmixed rendering of ``key``'s view ``item.view`` (memoised in ``bases``)."""
+        memo = (key, item.view, named[0])
+        if memo not in bases:
+            try:
+                bases[memo] = render_base(image, view, self.spec.recipe, named[1])
+            except DataError as exc:
+                raise DataError(f"shard {item.shard!r}, key {key!r}: {exc}") from None
+        return bases[memo]
 
     def _view(self, item: _Item, row: int, key: str, hw: tuple[int, int], partners) -> View:
         """View ``item.view`` of a row: stored in the cache, or drawn from ``(seed, key, view)``."""
         if item.block is not None:
             return item.block.views.view(row, item.view)
         return draw_view(self.spec.recipe, self.spec.view_seed, key, item.view, hw, partners)
-
-    def _checked_render(
-        self, item: _Item, image, view: View, rendering: Rendering, partner
-    ) -> torch.Tensor:
-        try:
-            return render(image, view, self.spec.recipe, rendering, partner)
-        except DataError as exc:
-            raise DataError(f"shard {item.shard!r}, key {item.key!r}: {exc}") from None
 
     def _mixing(
         self, items: list[_Item], labels: torch.Tensor
