@@ -43,6 +43,14 @@ FMNIST_STRONG_RECIPE: dict[str, Any] = {
 }
 """A strong recipe on Fashion-MNIST (configs/demo/precompute_strong.yaml's): RandAugment,
 random erasing, Mixup/CutMix on half the views, the teacher on the mixed images."""
+JPEG224_RECIPE: dict[str, Any] = {"name": "rrc_flip", "size": 224, "scale": [0.5, 1.0]}
+"""ImageNet-sized views (RGB, ImageNet mean and std) of 256 px JPEG shards: ``--image-size 224``
+of ``kdcache bench train``."""
+JPEG224_STRONG_RECIPE: dict[str, Any] = {
+    **JPEG224_RECIPE,
+    **{k: FMNIST_STRONG_RECIPE[k] for k in ("policy", "erasing", "mix")},
+}
+"""The strong recipe's augmentation on the 224 px views."""
 
 
 class BenchResult(Result):
@@ -76,11 +84,16 @@ def default_source() -> str:
 
 
 def make_shards(
-    out: Path, source: str, num: int, shard_size: int, test_num: int = 0
+    out: Path,
+    source: str,
+    num: int,
+    shard_size: int,
+    test_num: int = 0,
+    synthetic: tuple[int, int, str] = (28, 1, "png"),
 ) -> tuple[str, str | None]:
     """``kdcache shards`` into ``out`` (reused when its train manifest has ``num`` samples);
     (train, test) shard globs, test None when there is no test split. Fashion-MNIST takes
-    ``--limit num`` for both splits."""
+    ``--limit num`` for both splits; synthetic images are ``(size, channels, format)``."""
     if (
         not (out / "train-manifest.json").is_file()
         or _manifest_count(out / "train-manifest.json") != num
@@ -95,9 +108,11 @@ def make_shards(
                 "--classes",
                 "10",
                 "--size",
-                "28",
+                str(synthetic[0]),
                 "--channels",
-                "1",
+                str(synthetic[1]),
+                "--format",
+                synthetic[2],
             ]
         else:
             argv += ["--limit", str(num)]

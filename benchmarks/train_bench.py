@@ -18,6 +18,14 @@ image: :data:`~benchmarks.common.FMNIST_STRONG_RECIPE`): ``plain_strong`` (CE on
 drawn every epoch, no cache) and ``cached_strong`` (KD from a cache made with that recipe), in the
 same rounds: ``cached_over_plain_strong``.
 
+And the baseline a user has without kdcache (:mod:`benchmarks.timm_baseline`): ``timm`` (a
+``webdataset`` pipeline with timm's ``create_transform``, plain CE) and ``timm_strong`` (the
+strong recipe's RandAugment and erasing through ``create_transform``, ``timm.data.Mixup`` and
+``SoftTargetCrossEntropy``), the same student, batch, workers and threads, in the same rounds:
+``cached_over_timm`` and ``cached_over_timm_strong``, per wall and per CPU second.
+``--image-size 224`` runs every mode on 256 px RGB JPEG shards with 224 px views instead of
+28 px Fashion-MNIST (decoding then dominates); ``--modes`` times a subset.
+
 Also timed, interleaved in the same rounds: the loaders alone (plain and cached: how fast the
 data path can feed), and after the rounds the step alone on one in-memory batch (student step
 with CE and with cached KD, teacher forward): the ideal speed-up of cached over online KD is
@@ -28,6 +36,7 @@ with CE and with cached KD, teacher forward): the ideal speed-up of cached over 
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 from pathlib import Path
 from typing import Any
@@ -35,6 +44,8 @@ from typing import Any
 from benchmarks.common import (
     FMNIST_RECIPE,
     FMNIST_STRONG_RECIPE,
+    JPEG224_RECIPE,
+    JPEG224_STRONG_RECIPE,
     default_source,
     machine,
     make_shards,
@@ -48,14 +59,26 @@ from benchmarks.common import (
     timed,
     write_yaml,
 )
+from benchmarks.timm_baseline import TimmBaseline
+from kdcache.shards.reading import expand_shards
 from kdcache.train.config import load_train_config
 from kdcache.train.data import Batch
 from kdcache.train.hooks import StepHook
 from kdcache.train.losses import LossParts
 from kdcache.train.trainer import Trainer
 
-MODES = ("plain", "plain_views", "cached", "online", "plain_strong", "cached_strong")
+MODES = (
+    "plain",
+    "plain_views",
+    "cached",
+    "online",
+    "plain_strong",
+    "cached_strong",
+    "timm",
+    "timm_strong",
+)
 LOADERS = ("plain_data", "cached_data")
+TIMM = ("timm", "timm_strong")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -97,7 +120,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--step-repeats", type=int, default=30, help="in-memory steps timed per kind (default 30)"
     )
     parser.add_argument(
-        "--quick", action="store_true", help="tiny sizes (tests): 600 samples, 1 round"
+        "--image-size",
+        type=int,
+        choices=(28, 224),
+        default=28,
+        help="28: Fashion-MNIST (or synthetic grey) PNGs; 224: synthetic 256 px RGB JPEGs, "
+        "224 px views, teacher kd_cnn_small unless --teacher (default 28)",
+    )
+    parser.add_argument(
+        "--modes",
+        default=",".join(MODES + LOADERS),
+        help="comma-separated modes to time (default all: " + ",".join(MODES + LOADERS) + ")",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny sizes (tests): 600 samples (200 at 224 px), 1 round",
     )
 
 
@@ -110,16 +148,36 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         args.warmup = 0
         args.step_repeats = 3
         args.teacher = "kd_cnn_small" if args.teacher == "resnet18" else args.teacher
+    if args.image_size == 224:
+        args.source = "synthetic"
+        args.teacher = "kd_cnn_small" if args.teacher == "resnet18" else args.teacher
+        if args.quick:
+            args.samples = 200
+            args.shard_size = 100
     args.source = args.source or default_source()
-    trainers = build_trainers(args, prepare(args))
-    epochs: dict[str, list[tuple[int, float, float]]] = {mode: [] for mode in MODES + LOADERS}
+    modes = selected_modes(args.modes)
+    trainers = build_trainers(args, prepare(args), modes)
+    epochs: dict[str, list[tuple[int, float, float]]] = {mode: [] for mode in modes}
+    loads = []
     for round_ in range(args.warmup + args.rounds):
-        for mode in rotated(MODES + LOADERS, round_):
+        for mode in rotated(modes, round_):
             measured = time_epoch(trainers, mode, round_)
             if round_ >= args.warmup:
                 epochs[mode].append(measured)
+        loads.append(os.getloadavg()[0])
     steps = step_costs(trainers, args.step_repeats)
-    return summarise(args, epochs, steps)
+    for trainer in trainers.values():
+        trainer.data.close() if isinstance(trainer, Trainer) else trainer.close()
+    return summarise(args, epochs, steps) | {"load_avg_rounds": loads}
+
+
+def selected_modes(names: str) -> tuple[str, ...]:
+    """``--modes``, in the bench's order; refuses unknown names."""
+    chosen = {n.strip() for n in names.split(",") if n.strip()}
+    unknown = chosen - set(MODES + LOADERS)
+    if unknown:
+        raise SystemExit(f"--modes: unknown {sorted(unknown)}; choose from {MODES + LOADERS}")
+    return tuple(m for m in MODES + LOADERS if m in chosen)
 
 
 # ---- set-up --------------------------------------------------------------------------------------
@@ -128,12 +186,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def prepare(args: argparse.Namespace) -> dict[str, Any]:
     """Shards and a cache of the teacher (in-process precompute), reused when already there."""
     source = args.source
+    large = args.image_size == 224
     shards, _ = make_shards(
-        args.out / f"shards-{source}-{args.samples}", source, args.samples, args.shard_size
+        args.out / f"shards-{source}-{args.samples}{'-jpg256' if large else ''}",
+        source,
+        args.samples,
+        args.shard_size,
+        synthetic=(256, 3, "jpg") if large else (28, 1, "png"),
+    )
+    recipes = (
+        (JPEG224_RECIPE, JPEG224_STRONG_RECIPE) if large else (FMNIST_RECIPE, FMNIST_STRONG_RECIPE)
     )
     caches = {}
-    for name, recipe in (("", FMNIST_RECIPE), ("-strong", FMNIST_STRONG_RECIPE)):
-        cache = args.out / f"cache-{args.teacher}-a{args.views}-k{args.k}{name}"
+    for name, recipe in zip(("", "-strong"), recipes, strict=True):
+        size = f"-{args.image_size}px" if large else ""
+        cache = args.out / f"cache-{args.teacher}-a{args.views}-k{args.k}{name}{size}"
         config = write_yaml(
             args.out / "configs" / f"precompute{name}.yaml",
             precompute_config(
@@ -154,6 +221,8 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
         "shards": shards,
         "cache": caches[""],
         "cache_strong": caches["-strong"],
+        "recipe": recipes[0],
+        "recipe_strong": recipes[1],
     }
 
 
@@ -200,7 +269,7 @@ def mode_config(args: argparse.Namespace, mode: str, setup: dict[str, Any]) -> d
     strong = mode.endswith("_strong")
     if mode.startswith("plain") and mode != "plain_views":  # no cache, a fresh view per epoch
         config["data"]["num_classes"] = 10
-        recipe = FMNIST_STRONG_RECIPE if strong else FMNIST_RECIPE
+        recipe = setup["recipe_strong" if strong else "recipe"]
         config["views"] = {"recipe": recipe, "num_views": None}
     else:  # plain_views: CE on the cache's stored views (the join's cost alone is cached vs this)
         config["cache"] = {"path": setup["cache_strong" if strong else "cache"]}
@@ -217,10 +286,27 @@ class StepCount(StepHook):
         self.images += len(batch)
 
 
-def build_trainers(args: argparse.Namespace, setup: dict[str, Any]) -> dict[str, Trainer]:
-    """One started trainer per mode (a fresh run.dir each: run.overwrite), counting its images."""
-    trainers = {}
+def build_trainers(
+    args: argparse.Namespace, setup: dict[str, Any], modes: tuple[str, ...]
+) -> dict[str, Trainer | TimmBaseline]:
+    """One started trainer per mode (a fresh run.dir each: run.overwrite), counting its images
+    (the step costs need plain, cached and online: built even when not timed); the timm
+    baselines."""
+    trainers: dict[str, Trainer | TimmBaseline] = {}
+    for mode in TIMM:
+        if mode in modes:
+            trainers[mode] = TimmBaseline(
+                expand_shards(setup["shards"]),
+                setup["recipe_strong" if mode.endswith("_strong") else "recipe"],
+                args.student,
+                10,
+                args.batch_size,
+                args.workers,
+            )
+    needed = {m.removesuffix("_data") for m in modes} | {"plain", "cached", "online"}
     for mode in MODES:
+        if mode in TIMM or mode not in needed:
+            continue
         path = write_yaml(
             args.out / "configs" / f"train_{mode}.yaml", mode_config(args, mode, setup)
         )
@@ -233,11 +319,14 @@ def build_trainers(args: argparse.Namespace, setup: dict[str, Any]) -> dict[str,
 # ---- timing --------------------------------------------------------------------------------------
 
 
-def time_epoch(trainers: dict[str, Trainer], mode: str, epoch: int) -> tuple[int, float, float]:
+def time_epoch(
+    trainers: dict[str, Trainer | TimmBaseline], mode: str, epoch: int
+) -> tuple[int, float, float]:
     """(images, wall seconds, CPU seconds) of one epoch of ``mode``: the trainer's own epoch
     (``Trainer.train_epoch``: steps, train lines; its end, evaluation and checkpoint, untimed), or
     the loader alone for ``*_data``. CPU seconds count this process and the epoch's DataLoader
-    workers (reaped at its end). Every mode runs one epoch per round, so a trainer's epoch is the
+    workers (reaped at its end; persistent workers are counted by the pool's own CPU, see
+    :func:`cpu_seconds`). Every mode runs one epoch per round, so a trainer's epoch is the
     round, ``epoch``."""
     cpu = cpu_seconds()
     if mode in LOADERS:
@@ -246,6 +335,10 @@ def time_epoch(trainers: dict[str, Trainer], mode: str, epoch: int) -> tuple[int
         images, wall = timed(lambda: sum(len(b) for b in trainer.data.epoch(epoch, teachers)))
         return images, wall, cpu_seconds() - cpu
     trainer = trainers[mode]
+    if isinstance(trainer, TimmBaseline):
+        before = trainer.images
+        _, wall = timed(trainer.train_epoch)
+        return trainer.images - before, wall, cpu_seconds() - cpu
     counter = trainer.hooks[0]
     before = counter.images
     _, wall = timed(trainer.train_epoch)
@@ -255,10 +348,35 @@ def time_epoch(trainers: dict[str, Trainer], mode: str, epoch: int) -> tuple[int
 
 
 def cpu_seconds() -> float:
-    """User + system CPU seconds of this process and its reaped children."""
+    """User + system CPU seconds of this process, its reaped children and its live descendants
+    (persistent DataLoader workers live across epochs, so their time is read from ``/proc``)."""
     own = resource.getrusage(resource.RUSAGE_SELF)
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    reaped = own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    return reaped + sum(_proc_cpu(pid) for pid in _descendants(os.getpid()))
+
+
+def _descendants(pid: int) -> list[int]:
+    """Live descendants of ``pid`` (Linux ``/proc/PID/task/TID/children``; none elsewhere)."""
+    out = []
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            kids = [int(k) for k in children.read_text().split()]
+        except OSError:
+            continue
+        for kid in kids:
+            out += [kid, *_descendants(kid)]
+    return out
+
+
+def _proc_cpu(pid: int) -> float:
+    """utime + stime of a live process in seconds (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    # after the command's ")": state is field 3, utime and stime are fields 14 and 15
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def step_costs(trainers: dict[str, Trainer], repeats: int) -> dict[str, float]:
@@ -289,7 +407,7 @@ def summarise(
     steps: dict[str, float],
 ) -> dict[str, Any]:
     """images/s (wall and per CPU second) per mode, paired per-round ratios, step costs, the ideal
-    speed-up."""
+    speed-up; a key whose modes were not timed (``--modes``) is None."""
     ips = {
         mode: per_second(sum(r[0] for r in runs), sum(r[1] for r in runs))
         for mode, runs in epochs.items()
@@ -300,37 +418,46 @@ def summarise(
     }
     per_round = {mode: [per_second(r[0], r[1]) for r in runs] for mode, runs in epochs.items()}
     cpu_round = {mode: [per_second(r[0], r[2]) for r in runs] for mode, runs in epochs.items()}
-    ratio = lambda a, b, by=per_round: [x / y for x, y in zip(by[a], by[b], strict=True)]  # noqa: E731
+
+    def over(a: str, b: str, by: dict[str, float] = ips) -> float | None:
+        return by[a] / by[b] if a in by and b in by else None
+
+    def rounds(a: str, b: str, by: dict[str, list[float]] = per_round) -> dict[str, Any] | None:
+        if a not in by or b not in by:
+            return None
+        return mean_std([x / y for x, y in zip(by[a], by[b], strict=True)])
+
     ideal = (steps["teacher_forward_s"] + steps["kd_step_s"]) / steps["kd_step_s"]
-    per_image_cpu = (
-        1.0 / cpu_ips["cached"]
-    )  # data path + step, what online adds the teacher forward to
-    ideal_cpu = (per_image_cpu + steps["teacher_forward_s"] / steps["batch"]) / per_image_cpu
-    return {
+    ideal_cpu = None
+    if "cached" in cpu_ips:  # data path + step per image, what online adds the forward to
+        per_image_cpu = 1.0 / cpu_ips["cached"]
+        ideal_cpu = (per_image_cpu + steps["teacher_forward_s"] / steps["batch"]) / per_image_cpu
+    pairs = {
+        "cached_over_plain": ("cached", "plain"),
+        "cached_over_plain_strong": ("cached_strong", "plain_strong"),
+        "cached_over_online": ("cached", "online"),
+        "cached_over_plain_views": ("cached", "plain_views"),
+        "cached_over_timm": ("cached", "timm"),
+        "cached_over_timm_strong": ("cached_strong", "timm_strong"),
+        "plain_over_timm": ("plain", "timm"),
+    }
+    out: dict[str, Any] = {
         "bench": "train",
         "machine": machine(),
         "settings": _settings(args),
-        "plain_ips": ips["plain"],
-        "cached_ips": ips["cached"],
-        "online_ips": ips["online"],
-        "plain_views_ips": ips["plain_views"],
-        "plain_strong_ips": ips["plain_strong"],
-        "cached_strong_ips": ips["cached_strong"],
-        "cached_over_plain": ips["cached"] / ips["plain"],
-        "cached_over_plain_strong": ips["cached_strong"] / ips["plain_strong"],
-        "cached_over_plain_strong_cpu": cpu_ips["cached_strong"] / cpu_ips["plain_strong"],
-        "cached_over_online": ips["cached"] / ips["online"],
-        "cached_over_plain_views": ips["cached"] / ips["plain_views"],
-        "cached_over_plain_views_cpu": cpu_ips["cached"] / cpu_ips["plain_views"],
-        "cached_over_plain_median": median(ratio("cached", "plain")),
-        "cached_over_plain_rounds": mean_std(ratio("cached", "plain")),
-        "cached_over_online_rounds": mean_std(ratio("cached", "online")),
+        **{f"{mode}_ips": ips.get(mode) for mode in MODES},
+    }
+    for key, (a, b) in pairs.items():
+        out[key] = over(a, b)
+        out[f"{key}_cpu"] = over(a, b, cpu_ips)
+        out[f"{key}_rounds"] = rounds(a, b)
+        out[f"{key}_cpu_rounds"] = rounds(a, b, cpu_round)
+    cached_plain = out["cached_over_plain_rounds"]
+    return out | {
+        "cached_over_plain_median": median(cached_plain["values"]) if cached_plain else None,
         "cpu_ips": cpu_ips,
-        "cached_over_plain_cpu": cpu_ips["cached"] / cpu_ips["plain"],
-        "cached_over_plain_cpu_rounds": mean_std(ratio("cached", "plain", cpu_round)),
-        "cached_over_online_cpu": cpu_ips["cached"] / cpu_ips["online"],
-        "loader_ips": {"plain": ips["plain_data"], "cached": ips["cached_data"]},
-        "loader_cached_over_plain_cpu": cpu_ips["cached_data"] / cpu_ips["plain_data"],
+        "loader_ips": {m: ips[f"{m}_data"] for m in ("plain", "cached") if f"{m}_data" in ips},
+        "loader_cached_over_plain_cpu": over("cached_data", "plain_data", cpu_ips),
         "ips_rounds": per_round,
         "step": steps,
         "ideal_speedup_over_online": ideal,
@@ -354,6 +481,8 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "rounds",
         "warmup",
         "step_repeats",
+        "image_size",
+        "modes",
         "quick",
     )
     return {k: getattr(args, k) for k in keys} | {"out": str(args.out)}
@@ -364,28 +493,26 @@ def format_result(result: dict[str, Any]) -> str:
     s = result["settings"]
     step = result["step"]
     cpu = result["cpu_ips"]
-    names = [(m, m) for m in MODES] + [
-        (f"{m} loader only", f"{m}_data") for m in ("plain", "cached")
-    ]
+    timed_modes = [m for m in MODES + LOADERS if m in cpu]
+    base = "plain" if "plain" in cpu else timed_modes[0]
     rows = [
         [
-            label,
-            result[f"{key}_ips"]
-            if key in MODES
-            else result["loader_ips"][key.removesuffix("_data")],
-            mean_std(result["ips_rounds"][key])["std"],
-            cpu[key],
-            cpu[key] / cpu["plain"],
+            f"{m.removesuffix('_data')} loader only" if m in LOADERS else m,
+            result["loader_ips"][m.removesuffix("_data")] if m in LOADERS else result[f"{m}_ips"],
+            mean_std(result["ips_rounds"][m])["std"],
+            cpu[m],
+            cpu[m] / cpu[base],
         ]
-        for label, key in names
+        for m in timed_modes
     ]
     head = (
-        f"train bench: student {s['student']}, teacher {s['teacher']}, batch {s['batch_size']}, "
-        f"{s['workers']} workers, {s['threads']} thread(s), "
-        f"{s['rounds']} rounds after {s['warmup']} warm-up"
+        f"train bench: student {s['student']}, teacher {s['teacher']}, {s['image_size']} px, "
+        f"batch {s['batch_size']}, {s['workers']} workers, {s['threads']} thread(s), "
+        f"{s['samples']} samples per epoch, {s['rounds']} rounds after {s['warmup']} warm-up; "
+        f"load {result['machine']['load_avg_1m']} (1 min) at the end"
     )
     modes = table(
-        ["mode", "images/s (wall)", "std over rounds", "images per CPU s", "CPU vs plain"], rows
+        ["mode", "images/s (wall)", "std over rounds", "images per CPU s", f"CPU vs {base}"], rows
     )
     steps = table(
         ["in-memory step (one batch)", "ms"],
@@ -395,18 +522,29 @@ def format_result(result: dict[str, Any]) -> str:
             ["teacher forward (online adds it)", 1e3 * step["teacher_forward_s"]],
         ],
     )
-    ratios = (
-        f"cached/plain {result['cached_over_plain']:.3f} wall (per-round median "
-        f"{result['cached_over_plain_median']:.3f}), "
-        f"{result['cached_over_plain_cpu']:.3f} per CPU second; "
-        f"cached/online {result['cached_over_online']:.2f}x wall, "
-        f"{result['cached_over_online_cpu']:.2f}x per CPU second; "
-        f"ideal {result['ideal_speedup_over_online']:.2f}x "
-        "(teacher forward + student step over student step), "
-        f"{result['ideal_speedup_over_online_with_data']:.2f}x counting the data path's CPU; "
-        f"cached/plain_views {result['cached_over_plain_views']:.3f} wall, "
-        f"{result['cached_over_plain_views_cpu']:.3f} per CPU second (the targets' cost alone); "
-        f"strong recipe: cached/plain {result['cached_over_plain_strong']:.3f} wall, "
-        f"{result['cached_over_plain_strong_cpu']:.3f} per CPU second"
+    ratios = table(
+        ["ratio", "wall", "per CPU second", "wall, per-round mean +- std"],
+        [
+            [
+                key,
+                result[key],
+                result[f"{key}_cpu"],
+                f"{result[f'{key}_rounds']['mean']:.3f} +- {result[f'{key}_rounds']['std']:.3f}",
+            ]
+            for key in (
+                "cached_over_timm",
+                "cached_over_timm_strong",
+                "cached_over_plain",
+                "cached_over_plain_strong",
+                "cached_over_plain_views",
+                "cached_over_online",
+                "plain_over_timm",
+            )
+            if result[key] is not None
+        ],
     )
-    return "\n\n".join([head, modes, steps, ratios])
+    ideal = (
+        f"ideal cached/online {result['ideal_speedup_over_online']:.2f}x "
+        "(teacher forward + student step over student step)"
+    )
+    return "\n\n".join([head, modes, steps, ratios, ideal])

@@ -53,7 +53,23 @@ def test_train_bench_writes_its_keys(tmp_path, capsys):
     } <= result.keys()
     assert all(result[k] > 0 for k in ("plain_ips", "cached_ips", "online_ips"))
     assert result["cached_over_plain_strong"] > 0
-    assert "cached/plain" in capsys.readouterr().out
+    # the baseline without kdcache: webdataset + timm's transforms (+ Mixup/CutMix), plain CE
+    for key in ("cached_over_timm", "cached_over_timm_strong"):
+        assert result[key] > 0 and result[f"{key}_cpu"] > 0
+        assert result[f"{key}_rounds"]["n"] == 1
+    assert result["timm_ips"] > 0 and result["timm_strong_ips"] > 0
+    assert len(result["load_avg_rounds"]) == 1
+    printed = capsys.readouterr().out
+    assert "cached_over_timm_strong" in printed and "cached/online" in printed
+
+
+def test_train_bench_on_224px_jpegs_times_the_modes_asked_for(tmp_path):
+    result = bench("train", tmp_path, "--image-size", "224", "--modes", "cached_strong,timm_strong")
+    assert result["settings"]["image_size"] == 224
+    assert result["cpu_ips"].keys() == {"cached_strong", "timm_strong"}
+    assert result["cached_over_timm_strong"] > 0 and result["cached_over_timm"] is None
+    shards = list((tmp_path / "work").glob("shards-synthetic-200-jpg256/train-*.tar"))
+    assert shards and b"JFIF" in shards[0].read_bytes()[:4096]
 
 
 def test_precompute_bench_writes_its_keys(tmp_path):

@@ -615,6 +615,7 @@ def test_config_schema_is_pinned():
             "max_pixels",
             "num_classes",
             "num_workers",
+            "persistent_workers",
             "pin_memory",
             "prefetch_factor",
             "select",

@@ -435,7 +435,10 @@ class RunConfig(StrictModel):
     ``dir/tensorboard``; needs the ``tensorboard`` package
     (``pip install kdcache[tensorboard]``)."""
     threads: int | None = Field(None, ge=1)
-    """torch intra-op threads of the training process (default: torch's choice)."""
+    """torch intra-op threads of the training process. Unset: the cores this process may use
+    divided among the processes that share them, ``max(1, cores // (local ranks x
+    (data.num_workers + 1)))`` (each DataLoader worker runs one thread), so training never
+    oversubscribes the CPUs; set it to override."""
     csv: bool = False
     """Also write the metrics as ``train.csv`` and ``eval.csv`` in ``dir`` (one row per line of
     ``metrics.jsonl``, rebuilt from it at start, so a resume cuts them back too)."""
@@ -514,6 +517,9 @@ class DataConfig(StrictModel):
     """Classes whose samples never reach the student (paper 003's "a class never seen"); the
     evaluation still reports them (``top1_class_<c>``). Needs ``cache.path`` (labels come from
     the cache) and a recipe that mixes no images."""
+    persistent_workers: bool = True
+    """Keep the training DataLoader's workers from epoch to epoch (started once, not per epoch;
+    the order, views and resumption are the same either way)."""
 
 
 class CacheConfig(StrictModel):

@@ -26,8 +26,19 @@ Every rank thus trains ``workers x`` that many steps per epoch, and no sample is
 stream and each worker skips the samples of the batches it had delivered (computed from the
 round-robin interleave) *before* decoding, so the next batches are bit-identical.
 
-Epoch, teachers and the skip are set with :meth:`ShardStream.set_epoch` before each epoch's
-iterator is created; workers are not persistent, so each epoch's workers start with them.
+**Mixup/CutMix: each image decoded once.** A mixed view needs its partner's image, another sample
+of its mixing group. A group's samples enter the shuffle buffer together and the first of them the
+buffer gives out renders the whole group, decoding each image once (a view's own image and a
+partner alike); the others wait, rendered, until the buffer gives them out. The buffer thus holds
+rendered views (at most ``shuffle_buffer`` + one group of them), never decoded full-size images.
+Only a group cut by a slot boundary (at most one per worker and end) has images decoded by both
+workers.
+
+**Persistent workers.** Epoch and skip are set with :meth:`ShardStream.set_epoch` before each
+epoch's iterator is created; they live in shared memory, so the DataLoader's workers, started once
+(``persistent_workers``), read them at the start of every epoch. The teachers whose targets the
+batches carry are copied at a worker's start: :meth:`RunData.epoch` starts new workers when they
+change (a new stage's teacher).
 """
 
 from __future__ import annotations
@@ -36,6 +47,7 @@ import hashlib
 import itertools
 import logging
 import math
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -77,7 +89,7 @@ from kdcache.shards.reading import (
 from kdcache.targets.sparse import MixedLabels, SparseTargets, targets_from_arrays
 from kdcache.train.config import TrainConfig, stage_members
 from kdcache.train.selection import select_rows
-from kdcache.views.augment import UnseenOps, apply_unseen
+from kdcache.views.augment import UnseenOps, apply_mix, apply_unseen
 from kdcache.views.recipe import (
     Rendering,
     View,
@@ -90,6 +102,7 @@ from kdcache.views.recipe import (
     grouped,
     mix_weight,
     render,
+    render_base,
 )
 
 log = logging.getLogger(__name__)
@@ -219,10 +232,30 @@ class _Item:
     """Weight of the sample's own image and label in a mixed view (1: not mixed)."""
     partners: tuple[int, ...] = ()
     """Without a cache: row offsets of the group's other samples (the mixing is drawn again)."""
+    group: _Group | None = None
+    """Mixup/CutMix recipes: the item's mixing group, rendered together (images decoded once)."""
 
     @property
     def image(self) -> bytes:
         return self.sample.image
+
+
+@dataclass(eq=False)
+class _Group:
+    """The items of one mixing group in a worker's piece. The first item asked for renders them
+    all, so every image of the group (own or partner) is decoded once; each item then takes its
+    own rendered views."""
+
+    items: list[_Item] = field(default_factory=list)
+    rendered: dict[int, dict[str, torch.Tensor]] | None = None
+    """``id(item)`` -> its rendered views, once the group is rendered."""
+
+    def take(self, item: _Item, render_all: Any) -> dict[str, torch.Tensor]:
+        """The item's rendered views (``render_all(items)`` renders the group on first use)."""
+        if self.rendered is None:
+            self.rendered = render_all(self.items)
+            self.items = []  # the items refer to the group: no cycle left to collect
+        return self.rendered.pop(id(item))
 
 
 # ---- the epoch plan (pure functions) ----------------------------------------------------------
@@ -400,19 +433,30 @@ class ShardStream(IterableDataset):
     def __init__(self, spec: StreamSpec):
         super().__init__()
         self.spec = spec
-        self.epoch = 0
         self.teachers: tuple[str, ...] = ()
-        self.skip_batches = 0
+        # [epoch, batches to skip]: shared with the workers, which persist across epochs
+        self._state = torch.zeros(2, dtype=torch.int64).share_memory_()
         self._store: CacheStore | None = None
 
+    @property
+    def epoch(self) -> int:
+        return int(self._state[0])
+
+    @property
+    def skip_batches(self) -> int:
+        return int(self._state[1])
+
     def set_epoch(self, epoch: int, teachers: Iterable[str] = (), skip_batches: int = 0) -> None:
-        """Set before creating the epoch's iterator (the workers copy these at start)."""
-        self.epoch = epoch
+        """Set before creating the epoch's iterator. Epoch and skip are shared with running
+        workers; the teachers are copied when a worker starts (:meth:`RunData.epoch` restarts the
+        workers when they change)."""
+        self._state[0] = epoch
+        self._state[1] = skip_batches
         self.teachers = tuple(teachers)
-        self.skip_batches = skip_batches
 
     def __iter__(self) -> Iterator[Batch]:
         spec = self.spec
+        epoch = self.epoch  # read once: the main process sets the next one while batches queue
         loader_worker, workers = _worker()
         if workers != spec.workers:
             raise DataError(
@@ -420,14 +464,14 @@ class ShardStream(IterableDataset):
             )
         skip_batches, first = self._resume_point()
         worker = (loader_worker + first) % workers  # the DataLoader asks its worker 0 first
-        items = self._raw_items(slots(spec, self.epoch)[spec.rank][worker])
+        items = self._raw_items(slots(spec, epoch)[spec.rank][worker], epoch)
         if spec.train and spec.shuffle_buffer > 0:
-            rng = seeded_rng(spec.seed, "buffer", self.epoch, spec.rank, worker)
+            rng = seeded_rng(spec.seed, "buffer", epoch, spec.rank, worker)
             items = shuffle_buffer(items, spec.shuffle_buffer, rng)
         sizes = batch_sizes(spec, spec.rank * workers + worker)
         items = itertools.islice(items, sum(sizes[: skip_batches[worker]]), None)
         for size in sizes[skip_batches[worker] :]:
-            yield self._batch(list(itertools.islice(items, size)))
+            yield self._batch(list(itertools.islice(items, size)), epoch)
 
     def _resume_point(self) -> tuple[list[int], int]:
         """Batches each planned worker already delivered, and the planned worker to ask first."""
@@ -442,7 +486,7 @@ class ShardStream(IterableDataset):
             )
         return self._store
 
-    def _raw_items(self, pieces: list[Piece]) -> Iterator[_Item]:
+    def _raw_items(self, pieces: list[Piece], epoch: int) -> Iterator[_Item]:
         for piece in pieces:
             url = self.spec.urls[piece.shard]
             store = self.store() if self.spec.train else None
@@ -450,7 +494,7 @@ class ShardStream(IterableDataset):
             if store is not None:
                 block = read_block(store, shard_name(url), list(self.teachers))
                 self._check_same_cache(shard_name(url))
-            yield from self._shard_items(url, block, piece, self.spec.counts[piece.shard])
+            yield from self._shard_items(url, block, piece, self.spec.counts[piece.shard], epoch)
 
     def _check_same_cache(self, shard: str) -> None:
         """After a block read: the cache must still be the one the run started with (a cache
@@ -463,7 +507,7 @@ class ShardStream(IterableDataset):
         check_same_cache(spec.cache_path, options, spec.cache_identity, where)
 
     def _shard_items(
-        self, url: str, block: ShardBlock | None, piece: Piece, expected: int
+        self, url: str, block: ShardBlock | None, piece: Piece, expected: int, epoch: int
     ) -> Iterator[_Item]:
         """The piece's samples, group by group (a mixed view's partner is in its group); the
         piece that ends the shard reads it to the end and checks its counts."""
@@ -481,12 +525,21 @@ class ShardStream(IterableDataset):
                 for i, row in enumerate(rows)
                 if block is None or (block.valid(row) and (streamed is None or row in streamed))
             ]
+            together = _Group() if self.spec.train and self.spec.recipe.mixes else None
+            out: list[_Item] = []
             for i in kept:
                 if piece.start <= valid < piece.stop:
-                    yield self._item(name, group, rows, i, block)
+                    item = self._item(name, group, rows, i, block, epoch)
+                    item.group = together
+                    out.append(item)
                 valid += 1
                 if valid == piece.stop and piece.stop < expected:
-                    return  # the rest of the shard is another slot's
+                    break  # the rest of the shard is another slot's
+            if together is not None:  # whole before its first item can leave the buffer
+                together.items = out
+            yield from out
+            if valid == piece.stop and piece.stop < expected:
+                return
         if block is not None and seen != len(block):
             raise CacheMismatchError(
                 f"shard {name!r} has {seen} samples in the data but {len(block)} in the cache"
@@ -503,12 +556,18 @@ class ShardStream(IterableDataset):
         return None if keep is None or not self.spec.train else frozenset(keep[shard])
 
     def _item(
-        self, shard: str, group: list[Sample], rows: list[int], i: int, block: ShardBlock | None
+        self,
+        shard: str,
+        group: list[Sample],
+        rows: list[int],
+        i: int,
+        block: ShardBlock | None,
+        epoch: int,
     ) -> _Item:
         """Sample ``i`` of a group, with its view this epoch and its partner if that is mixed."""
         spec = self.spec
         sample = group[i]
-        a = view_index(spec, self.epoch, sample.key) if spec.train else 0
+        a = view_index(spec, epoch, sample.key) if spec.train else 0
         item = _Item(shard, sample.key, sample, rows[i], block, a)
         if not spec.train or not spec.recipe.mixes:
             return item
@@ -538,8 +597,8 @@ class ShardStream(IterableDataset):
             )
         return partner
 
-    def _batch(self, items: list[_Item]) -> Batch:
-        rendered = [self._render(item) for item in items]
+    def _batch(self, items: list[_Item], epoch: int) -> Batch:
+        rendered = [self._render(item, epoch) for item in items]
         images = torch.stack([r[STUDENT] for r in rendered])
         teacher_images = {
             name: torch.stack([r[name] for r in rendered])
@@ -561,54 +620,108 @@ class ShardStream(IterableDataset):
             batch.partner_labels, batch.lam = self._mixing(items, labels)
         return batch
 
-    def _render(self, item: _Item) -> dict[str, torch.Tensor]:
-        """The item's view in the student's rendering and in each online teacher's."""
+    def _render(self, item: _Item, epoch: int) -> dict[str, torch.Tensor]:
+        """The item's view in the student's rendering and in each online teacher's: with its
+        mixing group's (each image decoded once) or alone."""
+        if item.group is not None:
+            return item.group.take(item, lambda items: self._render_group(items, epoch))
+        image = self._decode(item, item.sample)
+        partner = self._decode(item, item.partner) if item.partner is not None else None
+        return self._render_decoded(item, image, partner, epoch)
+
+    def _render_group(self, items: list[_Item], epoch: int) -> dict[int, dict[str, torch.Tensor]]:
+        """Every item of a mixing group rendered, each image (own or partner) decoded once, and
+        each unmixed rendering of (key, view index) made once (a view's own and a partner's)."""
+        images: dict[str, torch.Tensor] = {}
+        bases: dict[tuple[str, int, str], torch.Tensor] = {}
+
+        def decoded(item: _Item, sample: Sample) -> torch.Tensor:
+            if sample.key not in images:  # keys are unique within a shard
+                images[sample.key] = self._decode(item, sample)
+            return images[sample.key]
+
+        return {
+            id(item): self._render_decoded(
+                item,
+                decoded(item, item.sample),
+                decoded(item, item.partner) if item.partner is not None else None,
+                epoch,
+                bases,
+            )
+            for item in items
+        }
+
+    def _decode(self, item: _Item, sample: Sample) -> torch.Tensor:
+        """Decode the item's own (or its partner's) image; a refusal names shard and key."""
+        try:
+            return decode_image(sample.image, self.spec.recipe.channels, self.spec.max_pixels)
+        except (RuntimeError, ValueError) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DataError(
+                f"shard {item.shard!r}, key {sample.key!r}: cannot decode the image ({reason})"
+            ) from None
+
+    def _render_decoded(
+        self,
+        item: _Item,
+        image: torch.Tensor,
+        other: torch.Tensor | None,
+        epoch: int,
+        bases: dict[tuple[str, int, str], torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The item's views from its decoded image (and its partner's, ``other``, if mixed);
+        ``bases`` memoises unmixed renderings by (key, view index, rendering)."""
         spec = self.spec
-        image = self._decode(item, item.image)
         hw = (int(image.shape[-2]), int(image.shape[-1]))
         if not spec.train:
             return {
                 STUDENT: render(image, center_view(hw, spec.recipe), spec.recipe, spec.rendering)
             }
         view = self._view(item, item.row, item.key, hw, item.partners)
-        partner = None
+        partner_view = None
         if view.mixed:
-            if item.partner is None:
+            if item.partner is None or other is None:
                 raise CacheMismatchError(f"key {item.key!r}: mixed view without its partner sample")
-            other = self._decode(item, item.partner.image)
             other_hw = (int(other.shape[-2]), int(other.shape[-1]))
-            partner = (other, self._view(item, item.partner_row, item.partner.key, other_hw, ()))
-        out = {STUDENT: self._checked_render(item, image, view, spec.rendering, partner)}
-        if spec.unseen is not None:
-            rng = seeded_rng(spec.seed, "unseen", self.epoch, item.key)
-            out[STUDENT] = apply_unseen(out[STUDENT], spec.unseen, rng, spec.recipe.fill)
-        for name, rendering in spec.teacher_renderings:
-            out[name] = self._checked_render(item, image, view, rendering, partner)
+            partner_view = self._view(item, item.partner_row, item.partner.key, other_hw, ())
+        bases = {} if bases is None else bases
+        out = {}
+        for name, rendering in ((STUDENT, spec.rendering), *spec.teacher_renderings):
+            pixels = self._base(bases, item, item.key, image, view, (name, rendering))
+            if view.mixed:  # views mix unmixed renderings: the partner's own mixing is ignored
+                theirs = self._base(
+                    bases, item, item.partner.key, other, partner_view, (name, rendering)
+                )
+                pixels = apply_mix(pixels, theirs, view.mix_lam, view.mix_box)
+            out[name] = pixels
+        if spec.unseen is not None:  # on a copy: the memoised rendering may be a partner's too
+            rng = seeded_rng(spec.seed, "unseen", epoch, item.key)
+            out[STUDENT] = apply_unseen(out[STUDENT].clone(), spec.unseen, rng, spec.recipe.fill)
         return out
 
-    def _decode(self, item: _Item, data: bytes) -> torch.Tensor:
-        """Decode a sample's (or its partner's) image; a refusal names shard and key."""
-        try:
-            return decode_image(data, self.spec.recipe.channels, self.spec.max_pixels)
-        except (RuntimeError, ValueError) as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise DataError(
-                f"shard {item.shard!r}, key {item.key!r}: cannot decode the image ({reason})"
-            ) from None
+    def _base(
+        self,
+        bases: dict[tuple[str, int, str], torch.Tensor],
+        item: _Item,
+        key: str,
+        image: torch.Tensor,
+        view: View,
+        named: tuple[str, Rendering],
+    ) -> torch.Tensor:
+        """The unmixed rendering of ``key``'s view ``item.view`` (memoised in ``bases``)."""
+        memo = (key, item.view, named[0])
+        if memo not in bases:
+            try:
+                bases[memo] = render_base(image, view, self.spec.recipe, named[1])
+            except DataError as exc:
+                raise DataError(f"shard {item.shard!r}, key {key!r}: {exc}") from None
+        return bases[memo]
 
     def _view(self, item: _Item, row: int, key: str, hw: tuple[int, int], partners) -> View:
         """View ``item.view`` of a row: stored in the cache, or drawn from ``(seed, key, view)``."""
         if item.block is not None:
             return item.block.views.view(row, item.view)
         return draw_view(self.spec.recipe, self.spec.view_seed, key, item.view, hw, partners)
-
-    def _checked_render(
-        self, item: _Item, image, view: View, rendering: Rendering, partner
-    ) -> torch.Tensor:
-        try:
-            return render(image, view, self.spec.recipe, rendering, partner)
-        except DataError as exc:
-            raise DataError(f"shard {item.shard!r}, key {item.key!r}: {exc}") from None
 
     def _mixing(
         self, items: list[_Item], labels: torch.Tensor
@@ -675,8 +788,11 @@ def _identity(batch: Batch) -> Batch:
     return batch
 
 
-def make_loader(dataset: ShardStream, pin_memory: bool, prefetch_factor: int) -> DataLoader:
-    """A DataLoader over the stream: batching happens in the workers (``batch_size=None``).
+def make_loader(
+    dataset: ShardStream, pin_memory: bool, prefetch_factor: int, persistent: bool = False
+) -> DataLoader:
+    """A DataLoader over the stream: batching happens in the workers (``batch_size=None``);
+    ``persistent``: its workers are started once and serve every epoch (the training stream).
 
     It draws its workers' base seed from its own generator, never from the global torch RNG: a
     resumed run restores that RNG mid-epoch and then creates the epoch's iterator again, so a draw
@@ -689,9 +805,30 @@ def make_loader(dataset: ShardStream, pin_memory: bool, prefetch_factor: int) ->
         collate_fn=_identity,
         pin_memory=pin_memory,
         prefetch_factor=prefetch_factor if workers > 0 else None,
-        persistent_workers=False,
+        persistent_workers=persistent and workers > 0,
         generator=torch.Generator().manual_seed(dataset.spec.seed),
     )
+
+
+def training_threads(threads: int | None, num_workers: int) -> int:
+    """torch threads of a training process: ``threads`` (``run.threads``) if set, else the cores
+    this process may use shared among this machine's ranks and each one's DataLoader workers plus
+    itself, at least 1. Workers run one torch thread each, so the total never exceeds the cores
+    (torch's own default, every core, oversubscribes a busy machine many times over)."""
+    if threads:
+        return threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return max(1, (cores or 1) // (max(1, local_ranks) * (num_workers + 1)))
+
+
+def close_loader(loader: DataLoader) -> None:
+    """Stop a DataLoader's persistent workers now (instead of whenever it is collected)."""
+    iterator = getattr(loader, "_iterator", None)
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+    loader._iterator = None
 
 
 # ---- the cache: opening and checking ------------------------------------------------------------
@@ -859,11 +996,19 @@ class RunData:
 
     def epoch(self, epoch: int, teachers: Iterable[str], skip_batches: int = 0) -> Iterator[Batch]:
         """The epoch's batches on this rank, from batch ``skip_batches`` on (at most the step
-        count)."""
+        count). The loader's workers persist across epochs; they are restarted only when the
+        teachers change (workers copy them at start)."""
+        teachers = tuple(teachers)
+        if teachers != self.dataset.teachers and self.loader.persistent_workers:
+            close_loader(self.loader)
         self.dataset.set_epoch(epoch, teachers, skip_batches)
         self.loader.generator.manual_seed(self.spec.seed * 100_003 + epoch)  # see make_loader
         steps = steps_per_epoch(self.spec) - skip_batches
         return itertools.islice(iter(self.loader), max(steps, 0))
+
+    def close(self) -> None:
+        """Stop the loader's workers (the end of a run)."""
+        close_loader(self.loader)
 
 
 def build_train_data(
@@ -927,7 +1072,9 @@ def build_train_data(
     )
     _check_slots(spec)
     dataset = ShardStream(spec)
-    loader = make_loader(dataset, pin_memory, config.data.prefetch_factor)
+    loader = make_loader(
+        dataset, pin_memory, config.data.prefetch_factor, config.data.persistent_workers
+    )
     return RunData(
         spec,
         dataset,

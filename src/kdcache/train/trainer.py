@@ -46,6 +46,7 @@ from kdcache.train.data import (
     build_eval_data,
     build_train_data,
     steps_per_epoch,
+    training_threads,
 )
 from kdcache.train.evaluate import Evaluator
 from kdcache.train.hooks import StepHook
@@ -87,8 +88,7 @@ class Trainer:
         self.hooks = list(hooks)
         self.dist = D.init_distributed(config.run.device)
         self.device = self.dist.device
-        if config.run.threads:
-            torch.set_num_threads(config.run.threads)
+        torch.set_num_threads(training_threads(config.run.threads, config.data.num_workers))
         main = self.dist.is_main
         loggers = build_loggers(config.run, resolved(config)) if main else []
         metrics = MetricsLog(
@@ -175,6 +175,7 @@ class Trainer:
             self.train_epoch()
             if not self.stopped_early:
                 self.end_epoch()
+        self.data.close()  # the loader's persistent workers
         summary = self.report.summary(
             self.state, self.data.invalid, self.data.num_classes, self.data.selection
         )
