@@ -57,10 +57,12 @@ from __future__ import annotations
 import datetime as _dt
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import zarr
+import zarr.codecs
+import zarr.errors
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kdcache.cache.hierarchy import subgroups
@@ -221,6 +223,22 @@ class TeacherMeta(BaseModel):
         return [1.0, *self.sample_temperatures, *extra]
 
 
+def group_at(group: zarr.Group, path: str) -> zarr.Group:
+    """The subgroup at ``path``; an array there is a CacheError (a hierarchy damaged by hand)."""
+    node = group[path]
+    if not isinstance(node, zarr.Group):
+        raise CacheError(f"cache {group.store_path}: {path!r} is an array where a group belongs")
+    return node
+
+
+def array_at(group: zarr.Group, path: str) -> zarr.Array:
+    """The array at ``path``; a group there is a CacheError (a hierarchy damaged by hand)."""
+    node = group[path]
+    if not isinstance(node, zarr.Array):
+        raise CacheError(f"cache {group.store_path}: {path!r} is a group where an array belongs")
+    return node
+
+
 def _first_error(exc: ValidationError) -> str:
     """``field: message`` of a validation error's first problem (the message alone at the top)."""
     first = exc.errors()[0]
@@ -315,7 +333,7 @@ class CacheStore:
                     f"teacher {name!r} is not in cache {self.path!r}; "
                     f"it has {self.teachers or 'no teachers'}"
                 )
-            self._teacher_groups[name] = self.group[f"{TEACHERS}/{name}"]
+            self._teacher_groups[name] = group_at(self.group, f"{TEACHERS}/{name}")
         return self._teacher_groups[name]
 
     def teacher_meta(self, name: str) -> TeacherMeta:
@@ -334,7 +352,7 @@ class CacheStore:
     @property
     def views(self) -> zarr.Group:
         """The ``views/`` group of per-view parameter arrays."""
-        return self.group[VIEWS]
+        return group_at(self.group, VIEWS)
 
     def array(self, path: str) -> zarr.Array:
         """The array at ``path`` (``status``, ``teachers/t1/lse`` ...), opened once per store
@@ -343,7 +361,7 @@ class CacheStore:
             if path.startswith(f"{TEACHERS}/"):
                 self.teacher_group(path.split("/")[1])  # an unknown teacher is a CacheMismatchError
             try:
-                self._arrays[path] = self.group[path]
+                self._arrays[path] = array_at(self.group, path)
             except Exception as exc:  # zarr.json lost (KeyError) or garbled (JSONDecodeError ...)
                 raise CacheReadError(
                     f"cache {self.path!r}: cannot open array {path!r} ({type(exc).__name__}: "
@@ -502,7 +520,9 @@ def _recipe_diff(cached: ViewRecipe, given: ViewRecipe) -> str:
     return "view recipe differs (" + "; ".join(parts) + ")"
 
 
-def open_store(path: str, mode: str = "r", storage_options: dict | None = None) -> CacheStore:
+def open_store(
+    path: str, mode: Literal["r", "r+"] = "r", storage_options: dict | None = None
+) -> CacheStore:
     """Open an existing cache (``mode`` ``"r"`` or ``"r+"``), checking its format."""
     try:
         group = zarr.open_group(path, mode=mode, storage_options=storage_options)

@@ -67,7 +67,8 @@ def timm_rendering(model: ModelSpec | None, recipe: ViewRecipe, key: str) -> Ren
     cfg = timm.get_pretrained_cfg(model.name)
     if cfg is None:
         raise ConfigError(f"{key}.source: timm has no pretrained config for {model.name!r}")
-    interpolation = cfg.interpolation if cfg.interpolation in INTERPOLATIONS else "bicubic"
+    ours: dict[str, Interpolation] = {name: name for name in INTERPOLATIONS}
+    interpolation = ours.get(cfg.interpolation, "bicubic")  # bicubic for one views lack
     mean = tuple(cfg.mean)
     std = tuple(cfg.std)
     if recipe.channels == 1 and len(mean) == 3:

@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
+from webdataset.writer import TarWriter  # the package stub does not re-export it
 
 from kdcache.core.errors import ConfigError, DataError, DuplicateKeyError
 from kdcache.shards.manifest import (
@@ -358,7 +358,7 @@ def _write_tar(path: Path, entries: Iterable[dict[str, Any]], bar: tqdm) -> Writ
     try:
         with (
             open(tmp, "wb") as stream,
-            wds.TarWriter(stream, encoder=False, mtime=_TAR_MTIME) as tar,
+            TarWriter(stream, encoder=False, mtime=_TAR_MTIME) as tar,
         ):
             for entry in entries:
                 tar.write(entry)
@@ -490,7 +490,7 @@ def synthetic_prototypes(
     for c, ch in itertools.product(range(classes), range(channels)):
         pil = Image.fromarray(coarse[c, ch].astype(np.float32))
         out[c, ch] = np.asarray(
-            pil.resize((width + 2 * margin, height + 2 * margin), Image.BICUBIC)
+            pil.resize((width + 2 * margin, height + 2 * margin), Image.Resampling.BICUBIC)
         )
     out -= out.mean(axis=(1, 2, 3), keepdims=True)
     out /= out.std(axis=(1, 2, 3), keepdims=True) + 1e-6

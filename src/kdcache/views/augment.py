@@ -382,7 +382,8 @@ def draw_mix(
     center = np.full(2, NOT_APPLIED, np.uint8)
     applied = rng.random() < cfg.prob
     cutmix = cfg.mixup_alpha == 0 or (cfg.cutmix_alpha > 0 and rng.random() < cfg.switch_prob)
-    lam = float(rng.beta(*(2 * [cfg.cutmix_alpha if cutmix else cfg.mixup_alpha])))
+    alpha = cfg.cutmix_alpha if cutmix else cfg.mixup_alpha
+    lam = float(rng.beta(alpha, alpha))
     pick = int(rng.integers(len(offsets))) if offsets else 0
     if not applied or not offsets:
         return 0, BOX_STEPS, center
@@ -391,7 +392,7 @@ def draw_mix(
     return offsets[pick], int(round(lam * BOX_STEPS)), center
 
 
-def cutmix_boxes(center: np.ndarray, lam_code: np.ndarray) -> np.ndarray:
+def cutmix_boxes(center: np.ndarray, lam_code: np.ndarray | int) -> np.ndarray:
     """CutMix boxes ``(top, left, height, width)`` in 1/255 steps of the side, ``int64[..., 4]``,
     from stored centres ``[..., 2]`` and lam codes ``[...]``: the square of side ``sqrt(1 - lam)``
     around the centre, clipped to the image (numpy's IEEE arithmetic: the same box everywhere)."""
@@ -497,7 +498,7 @@ def apply_op(image: torch.Tensor, name: str, value: float, fill: list[float]) ->
             center=[0, 0],
         )
     if name in ("TranslateX", "TranslateY"):
-        shift = (
+        shift: list[float] = (
             [int(round(value * width)), 0]
             if name == "TranslateX"
             else [0, int(round(value * height))]

@@ -58,7 +58,7 @@ T = TypeVar("T")
 RECIPE_VERSION = 2
 """2: views are op compositions with resolution-free parameters (format 3 caches)."""
 Interpolation = Literal["bilinear", "bicubic", "nearest"]
-INTERPOLATIONS = {
+INTERPOLATIONS: dict[Interpolation, InterpolationMode] = {
     "bilinear": InterpolationMode.BILINEAR,
     "bicubic": InterpolationMode.BICUBIC,
     "nearest": InterpolationMode.NEAREST,
@@ -257,9 +257,10 @@ class View:
     @property
     def mix_box(self) -> np.ndarray:
         """The pasted box (top, left, height, width in 1/255 of the side; zeros for Mixup)."""
-        if not self.cutmix:
+        center = self.mix_center
+        if not self.cutmix or center is None:  # cutmix implies a centre
             return np.zeros(4, np.int64)
-        return cutmix_boxes(self.mix_center, self.mix_lam)
+        return cutmix_boxes(center, self.mix_lam)
 
     @property
     def lam(self) -> float:
@@ -310,9 +311,10 @@ class ViewParams:
         partner = get("mix_partner")
         lam = get("mix_lam")
         center = get("mix_center")
+        box = self.arrays["crop"][row, a]  # top, left, height, width
         return View(
             image_hw=(int(self.image_hw[row, 0]), int(self.image_hw[row, 1])),
-            crop=tuple(int(v) for v in self.arrays["crop"][row, a]),
+            crop=(int(box[0]), int(box[1]), int(box[2]), int(box[3])),
             flip=bool(self.arrays["flip"][row, a]),
             policy=None if policy is None else policy[row, a],
             jitter=None if jitter is None else jitter[row, a],
