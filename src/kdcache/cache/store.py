@@ -201,7 +201,7 @@ class TeacherMeta(BaseModel):
     """Encoding ``sampled``: classes drawn per view from the tail (S)."""
     sample_temperatures: list[float] = []
     """Encoding ``sampled``: the temperatures whose ``logsumexp(l / T)`` is stored."""
-    draw_temperature: float = Field(1.0, gt=0.0, allow_inf_nan=False)
+    draw_temperature: float = Field(default=1.0, gt=0.0, allow_inf_nan=False)
     """Encoding ``sampled``: the temperature of the tail distribution the draws come from (the
     importance sampler's proposal; caches made before it existed drew at 1). Its normaliser is
     stored with the draws (array ``draw_tail``), so the estimate is unbiased at it too."""

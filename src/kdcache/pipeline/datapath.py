@@ -39,7 +39,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -706,7 +706,7 @@ class DataPath:
         keys: ShardKeys,
         storage_options: dict | None = None,
         label_key: str = DEFAULT_LABEL_KEY,
-    ) -> Iterator[ViewBatch]:
+    ) -> Generator[ViewBatch, None, None]:
         """The task's views in batches of ``batch_size``, in shard order, produced up to
         ``prefetch_batches`` ahead; ``rows`` gets the labels, status and drawn parameters."""
         work = ViewWork.of(task, self.settings.num_views)
@@ -851,7 +851,7 @@ def checked_samples(
 # ---- a background producer ---------------------------------------------------------------------
 
 
-def background(items: Iterator[T], depth: int) -> Iterator[T]:
+def background(items: Iterator[T], depth: int) -> Generator[T, None, None]:
     """``items``, produced by a background thread up to ``depth`` ahead of the consumer.
 
     The producer's exception is raised here, in the consumer; a consumer that stops early (its own

@@ -23,7 +23,7 @@ from kdcache.core.results import (
     versions,
 )
 from kdcache.pipeline.config import PrecomputeConfig
-from kdcache.pipeline.plan import Plan, saved_config
+from kdcache.pipeline.plan import Plan, TeacherPlan, saved_config
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def new_result(cfg: PrecomputeConfig, plan: Plan) -> PrecomputeResult:
         config=config,
         versions=versions(),
         teachers=[
-            TeacherRun(name=t.name, model=t.spec.name, k=t.k, weights_digest=t.weights_digest)
+            TeacherRun(name=t.name, model=model_name(t), k=t.k, weights_digest=t.weights_digest)
             for t in plan.teachers
         ],
         num_shards=store.num_shards,
@@ -53,6 +53,14 @@ def new_result(cfg: PrecomputeConfig, plan: Plan) -> PrecomputeResult:
         cache_views=store.meta.fingerprint.num_samples * store.meta.num_views,
         cache_teachers=len(store.teachers),
     )
+
+
+def model_name(teacher: TeacherPlan) -> str:
+    """What a run record names as a teacher's model: its spec's name, or for a stored ensemble
+    (no spec of its own) ``ensemble(<model>,...)``."""
+    if teacher.spec is not None:
+        return teacher.spec.name
+    return "ensemble(" + ",".join(m.spec.name for m in teacher.members) + ")"
 
 
 def finish(result: PrecomputeResult, status: PrecomputeStatus, error: str = "") -> PrecomputeResult:

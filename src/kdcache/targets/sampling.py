@@ -40,7 +40,11 @@ def draw_generator(seed: int, key: str, view: int, teacher: str) -> np.random.Ge
 
 
 def uniforms(
-    seed: int, keys: Sequence[str], views: Sequence[int], teacher: str, samples: int
+    seed: int,
+    keys: Sequence[str] | np.ndarray,
+    views: Sequence[int] | np.ndarray,
+    teacher: str,
+    samples: int,
 ) -> np.ndarray:
     """``float64[B, S]``: the uniforms behind each view's draws (row ``i``: ``keys[i]``,
     ``views[i]``)."""

@@ -95,15 +95,15 @@ class ViewRecipe(StrictModel):
     name: Literal["rrc_flip", "center"] = "rrc_flip"
     """The geometry: ``rrc_flip`` (RandomResizedCrop + horizontal flip, torchvision's draw) or
     ``center`` (a centred square of ``crop_pct`` of the shorter side, for evaluation sets)."""
-    size: int = Field(224, ge=1)
+    size: int = Field(default=224, ge=1)
     """Default output side in pixels (a model may render at its own, see ``Rendering``)."""
     scale: tuple[float, float] = (0.08, 1.0)
     """rrc_flip: range of the crop's area as a fraction of the image."""
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     """rrc_flip: range of the crop's aspect ratio (w / h)."""
-    flip_prob: float = Field(0.5, ge=0.0, le=1.0)
+    flip_prob: float = Field(default=0.5, ge=0.0, le=1.0)
     """rrc_flip: probability of a horizontal flip."""
-    crop_pct: float = Field(0.875, gt=0.0, le=1.0)
+    crop_pct: float = Field(default=0.875, gt=0.0, le=1.0)
     """center: the crop's side as a fraction of the image's shorter side (timm's crop_pct)."""
     interpolation: Interpolation = "bilinear"
     """Default resampling of the crop."""
