@@ -93,7 +93,7 @@ from kdcache.core.errors import (
     CacheReadError,
     ConfigError,
 )
-from kdcache.core.results import InspectResult
+from kdcache.core.results import InspectCache, InspectResult, InspectSettings
 from kdcache.targets.sparse import TAIL_MODES, SparseTargets, TailMode, sparse_probs
 from kdcache.views.recipe import ViewRecipe
 
@@ -779,8 +779,8 @@ def inspect_cache(
             if progress is not None:
                 progress(1)
     return InspectResult(
-        cache=_cache_section(store, len(shards), skipped),
-        settings=_settings(temperatures, tail),
+        cache=InspectCache.model_validate(_cache_section(store, len(shards), skipped)),
+        settings=InspectSettings.model_validate(_settings(temperatures, tail)),
         teachers={n: teacher_report(stats[n], meta.class_names) for n in names},
         pairs=[pair_report(p) for p in pairs],
     )

@@ -31,7 +31,7 @@ class Evaluator:
     ):
         self.loader = loader
         self.device = device
-        self.amp = amp
+        self.amp: AmpMode = amp
         self.to_input = to_input
 
     def run(self, model: nn.Module, ema: Ema | None) -> dict[str, float]:

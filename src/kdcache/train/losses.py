@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdcache.targets.sparse import (
+    EnsembleTargets,
     LossTail,
     MixedLabels,
     SparseTargets,
@@ -110,7 +111,11 @@ def as_sparse(targets: Targets, labels: Labels | None) -> SparseTargets | Temper
 
 
 def sparse_kl(
-    log_q: Tensor, targets: SparseTargets, num_classes: int, temperature: float, tail: str
+    log_q: Tensor,
+    targets: SparseTargets | TemperedTargets,
+    num_classes: int,
+    temperature: float,
+    tail: str,
 ) -> Tensor:
     """Per-row ``KL(p_t^T || q)`` with ``p_t^T`` from sparse targets and ``log_q`` dense ``[B, C]``.
 
@@ -223,7 +228,9 @@ def dist_parts(
     )
 
 
-def teacher_label_ce(targets: SparseTargets, num_classes: int, temperature: float = 1.0) -> Tensor:
+def teacher_label_ce(
+    targets: SparseTargets | TemperedTargets, num_classes: int, temperature: float = 1.0
+) -> Tensor:
     """The teacher's cross-entropy against the label at ``temperature``, ``[B]``, from the sparse
     targets: ``log Z_T - label_logit / T`` with ``Z_T`` the partition function at T.
 
@@ -253,7 +260,7 @@ def teacher_label_ce(targets: SparseTargets, num_classes: int, temperature: floa
 def wsl_weights(
     student_logits: Tensor,
     labels: Labels,
-    targets: SparseTargets,
+    targets: SparseTargets | TemperedTargets,
     temperature: float = 1.0,
 ) -> Tensor:
     """WSL's per-row weight ``w = 1 - exp(-CE_s/CE_t)`` from detached cross-entropies of student
@@ -304,7 +311,7 @@ def wsl_parts(
 def mined_targets(
     student_logits: Tensor,
     labels: Labels,
-    targets: SparseTargets,
+    targets: SparseTargets | TemperedTargets,
     *,
     teacher_temperature: float = 0.7,
     student_temperature: float = 1.0,
@@ -624,13 +631,19 @@ class Criterion:
         return self.entry.needs_teacher
 
     def __call__(
-        self, logits: Tensor, labels: Labels, targets: SparseTargets | None, epoch: int
+        self,
+        logits: Tensor,
+        labels: Labels,
+        targets: SparseTargets | EnsembleTargets | None,
+        epoch: int,
     ) -> LossParts:
         if self.needs_teacher and stopped(self.config, epoch):
             smoothing = getattr(self.config, "label_smoothing", 0.0)
             return ce_parts(logits, None, labels, label_smoothing=smoothing)
         if self.needs_teacher and targets is None:
             raise ValueError(f"loss {self.config.name!r} needs teacher targets, the batch has none")
-        if targets is not None:  # topk, sampled estimates, ensembles: one conversion
-            targets = loss_targets(targets, self.config, self.num_classes)
-        return self.entry.parts(logits, targets, labels, **self.settings)
+        # topk, sampled estimates, ensembles: one conversion
+        converted = (
+            None if targets is None else loss_targets(targets, self.config, self.num_classes)
+        )
+        return self.entry.parts(logits, converted, labels, **self.settings)

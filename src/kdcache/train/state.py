@@ -71,16 +71,22 @@ class SegmentOptimizer:
             )
         self.state.segment = segment.index
 
+    def active(self) -> torch.optim.Optimizer:
+        """The current segment's optimizer (:meth:`enter` builds it)."""
+        if self.current is None:
+            raise RuntimeError("no optimizer yet: enter a segment first")
+        return self.current
+
     def set_lr(self, lr: float) -> None:
-        set_lr(self.current, lr)
+        set_lr(self.active(), lr)
 
     @property
     def lr(self) -> float:
         """The learning rate of the latest step (every group has the same)."""
-        return self.current.param_groups[0]["lr"]
+        return self.active().param_groups[0]["lr"]
 
     def state_dict(self) -> dict[str, Any]:
-        return self.current.state_dict()
+        return self.active().state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """The saved segment's optimizer with the saved state (load :class:`RunState` first)."""

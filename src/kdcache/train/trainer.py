@@ -186,7 +186,7 @@ class Trainer:
         with autocast_context(self.device, self.config.run.amp):
             logits = self.ddp(self.student_input(batch.images))
         parts = plan.criterion(logits.float(), batch.hard_labels(), targets, self.state.epoch)
-        optimizer = self.optimizer.current
+        optimizer = self.optimizer.active()
         optimizer.zero_grad(set_to_none=True)
         parts.total.backward()
         if segment.optimizer.grad_clip:
