@@ -385,28 +385,117 @@ def effdstl_parts(
 # ---- the losses: plain functions and modules --------------------------------------------------
 
 
-def _total_of(parts: Callable[..., LossParts], name: str) -> Callable[..., Tensor]:
-    """The plain form of a loss: the same arguments as ``parts``, the total as the result."""
-
-    @functools.wraps(parts)
-    def loss(*args: Any, **kwargs: Any) -> Tensor:
-        return parts(*args, **kwargs).total
-
-    loss.__name__ = name
-    loss.__qualname__ = name
-    loss.__signature__ = inspect.signature(parts).replace(return_annotation=Tensor)  # type: ignore[attr-defined]
-    return loss
-
-
 def ce(student_logits: Tensor, labels: Labels, *, label_smoothing: float = 0.0) -> Tensor:
     """Plain cross-entropy (mixed labels: ``lam * CE(label) + (1 - lam) * CE(partner)``)."""
     return cross_entropy(student_logits, labels, label_smoothing)
 
 
-kd = _total_of(kd_parts, "kd")
-dist = _total_of(dist_parts, "dist")
-wsl = _total_of(wsl_parts, "wsl")
-effdstl = _total_of(effdstl_parts, "effdstl")
+def kd(
+    student_logits: Tensor,
+    targets: Targets,
+    labels: Labels | None = None,
+    *,
+    temperature: float = 4.0,
+    alpha: float = 0.9,
+    tail: LossTail = "spread",
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """Hinton KD: ``(1-alpha)*CE + alpha*T^2*mean KL(p_t^T || p_s^T)`` (:func:`kd_parts`'s
+    total)."""
+    return kd_parts(
+        student_logits,
+        targets,
+        labels,
+        temperature=temperature,
+        alpha=alpha,
+        tail=tail,
+        label_smoothing=label_smoothing,
+    ).total
+
+
+def dist(
+    student_logits: Tensor,
+    targets: Targets,
+    labels: Labels | None = None,
+    *,
+    beta: float = 1.0,
+    gamma: float = 1.0,
+    temperature: float = 1.0,
+    ce_weight: float = 1.0,
+    kd_weight: float = 2.0,
+    tail: LossTail = "spread",
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """DIST (paper 001): CE plus the inter- and intra-class Pearson relations of the softmax
+    outputs (:func:`dist_parts`'s total)."""
+    return dist_parts(
+        student_logits,
+        targets,
+        labels,
+        beta=beta,
+        gamma=gamma,
+        temperature=temperature,
+        ce_weight=ce_weight,
+        kd_weight=kd_weight,
+        tail=tail,
+        label_smoothing=label_smoothing,
+    ).total
+
+
+def wsl(
+    student_logits: Tensor,
+    targets: Targets,
+    labels: Labels,
+    *,
+    temperature: float = 2.0,
+    weight_temperature: float = 1.0,
+    ce_weight: float = 1.0,
+    kd_weight: float = 2.5,
+    tail: LossTail = "spread",
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """WSL: CE plus a KD term weighted per sample by the student's and the teacher's label
+    cross-entropies (:func:`wsl_parts`'s total)."""
+    return wsl_parts(
+        student_logits,
+        targets,
+        labels,
+        temperature=temperature,
+        weight_temperature=weight_temperature,
+        ce_weight=ce_weight,
+        kd_weight=kd_weight,
+        tail=tail,
+        label_smoothing=label_smoothing,
+    ).total
+
+
+def effdstl(
+    student_logits: Tensor,
+    targets: Targets,
+    labels: Labels,
+    *,
+    teacher_temperature: float = 0.7,
+    student_temperature: float = 1.0,
+    smooth_to: float = 0.99,
+    ce_weight: float = 0.0,
+    kd_weight: float = 1.0,
+    tail: LossTail = "spread",
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """EffDstl stage 2 (paper 000): KD against the teacher's targets with consistent knowledge
+    mining (:func:`effdstl_parts`'s total)."""
+    return effdstl_parts(
+        student_logits,
+        targets,
+        labels,
+        teacher_temperature=teacher_temperature,
+        student_temperature=student_temperature,
+        smooth_to=smooth_to,
+        ce_weight=ce_weight,
+        kd_weight=kd_weight,
+        tail=tail,
+        label_smoothing=label_smoothing,
+    ).total
 
 
 # ---- the registry --------------------------------------------------------------------------------
