@@ -432,7 +432,7 @@ def _image(
     rows.labels[local] = sample.label if sample.label is not None else -1
     try:
         sample.require_label(job.shard, settings.num_classes)
-        image = decode(sample, job.shard, settings.recipe.channels)
+        image = decode_sample(sample, job.shard, settings.recipe.channels)
     except DataError as exc:
         if settings.on_error == "raise":
             raise
@@ -454,7 +454,7 @@ def _stored_image(
             f"shard {job.shard!r}, key {sample.key!r}: label {sample.label} but the cache "
             f"stored {int(rows.labels[local])}: the shard changed after its views were made"
         )
-    image = decode(sample, job.shard, settings.recipe.channels)
+    image = decode_sample(sample, job.shard, settings.recipe.channels)
     stored = tuple(int(v) for v in rows.params.image_hw[local])
     if tuple(image.shape[-2:]) != stored:
         raise DataError(
@@ -491,7 +491,7 @@ def _render(
     return ViewBatch(flat, views, rows.labels[own], rows.labels[partner], lam)
 
 
-def decode(sample: Sample, shard: str, channels: int) -> torch.Tensor:
+def decode_sample(sample: Sample, shard: str, channels: int) -> torch.Tensor:
     """Decode once; a corrupt image is a DataError naming shard and key."""
     try:
         return decode_image(sample.image, channels)

@@ -1,7 +1,8 @@
 """Write image-classification data as WebDataset shards plus a manifest (``kdcache shards``).
 
-Sources yield :class:`Sample` objects (a key, a label and either a uint8 array or the bytes of a
-PNG/JPEG file); :func:`write_split` encodes arrays, groups samples into plain tar shards named
+Sources yield :class:`SourceSample` objects (a key, a label and either a uint8 array or the bytes
+of a PNG/JPEG file; :class:`kdcache.shards.reading.Sample` is one read back from a shard);
+:func:`write_split` encodes arrays, groups samples into plain tar shards named
 ``<prefix>-NNNNNN.tar`` with entries ``<key>.png|jpg`` and ``<key>.cls``, and writes
 ``<prefix>-manifest.json`` last, as the split's completion mark.
 
@@ -72,7 +73,7 @@ class ShardsExistError(DataError, FileExistsError):
 
 
 @dataclass(frozen=True, slots=True)
-class Sample:
+class SourceSample:
     """One sample to write: a uint8 image (H×W or H×W×C) or encoded PNG/JPEG bytes, and a label."""
 
     key: str
@@ -183,7 +184,9 @@ def _channels_of_mode(mode: str) -> int | None:
     return {"L": 1, "I": 1, "I;16": 1, "1": 1, "RGB": 3, "YCbCr": 3}.get(mode)
 
 
-def _encode_sample(sample: Sample, image_format: str, quality: int, stats: _SplitStats) -> bytes:
+def _encode_sample(
+    sample: SourceSample, image_format: str, quality: int, stats: _SplitStats
+) -> bytes:
     """The sample's image as ``image_format`` bytes; records its size and channels in ``stats``."""
     if sample.data is None:
         if sample.image is None:
@@ -209,7 +212,7 @@ def _encode_sample(sample: Sample, image_format: str, quality: int, stats: _Spli
 # Writing
 
 
-def shard_name(prefix: str, index: int) -> str:
+def shard_file_name(prefix: str, index: int) -> str:
     return SHARD_PATTERN.format(prefix=prefix, index=index)
 
 
@@ -248,7 +251,7 @@ def check_writable(out_dir: str | Path, prefix: str, overwrite: bool) -> None:
 
 
 def write_split(
-    samples: Iterable[Sample],
+    samples: Iterable[SourceSample],
     out_dir: str | Path,
     prefix: str,
     *,
@@ -293,7 +296,7 @@ def write_split(
 
 
 def _write_shards(
-    samples: Iterable[Sample],
+    samples: Iterable[SourceSample],
     out_dir: Path,
     prefix: str,
     shard_size: int,
@@ -309,7 +312,7 @@ def _write_shards(
     show = sys.stderr.isatty() and (total or 0) >= _PROGRESS_MIN
     with tqdm(total=total, unit="img", desc=prefix, disable=not show, leave=False) as bar:
         while (first := next(iterator, None)) is not None:
-            name = shard_name(prefix, len(written))
+            name = shard_file_name(prefix, len(written))
             chunk = itertools.chain([first], itertools.islice(iterator, shard_size - 1))
             encoded = (_checked(s, name, num_classes, image_format, quality, stats) for s in chunk)
             written.append(_write_tar(out_dir / name, encoded, bar))
@@ -317,7 +320,7 @@ def _write_shards(
 
 
 def _checked(
-    sample: Sample,
+    sample: SourceSample,
     shard: str,
     num_classes: int,
     image_format: str,
@@ -405,7 +408,7 @@ def _manifest(
 
 
 def write_splits(
-    splits: Mapping[str, tuple[Iterable[Sample], int | None]],
+    splits: Mapping[str, tuple[Iterable[SourceSample], int | None]],
     out_dir: str | Path,
     options: ShardOptions,
     *,
@@ -504,7 +507,7 @@ def _margin(size: tuple[int, int]) -> int:
 
 def synthetic_samples(
     split: str, num: int, *, classes: int, size: tuple[int, int], channels: int, seed: int
-) -> Iterator[Sample]:
+) -> Iterator[SourceSample]:
     """``num`` samples of ``split``: balanced labels, each its class pattern (partly mixed with
     another class), shifted, scaled in contrast and brightness, plus Gaussian noise.
 
@@ -522,7 +525,7 @@ def synthetic_samples(
         images = _synthetic_images(prototypes, labels[start : start + chunk], size, rng)
         for offset, image in enumerate(images):
             index = start + offset
-            yield Sample(key=f"{split}_{index:08d}", label=int(labels[index]), image=image)
+            yield SourceSample(key=f"{split}_{index:08d}", label=int(labels[index]), image=image)
 
 
 def _synthetic_images(
@@ -696,10 +699,10 @@ def _load_idx(files: Mapping[str, tuple[Path, Path]]) -> dict[str, tuple[np.ndar
     return splits
 
 
-def array_samples(split: str, images: np.ndarray, labels: np.ndarray) -> Iterator[Sample]:
+def array_samples(split: str, images: np.ndarray, labels: np.ndarray) -> Iterator[SourceSample]:
     """Samples ``<split>_NNNNNNNN`` of in-memory uint8 images and their labels."""
     for index, (image, label) in enumerate(zip(images, labels, strict=True)):
-        yield Sample(key=f"{split}_{index:08d}", label=int(label), image=image)
+        yield SourceSample(key=f"{split}_{index:08d}", label=int(label), image=image)
 
 
 def make_idx_shards(
@@ -812,7 +815,7 @@ def _folder_layout(root: Path) -> dict[str, Path]:
 
 def file_samples(
     split: str, files: Sequence[tuple[Path, int]], seed: int | None = 0
-) -> Iterator[Sample]:
+) -> Iterator[SourceSample]:
     """Samples of image files, keyed ``<split>_NNNNNNNN`` by sorted position and yielded in a
     seeded random order (sorted order when ``seed`` is None), so shards mix classes."""
     order = range(len(files))
@@ -824,7 +827,9 @@ def file_samples(
         ext = sniff_format(data)
         if ext is None:
             raise DataError(f"{path}: not a PNG or JPEG file (magic bytes {data[:4].hex()})")
-        yield Sample(key=f"{split}_{index:08d}", label=label, data=data, ext=ext, origin=str(path))
+        yield SourceSample(
+            key=f"{split}_{index:08d}", label=label, data=data, ext=ext, origin=str(path)
+        )
 
 
 def _read_bytes(path: Path) -> bytes:
