@@ -22,11 +22,11 @@ _UNRECOGNIZED = re.compile(r"Object at (\S+) is not recognized as a component of
 def subgroups(group: zarr.Group, path: str, cache_path: str) -> list[tuple[str, zarr.Group]]:
     """``(name, group)`` of the subgroups of ``group[path]``, sorted by name; a member directory
     without its ``zarr.json`` is a CacheError naming it."""
-    node = group[path]
-    if not isinstance(node, zarr.Group):
-        raise CacheError(f"cache {cache_path!r}: {path!r} is an array where a group belongs")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ZarrUserWarning)
+        node = group[path]
+        if not isinstance(node, zarr.Group):
+            raise CacheError(f"cache {cache_path!r}: {path!r} is an array where a group belongs")
         members = sorted(node.groups())
     lost = [_UNRECOGNIZED.search(str(w.message)) for w in caught]
     for found, warning in zip(lost, caught, strict=True):
