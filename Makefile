@@ -38,10 +38,12 @@ smoke: setup
 	$(BIN)/kdcache inspect runs/smoke/cache --plots runs/smoke/plots --json runs/smoke/inspect.json
 	$(BIN)/kdcache train configs/smoke/train.yaml
 
-# The readability gate: ruff's formatter and linter (configured in pyproject.toml), run by CI first.
+# The readability gate: ruff's formatter and linter, then the type checker over src/ (basedpyright,
+# basic rules, zero errors; configured in pyproject.toml), run by CI first.
 lint: setup
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
+	$(BIN)/basedpyright --pythonpath $(BIN)/python
 
 format: setup
 	$(BIN)/ruff format .

@@ -56,7 +56,7 @@ def photo_like_samples(num: int, seed: int = 0):
     """Smooth colour fields with fine noise: JPEG sizes and decode costs like photos'."""
     from PIL import Image
 
-    from kdcache.shards.writing import Sample
+    from kdcache.shards.writing import SourceSample
 
     rng = np.random.default_rng(seed)
     height, width = IMAGE_HW
@@ -65,7 +65,7 @@ def photo_like_samples(num: int, seed: int = 0):
         field = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC))
         noise = rng.normal(0.0, 12.0, (height, width, 1))
         image = np.clip(field + noise, 0, 255).astype(np.uint8)
-        yield Sample(key=f"img_{index:08d}", label=int(index % 1000), image=image)
+        yield SourceSample(key=f"img_{index:08d}", label=int(index % 1000), image=image)
 
 
 def shard_tasks(shards: str) -> list:

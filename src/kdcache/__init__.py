@@ -43,7 +43,50 @@ The names load lazily (PEP 562), so ``import kdcache`` stays light.
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # what type checkers and editors see; at run time __getattr__ loads lazily
+    from kdcache.core.results import (
+        InspectResult,
+        PrecomputeResult,
+        TrainResult,
+        ValidateResult,
+        VerifyResult,
+        read_run_records,
+    )
+    from kdcache.targets.sparse import (
+        MixedLabels,
+        SparseTargets,
+        dense_probs,
+        from_logits,
+        sparse_probs,
+        truncate,
+    )
+    from kdcache.train.config import TrainConfig, load_train_config
+    from kdcache.train.data import Batch
+    from kdcache.train.dataset import CacheDataset, DistillSample, collate
+    from kdcache.train.losses import (
+        CELoss,
+        DISTLoss,
+        EffDstlLoss,
+        KDLoss,
+        Loss,
+        LossParts,
+        WSLLoss,
+        ce,
+        ce_parts,
+        dist,
+        dist_parts,
+        effdstl,
+        effdstl_parts,
+        get_loss,
+        kd,
+        kd_parts,
+        register_loss,
+        registered_losses,
+        wsl,
+        wsl_parts,
+    )
 
 __version__ = "0.2.0"
 
@@ -95,7 +138,47 @@ _PUBLIC = {
 }
 _WHERE = {name: module for module, names in _PUBLIC.items() for name in names}
 
-__all__ = ["__version__", *_WHERE]
+__all__ = [  # as _PUBLIC; a test checks it against _PUBLIC and the TYPE_CHECKING block
+    "__version__",
+    "CacheDataset",
+    "DistillSample",
+    "collate",
+    "Batch",
+    "SparseTargets",
+    "MixedLabels",
+    "dense_probs",
+    "sparse_probs",
+    "from_logits",
+    "truncate",
+    "ce",
+    "kd",
+    "dist",
+    "wsl",
+    "effdstl",
+    "ce_parts",
+    "kd_parts",
+    "dist_parts",
+    "wsl_parts",
+    "effdstl_parts",
+    "LossParts",
+    "Loss",
+    "CELoss",
+    "KDLoss",
+    "DISTLoss",
+    "WSLLoss",
+    "EffDstlLoss",
+    "register_loss",
+    "get_loss",
+    "registered_losses",
+    "TrainConfig",
+    "load_train_config",
+    "PrecomputeResult",
+    "TrainResult",
+    "ValidateResult",
+    "VerifyResult",
+    "InspectResult",
+    "read_run_records",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -13,6 +13,8 @@ from kdcache.core.errors import ConfigError
 from kdcache.models.build import build_teacher
 from kdcache.models.runner import ModelRunner
 from kdcache.pipeline.config import PrecomputeConfig
+from kdcache.pipeline.plan import make_plan
+from kdcache.pipeline.record import new_result
 from kdcache.shards.reading import decode_image, iter_shard
 from kdcache.targets.sampling import sampled_from_logits, uniforms
 from kdcache.targets.sparse import dense_probs, sampled_at, targets_from_arrays
@@ -68,7 +70,8 @@ def world(tmp_path_factory):
         root / "cache.zarr", urls, teachers, num_views=VIEWS, classes=CLASSES
     )
     store = run_precompute(config)
-    return {"root": root, "urls": urls, "store": store, "specs": {"a": a, "b": b}}
+    specs = {"a": a, "b": b}
+    return {"root": root, "urls": urls, "store": store, "specs": specs, "config": config}
 
 
 def fresh_logits(world, name: str, shard: int = 0) -> tuple[torch.Tensor, np.ndarray]:
@@ -137,6 +140,16 @@ def test_the_ensemble_records_its_models(world):
     assert meta.weights_digest not in (single.weights_digest, "")
     other = world["store"].teacher_meta("twice").weights_digest
     assert other != meta.weights_digest
+
+
+def test_a_run_record_names_a_stored_ensemble_by_its_models(world):
+    """The run record's ``model`` of a stored ensemble (which has no spec of its own) lists its
+    models; a single model's is its name."""
+    record = new_result(world["config"], make_plan(world["config"]))
+    models = {run.name: run.model for run in record.teachers}
+    name = world["specs"]["a"].name
+    assert models["a"] == name
+    assert models["ens"] == f"ensemble({name},{world['specs']['b'].name})"
 
 
 def drawn_again(world, teacher: str, temperatures: list[float], tau: float = 1.0):

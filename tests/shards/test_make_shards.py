@@ -18,9 +18,9 @@ from kdcache.core.errors import ConfigError, DataError, DuplicateKeyError
 from kdcache.shards.manifest import load_manifest
 from kdcache.shards.writing import (
     FASHION_MNIST_DIR,
-    Sample,
     ShardOptions,
     ShardsExistError,
+    SourceSample,
     folder_splits,
     idx_splits,
     make_folder_shards,
@@ -205,17 +205,21 @@ def test_prefix_and_limit(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("sample", "error", "match"),
     [
-        (Sample("a.b", 0, np.zeros((4, 4), np.uint8)), DataError, r"key 'a\.b' must .* no '\.'"),
         (
-            Sample("a", 7, np.zeros((4, 4), np.uint8)),
+            SourceSample("a.b", 0, np.zeros((4, 4), np.uint8)),
+            DataError,
+            r"key 'a\.b' must .* no '\.'",
+        ),
+        (
+            SourceSample("a", 7, np.zeros((4, 4), np.uint8)),
             DataError,
             r"x-000000\.tar: key 'a': label 7 is not in 0\.\.2",
         ),
-        (Sample("a", 0, np.zeros((4, 4), np.float32)), DataError, r"expected a uint8"),
+        (SourceSample("a", 0, np.zeros((4, 4), np.float32)), DataError, r"expected a uint8"),
     ],
 )
 def test_write_split_rejects_bad_samples(
-    tmp_path: Path, sample: Sample, error: type, match: str
+    tmp_path: Path, sample: SourceSample, error: type, match: str
 ) -> None:
     with pytest.raises(error, match=match):
         write_split([sample], tmp_path, "x", num_classes=3)
@@ -226,7 +230,12 @@ def test_write_split_rejects_bad_samples(
 def test_write_split_rejects_duplicate_keys_and_empty_splits(tmp_path: Path) -> None:
     image = np.zeros((4, 4), np.uint8)
     with pytest.raises(DuplicateKeyError, match="key 'k' occurs twice"):
-        write_split([Sample("k", 0, image), Sample("k", 1, image)], tmp_path, "dup", num_classes=2)
+        write_split(
+            [SourceSample("k", 0, image), SourceSample("k", 1, image)],
+            tmp_path,
+            "dup",
+            num_classes=2,
+        )
     with pytest.raises(DataError, match="split 'empty': no samples"):
         write_split([], tmp_path, "empty", num_classes=2)
 

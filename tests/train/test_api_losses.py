@@ -53,6 +53,15 @@ def test_each_plain_function_is_what_the_trainer_runs(name):
     assert torch.equal(plain, trainer) and torch.equal(module, trainer)
 
 
+@pytest.mark.parametrize("name", ["kd", "dist", "wsl", "effdstl"])
+def test_each_plain_function_takes_what_its_parts_form_takes(name):
+    """Plain functions with real signatures (what editors show) that match the ``*_parts``."""
+    plain = inspect.signature(getattr(kdcache, name), eval_str=True)
+    parts = inspect.signature(getattr(kdcache, f"{name}_parts"), eval_str=True)
+    assert plain.parameters == parts.parameters
+    assert plain.return_annotation is torch.Tensor and getattr(kdcache, name).__name__ == name
+
+
 @pytest.mark.parametrize("name", list(SETTINGS))
 def test_the_functions_defaults_are_the_configs(name):
     """One set of defaults: a config that leaves a setting out trains like a call that does."""
@@ -262,4 +271,4 @@ def test_kdcache_train_runs_a_registered_loss_from_a_config(world, tmp_path, cap
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train_lines = [x for x in lines if x.get("kind", "train") == "train" and "loss" in x]
     assert train_lines and all(math.isfinite(x["loss"]) and "ce" not in x for x in train_lines)
-    assert inspect.signature(kdcache.kd).return_annotation is torch.Tensor
+    assert inspect.signature(kdcache.kd, eval_str=True).return_annotation is torch.Tensor

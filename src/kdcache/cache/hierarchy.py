@@ -24,7 +24,10 @@ def subgroups(group: zarr.Group, path: str, cache_path: str) -> list[tuple[str, 
     without its ``zarr.json`` is a CacheError naming it."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ZarrUserWarning)
-        members = sorted(group[path].groups())
+        node = group[path]
+        if not isinstance(node, zarr.Group):
+            raise CacheError(f"cache {cache_path!r}: {path!r} is an array where a group belongs")
+        members = sorted(node.groups())
     lost = [_UNRECOGNIZED.search(str(w.message)) for w in caught]
     for found, warning in zip(lost, caught, strict=True):
         if found is None:  # another warning than the one handled here: pass it on

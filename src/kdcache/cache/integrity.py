@@ -179,7 +179,7 @@ def read_marks(array: zarr.Array) -> tuple[np.ndarray, list[int]]:
     unreadable = []
     for shard in range(array.shape[0]):
         if _damaged(array, shard) is None:
-            marks[shard] = bool(array[shard] > 0)
+            marks[shard] = bool(np.asarray(array[shard]) > 0)
         else:
             unreadable.append(shard)
     return marks, unreadable

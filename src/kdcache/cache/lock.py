@@ -32,7 +32,7 @@ import platform
 import sys
 import uuid
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import IO, Any, cast
 
 import fsspec
 
@@ -259,7 +259,8 @@ def _create_local(path: str, payload: bytes) -> bool:
 
 def _create_exclusive(fs: fsspec.AbstractFileSystem, path: str, payload: bytes) -> bool:
     try:
-        with fs.open(path, "xb") as handle:
+        # a cast: fsspec's open is unannotated, so pyright infers a text file for "xb" too
+        with cast(IO[bytes], fs.open(path, "xb")) as handle:
             handle.write(payload)
         return True
     except FileExistsError:

@@ -61,7 +61,13 @@ class TeacherBlock:
         :class:`~kdcache.targets.sparse.SampledTargets`, the temperatures broadcast to ``lse_t``
         and τ to ``lse``)."""
         head = (self.topk_idx, self.topk_logit, self.lse, self.label_logit, self.tail_lse)
-        if not self.sampled:
+        if (  # not sampled: the encoding sets all five draw arrays or none
+            self.sample_idx is None
+            or self.sample_logit is None
+            or self.sample_count is None
+            or self.lse_t is None
+            or self.draw_tail_lse is None
+        ):
             return head
         temps = np.broadcast_to(np.asarray(self.temperatures, np.float32), self.lse_t.shape).copy()
         tau = np.full(self.lse.shape, self.draw_temperature, np.float32)
@@ -132,7 +138,15 @@ def read_block(
         key: read_path(store, key, rows, name) for key in ("keys", "labels", "status", "errors")
     }
     views = read_views(store, rows, name, skip_views)
-    block = ShardBlock(shard=name, index=index, views=views, **arrays)
+    block = ShardBlock(
+        shard=name,
+        index=index,
+        keys=arrays["keys"],
+        labels=arrays["labels"],
+        status=arrays["status"],
+        errors=arrays["errors"],
+        views=views,
+    )
     if check_values:
         require_in_range(store, "labels", block.labels[block.status == STATUS_VALID], name)
     for teacher in teachers:
@@ -215,7 +229,7 @@ def read_path(store: CacheStore, path: str, rows: slice | tuple, shard: str) -> 
     """Rows of the array at ``path`` (``status``, ``teachers/t1/lse`` ...); a chunk that fails its
     checksum or cannot be fetched is a :class:`CacheReadError` naming array and shard."""
     try:
-        return store.array(path)[rows]
+        return np.asarray(store.array(path)[rows])  # a slice: already an ndarray
     except Exception as exc:  # codecs raise RuntimeError/ValueError, stores OSError: all one here
         raise CacheReadError(
             f"cache {store.path!r}: cannot read {path!r} of shard {shard!r} "

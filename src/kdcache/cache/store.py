@@ -58,10 +58,12 @@ import datetime as _dt
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import zarr
+import zarr.codecs
+import zarr.errors
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kdcache.cache.hierarchy import subgroups
@@ -200,7 +202,7 @@ class TeacherMeta(BaseModel):
     """Encoding ``sampled``: classes drawn per view from the tail (S)."""
     sample_temperatures: list[float] = []
     """Encoding ``sampled``: the temperatures whose ``logsumexp(l / T)`` is stored."""
-    draw_temperature: float = Field(1.0, gt=0.0, allow_inf_nan=False)
+    draw_temperature: float = Field(default=1.0, gt=0.0, allow_inf_nan=False)
     """Encoding ``sampled``: the temperature of the tail distribution the draws come from (the
     importance sampler's proposal; caches made before it existed drew at 1). Its normaliser is
     stored with the draws (array ``draw_tail``), so the estimate is unbiased at it too."""
@@ -220,6 +222,22 @@ class TeacherMeta(BaseModel):
         stored ones and the draws' own)."""
         extra = [self.draw_temperature] if self.draw_temperature != 1.0 else []
         return [1.0, *self.sample_temperatures, *extra]
+
+
+def group_at(group: zarr.Group, path: str) -> zarr.Group:
+    """The subgroup at ``path``; an array there is a CacheError (a hierarchy damaged by hand)."""
+    node = group[path]
+    if not isinstance(node, zarr.Group):
+        raise CacheError(f"cache {group.store_path}: {path!r} is an array where a group belongs")
+    return node
+
+
+def array_at(group: zarr.Group, path: str) -> zarr.Array:
+    """The array at ``path``; a group there is a CacheError (a hierarchy damaged by hand)."""
+    node = group[path]
+    if not isinstance(node, zarr.Array):
+        raise CacheError(f"cache {group.store_path}: {path!r} is a group where an array belongs")
+    return node
 
 
 def _first_error(exc: ValidationError) -> str:
@@ -317,7 +335,7 @@ class CacheStore:
                     f"teacher {name!r} is not in cache {self.path!r}; "
                     f"it has {self.teachers or 'no teachers'}"
                 )
-            self._teacher_groups[name] = self.group[f"{TEACHERS}/{name}"]
+            self._teacher_groups[name] = group_at(self.group, f"{TEACHERS}/{name}")
         return self._teacher_groups[name]
 
     def teacher_meta(self, name: str) -> TeacherMeta:
@@ -336,7 +354,7 @@ class CacheStore:
     @property
     def views(self) -> zarr.Group:
         """The ``views/`` group of per-view parameter arrays."""
-        return self.group[VIEWS]
+        return group_at(self.group, VIEWS)
 
     def array(self, path: str) -> zarr.Array:
         """The array at ``path`` (``status``, ``teachers/t1/lse`` ...), opened once per store
@@ -345,7 +363,7 @@ class CacheStore:
             if path.startswith(f"{TEACHERS}/"):
                 self.teacher_group(path.split("/")[1])  # an unknown teacher is a CacheMismatchError
             try:
-                self._arrays[path] = self.group[path]
+                self._arrays[path] = array_at(self.group, path)
             except Exception as exc:  # zarr.json lost (KeyError) or garbled (JSONDecodeError ...)
                 raise CacheReadError(
                     f"cache {self.path!r}: cannot open array {path!r} ({type(exc).__name__}: "
@@ -527,7 +545,9 @@ def _recipe_diff(cached: ViewRecipe, given: ViewRecipe) -> str:
     return "view recipe differs (" + "; ".join(parts) + ")"
 
 
-def open_store(path: str, mode: str = "r", storage_options: dict | None = None) -> CacheStore:
+def open_store(
+    path: str, mode: Literal["r", "r+"] = "r", storage_options: dict | None = None
+) -> CacheStore:
     """Open an existing cache (``mode`` ``"r"`` or ``"r+"``), checking its format."""
     try:
         group = zarr.open_group(path, mode=mode, storage_options=storage_options)

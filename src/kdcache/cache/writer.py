@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import zarr
+import zarr.errors
 
 from kdcache.cache.integrity import ViewBlock, mark_path
 from kdcache.cache.store import (
@@ -28,6 +29,7 @@ from kdcache.cache.store import (
     Fingerprint,
     RootMeta,
     TeacherMeta,
+    array_at,
     codecs,
     creation_info,
     now_ms,
@@ -87,7 +89,7 @@ def create_store(
     for shard, shard_keys in enumerate(keys):
         if shard_keys:  # planned from a manifest or index: the workers write them
             shard_rows = slice(shard * cap, (shard + 1) * cap)
-            array = group["keys"].with_config({"write_empty_chunks": True})
+            array = array_at(group, "keys").with_config({"write_empty_chunks": True})
             array[shard_rows] = _pad(np.array(shard_keys, dtype=object), cap, "")
     # root attrs last: the store is a cache from here on
     group.attrs.update(meta.model_dump(mode="json"))
@@ -418,7 +420,7 @@ def _store_chunk(
     The chunk is stored even when it equals the fill value (zarr skips such chunks by default),
     so every shard marked complete has every chunk: a missing one is damage, not a default."""
     try:
-        group[name].with_config({"write_empty_chunks": True})[where] = values
+        array_at(group, name).with_config({"write_empty_chunks": True})[where] = values
     except OSError as exc:
         array = f"{group.path}/{name}".lstrip("/")
         shard_name = store.meta.fingerprint.shards[shard]

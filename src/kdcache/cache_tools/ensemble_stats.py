@@ -179,6 +179,8 @@ class CoverageStats:
         self.distinct = np.zeros(self.slots + 1, np.int64)
 
     def update(self, tb: TeacherBlock, valid: np.ndarray) -> None:
+        if tb.sample_count is None or tb.sample_logit is None:  # set for a sampled teacher
+            raise ValueError("draw statistics need a teacher stored with encoding 'sampled'")
         count = tb.sample_count[valid].reshape(-1, self.slots)
         drawn = (count > 0).sum(-1)
         self.views += len(drawn)

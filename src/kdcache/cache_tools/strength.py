@@ -62,6 +62,8 @@ def view_features(params: ViewParams, rows: np.ndarray, recipe: ViewRecipe) -> V
 def _levels(codes: np.ndarray, recipe: ViewRecipe) -> np.ndarray:
     """Stored magnitudes on timm's 0..10 scale (bins of torchvision op sets rescaled to it)."""
     policy = recipe.policy
+    if policy is None:  # only views drawn with a policy have levels
+        raise ValueError("magnitude levels need a recipe with a policy")
     if policy.name == "randaugment" and policy.ops == "timm":
         return codes / LEVEL_STEPS
     return codes * 10.0 / (policy.num_bins - 1)
@@ -107,12 +109,12 @@ class StrengthStats:
         weight = labelled.astype(np.float64)
         label_prob = np.where(labelled, label_prob, 0.0)
         values = np.stack([weight, max_prob * weight, correct * weight, label_prob], -1)
-        if f.ops is not None:
+        if f.ops is not None and f.level is not None:  # a policy stores both
             _add(self.by_ops, f.ops, values)
             applied = f.ops > 0
             bins = np.digitize(f.level[applied], LEVEL_EDGES[1:-1], right=True)  # (lo, hi]
             _add(self.by_level, bins, values[applied])
-        if f.lam is not None:
+        if f.lam is not None and f.cutmix is not None:  # a mix stores both
             kind = np.where(f.lam >= 1.0, 0, np.where(f.cutmix, 2, 1))
             _add(self.by_mix, kind, values)
             mixed = f.lam < 1.0
@@ -131,8 +133,11 @@ class StrengthStats:
             }
         if self.recipe.mix is not None:
             kinds = ("unmixed", "mixup", "cutmix")
-            out["mix"] = {k: _group(row) for k, row in zip(kinds, self.by_mix, strict=True)}
-            out["mix"]["by_lam"] = _binned(self.by_lam, LAM_EDGES)
+            mix: dict[str, Any] = {
+                k: _group(row) for k, row in zip(kinds, self.by_mix, strict=True)
+            }
+            mix["by_lam"] = _binned(self.by_lam, LAM_EDGES)
+            out["mix"] = mix
         return out
 
 

@@ -191,6 +191,8 @@ def _check_draws(tb: TeacherBlock, valid: np.ndarray, num_classes: int) -> list[
     """A sampled teacher's draws: classes in range, distinct, outside the top-k; every view with
     a tail drew the same number of times; the tail's logsumexp at the draw temperature is a
     number or ``-inf``."""
+    if tb.sample_idx is None or tb.sample_count is None or tb.draw_tail_lse is None:
+        return ["the teacher is not stored with its draws (encoding 'sampled')"]
     idx = tb.sample_idx[valid].astype(np.int64)
     count = tb.sample_count[valid].astype(np.int64)
     used = count > 0

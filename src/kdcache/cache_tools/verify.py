@@ -30,7 +30,7 @@ from kdcache.core.errors import CacheMismatchError, ConfigError
 from kdcache.core.results import TeacherVerify, VerifyResult
 from kdcache.models.build import ModelSpec, build_teacher, weights_digest
 from kdcache.models.ensemble import build_members, combine_logits
-from kdcache.models.runner import ModelRunner
+from kdcache.models.runner import AmpMode, ModelRunner
 from kdcache.shards.reading import (
     MAX_PIXELS,
     decode_image,
@@ -335,7 +335,9 @@ def _cached(
     out["idx"] = out["idx"].astype(np.int64)
     for name in ("logit", "lse", "tail_lse"):
         out[name] = out[name].astype(np.float32)
-    return out | {"keys": rows["keys"], "views": rows["views"]}
+    out["keys"] = np.asarray(rows["keys"], dtype=object)  # the keys as the str objects read
+    out["views"] = np.asarray(rows["views"], dtype=np.int64)
+    return out
 
 
 def verify_cache(
@@ -347,7 +349,7 @@ def verify_cache(
     shards: str | list[str] | None = None,
     checkpoint: str | None = None,
     device: str = "auto",
-    amp: str = "auto",
+    amp: AmpMode = "auto",
     atol: float = 1e-3,
     batch_size: int = 256,
     storage_options: dict | None = None,

@@ -122,6 +122,8 @@ class Sizes:
 
 FULL = Sizes(train=20000, shard_size=500, student_shards=2, early_epoch=4)
 """~5 minutes on 2 CPU cores: a teacher on 20000 images, students on the first 1000."""
+QUICK_STUDENT_EPOCHS = (2, 1)
+"""The quick demo's (single-stage students' epochs, EffDstl's stage 2)."""
 QUICK = Sizes(
     train=2000,
     shard_size=250,
@@ -129,7 +131,7 @@ QUICK = Sizes(
     early_epoch=1,
     teacher_epochs=2,
     num_views=2,
-    student_epochs=(2, 1),
+    student_epochs=QUICK_STUDENT_EPOCHS,
 )
 """Well under a minute: the same commands on tiny sizes (a test of the flow, not a result)."""
 
@@ -141,7 +143,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help=f"a tiny demo ({QUICK.train} images, {QUICK.student_epochs[0]} student epochs): "
+        help=f"a tiny demo ({QUICK.train} images, {QUICK_STUDENT_EPOCHS[0]} student epochs): "
         "tests the flow, shows no result",
     )
     parser.add_argument(
@@ -401,7 +403,7 @@ class Demo:
                 title = step.title
                 _banner(title)
             record = self.execute(step)
-            key = title.split(" ", 1)[1]
+            key = step.title.split(" ", 1)[1]
             self.step_seconds[key] = self.step_seconds.get(key, 0.0) + record.seconds
 
     def execute(self, step: Step) -> StepRecord:
@@ -668,9 +670,10 @@ def _teacher_rows(summary: DemoResult) -> list[str]:
     ]
     for name, top1 in summary.teacher_acc.items():
         c = summary.teacher_on_cached_views[name]
+        cached_top1 = None if c["top1"] is None else 100 * c["top1"]
         label = f"{name} (epoch {epochs[name]}/{up.teacher_epochs})"
         rows.append(
-            f"{label:<28}{_pct(top1):>11}{_pct(100 * c['top1']):>14}{c['mean_max_prob']:>10.3f}"
+            f"{label:<28}{_pct(top1):>11}{_pct(cached_top1):>14}{c['mean_max_prob']:>10.3f}"
             f"{c['mean_entropy']:>9.3f}{c['mean_tail_mass']:>11.4f}"
         )
     return rows

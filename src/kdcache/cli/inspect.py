@@ -134,7 +134,7 @@ def _temperatures(text: str) -> list[float]:
 
 
 @contextmanager
-def _progress_bar(total: int) -> Iterator[Callable[[int], object] | None]:
+def _progress_bar(total: int) -> Iterator[Callable[[int], None] | None]:
     """A tqdm progress callback on an interactive stderr, else None."""
     if not sys.stderr.isatty():
         yield None
@@ -142,7 +142,11 @@ def _progress_bar(total: int) -> Iterator[Callable[[int], object] | None]:
     from tqdm import tqdm
 
     with tqdm(total=total, unit="shard", desc="inspect", leave=False) as bar:
-        yield bar.update
+
+        def advance(shards: int) -> None:
+            bar.update(shards)
+
+        yield advance
 
 
 # ---- formatting -------------------------------------------------------------------------

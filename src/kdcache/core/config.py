@@ -13,6 +13,7 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic_core import ErrorDetails
 
 from kdcache.core.errors import ConfigError
 
@@ -200,7 +201,7 @@ def load_config(model: type[M], path: str | Path, overrides: list[str] | None = 
     return validate(model, data, source=f"config {str(path)!r}")
 
 
-def _lines(model: type[BaseModel], err: dict[str, Any]) -> list[str]:
+def _lines(model: type[BaseModel], err: ErrorDetails) -> list[str]:
     """The lines of one pydantic error. A model-level error (a cross-field rule; empty location)
     is its message as it stands, one line per problem, each naming its own keys; pydantic's
     ``Value error, `` prefix is dropped."""
@@ -210,7 +211,7 @@ def _lines(model: type[BaseModel], err: dict[str, Any]) -> list[str]:
     return [line.strip() for line in message.splitlines() if line.strip()]
 
 
-def _describe(model: type[BaseModel], err: dict[str, Any]) -> str:
+def _describe(model: type[BaseModel], err: ErrorDetails) -> str:
     parts, models = _walk(model, tuple(err["loc"][:-1]))
     last = err["loc"][-1:] if err["loc"] else ()
     if last and isinstance(last[0], str) and any(_is_tagged(m, last[0]) for m in models):

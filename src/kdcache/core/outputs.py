@@ -15,14 +15,14 @@ from pathlib import Path
 from kdcache.core.errors import OutputError
 
 
-def is_remote(path: str | os.PathLike) -> bool:
+def is_fsspec_url(path: str | os.PathLike) -> bool:
     """True for an fsspec URL (``s3://...``), which these local checks leave alone."""
     return "://" in str(path)
 
 
 def check_output_dir(path: str | os.PathLike, what: str) -> None:
     """``path`` is, or can be created as, a directory this process can write into."""
-    if is_remote(path):
+    if is_fsspec_url(path):
         return
     target = Path(path).expanduser()
     if target.exists() and not target.is_dir():
@@ -32,7 +32,7 @@ def check_output_dir(path: str | os.PathLike, what: str) -> None:
 
 def check_output_file(path: str | os.PathLike, what: str) -> None:
     """``path`` is, or can be created as, a file this process can write."""
-    if is_remote(path):
+    if is_fsspec_url(path):
         return
     target = Path(path).expanduser()
     if target.is_dir():
@@ -46,7 +46,7 @@ def check_output_file(path: str | os.PathLike, what: str) -> None:
 def check_not_symlink_to_overwrite(path: str, what: str) -> None:
     """Decided: an overwrite never deletes through a symbolic link (it would empty the link's
     target, which may be shared). The user passes the target itself, or removes the link."""
-    if is_remote(path) or not os.path.islink(os.path.expanduser(path)):
+    if is_fsspec_url(path) or not os.path.islink(os.path.expanduser(path)):
         return
     target = os.path.realpath(os.path.expanduser(path))
     raise OutputError(

@@ -38,9 +38,10 @@ import platform
 import re
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 import fsspec
+from fsspec.core import OpenFile
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, computed_field
 
 from kdcache.core.errors import ResultError
@@ -72,7 +73,9 @@ class Result(BaseModel):
     def read(cls: type[R], path: str | os.PathLike, storage_options: dict | None = None) -> R:
         """The result written at ``path``; a ResultError when it cannot be read or is not one."""
         try:
-            with fsspec.open(str(path), "r", **(storage_options or {})) as f:
+            # a cast: fsspec.open is unannotated, so pyright infers a list too (one path: one file)
+            opened = cast(OpenFile, fsspec.open(str(path), "r", **(storage_options or {})))
+            with opened as f:
                 text = f.read()
         except OSError as exc:
             raise ResultError(f"cannot read {str(path)!r}: {exc}") from None

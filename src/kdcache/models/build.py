@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 def build_model(spec: ModelSpec, num_classes: int, in_chans: int = 3) -> nn.Module:
     """Build the model and load its checkpoint; errors name the model and the file."""
     if spec.source == "torchscript":
+        if spec.checkpoint is None:  # ModelSpec's validator already requires it
+            raise ValueError(
+                "source 'torchscript' needs checkpoint: the path of the TorchScript file"
+            )
         return _load_torchscript(spec.checkpoint)
     if spec.source == "timm":
         model = _build_timm(spec, num_classes, in_chans)
@@ -85,7 +89,8 @@ def _pretrained_classes(spec: ModelSpec) -> int | None:
         if spec.source == "torchvision":
             import torchvision
 
-            return len(torchvision.models.get_model_weights(spec.name).DEFAULT.meta["categories"])
+            weights = torchvision.models.get_model_weights(spec.name)
+            return len(weights["DEFAULT"].meta["categories"])
     except Exception:  # unknown names are reported by build_model itself
         return None
     return None

@@ -16,9 +16,11 @@ Weights are normalised to sum to 1 in both.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-from collections.abc import Sequence
+import operator
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +33,7 @@ from kdcache.targets.sparse import COMBINES
 from kdcache.views.recipe import Rendering
 
 
-def normalised(weights: Sequence[float]) -> list[float]:
+def normalised(weights: Collection[float]) -> list[float]:
     """Weights scaled to sum to 1."""
     total = float(sum(weights))
     return [float(w) / total for w in weights]
@@ -49,7 +51,8 @@ def combine_logits(
         return logits[0]
     w = normalised(weights)
     if combine == "logits":
-        return sum(wi * z.float() for wi, z in zip(w, logits, strict=True))
+        terms = (wi * z.float() for wi, z in zip(w, logits, strict=True))
+        return functools.reduce(operator.add, terms)  # ``sum`` would be typed ``Tensor | int``
     stacked = torch.stack([torch.log_softmax(z.float(), dim=-1) for z in logits])
     log_w = torch.tensor(w, device=stacked.device).log().view(-1, 1, 1)
     return torch.logsumexp(stacked + log_w, dim=0)

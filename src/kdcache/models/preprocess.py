@@ -29,7 +29,7 @@ class RenderSpec(StrictModel):
     pretrained config (its input size, interpolation, mean and std; also right for a checkpoint
     fine-tuned from those weights); ``auto``: ``timm`` for a timm model with ``pretrained: true``,
     else ``recipe``."""
-    size: int | None = Field(None, ge=1)
+    size: int | None = Field(default=None, ge=1)
     """Output side in pixels (e.g. 320 for a teacher, 224 for the student)."""
     interpolation: Interpolation | None = None
     """``bilinear``, ``bicubic`` or ``nearest``."""

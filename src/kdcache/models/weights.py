@@ -55,14 +55,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "kdcache" / "checkpoints")
 
 
-def is_remote(path: str) -> bool:
+def needs_local_copy(path: str) -> bool:
+    """A URL to fetch into a node-local copy (``file://`` is local already)."""
     return "://" in path and not path.startswith("file://")
 
 
 def local_checkpoint(path: str) -> str:
     """A local file holding the checkpoint: ``path`` itself, or a node-local copy of a URL
     (fetched once; other processes on the node wait for that one fetch)."""
-    if not is_remote(path):
+    if not needs_local_copy(path):
         local = path.removeprefix("file://")
         if not Path(local).is_file():
             what = "is a directory, not a file" if Path(local).is_dir() else "does not exist"

@@ -42,17 +42,17 @@ class DataSection(StrictModel):
     create`` writes) or a kdcache manifest; a path or a URL (read with ``storage_options``).
     Default: the ``<prefix>-manifest.json`` beside the shards, else a ``shardindex.json`` beside
     them, else each shard's tar headers (range requests that skip the payloads)."""
-    num_classes: int | None = Field(None, ge=1)
+    num_classes: int | None = Field(default=None, ge=1)
     """Number of classes; default: from the ``<prefix>-manifest.json`` beside the shards."""
     class_names: list[str] = Field(default_factory=list)
     """Class names in label order; default: from the manifest, if any."""
-    label_key: str = Field(DEFAULT_LABEL_KEY, min_length=1)
+    label_key: str = Field(default=DEFAULT_LABEL_KEY, min_length=1)
     """The label's key in a sample's ``.json`` entry. A sample's label comes from the first of its
     ``.cls``, ``.json`` and ``.txt`` entries (``.cls`` and ``.txt``: the integer as text)."""
     on_error: Literal["raise", "skip"] = "raise"
     """A corrupt image or a missing / out-of-range label: ``raise`` fails the shard naming shard
     and key; ``skip`` stores the row as invalid (status 2) with its reason in ``errors``."""
-    max_pixels: int | None = Field(MAX_PIXELS, ge=1)
+    max_pixels: int | None = Field(default=MAX_PIXELS, ge=1)
     """An image whose header claims more pixels is refused before decoding, like a corrupt one
     (``on_error``); default PIL's decompression-bomb limit (89478485); None: no limit."""
 
@@ -74,7 +74,7 @@ class CacheSection(StrictModel):
     their values redacted."""
     seed: int = 0
     """Seed of the view parameters: view ``a`` of ``key`` depends on ``(seed, key, a)`` only."""
-    num_views: int = Field(4, ge=1, le=1024)
+    num_views: int = Field(default=4, ge=1, le=1024)
     """A: views per sample. On an existing cache it must be the cache's, unless ``grow``."""
     grow: bool = False
     """Add views to an existing cache whose ``num_views`` is below this config's (A -> A'): the
@@ -101,7 +101,7 @@ class MemberSection(StrictModel):
 
     model: ModelSpec
     """The network and its weights (as ``teachers[].model``)."""
-    weight: float = Field(1.0, gt=0.0)
+    weight: float = Field(default=1.0, gt=0.0)
     """Its weight in the ensemble (the weights are normalised to sum to 1)."""
     render: RenderSpec = Field(default_factory=RenderSpec)
     """How this model renders the views (as ``teachers[].render``)."""
@@ -129,7 +129,7 @@ class TeacherSection(StrictModel):
     ensemble: EnsembleSection | None = None
     """Instead of ``model``: several models whose combined distribution is stored as this
     teacher (its metadata records each model's spec, weights digest, weight and rendering)."""
-    k: int = Field(10, ge=1)
+    k: int = Field(default=10, ge=1)
     """How many top classes to store per view."""
     render: RenderSpec = Field(default_factory=RenderSpec)
     """How this teacher renders the views (size, interpolation, mean, std); default: the timm
@@ -138,19 +138,19 @@ class TeacherSection(StrictModel):
     encoding: str = "fp16"
     """How targets are stored: ``fp16`` or ``q8`` (top-k), or ``sampled`` (the top-k as ``q8``
     plus ``samples`` classes drawn from the rest, for ``tail: sample`` in training)."""
-    samples: int | None = Field(None, ge=1, le=255)
+    samples: int | None = Field(default=None, ge=1, le=255)
     """``sampled``: classes drawn per view from the distribution outside the top-k (at
     ``draw_temperature``)."""
     sample_temperatures: list[Annotated[float, Field(gt=0.0)]] = Field(default_factory=list)
     """``sampled``: temperatures other than 1 and ``draw_temperature`` at which training should
     be unbiased (each stores ``logsumexp(l / T)``, 2 B per view); e.g. ``[4]`` for KD at T=4."""
-    draw_temperature: float | None = Field(None, gt=0.0, allow_inf_nan=False)
+    draw_temperature: float | None = Field(default=None, gt=0.0, allow_inf_nan=False)
     """``sampled``: the temperature τ of the tail distribution the ``samples`` are drawn from
     (default 1). Set it to the KD temperature: there the estimate has no importance weights (each
     drawn class gets its share of the draws times the exact tail mass at τ), and it is unbiased
     at τ as at T=1 (the tail's ``logsumexp(l / τ)`` is stored, 2 B per view)."""
 
-    expect_top1: float | None = Field(None, gt=0.0, le=1.0)
+    expect_top1: float | None = Field(default=None, gt=0.0, le=1.0)
     """The teacher's known top-1 (0..1, e.g. its validation accuracy). The run fails when its
     top-1 on the unmixed views it computes falls below ``EXPECT_FRACTION`` (3/4) of it: the sign
     of a wrong rendering or checkpoint (see "The teacher check" in the README)."""
@@ -187,32 +187,32 @@ class RaySection(StrictModel):
     cache is created (an unreachable address is an error, nothing written). ``None``: the cluster
     in ``RAY_ADDRESS`` if set (as under ``ray job submit``), else an embedded local Ray (or one
     this process started already)."""
-    connect_timeout_s: float = Field(30.0, gt=0)
+    connect_timeout_s: float = Field(default=30.0, gt=0)
     """How long joining the cluster at ``address`` may take: an address where no Ray answers in
     time (a closed port, another server on it, a cluster that does not respond) is one error
     naming it, instead of Ray's retries for minutes."""
-    num_actors: int | None = Field(None, ge=1)
+    num_actors: int | None = Field(default=None, ge=1)
     """Shard actors; default: as many as the cluster holds now (one per GPU when actors use GPUs,
     else min(CPUs, shards)), at least one. Set it on an autoscaling cluster: actors that do not
     fit yet wait for the nodes the autoscaler adds."""
-    cpus_per_actor: float | None = Field(None, gt=0)
+    cpus_per_actor: float | None = Field(default=None, gt=0)
     """CPUs reserved per actor: they read, decode and replay the views
     (``runtime.data_workers``) and run a CPU teacher (``runtime.torch_threads``). Default: 1 for
     CPU actors; for GPU actors each one's share of a GPU node's CPUs (the node's CPUs divided by
     its GPUs, times ``gpus_per_actor``; the smallest share over the GPU nodes), e.g. 16 on a node
     with 128 CPUs and 8 GPUs."""
-    gpus_per_actor: float | None = Field(None, ge=0)
+    gpus_per_actor: float | None = Field(default=None, ge=0)
     """GPUs per actor; default 1 when the cluster has GPUs now, else 0 (set it to 1 on a cluster
     whose GPU nodes the autoscaler starts on demand)."""
-    max_restarts: int = Field(3, ge=0)
+    max_restarts: int = Field(default=3, ge=0)
     """How many times kdcache replaces a dead actor with a fresh one, per actor slot over the run
     (only while shards wait). A slot whose budget is spent, or whose actor's constructor raised, is
     given up."""
-    max_task_retries: int = Field(3, ge=0)
+    max_task_retries: int = Field(default=3, ge=0)
     """How many times a shard whose actor died is retried, on a fresh actor, after the shards not
     yet tried; then it fails by name and the other shards still complete. (kdcache does this itself:
     Ray neither restarts the actors nor retries their tasks.)"""
-    wait_for_resources_s: float | None = Field(900.0, gt=0)
+    wait_for_resources_s: float | None = Field(default=900.0, gt=0)
     """How long the run waits, with no shard actor up, for Ray to place one (free CPUs/GPUs, or
     nodes the autoscaler adds), logging what it waits for every 30 s; then the shards fail with
     an error naming this key. ``null``: wait as long as it takes. Also covers building the
@@ -224,7 +224,7 @@ class RaySection(StrictModel):
 class RuntimeSection(StrictModel):
     """How teachers run inside an actor."""
 
-    batch_size: int = Field(256, ge=1)
+    batch_size: int = Field(default=256, ge=1)
     """Views per teacher forward pass."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """``auto``: the actor's GPU if it has one, else CPU."""
@@ -232,9 +232,9 @@ class RuntimeSection(StrictModel):
     """Autocast: ``auto`` is bf16 on CUDA and full precision on CPU."""
     channels_last: bool = True
     """channels_last memory format on CUDA."""
-    torch_threads: int | None = Field(None, ge=1)
+    torch_threads: int | None = Field(default=None, ge=1)
     """torch intra-op threads per actor; default ``ray.cpus_per_actor`` (at least 1)."""
-    data_workers: int | None = Field(None, ge=0)
+    data_workers: int | None = Field(default=None, ge=0)
     """Processes per actor that read, decode and replay the views and collate the batches,
     overlapped with the teachers' forward. 0: one background thread of the actor. Default: the
     actor's CPUs (``ray.cpus_per_actor``) when it has 2 or more, else 0. The cache is the same

@@ -39,7 +39,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -440,7 +440,7 @@ def _image(
     rows.labels[local] = sample.label if sample.label is not None else -1
     try:
         sample.require_label(job.shard, settings.num_classes)
-        image = decode(sample, job.shard, settings.recipe.channels, settings.max_pixels)
+        image = decode_sample(sample, job.shard, settings.recipe.channels, settings.max_pixels)
     except DataError as exc:
         if settings.on_error == "raise":
             raise
@@ -462,7 +462,7 @@ def _stored_image(
             f"shard {job.shard!r}, key {sample.key!r}: label {sample.label} but the cache "
             f"stored {int(rows.labels[local])}: the shard changed after its views were made"
         )
-    image = decode(sample, job.shard, settings.recipe.channels, settings.max_pixels)
+    image = decode_sample(sample, job.shard, settings.recipe.channels, settings.max_pixels)
     stored = tuple(int(v) for v in rows.params.image_hw[local])
     if tuple(image.shape[-2:]) != stored:
         raise DataError(
@@ -499,7 +499,7 @@ def _render(
     return ViewBatch(flat, views, rows.labels[own], rows.labels[partner], lam)
 
 
-def decode(
+def decode_sample(
     sample: Sample, shard: str, channels: int, max_pixels: int | None = MAX_PIXELS
 ) -> torch.Tensor:
     """Decode once; a corrupt or too large image is a DataError naming shard and key."""
@@ -716,7 +716,7 @@ class DataPath:
         keys: ShardKeys,
         storage_options: dict | None = None,
         label_key: str = DEFAULT_LABEL_KEY,
-    ) -> Iterator[ViewBatch]:
+    ) -> Generator[ViewBatch, None, None]:
         """The task's views in batches of ``batch_size``, in shard order, produced up to
         ``prefetch_batches`` ahead; ``rows`` gets the labels, status and drawn parameters."""
         work = ViewWork.of(task, self.settings.num_views)
@@ -861,7 +861,7 @@ def checked_samples(
 # ---- a background producer ---------------------------------------------------------------------
 
 
-def background(items: Iterator[T], depth: int) -> Iterator[T]:
+def background(items: Iterator[T], depth: int) -> Generator[T, None, None]:
     """``items``, produced by a background thread up to ``depth`` ahead of the consumer.
 
     The producer's exception is raised here, in the consumer; a consumer that stops early (its own

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -68,7 +69,12 @@ from kdcache.models.build import ModelSpec, build_teacher, weights_digest
 from kdcache.models.ensemble import ENSEMBLE_MODEL, ensemble_digest, ensemble_meta
 from kdcache.models.preprocess import describe as describe_rendering
 from kdcache.models.preprocess import resolve_sourced as resolve_rendering
-from kdcache.pipeline.config import PrecomputeConfig, TeacherSection, check_with_classes
+from kdcache.pipeline.config import (
+    EnsembleSection,
+    PrecomputeConfig,
+    TeacherSection,
+    check_with_classes,
+)
 from kdcache.pipeline.repair import repair_damage
 from kdcache.shards.index import ShardInfo, index_shards
 from kdcache.shards.manifest import Manifest, find_manifest
@@ -116,7 +122,7 @@ class TeacherPlan:
 
     def models(self) -> tuple[MemberPlan, ...]:
         """What a worker runs: the ensemble's models, or the teacher itself with weight 1."""
-        if self.members:
+        if self.members or self.spec is None:  # a stored ensemble has members and no spec
             return self.members
         return (MemberPlan(self.spec, 1.0, self.weights_digest, self.rendering),)
 
@@ -317,11 +323,11 @@ def scan_data(
             f"data.shards: shard(s) without samples: {empty[:5]} (every shard needs at least one "
             "sample: leave the empty ones out of data.shards)"
         )
-    known = all(shard.keys is not None for shard in listing.shards)
+    known = [ShardIndex(s.url, list(s.keys)) for s in listing.shards if s.keys is not None]
     fingerprint = Fingerprint(
         shards=[shard.name for shard in listing.shards],
         counts=[shard.count for shard in listing.shards],
-        key_digest=key_digest(listing.shards) if known else "",
+        key_digest=key_digest(known) if len(known) == len(listing.shards) else "",
     )
     logger.info("planned %d shard(s) from %s", len(urls), _sources(listing.sources))
     return DataPlan(urls, listing.shards, fingerprint, listing.manifest, listing.sources)
@@ -371,26 +377,33 @@ def _teacher_plan_at(
     """:func:`teacher_plan` of ``teachers.<index>``, its errors naming that key and the teacher
     (a stored ensemble: each of its models, named ``teachers.<index>.ensemble.members.<j>``)."""
     if section.ensemble is not None:
-        return _ensemble_plan_at(index, section, num_classes, recipe)
+        return _ensemble_plan_at(index, section, section.ensemble, num_classes, recipe)
+    model = section.model
+    if model is None:  # TeacherSection's validator requires a model where there is no ensemble
+        raise ConfigError(f"teachers.{index}: needs model or ensemble")
     key = f"teachers.{index}.render"
-    rendering, sources = resolve_rendering(section.render, recipe, section.model, key)
+    rendering, sources = resolve_rendering(section.render, recipe, model, key)
     said = describe_rendering(rendering, sources)
     logger.info("teacher %s renders views at %s", section.name, said)
     try:
-        plan = teacher_plan(section.name, section.model, section.k, num_classes, recipe, rendering)
+        plan = teacher_plan(section.name, model, section.k, num_classes, recipe, rendering)
     except TeacherError as exc:
         raise TeacherError(f"teachers.{index}.model (teacher {section.name!r}): {exc}") from exc
     return replace(plan, rendering_from=said)
 
 
 def _ensemble_plan_at(
-    index: int, section: TeacherSection, num_classes: int, recipe: ViewRecipe
+    index: int,
+    section: TeacherSection,
+    ensemble: EnsembleSection,
+    num_classes: int,
+    recipe: ViewRecipe,
 ) -> TeacherPlan:
     """A stored ensemble: every model built once to fingerprint it, the ensemble's digest over
     theirs."""
     members = []
     said: list[str] = []
-    for j, member in enumerate(section.ensemble.members):
+    for j, member in enumerate(ensemble.members):
         key = f"teachers.{index}.ensemble.members.{j}"
         rendering, sources = resolve_rendering(member.render, recipe, member.model, f"{key}.render")
         model_name = member.model.name or member.model.checkpoint
@@ -407,11 +420,11 @@ def _ensemble_plan_at(
         weights_digest="",
         rendering=members[0].rendering,
         members=tuple(members),
-        combine=section.ensemble.combine,
+        combine=ensemble.combine,
         rendering_from="; ".join(said),
     )
     logger.info("teacher %s (ensemble) renders views at %s", section.name, teacher.rendering_from)
-    digest = ensemble_digest(teacher.combine, stored_ensemble(teacher).members)
+    digest = ensemble_digest(teacher.combine, members_meta(teacher.combine, members).members)
     return replace(teacher, weights_digest=digest)
 
 
@@ -419,12 +432,17 @@ def stored_ensemble(teacher: TeacherPlan) -> EnsembleMeta | None:
     """The ensemble metadata a teacher records (None: not an ensemble)."""
     if not teacher.members:
         return None
+    return members_meta(teacher.combine, teacher.members)
+
+
+def members_meta(combine: str, members: Sequence[MemberPlan]) -> EnsembleMeta:
+    """The ensemble metadata of ``members`` combined by ``combine``."""
     return ensemble_meta(
-        teacher.combine,
-        [m.spec for m in teacher.members],
-        [m.weights_digest for m in teacher.members],
-        [m.weight for m in teacher.members],
-        [m.rendering for m in teacher.members],
+        combine,
+        [m.spec for m in members],
+        [m.weights_digest for m in members],
+        [m.weight for m in members],
+        [m.rendering for m in members],
     )
 
 

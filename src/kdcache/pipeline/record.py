@@ -43,7 +43,16 @@ def new_result(cfg: PrecomputeConfig, plan: Plan) -> PrecomputeResult:
         config_digest=config_digest(config),
         config=config,
         versions=versions(),
-        teachers=[teacher_run(t) for t in plan.teachers],
+        teachers=[
+            TeacherRun(
+                name=t.name,
+                model=model_name(t),
+                k=t.k,
+                weights_digest=t.weights_digest,
+                rendering=t.rendering_from,
+            )
+            for t in plan.teachers
+        ],
         num_shards=store.num_shards,
         num_views=store.meta.num_views,
         tasks=len(plan.tasks),
@@ -52,20 +61,12 @@ def new_result(cfg: PrecomputeConfig, plan: Plan) -> PrecomputeResult:
     )
 
 
-def teacher_run(teacher: TeacherPlan) -> TeacherRun:
-    """What the record says of one teacher; a stored ensemble (no ``spec`` of its own) is named
-    by its models, e.g. ``ensemble(resnet50, vit_base_patch16_224)``."""
+def model_name(teacher: TeacherPlan) -> str:
+    """What a run record names as a teacher's model: its spec's name, or for a stored ensemble
+    (no spec of its own) ``ensemble(<model>,...)``."""
     if teacher.spec is not None:
-        model = teacher.spec.name
-    else:
-        model = f"ensemble({', '.join(m.spec.name for m in teacher.members)})"
-    return TeacherRun(
-        name=teacher.name,
-        model=model,
-        k=teacher.k,
-        weights_digest=teacher.weights_digest,
-        rendering=teacher.rendering_from,
-    )
+        return teacher.spec.name
+    return "ensemble(" + ",".join(m.spec.name for m in teacher.members) + ")"
 
 
 def finish(result: PrecomputeResult, status: PrecomputeStatus, error: str = "") -> PrecomputeResult:

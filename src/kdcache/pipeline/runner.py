@@ -47,6 +47,7 @@ from typing import Any
 
 import fsspec
 import ray
+import ray.exceptions
 from tqdm import tqdm
 
 from kdcache.cache.lock import check_unlocked
@@ -737,7 +738,7 @@ class Dispatcher:
                 if self.on_first_ready is not None:
                     self.on_first_ready()
 
-    def _finished(self, slot: Slot, task: ShardTask, ref: Any) -> None:
+    def _finished(self, slot: Slot, task: ShardTask, ref: ray.ObjectRef[ShardResult]) -> None:
         slot.busy = False
         try:
             result = ray.get(ref)

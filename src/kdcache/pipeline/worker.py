@@ -184,11 +184,14 @@ class TeacherArrays:
         self.label_logit.reshape(-1)[flat] = targets.label_logit.cpu().numpy()
         self.tail_lse.reshape(-1)[flat] = targets.tail_lse.cpu().numpy()
         if isinstance(targets, SampledTargets):
+            samples = self.samples
+            if samples is None:  # allocated for every teacher whose encoding is sampled
+                raise ValueError("sampled targets for a teacher not stored as sampled")
             drawn = (targets.sample_idx, targets.sample_logit, targets.sample_count, targets.lse_t)
-            for out, values in zip(self.samples[:4], drawn, strict=True):
+            for out, values in zip(samples[:4], drawn, strict=True):
                 # rows x views spelled out: lse_t may have no column (no stored temperature)
                 out.reshape(out.shape[0] * out.shape[1], out.shape[-1])[flat] = values.cpu().numpy()
-            self.samples[-1].reshape(-1)[flat] = targets.draw_tail_lse.cpu().numpy()
+            samples[-1].reshape(-1)[flat] = targets.draw_tail_lse.cpu().numpy()
 
 
 def model_key(member: MemberPlan) -> str:

@@ -27,9 +27,10 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import fsspec
+from fsspec.core import OpenFile
 
 from kdcache.core.errors import ConfigError, DataError
 from kdcache.shards.manifest import (
@@ -170,7 +171,9 @@ def find_counts(
 def read_index(path: str, storage_options: dict[str, Any] | None) -> CountSource:
     """``data.index``: a wids shard index or a kdcache manifest (told apart by their keys)."""
     try:
-        with fsspec.open(path, "rt", **(storage_options or {})) as handle:
+        # a cast: fsspec.open is unannotated, so pyright infers a list too (one path: one file)
+        opened = cast(OpenFile, fsspec.open(path, "rt", **(storage_options or {})))
+        with opened as handle:
             text = handle.read()
     except FileNotFoundError:
         raise ConfigError(f"data.index: {path!r} does not exist") from None

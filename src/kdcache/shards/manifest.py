@@ -15,9 +15,10 @@ import hashlib
 import json
 import logging
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, cast
 
 import fsspec
+from fsspec.core import OpenFile
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from kdcache.core.errors import DataError
@@ -149,7 +150,9 @@ def read_remote_text(
     """The text of an object beside the shards, or None when it does not exist or cannot be read
     (a warning then: the shards stay the source of truth)."""
     try:
-        with fsspec.open(url, "rt", **(storage_options or {})) as handle:
+        # a cast: fsspec.open is unannotated, so pyright infers a list too (one path: one file)
+        opened = cast(OpenFile, fsspec.open(url, "rt", **(storage_options or {})))
+        with opened as handle:
             return handle.read()
     except FileNotFoundError:
         return None

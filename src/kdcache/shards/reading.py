@@ -34,14 +34,15 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import IO
+from typing import IO, cast
 
 import braceexpand
 import fsspec
 import torch
-import webdataset
+from fsspec.core import OpenFile
 from torchvision.io import ImageReadMode
 from torchvision.io import decode_image as tv_decode_image
+from webdataset.gopen import Pipe, gopen  # the package stub does not re-export gopen
 
 from kdcache.core.errors import ConfigError, DataError, DuplicateKeyError
 from kdcache.shards.manifest import shard_key_digest  # noqa: F401  (re-exported)
@@ -152,12 +153,14 @@ def open_shard(url: str, storage_options: dict | None = None) -> Iterator[IO[byt
     through fsspec (with ``storage_options``). A command that fails is a DataError naming the
     shard, the command and its exit status."""
     if not is_pipe(url):
-        with fsspec.open(url, "rb", **(storage_options or {})) as handle:
+        # a cast: fsspec.open is unannotated, so pyright infers a list too (one path: one file)
+        opened = cast(OpenFile, fsspec.open(url, "rb", **(storage_options or {})))
+        with opened as handle:
             yield handle
         return
-    pipe = webdataset.gopen(url, "rb")
+    pipe = cast(Pipe, gopen(url, "rb"))  # the stub returns a union; a pipe: URL gives a Pipe
     try:
-        yield pipe
+        yield cast(IO[bytes], pipe)  # a Pipe reads as a binary stream; its stub is no IO subclass
         shutil.copyfileobj(pipe, _Discard())  # the tar's zero padding: let the command finish
         pipe.close()
     except (Exception, GeneratorExit) as exc:
@@ -176,7 +179,7 @@ class _Discard:
         return len(data)
 
 
-def _stop(pipe) -> None:
+def _stop(pipe: Pipe) -> None:
     """Close a pipe read in part (the consumer stopped early, or failed): the command is killed,
     its exit status (a signal) is no error."""
     if pipe.proc.poll() is None:
@@ -415,7 +418,10 @@ def iter_shard(
                     yield to_sample(current_key, current, name, label_key)
                     current = {}
                 current_key = key
-                current[ext] = tar.extractfile(member).read()
+                content = tar.extractfile(member)
+                if content is None:  # none for a regular file; a guard for the type checker
+                    raise tarfile.ReadError(f"member {member.name!r} has no content")
+                current[ext] = content.read()
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise DataError(f"shard {name!r} could not be read to the end ({exc})") from None
     if current_key is not None:
@@ -430,7 +436,8 @@ def to_sample(
     if image_ext is None:
         raise DataError(f"shard {shard!r}, key {key!r}: no image entry (found {sorted(entries)})")
     label_ext = next((e for e in LABEL_EXTS if e in entries), None)
-    label, problem = parse_label(entries.get(label_ext), label_ext or "cls", label_key)
+    raw_label = None if label_ext is None else entries[label_ext]
+    label, problem = parse_label(raw_label, label_ext or "cls", label_key)
     extras = {e: v for e, v in entries.items() if e not in (image_ext, label_ext)}
     return Sample(
         key=key, image=entries[image_ext], label=label, extras=extras, label_problem=problem

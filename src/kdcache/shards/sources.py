@@ -2,7 +2,7 @@
 flat ILSVRC-style val folder with its labels file) and Parquet files (Hugging Face ``datasets``'
 on-disk form: an image column of encoded bytes, a label column).
 
-Each turns its rows into :class:`~kdcache.shards.writing.Sample` s keyed like image folders
+Each turns its rows into :class:`~kdcache.shards.writing.SourceSample` s keyed like image folders
 (the file's path, readable; :func:`~kdcache.shards.writing.path_keys`) and writes them with
 :func:`~kdcache.shards.writing.write_splits`, so a split's shards, manifest, key -> file map and
 ``_info.json`` look the same whatever the source.
@@ -25,8 +25,8 @@ from kdcache.core.errors import ConfigError, DataError
 from kdcache.shards.manifest import Manifest
 from kdcache.shards.writing import (
     FOLDER_EXTENSIONS,
-    Sample,
     ShardOptions,
+    SourceSample,
     path_keys,
     sniff_format,
     write_splits,
@@ -148,7 +148,7 @@ def _order(count: int, seed: int | None) -> Sequence[int]:
     return np.random.default_rng(seed).permutation(count).tolist()
 
 
-def _listed_sample(base: Path, row: ListedFile, key: str, label: int) -> Sample:
+def _listed_sample(base: Path, row: ListedFile, key: str, label: int) -> SourceSample:
     path = base / row.path
     try:
         data = path.read_bytes()
@@ -157,7 +157,7 @@ def _listed_sample(base: Path, row: ListedFile, key: str, label: int) -> Sample:
     ext = sniff_format(data)
     if ext is None:
         raise DataError(f"{path}: not a PNG or JPEG file (magic bytes {data[:4].hex()})")
-    return Sample(key, label, data=data, ext=ext, origin=row.path)
+    return SourceSample(key, label, data=data, ext=ext, origin=row.path)
 
 
 # ---- Parquet (Hugging Face datasets) ------------------------------------------------------------
@@ -186,7 +186,7 @@ def parquet_class_names(files: Sequence[str | Path], label_column: str) -> list[
 
 def parquet_samples(
     files: Sequence[str | Path], split: str, image_column: str, label_column: str
-) -> Iterator[Sample]:
+) -> Iterator[SourceSample]:
     """One sample per row, in file and row order. The image column holds encoded bytes, or a
     ``{bytes, path}`` struct (``datasets``' Image feature): the key comes from ``path`` when
     every row has one, else ``<split>_NNNNNNNN`` by position."""
@@ -211,7 +211,7 @@ def _image_path(cell: Any) -> str | None:
     return cell.get("path") if isinstance(cell, dict) else None
 
 
-def _parquet_sample(cell: Any, label: Any, key: str, origin: str, where: str) -> Sample:
+def _parquet_sample(cell: Any, label: Any, key: str, origin: str, where: str) -> SourceSample:
     data = cell.get("bytes") if isinstance(cell, dict) else cell
     if not isinstance(data, bytes | bytearray):
         raise DataError(f"{where}: the image column holds no encoded image bytes ({type(data)})")
@@ -220,7 +220,7 @@ def _parquet_sample(cell: Any, label: Any, key: str, origin: str, where: str) ->
         raise DataError(f"{where}: not a PNG or JPEG image (magic bytes {bytes(data[:4]).hex()})")
     if not isinstance(label, int) or isinstance(label, bool):
         raise DataError(f"{where}: label {label!r} is not a class index")
-    return Sample(key, label, data=bytes(data), ext=ext, origin=origin)
+    return SourceSample(key, label, data=bytes(data), ext=ext, origin=origin)
 
 
 def make_parquet_shards(

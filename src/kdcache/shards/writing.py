@@ -1,7 +1,8 @@
 """Write image-classification data as WebDataset shards plus a manifest (``kdcache shards``).
 
-Sources yield :class:`Sample` objects (a key, a label and either a uint8 array or the bytes of a
-PNG/JPEG file); :func:`write_split` encodes arrays, groups samples into plain tar shards named
+Sources yield :class:`SourceSample` objects (a key, a label and either a uint8 array or the bytes
+of a PNG/JPEG file; :class:`kdcache.shards.reading.Sample` is one read back from a shard);
+:func:`write_split` encodes arrays, groups samples into plain tar shards named
 ``<prefix>-NNNNNN.tar`` with entries ``<key>.png|jpg`` and ``<key>.cls``, and writes
 ``<prefix>-manifest.json`` last, as the split's completion mark.
 
@@ -28,9 +29,9 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
-import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
+from webdataset.writer import TarWriter  # the package stub does not re-export it
 
 from kdcache.core.errors import ConfigError, DataError, DuplicateKeyError
 from kdcache.shards.manifest import (
@@ -77,7 +78,7 @@ class ShardsExistError(DataError, FileExistsError):
 
 
 @dataclass(frozen=True, slots=True)
-class Sample:
+class SourceSample:
     """One sample to write: a uint8 image (H×W or H×W×C) or encoded PNG/JPEG bytes, and a label."""
 
     key: str
@@ -190,7 +191,9 @@ def _channels_of_mode(mode: str) -> int | None:
     return {"L": 1, "I": 1, "I;16": 1, "1": 1, "RGB": 3, "YCbCr": 3}.get(mode)
 
 
-def _encode_sample(sample: Sample, image_format: str, quality: int, stats: _SplitStats) -> bytes:
+def _encode_sample(
+    sample: SourceSample, image_format: str, quality: int, stats: _SplitStats
+) -> bytes:
     """The sample's image as ``image_format`` bytes; records its size and channels in ``stats``."""
     if sample.data is None:
         if sample.image is None:
@@ -216,7 +219,7 @@ def _encode_sample(sample: Sample, image_format: str, quality: int, stats: _Spli
 # Writing
 
 
-def shard_name(prefix: str, index: int) -> str:
+def shard_file_name(prefix: str, index: int) -> str:
     return SHARD_PATTERN.format(prefix=prefix, index=index)
 
 
@@ -255,7 +258,7 @@ def check_writable(out_dir: str | Path, prefix: str, overwrite: bool) -> None:
 
 
 def write_split(
-    samples: Iterable[Sample],
+    samples: Iterable[SourceSample],
     out_dir: str | Path,
     prefix: str,
     *,
@@ -305,7 +308,7 @@ def write_split(
 
 
 def _write_shards(
-    samples: Iterable[Sample],
+    samples: Iterable[SourceSample],
     out_dir: Path,
     prefix: str,
     shard_size: int,
@@ -321,7 +324,7 @@ def _write_shards(
     show = sys.stderr.isatty() and (total or 0) >= _PROGRESS_MIN
     with tqdm(total=total, unit="img", desc=prefix, disable=not show, leave=False) as bar:
         while (first := next(iterator, None)) is not None:
-            name = shard_name(prefix, len(written))
+            name = shard_file_name(prefix, len(written))
             chunk = itertools.chain([first], itertools.islice(iterator, shard_size - 1))
             encoded = (_checked(s, name, num_classes, image_format, quality, stats) for s in chunk)
             written.append(_write_tar(out_dir / name, encoded, bar))
@@ -329,7 +332,7 @@ def _write_shards(
 
 
 def _checked(
-    sample: Sample,
+    sample: SourceSample,
     shard: str,
     num_classes: int,
     image_format: str,
@@ -410,7 +413,7 @@ def _write_tar(path: Path, entries: Iterable[dict[str, Any]], bar: tqdm) -> Writ
     try:
         with (
             open(tmp, "wb") as stream,
-            wds.TarWriter(stream, encoder=False, mtime=_TAR_MTIME) as tar,
+            TarWriter(stream, encoder=False, mtime=_TAR_MTIME) as tar,
         ):
             for entry in entries:
                 tar.write(entry)
@@ -457,7 +460,7 @@ def _manifest(
 
 
 def write_splits(
-    splits: Mapping[str, tuple[Iterable[Sample], int | None]],
+    splits: Mapping[str, tuple[Iterable[SourceSample], int | None]],
     out_dir: str | Path,
     options: ShardOptions,
     *,
@@ -542,7 +545,7 @@ def synthetic_prototypes(
     for c, ch in itertools.product(range(classes), range(channels)):
         pil = Image.fromarray(coarse[c, ch].astype(np.float32))
         out[c, ch] = np.asarray(
-            pil.resize((width + 2 * margin, height + 2 * margin), Image.BICUBIC)
+            pil.resize((width + 2 * margin, height + 2 * margin), Image.Resampling.BICUBIC)
         )
     out -= out.mean(axis=(1, 2, 3), keepdims=True)
     out /= out.std(axis=(1, 2, 3), keepdims=True) + 1e-6
@@ -556,7 +559,7 @@ def _margin(size: tuple[int, int]) -> int:
 
 def synthetic_samples(
     split: str, num: int, *, classes: int, size: tuple[int, int], channels: int, seed: int
-) -> Iterator[Sample]:
+) -> Iterator[SourceSample]:
     """``num`` samples of ``split``: balanced labels, each its class pattern (partly mixed with
     another class), shifted, scaled in contrast and brightness, plus Gaussian noise.
 
@@ -574,7 +577,7 @@ def synthetic_samples(
         images = _synthetic_images(prototypes, labels[start : start + chunk], size, rng)
         for offset, image in enumerate(images):
             index = start + offset
-            yield Sample(key=f"{split}_{index:08d}", label=int(labels[index]), image=image)
+            yield SourceSample(key=f"{split}_{index:08d}", label=int(labels[index]), image=image)
 
 
 def _synthetic_images(
@@ -748,10 +751,10 @@ def _load_idx(files: Mapping[str, tuple[Path, Path]]) -> dict[str, tuple[np.ndar
     return splits
 
 
-def array_samples(split: str, images: np.ndarray, labels: np.ndarray) -> Iterator[Sample]:
+def array_samples(split: str, images: np.ndarray, labels: np.ndarray) -> Iterator[SourceSample]:
     """Samples ``<split>_NNNNNNNN`` of in-memory uint8 images and their labels."""
     for index, (image, label) in enumerate(zip(images, labels, strict=True)):
-        yield Sample(key=f"{split}_{index:08d}", label=int(label), image=image)
+        yield SourceSample(key=f"{split}_{index:08d}", label=int(label), image=image)
 
 
 def make_idx_shards(
@@ -867,7 +870,7 @@ def file_samples(
     files: Sequence[tuple[Path, int]],
     seed: int | None = 0,
     base: Path | None = None,
-) -> Iterator[Sample]:
+) -> Iterator[SourceSample]:
     """Samples of image files yielded in a seeded random order (sorted order when ``seed`` is
     None), so shards mix classes. Keys come from each file's path relative to ``base``
     (:func:`path_keys`); without ``base``, ``<split>_NNNNNNNN`` by sorted position. Each
@@ -883,7 +886,7 @@ def file_samples(
         ext = sniff_format(data)
         if ext is None:
             raise DataError(f"{path}: not a PNG or JPEG file (magic bytes {data[:4].hex()})")
-        yield Sample(keys[index], label, data=data, ext=ext, origin=relative[index])
+        yield SourceSample(keys[index], label, data=data, ext=ext, origin=relative[index])
 
 
 def path_keys(paths: Sequence[str]) -> list[str]:

@@ -160,7 +160,7 @@ def encode(
 
 
 def _encode_sampled(
-    head: tuple[np.ndarray, ...],
+    head: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray],
     samples: tuple[np.ndarray, ...] | None,
     temperatures: tuple[float, ...],
     draw_temperature: float,

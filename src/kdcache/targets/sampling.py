@@ -40,7 +40,11 @@ def draw_generator(seed: int, key: str, view: int, teacher: str) -> np.random.Ge
 
 
 def uniforms(
-    seed: int, keys: Sequence[str], views: Sequence[int], teacher: str, samples: int
+    seed: int,
+    keys: Sequence[str] | np.ndarray,
+    views: Sequence[int] | np.ndarray,
+    teacher: str,
+    samples: int,
 ) -> np.ndarray:
     """``float64[B, S]``: the uniforms behind each view's draws (row ``i``: ``keys[i]``,
     ``views[i]``)."""
@@ -150,11 +154,21 @@ def sampled_from_logits(
     slots = sample_slots(u.shape[1], k, logits.shape[-1])
     d = draw(logits, head.idx, u, slots, temperatures, draw_temperature)
     temps = np.broadcast_to(np.asarray(temperatures, np.float32), d.lse_t.shape)
-    extra = (d.idx, d.logit, d.count.astype(np.float32), d.lse_t, temps.copy())
     device = head.idx.device
+
+    def on_device(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(a).to(device)
+
     # drawn at T=1: the draws' normaliser is the head's own tail_lse, bit for bit
-    tail = head.tail_lse if draw_temperature == 1.0 else torch.from_numpy(d.tail_lse).to(device)
+    tail = head.tail_lse if draw_temperature == 1.0 else on_device(d.tail_lse)
     tau = torch.full_like(head.lse, draw_temperature, dtype=torch.float32)
     return SampledTargets(
-        *head.tensors(), *(torch.from_numpy(a).to(device) for a in extra), tail, tau
+        *head.tensors(),
+        sample_idx=on_device(d.idx),
+        sample_logit=on_device(d.logit),
+        sample_count=on_device(d.count.astype(np.float32)),
+        lse_t=on_device(d.lse_t),
+        temperatures=on_device(temps.copy()),
+        draw_tail_lse=tail,
+        draw_temperature=tau,
     )

@@ -27,8 +27,10 @@ temperature only (sampled estimates, ensembles of teachers) are :class:`Tempered
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+import operator
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -166,9 +168,9 @@ def tail_logit(t: SparseTargets, num_classes: int) -> torch.Tensor:
     return t.tail_lse.float() - math.log(others)
 
 
-def dense_logits(t: SparseTargets, num_classes: int, tail: TailMode) -> torch.Tensor:
+def dense_logits(t: SparseTargets, num_classes: int, tail: str) -> torch.Tensor:
     """``[B, C]`` logits whose softmax at T is the target at T (``-inf`` outside the top-k for
-    renorm)."""
+    renorm); ``tail`` a :data:`LossTail` (``sample`` only where k == C)."""
     tail = _check_tail(tail, t, num_classes)
     fill = (
         tail_logit(t, num_classes)
@@ -416,7 +418,7 @@ def ensemble_targets(
     if combine == "logits":
         dense, lse, label_logit = _mean_logits(members, w, num_classes, temperature, tail)
     else:
-        dense = sum(
+        dense = _total(
             wi * dense_probs(m, num_classes, temperature, tail)
             for wi, m in zip(w, members, strict=True)
         )
@@ -435,16 +437,21 @@ def _mean_logits(
     tail: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``combine: logits``: (probabilities at T, logsumexp, label logit) of the weighted mean."""
-    if any(isinstance(m, TemperedTargets) for m in members) or tail not in ("spread", "sample"):
+    logit_members = [m for m in members if isinstance(m, SparseTargets)]
+    if len(logit_members) < len(members) or tail not in ("spread", "sample"):
         raise ValueError(
             "combine 'logits' needs every member's logits: top-k targets with tail 'spread' "
             "(a renormalised or sampled tail has no logit for the classes it leaves out)"
         )
-    mean = sum(
-        wi * dense_logits(m, num_classes, tail) for wi, m in zip(weights, members, strict=True)
-    )
-    label_logit = sum(wi * m.label_logit.float() for wi, m in zip(weights, members, strict=True))
+    pairs = list(zip(weights, logit_members, strict=True))
+    mean = _total(wi * dense_logits(m, num_classes, tail) for wi, m in pairs)
+    label_logit = _total(wi * m.label_logit.float() for wi, m in pairs)
     return torch.softmax(mean / temperature, -1), torch.logsumexp(mean, -1), label_logit
+
+
+def _total(terms: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The sum of ``terms`` in order (``sum`` would start at ``0``, typed ``Tensor | int``)."""
+    return functools.reduce(operator.add, terms)
 
 
 def target_temperature(loss: Any) -> float:

@@ -54,24 +54,24 @@ class CELossConfig(StrictModel):
     """Plain cross-entropy (supervised training of students or teachers)."""
 
     name: Literal["ce"] = "ce"
-    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)
     """Label smoothing of the hard-label CE (timm/torch convention: eps spread over all classes)."""
 
 
 class _DistillBase(StrictModel):
     """Fields every distillation loss shares."""
 
-    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)
     """Label smoothing of the CE part."""
     tail: LossTail = "spread"
     """Classes outside the cached top-k: ``spread`` (exact tail mass at T=1, spread evenly),
     ``renorm`` (drop the tail, renormalise the top-k) or ``sample`` (teachers stored with encoding
     ``sampled``: the tail estimated from its draws, unbiased at T=1 and at the teacher's
     ``sample_temperatures``). Irrelevant when k equals the class count."""
-    stop_epoch: int | None = Field(None, ge=0)
+    stop_epoch: int | None = Field(default=None, ge=0)
     """Early-stopped KD (paper 002): from this (0-based, run-global) epoch on, the loss is plain
     CE."""
-    topk: int | None = Field(None, ge=1)
+    topk: int | None = Field(default=None, ge=1)
     """Use only the first ``topk`` of the teacher's top-k classes (None: all of them). The first j
     of the stored top-k (sorted by logit) with the exact logsumexp and label logit are exactly what
     a cache made with k = j holds (up to ties), so one k = 10 cache serves students at k = 1..10;
@@ -83,9 +83,9 @@ class KDLossConfig(_DistillBase):
     """Hinton KD: ``(1-alpha)*CE + alpha*T^2*KL(p_t^T || p_s^T)``."""
 
     name: Literal["kd"] = "kd"
-    alpha: float = Field(0.9, ge=0.0, le=1.0)
+    alpha: float = Field(default=0.9, ge=0.0, le=1.0)
     """Weight of the KD term; the CE term gets ``1 - alpha``."""
-    temperature: float = Field(4.0, gt=0.0)
+    temperature: float = Field(default=4.0, gt=0.0)
     """Softmax temperature of teacher and student in the KD term."""
 
 
@@ -93,15 +93,15 @@ class DISTLossConfig(_DistillBase):
     """DIST (paper 001): ``ce_weight*CE + kd_weight*(beta*T^2*inter + gamma*T^2*intra)``."""
 
     name: Literal["dist"] = "dist"
-    beta: float = Field(1.0, ge=0.0)
+    beta: float = Field(default=1.0, ge=0.0)
     """Weight of the inter-class relation (1 - mean Pearson over rows)."""
-    gamma: float = Field(1.0, ge=0.0)
+    gamma: float = Field(default=1.0, ge=0.0)
     """Weight of the intra-class relation (1 - mean Pearson over columns, i.e. over the batch)."""
-    temperature: float = Field(1.0, gt=0.0)
+    temperature: float = Field(default=1.0, gt=0.0)
     """Softmax temperature of both outputs."""
-    ce_weight: float = Field(1.0, ge=0.0)
+    ce_weight: float = Field(default=1.0, ge=0.0)
     """Weight of the CE term (reference 1)."""
-    kd_weight: float = Field(2.0, ge=0.0)
+    kd_weight: float = Field(default=2.0, ge=0.0)
     """Weight of the DIST term: 2 beside CE 1 in the official ImageNet and CIFAR-100 configs (i.e.
     beta = gamma = 2 overall)."""
 
@@ -110,15 +110,15 @@ class WSLLossConfig(_DistillBase):
     """WSL (Zhou et al. 2021, cited by paper 000): ``ce_weight*CE + kd_weight*T^2*mean(w*KL)``."""
 
     name: Literal["wsl"] = "wsl"
-    temperature: float = Field(2.0, gt=0.0)
+    temperature: float = Field(default=2.0, gt=0.0)
     """Temperature of the KD term (2 in WSL and EffDstl stage 1)."""
-    weight_temperature: float = Field(1.0, gt=0.0)
+    weight_temperature: float = Field(default=1.0, gt=0.0)
     """Temperature of the two cross-entropies the sample weights compare: 1 in WSL's paper, 2 (the
     KD temperature) in EffDstl's official code. The teacher's CE at T comes from the sparse
     targets: exact at 1, elsewhere with the tail spread (see ``losses.teacher_label_ce``)."""
-    ce_weight: float = Field(1.0, ge=0.0)
+    ce_weight: float = Field(default=1.0, ge=0.0)
     """Weight of the (label-smoothed) CE term."""
-    kd_weight: float = Field(2.5, ge=0.0)
+    kd_weight: float = Field(default=2.5, ge=0.0)
     """Weight of the weighted KD term (WSL's ImageNet alpha = 2.5; EffDstl's official stage 1
     uses 0.5)."""
 
@@ -127,17 +127,17 @@ class EffDstlLossConfig(_DistillBase):
     """EffDstl stage 2 (paper 000): KD against mined targets (consistent knowledge mining)."""
 
     name: Literal["effdstl"] = "effdstl"
-    teacher_temperature: float = Field(0.7, gt=0.0)
+    teacher_temperature: float = Field(default=0.7, gt=0.0)
     """Temperature of the teacher's distribution (0.7 sharpens it)."""
-    student_temperature: float = Field(1.0, gt=0.0)
+    student_temperature: float = Field(default=1.0, gt=0.0)
     """Temperature of the student in the KD term."""
-    smooth_to: float = Field(0.99, gt=0.0, le=1.0)
+    smooth_to: float = Field(default=0.99, gt=0.0, le=1.0)
     """Mined rows get the label smoothed to this probability (rest spread over the other
     classes)."""
-    ce_weight: float = Field(0.0, ge=0.0)
+    ce_weight: float = Field(default=0.0, ge=0.0)
     """Weight of a CE term beside the mined KD term: 0 as in the official code (after the switch
     it sets ``ce_loss_alpha = 0``; the mined targets already hold the smoothed labels)."""
-    kd_weight: float = Field(1.0, ge=0.0)
+    kd_weight: float = Field(default=1.0, ge=0.0)
     """Weight of the KD term against the mined targets."""
 
 
@@ -242,29 +242,29 @@ class OptimizerConfig(StrictModel):
     any other optimizer of ``timm.optim.list_optimizers()`` (``lamb``, ``lars``, ``adan`` ...),
     built by ``timm.optim.create_optimizer_v2``; ``timm:NAME`` takes timm's for a name kdcache
     builds itself (``timm:adamw``)."""
-    layer_decay: float | None = Field(None, gt=0.0, le=1.0)
+    layer_decay: float | None = Field(default=None, gt=0.0, le=1.0)
     """Layer-wise LR decay (timm's ``layer_decay``; the optimizer is then always timm's): each
     layer's LR is scaled by ``layer_decay ** (depth from the head)``."""
     kwargs: dict[str, Any] = Field(default_factory=dict)
     """Further keyword arguments of a timm optimizer (``trust_coeff``, ``caution`` ...)."""
-    lr: float = Field(0.1, gt=0.0)
+    lr: float = Field(default=0.1, gt=0.0)
     """Peak learning rate (after warm-up), for the global batch as configured (no automatic
     scaling)."""
-    weight_decay: float = Field(1e-4, ge=0.0)
+    weight_decay: float = Field(default=1e-4, ge=0.0)
     """Weight decay (coupled L2 for SGD, decoupled for AdamW)."""
     decay_norm_and_bias: bool = False
     """Also decay 1-d parameters (norm weights, biases); timm's default excludes them."""
-    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
     """SGD and RMSprop momentum."""
     nesterov: bool = False
     """SGD Nesterov momentum."""
     betas: tuple[float, float] = (0.9, 0.999)
     """AdamW betas."""
-    eps: float = Field(1e-8, gt=0.0)
+    eps: float = Field(default=1e-8, gt=0.0)
     """AdamW and RMSprop epsilon."""
-    alpha: float = Field(0.9, gt=0.0, lt=1.0)
+    alpha: float = Field(default=0.9, gt=0.0, lt=1.0)
     """RMSprop smoothing of the squared gradients (timm's and TensorFlow's 0.9)."""
-    grad_clip: float | None = Field(None, gt=0.0)
+    grad_clip: float | None = Field(default=None, gt=0.0)
     """Clip the global gradient norm to this value (None: no clipping)."""
 
     @field_validator("name")
@@ -293,19 +293,19 @@ class SchedulerConfig(StrictModel):
     ``poly``, ``wsd``, ``rsqrt``; ``timm:cosine`` for timm's own cosine), stepped per optimizer
     step, with the keys below mapped to timm's (``every`` -> ``decay_epochs``, ``milestones`` ->
     ``decay_milestones``, ``gamma`` -> ``decay_rate``, ``warmup_start * lr`` -> ``warmup_lr``)."""
-    warmup_epochs: float = Field(0.0, ge=0.0)
+    warmup_epochs: float = Field(default=0.0, ge=0.0)
     """Linear warm-up length in epochs (fractions allowed)."""
-    warmup_start: float = Field(0.0, ge=0.0, le=1.0)
+    warmup_start: float = Field(default=0.0, ge=0.0, le=1.0)
     """Warm-up starts at ``warmup_start * lr``."""
-    min_lr: float = Field(0.0, ge=0.0)
+    min_lr: float = Field(default=0.0, ge=0.0)
     """cosine: the learning rate at the end of the schedule."""
     milestones: list[int] = Field(default_factory=list)
     """step: epochs (counted from the schedule's start) at which the LR is multiplied by
     ``gamma``."""
-    every: float | None = Field(None, gt=0.0)
+    every: float | None = Field(default=None, gt=0.0)
     """step: multiply by ``gamma`` every this many epochs instead (timm's ``decay_epochs``,
     e.g. 2.4 with gamma 0.97 in DIST's B2)."""
-    gamma: float = Field(0.1, gt=0.0)
+    gamma: float = Field(default=0.1, gt=0.0)
     """step: the factor at each milestone (or period)."""
     kwargs: dict[str, Any] = Field(default_factory=dict)
     """Further keyword arguments of a timm scheduler (``cycle_limit``, ``k_decay`` ...)."""
@@ -392,7 +392,7 @@ class RunConfig(StrictModel):
 
     dir: str = "runs/train"
     """Run directory: ``config.yaml``, ``metrics.jsonl``, ``summary.json``, ``checkpoints/``."""
-    seed: int = Field(0, ge=0, lt=2**32)
+    seed: int = Field(default=0, ge=0, lt=2**32)
     """Seed of the student's init, the shard order, the shuffle buffer and the view schedule."""
     device: str = "auto"
     """``auto`` (CUDA if available), ``cpu`` or ``cuda``; under torchrun each rank takes its local
@@ -400,7 +400,7 @@ class RunConfig(StrictModel):
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     """Autocast: ``auto`` is bf16 on CUDA and full precision on CPU; ``fp16`` (GPUs without bf16,
     V100/T4) scales the loss with a ``torch.amp.GradScaler`` whose state the checkpoint keeps."""
-    accumulate: int = Field(1, ge=1)
+    accumulate: int = Field(default=1, ge=1)
     """Gradient accumulation: one optimizer step per this many batches (the loss of each batch
     divided by the group's batch count, so a group equals one batch that many times larger; an
     epoch's last group may be shorter). ``log_every``, ``ckpt_every_steps`` and ``max_steps``
@@ -417,13 +417,13 @@ class RunConfig(StrictModel):
     force_unlock: bool = False
     """Remove ``<dir>.lock`` left by a run that is gone (``--force-unlock``; e.g. killed on
     another host); a holder alive on this host is refused even so."""
-    max_steps: int | None = Field(None, ge=1)
+    max_steps: int | None = Field(default=None, ge=1)
     """Stop (after saving a checkpoint) once this many optimizer steps are done in total (tests)."""
-    log_every: int = Field(50, ge=1)
+    log_every: int = Field(default=50, ge=1)
     """Steps between ``metrics.jsonl`` train lines."""
-    ckpt_every_steps: int | None = Field(None, ge=1)
+    ckpt_every_steps: int | None = Field(default=None, ge=1)
     """Also checkpoint every N steps (mid-epoch); checkpoints are always written at epoch ends."""
-    eval_every: int = Field(1, ge=1)
+    eval_every: int = Field(default=1, ge=1)
     """Evaluate every N epochs (and always after the last)."""
     save_model_epochs: list[int] = Field(default_factory=list)
     """After these epoch counts, save the model's state dict as ``checkpoints/model_e<N>.pt``
@@ -434,7 +434,7 @@ class RunConfig(StrictModel):
     """Also write the metrics as TensorBoard scalars (``train/loss``, ``eval/top1`` ...) in
     ``dir/tensorboard``; needs the ``tensorboard`` package
     (``pip install kdcache[tensorboard]``)."""
-    threads: int | None = Field(None, ge=1)
+    threads: int | None = Field(default=None, ge=1)
     """torch intra-op threads of the training process. Unset: the cores this process may use
     divided among the processes that share them, ``max(1, cores // (local ranks x
     (data.num_workers + 1)))`` (each DataLoader worker runs one thread), so training never
@@ -464,7 +464,7 @@ class SelectConfig(StrictModel):
     """Highest or lowest mean entropy over the sample's cached views, or a seeded random pick."""
     teacher: str | None = None
     """The cached teacher whose entropy ranks the samples (default ``teacher.name``)."""
-    temperature: float = Field(1.0, gt=0.0)
+    temperature: float = Field(default=1.0, gt=0.0)
     """The temperature of that entropy (the paper ranks at T = 9)."""
     tail: Literal["spread", "renorm"] = "spread"
     """The classes outside the stored top-k: ``spread`` (the tail mass shared equally) or
@@ -484,22 +484,22 @@ class DataConfig(StrictModel):
     """fsspec storage options for ``shards``, ``val_shards`` and the manifest beside them
     (credentials, endpoint ...), used by every rank and DataLoader worker; empty: fsspec's defaults
     (for S3 the standard AWS environment). Saved with the config with their values redacted."""
-    num_classes: int | None = Field(None, ge=1)
+    num_classes: int | None = Field(default=None, ge=1)
     """Class count; default the cache's. Needed without a cache."""
-    max_pixels: int | None = Field(MAX_PIXELS, ge=1)
+    max_pixels: int | None = Field(default=MAX_PIXELS, ge=1)
     """An image whose header claims more pixels is refused before decoding (default PIL's
     decompression-bomb limit, 89478485; None: no limit)."""
-    label_key: str = Field(DEFAULT_LABEL_KEY, min_length=1)
+    label_key: str = Field(default=DEFAULT_LABEL_KEY, min_length=1)
     """The label's key in a sample's ``.json`` entry (with a cache, the same as its precompute's).
     A sample's label comes from the first of its ``.cls``, ``.json`` and ``.txt`` entries (``.cls``
     and ``.txt``: the integer as text)."""
-    batch_size: int = Field(128, ge=1)
+    batch_size: int = Field(default=128, ge=1)
     """Samples per step per rank (the global batch is ``batch_size * world_size``)."""
-    eval_batch_size: int | None = Field(None, ge=1)
+    eval_batch_size: int | None = Field(default=None, ge=1)
     """Evaluation batch size per rank (default ``batch_size``)."""
-    num_workers: int = Field(2, ge=0)
+    num_workers: int = Field(default=2, ge=0)
     """DataLoader worker processes per rank (0: load in the training process)."""
-    shuffle_buffer: int = Field(1000, ge=0)
+    shuffle_buffer: int = Field(default=1000, ge=0)
     """Seeded sample shuffle buffer per worker (0: shard order only)."""
     shard_shuffle: bool = True
     """Shuffle the shard order each epoch, from (seed, epoch)."""
@@ -508,7 +508,7 @@ class DataConfig(StrictModel):
     (reads all tar headers); by default shard names and counts are compared, keys as they stream."""
     pin_memory: bool = True
     """Pin host memory of batches (CUDA only)."""
-    prefetch_factor: int = Field(2, ge=1)
+    prefetch_factor: int = Field(default=2, ge=1)
     """Batches prefetched per worker."""
     select: SelectConfig | None = None
     """Train on a selection of the cache's samples (per class, by a teacher's entropy); None:
@@ -543,7 +543,7 @@ class ViewsConfig(StrictModel):
 
     recipe: ViewRecipe = Field(default_factory=ViewRecipe)
     """How views are made (the validation center view uses its ``size`` and ``crop_pct``)."""
-    num_views: int | None = Field(None, ge=1)
+    num_views: int | None = Field(default=None, ge=1)
     """A views per sample cycled by the view schedule; None: a fresh view every epoch (view index =
     epoch)."""
     seed: int = 0
@@ -557,7 +557,7 @@ class StudentConfig(ModelSpec):
     """How the student renders the views: size, interpolation, mean and std (default: the
     recipe's; a ``pretrained: true`` timm student: its timm config). The teacher may see the same
     views at another size, e.g. teacher 320 px bicubic, student 224 px bilinear."""
-    input_size: int | None = Field(None, ge=1)
+    input_size: int | None = Field(default=None, ge=1)
     """Shorthand for ``render.size``: the input side the student gets."""
     unseen_augment: UnseenOps | None = None
     """Augmentation applied to the student's views only (``policy``, ``color_jitter``,
@@ -596,7 +596,7 @@ class EmaConfig(StrictModel):
 
     enabled: bool = False
     """Keep an EMA copy (evaluated beside the model, saved in checkpoints)."""
-    decay: float = Field(0.9998, gt=0.0, lt=1.0)
+    decay: float = Field(default=0.9998, gt=0.0, lt=1.0)
     """Per-step decay."""
 
 

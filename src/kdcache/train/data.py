@@ -204,13 +204,18 @@ def _rebuild_batch(
     shards: list[str],
 ) -> Batch:
     """The inverse of :meth:`Batch.__reduce__`."""
+    tensors = {name: _as_tensor(value) for name, value in small.items()}
+    labels = tensors.pop("labels")
+    if labels is None:  # __reduce__ always sends them
+        raise ValueError("a pickled batch without labels")
     return Batch(
         images=images,
+        labels=labels,
         teacher_images=teacher_images,
         keys=keys,
         shards=shards,
         targets={name: targets_from_arrays(arrays) for name, arrays in targets.items()},
-        **{name: _as_tensor(value) for name, value in small.items()},
+        **tensors,
     )
 
 
@@ -752,7 +757,7 @@ def _targets(items: list[_Item], views: list[int], teacher: str) -> SparseTarget
     """Gather one teacher's targets of the chosen views, one fancy-index per shard block in the
     batch: idx int64, logit as stored (fp16, or float32 from q8), lse/label_logit/tail_lse fp32
     (a sampled teacher: its draws too, :class:`~kdcache.targets.sparse.SampledTargets`)."""
-    first = items[0].block.teachers[teacher].fields()
+    first = _cached(items[0]).teachers[teacher].fields()
     n = len(items)
     out = [np.empty((n, *a.shape[2:]), _batch_dtype(a.dtype)) for a in first]
     rows = np.array([item.row for item in items])
@@ -775,8 +780,15 @@ def _by_block(items: list[_Item]) -> list[tuple[ShardBlock, np.ndarray]]:
     shards)."""
     groups: dict[int, tuple[ShardBlock, list[int]]] = {}
     for position, item in enumerate(items):
-        groups.setdefault(id(item.block), (item.block, []))[1].append(position)
+        groups.setdefault(id(item.block), (_cached(item), []))[1].append(position)
     return [(block, np.asarray(positions)) for block, positions in groups.values()]
+
+
+def _cached(item: _Item) -> ShardBlock:
+    """The item's cache block: every item has one where targets come from the cache."""
+    if item.block is None:
+        raise ValueError(f"shard {item.shard!r}, key {item.key!r}: no cache block to read")
+    return item.block
 
 
 def _worker() -> tuple[int, int]:
@@ -802,7 +814,8 @@ def make_loader(
         dataset,
         batch_size=None,
         num_workers=workers,
-        collate_fn=_identity,
+        # torch types collate_fn for a list of samples; with batch_size None it gets one Batch
+        collate_fn=_identity,  # pyright: ignore[reportArgumentType]
         pin_memory=pin_memory,
         prefetch_factor=prefetch_factor if workers > 0 else None,
         persistent_workers=persistent and workers > 0,
@@ -836,7 +849,10 @@ def close_loader(loader: DataLoader) -> None:
 
 def open_cache(config: TrainConfig, urls: list[str], teachers: list[str]) -> CacheStore:
     """Open the cache and refuse it, saying what differs, unless it fits the run."""
-    store = open_store(config.cache.path, "r", config.cache.storage_options or None)
+    path = config.cache.path
+    if not path:  # callers open a cache only where cache.path is set
+        raise ConfigError("cache.path: no cache to open")
+    store = open_store(path, "r", config.cache.storage_options or None)
     options = config.data.storage_options or None
     if config.cache.shard_subset:
         check_shard_subset(store, urls, config.data.verify_keys, options)
@@ -915,7 +931,7 @@ def check_shard_subset(
         return
     for name, index in zip(names, scan_shards(urls, storage_options=storage_options), strict=True):
         rows = store.rows(store.shard_index(name))
-        keys = [str(k) for k in store.group["keys"][rows]]
+        keys = [str(k) for k in np.asarray(store.array("keys")[rows])]
         if len(keys) != len(index):
             raise CacheMismatchError(
                 f"cache {store.path!r} does not match:\n  shard {name!r} has {len(keys)} samples "
@@ -1002,7 +1018,10 @@ class RunData:
         if teachers != self.dataset.teachers and self.loader.persistent_workers:
             close_loader(self.loader)
         self.dataset.set_epoch(epoch, teachers, skip_batches)
-        self.loader.generator.manual_seed(self.spec.seed * 100_003 + epoch)  # see make_loader
+        generator = self.loader.generator
+        if generator is None:  # make_loader always gives one
+            raise ValueError("the training loader has no generator to seed")
+        generator.manual_seed(self.spec.seed * 100_003 + epoch)  # see make_loader
         steps = steps_per_epoch(self.spec) - skip_batches
         return itertools.islice(iter(self.loader), max(steps, 0))
 
@@ -1041,6 +1060,8 @@ def build_train_data(
         recipe = config.views.recipe
         num_views = config.views.num_views
         view_seed = config.views.seed
+        if config.data.num_classes is None:  # the config requires it where there is no cache
+            raise ConfigError("data.num_classes: required when no cache.path is given")
         num_classes = int(config.data.num_classes)
     rendering = student_rendering(config, recipe)
     teachers_rendered = online_renderings(config, store, recipe)

@@ -96,9 +96,17 @@ def collate(samples: Sequence[DistillSample]) -> Batch:
         views=torch.tensor([s.view for s in samples], dtype=torch.int64),
     )
     if first.lam is not None:
-        batch.partner_labels = torch.stack([s.partner_label for s in samples])
-        batch.lam = torch.stack([s.lam for s in samples])
+        batch.partner_labels = torch.stack(_every([s.partner_label for s in samples], "partner"))
+        batch.lam = torch.stack(_every([s.lam for s in samples], "lam"))
     return batch
+
+
+def _every(values: list[torch.Tensor | None], what: str) -> list[torch.Tensor]:
+    """``values``, each one set: a batch's samples are all mixed or none is."""
+    present = [value for value in values if value is not None]
+    if len(present) < len(values):
+        raise ValueError(f"a batch mixes samples with and without a {what}")
+    return present
 
 
 def _world(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -378,6 +386,8 @@ class CacheDataset(IterableDataset):
         built = build_eval_data(
             config, spec.rank, spec.world_size, spec.recipe, self.num_classes, pin_memory=False
         )
+        if built is None:  # not with val_shards set, checked above
+            raise ConfigError("eval_dataset: no validation shards (data.val_shards or val_shards=)")
         evaluation = CacheDataset.__new__(CacheDataset)
         IterableDataset.__init__(evaluation)
         evaluation.__dict__.update(self.__dict__)

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdcache.targets.sparse import (
+    EnsembleTargets,
     LossTail,
     MixedLabels,
     SparseTargets,
@@ -112,7 +113,11 @@ def as_sparse(targets: Targets, labels: Labels | None) -> SparseTargets | Temper
 
 
 def sparse_kl(
-    log_q: Tensor, targets: SparseTargets, num_classes: int, temperature: float, tail: str
+    log_q: Tensor,
+    targets: SparseTargets | TemperedTargets,
+    num_classes: int,
+    temperature: float,
+    tail: str,
 ) -> Tensor:
     """Per-row ``KL(p_t^T || q)`` with ``p_t^T`` from sparse targets and ``log_q`` dense ``[B, C]``.
 
@@ -225,7 +230,9 @@ def dist_parts(
     )
 
 
-def teacher_label_ce(targets: SparseTargets, num_classes: int, temperature: float = 1.0) -> Tensor:
+def teacher_label_ce(
+    targets: SparseTargets | TemperedTargets, num_classes: int, temperature: float = 1.0
+) -> Tensor:
     """The teacher's cross-entropy against the label at ``temperature``, ``[B]``, from the sparse
     targets: ``log Z_T - label_logit / T`` with ``Z_T`` the partition function at T.
 
@@ -255,7 +262,7 @@ def teacher_label_ce(targets: SparseTargets, num_classes: int, temperature: floa
 def wsl_weights(
     student_logits: Tensor,
     labels: Labels,
-    targets: SparseTargets,
+    targets: SparseTargets | TemperedTargets,
     temperature: float = 1.0,
 ) -> Tensor:
     """WSL's per-row weight ``w = 1 - exp(-CE_s/CE_t)`` from detached cross-entropies of student
@@ -306,7 +313,7 @@ def wsl_parts(
 def mined_targets(
     student_logits: Tensor,
     labels: Labels,
-    targets: SparseTargets,
+    targets: SparseTargets | TemperedTargets,
     *,
     teacher_temperature: float = 0.7,
     student_temperature: float = 1.0,
@@ -380,28 +387,117 @@ def effdstl_parts(
 # ---- the losses: plain functions and modules --------------------------------------------------
 
 
-def _total_of(parts: Callable[..., LossParts], name: str) -> Callable[..., Tensor]:
-    """The plain form of a loss: the same arguments as ``parts``, the total as the result."""
-
-    @functools.wraps(parts)
-    def loss(*args: Any, **kwargs: Any) -> Tensor:
-        return parts(*args, **kwargs).total
-
-    loss.__name__ = name
-    loss.__qualname__ = name
-    loss.__signature__ = inspect.signature(parts).replace(return_annotation=Tensor)  # type: ignore[attr-defined]
-    return loss
-
-
 def ce(student_logits: Tensor, labels: Labels, *, label_smoothing: float = 0.0) -> Tensor:
     """Plain cross-entropy (mixed labels: ``lam * CE(label) + (1 - lam) * CE(partner)``)."""
     return cross_entropy(student_logits, labels, label_smoothing)
 
 
-kd = _total_of(kd_parts, "kd")
-dist = _total_of(dist_parts, "dist")
-wsl = _total_of(wsl_parts, "wsl")
-effdstl = _total_of(effdstl_parts, "effdstl")
+def kd(
+    student_logits: Tensor,
+    targets: Targets,
+    labels: Labels | None = None,
+    *,
+    temperature: float = 4.0,
+    alpha: float = 0.9,
+    tail: LossTail = "spread",
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """Hinton KD: ``(1-alpha)*CE + alpha*T^2*mean KL(p_t^T || p_s^T)`` (:func:`kd_parts`'s
+    total)."""
+    return kd_parts(
+        student_logits,
+        targets,
+        labels,
+        temperature=temperature,
+        alpha=alpha,
+        tail=tail,
+        label_smoothing=label_smoothing,
+    ).total
+
+
+def dist(
+    student_logits: Tensor,
+    targets: Targets,
+    labels: Labels | None = None,
+    *,
+    beta: float = 1.0,
+    gamma: float = 1.0,
+    temperature: float = 1.0,
+    ce_weight: float = 1.0,
+    kd_weight: float = 2.0,
+    tail: LossTail = "spread",
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """DIST (paper 001): CE plus the inter- and intra-class Pearson relations of the softmax
+    outputs (:func:`dist_parts`'s total)."""
+    return dist_parts(
+        student_logits,
+        targets,
+        labels,
+        beta=beta,
+        gamma=gamma,
+        temperature=temperature,
+        ce_weight=ce_weight,
+        kd_weight=kd_weight,
+        tail=tail,
+        label_smoothing=label_smoothing,
+    ).total
+
+
+def wsl(
+    student_logits: Tensor,
+    targets: Targets,
+    labels: Labels,
+    *,
+    temperature: float = 2.0,
+    weight_temperature: float = 1.0,
+    ce_weight: float = 1.0,
+    kd_weight: float = 2.5,
+    tail: LossTail = "spread",
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """WSL: CE plus a KD term weighted per sample by the student's and the teacher's label
+    cross-entropies (:func:`wsl_parts`'s total)."""
+    return wsl_parts(
+        student_logits,
+        targets,
+        labels,
+        temperature=temperature,
+        weight_temperature=weight_temperature,
+        ce_weight=ce_weight,
+        kd_weight=kd_weight,
+        tail=tail,
+        label_smoothing=label_smoothing,
+    ).total
+
+
+def effdstl(
+    student_logits: Tensor,
+    targets: Targets,
+    labels: Labels,
+    *,
+    teacher_temperature: float = 0.7,
+    student_temperature: float = 1.0,
+    smooth_to: float = 0.99,
+    ce_weight: float = 0.0,
+    kd_weight: float = 1.0,
+    tail: LossTail = "spread",
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """EffDstl stage 2 (paper 000): KD against the teacher's targets with consistent knowledge
+    mining (:func:`effdstl_parts`'s total)."""
+    return effdstl_parts(
+        student_logits,
+        targets,
+        labels,
+        teacher_temperature=teacher_temperature,
+        student_temperature=student_temperature,
+        smooth_to=smooth_to,
+        ce_weight=ce_weight,
+        kd_weight=kd_weight,
+        tail=tail,
+        label_smoothing=label_smoothing,
+    ).total
 
 
 # ---- the registry --------------------------------------------------------------------------------
@@ -626,13 +722,19 @@ class Criterion:
         return self.entry.needs_teacher
 
     def __call__(
-        self, logits: Tensor, labels: Labels, targets: SparseTargets | None, epoch: int
+        self,
+        logits: Tensor,
+        labels: Labels,
+        targets: SparseTargets | EnsembleTargets | None,
+        epoch: int,
     ) -> LossParts:
         if self.needs_teacher and stopped(self.config, epoch):
             smoothing = getattr(self.config, "label_smoothing", 0.0)
             return ce_parts(logits, None, labels, label_smoothing=smoothing)
         if self.needs_teacher and targets is None:
             raise ValueError(f"loss {self.config.name!r} needs teacher targets, the batch has none")
-        if targets is not None:  # topk, sampled estimates, ensembles: one conversion
-            targets = loss_targets(targets, self.config, self.num_classes)
-        return self.entry.parts(logits, targets, labels, **self.settings)
+        # topk, sampled estimates, ensembles: one conversion
+        converted = (
+            None if targets is None else loss_targets(targets, self.config, self.num_classes)
+        )
+        return self.entry.parts(logits, converted, labels, **self.settings)

@@ -79,8 +79,14 @@ class SegmentOptimizer:
             )
         self.state.segment = segment.index
 
+    def active(self) -> torch.optim.Optimizer:
+        """The current segment's optimizer (:meth:`enter` builds it)."""
+        if self.current is None:
+            raise RuntimeError("no optimizer yet: enter a segment first")
+        return self.current
+
     def set_lr(self, lr: float) -> None:
-        set_lr(self.current, lr)
+        set_lr(self.active(), lr)
         self._lr = lr
 
     @property
@@ -89,7 +95,7 @@ class SegmentOptimizer:
         return self._lr
 
     def state_dict(self) -> dict[str, Any]:
-        return self.current.state_dict()
+        return self.active().state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """The saved segment's optimizer with the saved state (load :class:`RunState` first)."""

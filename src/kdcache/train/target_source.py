@@ -38,7 +38,11 @@ def stage_teachers(stages: Iterable[StagePlan]) -> list[str]:
 
 def stage_ensembles(stages: Iterable[StagePlan]) -> dict[str, StageEnsemble]:
     """Each ensemble stage's label -> its ensemble."""
-    return {stage.teacher: stage.ensemble for stage in stages if stage.ensemble is not None}
+    return {
+        stage.teacher: stage.ensemble
+        for stage in stages
+        if stage.teacher is not None and stage.ensemble is not None
+    }
 
 
 class TargetSource:
@@ -148,6 +152,8 @@ class CachedTargets(TargetSource):
     def build(
         cls, config: TrainConfig, stages: list[StagePlan], data: RunData, device: torch.device
     ) -> CachedTargets:
+        if data.store is None:  # the config requires cache.path for cached targets
+            raise ConfigError("teacher.mode cache: needs a cache (cache.path)")
         source = cls(data.num_classes, data.store)
         source.ensembles = stage_ensembles(stages)
         source.check_topk(config)
@@ -252,10 +258,12 @@ def online_teacher_spec(config: TrainConfig, name: str, store: CacheStore | None
     it."""
     if name in config.teacher.models:
         return config.teacher.models[name]
-    if store is not None and name in store.teachers and store.teacher_meta(name).ensemble:
+    known = store is not None and name in store.teachers
+    stored = store.teacher_meta(name).ensemble if store is not None and known else None
+    if stored:
         raise ConfigError(
             f"teacher.models.{name}: teacher {name!r} is stored as an ensemble of "
-            f"{len(store.teacher_meta(name).ensemble.members)} models; online, train against "
+            f"{len(stored.members)} models; online, train against "
             "its models as an ensemble (stages.N.teachers, each in teacher.models) instead"
         )
     if store is not None and name in store.teachers:

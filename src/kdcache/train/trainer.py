@@ -259,7 +259,7 @@ class Trainer:
         done = self.state.epoch_step // self.accumulate  # groups start at multiples of it
         progress = (self.state.epoch - segment.start) + done / self.updates
         self.optimizer.set_lr(lr_at(segment, progress, self.updates))
-        self.optimizer.current.zero_grad(set_to_none=True)
+        self.optimizer.active().zero_grad(set_to_none=True)
         self._group_backward = False
 
     def _sync(self, last: bool):
@@ -273,7 +273,7 @@ class Trainer:
         every batch of the group was skipped (non-finite)."""
         if not self._group_backward:
             return
-        optimizer = self.optimizer.current
+        optimizer = self.optimizer.active()
         if segment.optimizer.grad_clip:
             self.scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(self.trained.parameters(), segment.optimizer.grad_clip)

@@ -111,20 +111,20 @@ class PolicyConfig(StrictModel):
     ops: Literal["timm", "torchvision"] = "timm"
     """randaugment: timm's op set and level scale (``rand-m9-n2-mstd0.5``), or torchvision's
     ``RandAugment`` (magnitude bins, every op applied)."""
-    num_ops: int = Field(2, ge=1, le=8)
+    num_ops: int = Field(default=2, ge=1, le=8)
     """randaugment: ops per view (timm ``n``), drawn with replacement."""
-    magnitude: float = Field(9.0, ge=0.0)
+    magnitude: float = Field(default=9.0, ge=0.0)
     """randaugment: timm level (``m``, 0..``magnitude_max``) or torchvision bin (0..num_bins-1)."""
-    magnitude_std: float = Field(0.5, ge=0.0)
+    magnitude_std: float = Field(default=0.5, ge=0.0)
     """timm: std of the per-op magnitude noise (``mstd``); 0 keeps it fixed; above 100 draws the
     level uniformly in ``[0, magnitude]`` (timm's ``mstd`` > 100)."""
-    magnitude_max: float = Field(10.0, gt=0.0, le=31.0)
+    magnitude_max: float = Field(default=10.0, gt=0.0, le=31.0)
     """timm: upper clip of the noisy level (``mmax``)."""
-    prob: float = Field(0.5, ge=0.0, le=1.0)
+    prob: float = Field(default=0.5, ge=0.0, le=1.0)
     """timm: probability that each chosen op is applied (``p``); torchvision applies every op."""
     increasing: bool = False
     """timm: the ``inc1`` op variants, whose severity increases with the level (DeiT's recipe)."""
-    num_bins: int = Field(31, ge=2, le=255)
+    num_bins: int = Field(default=31, ge=2, le=255)
     """torchvision and trivialaugment: number of magnitude bins."""
 
     @model_validator(mode="after")
@@ -188,13 +188,13 @@ def parse_timm_policy(text: str) -> PolicyConfig:
 class JitterConfig(StrictModel):
     """torchvision's ColorJitter: each factor uniform in its range, the four in a random order."""
 
-    brightness: float = Field(0.4, ge=0.0)
+    brightness: float = Field(default=0.4, ge=0.0)
     """Brightness factor in ``[max(0, 1 - b), 1 + b]``."""
-    contrast: float = Field(0.4, ge=0.0)
-    saturation: float = Field(0.4, ge=0.0)
-    hue: float = Field(0.0, ge=0.0, le=0.5)
+    contrast: float = Field(default=0.4, ge=0.0)
+    saturation: float = Field(default=0.4, ge=0.0)
+    hue: float = Field(default=0.0, ge=0.0, le=0.5)
     """Hue shift in ``[-h, h]`` (fraction of the colour wheel)."""
-    prob: float = Field(1.0, ge=0.0, le=1.0)
+    prob: float = Field(default=1.0, ge=0.0, le=1.0)
     """Probability that a view is jittered at all."""
 
     def ranges(self) -> list[tuple[float, float]]:
@@ -208,7 +208,7 @@ class JitterConfig(StrictModel):
 class ErasingConfig(StrictModel):
     """timm's RandomErasing (one box): area and log-uniform aspect ratio of the image."""
 
-    prob: float = Field(0.25, ge=0.0, le=1.0)
+    prob: float = Field(default=0.25, ge=0.0, le=1.0)
     """Probability that a view gets a box (timm ``reprob``)."""
     area: tuple[float, float] = (0.02, 1 / 3)
     """Range of the box's area as a fraction of the image."""
@@ -233,15 +233,15 @@ class MixConfig(StrictModel):
     The partner is another valid sample of the same group of ``group_size`` consecutive samples
     of the shard, so a streaming reader holds both images; the teacher sees the mixed image."""
 
-    mixup_alpha: float = Field(0.8, ge=0.0)
+    mixup_alpha: float = Field(default=0.8, ge=0.0)
     """Beta(alpha, alpha) of Mixup's lam; 0 disables Mixup."""
-    cutmix_alpha: float = Field(1.0, ge=0.0)
+    cutmix_alpha: float = Field(default=1.0, ge=0.0)
     """Beta(alpha, alpha) of CutMix's lam; 0 disables CutMix."""
-    switch_prob: float = Field(0.5, ge=0.0, le=1.0)
+    switch_prob: float = Field(default=0.5, ge=0.0, le=1.0)
     """With both enabled: probability of CutMix instead of Mixup."""
-    prob: float = Field(1.0, ge=0.0, le=1.0)
+    prob: float = Field(default=1.0, ge=0.0, le=1.0)
     """Probability that a view is mixed at all."""
-    group_size: int = Field(64, ge=2, le=4096)
+    group_size: int = Field(default=64, ge=2, le=4096)
     """Partners come from the same group of this many consecutive samples of a shard."""
 
     @model_validator(mode="after")
@@ -382,7 +382,8 @@ def draw_mix(
     center = np.full(2, NOT_APPLIED, np.uint8)
     applied = rng.random() < cfg.prob
     cutmix = cfg.mixup_alpha == 0 or (cfg.cutmix_alpha > 0 and rng.random() < cfg.switch_prob)
-    lam = float(rng.beta(*(2 * [cfg.cutmix_alpha if cutmix else cfg.mixup_alpha])))
+    alpha = cfg.cutmix_alpha if cutmix else cfg.mixup_alpha
+    lam = float(rng.beta(alpha, alpha))
     pick = int(rng.integers(len(offsets))) if offsets else 0
     if not applied or not offsets:
         return 0, BOX_STEPS, center
@@ -391,7 +392,7 @@ def draw_mix(
     return offsets[pick], int(round(lam * BOX_STEPS)), center
 
 
-def cutmix_boxes(center: np.ndarray, lam_code: np.ndarray) -> np.ndarray:
+def cutmix_boxes(center: np.ndarray, lam_code: np.ndarray | int) -> np.ndarray:
     """CutMix boxes ``(top, left, height, width)`` in 1/255 steps of the side, ``int64[..., 4]``,
     from stored centres ``[..., 2]`` and lam codes ``[...]``: the square of side ``sqrt(1 - lam)``
     around the centre, clipped to the image (numpy's IEEE arithmetic: the same box everywhere)."""
@@ -497,7 +498,7 @@ def apply_op(image: torch.Tensor, name: str, value: float, fill: list[float]) ->
             center=[0, 0],
         )
     if name in ("TranslateX", "TranslateY"):
-        shift = (
+        shift: list[float] = (
             [int(round(value * width)), 0]
             if name == "TranslateX"
             else [0, int(round(value * height))]

@@ -58,7 +58,7 @@ T = TypeVar("T")
 RECIPE_VERSION = 2
 """2: views are op compositions with resolution-free parameters (format 3 caches)."""
 Interpolation = Literal["bilinear", "bicubic", "nearest"]
-INTERPOLATIONS = {
+INTERPOLATIONS: dict[Interpolation, InterpolationMode] = {
     "bilinear": InterpolationMode.BILINEAR,
     "bicubic": InterpolationMode.BICUBIC,
     "nearest": InterpolationMode.NEAREST,
@@ -95,15 +95,15 @@ class ViewRecipe(StrictModel):
     name: Literal["rrc_flip", "center"] = "rrc_flip"
     """The geometry: ``rrc_flip`` (RandomResizedCrop + horizontal flip, torchvision's draw) or
     ``center`` (a centred square of ``crop_pct`` of the shorter side, for evaluation sets)."""
-    size: int = Field(224, ge=1)
+    size: int = Field(default=224, ge=1)
     """Default output side in pixels (a model may render at its own, see ``Rendering``)."""
     scale: tuple[float, float] = (0.08, 1.0)
     """rrc_flip: range of the crop's area as a fraction of the image."""
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     """rrc_flip: range of the crop's aspect ratio (w / h)."""
-    flip_prob: float = Field(0.5, ge=0.0, le=1.0)
+    flip_prob: float = Field(default=0.5, ge=0.0, le=1.0)
     """rrc_flip: probability of a horizontal flip."""
-    crop_pct: float = Field(0.875, gt=0.0, le=1.0)
+    crop_pct: float = Field(default=0.875, gt=0.0, le=1.0)
     """center: the crop's side as a fraction of the image's shorter side (timm's crop_pct)."""
     interpolation: Interpolation = "bilinear"
     """Default resampling of the crop."""
@@ -257,9 +257,10 @@ class View:
     @property
     def mix_box(self) -> np.ndarray:
         """The pasted box (top, left, height, width in 1/255 of the side; zeros for Mixup)."""
-        if not self.cutmix:
+        center = self.mix_center
+        if not self.cutmix or center is None:  # cutmix implies a centre
             return np.zeros(4, np.int64)
-        return cutmix_boxes(self.mix_center, self.mix_lam)
+        return cutmix_boxes(center, self.mix_lam)
 
     @property
     def lam(self) -> float:
@@ -310,9 +311,10 @@ class ViewParams:
         partner = get("mix_partner")
         lam = get("mix_lam")
         center = get("mix_center")
+        box = self.arrays["crop"][row, a]  # top, left, height, width
         return View(
             image_hw=(int(self.image_hw[row, 0]), int(self.image_hw[row, 1])),
-            crop=tuple(int(v) for v in self.arrays["crop"][row, a]),
+            crop=(int(box[0]), int(box[1]), int(box[2]), int(box[3])),
             flip=bool(self.arrays["flip"][row, a]),
             policy=None if policy is None else policy[row, a],
             jitter=None if jitter is None else jitter[row, a],
