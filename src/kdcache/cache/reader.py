@@ -148,7 +148,8 @@ def read_block(
         views=views,
     )
     if check_values:
-        require_in_range(store, "labels", block.labels[block.status == STATUS_VALID], name)
+        valid_labels = block.labels[block.status == STATUS_VALID]
+        require_in_range(store, "labels", valid_labels, name, low=NO_LABEL)
     for teacher in teachers:
         block.teachers[teacher] = read_teacher_rows(store, teacher, rows, name, check_values)
     return block
@@ -212,15 +213,17 @@ def require_targets_in_range(
         )
 
 
-def require_in_range(store: CacheStore, path: str, values: np.ndarray, shard: str) -> None:
-    """Every value a class index or label in ``[0, C)``, else a CacheReadError naming the array
-    and the shard."""
+def require_in_range(
+    store: CacheStore, path: str, values: np.ndarray, shard: str, low: int = 0
+) -> None:
+    """Every value a class index in ``[low, C)`` (labels: ``low`` -1, a sample without one),
+    else a CacheReadError naming the array and the shard."""
     classes = store.meta.num_classes
-    bad = (values < 0) | (values >= classes)
+    bad = (values < low) | (values >= classes)
     if bad.any():
         raise CacheReadError(
             f"cache {store.path!r}: {path!r} of shard {shard!r} holds {int(values[bad].flat[0])}, "
-            f"outside the {classes} classes [0, {classes}) ({int(bad.sum())} value(s)); "
+            f"outside the {classes} classes [{low}, {classes}) ({int(bad.sum())} value(s)); "
             f"{OUT_OF_RANGE}"
         )
 
@@ -238,6 +241,8 @@ def read_path(store: CacheStore, path: str, rows: slice | tuple, shard: str) -> 
         ) from exc
 
 
+NO_LABEL = -1
+"""The label of a valid row whose sample has none (``labels`` holds -1)."""
 REPAIR = "`kdcache validate` lists the damage; a `kdcache precompute` rerun redoes the shard"
 OUT_OF_RANGE = (
     "the values pass their checksum, so the cache was altered or written by other code: "

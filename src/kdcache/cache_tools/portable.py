@@ -32,7 +32,7 @@ import numpy as np
 from kdcache.cache.reader import read_block
 from kdcache.cache.store import CacheStore, TeacherMeta, open_store
 from kdcache.core.errors import CacheError, ConfigError
-from kdcache.models.weights import is_remote
+from kdcache.models.weights import needs_local_copy
 
 CARD = "README.md"
 WEIGHTS = "weights"
@@ -217,7 +217,7 @@ def shipped_name(checkpoint: str, digest: str) -> str:
 def shipped_checkpoint(cache_path: str, checkpoint: str | None, digest: str) -> str | None:
     """``checkpoint`` when it exists here (or is a URL), else its copy shipped in the cache's
     ``weights/`` when there is one, else ``checkpoint`` (whose error then names it)."""
-    if not checkpoint or is_remote(checkpoint):
+    if not checkpoint or needs_local_copy(checkpoint):
         return checkpoint
     if Path(checkpoint.removeprefix("file://")).is_file():
         return checkpoint
@@ -270,7 +270,7 @@ def _weight_files(store: CacheStore) -> dict[str, tuple[str, str]]:
         meta = store.teacher_meta(name)
         recorded = meta.model.get("checkpoint")
         found = shipped_checkpoint(store.path, recorded, meta.weights_digest)
-        if found and not is_remote(found) and Path(found.removeprefix("file://")).is_file():
+        if found and not needs_local_copy(found) and Path(found.removeprefix("file://")).is_file():
             local = found.removeprefix("file://")
             out[name] = (local, shipped_name(recorded, meta.weights_digest))
     return out
