@@ -204,3 +204,19 @@ def test_unreadable_teacher_attributes_are_an_error_naming_the_teacher(store):
         r"\(1 problem\(s\), e.g. k: Input should be a valid integer",
     ):
         open_store(store.path).teacher_meta("t")
+
+
+def test_an_identity_saved_before_a_field_existed_matches_when_the_cache_lacks_it_too():
+    """A run saved by an earlier kdcache (no teachers' ``created``) resumes on the same cache;
+    a field that differs is still named."""
+    from kdcache.cache.store import identity_differences
+
+    rendering = {"size": 28, "interpolation": "bilinear", "mean": [0.3], "std": [0.3]}
+    teacher = {"weights_digest": "w", "k": 10, "rendering": rendering}
+    saved = {"path": "a", "creation_id": None, "teachers": {"big": teacher}}
+    current = {"path": "b", "teachers": {"big": {**teacher, "created": None}}}
+    assert identity_differences(saved, current) == []
+    rebuilt = {"path": "b", "teachers": {"big": {**teacher, "created": "id2"}}}
+    assert identity_differences(saved, rebuilt) == [
+        f"teachers: {{'big': {teacher!r}}} vs {{'big': {rebuilt['teachers']['big']!r}}}"
+    ]

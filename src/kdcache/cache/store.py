@@ -510,12 +510,22 @@ def cache_identity(store: CacheStore, teachers: list[str] | None = None) -> dict
 
 def identity_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """``field: saved vs current`` for every field of two :func:`cache_identity` dicts that differs
-    (the path is not compared: a cache may move)."""
+    (the path is not compared: a cache may move). A field an identity saved by an earlier
+    kdcache lacks counts as None, as in a cache made before that field existed."""
+    saved = _known(saved)
+    current = _known(current)
     return [
         f"{key}: {saved.get(key)!r} vs {current.get(key)!r}"
         for key in sorted(set(saved) | set(current))
         if key != "path" and saved.get(key) != current.get(key)
     ]
+
+
+def _known(value: Any) -> Any:
+    """``value`` with every None-valued dict entry left out, at any depth."""
+    if isinstance(value, dict):
+        return {k: _known(v) for k, v in value.items() if v is not None}
+    return value
 
 
 def check_same_cache(
