@@ -209,7 +209,8 @@ def test_values_out_of_range_are_refused_by_every_reader_naming_the_array(
     stored = store.group[array][rows.start : rows.stop]
     stored[0] = value  # a valid row (every row of these shards is labelled): checksums stay valid
     store.group[array][rows.start : rows.stop] = stored
-    named = rf"'{array}' of shard 'train-000001.tar' holds {value}, outside the 4 classes \[-?[01], 4\)"
+    shard = "'train-000001.tar'"
+    named = rf"'{array}' of shard {shard} holds {value}, outside the 4 classes \[-?[01], 4\)"
     with pytest.raises(CacheReadError, match=named):  # the trainer's read
         read_block(open_store(path), 1, ["weak", "strong"])
     capsys.readouterr()
