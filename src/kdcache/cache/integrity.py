@@ -34,7 +34,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import zarr
@@ -155,7 +155,12 @@ async def _list_prefix(array: zarr.Array) -> list[str]:
     store = array.store_path.store
     prefix = array.store_path.path
     if isinstance(store, FsspecStore):
-        found = await store.fs._find(f"{store.path}/{prefix}", detail=True, withdirs=False)
+        # fsspec's _find is unannotated: its inferred return type joins the name list of
+        # detail=False to the {path: info} dict that detail=True returns
+        found = cast(
+            "dict[str, dict[str, Any]]",
+            await store.fs._find(f"{store.path}/{prefix}", detail=True, withdirs=False),
+        )
         return [
             path.removeprefix(f"{store.path}/")
             for path, info in found.items()

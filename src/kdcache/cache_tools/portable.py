@@ -25,9 +25,11 @@ import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import cast
 
 import fsspec
 import numpy as np
+from fsspec.core import OpenFile
 
 from kdcache.cache.reader import read_block
 from kdcache.cache.store import CacheStore, TeacherMeta, open_store
@@ -200,7 +202,8 @@ def _teacher_row(card: TeacherCard) -> str:
 def write_card(cache_path: str) -> str:
     """Write ``<cache>/README.md``; returns its text."""
     text = cache_card(open_store(cache_path))
-    with fsspec.open(f"{cache_path.rstrip('/')}/{CARD}", "w") as stream:
+    # a cast: fsspec.open is unannotated, so pyright infers a list too (one path: one file)
+    with cast(OpenFile, fsspec.open(f"{cache_path.rstrip('/')}/{CARD}", "w")) as stream:
         stream.write(text)
     return text
 
@@ -269,6 +272,8 @@ def _weight_files(store: CacheStore) -> dict[str, tuple[str, str]]:
     for name in store.teachers:
         meta = store.teacher_meta(name)
         recorded = meta.model.get("checkpoint")
+        if not recorded:  # from the hub: no file to ship
+            continue
         found = shipped_checkpoint(store.path, recorded, meta.weights_digest)
         if found and not needs_local_copy(found) and Path(found.removeprefix("file://")).is_file():
             local = found.removeprefix("file://")
@@ -351,7 +356,8 @@ def unpack_cache(archive: str, out_dir: str | Path, *, overwrite: bool = False) 
 def _extract(archive: str, out: Path) -> tuple[dict[str, dict], dict]:
     seen: dict[str, dict] = {}
     manifest: dict | None = None
-    with fsspec.open(archive, "rb") as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+    opened = cast(OpenFile, fsspec.open(archive, "rb"))  # unannotated: see write_card
+    with opened as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
         for member in tar:
             name = _safe_name(archive, member)
             source = tar.extractfile(member)

@@ -36,13 +36,18 @@ def _class_docs(klass: type) -> dict[str, str]:
         tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
     except (OSError, TypeError, SyntaxError):  # defined where no source is kept
         return {}
-    body = tree.body[0].body
+    klass_def = tree.body[0]
+    assert isinstance(klass_def, ast.ClassDef)  # the source of a class is its class statement
+    body = klass_def.body
     docs = {}
     for node, after in zip(body, body[1:], strict=False):
-        documented = isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
-        documented = documented and isinstance(after.value.value, str)
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and documented:
-            docs[node.target.id] = inspect.cleandoc(after.value.value)
+        if not (isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)):
+            continue
+        doc = after.value.value
+        if not isinstance(doc, str):
+            continue
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            docs[node.target.id] = inspect.cleandoc(doc)
     return docs
 
 

@@ -70,15 +70,16 @@ def _base(
 ) -> tuple[dict, dict[str, str]]:
     """The fields a config's ``render`` leaves out, and their sources."""
     source = spec.source
-    timm_model = model is not None and model.source == "timm"
-    if source == "auto" and timm_model and model.name.startswith(LOCAL_DIR):
-        return _local_dir_base(model, recipe)
-    if source == "auto" and timm_model and model.pretrained and _overlay_file(model):
-        return _overlay_base(spec, recipe, model, key)
+    timm_model = model if model is not None and model.source == "timm" else None
+    if source == "auto" and timm_model and timm_model.name.startswith(LOCAL_DIR):
+        return _local_dir_base(timm_model, recipe)
+    if source == "auto" and timm_model and timm_model.pretrained and _overlay_file(timm_model):
+        return _overlay_base(spec, recipe, timm_model, key)
     if source == "auto":
-        source = "timm" if timm_model and model.pretrained else "recipe"
+        source = "timm" if timm_model and timm_model.pretrained else "recipe"
     if source == "timm":
         fields = timm_rendering(model, recipe, key).model_dump()
+        assert model is not None  # timm_rendering raises a ConfigError without a timm model
         return fields, dict.fromkeys(FIELDS, f"timm pretrained_cfg of {model.name!r}")
     return recipe.rendering().model_dump(), dict.fromkeys(FIELDS, "recipe")
 
@@ -122,8 +123,7 @@ def _overlay_base(
             f"/ std, or input_size / interpolation / mean / std in pretrained_cfg_overlay), or "
             f"set {key}.source: timm (the hub's) or recipe"
         )
-    origin = dict.fromkeys(FIELDS, "config pretrained_cfg_overlay")
-    return stated, origin
+    return stated, dict.fromkeys(FIELDS, "config pretrained_cfg_overlay")
 
 
 def _local_dir_base(model: ModelSpec, recipe: ViewRecipe) -> tuple[dict, dict[str, str]]:

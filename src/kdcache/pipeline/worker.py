@@ -289,7 +289,7 @@ class ShardWorker:
             forward,
             task.make_views,
             task.teachers,
-            {name: tuple(int(c) for c in counts) for name, counts in self.hits.items()},
+            {name: (int(a), int(b), int(c), int(d)) for name, (a, b, c, d) in self.hits.items()},
         )
         logger.debug("%s", result)
         return result

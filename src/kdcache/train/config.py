@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, cast
 
 from pydantic import ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -228,9 +228,12 @@ def timm_name(name: str) -> str:
 
 def timm_optimizers() -> list[str]:
     """The optimizer names timm's factory builds."""
-    from timm.optim import list_optimizers
+    # timm.optim re-exports it without __all__ or an alias, which pyright reads as private
+    from timm.optim import list_optimizers  # pyright: ignore[reportPrivateImportUsage]
 
-    return list_optimizers()
+    # a cast: timm types the names and the (name, description) pairs of with_description=True
+    # as one list; without it every item is a name
+    return cast("list[str]", list_optimizers())
 
 
 class OptimizerConfig(StrictModel):

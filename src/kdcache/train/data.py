@@ -48,7 +48,7 @@ import itertools
 import logging
 import math
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -255,7 +255,9 @@ class _Group:
     rendered: dict[int, dict[str, torch.Tensor]] | None = None
     """``id(item)`` -> its rendered views, once the group is rendered."""
 
-    def take(self, item: _Item, render_all: Any) -> dict[str, torch.Tensor]:
+    def take(
+        self, item: _Item, render_all: Callable[[list[_Item]], dict[int, dict[str, torch.Tensor]]]
+    ) -> dict[str, torch.Tensor]:
         """The item's rendered views (``render_all(items)`` renders the group on first use)."""
         if self.rendered is None:
             self.rendered = render_all(self.items)
@@ -683,20 +685,19 @@ class ShardStream(IterableDataset):
                 STUDENT: render(image, center_view(hw, spec.recipe), spec.recipe, spec.rendering)
             }
         view = self._view(item, item.row, item.key, hw, item.partners)
-        partner_view = None
+        partner: tuple[str, torch.Tensor, View] | None = None  # its key, image and view if mixed
         if view.mixed:
             if item.partner is None or other is None:
                 raise CacheMismatchError(f"key {item.key!r}: mixed view without its partner sample")
             other_hw = (int(other.shape[-2]), int(other.shape[-1]))
             partner_view = self._view(item, item.partner_row, item.partner.key, other_hw, ())
+            partner = (item.partner.key, other, partner_view)
         bases = {} if bases is None else bases
         out = {}
         for name, rendering in ((STUDENT, spec.rendering), *spec.teacher_renderings):
             pixels = self._base(bases, item, item.key, image, view, (name, rendering))
-            if view.mixed:  # views mix unmixed renderings: the partner's own mixing is ignored
-                theirs = self._base(
-                    bases, item, item.partner.key, other, partner_view, (name, rendering)
-                )
+            if partner is not None:  # mixed: views mix unmixed renderings, not the partner's
+                theirs = self._base(bases, item, *partner, (name, rendering))
                 pixels = apply_mix(pixels, theirs, view.mix_lam, view.mix_box)
             out[name] = pixels
         if spec.unseen is not None:  # on a copy: the memoised rendering may be a partner's too

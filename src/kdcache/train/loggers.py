@@ -162,6 +162,7 @@ class WandbLogger:
         log.info("W&B run %s (%s)", run_id, self.run.dir)
 
     def write(self, line: dict[str, Any]) -> None:
+        assert self.run is not None, "W&B logger written to before start or after close"
         self.run.log(scalars(line), step=line["step"])
 
     def close(self) -> None:
@@ -200,6 +201,7 @@ class MlflowLogger:
         log.info("MLflow run %s in experiment %r", self.run_id, self.cfg.experiment)
 
     def _create(self) -> str:
+        assert self.client is not None, "MLflow run created before its client"
         found = self.client.get_experiment_by_name(self.cfg.experiment)
         experiment = (
             found.experiment_id if found else self.client.create_experiment(self.cfg.experiment)
@@ -209,6 +211,7 @@ class MlflowLogger:
         return run.info.run_id
 
     def write(self, line: dict[str, Any]) -> None:
+        assert self.client is not None, "MLflow logger written to before start or after close"
         now = int(time.time() * 1000)
         metrics = [
             self.entities.Metric(name, value, now, line["step"])

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from kdcache.cache.reader import ShardBlock, read_block, read_path
 from kdcache.cache.store import CacheStore, open_store
-from kdcache.core.errors import CacheMismatchError, DataError
+from kdcache.core.errors import CacheMismatchError, ConfigError, DataError
 from kdcache.shards.reading import decode_image
 from kdcache.targets.sparse import SparseTargets, targets_from_arrays
 from kdcache.train.config import TrainConfig, load_train_config
@@ -91,6 +91,8 @@ class CacheReader:
         rendering and the run seed."""
         if not isinstance(config, TrainConfig):
             config = load_train_config(config, list(overrides))
+        if not config.cache.path:
+            raise ConfigError("cache.path: a CacheReader reads a cache, and the config names none")
         store = open_store(config.cache.path, "r", config.cache.storage_options or None)
         rendering = student_rendering(config, store.meta.recipe)
         teachers = _teachers_of(config)
@@ -192,7 +194,7 @@ class CacheReader:
         partner = None
         if params.mixed:
             if partner_image is None:
-                other_key = self.partner(key, view)[0]
+                other_key = str(block.keys[row + params.mix_partner])  # as partner() names it
                 raise DataError(
                     f"key {key!r}, view {view}: mixed with {other_key!r}; pass its image"
                 )

@@ -148,7 +148,8 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optim
 def build_timm_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
     """``timm.optim.create_optimizer_v2`` with the config's settings: ``eps`` and ``betas`` only
     where the config sets them (timm's defaults differ per optimizer), ``kwargs`` as given."""
-    from timm.optim import create_optimizer_v2
+    # timm.optim re-exports it without __all__ or an alias, which pyright reads as private
+    from timm.optim import create_optimizer_v2  # pyright: ignore[reportPrivateImportUsage]
 
     extra = {k: getattr(cfg, k) for k in ("eps", "betas") if k in cfg.model_fields_set}
     return create_optimizer_v2(
@@ -168,7 +169,7 @@ def timm_lr(segment: Segment, progress: float, updates_per_epoch: int) -> float:
     """The peak-relative LR of a timm scheduler at ``progress`` epochs into the segment: timm's
     scheduler over a one-parameter optimizer, stepped per update (``step_update``), so the LR
     stays a pure function of the progress."""
-    from timm.scheduler import create_scheduler_v2
+    from timm.scheduler.scheduler_factory import create_scheduler_v2
 
     sched = segment.scheduler
     probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=segment.optimizer.lr)
@@ -181,7 +182,8 @@ def timm_lr(segment: Segment, progress: float, updates_per_epoch: int) -> float:
         decay_rate=sched.gamma,
         min_lr=sched.min_lr,
         warmup_lr=sched.warmup_start * segment.optimizer.lr,
-        warmup_epochs=sched.warmup_epochs,
+        # timm annotates an int, but steps per update here: it scales by updates_per_epoch
+        warmup_epochs=sched.warmup_epochs,  # pyright: ignore[reportArgumentType]
         step_on_epochs=False,
         updates_per_epoch=updates_per_epoch,
         **sched.kwargs,

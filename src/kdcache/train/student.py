@@ -7,6 +7,7 @@ import copy
 import logging
 import os
 import shutil
+from typing import cast
 
 import torch
 from torch import nn
@@ -48,7 +49,9 @@ def wrap_ddp(model: nn.Module, dist: DistInfo) -> nn.Module:
 def compile_unsupported(device: torch.device) -> str | None:
     """Why ``torch.compile`` cannot run here (None: it can): dynamo's own platform check, and on
     CPU a C++ compiler for inductor's kernels."""
-    if not torch._dynamo.is_dynamo_supported():
+    from torch._dynamo.eval_frame import is_dynamo_supported  # torch._dynamo lacks it in __all__
+
+    if not is_dynamo_supported():
         return f"torch {torch.__version__} cannot compile on this Python or platform"
     compilers = (os.environ.get("CXX"), "c++", "g++", "clang++")
     if device.type == "cpu" and not any(c and shutil.which(c) for c in compilers):
@@ -64,7 +67,9 @@ def compile_student(module: nn.Module, device: torch.device) -> nn.Module:
         log.warning("run.compile: %s; training the student uncompiled", reason)
         return module
     log.info("run.compile: compiling the student with torch.compile (the first steps are slow)")
-    return torch.compile(module)
+    # a cast: torch types compile's result as the callable it was given; a Module gives an
+    # OptimizedModule, a Module itself
+    return cast(nn.Module, torch.compile(module))
 
 
 def check_student(

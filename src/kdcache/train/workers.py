@@ -26,9 +26,10 @@ class DataLoaderWorkerError(KdcacheError, RuntimeError):
 def worker_death(exc: BaseException, run_dir: str) -> DataLoaderWorkerError | None:
     """The one-line error for torch's report of a dead DataLoader worker; None for anything else."""
     found = None
-    while exc is not None and found is None:
-        found = _DEATH.search(str(exc)) if isinstance(exc, RuntimeError) else None
-        exc = exc.__cause__ or exc.__context__
+    link: BaseException | None = exc  # down the chain of causes and contexts
+    while link is not None and found is None:
+        found = _DEATH.search(str(link)) if isinstance(link, RuntimeError) else None
+        link = link.__cause__ or link.__context__
     if found is None:
         return None
     how = (
