@@ -54,6 +54,7 @@ if TYPE_CHECKING:  # what type checkers and editors see; at run time __getattr__
         VerifyResult,
         read_run_records,
     )
+    from kdcache.models.build import ModelSpec, build_model
     from kdcache.targets.sparse import (
         MixedLabels,
         SparseTargets,
@@ -87,6 +88,8 @@ if TYPE_CHECKING:  # what type checkers and editors see; at run time __getattr__
         wsl,
         wsl_parts,
     )
+    from kdcache.train.random_access import CacheReader, ViewDataset
+    from kdcache.train.schedule import Segment, build_optimizer, lr_at, optimizer_segments
 
 __version__ = "0.2.0"
 
@@ -172,6 +175,14 @@ __all__ = [  # as _PUBLIC; a test checks it against _PUBLIC and the TYPE_CHECKIN
     "registered_losses",
     "TrainConfig",
     "load_train_config",
+    "lr_at",
+    "optimizer_segments",
+    "build_optimizer",
+    "Segment",
+    "CacheReader",
+    "ViewDataset",
+    "build_model",
+    "ModelSpec",
     "PrecomputeResult",
     "TrainResult",
     "ValidateResult",

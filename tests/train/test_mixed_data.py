@@ -60,9 +60,9 @@ def decodes(monkeypatch):
     """Every image the data path decodes (the real decoder, counted)."""
     seen: list[bytes] = []
 
-    def counting(image: bytes, channels: int) -> torch.Tensor:
+    def counting(image: bytes, channels: int, max_pixels: int | None = None) -> torch.Tensor:
         seen.append(image)
-        return decode_image(image, channels)
+        return decode_image(image, channels, max_pixels)
 
     monkeypatch.setattr(data_module, "decode_image", counting)
     return seen

@@ -170,7 +170,10 @@ def test_csv_wandb_and_mlflow_loggers_follow_a_resumed_run(world, tmp_path, monk
     assert client.get_run(run_id).info.status == "FINISHED"
     wandb_id = (cut / "wandb_id").read_text()
     offline = sorted((cut / "wandb").glob(f"offline-run-*-{wandb_id}"))
-    assert len(offline) == 2  # the stopped run and its resumption, under one W&B id
+    # the stopped run and its resumption, under one W&B id: one folder each, or a shared one
+    # when both started within the same second (W&B names offline folders by the second)
+    assert 1 <= len(offline) <= 2
+    assert len(list((cut / "wandb").glob("offline-run-*"))) == len(offline)
 
 
 def test_a_missing_logger_package_is_named_with_its_extra(world, tmp_path, monkeypatch):
