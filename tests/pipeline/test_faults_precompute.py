@@ -81,7 +81,7 @@ def write_lock(cache: Path, **fields) -> None:
         "pid": 1,
         "token": "someone-else",
         "boot_id": _boot_id(),
-        "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": "kdcache precompute other.yaml",
         **fields,
     }

@@ -92,7 +92,7 @@ class LockHolder:
             host=platform.node(),
             pid=os.getpid(),
             token=uuid.uuid4().hex,
-            time=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            time=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             boot_id=_boot_id(),
             start=_start_time(os.getpid()),
             command=redacted_command(sys.argv)[:300],

@@ -255,7 +255,7 @@ def creation_info() -> dict[str, Any]:
     from kdcache import __version__
 
     return {
-        "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "time": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "id": uuid.uuid4().hex,  # tells apart two caches created at one path in one second
         "kdcache": __version__,
         "torch": torch.__version__,

@@ -244,7 +244,7 @@ class PrecomputeResult(Result):
 def run_id(started: _dt.datetime, host: str, pid: int) -> str:
     """``<UTC time to the millisecond>-<host>-<pid>``: sortable in time, unique per driver (the
     writer lock allows one per cache at a time)."""
-    utc = started.astimezone(_dt.timezone.utc)
+    utc = started.astimezone(_dt.UTC)
     stamp = f"{utc:%Y%m%dT%H%M%S}.{utc.microsecond // 1000:03d}Z"
     return f"{stamp}-{re.sub(r'[^A-Za-z0-9-]+', '-', host) or 'host'}-{pid}"
 
@@ -288,11 +288,11 @@ def versions() -> dict[str, str]:
 
 
 def utc_now() -> _dt.datetime:
-    return _dt.datetime.now(_dt.timezone.utc)
+    return _dt.datetime.now(_dt.UTC)
 
 
 def iso(moment: _dt.datetime) -> str:
-    return moment.astimezone(_dt.timezone.utc).isoformat(timespec="milliseconds")
+    return moment.astimezone(_dt.UTC).isoformat(timespec="milliseconds")
 
 
 def host_and_pid() -> tuple[str, int]:
