@@ -149,7 +149,7 @@ def test_a_run_record_names_a_stored_ensemble_by_its_models(world):
     models = {run.name: run.model for run in record.teachers}
     name = world["specs"]["a"].name
     assert models["a"] == name
-    assert models["ens"] == f"ensemble({name},{world['specs']['b'].name})"
+    assert models["ens"] == f"ensemble({name}, {world['specs']['b'].name})"
 
 
 def drawn_again(world, teacher: str, temperatures: list[float], tau: float = 1.0):

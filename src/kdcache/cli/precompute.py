@@ -101,11 +101,12 @@ def teacher_lines(result: PrecomputeResult) -> list[str]:
     for run in result.teachers:
         if run.top1 is None:
             continue
-        unmixed = f" ({run.top1_unmixed:.1%} on {run.unmixed_checked} unmixed)"
+        unmixed = ""
+        if run.top1_unmixed is not None:  # None: every view of the run was mixed
+            unmixed = f" ({run.top1_unmixed:.1%} on {run.unmixed_checked} unmixed)"
         lines.append(
             f"  teacher {run.name}: top-1 {run.top1:.1%} on {run.views_checked} views"
-            f"{unmixed if run.top1_unmixed is not None else ''}; check: {run.check}; "
-            f"renders at {run.rendering}"
+            f"{unmixed}; check: {run.check}; renders at {run.rendering}"
         )
     return lines
 

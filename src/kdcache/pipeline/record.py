@@ -66,7 +66,7 @@ def model_name(teacher: TeacherPlan) -> str:
     (no spec of its own) ``ensemble(<model>,...)``."""
     if teacher.spec is not None:
         return teacher.spec.name
-    return "ensemble(" + ",".join(m.spec.name for m in teacher.members) + ")"
+    return "ensemble(" + ", ".join(m.spec.name for m in teacher.members) + ")"
 
 
 def finish(result: PrecomputeResult, status: PrecomputeStatus, error: str = "") -> PrecomputeResult:
