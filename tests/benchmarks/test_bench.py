@@ -345,6 +345,7 @@ def test_background_stops_its_thread_when_the_consumer_stops_early():
     assert threading.active_count() == before
 
 
+@pytest.mark.slow  # trains 7 teachers and ~20 students, even at --quick sizes
 @pytest.mark.skipif(
     not __import__("os").path.exists(FMNIST), reason="needs the dataset-fashion-mnist package"
 )
