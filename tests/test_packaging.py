@@ -36,10 +36,9 @@ def run(args: list[str], cwd: Path, timeout: int = 120) -> subprocess.CompletedP
 def test_the_wheel_installs_kdcache_only(tmp_path) -> None:
     source = tmp_path / "source"  # a copy: pip builds in the tree, leaving build/ behind
     source.mkdir()
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(REPO / name, source / name)
-    for name in ("cache_tools", "pipeline", "train"):
-        shutil.copytree(REPO / name, source / name, ignore=IGNORE)
+    shutil.copytree(REPO / "src", source / "src", ignore=IGNORE)
     wheel_dir = tmp_path / "wheel"
     command = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
     built = run([*command, "-w", str(wheel_dir), str(source)], cwd=tmp_path, timeout=300)
@@ -52,8 +51,10 @@ def test_the_wheel_installs_kdcache_only(tmp_path) -> None:
         "kdcache/pipeline/worker.py",
         "kdcache/train/trainer.py",
         "kdcache/cli/__init__.py",
-        "kdcache/tools/stats.py",
+        "kdcache/cache_tools/stats.py",
+        "kdcache/cache/store.py",
         "kdcache/__main__.py",
+        "kdcache/py.typed",
     ):
         assert module in names
 
