@@ -361,7 +361,8 @@ def _extract(archive: str, out: Path) -> tuple[dict[str, dict], dict]:
         for member in tar:
             name = _safe_name(archive, member)
             source = tar.extractfile(member)
-            assert source is not None  # a regular file (checked by _safe_name)
+            if source is None:  # _safe_name admits regular files only, which always extract
+                raise CacheError(f"{archive}: member {name!r} cannot be read")
             if name == PACK_MANIFEST:
                 manifest = json.loads(source.read())
                 continue

@@ -404,7 +404,8 @@ def teacher_models(
 def shipped_members(store: CacheStore, meta: TeacherMeta) -> TeacherMeta:
     """A stored ensemble's metadata with each member's checkpoint found as
     :func:`~kdcache.cache_tools.portable.shipped_checkpoint` finds one."""
-    assert meta.ensemble is not None
+    if meta.ensemble is None:
+        return meta
     members = []
     for member in meta.ensemble.members:
         found = shipped_checkpoint(

@@ -36,8 +36,9 @@ def _class_docs(klass: type) -> dict[str, str]:
         tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
     except (OSError, TypeError, SyntaxError):  # defined where no source is kept
         return {}
-    klass_def = tree.body[0]
-    assert isinstance(klass_def, ast.ClassDef)  # the source of a class is its class statement
+    klass_def = tree.body[0] if tree.body else None
+    if not isinstance(klass_def, ast.ClassDef):  # the source of a class is its class statement
+        return {}
     body = klass_def.body
     docs = {}
     for node, after in zip(body, body[1:], strict=False):

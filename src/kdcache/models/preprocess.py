@@ -78,9 +78,9 @@ def _base(
     if source == "auto":
         source = "timm" if timm_model and timm_model.pretrained else "recipe"
     if source == "timm":
-        fields = timm_rendering(model, recipe, key).model_dump()
-        assert model is not None  # timm_rendering raises a ConfigError without a timm model
-        return fields, dict.fromkeys(FIELDS, f"timm pretrained_cfg of {model.name!r}")
+        fields = timm_rendering(model, recipe, key).model_dump()  # a ConfigError without a model
+        name = model.name if model is not None else "?"
+        return fields, dict.fromkeys(FIELDS, f"timm pretrained_cfg of {name!r}")
     return recipe.rendering().model_dump(), dict.fromkeys(FIELDS, "recipe")
 
 

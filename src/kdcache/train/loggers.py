@@ -162,7 +162,7 @@ class WandbLogger:
         log.info("W&B run %s (%s)", run_id, self.run.dir)
 
     def write(self, line: dict[str, Any]) -> None:
-        assert self.run is not None, "W&B logger written to before start or after close"
+        self.run = _started(self.run, "W&B")
         self.run.log(scalars(line), step=line["step"])
 
     def close(self) -> None:
@@ -201,7 +201,7 @@ class MlflowLogger:
         log.info("MLflow run %s in experiment %r", self.run_id, self.cfg.experiment)
 
     def _create(self) -> str:
-        assert self.client is not None, "MLflow run created before its client"
+        self.client = _started(self.client, "MLflow")
         found = self.client.get_experiment_by_name(self.cfg.experiment)
         experiment = (
             found.experiment_id if found else self.client.create_experiment(self.cfg.experiment)
@@ -211,7 +211,7 @@ class MlflowLogger:
         return run.info.run_id
 
     def write(self, line: dict[str, Any]) -> None:
-        assert self.client is not None, "MLflow logger written to before start or after close"
+        self.client = _started(self.client, "MLflow")
         now = int(time.time() * 1000)
         metrics = [
             self.entities.Metric(name, value, now, line["step"])
@@ -223,3 +223,11 @@ class MlflowLogger:
         if self.client is not None and self.run_id is not None:
             self.client.set_terminated(self.run_id)
             self.client = None
+
+
+def _started(handle: Any, what: str) -> Any:
+    """The logger's open run or client; a logger used before ``start`` or after ``close`` is a
+    bug of the caller, said as an error (not an assert: those can be switched off)."""
+    if handle is None:
+        raise RuntimeError(f"the {what} logger was used before start() or after close()")
+    return handle
