@@ -37,10 +37,10 @@ from typing import Literal
 import numpy as np
 import torch
 from pydantic import Field, model_validator
-from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from kdcache.core.config import StrictModel
+from kdcache.views.kernels import GEOMETRIC, equalize, warp
 
 LEVEL_STEPS = 8
 """timm op sets store the (noisy, continuous) magnitude level in 1/8 steps: 0 .. 31.875."""
@@ -478,67 +478,38 @@ def _bin_value(name: str, bin_: int, negate: bool, bins: int, wide: bool) -> flo
 
 
 def apply_op(image: torch.Tensor, name: str, value: float, fill: list[float]) -> torch.Tensor:
-    """One policy op on ``uint8[C, H, W]`` (bilinear geometry, ``fill`` outside the image)."""
-    height, width = int(image.shape[-2]), int(image.shape[-1])
-    bilinear = InterpolationMode.BILINEAR
-    if name in ("ShearX", "ShearY"):
-        shear = (
-            [math.degrees(math.atan(value)), 0.0]
-            if name == "ShearX"
-            else [0.0, math.degrees(math.atan(value))]
-        )
-        return F.affine(
-            image,
-            angle=0.0,
-            translate=[0, 0],
-            scale=1.0,
-            shear=shear,
-            interpolation=bilinear,
-            fill=fill,
-            center=[0, 0],
-        )
-    if name in ("TranslateX", "TranslateY"):
-        shift: list[float] = (
-            [int(round(value * width)), 0]
-            if name == "TranslateX"
-            else [0, int(round(value * height))]
-        )
-        return F.affine(
-            image,
-            angle=0.0,
-            translate=shift,
-            scale=1.0,
-            shear=[0.0, 0.0],
-            interpolation=bilinear,
-            fill=fill,
-        )
-    if name == "Rotate":
-        return F.rotate(image, value, interpolation=bilinear, fill=fill)
+    """One policy op on ``uint8[C, H, W]`` (bilinear geometry, ``fill`` outside the image):
+    torchvision's kernels, the geometric ops and Equalize through :mod:`~kdcache.views.kernels`
+    (the same pixels, without the per-call set-up)."""
+    if name in GEOMETRIC:
+        return warp(image, name, value, fill)
     return _apply_pixel_op(image, name, value)
 
 
 def _apply_pixel_op(image: torch.Tensor, name: str, value: float) -> torch.Tensor:
+    """A pixel op through torchvision's image kernels (called directly: the dispatch of
+    ``F.adjust_*`` to them costs as much as the op on a small image)."""
     if name == "Brightness":
-        return F.adjust_brightness(image, value)
+        return F.adjust_brightness_image(image, value)
     if name == "Color":
-        return F.adjust_saturation(image, value)
+        return F.adjust_saturation_image(image, value)
     if name == "Contrast":
-        return F.adjust_contrast(image, value)
+        return F.adjust_contrast_image(image, value)
     if name == "Sharpness":
-        return F.adjust_sharpness(image, value)
+        return F.adjust_sharpness_image(image, value)
     if name == "Posterize":
-        return F.posterize(image, int(value)) if value < 8 else image
+        return F.posterize_image(image, int(value)) if value < 8 else image
     if name == "Solarize":
-        return F.solarize(image, value) if value <= 255 else image
+        return F.solarize_image(image, value) if value <= 255 else image
     if name == "SolarizeAdd":
         added = (image.to(torch.int16) + int(value)).clamp_max(255).to(torch.uint8)
         return torch.where(image < 128, added, image)
     if name == "AutoContrast":
-        return F.autocontrast(image)
+        return F.autocontrast_image(image)
     if name == "Equalize":
-        return F.equalize(image)
+        return equalize(image)
     if name == "Invert":
-        return F.invert(image)
+        return F.invert_image(image)
     return image  # Identity
 
 
@@ -556,7 +527,12 @@ def apply_jitter(image: torch.Tensor, codes: np.ndarray, cfg: JitterConfig) -> t
     return image
 
 
-_JITTER = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation, F.adjust_hue)
+_JITTER = (
+    F.adjust_brightness_image,
+    F.adjust_contrast_image,
+    F.adjust_saturation_image,
+    F.adjust_hue_image,
+)
 
 
 def pixel_box(box: np.ndarray, height: int, width: int) -> tuple[int, int, int, int]:
