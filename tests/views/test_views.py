@@ -287,3 +287,18 @@ def test_sixteen_bit_pngs_decode_to_scaled_uint8():
     image = decode_image(buffer.getvalue(), 1)
     assert image.dtype == torch.uint8 and image.shape == (1, 8, 8)
     assert torch.equal(image[0], torch.from_numpy((wide >> 8).astype(np.uint8)))
+
+
+def test_epoch_view_is_the_documented_permutation():
+    """docs/format.md: blake2b of (seed, key, cycle) keys a Philox whose Generator permutes the
+    A views; the fast generator reset gives that exact stream."""
+    import hashlib
+
+    for seed, key, num_views in [(0, "a", 2), (7, "sample-000123", 5), (123, "x/y.png", 9)]:
+        for epoch in range(3 * num_views):
+            cycle, step = divmod(epoch, num_views)
+            text = f"{seed}\x1f{key}\x1f{cycle}".encode()
+            philox = int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little")
+            rng = np.random.Generator(np.random.Philox(key=philox))
+            want = int(rng.permutation(num_views)[step])
+            assert epoch_view(seed, epoch, key, num_views) == want
