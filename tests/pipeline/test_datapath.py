@@ -26,7 +26,7 @@ from kdcache.pipeline.datapath import (
     ViewBatch,
     ViewBatcher,
 )
-from kdcache.pipeline.plan import make_plan
+from kdcache.pipeline.plan import plan_precompute
 from kdcache.pipeline.resources import cpu_share
 from kdcache.pipeline.runner import worker_settings
 from kdcache.pipeline.worker import ShardWorker, WorkerSettings
@@ -80,7 +80,7 @@ def shards(tmp_path_factory):
 
 
 def worker(cfg, data_workers: int | None, **kw) -> tuple[ShardWorker, list]:
-    plan = make_plan(cfg)
+    plan = plan_precompute(cfg)
     settings = dataclasses.replace(worker_settings(cfg, plan), data_workers=data_workers, **kw)
     return ShardWorker(settings), plan.tasks
 

@@ -780,7 +780,7 @@ def select_teachers(store: CacheStore, teachers: Sequence[str] | None) -> list[s
     return list(dict.fromkeys(teachers))
 
 
-def plan_shards(
+def complete_shards(
     store: CacheStore, teachers: list[str], require_complete: bool
 ) -> tuple[list[int], dict[str, list[str]]]:
     """Shard indices to read and the incomplete shards left out (``{"views"|teacher: [names]}``)."""
@@ -820,7 +820,7 @@ def inspect_cache(
     check_settings(temperatures, tail)
     temperatures = list(dict.fromkeys(float(t) for t in temperatures))
     names = select_teachers(store, teachers)
-    shards, skipped = plan_shards(store, names, require_complete)
+    shards, skipped = complete_shards(store, names, require_complete)
     meta = store.meta
     c = store.meta.num_classes
     recipe = meta.recipe
@@ -832,7 +832,7 @@ def inspect_cache(
         for index in shards:
             block = read_block(
                 store, index, names, require_complete=False
-            )  # marks checked by plan_shards
+            )  # marks checked by complete_shards
             _update_all(block, stats, pairs, c, tail, recipe)
             if progress is not None:
                 progress(1)

@@ -53,7 +53,7 @@ from kdcache.pipeline.datapath import (
     checked_samples,
     rendering_key,
 )
-from kdcache.pipeline.plan import MemberPlan, ShardKeys, ShardTask, TeacherPlan
+from kdcache.pipeline.plan import ResolvedMember, ResolvedTeacher, ShardKeys, ShardTask
 from kdcache.shards.reading import DEFAULT_LABEL_KEY, MAX_PIXELS
 from kdcache.targets.encoding import sample_slots
 from kdcache.targets.sampling import sampled_from_logits, uniforms
@@ -81,7 +81,7 @@ class WorkerSettings:
     seed: int
     num_classes: int
     on_error: str
-    teachers: tuple[TeacherPlan, ...]
+    teachers: tuple[ResolvedTeacher, ...]
     runtime: RuntimeSection
     torch_threads: int
     label_key: str = DEFAULT_LABEL_KEY
@@ -194,7 +194,7 @@ class TeacherArrays:
             samples[-1].reshape(-1)[flat] = targets.draw_tail_lse.cpu().numpy()
 
 
-def model_key(member: MemberPlan) -> str:
+def model_key(member: ResolvedMember) -> str:
     """A hashable name of a model as it runs: its weights digest and rendering."""
     return f"{member.weights_digest}:{rendering_key(member.rendering)}"
 
@@ -229,7 +229,7 @@ class ShardWorker:
         self.hits: dict[str, np.ndarray] = {}
         """Teacher -> the current task's :func:`top1_counts` so far."""
 
-    def _runner(self, teacher: str, member: MemberPlan) -> ModelRunner:
+    def _runner(self, teacher: str, member: ResolvedMember) -> ModelRunner:
         s = self.settings
         model = build_teacher(member.spec, s.num_classes, s.recipe.channels)
         digest = weights_digest(model)

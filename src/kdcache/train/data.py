@@ -14,7 +14,7 @@ batch of one rank per epoch, however the shards, ranks and workers divide.
 permutation cycle: every view once per A epochs, for any worker count); it is replayed from the
 cache's *stored* parameters with the cache's recipe; its targets come from the shard's block,
 read once per shard per worker (``read_block``). Rows marked invalid in the cache are skipped and
-counted (the plan counts them up front from the cache's ``status``). Without a cache (online or
+counted (the stream spec counts them ahead from the cache's ``status``). Without a cache (online or
 supervised runs) views come from ``views.recipe`` and ``(views.seed, key, view)`` like a cache's.
 
 **Equal steps per rank (DDP).** Every slot is cut into the same number of batches,
@@ -265,7 +265,7 @@ class _Group:
         return self.rendered.pop(id(item))
 
 
-# ---- the epoch plan (pure functions) ----------------------------------------------------------
+# ---- the epoch order (pure functions) ------------------------------------------------------------
 
 
 @dataclass(frozen=True)
