@@ -239,7 +239,7 @@ def forward_batches(worker: ShardWorker, task: ShardTask, batch_size: int) -> li
     """The task's views, decoded and replayed from the stored parameters, batched as the worker
     batches them."""
     recipe = worker.settings.recipe
-    params = read_block(worker.store, task.index).views
+    params = read_block(worker.store, task.index).view_params
     images = {
         row: decode_image(s.image, recipe.channels) for row, s in enumerate(iter_shard(task.url))
     }

@@ -467,9 +467,9 @@ def read_every_shard(cache: Path, expected: list) -> list[str]:
 def assert_same_block(block, clean) -> None:
     for name in ("keys", "labels", "status", "errors"):
         np.testing.assert_array_equal(getattr(block, name), getattr(clean, name), err_msg=name)
-    np.testing.assert_array_equal(block.views.image_hw, clean.views.image_hw)
-    for name, values in clean.views.arrays.items():
-        np.testing.assert_array_equal(block.views.arrays[name], values, err_msg=name)
+    np.testing.assert_array_equal(block.view_params.image_hw, clean.view_params.image_hw)
+    for name, values in clean.view_params.arrays.items():
+        np.testing.assert_array_equal(block.view_params.arrays[name], values, err_msg=name)
     for teacher, targets in clean.teachers.items():
         for name in ("topk_idx", "topk_logit", "lse", "label_logit", "tail_lse"):
             np.testing.assert_array_equal(

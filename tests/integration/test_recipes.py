@@ -83,7 +83,7 @@ def test_the_strong_cache_validates_and_verifies_mixed_views_included(strong, ca
     store = open_store(str(strong["path"]))
     meta = store.teacher_meta("big")
     assert (meta.rendering.size, meta.rendering.interpolation) == (20, "bicubic")
-    partners = store.views["mix_partner"][:]
+    partners = store.view_group["mix_partner"][:]
     assert (partners != 0).mean() > 0.9  # mix prob 1: every view with a valid group mate
     assert main(["validate", str(strong["path"])]) == 0
     [result] = verify_cache(store, num=40, seed=1).teachers
@@ -261,7 +261,7 @@ def test_a_stored_ensemble_and_a_sampled_teacher_on_strong_views(tmp_path):
     recipe = ViewRecipe(size=12, scale=(0.5, 1.0), **GREY, **STRONG)
     cfg = precompute_config(tmp_path / "cache.zarr", urls, teachers, recipe=recipe, num_views=2)
     store = run_precompute(cfg)
-    assert (store.views["mix_partner"][:] != 0).any()
+    assert (store.view_group["mix_partner"][:] != 0).any()
     assert main(["validate", str(tmp_path / "cache.zarr")]) == 0
     results = verify_cache(store, num=12, seed=0).teachers
     assert sorted(r.teacher for r in results) == ["drawn", "ens"]

@@ -499,7 +499,7 @@ def test_bad_samples_are_skipped_as_invalid_rows(bad_dir):
         for row in np.flatnonzero(block.status == STATUS_INVALID):
             reasons[str(block.keys[row])] = str(block.errors[row])
             assert (block.teachers["t1"].lse[row] == 0).all()
-            assert (block.views.arrays["crop"][row] == 0).all()
+            assert (block.view_params.arrays["crop"][row] == 0).all()
         assert (block.status[block.status != STATUS_INVALID] == STATUS_VALID).all()
     assert sorted(reasons) == ["c_bad", "n_bad", "r_bad"]
     assert "cannot decode the image" in reasons["c_bad"] and "no label" in reasons["n_bad"]

@@ -175,14 +175,14 @@ def row_views(store: CacheStore, block, row: int, image: torch.Tensor) -> torch.
     """The A stored views of an unmixed row of ``block``, rendered the way the cache's recipe
     renders by default (``uint8[A, C, S, S]``)."""
     recipe = store.meta.recipe
-    return render_rows({row: image}, block.views, [row], recipe, recipe.rendering())
+    return render_rows({row: image}, block.view_params, [row], recipe, recipe.rendering())
 
 
 def cache_arrays(path: Path) -> dict[str, np.ndarray]:
     """Every array of a cache; completion marks (timestamps) as booleans."""
     store = open_store(str(path))
     names = ["keys", "labels", "status", "errors"]
-    names += [f"views/{name}" for name in store.views.array_keys()]
+    names += [f"views/{name}" for name in store.view_group.array_keys()]
     out = {name: np.asarray(store.group[name][:]) for name in names}
     out["views_done"] = store.views_done()
     for teacher in store.teachers:

@@ -265,7 +265,7 @@ def _update_ensemble(
     s: EnsembleStats, block: ShardBlock, valid: np.ndarray, num_classes: int, tail: TailMode
 ) -> None:
     """One block's views of an ensemble and its members, ``CHUNK`` views at a time."""
-    a = block.views.num_views
+    a = block.view_params.num_views
     labels = np.repeat(np.where(valid, block.labels, -1)[valid], a)
     names = s.spec.ensemble.names
     targets = {n: _targets(block.teachers[n], valid) for n in (*names, s.spec.stored) if n}

@@ -635,15 +635,15 @@ def shard_tasks(store: CacheStore, data: ShardListing, teachers: list[str]) -> l
     view blocks (:mod:`kdcache.cache.growth`) is a mark. A shard whose first views are stored is
     checked against its stored keys; one whose first views are not is made whole, every run
     teacher on every view."""
-    views = [(block, store.block_done(block)) for block in store.blocks(VIEWS)]
+    view_blocks = [(block, store.block_done(block)) for block in store.blocks(VIEWS)]
     done = {
         name: [(block, store.block_done(block)) for block in store.blocks(name)]
         for name in teachers
     }
     tasks = []
     for i, (url, shard) in enumerate(zip(data.urls, data.indexes, strict=True)):
-        make = not bool(views[0][1][i])
-        new_views = () if make else _undone(views[1:], i)
+        make = not bool(view_blocks[0][1][i])
+        new_views = () if make else _undone(view_blocks[1:], i)
         todo = {name: () if make else _undone(blocks, i) for name, blocks in done.items()}
         todo = {name: blocks for name, blocks in todo.items() if make or blocks}
         if not (make or new_views or todo):
