@@ -341,7 +341,7 @@ def array_bytes(store: CacheStore, name: str) -> int:
 def shared_bytes(store: CacheStore, views: int) -> dict[str, float]:
     """Per-view bytes of what all teachers share: view params, and per-sample
     keys/labels/status/errors."""
-    names = [f"views/{n}" for n in store.views.array_keys()] + [
+    names = [f"views/{n}" for n in store.view_group.array_keys()] + [
         "keys",
         "labels",
         "status",

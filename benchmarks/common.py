@@ -172,12 +172,12 @@ def precompute_inprocess(config_path: Path, overrides: list[str] | None = None) 
     fingerprint as the runner does; returns the views made."""
     from kdcache.core.config import load_config
     from kdcache.pipeline.config import PrecomputeConfig
-    from kdcache.pipeline.plan import make_plan, seal_fingerprint
+    from kdcache.pipeline.plan import plan_precompute, seal_fingerprint
     from kdcache.pipeline.runner import worker_settings
     from kdcache.pipeline.worker import ShardWorker
 
     cfg = load_config(PrecomputeConfig, config_path, overrides)
-    plan = make_plan(cfg)
+    plan = plan_precompute(cfg)
     worker = ShardWorker(worker_settings(cfg, plan))
     views = sum(worker(task).views for task in plan.tasks)
     seal_fingerprint(plan.store)

@@ -188,11 +188,11 @@ def datapath_runs(cfg, everyone: int) -> list[dict[str, Any]]:
 def pipeline_run(cfg, workers: int) -> dict[str, Any]:
     """views/s of precompute's ShardWorker in-process over every shard but the first, which
     warms it up (teacher built, kernels chosen)."""
-    from kdcache.pipeline.plan import make_plan
+    from kdcache.pipeline.plan import plan_precompute
     from kdcache.pipeline.runner import worker_settings
     from kdcache.pipeline.worker import ShardWorker
 
-    plan = make_plan(cfg)
+    plan = plan_precompute(cfg)
     settings = dataclasses.replace(worker_settings(cfg, plan), data_workers=workers)
     worker = ShardWorker(settings)
     try:

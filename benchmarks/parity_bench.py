@@ -287,7 +287,7 @@ def first_shard_targets(
     rendering = store.teacher_meta(TEACHER).rendering
     samples = iter_shard(str(args.out / "shards" / block.shard))
     images = {row: decode_image(s.image, recipe.channels) for row, s in enumerate(samples)}
-    views = render_rows(images, block.views, sorted(images), recipe, rendering)
+    pixels = render_rows(images, block.view_params, sorted(images), recipe, rendering)
     model = build_teacher(ModelSpec(name=args.teacher, checkpoint=checkpoint), 10, recipe.channels)
     labels = torch.from_numpy(block.labels.astype(np.int64)).repeat_interleave(store.meta.num_views)
     t = block.teachers[TEACHER]
@@ -297,7 +297,7 @@ def first_shard_targets(
         flat(t.topk_logit, np.float32),
         *(flat(x, np.float32) for x in (t.lse, t.label_logit, t.tail_lse)),
     )
-    return from_logits(ModelRunner(model, rendering, device="cpu")(views), labels, 10), cached
+    return from_logits(ModelRunner(model, rendering, device="cpu")(pixels), labels, 10), cached
 
 
 # ---- students ------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 The same shards (``kdcache shards synthetic``) are uploaded three times: beside their kdcache
 manifest, beside a WebDataset (wids) ``shardindex.json`` only, and alone. For each, a fresh s3fs
-client runs precompute's whole planning (:func:`kdcache.pipeline.plan.make_plan`: list, read
+client runs precompute's whole planning (:func:`kdcache.pipeline.plan.plan_precompute`: list, read
 the manifest or index, create the cache, on local disk) while the server's own request log counts
 the requests, by kind, and the reads of shard objects (GETs of ``.tar`` keys: payload bytes sent).
 """
@@ -22,7 +22,7 @@ LAYOUTS = ("manifest", "wids_index", "headers")
 """What lies beside the shards: the kdcache manifest, a wids shard index, nothing."""
 
 
-def make_plan_shards(out: Path, num_shards: int, per_shard: int) -> Path:
+def make_planning_shards(out: Path, num_shards: int, per_shard: int) -> Path:
     """``num_shards`` synthetic shards of ``per_shard`` 28x28 grey PNGs and their manifest
     (reused when the manifest matches)."""
     from kdcache.shards.manifest import load_manifest
@@ -83,7 +83,7 @@ def count_planning(s3: LocalS3, pattern: str, cache: Path) -> dict[str, Any]:
     """Plan a precompute over ``pattern`` with a fresh client; the requests it made."""
     from kdcache.core.config import validate
     from kdcache.pipeline.config import PrecomputeConfig
-    from kdcache.pipeline.plan import make_plan
+    from kdcache.pipeline.plan import plan_precompute
 
     cfg = validate(
         PrecomputeConfig,
@@ -100,7 +100,7 @@ def count_planning(s3: LocalS3, pattern: str, cache: Path) -> dict[str, Any]:
     )
     s3.filesystem()  # no listing cached from the upload or an earlier layout
     with RequestLog() as log:
-        plan = make_plan(cfg)
+        plan = plan_precompute(cfg)
     shards = len(plan.data.urls)
     tars = log.reads_of(".tar")
     return {
@@ -116,7 +116,9 @@ def count_planning(s3: LocalS3, pattern: str, cache: Path) -> dict[str, Any]:
 
 def measure(out: Path, num_shards: int = 64, per_shard: int = 20) -> dict[str, Any]:
     """Requests of planning ``num_shards`` shards per layout (see the module docstring)."""
-    shards = make_plan_shards(out / f"plan-shards-{num_shards}x{per_shard}", num_shards, per_shard)
+    shards = make_planning_shards(
+        out / f"plan-shards-{num_shards}x{per_shard}", num_shards, per_shard
+    )
     with LocalS3() as s3:
         patterns = upload(s3, shards)
         layouts = {

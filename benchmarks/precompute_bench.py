@@ -47,7 +47,7 @@ from benchmarks.common import (
 from kdcache.cache.reader import read_block
 from kdcache.core.config import load_config
 from kdcache.pipeline.config import PrecomputeConfig
-from kdcache.pipeline.plan import ShardTask, make_plan
+from kdcache.pipeline.plan import ShardTask, plan_precompute
 from kdcache.pipeline.worker import PREFETCH_BATCHES, ShardWorker
 from kdcache.shards.reading import decode_image, iter_shard
 from kdcache.views.recipe import render_rows
@@ -228,7 +228,7 @@ def shard_worker(
     from kdcache.pipeline.runner import worker_settings
 
     cfg = load_config(PrecomputeConfig, config_path(args, shards, teacher, views, "inprocess"))
-    plan = make_plan(cfg)
+    plan = plan_precompute(cfg)
     worker = ShardWorker(worker_settings(cfg, plan))
     task = plan.tasks[0]
     worker(task)
@@ -239,7 +239,7 @@ def forward_batches(worker: ShardWorker, task: ShardTask, batch_size: int) -> li
     """The task's views, decoded and replayed from the stored parameters, batched as the worker
     batches them."""
     recipe = worker.settings.recipe
-    params = read_block(worker.store, task.index).views
+    params = read_block(worker.store, task.index).view_params
     images = {
         row: decode_image(s.image, recipe.channels) for row, s in enumerate(iter_shard(task.url))
     }
@@ -324,7 +324,7 @@ def actor_run(path: Path, actors: str) -> dict[str, Any]:
     from kdcache.pipeline.runner import run_precompute
 
     cfg = load_config(PrecomputeConfig, path, [f"ray.num_actors={actors}", "cache.overwrite=true"])
-    summary = run_precompute(cfg, make_plan(cfg), progress=False)
+    summary = run_precompute(cfg, plan_precompute(cfg), progress=False)
     return {
         "actors": int(actors),
         "views": summary.views,

@@ -29,7 +29,7 @@ from kdcache.cache.store import open_store
 from kdcache.cli import main
 from kdcache.core.errors import CacheIncompleteError, CacheReadError, KdcacheError
 from kdcache.pipeline.config import PrecomputeConfig, TeacherSection
-from kdcache.pipeline.plan import make_plan
+from kdcache.pipeline.plan import plan_precompute
 from kdcache.pipeline.runner import worker_settings
 from kdcache.pipeline.worker import ShardWorker
 from tests.support.cachebuild import precompute_config, run_precompute, tiny_teacher, write_shards
@@ -101,7 +101,7 @@ def _stamp(array: zarr.Array, shard: int) -> int | None:
 
 def rerun(config: PrecomputeConfig):
     """The precompute rerun, in-process: plan (which checks and repairs), then run the tasks."""
-    plan = make_plan(config)
+    plan = plan_precompute(config)
     worker = ShardWorker(worker_settings(config, plan))
     for task in plan.tasks:
         worker(task)
@@ -232,7 +232,7 @@ def test_damage_stops_training_naming_shard_and_array_and_a_rerun_redoes_that_sh
         others = [i for i in range(len(SHARDS)) if i != case.shard]
         assert [after[part][i] for i in others] == [stamps[i] for i in others], part
     assert_equal_caches(cache, clean["cache"])
-    assert make_plan(config).tasks == []  # and the repaired cache checks clean
+    assert plan_precompute(config).tasks == []  # and the repaired cache checks clean
 
 
 def test_precompute_command_with_check_repairs_and_says_which(
@@ -264,7 +264,7 @@ def test_damage_without_check_is_still_refused_by_readers(clean, tmp_path):
     every reader still refuses the shard; --check then repairs it."""
     cache, config = copy_of(clean, tmp_path, check=False)
     flip_payload(chunk_file(cache, "teachers/t1/topk_logit", 2))
-    assert make_plan(config).tasks == []
+    assert plan_precompute(config).tasks == []
     with pytest.raises(CacheReadError, match=r"'teachers/t1/topk_logit' of shard 'train-000002"):
         read_block(open_store(str(cache)), 2, ["t1"])
     config.cache.check = True
@@ -345,7 +345,7 @@ def test_damaged_array_metadata_is_named_and_not_silently_recreated(clean, tmp_p
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot open array 'teachers/t1/topk_logit'" in err[0], err
     with pytest.raises(CacheReadError, match=r"'teachers/t1/topk_logit'.*--overwrite"):
-        make_plan(config)
+        plan_precompute(config)
 
 
 # ---- the other readers --------------------------------------------------------------------------
@@ -376,7 +376,7 @@ def test_worker_adding_a_teacher_refuses_damaged_stored_views(clean, tmp_path):
         TeacherSection.model_validate({"name": "t3", "model": spec.model_dump(), "k": 4}),
     ]
     flip_payload(chunk_file(cache, "views/crop", 2))
-    plan = make_plan(config)
+    plan = plan_precompute(config)
     assert [(t.index, t.make_views) for t in plan.tasks] == [(i, False) for i in range(4)]
     worker = ShardWorker(worker_settings(config, plan))
     with pytest.raises(CacheReadError, match=r"'views/crop' of shard 'train-000002.tar'"):
@@ -467,9 +467,9 @@ def read_every_shard(cache: Path, expected: list) -> list[str]:
 def assert_same_block(block, clean) -> None:
     for name in ("keys", "labels", "status", "errors"):
         np.testing.assert_array_equal(getattr(block, name), getattr(clean, name), err_msg=name)
-    np.testing.assert_array_equal(block.views.image_hw, clean.views.image_hw)
-    for name, values in clean.views.arrays.items():
-        np.testing.assert_array_equal(block.views.arrays[name], values, err_msg=name)
+    np.testing.assert_array_equal(block.view_params.image_hw, clean.view_params.image_hw)
+    for name, values in clean.view_params.arrays.items():
+        np.testing.assert_array_equal(block.view_params.arrays[name], values, err_msg=name)
     for teacher, targets in clean.teachers.items():
         for name in ("topk_idx", "topk_logit", "lse", "label_logit", "tail_lse"):
             np.testing.assert_array_equal(

@@ -48,7 +48,7 @@ def test_default_out_needs_no_path_overrides() -> None:
     demo = D.Demo(Path("runs/demo"), D.FULL, D.FASHION_MNIST_DIR, seed=0)
     overrides = {
         step.name: [a for a in step.argv[2:]]
-        for step in demo.plan()
+        for step in demo.steps()
         if step.argv[0] in ("train", "precompute")
     }
     assert overrides == {
@@ -66,7 +66,7 @@ def test_default_out_needs_no_path_overrides() -> None:
 @pytest.mark.parametrize("sizes", [D.FULL, D.QUICK], ids=["full", "quick"])
 def test_every_command_is_a_valid_config(tmp_path: Path, sizes: D.Sizes) -> None:
     demo = D.Demo(tmp_path / "out", sizes, D.FASHION_MNIST_DIR, seed=3)
-    steps = {step.name: step for step in demo.plan()}
+    steps = {step.name: step for step in demo.steps()}
     teacher = _load(steps["teacher"])
     pre = _load(steps["precompute"])
     assert teacher.teacher.mode == "none" and sizes.early_epoch in teacher.run.save_model_epochs

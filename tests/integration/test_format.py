@@ -114,7 +114,9 @@ def test_mixing_weights_follow_the_documented_codes(reader, urls, tmp_path) -> N
     group = zarr.open_group(str(path), mode="r")
     block = read_block(store, 0)
     weights = reader.own_label_weight(group, reader.shard_rows(group, 0))[: len(block)]
-    expected = np.array([[block.views.view(r, a).lam for a in range(4)] for r in range(len(block))])
+    expected = np.array(
+        [[block.view_params.view(r, a).lam for a in range(4)] for r in range(len(block))]
+    )
     np.testing.assert_allclose(weights, expected, rtol=0, atol=1e-12)
     assert (weights < 1).any(), "prob=1 mixes every view of a full group"
 

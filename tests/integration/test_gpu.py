@@ -192,7 +192,7 @@ def dense_logits(store: CacheStore, teacher: str) -> tuple[np.ndarray, np.ndarra
 def test_precompute_on_cuda_matches_the_cpu(cpu_cache, data_dir, teacher_spec, tmp_path, amp):
     gpu = precompute_on("cuda", amp, data_dir, teacher_spec, tmp_path / "cache")
     assert gpu.incomplete_shards() == {} and cpu_cache.incomplete_shards() == {}
-    for path in ["keys", "labels", "status", *(f"views/{n}" for n in gpu.views.array_keys())]:
+    for path in ["keys", "labels", "status", *(f"views/{n}" for n in gpu.view_group.array_keys())]:
         np.testing.assert_array_equal(gpu.array(path)[:], cpu_cache.array(path)[:], err_msg=path)
     reference, _ = dense_logits(cpu_cache, "full")
     got, _ = dense_logits(gpu, "full")

@@ -33,7 +33,7 @@ from kdcache.core.errors import CacheLockedError, CacheMismatchError, CacheReadE
 from kdcache.core.results import read_run_records
 from kdcache.models.build import ModelSpec, build_model, build_teacher, weights_digest
 from kdcache.pipeline.config import PrecomputeConfig
-from kdcache.pipeline.plan import make_plan, seal_fingerprint
+from kdcache.pipeline.plan import plan_precompute, seal_fingerprint
 from kdcache.pipeline.runner import precompute, store_size, worker_settings
 from kdcache.pipeline.worker import ShardWorker
 from kdcache.shards.manifest import Manifest
@@ -230,7 +230,7 @@ def test_damaged_cache_on_s3_is_refused_and_repaired(s3, local_cache, caplog):
         read_block(store, 2, ["tiny"])
     config.cache.check = True
     with caplog.at_level(logging.WARNING, logger="kdcache.pipeline.repair"):
-        assert [task.index for task in make_plan(config).tasks] == [1, 2]
+        assert [task.index for task in plan_precompute(config).tasks] == [1, 2]
     assert "shard 'train-000001.tar': 'status' has no chunk file" in caplog.text
     run_in_process(config)
     assert_same(arrays(cache, s3["options"]), arrays(local_cache))
@@ -320,7 +320,7 @@ def test_precompute_and_train_with_shards_through_data_storage_options(
             "runtime": {"batch_size": 16},
         },
     )
-    plan = make_plan(cfg)
+    plan = plan_precompute(cfg)
     assert plan.num_classes == 4 and plan.class_names == names
     worker = ShardWorker(
         pickle.loads(pickle.dumps(worker_settings(cfg, plan)))

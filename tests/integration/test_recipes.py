@@ -22,7 +22,7 @@ from kdcache.targets.sparse import MixedLabels, from_logits
 from kdcache.train.config import KDLossConfig, TrainConfig, load_train_config
 from kdcache.train.data import build_train_data
 from kdcache.train.losses import Criterion
-from kdcache.train.schedule import lr_at, plan_stages
+from kdcache.train.schedule import lr_at, place_stages
 from kdcache.train.target_source import online_teacher_spec
 from kdcache.train.trainer import train
 from kdcache.views.recipe import ViewRecipe
@@ -83,7 +83,7 @@ def test_the_strong_cache_validates_and_verifies_mixed_views_included(strong, ca
     store = open_store(str(strong["path"]))
     meta = store.teacher_meta("big")
     assert (meta.rendering.size, meta.rendering.interpolation) == (20, "bicubic")
-    partners = store.views["mix_partner"][:]
+    partners = store.view_group["mix_partner"][:]
     assert (partners != 0).mean() > 0.9  # mix prob 1: every view with a valid group mate
     assert main(["validate", str(strong["path"])]) == 0
     [result] = verify_cache(store, num=40, seed=1).teachers
@@ -226,7 +226,7 @@ def test_dist_recipe_configs_are_valid_and_say_what_dist_runs(name):
 
 def test_dist_training_configs_follow_dists_code():
     b2 = load_train_config(CONFIGS / "dist" / "resnet50_resnet18_b2_imagenet.yaml")
-    _, [segment] = plan_stages(b2)
+    _, [segment] = place_stages(b2)
     assert (segment.optimizer.name, segment.optimizer.lr, b2.total_epochs) == (
         "rmsprop",
         0.048,
@@ -235,7 +235,7 @@ def test_dist_training_configs_follow_dists_code():
     assert lr_at(segment, 4.8) == pytest.approx(0.048 * 0.97**2) and b2.ema.decay == 0.9999
     assert b2.stages[0].loss.kd_weight == 2.0 and b2.stages[0].loss.ce_weight == 1.0
     b3 = load_train_config(CONFIGS / "dist" / "swinl_swint_b3_imagenet.yaml")
-    _, [segment] = plan_stages(b3)
+    _, [segment] = place_stages(b3)
     assert (segment.optimizer.name, segment.optimizer.grad_clip, b3.total_epochs) == (
         "adamw",
         5.0,
@@ -261,7 +261,7 @@ def test_a_stored_ensemble_and_a_sampled_teacher_on_strong_views(tmp_path):
     recipe = ViewRecipe(size=12, scale=(0.5, 1.0), **GREY, **STRONG)
     cfg = precompute_config(tmp_path / "cache.zarr", urls, teachers, recipe=recipe, num_views=2)
     store = run_precompute(cfg)
-    assert (store.views["mix_partner"][:] != 0).any()
+    assert (store.view_group["mix_partner"][:] != 0).any()
     assert main(["validate", str(tmp_path / "cache.zarr")]) == 0
     results = verify_cache(store, num=12, seed=0).teachers
     assert sorted(r.teacher for r in results) == ["drawn", "ens"]

@@ -18,7 +18,7 @@ from timm.models import save_for_hf
 from kdcache.cache.store import open_store
 from kdcache.core.errors import TeacherError, WeightsError
 from kdcache.models.build import ModelSpec, build_model, build_teacher, weights_digest
-from kdcache.pipeline.plan import make_plan
+from kdcache.pipeline.plan import plan_precompute
 from tests.support.precomputerun import make_config, run_in_process
 
 CLASSES = 10
@@ -255,5 +255,5 @@ def test_teacher_checkpoint_errors_name_the_teacher_key(bad_dir, tmp_path, net):
         TeacherError,
         match=r"teachers.0.model \(teacher 't1'\): checkpoint '.*whole.pth' is a pickled",
     ):
-        make_plan(cfg)
+        plan_precompute(cfg)
     assert not (tmp_path / "cache").exists()

@@ -26,7 +26,7 @@ from kdcache.pipeline.datapath import (
     ViewBatch,
     ViewBatcher,
 )
-from kdcache.pipeline.plan import make_plan
+from kdcache.pipeline.plan import plan_precompute
 from kdcache.pipeline.resources import cpu_share
 from kdcache.pipeline.runner import worker_settings
 from kdcache.pipeline.worker import ShardWorker, WorkerSettings
@@ -80,7 +80,7 @@ def shards(tmp_path_factory):
 
 
 def worker(cfg, data_workers: int | None, **kw) -> tuple[ShardWorker, list]:
-    plan = make_plan(cfg)
+    plan = plan_precompute(cfg)
     settings = dataclasses.replace(worker_settings(cfg, plan), data_workers=data_workers, **kw)
     return ShardWorker(settings), plan.tasks
 
@@ -188,23 +188,23 @@ def test_a_bad_sample_in_a_data_worker_is_the_same_error_naming_shard_and_key(tm
 def test_batches_are_collated_in_order_and_cut_at_their_size():
     def part(first: int, n: int) -> ViewBatch:
         flat = np.arange(first, first + n)
-        views = {"r": torch.from_numpy(flat.astype(np.uint8)).view(n, 1, 1, 1)}
-        return ViewBatch(flat, views, flat, flat, np.ones(n, np.float32))
+        pixels = {"r": torch.from_numpy(flat.astype(np.uint8)).view(n, 1, 1, 1)}
+        return ViewBatch(flat, pixels, flat, flat, np.ones(n, np.float32))
 
     batcher = ViewBatcher(4)
     out = [b for p in (part(0, 3), part(3, 6), part(9, 1)) for b in batcher.add(p)]
     out += list(batcher.flush())
     assert [b.flat.tolist() for b in out] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
-    assert [b.views["r"].flatten().tolist() for b in out] == [b.flat.tolist() for b in out]
+    assert [b.pixels["r"].flatten().tolist() for b in out] == [b.flat.tolist() for b in out]
     kept = out[0].select(np.array([False, True, False, True]))
-    assert kept.flat.tolist() == [1, 3] and kept.views["r"].flatten().tolist() == [1, 3]
+    assert kept.flat.tolist() == [1, 3] and kept.pixels["r"].flatten().tolist() == [1, 3]
 
 
 def _part(first: int, n: int) -> ViewBatch:
     """Views ``first .. first + n - 1``, each view's one pixel its own index."""
     flat = np.arange(first, first + n)
-    views = {"r": torch.from_numpy(flat.astype(np.uint8)).view(n, 1, 1, 1)}
-    return ViewBatch(flat, views, flat, flat, np.ones(n, np.float32))
+    pixels = {"r": torch.from_numpy(flat.astype(np.uint8)).view(n, 1, 1, 1)}
+    return ViewBatch(flat, pixels, flat, flat, np.ones(n, np.float32))
 
 
 def test_batch_memory_is_reused_only_once_nothing_holds_it():
@@ -229,7 +229,7 @@ def test_batch_memory_is_reused_only_once_nothing_holds_it():
     assert small.empty("r", (4, 3), torch.uint8).data_ptr() == address
 
 
-def test_batches_in_reused_memory_keep_their_views_while_held():
+def test_batches_in_reused_memory_keep_their_pixels_while_held():
     """Batches dropped as they are used share two buffers; those kept stay intact."""
     batcher = ViewBatcher(4, memory=BatchMemory(limit=2, rows=4))
     parts = [_part(4 * i, 4) for i in range(12)]
@@ -237,11 +237,11 @@ def test_batches_in_reused_memory_keep_their_views_while_held():
     kept = []
     for i, p in enumerate(parts):
         for batch in batcher.add(p):
-            assert batch.views["r"].flatten().tolist() == batch.flat.tolist()
-            pointers.add(batch.views["r"].data_ptr())
+            assert batch.pixels["r"].flatten().tolist() == batch.flat.tolist()
+            pointers.add(batch.pixels["r"].data_ptr())
             if i % 4 == 0:
                 kept.append(batch)
-    assert [b.views["r"].flatten().tolist() for b in kept] == [b.flat.tolist() for b in kept]
+    assert [b.pixels["r"].flatten().tolist() for b in kept] == [b.flat.tolist() for b in kept]
     assert len(pointers) < len(parts)  # dropped batches' memory was written again
 
 

@@ -21,7 +21,7 @@ import pytest
 from kdcache.cache.reader import read_block
 from kdcache.cache.store import STATUS_INVALID, open_store
 from kdcache.core.errors import CacheMismatchError, DataError, DuplicateKeyError
-from kdcache.pipeline.plan import make_plan
+from kdcache.pipeline.plan import plan_precompute
 from kdcache.pipeline.runner import worker_settings
 from kdcache.pipeline.worker import ShardWorker
 from tests.support.precomputerun import input_fault_config as config
@@ -85,7 +85,7 @@ def truncated(tmp_path: Path, cut) -> str:
 def test_broken_shard_is_refused_at_planning(tmp_path, make, message):
     shard = make(tmp_path)
     with pytest.raises(DataError, match=message):
-        make_plan(config(shard, tmp_path / "cache"))
+        plan_precompute(config(shard, tmp_path / "cache"))
     assert not (tmp_path / "cache").exists()
 
 
@@ -115,7 +115,7 @@ def test_broken_shard_is_refused_at_planning(tmp_path, make, message):
 def test_malformed_samples_are_refused_at_planning(tmp_path, members, error, message):
     shard = write_members(tmp_path / "odd-000000.tar", members)
     with pytest.raises(error, match=message):
-        make_plan(config(shard, tmp_path / "cache"))
+        plan_precompute(config(shard, tmp_path / "cache"))
 
 
 # ---- bad payloads and labels: an error naming shard and key, or a recorded skip ------------------
@@ -191,13 +191,13 @@ def test_rerun_refuses_a_shard_whose_keys_changed_naming_it(built):
         CacheMismatchError,
         match=r"the sample keys differ .*\n  keys changed in shard\(s\) \['s-000001.tar'\]",
     ):
-        make_plan(config(shards, cache))
+        plan_precompute(config(shards, cache))
     write_tar(Path(shards[2]), good("s2", 5))
     with pytest.raises(
         CacheMismatchError,
         match=r"shard 's-000002.tar' has 6 samples in the cache but 5 in the data",
     ):
-        make_plan(config(shards, cache))
+        plan_precompute(config(shards, cache))
 
 
 def test_rerun_refuses_a_shard_whose_label_changed_after_its_views(built):
@@ -211,7 +211,7 @@ def test_rerun_refuses_a_shard_whose_label_changed_after_its_views(built):
         "data.num_classes=10",
         teachers=[{"name": "t2", "model": {"name": "kd_mlp"}, "k": 3}],
     )
-    plan = make_plan(cfg)
+    plan = plan_precompute(cfg)
     assert [t.make_views for t in plan.tasks] == [False] * 3
     worker = ShardWorker(worker_settings(cfg, plan))
     with pytest.raises(

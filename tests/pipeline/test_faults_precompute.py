@@ -50,7 +50,7 @@ from kdcache.core.errors import (
 )
 from kdcache.core.results import PrecomputeResult
 from kdcache.models.build import build_model
-from kdcache.pipeline.plan import make_plan, seal_fingerprint, writer_lock
+from kdcache.pipeline.plan import plan_precompute, seal_fingerprint, writer_lock
 from kdcache.pipeline.runner import (
     Progress,
     ShardsFailedError,
@@ -113,7 +113,7 @@ def test_second_precompute_is_refused_naming_the_lock_holder(shards, tmp_path, l
     ):
         precompute(cfg, progress=False)
     with pytest.raises(CacheLockedError, match=r"--force-unlock"):
-        make_plan(cfg)  # the library path checks the lock too
+        plan_precompute(cfg)  # the library path checks the lock too
     config_file = tmp_path / "precompute.yaml"
     config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     assert cli_main(["precompute", str(config_file)]) == 2
@@ -141,7 +141,7 @@ def test_lock_of_a_dead_or_replaced_process_is_taken_over(shards, tmp_path, capl
             writer_lock(cfg) as lock,
         ):
             assert read_holder(str(cache)).token == lock.holder.token
-            make_plan(cfg)  # our own lock does not stop us
+            plan_precompute(cfg)  # our own lock does not stop us
         assert "its holder is gone" in caplog.text
         assert not Path(lock_path(str(cache))).exists()  # released at the end
 
@@ -209,7 +209,7 @@ def test_lock_on_an_fsspec_filesystem_is_exclusive():
 
 def planned_worker(shards: list[str], cache: Path):
     cfg = config(shards, cache)
-    plan = make_plan(cfg)
+    plan = plan_precompute(cfg)
     return plan, ShardWorker(worker_settings(cfg, plan))
 
 
@@ -237,7 +237,7 @@ def test_failed_chunk_write_names_shard_and_array_and_sets_no_mark(shards, tmp_p
         read_block(store, 1, ["t1"])
     assert not validate_cache(store).ok
     (tmp_path / "cache" / "teachers" / "t1" / "topk_logit" / "c" / "1").unlink()
-    rerun = make_plan(config(shards, tmp_path / "cache"))
+    rerun = plan_precompute(config(shards, tmp_path / "cache"))
     assert [(t.name, t.make_views) for t in rerun.tasks] == [("s-000001.tar", False)]
     worker(rerun.tasks[0])
     run_in_process(config(shards, tmp_path / "clean"))
@@ -294,7 +294,7 @@ def test_full_disk_mid_shard_sets_no_mark_and_a_rerun_after_freeing_space_comple
         assert "s-000000.tar" in store.incomplete_shards()["t1"]
         assert int(np.asarray(store.teacher_group("t1")["done"][0])) == 0
         filler.unlink()
-        rerun = make_plan(config(shards, disk / "cache"))
+        rerun = plan_precompute(config(shards, disk / "cache"))
         assert [t.name for t in rerun.tasks] == ["s-000000.tar", "s-000001.tar", "s-000002.tar"]
         for task in rerun.tasks:
             worker(task)
@@ -405,7 +405,7 @@ def test_single_actor_dying_on_one_shard_is_replaced_and_every_other_shard_compl
         "t1": ["train-000000.tar"],
     }
     # the failed shard, done in-process: the whole cache then equals a clean run's
-    rerun = make_plan(cfg)
+    rerun = plan_precompute(cfg)
     assert [task.name for task in rerun.tasks] == ["train-000000.tar"]
     ShardWorker(worker_settings(cfg, rerun))(rerun.tasks[0])
     seal_fingerprint(rerun.store)
@@ -467,7 +467,7 @@ def test_progress_without_a_terminal_logs_shards_views_per_second_and_eta(caplog
 @pytest.mark.slow
 def test_failed_write_in_an_actor_fails_only_that_shard(ray_session, shards, tmp_path):
     cfg = config(shards, tmp_path / "cache")
-    plan = make_plan(cfg)
+    plan = plan_precompute(cfg)
     (tmp_path / "cache" / "status" / "c" / "2" / "x").mkdir(
         parents=True
     )  # a directory where shard 2's chunk goes

@@ -20,7 +20,7 @@ from kdcache.cache.reader import incomplete_error, read_block
 from kdcache.cache.store import FORMAT_VERSION, GROWN_FORMAT_VERSION, open_store
 from kdcache.cache_tools.verify import verify_cache
 from kdcache.core.errors import CacheIncompleteError, CacheMismatchError, CacheReadError
-from kdcache.pipeline.plan import make_plan, seal_fingerprint
+from kdcache.pipeline.plan import plan_precompute, seal_fingerprint
 from kdcache.train.config import TrainConfig
 from kdcache.train.data import build_train_data
 from tests.support.cachebuild import (
@@ -86,11 +86,11 @@ def test_a_cache_grown_from_two_to_four_views_keeps_the_first_two_and_equals_one
     assert open_store(str(path)).meta.format_version == FORMAT_VERSION
 
     with pytest.raises(CacheMismatchError, match=r"num_views: the cache has 2, the run asks for 4"):
-        make_plan(config(setup, path, 4))  # no flag: a typo never grows a cache
+        plan_precompute(config(setup, path, 4))  # no flag: a typo never grows a cache
     with pytest.raises(CacheMismatchError, match="cache.grow: true"):
-        make_plan(config(setup, path, 4))
+        plan_precompute(config(setup, path, 4))
 
-    plan = make_plan(config(setup, path, 4, grow=True))
+    plan = plan_precompute(config(setup, path, 4, grow=True))
     assert [(t.make_views, t.new_views, t.teachers, t.teacher_views) for t in plan.tasks] == [
         (False, ((2, 4),), ("t1", "t2"), (((2, 4),), ((2, 4),)))
     ] * 4
@@ -117,7 +117,7 @@ def test_a_cache_grown_from_two_to_four_views_keeps_the_first_two_and_equals_one
     assert store.incomplete_shards() == {} and find_damage(store, check=True) == []
     for result in verify_cache(store, num=48).teachers:
         assert result.ok, result
-    assert make_plan(config(setup, path, 4)).tasks == []  # done: a rerun needs no flag
+    assert plan_precompute(config(setup, path, 4)).tasks == []  # done: a rerun needs no flag
 
 
 def test_a_teacher_left_out_of_the_growth_fills_its_new_views_later(setup, tmp_path):
@@ -133,7 +133,7 @@ def test_a_teacher_left_out_of_the_growth_fills_its_new_views_later(setup, tmp_p
     assert "teacher 't2' lack views 2..3 on 4 shard(s)" in message and "'t2'" in message
 
     t1_before = cache_arrays(path)
-    plan = make_plan(config(setup, path, 4))
+    plan = plan_precompute(config(setup, path, 4))
     assert [(t.new_views, t.teachers, t.teacher_views) for t in plan.tasks] == [
         ((), ("t2",), (((2, 4),),))
     ] * 4
@@ -163,7 +163,7 @@ def test_a_teacher_added_after_the_growth_has_one_block_and_the_cache_grows_agai
     for result in verify_cache(store, num=48, seed=1).teachers:
         assert result.ok, result
     with pytest.raises(CacheMismatchError, match="a cache cannot lose views: it keeps its 5"):
-        make_plan(config(setup, path, 4, grow=True))
+        plan_precompute(config(setup, path, 4, grow=True))
 
 
 def train_config(setup, path: Path, run_dir: Path, teacher: str) -> TrainConfig:
@@ -216,7 +216,7 @@ def test_damage_in_the_new_views_redoes_only_them(setup, tmp_path):
     (path / "teachers/t2/lse/c/1/1").unlink()  # shard 1's chunk of views 2..3
     [damage] = find_damage(open_store(str(path)))
     assert (damage.part, damage.shard, damage.start) == ("t2", 1, 2)
-    plan = make_plan(config(setup, path, 4))
+    plan = plan_precompute(config(setup, path, 4))
     assert [(t.index, t.make_views, t.teachers, t.teacher_views) for t in plan.tasks] == [
         (1, False, ("t2",), (((2, 4),),))
     ]

@@ -28,7 +28,7 @@ from kdcache.core.errors import (
     DataError,
     DuplicateKeyError,
 )
-from kdcache.pipeline.plan import make_plan, seal_fingerprint
+from kdcache.pipeline.plan import plan_precompute, seal_fingerprint
 from kdcache.pipeline.runner import worker_settings
 from kdcache.pipeline.worker import ShardWorker
 from kdcache.shards.manifest import Manifest, save_manifest, shard_key_digest
@@ -86,7 +86,7 @@ def config(shards: list[str], cache: Path, *overrides: str):
 
 def run_tasks(cfg) -> list[BaseException]:
     """Every task in-process, each failure collected (as the runner does), then the seal."""
-    plan = make_plan(cfg)
+    plan = plan_precompute(cfg)
     worker = ShardWorker(worker_settings(cfg, plan))
     failures = []
     for task in plan.tasks:
@@ -105,7 +105,7 @@ def run_tasks(cfg) -> list[BaseException]:
 def test_manifest_plans_counts_and_workers_learn_the_keys(tmp_path):
     shards = shards_in(tmp_path / "shards")
     write_manifest(shards)
-    plan = make_plan(config(shards, tmp_path / "cache"))
+    plan = plan_precompute(config(shards, tmp_path / "cache"))
     assert plan.data.sources == {str(tmp_path / "shards" / "s-manifest.json"): 3}
     assert [(t.count, t.keys) for t in plan.tasks] == [(6, None)] * 3
     assert plan.data.fingerprint.key_digest == ""  # set once the workers stored the keys
@@ -113,7 +113,9 @@ def test_manifest_plans_counts_and_workers_learn_the_keys(tmp_path):
     # the same cache, key digest included, as when planning read every header
     (tmp_path / "shards" / "s-manifest.json").unlink()
     headers = tmp_path / "headers"
-    assert make_plan(config(shards, headers, "data.num_classes=10")).data.sources == {"headers": 3}
+    assert plan_precompute(config(shards, headers, "data.num_classes=10")).data.sources == {
+        "headers": 3
+    }
     run_in_process(config(shards, headers, "data.num_classes=10"))
     assert_same_arrays(cache_arrays(tmp_path / "cache"), cache_arrays(headers))
     digest = key_digest(scan_shards(shards))
@@ -127,7 +129,7 @@ def test_a_shard_whose_size_changed_is_scanned_from_its_headers(tmp_path, caplog
     write_manifest(shards)
     write_tar(Path(shards[1]), good("s1", 4))  # the manifest still says 6
     caplog.set_level(logging.WARNING)
-    plan = make_plan(config(shards, tmp_path / "cache"))
+    plan = plan_precompute(config(shards, tmp_path / "cache"))
     assert "1 shard(s) differ in size from" in caplog.text and "s-000001.tar" in caplog.text
     assert plan.data.fingerprint.counts == [6, 4, 6]
     assert [t.keys is None for t in plan.tasks] == [True, False, True]
@@ -138,7 +140,7 @@ def test_a_missing_shard_is_refused_at_planning(tmp_path):
     write_manifest(shards)
     Path(shards[2]).unlink()
     with pytest.raises(DataError, match=r"shard '.*s-000002.tar' does not exist"):
-        make_plan(config(shards, tmp_path / "cache"))
+        plan_precompute(config(shards, tmp_path / "cache"))
     assert not (tmp_path / "cache").exists()
 
 
@@ -162,7 +164,7 @@ def test_an_old_manifest_without_sizes_plans_from_its_counts(tmp_path):
     shards = shards_in(tmp_path / "shards")
     write_manifest(shards, version=1)
     write_tar(Path(shards[0]), good("s0", 7))  # one more sample than the manifest says
-    plan = make_plan(config(shards, tmp_path / "cache"))
+    plan = plan_precompute(config(shards, tmp_path / "cache"))
     assert [t.count for t in plan.tasks] == [6, 6, 6]
     [failure] = run_tasks(config(shards, tmp_path / "cache"))
     assert "shard 's-000000.tar': more than the 6 samples" in str(failure)
@@ -175,7 +177,7 @@ def test_a_malformed_manifest_is_one_error_naming_it(tmp_path):
     with pytest.raises(
         DataError, match=r"manifest '.*s-manifest.json' beside the shards is not a v"
     ):
-        make_plan(config(shards, tmp_path / "cache"))
+        plan_precompute(config(shards, tmp_path / "cache"))
 
 
 def test_a_rerun_compares_the_manifest_digests_with_the_stored_keys(tmp_path):
@@ -190,7 +192,7 @@ def test_a_rerun_compares_the_manifest_digests_with_the_stored_keys(tmp_path):
         CacheMismatchError,
         match=r"the sample keys differ .*\n  keys changed in shard\(s\) \['s-000002.tar'\]",
     ):
-        make_plan(config(shards, tmp_path / "cache"))
+        plan_precompute(config(shards, tmp_path / "cache"))
 
 
 def test_a_new_teacher_checks_each_shard_against_its_stored_keys(tmp_path):
@@ -199,7 +201,7 @@ def test_a_new_teacher_checks_each_shard_against_its_stored_keys(tmp_path):
     run_in_process(config(shards, tmp_path / "cache"))
     teachers = [{"name": "t2", "model": {"name": "kd_mlp"}, "k": 3}]
     cfg = make_config(shards, tmp_path / "cache", teachers=teachers)
-    plan = make_plan(cfg)
+    plan = plan_precompute(cfg)
     assert [(t.make_views, t.source) for t in plan.tasks] == [(False, "the cache")] * 3
     assert plan.tasks[0].keys == tuple(f"s0_{i:03d}" for i in range(6))
     samples = good("s0")
@@ -214,11 +216,11 @@ def test_a_new_teacher_checks_each_shard_against_its_stored_keys(tmp_path):
 def test_a_wids_index_beside_the_shards_or_named_by_data_index(tmp_path):
     shards = shards_in(tmp_path / "shards")
     index = write_wids_index(shards, tmp_path / "shards" / "shardindex.json")
-    plan = make_plan(config(shards, tmp_path / "a", "data.num_classes=10"))
+    plan = plan_precompute(config(shards, tmp_path / "a", "data.num_classes=10"))
     assert plan.data.sources == {str(index): 3}
     elsewhere = index.rename(tmp_path / "imagenet-train.json")
     cfg = config(shards, tmp_path / "b", "data.num_classes=10", f"data.index={elsewhere}")
-    assert make_plan(cfg).data.sources == {str(elsewhere): 3}
+    assert plan_precompute(cfg).data.sources == {str(elsewhere): 3}
     assert run_tasks(cfg) == []
     assert open_store(str(tmp_path / "b")).meta.fingerprint.key_digest == key_digest(
         scan_shards(shards)
@@ -229,10 +231,12 @@ def test_bad_data_index_is_one_error_naming_the_key(tmp_path):
     shards = shards_in(tmp_path / "shards")
     missing = tmp_path / "nope.json"
     with pytest.raises(ConfigError, match=r"data.index: '.*nope.json' does not exist"):
-        make_plan(config(shards, tmp_path / "c", "data.num_classes=10", f"data.index={missing}"))
+        plan_precompute(
+            config(shards, tmp_path / "c", "data.num_classes=10", f"data.index={missing}")
+        )
     (tmp_path / "bad.json").write_text('{"wids_version": 1, "shardlist": [{"url": "x"}]}')
     with pytest.raises(DataError, match=r"'.*bad.json' is not a WebDataset shard index"):
-        make_plan(
+        plan_precompute(
             config(
                 shards,
                 tmp_path / "c",
@@ -258,7 +262,7 @@ def test_keys_repeated_across_shards_are_refused_when_the_fingerprint_is_sealed(
         train_keys(shards, tmp_path / "cache")
     assert "the fingerprint's key digest is not set" in "\n".join(validate_cache(store).problems)
     with pytest.raises(DuplicateKeyError, match=r"occurs in shard 's-000000.tar' and in shard"):
-        make_plan(cfg)  # a rerun finds nothing to do and seals again: still refused
+        plan_precompute(cfg)  # a rerun finds nothing to do and seals again: still refused
 
 
 def test_a_key_twice_in_one_shard_fails_in_its_worker(tmp_path):
@@ -275,12 +279,12 @@ def test_an_unsealed_cache_is_sealed_by_a_rerun_with_nothing_to_do(tmp_path):
     shards = shards_in(tmp_path / "shards")
     write_manifest(shards)
     cfg = config(shards, tmp_path / "cache")
-    plan = make_plan(cfg)
+    plan = plan_precompute(cfg)
     worker = ShardWorker(worker_settings(cfg, plan))
     for task in plan.tasks:  # as a driver killed after the last shard, before its seal
         worker(task)
     assert open_store(str(tmp_path / "cache")).meta.fingerprint.key_digest == ""
-    assert make_plan(cfg).tasks == []
+    assert plan_precompute(cfg).tasks == []
     store = open_store(str(tmp_path / "cache"))
     assert store.meta.fingerprint.key_digest == key_digest(scan_shards(shards))
     assert not seal_fingerprint(store)  # sealed once

@@ -39,7 +39,7 @@ from kdcache.core.results import PrecomputeResult, config_digest, read_run_recor
 from kdcache.models.build import build_model, build_teacher, weights_digest
 from kdcache.models.runner import ModelRunner
 from kdcache.pipeline.config import PrecomputeConfig
-from kdcache.pipeline.plan import make_plan
+from kdcache.pipeline.plan import plan_precompute
 from kdcache.pipeline.runner import ShardsFailedError, run_precompute, worker_settings
 from kdcache.pipeline.worker import FAULT_ENV, ShardWorker
 from kdcache.shards.reading import decode_image, iter_shard
@@ -181,7 +181,7 @@ def test_actors_that_cannot_start_fail_every_shard_with_the_reason(ray_session, 
         "data.num_classes=10",
         f"teachers.0.model.checkpoint={checkpoint}",
     )
-    plan = make_plan(cfg)
+    plan = plan_precompute(cfg)
     checkpoint.unlink()
     with pytest.raises(
         ShardsFailedError,
@@ -414,16 +414,16 @@ def test_torchvision_teacher_needs_three_channels(data_dir, tmp_path):
 def test_changed_run_is_refused(clean_cache, data_dir, override, message):
     override = override.replace("SUBSET", str(data_dir / "train-{000000..000002}.tar"))
     with pytest.raises(CacheMismatchError, match=message):
-        make_plan(make_config(shards_url(data_dir), clean_cache, override))
+        plan_precompute(make_config(shards_url(data_dir), clean_cache, override))
 
 
 def test_changed_num_classes_is_refused(bad_dir):
     shards = str(bad_dir / "good-000000.tar")
-    make_plan(make_config(shards, bad_dir / "cache", "data.num_classes=10"))
+    plan_precompute(make_config(shards, bad_dir / "cache", "data.num_classes=10"))
     with pytest.raises(
         CacheMismatchError, match=r"num_classes: the cache has 10, the run asks for 12"
     ):
-        make_plan(make_config(shards, bad_dir / "cache", "data.num_classes=12"))
+        plan_precompute(make_config(shards, bad_dir / "cache", "data.num_classes=12"))
 
 
 def test_same_teacher_name_with_other_weights_is_refused(bad_dir, tmp_path):
@@ -432,7 +432,7 @@ def test_same_teacher_name_with_other_weights_is_refused(bad_dir, tmp_path):
         build_model(make_config("x", tmp_path).teachers[0].model, 10, 3).state_dict(), checkpoint
     )
     overrides = ("data.num_classes=10", f"teachers.0.model.checkpoint={checkpoint}")
-    make_plan(make_config(str(bad_dir / "good-000000.tar"), tmp_path / "cache", *overrides))
+    plan_precompute(make_config(str(bad_dir / "good-000000.tar"), tmp_path / "cache", *overrides))
     torch.save(
         build_model(make_config("x", tmp_path).teachers[0].model, 10, 3).state_dict(), checkpoint
     )
@@ -440,7 +440,9 @@ def test_same_teacher_name_with_other_weights_is_refused(bad_dir, tmp_path):
         CacheMismatchError,
         match=r"teacher 't1' already exists .*weights_digest: cache '[0-9a-f]+' vs run",
     ):
-        make_plan(make_config(str(bad_dir / "good-000000.tar"), tmp_path / "cache", *overrides))
+        plan_precompute(
+            make_config(str(bad_dir / "good-000000.tar"), tmp_path / "cache", *overrides)
+        )
 
 
 def test_overwrite_refuses_a_foreign_directory(bad_dir, tmp_path):
@@ -449,7 +451,7 @@ def test_overwrite_refuses_a_foreign_directory(bad_dir, tmp_path):
     with pytest.raises(
         Exception, match=r"cache.path: .*precious' exists, is not empty and is not a Zarr group"
     ):
-        make_plan(
+        plan_precompute(
             make_config(
                 str(bad_dir / "good-000000.tar"),
                 tmp_path / "precious",
@@ -497,7 +499,7 @@ def test_bad_samples_are_skipped_as_invalid_rows(bad_dir):
         for row in np.flatnonzero(block.status == STATUS_INVALID):
             reasons[str(block.keys[row])] = str(block.errors[row])
             assert (block.teachers["t1"].lse[row] == 0).all()
-            assert (block.views.arrays["crop"][row] == 0).all()
+            assert (block.view_params.arrays["crop"][row] == 0).all()
         assert (block.status[block.status != STATUS_INVALID] == STATUS_VALID).all()
     assert sorted(reasons) == ["c_bad", "n_bad", "r_bad"]
     assert "cannot decode the image" in reasons["c_bad"] and "no label" in reasons["n_bad"]
@@ -569,12 +571,12 @@ def test_teacher_errors_name_the_teacher_key(bad_dir, tmp_path, overrides, messa
         str(bad_dir / "good-000000.tar"), tmp_path / "cache", "data.num_classes=10", *overrides
     )
     with pytest.raises(TeacherError, match=message):
-        make_plan(cfg)
+        plan_precompute(cfg)
 
 
 def test_shard_changed_since_planning_is_refused(bad_dir):
     cfg = make_config(str(bad_dir / "good-000000.tar"), bad_dir / "cache", "data.num_classes=10")
-    plan = make_plan(cfg)
+    plan = plan_precompute(cfg)
     write_tar(bad_dir / "good-000000.tar", good("g")[::-1])
     with pytest.raises(
         DataError,
@@ -594,7 +596,7 @@ def test_duplicate_keys_across_shards_are_refused_at_planning(bad_dir):
         DuplicateKeyError,
         match=r"key 'g_000' occurs in shard 'good-000000.tar' and in shard 'dup-000000.tar'",
     ):
-        make_plan(cfg)
+        plan_precompute(cfg)
     assert not (bad_dir / "cache").exists()
 
 
@@ -602,13 +604,13 @@ def test_num_classes_comes_from_the_manifest_or_is_required(data_dir, bad_dir, t
     with pytest.raises(
         ConfigError, match=r"data.num_classes: 12 in the config but 10 in the manifest"
     ):
-        make_plan(make_config(shards_url(data_dir), tmp_path / "a", "data.num_classes=12"))
+        plan_precompute(make_config(shards_url(data_dir), tmp_path / "a", "data.num_classes=12"))
     with pytest.raises(
         ConfigError, match=r"data.num_classes: required key is missing \(no manifest beside"
     ):
-        make_plan(make_config(str(bad_dir / "good-000000.tar"), tmp_path / "b"))
+        plan_precompute(make_config(str(bad_dir / "good-000000.tar"), tmp_path / "b"))
     with pytest.raises(ConfigError, match=r"teachers.0.k: 20 is more than num_classes=10"):
-        make_plan(make_config(shards_url(data_dir), tmp_path / "c", "teachers.0.k=20"))
+        plan_precompute(make_config(shards_url(data_dir), tmp_path / "c", "teachers.0.k=20"))
 
 
 MINIMAL = """
@@ -760,4 +762,4 @@ def test_cache_path_that_is_a_file_is_refused(bad_dir, tmp_path):
     with pytest.raises(
         CacheError, match=r"cache.path: '.*notes.txt' is a file, not a cache directory"
     ):
-        make_plan(cfg)
+        plan_precompute(cfg)

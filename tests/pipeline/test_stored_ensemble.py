@@ -13,7 +13,7 @@ from kdcache.core.errors import ConfigError
 from kdcache.models.build import build_teacher
 from kdcache.models.runner import ModelRunner
 from kdcache.pipeline.config import PrecomputeConfig
-from kdcache.pipeline.plan import make_plan
+from kdcache.pipeline.plan import plan_precompute
 from kdcache.pipeline.record import new_result
 from kdcache.shards.reading import decode_image, iter_shard
 from kdcache.targets.sampling import sampled_from_logits, uniforms
@@ -145,7 +145,7 @@ def test_the_ensemble_records_its_models(world):
 def test_a_run_record_names_a_stored_ensemble_by_its_models(world):
     """The run record's ``model`` of a stored ensemble (which has no spec of its own) lists its
     models; a single model's is its name."""
-    record = new_result(world["config"], make_plan(world["config"]))
+    record = new_result(world["config"], plan_precompute(world["config"]))
     models = {run.name: run.model for run in record.teachers}
     name = world["specs"]["a"].name
     assert models["a"] == name

@@ -12,7 +12,7 @@ from kdcache.core.errors import ConfigError
 from kdcache.core.results import TeacherRun, read_run_records
 from kdcache.models.build import build_model
 from kdcache.models.preprocess import RenderSpec, resolve_sourced
-from kdcache.pipeline.plan import make_plan
+from kdcache.pipeline.plan import plan_precompute
 from kdcache.pipeline.teachercheck import TeacherCheckError, problem, upper_bound
 from tests.support.precomputerun import make_config, precompute, shards_url
 
@@ -127,7 +127,7 @@ def test_local_overlay_without_its_rendering_is_refused_naming_the_hubs(data_dir
     """The README's local-file route: the hub's 160 px / mean 0.5 would be taken silently."""
     cfg = overlay_config(data_dir, tmp_path)
     with pytest.raises(ConfigError) as refused:
-        make_plan(cfg)
+        plan_precompute(cfg)
     message = str(refused.value)
     assert "\n" not in message and message.startswith("teachers.0.render: the weights of")
     assert "size, interpolation, mean, std are not stated" in message
@@ -149,7 +149,7 @@ def test_local_overlay_renders_as_its_weights_were_trained(data_dir, tmp_path):
         f"{OVERLAY}.std=[0.2,0.2,0.2]",
         "teachers.0.render.interpolation=bicubic",
     )
-    teacher = make_plan(cfg).teachers[0]
+    teacher = plan_precompute(cfg).teachers[0]
     assert (teacher.rendering.size, teacher.rendering.interpolation) == (24, "bicubic")
     assert teacher.rendering.mean == (0.3, 0.3, 0.3)
     assert teacher.rendering_from == (

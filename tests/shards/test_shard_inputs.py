@@ -16,7 +16,7 @@ import pytest
 from kdcache.cache.reader import read_block
 from kdcache.cache.store import STATUS_INVALID, STATUS_VALID, open_store
 from kdcache.core.errors import ConfigError, DataError
-from kdcache.pipeline.plan import make_plan
+from kdcache.pipeline.plan import plan_precompute
 from kdcache.shards.manifest import find_manifest
 from kdcache.shards.reading import expand_shards, iter_shard, scan_shard, shard_name
 from kdcache.train.config import TrainConfig
@@ -182,7 +182,7 @@ def test_a_pipe_shard_list_is_precomputed_and_trained_like_the_files(shard_dir, 
         np.testing.assert_array_equal(piped[name], files[name], err_msg=name)
     store = open_store(str(tmp_path / "pipe.zarr"))
     assert store.meta.config["data"]["shards"] == [pipe_pattern(shard_dir)]  # not made a path
-    assert make_plan(pipe).tasks == []  # a rerun: nothing to do
+    assert plan_precompute(pipe).tasks == []  # a rerun: nothing to do
 
     run = minimal_train_config([pipe_pattern(shard_dir)], tmp_path / "pipe.zarr").model_dump(
         exclude_unset=True
@@ -210,7 +210,7 @@ def test_a_failing_pipe_command_names_the_shard_the_command_and_its_status(shard
         match=r"shard 'gone-000000.tar': the command 'cat .*/gone-000000.tar' failed "
         r"\(exit status 1\)",
     ):
-        make_plan(input_fault_config(missing, tmp_path / "cache"))
+        plan_precompute(input_fault_config(missing, tmp_path / "cache"))
     cut = shard_dir / "cut-000000.tar"
     cut.write_bytes((shard_dir / "p-000000.tar").read_bytes()[:1500])
     with pytest.raises(DataError, match=r"shard 'cut-000000.tar' is not a readable tar"):

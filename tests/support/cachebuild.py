@@ -1,6 +1,6 @@
 """Test fixtures: tiny WebDataset shards, and caches built by the real planner and worker.
 
-:func:`build_cache` runs precompute's own code in-process (``make_plan`` and ``ShardWorker``,
+:func:`build_cache` runs precompute's own code in-process (``plan_precompute`` and ``ShardWorker``,
 without Ray), so a test compares cached targets with the same teacher run online on the same
 views, and a test of the trainer reads a cache exactly as precompute writes it.
 """
@@ -18,7 +18,7 @@ from PIL import Image
 from kdcache.cache.store import CacheStore, open_store
 from kdcache.models.build import ModelSpec, build_model
 from kdcache.pipeline.config import PrecomputeConfig
-from kdcache.pipeline.plan import make_plan
+from kdcache.pipeline.plan import plan_precompute
 from kdcache.pipeline.runner import worker_settings
 from kdcache.pipeline.worker import ShardWorker
 from kdcache.views.recipe import ViewRecipe, render_rows
@@ -126,7 +126,7 @@ def precompute_config(
 
 def run_precompute(config: PrecomputeConfig, shards: list[int] | None = None) -> CacheStore:
     """Plan and run the shard tasks (only ``shards``, when given) with one in-process worker."""
-    plan = make_plan(config)
+    plan = plan_precompute(config)
     worker = ShardWorker(worker_settings(config, plan))
     for task in plan.tasks:
         if shards is None or task.index in shards:
@@ -175,14 +175,14 @@ def row_views(store: CacheStore, block, row: int, image: torch.Tensor) -> torch.
     """The A stored views of an unmixed row of ``block``, rendered the way the cache's recipe
     renders by default (``uint8[A, C, S, S]``)."""
     recipe = store.meta.recipe
-    return render_rows({row: image}, block.views, [row], recipe, recipe.rendering())
+    return render_rows({row: image}, block.view_params, [row], recipe, recipe.rendering())
 
 
 def cache_arrays(path: Path) -> dict[str, np.ndarray]:
     """Every array of a cache; completion marks (timestamps) as booleans."""
     store = open_store(str(path))
     names = ["keys", "labels", "status", "errors"]
-    names += [f"views/{name}" for name in store.views.array_keys()]
+    names += [f"views/{name}" for name in store.view_group.array_keys()]
     out = {name: np.asarray(store.group[name][:]) for name in names}
     out["views_done"] = store.views_done()
     for teacher in store.teachers:

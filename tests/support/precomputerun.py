@@ -11,7 +11,7 @@ from pathlib import Path
 
 from kdcache.core.config import apply_overrides, validate
 from kdcache.pipeline.config import PrecomputeConfig
-from kdcache.pipeline.plan import make_plan, seal_fingerprint
+from kdcache.pipeline.plan import plan_precompute, seal_fingerprint
 from kdcache.pipeline.runner import run_precompute, worker_settings
 from kdcache.pipeline.worker import ShardWorker
 from tests.support.tarbuild import SIZE
@@ -42,13 +42,13 @@ def make_config(shards: str, cache: Path, *overrides: str, **sections) -> Precom
 
 def precompute(cfg: PrecomputeConfig):
     """Plan and run ``cfg`` through the real runner (Ray), without a progress bar."""
-    return run_precompute(cfg, make_plan(cfg), progress=False)
+    return run_precompute(cfg, plan_precompute(cfg), progress=False)
 
 
 def run_in_process(cfg: PrecomputeConfig) -> None:
     """Plan and run every shard task in this process (no Ray), then seal the fingerprint as the
     runner does at the end of a run."""
-    plan = make_plan(cfg)
+    plan = plan_precompute(cfg)
     worker = ShardWorker(worker_settings(cfg, plan))
     for task in plan.tasks:
         worker(task)

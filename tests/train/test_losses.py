@@ -22,7 +22,7 @@ from kdcache.train.config import (
     WSLLossConfig,
 )
 from kdcache.train.losses import Criterion, dense_kl, mined_targets, pearson, sparse_kl, wsl_weights
-from kdcache.train.schedule import Segment, build_optimizer, lr_at, plan_stages, stage_at
+from kdcache.train.schedule import Segment, build_optimizer, lr_at, place_stages, stage_at
 
 STUDENT = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.5, 0.2, 1.5, -0.3], [0.3, -0.2, 0.1, 0.0]])
 TEACHER = torch.tensor([[3.0, 0.5, 0.2, -2.0], [0.1, 2.5, 0.3, 0.0], [1.0, -1.0, 2.0, 0.5]])
@@ -299,7 +299,7 @@ def test_stages_share_an_optimizer_until_one_sets_its_own():
             ],
         }
     )
-    stages, segments = plan_stages(config)
+    stages, segments = place_stages(config)
     assert [(s.start, s.end, s.segment, s.teacher) for s in stages] == [
         (0, 2, 0, "t"),
         (2, 5, 0, None),

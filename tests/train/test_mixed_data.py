@@ -106,13 +106,15 @@ def test_views_rendered_with_their_group_are_those_rendered_alone(world):
     for batch in data.epoch(1, ["tiny"]):
         for i, key in enumerate(batch.keys):
             name, row, sample = samples[key]
-            view = blocks[name].views.view(row, int(batch.views[i]))
+            view = blocks[name].view_params.view(row, int(batch.views[i]))
             image = decode_image(sample.image, recipe.channels)
             partner = None
             if view.mixed:
                 other = by_row[(name, row + view.mix_partner)]
                 other_image = decode_image(other.image, recipe.channels)
-                other_view = blocks[name].views.view(row + view.mix_partner, int(batch.views[i]))
+                other_view = blocks[name].view_params.view(
+                    row + view.mix_partner, int(batch.views[i])
+                )
                 partner = (other_image, other_view)
                 checked += 1
             alone = render(image, view, recipe, data.rendering, partner)

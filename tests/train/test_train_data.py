@@ -260,7 +260,9 @@ def test_batches_join_the_cached_row_of_the_replayed_view(world):
         block = blocks[int(key.split("_")[1]) // 12]
         row = block.row(key)
         view = int(batch.views[i])
-        expected = render(images[key], block.views.view(row, view), recipe, recipe.rendering())
+        expected = render(
+            images[key], block.view_params.view(row, view), recipe, recipe.rendering()
+        )
         assert torch.equal(batch.images[i], expected)
         cached = block.teachers["top2"]
         assert batch.targets["top2"].idx[i].tolist() == cached.topk_idx[row, view].tolist()
@@ -421,7 +423,7 @@ def test_fresh_views_without_cache_match_a_cache_made_with_that_seed(world):
     image = decode_image(next(x for x in iter_shard(world["clean"][1]) if x.key == key).image, 1)
     fresh = next(b.images[b.keys.index(key)] for b in batches(s, 2) if key in b.keys)
     recipe = store.meta.recipe
-    stored = block.views.view(0, 2)
+    stored = block.view_params.view(0, 2)
     assert torch.equal(fresh, render(image, stored, recipe, recipe.rendering()))
     assert set(counts.values()) == {1} and len(counts) == 48
     assert stored == draw_view(recipe, store.meta.seed, key, 2, (16, 16))

@@ -32,7 +32,7 @@ from kdcache.train.config import (
 from kdcache.train.data import build_train_data
 from kdcache.train.hooks import StepHook
 from kdcache.train.losses import Criterion
-from kdcache.train.schedule import plan_stages
+from kdcache.train.schedule import place_stages
 from kdcache.train.target_source import online_teacher_spec
 from kdcache.train.trainer import train
 from tests.support.cachebuild import build_cache, write_shards
@@ -652,7 +652,7 @@ def test_config_schema_is_pinned():
 )
 def test_shipped_configs_load(path):
     config = load_train_config(ROOT / path)
-    stages, segments = plan_stages(config)
+    stages, segments = place_stages(config)
     if "effdstl/" in path:
         assert [s.end for s in stages] == [240, 300] and [s.config.loss.name for s in stages] == [
             "wsl",

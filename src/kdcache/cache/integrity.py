@@ -74,11 +74,11 @@ class ViewBlock:
 
 @dataclass(frozen=True)
 class Held:
-    """An array a block vouches for, and the views of it the block holds (None: no view axis)."""
+    """An array a block vouches for, and the view ids of it the block holds (None: no view axis)."""
 
     path: str
     array: zarr.Array
-    views: slice | None
+    view_range: slice | None
 
 
 @dataclass(frozen=True)
@@ -115,22 +115,22 @@ def chunk_key(array: zarr.Array, shard: int, view_chunk: int = 0) -> str:
     return f"{array.store_path.path}/{array.metadata.encode_chunk_key(coords)}"
 
 
-def chunk_keys(array: zarr.Array, shard: int, views: slice | None = None) -> list[str]:
-    """The keys of shard ``shard``'s chunks of ``array`` that hold ``views`` (None: the array has
-    no view axis, or all of its one chunk)."""
-    if views is None:
+def chunk_keys(array: zarr.Array, shard: int, view_range: slice | None = None) -> list[str]:
+    """The keys of shard ``shard``'s chunks of ``array`` that hold the view ids ``view_range``
+    (None: the array has no view axis, or all of its one chunk)."""
+    if view_range is None:
         return [chunk_key(array, shard)]
     width = array.chunks[1]
     # the view axis is cut every ``width`` views: the block's views lie in these chunks
-    first = views.start // width
-    last = (views.stop - 1) // width
+    first = view_range.start // width
+    last = (view_range.stop - 1) // width
     return [chunk_key(array, shard, j) for j in range(first, last + 1)]
 
 
 def missing_chunks(held: Sequence[Held], shard: int) -> list[Held]:
     """The arrays one of whose chunks of ``shard`` (for the views held) is not stored: one
     ``exists`` per chunk, issued together (on an object store that is one round trip)."""
-    keys = [(item, key) for item in held for key in chunk_keys(item.array, shard, item.views)]
+    keys = [(item, key) for item in held for key in chunk_keys(item.array, shard, item.view_range)]
     found = sync(_exists_all([(item.array, key) for item, key in keys]))
     missing = {id(item) for (item, _), ok in zip(keys, found, strict=True) if not ok}
     return [item for item in held if id(item) in missing]
@@ -140,10 +140,10 @@ async def _exists_all(keys: Sequence[tuple[zarr.Array, str]]) -> list[bool]:
     return await asyncio.gather(*(array.store_path.store.exists(key) for array, key in keys))
 
 
-def stored_shards(array: zarr.Array, num_shards: int, views: slice | None = None) -> set[int]:
-    """The shards whose chunks of ``array`` (those holding ``views``) are all stored, from one
+def stored_shards(array: zarr.Array, num_shards: int, view_range: slice | None = None) -> set[int]:
+    """The shards whose chunks of ``array`` (those holding ``view_range``) are all stored, from one
     listing of the array's prefix."""
-    wanted = {shard: chunk_keys(array, shard, views) for shard in range(num_shards)}
+    wanted = {shard: chunk_keys(array, shard, view_range) for shard in range(num_shards)}
     listed = set(sync(_list_prefix(array)))
     return {shard for shard, keys in wanted.items() if all(key in listed for key in keys)}
 
@@ -231,10 +231,12 @@ def part_blocks(store: CacheStore, part: str) -> list[ViewBlock]:
 
 def block_arrays(store: CacheStore, block: ViewBlock) -> list[Held]:
     """The arrays holding a chunk of ``block`` per shard, with the views of each it holds."""
-    views = slice(block.start, block.stop)
+    view_range = slice(block.start, block.stop)
     rows = row_paths(block.part) if block.start == 0 else []
     held = [Held(path, store.array(path), None) for path in rows]
-    return held + [Held(path, store.array(path), views) for path in view_paths(store, block.part)]
+    return held + [
+        Held(path, store.array(path), view_range) for path in view_paths(store, block.part)
+    ]
 
 
 def part_arrays(store: CacheStore, part: str) -> dict[str, zarr.Array]:
@@ -303,7 +305,7 @@ def _block_damage(store: CacheStore, block: ViewBlock, check: bool) -> list[Dama
     ]
     marked = [int(shard) for shard in np.flatnonzero(marks)]
     for held in block_arrays(store, block):
-        stored = stored_shards(held.array, store.num_shards, held.views)
+        stored = stored_shards(held.array, store.num_shards, held.view_range)
         found += [
             _damage(store, block, shard, held.path, LOST) for shard in marked if shard not in stored
         ]
@@ -333,7 +335,7 @@ def _undecodable(
 
     def selection(first: int, last: int) -> tuple[slice, ...]:
         rows = slice(first * store.cap, (last + 1) * store.cap)
-        return (rows,) if held.views is None else (rows, held.views)
+        return (rows,) if held.view_range is None else (rows, held.view_range)
 
     for run in _runs(shards, CHECK_BATCH):
         if _damaged(held.array, selection(run[0], run[-1])) is None:

@@ -85,7 +85,8 @@ class ShardBlock:
     labels: np.ndarray
     status: np.ndarray
     errors: np.ndarray
-    views: ViewParams
+    view_params: ViewParams
+    """The shard's stored view parameters (its rows of the ``views/`` group)."""
     teachers: dict[str, TeacherBlock] = field(default_factory=dict)
     _rows: dict[str, int] | None = None
 
@@ -137,7 +138,7 @@ def read_block(
     arrays = {
         key: read_path(store, key, rows, name) for key in ("keys", "labels", "status", "errors")
     }
-    views = read_views(store, rows, name, skip_views)
+    view_params = read_views(store, rows, name, skip_views)
     block = ShardBlock(
         shard=name,
         index=index,
@@ -145,7 +146,7 @@ def read_block(
         labels=arrays["labels"],
         status=arrays["status"],
         errors=arrays["errors"],
-        views=views,
+        view_params=view_params,
     )
     if check_values:
         valid_labels = block.labels[block.status == STATUS_VALID]

@@ -352,7 +352,7 @@ class CacheStore:
         return self._teacher_metas[name]
 
     @property
-    def views(self) -> zarr.Group:
+    def view_group(self) -> zarr.Group:
         """The ``views/`` group of per-view parameter arrays."""
         return group_at(self.group, VIEWS)
 

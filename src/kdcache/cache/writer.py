@@ -288,11 +288,11 @@ def write_views(
     }
     for name, data in values.items():
         _store_chunk(store, shard, store.group, name, chunk, data)
-    views = store.views
-    _store_chunk(store, shard, views, "image_hw", chunk, _pad(params.image_hw, cap, 0))
+    view_group = store.view_group
+    _store_chunk(store, shard, view_group, "image_hw", chunk, _pad(params.image_hw, cap, 0))
     for name, spec in param_arrays(store.meta.recipe).items():
         data = _pad(params.arrays[name].astype(spec.dtype), cap, spec.fill)
-        _store_chunk(store, shard, views, name, chunk, data)
+        _store_chunk(store, shard, view_group, name, chunk, data)
     for block in reversed(store.blocks(VIEWS)):  # the first block's mark last
         _store_chunk(store, shard, store.group, block.mark, shard, now_ms())
 
@@ -307,7 +307,9 @@ def write_view_block(store: CacheStore, shard: int, block: ViewBlock, params: Vi
     where = (shard_chunk(store, shard), slice(block.start, block.stop))
     for name, spec in param_arrays(store.meta.recipe).items():
         values = params.arrays[name][:, block.start : block.stop].astype(spec.dtype)
-        _store_chunk(store, shard, store.views, name, where, _pad(values, store.cap, spec.fill))
+        _store_chunk(
+            store, shard, store.view_group, name, where, _pad(values, store.cap, spec.fill)
+        )
     _store_chunk(store, shard, store.group, block.mark, shard, now_ms())
 
 

@@ -36,7 +36,7 @@ import torch
 
 from kdcache.cache.reader import ShardBlock, TeacherBlock, read_block
 from kdcache.cache.store import STATUS_VALID, CacheStore
-from kdcache.cache_tools.stats import Histogram, plan_shards
+from kdcache.cache_tools.stats import Histogram, complete_shards
 from kdcache.core.errors import ConfigError
 from kdcache.models.ensemble import StageEnsemble
 from kdcache.targets.sparse import TailMode, dense_probs, ensemble_targets, targets_from_arrays
@@ -225,7 +225,7 @@ def inspect_extras(
     needed = sorted({n for s in specs for n in (*s.ensemble.names, s.stored) if n} | set(sampled))
     if not needed:
         return {"ensembles": [], "sampled": {}}
-    shards, _ = plan_shards(store, needed, require_complete)
+    shards, _ = complete_shards(store, needed, require_complete)
     c = store.meta.num_classes
     stats = [EnsembleStats(s) for s in specs]
     coverage = {t: _coverage(store, t) for t in sampled}
@@ -265,7 +265,7 @@ def _update_ensemble(
     s: EnsembleStats, block: ShardBlock, valid: np.ndarray, num_classes: int, tail: TailMode
 ) -> None:
     """One block's views of an ensemble and its members, ``CHUNK`` views at a time."""
-    a = block.views.num_views
+    a = block.view_params.num_views
     labels = np.repeat(np.where(valid, block.labels, -1)[valid], a)
     names = s.spec.ensemble.names
     targets = {n: _targets(block.teachers[n], valid) for n in (*names, s.spec.stored) if n}

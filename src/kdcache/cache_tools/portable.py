@@ -112,8 +112,8 @@ def _top1_counts(store: CacheStore) -> tuple[dict[str, int], int]:
 
 def _countable(block) -> np.ndarray:
     """``[n, A]``: valid, labelled, unmixed views."""
-    partner = block.views.arrays.get("mix_partner")
-    shape = (len(block), block.views.num_views)
+    partner = block.view_params.arrays.get("mix_partner")
+    shape = (len(block), block.view_params.num_views)
     unmixed = np.ones(shape, bool) if partner is None else partner == 0
     rows = (block.status == 1) & (block.labels >= 0)
     return unmixed & rows[:, None]

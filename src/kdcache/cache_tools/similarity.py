@@ -138,10 +138,11 @@ class ClassShares:
         self.rest_on_top += np.bincount(codes, weights=rest_each, minlength=c * c)
         self.rest += np.bincount(v.label, weights=v.share_rest, minlength=c)
 
-    def shares(self, views: np.ndarray) -> np.ndarray:
-        """``[C, C]`` mean share of class c's non-label mass on class j (diagonal 0)."""
+    def shares(self, view_counts: np.ndarray) -> np.ndarray:
+        """``[C, C]`` mean share of class c's non-label mass on class j (diagonal 0), given the
+        views per class."""
         c = self.num_classes
         total = (self.top - self.rest_on_top).reshape(c, c) + self.rest[:, None]
         np.fill_diagonal(total, 0.0)
         with np.errstate(invalid="ignore", divide="ignore"):
-            return total / views[:, None]
+            return total / view_counts[:, None]

@@ -205,7 +205,7 @@ class SparseCounts:
 
 
 @dataclass
-class Views:
+class BlockTargets:
     """One teacher's values for the valid rows of a block: ``[n, A]`` unless noted.
 
     ``probs`` are the exact top-k probabilities at T=1 ``[n, A, k]``; ``dist_top`` ``[n, A, k]`` and
@@ -249,7 +249,9 @@ def _check_finite(shard: str, teacher: str, *arrays: np.ndarray) -> None:
         )
 
 
-def teacher_views(block: ShardBlock, teacher: str, num_classes: int, tail: TailMode) -> Views:
+def block_targets(
+    block: ShardBlock, teacher: str, num_classes: int, tail: TailMode
+) -> BlockTargets:
     """Derive a teacher's per-view values from a shard block (valid rows only). A view mixing two
     images (Mixup/CutMix) is scored against the label with the larger weight."""
     valid = block.status == STATUS_VALID
@@ -258,7 +260,7 @@ def teacher_views(block: ShardBlock, teacher: str, num_classes: int, tail: TailM
     n, a, k = idx.shape
     labels = block.labels.astype(np.int64)
     labels = np.where((labels >= 0) & (labels < num_classes), labels, -1)
-    label = dominant_labels(labels, block.views, np.flatnonzero(valid))
+    label = dominant_labels(labels, block.view_params, np.flatnonzero(valid))
     logit = tb.topk_logit[valid].astype(np.float32)
     lse = tb.lse[valid].astype(np.float32)
     label_logit = tb.label_logit[valid].astype(np.float32)
@@ -285,7 +287,7 @@ def teacher_views(block: ShardBlock, teacher: str, num_classes: int, tail: TailM
         )
     )
     top, other = sparse_probs(targets, num_classes, 1.0, tail)
-    return Views(
+    return BlockTargets(
         label,
         idx,
         probs,
@@ -425,7 +427,7 @@ class TeacherStats:
         self.ls_scale = 0.0  # sum of m log(C - 1): the denominator of "structure"
         self.shares = ClassShares(self.num_classes) if self.num_classes <= MATRIX_LIMIT else None
 
-    def update(self, v: Views, features: ViewFeatures) -> None:
+    def update(self, v: BlockTargets, features: ViewFeatures) -> None:
         """Add one block's views."""
         self.views += v.label.size
         self._update_distributions(v)
@@ -434,7 +436,7 @@ class TeacherStats:
         self._update_similarity(v)
         self.strength.update(features, v.labelled, v.probs[..., 0], v.correct, v.label_prob)
 
-    def _update_distributions(self, v: Views) -> None:
+    def _update_distributions(self, v: BlockTargets) -> None:
         self.hists["max_prob"].add(v.probs[..., 0])
         self.hists["tail_mass"].add(
             v.tail_mass
@@ -455,7 +457,7 @@ class TeacherStats:
                 minlength=self.num_classes,
             )
 
-    def _update_similarity(self, v: Views) -> None:
+    def _update_similarity(self, v: BlockTargets) -> None:
         mask = v.labelled
         sim: ViewSimilarity = view_similarity(
             v.label[mask],
@@ -480,7 +482,7 @@ class TeacherStats:
         if self.shares is not None:
             self.shares.add(sim)
 
-    def _update_labelled(self, v: Views) -> None:
+    def _update_labelled(self, v: BlockTargets) -> None:
         mask = v.labelled
         label = v.label[mask]
         pred = v.pred[mask]
@@ -502,7 +504,7 @@ class TeacherStats:
         for row, weights in enumerate((None, conf, correct.astype(np.float64))):
             self.ece[row] += np.bincount(b, weights=weights, minlength=ECE_BINS)
 
-    def _update_consistency(self, v: Views) -> None:
+    def _update_consistency(self, v: BlockTargets) -> None:
         n, a = v.label.shape
         self.consistency["samples"] += n
         self.consistency["views_per_sample"] = a
@@ -565,10 +567,10 @@ def _with_similarity(
     rows: list[dict[str, Any]], s: TeacherStats, names: Sequence[str]
 ) -> list[dict[str, Any]]:
     """Add each class's mean similarity figures, entropy per temperature and closest classes."""
-    views = s.classes[0]
-    shares = s.shares.shares(views) if s.shares is not None else None
+    view_counts = s.classes[0]
+    shares = s.shares.shares(view_counts) if s.shares is not None else None
     for c, row in enumerate(rows):
-        n = views[c]
+        n = view_counts[c]
         for i, f in enumerate(FIGURES):
             row[f"{f}_mean"] = _ratio(float(s.class_similar[i, c]), n)
         mean = _ratio(float(s.classes[2, c]), n)
@@ -625,7 +627,7 @@ def _name(class_names: Sequence[str], c: int) -> str:
 
 
 def _per_class(classes: np.ndarray, names: Sequence[str]) -> list[dict[str, Any]]:
-    views, right, label_prob, max_prob = classes
+    view_counts, right, label_prob, max_prob = classes
     return [
         {
             "class": c,
@@ -635,15 +637,15 @@ def _per_class(classes: np.ndarray, names: Sequence[str]) -> list[dict[str, Any]
             "label_prob_mean": _ratio(float(label_prob[c]), n),
             "max_prob_mean": _ratio(float(max_prob[c]), n),
         }
-        for c, n in enumerate(views.astype(np.int64).tolist())
+        for c, n in enumerate(view_counts.astype(np.int64).tolist())
     ]
 
 
 def _confused_pairs(
-    errors: SparseCounts, views: np.ndarray, names: Sequence[str]
+    errors: SparseCounts, view_counts: np.ndarray, names: Sequence[str]
 ) -> list[dict[str, Any]]:
     """The most frequent (true -> predicted) errors; ties broken by class ids."""
-    c = len(views)
+    c = len(view_counts)
     return [
         {
             "true": code // c,
@@ -651,7 +653,7 @@ def _confused_pairs(
             "pred": code % c,
             "pred_name": _name(names, code % c),
             "count": count,
-            "fraction_of_true": count / float(views[code // c]),
+            "fraction_of_true": count / float(view_counts[code // c]),
         }
         for code, count in errors.most_common(TOP_CONFUSED)
     ]
@@ -688,7 +690,7 @@ class PairStats:
     )
     js: Histogram = field(default_factory=lambda: Histogram(0.0, math.log(2)))
 
-    def update(self, va: Views, vb: Views) -> None:
+    def update(self, va: BlockTargets, vb: BlockTargets) -> None:
         """Add one block's views of both teachers."""
         self.views += va.label.size
         self.agree += int((va.pred == vb.pred).sum())
@@ -780,7 +782,7 @@ def select_teachers(store: CacheStore, teachers: Sequence[str] | None) -> list[s
     return list(dict.fromkeys(teachers))
 
 
-def plan_shards(
+def complete_shards(
     store: CacheStore, teachers: list[str], require_complete: bool
 ) -> tuple[list[int], dict[str, list[str]]]:
     """Shard indices to read and the incomplete shards left out (``{"views"|teacher: [names]}``)."""
@@ -820,7 +822,7 @@ def inspect_cache(
     check_settings(temperatures, tail)
     temperatures = list(dict.fromkeys(float(t) for t in temperatures))
     names = select_teachers(store, teachers)
-    shards, skipped = plan_shards(store, names, require_complete)
+    shards, skipped = complete_shards(store, names, require_complete)
     meta = store.meta
     c = store.meta.num_classes
     recipe = meta.recipe
@@ -832,7 +834,7 @@ def inspect_cache(
         for index in shards:
             block = read_block(
                 store, index, names, require_complete=False
-            )  # marks checked by plan_shards
+            )  # marks checked by complete_shards
             _update_all(block, stats, pairs, c, tail, recipe)
             if progress is not None:
                 progress(1)
@@ -852,13 +854,13 @@ def _update_all(
     tail: TailMode,
     recipe: ViewRecipe,
 ) -> None:
-    views = {n: teacher_views(block, n, c, tail) for n in stats}
+    targets = {n: block_targets(block, n, c, tail) for n in stats}
     valid = np.flatnonzero(block.status == STATUS_VALID)
-    features = view_features(block.views, valid, recipe)
+    features = view_features(block.view_params, valid, recipe)
     for n, s in stats.items():
-        s.update(views[n], features)
+        s.update(targets[n], features)
     for p in pairs:
-        p.update(views[p.a], views[p.b])
+        p.update(targets[p.a], targets[p.b])
 
 
 def _cache_section(store: CacheStore, read: int, skipped: dict[str, list[str]]) -> dict[str, Any]:

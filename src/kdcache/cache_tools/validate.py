@@ -107,9 +107,11 @@ def check_block(
     labels = block.labels[valid]
     if ((labels < 0) | (labels >= num_classes)).any():
         problems.append(f"{where}: labels outside [0, {num_classes}) in valid rows")
-    problems += [f"{where}: {p}" for p in param_problems(block.views, valid, recipe)]
+    problems += [f"{where}: {p}" for p in param_problems(block.view_params, valid, recipe)]
     for name, tb in block.teachers.items():
-        unmixed = block.views.mixing(*_all_views(block))[1].reshape(len(block), -1)[valid] == 1
+        unmixed = (
+            block.view_params.mixing(*_all_views(block))[1].reshape(len(block), -1)[valid] == 1
+        )
         found = check_teacher(tb, valid, num_classes, encodings[name])
         found += _check_label_logit(tb, valid, labels, encodings[name], unmixed)
         problems += [f"{where}, teacher {name!r}: {p}" for p in found]
@@ -118,7 +120,7 @@ def check_block(
 
 def _all_views(block: ShardBlock) -> tuple[np.ndarray, np.ndarray]:
     """(rows, views) of every view of a block, in row-major order."""
-    a = block.views.num_views
+    a = block.view_params.num_views
     return np.repeat(np.arange(len(block)), a), np.tile(np.arange(a), len(block))
 
 

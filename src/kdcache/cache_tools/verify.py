@@ -111,13 +111,15 @@ def replay_picked(
             raise CacheMismatchError(
                 f"shard {block.shard!r} of the cache is not among the given shards"
             )
-        views = [(row, a, block.views.view(row, a)) for row, a in wanted]
-        rows = {row for row, _, _ in views} | {row + v.mix_partner for row, _, v in views}
+        picks = [(row, a, block.view_params.view(row, a)) for row, a in wanted]
+        rows = {row for row, _, _ in picks} | {row + v.mix_partner for row, _, v in picks}
         images = _decode_rows(store, block, rows, urls[block.shard], storage_options)
-        for row, a, view in views:
+        for row, a, view in picks:
             partner_row = row + view.mix_partner
             partner = (
-                (images[partner_row], block.views.view(partner_row, a)) if view.mixed else None
+                (images[partner_row], block.view_params.view(partner_row, a))
+                if view.mixed
+                else None
             )
             out.append(Replayed(images[row], view, partner))
             order.append((shard, row, a))
@@ -369,11 +371,11 @@ def verify_cache(
         models = teacher_models(store, teacher, checkpoint)
         logits = []
         for model, _, rendering in models:
-            views = render_picked(store, replayed, rendering)
+            pixels = render_picked(store, replayed, rendering)
             runner = ModelRunner(model, rendering, device=device, amp=amp, name=teacher)
             logits.append(
                 torch.cat(
-                    [runner(views[i : i + batch_size]) for i in range(0, len(views), batch_size)]
+                    [runner(pixels[i : i + batch_size]) for i in range(0, len(pixels), batch_size)]
                 )
             )
         ensemble = store.teacher_meta(teacher).ensemble

@@ -173,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
     sizes = QUICK if args.quick else FULL
     demo = Demo(args.out, sizes, args.data, args.seed)
     if args.dry_run:
-        for step in demo.plan():
+        for step in demo.steps():
             print(f"# {step.name}\n{step.command_line}")
         return 0
     demo.data_dir = find_data(args.data, args.out, download=not args.no_download)
@@ -255,7 +255,7 @@ class StepRecord:
 
 
 class Demo:
-    """The demo's commands (:meth:`plan`), run in order (:meth:`run_all`), and where their outputs
+    """The demo's commands (:meth:`steps`), run in order (:meth:`run_all`), and where their outputs
     are."""
 
     def __init__(self, out: Path, sizes: Sizes, data_dir: Path, seed: int):
@@ -297,7 +297,7 @@ class Demo:
         )
 
     # ---- the commands
-    def plan(self) -> list[Step]:
+    def steps(self) -> list[Step]:
         """Every command, in order."""
         return [
             self.shards_step(),
@@ -398,7 +398,7 @@ class Demo:
     def run_all(self) -> None:
         """Run every command, stopping at the first failure; time each step."""
         title = None
-        for step in self.plan():
+        for step in self.steps():
             if step.title != title:
                 title = step.title
                 _banner(title)

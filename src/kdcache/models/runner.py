@@ -57,10 +57,10 @@ class ModelRunner:
             self.model = self.model.to(memory_format=torch.channels_last)
 
     @torch.inference_mode()
-    def __call__(self, views: torch.Tensor) -> torch.Tensor:
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         """``uint8[B, C, S, S]`` (any device) -> ``float32[B, num_classes]`` on the runner's
         device."""
-        x = normalize(views.to(self.device, non_blocking=True), self.rendering)
+        x = normalize(pixels.to(self.device, non_blocking=True), self.rendering)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast_context(self.device, self.amp):

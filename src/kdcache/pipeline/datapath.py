@@ -194,11 +194,11 @@ class GroupRows:
 
 @dataclass
 class ViewBatch:
-    """Views on their way to the teachers: flat view indices ``row * A + a``, the views in each
-    rendering the run's teachers need, and each view's hard labels (mixed views have two)."""
+    """Views on their way to the teachers: flat view indices ``row * A + a``, the views' pixels in
+    each rendering the run's teachers need, and each view's hard labels (mixed views have two)."""
 
     flat: np.ndarray
-    views: dict[str, torch.Tensor]
+    pixels: dict[str, torch.Tensor]
     """Rendering key (:func:`rendering_key`) -> ``uint8[B, C, S, S]``."""
     labels: np.ndarray
     partner_labels: np.ndarray
@@ -222,22 +222,22 @@ class ViewBatch:
         shared: bool = False,
         memory: BatchMemory | None = None,
     ) -> ViewBatch:
-        """One batch of ``parts`` in order (``pin_memory``: its views in page-locked memory;
+        """One batch of ``parts`` in order (``pin_memory``: its pixels in page-locked memory;
         ``shared``: in shared memory, so sending it to another process copies nothing;
         ``memory``: in CPU memory reused from earlier batches that nothing holds any more)."""
-        views = {}
-        for key in parts[0].views:
-            tensors = [p.views[key] for p in parts]
+        pixels = {}
+        for key in parts[0].pixels:
+            tensors = [p.pixels[key] for p in parts]
             shape = (sum(len(t) for t in tensors), *tensors[0].shape[1:])
             dtype = tensors[0].dtype
             if memory is not None and not (pin_memory or shared):
                 out = memory.empty(key, shape, dtype)
             else:
                 out = torch.empty(shape, dtype=dtype, pin_memory=pin_memory)
-            views[key] = torch.cat(tensors, out=out.share_memory_() if shared else out)
+            pixels[key] = torch.cat(tensors, out=out.share_memory_() if shared else out)
         return ViewBatch(
             np.concatenate([p.flat for p in parts]),
-            views,
+            pixels,
             np.concatenate([p.labels for p in parts]),
             np.concatenate([p.partner_labels for p in parts]),
             np.concatenate([p.lam for p in parts]),
@@ -246,13 +246,13 @@ class ViewBatch:
     def slice(self, start: int, stop: int) -> ViewBatch:
         return ViewBatch(
             self.flat[start:stop],
-            {key: views[start:stop] for key, views in self.views.items()},
+            {key: pixels[start:stop] for key, pixels in self.pixels.items()},
             self.labels[start:stop],
             self.partner_labels[start:stop],
             self.lam[start:stop],
         )
 
-    def without_views(self) -> ViewBatch:
+    def without_pixels(self) -> ViewBatch:
         """The batch without its pixels (sent between processes when those are shared)."""
         return ViewBatch(self.flat, {}, self.labels, self.partner_labels, self.lam)
 
@@ -263,7 +263,7 @@ class ViewBatch:
         index = torch.from_numpy(np.flatnonzero(keep))
         return ViewBatch(
             self.flat[keep],
-            {key: views[index] for key, views in self.views.items()},
+            {key: pixels[index] for key, pixels in self.pixels.items()},
             self.labels[keep],
             self.partner_labels[keep],
             self.lam[keep],
@@ -338,9 +338,9 @@ class ViewBatcher:
         self.parts: list[tuple[ViewBatch, int | None]] = []
         self.count = 0
 
-    def add(self, views: ViewBatch, owner: int | None = None) -> Iterator[ViewBatch]:
-        self.parts.append((views, owner))
-        self.count += len(views)
+    def add(self, part: ViewBatch, owner: int | None = None) -> Iterator[ViewBatch]:
+        self.parts.append((part, owner))
+        self.count += len(part)
         while self.count >= self.size:
             yield self._take(self.size)
 
@@ -393,9 +393,9 @@ class GroupViews:
     nothing to render)."""
 
     rows: GroupRows
-    views: ViewBatch | None
+    batch: ViewBatch | None
     slot: int | None = None
-    """The view slot holding ``views`` (None: their own memory)."""
+    """The view slot holding ``batch``'s pixels (None: their own memory)."""
 
 
 Place = Callable[[int], "dict[str, torch.Tensor] | None"]
@@ -484,7 +484,7 @@ def _render(
     """The views ``work.render`` of the ``valid`` local rows in every rendering (into ``out``
     when given), with their labels."""
     recipe = settings.recipe
-    views = {
+    pixels = {
         key: render_rows(
             images, rows.params, valid, recipe, rendering, work.render, out[key] if out else None
         )
@@ -496,7 +496,7 @@ def _render(
     partner, lam = rows.params.mixing(own, view)
     # shard row * A + view: the teachers' [n, A, ...] arrays are filled through this flat index
     flat = (rows.start + own) * settings.num_views + view
-    return ViewBatch(flat, views, rows.labels[own], rows.labels[partner], lam)
+    return ViewBatch(flat, pixels, rows.labels[own], rows.labels[partner], lam)
 
 
 def decode_sample(
@@ -548,9 +548,9 @@ class JobViews:
     seconds it took."""
 
     rows: list[GroupRows]
-    views: ViewBatch | None
+    batch: ViewBatch | None
     in_slot: bool
-    """The views are in the job's slot (``views.views`` is empty: the actor has them)."""
+    """The pixels are in the job's slot (``batch.pixels`` is empty: the actor has them)."""
     cpu_seconds: float
 
 
@@ -564,16 +564,16 @@ def _run_jobs(work: ViewWork, jobs: list[GroupJob], slot: int | None) -> JobView
         raise DataWorkerError("a data worker process was not started with its settings")
     placed = SlotPlacer(_SLOTS, slot)
     made = [make_group(_SETTINGS, work, job, placed) for job in jobs]
-    parts = [group.views for group in made if group.views is not None]
+    parts = [group.batch for group in made if group.batch is not None]
     rows = [group.rows for group in made]
     seconds = time.process_time() - start
     if not parts:
         return JobViews(rows, None, False, seconds)
     if placed.whole:  # every view is in the slot: send the rest
-        views = ViewBatch.concat([p.without_views() for p in parts])
-        return JobViews(rows, views, True, time.process_time() - start)
-    views = ViewBatch.concat(parts, shared=True)  # did not fit: new shared memory
-    return JobViews(rows, views, False, time.process_time() - start)
+        batch = ViewBatch.concat([p.without_pixels() for p in parts])
+        return JobViews(rows, batch, True, time.process_time() - start)
+    batch = ViewBatch.concat(parts, shared=True)  # did not fit: new shared memory
+    return JobViews(rows, batch, False, time.process_time() - start)
 
 
 class SlotPlacer:
@@ -653,8 +653,8 @@ class ViewSlots:
         count = next(iter(self.buffers.values())).shape[0]
         self.free = deque(range(count))
 
-    def views(self, slot: int, count: int) -> dict[str, torch.Tensor]:
-        """The first ``count`` views of a slot, by rendering key."""
+    def pixels(self, slot: int, count: int) -> dict[str, torch.Tensor]:
+        """The pixels of the first ``count`` views of a slot, by rendering key."""
         return {key: buffer[slot, :count] for key, buffer in self.buffers.items()}
 
 
@@ -735,8 +735,8 @@ class DataPath:
             results = self._pooled(task, samples, rows, work)
         for result in results:
             rows.merge(result.rows, work)
-            if result.views is not None:
-                for batch in batcher.add(result.views, result.slot):
+            if result.batch is not None:
+                for batch in batcher.add(result.batch, result.slot):
                     self.stats.views += len(batch)
                     yield batch
         for batch in batcher.flush():
@@ -820,15 +820,15 @@ class DataPath:
                 f"shard {task.name!r}: a data worker process raised {type(exc).__name__}: {exc}"
             ) from exc
         self.stats.worker_cpu_seconds += job.cpu_seconds
-        views = job.views
-        if job.in_slot and views is not None and self._slots is not None and slot is not None:
-            views.views = self._slots.views(slot, len(views))
+        batch = job.batch
+        if job.in_slot and batch is not None and self._slots is not None and slot is not None:
+            batch.pixels = self._slots.pixels(slot, len(batch))
         elif slot is not None:
             self._release(slot)
             slot = None
         for rows in job.rows[:-1]:
             yield GroupViews(rows, None)
-        yield GroupViews(job.rows[-1], views, slot)
+        yield GroupViews(job.rows[-1], batch, slot)
 
     def _broken(self, task: ShardTask, exc: BaseException) -> DataWorkerError:
         """The pool lost a process: drop it (the next shard starts a fresh one)."""

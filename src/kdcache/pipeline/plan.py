@@ -92,7 +92,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class MemberPlan:
+class ResolvedMember:
     """One model a teacher runs: its spec, weight in the teacher, weights digest and rendering."""
 
     spec: ModelSpec
@@ -102,7 +102,7 @@ class MemberPlan:
 
 
 @dataclass(frozen=True)
-class TeacherPlan:
+class ResolvedTeacher:
     """A teacher as the workers need it: spec, k and the weights digest the driver computed."""
 
     name: str
@@ -112,7 +112,7 @@ class TeacherPlan:
     weights_digest: str
     rendering: Rendering
     """The teacher's resolved rendering (its input size, interpolation, mean and std)."""
-    members: tuple[MemberPlan, ...] = ()
+    members: tuple[ResolvedMember, ...] = ()
     """A stored ensemble's models (empty: the teacher is ``spec``)."""
     combine: str = "probs"
     """A stored ensemble: how its models' distributions combine (:mod:`kdcache.models.ensemble`)."""
@@ -120,11 +120,11 @@ class TeacherPlan:
     """The rendering in words, each field with its source (config, recipe, timm pretrained_cfg,
     checkpoint): logged at plan time, recorded in the run record, named by the teacher check."""
 
-    def models(self) -> tuple[MemberPlan, ...]:
+    def models(self) -> tuple[ResolvedMember, ...]:
         """What a worker runs: the ensemble's models, or the teacher itself with weight 1."""
         if self.members or self.spec is None:  # a stored ensemble has members and no spec
             return self.members
-        return (MemberPlan(self.spec, 1.0, self.weights_digest, self.rendering),)
+        return (ResolvedMember(self.spec, 1.0, self.weights_digest, self.rendering),)
 
 
 @dataclass(frozen=True)
@@ -214,7 +214,7 @@ class ShardKeys:
 
 
 @dataclass
-class DataPlan:
+class ShardListing:
     """The listed input: shard URLs (absolute for local files), what planning knows of each
     shard (counts; keys where headers were read) and the fingerprint (its key digest empty
     unless every shard's keys are known)."""
@@ -228,14 +228,14 @@ class DataPlan:
 
 
 @dataclass
-class Plan:
+class PrecomputePlan:
     """Everything the runner needs: the open cache, the teachers and the shard tasks."""
 
     store: CacheStore
-    data: DataPlan
+    data: ShardListing
     num_classes: int
     class_names: list[str]
-    teachers: list[TeacherPlan]
+    teachers: list[ResolvedTeacher]
     tasks: list[ShardTask]
     created: bool
 
@@ -250,14 +250,14 @@ def local_path(path: str) -> str:
 
 
 def writer_lock(cfg: PrecomputeConfig) -> WriterLock:
-    """The cache's writer lock (``<cache.path>.lock``): hold it around :func:`make_plan` and the
-    run."""
+    """The cache's writer lock (``<cache.path>.lock``): hold it around
+    :func:`plan_precompute` and the run."""
     return WriterLock(
         local_path(cfg.cache.path), cfg.cache.storage_options or None, force=cfg.cache.force_unlock
     )
 
 
-def make_plan(cfg: PrecomputeConfig) -> Plan:
+def plan_precompute(cfg: PrecomputeConfig) -> PrecomputePlan:
     """Scan shards, resolve classes, build teachers once, open or create the cache, list tasks.
 
     Refused (CacheLockedError) while another live precompute holds the cache's writer lock; the
@@ -267,7 +267,7 @@ def make_plan(cfg: PrecomputeConfig) -> Plan:
     num_classes, class_names = resolve_classes(cfg, data)
     check_with_classes(cfg, num_classes)
     teachers = [
-        _teacher_plan_at(i, t, num_classes, cfg.cache.recipe) for i, t in enumerate(cfg.teachers)
+        _resolve_teacher_at(i, t, num_classes, cfg.cache.recipe) for i, t in enumerate(cfg.teachers)
     ]
     store, created = open_or_create(cfg, data, num_classes, class_names)
     for teacher, section in zip(teachers, cfg.teachers, strict=True):
@@ -290,7 +290,7 @@ def make_plan(cfg: PrecomputeConfig) -> Plan:
     tasks = shard_tasks(store, data, [t.name for t in teachers])
     if not tasks:
         seal_fingerprint(store)  # an earlier run stopped before it, or ran in-process
-    plan = Plan(store, data, num_classes, class_names, teachers, tasks, created)
+    plan = PrecomputePlan(store, data, num_classes, class_names, teachers, tasks, created)
     logger.info("%s", describe(plan))
     return plan
 
@@ -311,7 +311,7 @@ def scan_data(
     shards: str | list[str],
     storage_options: dict[str, Any] | None = None,
     index: str | None = None,
-) -> DataPlan:
+) -> ShardListing:
     """List the shards and their counts without reading payloads where a manifest or index has
     them (see the module docstring); duplicates refused where keys are read. ``storage_options``:
     fsspec's, for shard URLs (``data.storage_options``); ``index``: ``data.index``."""
@@ -330,7 +330,7 @@ def scan_data(
         key_digest=key_digest(known) if len(known) == len(listing.shards) else "",
     )
     logger.info("planned %d shard(s) from %s", len(urls), _sources(listing.sources))
-    return DataPlan(urls, listing.shards, fingerprint, listing.manifest, listing.sources)
+    return ShardListing(urls, listing.shards, fingerprint, listing.manifest, listing.sources)
 
 
 def _sources(sources: dict[str, int]) -> str:
@@ -343,7 +343,7 @@ def _sources(sources: dict[str, int]) -> str:
     return ", ".join(parts)
 
 
-def resolve_classes(cfg: PrecomputeConfig, data: DataPlan) -> tuple[int, list[str]]:
+def resolve_classes(cfg: PrecomputeConfig, data: ShardListing) -> tuple[int, list[str]]:
     """``num_classes`` and class names from the config and the manifest beside the shards."""
     num = cfg.data.num_classes
     names = list(cfg.data.class_names)
@@ -371,13 +371,13 @@ def resolve_classes(cfg: PrecomputeConfig, data: DataPlan) -> tuple[int, list[st
     return num, names
 
 
-def _teacher_plan_at(
+def _resolve_teacher_at(
     index: int, section: TeacherSection, num_classes: int, recipe: ViewRecipe
-) -> TeacherPlan:
-    """:func:`teacher_plan` of ``teachers.<index>``, its errors naming that key and the teacher
+) -> ResolvedTeacher:
+    """:func:`resolve_teacher` of ``teachers.<index>``, its errors naming that key and the teacher
     (a stored ensemble: each of its models, named ``teachers.<index>.ensemble.members.<j>``)."""
     if section.ensemble is not None:
-        return _ensemble_plan_at(index, section, section.ensemble, num_classes, recipe)
+        return _resolve_ensemble_at(index, section, section.ensemble, num_classes, recipe)
     model = section.model
     if model is None:  # TeacherSection's validator requires a model where there is no ensemble
         raise ConfigError(f"teachers.{index}: needs model or ensemble")
@@ -386,19 +386,19 @@ def _teacher_plan_at(
     said = describe_rendering(rendering, sources)
     logger.info("teacher %s renders views at %s", section.name, said)
     try:
-        plan = teacher_plan(section.name, model, section.k, num_classes, recipe, rendering)
+        resolved = resolve_teacher(section.name, model, section.k, num_classes, recipe, rendering)
     except TeacherError as exc:
         raise TeacherError(f"teachers.{index}.model (teacher {section.name!r}): {exc}") from exc
-    return replace(plan, rendering_from=said)
+    return replace(resolved, rendering_from=said)
 
 
-def _ensemble_plan_at(
+def _resolve_ensemble_at(
     index: int,
     section: TeacherSection,
     ensemble: EnsembleSection,
     num_classes: int,
     recipe: ViewRecipe,
-) -> TeacherPlan:
+) -> ResolvedTeacher:
     """A stored ensemble: every model built once to fingerprint it, the ensemble's digest over
     theirs."""
     members = []
@@ -409,11 +409,13 @@ def _ensemble_plan_at(
         model_name = member.model.name or member.model.checkpoint
         said.append(f"{model_name}: {describe_rendering(rendering, sources)}")
         try:
-            plan = teacher_plan(section.name, member.model, section.k, num_classes, recipe)
+            resolved = resolve_teacher(section.name, member.model, section.k, num_classes, recipe)
         except TeacherError as exc:
             raise TeacherError(f"{key}.model (teacher {section.name!r}): {exc}") from exc
-        members.append(MemberPlan(member.model, member.weight, plan.weights_digest, rendering))
-    teacher = TeacherPlan(
+        members.append(
+            ResolvedMember(member.model, member.weight, resolved.weights_digest, rendering)
+        )
+    teacher = ResolvedTeacher(
         name=section.name,
         spec=None,
         k=section.k,
@@ -428,14 +430,14 @@ def _ensemble_plan_at(
     return replace(teacher, weights_digest=digest)
 
 
-def stored_ensemble(teacher: TeacherPlan) -> EnsembleMeta | None:
+def stored_ensemble(teacher: ResolvedTeacher) -> EnsembleMeta | None:
     """The ensemble metadata a teacher records (None: not an ensemble)."""
     if not teacher.members:
         return None
     return members_meta(teacher.combine, teacher.members)
 
 
-def members_meta(combine: str, members: Sequence[MemberPlan]) -> EnsembleMeta:
+def members_meta(combine: str, members: Sequence[ResolvedMember]) -> EnsembleMeta:
     """The ensemble metadata of ``members`` combined by ``combine``."""
     return ensemble_meta(
         combine,
@@ -446,23 +448,23 @@ def members_meta(combine: str, members: Sequence[MemberPlan]) -> EnsembleMeta:
     )
 
 
-def teacher_plan(
+def resolve_teacher(
     name: str,
     spec: ModelSpec,
     k: int,
     num_classes: int,
     recipe: ViewRecipe,
     rendering: Rendering | None = None,
-) -> TeacherPlan:
+) -> ResolvedTeacher:
     """Build the teacher once on CPU to fingerprint its weights (rendering: default the
     recipe's)."""
     digest = weights_digest(build_teacher(spec, num_classes, recipe.channels))
     rendering = rendering or recipe.rendering()
-    return TeacherPlan(name=name, spec=spec, k=k, weights_digest=digest, rendering=rendering)
+    return ResolvedTeacher(name=name, spec=spec, k=k, weights_digest=digest, rendering=rendering)
 
 
 def open_or_create(
-    cfg: PrecomputeConfig, data: DataPlan, num_classes: int, class_names: list[str]
+    cfg: PrecomputeConfig, data: ShardListing, num_classes: int, class_names: list[str]
 ) -> tuple[CacheStore, bool]:
     """The existing cache checked against this run, or a new one (``cache.overwrite`` starts
     over)."""
@@ -495,7 +497,7 @@ def open_or_create(
 
 
 def _check_compatible(
-    store: CacheStore, cfg: PrecomputeConfig, data: DataPlan, num_classes: int
+    store: CacheStore, cfg: PrecomputeConfig, data: ShardListing, num_classes: int
 ) -> None:
     """Refuse a cache made from other data, or with other views or classes, saying what differs.
 
@@ -553,7 +555,7 @@ def _mismatch(message: str, changed: list[str]) -> CacheMismatchError:
     )
 
 
-def changed_key_shards(store: CacheStore, data: DataPlan) -> list[str]:
+def changed_key_shards(store: CacheStore, data: ShardListing) -> list[str]:
     """Shards (same name and count in cache and data) whose stored keys differ from what planning
     knows of them: their keys (headers read) or their manifest's key digest. Shards whose keys the
     cache does not store yet (views not made) are not compared."""
@@ -628,20 +630,20 @@ def _refuse_foreign(path: str, options: dict[str, Any] | None) -> None:
         )
 
 
-def shard_tasks(store: CacheStore, data: DataPlan, teachers: list[str]) -> list[ShardTask]:
+def shard_tasks(store: CacheStore, data: ShardListing, teachers: list[str]) -> list[ShardTask]:
     """Shards lacking a views mark or any mark of a run teacher, in shard order: each of their
     view blocks (:mod:`kdcache.cache.growth`) is a mark. A shard whose first views are stored is
     checked against its stored keys; one whose first views are not is made whole, every run
     teacher on every view."""
-    views = [(block, store.block_done(block)) for block in store.blocks(VIEWS)]
+    view_blocks = [(block, store.block_done(block)) for block in store.blocks(VIEWS)]
     done = {
         name: [(block, store.block_done(block)) for block in store.blocks(name)]
         for name in teachers
     }
     tasks = []
     for i, (url, shard) in enumerate(zip(data.urls, data.indexes, strict=True)):
-        make = not bool(views[0][1][i])
-        new_views = () if make else _undone(views[1:], i)
+        make = not bool(view_blocks[0][1][i])
+        new_views = () if make else _undone(view_blocks[1:], i)
         todo = {name: () if make else _undone(blocks, i) for name, blocks in done.items()}
         todo = {name: blocks for name, blocks in todo.items() if make or blocks}
         if not (make or new_views or todo):
@@ -699,7 +701,7 @@ def seal_fingerprint(store: CacheStore) -> bool:
     return True
 
 
-def describe(plan: Plan) -> str:
+def describe(plan: PrecomputePlan) -> str:
     """One line: what this run will do."""
     fp = plan.data.fingerprint
     views = sum(t.make_views for t in plan.tasks)

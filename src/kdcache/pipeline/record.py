@@ -23,12 +23,12 @@ from kdcache.core.results import (
     versions,
 )
 from kdcache.pipeline.config import PrecomputeConfig
-from kdcache.pipeline.plan import Plan, TeacherPlan, saved_config
+from kdcache.pipeline.plan import PrecomputePlan, ResolvedTeacher, saved_config
 
 logger = logging.getLogger(__name__)
 
 
-def new_result(cfg: PrecomputeConfig, plan: Plan) -> PrecomputeResult:
+def new_result(cfg: PrecomputeConfig, plan: PrecomputePlan) -> PrecomputeResult:
     """A run's result as it starts: who runs what, on which cache, with which config."""
     started = utc_now()
     host, pid = host_and_pid()
@@ -61,7 +61,7 @@ def new_result(cfg: PrecomputeConfig, plan: Plan) -> PrecomputeResult:
     )
 
 
-def model_name(teacher: TeacherPlan) -> str:
+def model_name(teacher: ResolvedTeacher) -> str:
     """What a run record names as a teacher's model: its spec's name, or for a stored ensemble
     (no spec of its own) ``ensemble(<model>,...)``."""
     if teacher.spec is not None:

@@ -56,7 +56,13 @@ from kdcache.core.results import PrecomputeResult
 from kdcache.pipeline.cluster import probe_cluster
 from kdcache.pipeline.config import PrecomputeConfig, RaySection
 from kdcache.pipeline.datapath import FAULT_ENV as DATA_FAULT_ENV
-from kdcache.pipeline.plan import Plan, ShardTask, make_plan, seal_fingerprint, writer_lock
+from kdcache.pipeline.plan import (
+    PrecomputePlan,
+    ShardTask,
+    plan_precompute,
+    seal_fingerprint,
+    writer_lock,
+)
 from kdcache.pipeline.record import finish, new_result, write_record
 from kdcache.pipeline.resources import cpus_per_actor
 from kdcache.pipeline.teachercheck import TeacherCheckError, judge
@@ -111,7 +117,7 @@ def describe_failure(why: BaseException | str) -> str:
     return f"{type(why).__name__}: {why}"
 
 
-def worker_settings(cfg: PrecomputeConfig, plan: Plan) -> WorkerSettings:
+def worker_settings(cfg: PrecomputeConfig, plan: PrecomputePlan) -> WorkerSettings:
     cpus = cfg.ray.cpus_per_actor or 1.0  # actor_factory sets the resolved count
     threads = cfg.runtime.torch_threads or max(1, int(cpus))
     return WorkerSettings(
@@ -135,14 +141,14 @@ def worker_settings(cfg: PrecomputeConfig, plan: Plan) -> WorkerSettings:
 
 def precompute(
     cfg: PrecomputeConfig, progress: bool | None = None
-) -> tuple[Plan, PrecomputeResult]:
+) -> tuple[PrecomputePlan, PrecomputeResult]:
     """Join the named Ray cluster (before anything is written), then plan and run under the
     cache's writer lock: the plan, and the run's result (status ``nothing_to_do``, and no run
     record, when every shard was complete)."""
     started = connect_cluster(cfg.ray)
     try:
         with writer_lock(cfg):
-            plan = make_plan(cfg)
+            plan = plan_precompute(cfg)
             if not plan.tasks:
                 return plan, finish(new_result(cfg, plan), "nothing_to_do")
             return plan, run_precompute(cfg, plan, progress)
@@ -152,7 +158,7 @@ def precompute(
 
 
 def run_precompute(
-    cfg: PrecomputeConfig, plan: Plan, progress: bool | None = None
+    cfg: PrecomputeConfig, plan: PrecomputePlan, progress: bool | None = None
 ) -> PrecomputeResult:
     """Run every planned shard task on Ray actors and write the run record; raise
     ShardsFailedError (with the result) if any failed."""
@@ -181,15 +187,15 @@ def run_precompute(
 
 
 def check_teachers(
-    cfg: PrecomputeConfig, plan: Plan, summary: PrecomputeResult, final: bool
+    cfg: PrecomputeConfig, plan: PrecomputePlan, summary: PrecomputeResult, final: bool
 ) -> None:
     """The teacher check (:mod:`kdcache.pipeline.teachercheck`) on the counts so far."""
-    plans = {t.name: t for t in plan.teachers}
-    judge(summary.teachers, plans, cfg.teachers, plan.num_classes, final)
+    resolved = {t.name: t for t in plan.teachers}
+    judge(summary.teachers, resolved, cfg.teachers, plan.num_classes, final)
 
 
 def _run_tasks(
-    cfg: PrecomputeConfig, plan: Plan, summary: PrecomputeResult, progress: bool | None
+    cfg: PrecomputeConfig, plan: PrecomputePlan, summary: PrecomputeResult, progress: bool | None
 ) -> dict[str, BaseException | str]:
     """The shard tasks on Ray actors (an embedded Ray unless one is up); seal the fingerprint
     when none failed. Returns the failures."""
@@ -212,7 +218,7 @@ SMALL_JOB_VIEWS = 20_000
 """``ray.mode: auto`` runs a job of at most this many views to compute in this process."""
 
 
-def runs_in_process(cfg: PrecomputeConfig, plan: Plan) -> bool:
+def runs_in_process(cfg: PrecomputeConfig, plan: PrecomputePlan) -> bool:
     """Whether the shard tasks run here, without Ray (``ray.mode``)."""
     if cfg.ray.mode != "auto":
         return cfg.ray.mode == "local"
@@ -233,7 +239,7 @@ def local_cpus() -> int:
 
 
 def _run_local(
-    cfg: PrecomputeConfig, plan: Plan, summary: PrecomputeResult, progress: bool | None
+    cfg: PrecomputeConfig, plan: PrecomputePlan, summary: PrecomputeResult, progress: bool | None
 ) -> dict[str, BaseException | str]:
     """Every shard task in this process with one worker (every CPU for its torch threads, its
     data path in a background thread unless ``runtime.data_workers`` says otherwise). A shard
@@ -277,7 +283,7 @@ def wait_log_interval(limit: float | None) -> float:
 
 
 def _run_actors(
-    cfg: PrecomputeConfig, plan: Plan, summary: PrecomputeResult, progress: bool | None
+    cfg: PrecomputeConfig, plan: PrecomputePlan, summary: PrecomputeResult, progress: bool | None
 ) -> dict:
     fits = fits_now(cfg.ray)  # before the actors take the free resources
     count, new_actor = actor_factory(cfg.ray, worker_settings(cfg, plan), len(plan.tasks))
@@ -850,7 +856,7 @@ def _cause(exc: BaseException) -> str:
     return (lines[-1] if 'File "' in text else lines[0])[:400]
 
 
-def _describe_cache(plan: Plan, cfg: PrecomputeConfig, summary: PrecomputeResult) -> None:
+def _describe_cache(plan: PrecomputePlan, cfg: PrecomputeConfig, summary: PrecomputeResult) -> None:
     """The cache after the run: its views and teachers, bytes, and what is still incomplete."""
     store = plan.store
     summary.cache_views = store.meta.fingerprint.num_samples * store.meta.num_views

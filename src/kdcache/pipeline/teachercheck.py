@@ -24,7 +24,7 @@ from kdcache.core.errors import KdcacheError
 from kdcache.core.results import TeacherRun
 from kdcache.models.spec import LOCAL_DIR, ModelSpec
 from kdcache.pipeline.config import TeacherSection
-from kdcache.pipeline.plan import TeacherPlan
+from kdcache.pipeline.plan import ResolvedTeacher
 
 CHANCE_FACTOR = 1.5
 """A teacher whose top-1 is below this many times chance (1/C) fails."""
@@ -76,7 +76,7 @@ def problem(run: TeacherRun, num_classes: int, expect: float | None) -> str:
 
 def judge(
     runs: list[TeacherRun],
-    plans: dict[str, TeacherPlan],
+    resolved: dict[str, ResolvedTeacher],
     sections: list[TeacherSection],
     num_classes: int,
     final: bool,
@@ -88,14 +88,14 @@ def judge(
     for run in runs:
         index = index_of[run.name]
         section = sections[index]
-        plan = plans[run.name]
-        judged = any(has_weights(m.spec) for m in plan.models())
+        teacher = resolved[run.name]
+        judged = any(has_weights(m.spec) for m in teacher.models())
         why = problem(run, num_classes, section.expect_top1) if judged else ""
         if why and not section.accept_low_accuracy:
             run.check = f"failed: {why}"
             raise TeacherCheckError(
                 f"teacher check: teacher {run.name!r} (teachers.{index}): {why}; it renders "
-                f"views at {plan.rendering_from}; check its checkpoint and rendering "
+                f"views at {teacher.rendering_from}; check its checkpoint and rendering "
                 f"(teachers.{index}.render), or set teachers.{index}.accept_low_accuracy: true"
             )
         if final:

@@ -53,7 +53,7 @@ from kdcache.pipeline.datapath import (
     checked_samples,
     rendering_key,
 )
-from kdcache.pipeline.plan import MemberPlan, ShardKeys, ShardTask, TeacherPlan
+from kdcache.pipeline.plan import ResolvedMember, ResolvedTeacher, ShardKeys, ShardTask
 from kdcache.shards.reading import DEFAULT_LABEL_KEY, MAX_PIXELS
 from kdcache.targets.encoding import sample_slots
 from kdcache.targets.sampling import sampled_from_logits, uniforms
@@ -81,7 +81,7 @@ class WorkerSettings:
     seed: int
     num_classes: int
     on_error: str
-    teachers: tuple[TeacherPlan, ...]
+    teachers: tuple[ResolvedTeacher, ...]
     runtime: RuntimeSection
     torch_threads: int
     label_key: str = DEFAULT_LABEL_KEY
@@ -159,8 +159,9 @@ class TeacherArrays:
             samples=samples,
         )
 
-    def views(self, start: int, stop: int) -> dict[str, Any]:
-        """The arrays of views ``[start, stop)``, as :func:`write_teacher` takes them."""
+    def block_targets(self, start: int, stop: int) -> dict[str, Any]:
+        """The targets of views ``[start, stop)`` (one block), as :func:`write_teacher` takes
+        them."""
         samples = None
         if self.samples is not None:
             samples = tuple(values[:, start:stop] for values in self.samples)
@@ -194,7 +195,7 @@ class TeacherArrays:
             samples[-1].reshape(-1)[flat] = targets.draw_tail_lse.cpu().numpy()
 
 
-def model_key(member: MemberPlan) -> str:
+def model_key(member: ResolvedMember) -> str:
     """A hashable name of a model as it runs: its weights digest and rendering."""
     return f"{member.weights_digest}:{rendering_key(member.rendering)}"
 
@@ -229,7 +230,7 @@ class ShardWorker:
         self.hits: dict[str, np.ndarray] = {}
         """Teacher -> the current task's :func:`top1_counts` so far."""
 
-    def _runner(self, teacher: str, member: MemberPlan) -> ModelRunner:
+    def _runner(self, teacher: str, member: ResolvedMember) -> ModelRunner:
         s = self.settings
         model = build_teacher(member.spec, s.num_classes, s.recipe.channels)
         digest = weights_digest(model)
@@ -313,7 +314,7 @@ class ShardWorker:
             np.asarray(block.labels),
             np.asarray(block.status),
             [str(e) for e in block.errors],
-            block.views,
+            block.view_params,
             stored=True,
         )
 
@@ -349,17 +350,17 @@ class ShardWorker:
         name: str,
         part: ViewBatch,
         ran: dict[tuple[str, bytes], torch.Tensor],
-        views: bytes,
+        view_mask: bytes,
     ) -> torch.Tensor:
         """A teacher's logits of its part of the batch: its model's, or its ensemble's
         combination (``ran``: the logits each model already gave on the same views)."""
         teacher = self.teachers[name]
         logits = []
         for member in teacher.models():
-            key = (model_key(member), views)
+            key = (model_key(member), view_mask)
             if key not in ran:
                 runner = self.runners[key[0]]
-                ran[key] = runner(part.views[rendering_key(member.rendering)])
+                ran[key] = runner(part.pixels[rendering_key(member.rendering)])
                 check_finite(ran[key], f"shard {task.name!r}, teacher {name!r}")
             logits.append(ran[key])
         weights = [m.weight for m in teacher.models()]
@@ -418,7 +419,7 @@ class ShardWorker:
                 self.store,
                 task.index,
                 name,
-                **arrays.views(block.start, block.stop),
+                **arrays.block_targets(block.start, block.stop),
                 start=block.start,
             )
 

@@ -42,14 +42,14 @@ def draw_generator(seed: int, key: str, view: int, teacher: str) -> np.random.Ge
 def uniforms(
     seed: int,
     keys: Sequence[str] | np.ndarray,
-    views: Sequence[int] | np.ndarray,
+    view_ids: Sequence[int] | np.ndarray,
     teacher: str,
     samples: int,
 ) -> np.ndarray:
     """``float64[B, S]``: the uniforms behind each view's draws (row ``i``: ``keys[i]``,
-    ``views[i]``)."""
+    ``view_ids[i]``)."""
     out = np.empty((len(keys), samples), np.float64)
-    for i, (key, view) in enumerate(zip(keys, views, strict=True)):
+    for i, (key, view) in enumerate(zip(keys, view_ids, strict=True)):
         out[i] = draw_generator(seed, key, int(view), teacher).random(samples)
     return out
 

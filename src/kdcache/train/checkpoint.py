@@ -36,7 +36,7 @@ from kdcache.train.config import (
     with_defaults,
 )
 from kdcache.train.metrics import MetricsLog
-from kdcache.train.schedule import StagePlan
+from kdcache.train.schedule import StageSpan
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ class Checkpointer:
         log.info("saved %s", path)
 
 
-def run_cache_identity(store: CacheStore | None, stages: list[StagePlan]) -> dict[str, Any] | None:
+def run_cache_identity(store: CacheStore | None, stages: list[StageSpan]) -> dict[str, Any] | None:
     """What the run trains against, so a resume refuses a cache rebuilt in between: the cache's
     identity with the teachers of the stages that it holds (None without a cache)."""
     if store is None:

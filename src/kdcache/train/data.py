@@ -14,7 +14,7 @@ batch of one rank per epoch, however the shards, ranks and workers divide.
 permutation cycle: every view once per A epochs, for any worker count); it is replayed from the
 cache's *stored* parameters with the cache's recipe; its targets come from the shard's block,
 read once per shard per worker (``read_block``). Rows marked invalid in the cache are skipped and
-counted (the plan counts them up front from the cache's ``status``). Without a cache (online or
+counted (the stream spec counts them ahead from the cache's ``status``). Without a cache (online or
 supervised runs) views come from ``views.recipe`` and ``(views.seed, key, view)`` like a cache's.
 
 **Equal steps per rank (DDP).** Every slot is cut into the same number of batches,
@@ -265,7 +265,7 @@ class _Group:
         return self.rendered.pop(id(item))
 
 
-# ---- the epoch plan (pure functions) ----------------------------------------------------------
+# ---- the epoch order (pure functions) ------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -583,7 +583,7 @@ class ShardStream(IterableDataset):
             item.partners = tuple(group_partners(i, range(len(group))))
             mixing = draw_mixing(spec.recipe, spec.view_seed, sample.key, a, item.partners)
         else:
-            view = block.views.view(rows[i], a)
+            view = block.view_params.view(rows[i], a)
             mixing = (view.mix_partner, view.mix_lam, view.mix_center)
         if mixing[0]:
             item.partner_row = item.row + mixing[0]
@@ -611,16 +611,16 @@ class ShardStream(IterableDataset):
             name: torch.stack([r[name] for r in rendered])
             for name, _ in self.spec.teacher_renderings
         }
-        views = [item.view for item in items]
+        view_ids = [item.view for item in items]
         labels = torch.tensor([self._label(item) for item in items], dtype=torch.int64)
-        targets = {t: _targets(items, views, t) for t in self.teachers if self.spec.train}
+        targets = {t: _targets(items, view_ids, t) for t in self.teachers if self.spec.train}
         batch = Batch(
             images=images,
             labels=labels,
             targets=targets,
             keys=[i.key for i in items],
             shards=[i.shard for i in items],
-            views=torch.tensor(views, dtype=torch.int64),
+            views=torch.tensor(view_ids, dtype=torch.int64),
             teacher_images=teacher_images,
         )
         if self.spec.train and self.spec.recipe.mixes:
@@ -726,7 +726,7 @@ class ShardStream(IterableDataset):
     def _view(self, item: _Item, row: int, key: str, hw: tuple[int, int], partners) -> View:
         """View ``item.view`` of a row: stored in the cache, or drawn from ``(seed, key, view)``."""
         if item.block is not None:
-            return item.block.views.view(row, item.view)
+            return item.block.view_params.view(row, item.view)
         return draw_view(self.spec.recipe, self.spec.view_seed, key, item.view, hw, partners)
 
     def _mixing(
@@ -754,7 +754,7 @@ class ShardStream(IterableDataset):
         return label
 
 
-def _targets(items: list[_Item], views: list[int], teacher: str) -> SparseTargets:
+def _targets(items: list[_Item], view_ids: list[int], teacher: str) -> SparseTargets:
     """Gather one teacher's targets of the chosen views, one fancy-index per shard block in the
     batch: idx int64, logit as stored (fp16, or float32 from q8), lse/label_logit/tail_lse fp32
     (a sampled teacher: its draws too, :class:`~kdcache.targets.sparse.SampledTargets`)."""
@@ -762,7 +762,7 @@ def _targets(items: list[_Item], views: list[int], teacher: str) -> SparseTarget
     n = len(items)
     out = [np.empty((n, *a.shape[2:]), _batch_dtype(a.dtype)) for a in first]
     rows = np.array([item.row for item in items])
-    chosen = np.asarray(views)
+    chosen = np.asarray(view_ids)
     for block, positions in _by_block(items):
         r = rows[positions]
         a = chosen[positions]

@@ -164,13 +164,13 @@ class CacheReader:
     def view(self, key: str, view: int) -> View:
         """The stored parameters of (key, view): crop, flip, ops, mixing."""
         block, row = self._row(key, view)
-        return block.views.view(row, view)
+        return block.view_params.view(row, view)
 
     def partner(self, key: str, view: int) -> tuple[str, float] | None:
         """For a mixed view: the key of the image mixed in and the weight of the own image and
         label (CutMix: one minus the clipped box's area); None for an unmixed view."""
         block, row = self._row(key, view)
-        params = block.views.view(row, view)
+        params = block.view_params.view(row, view)
         if not params.mixed:
             return None
         lam = mix_weight(params.mix_partner, params.mix_lam, params.mix_center)
@@ -189,7 +189,7 @@ class CacheReader:
         ``uint8`` with ``normalized=False``), the stream's bytes. A mixed view needs
         ``partner_image``, the image of :meth:`partner`'s key."""
         block, row = self._row(key, view)
-        params = block.views.view(row, view)
+        params = block.view_params.view(row, view)
         channels = self.recipe.channels
         partner = None
         if params.mixed:
@@ -198,7 +198,7 @@ class CacheReader:
                 raise DataError(
                     f"key {key!r}, view {view}: mixed with {other_key!r}; pass its image"
                 )
-            other = block.views.view(row + params.mix_partner, view)
+            other = block.view_params.view(row + params.mix_partner, view)
             partner = (as_uint8_chw(partner_image, channels), other)
         try:
             pixels = render(

@@ -18,7 +18,7 @@ from kdcache.train import distributed as D
 from kdcache.train.config import TrainConfig
 from kdcache.train.losses import LossParts
 from kdcache.train.metrics import MetricsLog
-from kdcache.train.schedule import StagePlan, stage_at
+from kdcache.train.schedule import StageSpan, stage_at
 from kdcache.train.state import RunState
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ class Reporter:
     at epoch ends), eval lines, a progress bar, and a few log lines per stage and epoch."""
 
     def __init__(
-        self, config: TrainConfig, dist: D.DistInfo, stages: list[StagePlan], metrics: MetricsLog
+        self, config: TrainConfig, dist: D.DistInfo, stages: list[StageSpan], metrics: MetricsLog
     ):
         self.config = config
         self.dist = dist
@@ -125,7 +125,7 @@ class Reporter:
         self.last_epoch_log = -float("inf")
         self.bar = tqdm(disable=True)
 
-    def begin_epoch(self, state: RunState, stage: StagePlan, steps: int) -> None:
+    def begin_epoch(self, state: RunState, stage: StageSpan, steps: int) -> None:
         """A log line when a stage starts (or the run resumes), and the epoch's progress bar."""
         first = state.epoch in (stage.start, self.first_epoch)
         if self.dist.is_main and first and not state.epoch_step:

@@ -46,7 +46,7 @@ class Segment:
 
 
 @dataclass(frozen=True)
-class StagePlan:
+class StageSpan:
     """A stage placed on the run's epoch axis ``[start, end)``."""
 
     index: int
@@ -68,9 +68,9 @@ class StagePlan:
         return (self.teacher,) if self.teacher else ()
 
 
-def plan_stages(config: TrainConfig) -> tuple[list[StagePlan], list[Segment]]:
+def place_stages(config: TrainConfig) -> tuple[list[StageSpan], list[Segment]]:
     """Stages with their epoch ranges, and the optimizer segments they belong to."""
-    stages: list[StagePlan] = []
+    stages: list[StageSpan] = []
     bounds: list[tuple[int, OptimizerConfig, SchedulerConfig]] = []
     firsts = set(segment_starts(config))
     for i, (stage, epoch) in enumerate(zip(config.stages, stage_starts(config), strict=True)):
@@ -80,7 +80,7 @@ def plan_stages(config: TrainConfig) -> tuple[list[StagePlan], list[Segment]]:
             )
         name = stage.name or f"stage{i}"
         stages.append(
-            StagePlan(
+            StageSpan(
                 i,
                 name,
                 epoch,
@@ -103,10 +103,10 @@ def optimizer_segments(config: TrainConfig) -> list[Segment]:
     """The run's optimizers with their LR schedules over their epochs (one unless a stage starts
     a new optimizer): what :func:`lr_at` and :func:`build_optimizer` take in a loop of one's
     own."""
-    return plan_stages(config)[1]
+    return place_stages(config)[1]
 
 
-def stage_at(stages: list[StagePlan], epoch: int) -> StagePlan:
+def stage_at(stages: list[StageSpan], epoch: int) -> StageSpan:
     """The stage that trains ``epoch`` (0-based)."""
     for stage in stages:
         if stage.start <= epoch < stage.end:

@@ -26,17 +26,17 @@ from kdcache.models.runner import ModelRunner
 from kdcache.targets.sparse import EnsembleTargets, SparseTargets, from_logits, target_temperature
 from kdcache.train.config import TrainConfig, stage_members
 from kdcache.train.data import Batch, RunData
-from kdcache.train.schedule import StagePlan
+from kdcache.train.schedule import StageSpan
 
 log = logging.getLogger(__name__)
 
 
-def stage_teachers(stages: Iterable[StagePlan]) -> list[str]:
+def stage_teachers(stages: Iterable[StageSpan]) -> list[str]:
     """The teachers the run's stages use (every member of an ensemble), sorted."""
     return sorted({name for stage in stages for name in stage.members})
 
 
-def stage_ensembles(stages: Iterable[StagePlan]) -> dict[str, StageEnsemble]:
+def stage_ensembles(stages: Iterable[StageSpan]) -> dict[str, StageEnsemble]:
     """Each ensemble stage's label -> its ensemble."""
     return {
         stage.teacher: stage.ensemble
@@ -59,13 +59,13 @@ class TargetSource:
         """The run's ensembles, by the label a stage asks for them by."""
 
     @classmethod
-    def cache_teachers(cls, stages: list[StagePlan]) -> list[str]:
+    def cache_teachers(cls, stages: list[StageSpan]) -> list[str]:
         """The teachers whose cached targets the training data must hold (opened and checked)."""
         return []
 
     @classmethod
     def build(
-        cls, config: TrainConfig, stages: list[StagePlan], data: RunData, device: torch.device
+        cls, config: TrainConfig, stages: list[StageSpan], data: RunData, device: torch.device
     ) -> TargetSource:
         """The run's source, its ``stages.N.loss.topk`` checked against what it holds."""
         source = cls(data.num_classes)
@@ -145,12 +145,12 @@ class CachedTargets(TargetSource):
         self.store = store
 
     @classmethod
-    def cache_teachers(cls, stages: list[StagePlan]) -> list[str]:
+    def cache_teachers(cls, stages: list[StageSpan]) -> list[str]:
         return stage_teachers(stages)
 
     @classmethod
     def build(
-        cls, config: TrainConfig, stages: list[StagePlan], data: RunData, device: torch.device
+        cls, config: TrainConfig, stages: list[StageSpan], data: RunData, device: torch.device
     ) -> CachedTargets:
         if data.store is None:  # the config requires cache.path for cached targets
             raise ConfigError("teacher.mode cache: needs a cache (cache.path)")
@@ -201,7 +201,7 @@ class OnlineTargets(TargetSource):
 
     @classmethod
     def build(
-        cls, config: TrainConfig, stages: list[StagePlan], data: RunData, device: torch.device
+        cls, config: TrainConfig, stages: list[StageSpan], data: RunData, device: torch.device
     ) -> OnlineTargets:
         source = cls(data.num_classes, data.store)
         source.ensembles = stage_ensembles(stages)

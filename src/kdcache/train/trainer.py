@@ -54,7 +54,7 @@ from kdcache.train.loggers import build_loggers
 from kdcache.train.losses import Criterion, LossParts, stopped
 from kdcache.train.metrics import MetricsLog
 from kdcache.train.reporting import Reporter
-from kdcache.train.schedule import Segment, StagePlan, lr_at, plan_stages, stage_at
+from kdcache.train.schedule import Segment, StageSpan, lr_at, place_stages, stage_at
 from kdcache.train.sftn import build_sftn
 from kdcache.train.state import RngState, RunState, SegmentOptimizer
 from kdcache.train.student import Ema, StudentInput, build_student, compile_student, wrap_ddp
@@ -65,12 +65,12 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class EpochPlan:
+class EpochSetup:
     """What an epoch trains with: its stage, its loss, and the teacher whose targets the loss
     uses this epoch (None: a CE stage, or early-stopped KD past its ``stop_epoch``)."""
 
     epoch: int
-    stage: StagePlan
+    stage: StageSpan
     criterion: Criterion
     teacher: str | None
 
@@ -94,7 +94,7 @@ class Trainer:
         metrics = MetricsLog(
             Path(config.run.dir), main=main, tensorboard=config.run.tensorboard, loggers=loggers
         )
-        self.stages, self.segments = plan_stages(config)
+        self.stages, self.segments = place_stages(config)
         source = target_source_type(config)
         self.data = self._build_data(source.cache_teachers(self.stages))
         self.steps = steps_per_epoch(self.data.spec)
@@ -130,7 +130,7 @@ class Trainer:
         self.stopped_early = False
         self._group_backward = False
         """Whether a batch of the open accumulation group was backpropagated (not all skipped)."""
-        self._plan: EpochPlan | None = None
+        self._setup: EpochSetup | None = None
 
     @property
     def _pin(self) -> bool:
@@ -192,9 +192,9 @@ class Trainer:
     def train_epoch(self) -> None:
         """Train the current epoch's remaining batches (all of them, unless resumed mid-epoch),
         or stop early at ``run.max_steps``."""
-        plan = self._epoch_plan()
-        teachers = self.targets.stream_teachers(plan.teacher)
-        self.report.begin_epoch(self.state, plan.stage, self.steps)
+        setup = self._epoch_setup()
+        teachers = self.targets.stream_teachers(setup.teacher)
+        self.report.begin_epoch(self.state, setup.stage, self.steps)
         tick = time.perf_counter()
         for batch in self.data.epoch(self.state.epoch, teachers, self.state.epoch_step):
             for hook in self.hooks:
@@ -215,18 +215,18 @@ class Trainer:
         optimizer step at the group's learning rate. The step :meth:`train_epoch` runs for each
         batch (its counters, lines and checkpoints are the loop's, not the step's). None: the
         loss was not finite and ``run.on_nonfinite: skip`` left the batch out of its group."""
-        plan = self._epoch_plan()
-        segment = self.segments[plan.stage.segment]
+        setup = self._epoch_setup()
+        segment = self.segments[setup.stage.segment]
         group = self._group_size()
         if self.state.accumulated == 0:
             self._begin_group(segment)
         batch = batch.to(self.device)
-        targets = self.targets(batch, plan.teacher) if plan.teacher else None
+        targets = self.targets(batch, setup.teacher) if setup.teacher else None
         last = self.state.accumulated + 1 == group
         with self._sync(last):
             with autocast_context(self.device, self.config.run.amp):
                 output = self.forward(self.student_input(batch.images))
-            parts = self._loss(plan, output, batch, targets)
+            parts = self._loss(setup, output, batch, targets)
             finite = self._finite(parts.total, batch)
             if finite:
                 # a mean-reduced loss over `group` equal batches: the mean over one batch that
@@ -239,7 +239,7 @@ class Trainer:
             self._finish_group(segment)
         return parts if finite else None
 
-    def _loss(self, plan: EpochPlan, output: Any, batch: Batch, targets: Any) -> LossParts:
+    def _loss(self, plan: EpochSetup, output: Any, batch: Batch, targets: Any) -> LossParts:
         """The stage's criterion on the student's logits, or with SFTN its loss over the
         teacher's and the branches' outputs."""
         if self.sftn is not None:
@@ -305,18 +305,18 @@ class Trainer:
             "optimizer.lr, or skip such steps with run.on_nonfinite=skip"
         )
 
-    def _epoch_plan(self) -> EpochPlan:
-        """The current epoch's plan, made once per epoch (entering its optimizer segment)."""
+    def _epoch_setup(self) -> EpochSetup:
+        """The current epoch's setup, made once per epoch (entering its optimizer segment)."""
         epoch = self.state.epoch
-        if self._plan is not None and self._plan.epoch == epoch:
-            return self._plan
+        if self._setup is not None and self._setup.epoch == epoch:
+            return self._setup
         stage = stage_at(self.stages, epoch)
         self.optimizer.enter(self.segments[stage.segment])
         criterion = Criterion(stage.config.loss, self.data.num_classes)
         uses_teacher = criterion.needs_teacher and not stopped(stage.config.loss, epoch)
-        self._plan = EpochPlan(epoch, stage, criterion, stage.teacher if uses_teacher else None)
+        self._setup = EpochSetup(epoch, stage, criterion, stage.teacher if uses_teacher else None)
         self.ddp.train()
-        return self._plan
+        return self._setup
 
     def _count_step(self, parts: LossParts | None, images: int, seconds: float) -> None:
         """After a step: counters, the window, a train line, a checkpoint, or the stop. A

@@ -326,18 +326,18 @@ class ViewParams:
             mix_center=None if center is None else center[row, a],
         )
 
-    def mixing(self, rows: np.ndarray, views: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """For the views ``(rows[i], views[i])``: the partner's row (the row itself when unmixed)
+    def mixing(self, rows: np.ndarray, view_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For the views ``(rows[i], view_ids[i])``: the partner's row (the row itself when unmixed)
         and the weight of the view's own label (float32; 1 when unmixed)."""
         partner = self.arrays.get("mix_partner")
         if partner is None:
             return rows.copy(), np.ones(len(rows), np.float32)
-        offset = partner[rows, views].astype(np.int64)
-        lam_code = self.arrays["mix_lam"][rows, views]
+        offset = partner[rows, view_ids].astype(np.int64)
+        lam_code = self.arrays["mix_lam"][rows, view_ids]
         lam = lam_code / BOX_STEPS
         center = self.arrays.get("mix_center")
         if center is not None:
-            centers = center[rows, views]
+            centers = center[rows, view_ids]
             cut = centers[..., 0] != NOT_APPLIED
             lam = np.where(cut, cutmix_weight(cutmix_boxes(centers, lam_code)), lam)
         lam = np.where(offset != 0, lam, 1.0)
@@ -510,16 +510,16 @@ def draw_group(
     rows: Sequence[int],
     keys: Mapping[int, str],
     image_hw: Mapping[int, tuple[int, int]],
-    views: Iterable[int] | None = None,
+    view_ids: Iterable[int] | None = None,
 ) -> None:
-    """Draw every view (or ``views``: some of them) of a mixing group's valid ``rows`` into
+    """Draw every view (or those in ``view_ids``) of a mixing group's valid ``rows`` into
     ``params`` (shard rows, with their keys and decoded image sizes): what precompute stores for
     them. A view depends on ``(seed, key, view)`` and the valid rows only, so views drawn later
     (a cache grown from A to A' views) are those a cache of A' views has."""
-    views = list(range(params.num_views) if views is None else views)
+    wanted = list(range(params.num_views) if view_ids is None else view_ids)
     for row in rows:
         partners = group_partners(row, rows)
-        for a in views:
+        for a in wanted:
             params.put(row, a, draw_view(recipe, seed, keys[row], a, image_hw[row], partners))
 
 
@@ -597,14 +597,15 @@ def render_rows(
     rows: Sequence[int],
     recipe: ViewRecipe,
     rendering: Rendering,
-    views: Sequence[int] | None = None,
+    view_ids: Sequence[int] | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """All A views (or ``views``) of ``rows`` for one model, ``uint8[len(rows) * len(views), C,
-    S, S]`` in (row, view) order; what :func:`render` gives view by view, with each base
-    rendering made once and reused as a partner. ``images``: decoded images by shard row
-    (partners included); ``out``: where to put them (e.g. a slice of a shared buffer)."""
-    views = range(params.num_views) if views is None else views
+    """All A views (or ``view_ids``) of ``rows`` for one model,
+    ``uint8[len(rows) * len(view_ids), C, S, S]`` in (row, view) order; what :func:`render` gives
+    view by view, with each base rendering made once and reused as a partner. ``images``: decoded
+    images by shard row (partners included); ``out``: where to put them (e.g. a slice of a shared
+    buffer)."""
+    wanted = range(params.num_views) if view_ids is None else view_ids
     base: dict[tuple[int, int], torch.Tensor] = {}
 
     def base_of(row: int, a: int) -> torch.Tensor:
@@ -614,7 +615,7 @@ def render_rows(
 
     made = []
     for row in rows:
-        for a in views:
+        for a in wanted:
             view = params.view(row, a)
             image = base_of(row, a)
             if view.mixed:
