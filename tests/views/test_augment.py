@@ -244,3 +244,17 @@ def test_cutmix_boxes_are_clipped_squares_of_area_one_minus_lam():
     )
     many = cutmix_boxes(np.random.default_rng(0).integers(0, 255, (100, 2)), np.full(100, 90))
     assert many.shape == (100, 4) and (many[:, 0] + many[:, 2] <= 255).all()
+
+
+def test_one_views_cutmix_box_equals_the_array_path():
+    """The scalar path of cutmix_boxes (one view) gives the vectorised path's boxes for every
+    centre code and a spread of lam codes."""
+    from kdcache.views.augment import cutmix_boxes
+
+    centers = np.stack(np.meshgrid(np.arange(255), np.arange(255), indexing="ij"), -1)
+    centers = centers.reshape(-1, 2).astype(np.uint8)
+    for lam in (0, 1, 63, 127, 128, 200, 254, 255):
+        lams = np.full(len(centers), lam, np.uint8)
+        many = cutmix_boxes(centers, lams)
+        for i in range(0, len(centers), 97):
+            assert np.array_equal(cutmix_boxes(centers[i], lams[i]), many[i]), (centers[i], lam)

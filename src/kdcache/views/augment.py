@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import threading
 from typing import Literal
 
 import numpy as np
@@ -396,11 +397,25 @@ def cutmix_boxes(center: np.ndarray, lam_code: np.ndarray | int) -> np.ndarray:
     """CutMix boxes ``(top, left, height, width)`` in 1/255 steps of the side, ``int64[..., 4]``,
     from stored centres ``[..., 2]`` and lam codes ``[...]``: the square of side ``sqrt(1 - lam)``
     around the centre, clipped to the image (numpy's IEEE arithmetic: the same box everywhere)."""
+    if np.ndim(center) == 1 and np.ndim(lam_code) == 0:
+        return _cutmix_box(int(center[0]), int(center[1]), int(lam_code))
     side = np.sqrt(1.0 - np.asarray(lam_code, np.float64) / BOX_STEPS)[..., None]
     mid = np.asarray(center, np.float64) / CENTER_STEPS
     low = np.rint(np.clip(mid - side / 2, 0.0, 1.0) * BOX_STEPS).astype(np.int64)
     high = np.rint(np.clip(mid + side / 2, 0.0, 1.0) * BOX_STEPS).astype(np.int64)
     return np.concatenate([low, high - low], axis=-1)
+
+
+def _cutmix_box(cy: int, cx: int, lam_code: int) -> np.ndarray:
+    """One view's box by Python floats: the same IEEE operations as the array path (sqrt and
+    division correctly rounded, ``round`` halves to even as ``np.rint``), ten times faster."""
+    side = math.sqrt(1.0 - lam_code / BOX_STEPS)
+    out = []
+    for mid in (cy / CENTER_STEPS, cx / CENTER_STEPS):
+        low = round(min(max(mid - side / 2, 0.0), 1.0) * BOX_STEPS)
+        high = round(min(max(mid + side / 2, 0.0), 1.0) * BOX_STEPS)
+        out.append((low, high - low))
+    return np.array([out[0][0], out[1][0], out[0][1], out[1][1]], np.int64)
 
 
 def cutmix_weight(box: np.ndarray) -> np.ndarray:
@@ -567,8 +582,30 @@ def apply_erase(
 
 def random_bytes(seed: int, count: int) -> np.ndarray:
     """``count`` uniform bytes from Philox's raw 64-bit stream (stable across numpy versions)."""
-    words = np.random.Philox(key=seed).random_raw((count + 7) // 8)
+    words = keyed_generator(seed).bit_generator.random_raw((count + 7) // 8)
     return np.asarray(words, dtype="<u8").view(np.uint8)[:count].copy()
+
+
+_PHILOX = threading.local()
+
+
+def keyed_generator(key: int) -> np.random.Generator:
+    """``Generator(Philox(key=key))`` for a 64-bit ``key``, made by resetting one thread-local
+    Philox to that key's fresh state: the same stream without the constructor's 35 us (the
+    trainer needs one per sample per epoch). Valid until the thread's next call."""
+    made = getattr(_PHILOX, "generator", None)
+    if made is None:
+        made = _PHILOX.generator = np.random.Generator(np.random.Philox(key=0))
+    made.bit_generator.state = {
+        "bit_generator": "Philox",
+        # a fresh Philox: counter 0, the key's two 64-bit words (the high one 0), buffer empty
+        "state": {"counter": np.zeros(4, np.uint64), "key": np.array([key, 0], np.uint64)},
+        "buffer": np.zeros(4, np.uint64),
+        "buffer_pos": 4,
+        "has_uint32": 0,
+        "uinteger": 0,
+    }
+    return made
 
 
 def apply_mix(

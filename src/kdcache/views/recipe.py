@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
@@ -52,6 +51,7 @@ from kdcache.views.augment import (
     draw_jitter,
     draw_mix,
     draw_policy,
+    keyed_generator,
     parse_timm_policy,
 )
 
@@ -671,26 +671,4 @@ def epoch_view(seed: int, epoch: int, key: str, num_views: int) -> int:
         return 0
     cycle, step = divmod(epoch, num_views)
     digest = hashlib.blake2b(f"{seed}\x1f{key}\x1f{cycle}".encode(), digest_size=8).digest()
-    return int(_keyed_generator(int.from_bytes(digest, "little")).permutation(num_views)[step])
-
-
-_PHILOX = threading.local()
-
-
-def _keyed_generator(key: int) -> np.random.Generator:
-    """``Generator(Philox(key=key))`` for a 64-bit ``key``, made by resetting one thread-local
-    Philox to that key's fresh state: the same stream, without the constructor's 35 us (the
-    trainer asks for one per sample per epoch)."""
-    made = getattr(_PHILOX, "generator", None)
-    if made is None:
-        made = _PHILOX.generator = np.random.Generator(np.random.Philox(key=0))
-    made.bit_generator.state = {
-        "bit_generator": "Philox",
-        # a fresh Philox: counter 0, the key's two 64-bit words (the high one 0), buffer empty
-        "state": {"counter": np.zeros(4, np.uint64), "key": np.array([key, 0], np.uint64)},
-        "buffer": np.zeros(4, np.uint64),
-        "buffer_pos": 4,
-        "has_uint32": 0,
-        "uinteger": 0,
-    }
-    return made
+    return int(keyed_generator(int.from_bytes(digest, "little")).permutation(num_views)[step])
