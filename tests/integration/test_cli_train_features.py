@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -309,6 +310,7 @@ def test_compile_where_torch_cannot_trains_uncompiled_with_a_warning(
     reason=f"torch.compile unsupported here: {compile_unsupported(torch.device('cpu'))}",
 )
 def test_compiled_student_trains_from_the_cli(base, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="kdcache.train.student")
     run = tmp_path / "run"
     summary = trained(base, run, "run.compile=true")
     assert summary.images == TRAIN_SAMPLES
