@@ -2,8 +2,9 @@
 
 ``data.select``, ``data.exclude_classes``, ``sftn:``, ``run.accumulate``, ``run.compile``,
 ``run.csv``, ``run.wandb`` (offline) and ``run.mlflow`` (a local file store), each switched on
-by ``dotted.key=value`` overrides of one base config, as a user would, through
-``kdcache.cli.main`` in this process (as tests/integration/test_cli_features.py does). The
+by ``dotted.key=value`` overrides on the command line (of one base config; SFTN has its own),
+as a user would, through ``kdcache.cli.main`` in this process (as
+tests/integration/test_cli_features.py does). The
 shards and the cache are made by ``kdcache shards`` and ``kdcache precompute`` (a small job: in
 process, no Ray) with a plain recipe: ``data.select`` and ``data.exclude_classes`` refuse a
 recipe that mixes images. Results are read from what the commands leave: ``summary.json``,
@@ -23,7 +24,7 @@ import torch
 import yaml
 
 from kdcache.cli import main as cli_main
-from kdcache.core.results import TrainResult
+from kdcache.core.results import TrainResult, VerifyResult
 from kdcache.train.student import compile_unsupported
 from tests.support.trainrun import read_metrics
 
@@ -31,6 +32,7 @@ CLASSES = 4
 RECIPE = {"size": 12, "scale": [0.5, 1.0], "channels": 1, "mean": [0.5], "std": [0.25]}
 MIX = {"mix": {"mixup_alpha": 0.8, "cutmix_alpha": 1.0, "group_size": 4}}
 MLP = {"name": "kd_mlp", "kwargs": {"img_size": 12, "hidden": 16}}
+TINY = {"name": "kd_cnn_tiny"}
 TRAIN_SAMPLES = 32  # 2 shards of 16, 8 per class
 BATCHES = TRAIN_SAMPLES // 4  # batches of 4 in one epoch
 
@@ -72,12 +74,13 @@ def urls(shard_dir: Path) -> tuple[str, str]:
     return f"{d}/train-{{000000..000001}}.tar", f"{d}/test-000000.tar"
 
 
-def precomputed(shard_dir: Path, root: Path, recipe: dict) -> Path:
-    """``kdcache precompute`` of one view per sample through teacher ``t1`` (k=2); the cache."""
+def precomputed(shard_dir: Path, root: Path, recipe: dict, model: dict = TINY, k: int = 2) -> Path:
+    """``kdcache precompute`` of one view per sample through teacher ``t1`` (default a
+    random-init ``kd_cnn_tiny``, k=2); the cache."""
     config = {
         "data": {"shards": urls(shard_dir)[0], "num_classes": CLASSES},
         "cache": {"path": str(root / "cache"), "num_views": 1, "recipe": recipe},
-        "teachers": [{"name": "t1", "model": {"name": "kd_cnn_tiny"}, "k": 2}],
+        "teachers": [{"name": "t1", "model": model, "k": k}],
         "runtime": {"batch_size": 16},
     }
     assert kdcache("precompute", write_yaml(root / "p.yaml", config)) == 0
@@ -243,7 +246,8 @@ def test_an_invalid_combination_names_the_file_and_the_key(base, tmp_path, capsy
 
 def test_sftn_teacher_run_from_the_cli(shard_dir, tmp_path, capsys):
     """``sftn:`` trains ``test_resnet`` with 3 ``test_resnet`` branches, from labels (no cache):
-    the plain teacher's checkpoint, the branches' file, their top-1 printed and in the summary."""
+    the branches' file, their top-1 printed and in the summary, and the plain teacher's
+    checkpoint, which ``kdcache precompute`` and ``verify`` take as a cache's teacher."""
     shards, val = urls(shard_dir)
     run = tmp_path / "sftn"
     config = {
@@ -274,6 +278,11 @@ def test_sftn_teacher_run_from_the_cli(shard_dir, tmp_path, capsys):
     assert all({"ce", "kd", "branch_ce"} <= set(line) for line in lines(run, "train"))
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["sftn"]["preset"] == "imagenet" and saved["sftn"]["lambda_kl"] == 1.0
+    checkpoint = str(run / "checkpoints" / "model_final.pt")
+    teacher = {"name": "test_resnet", "checkpoint": checkpoint}
+    cache = precomputed(shard_dir, tmp_path, config["views"]["recipe"], teacher, CLASSES)
+    assert kdcache("verify", cache, "--num", 8, "--json", tmp_path / "v.json") == 0
+    assert VerifyResult.read(str(tmp_path / "v.json")).ok  # recomputed from the checkpoint
 
 
 # ---- run.accumulate and run.compile -------------------------------------------------------------
