@@ -87,27 +87,35 @@ def precomputed(shard_dir: Path, root: Path, recipe: dict, model: dict = TINY, k
     return root / "cache"
 
 
-@pytest.fixture(scope="module")
-def base(shard_dir, tmp_path_factory) -> Path:
-    """The base train config over the plain cache: KD from ``t1``, one epoch, batches of 4."""
-    root = tmp_path_factory.mktemp("plain")
-    cache = precomputed(shard_dir, root, RECIPE)
+def train_yaml(path: Path, shard_dir: Path, data: dict | None = None, **sections) -> Path:
+    """A train config over the module's shards, evaluated on the test shard: KD from ``t1`` for
+    one epoch, batches of 4, no DataLoader workers, one thread; ``data`` updates the data
+    section, each of ``sections`` replaces its section."""
     shards, val = urls(shard_dir)
     config = {
-        "run": {"dir": str(root / "unused"), "progress": False, "threads": 1},
+        "run": {"dir": str(path.parent / "unused"), "progress": False, "threads": 1},
         "data": {
             "shards": shards,
             "val_shards": val,
             "batch_size": 4,
             "num_workers": 0,
             "shuffle_buffer": 0,
+            **(data or {}),
         },
-        "cache": {"path": str(cache)},
         "student": MLP,
         "teacher": {"name": "t1"},
         "stages": [{"epochs": 1, "loss": {"name": "kd", "temperature": 2.0}}],
+        **sections,
     }
-    return write_yaml(root / "train.yaml", config)
+    return write_yaml(path, config)
+
+
+@pytest.fixture(scope="module")
+def base(shard_dir, tmp_path_factory) -> Path:
+    """The base train config over the plain cache."""
+    root = tmp_path_factory.mktemp("plain")
+    cache = precomputed(shard_dir, root, RECIPE)
+    return train_yaml(root / "train.yaml", shard_dir, cache={"path": str(cache)})
 
 
 def trained(config: Path, run_dir: Path, *overrides: str) -> TrainResult:
@@ -169,16 +177,7 @@ def mixing(shard_dir, tmp_path_factory) -> Path:
     """The train config over a cache whose recipe mixes images (Mixup/CutMix)."""
     root = tmp_path_factory.mktemp("mixing")
     cache = precomputed(shard_dir, root, {**RECIPE, **MIX})
-    shards, _ = urls(shard_dir)
-    config = {
-        "run": {"dir": str(root / "run"), "progress": False, "threads": 1},
-        "data": {"shards": shards, "batch_size": 4, "num_workers": 0},
-        "cache": {"path": str(cache)},
-        "student": MLP,
-        "teacher": {"name": "t1"},
-        "stages": [{"epochs": 1}],
-    }
-    return write_yaml(root / "train.yaml", config)
+    return train_yaml(root / "train.yaml", shard_dir, cache={"path": str(cache)})
 
 
 REFUSED = {  # refused as the run starts: one line
@@ -248,24 +247,17 @@ def test_sftn_teacher_run_from_the_cli(shard_dir, tmp_path, capsys):
     """``sftn:`` trains ``test_resnet`` with 3 ``test_resnet`` branches, from labels (no cache):
     the branches' file, their top-1 printed and in the summary, and the plain teacher's
     checkpoint, which ``kdcache precompute`` and ``verify`` take as a cache's teacher."""
-    shards, val = urls(shard_dir)
     run = tmp_path / "sftn"
-    config = {
-        "run": {"dir": str(run), "progress": False, "threads": 1},
-        "data": {
-            "shards": shards,
-            "val_shards": val,
-            "num_classes": CLASSES,
-            "batch_size": 8,
-            "num_workers": 0,
-            "shuffle_buffer": 0,
-        },
-        "views": {"recipe": {**RECIPE, "size": 16}},
-        "student": {"name": "test_resnet"},
-        "teacher": {"mode": "none"},
-        "stages": [{"epochs": 1, "loss": {"name": "ce"}}],
-    }
-    path = write_yaml(tmp_path / "sftn.yaml", config)
+    recipe = {**RECIPE, "size": 16}
+    path = train_yaml(
+        tmp_path / "sftn.yaml",
+        shard_dir,
+        data={"num_classes": CLASSES, "batch_size": 8},
+        views={"recipe": recipe},
+        student={"name": "test_resnet"},
+        teacher={"mode": "none"},
+        stages=[{"epochs": 1, "loss": {"name": "ce"}}],
+    )
     capsys.readouterr()
     summary = trained(path, run, "sftn.student.name=test_resnet", "sftn.preset=imagenet")
     assert summary.mode == "none" and len(summary.sftn_branch_top1) == 3
@@ -280,7 +272,7 @@ def test_sftn_teacher_run_from_the_cli(shard_dir, tmp_path, capsys):
     assert saved["sftn"]["preset"] == "imagenet" and saved["sftn"]["lambda_kl"] == 1.0
     checkpoint = str(run / "checkpoints" / "model_final.pt")
     teacher = {"name": "test_resnet", "checkpoint": checkpoint}
-    cache = precomputed(shard_dir, tmp_path, config["views"]["recipe"], teacher, CLASSES)
+    cache = precomputed(shard_dir, tmp_path, recipe, teacher, CLASSES)
     assert kdcache("verify", cache, "--num", 8, "--json", tmp_path / "v.json") == 0
     assert VerifyResult.read(str(tmp_path / "v.json")).ok  # recomputed from the checkpoint
 
