@@ -4,11 +4,11 @@
 ``run.csv``, ``run.wandb`` (offline) and ``run.mlflow`` (a local file store), each switched on
 by ``dotted.key=value`` overrides on the command line (of one base config; SFTN has its own),
 as a user would, through ``kdcache.cli.main`` in this process (as
-tests/integration/test_cli_features.py does). The
-shards and the cache are made by ``kdcache shards`` and ``kdcache precompute`` (a small job: in
-process, no Ray) with a plain recipe: ``data.select`` and ``data.exclude_classes`` refuse a
-recipe that mixes images. Results are read from what the commands leave: ``summary.json``,
-``metrics.jsonl``, the CSV files, the W&B and MLflow folders, the exit status and stderr.
+tests/integration/test_cli_features.py does). The shards and the cache are made by ``kdcache
+shards`` and ``kdcache precompute`` (a small job: in process, no Ray) with a plain recipe:
+``data.select`` and ``data.exclude_classes`` refuse a recipe that mixes images. Results are
+read from what the commands leave: ``summary.json``, ``metrics.jsonl``, the CSV files, the W&B
+and MLflow folders, the exit status and stderr.
 """
 
 from __future__ import annotations
