@@ -7,6 +7,7 @@ caches (in-process: the Ray layer is measured by ``kdcache bench precompute`` al
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -23,6 +24,7 @@ from kdcache.core.errors import KdcacheError
 from kdcache.core.results import Result
 
 if TYPE_CHECKING:
+    from kdcache.core.results import TrainResult
     from kdcache.targets.sparse import SparseTargets
 
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -182,6 +184,147 @@ def precompute_inprocess(config_path: Path, overrides: list[str] | None = None) 
     views = sum(worker(task).views for task in plan.tasks)
     seal_fingerprint(plan.store)
     return views
+
+
+# ---- the Fashion-MNIST distillation benchmarks (parity, papers) ---------------------------------
+
+
+def add_distill_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    out: str,
+    limit: int,
+    teacher_epochs: int,
+    student: str,
+    epochs: int,
+) -> None:
+    """The set-up and student options of ``kdcache bench parity`` and ``papers`` (their own
+    defaults); each bench adds its own options after these, then :func:`add_runtime_arguments`."""
+    parser.add_argument(
+        "--out", type=Path, default=Path(out), help="shards, teachers, caches, runs"
+    )
+    parser.add_argument(
+        "--limit", type=int, default=limit, help=f"train and test samples each (default {limit})"
+    )
+    parser.add_argument(
+        "--shard-size", type=int, default=1000, help="samples per shard (default 1000)"
+    )
+    parser.add_argument(
+        "--views", type=int, default=4, help="A, cached views per sample (default 4)"
+    )
+    parser.add_argument(
+        "--teacher-epochs",
+        type=int,
+        default=teacher_epochs,
+        help=f"teacher CE epochs (default {teacher_epochs})",
+    )
+    parser.add_argument("--student", default=student, help=f"timm student (default {student})")
+    parser.add_argument(
+        "--epochs", type=int, default=epochs, help=f"student epochs (default {epochs})"
+    )
+    parser.add_argument(
+        "--seeds", default="0,1,2", help="student seeds, comma-separated (default 0,1,2)"
+    )
+    parser.add_argument("--alpha", type=float, default=0.5, help="KD alpha (default 0.5)")
+    parser.add_argument(
+        "--temperature", type=float, default=4.0, help="distillation temperature (default 4)"
+    )
+
+
+def add_runtime_arguments(parser: argparse.ArgumentParser, quick: str) -> None:
+    """Batch size, loader workers, torch threads, and ``--quick`` (``quick``: what it sets)."""
+    parser.add_argument("--batch-size", type=int, default=128, help="batch size (default 128)")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers (default 2)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--quick", action="store_true", help=f"tiny sizes (tests): {quick}")
+
+
+def ints(text: str) -> list[int]:
+    """``"0,1,2"`` -> ``[0, 1, 2]`` (``--seeds``, ``--ks``)."""
+    return [int(x) for x in text.split(",") if x]
+
+
+def fmnist_shards(args: argparse.Namespace, bench: str) -> tuple[str, str | None]:
+    """``--limit`` train and test samples of Fashion-MNIST as shards under ``--out``."""
+    if not fmnist_available():
+        raise BenchError(
+            f"kdcache bench {bench} needs Fashion-MNIST: apt-get install dataset-fashion-mnist"
+        )
+    return make_shards(args.out / "shards", "fashion-mnist", args.limit, args.shard_size)
+
+
+def run_section(
+    args: argparse.Namespace, run_dir: Path, seed: int, eval_every: int
+) -> dict[str, Any]:
+    """A benchmark run's ``run``: ``resume: auto``, so a rerun reuses every finished run."""
+    return {
+        "dir": str(run_dir),
+        "seed": seed,
+        "threads": args.threads,
+        "progress": False,
+        "resume": "auto",
+        "eval_every": eval_every,
+    }
+
+
+def data_section(args: argparse.Namespace, shards: str, test: str | None) -> dict[str, Any]:
+    """A benchmark run's ``data``: the shards, evaluated on the test split."""
+    return {
+        "shards": shards,
+        "val_shards": test,
+        "batch_size": args.batch_size,
+        "num_workers": args.workers,
+        "shuffle_buffer": 2000,
+    }
+
+
+def teacher_config(
+    args: argparse.Namespace,
+    run_dir: Path,
+    model: dict[str, Any],
+    data: tuple[str, str | None],
+    seed: int = 0,
+    eval_every: int | None = None,
+) -> dict[str, Any]:
+    """Plain CE (``teacher.mode: none``) of ``model`` for ``--teacher-epochs`` on fresh views of
+    :data:`FMNIST_RECIPE` each epoch; ``data``: (train, test) shards; evaluated every
+    ``eval_every`` epochs (default: once, at the end)."""
+    every = args.teacher_epochs if eval_every is None else eval_every
+    return {
+        "run": run_section(args, run_dir, seed, every),
+        "data": data_section(args, *data) | {"num_classes": 10},
+        "views": {"recipe": FMNIST_RECIPE, "num_views": None},
+        "student": model,
+        "teacher": {"mode": "none"},
+        "optimizer": {"name": "sgd", "lr": 0.1, "weight_decay": 5.0e-4},
+        "scheduler": {"name": "cosine", "warmup_epochs": 0.2},
+        "stages": [{"epochs": args.teacher_epochs, "loss": {"name": "ce"}}],
+    }
+
+
+def student_sections(
+    args: argparse.Namespace,
+    run_dir: Path,
+    seed: int,
+    data: tuple[str, str | None],
+    epochs: int,
+) -> dict[str, Any]:
+    """What every student run of a bench shares: ``run`` (evaluated once, after its ``epochs``),
+    ``data``, and the optimizer and schedule; the bench adds cache, student, teacher, stages."""
+    return {
+        "run": run_section(args, run_dir, seed, epochs) | {"log_every": 1000},
+        "data": data_section(args, *data),
+        "optimizer": {"name": "sgd", "lr": 0.05, "weight_decay": 1.0e-4},
+        "scheduler": {"name": "cosine", "warmup_epochs": 0.2},
+    }
+
+
+def train_written(path: Path, config: dict[str, Any]) -> TrainResult:
+    """Write ``config`` to ``path`` (repeatable by hand: ``kdcache train PATH``) and train it."""
+    from kdcache.train.config import load_train_config
+    from kdcache.train.trainer import train
+
+    return train(load_train_config(write_yaml(path, config)))
 
 
 # ---- timing and statistics -----------------------------------------------------------------------

@@ -50,18 +50,21 @@ from benchmarks.common import (
     FMNIST_RECIPE,
     FMNIST_STRONG_RECIPE,
     BenchError,
-    fmnist_available,
+    add_distill_arguments,
+    add_runtime_arguments,
+    fmnist_shards,
+    ints,
     machine,
-    make_shards,
     mean_std,
     precompute_inprocess,
+    student_sections,
     table,
+    teacher_config,
+    train_written,
     write_yaml,
 )
 from kdcache.cache.store import open_store
 from kdcache.cache_tools.stats import inspect_cache
-from kdcache.train.config import load_train_config
-from kdcache.train.trainer import train
 
 SMALL = "small"
 SMALL_EARLY = "small_early"
@@ -114,29 +117,17 @@ class Claim:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--out", type=Path, default=Path("runs/bench/papers"), help="shards, teachers, runs"
-    )
-    parser.add_argument(
-        "--limit", type=int, default=5000, help="train and test samples each (default 5000)"
-    )
-    parser.add_argument(
-        "--shard-size", type=int, default=1000, help="samples per shard (default 1000)"
-    )
-    parser.add_argument("--views", type=int, default=4, help="A, views per sample (default 4)")
-    parser.add_argument(
-        "--teacher-epochs", type=int, default=10, help="teacher CE epochs (default 10)"
+    add_distill_arguments(
+        parser,
+        out="runs/bench/papers",
+        limit=5000,
+        teacher_epochs=10,
+        student="kd_cnn_tiny",
+        epochs=5,
     )
     parser.add_argument(
         "--early-epoch", type=int, default=2, help="the early-stopped checkpoint (default 2)"
     )
-    parser.add_argument(
-        "--student", default="kd_cnn_tiny", help="timm student (default kd_cnn_tiny)"
-    )
-    parser.add_argument("--epochs", type=int, default=5, help="student epochs (default 5)")
-    parser.add_argument("--seeds", default="0,1,2", help="student seeds (default 0,1,2)")
-    parser.add_argument("--temperature", type=float, default=4.0, help="KD/DIST T (default 4)")
-    parser.add_argument("--alpha", type=float, default=0.5, help="KD alpha (default 0.5)")
     parser.add_argument(
         "--held-out", type=int, default=0, help="the class 003's students never see (default 0)"
     )
@@ -146,27 +137,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--select-epochs", type=int, default=20, help="epochs on 003's selections (default 20)"
     )
-    parser.add_argument("--batch-size", type=int, default=128, help="batch size (default 128)")
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers (default 2)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    parser.add_argument(
-        "--quick", action="store_true", help="tiny sizes (tests): 400 samples, 1 epoch, 1 seed"
-    )
+    add_runtime_arguments(parser, quick="400 samples, 2 epochs, 1 seed")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Set-up, then every student of every claim x seed; the claims as rows."""
     if args.quick:
         _quick(args)
-    if not fmnist_available():
-        raise BenchError(
-            "kdcache bench papers needs Fashion-MNIST: apt-get install dataset-fashion-mnist"
-        )
     setup = set_up(args)
     students = {s.name: s for s in student_variants(args, setup)}
     claims = claim_rows(args)
     summaries = {
-        name: [train_student(args, setup, students[name], seed) for seed in _ints(args.seeds)]
+        name: [train_student(args, setup, students[name], seed) for seed in ints(args.seeds)]
         for name in sorted({n for c in claims for n in (c.a, c.b)} | {"ce"})
     }
     return {
@@ -192,17 +174,11 @@ def _quick(args: argparse.Namespace) -> None:
     args.select_epochs = 2
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
-
-
 # ---- the set-up: shards, teachers, caches --------------------------------------------------------
 
 
 def set_up(args: argparse.Namespace) -> Setup:
-    train_shards, test_shards = make_shards(
-        args.out / "shards", "fashion-mnist", args.limit, args.shard_size
-    )
+    train_shards, test_shards = fmnist_shards(args, "papers")
     small = train_teacher(args, SMALL, {}, train_shards, test_shards)
     big = train_teacher(args, BIG, {"width": BIG_WIDTH}, train_shards, test_shards)
     early = {
@@ -244,33 +220,12 @@ def train_teacher(
     branches), keeping the early-stopped checkpoint; its final and early test top-1 (the early
     one from the evaluation at that epoch)."""
     run_dir = args.out / "teachers" / name
-    config = {
-        "run": {
-            "dir": str(run_dir),
-            "seed": 0,
-            "threads": args.threads,
-            "progress": False,
-            "resume": "auto",
-            "eval_every": args.early_epoch,
-            "save_model_epochs": [args.early_epoch],
-        },
-        "data": {
-            "shards": shards,
-            "val_shards": test,
-            "num_classes": 10,
-            "batch_size": args.batch_size,
-            "num_workers": args.workers,
-            "shuffle_buffer": 2000,
-        },
-        "views": {"recipe": FMNIST_RECIPE, "num_views": None},
-        "student": {"name": network, "kwargs": kwargs},
-        "teacher": {"mode": "none"},
-        "optimizer": {"name": "sgd", "lr": 0.1, "weight_decay": 5.0e-4},
-        "scheduler": {"name": "cosine", "warmup_epochs": 0.2},
-        "stages": [{"epochs": args.teacher_epochs, "loss": {"name": "ce"}}],
-        **({"sftn": sftn} if sftn else {}),
-    }
-    summary = train(load_train_config(write_yaml(args.out / "configs" / f"{name}.yaml", config)))
+    model = {"name": network, "kwargs": kwargs}
+    config = teacher_config(args, run_dir, model, (shards, test), eval_every=args.early_epoch)
+    config["run"]["save_model_epochs"] = [args.early_epoch]
+    if sftn:
+        config["sftn"] = sftn
+    summary = train_written(args.out / "configs" / f"{name}.yaml", config)
     checkpoints = run_dir / "checkpoints"
     return {
         "model": {
@@ -407,31 +362,15 @@ def student_config(
     stages = [{"epochs": args.epochs, **stage} for stage in student.stages]
     epochs = sum(stage["epochs"] for stage in stages)
     mode = "none" if student.name == "ce" else "cache"
-    return {
-        "run": {
-            "dir": str(args.out / "students" / run_name(args, student, seed)),
-            "seed": seed,
-            "threads": args.threads,
-            "progress": False,
-            "resume": "auto",
-            "eval_every": epochs,
-            "log_every": 1000,
-        },
-        "data": {
-            "shards": setup.train,
-            "val_shards": setup.test,
-            "batch_size": args.batch_size,
-            "num_workers": args.workers,
-            "shuffle_buffer": 2000,
-            **student.data,
-        },
+    run_dir = args.out / "students" / run_name(args, student, seed)
+    config = student_sections(args, run_dir, seed, (setup.train, setup.test), epochs) | {
         "cache": {"path": setup.strong_cache if student.strong else setup.cache},
         "student": {"name": student.model or args.student},
         "teacher": {"mode": mode, "name": SMALL},
-        "optimizer": {"name": "sgd", "lr": 0.05, "weight_decay": 1.0e-4},
-        "scheduler": {"name": "cosine", "warmup_epochs": 0.2},
         "stages": stages,
     }
+    config["data"] |= student.data
+    return config
 
 
 def run_name(args: argparse.Namespace, student: Student, seed: int) -> str:
@@ -445,7 +384,7 @@ def train_student(
     """Train one student (or reuse its finished run) and return its summary as a dict."""
     config = student_config(args, setup, student, seed)
     path = args.out / "configs" / "students" / f"{run_name(args, student, seed)}.yaml"
-    return train(load_train_config(write_yaml(path, config))).model_dump()
+    return train_written(path, config).model_dump()
 
 
 # ---- claims --------------------------------------------------------------------------------------

@@ -32,7 +32,6 @@ in fp32 on the same views, truncated to each k, per tail treatment.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,15 +40,19 @@ import torch
 from benchmarks.common import (
     FMNIST_RECIPE,
     FMNIST_STRONG_RECIPE,
-    BenchError,
-    fmnist_available,
+    add_distill_arguments,
+    add_runtime_arguments,
+    fmnist_shards,
+    ints,
     machine,
-    make_shards,
     mean_std,
     precompute_config,
     precompute_inprocess,
+    student_sections,
     table,
     target_divergence,
+    teacher_config,
+    train_written,
     write_yaml,
 )
 from benchmarks.grad_cos import fit_budget, fit_draws, layout_bytes
@@ -61,8 +64,6 @@ from kdcache.models.ensemble import StageEnsemble
 from kdcache.models.runner import ModelRunner
 from kdcache.shards.reading import decode_image, iter_shard
 from kdcache.targets.sparse import SparseTargets, from_logits, tail_mass_t1, truncate
-from kdcache.train.config import load_train_config
-from kdcache.train.trainer import train
 from kdcache.views.recipe import render_rows
 
 TEACHER = "teacher"
@@ -76,47 +77,28 @@ BEYOND = ("eq-topk", "eq-sampled", "eq-sampled-sn", "eq-sampled-tau", "ensemble"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--out", type=Path, default=Path("runs/bench/parity"), help="shards, teacher, cache, runs"
-    )
-    parser.add_argument(
-        "--limit", type=int, default=10000, help="train and test samples each (default 10000)"
-    )
-    parser.add_argument(
-        "--shard-size", type=int, default=1000, help="samples per shard (default 1000)"
-    )
-    parser.add_argument(
-        "--views", type=int, default=4, help="A, cached views per sample (default 4)"
+    add_distill_arguments(
+        parser,
+        out="runs/bench/parity",
+        limit=10000,
+        teacher_epochs=15,
+        student="kd_mlp",
+        epochs=4,
     )
     parser.add_argument(
         "--teacher", default="kd_cnn_small", help="timm teacher (default kd_cnn_small)"
-    )
-    parser.add_argument(
-        "--teacher-epochs", type=int, default=15, help="teacher CE epochs (default 15)"
-    )
-    parser.add_argument("--student", default="kd_mlp", help="timm student (default kd_mlp)")
-    parser.add_argument("--epochs", type=int, default=4, help="student epochs (default 4)")
-    parser.add_argument(
-        "--seeds", default="0,1,2", help="student seeds, comma-separated (default 0,1,2)"
     )
     parser.add_argument("--ks", default="1,2,3,5", help="truncated k values (default 1,2,3,5)")
     parser.add_argument(
         "--tails", default="spread,renorm", help="tail treatments (default spread,renorm)"
     )
-    parser.add_argument("--alpha", type=float, default=0.5, help="KD alpha (default 0.5)")
-    parser.add_argument("--temperature", type=float, default=4.0, help="KD temperature (default 4)")
     parser.add_argument(
         "--budget",
         type=int,
         default=24,
         help="bytes per view (stored layout) of the top-k and sampled students (default 24)",
     )
-    parser.add_argument("--batch-size", type=int, default=128, help="batch size (default 128)")
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers (default 2)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    parser.add_argument(
-        "--quick", action="store_true", help="tiny sizes (tests): 400 samples, 1 epoch, 1 seed"
-    )
+    add_runtime_arguments(parser, quick="400 samples, 1 epoch, 1 seed")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -129,13 +111,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         args.epochs = 1
         args.seeds = "0"
         args.ks = "1,5"
-    if not fmnist_available():
-        raise BenchError(
-            "kdcache bench parity needs Fashion-MNIST: apt-get install dataset-fashion-mnist"
-        )
-    train_shards, test_shards = make_shards(
-        args.out / "shards", "fashion-mnist", args.limit, args.shard_size
-    )
+    train_shards, test_shards = fmnist_shards(args, "parity")
     teacher = train_teacher(args, train_shards, test_shards)
     second = train_teacher(args, train_shards, test_shards, seed=1, name=SECOND)
     caches = {
@@ -145,7 +121,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     runs = {
         variant: [
             student(args, variant, seed, train_shards, test_shards, caches[_cache_of(variant)])
-            for seed in _ints(args.seeds)
+            for seed in ints(args.seeds)
         ]
         for variant in variants(args)
     }
@@ -156,15 +132,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
-
-
 def variants(args: argparse.Namespace) -> list[str]:
     """``ce``, ``online``, ``cached``, ``k<j>-<tail>`` for every truncated k and tail, the strong
     recipe's ``strong-ce``, ``strong-online``, ``strong-cached``, and the equal-bytes and
     ensemble students."""
-    per_k = [f"k{k}-{tail}" for k in _ints(args.ks) for tail in args.tails.split(",") if tail]
+    per_k = [f"k{k}-{tail}" for k in ints(args.ks) for tail in args.tails.split(",") if tail]
     strong = ["strong-ce", "strong-online", "strong-cached"]
     return ["ce", "online", "cached", *per_k, *strong, *BEYOND]
 
@@ -180,31 +152,9 @@ def train_teacher(
     args: argparse.Namespace, shards: str, test: str, seed: int = 0, name: str = TEACHER
 ) -> dict[str, Any]:
     """Plain CE (``teacher.mode: none``) of the teacher on fresh views each epoch."""
-    config = {
-        "run": {
-            "dir": str(args.out / name),
-            "seed": seed,
-            "threads": args.threads,
-            "progress": False,
-            "resume": "auto",
-            "eval_every": args.teacher_epochs,
-        },
-        "data": {
-            "shards": shards,
-            "val_shards": test,
-            "num_classes": 10,
-            "batch_size": args.batch_size,
-            "num_workers": args.workers,
-            "shuffle_buffer": 2000,
-        },
-        "views": {"recipe": FMNIST_RECIPE, "num_views": None},
-        "student": {"name": args.teacher},
-        "teacher": {"mode": "none"},
-        "optimizer": {"name": "sgd", "lr": 0.1, "weight_decay": 5.0e-4},
-        "scheduler": {"name": "cosine", "warmup_epochs": 0.2},
-        "stages": [{"epochs": args.teacher_epochs, "loss": {"name": "ce"}}],
-    }
-    summary = train(load_train_config(write_yaml(args.out / "configs" / f"{name}.yaml", config)))
+    model = {"name": args.teacher}
+    config = teacher_config(args, args.out / name, model, (shards, test), seed)
+    summary = train_written(args.out / "configs" / f"{name}.yaml", config)
     return {
         "top1": summary.top1,
         "checkpoint": str(args.out / name / "checkpoints" / "model_final.pt"),
@@ -263,7 +213,7 @@ def target_error(args: argparse.Namespace, cache: str, checkpoint: str) -> list[
     fp16 rounding does to the tail)."""
     online, cached = first_shard_targets(args, cache, checkpoint)
     rows = []
-    for k in sorted({10, *_ints(args.ks)}):
+    for k in sorted({10, *ints(args.ks)}):
         a = truncate(online, k)
         b = truncate(cached, k)
         row: dict[str, Any] = {
@@ -339,28 +289,11 @@ def student_config(
         loss |= {"tail": "sample"}
     elif variant == "ensemble":
         stage = {"teachers": [TEACHER, SECOND]}
-    return {
-        "run": {
-            "dir": str(args.out / "students" / run_name(args, variant, seed)),
-            "seed": seed,
-            "threads": args.threads,
-            "progress": False,
-            "resume": "auto",
-            "eval_every": args.epochs,
-            "log_every": 1000,
-        },
-        "data": {
-            "shards": shards,
-            "val_shards": test,
-            "batch_size": args.batch_size,
-            "num_workers": args.workers,
-            "shuffle_buffer": 2000,
-        },
+    run_dir = args.out / "students" / run_name(args, variant, seed)
+    return student_sections(args, run_dir, seed, (shards, test), args.epochs) | {
         "cache": {"path": cache},
         "student": {"name": args.student},
         "teacher": {"mode": mode, "name": TEACHER},
-        "optimizer": {"name": "sgd", "lr": 0.05, "weight_decay": 1.0e-4},
-        "scheduler": {"name": "cosine", "warmup_epochs": 0.2},
         "stages": [{"epochs": args.epochs, "loss": loss, **stage}],
     }
 
@@ -370,10 +303,8 @@ def student(
 ) -> dict[str, Any]:
     """Train one student (or reuse its finished run) and return its summary."""
     config = student_config(args, variant, seed, shards, test, cache)
-    path = write_yaml(
-        args.out / "configs" / "students" / f"{run_name(args, variant, seed)}.yaml", config
-    )
-    summary = train(load_train_config(path))
+    path = args.out / "configs" / "students" / f"{run_name(args, variant, seed)}.yaml"
+    summary = train_written(path, config)
     return {
         "seed": seed,
         "top1": summary.top1,
