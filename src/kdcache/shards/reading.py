@@ -47,6 +47,7 @@ from webdataset.gopen import Pipe, gopen  # the package stub does not re-export 
 
 from kdcache.core.errors import ConfigError, DataError, DuplicateKeyError
 from kdcache.shards.manifest import shard_key_digest  # noqa: F401  (re-exported)
+from kdcache.shards.tarstream import tar_files
 
 log = logging.getLogger(__name__)
 
@@ -401,28 +402,22 @@ class Sample:
 def iter_shard(
     url: str, storage_options: dict | None = None, label_key: str = DEFAULT_LABEL_KEY
 ) -> Iterator[Sample]:
-    """The samples of one shard in file order (tar streamed once); ``label_key``: the label's key
-    in ``.json`` entries."""
+    """The samples of one shard in file order (tar streamed once, by the lean reader of
+    :mod:`~kdcache.shards.tarstream`); ``label_key``: the label's key in ``.json`` entries."""
     name = shard_name(url)
     current: dict[str, bytes] = {}
     current_key: str | None = None
     try:
-        with (
-            open_shard(url, storage_options) as handle,
-            tarfile.open(fileobj=handle, mode="r|") as tar,
-        ):
-            for member in tar:
-                if not member.isfile() or member.name.startswith("__"):
+        with open_shard(url, storage_options) as handle:
+            for member, data in tar_files(handle):
+                if member.startswith("__"):
                     continue
-                key, ext = split_member(member.name)
+                key, ext = split_member(member)
                 if key != current_key and current_key is not None:
                     yield to_sample(current_key, current, name, label_key)
                     current = {}
                 current_key = key
-                content = tar.extractfile(member)
-                if content is None:  # none for a regular file; a guard for the type checker
-                    raise tarfile.ReadError(f"member {member.name!r} has no content")
-                current[ext] = content.read()
+                current[ext] = data
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise DataError(f"shard {name!r} could not be read to the end ({exc})") from None
     if current_key is not None:
