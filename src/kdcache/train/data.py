@@ -239,6 +239,8 @@ class _Item:
     """Without a cache: row offsets of the group's other samples (the mixing is drawn again)."""
     group: _Group | None = None
     """Mixup/CutMix recipes: the item's mixing group, rendered together (images decoded once)."""
+    stored: View | None = None
+    """The item's view as the cache stores it, once read (for its mixing; rendering reuses it)."""
 
     @property
     def image(self) -> bytes:
@@ -584,6 +586,7 @@ class ShardStream(IterableDataset):
             mixing = draw_mixing(spec.recipe, spec.view_seed, sample.key, a, item.partners)
         else:
             view = block.view_params.view(rows[i], a)
+            item.stored = view
             mixing = (view.mix_partner, view.mix_lam, view.mix_center)
         if mixing[0]:
             item.partner_row = item.row + mixing[0]
@@ -726,6 +729,8 @@ class ShardStream(IterableDataset):
     def _view(self, item: _Item, row: int, key: str, hw: tuple[int, int], partners) -> View:
         """View ``item.view`` of a row: stored in the cache, or drawn from ``(seed, key, view)``."""
         if item.block is not None:
+            if row == item.row and item.stored is not None:
+                return item.stored
             return item.block.view_params.view(row, item.view)
         return draw_view(self.spec.recipe, self.spec.view_seed, key, item.view, hw, partners)
 
