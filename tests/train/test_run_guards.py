@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from kdcache.cache.store import open_store
-from kdcache.core.errors import CacheMismatchError
+from kdcache.core.errors import CacheMismatchError, TrainingError
 from kdcache.train.hooks import StepHook
 from kdcache.train.trainer import train
 from tests.support.cachebuild import build_cache
@@ -198,3 +198,32 @@ def test_a_cache_copied_back_in_place_is_the_same_cache(world, tmp_path):
         stages=[{"epochs": 2, "loss": {"name": "kd"}}],
     )
     assert train(config, hooks=[ReplaceCacheAfter(6, cache, copy)]).completed
+
+
+class _FirstNanShardStep(StepHook):
+    """Records the 1-based step of the first batch holding a sample of the NaN shard."""
+
+    def __init__(self) -> None:
+        self.step: int | None = None
+        self.steps = 0
+
+    def step_start(self, trainer, batch) -> None:
+        self.steps += 1
+        if self.step is None and "train-000002.tar" in batch.shards:
+            self.step = self.steps
+
+
+def test_a_nan_checked_later_still_names_its_own_step(world, nan_cache, tmp_path):
+    """Stop mode checks at train lines, checkpoints and every few steps, not each step: with
+    no line until the epoch's end, the error still names the first NaN step and nothing of
+    the run is saved."""
+    config = world_train_config(
+        world, tmp_path / "run", cache={"path": str(nan_cache)}, run={"log_every": 10_000}
+    )
+    first = _FirstNanShardStep()
+    with pytest.raises(TrainingError, match=r"the loss is not finite \(nan\) at step (\d+) ") as e:
+        train(config, hooks=[first])
+    assert first.step is not None
+    assert f"at step {first.step} (epoch 1, batch {first.step} of the epoch" in str(e.value)
+    assert not (tmp_path / "run" / "summary.json").exists()
+    assert not list((tmp_path / "run").glob("model_*.pt"))

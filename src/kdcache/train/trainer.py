@@ -34,7 +34,6 @@ from typing import Any
 import torch
 
 from kdcache.cache.lock import RUN_DIR, WriterLock
-from kdcache.core.errors import TrainingError
 from kdcache.core.results import TrainResult
 from kdcache.models.runner import autocast_context
 from kdcache.train import distributed as D
@@ -53,6 +52,7 @@ from kdcache.train.hooks import StepHook
 from kdcache.train.loggers import build_loggers
 from kdcache.train.losses import Criterion, LossParts, stopped
 from kdcache.train.metrics import MetricsLog
+from kdcache.train.nonfinite import NonFiniteGuard, StepPlace
 from kdcache.train.reporting import Reporter
 from kdcache.train.schedule import Segment, StageSpan, lr_at, place_stages, stage_at
 from kdcache.train.sftn import build_sftn
@@ -126,6 +126,7 @@ class Trainer:
             self.trained, self.segments, self.state, self.dist.is_main
         )
         self.report = Reporter(config, self.dist, self.stages, metrics)
+        self.guard = NonFiniteGuard(config.run.on_nonfinite, self.device)
         self.checkpointer = self._build_checkpointer()
         self.stopped_early = False
         self._group_backward = False
@@ -283,27 +284,16 @@ class Trainer:
             self.ema.update(self.model)
 
     def _finite(self, loss: torch.Tensor, batch: Batch) -> bool:
-        """Whether every rank's loss is finite (one flag all-reduced, so all ranks stop or skip
-        together); a non-finite loss stops the run naming step, epoch and shards unless
-        ``run.on_nonfinite`` is ``skip``."""
-        bad = (~torch.isfinite(loss.detach())).to(torch.float64).reshape(1)
-        if D.all_reduce_sum(bad).item() == 0:  # a host sync per step, as a grad scaler's
-            return True
-        shards = sorted({s for rank in D.all_gather_object(batch.shards) for s in rank})
+        """Whether to train on the loss (:mod:`~kdcache.train.nonfinite`: skip decides now,
+        stop records it on the device and raises at the next check, naming this step)."""
         state = self.state
-        where = (
-            f"step {state.global_step + 1} (epoch {state.epoch + 1}, batch {state.epoch_step + 1} "
-            f"of the epoch, from shard(s) {shards})"
+        place = StepPlace(
+            step=state.global_step + 1,
+            epoch=state.epoch + 1,
+            batch=state.epoch_step + 1,
+            shards=tuple(batch.shards),
         )
-        if self.config.run.on_nonfinite == "skip":
-            log.warning("non-finite loss at %s: step skipped (run.on_nonfinite=skip)", where)
-            return False
-        value = float(loss.detach())
-        raise TrainingError(
-            f"the loss is not finite ({value:g}) at {where}: the cache's targets, the data or "
-            "the learning rate give NaN/inf; check the cache with kdcache validate, lower "
-            "optimizer.lr, or skip such steps with run.on_nonfinite=skip"
-        )
+        return self.guard.ok(loss, place)
 
     def _epoch_setup(self) -> EpochSetup:
         """The current epoch's setup, made once per epoch (entering its optimizer segment)."""
@@ -334,12 +324,17 @@ class Trainer:
         if state.accumulated:
             return  # mid-group: no optimizer step yet, so no line, checkpoint or stop
         state.global_step = state.global_step + 1
-        if state.global_step % run.log_every == 0 or state.epoch_step == self.steps:
-            self.report.log_train(state)
+        line = state.global_step % run.log_every == 0 or state.epoch_step == self.steps
         every = run.ckpt_every_steps
-        if every and state.global_step % every == 0 and state.epoch_step < self.steps:
+        save = every and state.global_step % every == 0 and state.epoch_step < self.steps
+        stop = run.max_steps and state.global_step >= run.max_steps
+        if line or save or stop:  # nothing of a non-finite step is reported or saved
+            self.guard.check()
+        if line:
+            self.report.log_train(state)
+        if save:
             self.checkpointer.save()
-        if run.max_steps and state.global_step >= run.max_steps:
+        if stop:
             log.info("run.max_steps=%d reached: saving a checkpoint and stopping", run.max_steps)
             self.checkpointer.save()
             self.stopped_early = True
