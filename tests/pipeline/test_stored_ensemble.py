@@ -388,7 +388,7 @@ def test_online_training_refuses_a_stored_ensemble_by_name(world):
         }
     )
     with pytest.raises(ConfigError, match=r"teacher.models.ens: teacher 'ens' is stored as an"):
-        online_teacher_spec(config, "ens", world["store"])
+        online_teacher_spec(config.teacher, "ens", world["store"])
 
 
 def test_a_sampled_teacher_without_stored_temperatures_is_self_normalised(world):
