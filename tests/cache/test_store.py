@@ -9,7 +9,7 @@ import torch
 import zarr
 
 from kdcache.cache.reader import read_block
-from kdcache.cache.store import STATUS_INVALID, STATUS_VALID, Fingerprint, open_store
+from kdcache.cache.store import STATUS_INVALID, STATUS_VALID, Fingerprint, TeacherSpec, open_store
 from kdcache.cache.writer import add_teacher, create_store, write_targets, write_views
 from kdcache.cache_tools.validate import validate_cache
 from kdcache.core.errors import (
@@ -74,7 +74,10 @@ def fill_shard(store, shard, teacher="t", logits=None, invalid_row=None):
 @pytest.fixture
 def store(tmp_path):
     store = new_store(tmp_path / "c.zarr")
-    add_teacher(store, "t", model={"source": "timm", "name": "kd_mlp"}, weights_digest="w1", k=K)
+    add_teacher(
+        store,
+        TeacherSpec(name="t", model={"source": "timm", "name": "kd_mlp"}, weights_digest="w1", k=K),
+    )
     return store
 
 
@@ -133,17 +136,21 @@ def test_mismatches_say_what_differs(store):
 
 def test_teacher_with_other_weights_is_refused(store):
     add_teacher(
-        store, "t", model={"source": "timm", "name": "kd_mlp"}, weights_digest="w1", k=K
+        store,
+        TeacherSpec(name="t", model={"source": "timm", "name": "kd_mlp"}, weights_digest="w1", k=K),
     )  # same: fine
     with pytest.raises(
         CacheMismatchError,
         match="teacher 't' already exists .*weights_digest: cache 'w1' vs run 'w2'",
     ):
         add_teacher(
-            store, "t", model={"source": "timm", "name": "kd_mlp"}, weights_digest="w2", k=K
+            store,
+            TeacherSpec(
+                name="t", model={"source": "timm", "name": "kd_mlp"}, weights_digest="w2", k=K
+            ),
         )
     with pytest.raises(CacheError, match="k=7 must be between 1 and num_classes=6"):
-        add_teacher(store, "u", model={}, weights_digest="w", k=7)
+        add_teacher(store, TeacherSpec(name="u", model={}, weights_digest="w", k=7))
 
 
 def test_creating_over_an_existing_cache_needs_overwrite(store, tmp_path):
@@ -190,7 +197,10 @@ def test_a_half_created_teacher_is_ignored_then_created_again(store):
     fill_shard(reopened, 1)
     assert reopened.incomplete_shards() == {}  # the half teacher is not waited for
     add_teacher(
-        reopened, "half", model={"source": "timm", "name": "kd_mlp"}, weights_digest="w2", k=2
+        reopened,
+        TeacherSpec(
+            name="half", model={"source": "timm", "name": "kd_mlp"}, weights_digest="w2", k=2
+        ),
     )
     assert reopened.teachers == ["half", "t"] and reopened.unfinished_teachers == []
     assert open_store(store.path).teacher_meta("half").k == 2
