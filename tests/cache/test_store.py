@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from pydantic import ValidationError
 
 from kdcache.cache.reader import read_block
 from kdcache.cache.store import STATUS_INVALID, STATUS_VALID, Fingerprint, TeacherSpec, open_store
@@ -184,6 +185,22 @@ def test_validate_passes_a_sound_cache_and_lists_every_problem(store):
     problems = "\n".join(validate_cache(store).problems)
     assert "shard 'd-000000.tar', teacher 't': 1 NaN/inf value(s) in top-k logits" in problems
     assert "shard 'd-000001.tar', teacher 't': class indices outside [0, 6)" in problems
+
+
+def test_add_teacher_stores_the_spec_and_its_own_fields(store):
+    """The spec's fields are stored as given; the index dtype, the default rendering and the
+    creation stamp are the writer's."""
+    spec = TeacherSpec(name="q", model={"name": "m"}, weights_digest="wq", k=2, encoding="q8")
+    meta = add_teacher(store, spec)
+    stored = open_store(store.path).teacher_meta("q")
+    assert stored == meta
+    assert (stored.k, stored.encoding, stored.weights_digest) == (2, "q8", "wq")
+    assert (stored.index_dtype, stored.rendering) == ("uint16", RECIPE.rendering())
+    assert stored.created["id"] and stored.created["id"] != store.teacher_meta("t").created["id"]
+    with pytest.raises(ValidationError, match="created"):  # the writer's field, not the caller's
+        TeacherSpec.model_validate(
+            {"name": "q", "model": {}, "weights_digest": "w", "k": 2, "created": {}}
+        )
 
 
 def test_a_half_created_teacher_is_ignored_then_created_again(store):

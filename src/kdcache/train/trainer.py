@@ -7,7 +7,10 @@ step and per evaluation), ``summary.json`` (at the end: the run's
 ``kdcache.models.build.build_model`` via ``checkpoint:``), and with ``run.tensorboard`` the same
 metrics as TensorBoard scalars in ``tensorboard/`` (:mod:`kdcache.train.metrics`).
 
-The :class:`Trainer` builds its parts and runs them; each part lives in its own module:
+The :class:`Trainer` builds its parts and runs them; each part lives in its own module and is
+given the config section(s) it uses (``config.run``, ``config.teacher`` ...); only the training
+stream's builder, where the data, cache, views, student and teacher sections meet, reads the whole
+config:
 
 - the training stream (:mod:`kdcache.train.data`) and the student (:mod:`kdcache.train.student`);
 - the target source chosen once from ``teacher.mode`` (:mod:`kdcache.train.target_source`);
