@@ -94,8 +94,9 @@ class Trainer:
         torch.set_num_threads(training_threads(config.run.threads, config.data.num_workers))
         main = self.dist.is_main
         self.resolved = resolved(config)
-        """The resolved config as plain data (logged, saved and compared on resume)."""
-        loggers = build_loggers(config.run, self.resolved) if main else []
+        """The resolved config as plain data (saved and compared on resume by the checkpointer;
+        the loggers get their own copy, which a logger's package may keep)."""
+        loggers = build_loggers(config.run, resolved(config)) if main else []
         metrics = MetricsLog(
             Path(config.run.dir), main=main, tensorboard=config.run.tensorboard, loggers=loggers
         )
