@@ -34,7 +34,7 @@ import torch
 from benchmarks.common import machine, rotated, table, target_divergence
 from benchmarks.grad_cos import format_grad_cos, grad_cos
 from kdcache.cache.reader import read_block
-from kdcache.cache.store import STATUS_VALID, CacheStore, Fingerprint
+from kdcache.cache.store import STATUS_VALID, CacheStore, Fingerprint, TeacherSpec
 from kdcache.cache.writer import add_teacher, create_store, write_targets, write_views
 from kdcache.targets.sparse import MixedLabels, SparseTargets, from_logits, tail_mass_t1, truncate
 from kdcache.views.augment import ErasingConfig, JitterConfig, MixConfig
@@ -214,7 +214,7 @@ def write_cache(
     **teacher: Any,
 ) -> CacheStore:
     """A complete cache of one teacher (views + targets) through the real writer (``teacher``:
-    more of :func:`~kdcache.cache.writer.add_teacher`'s settings, e.g. ``samples``)."""
+    more fields of :class:`~kdcache.cache.store.TeacherSpec`, e.g. ``samples``)."""
     recipe = recipe or ViewRecipe()
     path = args.out / (name or f"{encoding}-k{k}")
     shutil.rmtree(path, ignore_errors=True)
@@ -237,13 +237,15 @@ def write_cache(
     )
     add_teacher(
         store,
-        "teacher",
-        model={"name": "generator"},
-        weights_digest="bench",
-        k=k,
-        rendering=recipe.rendering(),
-        encoding=encoding,
-        **teacher,
+        TeacherSpec(
+            name="teacher",
+            model={"name": "generator"},
+            weights_digest="bench",
+            k=k,
+            rendering=recipe.rendering(),
+            encoding=encoding,
+            **teacher,
+        ),
     )
     params = params or [
         imagenet_like_params(recipe, keys[s], args.views, seed=s) for s in range(args.shards)

@@ -34,7 +34,7 @@ JPEG_QUALITY = 90
 def imagenet_like_shards(out: Path, samples: int, shard_size: int) -> str:
     """``out/train-NNNNNN.tar`` of 500x375 JPEGs (quality 90) and their manifest (reused)."""
     from kdcache.shards.manifest import load_manifest
-    from kdcache.shards.writing import write_split
+    from kdcache.shards.writing import ShardOptions, write_split
 
     manifest = out / "train-manifest.json"
     if not (manifest.is_file() and load_manifest(manifest).num_samples == samples):
@@ -42,11 +42,10 @@ def imagenet_like_shards(out: Path, samples: int, shard_size: int) -> str:
             photo_like_samples(samples),
             out,
             "train",
+            ShardOptions(
+                shard_size=shard_size, image_format="jpg", quality=JPEG_QUALITY, overwrite=True
+            ),
             num_classes=1000,
-            shard_size=shard_size,
-            image_format="jpg",
-            quality=JPEG_QUALITY,
-            overwrite=True,
             total=samples,
         )
     return str(out / "train-*.tar")

@@ -128,7 +128,7 @@ class SampledSetting:
         )
 
     def teacher(self) -> dict[str, Any]:
-        """:func:`~kdcache.cache.writer.add_teacher`'s settings."""
+        """:class:`~kdcache.cache.store.TeacherSpec`'s sampling fields."""
         return {
             "samples": self.draws,
             "sample_temperatures": self.temperatures,

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from benchmarks.cache_bench import imagenet_like_params, teacher_logits
 from benchmarks.common import machine, rotated, table
-from kdcache.cache.store import STATUS_VALID, CacheStore, Fingerprint, open_store
+from kdcache.cache.store import STATUS_VALID, CacheStore, Fingerprint, TeacherSpec, open_store
 from kdcache.cache.writer import add_teacher, create_store, write_targets, write_views
 from kdcache.cache_tools.stats import inspect_cache
 from kdcache.core.results import InspectResult
@@ -137,12 +137,14 @@ def write_cache(path: Path, args: argparse.Namespace, shards: int) -> CacheStore
     for teacher in TEACHERS:
         add_teacher(
             store,
-            teacher,
-            model={"name": "generator"},
-            weights_digest=f"bench-{teacher}",
-            k=args.k,
-            rendering=ViewRecipe().rendering(),
-            encoding=args.encoding,
+            TeacherSpec(
+                name=teacher,
+                model={"name": "generator"},
+                weights_digest=f"bench-{teacher}",
+                k=args.k,
+                rendering=ViewRecipe().rendering(),
+                encoding=args.encoding,
+            ),
         )
     started = time.perf_counter()
     for s in tqdm(range(shards), desc=f"writing {path.name}", unit="shard", leave=False):

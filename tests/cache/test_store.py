@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from pydantic import ValidationError
 
 from kdcache.cache.reader import read_block
-from kdcache.cache.store import STATUS_INVALID, STATUS_VALID, Fingerprint, open_store
+from kdcache.cache.store import STATUS_INVALID, STATUS_VALID, Fingerprint, TeacherSpec, open_store
 from kdcache.cache.writer import add_teacher, create_store, write_targets, write_views
 from kdcache.cache_tools.validate import validate_cache
 from kdcache.core.errors import (
@@ -74,7 +75,10 @@ def fill_shard(store, shard, teacher="t", logits=None, invalid_row=None):
 @pytest.fixture
 def store(tmp_path):
     store = new_store(tmp_path / "c.zarr")
-    add_teacher(store, "t", model={"source": "timm", "name": "kd_mlp"}, weights_digest="w1", k=K)
+    add_teacher(
+        store,
+        TeacherSpec(name="t", model={"source": "timm", "name": "kd_mlp"}, weights_digest="w1", k=K),
+    )
     return store
 
 
@@ -133,17 +137,21 @@ def test_mismatches_say_what_differs(store):
 
 def test_teacher_with_other_weights_is_refused(store):
     add_teacher(
-        store, "t", model={"source": "timm", "name": "kd_mlp"}, weights_digest="w1", k=K
+        store,
+        TeacherSpec(name="t", model={"source": "timm", "name": "kd_mlp"}, weights_digest="w1", k=K),
     )  # same: fine
     with pytest.raises(
         CacheMismatchError,
         match="teacher 't' already exists .*weights_digest: cache 'w1' vs run 'w2'",
     ):
         add_teacher(
-            store, "t", model={"source": "timm", "name": "kd_mlp"}, weights_digest="w2", k=K
+            store,
+            TeacherSpec(
+                name="t", model={"source": "timm", "name": "kd_mlp"}, weights_digest="w2", k=K
+            ),
         )
     with pytest.raises(CacheError, match="k=7 must be between 1 and num_classes=6"):
-        add_teacher(store, "u", model={}, weights_digest="w", k=7)
+        add_teacher(store, TeacherSpec(name="u", model={}, weights_digest="w", k=7))
 
 
 def test_creating_over_an_existing_cache_needs_overwrite(store, tmp_path):
@@ -179,6 +187,22 @@ def test_validate_passes_a_sound_cache_and_lists_every_problem(store):
     assert "shard 'd-000001.tar', teacher 't': class indices outside [0, 6)" in problems
 
 
+def test_add_teacher_stores_the_spec_and_its_own_fields(store):
+    """The spec's fields are stored as given; the index dtype, the default rendering and the
+    creation stamp are the writer's."""
+    spec = TeacherSpec(name="q", model={"name": "m"}, weights_digest="wq", k=2, encoding="q8")
+    meta = add_teacher(store, spec)
+    stored = open_store(store.path).teacher_meta("q")
+    assert stored == meta
+    assert (stored.k, stored.encoding, stored.weights_digest) == (2, "q8", "wq")
+    assert (stored.index_dtype, stored.rendering) == ("uint16", RECIPE.rendering())
+    assert stored.created["id"] and stored.created["id"] != store.teacher_meta("t").created["id"]
+    with pytest.raises(ValidationError, match="created"):  # the writer's field, not the caller's
+        TeacherSpec.model_validate(
+            {"name": "q", "model": {}, "weights_digest": "w", "k": 2, "created": {}}
+        )
+
+
 def test_a_half_created_teacher_is_ignored_then_created_again(store):
     """A precompute killed while creating a teacher leaves a subgroup without attributes (they come
     last)."""
@@ -190,7 +214,10 @@ def test_a_half_created_teacher_is_ignored_then_created_again(store):
     fill_shard(reopened, 1)
     assert reopened.incomplete_shards() == {}  # the half teacher is not waited for
     add_teacher(
-        reopened, "half", model={"source": "timm", "name": "kd_mlp"}, weights_digest="w2", k=2
+        reopened,
+        TeacherSpec(
+            name="half", model={"source": "timm", "name": "kd_mlp"}, weights_digest="w2", k=2
+        ),
     )
     assert reopened.teachers == ["half", "t"] and reopened.unfinished_teachers == []
     assert open_store(store.path).teacher_meta("half").k == 2

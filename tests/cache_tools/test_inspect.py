@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdcache.cache.store import STATUS_INVALID, STATUS_VALID, Fingerprint, open_store
+from kdcache.cache.store import STATUS_INVALID, STATUS_VALID, Fingerprint, TeacherSpec, open_store
 from kdcache.cache.writer import add_teacher, create_store, write_targets, write_views
 from kdcache.cache_tools.stats import FINE_BINS, inspect_cache, js_divergence
 from kdcache.cli import main
@@ -74,7 +74,7 @@ def build_cache(path: str) -> Truth:
         config={},
     )
     for name, k in TEACHERS.items():
-        add_teacher(store, name, model={"name": name}, weights_digest=name, k=k)
+        add_teacher(store, TeacherSpec(name=name, model={"name": name}, weights_digest=name, k=k))
     labels = []
     logits = {n: [] for n in TEACHERS}
     for s, n in enumerate(COUNTS):
@@ -425,7 +425,7 @@ def test_unlabelled_rows_three_views_and_top5_below_the_class_count(tmp_path) ->
         seed=0,
         config={},
     )
-    add_teacher(store, "t", model={"name": "t"}, weights_digest="t", k=k)
+    add_teacher(store, TeacherSpec(name="t", model={"name": "t"}, weights_digest="t", k=k))
     write_views(
         store,
         0,

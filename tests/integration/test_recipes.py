@@ -22,7 +22,7 @@ from kdcache.targets.sparse import MixedLabels, from_logits
 from kdcache.train.config import KDLossConfig, TrainConfig, load_train_config
 from kdcache.train.data import build_train_data
 from kdcache.train.losses import Criterion
-from kdcache.train.schedule import lr_at, place_stages
+from kdcache.train.schedule import lr_at, optimizer_segments
 from kdcache.train.target_source import online_teacher_spec
 from kdcache.train.trainer import train
 from kdcache.views.recipe import ViewRecipe
@@ -98,7 +98,7 @@ def test_cached_kd_equals_online_kd_on_the_same_mixed_views(strong, tmp_path):
     data = build_train_data(cfg, 0, 1, ["big"], pin_memory=False)
     assert data.teacher_renderings["big"].size == 20 and data.rendering.size == 12
     runner = ModelRunner(
-        build_model(online_teacher_spec(cfg, "big", data.store), 4, 1),
+        build_model(online_teacher_spec(cfg.teacher, "big", data.store), 4, 1),
         data.teacher_renderings["big"],
         device="cpu",
     )
@@ -226,7 +226,7 @@ def test_dist_recipe_configs_are_valid_and_say_what_dist_runs(name):
 
 def test_dist_training_configs_follow_dists_code():
     b2 = load_train_config(CONFIGS / "dist" / "resnet50_resnet18_b2_imagenet.yaml")
-    _, [segment] = place_stages(b2)
+    [segment] = optimizer_segments(b2)
     assert (segment.optimizer.name, segment.optimizer.lr, b2.total_epochs) == (
         "rmsprop",
         0.048,
@@ -235,7 +235,7 @@ def test_dist_training_configs_follow_dists_code():
     assert lr_at(segment, 4.8) == pytest.approx(0.048 * 0.97**2) and b2.ema.decay == 0.9999
     assert b2.stages[0].loss.kd_weight == 2.0 and b2.stages[0].loss.ce_weight == 1.0
     b3 = load_train_config(CONFIGS / "dist" / "swinl_swint_b3_imagenet.yaml")
-    _, [segment] = place_stages(b3)
+    [segment] = optimizer_segments(b3)
     assert (segment.optimizer.name, segment.optimizer.grad_clip, b3.total_epochs) == (
         "adamw",
         5.0,

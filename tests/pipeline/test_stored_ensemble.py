@@ -388,7 +388,7 @@ def test_online_training_refuses_a_stored_ensemble_by_name(world):
         }
     )
     with pytest.raises(ConfigError, match=r"teacher.models.ens: teacher 'ens' is stored as an"):
-        online_teacher_spec(config, "ens", world["store"])
+        online_teacher_spec(config.teacher, "ens", world["store"])
 
 
 def test_a_sampled_teacher_without_stored_temperatures_is_self_normalised(world):
@@ -484,15 +484,21 @@ def test_a_stored_draw_temperature_is_checked_on_load(world, tmp_path, value, ma
 
 
 def test_a_rerun_with_another_draw_temperature_is_refused(world, tmp_path):
+    from kdcache.cache.store import TeacherSpec
     from kdcache.cache.writer import add_teacher
     from kdcache.core.errors import CacheMismatchError
 
     store = _copy(world, tmp_path)
     meta = store.teacher_meta("a_tau")
     settings = meta.model_dump(include={"model", "weights_digest", "k", "encoding", "samples"})
-    add_teacher(store, "a_tau", rendering=meta.rendering, draw_temperature=4.0, **settings)
+    add_teacher(
+        store, TeacherSpec(name="a_tau", rendering=meta.rendering, draw_temperature=4.0, **settings)
+    )
     with pytest.raises(CacheMismatchError, match=r"draw_temperature: cache 4.0 vs run 2.0"):
-        add_teacher(store, "a_tau", rendering=meta.rendering, draw_temperature=2.0, **settings)
+        add_teacher(
+            store,
+            TeacherSpec(name="a_tau", rendering=meta.rendering, draw_temperature=2.0, **settings),
+        )
 
 
 def test_verify_and_validate_check_the_draws_normaliser(world, tmp_path):

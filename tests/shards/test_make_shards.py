@@ -222,7 +222,7 @@ def test_write_split_rejects_bad_samples(
     tmp_path: Path, sample: SourceSample, error: type, match: str
 ) -> None:
     with pytest.raises(error, match=match):
-        write_split([sample], tmp_path, "x", num_classes=3)
+        write_split([sample], tmp_path, "x", ShardOptions(), num_classes=3)
     assert not (tmp_path / "x-manifest.json").exists()
     assert not list(tmp_path.glob("*.tar*"))
 
@@ -234,10 +234,24 @@ def test_write_split_rejects_duplicate_keys_and_empty_splits(tmp_path: Path) -> 
             [SourceSample("k", 0, image), SourceSample("k", 1, image)],
             tmp_path,
             "dup",
+            ShardOptions(),
             num_classes=2,
         )
     with pytest.raises(DataError, match="split 'empty': no samples"):
-        write_split([], tmp_path, "empty", num_classes=2)
+        write_split([], tmp_path, "empty", ShardOptions(), num_classes=2)
+
+
+def test_write_split_takes_its_options(tmp_path: Path) -> None:
+    """Shard size, format and ``limit`` come from the ShardOptions, as for write_splits."""
+    images = [SourceSample(f"k{i}", i % 2, np.full((4, 4), i, np.uint8)) for i in range(7)]
+    options = ShardOptions(shard_size=2, image_format="jpg", quality=90, limit=5)
+    manifest = write_split(images, tmp_path, "lim", options, num_classes=2, total=7)
+    assert (manifest.num_samples, manifest.counts, manifest.image_format) == (5, [2, 2, 1], "jpg")
+    with pytest.raises(ShardsExistError, match=r"lim-manifest\.json already exists"):
+        write_split(images, tmp_path, "lim", ShardOptions(), num_classes=2)
+    again = write_split(images, tmp_path, "lim", ShardOptions(overwrite=True), num_classes=2)
+    assert (again.num_samples, again.shards) == (7, ["lim-000000.tar"])
+    assert not (tmp_path / "lim-000001.tar").exists()  # the stale shards of the first write
 
 
 @pytest.mark.parametrize(

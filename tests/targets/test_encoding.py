@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kdcache.cache.reader import read_block
-from kdcache.cache.store import STATUS_VALID, Fingerprint
+from kdcache.cache.store import STATUS_VALID, Fingerprint, TeacherSpec
 from kdcache.cache.writer import add_teacher, create_store, write_targets, write_views
 from kdcache.targets.encoding import Q8_STEP, Q8_TAIL_MAX, decode, encode
 from kdcache.targets.sparse import SparseTargets, dense_probs, from_logits, tail_mass_t1
@@ -144,7 +144,7 @@ def test_store_round_trip_per_encoding(tmp_path, encoding):
         seed=0,
         config={},
     )
-    add_teacher(store, "t", model={}, weights_digest="w", k=4, encoding=encoding)
+    add_teacher(store, TeacherSpec(name="t", model={}, weights_digest="w", k=4, encoding=encoding))
     write_views(
         store,
         0,

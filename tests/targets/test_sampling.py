@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kdcache.cache.reader import read_block
-from kdcache.cache.store import STATUS_VALID, Fingerprint
+from kdcache.cache.store import STATUS_VALID, Fingerprint, TeacherSpec
 from kdcache.cache.writer import add_teacher, create_store, write_targets, write_views
 from kdcache.targets.sampling import draw_generator, sampled_from_logits, tail_probs, uniforms
 from kdcache.targets.sparse import (
@@ -308,14 +308,16 @@ def stored_copies(
     )
     add_teacher(
         store,
-        "t",
-        model={"name": "m"},
-        weights_digest="w",
-        k=K,
-        encoding="sampled",
-        samples=S,
-        sample_temperatures=tuple(temperatures),
-        draw_temperature=draw_temperature,
+        TeacherSpec(
+            name="t",
+            model={"name": "m"},
+            weights_digest="w",
+            k=K,
+            encoding="sampled",
+            samples=S,
+            sample_temperatures=tuple(temperatures),
+            draw_temperature=draw_temperature,
+        ),
     )
     params = ViewParams.empty(RECIPE, n, 1)
     for row, key in enumerate(keys):

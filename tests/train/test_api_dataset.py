@@ -136,7 +136,7 @@ def test_the_eval_dataset_is_the_trainers_validation_stream(world):
     dataset = kdcache.CacheDataset.from_config(cfg)
     evaluation = dataset.eval_dataset()
     recipe = dataset.spec.recipe
-    _, loader = build_eval_data(cfg, 0, 1, recipe, 4, pin_memory=False)
+    _, loader = build_eval_data(cfg.data, 0, 1, recipe, 4, pin_memory=False, student=cfg.student)
     for _ in range(2):  # evaluation needs no set_epoch: every pass is the same
         ours = list(evaluation.loader())
         assert_same_batches(ours, list(loader), dataset.rendering)

@@ -299,7 +299,12 @@ def test_stages_share_an_optimizer_until_one_sets_its_own():
             ],
         }
     )
-    stages, segments = place_stages(config)
+    stages, segments = place_stages(
+        config.stages,
+        teacher=config.teacher,
+        optimizer=config.optimizer,
+        scheduler=config.scheduler,
+    )
     assert [(s.start, s.end, s.segment, s.teacher) for s in stages] == [
         (0, 2, 0, "t"),
         (2, 5, 0, None),

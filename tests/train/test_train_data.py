@@ -79,6 +79,11 @@ def config(world, **data) -> TrainConfig:
     )
 
 
+def open_cache_of(cfg: TrainConfig, urls: list[str], teachers: list[str]):
+    """``open_cache`` over a config's cache and data sections."""
+    return open_cache(cfg.cache, urls, teachers, data=cfg.data)
+
+
 def spec(world, **kw) -> StreamSpec:
     counts, _ = valid_counts(world["store"])
     base = StreamSpec(
@@ -289,7 +294,10 @@ def test_eval_stream_center_views_once_over_ranks(world):
     recipe = world["store"].meta.recipe
     seen = []
     for rank in (0, 1):
-        dataset, loader = build_eval_data(config(world), rank, 2, recipe, 4, pin_memory=False)
+        cfg = config(world)
+        dataset, loader = build_eval_data(
+            cfg.data, rank, 2, recipe, 4, pin_memory=False, student=cfg.student
+        )
         seen += [(k, b.images[i]) for b in loader for i, k in enumerate(b.keys)]
     assert sorted(k for k, _ in seen) == [f"val_{i:06d}" for i in range(20)]
     center = eval_recipe(recipe)
@@ -305,13 +313,13 @@ def test_eval_stream_center_views_once_over_ranks(world):
 
 def test_other_shards_are_refused(world):
     with pytest.raises(CacheMismatchError, match=r"shards differ: 1 in the cache but not given"):
-        open_cache(config(world), world["urls"][:3], ["tiny"])
+        open_cache_of(config(world), world["urls"][:3], ["tiny"])
 
 
 def test_changed_keys_are_refused_with_verify_keys(world, tmp_path):
     other = write_shards(tmp_path, key_prefix="other")
     with pytest.raises(CacheMismatchError, match="sample keys differ"):
-        open_cache(config(world, verify_keys=True), other, ["tiny"])
+        open_cache_of(config(world, verify_keys=True), other, ["tiny"])
 
 
 def test_changed_shard_counts_are_refused(world, tmp_path):
@@ -320,7 +328,7 @@ def test_changed_shard_counts_are_refused(world, tmp_path):
         CacheMismatchError,
         match="'train-000003.tar' has 12 samples in the cache but 10 in the data",
     ):
-        open_cache(config(world, verify_keys=True), shorter, ["tiny"])
+        open_cache_of(config(world, verify_keys=True), shorter, ["tiny"])
     data = build_train_data(config(world, shards=shorter), 0, 1, ["tiny"], pin_memory=False)
     with pytest.raises(CacheMismatchError, match="has 10 samples in the data but 12 in the cache"):
         list(data.epoch(0, ["tiny"]))
@@ -330,7 +338,7 @@ def test_class_count_mismatch_is_refused(world):
     with pytest.raises(
         CacheMismatchError, match="num_classes: the cache has 4, the run asks for 7"
     ):
-        open_cache(config(world, num_classes=7), world["urls"], ["tiny"])
+        open_cache_of(config(world, num_classes=7), world["urls"], ["tiny"])
 
 
 def test_missing_teacher_is_refused(world):
@@ -338,7 +346,7 @@ def test_missing_teacher_is_refused(world):
         CacheMismatchError,
         match=r"teacher\(s\) \['big'\] not in cache .* it has \['tiny', 'top2'\]",
     ):
-        open_cache(config(world), world["urls"], ["big"])
+        open_cache_of(config(world), world["urls"], ["big"])
 
 
 def test_incomplete_cache_is_refused(world, tmp_path):
@@ -351,7 +359,7 @@ def test_incomplete_cache_is_refused(world, tmp_path):
         r"half: 2 shard\(s\)"
     )
     with pytest.raises(CacheIncompleteError, match=expected):
-        open_cache(cfg, world["urls"], ["half"])
+        open_cache_of(cfg, world["urls"], ["half"])
 
 
 def test_missing_cache_is_refused(world, tmp_path):
@@ -361,24 +369,26 @@ def test_missing_cache_is_refused(world, tmp_path):
         }
     )
     with pytest.raises(CacheNotFoundError, match="no cache at"):
-        open_cache(cfg, world["urls"], ["tiny"])
+        open_cache_of(cfg, world["urls"], ["tiny"])
 
 
 def test_student_that_does_not_fit_its_rendering_is_refused(world):
     rendering = world["store"].meta.recipe.rendering()
     cfg = config(world)
     model = build_model(cfg.student, 4, 1)
-    check_student(model, rendering, 1, 4, cfg, from_cache=True)
+    check_student(model, rendering, 1, 4, cfg.student, from_cache=True)
     bigger = rendering.model_copy(update={"size": 32})
     with pytest.raises(
         CacheMismatchError, match=r"student 'kd_mlp' cannot take its views \(1x32x32, student"
     ):
-        check_student(model, bigger, 1, 4, cfg, from_cache=True)
+        check_student(model, bigger, 1, 4, cfg.student, from_cache=True)
     wrong = build_model(ModelSpec(name="kd_mlp", kwargs={"img_size": 28}), 4, 1)
     with pytest.raises(CacheMismatchError, match=r"cannot take its views \(1x12x12"):
-        check_student(wrong, rendering, 1, 4, cfg, from_cache=True)
+        check_student(wrong, rendering, 1, 4, cfg.student, from_cache=True)
     with pytest.raises(CacheMismatchError, match=r"outputs \(10,\) logits, the data has 4 classes"):
-        check_student(build_model(cfg.student, 10, 1), rendering, 1, 4, cfg, from_cache=True)
+        check_student(
+            build_model(cfg.student, 10, 1), rendering, 1, 4, cfg.student, from_cache=True
+        )
 
 
 def test_labels_out_of_range_without_cache_are_refused(world):

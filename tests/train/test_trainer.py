@@ -85,7 +85,7 @@ def test_online_mode_runs_the_teacher_on_every_view(world, tmp_path):
 def test_cached_kd_equals_online_kd_when_k_is_the_class_count(world):
     config = make(world, "unused")
     data = build_train_data(config, 0, 1, ["tiny"], pin_memory=False)
-    spec = online_teacher_spec(config, "tiny", data.store)
+    spec = online_teacher_spec(config.teacher, "tiny", data.store)
     runner = ModelRunner(build_model(spec, 4, 1), data.recipe, device="cpu")
     criterion = Criterion(KDLossConfig(alpha=0.5, temperature=2.0), 4)
     student = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
@@ -553,7 +553,7 @@ def test_online_teacher_without_a_spec_is_refused(world):
     with pytest.raises(
         ConfigError, match=r"teacher.models.big: no model spec for online teacher 'big'"
     ):
-        online_teacher_spec(make(world, "x"), "big", None)
+        online_teacher_spec(make(world, "x").teacher, "big", None)
 
 
 def test_config_schema_is_pinned():
@@ -652,7 +652,12 @@ def test_config_schema_is_pinned():
 )
 def test_shipped_configs_load(path):
     config = load_train_config(ROOT / path)
-    stages, segments = place_stages(config)
+    stages, segments = place_stages(
+        config.stages,
+        teacher=config.teacher,
+        optimizer=config.optimizer,
+        scheduler=config.scheduler,
+    )
     if "effdstl/" in path:
         assert [s.end for s in stages] == [240, 300] and [s.config.loss.name for s in stages] == [
             "wsl",

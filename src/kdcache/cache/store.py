@@ -224,6 +224,34 @@ class TeacherMeta(BaseModel):
         return [1.0, *self.sample_temperatures, *extra]
 
 
+class TeacherSpec(BaseModel):
+    """What the caller of :func:`kdcache.cache.writer.add_teacher` decides about a teacher: the
+    part of :class:`TeacherMeta` that is not the writer's own (``index_dtype`` follows from the
+    class count, ``created`` is stamped when the subgroup is made, and an unset ``rendering`` is
+    the recipe's). The writer checks it (encoding, ``k``, sampling) against the store."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+    name: str
+    model: dict[str, Any]
+    """The teacher's model spec (an ensemble: the ensemble as a whole)."""
+    weights_digest: str
+    k: int
+    """Classes stored per view (1..num_classes)."""
+    rendering: Rendering | None = None
+    """How the teacher saw its views (None: the recipe's rendering)."""
+    encoding: str = "fp16"
+    config: dict[str, Any] = {}
+    """The resolved precompute config saved with the teacher."""
+    samples: int = 0
+    """Encoding ``sampled``: draws per view from the tail."""
+    sample_temperatures: tuple[float, ...] = ()
+    """Encoding ``sampled``: the temperatures whose ``logsumexp(l / T)`` is stored."""
+    draw_temperature: float = 1.0
+    """Encoding ``sampled``: the temperature the draws are made at."""
+    ensemble: EnsembleMeta | None = None
+    """A stored ensemble's models (None: one model)."""
+
+
 def group_at(group: zarr.Group, path: str) -> zarr.Group:
     """The subgroup at ``path``; an array there is a CacheError (a hierarchy damaged by hand)."""
     node = group[path]

@@ -25,10 +25,10 @@ from kdcache.cache.store import (
     TEACHERS,
     VIEWS,
     CacheStore,
-    EnsembleMeta,
     Fingerprint,
     RootMeta,
     TeacherMeta,
+    TeacherSpec,
     array_at,
     codecs,
     creation_info,
@@ -38,7 +38,7 @@ from kdcache.cache.store import (
 from kdcache.core.errors import CacheError, CacheMismatchError, CacheWriteError
 from kdcache.targets.encoding import encode
 from kdcache.targets.sparse import SampledTargets, SparseTargets
-from kdcache.views.recipe import Rendering, ViewParams, ViewRecipe, param_arrays
+from kdcache.views.recipe import ViewParams, ViewRecipe, param_arrays
 
 log = logging.getLogger(__name__)
 
@@ -125,49 +125,29 @@ def index_dtype(num_classes: int) -> str:
     return "uint16" if num_classes <= np.iinfo(np.uint16).max + 1 else "int32"
 
 
-def add_teacher(
-    store: CacheStore,
-    name: str,
-    *,
-    model: dict[str, Any],
-    weights_digest: str,
-    k: int,
-    rendering: Rendering | None = None,
-    encoding: str = "fp16",
-    config: dict[str, Any] | None = None,
-    samples: int = 0,
-    sample_temperatures: tuple[float, ...] = (),
-    draw_temperature: float = 1.0,
-    ensemble: EnsembleMeta | None = None,
-) -> TeacherMeta:
-    """Create a teacher subgroup, or check an existing one against the same spec, weights and
-    rendering (default: the recipe's). Encoding ``sampled`` stores ``samples`` draws per view
-    from the tail at ``draw_temperature`` and the logsumexp at ``sample_temperatures``;
-    ``ensemble``: a stored ensemble's models."""
-    if encoding not in ENCODINGS:
-        raise CacheError(
-            f"teacher {name!r}: unknown encoding {encoding!r}; valid: {', '.join(ENCODINGS)}"
-        )
-    if not 1 <= k <= store.meta.num_classes:
-        raise CacheError(
-            f"teacher {name!r}: k={k} must be between 1 and num_classes={store.meta.num_classes}"
-        )
-    _check_sampling(name, encoding, samples, k, store.meta.num_classes)
-    _check_draw_temperature(name, encoding, draw_temperature, sample_temperatures)
+def add_teacher(store: CacheStore, spec: TeacherSpec) -> TeacherMeta:
+    """Create the teacher subgroup ``spec`` describes, or check an existing one against the same
+    spec, weights and rendering (default: the recipe's). Encoding ``sampled`` stores
+    ``spec.samples`` draws per view from the tail at ``spec.draw_temperature`` and the logsumexp
+    at ``spec.sample_temperatures``; ``spec.ensemble``: a stored ensemble's models. The stored
+    :class:`TeacherMeta` adds what the writer decides (index dtype, rendering default, creation
+    stamp)."""
+    name = spec.name
+    _check_spec(store, spec)
     meta = TeacherMeta(
         name=name,
-        model=model,
-        weights_digest=weights_digest,
-        k=k,
-        encoding=encoding,
+        model=spec.model,
+        weights_digest=spec.weights_digest,
+        k=spec.k,
+        encoding=spec.encoding,
         index_dtype=index_dtype(store.meta.num_classes),
-        rendering=rendering or store.meta.recipe.rendering(),
+        rendering=spec.rendering or store.meta.recipe.rendering(),
         created=creation_info(),
-        config=config or {},
-        samples=samples,
-        sample_temperatures=list(sample_temperatures),
-        draw_temperature=draw_temperature,
-        ensemble=ensemble,
+        config=spec.config or {},
+        samples=spec.samples,
+        sample_temperatures=list(spec.sample_temperatures),
+        draw_temperature=spec.draw_temperature,
+        ensemble=spec.ensemble,
     )
     if name in store.teachers:
         _check_same_teacher(store.teacher_meta(name), meta)
@@ -183,6 +163,22 @@ def add_teacher(
     _create_teacher_arrays(store, meta)
     store.forget_teachers()
     return meta
+
+
+def _check_spec(store: CacheStore, spec: TeacherSpec) -> None:
+    """Refuse an unknown encoding, a ``k`` outside 1..C and sampling settings that do not fit."""
+    name = spec.name
+    num_classes = store.meta.num_classes
+    if spec.encoding not in ENCODINGS:
+        raise CacheError(
+            f"teacher {name!r}: unknown encoding {spec.encoding!r}; valid: {', '.join(ENCODINGS)}"
+        )
+    if not 1 <= spec.k <= num_classes:
+        raise CacheError(
+            f"teacher {name!r}: k={spec.k} must be between 1 and num_classes={num_classes}"
+        )
+    _check_sampling(name, spec.encoding, spec.samples, spec.k, num_classes)
+    _check_draw_temperature(name, spec.encoding, spec.draw_temperature, spec.sample_temperatures)
 
 
 def _check_sampling(name: str, encoding: str, samples: int, k: int, num_classes: int) -> None:

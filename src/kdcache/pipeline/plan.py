@@ -52,7 +52,7 @@ from kdcache.cache.growth import finish_growth, grow_views
 from kdcache.cache.integrity import VIEWS, ViewBlock
 from kdcache.cache.lock import WriterLock, check_unlocked
 from kdcache.cache.reader import read_path
-from kdcache.cache.store import CacheStore, EnsembleMeta, Fingerprint, open_store
+from kdcache.cache.store import CacheStore, EnsembleMeta, Fingerprint, TeacherSpec, open_store
 from kdcache.cache.writer import add_teacher, create_store, set_key_digest
 from kdcache.core.config import dump_config
 from kdcache.core.errors import (
@@ -271,20 +271,7 @@ def plan_precompute(cfg: PrecomputeConfig) -> PrecomputePlan:
     ]
     store, created = open_or_create(cfg, data, num_classes, class_names)
     for teacher, section in zip(teachers, cfg.teachers, strict=True):
-        add_teacher(
-            store,
-            teacher.name,
-            model=section.model.model_dump(mode="json") if section.model else ENSEMBLE_MODEL,
-            weights_digest=teacher.weights_digest,
-            k=teacher.k,
-            rendering=teacher.rendering,
-            encoding=section.encoding,
-            config=saved_config(cfg),
-            samples=section.samples or 0,
-            sample_temperatures=tuple(section.sample_temperatures),
-            draw_temperature=section.draw_temperature or 1.0,
-            ensemble=stored_ensemble(teacher),
-        )
+        add_teacher(store, teacher_spec(teacher, section, saved_config(cfg)))
     if not created:  # damaged shards lose their marks here, so shard_tasks lists them again
         repair_damage(store, [t.name for t in teachers], check=cfg.cache.check)
     tasks = shard_tasks(store, data, [t.name for t in teachers])
@@ -435,6 +422,25 @@ def stored_ensemble(teacher: ResolvedTeacher) -> EnsembleMeta | None:
     if not teacher.members:
         return None
     return members_meta(teacher.combine, teacher.members)
+
+
+def teacher_spec(
+    teacher: ResolvedTeacher, section: TeacherSection, config: dict[str, Any]
+) -> TeacherSpec:
+    """What the cache records of a planned teacher (``config``: the saved precompute config)."""
+    return TeacherSpec(
+        name=teacher.name,
+        model=section.model.model_dump(mode="json") if section.model else ENSEMBLE_MODEL,
+        weights_digest=teacher.weights_digest,
+        k=teacher.k,
+        rendering=teacher.rendering,
+        encoding=section.encoding,
+        config=config,
+        samples=section.samples or 0,
+        sample_temperatures=tuple(section.sample_temperatures),
+        draw_temperature=section.draw_temperature or 1.0,
+        ensemble=stored_ensemble(teacher),
+    )
 
 
 def members_meta(combine: str, members: Sequence[ResolvedMember]) -> EnsembleMeta:

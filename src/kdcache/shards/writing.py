@@ -261,35 +261,37 @@ def write_split(
     samples: Iterable[SourceSample],
     out_dir: str | Path,
     prefix: str,
+    options: ShardOptions,
     *,
     num_classes: int,
     split: str | None = None,
     class_names: Sequence[str] = (),
-    shard_size: int = 1000,
-    image_format: str = "png",
-    quality: int = 95,
     source: Mapping[str, Any] | None = None,
-    overwrite: bool = False,
     total: int | None = None,
 ) -> Manifest:
-    """Write ``samples`` as ``out_dir/<prefix>-NNNNNN.tar`` shards, then the manifest; return it."""
-    ShardOptions(shard_size=shard_size, image_format=image_format, quality=quality)  # validates
+    """Write ``samples`` as ``out_dir/<prefix>-NNNNNN.tar`` shards, then the manifest; return it.
+
+    ``options`` says how (shard size, image format, quality, overwrite) and how many (``limit``:
+    the first samples only); ``prefix`` is the shard name itself (``options.prefix`` is the
+    template :func:`write_splits` makes it from)."""
+    if options.limit is not None:
+        samples = itertools.islice(samples, options.limit)
+        total = min(total, options.limit) if total is not None else options.limit
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    check_writable(out_dir, prefix, overwrite)
+    check_writable(out_dir, prefix, options.overwrite)
     manifest_path(out_dir, prefix).unlink(missing_ok=True)  # the manifest comes back last
     file_map_path(out_dir, prefix).unlink(missing_ok=True)
     start = time.perf_counter()
     stats = _SplitStats()
-    written = _write_shards(
-        samples, out_dir, prefix, shard_size, image_format, quality, num_classes, stats, total
-    )
+    written = _write_shards(samples, out_dir, prefix, options, num_classes, stats, total)
     if not written:
         raise DataError(f"split {split or prefix!r}: no samples to write to {out_dir}")
     _remove_stale_shards(out_dir, prefix, keep={w.name for w in written})
     source = {**(source or {})}
     if stats.files:
         source["files"] = write_file_map(out_dir, prefix, stats.files).name
+    image_format = options.image_format
     manifest = _manifest(
         split or prefix, written, num_classes, class_names, image_format, stats, source
     )
@@ -311,14 +313,16 @@ def _write_shards(
     samples: Iterable[SourceSample],
     out_dir: Path,
     prefix: str,
-    shard_size: int,
-    image_format: str,
-    quality: int,
+    options: ShardOptions,
     num_classes: int,
     stats: _SplitStats,
     total: int | None,
 ) -> list[WrittenShard]:
-    """Write shards of ``shard_size`` samples each; return what the manifest records of each."""
+    """Write shards of ``options.shard_size`` samples each (images encoded as ``options`` says);
+    return what the manifest records of each."""
+    shard_size = options.shard_size
+    image_format = options.image_format
+    quality = options.quality
     written: list[WrittenShard] = []
     iterator = iter(samples)
     show = sys.stderr.isatty() and (total or 0) >= _PROGRESS_MIN
@@ -478,21 +482,15 @@ def write_splits(
         check_writable(out_dir, prefix, options.overwrite)
     manifests = {}
     for name, (samples, total) in splits.items():
-        if options.limit is not None:
-            samples = itertools.islice(samples, options.limit)
-            total = min(total, options.limit) if total is not None else options.limit
         manifests[name] = write_split(
             samples,
             out_dir,
             prefixes[name],
+            options,
             split=name,
             num_classes=num_classes,
             class_names=class_names,
-            shard_size=options.shard_size,
-            image_format=options.image_format,
-            quality=options.quality,
             source={**(source or {}), "limit": options.limit},
-            overwrite=options.overwrite,
             total=total,
         )
     return manifests

@@ -30,9 +30,8 @@ from kdcache.core.errors import ConfigError, KdcacheError, short_reason
 from kdcache.train import distributed as D
 from kdcache.train.config import (
     RESUME_MUTABLE,
-    TrainConfig,
+    RunConfig,
     config_differences,
-    resolved,
     with_defaults,
 )
 from kdcache.train.metrics import MetricsLog
@@ -89,33 +88,38 @@ class Checkpointer:
     ``parts`` are saved under their names and loaded in their order (the counters before the
     optimizer, which needs their segment index); ``None`` is saved for a part that is off (EMA).
     ``rank_parts`` are kept per rank (``ranks`` in the file: the logging window, RNG last).
-    ``cache`` identifies the cache trained against (None without one).
+    ``cache`` identifies the cache trained against (None without one). It takes the ``run``
+    section it acts on and the run's resolved config (plain data: what ``config.yaml`` and the
+    checkpoint hold, and what a resume is compared with), not the whole :class:`TrainConfig`.
     """
 
     def __init__(
         self,
-        config: TrainConfig,
+        run: RunConfig,
         dist: D.DistInfo,
         parts: dict[str, Stateful | None],
         rank_parts: dict[str, Stateful],
         cache: dict[str, Any] | None,
+        *,
+        resolved: dict[str, Any],
     ):
-        self.config = config
+        self.run = run
+        self.resolved = resolved
         self.dist = dist
         self.parts = parts
         self.rank_parts = rank_parts
         self.cache = cache
-        self.run_dir = Path(config.run.dir)
+        self.run_dir = Path(run.dir)
         self.path = self.run_dir / "checkpoints" / "last.pt"
 
     def start(self, metrics: MetricsLog) -> None:
         """Resume from ``last.pt`` (``run.resume`` auto or must) or start afresh (refusing to
         replace a run unless ``run.overwrite``); write the resolved config beside the outputs."""
-        resume = self.config.run.resume
+        resume = self.run.resume
         exists = self.path.is_file()
         if resume == "must" and not exists:
             raise CheckpointError(f"--resume: no checkpoint at {self.path}")
-        if resume == "never" and exists and not self.config.run.overwrite:
+        if resume == "never" and exists and not self.run.overwrite:
             raise ConfigError(
                 f"run.dir: {str(self.run_dir)!r} already holds a run ({self.path.name}); "
                 "resume it with --resume (run.resume=auto), start over with run.overwrite=true, "
@@ -129,7 +133,7 @@ class Checkpointer:
             metrics.start(resume_step=None)
         if self.dist.is_main:
             (self.run_dir / "config.yaml").write_text(
-                yaml.safe_dump(resolved(self.config), sort_keys=False)
+                yaml.safe_dump(self.resolved, sort_keys=False)
             )
         D.barrier()
 
@@ -148,7 +152,7 @@ class Checkpointer:
         payload = {
             "format": CKPT_FORMAT,
             "version": CKPT_VERSION,
-            "config": resolved(self.config),
+            "config": self.resolved,
             "world_size": self.dist.world_size,
             **{n: None if p is None else p.state_dict() for n, p in self.parts.items()},
             "ranks": ranks,
@@ -161,7 +165,7 @@ class Checkpointer:
 
     def load(self) -> int:
         """Restore every part from ``last.pt`` after its checks; the checkpoint's global step."""
-        ckpt = load_resume_checkpoint(self.path, self.config, self.dist.world_size)
+        ckpt = load_resume_checkpoint(self.path, self.resolved, self.dist.world_size)
         self._check_cache(ckpt.get("cache"))
         for name, part in self.parts.items():
             if part is not None:
@@ -206,8 +210,9 @@ def run_cache_identity(store: CacheStore | None, stages: list[StageSpan]) -> dic
     return cache_identity(store, used)
 
 
-def load_resume_checkpoint(path: Path, config: TrainConfig, world_size: int) -> dict[str, Any]:
-    """Load ``last.pt`` and refuse it unless format, config and world size fit this run."""
+def load_resume_checkpoint(path: Path, resolved: dict[str, Any], world_size: int) -> dict[str, Any]:
+    """Load ``last.pt`` and refuse it unless format, config (``resolved``: this run's resolved
+    config as plain data) and world size fit this run."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises pickle, zip and runtime errors for damaged files
@@ -223,7 +228,7 @@ def load_resume_checkpoint(path: Path, config: TrainConfig, world_size: int) -> 
             f"{path} has checkpoint version {ckpt.get('version')}, "
             f"this kdcache reads {CKPT_VERSION}"
         )
-    diffs = config_differences(with_defaults(ckpt["config"]), resolved(config), RESUME_MUTABLE)
+    diffs = config_differences(with_defaults(ckpt["config"]), resolved, RESUME_MUTABLE)
     if diffs:
         raise CheckpointError(
             f"{path} was written by another config; differing keys:\n  " + "\n  ".join(diffs)

@@ -738,46 +738,45 @@ class TrainConfig(StrictModel):
         return sum(stage.epochs for stage in self.stages)
 
 
-def stage_teacher(config: TrainConfig, index: int) -> str | None:
-    """The teacher name stage ``index`` uses (None for a CE stage); for an ensemble its label
+def stage_teacher(stage: StageConfig, *, teacher: TeacherConfig) -> str | None:
+    """The teacher name ``stage`` uses (None for a CE stage): its own, else the ``teacher``
+    section's default name; for an ensemble its label
     (:attr:`~kdcache.models.ensemble.StageEnsemble.label`), which names no single teacher."""
-    stage = config.stages[index]
     if not uses_teacher(stage.loss):
         return None
-    ensemble = stage_ensemble(config, index)
+    ensemble = stage_ensemble(stage)
     if ensemble is not None:
         return ensemble.label
-    return stage.teacher or config.teacher.name
+    return stage.teacher or teacher.name
 
 
-def stage_ensemble(config: TrainConfig, index: int) -> StageEnsemble | None:
-    """The ensemble stage ``index`` trains against (None: one teacher, or none)."""
-    stage = config.stages[index]
+def stage_ensemble(stage: StageConfig) -> StageEnsemble | None:
+    """The ensemble ``stage`` trains against (None: one teacher, or none)."""
     if not stage.teachers or not uses_teacher(stage.loss):
         return None
     return StageEnsemble.of(stage.teachers, stage.combine or "probs")
 
 
-def stage_members(config: TrainConfig, index: int) -> list[str]:
-    """The teachers whose targets stage ``index`` reads: its teacher, its ensemble's, or none."""
-    ensemble = stage_ensemble(config, index)
+def stage_members(stage: StageConfig, *, teacher: TeacherConfig) -> list[str]:
+    """The teachers whose targets ``stage`` reads: its teacher, its ensemble's, or none."""
+    ensemble = stage_ensemble(stage)
     if ensemble is not None:
         return list(ensemble.names)
-    teacher = stage_teacher(config, index)
-    return [teacher] if teacher else []
+    name = stage_teacher(stage, teacher=teacher)
+    return [name] if name else []
 
 
-def segment_starts(config: TrainConfig) -> list[int]:
+def segment_starts(stages: list[StageConfig]) -> list[int]:
     """Indices of the stages that start an optimizer segment: the first, and each that sets
     ``optimizer``."""
-    return [i for i, stage in enumerate(config.stages) if i == 0 or stage.optimizer is not None]
+    return [i for i, stage in enumerate(stages) if i == 0 or stage.optimizer is not None]
 
 
-def stage_starts(config: TrainConfig) -> list[int]:
+def stage_starts(stages: list[StageConfig]) -> list[int]:
     """The run-global epoch each stage starts at (0-based)."""
     starts = []
     epoch = 0
-    for stage in config.stages:
+    for stage in stages:
         starts.append(epoch)
         epoch += stage.epochs
     return starts
@@ -821,7 +820,7 @@ def _stage_problems(config: TrainConfig) -> list[str]:
                 f"{key}.loss.name: {stage.loss.name!r} needs a teacher "
                 "but teacher.mode is 'none' (use 'ce')"
             )
-        if distill and not stage_teacher(config, i):
+        if distill and not stage_teacher(stage, teacher=config.teacher):
             out.append(
                 f"{key}.teacher: {stage.loss.name!r} needs a teacher name (or set teacher.name)"
             )
@@ -891,7 +890,7 @@ def _stop_epoch_problems(config: TrainConfig, i: int) -> list[str]:
     stop = getattr(config.stages[i].loss, "stop_epoch", None)
     if stop is None:
         return []
-    start = stage_starts(config)[i]
+    start = stage_starts(config.stages)[i]
     end = start + config.stages[i].epochs
     if stop <= start:
         return [
@@ -911,8 +910,10 @@ def _stop_epoch_problems(config: TrainConfig, i: int) -> list[str]:
 def _segment_problems(config: TrainConfig) -> list[str]:
     """Each optimizer segment's schedule must fit its optimizer and its length in epochs."""
     out = []
-    firsts = segment_starts(config)
-    epochs = stage_starts(config) + [config.total_epochs]  # epochs[len(stages)]: the run's end
+    firsts = segment_starts(config.stages)
+    epochs = stage_starts(config.stages) + [
+        config.total_epochs
+    ]  # epochs[len(stages)]: the run's end
     for i, after in zip(firsts, firsts[1:] + [len(config.stages)], strict=True):
         stage = config.stages[i]
         length = epochs[after] - epochs[i]

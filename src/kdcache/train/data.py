@@ -87,7 +87,16 @@ from kdcache.shards.reading import (
     shard_name,
 )
 from kdcache.targets.sparse import MixedLabels, SparseTargets, targets_from_arrays
-from kdcache.train.config import TrainConfig, stage_members
+from kdcache.train.config import (
+    CacheConfig,
+    DataConfig,
+    StageConfig,
+    StudentConfig,
+    TeacherConfig,
+    TrainConfig,
+    ViewsConfig,
+    stage_members,
+)
 from kdcache.train.selection import select_rows
 from kdcache.views.augment import UnseenOps, apply_mix, apply_unseen
 from kdcache.views.recipe import (
@@ -853,20 +862,24 @@ def close_loader(loader: DataLoader) -> None:
 # ---- the cache: opening and checking ------------------------------------------------------------
 
 
-def open_cache(config: TrainConfig, urls: list[str], teachers: list[str]) -> CacheStore:
-    """Open the cache and refuse it, saying what differs, unless it fits the run."""
-    path = config.cache.path
+def open_cache(
+    cache: CacheConfig, urls: list[str], teachers: list[str], *, data: DataConfig
+) -> CacheStore:
+    """Open the ``cache`` section's cache and refuse it, saying what differs, unless it fits the
+    run: the shards ``urls`` (read with the ``data`` section's storage options, their keys
+    scanned with its ``verify_keys``), its class count and ``teachers``."""
+    path = cache.path
     if not path:  # callers open a cache only where cache.path is set
         raise ConfigError("cache.path: no cache to open")
-    store = open_store(path, "r", config.cache.storage_options or None)
-    options = config.data.storage_options or None
-    if config.cache.shard_subset:
-        check_shard_subset(store, urls, config.data.verify_keys, options)
-        store.check_compatible(num_classes=config.data.num_classes)
+    store = open_store(path, "r", cache.storage_options or None)
+    options = data.storage_options or None
+    if cache.shard_subset:
+        check_shard_subset(store, urls, data.verify_keys, options)
+        store.check_compatible(num_classes=data.num_classes)
     else:
-        fingerprint = _fingerprint(store, urls, config.data.verify_keys, options)
+        fingerprint = _fingerprint(store, urls, data.verify_keys, options)
         try:
-            store.check_compatible(fingerprint=fingerprint, num_classes=config.data.num_classes)
+            store.check_compatible(fingerprint=fingerprint, num_classes=data.num_classes)
         except CacheMismatchError as exc:
             names = {shard_name(u) for u in urls}
             if names < set(store.meta.fingerprint.shards):
@@ -950,16 +963,16 @@ def check_shard_subset(
             )
 
 
-def check_views_match(config: TrainConfig, store: CacheStore) -> None:
-    """``views.*`` set beside ``cache.path`` must agree with the cache, whose stored views are what
-    is used."""
+def check_views_match(views: ViewsConfig, store: CacheStore) -> None:
+    """The ``views`` section's keys set beside ``cache.path`` must agree with the cache, whose
+    stored views are what is used."""
     cached = {
         "recipe": store.meta.recipe,
         "num_views": store.meta.num_views,
         "seed": store.meta.seed,
     }
-    for name in sorted(config.views.model_fields_set):
-        given = getattr(config.views, name)
+    for name in sorted(views.model_fields_set):
+        given = getattr(views, name)
         if given != cached[name]:
             shown = lambda v: v.model_dump(mode="json") if hasattr(v, "model_dump") else v  # noqa: E731
             raise CacheMismatchError(
@@ -1039,12 +1052,17 @@ class RunData:
 def build_train_data(
     config: TrainConfig, rank: int, world_size: int, teachers: list[str], pin_memory: bool
 ) -> RunData:
-    """Plan the training stream: shards, cache checks, counts, views."""
+    """Plan the training stream: shards, cache checks, counts, views. The one data builder that
+    reads the whole config (as torchtitan's dataloader builders read the job config): the stream
+    joins the ``data``, ``cache``, ``views``, ``student`` and ``teacher`` sections, the stages'
+    teachers and ``run.seed``; each part it calls takes its own section(s)."""
     data_options = config.data.storage_options or None
     urls = expand_shards(config.data.shards, key="data.shards", storage_options=data_options)
-    store = open_cache(config, urls, teachers) if config.cache.path else None
+    store = None
+    if config.cache.path:
+        store = open_cache(config.cache, urls, teachers, data=config.data)
     if store is not None:
-        check_views_match(config, store)
+        check_views_match(config.views, store)
         counts, invalid = shard_valid_counts(store, urls)
         recipe = store.meta.recipe
         num_views = store.meta.num_views
@@ -1069,8 +1087,8 @@ def build_train_data(
         if config.data.num_classes is None:  # the config requires it where there is no cache
             raise ConfigError("data.num_classes: required when no cache.path is given")
         num_classes = int(config.data.num_classes)
-    rendering = student_rendering(config, recipe)
-    teachers_rendered = online_renderings(config, store, recipe)
+    rendering = student_rendering(config.student, recipe)
+    teachers_rendered = online_renderings(config.teacher, store, recipe, stages=config.stages)
     own = tuple((n, r) for n, r in sorted(teachers_rendered.items()) if r != rendering)
     spec = StreamSpec(
         urls=tuple(urls),
@@ -1080,7 +1098,7 @@ def build_train_data(
         batch_size=config.data.batch_size,
         rendering=rendering,
         teacher_renderings=own,
-        unseen=_unseen(config),
+        unseen=_unseen(config.student),
         seed=config.run.seed,
         num_views=num_views,
         view_seed=view_seed,
@@ -1121,9 +1139,9 @@ def _held(store: CacheStore, teachers: list[str]) -> list[str]:
     return sorted(t for t in teachers if t in store.teachers)
 
 
-def _unseen(config: TrainConfig) -> UnseenOps | None:
+def _unseen(student: StudentConfig) -> UnseenOps | None:
     """``student.unseen_augment``, said in the log: the teacher did not see it."""
-    ops = config.student.unseen_augment
+    ops = student.unseen_augment
     if ops is not None:
         log.warning(
             "student.unseen_augment: %s applied to the student's views only; the teacher did not "
@@ -1133,25 +1151,30 @@ def _unseen(config: TrainConfig) -> UnseenOps | None:
     return ops
 
 
-def student_rendering(config: TrainConfig, recipe: ViewRecipe) -> Rendering:
+def student_rendering(student: StudentConfig, recipe: ViewRecipe) -> Rendering:
     """The student's rendering: ``student.render`` over the recipe's (or its timm config's)."""
-    return resolve_rendering(config.student.render, recipe, config.student, "student.render")
+    return resolve_rendering(student.render, recipe, student, "student.render")
 
 
 def online_renderings(
-    config: TrainConfig, store: CacheStore | None, recipe: ViewRecipe
+    teacher: TeacherConfig,
+    store: CacheStore | None,
+    recipe: ViewRecipe,
+    *,
+    stages: list[StageConfig],
 ) -> dict[str, Rendering]:
-    """Each online teacher's rendering: ``teacher.render.<name>`` if set, else the rendering the
-    cache recorded for that teacher (so online targets match cached ones), else its defaults."""
-    if config.teacher.mode != "online":
+    """Each online teacher's rendering (the teachers ``stages`` read; ``teacher.render.<name>``
+    if set, else the rendering the cache recorded for that teacher, so online targets match
+    cached ones, else its defaults); empty unless ``teacher.mode`` is online."""
+    if teacher.mode != "online":
         return {}
-    names = sorted({t for i in range(len(config.stages)) for t in stage_members(config, i)})
+    names = sorted({t for stage in stages for t in stage_members(stage, teacher=teacher)})
     out = {}
     for name in names:
         key = f"teacher.render.{name}"
-        model = config.teacher.models.get(name)
-        if name in config.teacher.render:
-            out[name] = resolve_rendering(config.teacher.render[name], recipe, model, key)
+        model = teacher.models.get(name)
+        if name in teacher.render:
+            out[name] = resolve_rendering(teacher.render[name], recipe, model, key)
         elif store is not None and name in store.teachers:
             out[name] = store.teacher_meta(name).rendering
         else:
@@ -1186,33 +1209,34 @@ def eval_recipe(recipe: ViewRecipe) -> ViewRecipe:
 
 
 def build_eval_data(
-    config: TrainConfig,
+    data: DataConfig,
     rank: int,
     world_size: int,
     recipe: ViewRecipe,
     num_classes: int,
     pin_memory: bool,
+    *,
+    student: StudentConfig,
 ) -> tuple[ShardStream, DataLoader] | None:
-    """The validation stream (center views, file order, split by rank and worker), or None."""
-    if config.data.val_shards is None:
+    """The validation stream of the ``data`` section's ``val_shards`` (center views, file order,
+    split by rank and worker, rendered as the ``student`` section says), or None."""
+    if data.val_shards is None:
         return None
-    data_options = config.data.storage_options or None
-    urls = expand_shards(
-        config.data.val_shards, key="data.val_shards", storage_options=data_options
-    )
+    data_options = data.storage_options or None
+    urls = expand_shards(data.val_shards, key="data.val_shards", storage_options=data_options)
     spec = StreamSpec(
         urls=tuple(urls),
         counts=tuple(shard_counts(urls, data_options)),
         recipe=eval_recipe(recipe),
-        rendering=student_rendering(config, recipe),
+        rendering=student_rendering(student, recipe),
         num_classes=num_classes,
-        batch_size=config.data.eval_batch_size or config.data.batch_size,
+        batch_size=data.eval_batch_size or data.batch_size,
         rank=rank,
         world_size=world_size,
-        num_workers=config.data.num_workers,
+        num_workers=data.num_workers,
         train=False,
-        data_storage_options=tuple(sorted(config.data.storage_options.items())),
-        label_key=config.data.label_key,
+        data_storage_options=tuple(sorted(data.storage_options.items())),
+        label_key=data.label_key,
     )
     dataset = ShardStream(spec)
-    return dataset, make_loader(dataset, pin_memory, config.data.prefetch_factor)
+    return dataset, make_loader(dataset, pin_memory, data.prefetch_factor)

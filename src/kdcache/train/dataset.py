@@ -40,7 +40,13 @@ from kdcache.cache.store import CacheStore
 from kdcache.core.config import validate
 from kdcache.core.errors import ConfigError, DataError
 from kdcache.targets.sparse import SparseTargets
-from kdcache.train.config import TrainConfig, load_train_config, stage_teacher
+from kdcache.train.config import (
+    StageConfig,
+    TeacherConfig,
+    TrainConfig,
+    load_train_config,
+    stage_teacher,
+)
 from kdcache.train.data import (
     Batch,
     ShardStream,
@@ -119,11 +125,12 @@ def _world(rank: int | None, world_size: int | None) -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def _teachers_of(config: TrainConfig) -> list[str]:
-    """The teachers the run's stages read from the cache (none without a cache mode)."""
-    if config.teacher.mode != "cache":
+def _teachers_of(teacher: TeacherConfig, *, stages: list[StageConfig]) -> list[str]:
+    """The teachers ``stages`` read from the cache (none unless the ``teacher`` section's mode is
+    cache)."""
+    if teacher.mode != "cache":
         return []
-    return sorted({t for i in range(len(config.stages)) if (t := stage_teacher(config, i))})
+    return sorted({t for stage in stages if (t := stage_teacher(stage, teacher=teacher))})
 
 
 class CacheDataset(IterableDataset):
@@ -219,7 +226,8 @@ class CacheDataset(IterableDataset):
             config = validate(TrainConfig, config, source="CacheDataset.from_config")
         dataset = cls.__new__(cls)
         IterableDataset.__init__(dataset)
-        chosen = _teachers_of(config) if teachers is None else list(teachers)
+        stages = config.stages
+        chosen = _teachers_of(config.teacher, stages=stages) if teachers is None else list(teachers)
         dataset._setup(config, chosen, rank, world_size, epoch, normalized)
         return dataset
 
@@ -384,7 +392,13 @@ class CacheDataset(IterableDataset):
         config = self.config.model_copy(update={"data": data})
         spec = self.spec
         built = build_eval_data(
-            config, spec.rank, spec.world_size, spec.recipe, self.num_classes, pin_memory=False
+            data,
+            spec.rank,
+            spec.world_size,
+            spec.recipe,
+            self.num_classes,
+            pin_memory=False,
+            student=config.student,
         )
         if built is None:  # not with val_shards set, checked above
             raise ConfigError("eval_dataset: no validation shards (data.val_shards or val_shards=)")

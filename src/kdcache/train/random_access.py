@@ -94,8 +94,8 @@ class CacheReader:
         if not config.cache.path:
             raise ConfigError("cache.path: a CacheReader reads a cache, and the config names none")
         store = open_store(config.cache.path, "r", config.cache.storage_options or None)
-        rendering = student_rendering(config, store.meta.recipe)
-        teachers = _teachers_of(config)
+        rendering = student_rendering(config.student, store.meta.recipe)
+        teachers = _teachers_of(config.teacher, stages=config.stages)
         return cls(store, teachers=teachers, rendering=rendering, seed=config.run.seed)
 
     # ---- where a key lives ----------------------------------------------------------------------

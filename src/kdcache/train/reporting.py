@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from kdcache.core.results import Selection, TrainResult
 from kdcache.train import distributed as D
-from kdcache.train.config import TrainConfig
+from kdcache.train.config import RunConfig, TeacherConfig
 from kdcache.train.losses import LossParts
 from kdcache.train.metrics import MetricsLog
 from kdcache.train.schedule import StageSpan, stage_at
@@ -107,14 +107,26 @@ def branch_top1(metrics: dict[str, float]) -> list[float] | None:
 
 class Reporter:
     """Writes what the loop did: train lines from the window (every ``run.log_every`` steps and
-    at epoch ends), eval lines, a progress bar, and a few log lines per stage and epoch."""
+    at epoch ends), eval lines, a progress bar, and a few log lines per stage and epoch.
+
+    It takes the ``run`` section (progress bar, run directory) and the ``teacher`` section (the
+    mode the summary records); the run's length comes from ``stages``."""
 
     def __init__(
-        self, config: TrainConfig, dist: D.DistInfo, stages: list[StageSpan], metrics: MetricsLog
+        self,
+        run: RunConfig,
+        dist: D.DistInfo,
+        stages: list[StageSpan],
+        metrics: MetricsLog,
+        *,
+        teacher: TeacherConfig,
     ):
-        self.config = config
+        self.run = run
+        self.teacher = teacher
         self.dist = dist
         self.stages = stages
+        self.total_epochs = stages[-1].end
+        """The run's epochs (the last stage ends there)."""
         self.metrics = metrics
         self.window = Window(dist.device)
         self.start_time = time.perf_counter()
@@ -132,7 +144,7 @@ class Reporter:
             log.info(
                 "epoch %d/%d: stage %s (epochs %d-%d, loss %s, teacher %s), %d steps per epoch",
                 state.epoch + 1,
-                self.config.total_epochs,
+                self.total_epochs,
                 stage.name,
                 stage.start + 1,
                 stage.end,
@@ -140,11 +152,11 @@ class Reporter:
                 stage.teacher or "-",
                 steps,
             )
-        show = self.config.run.progress and self.dist.is_main and sys.stderr.isatty()
+        show = self.run.progress and self.dist.is_main and sys.stderr.isatty()
         self.bar = tqdm(
             total=steps,
             initial=state.epoch_step,
-            desc=f"epoch {state.epoch + 1}/{self.config.total_epochs} {stage.name}",
+            desc=f"epoch {state.epoch + 1}/{self.total_epochs} {stage.name}",
             unit="step",
             disable=not show,
             leave=False,
@@ -197,7 +209,7 @@ class Reporter:
         log.info(
             "epoch %d/%d done: loss %.4f, %.0f img/s%s",
             epoch,
-            self.config.total_epochs,
+            self.total_epochs,
             line.get("loss", float("nan")),  # none: every step of the window was skipped
             line["images_per_s"],
             f", test top-1 {test['top1']:.2f}%" if test.get("top1") is not None else "",
@@ -214,10 +226,10 @@ class Reporter:
         final = state.last_eval
         per_class = [final.get(f"top1_class_{c}") for c in range(num_classes)]
         return TrainResult(
-            mode=self.config.teacher.mode,
+            mode=self.teacher.mode,
             epochs=state.epoch,
             steps=state.global_step,
-            completed=state.epoch == self.config.total_epochs,
+            completed=state.epoch == self.total_epochs,
             top1=final.get("top1"),
             top5=final.get("top5"),
             eval_loss=final.get("loss"),
@@ -232,7 +244,7 @@ class Reporter:
             nonfinite_steps_skipped=state.nonfinite_skipped,
             world_size=self.dist.world_size,
             device=str(self.dist.device),
-            run_dir=str(Path(self.config.run.dir)),
+            run_dir=str(Path(self.run.dir)),
             per_class_top1=per_class if final and num_classes else None,
             selection=selection,
         )

@@ -21,6 +21,7 @@ from kdcache.train.config import (
     OptimizerConfig,
     SchedulerConfig,
     StageConfig,
+    TeacherConfig,
     TrainConfig,
     segment_starts,
     stage_ensemble,
@@ -68,18 +69,24 @@ class StageSpan:
         return (self.teacher,) if self.teacher else ()
 
 
-def place_stages(config: TrainConfig) -> tuple[list[StageSpan], list[Segment]]:
-    """Stages with their epoch ranges, and the optimizer segments they belong to."""
-    stages: list[StageSpan] = []
+def place_stages(
+    stages: list[StageConfig],
+    *,
+    teacher: TeacherConfig,
+    optimizer: OptimizerConfig,
+    scheduler: SchedulerConfig,
+) -> tuple[list[StageSpan], list[Segment]]:
+    """Stages with their epoch ranges, and the optimizer segments they belong to. The other
+    sections give the defaults a stage may leave out: ``teacher`` its teacher's name,
+    ``optimizer`` and ``scheduler`` the first segment's (and any stage's without its own)."""
+    plans: list[StageSpan] = []
     bounds: list[tuple[int, OptimizerConfig, SchedulerConfig]] = []
-    firsts = set(segment_starts(config))
-    for i, (stage, epoch) in enumerate(zip(config.stages, stage_starts(config), strict=True)):
+    firsts = set(segment_starts(stages))
+    for i, (stage, epoch) in enumerate(zip(stages, stage_starts(stages), strict=True)):
         if i in firsts:
-            bounds.append(
-                (epoch, stage.optimizer or config.optimizer, stage.scheduler or config.scheduler)
-            )
+            bounds.append((epoch, stage.optimizer or optimizer, stage.scheduler or scheduler))
         name = stage.name or f"stage{i}"
-        stages.append(
+        plans.append(
             StageSpan(
                 i,
                 name,
@@ -87,23 +94,29 @@ def place_stages(config: TrainConfig) -> tuple[list[StageSpan], list[Segment]]:
                 epoch + stage.epochs,
                 len(bounds) - 1,
                 stage,
-                stage_teacher(config, i),
-                stage_ensemble(config, i),
+                stage_teacher(stage, teacher=teacher),
+                stage_ensemble(stage),
             )
         )
-    ends = [start for start, _, _ in bounds[1:]] + [config.total_epochs]
+    total = sum(stage.epochs for stage in stages)
+    ends = [start for start, _, _ in bounds[1:]] + [total]
     segments = [
         Segment(j, start, end, opt, sched)
         for j, ((start, opt, sched), end) in enumerate(zip(bounds, ends, strict=True))
     ]
-    return stages, segments
+    return plans, segments
 
 
 def optimizer_segments(config: TrainConfig) -> list[Segment]:
     """The run's optimizers with their LR schedules over their epochs (one unless a stage starts
     a new optimizer): what :func:`lr_at` and :func:`build_optimizer` take in a loop of one's
-    own."""
-    return place_stages(config)[1]
+    own (a public entry point, so it takes the whole config a loop of one's own holds)."""
+    return place_stages(
+        config.stages,
+        teacher=config.teacher,
+        optimizer=config.optimizer,
+        scheduler=config.scheduler,
+    )[1]
 
 
 def stage_at(stages: list[StageSpan], epoch: int) -> StageSpan:

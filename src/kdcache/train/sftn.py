@@ -20,7 +20,7 @@ from torch import nn
 from kdcache.models.runner import autocast_context
 from kdcache.models.sftn import SFTNNet, StudentBranches, build_branches
 from kdcache.train import distributed as D
-from kdcache.train.config import SFTNConfig, TrainConfig
+from kdcache.train.config import RunConfig, SFTNConfig, StudentConfig
 from kdcache.train.evaluate import Evaluator, eval_sums
 from kdcache.train.losses import Labels, LossParts, cross_entropy
 
@@ -158,20 +158,28 @@ class SFTNRun:
 
 
 def build_sftn(
-    config: TrainConfig, teacher: nn.Module, num_classes: int, in_chans: int, size: int
+    sftn: SFTNConfig | None,
+    teacher: nn.Module,
+    num_classes: int,
+    in_chans: int,
+    size: int,
+    *,
+    run: RunConfig,
+    student: StudentConfig,
 ) -> SFTNRun | None:
     """The run's SFTN part around ``teacher`` (None without an ``sftn:`` section). The
-    branches' weights come from ``run.seed`` alone (the same on every rank)."""
-    if config.sftn is None:
+    branches' weights come from ``run.seed`` alone (the same on every rank); ``student`` is the
+    section of the model this run trains (the teacher the branches attach to)."""
+    if sftn is None:
         return None
     device = next(teacher.parameters()).device
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.run.seed + 1)
+        torch.manual_seed(run.seed + 1)
         branches = build_branches(
-            teacher.cpu(), config.student.name, config.sftn.student, num_classes, in_chans, size
+            teacher.cpu(), student.name, sftn.student, num_classes, in_chans, size
         )
     teacher.to(device)
     branches = branches.to(device)
     count = len(branches.branches)
-    log.info("sftn: %d student branches of %s", count, config.sftn.student.name)
-    return SFTNRun(config.sftn, SFTNNet(teacher, branches))
+    log.info("sftn: %d student branches of %s", count, sftn.student.name)
+    return SFTNRun(sftn, SFTNNet(teacher, branches))

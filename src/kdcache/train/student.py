@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from kdcache.core.errors import CacheMismatchError, ConfigError
 from kdcache.models.build import build_model
-from kdcache.train.config import TrainConfig
+from kdcache.train.config import RunConfig, StudentConfig
 from kdcache.train.data import RunData
 from kdcache.train.distributed import DistInfo
 from kdcache.views.recipe import Rendering, normalize
@@ -23,17 +23,20 @@ from kdcache.views.recipe import Rendering, normalize
 log = logging.getLogger(__name__)
 
 
-def build_student(config: TrainConfig, data: RunData, dist: DistInfo) -> nn.Module:
-    """The student on this rank's device, its initial weights from ``run.seed`` alone."""
-    torch.manual_seed(config.run.seed)
-    model = build_model(config.student, data.num_classes, data.recipe.channels)
+def build_student(
+    student: StudentConfig, data: RunData, dist: DistInfo, *, run: RunConfig
+) -> nn.Module:
+    """The ``student`` section's model on this rank's device, its initial weights from
+    ``run.seed`` alone (``run`` also says channels_last)."""
+    torch.manual_seed(run.seed)
+    model = build_model(student, data.num_classes, data.recipe.channels)
     channels = data.recipe.channels
     from_cache = data.store is not None
-    check_student(model, data.rendering, channels, data.num_classes, config, from_cache)
+    check_student(model, data.rendering, channels, data.num_classes, student, from_cache)
     # dropout and other global draws during training differ per rank
-    torch.manual_seed(config.run.seed * 1000 + dist.rank + 1)
+    torch.manual_seed(run.seed * 1000 + dist.rank + 1)
     model = model.to(dist.device)
-    if dist.device.type == "cuda" and config.run.channels_last:
+    if dist.device.type == "cuda" and run.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
 
@@ -77,11 +80,11 @@ def check_student(
     rendering: Rendering,
     channels: int,
     num_classes: int,
-    config: TrainConfig,
+    student: StudentConfig,
     from_cache: bool,
 ) -> None:
-    """Refuse a student that cannot take its rendering of the views or does not output
-    ``num_classes`` logits."""
+    """Refuse a student (built from the ``student`` section, named in the error) that cannot take
+    its rendering of the views or does not output ``num_classes`` logits."""
     error = CacheMismatchError if from_cache else ConfigError
     size = rendering.size
     where = f"its views ({channels}x{size}x{size}, student.render.size / student.input_size)"
@@ -90,12 +93,12 @@ def check_student(
             out = model.eval()(torch.zeros(2, channels, size, size))
     except Exception as exc:  # any shape error of any model
         reason = str(exc)[:300]
-        raise error(f"student {config.student.name!r} cannot take {where}: {reason}") from None
+        raise error(f"student {student.name!r} cannot take {where}: {reason}") from None
     finally:
         model.train()
     if tuple(out.shape) != (2, num_classes):
         raise error(
-            f"student {config.student.name!r} outputs {tuple(out.shape)[1:]} logits, "
+            f"student {student.name!r} outputs {tuple(out.shape)[1:]} logits, "
             f"the data has {num_classes} classes"
         )
 

@@ -24,7 +24,7 @@ from kdcache.models.build import ModelSpec, build_teacher, weights_digest
 from kdcache.models.ensemble import StageEnsemble
 from kdcache.models.runner import ModelRunner
 from kdcache.targets.sparse import EnsembleTargets, SparseTargets, from_logits, target_temperature
-from kdcache.train.config import TrainConfig, stage_members
+from kdcache.train.config import RunConfig, TeacherConfig
 from kdcache.train.data import Batch, RunData
 from kdcache.train.schedule import StageSpan
 
@@ -65,11 +65,19 @@ class TargetSource:
 
     @classmethod
     def build(
-        cls, config: TrainConfig, stages: list[StageSpan], data: RunData, device: torch.device
+        cls,
+        teacher: TeacherConfig,
+        stages: list[StageSpan],
+        data: RunData,
+        device: torch.device,
+        *,
+        run: RunConfig,
     ) -> TargetSource:
-        """The run's source, its ``stages.N.loss.topk`` checked against what it holds."""
+        """The run's source, its ``stages.N.loss.topk`` checked against what it holds. It takes
+        the ``teacher`` section (online: the models and their autocast) and the ``run`` section
+        (online: channels_last), which the other sources do not use."""
         source = cls(data.num_classes)
-        source.check_topk(config)
+        source.check_topk(stages)
         return source
 
     def stream_teachers(self, teacher: str | None) -> list[str]:
@@ -86,17 +94,19 @@ class TargetSource:
         """The most classes a target of ``teacher`` holds, and how to say so in an error."""
         return self.num_classes, f"the {self.num_classes} classes"
 
-    def check_topk(self, config: TrainConfig) -> None:
+    def check_topk(self, stages: list[StageSpan]) -> None:
         """Refuse a ``stages.N.loss.topk`` above what the targets hold (the cache's k, or C), and
         ``tail: sample`` where the targets have no draws (:meth:`sample_problem`)."""
-        for i, stage in enumerate(config.stages):
-            topk = getattr(stage.loss, "topk", None)
-            for teacher in stage_members(config, i):
+        for stage in stages:
+            i = stage.index
+            loss = stage.config.loss
+            topk = getattr(loss, "topk", None)
+            for teacher in stage.members:
                 held, what = self.topk_limit(teacher)
                 if topk is not None and topk > held:
                     raise ConfigError(f"stages.{i}.loss.topk: {topk} is more than {what}")
-                if getattr(stage.loss, "tail", None) == "sample":
-                    self._check_sample(i, stage.loss, teacher)
+                if getattr(loss, "tail", None) == "sample":
+                    self._check_sample(i, loss, teacher)
 
     def _check_sample(self, index: int, loss, teacher: str) -> None:
         if getattr(loss, "topk", None) is not None:
@@ -150,13 +160,19 @@ class CachedTargets(TargetSource):
 
     @classmethod
     def build(
-        cls, config: TrainConfig, stages: list[StageSpan], data: RunData, device: torch.device
+        cls,
+        teacher: TeacherConfig,
+        stages: list[StageSpan],
+        data: RunData,
+        device: torch.device,
+        *,
+        run: RunConfig,
     ) -> CachedTargets:
         if data.store is None:  # the config requires cache.path for cached targets
             raise ConfigError("teacher.mode cache: needs a cache (cache.path)")
         source = cls(data.num_classes, data.store)
         source.ensembles = stage_ensembles(stages)
-        source.check_topk(config)
+        source.check_topk(stages)
         return source
 
     def stream_teachers(self, teacher: str | None) -> list[str]:
@@ -201,19 +217,31 @@ class OnlineTargets(TargetSource):
 
     @classmethod
     def build(
-        cls, config: TrainConfig, stages: list[StageSpan], data: RunData, device: torch.device
+        cls,
+        teacher: TeacherConfig,
+        stages: list[StageSpan],
+        data: RunData,
+        device: torch.device,
+        *,
+        run: RunConfig,
     ) -> OnlineTargets:
         source = cls(data.num_classes, data.store)
         source.ensembles = stage_ensembles(stages)
-        source.check_topk(config)  # before the teachers are built: the cheap refusal first
+        source.check_topk(stages)  # before the teachers are built: the cheap refusal first
         for name in stage_teachers(stages):
-            source.runners[name] = source._runner(config, name, data, device)
+            source.runners[name] = source._runner(teacher, name, data, device, run=run)
         return source
 
     def _runner(
-        self, config: TrainConfig, name: str, data: RunData, device: torch.device
+        self,
+        teacher: TeacherConfig,
+        name: str,
+        data: RunData,
+        device: torch.device,
+        *,
+        run: RunConfig,
     ) -> ModelRunner:
-        spec = online_teacher_spec(config, name, self.store)
+        spec = online_teacher_spec(teacher, name, self.store)
         model = build_teacher(spec, self.num_classes, data.recipe.channels)
         store = self.store
         if (
@@ -228,8 +256,8 @@ class OnlineTargets(TargetSource):
             model,
             data.teacher_renderings[name],
             device=str(device),
-            amp=config.teacher.amp,
-            channels_last=config.run.channels_last,
+            amp=teacher.amp,
+            channels_last=run.channels_last,
             name=name,
         )
 
@@ -248,16 +276,16 @@ SOURCES: dict[str, type[TargetSource]] = {
 }
 
 
-def target_source_type(config: TrainConfig) -> type[TargetSource]:
+def target_source_type(teacher: TeacherConfig) -> type[TargetSource]:
     """The source ``teacher.mode`` asks for (the one place the trainer's path depends on it)."""
-    return SOURCES[config.teacher.mode]
+    return SOURCES[teacher.mode]
 
 
-def online_teacher_spec(config: TrainConfig, name: str, store: CacheStore | None) -> ModelSpec:
-    """The online teacher's spec: ``teacher.models.<name>``, else the spec the cache stored for
-    it."""
-    if name in config.teacher.models:
-        return config.teacher.models[name]
+def online_teacher_spec(teacher: TeacherConfig, name: str, store: CacheStore | None) -> ModelSpec:
+    """The online teacher's spec: ``teacher.models.<name>`` (of the ``teacher`` section), else
+    the spec the cache stored for it."""
+    if name in teacher.models:
+        return teacher.models[name]
     known = store is not None and name in store.teachers
     stored = store.teacher_meta(name).ensemble if store is not None and known else None
     if stored:

@@ -7,7 +7,10 @@ step and per evaluation), ``summary.json`` (at the end: the run's
 ``kdcache.models.build.build_model`` via ``checkpoint:``), and with ``run.tensorboard`` the same
 metrics as TensorBoard scalars in ``tensorboard/`` (:mod:`kdcache.train.metrics`).
 
-The :class:`Trainer` builds its parts and runs them; each part lives in its own module:
+The :class:`Trainer` builds its parts and runs them; each part lives in its own module and is
+given the config section(s) it uses (``config.run``, ``config.teacher`` ...); only the training
+stream's builder, where the data, cache, views, student and teacher sections meet, reads the whole
+config:
 
 - the training stream (:mod:`kdcache.train.data`) and the student (:mod:`kdcache.train.student`);
 - the target source chosen once from ``teacher.mode`` (:mod:`kdcache.train.target_source`);
@@ -38,7 +41,7 @@ from kdcache.core.results import TrainResult
 from kdcache.models.runner import autocast_context
 from kdcache.train import distributed as D
 from kdcache.train.checkpoint import Checkpointer, check_run_dir, run_cache_identity
-from kdcache.train.config import TrainConfig, resolved
+from kdcache.train.config import RunConfig, TrainConfig, resolved
 from kdcache.train.data import (
     Batch,
     RunData,
@@ -90,12 +93,20 @@ class Trainer:
         self.device = self.dist.device
         torch.set_num_threads(training_threads(config.run.threads, config.data.num_workers))
         main = self.dist.is_main
+        self.resolved = resolved(config)
+        """The resolved config as plain data (saved and compared on resume by the checkpointer;
+        the loggers get their own copy, which a logger's package may keep)."""
         loggers = build_loggers(config.run, resolved(config)) if main else []
         metrics = MetricsLog(
             Path(config.run.dir), main=main, tensorboard=config.run.tensorboard, loggers=loggers
         )
-        self.stages, self.segments = place_stages(config)
-        source = target_source_type(config)
+        self.stages, self.segments = place_stages(
+            config.stages,
+            teacher=config.teacher,
+            optimizer=config.optimizer,
+            scheduler=config.scheduler,
+        )
+        source = target_source_type(config.teacher)
         self.data = self._build_data(source.cache_teachers(self.stages))
         self.steps = steps_per_epoch(self.data.spec)
         """Batches per epoch (on every rank)."""
@@ -106,17 +117,22 @@ class Trainer:
             self.data.rendering, self.device, config.run.channels_last
         )
         self.evaluator = self._build_evaluator()
-        self.model = build_student(config, self.data, self.dist)
+        self.model = build_student(config.student, self.data, self.dist, run=config.run)
         rendering = self.data.rendering
         channels = self.data.recipe.channels
         classes = self.data.num_classes
-        self.sftn = build_sftn(config, self.model, classes, channels, rendering.size)
+        size = rendering.size
+        self.sftn = build_sftn(
+            config.sftn, self.model, classes, channels, size, run=config.run, student=config.student
+        )
         self.trained = self.model if self.sftn is None else self.sftn.net
         """What the optimizer steps: the model, or with SFTN the model and its branches."""
         self.ddp = wrap_ddp(self.trained, self.dist)
         self.forward = compile_student(self.ddp, self.device) if config.run.compile else self.ddp
         """What the step calls: the (DDP-wrapped) student, compiled with ``run.compile``."""
-        self.targets = source.build(config, self.stages, self.data, self.device)
+        self.targets = source.build(
+            config.teacher, self.stages, self.data, self.device, run=config.run
+        )
         self.ema = Ema(self.model, config.ema.decay) if config.ema.enabled else None
         self.state = RunState()
         fp16 = config.run.amp == "fp16"
@@ -125,7 +141,7 @@ class Trainer:
         self.optimizer = SegmentOptimizer(
             self.trained, self.segments, self.state, self.dist.is_main
         )
-        self.report = Reporter(config, self.dist, self.stages, metrics)
+        self.report = Reporter(config.run, self.dist, self.stages, metrics, teacher=config.teacher)
         self.guard = NonFiniteGuard(config.run.on_nonfinite, self.device)
         self.checkpointer = self._build_checkpointer()
         self.stopped_early = False
@@ -146,7 +162,16 @@ class Trainer:
         data = self.data
         rank = self.dist.rank
         world = self.dist.world_size
-        val = build_eval_data(self.config, rank, world, data.recipe, data.num_classes, self._pin)
+        config = self.config
+        val = build_eval_data(
+            config.data,
+            rank,
+            world,
+            data.recipe,
+            data.num_classes,
+            self._pin,
+            student=config.student,
+        )
         loader = None if val is None else val[1]
         return Evaluator(
             loader, self.device, self.config.run.amp, self.student_input, data.num_classes
@@ -165,7 +190,8 @@ class Trainer:
         # per rank: the open logging window, and the RNG last (nothing may draw after it)
         rank_parts = {"window": self.report.window, "rng": RngState(self.device)}
         cache = run_cache_identity(self.data.store, self.stages)
-        return Checkpointer(self.config, self.dist, parts, rank_parts, cache)
+        run = self.config.run
+        return Checkpointer(run, self.dist, parts, rank_parts, cache, resolved=self.resolved)
 
     # ---- the loop -------------------------------------------------------------------------------
 
@@ -369,7 +395,7 @@ def train(config: TrainConfig, hooks: Iterable[StepHook] = ()) -> TrainResult:
     wrote as ``summary.json``). Rank 0 holds ``<run.dir>.lock`` throughout: one run per
     ``run.dir`` (a second is refused naming the first; torchrun stops the other ranks)."""
     check_run_dir(config.run.dir)  # a clear error before the lock beside it is tried
-    lock = run_dir_lock(config)
+    lock = run_dir_lock(config.run)
     trainer = None
     try:
         trainer = Trainer(config, hooks)
@@ -387,12 +413,10 @@ def train(config: TrainConfig, hooks: Iterable[StepHook] = ()) -> TrainResult:
             lock.release()
 
 
-def run_dir_lock(config: TrainConfig) -> WriterLock | None:
-    """The run directory's writer lock, taken (rank 0 only: the ranks of one run share it)."""
+def run_dir_lock(run: RunConfig) -> WriterLock | None:
+    """``run.dir``'s writer lock, taken (rank 0 only: the ranks of one run share it)."""
     if D.env_world()[0] != 0:
         return None
-    lock = WriterLock(
-        str(Path(config.run.dir).absolute()), force=config.run.force_unlock, subject=RUN_DIR
-    )
+    lock = WriterLock(str(Path(run.dir).absolute()), force=run.force_unlock, subject=RUN_DIR)
     lock.acquire()
     return lock
