@@ -3,7 +3,8 @@ jitter, random erasing, Mixup and CutMix.
 
 Each op family has a config, a ``draw_*`` function that turns a counter generator into small
 integer codes (what the cache stores per view), and an ``apply_*`` function that turns a
-``uint8[C, H, W]`` image and the codes into the augmented image with torchvision's v2 kernels.
+``uint8[C, H, W]`` image and the codes into the augmented image with torchvision's v2 kernels
+(the geometric ops and Equalize through :mod:`~kdcache.views.kernels`: the same pixels, faster).
 Codes never depend on the output resolution: magnitudes are levels or bins, translations and
 boxes are fractions of the image side, so each model may render a view at its own size.
 Precompute and the trainer call the same ``apply_*`` functions, so both see the same pixels.

@@ -22,6 +22,7 @@ importable (a future release), the ops fall back to torchvision's public functio
 from __future__ import annotations
 
 import math
+import threading
 from collections import OrderedDict
 
 import numpy as np
@@ -46,26 +47,35 @@ GRID_CACHE_BYTES = 64 * 2**20
 
 
 class _Grids:
-    """Least-recently-used (grid, mask) pairs by (op, argument, height, width), bounded in bytes."""
+    """Least-recently-used (grid, mask) pairs by (op, argument, height, width), bounded in bytes;
+    safe to share between threads (precompute renders in a background thread)."""
 
     def __init__(self, limit: int):
         self.limit = limit
         self.bytes = 0
         self.entries: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.lock = threading.Lock()
 
     def get(self, name: str, value: float, height: int, width: int):
         key = (name, value, height, width)
-        found = self.entries.get(key)
-        if found is not None:
-            self.entries.move_to_end(key)
-            return found
-        made = _grid_and_mask(name, value, height, width)
-        self.entries[key] = made
-        self.bytes += sum(t.numel() * t.element_size() for t in made)
-        while self.bytes > self.limit and len(self.entries) > 1:
-            _, dropped = self.entries.popitem(last=False)
-            self.bytes -= sum(t.numel() * t.element_size() for t in dropped)
+        with self.lock:
+            found = self.entries.get(key)
+            if found is not None:
+                self.entries.move_to_end(key)
+                return found
+        made = _grid_and_mask(name, value, height, width)  # outside the lock: it takes a while
+        with self.lock:
+            if key not in self.entries:
+                self.entries[key] = made
+                self.bytes += _nbytes(made)
+            while self.bytes > self.limit and len(self.entries) > 1:
+                _, dropped = self.entries.popitem(last=False)
+                self.bytes -= _nbytes(dropped)
         return made
+
+
+def _nbytes(tensors: tuple[torch.Tensor, ...]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 _GRIDS = _Grids(GRID_CACHE_BYTES)
