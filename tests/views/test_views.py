@@ -302,3 +302,17 @@ def test_epoch_view_is_the_documented_permutation():
             rng = np.random.Generator(np.random.Philox(key=philox))
             want = int(rng.permutation(num_views)[step])
             assert epoch_view(seed, epoch, key, num_views) == want
+
+
+def test_normalize_is_the_out_of_place_arithmetic_and_leaves_its_input():
+    from kdcache.views.recipe import Rendering, normalize
+
+    rendering = Rendering(size=8, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    pixels = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    mean = torch.tensor(rendering.mean).view(1, -1, 1, 1) * 255.0
+    std = torch.tensor(rendering.std).view(1, -1, 1, 1) * 255.0
+    assert torch.equal(normalize(pixels, rendering), (pixels.float() - mean) / std)
+    floats = pixels.float()
+    before = floats.clone()
+    normalize(floats, rendering)
+    assert torch.equal(floats, before)  # a float input is not normalised in place

@@ -658,7 +658,9 @@ def normalize(batch: torch.Tensor, rendering: Rendering) -> torch.Tensor:
     batch's device)."""
     mean = torch.tensor(rendering.mean, device=batch.device).view(1, -1, 1, 1) * 255.0
     std = torch.tensor(rendering.std, device=batch.device).view(1, -1, 1, 1) * 255.0
-    return (batch.float() - mean) / std
+    # (x - mean) / std in place on one float copy: the same float32 arithmetic, one allocation
+    # instead of three (a 224 px batch of 128 is 77 MB each; this runs in the training process)
+    return batch.to(torch.float32, copy=True).sub_(mean).div_(std)
 
 
 def epoch_view(seed: int, epoch: int, key: str, num_views: int) -> int:
