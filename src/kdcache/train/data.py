@@ -27,12 +27,15 @@ stream and each worker skips the samples of the batches it had delivered (comput
 round-robin interleave) *before* decoding, so the next batches are bit-identical.
 
 **Mixup/CutMix: each image decoded once.** A mixed view needs its partner's image, another sample
-of its mixing group. A group's samples enter the shuffle buffer together and the first of them the
-buffer gives out renders the whole group, decoding each image once (a view's own image and a
-partner alike); the others wait, rendered, until the buffer gives them out. The buffer thus holds
-rendered views (at most ``shuffle_buffer`` + one group of them), never decoded full-size images.
-Only a group cut by a slot boundary (at most one per worker and end) has images decoded by both
-workers.
+of its mixing group, so the shuffle keeps groups whole: a buffer of ``shuffle_buffer`` samples'
+worth of groups gives out whole groups (:func:`shuffle_groups`), and a small pool of their items
+(:func:`group_pool`: four groups, at least a batch) shuffles the items. The first item of a group
+the pool gives out renders the whole group, decoding each image once (a view's own image and a
+partner alike); the others wait, rendered, in the pool. Rendering thus goes at the pace of the
+batches (an item-level buffer over the whole shuffle would render nearly every group it holds for
+its first batch, and stall the training process at each epoch's start), and the buffer holds raw
+samples, never decoded full-size images. Only a group cut by a slot boundary (at most one per
+worker and end) has images decoded by both workers.
 
 **Persistent workers.** Epoch and skip are set with :meth:`ShardStream.set_epoch` before each
 epoch's iterator is created; they live in shared memory, so the DataLoader's workers, started once
@@ -435,6 +438,23 @@ def shuffle_buffer(items: Iterable[Any], size: int, rng: np.random.Generator) ->
         yield buffer[int(j)]
 
 
+def shuffle_groups(
+    items: Iterable[_Item], size: int, group_size: int, rng: np.random.Generator
+) -> Iterator[_Item]:
+    """Mixing recipes: :func:`shuffle_buffer` over whole mixing groups (``size`` items' worth
+    of them), a group's items kept together (the stream yields them consecutively)."""
+    runs = (list(run) for _, run in itertools.groupby(items, key=lambda item: id(item.group)))
+    for run in shuffle_buffer(runs, max(1, size // group_size), rng):
+        yield from run
+
+
+def group_pool(spec: StreamSpec) -> int:
+    """Items in the second, item-level shuffle of a mixing recipe: four groups, at least a batch
+    (each batch mixes several groups) and at most ``shuffle_buffer``."""
+    size = max(4 * spec.recipe.group_size, spec.batch_size)
+    return min(size, spec.shuffle_buffer)
+
+
 def view_index(spec: StreamSpec, epoch: int, key: str) -> int:
     """The view of ``key`` in ``epoch``: the cycle of A views, or a fresh view per epoch."""
     if spec.num_views is None:
@@ -485,7 +505,12 @@ class ShardStream(IterableDataset):
         items = self._raw_items(slots(spec, epoch)[spec.rank][worker], epoch)
         if spec.train and spec.shuffle_buffer > 0:
             rng = seeded_rng(spec.seed, "buffer", epoch, spec.rank, worker)
-            items = shuffle_buffer(items, spec.shuffle_buffer, rng)
+            if spec.recipe.mixes:
+                pool_rng = seeded_rng(spec.seed, "pool", epoch, spec.rank, worker)
+                items = shuffle_groups(items, spec.shuffle_buffer, spec.recipe.group_size, rng)
+                items = shuffle_buffer(items, group_pool(spec), pool_rng)
+            else:
+                items = shuffle_buffer(items, spec.shuffle_buffer, rng)
         sizes = batch_sizes(spec, spec.rank * workers + worker)
         items = itertools.islice(items, sum(sizes[: skip_batches[worker]]), None)
         for size in sizes[skip_batches[worker] :]:
